@@ -1,0 +1,207 @@
+/* comm.h over MPI on host memory. Every MPI call goes through MPI_CHECK: MPI_COMM_WORLD returns
+ * errors instead of aborting with MPI's own message (communicators split from it inherit that),
+ * and MPI_CHECK turns an error into die(), which names the rank and the call and then aborts every
+ * rank through g_abort_hook.
+ *
+ * MPI counts are int, so transfers and reductions larger than INT_MAX elements go in chunks; both
+ * sides of a transfer cut the same chunks, and MPI keeps messages of one (source, tag,
+ * communicator) in order, so the chunks reassemble in place. */
+#include <limits.h>
+#include <mpi.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "comm/comm.h"
+#include "common/util.h"
+
+#define MPI_CHECK(call)                                                         \
+  do {                                                                          \
+    int err_ = (call);                                                          \
+    if (err_ != MPI_SUCCESS) {                                                  \
+      char msg_[MPI_MAX_ERROR_STRING];                                          \
+      int len_ = 0;                                                             \
+      MPI_Error_string(err_, msg_, &len_);                                      \
+      die("%s:%d: %s failed: %.*s", __FILE__, __LINE__, #call, len_, msg_);     \
+    }                                                                           \
+  } while (0)
+
+struct mpi_state {
+  MPI_Comm pipe, dp, tied;   /* MPI_COMM_NULL until comm_set_layout; tied also off the ends */
+  MPI_Request *sends;        /* outstanding comm_send chunks, completed by comm_wait_sends */
+  int n_sends, cap_sends;
+  int tag_ub;                /* the largest tag this MPI allows */
+};
+
+/* g_abort_hook. MPI_Abort is the one call left unchecked (here and in comm_abort): it does not
+ * return, and a failure to abort has nowhere better to go than die()'s exit(1). */
+static void abort_job(int code) { MPI_Abort(MPI_COMM_WORLD, code); }
+
+static struct mpi_state *state(struct comm *c) { return c->impl; }
+
+void comm_init(struct comm *c, int *argc, char ***argv) {
+  /* until the handler is set, errors abort inside MPI with its own message */
+  MPI_CHECK(MPI_Init(argc, argv));
+  MPI_CHECK(MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN));
+  struct mpi_state *st = xcalloc(1, sizeof *st);
+  st->pipe = st->dp = st->tied = MPI_COMM_NULL;
+  *c = (struct comm){.impl = st};
+  MPI_CHECK(MPI_Comm_rank(MPI_COMM_WORLD, &c->rank));
+  MPI_CHECK(MPI_Comm_size(MPI_COMM_WORLD, &c->world));
+  snprintf(g_log_tag, sizeof g_log_tag, "rank %d/%d", c->rank, c->world);
+  g_abort_hook = abort_job;
+  int *ub, flag;
+  MPI_CHECK(MPI_Comm_get_attr(MPI_COMM_WORLD, MPI_TAG_UB, &ub, &flag));
+  st->tag_ub = flag ? *ub : 32767;   /* 32767 is the least the standard guarantees */
+}
+
+void comm_set_layout(struct comm *c, int pp) {
+  struct mpi_state *st = state(c);
+  if (st->pipe != MPI_COMM_NULL) die("comm_set_layout called twice");
+  if (pp < 1 || c->world % pp != 0)
+    die("parallel.pipeline_stages = %d does not divide the world size %d (mpirun -np): the world "
+        "is pipeline_stages x data-parallel replicas",
+        pp, c->world);
+  c->pp = pp;
+  c->dp = c->world / pp;
+  c->stage = c->rank % pp;
+  c->replica = c->rank / pp;
+  /* keys order the members so that the rank within GROUP_PIPE is the stage, within GROUP_DP the
+   * replica, and within GROUP_TIED 0 the first stage and 1 the last */
+  MPI_CHECK(MPI_Comm_split(MPI_COMM_WORLD, c->replica, c->stage, &st->pipe));
+  MPI_CHECK(MPI_Comm_split(MPI_COMM_WORLD, c->stage, c->replica, &st->dp));
+  if (pp > 1) {
+    int ends = c->stage == 0 || c->stage == pp - 1;
+    MPI_CHECK(MPI_Comm_split(MPI_COMM_WORLD, ends ? c->replica : MPI_UNDEFINED, c->stage,
+                             &st->tied));
+  }
+}
+
+static MPI_Comm group_comm(struct comm *c, enum comm_group g) {
+  struct mpi_state *st = state(c);
+  if (g != GROUP_WORLD && st->pipe == MPI_COMM_NULL)
+    die("communication group %d used before comm_set_layout", (int)g);
+  switch (g) {
+  case GROUP_WORLD: return MPI_COMM_WORLD;
+  case GROUP_PIPE: return st->pipe;
+  case GROUP_DP: return st->dp;
+  case GROUP_TIED:
+    if (c->pp == 1) die("GROUP_TIED needs parallel.pipeline_stages > 1: one stage holds both ends");
+    if (st->tied == MPI_COMM_NULL)
+      die("GROUP_TIED used on stage %d, which is neither the first nor the last of %d", c->stage,
+          c->pp);
+    return st->tied;
+  }
+  die("unknown communication group %d", (int)g);
+}
+
+/* The pipeline peer `stage` of this replica, checked: a message to oneself or past the ends is a
+ * schedule bug that would otherwise hang. */
+static void check_peer(struct comm *c, int stage, int tag, const char *what) {
+  if (state(c)->pipe == MPI_COMM_NULL) die("%s before comm_set_layout", what);
+  if (stage < 0 || stage >= c->pp || stage == c->stage)
+    die("%s: peer stage %d invalid on stage %d of %d", what, stage, c->stage, c->pp);
+  if (tag < 0 || tag > state(c)->tag_ub)
+    die("%s: tag %d outside 0..%d", what, tag, state(c)->tag_ub);
+}
+
+static int chunk_of(size_t left) { return left > INT_MAX ? INT_MAX : (int)left; }
+
+void comm_send(struct comm *c, const void *buf, size_t bytes, int to_stage, int tag) {
+  check_peer(c, to_stage, tag, "comm_send");
+  struct mpi_state *st = state(c);
+  const char *p = buf;
+  size_t left = bytes;
+  do {   /* once even for 0 bytes: the receive waits for a message */
+    int n = chunk_of(left);
+    if (st->n_sends == st->cap_sends) {
+      st->cap_sends = st->cap_sends ? 2 * st->cap_sends : 16;
+      st->sends = xrealloc(st->sends, st->cap_sends * sizeof *st->sends);
+    }
+    MPI_CHECK(MPI_Isend(p, n, MPI_BYTE, to_stage, tag, st->pipe, &st->sends[st->n_sends]));
+    st->n_sends++;
+    p += n;
+    left -= n;
+  } while (left > 0);
+}
+
+void comm_recv(struct comm *c, void *buf, size_t bytes, int from_stage, int tag) {
+  check_peer(c, from_stage, tag, "comm_recv");
+  char *p = buf;
+  size_t left = bytes;
+  do {
+    int n = chunk_of(left), got;
+    MPI_Status status;
+    /* a longer message fails here with MPI_ERR_TRUNCATE, a shorter one in the check below */
+    MPI_CHECK(MPI_Recv(p, n, MPI_BYTE, from_stage, tag, state(c)->pipe, &status));
+    MPI_CHECK(MPI_Get_count(&status, MPI_BYTE, &got));
+    if (got != n)
+      die("comm_recv: %d bytes from stage %d (tag %d), expected %d", got, from_stage, tag, n);
+    p += n;
+    left -= n;
+  } while (left > 0);
+}
+
+void comm_wait_sends(struct comm *c) {
+  struct mpi_state *st = state(c);
+  MPI_CHECK(MPI_Waitall(st->n_sends, st->sends, MPI_STATUSES_IGNORE));
+  st->n_sends = 0;
+}
+
+/* MPI_Allreduce's summation order is the collective algorithm's, which Open MPI picks from the
+ * communicator size and the message size alone; with a fixed layout and buffer the order, and so
+ * every bit of the result, is the same in every run and on every member (IEEE addition of two
+ * numbers is commutative). A different number of replicas may round differently. */
+static void allreduce(struct comm *c, enum comm_group g, void *buf, size_t n, MPI_Datatype type,
+                      size_t size) {
+  MPI_Comm comm = group_comm(c, g);
+  char *p = buf;
+  for (size_t left = n; left > 0;) {
+    int k = chunk_of(left);
+    MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, p, k, type, MPI_SUM, comm));
+    p += (size_t)k * size;
+    left -= k;
+  }
+}
+
+void comm_allreduce_sum_float(struct comm *c, enum comm_group g, float *buf, size_t n) {
+  allreduce(c, g, buf, n, MPI_FLOAT, sizeof *buf);
+}
+
+void comm_allreduce_sum_double(struct comm *c, enum comm_group g, double *buf, size_t n) {
+  allreduce(c, g, buf, n, MPI_DOUBLE, sizeof *buf);
+}
+
+void comm_broadcast(struct comm *c, enum comm_group g, void *buf, size_t bytes, int root) {
+  MPI_Comm comm = group_comm(c, g);
+  int size;
+  MPI_CHECK(MPI_Comm_size(comm, &size));
+  if (root < 0 || root >= size) die("comm_broadcast: root %d outside a group of %d", root, size);
+  char *p = buf;
+  for (size_t left = bytes; left > 0;) {
+    int k = chunk_of(left);
+    MPI_CHECK(MPI_Bcast(p, k, MPI_BYTE, root, comm));
+    p += k;
+    left -= k;
+  }
+}
+
+void comm_barrier(struct comm *c, enum comm_group g) { MPI_CHECK(MPI_Barrier(group_comm(c, g))); }
+
+_Noreturn void comm_abort(struct comm *c, int code) {
+  abort_job(code);
+  exit(code);   /* MPI_Abort does not return; the compiler does not know */
+}
+
+void comm_finalize(struct comm *c) {
+  struct mpi_state *st = state(c);
+  comm_wait_sends(c);
+  MPI_Comm *comms[] = {&st->pipe, &st->dp, &st->tied};
+  for (int i = 0; i < 3; i++)
+    if (*comms[i] != MPI_COMM_NULL) MPI_CHECK(MPI_Comm_free(comms[i]));
+  /* after MPI_Finalize a failing rank can only exit on its own */
+  g_abort_hook = NULL;
+  MPI_CHECK(MPI_Finalize());
+  free(st->sends);
+  free(st);
+  c->impl = NULL;
+}

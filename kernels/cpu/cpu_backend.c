@@ -1,0 +1,41 @@
+/* The CPU backend table. Host memory is device memory here, so the memory ops are libc calls;
+ * the compute ops live in the other cpu_*.c files. */
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels/cpu/cpu.h"
+
+/* A zero-byte request still gets a real pointer: NULL means out of memory. */
+static void *cpu_alloc(size_t bytes) { return calloc(1, bytes ? bytes : 1); }
+static void cpu_free(void *p) { free(p); }
+static void cpu_copy(void *dst, const void *src, size_t bytes) { memcpy(dst, src, bytes); }
+static void cpu_zero(void *p, size_t bytes) { memset(p, 0, bytes); }
+static void cpu_synchronize(void) {}
+
+const struct backend backend_cpu = {
+  .name = "cpu",
+  .alloc = cpu_alloc,
+  .free = cpu_free,
+  .to_device = cpu_copy,
+  .to_host = cpu_copy,
+  .copy = cpu_copy,
+  .zero = cpu_zero,
+  .synchronize = cpu_synchronize,
+  .embedding_forward = cpu_embedding_forward,
+  .embedding_backward = cpu_embedding_backward,
+  .rmsnorm_forward = cpu_rmsnorm_forward,
+  .rmsnorm_backward = cpu_rmsnorm_backward,
+  .qk_norm_rope_forward = cpu_qk_norm_rope_forward,
+  .qk_norm_rope_backward = cpu_qk_norm_rope_backward,
+  .attention_forward = cpu_attention_forward,
+  .attention_backward = cpu_attention_backward,
+  .swiglu_forward = cpu_swiglu_forward,
+  .swiglu_backward = cpu_swiglu_backward,
+  .linear_forward = cpu_linear_forward,
+  .linear_backward = cpu_linear_backward,
+  .add_inplace = cpu_add_inplace,
+  .scale = cpu_scale,
+  .lm_head_loss = cpu_lm_head_loss,
+  .sum_squares = cpu_sum_squares,
+  .adamw_update = cpu_adamw_update,
+};

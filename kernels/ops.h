@@ -1,0 +1,108 @@
+/* The one backend interface. Every operation the engine runs is a field of `struct backend`;
+ * the CPU backend (kernels/cpu, fp32, CBLAS) is the reference that every other backend is
+ * tested against. The engine never dereferences a buffer it got from a backend: it allocates,
+ * copies and calls ops through this table, so a CUDA backend plugs in without touching it.
+ *
+ * Conventions shared by every op:
+ *  - Matrices are row-major. A linear weight is [out, in] (nn.Linear layout), y = x · Wᵀ.
+ *  - Activations are [n, dim] with n = batch × seq tokens, row b*T + t.
+ *  - Q is [n, heads, head_dim]; K and V are [n, kv_heads, head_dim].
+ *  - Every backward ACCUMULATES (+=) into its input gradients and parameter gradients, so that
+ *    a slot read by two stages (a residual) and a weight used by several micro-batches sum
+ *    their gradients without extra code. A NULL input-gradient pointer means "not needed".
+ *  - Parameters, gradients and optimizer state are fp32 on every backend.
+ */
+#ifndef QWEN3_OPS_H
+#define QWEN3_OPS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* Attention shape. Queries are the last tq of tk key positions of each sequence (tq == tk in
+ * training; tq < tk when decoding against a KV cache). Keys/values of sequence b start at row
+ * b * k_stride (k_stride >= tk; a KV cache is allocated for its maximum length). */
+struct attn_shape {
+  int batch, tq, tk, k_stride;
+  int heads, kv_heads, head_dim;
+};
+
+struct backend {
+  const char *name;
+
+  /* memory: alloc returns zeroed memory or NULL */
+  void *(*alloc)(size_t bytes);
+  void (*free)(void *p);
+  void (*to_device)(void *dst, const void *host_src, size_t bytes);
+  void (*to_host)(void *host_dst, const void *src, size_t bytes);
+  void (*copy)(void *dst, const void *src, size_t bytes);
+  void (*zero)(void *p, size_t bytes);
+  void (*synchronize)(void);
+
+  /* out[i,:] = table[tokens[i],:] */
+  void (*embedding_forward)(float *out, const int32_t *tokens, const float *table, int n, int dim);
+  /* dtable[tokens[i],:] += dout[i,:] */
+  void (*embedding_backward)(float *dtable, const float *dout, const int32_t *tokens, int n,
+                             int dim);
+
+  /* out = x * rsqrt(mean(x²) + eps) * w, per row of dim (HF Qwen3RMSNorm) */
+  void (*rmsnorm_forward)(float *out, const float *x, const float *w, int n, int dim, float eps);
+  void (*rmsnorm_backward)(float *dx, float *dw, const float *dout, const float *x,
+                           const float *w, int n, int dim, float eps);
+
+  /* Per head of head_dim: RMSNorm with weight w (shared by all heads), then rotate-half RoPE at
+   * positions[i] with inv_freq[j] = theta^(-2j/head_dim). x and out are [n, heads, head_dim]. */
+  void (*qk_norm_rope_forward)(float *out, const float *x, const float *w,
+                               const int32_t *positions, int n, int heads, int head_dim,
+                               float eps, double theta);
+  void (*qk_norm_rope_backward)(float *dx, float *dw, const float *dout, const float *x,
+                                const float *w, const int32_t *positions, int n, int heads,
+                                int head_dim, float eps, double theta);
+
+  /* Causal grouped-query attention, scale head_dim^-0.5, softmax in fp32. ctx is
+   * [batch*tq, heads, head_dim]; lse [batch, heads, tq] receives each row's log-sum-exp, which
+   * the backward uses to rebuild the probabilities without storing them. */
+  void (*attention_forward)(float *ctx, float *lse, const float *q, const float *k,
+                            const float *v, const struct attn_shape *s);
+  void (*attention_backward)(float *dq, float *dk, float *dv, const float *dctx,
+                             const float *q, const float *k, const float *v, const float *ctx,
+                             const float *lse, const struct attn_shape *s);
+
+  /* out = silu(g) * u, elementwise over n values */
+  void (*swiglu_forward)(float *out, const float *g, const float *u, size_t n);
+  void (*swiglu_backward)(float *dg, float *du, const float *dout, const float *g,
+                          const float *u, size_t n);
+
+  /* out[n, out_dim] = x[n, in_dim] · w[out_dim, in_dim]ᵀ */
+  void (*linear_forward)(float *out, const float *x, const float *w, int n, int in_dim,
+                         int out_dim);
+  /* dx += dout · w ; dw += doutᵀ · x   (dx or dw may be NULL) */
+  void (*linear_backward)(float *dx, float *dw, const float *dout, const float *x,
+                          const float *w, int n, int in_dim, int out_dim);
+
+  /* a[i] += b[i] */
+  void (*add_inplace)(float *a, const float *b, size_t n);
+  /* a[i] *= s */
+  void (*scale)(float *a, float s, size_t n);
+
+  /* The LM head and cross-entropy, fused and chunked so the [n, vocab] logits never exist
+   * whole. For each row i with targets[i] >= 0: nll[i] = logsumexp(logits_i) - logits_i[t].
+   * Rows with targets[i] < 0 get nll[i] = 0 and no gradient. When dx != NULL, accumulates
+   * dx += grad_scale * dlogits · w and dw += grad_scale * dlogitsᵀ · x, where
+   * dlogits = softmax(logits) - onehot(target). x is [n, dim], w is [vocab, dim]. nll is a
+   * host array of n floats. */
+  void (*lm_head_loss)(float *nll, float *dx, float *dw, const float *x, const float *w,
+                       const int32_t *targets, int n, int dim, int vocab, float grad_scale);
+
+  /* Sum of squares of n values, accumulated in double, returned to the host. */
+  double (*sum_squares)(const float *x, size_t n);
+
+  /* AdamW with decoupled weight decay (torch.optim.AdamW), step t counted from 1:
+   *   m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g²
+   *   p -= lr * (m/(1-b1^t) / (sqrt(v/(1-b2^t)) + eps) + wd * p)                            */
+  void (*adamw_update)(float *p, const float *g, float *m, float *v, size_t n, float lr,
+                       float beta1, float beta2, float eps, float weight_decay, int t);
+};
+
+extern const struct backend backend_cpu;
+
+#endif

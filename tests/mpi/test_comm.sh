@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# comm_mpi.c under mpirun: tests/mpi/comm_check.c in the layouts 2 stages x 2 replicas, 4 x 1 and
+# 1 x 4, then the failures that must end the whole job: a rank that dies, a world the stages do
+# not divide, GROUP_TIED without a pipeline. Usage: bash tests/mpi/test_comm.sh BUILD_DIR
+set -u
+build=${1:?usage: test_comm.sh BUILD_DIR}
+check=$build/tests/comm_check
+[ -x "$check" ] || { echo "FAIL $check not built"; echo "0 passed, 1 failed"; exit 1; }
+
+# CI runs as root, which Open MPI refuses without both of these
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+mpi=(mpirun --oversubscribe --allow-run-as-root)
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+passed=0 failed=0
+
+result() {   # result OK NAME [DETAIL]: one PASS/FAIL line; on failure the run's output too
+  if [ "$1" = 1 ]; then
+    echo "PASS $2"
+    passed=$((passed + 1))
+  else
+    echo "FAIL $2${3:+: $3}"
+    sed 's/^/    /' "$log" | tail -n 30
+    failed=$((failed + 1))
+  fi
+}
+
+# run LIMIT NP ARGS...: mpirun killed after LIMIT seconds; sets rc, secs and the output in $log
+run() {
+  local limit=$1 np=$2 start=$SECONDS
+  shift 2
+  timeout "$limit" "${mpi[@]}" -np "$np" "$check" "$@" >"$log" 2>&1
+  rc=$? secs=$((SECONDS - start))
+}
+
+# the job must succeed and rank 0 report no failed check
+expect_pass() {
+  local name=$1
+  shift
+  run 300 "$@"
+  local ok=0
+  [ $rc = 0 ] && grep -q ' 0 failed$' "$log" && ok=1
+  result $ok "$name (${secs}s)" "exit $rc"
+}
+
+# the job must fail within 30 s (timeout's own 124 means it hung) with `message` in its output
+expect_abort() {
+  local name=$1 message=$2
+  shift 2
+  run 60 "$@"
+  local ok=0
+  [ $rc != 0 ] && [ $rc != 124 ] && [ $secs -le 30 ] && grep -qF -- "$message" "$log" && ok=1
+  result $ok "$name (exit $rc after ${secs}s)" "expected a non-zero exit within 30 s and '$message'"
+}
+
+expect_pass "pp 2 x dp 2: layout, p2p, allreduce, broadcast, barrier" 4 2
+expect_pass "pp 4 x dp 1: layout, p2p, allreduce, broadcast, barrier" 4 4
+expect_pass "pp 1 x dp 4: layout, allreduce, broadcast, barrier" 4 1
+
+expect_abort "die() on rank 3 ends every rank" "[rank 3/4] error: deliberate failure" 4 2 die 3
+expect_abort "die() on rank 0 ends every rank" "[rank 0/4] error: deliberate failure" 4 4 die 0
+expect_abort "world 4 not divisible by pp 3" "parallel.pipeline_stages = 3 does not divide the world size 4" 4 3
+expect_abort "GROUP_TIED with pp 1" "GROUP_TIED needs parallel.pipeline_stages > 1" 2 1 tied
+
+# a message over INT_MAX bytes needs about 4.3 GB between the two ranks
+avail_kb=$(awk '/^MemAvailable:/ {print $2}' /proc/meminfo 2>/dev/null || echo 0)
+if [ "${avail_kb:-0}" -ge $((8 * 1024 * 1024)) ]; then
+  expect_pass "pp 2: one message of INT_MAX + 4099 bytes, sent in chunks" 2 2 large
+else
+  echo "SKIP message over INT_MAX bytes: less than 8 GiB of memory available"
+fi
+
+echo "$passed passed, $failed failed"
+[ $failed = 0 ]

@@ -1,0 +1,144 @@
+/* Fidelity against Hugging Face transformers: for each small random Qwen3 in
+ * tests/fixtures/hf/ (made by tests/hf_fixtures.py), our forward must give the per-position
+ * NLL within 1e-5 absolute and every parameter gradient within 1e-4 relative. */
+#define _DEFAULT_SOURCE
+#include <dirent.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/util.h"
+#include "data/hf_config.h"
+#include "data/safetensors.h"
+#include "tests/check.h"
+#include "worker/worker.h"
+
+#define FIXTURES "tests/fixtures/hf"
+
+static float *read_tensor(const struct st_file *f, const char *name, size_t *n) {
+  const struct st_tensor *t = st_find(f, name);
+  if (!t) return NULL;
+  char err[512];
+  float *x = xmalloc(t->numel * sizeof(float));
+  if (t->dtype == ST_I32) {
+    for (uint64_t i = 0; i < t->numel; i++) {
+      int32_t v;
+      memcpy(&v, (const char *)t->data + 4 * i, 4);
+      x[i] = (float)v;
+    }
+  } else if (st_read_f32(t, x, t->numel, err, sizeof err) != 0) {
+    die("%s", err);
+  }
+  *n = t->numel;
+  return x;
+}
+
+static void check_case(const char *name) {
+  char dir[512], path[600], err[1024];
+  snprintf(dir, sizeof dir, FIXTURES "/%s", name);
+  struct qwen3_config cfg;
+  snprintf(path, sizeof path, "%s/config.json", dir);
+  if (hf_config_load(&cfg, path, err, sizeof err) != 0) die("%s", err);
+  struct st_file *expected;
+  snprintf(path, sizeof path, "%s/expected.safetensors", dir);
+  if (st_open(&expected, path, err, sizeof err) != 0) die("%s", err);
+  const struct st_tensor *ids_t = st_find(expected, "input_ids");
+  CHECK(ids_t && ids_t->ndim == 2, "%s: expected.safetensors has input_ids [B, T]", name);
+  if (!ids_t || ids_t->ndim != 2) return;
+  int batch = (int)ids_t->shape[0], seq = (int)ids_t->shape[1];
+  size_t n;
+  float *ids = read_tensor(expected, "input_ids", &n);
+  float *nll_ref = read_tensor(expected, "nll", &n);
+  float *loss_ref = read_tensor(expected, "loss", &n);
+
+  cfg.max_seq_len = seq;
+  struct worker_plan plan;
+  worker_plan_make(&plan, &cfg, 0, cfg.num_layers, 1, 1, batch, seq, 1, 0);
+  struct worker w;
+  worker_init(&w, &backend_cpu, &plan);
+  if (worker_load_hf(&w, dir, err, sizeof err) != 0) die("%s", err);
+
+  int tokens = batch * seq;
+  int32_t *tok = xmalloc(tokens * sizeof(int32_t)), *tgt = xmalloc(tokens * sizeof(int32_t)),
+          *pos = xmalloc(tokens * sizeof(int32_t));
+  for (int b = 0; b < batch; b++)
+    for (int t = 0; t < seq; t++) {
+      int i = b * seq + t;
+      tok[i] = (int32_t)ids[i];
+      tgt[i] = t + 1 < seq ? (int32_t)ids[i + 1] : -1;
+      pos[i] = t;
+    }
+  int targets = batch * (seq - 1);
+  float *nll = xmalloc(tokens * sizeof(float));
+  struct micro_batch mb = {tok, tgt, pos};
+  worker_zero_grads(&w);
+  double sum = worker_forward(&w, 0, &mb, 1.0f / targets, nll);
+  worker_backward(&w, 0);
+
+  double worst = 0;
+  for (int b = 0; b < batch; b++)
+    for (int t = 0; t + 1 < seq; t++)
+      worst = fmax(worst, fabs(nll[b * seq + t] - nll_ref[b * (seq - 1) + t]));
+  CHECK(worst <= 1e-5, "%s: per-position NLL differs from transformers by %.3g (> 1e-5)", name,
+        worst);
+  CHECK(fabs(sum / targets - loss_ref[0]) <= 1e-5, "%s: loss %.7f, transformers %.7f", name,
+        sum / targets, loss_ref[0]);
+  printf("%s: %d layers, loss %.6f (transformers %.6f), max NLL difference %.2e\n", name,
+         cfg.num_layers, sum / targets, loss_ref[0], worst);
+
+  int compared = 0;
+  for (int i = 0; i < w.n_params; i++) {
+    const struct param *p = &w.params[i];
+    char gname[160];
+    snprintf(gname, sizeof gname, "grad.%s", p->name);
+    float *g_ref = read_tensor(expected, gname, &n);
+    CHECK(g_ref && n == (size_t)p->rows * p->cols, "%s: %s missing or of the wrong size", name,
+          gname);
+    if (!g_ref || n != (size_t)p->rows * p->cols) continue;
+    double diff = 0, ref = 0;
+    for (size_t k = 0; k < n; k++) {
+      double d = (double)w.grads[p->offset + k] - g_ref[k];
+      diff += d * d;
+      ref += (double)g_ref[k] * g_ref[k];
+    }
+    double rel = sqrt(diff) / fmax(sqrt(ref), 1e-30);
+    CHECK(rel <= 1e-4, "%s: gradient of %s differs by %.3g relative (> 1e-4)", name, p->name, rel);
+    compared++;
+    free(g_ref);
+  }
+  CHECK(compared == w.n_params && compared > 0, "%s: compared %d of %d gradients", name, compared,
+        w.n_params);
+  worker_free(&w);
+  st_close(expected);
+  free(ids);
+  free(nll_ref);
+  free(loss_ref);
+  free(tok);
+  free(tgt);
+  free(pos);
+  free(nll);
+}
+
+static int by_name(const void *a, const void *b) {
+  return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+int main(void) {
+  DIR *d = opendir(FIXTURES);
+  CHECK(d != NULL, "no fixtures at " FIXTURES ": run tests/hf_fixtures.py where transformers is "
+                   "installed and commit its output");
+  int cases = 0;
+  struct dirent *e;
+  char *names[64];
+  while (d && (e = readdir(d)) && cases < 64)
+    if (e->d_name[0] != '.') names[cases++] = xstrdup(e->d_name);
+  if (d) closedir(d);
+  /* readdir order is the file system's: sort for a stable report */
+  qsort(names, (size_t)cases, sizeof *names, by_name);
+  CHECK(cases >= 4, "expected at least 4 fixture models, found %d", cases);
+  for (int i = 0; i < cases; i++) {
+    check_case(names[i]);
+    free(names[i]);
+  }
+  return checks_report();
+}

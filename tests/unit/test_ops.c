@@ -1,0 +1,632 @@
+/* The CPU backend against plain double-precision implementations written here from the
+ * definitions (HF transformers Qwen3 in fp32, torch.optim.AdamW): every forward is compared
+ * with its reference, every backward with central finite differences of the reference forward
+ * under a random projection of the output, and every backward is called twice to show that it
+ * accumulates. Prints one line per check and ends with "N passed, M failed". */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/util.h"
+#include "kernels/ops.h"
+
+static const struct backend *be = &backend_cpu;
+static int passed, failed;
+
+#define FORWARD_TOL 1e-5 /* fp32 op vs double reference, relative L2 */
+#define GRAD_TOL 1e-4    /* fp32 backward vs finite differences of the double forward */
+#define ACCUM_TOL 1e-5   /* the second backward call adds what the first added */
+#define FD_STEP 1e-5
+
+static void check(const char *name, double err, double tol) {
+  int ok = err <= tol; /* false for NaN */
+  printf("%s %-44s rel err %.2e (tol %.0e)\n", ok ? "PASS" : "FAIL", name, err, tol);
+  if (ok) passed++;
+  else failed++;
+}
+
+/* ---- data --------------------------------------------------------------------------------- */
+
+static uint64_t rng_state = 12345;
+
+static double uniform(double lo, double hi) { /* splitmix64 */
+  uint64_t z = (rng_state += 0x9E3779B97F4A7C15ull);
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  z ^= z >> 31;
+  return lo + (hi - lo) * (double)(z >> 11) / 9007199254740992.0;
+}
+
+static float *rand_floats(size_t n, double lo, double hi) {
+  float *a = xmalloc((n ? n : 1) * sizeof(float));
+  for (size_t i = 0; i < n; i++) a[i] = (float)uniform(lo, hi);
+  return a;
+}
+
+static int32_t *rand_ints(int n, int lo, int hi) { /* each in [lo, hi) */
+  int32_t *a = xmalloc((size_t)(n ? n : 1) * sizeof(int32_t));
+  for (int i = 0; i < n; i++) a[i] = lo + (int32_t)(uniform(0, hi - lo));
+  return a;
+}
+
+static double *to_double(const float *a, size_t n) {
+  double *d = xmalloc((n ? n : 1) * sizeof(double));
+  for (size_t i = 0; i < n; i++) d[i] = a[i];
+  return d;
+}
+
+static double *new_doubles(size_t n) { return xcalloc(n ? n : 1, sizeof(double)); }
+
+static float *copy_floats(const float *a, size_t n) {
+  float *c = xmalloc((n ? n : 1) * sizeof(float));
+  memcpy(c, a, n * sizeof(float));
+  return c;
+}
+
+static double rel_err(const double *a, const double *ref, size_t n) {
+  double diff = 0.0, norm = 0.0;
+  for (size_t i = 0; i < n; i++) {
+    diff += (a[i] - ref[i]) * (a[i] - ref[i]);
+    norm += ref[i] * ref[i];
+  }
+  return sqrt(diff) / (norm > 0 ? sqrt(norm) : 1.0);
+}
+
+static void check_forward(const char *name, const float *out, const double *ref, size_t n) {
+  double *d = to_double(out, n);
+  check(name, rel_err(d, ref, n), FORWARD_TOL);
+  free(d);
+}
+
+/* ---- finite differences and accumulation ---------------------------------------------------- */
+
+/* A double-precision reference forward: in[] are its inputs, out receives its output. */
+typedef void (*forward_fn)(const void *shape, double *const *in, double *out);
+
+/* d(r · f(in)) / d in[which], by central differences */
+static double *finite_diff(forward_fn f, const void *shape, double *const *in, int which,
+                           size_t in_n, size_t out_n, const double *r) {
+  double *grad = new_doubles(in_n), *out = new_doubles(out_n);
+  for (size_t e = 0; e < in_n; e++) {
+    double saved = in[which][e], side[2];
+    for (int s = 0; s < 2; s++) {
+      in[which][e] = saved + (s ? -FD_STEP : FD_STEP);
+      f(shape, in, out);
+      side[s] = 0.0;
+      for (size_t o = 0; o < out_n; o++) side[s] += r[o] * out[o];
+    }
+    in[which][e] = saved;
+    grad[e] = (side[0] - side[1]) / (2 * FD_STEP);
+  }
+  free(out);
+  return grad;
+}
+
+/* A gradient buffer that starts random, so that += is visible, and is snapshotted between the
+ * two backward calls of a test. */
+struct grad {
+  float *g, *start, *once;
+  size_t n;
+};
+
+static struct grad grad_new(size_t n) {
+  struct grad b = {rand_floats(n, -1, 1), NULL, NULL, n};
+  b.start = copy_floats(b.g, n);
+  return b;
+}
+
+static void grad_mark(struct grad *b) { b->once = copy_floats(b->g, b->n); }
+
+/* The first call's increment against finite differences, the second's against the first. */
+static void grad_verify(const char *op, const char *input, struct grad *b, const double *fd) {
+  double *first = new_doubles(b->n), *second = new_doubles(b->n);
+  for (size_t i = 0; i < b->n; i++) {
+    first[i] = (double)b->once[i] - b->start[i];
+    second[i] = (double)b->g[i] - b->once[i];
+  }
+  char name[96];
+  snprintf(name, sizeof name, "%s backward d%s", op, input);
+  check(name, rel_err(first, fd, b->n), GRAD_TOL);
+  snprintf(name, sizeof name, "%s backward d%s accumulates", op, input);
+  check(name, rel_err(second, first, b->n), ACCUM_TOL);
+  free(first);
+  free(second);
+  free(b->g);
+  free(b->start);
+  free(b->once);
+}
+
+/* ---- memory ---------------------------------------------------------------------------------- */
+
+static void test_memory(void) {
+  size_t n = 1000;
+  float *host = rand_floats(n, -1, 1), *back = rand_floats(n, -1, 1);
+  float *a = be->alloc(n * sizeof(float)), *b = be->alloc(n * sizeof(float));
+  double zero_sum = be->sum_squares(a, n);
+  be->to_device(a, host, n * sizeof(float));
+  be->copy(b, a, n * sizeof(float));
+  be->to_host(back, b, n * sizeof(float));
+  int same = memcmp(host, back, n * sizeof(float)) == 0;
+  be->zero(b, n * sizeof(float));
+  be->synchronize();
+  double zeroed = be->sum_squares(b, n);
+  check("memory: zeroed alloc, round trip, zero", zero_sum + zeroed + (same ? 0 : 1), 0);
+  be->free(a);
+  be->free(b);
+  free(host);
+  free(back);
+}
+
+/* ---- embedding ------------------------------------------------------------------------------- */
+
+struct embed_shape {
+  int n, dim, vocab;
+  const int32_t *tokens;
+};
+
+static void ref_embedding(const void *shape, double *const *in, double *out) {
+  const struct embed_shape *s = shape;
+  for (int i = 0; i < s->n; i++)
+    for (int j = 0; j < s->dim; j++) out[i * s->dim + j] = in[0][s->tokens[i] * s->dim + j];
+}
+
+static void test_embedding(void) {
+  int32_t tokens[] = {3, 0, 7, 3, 10, 3, 5}; /* repeats must add up in the backward */
+  struct embed_shape s = {7, 9, 11, tokens};
+  size_t out_n = (size_t)s.n * s.dim, table_n = (size_t)s.vocab * s.dim;
+  float *table = rand_floats(table_n, -1, 1), *out = rand_floats(out_n, -1, 1);
+  double *in[] = {to_double(table, table_n)}, *ref = new_doubles(out_n);
+  be->embedding_forward(out, tokens, table, s.n, s.dim);
+  ref_embedding(&s, in, ref);
+  check_forward("embedding forward", out, ref, out_n);
+
+  float *dout = rand_floats(out_n, -1, 1);
+  double *r = to_double(dout, out_n);
+  struct grad dtable = grad_new(table_n);
+  be->embedding_backward(dtable.g, dout, tokens, s.n, s.dim);
+  grad_mark(&dtable);
+  be->embedding_backward(dtable.g, dout, tokens, s.n, s.dim);
+  double *fd = finite_diff(ref_embedding, &s, in, 0, table_n, out_n, r);
+  grad_verify("embedding", "table", &dtable, fd);
+  free(fd), free(r), free(dout), free(ref), free(in[0]), free(out), free(table);
+}
+
+/* ---- rmsnorm --------------------------------------------------------------------------------- */
+
+struct norm_shape {
+  int n, dim;
+  double eps;
+};
+
+static void ref_rmsnorm(const void *shape, double *const *in, double *out) {
+  const struct norm_shape *s = shape;
+  for (int i = 0; i < s->n; i++) {
+    const double *x = in[0] + (size_t)i * s->dim;
+    double ms = 0.0;
+    for (int j = 0; j < s->dim; j++) ms += x[j] * x[j] / s->dim;
+    for (int j = 0; j < s->dim; j++) out[i * s->dim + j] = x[j] / sqrt(ms + s->eps) * in[1][j];
+  }
+}
+
+static void test_rmsnorm(void) {
+  struct norm_shape s = {6, 37, 1e-6};
+  size_t n = (size_t)s.n * s.dim;
+  float *x = rand_floats(n, -2, 2), *w = rand_floats(s.dim, 0.5, 1.5);
+  float *out = rand_floats(n, -1, 1);
+  double *in[] = {to_double(x, n), to_double(w, s.dim)}, *ref = new_doubles(n);
+  be->rmsnorm_forward(out, x, w, s.n, s.dim, (float)s.eps);
+  ref_rmsnorm(&s, in, ref);
+  check_forward("rmsnorm forward", out, ref, n);
+
+  float *dout = rand_floats(n, -1, 1);
+  double *r = to_double(dout, n);
+  struct grad dx = grad_new(n), dw = grad_new(s.dim);
+  for (int call = 0; call < 2; call++) {
+    be->rmsnorm_backward(dx.g, dw.g, dout, x, w, s.n, s.dim, (float)s.eps);
+    if (call == 0) grad_mark(&dx), grad_mark(&dw);
+  }
+  double *fd_x = finite_diff(ref_rmsnorm, &s, in, 0, n, n, r);
+  double *fd_w = finite_diff(ref_rmsnorm, &s, in, 1, s.dim, n, r);
+  grad_verify("rmsnorm", "x", &dx, fd_x);
+  grad_verify("rmsnorm", "w", &dw, fd_w);
+  free(fd_x), free(fd_w), free(r), free(dout), free(ref), free(in[0]), free(in[1]);
+  free(out), free(x), free(w);
+}
+
+/* ---- q/k norm + RoPE ------------------------------------------------------------------------- */
+
+struct rope_shape {
+  int n, heads, head_dim;
+  double eps, theta;
+  const int32_t *positions;
+};
+
+/* The angles exactly as HF Qwen3RotaryEmbedding forms them in fp32:
+ * inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2).float() / dim)); freqs = pos * inv_freq. */
+static double hf_angle(const struct rope_shape *s, int position, int j) {
+  float exponent = (float)(2 * j) / (float)s->head_dim;
+  float inv_freq = 1.0f / powf((float)s->theta, exponent);
+  return (float)position * inv_freq;
+}
+
+static void ref_qk_norm_rope(const void *shape, double *const *in, double *out) {
+  const struct rope_shape *s = shape;
+  int hd = s->head_dim, half = hd / 2;
+  double *xn = new_doubles(hd);
+  for (int i = 0; i < s->n; i++)
+    for (int h = 0; h < s->heads; h++) {
+      const double *x = in[0] + ((size_t)i * s->heads + h) * hd;
+      double *o = out + ((size_t)i * s->heads + h) * hd;
+      double ms = 0.0;
+      for (int j = 0; j < hd; j++) ms += x[j] * x[j] / hd;
+      for (int j = 0; j < hd; j++) xn[j] = x[j] / sqrt(ms + s->eps) * in[1][j];
+      for (int j = 0; j < hd; j++) { /* x·cos + cat(-x2, x1)·sin, angles repeated per half */
+        double a = hf_angle(s, s->positions[i], j % half);
+        double rotated = j < half ? -xn[j + half] : xn[j - half];
+        o[j] = xn[j] * cos(a) + rotated * sin(a);
+      }
+    }
+  free(xn);
+}
+
+static void test_qk_norm_rope(void) {
+  /* large positions too: there the fp32 rounding of the angle, which HF does and a double
+   * computation would not, is far above the tolerance */
+  int32_t positions[] = {0, 1, 17, 4095, 100003, 262143};
+  struct rope_shape s = {6, 3, 16, 1e-6, 5e6, positions};
+  size_t n = (size_t)s.n * s.heads * s.head_dim;
+  float *x = rand_floats(n, -2, 2), *w = rand_floats(s.head_dim, 0.5, 1.5);
+  float *out = rand_floats(n, -1, 1);
+  double *in[] = {to_double(x, n), to_double(w, s.head_dim)}, *ref = new_doubles(n);
+  be->qk_norm_rope_forward(out, x, w, positions, s.n, s.heads, s.head_dim, (float)s.eps,
+                           s.theta);
+  ref_qk_norm_rope(&s, in, ref);
+  check_forward("qk_norm_rope forward", out, ref, n);
+
+  float *dout = rand_floats(n, -1, 1);
+  double *r = to_double(dout, n);
+  struct grad dx = grad_new(n), dw = grad_new(s.head_dim);
+  for (int call = 0; call < 2; call++) {
+    be->qk_norm_rope_backward(dx.g, dw.g, dout, x, w, positions, s.n, s.heads, s.head_dim,
+                              (float)s.eps, s.theta);
+    if (call == 0) grad_mark(&dx), grad_mark(&dw);
+  }
+  double *fd_x = finite_diff(ref_qk_norm_rope, &s, in, 0, n, n, r);
+  double *fd_w = finite_diff(ref_qk_norm_rope, &s, in, 1, s.head_dim, n, r);
+  grad_verify("qk_norm_rope", "x", &dx, fd_x);
+  grad_verify("qk_norm_rope", "w", &dw, fd_w);
+  free(fd_x), free(fd_w), free(r), free(dout), free(ref), free(in[0]), free(in[1]);
+  free(out), free(x), free(w);
+}
+
+/* ---- attention ------------------------------------------------------------------------------- */
+
+/* ctx (and lse when not NULL) of causal GQA attention, straight from the definition */
+static void ref_attention_lse(const struct attn_shape *s, const double *q, const double *k,
+                              const double *v, double *ctx, double *lse) {
+  int hd = s->head_dim;
+  double *p = new_doubles(s->tk);
+  for (int b = 0; b < s->batch; b++)
+    for (int h = 0; h < s->heads; h++)
+      for (int i = 0; i < s->tq; i++) {
+        int kv = h / (s->heads / s->kv_heads), visible = s->tk - s->tq + i + 1;
+        const double *qi = q + (((size_t)b * s->tq + i) * s->heads + h) * hd;
+        double max = -INFINITY, sum = 0.0;
+        for (int j = 0; j < visible; j++) {
+          const double *kj = k + (((size_t)b * s->k_stride + j) * s->kv_heads + kv) * hd;
+          p[j] = 0.0;
+          for (int d = 0; d < hd; d++) p[j] += qi[d] * kj[d] / sqrt((double)hd);
+          max = fmax(max, p[j]);
+        }
+        for (int j = 0; j < visible; j++) sum += exp(p[j] - max);
+        double *ci = ctx + (((size_t)b * s->tq + i) * s->heads + h) * hd;
+        for (int d = 0; d < hd; d++) {
+          ci[d] = 0.0;
+          for (int j = 0; j < visible; j++)
+            ci[d] += exp(p[j] - max) / sum *
+                     v[(((size_t)b * s->k_stride + j) * s->kv_heads + kv) * hd + d];
+        }
+        if (lse) lse[((size_t)b * s->heads + h) * s->tq + i] = max + log(sum);
+      }
+  free(p);
+}
+
+static void ref_attention(const void *shape, double *const *in, double *out) {
+  ref_attention_lse(shape, in[0], in[1], in[2], out, NULL);
+}
+
+static void test_attention(const char *label, struct attn_shape s) {
+  size_t q_n = (size_t)s.batch * s.tq * s.heads * s.head_dim;
+  size_t kv_n = (size_t)s.batch * s.k_stride * s.kv_heads * s.head_dim;
+  size_t lse_n = (size_t)s.batch * s.heads * s.tq;
+  float *q = rand_floats(q_n, -1.5, 1.5), *k = rand_floats(kv_n, -1.5, 1.5);
+  float *v = rand_floats(kv_n, -1, 1);
+  float *ctx = rand_floats(q_n, -1, 1), *lse = rand_floats(lse_n, -1, 1);
+  double *in[] = {to_double(q, q_n), to_double(k, kv_n), to_double(v, kv_n)};
+  double *ref = new_doubles(q_n), *ref_lse = new_doubles(lse_n);
+  be->attention_forward(ctx, lse, q, k, v, &s);
+  ref_attention_lse(&s, in[0], in[1], in[2], ref, ref_lse);
+  char name[96];
+  snprintf(name, sizeof name, "attention %s forward ctx", label);
+  check_forward(name, ctx, ref, q_n);
+  snprintf(name, sizeof name, "attention %s forward lse", label);
+  check_forward(name, lse, ref_lse, lse_n);
+
+  float *dctx = rand_floats(q_n, -1, 1);
+  double *r = to_double(dctx, q_n);
+  struct grad dq = grad_new(q_n), dk = grad_new(kv_n), dv = grad_new(kv_n);
+  for (int call = 0; call < 2; call++) {
+    be->attention_backward(dq.g, dk.g, dv.g, dctx, q, k, v, ctx, lse, &s);
+    if (call == 0) grad_mark(&dq), grad_mark(&dk), grad_mark(&dv);
+  }
+  double *fd_q = finite_diff(ref_attention, &s, in, 0, q_n, q_n, r);
+  double *fd_k = finite_diff(ref_attention, &s, in, 1, kv_n, q_n, r);
+  double *fd_v = finite_diff(ref_attention, &s, in, 2, kv_n, q_n, r);
+  snprintf(name, sizeof name, "attention %s", label);
+  grad_verify(name, "q", &dq, fd_q);
+  grad_verify(name, "k", &dk, fd_k);
+  grad_verify(name, "v", &dv, fd_v);
+  for (int i = 0; i < 3; i++) free(in[i]);
+  free(fd_q), free(fd_k), free(fd_v), free(r), free(dctx), free(ref), free(ref_lse);
+  free(q), free(k), free(v), free(ctx), free(lse);
+}
+
+/* ---- swiglu ---------------------------------------------------------------------------------- */
+
+struct flat_shape {
+  size_t n;
+};
+
+static void ref_swiglu(const void *shape, double *const *in, double *out) {
+  const struct flat_shape *s = shape;
+  for (size_t i = 0; i < s->n; i++) out[i] = in[0][i] / (1.0 + exp(-in[0][i])) * in[1][i];
+}
+
+static void test_swiglu(void) {
+  struct flat_shape s = {29};
+  float *g = rand_floats(s.n, -6, 6), *u = rand_floats(s.n, -2, 2);
+  float *out = rand_floats(s.n, 0, 1);
+  g[0] = -100.0f; /* exp(-g) overflows: silu must still be -0, not NaN */
+  double *in[] = {to_double(g, s.n), to_double(u, s.n)}, *ref = new_doubles(s.n);
+  be->swiglu_forward(out, g, u, s.n);
+  ref_swiglu(&s, in, ref);
+  check_forward("swiglu forward", out, ref, s.n);
+
+  float *dout = rand_floats(s.n, -1, 1);
+  double *r = to_double(dout, s.n);
+  struct grad dg = grad_new(s.n), du = grad_new(s.n);
+  for (int call = 0; call < 2; call++) {
+    be->swiglu_backward(dg.g, du.g, dout, g, u, s.n);
+    if (call == 0) grad_mark(&dg), grad_mark(&du);
+  }
+  double *fd_g = finite_diff(ref_swiglu, &s, in, 0, s.n, s.n, r);
+  double *fd_u = finite_diff(ref_swiglu, &s, in, 1, s.n, s.n, r);
+  grad_verify("swiglu", "g", &dg, fd_g);
+  grad_verify("swiglu", "u", &du, fd_u);
+  free(fd_g), free(fd_u), free(r), free(dout), free(ref), free(in[0]), free(in[1]);
+  free(g), free(u), free(out);
+}
+
+/* ---- linear ---------------------------------------------------------------------------------- */
+
+struct linear_shape {
+  int n, in_dim, out_dim;
+};
+
+static void ref_linear(const void *shape, double *const *in, double *out) {
+  const struct linear_shape *s = shape;
+  for (int i = 0; i < s->n; i++)
+    for (int o = 0; o < s->out_dim; o++) {
+      double acc = 0.0;
+      for (int j = 0; j < s->in_dim; j++)
+        acc += in[0][(size_t)i * s->in_dim + j] * in[1][(size_t)o * s->in_dim + j];
+      out[(size_t)i * s->out_dim + o] = acc;
+    }
+}
+
+static void test_linear(void) {
+  struct linear_shape s = {5, 13, 7};
+  size_t x_n = (size_t)s.n * s.in_dim, w_n = (size_t)s.out_dim * s.in_dim;
+  size_t out_n = (size_t)s.n * s.out_dim;
+  float *x = rand_floats(x_n, -1, 1), *w = rand_floats(w_n, -1, 1);
+  float *out = rand_floats(out_n, -1, 1);
+  double *in[] = {to_double(x, x_n), to_double(w, w_n)}, *ref = new_doubles(out_n);
+  be->linear_forward(out, x, w, s.n, s.in_dim, s.out_dim);
+  ref_linear(&s, in, ref);
+  check_forward("linear forward", out, ref, out_n);
+
+  float *dout = rand_floats(out_n, -1, 1);
+  double *r = to_double(dout, out_n);
+  struct grad dx = grad_new(x_n), dw = grad_new(w_n);
+  be->linear_backward(dx.g, dw.g, dout, x, w, s.n, s.in_dim, s.out_dim);
+  grad_mark(&dx), grad_mark(&dw);
+  /* the second increment comes in two calls, each with one gradient NULL */
+  be->linear_backward(dx.g, NULL, dout, x, w, s.n, s.in_dim, s.out_dim);
+  be->linear_backward(NULL, dw.g, dout, x, w, s.n, s.in_dim, s.out_dim);
+  double *fd_x = finite_diff(ref_linear, &s, in, 0, x_n, out_n, r);
+  double *fd_w = finite_diff(ref_linear, &s, in, 1, w_n, out_n, r);
+  grad_verify("linear", "x", &dx, fd_x);
+  grad_verify("linear", "w", &dw, fd_w);
+  free(fd_x), free(fd_w), free(r), free(dout), free(ref), free(in[0]), free(in[1]);
+  free(x), free(w), free(out);
+}
+
+/* ---- add, scale, sum of squares -------------------------------------------------------------- */
+
+static void test_reductions_and_updates(void) {
+  size_t n = 1001;
+  float *a = rand_floats(n, -1, 1), *b = rand_floats(n, -1, 1);
+  double *ref = new_doubles(n);
+  for (size_t i = 0; i < n; i++) ref[i] = ((double)a[i] + b[i]) * -0.375;
+  be->add_inplace(a, b, n);
+  be->scale(a, -0.375f, n);
+  check_forward("add_inplace + scale", a, ref, n);
+  double ss = 0.0;
+  for (size_t i = 0; i < n; i++) ss += (double)a[i] * a[i];
+  double got = be->sum_squares(a, n);
+  check("sum_squares", fabs(got - ss) / ss, 1e-12);
+  free(a), free(b), free(ref);
+}
+
+/* ---- LM head + cross-entropy ----------------------------------------------------------------- */
+
+struct loss_shape {
+  int n, dim, vocab;
+  const int32_t *targets;
+};
+
+/* nll of every row (0 for masked rows) from logits = x · wᵀ */
+static void ref_loss(const void *shape, double *const *in, double *out) {
+  const struct loss_shape *s = shape;
+  double *logits = new_doubles(s->vocab);
+  for (int i = 0; i < s->n; i++) {
+    out[i] = 0.0;
+    if (s->targets[i] < 0) continue;
+    double max = -INFINITY, sum = 0.0;
+    for (int c = 0; c < s->vocab; c++) {
+      logits[c] = 0.0;
+      for (int d = 0; d < s->dim; d++)
+        logits[c] += in[0][(size_t)i * s->dim + d] * in[1][(size_t)c * s->dim + d];
+      max = fmax(max, logits[c]);
+    }
+    for (int c = 0; c < s->vocab; c++) sum += exp(logits[c] - max);
+    out[i] = max + log(sum) - logits[s->targets[i]];
+  }
+  free(logits);
+}
+
+static void test_lm_head_loss(const char *label, int n, int dim, int vocab) {
+  int32_t *targets = rand_ints(n, -1, vocab); /* about one row in vocab+1 masked */
+  targets[0] = -100;
+  targets[n - 1] = vocab - 1;
+  struct loss_shape s = {n, dim, vocab, targets};
+  size_t x_n = (size_t)n * dim, w_n = (size_t)vocab * dim;
+  float *x = rand_floats(x_n, -2, 2), *w = rand_floats(w_n, -1, 1), *nll = rand_floats(n, 1, 2);
+  double *in[] = {to_double(x, x_n), to_double(w, w_n)}, *ref = new_doubles(n);
+  ref_loss(&s, in, ref);
+  char name[96];
+  snprintf(name, sizeof name, "lm_head_loss %s nll, no grad", label);
+  float *dw_untouched = rand_floats(w_n, -1, 1), *dw_before = copy_floats(dw_untouched, w_n);
+  be->lm_head_loss(nll, NULL, dw_untouched, x, w, targets, n, dim, vocab, 1.0f);
+  int dw_same = memcmp(dw_untouched, dw_before, w_n * sizeof(float)) == 0;
+  check_forward(name, nll, ref, n);
+  snprintf(name, sizeof name, "lm_head_loss %s dx NULL leaves dw", label);
+  check(name, dw_same ? 0.0 : 1.0, 0);
+
+  float grad_scale = 0.37f;
+  double *r = new_doubles(n);
+  for (int i = 0; i < n; i++) r[i] = grad_scale;
+  struct grad dx = grad_new(x_n), dw = grad_new(w_n);
+  for (int call = 0; call < 2; call++) {
+    be->lm_head_loss(nll, dx.g, dw.g, x, w, targets, n, dim, vocab, grad_scale);
+    if (call == 0) grad_mark(&dx), grad_mark(&dw);
+  }
+  snprintf(name, sizeof name, "lm_head_loss %s nll, with grad", label);
+  check_forward(name, nll, ref, n);
+  double masked = 0.0; /* a masked row must get exactly nothing */
+  for (int i = 0; i < n; i++)
+    if (targets[i] < 0)
+      for (int d = 0; d < dim; d++) {
+        size_t e = (size_t)i * dim + d;
+        masked += fabs((double)dx.g[e] - dx.start[e]);
+      }
+  snprintf(name, sizeof name, "lm_head_loss %s masked rows untouched", label);
+  check(name, masked, 0);
+  double *fd_x = finite_diff(ref_loss, &s, in, 0, x_n, n, r);
+  double *fd_w = finite_diff(ref_loss, &s, in, 1, w_n, n, r);
+  snprintf(name, sizeof name, "lm_head_loss %s", label);
+  grad_verify(name, "x", &dx, fd_x);
+  grad_verify(name, "w", &dw, fd_w);
+  free(fd_x), free(fd_w), free(r), free(ref), free(in[0]), free(in[1]);
+  free(x), free(w), free(nll), free(dw_untouched), free(dw_before), free(targets);
+}
+
+/* The Qwen3 vocabulary with a small dim: checks a few rows against the reference and reports the
+ * time, since the loss must stay cheap enough for CI and the demo. */
+static void test_lm_head_loss_full_vocab(void) {
+  int n = 96, dim = 64, vocab = 151936;
+  int32_t *targets = rand_ints(n, 0, vocab);
+  targets[5] = -1;
+  size_t x_n = (size_t)n * dim, w_n = (size_t)vocab * dim;
+  float *x = rand_floats(x_n, -1, 1), *w = rand_floats(w_n, -0.5, 0.5);
+  float *nll = rand_floats(n, 0, 1);
+  float *dx = xcalloc(x_n, sizeof(float)), *dw = xcalloc(w_n, sizeof(float));
+  double t0 = now_seconds();
+  be->lm_head_loss(nll, dx, dw, x, w, targets, n, dim, vocab, 1.0f / n);
+  double seconds = now_seconds() - t0;
+  int rows = 8;
+  struct loss_shape s = {rows, dim, vocab, targets};
+  double *in[] = {to_double(x, (size_t)rows * dim), to_double(w, w_n)}, *ref = new_doubles(rows);
+  ref_loss(&s, in, ref);
+  check_forward("lm_head_loss vocab 151936 nll", nll, ref, rows);
+  printf("     lm_head_loss %d rows x dim %d x vocab %d with grads: %.3f s\n", n, dim, vocab,
+         seconds);
+  free(in[0]), free(in[1]), free(ref), free(x), free(w), free(nll), free(dx), free(dw);
+  free(targets);
+}
+
+/* ---- AdamW ----------------------------------------------------------------------------------- */
+
+static void test_adamw(const char *label, float beta1) {
+  size_t n = 53;
+  int steps = 6;
+  /* a large lr, so that the change of p is well above p's own fp32 rounding */
+  float lr = 5e-2f, beta2 = 0.95f, eps = 1e-8f, wd = 0.1f;
+  float *p = rand_floats(n, -1, 1), *p0 = copy_floats(p, n);
+  float *m = xcalloc(n, sizeof(float)), *v = xcalloc(n, sizeof(float));
+  double *rp = to_double(p, n), *rm = new_doubles(n), *rv = new_doubles(n);
+  for (int t = 1; t <= steps; t++) {
+    float *g = rand_floats(n, -1, 1);
+    g[t] = 0.0f; /* a zero gradient: v may be 0, eps keeps the step finite */
+    be->adamw_update(p, g, m, v, n, lr, beta1, beta2, eps, wd, t);
+    for (size_t i = 0; i < n; i++) {
+      rm[i] = beta1 * rm[i] + (1.0 - beta1) * g[i];
+      rv[i] = beta2 * rv[i] + (1.0 - beta2) * (double)g[i] * g[i];
+      double mhat = rm[i] / (1.0 - pow(beta1, t)), vhat = rv[i] / (1.0 - pow(beta2, t));
+      rp[i] -= lr * (mhat / (sqrt(vhat) + eps) + wd * rp[i]);
+    }
+    free(g);
+  }
+  /* compare the change of p, which |p| would otherwise hide */
+  double *change = new_doubles(n), *ref_change = new_doubles(n);
+  for (size_t i = 0; i < n; i++) {
+    change[i] = (double)p[i] - p0[i];
+    ref_change[i] = rp[i] - p0[i];
+  }
+  char name[96];
+  snprintf(name, sizeof name, "adamw %s, %d steps: p - p0", label, steps);
+  check(name, rel_err(change, ref_change, n), FORWARD_TOL);
+  snprintf(name, sizeof name, "adamw %s, %d steps: p", label, steps);
+  check_forward(name, p, rp, n);
+  snprintf(name, sizeof name, "adamw %s, %d steps: m", label, steps);
+  check_forward(name, m, rm, n);
+  snprintf(name, sizeof name, "adamw %s, %d steps: v", label, steps);
+  check_forward(name, v, rv, n);
+  free(p), free(p0), free(m), free(v), free(rp), free(rm), free(rv);
+  free(change), free(ref_change);
+}
+
+int main(void) {
+  double t0 = now_seconds();
+  test_memory();
+  test_embedding();
+  test_rmsnorm();
+  test_qk_norm_rope();
+  /* training shape, 4 query heads on 2 kv heads */
+  test_attention("gqa 4/2", (struct attn_shape){2, 5, 5, 5, 4, 2, 6});
+  /* decoding against a cache: 3 queries at the end of 7 keys, cache rows for 9 */
+  test_attention("gqa kv-cache", (struct attn_shape){2, 3, 7, 9, 4, 2, 6});
+  test_attention("mha 3/3", (struct attn_shape){1, 6, 6, 6, 3, 3, 8});
+  test_swiglu();
+  test_linear();
+  test_reductions_and_updates();
+  test_lm_head_loss("small", 9, 6, 23);
+  test_lm_head_loss("chunked", 150, 5, 17);
+  test_lm_head_loss_full_vocab();
+  test_adamw("beta1 0.9", 0.9f);
+  test_adamw("beta1 0.3", 0.3f);
+  printf("     total %.2f s\n", now_seconds() - t0);
+  printf("%d passed, %d failed\n", passed, failed);
+  return failed != 0;
+}

@@ -1,0 +1,268 @@
+#define _POSIX_C_SOURCE 200809L
+#include "trainer/train.h"
+
+#include <jansson.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/util.h"
+#include "data/loader.h"
+#include "trainer/layout.h"
+#include "trainer/optim.h"
+#include "trainer/schedule.h"
+#include "worker/block.h"
+
+static enum schedule_kind schedule_kind_of(const Job *job) {
+  return job->parallel->schedule == QWEN3__PIPELINE_SCHEDULE__GPIPE ? SCHEDULE_GPIPE
+                                                                    : SCHEDULE_1F1B;
+}
+
+void stage_plan(struct worker_plan *p, const Job *job, const struct qwen3_config *cfg, int pp,
+                int stage) {
+  const Qwen3__Parallel *par = job->parallel;
+  int first[LAYOUT_MAX_STAGES + 1];
+  char err[512];
+  if (layout_split_layers(pp, cfg->num_layers, par->layers_per_stage,
+                          (int)par->n_layers_per_stage, first, err, sizeof err) != 0)
+    die("%s", err);
+  struct schedule s;
+  schedule_build(&s, schedule_kind_of(job), pp, par->micro_batches, stage);
+  worker_plan_make(p, cfg, first[stage], first[stage + 1] - first[stage], stage == 0,
+                   stage == pp - 1, job->data->micro_batch_size, job->data->seq_len, s.max_live,
+                   par->recompute);
+  schedule_free(&s);
+}
+
+void print_layout(const Job *job, const struct qwen3_config *cfg, const struct comm *c) {
+  if (c->rank != 0) return;
+  printf("layout: %d processes = %d pipeline stages x %d data-parallel replicas, schedule %s, "
+         "%d micro-batches of %d x %d tokens\n",
+         c->world, c->pp, c->dp,
+         protobuf_c_enum_descriptor_get_value(&qwen3__pipeline_schedule__descriptor,
+                                              job->parallel->schedule)->name,
+         job->parallel->micro_batches, job->data->micro_batch_size, job->data->seq_len);
+  printf("%-5s %-6s %-8s %-9s %-14s %-14s %-13s %s\n", "rank", "stage", "replica", "layers",
+         "parameters", "weights+adam", "activations", "holds");
+  for (int r = 0; r < c->world; r++) {
+    struct worker_plan p;
+    int stage = r % c->pp;
+    stage_plan(&p, job, cfg, c->pp, stage);
+    char layers[32];
+    snprintf(layers, sizeof layers, "%d-%d", p.first_layer, p.first_layer + p.n_layers - 1);
+    printf("%-5d %-6d %-8d %-9s %-14zu %8.1f MiB   %8.1f MiB  %s%s%s\n", r, stage, r / c->pp,
+           layers, p.param_floats, worker_plan_state_bytes(&p) / 1048576.0,
+           worker_plan_activation_bytes(&p) / 1048576.0, p.has_embedding ? "embedding " : "",
+           p.has_head ? "final-norm lm-head loss " : "", p.recompute ? "(recompute)" : "");
+  }
+  long long global = (long long)job->data->micro_batch_size * job->parallel->micro_batches * c->dp;
+  printf("global batch: %lld sequences = %lld tokens per step\n", global,
+         global * job->data->seq_len);
+}
+
+/* ---- the step log ---------------------------------------------------------------------------- */
+
+static double resident_mib(void) {
+  FILE *f = fopen("/proc/self/status", "r");
+  char line[256];
+  double kib = 0;
+  while (f && fgets(line, sizeof line, f))
+    if (sscanf(line, "VmRSS: %lf", &kib) == 1) break;
+  if (f) fclose(f);
+  return kib / 1024.0;
+}
+
+static void format_duration(char *out, size_t len, double s) {
+  if (s < 60) snprintf(out, len, "%.0fs", s);
+  else if (s < 3600) snprintf(out, len, "%dm%02ds", (int)s / 60, (int)s % 60);
+  else snprintf(out, len, "%dh%02dm", (int)s / 3600, ((int)s % 3600) / 60);
+}
+
+struct step_log {
+  int step, steps;
+  double loss, lr, grad_norm, tokens, seconds, elapsed;
+};
+
+static void log_step(FILE *metrics, const struct step_log *s) {
+  char eta[32];
+  format_duration(eta, sizeof eta, s->elapsed / s->step * (s->steps - s->step));
+  double tps = s->tokens / s->seconds;
+  info("step %*d/%d | loss %.4f | lr %.3e | grad %.3f | %.0f tok/s | %.0f MiB | eta %s",
+       (int)floor(log10(s->steps)) + 1, s->step, s->steps, s->loss, s->lr, s->grad_norm, tps,
+       resident_mib(), eta);
+  json_t *o = json_pack("{s:i, s:f, s:f, s:f, s:f, s:f, s:f}", "step", s->step, "loss", s->loss,
+                        "lr", s->lr, "grad_norm", s->grad_norm, "tokens_per_s", tps,
+                        "step_seconds", s->seconds, "tokens", s->tokens);
+  json_dumpf(o, metrics, JSON_COMPACT | JSON_REAL_PRECISION(9));
+  fputc('\n', metrics);
+  fflush(metrics);
+  json_decref(o);
+}
+
+/* ---- one optimizer step through the pipeline ------------------------------------------------- */
+
+struct run {
+  const Job *job;
+  struct comm *c;
+  struct worker w;
+  struct schedule sched;
+  struct loader train;
+  int n_mb, tokens_per_mb;
+  int32_t *tokens, *targets, *positions;   /* host, [n_mb][tokens_per_mb] */
+  int *live_of;                             /* [n_mb]: activation slot, -1 when free */
+  int *live_busy;                           /* [n_live] */
+};
+
+/* Global sample index of sequence i of micro-batch m of this replica at `step`: the global
+ * batch is consecutive in the shuffled stream and replica d takes every dp-th sample. */
+static uint64_t sample_index(const struct run *r, int step, int m, int i) {
+  int mbs = r->job->data->micro_batch_size;
+  uint64_t global = (uint64_t)mbs * r->n_mb * r->c->dp;
+  return (uint64_t)(step - 1) * global + (uint64_t)(m * mbs + i) * r->c->dp + r->c->replica;
+}
+
+static double load_step_batch(struct run *r, int step) {
+  int mbs = r->job->data->micro_batch_size, seq = r->job->data->seq_len;
+  long long count = 0;
+  for (int m = 0; m < r->n_mb; m++)
+    for (int i = 0; i < mbs; i++) {
+      size_t at = (size_t)m * r->tokens_per_mb + (size_t)i * seq;
+      loader_shuffled(&r->train, sample_index(r, step, m, i), r->tokens + at, r->targets + at,
+                      r->positions + at);
+      for (int t = 0; t < seq; t++) count += r->targets[at + t] >= 0;
+    }
+  double total = (double)count;
+  if (r->c->dp > 1) comm_allreduce_sum_double(r->c, GROUP_DP, &total, 1);
+  return total;
+}
+
+static int claim_live(struct run *r, int mb) {
+  if (r->live_of[mb] >= 0) return r->live_of[mb];
+  for (int k = 0; k < r->w.plan.n_live; k++)
+    if (!r->live_busy[k]) {
+      r->live_busy[k] = 1;
+      return r->live_of[mb] = k;
+    }
+  die("schedule holds more micro-batches than its promise of %d", r->w.plan.n_live);
+}
+
+static void release_live(struct run *r, int mb) {
+  r->live_busy[r->live_of[mb]] = 0;
+  r->live_of[mb] = -1;
+}
+
+/* Runs this rank's action list; returns the summed NLL of the micro-batches (last stage). */
+static double run_schedule(struct run *r, float grad_scale) {
+  struct worker *w = &r->w;
+  struct comm *c = r->c;
+  size_t act_bytes = (size_t)r->tokens_per_mb * w->plan.cfg.hidden_size * sizeof(float);
+  double loss_sum = 0;
+  for (int i = 0; i < r->sched.n; i++) {
+    const struct action *a = &r->sched.actions[i];
+    int live = claim_live(r, a->mb);
+    size_t at = (size_t)a->mb * r->tokens_per_mb;
+    switch (a->kind) {
+    case ACT_RECV_ACT:
+      comm_recv(c, worker_input(w, live), act_bytes, c->stage - 1, a->mb);
+      break;
+    case ACT_FWD: {
+      struct micro_batch mb = {r->tokens + at, r->targets + at, r->positions + at};
+      loss_sum += worker_forward(w, live, &mb, grad_scale, NULL);
+      break;
+    }
+    case ACT_SEND_ACT:
+      comm_send(c, worker_output(w, live), act_bytes, c->stage + 1, a->mb);
+      break;
+    case ACT_RECV_GRAD:
+      comm_recv(c, w->grad_in, act_bytes, c->stage + 1, a->mb);
+      break;
+    case ACT_BWD:
+      worker_backward(w, live);
+      if (c->stage == 0) release_live(r, a->mb);
+      break;
+    case ACT_SEND_GRAD:
+      comm_send(c, w->grad_out, act_bytes, c->stage - 1, a->mb);
+      release_live(r, a->mb);
+      break;
+    }
+  }
+  comm_wait_sends(c);
+  return loss_sum;
+}
+
+void train_run(const Job *job, const struct qwen3_config *cfg, struct comm *c,
+               const struct backend *be, const struct run_options *opt) {
+  struct run r = {.job = job, .c = c};
+  struct worker_plan plan;
+  stage_plan(&plan, job, cfg, c->pp, c->stage);
+  worker_init(&r.w, be, &plan);
+  worker_init_weights(&r.w, job->init->seed, (float)job->init->std);
+  schedule_build(&r.sched, schedule_kind_of(job), c->pp, job->parallel->micro_batches, c->stage);
+  loader_open(&r.train, job->data->train, (int)job->data->n_train, job->data->seq_len,
+              job->data->seed, cfg->vocab_size, "data.train");
+  block_timing = opt->timing;
+
+  r.n_mb = job->parallel->micro_batches;
+  r.tokens_per_mb = job->data->micro_batch_size * job->data->seq_len;
+  size_t all = (size_t)r.n_mb * r.tokens_per_mb;
+  r.tokens = xmalloc(all * sizeof(int32_t));
+  r.targets = xmalloc(all * sizeof(int32_t));
+  r.positions = xmalloc(all * sizeof(int32_t));
+  r.live_of = xmalloc((size_t)r.n_mb * sizeof(int));
+  for (int m = 0; m < r.n_mb; m++) r.live_of[m] = -1;
+  r.live_busy = xcalloc((size_t)plan.n_live, sizeof(int));
+
+  FILE *metrics = NULL;
+  if (c->rank == 0) {
+    if (make_dirs(job->output_dir) != 0) die("output_dir: cannot create '%s'", job->output_dir);
+    char path[4096];
+    snprintf(path, sizeof path, "%s/metrics.jsonl", job->output_dir);
+    metrics = fopen(path, "w");
+    if (!metrics) die("output_dir: cannot write '%s'", path);
+    info("training %s: %d steps, %llu samples of %d tokens in data.train, backend %s",
+         job->name, job->train->steps, (unsigned long long)r.train.n_samples, job->data->seq_len,
+         be->name);
+  }
+
+  double started = now_seconds();
+  int steps = job->train->steps;
+  for (int step = 1; step <= steps; step++) {
+    if (opt->fail_step == step && opt->fail_rank == c->rank)
+      die("failing on purpose at step %d (--fail-at %d:%d)", step, c->rank, step);
+    double t0 = now_seconds();
+    double lr = lr_schedule(job->optim, steps, step);
+    double targets = load_step_batch(&r, step);
+    if (targets <= 0) die("step %d: the global batch has no target token (all masked)", step);
+    worker_zero_grads(&r.w);
+    double loss_sum = run_schedule(&r, (float)(1.0 / targets));
+    double grad_norm = optimizer_step(&r.w, c, job->optim, lr, step);
+    if (c->world > 1) comm_allreduce_sum_double(c, GROUP_WORLD, &loss_sum, 1);
+    double loss = loss_sum / targets;
+    if (!isfinite(loss)) die("step %d: the loss is %f; stopping", step, loss);
+    if (metrics && (step % job->train->log_every == 0 || step == steps || step == 1)) {
+      struct step_log s = {step, steps, loss, lr, grad_norm,
+                           (double)r.tokens_per_mb * r.n_mb * c->dp, now_seconds() - t0,
+                           now_seconds() - started};
+      log_step(metrics, &s);
+    }
+  }
+  if (r.train.truncated && c->rank == 0)
+    warn("%llu training documents were longer than data.seq_len + 1 and were truncated",
+         (unsigned long long)r.train.truncated);
+  if (opt->timing && c->rank == 0) {
+    info("per-stage time of rank 0 (forward, backward), seconds:");
+    for (int i = 0; i < QWEN3_BLOCK_STAGES; i++)
+      info("  %-14s %8.3f %8.3f", QWEN3_BLOCK[i].name, block_stage_seconds[i][0],
+           block_stage_seconds[i][1]);
+  }
+  if (metrics) fclose(metrics);
+  free(r.tokens);
+  free(r.targets);
+  free(r.positions);
+  free(r.live_of);
+  free(r.live_busy);
+  loader_close(&r.train);
+  schedule_free(&r.sched);
+  worker_free(&r.w);
+}

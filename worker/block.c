@@ -1,0 +1,172 @@
+#include "worker/block.h"
+
+#include "common/util.h"
+
+/* The Qwen3 decoder block (REFERENCE.md "Forward"). q/k-norm + RoPE writes new slots (Q, K)
+ * rather than overwriting QR, KR in place: its backward needs the values before the norm. */
+const struct stage QWEN3_BLOCK[] = {
+  /* name            op                 in                  out                 params */
+  { "input_norm",    OP_RMSNORM,        {S_X},              {S_XN},             {P_INPUT_NORM}, 1 },
+  { "qkv_proj",      OP_LINEAR,         {S_XN},             {S_QR, S_KR, S_V},  {P_Q, P_K, P_V}, 3 },
+  { "qk_norm_rope",  OP_QK_NORM_ROPE,   {S_QR, S_KR},       {S_Q, S_K},         {P_Q_NORM, P_K_NORM}, 2 },
+  { "attention",     OP_ATTENTION,      {S_Q, S_K, S_V},    {S_CTX, S_LSE},     {0}, 0 },
+  { "o_proj",        OP_LINEAR,         {S_CTX},            {S_AO},             {P_O}, 1 },
+  { "attn_residual", OP_ADD,            {S_X, S_AO},        {S_H},              {0}, 0 },
+  { "post_norm",     OP_RMSNORM,        {S_H},              {S_HN},             {P_POST_NORM}, 1 },
+  { "gate_up",       OP_LINEAR,         {S_HN},             {S_G, S_U},         {P_GATE, P_UP}, 2 },
+  { "mlp_merge",     OP_SWIGLU,         {S_G, S_U},         {S_M},              {0}, 0 },
+  { "down_proj",     OP_LINEAR,         {S_M},              {S_D},              {P_DOWN}, 1 },
+  { "mlp_residual",  OP_ADD,            {S_H, S_D},         {S_Y},              {0}, 0 },
+};
+const int QWEN3_BLOCK_STAGES = sizeof QWEN3_BLOCK / sizeof QWEN3_BLOCK[0];
+
+int block_timing;
+double block_stage_seconds[sizeof QWEN3_BLOCK / sizeof QWEN3_BLOCK[0]][2];
+
+size_t slot_width(const struct qwen3_config *c, enum slot s) {
+  switch (s) {
+  case S_X: case S_XN: case S_AO: case S_H: case S_HN: case S_D: case S_Y:
+    return (size_t)c->hidden_size;
+  case S_QR: case S_Q: case S_CTX:
+    return (size_t)c->num_heads * c->head_dim;
+  case S_KR: case S_K: case S_V:
+    return (size_t)c->num_kv_heads * c->head_dim;
+  case S_LSE:
+    return (size_t)c->num_heads;
+  case S_G: case S_U: case S_M:
+    return (size_t)c->intermediate_size;
+  default:
+    return 0;
+  }
+}
+
+static float *param_w(struct worker *w, int layer, enum layer_param p) {
+  return w->weights + w->params[w->layer_param[layer][p]].offset;
+}
+
+static float *param_g(struct worker *w, int layer, enum layer_param p) {
+  return w->grads + w->params[w->layer_param[layer][p]].offset;
+}
+
+static struct attn_shape attention_shape(const struct worker *w) {
+  const struct qwen3_config *c = &w->plan.cfg;
+  struct attn_shape s = {
+    .batch = w->plan.batch, .tq = w->plan.seq, .tk = w->plan.seq, .k_stride = w->plan.seq,
+    .heads = c->num_heads, .kv_heads = c->num_kv_heads, .head_dim = c->head_dim,
+  };
+  return s;
+}
+
+static double stage_clock(const struct worker *w) {
+  if (!block_timing) return 0;
+  w->be->synchronize();
+  return now_seconds();
+}
+
+void block_forward(struct worker *w, int live, int layer) {
+  const struct backend *be = w->be;
+  const struct qwen3_config *c = &w->plan.cfg;
+  float **a = w->slot[live * w->plan.n_layers + layer];
+  const int32_t *pos = w->positions + (size_t)live * w->plan.batch * w->plan.seq;
+  int n = w->plan.batch * w->plan.seq;
+  float eps = (float)c->rms_norm_eps;
+  struct attn_shape shape = attention_shape(w);
+
+  for (int i = 0; i < QWEN3_BLOCK_STAGES; i++) {
+    const struct stage *s = &QWEN3_BLOCK[i];
+    double t0 = stage_clock(w);
+    switch (s->op) {
+    case OP_RMSNORM:
+      be->rmsnorm_forward(a[s->out[0]], a[s->in[0]], param_w(w, layer, s->params[0]), n,
+                          (int)slot_width(c, s->in[0]), eps);
+      break;
+    case OP_LINEAR:
+      for (int k = 0; k < s->n_params; k++)
+        be->linear_forward(a[s->out[k]], a[s->in[0]], param_w(w, layer, s->params[k]), n,
+                           (int)slot_width(c, s->in[0]), (int)slot_width(c, s->out[k]));
+      break;
+    case OP_QK_NORM_ROPE:
+      for (int k = 0; k < s->n_params; k++)
+        be->qk_norm_rope_forward(a[s->out[k]], a[s->in[k]], param_w(w, layer, s->params[k]),
+                                 pos, n, (int)(slot_width(c, s->in[k]) / c->head_dim),
+                                 c->head_dim, eps, c->rope_theta);
+      break;
+    case OP_ATTENTION:
+      be->attention_forward(a[s->out[0]], a[s->out[1]], a[s->in[0]], a[s->in[1]], a[s->in[2]],
+                            &shape);
+      break;
+    case OP_ADD: {
+      size_t len = (size_t)n * slot_width(c, s->out[0]);
+      be->copy(a[s->out[0]], a[s->in[0]], len * sizeof(float));
+      be->add_inplace(a[s->out[0]], a[s->in[1]], len);
+      break;
+    }
+    case OP_SWIGLU:
+      be->swiglu_forward(a[s->out[0]], a[s->in[0]], a[s->in[1]],
+                         (size_t)n * slot_width(c, s->out[0]));
+      break;
+    }
+    if (block_timing) block_stage_seconds[i][0] += stage_clock(w) - t0;
+  }
+}
+
+void block_backward(struct worker *w, int live, int layer, const float *dy, float *dx) {
+  const struct backend *be = w->be;
+  const struct qwen3_config *c = &w->plan.cfg;
+  if (w->plan.recompute) block_forward(w, live, layer);
+  float **a = w->slot[live * w->plan.n_layers + layer];
+  const int32_t *pos = w->positions + (size_t)live * w->plan.batch * w->plan.seq;
+  int n = w->plan.batch * w->plan.seq;
+  float eps = (float)c->rms_norm_eps;
+  struct attn_shape shape = attention_shape(w);
+
+  /* every backward op accumulates, so each gradient slot starts at zero */
+  float *d[N_SLOTS];
+  for (int s = 0; s < N_SLOTS; s++) {
+    d[s] = w->dslot[s];
+    if (d[s]) be->zero(d[s], (size_t)n * slot_width(c, (enum slot)s) * sizeof(float));
+  }
+  d[S_Y] = (float *)dy;
+  d[S_X] = dx;
+  be->zero(dx, (size_t)n * c->hidden_size * sizeof(float));
+
+  for (int i = QWEN3_BLOCK_STAGES - 1; i >= 0; i--) {
+    const struct stage *s = &QWEN3_BLOCK[i];
+    double t0 = stage_clock(w);
+    switch (s->op) {
+    case OP_RMSNORM:
+      be->rmsnorm_backward(d[s->in[0]], param_g(w, layer, s->params[0]), d[s->out[0]],
+                           a[s->in[0]], param_w(w, layer, s->params[0]), n,
+                           (int)slot_width(c, s->in[0]), eps);
+      break;
+    case OP_LINEAR:
+      for (int k = 0; k < s->n_params; k++)
+        be->linear_backward(d[s->in[0]], param_g(w, layer, s->params[k]), d[s->out[k]],
+                            a[s->in[0]], param_w(w, layer, s->params[k]), n,
+                            (int)slot_width(c, s->in[0]), (int)slot_width(c, s->out[k]));
+      break;
+    case OP_QK_NORM_ROPE:
+      for (int k = 0; k < s->n_params; k++)
+        be->qk_norm_rope_backward(d[s->in[k]], param_g(w, layer, s->params[k]), d[s->out[k]],
+                                  a[s->in[k]], param_w(w, layer, s->params[k]), pos, n,
+                                  (int)(slot_width(c, s->in[k]) / c->head_dim), c->head_dim,
+                                  eps, c->rope_theta);
+      break;
+    case OP_ATTENTION:
+      be->attention_backward(d[s->in[0]], d[s->in[1]], d[s->in[2]], d[s->out[0]], a[s->in[0]],
+                             a[s->in[1]], a[s->in[2]], a[s->out[0]], a[s->out[1]], &shape);
+      break;
+    case OP_ADD: {
+      size_t len = (size_t)n * slot_width(c, s->out[0]);
+      be->add_inplace(d[s->in[0]], d[s->out[0]], len);
+      be->add_inplace(d[s->in[1]], d[s->out[0]], len);
+      break;
+    }
+    case OP_SWIGLU:
+      be->swiglu_backward(d[s->in[0]], d[s->in[1]], d[s->out[0]], a[s->in[0]], a[s->in[1]],
+                          (size_t)n * slot_width(c, s->out[0]));
+      break;
+    }
+    if (block_timing) block_stage_seconds[i][1] += stage_clock(w) - t0;
+  }
+}

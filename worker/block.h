@@ -1,0 +1,34 @@
+/* The Qwen3 decoder block as a table of stages (block.c): the single truth of the model's
+ * wiring. Forward runs the table in order, backward in reverse. */
+#ifndef QWEN3_BLOCK_H
+#define QWEN3_BLOCK_H
+
+#include "worker/worker.h"
+
+enum op { OP_RMSNORM, OP_LINEAR, OP_QK_NORM_ROPE, OP_ATTENTION, OP_ADD, OP_SWIGLU };
+
+struct stage {
+  const char *name;
+  enum op op;
+  enum slot in[3];
+  enum slot out[3];
+  enum layer_param params[3];
+  int n_params;
+};
+
+extern const struct stage QWEN3_BLOCK[];
+extern const int QWEN3_BLOCK_STAGES;
+
+/* Floats per token of a slot. */
+size_t slot_width(const struct qwen3_config *c, enum slot s);
+
+/* Forward of local layer `layer` for live micro-batch `live`: reads S_X, writes every slot. */
+void block_forward(struct worker *w, int live, int layer);
+/* Backward: dy is the gradient of S_Y; dx (overwritten) receives the gradient of S_X. */
+void block_backward(struct worker *w, int live, int layer, const float *dy, float *dx);
+
+/* --timing: seconds spent in each stage, forward [0] and backward [1], when enabled. */
+extern int block_timing;
+extern double block_stage_seconds[][2];
+
+#endif

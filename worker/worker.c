@@ -1,0 +1,361 @@
+#include "worker/worker.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/util.h"
+#include "worker/block.h"
+
+/* ---- the parameter table ------------------------------------------------------------------ */
+
+static const struct {
+  const char *suffix;
+  int is_matrix;
+} LAYER_PARAM_NAMES[N_LAYER_PARAMS] = {
+  [P_INPUT_NORM] = {"input_layernorm.weight", 0},
+  [P_Q] = {"self_attn.q_proj.weight", 1},
+  [P_K] = {"self_attn.k_proj.weight", 1},
+  [P_V] = {"self_attn.v_proj.weight", 1},
+  [P_Q_NORM] = {"self_attn.q_norm.weight", 0},
+  [P_K_NORM] = {"self_attn.k_norm.weight", 0},
+  [P_O] = {"self_attn.o_proj.weight", 1},
+  [P_POST_NORM] = {"post_attention_layernorm.weight", 0},
+  [P_GATE] = {"mlp.gate_proj.weight", 1},
+  [P_UP] = {"mlp.up_proj.weight", 1},
+  [P_DOWN] = {"mlp.down_proj.weight", 1},
+};
+
+/* [rows, cols] of a layer parameter, nn.Linear layout */
+static void layer_param_shape(const struct qwen3_config *c, enum layer_param p, int *rows,
+                              int *cols) {
+  int d = c->hidden_size, q = c->num_heads * c->head_dim, kv = c->num_kv_heads * c->head_dim;
+  int f = c->intermediate_size;
+  static const int one = 1;
+  switch (p) {
+  case P_INPUT_NORM: case P_POST_NORM: *rows = d; *cols = one; break;
+  case P_Q_NORM: case P_K_NORM: *rows = c->head_dim; *cols = one; break;
+  case P_Q: *rows = q; *cols = d; break;
+  case P_K: case P_V: *rows = kv; *cols = d; break;
+  case P_O: *rows = d; *cols = q; break;
+  case P_GATE: case P_UP: *rows = f; *cols = d; break;
+  case P_DOWN: *rows = d; *cols = f; break;
+  default: *rows = *cols = 0;
+  }
+}
+
+static int add_param(struct param *table, int n, size_t *floats, const char *name, int rows,
+                     int cols, int decay) {
+  if (table) {
+    struct param *p = &table[n];
+    snprintf(p->name, sizeof p->name, "%s", name);
+    p->rows = rows;
+    p->cols = cols;
+    p->offset = *floats;
+    p->decay = decay;
+  }
+  *floats += (size_t)rows * cols;
+  return n + 1;
+}
+
+/* Lays out the stage's tensors: matrices (decayed) first, then vectors, so AdamW runs over two
+ * contiguous ranges. With table == NULL only counts. Fills layer_param / the special indices
+ * when given. Returns the number of tensors. */
+static int param_table(const struct worker_plan *p, struct param *table,
+                       int (*layer_param)[N_LAYER_PARAMS], int *embed, int *norm, int *head,
+                       size_t *floats, size_t *decay_floats) {
+  const struct qwen3_config *c = &p->cfg;
+  char name[96];
+  int n = 0, e = -1, h = -1, fn = -1;
+  *floats = 0;
+  for (int pass = 1; pass >= 0; pass--) {   /* pass 1: matrices, pass 0: vectors */
+    if (pass == 1 && (p->has_embedding || (p->has_head && c->tie_embeddings))) {
+      e = n;
+      n = add_param(table, n, floats, "model.embed_tokens.weight", c->vocab_size, c->hidden_size, 1);
+    }
+    if (pass == 1 && p->has_head && !c->tie_embeddings) {
+      h = n;
+      n = add_param(table, n, floats, "lm_head.weight", c->vocab_size, c->hidden_size, 1);
+    }
+    for (int l = 0; l < p->n_layers; l++)
+      for (int k = 0; k < N_LAYER_PARAMS; k++) {
+        if (LAYER_PARAM_NAMES[k].is_matrix != pass) continue;
+        int rows, cols;
+        layer_param_shape(c, (enum layer_param)k, &rows, &cols);
+        snprintf(name, sizeof name, "model.layers.%d.%s", p->first_layer + l,
+                 LAYER_PARAM_NAMES[k].suffix);
+        if (layer_param) layer_param[l][k] = n;
+        n = add_param(table, n, floats, name, rows, cols, pass);
+      }
+    if (pass == 1) *decay_floats = *floats;
+    if (pass == 0 && p->has_head) {
+      fn = n;
+      n = add_param(table, n, floats, "model.norm.weight", c->hidden_size, 1, 0);
+    }
+  }
+  if (embed) *embed = e;
+  if (head) *head = (p->has_head && c->tie_embeddings) ? e : h;
+  if (norm) *norm = fn;
+  return n;
+}
+
+/* ---- the plan ------------------------------------------------------------------------------ */
+
+void worker_plan_make(struct worker_plan *p, const struct qwen3_config *cfg, int first_layer,
+                      int n_layers, int has_embedding, int has_head, int batch, int seq,
+                      int n_live, int recompute) {
+  memset(p, 0, sizeof *p);
+  p->cfg = *cfg;
+  p->first_layer = first_layer;
+  p->n_layers = n_layers;
+  p->has_embedding = has_embedding;
+  p->has_head = has_head;
+  p->batch = batch;
+  p->seq = seq;
+  p->n_live = n_live;
+  p->recompute = recompute;
+  if ((double)batch * seq * (cfg->intermediate_size > cfg->num_heads * cfg->head_dim
+                                 ? cfg->intermediate_size : cfg->num_heads * cfg->head_dim) >
+      (double)INT32_MAX)
+    die("a micro-batch of %d x %d tokens is too large for one activation buffer", batch, seq);
+  param_table(p, NULL, NULL, NULL, NULL, NULL, &p->param_floats, &p->decay_floats);
+
+  size_t tokens = (size_t)batch * seq, d = (size_t)cfg->hidden_size;
+  size_t stored = 0, transient = 0;
+  for (int s = S_X; s < N_SLOTS; s++) {
+    p->slot_floats[s] = tokens * slot_width(cfg, (enum slot)s);
+    if (s == S_Y) continue;   /* a layer's output is the next layer's input */
+    if (s == S_X || !recompute) stored += p->slot_floats[s];
+    else transient += p->slot_floats[s];
+  }
+  size_t per_live = n_layers * stored + tokens * d + (has_head ? 2 * tokens * d : 0);
+  p->act_floats = n_live * per_live + transient;
+  size_t grads = 0;
+  for (int s = S_X; s < N_SLOTS; s++)
+    if (s != S_X && s != S_Y && s != S_LSE) grads += p->slot_floats[s];
+  p->scratch_floats = grads + 3 * tokens * d;
+}
+
+size_t worker_plan_state_bytes(const struct worker_plan *p) {
+  return 4 * p->param_floats * sizeof(float);
+}
+
+size_t worker_plan_activation_bytes(const struct worker_plan *p) {
+  return (p->act_floats + p->scratch_floats) * sizeof(float) +
+         3 * (size_t)p->n_live * p->batch * p->seq * sizeof(int32_t);
+}
+
+/* ---- allocation ---------------------------------------------------------------------------- */
+
+static void *must_alloc(const struct backend *be, size_t bytes, const char *what) {
+  void *p = be->alloc(bytes);
+  if (!p) die("out of %s memory: %s needs %.1f MiB", be->name, what, bytes / 1048576.0);
+  return p;
+}
+
+void worker_init(struct worker *w, const struct backend *be, const struct worker_plan *p) {
+  memset(w, 0, sizeof *w);
+  w->be = be;
+  w->plan = *p;
+  size_t floats, decay;
+  w->n_params = param_table(p, NULL, NULL, NULL, NULL, NULL, &floats, &decay);
+  w->params = xcalloc((size_t)w->n_params, sizeof *w->params);
+  w->layer_param = xcalloc((size_t)(p->n_layers ? p->n_layers : 1), sizeof *w->layer_param);
+  param_table(p, w->params, w->layer_param, &w->embed_param, &w->final_norm_param,
+              &w->head_param, &floats, &decay);
+
+  size_t pbytes = p->param_floats * sizeof(float);
+  w->weights = must_alloc(be, pbytes, "weights");
+  w->grads = must_alloc(be, pbytes, "gradients");
+  w->adam_m = must_alloc(be, pbytes, "AdamW first moments");
+  w->adam_v = must_alloc(be, pbytes, "AdamW second moments");
+
+  /* activations: per live micro-batch, per layer, the stored slots; then the stage output,
+   * the LM head's input and gradient; transient (recomputed) slots shared at the end */
+  size_t tokens = (size_t)p->batch * p->seq, d = (size_t)p->cfg.hidden_size;
+  w->acts = must_alloc(be, p->act_floats * sizeof(float), "activations");
+  w->slot = xcalloc((size_t)p->n_live * (p->n_layers ? p->n_layers : 1), sizeof *w->slot);
+  w->final_normed = xcalloc((size_t)p->n_live, sizeof(float *));
+  w->head_grad = xcalloc((size_t)p->n_live, sizeof(float *));
+  float *cursor = w->acts;
+  float *transient = w->acts + p->act_floats;
+  for (int s = S_X; s < N_SLOTS; s++)
+    if (p->recompute && s != S_X && s != S_Y) transient -= p->slot_floats[s];
+  for (int live = 0; live < p->n_live; live++) {
+    for (int l = 0; l < p->n_layers; l++) {
+      float **a = w->slot[live * p->n_layers + l];
+      float *t = transient;
+      for (int s = S_X; s < N_SLOTS; s++) {
+        if (s == S_Y) continue;
+        if (s == S_X || !p->recompute) {
+          a[s] = cursor;
+          cursor += p->slot_floats[s];
+        } else {
+          a[s] = t;
+          t += p->slot_floats[s];
+        }
+      }
+    }
+    float *out = cursor;
+    cursor += tokens * d;
+    for (int l = 0; l < p->n_layers; l++)
+      w->slot[live * p->n_layers + l][S_Y] =
+          l + 1 < p->n_layers ? w->slot[live * p->n_layers + l + 1][S_X] : out;
+    if (p->n_layers == 0) die("a pipeline stage needs at least one layer");
+    if (p->has_head) {
+      w->final_normed[live] = cursor;
+      cursor += tokens * d;
+      w->head_grad[live] = cursor;
+      cursor += tokens * d;
+    }
+  }
+  size_t ibytes = (size_t)p->n_live * tokens * sizeof(int32_t);
+  w->tokens = must_alloc(be, ibytes, "token ids");
+  w->targets = must_alloc(be, ibytes, "targets");
+  w->positions = must_alloc(be, ibytes, "positions");
+
+  w->scratch = must_alloc(be, p->scratch_floats * sizeof(float), "gradient scratch");
+  cursor = w->scratch;
+  for (int s = S_X; s < N_SLOTS; s++) {
+    if (s == S_X || s == S_Y || s == S_LSE) continue;
+    w->dslot[s] = cursor;
+    cursor += p->slot_floats[s];
+  }
+  w->grad_in = cursor;
+  w->grad_tmp = cursor + tokens * d;
+  w->grad_out = cursor + 2 * tokens * d;
+  w->nll = xcalloc(tokens, sizeof(float));
+}
+
+void worker_free(struct worker *w) {
+  const struct backend *be = w->be;
+  be->free(w->weights);
+  be->free(w->grads);
+  be->free(w->adam_m);
+  be->free(w->adam_v);
+  be->free(w->acts);
+  be->free(w->tokens);
+  be->free(w->targets);
+  be->free(w->positions);
+  be->free(w->scratch);
+  free(w->params);
+  free(w->layer_param);
+  free(w->slot);
+  free(w->final_normed);
+  free(w->head_grad);
+  free(w->nll);
+  memset(w, 0, sizeof *w);
+}
+
+int worker_find_param(const struct worker *w, const char *name) {
+  for (int i = 0; i < w->n_params; i++)
+    if (strcmp(w->params[i].name, name) == 0) return i;
+  return -1;
+}
+
+/* ---- seeded init ----------------------------------------------------------------------------- */
+
+static uint64_t splitmix64(uint64_t *state) {
+  uint64_t z = (*state += 0x9E3779B97F4A7C15ull);
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+static uint64_t fnv1a(const char *s) {
+  uint64_t h = 0xcbf29ce484222325ull;
+  for (; *s; s++) h = (h ^ (unsigned char)*s) * 0x100000001b3ull;
+  return h;
+}
+
+void worker_init_weights(struct worker *w, uint64_t seed, float std) {
+  float *host = xmalloc(w->plan.param_floats * sizeof(float));
+  for (int i = 0; i < w->n_params; i++) {
+    const struct param *p = &w->params[i];
+    float *x = host + p->offset;
+    size_t n = (size_t)p->rows * p->cols;
+    if (p->cols == 1) {   /* norm weights */
+      for (size_t k = 0; k < n; k++) x[k] = 1.0f;
+      continue;
+    }
+    uint64_t state = seed ^ fnv1a(p->name);
+    for (size_t k = 0; k < n; k += 2) {   /* Box-Muller, two normals per pair of uniforms */
+      double u1 = ((splitmix64(&state) >> 11) + 1.0) * 0x1.0p-53;
+      double u2 = (splitmix64(&state) >> 11) * 0x1.0p-53;
+      double r = sqrt(-2.0 * log(u1));
+      x[k] = (float)(std * r * cos(2 * M_PI * u2));
+      if (k + 1 < n) x[k + 1] = (float)(std * r * sin(2 * M_PI * u2));
+    }
+  }
+  w->be->to_device(w->weights, host, w->plan.param_floats * sizeof(float));
+  free(host);
+}
+
+void worker_zero_grads(struct worker *w) {
+  w->be->zero(w->grads, w->plan.param_floats * sizeof(float));
+}
+
+/* ---- forward and backward of the stage ----------------------------------------------------- */
+
+float *worker_input(struct worker *w, int live) {
+  return w->slot[live * w->plan.n_layers][S_X];
+}
+
+float *worker_output(struct worker *w, int live) {
+  return w->slot[live * w->plan.n_layers + w->plan.n_layers - 1][S_Y];
+}
+
+double worker_forward(struct worker *w, int live, const struct micro_batch *mb, float grad_scale,
+                      float *nll) {
+  const struct backend *be = w->be;
+  const struct worker_plan *p = &w->plan;
+  int n = p->batch * p->seq, d = p->cfg.hidden_size;
+  size_t at = (size_t)live * n;
+  be->to_device(w->positions + at, mb->positions, (size_t)n * sizeof(int32_t));
+  if (p->has_embedding) {
+    be->to_device(w->tokens + at, mb->tokens, (size_t)n * sizeof(int32_t));
+    be->embedding_forward(worker_input(w, live), w->tokens + at,
+                          w->weights + w->params[w->embed_param].offset, n, d);
+  }
+  for (int l = 0; l < p->n_layers; l++) block_forward(w, live, l);
+  if (!p->has_head) return 0;
+
+  const struct param *norm = &w->params[w->final_norm_param];
+  const struct param *head = &w->params[w->head_param];
+  be->to_device(w->targets + at, mb->targets, (size_t)n * sizeof(int32_t));
+  be->rmsnorm_forward(w->final_normed[live], worker_output(w, live), w->weights + norm->offset, n,
+                      d, (float)p->cfg.rms_norm_eps);
+  int train = grad_scale > 0;
+  if (train) be->zero(w->head_grad[live], (size_t)n * d * sizeof(float));
+  be->lm_head_loss(w->nll, train ? w->head_grad[live] : NULL, train ? w->grads + head->offset : NULL,
+                   w->final_normed[live], w->weights + head->offset, w->targets + at, n, d,
+                   p->cfg.vocab_size, grad_scale);
+  double sum = 0;
+  for (int i = 0; i < n; i++) sum += w->nll[i];
+  if (nll) memcpy(nll, w->nll, (size_t)n * sizeof(float));
+  return sum;
+}
+
+void worker_backward(struct worker *w, int live) {
+  const struct backend *be = w->be;
+  const struct worker_plan *p = &w->plan;
+  int n = p->batch * p->seq, d = p->cfg.hidden_size;
+  const float *dy = w->grad_in;
+  if (p->has_head) {
+    const struct param *norm = &w->params[w->final_norm_param];
+    be->zero(w->grad_tmp, (size_t)n * d * sizeof(float));
+    be->rmsnorm_backward(w->grad_tmp, w->grads + norm->offset, w->head_grad[live],
+                         worker_output(w, live), w->weights + norm->offset, n, d,
+                         (float)p->cfg.rms_norm_eps);
+    dy = w->grad_tmp;
+  }
+  for (int l = p->n_layers - 1; l >= 0; l--) {
+    float *dx = l == 0 ? w->grad_out : (dy == w->grad_tmp ? w->grad_in : w->grad_tmp);
+    block_backward(w, live, l, dy, dx);
+    dy = dx;
+  }
+  if (p->has_embedding)
+    be->embedding_backward(w->grads + w->params[w->embed_param].offset, w->grad_out,
+                           w->tokens + (size_t)live * n, n, d);
+}

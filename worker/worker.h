@@ -1,0 +1,110 @@
+/* The model slice of one pipeline stage: its parameters, its activations for the micro-batches
+ * in flight, and forward/backward over its layers. A worker never talks to another rank: the
+ * trainer moves its input, output and gradient buffers between stages. */
+#ifndef QWEN3_WORKER_H
+#define QWEN3_WORKER_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "common/qwen3_config.h"
+#include "kernels/ops.h"
+
+/* Parameters of one decoder layer, in the order of the checkpoint's tensor names. */
+enum layer_param {
+  P_INPUT_NORM, P_Q, P_K, P_V, P_Q_NORM, P_K_NORM, P_O, P_POST_NORM, P_GATE, P_UP, P_DOWN,
+  N_LAYER_PARAMS
+};
+
+/* One tensor of the stage, named as in Hugging Face checkpoints. */
+struct param {
+  char name[96];
+  int rows, cols;   /* cols = 1 for vectors */
+  size_t offset;    /* in floats, into weights / grads / adam_m / adam_v */
+  int decay;        /* weight decay applies (matrices only) */
+};
+
+/* Named activation slots of one layer (see block.c). S_NONE marks an unused table entry. */
+enum slot {
+  S_NONE, S_X, S_XN, S_QR, S_KR, S_V, S_Q, S_K, S_LSE, S_CTX, S_AO, S_H, S_HN, S_G, S_U, S_M,
+  S_D, S_Y, N_SLOTS
+};
+
+/* The shape of everything a stage allocates, computed before allocating anything. */
+struct worker_plan {
+  struct qwen3_config cfg;
+  int first_layer, n_layers;
+  int has_embedding;   /* stage 0: token embedding */
+  int has_head;        /* last stage: final norm, LM head, loss */
+  int batch, seq;      /* micro-batch: batch sequences of seq tokens */
+  int n_live;          /* micro-batches whose activations are held at once */
+  int recompute;       /* keep only each layer's input; recompute the rest in backward */
+  size_t param_floats, decay_floats;   /* decayed parameters come first */
+  size_t slot_floats[N_SLOTS];         /* per layer per micro-batch */
+  size_t act_floats;                   /* all activations of all live micro-batches */
+  size_t scratch_floats;               /* backward gradients (+ recompute buffers) */
+};
+
+struct worker {
+  const struct backend *be;
+  struct worker_plan plan;
+  struct param *params;
+  int n_params;
+  /* one allocation per parameter group, laid out by `params` */
+  float *weights, *grads, *adam_m, *adam_v;
+  int (*layer_param)[N_LAYER_PARAMS];     /* [local layer][which] -> index into params */
+  int embed_param, final_norm_param, head_param;   /* indices into params, -1 when absent */
+
+  float *acts;                 /* one allocation: every live micro-batch's slots */
+  float *(*slot)[N_SLOTS];     /* [live * n_layers + layer][slot] */
+  float **final_normed;        /* [live] input of the LM head */
+  float **head_grad;           /* [live] gradient of final_normed, made with the loss */
+  int32_t *tokens, *targets, *positions;   /* [live][batch*seq], backend memory */
+  float *scratch;              /* one allocation: gradient slots, grad_in, grad_out */
+  float *dslot[N_SLOTS];
+  float *grad_in;              /* gradient of the stage output (received) */
+  float *grad_out;             /* gradient of the stage input (to send) */
+  float *grad_tmp;             /* between layers, alternating with grad_in */
+  float *nll;                  /* host: per-position loss of the last micro-batch */
+};
+
+/* Computes sizes and offsets; no allocation. Dies on shapes it cannot hold. */
+void worker_plan_make(struct worker_plan *p, const struct qwen3_config *cfg, int first_layer,
+                      int n_layers, int has_embedding, int has_head, int batch, int seq,
+                      int n_live, int recompute);
+/* Bytes of parameters + gradients + AdamW state, and of activations + scratch. */
+size_t worker_plan_state_bytes(const struct worker_plan *p);
+size_t worker_plan_activation_bytes(const struct worker_plan *p);
+
+void worker_init(struct worker *w, const struct backend *be, const struct worker_plan *p);
+void worker_free(struct worker *w);
+/* Seeded init: every tensor drawn from its own stream, keyed by its name, so that any pipeline
+ * layout gives identical weights. Norm weights start at 1. */
+void worker_init_weights(struct worker *w, uint64_t seed, float std);
+int worker_find_param(const struct worker *w, const char *name);
+/* Loads every parameter of the stage from a Hugging Face model directory (model.safetensors or
+ * an index with shards), checking each shape. Returns 0, or -1 with err naming the tensor. */
+int worker_load_hf(struct worker *w, const char *dir, char *err, size_t errlen);
+
+/* Host-side inputs of one micro-batch: batch*seq entries each. targets[i] < 0: no loss. */
+struct micro_batch {
+  const int32_t *tokens, *targets, *positions;
+};
+
+/* Where the stage input lives for live micro-batch slot `live` (RECV_ACT writes here on stages
+ * without the embedding) and where its output is (SEND_ACT reads it). */
+float *worker_input(struct worker *w, int live);
+float *worker_output(struct worker *w, int live);
+
+/* Forward of one micro-batch through the stage. On the last stage it also computes the loss
+ * and its gradient (scaled by grad_scale), and returns the sum of the NLL of the micro-batch's
+ * targets (0 elsewhere). nll, when not NULL, receives batch*seq per-position values. */
+double worker_forward(struct worker *w, int live, const struct micro_batch *mb,
+                      float grad_scale, float *nll);
+/* Backward of one micro-batch: from w->grad_in (received) or, on the last stage, from the loss.
+ * Accumulates parameter gradients; leaves the input gradient in w->grad_out. */
+void worker_backward(struct worker *w, int live);
+
+void worker_zero_grads(struct worker *w);
+
+#endif
