@@ -21,7 +21,7 @@
       char msg_[MPI_MAX_ERROR_STRING];                                          \
       int len_ = 0;                                                             \
       MPI_Error_string(err_, msg_, &len_);                                      \
-      die("%s:%d: %s failed: %.*s", __FILE__, __LINE__, #call, len_, msg_);     \
+      die("%s: %s failed: %.*s", __func__, #call, len_, msg_);                  \
     }                                                                           \
   } while (0)
 

@@ -24,6 +24,12 @@ struct added_token {
   int32_t id;
 };
 
+/* One probe of the merge table reads one cache line: BPE spends most of its time here. */
+struct merge_slot {
+  uint64_t key;                   /* left << 32 | right; UINT64_MAX: empty */
+  int32_t rank, id;
+};
+
 struct tokenizer {
   uint32_t n_ids;                 /* largest id + 1 */
   char *names;                    /* token i's name is names[name_off[i] .. name_off[i+1]) */
@@ -33,8 +39,7 @@ struct tokenizer {
   uint8_t *is_token;              /* ids may have holes */
   int32_t *name_slots;            /* open addressing: name -> id, -1 empty */
   size_t name_mask;
-  uint64_t *merge_keys;           /* open addressing: left << 32 | right, UINT64_MAX empty */
-  int32_t *merge_rank, *merge_id;
+  struct merge_slot *merges;      /* open addressing on (left, right) */
   size_t merge_mask;
   int32_t byte_token[256];        /* the token of each single byte */
   struct added_token *added;      /* longest first, so the first that matches is the longest */
@@ -67,9 +72,8 @@ static uint32_t byte_to_char(int b) {
 
 /* ---- UTF-8 ------------------------------------------------------------------------------- */
 
-/* Offset of the first byte that does not start a well-formed UTF-8 sequence (overlong forms,
- * surrogates and code points above U+10FFFF are ill-formed, as in RFC 3629); n when valid. */
-static size_t utf8_bad_offset(const uint8_t *s, size_t n) {
+size_t utf8_invalid_offset(const char *text, size_t n) {
+  const uint8_t *s = (const uint8_t *)text;
   size_t i = 0;
   while (i < n) {
     uint8_t c = s[i];
@@ -116,9 +120,9 @@ static uint64_t hash_u64(uint64_t x) {
   return x ^ (x >> 33);
 }
 
-static size_t table_size(size_t n) {   /* a power of two at most half full */
+static size_t table_size(size_t n) {   /* a power of two at most 3/4 full */
   size_t cap = 16;
-  while (cap < 2 * n) cap *= 2;
+  while (3 * cap < 4 * n) cap *= 2;
   return cap;
 }
 
@@ -143,12 +147,13 @@ static int merge_find(const struct tokenizer *t, int32_t left, int32_t right, in
                       int32_t *id) {
   uint64_t key = (uint64_t)(uint32_t)left << 32 | (uint32_t)right;
   for (size_t i = hash_u64(key) & t->merge_mask;; i = (i + 1) & t->merge_mask) {
-    if (t->merge_keys[i] == key) {
-      *rank = t->merge_rank[i];
-      *id = t->merge_id[i];
+    const struct merge_slot *m = &t->merges[i];
+    if (m->key == key) {
+      *rank = m->rank;
+      *id = m->id;
       return 1;
     }
-    if (t->merge_keys[i] == UINT64_MAX) return 0;
+    if (m->key == UINT64_MAX) return 0;
   }
 }
 
@@ -157,10 +162,8 @@ static void merge_insert(struct tokenizer *t, int32_t left, int32_t right, int32
                          int32_t id) {
   uint64_t key = (uint64_t)(uint32_t)left << 32 | (uint32_t)right;
   size_t i = hash_u64(key) & t->merge_mask;
-  while (t->merge_keys[i] != UINT64_MAX && t->merge_keys[i] != key) i = (i + 1) & t->merge_mask;
-  t->merge_keys[i] = key;
-  t->merge_rank[i] = rank;
-  t->merge_id[i] = id;
+  while (t->merges[i].key != UINT64_MAX && t->merges[i].key != key) i = (i + 1) & t->merge_mask;
+  t->merges[i] = (struct merge_slot){key, rank, id};
 }
 
 /* ---- loading ------------------------------------------------------------------------------- */
@@ -325,10 +328,8 @@ static int merge_side(const struct tokenizer *t, const char *s, size_t n, int32_
 static int build_merges(struct tokenizer *t, const json_t *merges, char *err, size_t errlen) {
   size_t n = json_array_size(merges);
   t->merge_mask = table_size(n) - 1;
-  t->merge_keys = xmalloc((t->merge_mask + 1) * sizeof *t->merge_keys);
-  memset(t->merge_keys, 0xff, (t->merge_mask + 1) * sizeof *t->merge_keys);
-  t->merge_rank = xmalloc((t->merge_mask + 1) * sizeof *t->merge_rank);
-  t->merge_id = xmalloc((t->merge_mask + 1) * sizeof *t->merge_id);
+  t->merges = xmalloc((t->merge_mask + 1) * sizeof *t->merges);
+  for (size_t i = 0; i <= t->merge_mask; i++) t->merges[i].key = UINT64_MAX;
   char joined[1024];
   for (size_t r = 0; r < n; r++) {
     /* either "left right" or ["left", "right"] */
@@ -499,9 +500,7 @@ void tokenizer_free(struct tokenizer *t) {
   free(t->byte_off);
   free(t->is_token);
   free(t->name_slots);
-  free(t->merge_keys);
-  free(t->merge_rank);
-  free(t->merge_id);
+  free(t->merges);
   free(t->added);
   pcre2_code_free(t->split);
   free(t);
@@ -649,7 +648,7 @@ int tokenizer_encode(const struct tokenizer *t, const char *text, size_t len, in
                      size_t *n, char *err, size_t errlen) {
   *ids = NULL;
   *n = 0;
-  size_t bad = utf8_bad_offset((const uint8_t *)text, len);
+  size_t bad = utf8_invalid_offset(text, len);
   if (bad < len) return fail(err, errlen, "invalid UTF-8 at byte offset %zu", bad);
   struct encoder e = {.t = t, .match = pcre2_match_data_create_from_pattern(t->split, NULL)};
   if (!e.match) die("out of memory creating PCRE2 match data");

@@ -48,4 +48,9 @@ uint32_t tokenizer_vocab_size(const struct tokenizer *t);
 /* sha256 of the tokenizer.json bytes, 64 hex digits: names the tokenizer in shard attributes. */
 const char *tokenizer_hash(const struct tokenizer *t);
 
+/* Offset of the first byte of s[0..len) that does not start a well-formed UTF-8 sequence
+ * (RFC 3629: no overlong forms, surrogates or code points above U+10FFFF); len if all is valid.
+ * tokenizer_encode checks its input with it; callers use it to name the field at fault. */
+size_t utf8_invalid_offset(const char *s, size_t len);
+
 #endif

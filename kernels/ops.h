@@ -96,6 +96,22 @@ struct backend {
   /* Sum of squares of n values, accumulated in double, returned to the host. */
   double (*sum_squares)(const float *x, size_t n);
 
+  /* out [cols, rows] = xᵀ for x [rows, cols] */
+  void (*transpose)(float *out, const float *x, int rows, int cols);
+
+  /* NVFP4 emulation (kernels/nvfp4.h has the numerics): quantizes x [rows, cols] along its rows
+   * (1x16 blocks) or in 16x16 tiles, round-to-nearest or stochastic (seeded), and writes
+   * xq = q * s_b, exact in bf16. Returns S_dec, the factor a GEMM's alpha takes; NaN when x holds
+   * a non-finite value (nothing written). xq may alias x. */
+  float (*nvfp4_quantize_dequantize)(float *xq, const float *x, int rows, int cols,
+                                     int tiles_16x16, int stochastic, uint64_t seed);
+  /* Random Hadamard transform of every 16-wide tile of every row; out may alias x. */
+  void (*nvfp4_rht)(float *out, const float *x, int rows, int cols, uint16_t signs);
+  /* c [m, n] = s_dec_a * s_dec_b * a [m, k] · b [n, k]ᵀ + beta * c, fp32 accumulation: the
+   * NVFP4 GEMM (TN) on q * s_b operands. */
+  void (*nvfp4_gemm)(float *c, const float *a, float s_dec_a, const float *b, float s_dec_b,
+                     int m, int n, int k, float beta);
+
   /* AdamW with decoupled weight decay (torch.optim.AdamW), step t counted from 1:
    *   m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g²
    *   p -= lr * (m/(1-b1^t) / (sqrt(v/(1-b2^t)) + eps) + wd * p)                            */

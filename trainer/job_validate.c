@@ -139,6 +139,19 @@ static void check_precision(const Job *job, const struct qwen3_config *c) {
   NEED(p->bf16_last_layers >= -1 && p->bf16_last_layers <= c->num_layers,
        "precision.bf16_last_layers must be -1 (the last 15%%) or in [0, num_layers=%d] (is %d)",
        c->num_layers, p->bf16_last_layers);
+  if (p->linear != QWEN3__LINEAR_PRECISION__NVFP4) return;
+  /* NVFP4 blocks are 16 wide along every GEMM's reduction dimension, and Wgrad reduces over
+   * the tokens of a micro-batch */
+  int widths[] = {c->hidden_size, c->num_heads * c->head_dim, c->num_kv_heads * c->head_dim,
+                  c->intermediate_size};
+  const char *names[] = {"model.hidden_size", "model.num_heads x head_dim",
+                         "model.num_kv_heads x head_dim", "model.intermediate_size"};
+  for (int i = 0; i < 4; i++)
+    NEED(widths[i] % 16 == 0, "precision.linear NVFP4 needs %s (%d) to be a multiple of 16",
+         names[i], widths[i]);
+  long tokens = (long)job->data->micro_batch_size * job->data->seq_len;
+  NEED(tokens % 16 == 0, "precision.linear NVFP4 needs data.micro_batch_size x data.seq_len (%ld) "
+       "to be a multiple of 16", tokens);
 }
 
 static void check_data(const Job *job, const struct qwen3_config *c) {

@@ -3,12 +3,14 @@
 
 #include <jansson.h>
 #include <math.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "common/util.h"
 #include "data/loader.h"
+#include "trainer/checkpoint.h"
 #include "trainer/layout.h"
 #include "trainer/optim.h"
 #include "trainer/schedule.h"
@@ -33,6 +35,21 @@ void stage_plan(struct worker_plan *p, const Job *job, const struct qwen3_config
                    stage == pp - 1, job->data->micro_batch_size, job->data->seq_len, s.max_live,
                    par->recompute);
   schedule_free(&s);
+  const Qwen3__Precision *prec = job->precision;
+  if (prec->linear == QWEN3__LINEAR_PRECISION__NVFP4) {
+    struct nvfp4_policy policy = {
+      .first_layer = prec->bf16_first_layers,
+      .end_layer = cfg->num_layers - nvfp4_bf16_last_layers(prec, cfg->num_layers),
+      .rht = prec->rht, .stochastic = prec->stochastic_rounding, .weight_2d = prec->weight_2d,
+      .seed = job->init->seed,
+    };
+    worker_plan_nvfp4(p, &policy);
+  }
+}
+
+int nvfp4_bf16_last_layers(const Qwen3__Precision *prec, int num_layers) {
+  /* the recipe keeps the last ~15% of blocks in high precision */
+  return prec->bf16_last_layers >= 0 ? prec->bf16_last_layers : (num_layers * 15 + 99) / 100;
 }
 
 void print_layout(const Job *job, const struct qwen3_config *cfg, const struct comm *c) {
@@ -51,10 +68,15 @@ void print_layout(const Job *job, const struct qwen3_config *cfg, const struct c
     stage_plan(&p, job, cfg, c->pp, stage);
     char layers[32];
     snprintf(layers, sizeof layers, "%d-%d", p.first_layer, p.first_layer + p.n_layers - 1);
-    printf("%-5d %-6d %-8d %-9s %-14zu %8.1f MiB   %8.1f MiB  %s%s%s\n", r, stage, r / c->pp,
+    char nvfp4[48] = "";
+    int a = p.nvfp4.first_layer > p.first_layer ? p.nvfp4.first_layer : p.first_layer;
+    int b = p.first_layer + p.n_layers < p.nvfp4.end_layer ? p.first_layer + p.n_layers
+                                                          : p.nvfp4.end_layer;
+    if (a < b) snprintf(nvfp4, sizeof nvfp4, "nvfp4 layers %d-%d ", a, b - 1);
+    printf("%-5d %-6d %-8d %-9s %-14zu %8.1f MiB   %8.1f MiB  %s%s%s%s\n", r, stage, r / c->pp,
            layers, p.param_floats, worker_plan_state_bytes(&p) / 1048576.0,
            worker_plan_activation_bytes(&p) / 1048576.0, p.has_embedding ? "embedding " : "",
-           p.has_head ? "final-norm lm-head loss " : "", p.recompute ? "(recompute)" : "");
+           p.has_head ? "final-norm lm-head loss " : "", nvfp4, p.recompute ? "(recompute)" : "");
   }
   long long global = (long long)job->data->micro_batch_size * job->parallel->micro_batches * c->dp;
   printf("global batch: %lld sequences = %lld tokens per step\n", global,
@@ -80,13 +102,13 @@ static void format_duration(char *out, size_t len, double s) {
 }
 
 struct step_log {
-  int step, steps;
+  int step, steps, done;   /* done: steps taken by this process (a resumed run starts later) */
   double loss, lr, grad_norm, tokens, seconds, elapsed;
 };
 
 static void log_step(FILE *metrics, const struct step_log *s) {
   char eta[32];
-  format_duration(eta, sizeof eta, s->elapsed / s->step * (s->steps - s->step));
+  format_duration(eta, sizeof eta, s->elapsed / s->done * (s->steps - s->step));
   double tps = s->tokens / s->seconds;
   info("step %*d/%d | loss %.4f | lr %.3e | grad %.3f | %.0f tok/s | %.0f MiB | eta %s",
        (int)floor(log10(s->steps)) + 1, s->step, s->steps, s->loss, s->lr, s->grad_norm, tps,
@@ -112,23 +134,24 @@ struct run {
   int32_t *tokens, *targets, *positions;   /* host, [n_mb][tokens_per_mb] */
   int *live_of;                             /* [n_mb]: activation slot, -1 when free */
   int *live_busy;                           /* [n_live] */
+  uint64_t stream_base;                     /* samples seen before this step */
 };
 
-/* Global sample index of sequence i of micro-batch m of this replica at `step`: the global
- * batch is consecutive in the shuffled stream and replica d takes every dp-th sample. */
-static uint64_t sample_index(const struct run *r, int step, int m, int i) {
+/* Global sample index of sequence i of micro-batch m of this replica, the run having consumed
+ * `seen` samples: the global batch is consecutive in the shuffled stream and replica d takes
+ * every dp-th sample, so a run resumed with another layout continues the same stream. */
+static uint64_t sample_index(const struct run *r, uint64_t seen, int m, int i) {
   int mbs = r->job->data->micro_batch_size;
-  uint64_t global = (uint64_t)mbs * r->n_mb * r->c->dp;
-  return (uint64_t)(step - 1) * global + (uint64_t)(m * mbs + i) * r->c->dp + r->c->replica;
+  return seen + (uint64_t)(m * mbs + i) * r->c->dp + r->c->replica;
 }
 
-static double load_step_batch(struct run *r, int step) {
+static double load_step_batch(struct run *r, uint64_t seen) {
   int mbs = r->job->data->micro_batch_size, seq = r->job->data->seq_len;
   long long count = 0;
   for (int m = 0; m < r->n_mb; m++)
     for (int i = 0; i < mbs; i++) {
       size_t at = (size_t)m * r->tokens_per_mb + (size_t)i * seq;
-      loader_shuffled(&r->train, sample_index(r, step, m, i), r->tokens + at, r->targets + at,
+      loader_shuffled(&r->train, sample_index(r, seen, m, i), r->tokens + at, r->targets + at,
                       r->positions + at);
       for (int t = 0; t < seq; t++) count += r->targets[at + t] >= 0;
     }
@@ -167,7 +190,8 @@ static double run_schedule(struct run *r, float grad_scale) {
       comm_recv(c, worker_input(w, live), act_bytes, c->stage - 1, a->mb);
       break;
     case ACT_FWD: {
-      struct micro_batch mb = {r->tokens + at, r->targets + at, r->positions + at};
+      struct micro_batch mb = {r->tokens + at, r->targets + at, r->positions + at,
+                               r->stream_base + (uint64_t)a->mb};
       loss_sum += worker_forward(w, live, &mb, grad_scale, NULL);
       break;
     }
@@ -191,13 +215,42 @@ static double run_schedule(struct run *r, float grad_scale) {
   return loss_sum;
 }
 
+/* SIGTERM / SIGUSR1 (Slurm preemption): finish the step, checkpoint on every rank, exit 0. */
+static volatile sig_atomic_t stop_signal;
+
+static void on_stop_signal(int sig) { stop_signal = sig; }
+
+static void catch_stop_signals(void) {
+  struct sigaction sa;
+  memset(&sa, 0, sizeof sa);
+  sa.sa_handler = on_stop_signal;
+  sigemptyset(&sa.sa_mask);
+  sigaction(SIGTERM, &sa, NULL);
+  sigaction(SIGUSR1, &sa, NULL);
+}
+
+/* Weights of a fresh run: a checkpoint's, a Hugging Face model's, or seeded random. */
+static void init_weights(const Job *job, struct worker *w) {
+  char err[1024];
+  if (job->init->checkpoint) {
+    checkpoint_load_weights(job->init->checkpoint, w);
+  } else if (job->init->hf_dir) {
+    if (worker_load_hf(w, job->init->hf_dir, err, sizeof err) != 0) die("init.hf_dir: %s", err);
+  } else {
+    worker_init_weights(w, job->init->seed, (float)job->init->std);
+  }
+}
+
 void train_run(const Job *job, const struct qwen3_config *cfg, struct comm *c,
                const struct backend *be, const struct run_options *opt) {
   struct run r = {.job = job, .c = c};
   struct worker_plan plan;
   stage_plan(&plan, job, cfg, c->pp, c->stage);
   worker_init(&r.w, be, &plan);
-  worker_init_weights(&r.w, job->init->seed, (float)job->init->std);
+  init_weights(job, &r.w);
+  struct train_state st = {0};
+  int resumed = checkpoint_resume(job, c, &r.w, &st);
+  catch_stop_signals();
   schedule_build(&r.sched, schedule_kind_of(job), c->pp, job->parallel->micro_batches, c->stage);
   loader_open(&r.train, job->data->train, (int)job->data->n_train, job->data->seq_len,
               job->data->seed, cfg->vocab_size, "data.train");
@@ -218,33 +271,52 @@ void train_run(const Job *job, const struct qwen3_config *cfg, struct comm *c,
     if (make_dirs(job->output_dir) != 0) die("output_dir: cannot create '%s'", job->output_dir);
     char path[4096];
     snprintf(path, sizeof path, "%s/metrics.jsonl", job->output_dir);
-    metrics = fopen(path, "w");
+    metrics = fopen(path, resumed ? "a" : "w");
     if (!metrics) die("output_dir: cannot write '%s'", path);
     info("training %s: %d steps, %llu samples of %d tokens in data.train, backend %s",
          job->name, job->train->steps, (unsigned long long)r.train.n_samples, job->data->seq_len,
          be->name);
+    if (resumed) info("resumed at step %d (%llu samples seen)", st.step,
+                      (unsigned long long)st.samples_seen);
   }
 
   double started = now_seconds();
   int steps = job->train->steps;
-  for (int step = 1; step <= steps; step++) {
+  uint64_t global_batch = (uint64_t)job->data->micro_batch_size * r.n_mb * c->dp;
+  int first_step = st.step + 1;
+  for (int step = first_step; step <= steps; step++) {
     if (opt->fail_step == step && opt->fail_rank == c->rank)
       die("failing on purpose at step %d (--fail-at %d:%d)", step, c->rank, step);
     double t0 = now_seconds();
     double lr = lr_schedule(job->optim, steps, step);
-    double targets = load_step_batch(&r, step);
+    double targets = load_step_batch(&r, st.samples_seen);
     if (targets <= 0) die("step %d: the global batch has no target token (all masked)", step);
     worker_zero_grads(&r.w);
+    worker_prepare_step(&r.w, step);
+    r.stream_base = st.samples_seen;
     double loss_sum = run_schedule(&r, (float)(1.0 / targets));
     double grad_norm = optimizer_step(&r.w, c, job->optim, lr, step);
     if (c->world > 1) comm_allreduce_sum_double(c, GROUP_WORLD, &loss_sum, 1);
     double loss = loss_sum / targets;
     if (!isfinite(loss)) die("step %d: the loss is %f; stopping", step, loss);
+    st.step = step;
+    st.samples_seen += global_batch;
+    st.tokens_seen += (uint64_t)targets;
     if (metrics && (step % job->train->log_every == 0 || step == steps || step == 1)) {
-      struct step_log s = {step, steps, loss, lr, grad_norm,
+      struct step_log s = {step, steps, step - first_step + 1, loss, lr, grad_norm,
                            (double)r.tokens_per_mb * r.n_mb * c->dp, now_seconds() - t0,
                            now_seconds() - started};
       log_step(metrics, &s);
+    }
+    /* every rank must agree to stop at the same step: a signal may reach only some */
+    double stop = stop_signal;
+    if (c->world > 1) comm_allreduce_sum_double(c, GROUP_WORLD, &stop, 1);
+    int every = job->checkpoint->every;
+    if (stop || step == steps || (every > 0 && step % every == 0))
+      checkpoint_save(job, c, &r.w, &st);
+    if (stop) {
+      if (c->rank == 0) info("stopped by a signal after step %d; checkpoint saved", step);
+      break;
     }
   }
   if (r.train.truncated && c->rank == 0)

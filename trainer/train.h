@@ -17,6 +17,9 @@ struct run_options {
 void stage_plan(struct worker_plan *p, const Job *job, const struct qwen3_config *cfg, int pp,
                 int stage);
 
+/* precision.bf16_last_layers resolved: -1 means the last 15% of blocks, rounded up. */
+int nvfp4_bf16_last_layers(const Qwen3__Precision *prec, int num_layers);
+
 /* --dry-run: the rank layout with parameters and memory per rank, printed by rank 0. */
 void print_layout(const Job *job, const struct qwen3_config *cfg, const struct comm *c);
 

@@ -1,6 +1,7 @@
 #include "worker/block.h"
 
 #include "common/util.h"
+#include "worker/nvfp4_linear.h"
 
 /* The Qwen3 decoder block (REFERENCE.md "Forward"). q/k-norm + RoPE writes new slots (Q, K)
  * rather than overwriting QR, KR in place: its backward needs the values before the norm. */
@@ -81,9 +82,14 @@ void block_forward(struct worker *w, int live, int layer) {
                           (int)slot_width(c, s->in[0]), eps);
       break;
     case OP_LINEAR:
-      for (int k = 0; k < s->n_params; k++)
-        be->linear_forward(a[s->out[k]], a[s->in[0]], param_w(w, layer, s->params[k]), n,
-                           (int)slot_width(c, s->in[0]), (int)slot_width(c, s->out[k]));
+      for (int k = 0; k < s->n_params; k++) {
+        int in = (int)slot_width(c, s->in[0]), out = (int)slot_width(c, s->out[k]);
+        if (nvfp4_layer(w, layer))
+          nvfp4_linear_forward(w, layer, s->params[k], a[s->out[k]], a[s->in[0]], n, in, out);
+        else
+          be->linear_forward(a[s->out[k]], a[s->in[0]], param_w(w, layer, s->params[k]), n, in,
+                             out);
+      }
       break;
     case OP_QK_NORM_ROPE:
       for (int k = 0; k < s->n_params; k++)
@@ -140,10 +146,16 @@ void block_backward(struct worker *w, int live, int layer, const float *dy, floa
                            (int)slot_width(c, s->in[0]), eps);
       break;
     case OP_LINEAR:
-      for (int k = 0; k < s->n_params; k++)
-        be->linear_backward(d[s->in[0]], param_g(w, layer, s->params[k]), d[s->out[k]],
-                            a[s->in[0]], param_w(w, layer, s->params[k]), n,
-                            (int)slot_width(c, s->in[0]), (int)slot_width(c, s->out[k]));
+      for (int k = 0; k < s->n_params; k++) {
+        int in = (int)slot_width(c, s->in[0]), out = (int)slot_width(c, s->out[k]);
+        if (nvfp4_layer(w, layer))
+          nvfp4_linear_backward(w, live, layer, s->params[k], d[s->in[0]],
+                                param_g(w, layer, s->params[k]), d[s->out[k]], a[s->in[0]], n,
+                                in, out);
+        else
+          be->linear_backward(d[s->in[0]], param_g(w, layer, s->params[k]), d[s->out[k]],
+                              a[s->in[0]], param_w(w, layer, s->params[k]), n, in, out);
+      }
       break;
     case OP_QK_NORM_ROPE:
       for (int k = 0; k < s->n_params; k++)

@@ -7,6 +7,7 @@
 
 #include "common/util.h"
 #include "worker/block.h"
+#include "worker/nvfp4_linear.h"
 
 /* ---- the parameter table ------------------------------------------------------------------ */
 
@@ -137,12 +138,27 @@ void worker_plan_make(struct worker_plan *p, const struct qwen3_config *cfg, int
   p->scratch_floats = grads + 3 * tokens * d;
 }
 
+void worker_plan_nvfp4(struct worker_plan *p, const struct nvfp4_policy *policy) {
+  p->nvfp4 = *policy;
+  size_t floats = 0;
+  for (int l = 0; l < p->n_layers; l++) {
+    int g = p->first_layer + l;
+    if (g < policy->first_layer || g >= policy->end_layer) continue;
+    for (int k = 0; k < N_LAYER_PARAMS; k++) {
+      int rows, cols;
+      layer_param_shape(&p->cfg, (enum layer_param)k, &rows, &cols);
+      if (LAYER_PARAM_NAMES[k].is_matrix) floats += (size_t)rows * cols;
+    }
+  }
+  nvfp4_plan_sizes(p, floats);
+}
+
 size_t worker_plan_state_bytes(const struct worker_plan *p) {
-  return 4 * p->param_floats * sizeof(float);
+  return (4 * p->param_floats + p->wq_floats) * sizeof(float);
 }
 
 size_t worker_plan_activation_bytes(const struct worker_plan *p) {
-  return (p->act_floats + p->scratch_floats) * sizeof(float) +
+  return (p->act_floats + p->scratch_floats + p->q_scratch_floats) * sizeof(float) +
          3 * (size_t)p->n_live * p->batch * p->seq * sizeof(int32_t);
 }
 
@@ -226,6 +242,8 @@ void worker_init(struct worker *w, const struct backend *be, const struct worker
   w->grad_tmp = cursor + tokens * d;
   w->grad_out = cursor + 2 * tokens * d;
   w->nll = xcalloc(tokens, sizeof(float));
+  w->stream = xcalloc((size_t)p->n_live, sizeof(uint64_t));
+  nvfp4_worker_init(w);
 }
 
 void worker_free(struct worker *w) {
@@ -245,6 +263,8 @@ void worker_free(struct worker *w) {
   free(w->final_normed);
   free(w->head_grad);
   free(w->nll);
+  free(w->stream);
+  nvfp4_worker_free(w);
   memset(w, 0, sizeof *w);
 }
 
@@ -296,6 +316,11 @@ void worker_zero_grads(struct worker *w) {
   w->be->zero(w->grads, w->plan.param_floats * sizeof(float));
 }
 
+void worker_prepare_step(struct worker *w, int step) {
+  w->step = step;
+  if (w->plan.wq_floats) nvfp4_quantize_weights(w);
+}
+
 /* ---- forward and backward of the stage ----------------------------------------------------- */
 
 float *worker_input(struct worker *w, int live) {
@@ -312,6 +337,7 @@ double worker_forward(struct worker *w, int live, const struct micro_batch *mb, 
   const struct worker_plan *p = &w->plan;
   int n = p->batch * p->seq, d = p->cfg.hidden_size;
   size_t at = (size_t)live * n;
+  w->stream[live] = mb->stream;
   be->to_device(w->positions + at, mb->positions, (size_t)n * sizeof(int32_t));
   if (p->has_embedding) {
     be->to_device(w->tokens + at, mb->tokens, (size_t)n * sizeof(int32_t));

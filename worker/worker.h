@@ -30,6 +30,15 @@ enum slot {
   S_D, S_Y, N_SLOTS
 };
 
+/* Which layers train their linear stages in NVFP4, and how (REFERENCE.md "NVFP4"). */
+struct nvfp4_policy {
+  int first_layer, end_layer;   /* global layers [first, end) use NVFP4; empty: none */
+  int rht;                      /* random Hadamard transform of the Wgrad operands */
+  int stochastic;               /* stochastic rounding of the gradient operands */
+  int weight_2d;                /* 16x16 weight tiles (one quantization for Fprop and Dgrad) */
+  uint64_t seed;                /* the run's RHT signs and rounding draws */
+};
+
 /* The shape of everything a stage allocates, computed before allocating anything. */
 struct worker_plan {
   struct qwen3_config cfg;
@@ -43,6 +52,9 @@ struct worker_plan {
   size_t slot_floats[N_SLOTS];         /* per layer per micro-batch */
   size_t act_floats;                   /* all activations of all live micro-batches */
   size_t scratch_floats;               /* backward gradients (+ recompute buffers) */
+  struct nvfp4_policy nvfp4;
+  size_t wq_floats;                    /* quantized weights: W and Wᵀ of every NVFP4 matrix */
+  size_t q_scratch_floats;             /* quantized activations and gradients */
 };
 
 struct worker {
@@ -66,12 +78,23 @@ struct worker {
   float *grad_out;             /* gradient of the stage input (to send) */
   float *grad_tmp;             /* between layers, alternating with grad_in */
   float *nll;                  /* host: per-position loss of the last micro-batch */
+
+  /* NVFP4: weights quantized once per optimizer step (worker_prepare_step) */
+  size_t *wq_offset;           /* [n_params] into wq: W then Wᵀ; SIZE_MAX: high precision */
+  float *wq;
+  float *wq_dec, *wqt_dec;     /* [n_params] S_dec of W and of Wᵀ */
+  float *q_scratch;
+  uint16_t rht_signs;
+  int step;
+  uint64_t *stream;            /* [live]: the micro-batch's random stream */
 };
 
 /* Computes sizes and offsets; no allocation. Dies on shapes it cannot hold. */
 void worker_plan_make(struct worker_plan *p, const struct qwen3_config *cfg, int first_layer,
                       int n_layers, int has_embedding, int has_head, int batch, int seq,
                       int n_live, int recompute);
+/* Makes global layers [first, end) of the plan train their linears in NVFP4. */
+void worker_plan_nvfp4(struct worker_plan *p, const struct nvfp4_policy *policy);
 /* Bytes of parameters + gradients + AdamW state, and of activations + scratch. */
 size_t worker_plan_state_bytes(const struct worker_plan *p);
 size_t worker_plan_activation_bytes(const struct worker_plan *p);
@@ -89,6 +112,7 @@ int worker_load_hf(struct worker *w, const char *dir, char *err, size_t errlen);
 /* Host-side inputs of one micro-batch: batch*seq entries each. targets[i] < 0: no loss. */
 struct micro_batch {
   const int32_t *tokens, *targets, *positions;
+  uint64_t stream;   /* distinct per micro-batch of a step: keys its stochastic rounding */
 };
 
 /* Where the stage input lives for live micro-batch slot `live` (RECV_ACT writes here on stages
@@ -106,5 +130,7 @@ double worker_forward(struct worker *w, int live, const struct micro_batch *mb,
 void worker_backward(struct worker *w, int live);
 
 void worker_zero_grads(struct worker *w);
+/* Before the micro-batches of optimizer step `step`: quantizes the NVFP4 weights. */
+void worker_prepare_step(struct worker *w, int step);
 
 #endif

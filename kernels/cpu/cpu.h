@@ -45,6 +45,11 @@ void cpu_linear_backward(float *dx, float *dw, const float *dout, const float *x
 void cpu_lm_head_loss(float *nll, float *dx, float *dw, const float *x, const float *w,
                       const int32_t *targets, int n, int dim, int vocab, float grad_scale);
 
+/* cpu_nvfp4.c */
+void cpu_transpose(float *out, const float *x, int rows, int cols);
+float cpu_nvfp4_quantize_dequantize(float *xq, const float *x, int rows, int cols,
+                                    int tiles_16x16, int stochastic, uint64_t seed);
+
 /* cpu_adamw.c */
 void cpu_adamw_update(float *p, const float *g, float *m, float *v, size_t n, float lr,
                       float beta1, float beta2, float eps, float weight_decay, int t);

@@ -2,9 +2,10 @@
  * single-precision GEMMs over strided head views (as HF's eager fp32 attention computes them):
  * S = scale · Q Kᵀ, then a row softmax with double sums, then ctx = P V. Masked scores are
  * computed and thrown away: the GEMMs are so much faster than loops that the wasted half is
- * cheaper than skipping it. The backward rebuilds P = exp(S - lse) from the saved log-sum-exp
- * instead of storing it (the flash-attention recipe), so the CPU and GPU backends save the same
- * tensors. */
+ * cheaper than skipping it. The row loops between the GEMMs stay serial: they cost 1/head_dim
+ * of the GEMMs, and OpenMP threads spinning between BLAS calls would steal the cores of BLAS's
+ * own threads. The backward rebuilds P = exp(S - lse) from the saved log-sum-exp instead of
+ * storing it (the flash-attention recipe), so the CPU and GPU backends save the same tensors. */
 #include <cblas.h>
 #include <math.h>
 #include <stdlib.h>
@@ -51,7 +52,6 @@ void cpu_attention_forward(float *ctx, float *lse, const float *q, const float *
     for (int h = 0; h < s->heads; h++) {
       head_scores(P, q, k, s, b, h);
       float *row_lse = lse + ((size_t)b * s->heads + h) * tq;
-#pragma omp parallel for
       for (int i = 0; i < tq; i++) {
         float *p = P + (size_t)i * tk;
         int last = last_key(s, i);
@@ -59,8 +59,12 @@ void cpu_attention_forward(float *ctx, float *lse, const float *q, const float *
         for (int j = 1; j <= last; j++)
           if (p[j] > max) max = p[j];
         double sum = 0.0;
-        for (int j = 0; j <= last; j++) sum += exp((double)p[j] - max);
-        for (int j = 0; j <= last; j++) p[j] = (float)(exp((double)p[j] - max) / sum);
+        for (int j = 0; j <= last; j++) {
+          double e = exp((double)p[j] - max);
+          sum += e;
+          p[j] = (float)e;
+        }
+        for (int j = 0; j <= last; j++) p[j] = (float)(p[j] / sum);
         for (int j = last + 1; j < tk; j++) p[j] = 0.0f;
         row_lse[i] = (float)(max + log(sum));
       }
@@ -92,7 +96,6 @@ void cpu_attention_backward(float *dq, float *dk, float *dv, const float *dctx, 
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, tq, tk, hd, 1.0f, dctx + qo, qld,
                   v + ko, kld, 0.0f, dS, tk); /* dP */
       const float *row_lse = lse + ((size_t)b * s->heads + h) * tq;
-#pragma omp parallel for
       for (int i = 0; i < tq; i++) {
         float *p = P + (size_t)i * tk, *ds = dS + (size_t)i * tk;
         const float *o = ctx + qo + (size_t)i * qld, *dout = dctx + qo + (size_t)i * qld;

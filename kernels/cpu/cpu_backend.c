@@ -4,6 +4,7 @@
 #include <string.h>
 
 #include "kernels/cpu/cpu.h"
+#include "kernels/nvfp4.h"
 
 /* A zero-byte request still gets a real pointer: NULL means out of memory. */
 static void *cpu_alloc(size_t bytes) { return calloc(1, bytes ? bytes : 1); }
@@ -37,5 +38,9 @@ const struct backend backend_cpu = {
   .scale = cpu_scale,
   .lm_head_loss = cpu_lm_head_loss,
   .sum_squares = cpu_sum_squares,
+  .transpose = cpu_transpose,
+  .nvfp4_quantize_dequantize = cpu_nvfp4_quantize_dequantize,
+  .nvfp4_rht = nvfp4_rht,
+  .nvfp4_gemm = nvfp4_gemm,
   .adamw_update = cpu_adamw_update,
 };

@@ -2,8 +2,11 @@
  *
  *   comm_check PP            layout, point-to-point, reductions, broadcast, barriers
  *   comm_check PP die RANK   rank RANK dies while the others wait in a barrier
+ *   comm_check PP abort RANK likewise, but calls comm_abort(3)
+ *   comm_check PP hook RANK  likewise, but calls g_abort_hook(4), which die() calls
  *   comm_check PP tied       uses GROUP_TIED (which must die when PP is 1)
  *   comm_check PP large      stage 0 sends stage 1 a message of more than INT_MAX bytes
+ *   comm_check PP truncate   stage 1 receives a message longer than its buffer: an MPI error
  *
  * Each rank prints its failures; rank 0 ends with "comm_check ...: N checks, M failed" summed over
  * all ranks, and the exit status is non-zero when M is. */
@@ -215,13 +218,16 @@ static void check_large(void) {
 
 int main(int argc, char **argv) {
   comm_init(&c, &argc, &argv);
-  if (argc < 2) die("usage: comm_check PP [die RANK | tied | large]");
+  if (argc < 2)
+    die("usage: comm_check PP [die RANK | abort RANK | hook RANK | tied | large | truncate]");
   comm_set_layout(&c, atoi(argv[1]));
   const char *mode = argc > 2 ? argv[2] : "all";
-  if (strcmp(mode, "die") == 0) {
+  if (strcmp(mode, "die") == 0 || strcmp(mode, "abort") == 0 || strcmp(mode, "hook") == 0) {
     int victim = argc > 3 ? atoi(argv[3]) : 0;
     if (c.rank == victim) {
       sleep(1);   /* let the others block first */
+      if (strcmp(mode, "abort") == 0) comm_abort(&c, 3);
+      if (strcmp(mode, "hook") == 0 && g_abort_hook) g_abort_hook(4);
       die("deliberate failure for test_comm");
     }
     comm_barrier(&c, GROUP_WORLD);
@@ -230,6 +236,11 @@ int main(int argc, char **argv) {
     comm_barrier(&c, GROUP_TIED);
   } else if (strcmp(mode, "large") == 0) {
     check_large();
+  } else if (strcmp(mode, "truncate") == 0) {
+    char buf[16] = {0};
+    if (c.stage == 0) comm_send(&c, buf, sizeof buf, 1, 0);
+    if (c.stage == 1) comm_recv(&c, buf, sizeof buf / 2, 0, 0);
+    comm_wait_sends(&c);
   } else {
     run_checks();
   }

@@ -16,7 +16,6 @@
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
-#include <string.h>
 
 #include "common/util.h"
 #include "trainer/schedule.h"
@@ -100,7 +99,7 @@ static int prerequisite(const struct sim *sim, int stage, enum action_kind k) {
   }
 }
 
-/* Tries the next action of `stage`: 1 if it completed, 0 if it waits on a receive, -1 if the
+/* Tries the next action of `stage`: 1 if it completed, 0 if it must wait for a peer, -1 if the
  * list is broken beyond simulating (a transfer with no peer, a micro-batch out of range). */
 static int step(struct sim *sim, int stage) {
   struct action a = sim->ranks[stage].actions[sim->pc[stage]];

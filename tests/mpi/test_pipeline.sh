@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Pipeline and data parallelism must not change the numbers: the tiny job (4 layers) with the
+# same global batch, run on 1, 2 and 4 processes as pure pipelines (GPipe and 1F1B) and as
+# 2 stages x 2 replicas, gives every step's loss within 1e-5 relative of the single process.
+# Then a rank that fails brings the whole job down fast, naming itself.
+# Usage: bash tests/mpi/test_pipeline.sh BUILD_DIR
+set -u
+build=${1:?usage: test_pipeline.sh BUILD_DIR}
+source "$(dirname "$0")/../../scripts/env.sh"
+export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
+out=$(mktemp -d)
+trap 'rm -rf "$out"' EXIT
+passed=0 failed=0
+pass() { echo "PASS $1"; passed=$((passed + 1)); }
+fail() { echo "FAIL $1"; failed=$((failed + 1)); }
+
+common=(--set model.num_layers=4 --set train.steps=20 --set train.log_every=1
+        --set data.train="$build/data/tiny.h5" --set data.micro_batch_size=2
+        --set checkpoint.resume=NEVER)
+
+# run NAME NP STAGES MICRO_BATCHES SCHEDULE
+run() {
+  local name=$1 np=$2 pp=$3 mb=$4 sched=$5
+  if timeout 600 $MPIRUN -np "$np" "$build/qwen3-train" "$build/jobs/tiny.pb" "${common[@]}" \
+      --set output_dir="$out/$name" --set checkpoint.dir="$out/$name/ckpt" \
+      --set parallel.pipeline_stages="$pp" --set parallel.micro_batches="$mb" \
+      --set parallel.schedule="$sched" >"$out/$name.log" 2>&1; then
+    pass "$name: $np processes ran"
+  else
+    fail "$name: $np processes failed"
+    tail -n 20 "$out/$name.log"
+  fi
+}
+
+# losses of a metrics.jsonl, one per line
+losses() { grep -o '"loss":[^,}]*' "$1/metrics.jsonl" | cut -d: -f2; }
+
+# same_losses NAME: every step within 1e-5 relative of the single-process run
+same_losses() {
+  local verdict
+  verdict=$(paste <(losses "$out/single") <(losses "$out/$1") | awk '
+    { n++; d = $1 - $2; if (d < 0) d = -d; r = d / ($1 < 0 ? -$1 : $1); if (r > worst) worst = r }
+    END { if (n != 20) print "steps " n; else if (worst > 1e-5) print "worst " worst; else print "ok " worst }')
+  case $verdict in
+    ok*) pass "$1: 20 steps match the single process (worst relative difference ${verdict#ok })" ;;
+    *) fail "$1: losses differ from the single process ($verdict)"
+       paste <(losses "$out/single") <(losses "$out/$1") | head -n 5 ;;
+  esac
+}
+
+run single 1 1 4 ONE_F_ONE_B
+run pp2_1f1b 2 2 4 ONE_F_ONE_B
+run pp2_gpipe 2 2 4 GPIPE
+run pp4_1f1b 4 4 4 ONE_F_ONE_B
+run pp4_gpipe 4 4 4 GPIPE
+run pp2_dp2 4 2 2 ONE_F_ONE_B
+run pp1_dp2 2 1 2 ONE_F_ONE_B
+for name in pp2_1f1b pp2_gpipe pp4_1f1b pp4_gpipe pp2_dp2 pp1_dp2; do same_losses "$name"; done
+
+first=$(losses "$out/single" | head -n 1) last=$(losses "$out/single" | tail -n 1)
+if awk -v a="$first" -v b="$last" 'BEGIN { exit !(b < a) }'; then
+  pass "the loss falls ($first -> $last)"
+else
+  fail "the loss does not fall ($first -> $last)"
+fi
+
+# a failed rank ends every rank within 30 s, and the output names it
+start=$SECONDS
+timeout 60 $MPIRUN -np 4 "$build/qwen3-train" "$build/jobs/tiny.pb" "${common[@]}" \
+  --set train.steps=1000 --set output_dir="$out/fail" --set parallel.pipeline_stages=4 \
+  --fail-at 2:3 >"$out/fail.log" 2>&1
+rc=$? secs=$((SECONDS - start))
+if [ "$rc" -ne 0 ] && [ "$rc" -ne 124 ] && [ "$secs" -le 30 ] &&
+   grep -q "rank 2/4.*failing on purpose at step 3" "$out/fail.log"; then
+  pass "rank 2 failing at step 3 ends the job in ${secs}s (exit $rc), naming rank 2"
+else
+  fail "failure: exit $rc after ${secs}s"
+  tail -n 20 "$out/fail.log"
+fi
+
+echo "$passed passed, $failed failed"
+[ "$failed" -eq 0 ]
