@@ -99,3 +99,33 @@ void loader_shuffled(struct loader *l, uint64_t g, int32_t *tokens, int32_t *tar
   }
   loader_sample(l, l->perm[g % l->n_samples], tokens, targets, positions);
 }
+
+uint64_t loader_score_chunks(const struct loader *l, struct score_chunk **chunks) {
+  uint64_t n = 0, cap = 1024;
+  struct score_chunk *out = xmalloc(cap * sizeof *out);
+  for (int i = 0; i < l->n_shards; i++) {
+    const struct shard *s = &l->shards[i];
+    for (uint64_t d = 0; d < s->n_docs; d++) {
+      uint64_t len = s->doc_offsets[d + 1] - s->doc_offsets[d];
+      for (uint64_t start = 0; start + 1 < len; start += (uint64_t)l->seq) {
+        if (n == cap) out = xrealloc(out, (cap *= 2) * sizeof *out);
+        out[n++] = (struct score_chunk){i, d, start};
+      }
+    }
+  }
+  *chunks = out;
+  return n;
+}
+
+void loader_score_sample(const struct loader *l, const struct score_chunk *ch, int32_t *tokens,
+                         int32_t *targets, int32_t *positions) {
+  const struct shard *s = &l->shards[ch->shard];
+  uint64_t begin = s->doc_offsets[ch->doc] + ch->start, end = s->doc_offsets[ch->doc + 1];
+  for (int t = 0; t < l->seq; t++) {
+    uint64_t at = begin + (uint64_t)t;
+    int have = at < end, next = at + 1 < end;
+    tokens[t] = have ? (int32_t)s->tokens[at] : 0;
+    targets[t] = next && (!s->loss_mask || s->loss_mask[at + 1]) ? (int32_t)s->tokens[at + 1] : -1;
+    positions[t] = t;
+  }
+}

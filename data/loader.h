@@ -38,4 +38,19 @@ void loader_sample(struct loader *l, uint64_t k, int32_t *tokens, int32_t *targe
 void loader_shuffled(struct loader *l, uint64_t g, int32_t *tokens, int32_t *targets,
                      int32_t *positions);
 
+/* Scoring (evaluation): every document scored on its own, in chunks of seq + 1 tokens that
+ * overlap by one, so that each token of a document after its first is predicted exactly once,
+ * from at most seq tokens of its own document. */
+struct score_chunk {
+  int shard;
+  uint64_t doc;     /* index within the shard */
+  uint64_t start;   /* first token of the chunk, relative to the document */
+};
+/* All chunks of all documents, in shard and document order; returns their number. */
+uint64_t loader_score_chunks(const struct loader *l, struct score_chunk **chunks);
+/* tokens/targets/positions (seq each) of one chunk; targets are -1 past its end and, in
+ * shards with a loss mask, where the mask is 0. */
+void loader_score_sample(const struct loader *l, const struct score_chunk *ch, int32_t *tokens,
+                         int32_t *targets, int32_t *positions);
+
 #endif

@@ -203,7 +203,7 @@ int prep_record(const struct prep_config *c, const char *rec, size_t len, struct
 
 struct progress {
   int shown;
-  uint64_t total, done;   /* input bytes */
+  uint64_t total, done;   /* input bytes; total 0: unknown */
   double start, last;
 };
 
@@ -212,14 +212,15 @@ static void progress_draw(struct progress *p, const struct shard_writer *w, int 
   double now = now_seconds();
   if (!final && now - p->last < 0.2) return;
   p->last = now;
-  double frac = p->total ? (double)p->done / (double)p->total : 1;
-  if (frac > 1) frac = 1;
-  char bar[31];
-  for (int i = 0; i < 30; i++) bar[i] = i < (int)(frac * 30) ? '#' : '.';
-  bar[30] = 0;
-  fprintf(stderr, "\rqwen3-prep [%s] %3.0f%% %.1f MB, %llu docs, %.2fM tokens, %.1f MB/s%s", bar,
-          100 * frac, p->done / 1e6, (unsigned long long)shard_writer_docs(w),
-          shard_writer_tokens(w) / 1e6,
+  char bar[40] = "";   /* no bar when stdin makes the total unknown */
+  if (p->total) {
+    double frac = final || p->done > p->total ? 1 : (double)p->done / (double)p->total;
+    int full = (int)(frac * 30);
+    snprintf(bar, sizeof bar, "[%.*s%.*s] %3.0f%% ", full, "##############################",
+             30 - full, "..............................", 100 * frac);
+  }
+  fprintf(stderr, "\rqwen3-prep %s%.1f MB, %llu docs, %.2fM tokens, %.1f MB/s%s", bar,
+          p->done / 1e6, (unsigned long long)shard_writer_docs(w), shard_writer_tokens(w) / 1e6,
           p->done / 1e6 / (now - p->start + 1e-9), final ? "\n" : "");
 }
 
@@ -288,12 +289,17 @@ static int build_one(const struct prep_config *c, const char *path, struct shard
 int prep_build(const struct prep_config *c, char *const *inputs, size_t n_inputs,
                struct shard_writer *w, struct prep_stats *st, char *err, size_t errlen) {
   struct progress p = {.shown = !c->quiet && isatty(STDERR_FILENO), .start = now_seconds()};
+  int total_known = 1;
   for (size_t i = 0; i < n_inputs; i++) {
     struct stat sb;
-    if (strcmp(inputs[i], "-") && stat(inputs[i], &sb) != 0)
-      return fail(err, errlen, "%s: %s", inputs[i], strerror(errno));
-    if (strcmp(inputs[i], "-")) p.total += (uint64_t)sb.st_size;
+    if (!strcmp(inputs[i], "-")) {
+      total_known = 0;
+      continue;
+    }
+    if (stat(inputs[i], &sb) != 0) return fail(err, errlen, "%s: %s", inputs[i], strerror(errno));
+    p.total += (uint64_t)sb.st_size;
   }
+  if (!total_known) p.total = 0;
   for (size_t i = 0; i < n_inputs; i++)
     if (build_one(c, inputs[i], w, st, &p, err, errlen)) {
       if (p.shown) fputc('\n', stderr);

@@ -12,6 +12,10 @@
  * (another model type, normalizer, pre-tokenizer, byte fallback, added tokens with lstrip/rstrip,
  * ...) is refused at load with a message that names the field, never tokenized differently.
  *
+ * Differences from Hugging Face that remain: code points assigned in a Unicode version newer
+ * than PCRE2's or utf8proc's tables (e.g. CJK Extension I, Unicode 15.1) may split or normalize
+ * differently. tests/unit/test_tokenizer.c checks exact ids on a fixture corpus.
+ *
  * Invalid UTF-8 input is an error that names the byte offset of the first bad sequence. No
  * special token is ever added by encode (no BOS/EOS): callers add <|endoftext|> or the chat
  * template's tokens themselves. A loaded tokenizer is read-only, so threads may share it. */

@@ -1,7 +1,182 @@
-/* Placeholder until the checkpoint work lands: starts fresh, never saves. */
+/* Checkpoints of a run: which rank writes and reads what, and when the ranks wait for each other.
+ * The files themselves (layout, commit protocol, checks) are data/ckpt_file.c's. */
+#define _POSIX_C_SOURCE 200809L
 #include "trainer/checkpoint.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
 #include "common/util.h"
-void checkpoint_save(const Job *job, struct comm *c, struct worker *w, const struct train_state *s) {}
-int checkpoint_resume(const Job *job, struct comm *c, struct worker *w, struct train_state *s) { return 0; }
-void checkpoint_load_weights(const char *dir, struct worker *w) { die("init.checkpoint: not yet"); }
-void checkpoint_dir(const Job *job, char *out, size_t len) {}
+#include "data/ckpt_file.h"
+
+void checkpoint_dir(const Job *job, char *out, size_t len) {
+  const char *dir = job->checkpoint->dir;
+  if (dir && *dir) snprintf(out, len, "%s", dir);
+  else snprintf(out, len, "%s/checkpoints", job->output_dir);
+}
+
+/* With tied embeddings and pp > 1 the last stage holds a copy of stage 0's embedding (kept
+ * identical by the optimizer): the checkpoint holds it once, from stage 0, and both load it. */
+static int is_tied_copy(const struct worker *w, const struct param *p) {
+  return !w->plan.has_embedding && !strcmp(p->name, "model.embed_tokens.weight");
+}
+
+static void param_shape(const struct param *p, int *ndim, int64_t shape[2]) {
+  *ndim = p->cols == 1 ? 1 : 2;
+  shape[0] = p->rows;
+  shape[1] = p->cols;
+}
+
+/* Host staging goes tensor by tensor, so a save needs three of the largest tensor, not three
+ * copies of the stage. */
+static size_t largest_param(const struct worker *w) {
+  size_t max = 1;
+  for (int i = 0; i < w->n_params; i++) {
+    size_t n = (size_t)w->params[i].rows * w->params[i].cols;
+    if (n > max) max = n;
+  }
+  return max;
+}
+
+static void write_stage(const char *path, const struct comm *c, const struct worker *w) {
+  char err[1024];
+  struct ckpt_stage_writer *sw;
+  if (ckpt_stage_create(&sw, path, c->stage, c->pp, err, sizeof err) != 0)
+    die("checkpoint: %s", err);
+  size_t max = largest_param(w);
+  float *host = xmalloc(3 * max * sizeof(float));
+  float *dst[3] = {host, host + max, host + 2 * max};
+  const float *src[3] = {w->weights, w->adam_m, w->adam_v};
+  for (int i = 0; i < w->n_params; i++) {
+    const struct param *p = &w->params[i];
+    if (is_tied_copy(w, p)) continue;
+    size_t bytes = (size_t)p->rows * p->cols * sizeof(float);
+    for (int k = 0; k < 3; k++) w->be->to_host(dst[k], src[k] + p->offset, bytes);
+    int ndim;
+    int64_t shape[2];
+    param_shape(p, &ndim, shape);
+    if (ckpt_stage_put(sw, p->name, ndim, shape, dst[0], dst[1], dst[2], err, sizeof err) != 0)
+      die("checkpoint: %s", err);
+  }
+  free(host);
+  if (ckpt_stage_finish(sw, err, sizeof err) != 0) die("checkpoint: %s", err);
+}
+
+void checkpoint_save(const Job *job, struct comm *c, struct worker *w,
+                     const struct train_state *s) {
+  char root[4096], tmp[4096], file[64], path[4200], err[1024];
+  double t0 = now_seconds();
+  checkpoint_dir(job, root, sizeof root);
+  ckpt_step_path(tmp, sizeof tmp, root, s->step, 1);
+  if (c->rank == 0 && ckpt_begin(root, s->step, err, sizeof err) != 0) die("checkpoint: %s", err);
+  comm_barrier(c, GROUP_WORLD);   /* the empty .tmp directory exists */
+  if (c->replica == 0) {          /* the other replicas hold the same tensors */
+    ckpt_stage_file(file, sizeof file, c->stage, c->pp);
+    snprintf(path, sizeof path, "%s/%s", tmp, file);
+    write_stage(path, c, w);
+  }
+  comm_barrier(c, GROUP_WORLD);   /* every stage file is written and synced */
+  if (c->rank == 0) {
+    size_t job_len = qwen3__job__get_packed_size(job);
+    uint8_t *packed = xmalloc(job_len);
+    qwen3__job__pack(job, packed);
+    struct ckpt_state st = {.step = s->step, .samples_seen = s->samples_seen,
+                            .tokens_seen = s->tokens_seen, .n_stages = c->pp,
+                            .config = w->plan.cfg, .job = packed, .job_len = job_len};
+    if (ckpt_commit(root, &st, job->checkpoint->keep_last, err, sizeof err) != 0)
+      die("checkpoint: %s", err);
+    free(packed);
+    ckpt_step_path(path, sizeof path, root, s->step, 0);
+    info("checkpoint: step %d saved to %s (%.1f s)", s->step, path, now_seconds() - t0);
+  }
+  comm_barrier(c, GROUP_WORLD);   /* nobody runs ahead, or exits, before the commit */
+}
+
+/* The checkpoint must be of the job's model: the tensors this stage loads match by name and
+ * shape, and this catches what they cannot see (more layers than the job has). */
+static void check_config(const char *dir, const struct qwen3_config *have,
+                         const struct qwen3_config *want) {
+  const struct {
+    const char *key;
+    int have, want;
+  } f[] = {{"hidden_size", have->hidden_size, want->hidden_size},
+           {"num_hidden_layers", have->num_layers, want->num_layers},
+           {"num_attention_heads", have->num_heads, want->num_heads},
+           {"num_key_value_heads", have->num_kv_heads, want->num_kv_heads},
+           {"head_dim", have->head_dim, want->head_dim},
+           {"intermediate_size", have->intermediate_size, want->intermediate_size},
+           {"vocab_size", have->vocab_size, want->vocab_size},
+           {"tie_word_embeddings", have->tie_embeddings, want->tie_embeddings}};
+  for (size_t i = 0; i < sizeof f / sizeof f[0]; i++)
+    if (f[i].have != f[i].want)
+      die("checkpoint: %s/model.h5: a checkpoint of another model shape: its %s is %d, the "
+          "job's model has %d", dir, f[i].key, f[i].have, f[i].want);
+  if (have->rope_theta != want->rope_theta || have->rms_norm_eps != want->rms_norm_eps)
+    warn("checkpoint: %s/model.h5 was written with rope_theta %g, rms_norm_eps %g; the job uses "
+         "%g, %g", dir, have->rope_theta, have->rms_norm_eps, want->rope_theta,
+         want->rms_norm_eps);
+}
+
+/* This stage's tensors by name; the AdamW moments too when `moments`. */
+static void load_stage(struct ckpt *ck, struct worker *w, int moments) {
+  char err[1024];
+  size_t max = largest_param(w);
+  float *host = xmalloc(max * sizeof(float));
+  float *dst[3] = {w->weights, w->adam_m, w->adam_v};
+  for (int i = 0; i < w->n_params; i++) {
+    const struct param *p = &w->params[i];
+    int ndim;
+    int64_t shape[2];
+    param_shape(p, &ndim, shape);
+    for (int k = 0; k < (moments ? 3 : 1); k++) {
+      if (ckpt_read(ck, p->name, (enum ckpt_part)k, ndim, shape, host, err, sizeof err) != 0)
+        die("checkpoint: %s", err);
+      w->be->to_device(dst[k] + p->offset, host, (size_t)p->rows * p->cols * sizeof(float));
+    }
+  }
+  free(host);
+  check_config(ckpt_dir(ck), &ckpt_get_state(ck)->config, &w->plan.cfg);
+}
+
+int checkpoint_resume(const Job *job, struct comm *c, struct worker *w, struct train_state *s) {
+  const char *resume = job->checkpoint->resume;
+  if (!strcmp(resume, "NEVER")) return 0;
+  char root[4096], dir[4096] = "", err[1024];
+  /* rank 0 decides, so that every rank loads the same step even if `latest` moves */
+  if (c->rank == 0) {
+    if (!strcmp(resume, "AUTO")) {
+      checkpoint_dir(job, root, sizeof root);
+      if (ckpt_find_latest(root, dir, sizeof dir, err, sizeof err) < 0)
+        die("checkpoint.resume AUTO: %s", err);
+    } else if (ckpt_resolve(resume, dir, sizeof dir, err, sizeof err) != 0) {
+      die("checkpoint.resume: %s", err);
+    }
+  }
+  comm_broadcast(c, GROUP_WORLD, dir, sizeof dir, 0);
+  if (!dir[0]) return 0;
+  struct ckpt *ck;
+  if (ckpt_open(&ck, dir, err, sizeof err) != 0) die("checkpoint.resume: %s", err);
+  load_stage(ck, w, 1);
+  const struct ckpt_state *st = ckpt_get_state(ck);
+  s->step = (int)st->step;
+  s->samples_seen = st->samples_seen;
+  s->tokens_seen = st->tokens_seen;
+  if (c->rank == 0) {
+    info("checkpoint: resuming from %s (step %d, written by %d stage%s)", dir, s->step,
+         st->n_stages, st->n_stages == 1 ? "" : "s");
+    if (s->step >= job->train->steps)
+      info("checkpoint: step %d is already at train.steps = %d; nothing to train", s->step,
+           job->train->steps);
+  }
+  ckpt_close(ck);
+  return 1;
+}
+
+void checkpoint_load_weights(const char *dir, struct worker *w) {
+  char err[1024];
+  struct ckpt *ck;
+  if (ckpt_open(&ck, dir, err, sizeof err) != 0) die("init.checkpoint: %s", err);
+  load_stage(ck, w, 0);
+  ckpt_close(ck);
+}

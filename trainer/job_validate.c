@@ -194,6 +194,10 @@ static void check_optim(const Job *job) {
 
 static void check_run(const Job *job, const struct qwen3_config *c) {
   NEED(job->train->steps >= 0, "train.steps must be >= 0, 0 evaluates (is %d)", job->train->steps);
+  if (job->train->steps == 0)
+    NEED(job->data->n_valid > 0 || (job->eval->n_prompts > 0 && job->eval->max_new_tokens > 0),
+         "train.steps = 0 asks for an evaluation, but the job has neither data.valid nor "
+         "eval.prompts to evaluate");
   NEED(job->train->log_every >= 1, "train.log_every must be >= 1 (is %d)", job->train->log_every);
   NEED(job->output_dir && *job->output_dir, "output_dir must not be empty");
   const Qwen3__Checkpoint *k = job->checkpoint;

@@ -11,6 +11,7 @@
 #include "common/util.h"
 #include "data/loader.h"
 #include "trainer/checkpoint.h"
+#include "trainer/evaluate.h"
 #include "trainer/layout.h"
 #include "trainer/optim.h"
 #include "trainer/schedule.h"
@@ -101,6 +102,16 @@ static void format_duration(char *out, size_t len, double s) {
   else snprintf(out, len, "%dh%02dm", (int)s / 3600, ((int)s % 3600) / 60);
 }
 
+/* output_dir/metrics.jsonl: one JSON object per logged step and per validation. */
+static FILE *open_metrics(const Job *job, int fresh) {
+  if (make_dirs(job->output_dir) != 0) die("output_dir: cannot create '%s'", job->output_dir);
+  char path[4096];
+  snprintf(path, sizeof path, "%s/metrics.jsonl", job->output_dir);
+  FILE *f = fopen(path, fresh ? "w" : "a");
+  if (!f) die("output_dir: cannot write '%s'", path);
+  return f;
+}
+
 struct step_log {
   int step, steps, done;   /* done: steps taken by this process (a resumed run starts later) */
   double loss, lr, grad_norm, tokens, seconds, elapsed;
@@ -116,6 +127,25 @@ static void log_step(FILE *metrics, const struct step_log *s) {
   json_t *o = json_pack("{s:i, s:f, s:f, s:f, s:f, s:f, s:f}", "step", s->step, "loss", s->loss,
                         "lr", s->lr, "grad_norm", s->grad_norm, "tokens_per_s", tps,
                         "step_seconds", s->seconds, "tokens", s->tokens);
+  json_dumpf(o, metrics, JSON_COMPACT | JSON_REAL_PRECISION(9));
+  fputc('\n', metrics);
+  fflush(metrics);
+  json_decref(o);
+}
+
+/* --timing: rank 0's seconds per stage of the block table, per phase */
+static void print_stage_times(void) {
+  info("per-stage seconds of rank 0: %14s %9s %9s %9s %9s", "", "forward", "backward", "prefill",
+       "decode");
+  for (int i = 0; i < QWEN3_BLOCK_STAGES; i++)
+    info("  %-14s %9.3f %9.3f %9.3f %9.3f", QWEN3_BLOCK[i].name,
+         block_stage_seconds[i][PHASE_FORWARD], block_stage_seconds[i][PHASE_BACKWARD],
+         block_stage_seconds[i][PHASE_PREFILL], block_stage_seconds[i][PHASE_DECODE]);
+}
+
+static void log_validation(FILE *metrics, int step, const struct eval_summary *ev) {
+  json_t *o = json_pack("{s:i, s:f, s:f, s:f}", "step", step, "val_loss", ev->valid_loss,
+                        "val_ppl", ev->valid_ppl, "val_tokens", ev->valid_tokens);
   json_dumpf(o, metrics, JSON_COMPACT | JSON_REAL_PRECISION(9));
   fputc('\n', metrics);
   fflush(metrics);
@@ -268,11 +298,7 @@ void train_run(const Job *job, const struct qwen3_config *cfg, struct comm *c,
 
   FILE *metrics = NULL;
   if (c->rank == 0) {
-    if (make_dirs(job->output_dir) != 0) die("output_dir: cannot create '%s'", job->output_dir);
-    char path[4096];
-    snprintf(path, sizeof path, "%s/metrics.jsonl", job->output_dir);
-    metrics = fopen(path, resumed ? "a" : "w");
-    if (!metrics) die("output_dir: cannot write '%s'", path);
+    metrics = open_metrics(job, !resumed);
     info("training %s: %d steps, %llu samples of %d tokens in data.train, backend %s",
          job->name, job->train->steps, (unsigned long long)r.train.n_samples, job->data->seq_len,
          be->name);
@@ -308,6 +334,12 @@ void train_run(const Job *job, const struct qwen3_config *cfg, struct comm *c,
                            now_seconds() - started};
       log_step(metrics, &s);
     }
+    if ((job->eval->every > 0 && step % job->eval->every == 0) || step == steps) {
+      struct eval_summary ev;
+      evaluate(job, c, &r.w, step, &ev);
+      worker_reshape(&r.w, plan.batch, plan.seq, plan.n_live);
+      if (metrics && ev.has_valid) log_validation(metrics, step, &ev);
+    }
     /* every rank must agree to stop at the same step: a signal may reach only some */
     double stop = stop_signal;
     if (c->world > 1) comm_allreduce_sum_double(c, GROUP_WORLD, &stop, 1);
@@ -323,10 +355,7 @@ void train_run(const Job *job, const struct qwen3_config *cfg, struct comm *c,
     warn("%llu training documents were longer than data.seq_len + 1 and were truncated",
          (unsigned long long)r.train.truncated);
   if (opt->timing && c->rank == 0) {
-    info("per-stage time of rank 0 (forward, backward), seconds:");
-    for (int i = 0; i < QWEN3_BLOCK_STAGES; i++)
-      info("  %-14s %8.3f %8.3f", QWEN3_BLOCK[i].name, block_stage_seconds[i][0],
-           block_stage_seconds[i][1]);
+    print_stage_times();
   }
   if (metrics) fclose(metrics);
   free(r.tokens);
@@ -337,4 +366,28 @@ void train_run(const Job *job, const struct qwen3_config *cfg, struct comm *c,
   loader_close(&r.train);
   schedule_free(&r.sched);
   worker_free(&r.w);
+}
+
+void eval_run(const Job *job, const struct qwen3_config *cfg, struct comm *c,
+              const struct backend *be, const struct run_options *opt) {
+  struct worker_plan plan;
+  stage_plan(&plan, job, cfg, c->pp, c->stage);
+  struct worker w;
+  worker_init(&w, be, &plan);
+  init_weights(job, &w);
+  struct train_state st = {0};
+  checkpoint_resume(job, c, &w, &st);
+  worker_prepare_step(&w, st.step);
+  block_timing = opt->timing;
+  if (c->rank == 0)
+    info("evaluating %s at step %d, backend %s", job->name, st.step, be->name);
+  struct eval_summary ev;
+  evaluate(job, c, &w, st.step, &ev);
+  if (c->rank == 0 && ev.has_valid) {
+    FILE *metrics = open_metrics(job, 0);
+    log_validation(metrics, st.step, &ev);
+    fclose(metrics);
+  }
+  if (opt->timing && c->rank == 0) print_stage_times();
+  worker_free(&w);
 }

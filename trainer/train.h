@@ -26,4 +26,9 @@ void print_layout(const Job *job, const struct qwen3_config *cfg, const struct c
 void train_run(const Job *job, const struct qwen3_config *cfg, struct comm *c,
                const struct backend *be, const struct run_options *opt);
 
+/* train.steps = 0: load the weights (init.checkpoint, init.hf_dir, or the checkpoint that
+ * checkpoint.resume names) and evaluate once. */
+void eval_run(const Job *job, const struct qwen3_config *cfg, struct comm *c,
+              const struct backend *be, const struct run_options *opt);
+
 #endif

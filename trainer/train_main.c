@@ -102,7 +102,7 @@ int main(int argc, char **argv) {
   }
   const struct backend *be = choose_backend(job, &c);
   if (job->train->steps > 0) train_run(job, &cfg, &c, be, &opt);
-  else die("train.steps = 0 asks for an evaluation run, which this version cannot do yet");
+  else eval_run(job, &cfg, &c, be, &opt);
   comm_finalize(&c);
   return 0;
 }

@@ -22,7 +22,7 @@ const struct stage QWEN3_BLOCK[] = {
 const int QWEN3_BLOCK_STAGES = sizeof QWEN3_BLOCK / sizeof QWEN3_BLOCK[0];
 
 int block_timing;
-double block_stage_seconds[sizeof QWEN3_BLOCK / sizeof QWEN3_BLOCK[0]][2];
+double block_stage_seconds[sizeof QWEN3_BLOCK / sizeof QWEN3_BLOCK[0]][N_PHASES];
 
 size_t slot_width(const struct qwen3_config *c, enum slot s) {
   switch (s) {
@@ -49,13 +49,35 @@ static float *param_g(struct worker *w, int layer, enum layer_param p) {
   return w->grads + w->params[w->layer_param[layer][p]].offset;
 }
 
+/* Tokens per sequence in this call: the plan's in training, fewer in generation. */
+static int seq_now(const struct worker *w) { return w->seq_now ? w->seq_now : w->plan.seq; }
+
 static struct attn_shape attention_shape(const struct worker *w) {
   const struct qwen3_config *c = &w->plan.cfg;
+  int t = seq_now(w);
   struct attn_shape s = {
-    .batch = w->plan.batch, .tq = w->plan.seq, .tk = w->plan.seq, .k_stride = w->plan.seq,
+    .batch = w->plan.batch, .tq = t, .tk = t, .k_stride = t,
     .heads = c->num_heads, .kv_heads = c->num_kv_heads, .head_dim = c->head_dim,
   };
+  if (w->kv) {   /* the cache holds the earlier tokens of the (one) sequence */
+    s.tk = w->kv->len + t;
+    s.k_stride = w->kv->max_len;
+  }
   return s;
+}
+
+/* With a KV cache attached, the attention stage appends this call's keys and values to the
+ * layer's cache and attends over the cache instead of the K and V slots. */
+static void attach_kv_cache(struct worker *w, int layer, const float **k, const float **v,
+                            int n) {
+  if (!w->kv) return;
+  size_t width = slot_width(&w->plan.cfg, S_K), span = (size_t)w->kv->max_len * width;
+  float *ck = w->kv->data + 2 * (size_t)layer * span, *cv = ck + span;
+  size_t at = (size_t)w->kv->len * width, bytes = (size_t)n * width * sizeof(float);
+  w->be->copy(ck + at, *k, bytes);
+  w->be->copy(cv + at, *v, bytes);
+  *k = ck;
+  *v = cv;
 }
 
 static double stage_clock(const struct worker *w) {
@@ -69,9 +91,11 @@ void block_forward(struct worker *w, int live, int layer) {
   const struct qwen3_config *c = &w->plan.cfg;
   float **a = w->slot[live * w->plan.n_layers + layer];
   const int32_t *pos = w->positions + (size_t)live * w->plan.batch * w->plan.seq;
-  int n = w->plan.batch * w->plan.seq;
+  int n = w->plan.batch * seq_now(w);
   float eps = (float)c->rms_norm_eps;
   struct attn_shape shape = attention_shape(w);
+  enum phase phase = !w->seq_now ? PHASE_FORWARD
+                     : (w->kv && w->kv->len > 0) ? PHASE_DECODE : PHASE_PREFILL;
 
   for (int i = 0; i < QWEN3_BLOCK_STAGES; i++) {
     const struct stage *s = &QWEN3_BLOCK[i];
@@ -97,10 +121,12 @@ void block_forward(struct worker *w, int live, int layer) {
                                  pos, n, (int)(slot_width(c, s->in[k]) / c->head_dim),
                                  c->head_dim, eps, c->rope_theta);
       break;
-    case OP_ATTENTION:
-      be->attention_forward(a[s->out[0]], a[s->out[1]], a[s->in[0]], a[s->in[1]], a[s->in[2]],
-                            &shape);
+    case OP_ATTENTION: {
+      const float *k = a[s->in[1]], *v = a[s->in[2]];
+      attach_kv_cache(w, layer, &k, &v, n);
+      be->attention_forward(a[s->out[0]], a[s->out[1]], a[s->in[0]], k, v, &shape);
       break;
+    }
     case OP_ADD: {
       size_t len = (size_t)n * slot_width(c, s->out[0]);
       be->copy(a[s->out[0]], a[s->in[0]], len * sizeof(float));
@@ -112,7 +138,7 @@ void block_forward(struct worker *w, int live, int layer) {
                          (size_t)n * slot_width(c, s->out[0]));
       break;
     }
-    if (block_timing) block_stage_seconds[i][0] += stage_clock(w) - t0;
+    if (block_timing) block_stage_seconds[i][phase] += stage_clock(w) - t0;
   }
 }
 
@@ -179,6 +205,6 @@ void block_backward(struct worker *w, int live, int layer, const float *dy, floa
                           (size_t)n * slot_width(c, s->out[0]));
       break;
     }
-    if (block_timing) block_stage_seconds[i][1] += stage_clock(w) - t0;
+    if (block_timing) block_stage_seconds[i][PHASE_BACKWARD] += stage_clock(w) - t0;
   }
 }

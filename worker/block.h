@@ -27,8 +27,10 @@ void block_forward(struct worker *w, int live, int layer);
 /* Backward: dy is the gradient of S_Y; dx (overwritten) receives the gradient of S_X. */
 void block_backward(struct worker *w, int live, int layer, const float *dy, float *dx);
 
-/* --timing: seconds spent in each stage, forward [0] and backward [1], when enabled. */
+/* --timing: seconds spent in each stage per phase, when enabled. Prefill is a generation
+ * forward with no cached tokens (and every no-KV replay), decode one with cached tokens. */
+enum phase { PHASE_FORWARD, PHASE_BACKWARD, PHASE_PREFILL, PHASE_DECODE, N_PHASES };
 extern int block_timing;
-extern double block_stage_seconds[][2];
+extern double block_stage_seconds[][N_PHASES];
 
 #endif

@@ -80,17 +80,14 @@ void nvfp4_worker_init(struct worker *w) {
     }
   }
   if (at != p->wq_floats) die("internal: NVFP4 weight plan %zu != %zu floats", at, p->wq_floats);
-  if (at) {
-    w->wq = w->be->alloc(p->wq_floats * sizeof(float));
-    w->q_scratch = w->be->alloc(p->q_scratch_floats * sizeof(float));
-    if (!w->wq || !w->q_scratch) die("out of %s memory for NVFP4 buffers", w->be->name);
-  }
+  if (at && !(w->wq = w->be->alloc(p->wq_floats * sizeof(float))))
+    die("out of %s memory for NVFP4 weights (%.1f MiB)", w->be->name,
+        p->wq_floats * sizeof(float) / 1048576.0);
   w->rht_signs = nvfp4_rht_signs(p->nvfp4.seed);
 }
 
 void nvfp4_worker_free(struct worker *w) {
   if (w->wq) w->be->free(w->wq);
-  if (w->q_scratch) w->be->free(w->q_scratch);
   free(w->wq_offset);
   free(w->wq_dec);
   free(w->wqt_dec);

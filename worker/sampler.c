@@ -77,24 +77,44 @@ static int select_top_k(struct cand *heap, const float *logits, int vocab, int k
   return n;
 }
 
-/* All tokens of mass > 0 in the bins whose cumulative mass (from the top) first exceeds `need`,
- * sorted: a prefix of the defined order, since bins are monotone in the logit. */
-static int select_prefix(struct cand *out, const float *logits, int vocab, float m, float t,
-                         const double *bin_mass, double need) {
-  int last = NBINS - 1;
-  double acc = 0;
-  for (int b = 0; b < NBINS; b++)
-    if ((acc += bin_mass[b]) > need) {
-      last = b;
-      break;
-    }
+/* The tokens of mass > 0 in bin b, sorted. */
+static int collect_bin(struct cand *out, const float *logits, int vocab, float m, float t, int b) {
   int n = 0;
   for (int i = 0; i < vocab; i++) {
-    float d = neg_log_w(logits[i], m, t), w = expf(-d);
-    if (w > 0 && bin_of(d) <= last) out[n++] = (struct cand){logits[i], w, i};
+    float d = neg_log_w(logits[i], m, t);
+    if (bin_of(d) != b) continue;   /* before expf: most tokens stop here */
+    float w = expf(-d);
+    if (w > 0) out[n++] = (struct cand){logits[i], w, i};
   }
   qsort(out, (size_t)n, sizeof *out, cmp_cand);
   return n;
+}
+
+/* Does the cumulative mass `cum` reach `mass`? The nucleus is closed (>=), the draw's interval of
+ * a token half-open, so a draw u*kept < kept never falls past the last kept token. */
+static int reaches(double cum, double mass, int closed) { return closed ? cum >= mass : cum > mass; }
+
+/* Walks sorted tokens from the cumulative mass *cum (of all tokens before them) to the first that
+ * reaches mass; returns its index (the last one if rounding keeps cum a hair short), with *cum
+ * including it. */
+static int walk(const struct cand *c, int n, double *cum, double mass, int closed) {
+  for (int i = 0; i < n; i++)
+    if (reaches(*cum += c[i].w, mass, closed)) return i;
+  return n - 1;
+}
+
+/* The first nonempty bin at which the cumulative bin mass reaches mass, with the mass of the bins
+ * before it in *before (the last nonempty bin if rounding keeps the total a hair short). */
+static int locate(const double *bin_mass, double mass, int closed, double *before) {
+  double acc = 0;
+  int last = 0;
+  for (int b = 0; b < NBINS; b++) {
+    if (bin_mass[b] == 0) continue;
+    last = b;
+    *before = acc;
+    if (reaches(acc += bin_mass[b], mass, closed)) break;
+  }
+  return last;
 }
 
 size_t sampler_scratch_bytes(int vocab) { return (size_t)vocab * sizeof(struct cand); }
@@ -113,21 +133,22 @@ int sampler_next(const struct sampler *s, const float *logits, int vocab, uint32
   if (!(t > 0) || !(m > -INFINITY)) return top;
 
   struct cand *cands = scratch ? scratch : xmalloc(sampler_scratch_bytes(vocab));
-  double u = sampler_uniform(s->seed, stream, step), total = 0;
-  int n;
+  double u = sampler_uniform(s->seed, stream, step), total = 0, cum = 0;
+  int token;
   if (s->top_k > 0 && s->top_k < vocab) {
-    n = select_top_k(cands, logits, vocab, s->top_k);
-    int kept = 0;   /* drop tokens whose mass underflows to 0: they can never be drawn */
-    for (int i = 0; i < n; i++) {
-      cands[i].w = expf(-neg_log_w(cands[i].logit, m, t));
-      if (cands[i].w > 0) {
-        total += cands[i].w;
-        kept++;
-      }
+    int n = select_top_k(cands, logits, vocab, s->top_k);
+    for (int i = 0; i < n; i++) total += cands[i].w = expf(-neg_log_w(cands[i].logit, m, t));
+    double kept = total;
+    if (s->top_p < 1) {   /* the nucleus ends at the token that reaches top_p */
+      n = walk(cands, n, &cum, s->top_p * total, 1) + 1;
+      kept = cum;
     }
-    n = kept;   /* sorted by logit, so the zero masses are the tail */
+    cum = 0;
+    token = cands[walk(cands, n, &cum, u * kept, 0)].id;
   } else {
-    double bin_mass[NBINS] = {0};
+    /* The same walks over the whole vocabulary, with bins standing in for the tokens they hold:
+     * only the bin where a walk stops has to be sorted. */
+    double bin_mass[NBINS] = {0}, before = 0;
     for (int i = 0; i < vocab; i++) {
       float d = neg_log_w(logits[i], m, t), w = expf(-d);
       if (w > 0) {
@@ -135,28 +156,23 @@ int sampler_next(const struct sampler *s, const float *logits, int vocab, uint32
         bin_mass[bin_of(d)] += w;
       }
     }
-    /* Only the prefix that top_p keeps, or that the draw reaches, has to be sorted. */
-    double need = s->top_p < 1 ? s->top_p * total : u * total;
-    n = select_prefix(cands, logits, vocab, m, t, bin_mass, need);
-  }
-
-  /* Nucleus: cut after the token whose cumulative mass reaches top_p; the draw then covers the
-   * kept mass only (renormalised). Without top_p the draw covers the whole distribution. */
-  double kept_mass = total;
-  if (s->top_p < 1) {
-    double cum = 0, need = s->top_p * total;
-    int i = 0;
-    while (i < n && (cum += cands[i].w) < need) i++;
-    n = i < n ? i + 1 : n;
-    kept_mass = cum;
-  }
-  double target = u * kept_mass, cum = 0;
-  int token = cands[n - 1].id;   /* if rounding leaves cum a hair below target */
-  for (int i = 0; i < n; i++)
-    if ((cum += cands[i].w) > target) {
-      token = cands[i].id;
-      break;
+    double kept = total;
+    int cut_bin = NBINS, cut_n = 0;
+    if (s->top_p < 1) {   /* drop the mass past the nucleus from the histogram */
+      double need = s->top_p * total;
+      cut_bin = locate(bin_mass, need, 1, &before);
+      cum = before;
+      cut_n = walk(cands, collect_bin(cands, logits, vocab, m, t, cut_bin), &cum, need, 1) + 1;
+      kept = cum;
+      bin_mass[cut_bin] = cum - before;
+      for (int b = cut_bin + 1; b < NBINS; b++) bin_mass[b] = 0;
     }
+    double target = u * kept;
+    int b = locate(bin_mass, target, 0, &before);
+    int n = collect_bin(cands, logits, vocab, m, t, b);
+    cum = before;
+    token = cands[walk(cands, b == cut_bin ? cut_n : n, &cum, target, 0)].id;
+  }
   if (!scratch) free(cands);
   return token;
 }

@@ -19,8 +19,9 @@
  *
  * Cost for vocab V = 151936: one pass for the softmax normaliser plus a sort of only the tokens
  * that can matter. With top-k a size-k heap selects them (O(V log k)); without, a histogram of
- * log-probabilities picks the highest bins holding the needed mass (top_p, or the draw itself)
- * and only those bins are sorted. The parameters are assumed validated (trainer/job_validate.c). */
+ * log-probabilities stands in for the sorted order: the nucleus cut and the draw each locate their
+ * bin from the bin masses, and only that bin is sorted.
+ * The parameters are assumed valid (trainer/job_validate.c checks a job's). */
 #ifndef QWEN3_SAMPLER_H
 #define QWEN3_SAMPLER_H
 

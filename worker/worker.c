@@ -170,25 +170,11 @@ static void *must_alloc(const struct backend *be, size_t bytes, const char *what
   return p;
 }
 
-void worker_init(struct worker *w, const struct backend *be, const struct worker_plan *p) {
-  memset(w, 0, sizeof *w);
-  w->be = be;
-  w->plan = *p;
-  size_t floats, decay;
-  w->n_params = param_table(p, NULL, NULL, NULL, NULL, NULL, &floats, &decay);
-  w->params = xcalloc((size_t)w->n_params, sizeof *w->params);
-  w->layer_param = xcalloc((size_t)(p->n_layers ? p->n_layers : 1), sizeof *w->layer_param);
-  param_table(p, w->params, w->layer_param, &w->embed_param, &w->final_norm_param,
-              &w->head_param, &floats, &decay);
-
-  size_t pbytes = p->param_floats * sizeof(float);
-  w->weights = must_alloc(be, pbytes, "weights");
-  w->grads = must_alloc(be, pbytes, "gradients");
-  w->adam_m = must_alloc(be, pbytes, "AdamW first moments");
-  w->adam_v = must_alloc(be, pbytes, "AdamW second moments");
-
-  /* activations: per live micro-batch, per layer, the stored slots; then the stage output,
-   * the LM head's input and gradient; transient (recomputed) slots shared at the end */
+/* Activations: per live micro-batch, per layer, the stored slots; then the stage output, the
+ * LM head's input and gradient; transient (recomputed) slots shared at the end. */
+static void alloc_activations(struct worker *w) {
+  const struct backend *be = w->be;
+  const struct worker_plan *p = &w->plan;
   size_t tokens = (size_t)p->batch * p->seq, d = (size_t)p->cfg.hidden_size;
   w->acts = must_alloc(be, p->act_floats * sizeof(float), "activations");
   w->slot = xcalloc((size_t)p->n_live * (p->n_layers ? p->n_layers : 1), sizeof *w->slot);
@@ -243,27 +229,71 @@ void worker_init(struct worker *w, const struct backend *be, const struct worker
   w->grad_out = cursor + 2 * tokens * d;
   w->nll = xcalloc(tokens, sizeof(float));
   w->stream = xcalloc((size_t)p->n_live, sizeof(uint64_t));
-  nvfp4_worker_init(w);
+  if (p->q_scratch_floats)
+    w->q_scratch = must_alloc(be, p->q_scratch_floats * sizeof(float), "NVFP4 operands");
+  if (p->has_head) w->logits = must_alloc(be, (size_t)p->cfg.vocab_size * sizeof(float), "logits");
 }
 
-void worker_free(struct worker *w) {
+
+static void free_activations(struct worker *w) {
   const struct backend *be = w->be;
-  be->free(w->weights);
-  be->free(w->grads);
-  be->free(w->adam_m);
-  be->free(w->adam_v);
   be->free(w->acts);
   be->free(w->tokens);
   be->free(w->targets);
   be->free(w->positions);
   be->free(w->scratch);
-  free(w->params);
-  free(w->layer_param);
+  if (w->q_scratch) be->free(w->q_scratch);
+  if (w->logits) be->free(w->logits);
   free(w->slot);
   free(w->final_normed);
   free(w->head_grad);
   free(w->nll);
   free(w->stream);
+  w->q_scratch = w->logits = NULL;
+}
+
+void worker_reshape(struct worker *w, int batch, int seq, int n_live) {
+  const struct worker_plan *old = &w->plan;
+  if (batch == old->batch && seq == old->seq && n_live == old->n_live) return;
+  struct worker_plan p;
+  worker_plan_make(&p, &old->cfg, old->first_layer, old->n_layers, old->has_embedding,
+                   old->has_head, batch, seq, n_live, old->recompute);
+  if (old->wq_floats) worker_plan_nvfp4(&p, &old->nvfp4);
+  free_activations(w);
+  w->plan = p;
+  alloc_activations(w);
+}
+
+void worker_init(struct worker *w, const struct backend *be, const struct worker_plan *p) {
+  memset(w, 0, sizeof *w);
+  w->be = be;
+  w->plan = *p;
+  size_t floats, decay;
+  w->n_params = param_table(p, NULL, NULL, NULL, NULL, NULL, &floats, &decay);
+  w->params = xcalloc((size_t)w->n_params, sizeof *w->params);
+  w->layer_param = xcalloc((size_t)(p->n_layers ? p->n_layers : 1), sizeof *w->layer_param);
+  param_table(p, w->params, w->layer_param, &w->embed_param, &w->final_norm_param,
+              &w->head_param, &floats, &decay);
+
+  size_t pbytes = p->param_floats * sizeof(float);
+  w->weights = must_alloc(be, pbytes, "weights");
+  w->grads = must_alloc(be, pbytes, "gradients");
+  w->adam_m = must_alloc(be, pbytes, "AdamW first moments");
+  w->adam_v = must_alloc(be, pbytes, "AdamW second moments");
+
+  nvfp4_worker_init(w);
+  alloc_activations(w);
+}
+
+void worker_free(struct worker *w) {
+  const struct backend *be = w->be;
+  free_activations(w);
+  be->free(w->weights);
+  be->free(w->grads);
+  be->free(w->adam_m);
+  be->free(w->adam_v);
+  free(w->params);
+  free(w->layer_param);
   nvfp4_worker_free(w);
   memset(w, 0, sizeof *w);
 }
@@ -384,4 +414,48 @@ void worker_backward(struct worker *w, int live) {
   if (p->has_embedding)
     be->embedding_backward(w->grads + w->params[w->embed_param].offset, w->grad_out,
                            w->tokens + (size_t)live * n, n, d);
+}
+
+/* ---- inference ------------------------------------------------------------------------------ */
+
+void kv_cache_init(struct kv_cache *kv, const struct worker *w, int max_len) {
+  size_t floats = 2 * (size_t)w->plan.n_layers * max_len * slot_width(&w->plan.cfg, S_K);
+  kv->data = must_alloc(w->be, floats * sizeof(float), "KV cache");
+  kv->max_len = max_len;
+  kv->len = 0;
+}
+
+void kv_cache_free(struct kv_cache *kv, const struct worker *w) {
+  w->be->free(kv->data);
+  memset(kv, 0, sizeof *kv);
+}
+
+void worker_infer(struct worker *w, const int32_t *tokens, const int32_t *positions, int n,
+                  struct kv_cache *kv, float *logits) {
+  const struct backend *be = w->be;
+  const struct worker_plan *p = &w->plan;
+  int d = p->cfg.hidden_size;
+  if (p->batch != 1 || n < 1 || n > p->seq || (kv && kv->len + n > kv->max_len))
+    die("internal: worker_infer of %d tokens on a plan of %d x %d (cache %d of %d)", n, p->batch,
+        p->seq, kv ? kv->len : 0, kv ? kv->max_len : 0);
+  w->seq_now = n;
+  w->kv = kv;
+  be->to_device(w->positions, positions, (size_t)n * sizeof(int32_t));
+  if (p->has_embedding) {
+    be->to_device(w->tokens, tokens, (size_t)n * sizeof(int32_t));
+    be->embedding_forward(worker_input(w, 0), w->tokens,
+                          w->weights + w->params[w->embed_param].offset, n, d);
+  }
+  for (int l = 0; l < p->n_layers; l++) block_forward(w, 0, l);
+  if (kv) kv->len += n;
+  w->seq_now = 0;
+  w->kv = NULL;
+  if (!p->has_head) return;
+  const struct param *norm = &w->params[w->final_norm_param];
+  const struct param *head = &w->params[w->head_param];
+  float *last = w->final_normed[0];
+  be->rmsnorm_forward(last, worker_output(w, 0) + (size_t)(n - 1) * d,
+                      w->weights + norm->offset, 1, d, (float)p->cfg.rms_norm_eps);
+  be->linear_forward(w->logits, last, w->weights + head->offset, 1, d, p->cfg.vocab_size);
+  be->to_host(logits, w->logits, (size_t)p->cfg.vocab_size * sizeof(float));
 }

@@ -87,6 +87,18 @@ struct worker {
   uint16_t rht_signs;
   int step;
   uint64_t *stream;            /* [live]: the micro-batch's random stream */
+
+  /* inference (worker_infer): this call's tokens per sequence, and the KV cache in use */
+  int seq_now;                 /* 0: plan.seq (training) */
+  struct kv_cache *kv;
+  float *logits;               /* [vocab], last stage */
+};
+
+/* The keys and values of one sequence for every layer of a stage, in backend memory:
+ * [layer][K, V][max_len][kv_heads * head_dim]. len tokens are filled. */
+struct kv_cache {
+  float *data;
+  int max_len, len;
 };
 
 /* Computes sizes and offsets; no allocation. Dies on shapes it cannot hold. */
@@ -100,6 +112,9 @@ size_t worker_plan_state_bytes(const struct worker_plan *p);
 size_t worker_plan_activation_bytes(const struct worker_plan *p);
 
 void worker_init(struct worker *w, const struct backend *be, const struct worker_plan *p);
+/* Re-plans the activations for micro-batches of batch x seq with n_live in flight (generation
+ * and evaluation use other shapes than training); parameters stay. */
+void worker_reshape(struct worker *w, int batch, int seq, int n_live);
 void worker_free(struct worker *w);
 /* Seeded init: every tensor drawn from its own stream, keyed by its name, so that any pipeline
  * layout gives identical weights. Norm weights start at 1. */
@@ -130,6 +145,16 @@ double worker_forward(struct worker *w, int live, const struct micro_batch *mb,
 void worker_backward(struct worker *w, int live);
 
 void worker_zero_grads(struct worker *w);
+
+void kv_cache_init(struct kv_cache *kv, const struct worker *w, int max_len);
+void kv_cache_free(struct kv_cache *kv, const struct worker *w);
+/* Inference of one sequence: n new tokens at positions[0..n) through the stage (live slot 0,
+ * after worker_reshape(w, 1, max_len, 1)). The first stage embeds tokens; the others read
+ * worker_input(w, 0). With a KV cache, attention sees the cached tokens too and the new keys
+ * and values are appended; without one the n tokens are the whole sequence. The last stage
+ * writes the logits of the last token to the host array `logits`. */
+void worker_infer(struct worker *w, const int32_t *tokens, const int32_t *positions, int n,
+                  struct kv_cache *kv, float *logits);
 /* Before the micro-batches of optimizer step `step`: quantizes the NVFP4 weights. */
 void worker_prepare_step(struct worker *w, int step);
 

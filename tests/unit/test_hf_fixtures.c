@@ -70,7 +70,7 @@ static void check_case(const char *name) {
     }
   int targets = batch * (seq - 1);
   float *nll = xmalloc(tokens * sizeof(float));
-  struct micro_batch mb = {tok, tgt, pos};
+  struct micro_batch mb = {tok, tgt, pos, 0};
   worker_zero_grads(&w);
   double sum = worker_forward(&w, 0, &mb, 1.0f / targets, nll);
   worker_backward(&w, 0);

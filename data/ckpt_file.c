@@ -1,0 +1,817 @@
+#define _POSIX_C_SOURCE 200809L
+#include "data/ckpt_file.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <hdf5.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "common/util.h"
+
+/* A chunk is the unit of Fletcher32 checking and of I/O: big enough that a 1.5 GB embedding is
+ * a few hundred chunks, small enough that a damaged one is found near where it is. */
+#define CHUNK_BYTES (4u << 20)
+
+static const char *const PART_SUFFIX[] = {"", ".adam_m", ".adam_v"};
+
+/* ---- errors -------------------------------------------------------------------------------- */
+
+static int fail(char *err, size_t errlen, const char *fmt, ...) PRINTF_LIKE(3, 4);
+static int fail(char *err, size_t errlen, const char *fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(err, errlen, fmt, ap);
+  va_end(ap);
+  return -1;
+}
+
+/* HDF5 keeps a stack of what went wrong, outermost last; the innermost entry says why
+ * ("data error detected by Fletcher32 checksum", "truncated file: eof = ..."). */
+static herr_t innermost(unsigned n, const H5E_error2_t *e, void *reason) {
+  if (n == 0 && e->desc) snprintf(reason, 256, "%s", e->desc);
+  return 0;
+}
+
+static void h5_fail(char *err, size_t errlen, const char *fmt, ...) PRINTF_LIKE(3, 4);
+static void h5_fail(char *err, size_t errlen, const char *fmt, ...) {
+  char reason[256] = "";
+  H5Ewalk2(H5E_DEFAULT, H5E_WALK_UPWARD, innermost, reason);
+  va_list ap;
+  va_start(ap, fmt);
+  int n = vsnprintf(err, errlen, fmt, ap);
+  va_end(ap);
+  if (reason[0] && n >= 0 && (size_t)n < errlen)
+    snprintf(err + n, errlen - (size_t)n, " (HDF5: %s)", reason);
+}
+
+/* Every HDF5 call goes through H5_CHECK: a negative result fills err (with HDF5's reason) and
+ * jumps to the function's `out`, where whatever was opened is closed. */
+#define H5_CHECK(call, ...)                  \
+  do {                                       \
+    if ((call) < 0) {                        \
+      h5_fail(err, errlen, __VA_ARGS__);     \
+      goto out;                              \
+    }                                        \
+  } while (0)
+
+/* Our messages replace HDF5's printed error stack while one of our calls runs. */
+struct quiet {
+  H5E_auto2_t fn;
+  void *data;
+};
+
+static void quiet_on(struct quiet *q) {
+  H5Eget_auto2(H5E_DEFAULT, &q->fn, &q->data);
+  H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
+}
+
+static void quiet_off(const struct quiet *q) { H5Eset_auto2(H5E_DEFAULT, q->fn, q->data); }
+
+/* Closing on the way out of a failed call: the first error is the one reported. */
+static void close_id(hid_t id) {
+  if (id < 0) return;
+  switch (H5Iget_type(id)) {
+  case H5I_FILE: H5Fclose(id); break;
+  case H5I_GROUP: H5Gclose(id); break;
+  case H5I_DATASET: H5Dclose(id); break;
+  case H5I_DATASPACE: H5Sclose(id); break;
+  case H5I_DATATYPE: H5Tclose(id); break;
+  case H5I_ATTR: H5Aclose(id); break;
+  case H5I_GENPROP_LST: H5Pclose(id); break;
+  default: break;
+  }
+}
+
+/* ---- names and directories ----------------------------------------------------------------- */
+
+void ckpt_step_path(char *out, size_t len, const char *root, int64_t step, int tmp) {
+  snprintf(out, len, "%s/step_%08lld%s", root, (long long)step, tmp ? ".tmp" : "");
+}
+
+void ckpt_stage_file(char *out, size_t len, int stage, int n_stages) {
+  snprintf(out, len, "stage_%03d_of_%03d.h5", stage, n_stages);
+}
+
+static int exists(const char *path) {
+  struct stat st;
+  return lstat(path, &st) == 0;
+}
+
+/* The data of a file (or the entries of a directory) reach the disk before a rename that
+ * publishes them. */
+static int sync_path(const char *path, char *err, size_t errlen) {
+  int fd = open(path, O_RDONLY);
+  if (fd < 0) return fail(err, errlen, "%s: cannot open to sync: %s", path, strerror(errno));
+  int rc = fsync(fd);
+  int e = errno;
+  close(fd);
+  if (rc != 0) return fail(err, errlen, "%s: fsync failed: %s", path, strerror(e));
+  return 0;
+}
+
+/* A step directory holds files only. */
+static int remove_dir(const char *path, char *err, size_t errlen) {
+  DIR *d = opendir(path);
+  if (!d) return fail(err, errlen, "%s: cannot open to remove: %s", path, strerror(errno));
+  struct dirent *e;
+  char file[4096];
+  while ((e = readdir(d))) {
+    if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..")) continue;
+    snprintf(file, sizeof file, "%s/%s", path, e->d_name);
+    if (unlink(file) != 0) {
+      int saved = errno;
+      closedir(d);
+      return fail(err, errlen, "%s: cannot remove: %s", file, strerror(saved));
+    }
+  }
+  closedir(d);
+  if (rmdir(path) != 0) return fail(err, errlen, "%s: cannot remove: %s", path, strerror(errno));
+  return 0;
+}
+
+int ckpt_begin(const char *root, int64_t step, char *err, size_t errlen) {
+  char tmp[4096];
+  if (make_dirs(root) != 0)
+    return fail(err, errlen, "%s: cannot create the checkpoint directory: %s", root, strerror(errno));
+  ckpt_step_path(tmp, sizeof tmp, root, step, 1);
+  if (exists(tmp) && remove_dir(tmp, err, errlen) != 0) return -1;
+  if (mkdir(tmp, 0755) != 0) return fail(err, errlen, "%s: cannot create: %s", tmp, strerror(errno));
+  return 0;
+}
+
+/* ---- datasets and attributes --------------------------------------------------------------- */
+
+/* A chunked, Fletcher32-checked dataset of `ndim` dims holding `data` (memory type mem_type). */
+static int write_dataset(hid_t loc, const char *file, const char *name, hid_t file_type,
+                         hid_t mem_type, int ndim, const hsize_t *dims, const void *data,
+                         char *err, size_t errlen) {
+  int rc = -1;
+  hid_t space = -1, dcpl = -1, ds = -1;
+  size_t elem = H5Tget_size(file_type);
+  hsize_t chunk[2] = {dims[0], ndim > 1 ? dims[1] : 1};
+  hsize_t row_elems = ndim > 1 ? dims[1] : 1, rows = CHUNK_BYTES / (elem * row_elems);
+  chunk[0] = rows < 1 ? 1 : rows < dims[0] ? rows : dims[0];
+  H5_CHECK(space = H5Screate_simple(ndim, dims, NULL), "%s: tensor '%s': bad shape", file, name);
+  H5_CHECK(dcpl = H5Pcreate(H5P_DATASET_CREATE), "%s: tensor '%s'", file, name);
+  H5_CHECK(H5Pset_chunk(dcpl, ndim, chunk), "%s: tensor '%s': cannot chunk", file, name);
+  H5_CHECK(H5Pset_fletcher32(dcpl), "%s: tensor '%s': no Fletcher32 filter", file, name);
+  H5_CHECK(ds = H5Dcreate2(loc, name, file_type, space, H5P_DEFAULT, dcpl, H5P_DEFAULT),
+           "%s: cannot create dataset '%s'", file, name);
+  H5_CHECK(H5Dwrite(ds, mem_type, H5S_ALL, H5S_ALL, H5P_DEFAULT, data),
+           "%s: cannot write tensor '%s'", file, name);
+  rc = 0;
+out:
+  close_id(ds);
+  close_id(dcpl);
+  close_id(space);
+  return rc;
+}
+
+static int put_attr(hid_t loc, const char *file, const char *name, hid_t file_type,
+                    hid_t mem_type, const void *value, char *err, size_t errlen) {
+  int rc = -1;
+  hid_t space = -1, attr = -1;
+  H5_CHECK(space = H5Screate(H5S_SCALAR), "%s: attribute '%s'", file, name);
+  H5_CHECK(attr = H5Acreate2(loc, name, file_type, space, H5P_DEFAULT, H5P_DEFAULT),
+           "%s: cannot create attribute '%s'", file, name);
+  H5_CHECK(H5Awrite(attr, mem_type, value), "%s: cannot write attribute '%s'", file, name);
+  rc = 0;
+out:
+  close_id(attr);
+  close_id(space);
+  return rc;
+}
+
+static int put_i64(hid_t loc, const char *file, const char *name, int64_t v, char *err,
+                   size_t errlen) {
+  return put_attr(loc, file, name, H5T_STD_I64LE, H5T_NATIVE_INT64, &v, err, errlen);
+}
+
+static int put_f64(hid_t loc, const char *file, const char *name, double v, char *err,
+                   size_t errlen) {
+  return put_attr(loc, file, name, H5T_IEEE_F64LE, H5T_NATIVE_DOUBLE, &v, err, errlen);
+}
+
+static int get_attr(hid_t loc, const char *file, const char *name, hid_t mem_type, void *value,
+                    char *err, size_t errlen) {
+  int rc = -1;
+  hid_t attr = -1;
+  H5_CHECK(attr = H5Aopen(loc, name, H5P_DEFAULT), "%s: no attribute '%s'", file, name);
+  H5_CHECK(H5Aread(attr, mem_type, value), "%s: cannot read attribute '%s'", file, name);
+  rc = 0;
+out:
+  close_id(attr);
+  return rc;
+}
+
+static int get_i64(hid_t loc, const char *file, const char *name, int64_t *v, char *err,
+                   size_t errlen) {
+  return get_attr(loc, file, name, H5T_NATIVE_INT64, v, err, errlen);
+}
+
+/* ---- stage files --------------------------------------------------------------------------- */
+
+struct ckpt_stage_writer {
+  hid_t file;
+  char path[4096];
+  float *zeros;
+  size_t n_zeros;
+};
+
+int ckpt_stage_create(struct ckpt_stage_writer **out, const char *path, int stage, int n_stages,
+                      char *err, size_t errlen) {
+  struct quiet q;
+  quiet_on(&q);
+  struct ckpt_stage_writer *w = xcalloc(1, sizeof *w);
+  snprintf(w->path, sizeof w->path, "%s", path);
+  int rc = -1;
+  H5_CHECK(w->file = H5Fcreate(path, H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT),
+           "%s: cannot create", path);
+  if (put_i64(w->file, path, "format_version", CKPT_FORMAT_VERSION, err, errlen) != 0 ||
+      put_i64(w->file, path, "stage", stage, err, errlen) != 0 ||
+      put_i64(w->file, path, "n_stages", n_stages, err, errlen) != 0)
+    goto out;
+  rc = 0;
+out:
+  if (rc != 0) {
+    close_id(w->file);
+    free(w);
+    w = NULL;
+  }
+  *out = w;
+  quiet_off(&q);
+  return rc;
+}
+
+int ckpt_stage_put(struct ckpt_stage_writer *w, const char *name, int ndim, const int64_t *shape,
+                   const float *weights, const float *adam_m, const float *adam_v, char *err,
+                   size_t errlen) {
+  if (ndim < 1 || ndim > 2 || shape[0] < 1 || (ndim == 2 && shape[1] < 1))
+    return fail(err, errlen, "%s: tensor '%s': only non-empty vectors and matrices are stored",
+                w->path, name);
+  if (strchr(name, '/') || !name[0])
+    return fail(err, errlen, "%s: tensor name '%s' is empty or holds '/'", w->path, name);
+  hsize_t dims[2] = {(hsize_t)shape[0], ndim > 1 ? (hsize_t)shape[1] : 1};
+  size_t n = (size_t)dims[0] * dims[1];
+  if ((!adam_m || !adam_v) && w->n_zeros < n) {
+    free(w->zeros);
+    w->zeros = xcalloc(n, sizeof(float));
+    w->n_zeros = n;
+  }
+  const float *parts[3] = {weights, adam_m ? adam_m : w->zeros, adam_v ? adam_v : w->zeros};
+  struct quiet q;
+  quiet_on(&q);
+  int rc = 0;
+  char full[256];
+  for (int p = 0; p < 3 && rc == 0; p++) {
+    snprintf(full, sizeof full, "%s%s", name, PART_SUFFIX[p]);
+    rc = write_dataset(w->file, w->path, full, H5T_IEEE_F32LE, H5T_NATIVE_FLOAT, ndim, dims,
+                       parts[p], err, errlen);
+  }
+  quiet_off(&q);
+  return rc;
+}
+
+int ckpt_stage_finish(struct ckpt_stage_writer *w, char *err, size_t errlen) {
+  struct quiet q;
+  quiet_on(&q);
+  int rc = -1;
+  hid_t file = w->file;
+  w->file = -1;
+  H5_CHECK(H5Fclose(file), "%s: cannot finish writing", w->path);
+  rc = sync_path(w->path, err, errlen);
+out:
+  quiet_off(&q);
+  free(w->zeros);
+  free(w);
+  return rc;
+}
+
+/* ---- committing: model.h5, rename, latest, pruning ----------------------------------------- */
+
+struct linker {
+  hid_t model;
+  const char *model_path, *stage_file;
+  char *err;
+  size_t errlen;
+};
+
+/* Links one dataset of a stage file into model.h5 under its own name. */
+static herr_t link_one(hid_t group, const char *name, const H5L_info_t *info, void *data) {
+  struct linker *k = data;
+  char *err = k->err;
+  size_t errlen = k->errlen;
+  htri_t there;
+  H5_CHECK(there = H5Lexists(k->model, name, H5P_DEFAULT), "%s: '%s'", k->model_path, name);
+  if (there) {
+    fail(err, errlen, "%s: tensor '%s' is in two stage files (the second: %s)", k->model_path,
+         name, k->stage_file);
+    return -1;
+  }
+  H5_CHECK(H5Lcreate_external(k->stage_file, name, k->model, name, H5P_DEFAULT, H5P_DEFAULT),
+           "%s: cannot link '%s' to %s", k->model_path, name, k->stage_file);
+  return 0;
+out:
+  return -1;
+}
+
+static int write_config(hid_t model, const char *path, const struct qwen3_config *c, char *err,
+                        size_t errlen) {
+  int rc = -1;
+  hid_t g = -1;
+  H5_CHECK(g = H5Gcreate2(model, "config", H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT),
+           "%s: cannot create group 'config'", path);
+  const struct {
+    const char *key;
+    int64_t v;
+  } ints[] = {{"hidden_size", c->hidden_size},
+              {"num_hidden_layers", c->num_layers},
+              {"num_attention_heads", c->num_heads},
+              {"num_key_value_heads", c->num_kv_heads},
+              {"head_dim", c->head_dim},
+              {"intermediate_size", c->intermediate_size},
+              {"vocab_size", c->vocab_size},
+              {"tie_word_embeddings", c->tie_embeddings},
+              {"max_position_embeddings", c->max_seq_len}};
+  for (size_t i = 0; i < sizeof ints / sizeof ints[0]; i++)
+    if (put_i64(g, path, ints[i].key, ints[i].v, err, errlen) != 0) goto out;
+  if (put_f64(g, path, "rope_theta", c->rope_theta, err, errlen) != 0 ||
+      put_f64(g, path, "rms_norm_eps", c->rms_norm_eps, err, errlen) != 0)
+    goto out;
+  rc = 0;
+out:
+  close_id(g);
+  return rc;
+}
+
+static int write_model_file(const char *dir, const struct ckpt_state *s, char *err,
+                            size_t errlen) {
+  char path[4300], stage_path[4400], stage_file[64];
+  snprintf(path, sizeof path, "%s/model.h5", dir);
+  int rc = -1;
+  hid_t model = -1, stage = -1;
+  H5_CHECK(model = H5Fcreate(path, H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT), "%s: cannot create",
+           path);
+  for (int i = 0; i < s->n_stages; i++) {
+    ckpt_stage_file(stage_file, sizeof stage_file, i, s->n_stages);
+    snprintf(stage_path, sizeof stage_path, "%s/%s", dir, stage_file);
+    if (!exists(stage_path)) {
+      fail(err, errlen, "%s: missing: stage %d did not write its tensors", stage_path, i);
+      goto out;
+    }
+    H5_CHECK(stage = H5Fopen(stage_path, H5F_ACC_RDONLY, H5P_DEFAULT), "%s: cannot open",
+             stage_path);
+    struct linker k = {model, path, stage_file, err, errlen};
+    if (H5Literate(stage, H5_INDEX_NAME, H5_ITER_INC, NULL, link_one, &k) < 0) {
+      if (!err[0]) h5_fail(err, errlen, "%s: cannot list its tensors", stage_path);
+      goto out;
+    }
+    H5_CHECK(H5Fclose(stage), "%s: cannot close", stage_path);
+    stage = -1;
+  }
+  if (put_i64(model, path, "format_version", CKPT_FORMAT_VERSION, err, errlen) != 0 ||
+      put_i64(model, path, "step", s->step, err, errlen) != 0 ||
+      put_attr(model, path, "samples_seen", H5T_STD_U64LE, H5T_NATIVE_UINT64, &s->samples_seen,
+               err, errlen) != 0 ||
+      put_attr(model, path, "tokens_seen", H5T_STD_U64LE, H5T_NATIVE_UINT64, &s->tokens_seen,
+               err, errlen) != 0 ||
+      put_i64(model, path, "n_stages", s->n_stages, err, errlen) != 0 ||
+      write_config(model, path, &s->config, err, errlen) != 0)
+    goto out;
+  if (s->job_len > 0) {
+    hsize_t n = s->job_len;
+    if (write_dataset(model, path, "job.pb", H5T_STD_U8LE, H5T_NATIVE_UINT8, 1, &n, s->job, err,
+                      errlen) != 0)
+      goto out;
+  }
+  hid_t m = model;
+  model = -1;
+  H5_CHECK(H5Fclose(m), "%s: cannot finish writing", path);
+  rc = sync_path(path, err, errlen);
+out:
+  close_id(stage);
+  close_id(model);
+  return rc;
+}
+
+static int is_digits(const char *s, size_t n) {
+  for (size_t i = 0; i < n; i++)
+    if (s[i] < '0' || s[i] > '9') return 0;
+  return 1;
+}
+
+static int by_step_desc(const void *a, const void *b) {
+  int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+  return (x < y) - (x > y);
+}
+
+/* After a commit: committed steps before `step` beyond the newest keep_last - 1 go, and so do
+ * directories that interrupted saves left (.tmp, .old). A failure here is only a warning: the
+ * new checkpoint is already whole. */
+static void prune(const char *root, int64_t step, int keep_last) {
+  DIR *d = opendir(root);
+  if (!d) return;
+  int64_t *older = NULL;
+  size_t n = 0, cap = 0;
+  char path[4096], err[1024];
+  struct dirent *e;
+  while ((e = readdir(d))) {
+    const char *s = e->d_name;
+    size_t len = strlen(s);
+    if (len < 13 || strncmp(s, "step_", 5) != 0 || !is_digits(s + 5, 8)) continue;
+    if (len == 13) {
+      int64_t k = strtoll(s + 5, NULL, 10);
+      if (k >= step) continue;
+      if (n == cap) older = xrealloc(older, (cap = cap ? 2 * cap : 16) * sizeof *older);
+      older[n++] = k;
+    } else if (!strcmp(s + 13, ".tmp") || !strcmp(s + 13, ".old")) {
+      snprintf(path, sizeof path, "%s/%s", root, s);
+      if (remove_dir(path, err, sizeof err) != 0) warn("checkpoint: %s", err);
+    }
+  }
+  closedir(d);
+  if (keep_last > 0 && n > 0) {
+    qsort(older, n, sizeof *older, by_step_desc);
+    for (size_t i = (size_t)keep_last - 1; i < n; i++) {
+      ckpt_step_path(path, sizeof path, root, older[i], 0);
+      if (remove_dir(path, err, sizeof err) != 0) warn("checkpoint: %s", err);
+    }
+  }
+  free(older);
+}
+
+int ckpt_commit(const char *root, const struct ckpt_state *s, int keep_last, char *err,
+                size_t errlen) {
+  char tmp[4200], dir[4200], old[4300], name[64], link_tmp[4200], latest[4200];
+  ckpt_step_path(tmp, sizeof tmp, root, s->step, 1);
+  ckpt_step_path(dir, sizeof dir, root, s->step, 0);
+  snprintf(old, sizeof old, "%s.old", dir);
+  snprintf(name, sizeof name, "step_%08lld", (long long)s->step);
+  snprintf(link_tmp, sizeof link_tmp, "%s/latest.tmp", root);
+  snprintf(latest, sizeof latest, "%s/latest", root);
+  err[0] = 0;
+  struct quiet q;
+  quiet_on(&q);
+  int rc = write_model_file(tmp, s, err, errlen);
+  quiet_off(&q);
+  if (rc != 0 || sync_path(tmp, err, errlen) != 0) return -1;
+  /* the same step saved again (a run resumed from an earlier checkpoint): the old copy stays
+   * until the new one is in place */
+  if (exists(dir) && rename(dir, old) != 0)
+    return fail(err, errlen, "%s: cannot move aside: %s", dir, strerror(errno));
+  if (rename(tmp, dir) != 0)
+    return fail(err, errlen, "%s: cannot rename to %s: %s", tmp, dir, strerror(errno));
+  if (sync_path(root, err, errlen) != 0) return -1;
+  unlink(link_tmp);
+  if (symlink(name, link_tmp) != 0)
+    return fail(err, errlen, "%s: cannot create: %s", link_tmp, strerror(errno));
+  if (rename(link_tmp, latest) != 0)
+    return fail(err, errlen, "%s: cannot replace: %s", latest, strerror(errno));
+  if (sync_path(root, err, errlen) != 0) return -1;
+  prune(root, s->step, keep_last);
+  return 0;
+}
+
+/* ---- finding a checkpoint ------------------------------------------------------------------ */
+
+int ckpt_find_latest(const char *root, char *out, size_t len, char *err, size_t errlen) {
+  char link[4096], target[4096], model[4096];
+  out[0] = 0;
+  snprintf(link, sizeof link, "%s/latest", root);
+  if (!exists(link)) return 0;
+  ssize_t n = readlink(link, target, sizeof target - 1);
+  if (n < 0) return fail(err, errlen, "%s: not a symlink to a step directory: %s", link, strerror(errno));
+  target[n] = 0;
+  if (target[0] == '/') snprintf(out, len, "%s", target);
+  else snprintf(out, len, "%s/%s", root, target);
+  snprintf(model, sizeof model, "%s/model.h5", out);
+  if (!exists(model))
+    return fail(err, errlen, "%s points at '%s', which is not a whole checkpoint (no model.h5)",
+                link, target);
+  return 1;
+}
+
+int ckpt_resolve(const char *path, char *out, size_t len, char *err, size_t errlen) {
+  char probe[4096];
+  struct stat st;
+  if (stat(path, &st) != 0 || !S_ISDIR(st.st_mode))
+    return fail(err, errlen, "%s: no such checkpoint directory", path);
+  snprintf(probe, sizeof probe, "%s/model.h5", path);
+  if (exists(probe)) {
+    snprintf(out, len, "%s", path);
+    return 0;
+  }
+  int found = ckpt_find_latest(path, out, len, err, errlen);
+  if (found < 0) return -1;
+  if (found == 0)
+    return fail(err, errlen, "%s: not a checkpoint: it holds neither model.h5 (a step directory) "
+                "nor latest (a checkpoint directory)", path);
+  return 0;
+}
+
+/* ---- reading ------------------------------------------------------------------------------- */
+
+struct link {
+  char *name;   /* the dataset's name in model.h5: a tensor name plus its part's suffix */
+  int file;     /* into ckpt.files */
+  char *obj;    /* the dataset inside that file */
+};
+
+struct ckpt {
+  char dir[4096], model_path[4200];
+  struct ckpt_state state;
+  uint8_t *job;
+  struct link *links;
+  size_t n_links, cap_links;
+  char **names;   /* weight tensors, sorted */
+  size_t n_names;
+  char **files;   /* stage file names (in dir) */
+  hid_t *file_ids;
+  int n_files;
+};
+
+struct lister {
+  struct ckpt *c;
+  char *err;
+  size_t errlen;
+};
+
+static int file_index(struct ckpt *c, const char *file) {
+  for (int i = 0; i < c->n_files; i++)
+    if (!strcmp(c->files[i], file)) return i;
+  c->files = xrealloc(c->files, (size_t)(c->n_files + 1) * sizeof *c->files);
+  c->file_ids = xrealloc(c->file_ids, (size_t)(c->n_files + 1) * sizeof *c->file_ids);
+  c->files[c->n_files] = xstrdup(file);
+  c->file_ids[c->n_files] = -1;
+  return c->n_files++;
+}
+
+static herr_t list_one(hid_t group, const char *name, const H5L_info_t *info, void *data) {
+  struct lister *l = data;
+  struct ckpt *c = l->c;
+  char *err = l->err;
+  size_t errlen = l->errlen;
+  if (info->type != H5L_TYPE_EXTERNAL) return 0;   /* config, job.pb */
+  char *val = xmalloc(info->u.val_size);
+  const char *file, *obj;
+  unsigned flags;
+  int rc = -1;
+  H5_CHECK(H5Lget_val(group, name, val, info->u.val_size, H5P_DEFAULT), "%s: link '%s'",
+           c->model_path, name);
+  H5_CHECK(H5Lunpack_elink_val(val, info->u.val_size, &flags, &file, &obj), "%s: link '%s'",
+           c->model_path, name);
+  /* a checkpoint only ever links to its own directory */
+  if (strchr(file, '/')) {
+    fail(err, errlen, "%s: tensor '%s' links outside the checkpoint, to '%s'", c->model_path,
+         name, file);
+    goto out;
+  }
+  if (c->n_links == c->cap_links)
+    c->links = xrealloc(c->links, (c->cap_links = c->cap_links ? 2 * c->cap_links : 64) *
+                                      sizeof *c->links);
+  c->links[c->n_links++] = (struct link){xstrdup(name), file_index(c, file), xstrdup(obj)};
+  rc = 0;
+out:
+  free(val);
+  return rc;
+}
+
+static int by_link_name(const void *a, const void *b) {
+  return strcmp(((const struct link *)a)->name, ((const struct link *)b)->name);
+}
+
+static int has_suffix(const char *s, const char *suffix) {
+  size_t n = strlen(s), k = strlen(suffix);
+  return n >= k && !strcmp(s + n - k, suffix);
+}
+
+static int read_config(hid_t model, const char *path, struct qwen3_config *c, char *err,
+                       size_t errlen) {
+  int rc = -1;
+  hid_t g = -1;
+  H5_CHECK(g = H5Gopen2(model, "config", H5P_DEFAULT), "%s: no group 'config'", path);
+  int64_t v[9];
+  const char *keys[9] = {"hidden_size", "num_hidden_layers", "num_attention_heads",
+                         "num_key_value_heads", "head_dim", "intermediate_size", "vocab_size",
+                         "tie_word_embeddings", "max_position_embeddings"};
+  for (int i = 0; i < 9; i++)
+    if (get_i64(g, path, keys[i], &v[i], err, errlen) != 0) goto out;
+  *c = (struct qwen3_config){.hidden_size = (int)v[0], .num_layers = (int)v[1],
+                             .num_heads = (int)v[2], .num_kv_heads = (int)v[3],
+                             .head_dim = (int)v[4], .intermediate_size = (int)v[5],
+                             .vocab_size = (int)v[6], .tie_embeddings = (int)v[7],
+                             .max_seq_len = (int)v[8]};
+  if (get_attr(g, path, "rope_theta", H5T_NATIVE_DOUBLE, &c->rope_theta, err, errlen) != 0 ||
+      get_attr(g, path, "rms_norm_eps", H5T_NATIVE_DOUBLE, &c->rms_norm_eps, err, errlen) != 0)
+    goto out;
+  rc = 0;
+out:
+  close_id(g);
+  return rc;
+}
+
+static int read_job(hid_t model, struct ckpt *c, char *err, size_t errlen) {
+  int rc = -1;
+  hid_t ds = -1, space = -1;
+  htri_t there;
+  H5_CHECK(there = H5Lexists(model, "job.pb", H5P_DEFAULT), "%s: 'job.pb'", c->model_path);
+  if (!there) return 0;
+  H5_CHECK(ds = H5Dopen2(model, "job.pb", H5P_DEFAULT), "%s: cannot open 'job.pb'", c->model_path);
+  H5_CHECK(space = H5Dget_space(ds), "%s: 'job.pb'", c->model_path);
+  hssize_t n;
+  H5_CHECK(n = H5Sget_simple_extent_npoints(space), "%s: 'job.pb'", c->model_path);
+  c->job = xmalloc((size_t)n);
+  H5_CHECK(H5Dread(ds, H5T_NATIVE_UINT8, H5S_ALL, H5S_ALL, H5P_DEFAULT, c->job),
+           "%s: 'job.pb' is damaged", c->model_path);
+  c->state.job = c->job;
+  c->state.job_len = (size_t)n;
+  rc = 0;
+out:
+  close_id(space);
+  close_id(ds);
+  return rc;
+}
+
+static int open_model(struct ckpt *c, char *err, size_t errlen) {
+  int rc = -1;
+  hid_t model = -1;
+  int64_t version, step, n_stages;
+  H5_CHECK(model = H5Fopen(c->model_path, H5F_ACC_RDONLY, H5P_DEFAULT),
+           "%s: cannot open (truncated or damaged?)", c->model_path);
+  if (get_i64(model, c->model_path, "format_version", &version, err, errlen) != 0) goto out;
+  if (version != CKPT_FORMAT_VERSION) {
+    fail(err, errlen, "%s: checkpoint format version %lld; this build reads version %d",
+         c->model_path, (long long)version, CKPT_FORMAT_VERSION);
+    goto out;
+  }
+  if (get_i64(model, c->model_path, "step", &step, err, errlen) != 0 ||
+      get_attr(model, c->model_path, "samples_seen", H5T_NATIVE_UINT64, &c->state.samples_seen,
+               err, errlen) != 0 ||
+      get_attr(model, c->model_path, "tokens_seen", H5T_NATIVE_UINT64, &c->state.tokens_seen,
+               err, errlen) != 0 ||
+      get_i64(model, c->model_path, "n_stages", &n_stages, err, errlen) != 0 ||
+      read_config(model, c->model_path, &c->state.config, err, errlen) != 0 ||
+      read_job(model, c, err, errlen) != 0)
+    goto out;
+  c->state.step = step;
+  c->state.n_stages = (int)n_stages;
+  struct lister l = {c, err, errlen};
+  err[0] = 0;
+  if (H5Literate(model, H5_INDEX_NAME, H5_ITER_INC, NULL, list_one, &l) < 0) {
+    if (!err[0]) h5_fail(err, errlen, "%s: cannot list its tensors", c->model_path);
+    goto out;
+  }
+  rc = 0;
+out:
+  close_id(model);
+  return rc;
+}
+
+int ckpt_open(struct ckpt **out, const char *path, char *err, size_t errlen) {
+  *out = NULL;
+  struct ckpt *c = xcalloc(1, sizeof *c);
+  if (ckpt_resolve(path, c->dir, sizeof c->dir, err, errlen) != 0) {
+    free(c);
+    return -1;
+  }
+  snprintf(c->model_path, sizeof c->model_path, "%s/model.h5", c->dir);
+  struct quiet q;
+  quiet_on(&q);
+  int rc = open_model(c, err, errlen);
+  quiet_off(&q);
+  if (rc != 0) {
+    ckpt_close(c);
+    return -1;
+  }
+  qsort(c->links, c->n_links, sizeof *c->links, by_link_name);
+  c->names = xmalloc((c->n_links ? c->n_links : 1) * sizeof *c->names);
+  for (size_t i = 0; i < c->n_links; i++)
+    if (!has_suffix(c->links[i].name, PART_SUFFIX[CKPT_ADAM_M]) &&
+        !has_suffix(c->links[i].name, PART_SUFFIX[CKPT_ADAM_V]))
+      c->names[c->n_names++] = c->links[i].name;
+  *out = c;
+  return 0;
+}
+
+void ckpt_close(struct ckpt *c) {
+  if (!c) return;
+  for (int i = 0; i < c->n_files; i++) {
+    if (c->file_ids[i] >= 0) H5Fclose(c->file_ids[i]);
+    free(c->files[i]);
+  }
+  for (size_t i = 0; i < c->n_links; i++) {
+    free(c->links[i].name);
+    free(c->links[i].obj);
+  }
+  free(c->files);
+  free(c->file_ids);
+  free(c->links);
+  free(c->names);
+  free(c->job);
+  free(c);
+}
+
+const char *ckpt_dir(const struct ckpt *c) { return c->dir; }
+const struct ckpt_state *ckpt_get_state(const struct ckpt *c) { return &c->state; }
+size_t ckpt_count(const struct ckpt *c) { return c->n_names; }
+const char *ckpt_name_at(const struct ckpt *c, size_t i) { return c->names[i]; }
+
+static void shape_text(char *out, size_t len, int ndim, const int64_t *shape) {
+  if (ndim == 1) snprintf(out, len, "[%lld]", (long long)shape[0]);
+  else snprintf(out, len, "[%lld, %lld]", (long long)shape[0], (long long)shape[1]);
+}
+
+/* Opens the dataset of tensor `name`, part `part`; *file_path names its stage file. */
+static hid_t open_tensor(struct ckpt *c, const char *name, enum ckpt_part part,
+                         char *file_path, size_t fp_len, char *err, size_t errlen) {
+  char full[256];
+  snprintf(full, sizeof full, "%s%s", name, PART_SUFFIX[part]);
+  struct link key = {.name = full};
+  const struct link *l = bsearch(&key, c->links, c->n_links, sizeof *c->links, by_link_name);
+  if (!l) {
+    fail(err, errlen, "%s: the checkpoint has no tensor '%s'%s (a checkpoint of another model "
+         "shape?)", c->model_path, full, part == CKPT_WEIGHTS ? "" : " (AdamW moments)");
+    return -1;
+  }
+  snprintf(file_path, fp_len, "%s/%s", c->dir, c->files[l->file]);
+  hid_t ds = -1;
+  if (c->file_ids[l->file] < 0) {
+    if (!exists(file_path)) {
+      fail(err, errlen, "%s: missing (it holds tensor '%s')", file_path, full);
+      return -1;
+    }
+    H5_CHECK(c->file_ids[l->file] = H5Fopen(file_path, H5F_ACC_RDONLY, H5P_DEFAULT),
+             "%s: cannot open, truncated or damaged (it holds tensor '%s')", file_path, full);
+  }
+  H5_CHECK(ds = H5Dopen2(c->file_ids[l->file], l->obj, H5P_DEFAULT),
+           "%s: tensor '%s' is missing or damaged", file_path, full);
+out:
+  return ds;
+}
+
+static int tensor_shape(hid_t ds, const char *file_path, const char *name, int *ndim,
+                        int64_t shape[2], char *err, size_t errlen) {
+  int rc = -1;
+  hid_t space = -1;
+  hsize_t dims[2] = {0, 0};
+  int nd;
+  H5_CHECK(space = H5Dget_space(ds), "%s: tensor '%s'", file_path, name);
+  H5_CHECK(nd = H5Sget_simple_extent_ndims(space), "%s: tensor '%s'", file_path, name);
+  if (nd < 1 || nd > 2) {
+    fail(err, errlen, "%s: tensor '%s' has %d dimensions, not 1 or 2", file_path, name, nd);
+    goto out;
+  }
+  H5_CHECK(H5Sget_simple_extent_dims(space, dims, NULL), "%s: tensor '%s'", file_path, name);
+  *ndim = nd;
+  shape[0] = (int64_t)dims[0];
+  shape[1] = nd > 1 ? (int64_t)dims[1] : 1;
+  rc = 0;
+out:
+  close_id(space);
+  return rc;
+}
+
+int ckpt_shape(struct ckpt *c, const char *name, int *ndim, int64_t shape[2], char *err,
+               size_t errlen) {
+  char file_path[8200];
+  struct quiet q;
+  quiet_on(&q);
+  hid_t ds = open_tensor(c, name, CKPT_WEIGHTS, file_path, sizeof file_path, err, errlen);
+  int rc = ds < 0 ? -1 : tensor_shape(ds, file_path, name, ndim, shape, err, errlen);
+  close_id(ds);
+  quiet_off(&q);
+  return rc;
+}
+
+int ckpt_read(struct ckpt *c, const char *name, enum ckpt_part part, int ndim,
+              const int64_t *shape, float *dst, char *err, size_t errlen) {
+  char file_path[8200], full[256], have[64], want[64];
+  snprintf(full, sizeof full, "%s%s", name, PART_SUFFIX[part]);
+  struct quiet q;
+  quiet_on(&q);
+  int rc = -1, nd;
+  int64_t stored[2];
+  hid_t ds = open_tensor(c, name, part, file_path, sizeof file_path, err, errlen);
+  if (ds < 0 || tensor_shape(ds, file_path, full, &nd, stored, err, errlen) != 0) goto out;
+  if (nd != ndim || stored[0] != shape[0] || (ndim == 2 && stored[1] != shape[1])) {
+    shape_text(have, sizeof have, nd, stored);
+    shape_text(want, sizeof want, ndim, shape);
+    fail(err, errlen, "%s: tensor '%s' has shape %s, the job's model needs %s (a checkpoint of "
+         "another model shape?)", file_path, full, have, want);
+    goto out;
+  }
+  H5_CHECK(H5Dread(ds, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, dst),
+           "%s: tensor '%s' fails its checksum or cannot be read: the file is damaged",
+           file_path, full);
+  rc = 0;
+out:
+  close_id(ds);
+  quiet_off(&q);
+  return rc;
+}

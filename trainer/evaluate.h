@@ -1,0 +1,23 @@
+/* Evaluation: validation loss, perplexity and per-document scores over data.valid, and
+ * generation for eval.prompts, through the same pipeline and block table as training. */
+#ifndef QWEN3_EVALUATE_H
+#define QWEN3_EVALUATE_H
+
+#include "comm/comm.h"
+#include "trainer/job.h"
+#include "worker/worker.h"
+
+struct eval_summary {
+  int has_valid;
+  double valid_loss, valid_ppl;
+  double valid_tokens;
+};
+
+/* Collective. Replica 0 evaluates; the other replicas return at once. Rank 0 prints the
+ * results and writes output_dir/scores.jsonl and appends to output_dir/eval.jsonl; the summary
+ * is filled on rank 0. Dies (the whole job) when eval.check_kv finds the cached and replayed
+ * paths apart. The worker is left reshaped: the caller reshapes it back for training. */
+void evaluate(const Job *job, struct comm *c, struct worker *w, int step,
+              struct eval_summary *summary);
+
+#endif

@@ -1,0 +1,115 @@
+#include "trainer/generate.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/util.h"
+
+/* Tags of the pipeline's messages: activations of prompt p use tag p, its tokens TOKEN_TAG + p. */
+#define TOKEN_TAG 16384
+
+struct sequence {
+  int32_t *ids;          /* prompt then completion */
+  int32_t *positions;
+  int len, prompt_len;
+  int done;
+  struct kv_cache kv;
+  double started;
+};
+
+/* One forward of a sequence's new tokens through this stage, moving activations between
+ * stages; on the last stage the logits of the last token land in `logits`. */
+static void stage_forward(struct worker *w, struct comm *c, struct sequence *s, int p, int from,
+                          struct kv_cache *kv, float *logits) {
+  int n = s->len - from;
+  size_t bytes = (size_t)n * w->plan.cfg.hidden_size * sizeof(float);
+  if (c->stage > 0) comm_recv(c, worker_input(w, 0), bytes, c->stage - 1, p);
+  worker_infer(w, s->ids + from, s->positions + from, n, kv, logits);
+  if (c->stage < c->pp - 1) comm_send(c, worker_output(w, 0), bytes, c->stage + 1, p);
+}
+
+/* Appends a token; returns whether the sequence is now finished. */
+static int append(struct sequence *s, struct gen_result *r, const struct gen_config *g,
+                  int32_t tok) {
+  s->ids[s->len] = tok;
+  s->positions[s->len] = s->len;
+  s->len++;
+  r->ids[r->n++] = tok;
+  if (r->n == 1) r->prefill_s = now_seconds() - s->started;
+  r->decode_s = now_seconds() - s->started - r->prefill_s;
+  r->stopped = sampler_is_stop(tok, g->stop, g->n_stop);
+  s->done = r->stopped || r->n >= g->max_new_tokens;
+  return s->done;
+}
+
+void generate(struct worker *w, struct comm *c, const struct gen_config *g, int n_prompts,
+              int32_t *const *prompts, const int *prompt_len, struct gen_result *out) {
+  int last = c->stage == c->pp - 1, vocab = w->plan.cfg.vocab_size;
+  int max_len = 0;
+  for (int p = 0; p < n_prompts; p++)
+    if (prompt_len[p] + g->max_new_tokens > max_len) max_len = prompt_len[p] + g->max_new_tokens;
+  memset(out, 0, (size_t)n_prompts * sizeof *out);
+  if (g->max_new_tokens <= 0 || n_prompts == 0) return;
+  worker_reshape(w, 1, max_len, 1);
+
+  struct sequence *seq = xcalloc((size_t)n_prompts, sizeof *seq);
+  for (int p = 0; p < n_prompts; p++) {
+    struct sequence *s = &seq[p];
+    s->ids = xmalloc((size_t)max_len * sizeof(int32_t));
+    s->positions = xmalloc((size_t)max_len * sizeof(int32_t));
+    memcpy(s->ids, prompts[p], (size_t)prompt_len[p] * sizeof(int32_t));
+    for (int t = 0; t < max_len; t++) s->positions[t] = t;
+    s->len = s->prompt_len = prompt_len[p];
+    if (g->use_kv) kv_cache_init(&s->kv, w, max_len);
+    out[p].ids = xmalloc((size_t)g->max_new_tokens * sizeof(int32_t));
+    out[p].first_mismatch = -1;
+  }
+  float *logits = last ? xmalloc((size_t)vocab * sizeof(float)) : NULL;
+  float *replay = last && g->check_kv ? xmalloc((size_t)vocab * sizeof(float)) : NULL;
+  void *scratch = last ? xmalloc(sampler_scratch_bytes(vocab)) : NULL;
+
+  /* Every stage walks (round, prompt) in the same order, so the pipeline fills with the
+   * prompts: while the last stage samples prompt p, stage 0 already runs prompt p + 1. A stage
+   * other than the last learns a token (and whether its sequence ended) just before it needs
+   * it, at the start of the next round. */
+  for (int round = 0;; round++) {
+    int busy = 0;
+    for (int p = 0; p < n_prompts; p++) {
+      struct sequence *s = &seq[p];
+      if (s->done) continue;
+      if (round == 0) s->started = now_seconds();
+      if (round > 0 && !last) {
+        int32_t tok;
+        comm_recv(c, &tok, sizeof tok, c->pp - 1, TOKEN_TAG + p);
+        if (append(s, &out[p], g, tok)) continue;
+      }
+      int from = g->use_kv && round > 0 ? s->len - 1 : 0;
+      stage_forward(w, c, s, p, from, g->use_kv ? &s->kv : NULL, logits);
+      if (g->check_kv) stage_forward(w, c, s, p, 0, NULL, replay);
+      busy = 1;
+      if (!last) continue;
+      int32_t tok = sampler_next(&g->sampler, logits, vocab, (uint32_t)p, (uint32_t)round, scratch);
+      if (g->check_kv) {
+        for (int v = 0; v < vocab; v++)
+          out[p].max_logit_diff = fmaxf(out[p].max_logit_diff, fabsf(logits[v] - replay[v]));
+        int32_t other = sampler_next(&g->sampler, replay, vocab, (uint32_t)p, (uint32_t)round, scratch);
+        if (other != tok && out[p].first_mismatch < 0) out[p].first_mismatch = round;
+      }
+      for (int to = 0; to < c->pp - 1; to++) comm_send(c, &tok, sizeof tok, to, TOKEN_TAG + p);
+      append(s, &out[p], g, tok);
+    }
+    if (!busy) break;
+  }
+  comm_wait_sends(c);
+
+  for (int p = 0; p < n_prompts; p++) {
+    if (g->use_kv) kv_cache_free(&seq[p].kv, w);
+    free(seq[p].ids);
+    free(seq[p].positions);
+  }
+  free(seq);
+  free(logits);
+  free(replay);
+  free(scratch);
+}

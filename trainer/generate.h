@@ -1,0 +1,38 @@
+/* Text generation through the pipeline: prefill, then decode, every stage keeping its layers'
+ * KV cache; the last stage samples and sends each token back to the other stages. */
+#ifndef QWEN3_GENERATE_H
+#define QWEN3_GENERATE_H
+
+#include <stdint.h>
+
+#include "comm/comm.h"
+#include "worker/sampler.h"
+#include "worker/worker.h"
+
+struct gen_config {
+  int max_new_tokens;
+  struct sampler sampler;
+  const int *stop;   /* token ids that end a completion (kept in the output) */
+  int n_stop;
+  int use_kv;        /* 0: the reference path, a full replay of the sequence per token */
+  int check_kv;      /* also run the replay per token and compare it with the cached path */
+};
+
+struct gen_result {
+  int32_t *ids;          /* the completion (malloc'd), stop token included */
+  int n;
+  int stopped;           /* ended by a stop token, not by max_new_tokens */
+  double prefill_s;      /* stage 0's view: until the first token came back */
+  double decode_s;       /* from the first to the last token */
+  /* check_kv, on the last stage: */
+  float max_logit_diff;  /* over every step */
+  int first_mismatch;    /* first step whose tokens differ between the two paths; -1: none */
+};
+
+/* Collective over the stages of one replica: each stage calls it with the same prompts. The
+ * worker is reshaped for one sequence of the longest prompt + max_new_tokens. Results are
+ * complete on stage 0 (ids, timings) and on the last stage (ids, the KV check). */
+void generate(struct worker *w, struct comm *c, const struct gen_config *g, int n_prompts,
+              int32_t *const *prompts, const int *prompt_len, struct gen_result *out);
+
+#endif
