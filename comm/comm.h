@@ -33,9 +33,10 @@ void comm_finalize(struct comm *c);
 /* Ends every rank of the job at once with exit code `code`. */
 _Noreturn void comm_abort(struct comm *c, int code);
 
-/* Point-to-point with another stage of this replica. Sends are asynchronous: the buffer must not
- * change until comm_wait_sends(). Receives block. Messages between a pair of stages with the same
- * tag arrive in the order they were sent. */
+/* Point-to-point with another stage of this replica. Sends never block and the caller may reuse
+ * the buffer as soon as comm_send returns (MPI sends from a copy; NCCL orders the reuse on its
+ * stream); comm_wait_sends waits until every send was delivered. Receives block. Messages
+ * between a pair of stages with the same tag arrive in the order they were sent. */
 void comm_send(struct comm *c, const void *buf, size_t bytes, int to_stage, int tag);
 void comm_recv(struct comm *c, void *buf, size_t bytes, int from_stage, int tag);
 void comm_wait_sends(struct comm *c);

@@ -10,6 +10,7 @@
 #include <mpi.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "comm/comm.h"
 #include "common/util.h"
@@ -28,6 +29,7 @@
 struct mpi_state {
   MPI_Comm pipe, dp, tied;   /* MPI_COMM_NULL until comm_set_layout; tied also off the ends */
   MPI_Request *sends;        /* outstanding comm_send chunks, completed by comm_wait_sends */
+  char **staged;             /* [n_sends]: the copy a send's first chunk owns; NULL for others */
   int n_sends, cap_sends;
   int tag_ub;                /* the largest tag this MPI allows */
 };
@@ -106,19 +108,34 @@ static void check_peer(struct comm *c, int stage, int tag, const char *what) {
 
 static int chunk_of(size_t left) { return left > INT_MAX ? INT_MAX : (int)left; }
 
+/* Frees the copies once every outstanding send completed, so that a long run of sends between
+ * two waits (a generation, say) does not hold every copy. */
+static void reap_sends(struct mpi_state *st) {
+  int all;
+  MPI_CHECK(MPI_Testall(st->n_sends, st->sends, &all, MPI_STATUSES_IGNORE));
+  if (!all) return;
+  for (int i = 0; i < st->n_sends; i++) free(st->staged[i]);
+  st->n_sends = 0;
+}
+
 void comm_send(struct comm *c, const void *buf, size_t bytes, int to_stage, int tag) {
   check_peer(c, to_stage, tag, "comm_send");
   struct mpi_state *st = state(c);
-  const char *p = buf;
+  if (st->n_sends >= 16) reap_sends(st);
+  /* the caller may reuse buf at once (comm.h): MPI sends from a copy of ours */
+  char *copy = xmalloc(bytes);
+  memcpy(copy, buf, bytes);
+  const char *p = copy;
   size_t left = bytes;
   do {   /* once even for 0 bytes: the receive waits for a message */
     int n = chunk_of(left);
     if (st->n_sends == st->cap_sends) {
       st->cap_sends = st->cap_sends ? 2 * st->cap_sends : 16;
       st->sends = xrealloc(st->sends, st->cap_sends * sizeof *st->sends);
+      st->staged = xrealloc(st->staged, st->cap_sends * sizeof *st->staged);
     }
     MPI_CHECK(MPI_Isend(p, n, MPI_BYTE, to_stage, tag, st->pipe, &st->sends[st->n_sends]));
-    st->n_sends++;
+    st->staged[st->n_sends++] = p == copy ? copy : NULL;
     p += n;
     left -= n;
   } while (left > 0);
@@ -144,6 +161,7 @@ void comm_recv(struct comm *c, void *buf, size_t bytes, int from_stage, int tag)
 void comm_wait_sends(struct comm *c) {
   struct mpi_state *st = state(c);
   MPI_CHECK(MPI_Waitall(st->n_sends, st->sends, MPI_STATUSES_IGNORE));
+  for (int i = 0; i < st->n_sends; i++) free(st->staged[i]);
   st->n_sends = 0;
 }
 

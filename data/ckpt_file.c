@@ -147,13 +147,16 @@ int ckpt_begin(const char *root, int64_t step, char *err, size_t errlen) {
 
 /* ---- datasets and attributes --------------------------------------------------------------- */
 
-/* A chunked, Fletcher32-checked dataset of `ndim` dims holding `data` (memory type mem_type). */
+/* A chunked, Fletcher32-checked dataset of `ndim` dims holding `data` (memory type mem_type).
+ * data NULL: all zeros, stored as nothing (a chunk never written reads as the fill value), so
+ * the zero moments of a converted model cost no disk. */
 static int write_dataset(hid_t loc, const char *file, const char *name, hid_t file_type,
                          hid_t mem_type, int ndim, const hsize_t *dims, const void *data,
                          char *err, size_t errlen) {
   int rc = -1;
   hid_t space = -1, dcpl = -1, ds = -1;
   size_t elem = H5Tget_size(file_type);
+  const double zero = 0;
   hsize_t chunk[2] = {dims[0], ndim > 1 ? dims[1] : 1};
   hsize_t row_elems = ndim > 1 ? dims[1] : 1, rows = CHUNK_BYTES / (elem * row_elems);
   chunk[0] = rows < 1 ? 1 : rows < dims[0] ? rows : dims[0];
@@ -161,10 +164,12 @@ static int write_dataset(hid_t loc, const char *file, const char *name, hid_t fi
   H5_CHECK(dcpl = H5Pcreate(H5P_DATASET_CREATE), "%s: tensor '%s'", file, name);
   H5_CHECK(H5Pset_chunk(dcpl, ndim, chunk), "%s: tensor '%s': cannot chunk", file, name);
   H5_CHECK(H5Pset_fletcher32(dcpl), "%s: tensor '%s': no Fletcher32 filter", file, name);
+  H5_CHECK(H5Pset_fill_value(dcpl, H5T_NATIVE_DOUBLE, &zero), "%s: tensor '%s'", file, name);
   H5_CHECK(ds = H5Dcreate2(loc, name, file_type, space, H5P_DEFAULT, dcpl, H5P_DEFAULT),
            "%s: cannot create dataset '%s'", file, name);
-  H5_CHECK(H5Dwrite(ds, mem_type, H5S_ALL, H5S_ALL, H5P_DEFAULT, data),
-           "%s: cannot write tensor '%s'", file, name);
+  if (data)
+    H5_CHECK(H5Dwrite(ds, mem_type, H5S_ALL, H5S_ALL, H5P_DEFAULT, data),
+             "%s: cannot write tensor '%s'", file, name);
   rc = 0;
 out:
   close_id(ds);
@@ -220,8 +225,6 @@ static int get_i64(hid_t loc, const char *file, const char *name, int64_t *v, ch
 struct ckpt_stage_writer {
   hid_t file;
   char path[4096];
-  float *zeros;
-  size_t n_zeros;
 };
 
 int ckpt_stage_create(struct ckpt_stage_writer **out, const char *path, int stage, int n_stages,
@@ -255,16 +258,11 @@ int ckpt_stage_put(struct ckpt_stage_writer *w, const char *name, int ndim, cons
   if (ndim < 1 || ndim > 2 || shape[0] < 1 || (ndim == 2 && shape[1] < 1))
     return fail(err, errlen, "%s: tensor '%s': only non-empty vectors and matrices are stored",
                 w->path, name);
-  if (strchr(name, '/') || !name[0])
-    return fail(err, errlen, "%s: tensor name '%s' is empty or holds '/'", w->path, name);
+  if (strchr(name, '/') || !name[0] || strlen(name) > CKPT_MAX_NAME)
+    return fail(err, errlen, "%s: tensor name '%s' is empty, longer than %d or holds '/'",
+                w->path, name, CKPT_MAX_NAME);
   hsize_t dims[2] = {(hsize_t)shape[0], ndim > 1 ? (hsize_t)shape[1] : 1};
-  size_t n = (size_t)dims[0] * dims[1];
-  if ((!adam_m || !adam_v) && w->n_zeros < n) {
-    free(w->zeros);
-    w->zeros = xcalloc(n, sizeof(float));
-    w->n_zeros = n;
-  }
-  const float *parts[3] = {weights, adam_m ? adam_m : w->zeros, adam_v ? adam_v : w->zeros};
+  const float *parts[3] = {weights, adam_m, adam_v};
   struct quiet q;
   quiet_on(&q);
   int rc = 0;
@@ -288,7 +286,6 @@ int ckpt_stage_finish(struct ckpt_stage_writer *w, char *err, size_t errlen) {
   rc = sync_path(w->path, err, errlen);
 out:
   quiet_off(&q);
-  free(w->zeros);
   free(w);
   return rc;
 }

@@ -39,6 +39,7 @@
 #include "common/qwen3_config.h"
 
 #define CKPT_FORMAT_VERSION 1
+#define CKPT_MAX_NAME 200   /* bytes of a tensor name */
 
 /* The run state of model.h5. */
 struct ckpt_state {
@@ -65,7 +66,8 @@ int ckpt_begin(const char *root, int64_t step, char *err, size_t errlen);
 struct ckpt_stage_writer;
 int ckpt_stage_create(struct ckpt_stage_writer **out, const char *path, int stage, int n_stages,
                       char *err, size_t errlen);
-/* ndim 1 (shape[0]) or 2; adam_m / adam_v NULL: zeros (a model that never trained). */
+/* ndim 1 (shape[0]) or 2; adam_m / adam_v NULL: zeros (a model that never trained), which take
+ * no space in the file. */
 int ckpt_stage_put(struct ckpt_stage_writer *w, const char *name, int ndim, const int64_t *shape,
                    const float *weights, const float *adam_m, const float *adam_v, char *err,
                    size_t errlen);

@@ -63,9 +63,13 @@ static void input_close(struct input *in) {
 /* Why tensor t is not quantized, or NULL if it is. */
 static const char *skip_reason(const struct st_tensor *t, const struct nvfp4_dump_options *o,
                                char *buf, size_t len) {
-  if (!o->all && (strstr(t->name, "embed_tokens") || strstr(t->name, "lm_head") ||
-                  strstr(t->name, "norm")))
-    return "high precision in the recipe (embedding, LM head or norm; --all includes it)";
+  static const char *const HIGH_PRECISION[] = {"embed_tokens", "lm_head", "norm"};
+  for (int i = 0; i < 3 && !o->all; i++)
+    if (strstr(t->name, HIGH_PRECISION[i])) {
+      snprintf(buf, len, "%s stays high precision in the recipe (--all includes it)",
+               HIGH_PRECISION[i]);
+      return buf;
+    }
   if (t->ndim != 2) {
     snprintf(buf, len, "%d-D, not a matrix", t->ndim);
     return buf;
@@ -202,7 +206,7 @@ int nvfp4_dump_quantize(const char *input, const char *out, const struct nvfp4_d
       if (o->log) fprintf(o->log, "skip %s: %s\n", t->name, why);
       continue;
     }
-    if ((rc = dump_tensor(file, tmp, t, o, err, errlen)) != 0) break;
+    if ((rc = dump_tensor(file, out, t, o, err, errlen)) != 0) break;
     sum.quantized++;
     if (o->log)
       fprintf(o->log, "[%zu/%zu] %s [%lld, %lld] %.1fs\n", i + 1, count, t->name,

@@ -2,11 +2,12 @@
  * to nearest) makes of a model's weights, written to HDF5 so that people and tests can look at
  * the exact bytes. `qwen3-nvfp4 quantize` writes one, `qwen3-nvfp4 show` prints an excerpt.
  *
- * Which tensors: every 2-D tensor of a float dtype (F32, BF16, F16, F64) whose rows and columns
- * are multiples of 16. Embeddings, the LM head and norms stay high precision in the recipe, so
- * names containing "embed_tokens", "lm_head" or "norm" are skipped unless `all` is set; `match`
- * (a POSIX extended regex, found anywhere in the name, so a plain substring works) narrows the
- * set. Every skipped tensor is reported with its reason.
+ * Which tensors: every 2-D tensor of a float dtype (F32, BF16, F16, F64) whose shape the blocks
+ * divide (columns a multiple of 16, rows too for 16x16 blocks). Embeddings, the LM head and
+ * norms stay high precision in the recipe, so names containing "embed_tokens", "lm_head" or
+ * "norm" are skipped unless `all` is set; `match` (a POSIX extended regex, found anywhere in the
+ * name, so a plain substring works) narrows the set. Every skipped tensor is reported with its
+ * reason; tensors that `match` leaves out are not.
  *
  * File layout (all datasets chunked, with HDF5's Fletcher32 checksum):
  *   /                      attributes: format_version (int32) = NVFP4_DUMP_VERSION,

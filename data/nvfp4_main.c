@@ -121,8 +121,11 @@ static int cmd_show(int argc, char **argv) {
     for (int bc = 0; bc < (cols + 15) / 16; bc++) {
       uint8_t b = t.scales[(size_t)br * scale_cols + bc];
       float sb = nvfp4_e4m3_decode(b);
-      printf("  block [%s %d, cols %d..%d]  0x%02x  %-10.6g %.6g\n", is16 ? "rows" : "row",
-             is16 ? br * 16 : br, bc * 16, bc * 16 + 15, b, sb, sb * t.scale.dec);
+      char where[64];
+      if (is16) snprintf(where, sizeof where, "rows %d..%d", br * 16, br * 16 + 15);
+      else snprintf(where, sizeof where, "row %d", br);
+      printf("  %-14s cols %5d..%-5d  0x%02x  %-10.6g %.6g\n", where, bc * 16, bc * 16 + 15, b, sb,
+             sb * t.scale.dec);
     }
 
   printf("\n%6s %6s  %4s %5s %14s %14s %12s\n", "row", "col", "code", "e2m1", "dequantized",

@@ -161,7 +161,8 @@ static int ids_record(const struct prep_config *c, const char *rec, size_t len,
     }
     uint64_t v = 0;
     size_t start = i;
-    while (i < len && rec[i] >= '0' && rec[i] <= '9' && v <= UINT32_MAX) v = v * 10 + (uint64_t)(rec[i++] - '0');
+    while (i < len && rec[i] >= '0' && rec[i] <= '9' && v <= UINT32_MAX)
+      v = v * 10 + (uint64_t)(rec[i++] - '0');
     if (i == start || (i < len && rec[i] != ' ' && rec[i] != '\t'))
       return fail(err, errlen, "byte %zu: not a token id", i);
     if (v >= c->vocab_size)
@@ -212,7 +213,7 @@ static void progress_draw(struct progress *p, const struct shard_writer *w, int 
   double now = now_seconds();
   if (!final && now - p->last < 0.2) return;
   p->last = now;
-  char bar[40] = "";   /* no bar when stdin makes the total unknown */
+  char bar[80] = "";   /* no bar when stdin makes the total unknown */
   if (p->total) {
     double frac = final || p->done > p->total ? 1 : (double)p->done / (double)p->total;
     int full = (int)(frac * 30);

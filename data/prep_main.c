@@ -64,7 +64,8 @@ static struct args parse_args(int argc, char **argv) {
     fputs(USAGE, stdout);
     exit(0);
   }
-  if (strcmp(a.command, "tokenize") && strcmp(a.command, "detokenize") && strcmp(a.command, "build"))
+  if (strcmp(a.command, "tokenize") && strcmp(a.command, "detokenize") &&
+      strcmp(a.command, "build"))
     usage_error("unknown command \"%s\"", a.command);
   a.inputs = xcalloc((size_t)argc, sizeof *a.inputs);
   for (int i = 2; i < argc; i++) {
@@ -104,7 +105,8 @@ static struct tokenizer *load_tokenizer(const char *path) {
 
 static int filter(const struct args *a) {
   if (!a->tokenizer) usage_error("%s needs --tokenizer", a->command);
-  if (a->n_inputs) usage_error("%s reads stdin: unexpected argument \"%s\"", a->command, a->inputs[0]);
+  if (a->n_inputs)
+    usage_error("%s reads stdin: unexpected argument \"%s\"", a->command, a->inputs[0]);
   struct tokenizer *t = load_tokenizer(a->tokenizer);
   char err[1024];
   int rc = !strcmp(a->command, "tokenize")

@@ -205,8 +205,8 @@ static int check_pipeline(const json_t *root, char *err, size_t errlen, const ch
     return fail(err, errlen, "model.byte_fallback: not supported");
   if (json_is_true(json_object_get(model, "ignore_merges")))
     return fail(err, errlen, "model.ignore_merges: not supported");
-  if (!json_is_null(json_object_get(model, "dropout")) && json_object_get(model, "dropout"))
-    return fail(err, errlen, "model.dropout: not supported");
+  const json_t *dropout = json_object_get(model, "dropout");
+  if (dropout && !json_is_null(dropout)) return fail(err, errlen, "model.dropout: not supported");
   if (!jempty_or_null(model, "continuing_subword_prefix") ||
       !jempty_or_null(model, "end_of_word_suffix"))
     return fail(err, errlen, "model: continuing_subword_prefix/end_of_word_suffix not supported");
@@ -230,14 +230,15 @@ static int collect_names(const json_t *vocab, const json_t *added, const char **
   }
   size_t i;
   json_array_foreach(added, i, v) {
-    json_int_t id = json_integer_value(json_object_get(v, "id"));
-    if (!json_is_integer(json_object_get(v, "id")) || id < 0 || id >= INT32_MAX || !jstr(v, "content") ||
-        !json_string_length(json_object_get(v, "content")))
+    const json_t *idv = json_object_get(v, "id"), *content = json_object_get(v, "content");
+    json_int_t id = json_integer_value(idv);
+    if (!json_is_integer(idv) || id < 0 || id >= INT32_MAX || !json_string_length(content))
       return fail(err, errlen, "added_tokens[%zu]: needs an id and a non-empty content", i);
     if (json_is_true(json_object_get(v, "lstrip")) || json_is_true(json_object_get(v, "rstrip")) ||
         json_is_true(json_object_get(v, "single_word")) ||
         json_is_true(json_object_get(v, "normalized")))
-      return fail(err, errlen, "added_tokens[%zu]: lstrip/rstrip/single_word/normalized not supported", i);
+      return fail(err, errlen,
+                  "added_tokens[%zu]: lstrip, rstrip, single_word, normalized not supported", i);
     if (id > max_id) max_id = id;
   }
   if (max_id < 0) return fail(err, errlen, "model.vocab: empty");
@@ -312,17 +313,13 @@ static int build_tokens(struct tokenizer *t, const char **names, const size_t *l
 
   for (int b = 0; b < 256; b++) {
     char s[4];
-    utf8proc_ssize_t n = utf8proc_encode_char((utf8proc_int32_t)byte_to_char(b), (utf8proc_uint8_t *)s);
+    utf8proc_ssize_t n =
+      utf8proc_encode_char((utf8proc_int32_t)byte_to_char(b), (utf8proc_uint8_t *)s);
     t->byte_token[b] = name_find(t, s, (size_t)n);
     if (t->byte_token[b] < 0)
       return fail(err, errlen, "model.vocab: no token for byte 0x%02x", b);
   }
   return 0;
-}
-
-static int merge_side(const struct tokenizer *t, const char *s, size_t n, int32_t *id) {
-  *id = name_find(t, s, n);
-  return *id >= 0;
 }
 
 static int build_merges(struct tokenizer *t, const json_t *merges, char *err, size_t errlen) {
@@ -348,12 +345,11 @@ static int build_merges(struct tokenizer *t, const json_t *merges, char *err, si
     } else {
       return fail(err, errlen, "model.merges[%zu]: neither \"a b\" nor [\"a\", \"b\"]", r);
     }
-    int32_t a, b, ab;
     if (ln + rn > sizeof joined) return fail(err, errlen, "model.merges[%zu]: too long", r);
     memcpy(joined, l, ln);
     memcpy(joined + ln, rt, rn);
-    if (!merge_side(t, l, ln, &a) || !merge_side(t, rt, rn, &b) ||
-        !merge_side(t, joined, ln + rn, &ab))
+    int32_t a = name_find(t, l, ln), b = name_find(t, rt, rn), ab = name_find(t, joined, ln + rn);
+    if (a < 0 || b < 0 || ab < 0)
       return fail(err, errlen, "model.merges[%zu]: \"%.*s\" + \"%.*s\" is not in model.vocab", r,
                   (int)ln, l, (int)rn, rt);
     merge_insert(t, a, b, (int32_t)r, ab);
@@ -430,8 +426,9 @@ static int compile_split(struct tokenizer *t, const char *regex, char *err, size
   if (!t->split) {
     char msg[256];
     pcre2_get_error_message(code, (PCRE2_UCHAR *)msg, sizeof msg);
-    return fail(err, errlen, "pre_tokenizer Split regex: %s (at offset %zu of it, with \\s spelled out)",
-                msg, (size_t)at);
+    return fail(err, errlen,
+                "pre_tokenizer Split regex: %s (at offset %zu of it, with \\s spelled out)", msg,
+                (size_t)at);
   }
   /* JIT is only speed; without it (a platform PCRE2 lacks it for) matching still works */
   pcre2_jit_compile(t->split, PCRE2_JIT_COMPLETE);
@@ -528,7 +525,10 @@ struct encoder {
 };
 
 static void emit(struct encoder *e, int32_t id) {
-  if (e->n == e->cap) e->out = xrealloc(e->out, (e->cap = e->cap ? 2 * e->cap : 256) * sizeof *e->out);
+  if (e->n == e->cap) {
+    e->cap = e->cap ? 2 * e->cap : 256;
+    e->out = xrealloc(e->out, e->cap * sizeof *e->out);
+  }
   e->out[e->n++] = id;
 }
 

@@ -15,6 +15,9 @@ OUT_DIR/<case>/:
                         includes the head's); greedy.prompt I32 [6]; greedy.output I32 [12]
                         (new tokens only; generate() with and without KV cache agreed, and
                         so did a plain argmax loop)
+  documents.ids         each row of input_ids as a line of space-separated ids
+  documents.nll         per row: the number of predicted tokens and the sum of their NLL
+  greedy.ids            the greedy prompt, then the greedy output, comma-separated
 
 and OUT_DIR/manifest.json naming the versions that produced them. Every weight, norms included,
 is drawn away from its initial value, so a loader that skips a tensor cannot pass.
@@ -202,6 +205,17 @@ def build_case(out_dir, name, c):
     expected["greedy.output"] = greedy(model, prompt).to(torch.int32).contiguous()
     meta = {"format": "pt", "transformers": transformers.__version__, "torch": torch.__version__}
     save_file(expected, os.path.join(case_dir, "expected.safetensors"), metadata=meta)
+    # Plain-text copies for the shell tests of qwen3-prep and qwen3-train: each row of
+    # input_ids as a document, its NLL count and sum, and the greedy prompt and output.
+    with open(os.path.join(case_dir, "documents.ids"), "w") as f:
+        for row in ids.tolist():
+            f.write(" ".join(map(str, row)) + "\n")
+    with open(os.path.join(case_dir, "documents.nll"), "w") as f:
+        for row in nll.detach().double().tolist():
+            f.write(f"{len(row)} {sum(row):.9g}\n")
+    with open(os.path.join(case_dir, "greedy.ids"), "w") as f:
+        f.write(",".join(map(str, expected["greedy.prompt"].tolist())) + "\n")
+        f.write(",".join(map(str, expected["greedy.output"].tolist())) + "\n")
 
     # The files stand on their own: reloaded weights give the same logits, saved tensors read back.
     again = reload_logits(case_dir, ids)

@@ -202,13 +202,27 @@ int job_set(Job *job, const char *assignment, char *err, size_t errlen) {
     if (!last) return set_fail(err, errlen, "--set %s: '%s' is not a section", path, name);
     size_t size = scalar_size(f);
     unsigned char parsed[8];
+    if (f->label == PROTOBUF_C_LABEL_REPEATED) {   /* a,b,c replaces the whole list */
+      char *items = xstrdup(value), *item_save = NULL;
+      size_t n = 0;
+      char *list = NULL;
+      for (char *item = strtok_r(items, ",", &item_save); item;
+           item = strtok_r(NULL, ",", &item_save)) {
+        if (parse_scalar(f, path, item, parsed, err, errlen) != 0) {
+          free(items);
+          free(list);
+          return -1;
+        }
+        list = xrealloc(list, (n + 1) * size);
+        memcpy(list + n++ * size, parsed, size);
+      }
+      free(items);
+      *(void **)base = list;
+      *(size_t *)((char *)msg + f->quantifier_offset) = n;
+      return 0;
+    }
     if (parse_scalar(f, path, value, parsed, err, errlen) != 0) return -1;
-    if (f->label == PROTOBUF_C_LABEL_REPEATED) {
-      void **list = (void **)base;
-      *list = xmalloc(size);
-      memcpy(*list, parsed, size);
-      *(size_t *)((char *)msg + f->quantifier_offset) = 1;
-    } else {
+    {
       memcpy(base, parsed, size);
       if (f->quantifier_offset && f->type != PROTOBUF_C_TYPE_STRING)
         *(protobuf_c_boolean *)((char *)msg + f->quantifier_offset) = 1;

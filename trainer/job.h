@@ -16,7 +16,7 @@ typedef Qwen3__Job Job;
 Job *job_load(const char *path);
 
 /* Applies "section.field=value" (scalars, enums by name, strings; a repeated scalar field is
- * replaced by the one value; a repeated message such as eval.prompts is replaced by one new
+ * replaced by the comma-separated values; a repeated message such as eval.prompts is replaced by one new
  * element on the first assignment that reaches it, which later assignments fill in).
  * Returns 0, or -1 with err naming the field and what is allowed. */
 int job_set(Job *job, const char *assignment, char *err, size_t errlen);

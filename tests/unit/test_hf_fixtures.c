@@ -130,8 +130,8 @@ int main(void) {
   int cases = 0;
   struct dirent *e;
   char *names[64];
-  while (d && (e = readdir(d)) && cases < 64)
-    if (e->d_name[0] != '.') names[cases++] = xstrdup(e->d_name);
+  while (d && (e = readdir(d)) && cases < 64)   /* one directory per model */
+    if (e->d_name[0] != '.' && !strchr(e->d_name, '.')) names[cases++] = xstrdup(e->d_name);
   if (d) closedir(d);
   /* readdir order is the file system's: sort for a stable report */
   qsort(names, (size_t)cases, sizeof *names, by_name);

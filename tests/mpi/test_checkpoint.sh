@@ -1,0 +1,200 @@
+#!/usr/bin/env bash
+# Checkpoints of the tiny job under mpirun (2 pipeline stages): the files on disk (h5ls shows
+# every tensor by its Hugging Face name, model.h5 links to them, keep_last), SIGTERM to the ranks
+# and SIGUSR1 to mpirun (save at the step reached, exit 0, resume continues), SIGKILL at random
+# moments with a checkpoint every step (the previous checkpoint always loads), a stale .tmp
+# directory, damage refused naming the file and tensor (a flipped byte, a truncated or missing
+# stage file, another model shape), and init.checkpoint from qwen3-convert's output.
+# Usage: bash tests/mpi/test_checkpoint.sh BUILD_DIR
+set -u
+build=${1:?usage: test_checkpoint.sh BUILD_DIR}
+train=$build/qwen3-train convert=$build/qwen3-convert job=$build/jobs/tiny.pb
+data=$build/data/tiny.h5
+for f in "$train" "$convert" "$job" "$data"; do
+  [ -e "$f" ] || { echo "FAIL $f not built"; echo "0 passed, 1 failed"; exit 1; }
+done
+command -v h5ls >/dev/null || { echo "FAIL h5ls not found (hdf5-tools)"; echo "0 passed, 1 failed"; exit 1; }
+source scripts/env.sh
+export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
+work=$(mktemp -d)
+log=$work/log
+trap 'rm -rf "$work"' EXIT
+passed=0 failed=0
+
+result() {   # result OK NAME [DETAIL]: one PASS/FAIL line; on failure the run's output too
+  if [ "$1" = 1 ]; then
+    echo "PASS $2"
+    passed=$((passed + 1))
+  else
+    echo "FAIL $2${3:+: $3}"
+    sed 's/^/    /' "$log" | tail -n 20
+    failed=$((failed + 1))
+  fi
+}
+
+tiny=(--set data.train="$data" --set train.log_every=1 --set parallel.pipeline_stages=2)
+
+# run OUT [--set a=b ...]: the tiny job on 2 ranks (2 stages), output in $log, exit code in rc
+run() {
+  local out=$1
+  shift
+  timeout 120 $MPIRUN -np 2 "$train" "$job" "${tiny[@]}" --set output_dir="$out" "$@" >"$log" 2>&1
+  rc=$?
+}
+
+# start OUT [--set ...]: the same in the background, for 3000 steps; its pid in job_pid
+start() {
+  local out=$1
+  shift
+  $MPIRUN -np 2 "$train" "$job" "${tiny[@]}" --set output_dir="$out" --set train.steps=3000 \
+    "$@" >"$log" 2>&1 &
+  job_pid=$!
+}
+
+# wait_steps OUT N: until OUT/metrics.jsonl has N steps (at most 60 s)
+wait_steps() {
+  for _ in $(seq 600); do
+    [ "$(cat "$1/metrics.jsonl" 2>/dev/null | wc -l)" -ge "$2" ] && return 0
+    sleep 0.1
+  done
+  return 1
+}
+
+# ranks PID: the qwen3-train processes under the mpirun started as PID
+ranks() {
+  local p
+  for p in $(pgrep -P "$1"); do
+    [ "$(cat /proc/"$p"/comm 2>/dev/null)" = qwen3-train ] && echo "$p"
+    ranks "$p"
+  done
+}
+
+last_step() { tail -n 1 "$1/metrics.jsonl" | grep -o '"step":[0-9]*' | cut -d: -f2; }
+first_step() { head -n 1 "$1/metrics.jsonl" | grep -o '"step":[0-9]*' | cut -d: -f2; }
+
+# --- the files on disk --------------------------------------------------------------------
+run "$work/a" --set train.steps=10 --set checkpoint.every=4 --set checkpoint.keep_last=2
+ck=$work/a/checkpoints
+ok=0
+[ $rc = 0 ] && [ "$(readlink "$ck/latest")" = step_00000010 ] && [ -d "$ck/step_00000008" ] &&
+  [ ! -e "$ck/step_00000004" ] && ok=1
+result $ok "saves at steps 4, 8, 10; keep_last 2 keeps 8 and 10; latest -> step_00000010" \
+  "exit $rc; $(ls "$ck" | tr '\n' ' ')"
+h5ls -r "$ck/latest/model.h5" >"$log" 2>&1
+ok=0
+grep -q '^/model.layers.1.mlp.down_proj.weight *External Link {stage_001_of_002.h5//model.layers.1.mlp.down_proj.weight}' "$log" &&
+  grep -q '^/model.embed_tokens.weight.adam_v *External Link {stage_000_of_002.h5//' "$log" &&
+  [ "$(grep -c 'External Link' "$log")" = $((3 * 24)) ] && ok=1
+result $ok "h5ls -r model.h5: 24 tensors x (weights, adam_m, adam_v) linked by name"
+h5ls -r "$ck/latest/stage_001_of_002.h5" >"$log" 2>&1
+ok=0
+grep -q '^/model.norm.weight *Dataset {64}' "$log" &&
+  grep -q '^/model.layers.1.self_attn.q_proj.weight.adam_m *Dataset {64, 64}' "$log" &&
+  ! grep -q embed_tokens "$log" && ok=1
+result $ok "h5ls -r stage 1: HF names and shapes; the tied embedding only in stage 0"
+h5dump -A -g / "$ck/latest/model.h5" >"$log" 2>&1
+ok=0
+grep -A4 'ATTRIBUTE "step"' "$log" | grep -q '(0): 10' &&
+  grep -A4 'ATTRIBUTE "samples_seen"' "$log" | grep -q '(0): 160' && ok=1
+result $ok "model.h5 holds step 10 and samples_seen 160"
+
+# --- signals: save at the step reached, exit 0, resume continues ----------------------------
+for how in "TERM ranks" "USR1 mpirun"; do
+  read -r sig target <<<"$how"
+  out=$work/sig-$sig
+  start "$out"
+  ok=0
+  if wait_steps "$out" 5; then
+    if [ "$target" = ranks ]; then kill -"$sig" $(ranks "$job_pid"); else kill -"$sig" $(pgrep -P "$job_pid" -x mpirun || echo "$job_pid"); fi
+  fi
+  wait "$job_pid"
+  rc=$?
+  n=$(last_step "$out")
+  [ $rc = 0 ] && grep -q "stopped by a signal after step $n; checkpoint saved" "$log" &&
+    [ "$(readlink "$out/checkpoints/latest")" = "$(printf step_%08d "$n")" ] && ok=1
+  result $ok "SIG$sig to the $target: exit 0 with a checkpoint of step ${n:-?}" "exit $rc"
+  mv "$out/metrics.jsonl" "$out/first.jsonl"
+  run "$out" --set train.steps=$((n + 3))
+  ok=0
+  [ $rc = 0 ] && [ "$(first_step "$out")" = $((n + 1)) ] && [ "$(last_step "$out")" = $((n + 3)) ] && ok=1
+  result $ok "SIG$sig: the next run resumes at step $((n + 1))" "exit $rc"
+done
+
+# --- SIGKILL at any moment of a run that saves every step: latest always loads ---------------
+for delay in 0.3 0.5 0.7; do
+  out=$work/kill-$delay
+  start "$out" --set checkpoint.every=1 --set checkpoint.keep_last=2
+  wait_steps "$out" 3
+  sleep "$delay"
+  kill -KILL $(ranks "$job_pid") 2>/dev/null
+  wait "$job_pid" 2>/dev/null
+  n=$(readlink "$out/checkpoints/latest" | sed 's/step_0*//')
+  run "$out" --set train.steps=$((n + 2)) --set checkpoint.every=1 --set checkpoint.keep_last=2
+  ok=0
+  [ $rc = 0 ] && grep -q "resuming from .*step_$(printf %08d "$n")" "$log" &&
+    [ -z "$(ls -d "$out"/checkpoints/*.tmp 2>/dev/null)" ] && ok=1
+  result $ok "SIGKILL after ${delay}s: resumes from latest (step $n), stale .tmp removed" "exit $rc"
+done
+
+# --- a stale .tmp directory is ignored, then removed ------------------------------------------
+cp -r "$ck/step_00000010" "$ck/step_00000011.tmp"
+rm "$ck/step_00000011.tmp/model.h5" "$ck/step_00000011.tmp/stage_001_of_002.h5"
+run "$work/a" --set train.steps=12 --set checkpoint.every=4 --set checkpoint.keep_last=2
+ok=0
+[ $rc = 0 ] && grep -q "resuming from $ck/step_00000010" "$log" && [ ! -e "$ck/step_00000011.tmp" ] &&
+  [ "$(readlink "$ck/latest")" = step_00000012 ] && ok=1
+result $ok "a stale step_00000011.tmp: resume from latest (10), removed by the next save" "exit $rc"
+
+# --- damage is refused, naming the file and the tensor ------------------------------------
+# expect_refused NAME MESSAGE... [-- --set ...]: resuming a damaged copy fails with every MESSAGE
+expect_refused() {
+  local name=$1 ok=1 m
+  shift
+  local msgs=()
+  while [ $# -gt 0 ] && [ "$1" != -- ]; do msgs+=("$1"); shift; done
+  [ $# -gt 0 ] && shift
+  run "$work/bad" --set train.steps=14 --set checkpoint.resume="$bad" "$@"
+  [ $rc != 0 ] && [ $rc != 124 ] || ok=0
+  for m in "${msgs[@]}"; do grep -qF -- "$m" "$log" || ok=0; done
+  result $ok "$name: refused" "exit $rc, expected: ${msgs[*]}"
+}
+fresh_copy() { rm -rf "$work/bad" "$work/bad-ck"; cp -r "$ck/step_00000012" "$work/bad-ck"; bad=$work/bad-ck; }
+
+fresh_copy
+f=$bad/stage_000_of_002.h5
+# where the embedding's data starts in the file: its first 16 bytes, found by content
+h5dump -d /model.embed_tokens.weight -b LE -o "$work/raw.bin" "$f" >/dev/null
+at=$(LC_ALL=C grep -obUaP "$(od -An -tx1 -N16 "$work/raw.bin" | tr -d ' \n' | sed 's/../\\x&/g')" "$f" | head -n 1 | cut -d: -f1)
+at=$((${at:-0} + 1000))
+byte=$(od -An -tu1 -j "$at" -N1 "$f" | tr -d ' ')
+printf "\\x$(printf %02x $((byte ^ 16)))" | dd of="$f" bs=1 seek="$at" conv=notrunc status=none
+expect_refused "a flipped byte in the embedding" "stage_000_of_002.h5: tensor 'model.embed_tokens.weight' fails its checksum" "Fletcher32"
+
+fresh_copy
+truncate -s $(($(stat -c %s "$bad/stage_001_of_002.h5") / 2)) "$bad/stage_001_of_002.h5"
+expect_refused "a truncated stage file" "stage_001_of_002.h5: cannot open, truncated or damaged (it holds tensor 'model.layers.1" "truncated file"
+
+fresh_copy
+rm "$bad/stage_000_of_002.h5"
+expect_refused "a missing stage file" "stage_000_of_002.h5: missing (it holds tensor 'model.embed_tokens.weight')"
+
+fresh_copy
+expect_refused "another hidden size" "stage_000_of_002.h5: tensor 'model.embed_tokens.weight' has shape [256, 64], the job's model needs [256, 128]" -- --set model.hidden_size=128
+expect_refused "more layers" "model.h5: the checkpoint has no tensor 'model.layers.2." -- --set model.num_layers=3
+expect_refused "fewer layers" "model.h5: a checkpoint of another model shape: its num_hidden_layers is 2, the job's model has 1" -- --set model.num_layers=1 --set parallel.pipeline_stages=1
+expect_refused "no checkpoint there" "$work/nowhere: no such checkpoint directory" -- --set checkpoint.resume="$work/nowhere"
+
+# --- init.checkpoint from qwen3-convert's output ----------------------------------------------
+ok=0
+"$convert" h52hf "$ck" "$work/hf" --dtype fp32 >"$log" 2>&1 &&
+  "$convert" hf2h5 "$work/hf" "$work/conv" >>"$log" 2>&1 && ok=1
+result $ok "qwen3-convert h52hf then hf2h5 of the trained checkpoint"
+run "$work/init" --set train.steps=2 --set init.checkpoint="$work/conv"
+ok=0
+# starting from step 12's weights, the first loss is near step 12's, far below a fresh start's
+loss=$(head -n 1 "$work/init/metrics.jsonl" 2>/dev/null | grep -o '"loss":[0-9.]*' | cut -d: -f2)
+[ $rc = 0 ] && awk -v l="${loss:-9}" 'BEGIN { exit !(l < 4) }' && ok=1
+result $ok "init.checkpoint starts from the converted weights (first loss ${loss:-?})" "exit $rc"
+
+echo "$passed passed, $failed failed"
+[ $failed = 0 ]
