@@ -21,6 +21,7 @@ struct comm {
   int rank, world;     /* in GROUP_WORLD */
   int pp, dp;          /* pipeline stages, data-parallel replicas */
   int stage, replica;
+  int local_rank, local_size;   /* among the ranks on this machine */
   void *impl;          /* transport state */
 };
 

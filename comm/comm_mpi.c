@@ -49,6 +49,12 @@ void comm_init(struct comm *c, int *argc, char ***argv) {
   *c = (struct comm){.impl = st};
   MPI_CHECK(MPI_Comm_rank(MPI_COMM_WORLD, &c->rank));
   MPI_CHECK(MPI_Comm_size(MPI_COMM_WORLD, &c->world));
+  MPI_Comm node;   /* the ranks sharing this machine: they share its cores (or GPUs) */
+  MPI_CHECK(MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, c->rank, MPI_INFO_NULL,
+                                &node));
+  MPI_CHECK(MPI_Comm_rank(node, &c->local_rank));
+  MPI_CHECK(MPI_Comm_size(node, &c->local_size));
+  MPI_CHECK(MPI_Comm_free(&node));
   snprintf(g_log_tag, sizeof g_log_tag, "rank %d/%d", c->rank, c->world);
   g_abort_hook = abort_job;
   int *ub, flag;

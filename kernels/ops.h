@@ -29,6 +29,10 @@ struct attn_shape {
 struct backend {
   const char *name;
 
+  /* Binds this process to its share of the machine, local_rank of local_size processes on it:
+   * CPU threads, or the GPU to use. Call once before any other op. */
+  void (*init)(int local_rank, int local_size);
+
   /* memory: alloc returns zeroed memory or NULL */
   void *(*alloc)(size_t bytes);
   void (*free)(void *p);

@@ -101,6 +101,7 @@ int main(int argc, char **argv) {
     return 0;
   }
   const struct backend *be = choose_backend(job, &c);
+  be->init(c.local_rank, c.local_size);
   if (job->train->steps > 0) train_run(job, &cfg, &c, be, &opt);
   else eval_run(job, &cfg, &c, be, &opt);
   comm_finalize(&c);

@@ -1,7 +1,13 @@
 /* The CPU backend table. Host memory is device memory here, so the memory ops are libc calls;
  * the compute ops live in the other cpu_*.c files. */
+#define _POSIX_C_SOURCE 200809L
+#include <cblas.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #include "kernels/cpu/cpu.h"
 #include "kernels/nvfp4.h"
@@ -13,8 +19,21 @@ static void cpu_copy(void *dst, const void *src, size_t bytes) { memcpy(dst, src
 static void cpu_zero(void *p, size_t bytes) { memset(p, 0, bytes); }
 static void cpu_synchronize(void) {}
 
+/* Each rank on the machine gets an equal share of the cores for OpenMP and OpenBLAS, unless the
+ * user set OMP_NUM_THREADS / OPENBLAS_NUM_THREADS: more threads than cores only thrash. */
+static void cpu_init(int local_rank, int local_size) {
+  long cores = sysconf(_SC_NPROCESSORS_ONLN);
+  int share = (int)(cores / (local_size > 0 ? local_size : 1));
+  if (share < 1) share = 1;
+  if (!getenv("OPENBLAS_NUM_THREADS")) openblas_set_num_threads(share);
+#ifdef _OPENMP
+  if (!getenv("OMP_NUM_THREADS")) omp_set_num_threads(share);
+#endif
+}
+
 const struct backend backend_cpu = {
   .name = "cpu",
+  .init = cpu_init,
   .alloc = cpu_alloc,
   .free = cpu_free,
   .to_device = cpu_copy,
