@@ -458,8 +458,10 @@ int ckpt_commit(const char *root, const struct ckpt_state *s, int keep_last, cha
   int rc = write_model_file(tmp, s, err, errlen);
   quiet_off(&q);
   if (rc != 0 || sync_path(tmp, err, errlen) != 0) return -1;
-  /* the same step saved again (a run resumed from an earlier checkpoint): the old copy stays
-   * until the new one is in place */
+  /* The same step saved again (a run resumed from an earlier checkpoint than `latest`): the old
+   * copy is moved aside and removed only after the new one is in place. Between the two
+   * renames `latest` may name neither, if it named this step; a crash exactly there leaves the
+   * old copy as step_%08d.old for a person to rename back. */
   if (exists(dir) && rename(dir, old) != 0)
     return fail(err, errlen, "%s: cannot move aside: %s", dir, strerror(errno));
   if (rename(tmp, dir) != 0)

@@ -34,12 +34,18 @@ static void usage(void) {
   exit(2);
 }
 
-/* One line redrawn in place on a terminal; nothing in a log file (the summary line says it). */
+/* On a terminal one line redrawn in place; in a log a line at every tenth of the bytes. */
 static void progress(const char *what, size_t done, size_t total, double bytes, double all) {
-  if (!isatty(2)) return;
-  fprintf(stderr, "\r%s: %zu/%zu tensors, %.2f/%.2f GB", what, done, total, bytes / 1e9,
-          all / 1e9);
-  if (done == total) fputc('\n', stderr);
+  static int last_tenth;
+  int tenth = all > 0 ? (int)(10 * bytes / all) : 10;
+  if (isatty(2)) {
+    fprintf(stderr, "\r%s: %zu/%zu tensors, %.2f/%.2f GB", what, done, total, bytes / 1e9,
+            all / 1e9);
+    if (done == total) fputc('\n', stderr);
+  } else if (tenth > last_tenth) {
+    fprintf(stderr, "%s: %3d%%, %zu/%zu tensors\n", what, 10 * tenth, done, total);
+  }
+  last_tenth = tenth;
 }
 
 static void hf2h5(const char *hf_dir, const char *root) {

@@ -6,7 +6,7 @@
 #include "common/util.h"
 
 void loader_open(struct loader *l, char *const *paths, int n_paths, int seq, uint64_t seed,
-                 int vocab_size, const char *field) {
+                 int vocab_size, const char *field, int training) {
   memset(l, 0, sizeof *l);
   l->seq = seq;
   l->seed = seed;
@@ -27,7 +27,7 @@ void loader_open(struct loader *l, char *const *paths, int n_paths, int seq, uin
       die("%s[%d]: %s %s a loss mask but %s does%s: mix chat and plain shards in separate runs",
           field, i, paths[i], masked ? "has" : "has no", paths[0], l->documents ? "" : " not");
     uint64_t n = masked ? s->n_docs : (s->n_tokens > 0 ? (s->n_tokens - 1) / (uint64_t)seq : 0);
-    if (n == 0)
+    if (n == 0 && training)
       die("%s[%d]: %s holds no sample: %llu tokens, need at least data.seq_len + 1 = %d", field,
           i, paths[i], (unsigned long long)s->n_tokens, seq + 1);
     l->first_sample[i + 1] = l->first_sample[i] + n;

@@ -25,10 +25,10 @@ struct loader {
   uint64_t truncated;       /* documents longer than seq + 1 tokens seen so far */
 };
 
-/* Loads every shard; dies naming the file and field when one is unreadable, holds no
- * sample, mixes masked and unmasked shards, or has tokens past vocab_size. */
+/* Loads every shard; dies naming the file and field when one is unreadable, mixes masked and
+ * unmasked shards, has tokens past vocab_size or, for training, holds no sample. */
 void loader_open(struct loader *l, char *const *paths, int n_paths, int seq, uint64_t seed,
-                 int vocab_size, const char *field);
+                 int vocab_size, const char *field, int training);
 void loader_close(struct loader *l);
 
 /* The k-th sample in shard order (validation): seq tokens, targets and positions. */

@@ -38,7 +38,7 @@ static void validate(const Job *job, struct comm *c, struct worker *w, int step,
   int last = c->stage == c->pp - 1;
   struct loader l;
   loader_open(&l, job->data->valid, (int)job->data->n_valid, seq, 0, w->plan.cfg.vocab_size,
-              "data.valid");
+              "data.valid", 0);
   struct score_chunk *chunks;
   uint64_t n_chunks = loader_score_chunks(&l, &chunks);
   if (job->eval->valid_batches > 0 && n_chunks > (uint64_t)job->eval->valid_batches * mbs)

@@ -283,7 +283,7 @@ void train_run(const Job *job, const struct qwen3_config *cfg, struct comm *c,
   catch_stop_signals();
   schedule_build(&r.sched, schedule_kind_of(job), c->pp, job->parallel->micro_batches, c->stage);
   loader_open(&r.train, job->data->train, (int)job->data->n_train, job->data->seq_len,
-              job->data->seed, cfg->vocab_size, "data.train");
+              job->data->seed, cfg->vocab_size, "data.train", 1);
   block_timing = opt->timing;
 
   r.n_mb = job->parallel->micro_batches;

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Evaluation runs against Hugging Face transformers (tests/fixtures/hf, made by
+# tests/hf_fixtures.py): on 1 process and on 2 pipeline stages, with and without the KV cache,
+# greedy continuations equal transformers' token for token, and the per-document scores equal
+# transformers' NLL within 1e-5.
+# Usage: bash tests/mpi/test_hf_eval.sh BUILD_DIR
+set -u
+build=${1:?usage: test_hf_eval.sh BUILD_DIR}
+source "$(dirname "$0")/../../scripts/env.sh"
+export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
+out=$(mktemp -d)
+trap 'rm -rf "$out"' EXIT
+passed=0 failed=0
+pass() { echo "PASS $1"; passed=$((passed + 1)); }
+fail() { echo "FAIL $1"; failed=$((failed + 1)); }
+
+cases=(tests/fixtures/hf/*/)
+[ "${#cases[@]}" -ge 4 ] || fail "expected 4 fixture models in tests/fixtures/hf, found ${#cases[@]}"
+for dir in "${cases[@]}"; do
+  dir=${dir%/}
+  name=$(basename "$dir")
+  vocab=$(grep -o '"vocab_size": *[0-9]*' "$dir/config.json" | grep -o '[0-9]*$')
+  if ! "$build/qwen3-prep" build --format ids --vocab-size "$vocab" --quiet --out "$out/$name.h5" \
+      "$dir/documents.ids" >"$out/$name.prep.log" 2>&1; then
+    fail "$name: qwen3-prep build"; cat "$out/$name.prep.log"; continue
+  fi
+  prompt=$(sed -n 1p "$dir/greedy.ids") expected=$(sed -n 2p "$dir/greedy.ids")
+  for np in 1 2; do
+    for kv in true false; do
+      run="$name np$np kv=$kv"
+      o="$out/$name.$np.$kv"
+      if ! timeout 300 $MPIRUN -np $np "$build/qwen3-train" "$build/jobs/eval_hf.pb" \
+          --set model.hf_config="$dir/config.json" --set init.hf_dir="$dir" \
+          --set data.valid="$out/$name.h5" --set parallel.pipeline_stages=$np \
+          --set eval.prompts.ids="$prompt" --set eval.kv_cache=$kv --set output_dir="$o" \
+          >"$o.log" 2>&1; then
+        fail "$run: the evaluation run failed"; tail -n 15 "$o.log"; continue
+      fi
+      got=$(grep -o '"completion_ids":\[[^]]*\]' "$o/eval.jsonl" | grep -o '\[.*\]' | tr -d '[]')
+      if [ "$got" = "$expected" ]; then
+        pass "$run: greedy continuation equals transformers' ($got)"
+      else
+        fail "$run: greedy continuation $got, transformers $expected"
+      fi
+      # scores: one line per document, in order, against "count sum" lines
+      verdict=$(paste -d' ' <(grep -o '"tokens":[0-9]*,"nll_sum":[^,]*' "$o/scores.jsonl" |
+                              sed 's/"tokens"://; s/,"nll_sum":/ /') "$dir/documents.nll" | awk '
+        { n++; if ($1 != $3) bad = bad " doc" n ":tokens " $1 "!=" $3;
+          d = ($2 - $4) / $1; if (d < 0) d = -d; if (d > worst) worst = d }
+        END { if (n < 2) print "no scores"; else if (bad != "" || worst > 1e-5) print "bad" bad " worst " worst; else print "ok " worst }')
+      case $verdict in
+        ok*) pass "$run: per-document mean NLL within ${verdict#ok } of transformers" ;;
+        *) fail "$run: scores differ from transformers ($verdict)" ;;
+      esac
+    done
+  done
+done
+echo "$passed passed, $failed failed"
+[ "$failed" -eq 0 ]
