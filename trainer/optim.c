@@ -1,6 +1,9 @@
 #include "trainer/optim.h"
 
 #include <math.h>
+#include <stdlib.h>
+
+#include "common/util.h"
 
 double lr_schedule(const Qwen3__Optim *o, int total_steps, int step) {
   if (step <= o->warmup_steps) return o->lr * step / o->warmup_steps;
@@ -16,9 +19,42 @@ double lr_schedule(const Qwen3__Optim *o, int total_steps, int step) {
   }
 }
 
+/* The squared gradient norm, summed per tensor and grouped by global layer (embedding first,
+ * final norm and head last) in a fixed order, so every pipeline layout gets the same bits. */
+static double grad_norm_squared(struct worker *w, struct comm *c) {
+  const struct worker_plan *p = &w->plan;
+  int groups = p->cfg.num_layers + 2;
+  double *sq = xcalloc((size_t)groups, sizeof(double));
+  for (int l = 0; l < p->n_layers; l++)
+    for (int k = 0; k < N_LAYER_PARAMS; k++) {
+      const struct param *t = &w->params[w->layer_param[l][k]];
+      sq[1 + p->first_layer + l] += w->be->sum_squares(w->grads + t->offset, (size_t)t->rows * t->cols);
+    }
+  /* the tied embedding counts once: the last stage leaves its copy out */
+  if (p->has_embedding) {
+    const struct param *t = &w->params[w->embed_param];
+    sq[0] = w->be->sum_squares(w->grads + t->offset, (size_t)t->rows * t->cols);
+  }
+  if (p->has_head) {
+    const struct param *t = &w->params[w->final_norm_param];
+    sq[groups - 1] = w->be->sum_squares(w->grads + t->offset, (size_t)t->rows);
+    if (!p->cfg.tie_embeddings) {
+      t = &w->params[w->head_param];
+      sq[groups - 1] += w->be->sum_squares(w->grads + t->offset, (size_t)t->rows * t->cols);
+    }
+  }
+  /* every group lives on one stage: the sum over stages only adds zeros */
+  if (c->pp > 1) comm_allreduce_sum_double(c, GROUP_PIPE, sq, (size_t)groups);
+  double total = 0;
+  for (int g = 0; g < groups; g++) total += sq[g];
+  free(sq);
+  return total;
+}
+
 double optimizer_step(struct worker *w, struct comm *c, const Qwen3__Optim *o, double lr, int t) {
   const struct backend *be = w->be;
   const struct worker_plan *p = &w->plan;
+  worker_gather_tied_grads(w);
   /* with tied embeddings on two stages, each copy got only its own use's gradient */
   int tied_copy = p->cfg.tie_embeddings && c->pp > 1 && (p->has_embedding || p->has_head);
   if (tied_copy) {
@@ -26,18 +62,7 @@ double optimizer_step(struct worker *w, struct comm *c, const Qwen3__Optim *o, d
     comm_allreduce_sum_float(c, GROUP_TIED, w->grads + e->offset, (size_t)e->rows * e->cols);
   }
   if (c->dp > 1) comm_allreduce_sum_float(c, GROUP_DP, w->grads, p->param_floats);
-
-  /* the global norm counts the tied embedding once: the last stage leaves its copy out */
-  double sq;
-  if (tied_copy && p->has_head && !p->has_embedding) {
-    const struct param *e = &w->params[w->embed_param];
-    size_t n = (size_t)e->rows * e->cols;
-    sq = be->sum_squares(w->grads, e->offset) +
-         be->sum_squares(w->grads + e->offset + n, p->param_floats - e->offset - n);
-  } else {
-    sq = be->sum_squares(w->grads, p->param_floats);
-  }
-  if (c->pp > 1) comm_allreduce_sum_double(c, GROUP_PIPE, &sq, 1);
+  double sq = grad_norm_squared(w, c);
   double norm = sqrt(sq);
   if (o->grad_clip > 0 && norm > o->grad_clip)   /* torch.nn.utils.clip_grad_norm_ */
     be->scale(w->grads, (float)(o->grad_clip / (norm + 1e-6)), p->param_floats);

@@ -274,6 +274,12 @@ void worker_init(struct worker *w, const struct backend *be, const struct worker
   w->layer_param = xcalloc((size_t)(p->n_layers ? p->n_layers : 1), sizeof *w->layer_param);
   param_table(p, w->params, w->layer_param, &w->embed_param, &w->final_norm_param,
               &w->head_param, &floats, &decay);
+  /* A tied embedding used twice on one stage collects the head's gradient apart and adds it
+   * once per step (worker_gather_tied_grads), exactly as two stages add theirs: the sum, and
+   * so the run, is then the same bit for bit in every pipeline layout. */
+  if (p->has_embedding && p->has_head && p->cfg.tie_embeddings)
+    w->tied_head_grads = must_alloc(be, (size_t)p->cfg.vocab_size * p->cfg.hidden_size *
+                                    sizeof(float), "tied head gradients");
 
   size_t pbytes = p->param_floats * sizeof(float);
   w->weights = must_alloc(be, pbytes, "weights");
@@ -292,6 +298,7 @@ void worker_free(struct worker *w) {
   be->free(w->grads);
   be->free(w->adam_m);
   be->free(w->adam_v);
+  if (w->tied_head_grads) be->free(w->tied_head_grads);
   free(w->params);
   free(w->layer_param);
   nvfp4_worker_free(w);
@@ -344,6 +351,15 @@ void worker_init_weights(struct worker *w, uint64_t seed, float std) {
 
 void worker_zero_grads(struct worker *w) {
   w->be->zero(w->grads, w->plan.param_floats * sizeof(float));
+  if (w->tied_head_grads)
+    w->be->zero(w->tied_head_grads,
+                (size_t)w->plan.cfg.vocab_size * w->plan.cfg.hidden_size * sizeof(float));
+}
+
+void worker_gather_tied_grads(struct worker *w) {
+  if (w->tied_head_grads)
+    w->be->add_inplace(w->grads + w->params[w->embed_param].offset, w->tied_head_grads,
+                       (size_t)w->plan.cfg.vocab_size * w->plan.cfg.hidden_size);
 }
 
 void worker_prepare_step(struct worker *w, int step) {
@@ -384,7 +400,8 @@ double worker_forward(struct worker *w, int live, const struct micro_batch *mb, 
                       d, (float)p->cfg.rms_norm_eps);
   int train = grad_scale > 0;
   if (train) be->zero(w->head_grad[live], (size_t)n * d * sizeof(float));
-  be->lm_head_loss(w->nll, train ? w->head_grad[live] : NULL, train ? w->grads + head->offset : NULL,
+  float *dhead = w->tied_head_grads ? w->tied_head_grads : w->grads + head->offset;
+  be->lm_head_loss(w->nll, train ? w->head_grad[live] : NULL, train ? dhead : NULL,
                    w->final_normed[live], w->weights + head->offset, w->targets + at, n, d,
                    p->cfg.vocab_size, grad_scale);
   double sum = 0;

@@ -66,6 +66,7 @@ struct worker {
   float *weights, *grads, *adam_m, *adam_v;
   int (*layer_param)[N_LAYER_PARAMS];     /* [local layer][which] -> index into params */
   int embed_param, final_norm_param, head_param;   /* indices into params, -1 when absent */
+  float *tied_head_grads;      /* the LM head's share of a tied embedding's gradient */
 
   float *acts;                 /* one allocation: every live micro-batch's slots */
   float *(*slot)[N_SLOTS];     /* [live * n_layers + layer][slot] */
@@ -145,6 +146,8 @@ double worker_forward(struct worker *w, int live, const struct micro_batch *mb,
 void worker_backward(struct worker *w, int live);
 
 void worker_zero_grads(struct worker *w);
+/* After the micro-batches of a step: adds the LM head's share of a tied embedding's gradient. */
+void worker_gather_tied_grads(struct worker *w);
 
 void kv_cache_init(struct kv_cache *kv, const struct worker *w, int max_len);
 void kv_cache_free(struct kv_cache *kv, const struct worker *w);

@@ -40,7 +40,7 @@ same_losses() {
   local verdict
   verdict=$(paste <(losses "$out/single") <(losses "$out/$1") | awk '
     { n++; d = $1 - $2; if (d < 0) d = -d; r = d / ($1 < 0 ? -$1 : $1); if (r > worst) worst = r }
-    END { if (n != 20) print "steps " n; else if (worst > 1e-5) print "worst " worst; else print "ok " worst }')
+    END { if (n != 20) print "steps " n; else if (worst > 1e-5) print "worst " worst; else print "ok " worst + 0 }')
   case $verdict in
     ok*) pass "$1: 20 steps match the single process (worst relative difference ${verdict#ok })" ;;
     *) fail "$1: losses differ from the single process ($verdict)"

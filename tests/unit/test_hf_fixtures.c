@@ -74,6 +74,7 @@ static void check_case(const char *name) {
   worker_zero_grads(&w);
   double sum = worker_forward(&w, 0, &mb, 1.0f / targets, nll);
   worker_backward(&w, 0);
+  worker_gather_tied_grads(&w);
 
   double worst = 0;
   for (int b = 0; b < batch; b++)
