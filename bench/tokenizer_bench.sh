@@ -14,9 +14,7 @@ build="$(cd "${1:-$root/build}" && pwd)"
 tok="${QWEN3_TOKENIZER:-$root/third_party/qwen3-tokenizer/tokenizer.json}"
 [ -f "$tok" ] || "$root/scripts/fetch_tokenizer.sh"
 
-cmake --build "$build" --target qwen3core -j "$(nproc)" >/dev/null
-cc -std=c11 -O2 -march=x86-64-v2 -I"$root" "$root/bench/tokenizer_bench.c" "$build/libqwen3core.a" \
-   $(pkg-config --libs jansson libpcre2-8 libutf8proc) -lm -o "$build/tokenizer_bench"
+cmake --build "$build" --target tokenizer_bench -j "$(nproc)" >/dev/null
 
 text="${2:-}"
 if [ -z "$text" ]; then
@@ -35,7 +33,7 @@ PY
 fi
 
 echo "text: $text ($(wc -c <"$text") bytes, sha256 $(sha256sum "$text" | cut -c1-16)…); $(nproc) cores: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2)"
-"$build/tokenizer_bench" "$tok" "$text"
+"$build/bench/tokenizer_bench" "$tok" "$text"
 if python3 -c 'import tokenizers' 2>/dev/null; then
   python3 "$root/bench/hf_tokenizer_bench.py" "$tok" "$text"
 else
