@@ -46,6 +46,16 @@ void info(const char *fmt, ...) {
   va_end(ap);
 }
 
+int errorf(char *err, size_t errlen, const char *fmt, ...) {
+  if (err && errlen) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err, errlen, fmt, ap);
+    va_end(ap);
+  }
+  return -1;
+}
+
 void *xmalloc(size_t bytes) {
   void *p = malloc(bytes ? bytes : 1);
   if (!p) die("out of memory allocating %zu bytes", bytes);

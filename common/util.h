@@ -22,6 +22,10 @@ _Noreturn void die(const char *fmt, ...) PRINTF_LIKE(1, 2);
 void warn(const char *fmt, ...) PRINTF_LIKE(1, 2);
 void info(const char *fmt, ...) PRINTF_LIKE(1, 2);
 
+/* For functions that report errors to their caller: formats the message into err (naming the
+ * file, field or tensor at fault) and returns -1. */
+int errorf(char *err, size_t errlen, const char *fmt, ...) PRINTF_LIKE(3, 4);
+
 void *xmalloc(size_t bytes);          /* dies naming the size on failure */
 void *xcalloc(size_t n, size_t size);
 void *xrealloc(void *p, size_t bytes);

@@ -22,15 +22,6 @@ static const char *const PART_SUFFIX[] = {"", ".adam_m", ".adam_v"};
 
 /* ---- errors -------------------------------------------------------------------------------- */
 
-static int fail(char *err, size_t errlen, const char *fmt, ...) PRINTF_LIKE(3, 4);
-static int fail(char *err, size_t errlen, const char *fmt, ...) {
-  va_list ap;
-  va_start(ap, fmt);
-  vsnprintf(err, errlen, fmt, ap);
-  va_end(ap);
-  return -1;
-}
-
 /* HDF5 keeps a stack of what went wrong, outermost last; the innermost entry says why
  * ("data error detected by Fletcher32 checksum", "truncated file: eof = ..."). */
 static herr_t innermost(unsigned n, const H5E_error2_t *e, void *reason) {
@@ -107,18 +98,18 @@ static int exists(const char *path) {
  * publishes them. */
 static int sync_path(const char *path, char *err, size_t errlen) {
   int fd = open(path, O_RDONLY);
-  if (fd < 0) return fail(err, errlen, "%s: cannot open to sync: %s", path, strerror(errno));
+  if (fd < 0) return errorf(err, errlen, "%s: cannot open to sync: %s", path, strerror(errno));
   int rc = fsync(fd);
   int e = errno;
   close(fd);
-  if (rc != 0) return fail(err, errlen, "%s: fsync failed: %s", path, strerror(e));
+  if (rc != 0) return errorf(err, errlen, "%s: fsync failed: %s", path, strerror(e));
   return 0;
 }
 
 /* A step directory holds files only. */
 static int remove_dir(const char *path, char *err, size_t errlen) {
   DIR *d = opendir(path);
-  if (!d) return fail(err, errlen, "%s: cannot open to remove: %s", path, strerror(errno));
+  if (!d) return errorf(err, errlen, "%s: cannot open to remove: %s", path, strerror(errno));
   struct dirent *e;
   char file[4096];
   while ((e = readdir(d))) {
@@ -127,21 +118,21 @@ static int remove_dir(const char *path, char *err, size_t errlen) {
     if (unlink(file) != 0) {
       int saved = errno;
       closedir(d);
-      return fail(err, errlen, "%s: cannot remove: %s", file, strerror(saved));
+      return errorf(err, errlen, "%s: cannot remove: %s", file, strerror(saved));
     }
   }
   closedir(d);
-  if (rmdir(path) != 0) return fail(err, errlen, "%s: cannot remove: %s", path, strerror(errno));
+  if (rmdir(path) != 0) return errorf(err, errlen, "%s: cannot remove: %s", path, strerror(errno));
   return 0;
 }
 
 int ckpt_begin(const char *root, int64_t step, char *err, size_t errlen) {
   char tmp[4096];
   if (make_dirs(root) != 0)
-    return fail(err, errlen, "%s: cannot create the checkpoint directory: %s", root, strerror(errno));
+    return errorf(err, errlen, "%s: cannot create the checkpoint directory: %s", root, strerror(errno));
   ckpt_step_path(tmp, sizeof tmp, root, step, 1);
   if (exists(tmp) && remove_dir(tmp, err, errlen) != 0) return -1;
-  if (mkdir(tmp, 0755) != 0) return fail(err, errlen, "%s: cannot create: %s", tmp, strerror(errno));
+  if (mkdir(tmp, 0755) != 0) return errorf(err, errlen, "%s: cannot create: %s", tmp, strerror(errno));
   return 0;
 }
 
@@ -256,10 +247,10 @@ int ckpt_stage_put(struct ckpt_stage_writer *w, const char *name, int ndim, cons
                    const float *weights, const float *adam_m, const float *adam_v, char *err,
                    size_t errlen) {
   if (ndim < 1 || ndim > 2 || shape[0] < 1 || (ndim == 2 && shape[1] < 1))
-    return fail(err, errlen, "%s: tensor '%s': only non-empty vectors and matrices are stored",
+    return errorf(err, errlen, "%s: tensor '%s': only non-empty vectors and matrices are stored",
                 w->path, name);
   if (strchr(name, '/') || !name[0] || strlen(name) > CKPT_MAX_NAME)
-    return fail(err, errlen, "%s: tensor name '%s' is empty, longer than %d or holds '/'",
+    return errorf(err, errlen, "%s: tensor name '%s' is empty, longer than %d or holds '/'",
                 w->path, name, CKPT_MAX_NAME);
   hsize_t dims[2] = {(hsize_t)shape[0], ndim > 1 ? (hsize_t)shape[1] : 1};
   const float *parts[3] = {weights, adam_m, adam_v};
@@ -307,7 +298,7 @@ static herr_t link_one(hid_t group, const char *name, const H5L_info_t *info, vo
   htri_t there;
   H5_CHECK(there = H5Lexists(k->model, name, H5P_DEFAULT), "%s: '%s'", k->model_path, name);
   if (there) {
-    fail(err, errlen, "%s: tensor '%s' is in two stage files (the second: %s)", k->model_path,
+    errorf(err, errlen, "%s: tensor '%s' is in two stage files (the second: %s)", k->model_path,
          name, k->stage_file);
     return -1;
   }
@@ -359,7 +350,7 @@ static int write_model_file(const char *dir, const struct ckpt_state *s, char *e
     ckpt_stage_file(stage_file, sizeof stage_file, i, s->n_stages);
     snprintf(stage_path, sizeof stage_path, "%s/%s", dir, stage_file);
     if (!exists(stage_path)) {
-      fail(err, errlen, "%s: missing: stage %d did not write its tensors", stage_path, i);
+      errorf(err, errlen, "%s: missing: stage %d did not write its tensors", stage_path, i);
       goto out;
     }
     H5_CHECK(stage = H5Fopen(stage_path, H5F_ACC_RDONLY, H5P_DEFAULT), "%s: cannot open",
@@ -463,15 +454,15 @@ int ckpt_commit(const char *root, const struct ckpt_state *s, int keep_last, cha
    * renames `latest` may name neither, if it named this step; a crash exactly there leaves the
    * old copy as step_%08d.old for a person to rename back. */
   if (exists(dir) && rename(dir, old) != 0)
-    return fail(err, errlen, "%s: cannot move aside: %s", dir, strerror(errno));
+    return errorf(err, errlen, "%s: cannot move aside: %s", dir, strerror(errno));
   if (rename(tmp, dir) != 0)
-    return fail(err, errlen, "%s: cannot rename to %s: %s", tmp, dir, strerror(errno));
+    return errorf(err, errlen, "%s: cannot rename to %s: %s", tmp, dir, strerror(errno));
   if (sync_path(root, err, errlen) != 0) return -1;
   unlink(link_tmp);
   if (symlink(name, link_tmp) != 0)
-    return fail(err, errlen, "%s: cannot create: %s", link_tmp, strerror(errno));
+    return errorf(err, errlen, "%s: cannot create: %s", link_tmp, strerror(errno));
   if (rename(link_tmp, latest) != 0)
-    return fail(err, errlen, "%s: cannot replace: %s", latest, strerror(errno));
+    return errorf(err, errlen, "%s: cannot replace: %s", latest, strerror(errno));
   if (sync_path(root, err, errlen) != 0) return -1;
   prune(root, s->step, keep_last);
   return 0;
@@ -485,13 +476,13 @@ int ckpt_find_latest(const char *root, char *out, size_t len, char *err, size_t 
   snprintf(link, sizeof link, "%s/latest", root);
   if (!exists(link)) return 0;
   ssize_t n = readlink(link, target, sizeof target - 1);
-  if (n < 0) return fail(err, errlen, "%s: not a symlink to a step directory: %s", link, strerror(errno));
+  if (n < 0) return errorf(err, errlen, "%s: not a symlink to a step directory: %s", link, strerror(errno));
   target[n] = 0;
   if (target[0] == '/') snprintf(out, len, "%s", target);
   else snprintf(out, len, "%s/%s", root, target);
   snprintf(model, sizeof model, "%s/model.h5", out);
   if (!exists(model))
-    return fail(err, errlen, "%s points at '%s', which is not a whole checkpoint (no model.h5)",
+    return errorf(err, errlen, "%s points at '%s', which is not a whole checkpoint (no model.h5)",
                 link, target);
   return 1;
 }
@@ -500,7 +491,7 @@ int ckpt_resolve(const char *path, char *out, size_t len, char *err, size_t errl
   char probe[4096];
   struct stat st;
   if (stat(path, &st) != 0 || !S_ISDIR(st.st_mode))
-    return fail(err, errlen, "%s: no such checkpoint directory", path);
+    return errorf(err, errlen, "%s: no such checkpoint directory", path);
   snprintf(probe, sizeof probe, "%s/model.h5", path);
   if (exists(probe)) {
     snprintf(out, len, "%s", path);
@@ -509,7 +500,7 @@ int ckpt_resolve(const char *path, char *out, size_t len, char *err, size_t errl
   int found = ckpt_find_latest(path, out, len, err, errlen);
   if (found < 0) return -1;
   if (found == 0)
-    return fail(err, errlen, "%s: not a checkpoint: it holds neither model.h5 (a step directory) "
+    return errorf(err, errlen, "%s: not a checkpoint: it holds neither model.h5 (a step directory) "
                 "nor latest (a checkpoint directory)", path);
   return 0;
 }
@@ -567,7 +558,7 @@ static herr_t list_one(hid_t group, const char *name, const H5L_info_t *info, vo
            c->model_path, name);
   /* a checkpoint only ever links to its own directory */
   if (strchr(file, '/')) {
-    fail(err, errlen, "%s: tensor '%s' links outside the checkpoint, to '%s'", c->model_path,
+    errorf(err, errlen, "%s: tensor '%s' links outside the checkpoint, to '%s'", c->model_path,
          name, file);
     goto out;
   }
@@ -645,7 +636,7 @@ static int open_model(struct ckpt *c, char *err, size_t errlen) {
            "%s: cannot open (truncated or damaged?)", c->model_path);
   if (get_i64(model, c->model_path, "format_version", &version, err, errlen) != 0) goto out;
   if (version != CKPT_FORMAT_VERSION) {
-    fail(err, errlen, "%s: checkpoint format version %lld; this build reads version %d",
+    errorf(err, errlen, "%s: checkpoint format version %lld; this build reads version %d",
          c->model_path, (long long)version, CKPT_FORMAT_VERSION);
     goto out;
   }
@@ -734,7 +725,7 @@ static hid_t open_tensor(struct ckpt *c, const char *name, enum ckpt_part part,
   struct link key = {.name = full};
   const struct link *l = bsearch(&key, c->links, c->n_links, sizeof *c->links, by_link_name);
   if (!l) {
-    fail(err, errlen, "%s: the checkpoint has no tensor '%s'%s (a checkpoint of another model "
+    errorf(err, errlen, "%s: the checkpoint has no tensor '%s'%s (a checkpoint of another model "
          "shape?)", c->model_path, full, part == CKPT_WEIGHTS ? "" : " (AdamW moments)");
     return -1;
   }
@@ -742,7 +733,7 @@ static hid_t open_tensor(struct ckpt *c, const char *name, enum ckpt_part part,
   hid_t ds = -1;
   if (c->file_ids[l->file] < 0) {
     if (!exists(file_path)) {
-      fail(err, errlen, "%s: missing (it holds tensor '%s')", file_path, full);
+      errorf(err, errlen, "%s: missing (it holds tensor '%s')", file_path, full);
       return -1;
     }
     H5_CHECK(c->file_ids[l->file] = H5Fopen(file_path, H5F_ACC_RDONLY, H5P_DEFAULT),
@@ -763,7 +754,7 @@ static int tensor_shape(hid_t ds, const char *file_path, const char *name, int *
   H5_CHECK(space = H5Dget_space(ds), "%s: tensor '%s'", file_path, name);
   H5_CHECK(nd = H5Sget_simple_extent_ndims(space), "%s: tensor '%s'", file_path, name);
   if (nd < 1 || nd > 2) {
-    fail(err, errlen, "%s: tensor '%s' has %d dimensions, not 1 or 2", file_path, name, nd);
+    errorf(err, errlen, "%s: tensor '%s' has %d dimensions, not 1 or 2", file_path, name, nd);
     goto out;
   }
   H5_CHECK(H5Sget_simple_extent_dims(space, dims, NULL), "%s: tensor '%s'", file_path, name);
@@ -801,7 +792,7 @@ int ckpt_read(struct ckpt *c, const char *name, enum ckpt_part part, int ndim,
   if (nd != ndim || stored[0] != shape[0] || (ndim == 2 && stored[1] != shape[1])) {
     shape_text(have, sizeof have, nd, stored);
     shape_text(want, sizeof want, ndim, shape);
-    fail(err, errlen, "%s: tensor '%s' has shape %s, the job's model needs %s (a checkpoint of "
+    errorf(err, errlen, "%s: tensor '%s' has shape %s, the job's model needs %s (a checkpoint of "
          "another model shape?)", file_path, full, have, want);
     goto out;
   }

@@ -14,15 +14,6 @@
 #include "common/util.h"
 #include "data/safetensors.h"
 
-static int fail(char *err, size_t errlen, const char *fmt, ...) PRINTF_LIKE(3, 4);
-static int fail(char *err, size_t errlen, const char *fmt, ...) {
-  va_list ap;
-  va_start(ap, fmt);
-  vsnprintf(err, errlen, fmt, ap);
-  va_end(ap);
-  return -1;
-}
-
 /* Our messages replace HDF5's printed error stack while a dump function runs. */
 struct quiet {
   H5E_auto2_t fn;
@@ -45,7 +36,7 @@ struct input {
 static int input_open(struct input *in, const char *path, char *err, size_t errlen) {
   struct stat sb;
   memset(in, 0, sizeof *in);
-  if (stat(path, &sb) != 0) return fail(err, errlen, "%s: no such file or directory", path);
+  if (stat(path, &sb) != 0) return errorf(err, errlen, "%s: no such file or directory", path);
   return S_ISDIR(sb.st_mode) ? st_model_open(&in->model, path, err, errlen)
                              : st_open(&in->file, path, err, errlen);
 }
@@ -145,7 +136,7 @@ static int dump_tensor(hid_t file, const char *out, const struct st_tensor *t,
   } else if (nvfp4_quantize(codes, scales, &ts, x, rows, cols, o->block, NVFP4_ROUND_NEAREST, 0) !=
              NVFP4_OK) {
     /* the shape was checked, so the quantizer refused NaN or Inf */
-    rc = fail(err, errlen, "%s: tensor '%s' holds NaN or Inf, which NVFP4 cannot represent",
+    rc = errorf(err, errlen, "%s: tensor '%s' holds NaN or Inf, which NVFP4 cannot represent",
               t->path, t->name);
   } else {
     hid_t g = H5Gcreate2(file, t->name, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
@@ -162,7 +153,7 @@ static int dump_tensor(hid_t file, const char *out, const struct st_tensor *t,
         write_string_attr(g, "block", block_name(o->block)) ||
         write_attr(g, "shape", H5T_STD_I64LE, H5T_NATIVE_INT64, 2, shape) ||
         write_string_attr(g, "dtype", st_dtype_name(t->dtype)))
-      rc = fail(err, errlen, "%s: writing tensor '%s' failed (disk full?)", out, t->name);
+      rc = errorf(err, errlen, "%s: writing tensor '%s' failed (disk full?)", out, t->name);
     if (g >= 0) H5Gclose(g);
   }
   free(x);
@@ -176,7 +167,7 @@ int nvfp4_dump_quantize(const char *input, const char *out, const struct nvfp4_d
   struct nvfp4_dump_summary sum = {0, 0};
   regex_t re;
   if (o->match && regcomp(&re, o->match, REG_EXTENDED | REG_NOSUB) != 0)
-    return fail(err, errlen, "--match '%s' is not a valid regular expression", o->match);
+    return errorf(err, errlen, "--match '%s' is not a valid regular expression", o->match);
   struct input in;
   int rc = input_open(&in, input, err, errlen);
   char tmp[4096];
@@ -189,10 +180,10 @@ int nvfp4_dump_quantize(const char *input, const char *out, const struct nvfp4_d
   if (rc == 0) {
     file = H5Fcreate(tmp, H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
     int32_t version = NVFP4_DUMP_VERSION;
-    if (file < 0) rc = fail(err, errlen, "%s: cannot create the dump file", tmp);
+    if (file < 0) rc = errorf(err, errlen, "%s: cannot create the dump file", tmp);
     else if (write_attr(file, "format_version", H5T_STD_I32LE, H5T_NATIVE_INT32, 0, &version) ||
              write_string_attr(file, "source", source))
-      rc = fail(err, errlen, "%s: writing the root attributes failed", tmp);
+      rc = errorf(err, errlen, "%s: writing the root attributes failed", tmp);
   }
   size_t count = rc == 0 ? input_count(&in) : 0;
   double t0 = now_seconds();
@@ -213,10 +204,10 @@ int nvfp4_dump_quantize(const char *input, const char *out, const struct nvfp4_d
               (long long)t->shape[0], (long long)t->shape[1], now_seconds() - t0);
   }
   if (file >= 0 && H5Fclose(file) < 0 && rc == 0)
-    rc = fail(err, errlen, "%s: closing the dump failed (disk full?)", tmp);
+    rc = errorf(err, errlen, "%s: closing the dump failed (disk full?)", tmp);
   quiet_off(&q);
   if (rc == 0 && rename(tmp, out) != 0)
-    rc = fail(err, errlen, "%s: cannot rename the finished dump into place", out);
+    rc = errorf(err, errlen, "%s: cannot rename the finished dump into place", out);
   if (rc != 0 && file >= 0) unlink(tmp);
   input_close(&in);
   if (o->match) regfree(&re);
@@ -275,21 +266,21 @@ int nvfp4_dump_read(const char *path, const char *name, struct nvfp4_dump_tensor
   char block[8] = "";
   int is16 = 0;
   if (file < 0) {
-    rc = fail(err, errlen, "%s: not an HDF5 file", path);
+    rc = errorf(err, errlen, "%s: not an HDF5 file", path);
   } else if (H5Lexists(file, name, H5P_DEFAULT) <= 0 ||
              (g = H5Gopen2(file, name, H5P_DEFAULT)) < 0) {
-    rc = fail(err, errlen, "%s: no tensor '%s' in this dump", path, name);
+    rc = errorf(err, errlen, "%s: no tensor '%s' in this dump", path, name);
   } else if (read_attr(g, "shape", H5T_NATIVE_INT64, shape) ||
              read_string_attr(g, "block", block, sizeof block) ||
              read_attr(g, "amax", H5T_NATIVE_FLOAT, &t->scale.amax) ||
              read_attr(g, "tensor_scale_enc", H5T_NATIVE_FLOAT, &t->scale.enc) ||
              read_attr(g, "tensor_scale_dec", H5T_NATIVE_FLOAT, &t->scale.dec) ||
              read_string_attr(g, "dtype", t->dtype, sizeof t->dtype)) {
-    rc = fail(err, errlen, "%s: tensor '%s' lacks an attribute of the dump format", path, name);
+    rc = errorf(err, errlen, "%s: tensor '%s' lacks an attribute of the dump format", path, name);
   } else if ((!(is16 = !strcmp(block, "16x16")) && strcmp(block, "1x16") != 0) || shape[0] <= 0 ||
              shape[1] <= 0 || shape[1] % 16 || (is16 && shape[0] % 16) ||
              shape[0] > INT_MAX || shape[1] > INT_MAX || shape[0] * shape[1] > INT_MAX) {
-    rc = fail(err, errlen, "%s: tensor '%s' has a bad shape or block attribute", path, name);
+    rc = errorf(err, errlen, "%s: tensor '%s' has a bad shape or block attribute", path, name);
   } else {
     t->rows = (int)shape[0];
     t->cols = (int)shape[1];
@@ -299,10 +290,10 @@ int nvfp4_dump_read(const char *path, const char *name, struct nvfp4_dump_tensor
     t->scales = read_2d(g, "scales", H5T_NATIVE_UINT8, scale_rows, t->cols / 16, 1);
     if (H5Lexists(g, "dequantized", H5P_DEFAULT) > 0 &&
         !(t->dequantized = read_2d(g, "dequantized", H5T_NATIVE_FLOAT, t->rows, t->cols, 4)))
-      rc = fail(err, errlen, "%s: tensor '%s': cannot read dequantized (wrong shape or checksum)",
+      rc = errorf(err, errlen, "%s: tensor '%s': cannot read dequantized (wrong shape or checksum)",
                 path, name);
     if (!t->codes || !t->scales)
-      rc = fail(err, errlen, "%s: tensor '%s': cannot read codes or scales (wrong shape or checksum)",
+      rc = errorf(err, errlen, "%s: tensor '%s': cannot read codes or scales (wrong shape or checksum)",
                 path, name);
   }
   if (g >= 0) H5Gclose(g);
@@ -331,13 +322,13 @@ int nvfp4_dump_original(const char *path, const char *name, float *dst, size_t n
     H5Fclose(file);
   }
   quiet_off(&q);
-  if (file < 0) return fail(err, errlen, "%s: not an HDF5 file", path);
-  if (!source[0]) return fail(err, errlen, "%s: no source attribute", path);
+  if (file < 0) return errorf(err, errlen, "%s: not an HDF5 file", path);
+  if (!source[0]) return errorf(err, errlen, "%s: no source attribute", path);
   struct input in;
   if (input_open(&in, source, err, errlen) != 0) return -1;
   const struct st_tensor *t = in.model ? st_model_find(in.model, name) : st_find(in.file, name);
   int rc = t ? st_read_f32(t, dst, n, err, errlen)
-             : fail(err, errlen, "%s: no tensor '%s' (the source of %s)", source, name, path);
+             : errorf(err, errlen, "%s: no tensor '%s' (the source of %s)", source, name, path);
   input_close(&in);
   return rc;
 }

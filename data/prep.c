@@ -30,15 +30,6 @@ int prep_format_needs_tokenizer(enum prep_format f) { return f != PREP_IDS && f 
 
 int prep_format_has_mask(enum prep_format f) { return f == PREP_CHAT || f == PREP_TSV; }
 
-static int fail(char *err, size_t errlen, const char *fmt, ...) PRINTF_LIKE(3, 4);
-static int fail(char *err, size_t errlen, const char *fmt, ...) {
-  va_list ap;
-  va_start(ap, fmt);
-  vsnprintf(err, errlen, fmt, ap);
-  va_end(ap);
-  return -1;
-}
-
 /* ---- one record -> one document ------------------------------------------------------------ */
 
 static void doc_push(struct prep_doc *d, uint32_t id, uint8_t mask) {
@@ -82,7 +73,7 @@ static int chat_doc(const struct prep_config *c, const struct chat_message *m, s
   }
   free(ids);
   free(mask);
-  if (!masked) return fail(err, errlen, "no assistant message: nothing to learn");
+  if (!masked) return errorf(err, errlen, "no assistant message: nothing to learn");
   return 1;
 }
 
@@ -90,11 +81,11 @@ static int jsonl_record(const struct prep_config *c, const char *rec, size_t len
                         struct prep_doc *d, char *err, size_t errlen) {
   json_error_t jerr;
   json_t *root = json_loadb(rec, len, 0, &jerr);
-  if (!root) return fail(err, errlen, "not JSON (column %d): %s", jerr.column, jerr.text);
+  if (!root) return errorf(err, errlen, "not JSON (column %d): %s", jerr.column, jerr.text);
   int rc;
   if (c->format == PREP_JSONL) {
     const json_t *text = json_object_get(root, "text");
-    rc = !json_is_string(text) ? fail(err, errlen, "no string \"text\"")
+    rc = !json_is_string(text) ? errorf(err, errlen, "no string \"text\"")
          : json_string_length(text) == 0
              ? 0
              : text_doc(c, json_string_value(text), json_string_length(text), d, err, errlen);
@@ -102,12 +93,12 @@ static int jsonl_record(const struct prep_config *c, const char *rec, size_t len
     const json_t *msgs = json_object_get(root, "messages");
     size_t n = json_array_size(msgs);
     struct chat_message *m = xcalloc(n, sizeof *m);
-    rc = n ? 0 : fail(err, errlen, "no non-empty array \"messages\"");
+    rc = n ? 0 : errorf(err, errlen, "no non-empty array \"messages\"");
     for (size_t i = 0; i < n && rc == 0; i++) {
       const json_t *msg = json_array_get(msgs, i);
       const json_t *role = json_object_get(msg, "role"), *content = json_object_get(msg, "content");
       if (!json_is_string(role) || !json_is_string(content))
-        rc = fail(err, errlen, "messages[%zu]: needs string \"role\" and \"content\"", i);
+        rc = errorf(err, errlen, "messages[%zu]: needs string \"role\" and \"content\"", i);
       else
         m[i] = (struct chat_message){json_string_value(role), json_string_value(content),
                                      json_string_length(content)};
@@ -138,7 +129,7 @@ static int tsv_record(const struct prep_config *c, const char *rec, size_t len,
                       struct prep_doc *d, char *err, size_t errlen) {
   const char *tab = memchr(rec, '\t', len);
   if (!tab || memchr(tab + 1, '\t', len - (size_t)(tab + 1 - rec)))
-    return fail(err, errlen, "not prompt<TAB>target (%s tab)", tab ? "more than one" : "no");
+    return errorf(err, errlen, "not prompt<TAB>target (%s tab)", tab ? "more than one" : "no");
   char *copy = xmalloc(len + 1);
   memcpy(copy, rec, len);
   size_t cut = (size_t)(tab - rec);
@@ -164,9 +155,9 @@ static int ids_record(const struct prep_config *c, const char *rec, size_t len,
     while (i < len && rec[i] >= '0' && rec[i] <= '9' && v <= UINT32_MAX)
       v = v * 10 + (uint64_t)(rec[i++] - '0');
     if (i == start || (i < len && rec[i] != ' ' && rec[i] != '\t'))
-      return fail(err, errlen, "byte %zu: not a token id", i);
+      return errorf(err, errlen, "byte %zu: not a token id", i);
     if (v >= c->vocab_size)
-      return fail(err, errlen, "id %llu at byte %zu: not below the vocabulary size %u",
+      return errorf(err, errlen, "id %llu at byte %zu: not below the vocabulary size %u",
                   (unsigned long long)v, start, c->vocab_size);
     doc_push(d, (uint32_t)v, 0);
   }
@@ -179,7 +170,7 @@ int prep_record(const struct prep_config *c, const char *rec, size_t len, struct
   if (len == 0) return 0;
   if (c->format == PREP_TEXT || c->format == PREP_TSV) {
     size_t bad = utf8_invalid_offset(rec, len);
-    if (bad < len) return fail(err, errlen, "invalid UTF-8 at byte offset %zu", bad);
+    if (bad < len) return errorf(err, errlen, "invalid UTF-8 at byte offset %zu", bad);
   }
   int rc;
   switch (c->format) {
@@ -192,11 +183,11 @@ int prep_record(const struct prep_config *c, const char *rec, size_t len, struct
     for (size_t i = 0; i < len; i++) doc_push(d, (uint8_t)rec[i], 0);
     rc = 1;
     break;
-  default: return fail(err, errlen, "unknown format %d", (int)c->format);
+  default: return errorf(err, errlen, "unknown format %d", (int)c->format);
   }
   for (size_t i = 0; rc == 1 && i < d->n; i++)
     if (d->ids[i] >= c->vocab_size)
-      rc = fail(err, errlen, "token %u is not below --vocab-size %u", d->ids[i], c->vocab_size);
+      rc = errorf(err, errlen, "token %u is not below --vocab-size %u", d->ids[i], c->vocab_size);
   return rc;
 }
 
@@ -231,7 +222,7 @@ static int add_record(const struct prep_config *c, const char *rec, size_t len, 
                       char *err, size_t errlen) {
   char why[512];
   int rc = prep_record(c, rec, len, d, why, sizeof why);
-  if (rc < 0 && !c->skip_bad) return fail(err, errlen, "%s: %s", where, why);
+  if (rc < 0 && !c->skip_bad) return errorf(err, errlen, "%s: %s", where, why);
   if (rc < 0) {
     if (!c->quiet && st->bad < MAX_BAD_SHOWN) warn("%s: %s (skipped)", where, why);
     if (!c->quiet && st->bad == MAX_BAD_SHOWN) warn("more bad lines: only counting them now");
@@ -263,13 +254,13 @@ static int build_one(const struct prep_config *c, const char *path, struct shard
   if (c->format == PREP_BYTES) {
     size_t len;
     char *data = read_file(is_stdin ? "/dev/stdin" : path, &len);
-    if (!data) return fail(err, errlen, "%s: %s", name, strerror(errno));
+    if (!data) return errorf(err, errlen, "%s: %s", name, strerror(errno));
     rc = add_record(c, data, len, name, &d, w, st, err, errlen);
     p->done += len;
     free(data);
   } else {
     FILE *f = is_stdin ? stdin : fopen(path, "rb");
-    if (!f) return fail(err, errlen, "%s: %s", name, strerror(errno));
+    if (!f) return errorf(err, errlen, "%s: %s", name, strerror(errno));
     char *line = NULL, where[4200];
     size_t cap = 0;
     ssize_t n;
@@ -279,7 +270,7 @@ static int build_one(const struct prep_config *c, const char *path, struct shard
       p->done += (uint64_t)n + 1;
       progress_draw(p, w, 0);
     }
-    if (rc == 0 && ferror(f)) rc = fail(err, errlen, "%s: read error", name);
+    if (rc == 0 && ferror(f)) rc = errorf(err, errlen, "%s: read error", name);
     free(line);
     if (!is_stdin) fclose(f);
   }
@@ -297,7 +288,7 @@ int prep_build(const struct prep_config *c, char *const *inputs, size_t n_inputs
       total_known = 0;
       continue;
     }
-    if (stat(inputs[i], &sb) != 0) return fail(err, errlen, "%s: %s", inputs[i], strerror(errno));
+    if (stat(inputs[i], &sb) != 0) return errorf(err, errlen, "%s: %s", inputs[i], strerror(errno));
     p.total += (uint64_t)sb.st_size;
   }
   if (!total_known) p.total = 0;
@@ -328,7 +319,7 @@ int prep_tokenize(const struct tokenizer *t, FILE *in, const char *in_name, FILE
       root = json_loadb(line, len, 0, &jerr);
       const json_t *v = json_object_get(root, "text");
       if (!json_is_string(v)) {
-        rc = fail(err, errlen, "%s:%zu: %s", in_name, lineno,
+        rc = errorf(err, errlen, "%s:%zu: %s", in_name, lineno,
                   root ? "no string \"text\"" : jerr.text);
         json_decref(root);
         break;
@@ -339,7 +330,7 @@ int prep_tokenize(const struct tokenizer *t, FILE *in, const char *in_name, FILE
     int32_t *ids;
     size_t n_ids;
     if (tokenizer_encode(t, text, len, &ids, &n_ids, why, sizeof why)) {
-      rc = fail(err, errlen, "%s:%zu: %s", in_name, lineno, why);
+      rc = errorf(err, errlen, "%s:%zu: %s", in_name, lineno, why);
     } else {
       fputs(jsonl ? "{\"ids\":[" : "", out);
       for (size_t i = 0; i < n_ids; i++) fprintf(out, i ? (jsonl ? ",%d" : " %d") : "%d", ids[i]);
@@ -349,7 +340,7 @@ int prep_tokenize(const struct tokenizer *t, FILE *in, const char *in_name, FILE
     json_decref(root);
   }
   free(line);
-  if (rc == 0 && ferror(in)) rc = fail(err, errlen, "%s: read error", in_name);
+  if (rc == 0 && ferror(in)) rc = errorf(err, errlen, "%s: read error", in_name);
   return rc;
 }
 
@@ -363,13 +354,13 @@ int prep_detokenize(const struct tokenizer *t, FILE *in, const char *in_name, FI
   int rc = 0;
   for (size_t lineno = 1; rc == 0 && (n = read_line(in, &line, &cap)) >= 0; lineno++) {
     if (prep_record(&c, line, (size_t)n, &d, why, sizeof why) < 0) {
-      rc = fail(err, errlen, "%s:%zu: %s", in_name, lineno, why);
+      rc = errorf(err, errlen, "%s:%zu: %s", in_name, lineno, why);
       break;
     }
     size_t len;
     char *text = tokenizer_decode(t, (const int32_t *)d.ids, d.n, &len);
     if (!text) {
-      rc = fail(err, errlen, "%s:%zu: an id that names no token", in_name, lineno);
+      rc = errorf(err, errlen, "%s:%zu: an id that names no token", in_name, lineno);
       break;
     }
     fwrite(text, 1, len, out);
@@ -378,6 +369,6 @@ int prep_detokenize(const struct tokenizer *t, FILE *in, const char *in_name, FI
   }
   free(line);
   prep_doc_free(&d);
-  if (rc == 0 && ferror(in)) rc = fail(err, errlen, "%s: read error", in_name);
+  if (rc == 0 && ferror(in)) rc = errorf(err, errlen, "%s: read error", in_name);
   return rc;
 }

@@ -30,17 +30,6 @@ static const unsigned char DTYPE_SIZES[ST_NDTYPES] = {8, 4, 2, 2, 8, 4, 2, 1, 1,
 const char *st_dtype_name(enum st_dtype d) { return d < ST_NDTYPES ? DTYPE_NAMES[d] : "?"; }
 size_t st_dtype_size(enum st_dtype d) { return d < ST_NDTYPES ? DTYPE_SIZES[d] : 0; }
 
-static int fail(char *err, size_t errlen, const char *fmt, ...) PRINTF_LIKE(3, 4);
-static int fail(char *err, size_t errlen, const char *fmt, ...) {
-  if (err && errlen) {
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-  }
-  return -1;
-}
-
 /* ---- scalar conversions ------------------------------------------------------------------ */
 
 uint16_t st_f32_to_bf16(float x) {
@@ -98,12 +87,12 @@ static int cmp_tensor_begin(const void *a, const void *b) {
 
 static int parse_metadata(struct st_file *f, json_t *v, char *err, size_t errlen) {
   if (!json_is_object(v))
-    return fail(err, errlen, "%s: __metadata__ must be an object of strings", f->path);
+    return errorf(err, errlen, "%s: __metadata__ must be an object of strings", f->path);
   const char *key;
   json_t *val;
   json_object_foreach(v, key, val)
     if (!json_is_string(val))
-      return fail(err, errlen, "%s: __metadata__ value '%s' is not a string", f->path, key);
+      return errorf(err, errlen, "%s: __metadata__ value '%s' is not a string", f->path, key);
   f->metadata = v;
   return 0;
 }
@@ -115,49 +104,49 @@ static int parse_entry(const struct st_file *f, const char *name, json_t *v, con
   memset(t, 0, sizeof *t);
   t->name = name;
   t->path = f->path;
-  if (!json_is_object(v)) return fail(err, errlen, "%s: tensor '%s': entry is not an object", p, name);
+  if (!json_is_object(v)) return errorf(err, errlen, "%s: tensor '%s': entry is not an object", p, name);
 
   json_t *dt = json_object_get(v, "dtype");
-  if (!json_is_string(dt)) return fail(err, errlen, "%s: tensor '%s': dtype missing or not a string", p, name);
+  if (!json_is_string(dt)) return errorf(err, errlen, "%s: tensor '%s': dtype missing or not a string", p, name);
   int d = 0;
   while (d < ST_NDTYPES && strcmp(DTYPE_NAMES[d], json_string_value(dt)) != 0) d++;
   if (d == ST_NDTYPES)
-    return fail(err, errlen, "%s: tensor '%s': unknown dtype '%s'", p, name, json_string_value(dt));
+    return errorf(err, errlen, "%s: tensor '%s': unknown dtype '%s'", p, name, json_string_value(dt));
   t->dtype = (enum st_dtype)d;
 
   json_t *shape = json_object_get(v, "shape");
-  if (!json_is_array(shape)) return fail(err, errlen, "%s: tensor '%s': shape missing or not an array", p, name);
+  if (!json_is_array(shape)) return errorf(err, errlen, "%s: tensor '%s': shape missing or not an array", p, name);
   if (json_array_size(shape) > ST_MAX_DIMS)
-    return fail(err, errlen, "%s: tensor '%s': shape has %zu dimensions, at most %d supported", p, name,
+    return errorf(err, errlen, "%s: tensor '%s': shape has %zu dimensions, at most %d supported", p, name,
                 json_array_size(shape), ST_MAX_DIMS);
   t->ndim = (int)json_array_size(shape);
   t->numel = 1;
   for (int i = 0; i < t->ndim; i++) {
     json_t *e = json_array_get(shape, (size_t)i);
     if (!json_is_integer(e) || json_integer_value(e) < 0)
-      return fail(err, errlen, "%s: tensor '%s': shape[%d] is not a non-negative integer", p, name, i);
+      return errorf(err, errlen, "%s: tensor '%s': shape[%d] is not a non-negative integer", p, name, i);
     uint64_t dim = (uint64_t)json_integer_value(e);
     if (dim && t->numel > UINT64_MAX / dim)
-      return fail(err, errlen, "%s: tensor '%s': shape product overflows", p, name);
+      return errorf(err, errlen, "%s: tensor '%s': shape product overflows", p, name);
     t->shape[i] = (int64_t)dim;
     t->numel *= dim;
   }
   if (t->numel > UINT64_MAX / DTYPE_SIZES[d])
-    return fail(err, errlen, "%s: tensor '%s': shape product overflows", p, name);
+    return errorf(err, errlen, "%s: tensor '%s': shape product overflows", p, name);
   t->nbytes = t->numel * DTYPE_SIZES[d];
 
   json_t *off = json_object_get(v, "data_offsets");
   if (!json_is_array(off) || json_array_size(off) != 2)
-    return fail(err, errlen, "%s: tensor '%s': data_offsets missing or not [begin, end]", p, name);
+    return errorf(err, errlen, "%s: tensor '%s': data_offsets missing or not [begin, end]", p, name);
   json_t *jb = json_array_get(off, 0), *je = json_array_get(off, 1);
   if (!json_is_integer(jb) || !json_is_integer(je) || json_integer_value(jb) < 0 || json_integer_value(je) < 0)
-    return fail(err, errlen, "%s: tensor '%s': data_offsets are not non-negative integers", p, name);
+    return errorf(err, errlen, "%s: tensor '%s': data_offsets are not non-negative integers", p, name);
   uint64_t begin = (uint64_t)json_integer_value(jb), end = (uint64_t)json_integer_value(je);
   if (begin > end || end > data_size)
-    return fail(err, errlen, "%s: tensor '%s': data_offsets [%llu, %llu] out of range (data is %llu bytes)",
+    return errorf(err, errlen, "%s: tensor '%s': data_offsets [%llu, %llu] out of range (data is %llu bytes)",
                 p, name, (unsigned long long)begin, (unsigned long long)end, (unsigned long long)data_size);
   if (end - begin != t->nbytes)
-    return fail(err, errlen, "%s: tensor '%s': data_offsets span %llu bytes but %s shape needs %llu", p,
+    return errorf(err, errlen, "%s: tensor '%s': data_offsets span %llu bytes but %s shape needs %llu", p,
                 name, (unsigned long long)(end - begin), DTYPE_NAMES[d], (unsigned long long)t->nbytes);
   t->data = data + begin;
   return 0;
@@ -174,7 +163,7 @@ static int check_overlaps(const struct st_file *f, char *err, size_t errlen) {
   for (size_t i = 1; i < m && rc == 0; i++) {
     const struct st_tensor *a = by_begin[i - 1], *b = by_begin[i];
     if ((const unsigned char *)b->data < (const unsigned char *)a->data + a->nbytes)
-      rc = fail(err, errlen, "%s: tensors '%s' and '%s' overlap", f->path, a->name, b->name);
+      rc = errorf(err, errlen, "%s: tensors '%s' and '%s' overlap", f->path, a->name, b->name);
   }
   free(by_begin);
   return rc;
@@ -182,19 +171,19 @@ static int check_overlaps(const struct st_file *f, char *err, size_t errlen) {
 
 static int parse_header(struct st_file *f, char *err, size_t errlen) {
   const char *p = f->path;
-  if (f->map_len < 8) return fail(err, errlen, "%s: %zu bytes, too short for a safetensors file", p, f->map_len);
+  if (f->map_len < 8) return errorf(err, errlen, "%s: %zu bytes, too short for a safetensors file", p, f->map_len);
   uint64_t hlen;
   memcpy(&hlen, f->map, 8);
   if (hlen > ST_MAX_HEADER)
-    return fail(err, errlen, "%s: header length %llu is over the %u-byte limit", p, (unsigned long long)hlen,
+    return errorf(err, errlen, "%s: header length %llu is over the %u-byte limit", p, (unsigned long long)hlen,
                 ST_MAX_HEADER);
   if (hlen > f->map_len - 8)
-    return fail(err, errlen, "%s: header length %llu runs past the end of the %zu-byte file", p,
+    return errorf(err, errlen, "%s: header length %llu runs past the end of the %zu-byte file", p,
                 (unsigned long long)hlen, f->map_len);
   json_error_t jerr;
   f->header = json_loadb((const char *)f->map + 8, (size_t)hlen, JSON_REJECT_DUPLICATES, &jerr);
-  if (!f->header) return fail(err, errlen, "%s: header is not valid JSON: %s (byte %d)", p, jerr.text, jerr.position);
-  if (!json_is_object(f->header)) return fail(err, errlen, "%s: header is not a JSON object", p);
+  if (!f->header) return errorf(err, errlen, "%s: header is not valid JSON: %s (byte %d)", p, jerr.text, jerr.position);
+  if (!json_is_object(f->header)) return errorf(err, errlen, "%s: header is not a JSON object", p);
 
   const unsigned char *data = f->map + 8 + hlen;
   uint64_t data_size = f->map_len - 8 - hlen;
@@ -219,20 +208,20 @@ int st_open(struct st_file **out, const char *path, char *err, size_t errlen) {
   f->path = xstrdup(path);
   int fd = open(path, O_RDONLY);
   if (fd < 0) {
-    fail(err, errlen, "%s: cannot open: %s", path, strerror(errno));
+    errorf(err, errlen, "%s: cannot open: %s", path, strerror(errno));
     st_close(f);
     return -1;
   }
   struct stat sb;
   int rc = 0;
-  if (fstat(fd, &sb) != 0) rc = fail(err, errlen, "%s: cannot stat: %s", path, strerror(errno));
-  else if (!S_ISREG(sb.st_mode)) rc = fail(err, errlen, "%s: not a regular file", path);
+  if (fstat(fd, &sb) != 0) rc = errorf(err, errlen, "%s: cannot stat: %s", path, strerror(errno));
+  else if (!S_ISREG(sb.st_mode)) rc = errorf(err, errlen, "%s: not a regular file", path);
   else if (sb.st_size > 0) {
     f->map_len = (size_t)sb.st_size;
     f->map = mmap(NULL, f->map_len, PROT_READ, MAP_PRIVATE, fd, 0);
     if (f->map == MAP_FAILED) {
       f->map = NULL;
-      rc = fail(err, errlen, "%s: cannot map: %s", path, strerror(errno));
+      rc = errorf(err, errlen, "%s: cannot map: %s", path, strerror(errno));
     }
   }
   close(fd);
@@ -271,7 +260,7 @@ const char *st_metadata(const struct st_file *f, const char *key) {
 
 int st_read_f32(const struct st_tensor *t, float *dst, size_t n, char *err, size_t errlen) {
   if (n != t->numel)
-    return fail(err, errlen, "%s: tensor '%s': has %llu elements, caller expected %zu", t->path, t->name,
+    return errorf(err, errlen, "%s: tensor '%s': has %llu elements, caller expected %zu", t->path, t->name,
                 (unsigned long long)t->numel, n);
   const unsigned char *src = t->data;
   switch (t->dtype) {
@@ -294,7 +283,7 @@ int st_read_f32(const struct st_tensor *t, float *dst, size_t n, char *err, size
     }
     return 0;
   default:
-    return fail(err, errlen, "%s: tensor '%s': dtype %s cannot be read as floats (F32, BF16, F16, F64 can)",
+    return errorf(err, errlen, "%s: tensor '%s': dtype %s cannot be read as floats (F32, BF16, F16, F64 can)",
                 t->path, t->name, st_dtype_name(t->dtype));
   }
 }
@@ -333,7 +322,7 @@ static struct st_file *model_shard(struct st_model *m, const char *dir, const ch
   int rc = st_open(&f, path, inner, sizeof inner);
   free(path);
   if (rc) {
-    fail(err, errlen, "%s: shard '%s': %s", index, file, inner);
+    errorf(err, errlen, "%s: shard '%s': %s", index, file, inner);
     return NULL;
   }
   m->files = xrealloc(m->files, (m->nfiles + 1) * sizeof *m->files);
@@ -344,13 +333,13 @@ static struct st_file *model_shard(struct st_model *m, const char *dir, const ch
 static int open_index(struct st_model *m, const char *dir, const char *index, char *err, size_t errlen) {
   json_error_t jerr;
   json_t *root = json_load_file(index, JSON_REJECT_DUPLICATES, &jerr);
-  if (!root) return fail(err, errlen, "%s: not valid JSON: %s (line %d)", index, jerr.text, jerr.line);
+  if (!root) return errorf(err, errlen, "%s: not valid JSON: %s (line %d)", index, jerr.text, jerr.line);
   int rc = 0;
   json_t *map = json_object_get(root, "weight_map");
-  if (!json_is_object(root)) rc = fail(err, errlen, "%s: not a JSON object", index);
-  else if (!json_is_object(map)) rc = fail(err, errlen, "%s: weight_map missing or not an object", index);
+  if (!json_is_object(root)) rc = errorf(err, errlen, "%s: not a JSON object", index);
+  else if (!json_is_object(map)) rc = errorf(err, errlen, "%s: weight_map missing or not an object", index);
   else if (json_object_get(root, "metadata") && !json_is_object(json_object_get(root, "metadata")))
-    rc = fail(err, errlen, "%s: metadata is not an object", index);
+    rc = errorf(err, errlen, "%s: metadata is not an object", index);
   m->tensors = xcalloc(rc ? 1 : json_object_size(map), sizeof *m->tensors);
   const char *name;
   json_t *v;
@@ -358,7 +347,7 @@ static int open_index(struct st_model *m, const char *dir, const char *index, ch
     const char *file = json_string_value(v);
     /* Shards live beside the index; a name with a slash (or "..") could point anywhere. */
     if (!file || !file[0] || strchr(file, '/') || strcmp(file, ".") == 0 || strcmp(file, "..") == 0) {
-      rc = fail(err, errlen, "%s: weight_map['%s'] must be a file name in the same directory", index, name);
+      rc = errorf(err, errlen, "%s: weight_map['%s'] must be a file name in the same directory", index, name);
       break;
     }
     struct st_file *f = model_shard(m, dir, index, file, err, errlen);
@@ -368,7 +357,7 @@ static int open_index(struct st_model *m, const char *dir, const char *index, ch
     }
     const struct st_tensor *t = st_find(f, name);
     if (!t) {
-      rc = fail(err, errlen, "%s: weight_map puts tensor '%s' in %s, which does not hold it", index, name,
+      rc = errorf(err, errlen, "%s: weight_map puts tensor '%s' in %s, which does not hold it", index, name,
                 f->path);
       break;
     }
@@ -396,7 +385,7 @@ int st_model_open(struct st_model **out, const char *dir, char *err, size_t errl
   } else if (access(index, F_OK) == 0) {
     rc = open_index(m, dir, index, err, errlen);
   } else {
-    rc = fail(err, errlen, "%s: neither model.safetensors nor model.safetensors.index.json is there", dir);
+    rc = errorf(err, errlen, "%s: neither model.safetensors nor model.safetensors.index.json is there", dir);
   }
   free(single);
   free(index);
@@ -444,19 +433,19 @@ static int check_write_tensor(const char *path, struct write_item *it, char *err
   const struct st_write_tensor *t = it->t;
   const char *name = t->name ? t->name : "(null)";
   if (!t->name || !t->name[0] || strcmp(t->name, "__metadata__") == 0)
-    return fail(err, errlen, "%s: tensor name '%s' is not allowed", path, name);
+    return errorf(err, errlen, "%s: tensor name '%s' is not allowed", path, name);
   if (t->dtype != ST_F32 && t->dtype != ST_BF16)
-    return fail(err, errlen, "%s: tensor '%s': can only write F32 or BF16, not %s", path, name,
+    return errorf(err, errlen, "%s: tensor '%s': can only write F32 or BF16, not %s", path, name,
                 st_dtype_name(t->dtype));
   if (t->ndim < 0 || t->ndim > ST_MAX_DIMS)
-    return fail(err, errlen, "%s: tensor '%s': %d dimensions", path, name, t->ndim);
+    return errorf(err, errlen, "%s: tensor '%s': %d dimensions", path, name, t->ndim);
   it->numel = 1;
   for (int i = 0; i < t->ndim; i++) {
     if (t->shape[i] < 0 || (t->shape[i] && it->numel > (UINT64_MAX >> 3) / (uint64_t)t->shape[i]))
-      return fail(err, errlen, "%s: tensor '%s': bad shape[%d] = %lld", path, name, i, (long long)t->shape[i]);
+      return errorf(err, errlen, "%s: tensor '%s': bad shape[%d] = %lld", path, name, i, (long long)t->shape[i]);
     it->numel *= (uint64_t)t->shape[i];
   }
-  if (it->numel && !t->data) return fail(err, errlen, "%s: tensor '%s': no data", path, name);
+  if (it->numel && !t->data) return errorf(err, errlen, "%s: tensor '%s': no data", path, name);
   return 0;
 }
 
@@ -517,22 +506,22 @@ int st_write(const char *path, const struct st_write_tensor *tensors, size_t n, 
   if (rc == 0) qsort(items, n, sizeof *items, cmp_write_item);
   for (size_t k = 1; k < n && rc == 0; k++)
     if (strcmp(items[k].t->name, items[k - 1].t->name) == 0)
-      rc = fail(err, errlen, "%s: tensor '%s' given twice", path, items[k].t->name);
+      rc = errorf(err, errlen, "%s: tensor '%s' given twice", path, items[k].t->name);
   char *header = NULL;
   if (rc == 0) {
     json_t *root = header_json(items, n, pt_metadata);
     header = json_dumps(root, JSON_COMPACT | JSON_PRESERVE_ORDER);
     json_decref(root);
-    if (!header) rc = fail(err, errlen, "%s: cannot encode the header", path);
+    if (!header) rc = errorf(err, errlen, "%s: cannot encode the header", path);
   }
   if (rc == 0) {
     size_t tlen = strlen(path) + 32;
     char *tmp = xmalloc(tlen);
     snprintf(tmp, tlen, "%s.tmp.%ld", path, (long)getpid());
     if (write_file(tmp, header, items, n) != 0)
-      rc = fail(err, errlen, "%s: cannot write: %s", tmp, strerror(errno));
+      rc = errorf(err, errlen, "%s: cannot write: %s", tmp, strerror(errno));
     else if (rename(tmp, path) != 0)
-      rc = fail(err, errlen, "%s: cannot rename into place: %s", path, strerror(errno));
+      rc = errorf(err, errlen, "%s: cannot rename into place: %s", path, strerror(errno));
     if (rc) unlink(tmp);
     free(tmp);
   }

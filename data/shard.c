@@ -10,14 +10,6 @@
 
 #include "common/util.h"
 
-static int fail(char *err, size_t errlen, const char *fmt, ...) {
-  va_list ap;
-  va_start(ap, fmt);
-  vsnprintf(err, errlen, fmt, ap);
-  va_end(ap);
-  return -1;
-}
-
 /* Reads a 1-D dataset of `type` into a new buffer; returns its length or -1. */
 static int64_t read_vector(hid_t file, const char *name, hid_t type, size_t elem, void **out) {
   hid_t ds = H5Dopen2(file, name, H5P_DEFAULT);
@@ -42,11 +34,11 @@ static int64_t read_vector(hid_t file, const char *name, hid_t type, size_t elem
 
 int shard_load(struct shard *s, const char *path, char *err, size_t errlen) {
   memset(s, 0, sizeof *s);
-  if (access(path, R_OK) != 0) return fail(err, errlen, "%s: cannot read the token shard", path);
+  if (access(path, R_OK) != 0) return errorf(err, errlen, "%s: cannot read the token shard", path);
   hid_t file = -1;
   H5E_BEGIN_TRY { file = H5Fopen(path, H5F_ACC_RDONLY, H5P_DEFAULT); }
   H5E_END_TRY;
-  if (file < 0) return fail(err, errlen, "%s: not an HDF5 file", path);
+  if (file < 0) return errorf(err, errlen, "%s: not an HDF5 file", path);
 
   int rc = -1;
   int64_t n_tok, n_off;
@@ -56,42 +48,42 @@ int shard_load(struct shard *s, const char *path, char *err, size_t errlen) {
   }
   H5E_END_TRY;
   if (n_tok < 0) {
-    fail(err, errlen, "%s: no 1-D dataset 'tokens' (is this a qwen3-prep shard?)", path);
+    errorf(err, errlen, "%s: no 1-D dataset 'tokens' (is this a qwen3-prep shard?)", path);
     goto done;
   }
   if (n_off < 2) {
-    fail(err, errlen, "%s: dataset 'doc_offsets' missing or empty", path);
+    errorf(err, errlen, "%s: dataset 'doc_offsets' missing or empty", path);
     goto done;
   }
   s->n_tokens = (uint64_t)n_tok;
   s->n_docs = (uint64_t)n_off - 1;
   if (s->doc_offsets[0] != 0 || s->doc_offsets[s->n_docs] != s->n_tokens) {
-    fail(err, errlen, "%s: doc_offsets must run from 0 to the token count %llu", path,
+    errorf(err, errlen, "%s: doc_offsets must run from 0 to the token count %llu", path,
          (unsigned long long)s->n_tokens);
     goto done;
   }
   for (uint64_t d = 0; d < s->n_docs; d++)
     if (s->doc_offsets[d] > s->doc_offsets[d + 1]) {
-      fail(err, errlen, "%s: doc_offsets decrease at document %llu", path, (unsigned long long)d);
+      errorf(err, errlen, "%s: doc_offsets decrease at document %llu", path, (unsigned long long)d);
       goto done;
     }
   if (H5Lexists(file, "loss_mask", H5P_DEFAULT) > 0) {
     int64_t n_mask = read_vector(file, "loss_mask", H5T_NATIVE_UINT8, 1, (void **)&s->loss_mask);
     if (n_mask != n_tok) {
-      fail(err, errlen, "%s: loss_mask has %lld entries for %lld tokens", path, (long long)n_mask,
+      errorf(err, errlen, "%s: loss_mask has %lld entries for %lld tokens", path, (long long)n_mask,
            (long long)n_tok);
       goto done;
     }
   }
   if (H5Aexists(file, "vocab_size") <= 0) {
-    fail(err, errlen, "%s: attribute 'vocab_size' missing", path);
+    errorf(err, errlen, "%s: attribute 'vocab_size' missing", path);
     goto done;
   }
   hid_t a = H5Aopen(file, "vocab_size", H5P_DEFAULT);
   herr_t ok = H5Aread(a, H5T_NATIVE_UINT32, &s->vocab_size);
   H5Aclose(a);
   if (ok < 0) {
-    fail(err, errlen, "%s: attribute 'vocab_size' unreadable", path);
+    errorf(err, errlen, "%s: attribute 'vocab_size' unreadable", path);
     goto done;
   }
   if (H5Aexists(file, "tokenizer") > 0) {
@@ -105,7 +97,7 @@ int shard_load(struct shard *s, const char *path, char *err, size_t errlen) {
   }
   for (uint64_t i = 0; i < s->n_tokens; i++)
     if (s->tokens[i] >= s->vocab_size) {
-      fail(err, errlen, "%s: token %llu is %u, past the shard's vocab_size %u", path,
+      errorf(err, errlen, "%s: token %llu is %u, past the shard's vocab_size %u", path,
            (unsigned long long)i, s->tokens[i], s->vocab_size);
       goto done;
     }
@@ -204,7 +196,7 @@ int shard_writer_finish(struct shard_writer *w, const char *path, uint32_t vocab
   int rc = 0;
   for (uint64_t i = 0; i < w->n_tokens && rc == 0; i++)
     if (w->tokens[i] >= vocab_size)
-      rc = fail(err, errlen, "%s: token %u at position %llu is past vocab_size %u", path,
+      rc = errorf(err, errlen, "%s: token %u at position %llu is past vocab_size %u", path,
                 w->tokens[i], (unsigned long long)i, vocab_size);
   char tmp[4096];
   snprintf(tmp, sizeof tmp, "%s.tmp%d", path, (int)getpid());
@@ -212,17 +204,17 @@ int shard_writer_finish(struct shard_writer *w, const char *path, uint32_t vocab
   if (rc == 0) {
     H5E_BEGIN_TRY { file = H5Fcreate(tmp, H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT); }
     H5E_END_TRY;
-    if (file < 0) rc = fail(err, errlen, "%s: cannot create the shard file", tmp);
+    if (file < 0) rc = errorf(err, errlen, "%s: cannot create the shard file", tmp);
   }
   if (rc == 0) {
     if (write_vector(file, "tokens", H5T_STD_U32LE, w->tokens, w->n_tokens) ||
         write_vector(file, "doc_offsets", H5T_STD_U64LE, w->offsets, w->n_docs + 1) ||
         (w->with_mask && write_vector(file, "loss_mask", H5T_STD_U8LE, w->mask, w->n_tokens)) ||
         write_attrs(file, vocab_size, tokenizer))
-      rc = fail(err, errlen, "%s: writing the shard failed (disk full?)", tmp);
-    if (H5Fclose(file) < 0 && rc == 0) rc = fail(err, errlen, "%s: closing the shard failed", tmp);
+      rc = errorf(err, errlen, "%s: writing the shard failed (disk full?)", tmp);
+    if (H5Fclose(file) < 0 && rc == 0) rc = errorf(err, errlen, "%s: closing the shard failed", tmp);
     if (rc == 0 && rename(tmp, path) != 0)
-      rc = fail(err, errlen, "%s: cannot rename the finished shard into place", path);
+      rc = errorf(err, errlen, "%s: cannot rename the finished shard into place", path);
     if (rc != 0) unlink(tmp);
   }
   free(w->tokens);

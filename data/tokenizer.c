@@ -49,15 +49,6 @@ struct tokenizer {
   char hash[65];
 };
 
-static int fail(char *err, size_t errlen, const char *fmt, ...) PRINTF_LIKE(3, 4);
-static int fail(char *err, size_t errlen, const char *fmt, ...) {
-  va_list ap;
-  va_start(ap, fmt);
-  vsnprintf(err, errlen, fmt, ap);
-  va_end(ap);
-  return -1;
-}
-
 /* ---- GPT-2 ByteLevel alphabet ------------------------------------------------------------- */
 
 /* Printable bytes stand for themselves; the other 68 bytes map in order to U+0100.. so that
@@ -181,7 +172,7 @@ static int jempty_or_null(const json_t *o, const char *key) {
 static int check_pipeline(const json_t *root, char *err, size_t errlen, const char **regex) {
   const json_t *norm = json_object_get(root, "normalizer");
   if (norm && !json_is_null(norm) && !(jstr(norm, "type") && !strcmp(jstr(norm, "type"), "NFC")))
-    return fail(err, errlen, "normalizer: only NFC or none is supported");
+    return errorf(err, errlen, "normalizer: only NFC or none is supported");
 
   const json_t *pre = json_object_get(root, "pre_tokenizer");
   const json_t *steps = json_object_get(pre, "pretokenizers");
@@ -194,26 +185,26 @@ static int check_pipeline(const json_t *root, char *err, size_t errlen, const ch
       strcmp(jstr(bytelevel, "type"), "ByteLevel") ||
       json_is_true(json_object_get(bytelevel, "add_prefix_space")) ||
       json_is_true(json_object_get(bytelevel, "use_regex")))
-    return fail(err, errlen,
+    return errorf(err, errlen,
                 "pre_tokenizer: only Sequence[Split(Regex, Isolated), ByteLevel(add_prefix_space "
                 "false, use_regex false)] is supported");
 
   const json_t *model = json_object_get(root, "model");
   if (!json_is_object(model) || (jstr(model, "type") && strcmp(jstr(model, "type"), "BPE")))
-    return fail(err, errlen, "model: only type BPE is supported");
+    return errorf(err, errlen, "model: only type BPE is supported");
   if (json_is_true(json_object_get(model, "byte_fallback")))
-    return fail(err, errlen, "model.byte_fallback: not supported");
+    return errorf(err, errlen, "model.byte_fallback: not supported");
   if (json_is_true(json_object_get(model, "ignore_merges")))
-    return fail(err, errlen, "model.ignore_merges: not supported");
+    return errorf(err, errlen, "model.ignore_merges: not supported");
   const json_t *dropout = json_object_get(model, "dropout");
-  if (dropout && !json_is_null(dropout)) return fail(err, errlen, "model.dropout: not supported");
+  if (dropout && !json_is_null(dropout)) return errorf(err, errlen, "model.dropout: not supported");
   if (!jempty_or_null(model, "continuing_subword_prefix") ||
       !jempty_or_null(model, "end_of_word_suffix"))
-    return fail(err, errlen, "model: continuing_subword_prefix/end_of_word_suffix not supported");
+    return errorf(err, errlen, "model: continuing_subword_prefix/end_of_word_suffix not supported");
 
   const json_t *dec = json_object_get(root, "decoder");
   if (dec && !json_is_null(dec) && !(jstr(dec, "type") && !strcmp(jstr(dec, "type"), "ByteLevel")))
-    return fail(err, errlen, "decoder: only ByteLevel is supported");
+    return errorf(err, errlen, "decoder: only ByteLevel is supported");
   return 0;
 }
 
@@ -225,7 +216,7 @@ static int collect_names(const json_t *vocab, const json_t *added, const char **
   const json_t *v;
   json_object_foreach((json_t *)vocab, key, v) {
     if (!json_is_integer(v) || json_integer_value(v) < 0 || json_integer_value(v) >= INT32_MAX)
-      return fail(err, errlen, "model.vocab[\"%s\"]: not an id", key);
+      return errorf(err, errlen, "model.vocab[\"%s\"]: not an id", key);
     if (json_integer_value(v) > max_id) max_id = json_integer_value(v);
   }
   size_t i;
@@ -233,21 +224,21 @@ static int collect_names(const json_t *vocab, const json_t *added, const char **
     const json_t *idv = json_object_get(v, "id"), *content = json_object_get(v, "content");
     json_int_t id = json_integer_value(idv);
     if (!json_is_integer(idv) || id < 0 || id >= INT32_MAX || !json_string_length(content))
-      return fail(err, errlen, "added_tokens[%zu]: needs an id and a non-empty content", i);
+      return errorf(err, errlen, "added_tokens[%zu]: needs an id and a non-empty content", i);
     if (json_is_true(json_object_get(v, "lstrip")) || json_is_true(json_object_get(v, "rstrip")) ||
         json_is_true(json_object_get(v, "single_word")) ||
         json_is_true(json_object_get(v, "normalized")))
-      return fail(err, errlen,
+      return errorf(err, errlen,
                   "added_tokens[%zu]: lstrip, rstrip, single_word, normalized not supported", i);
     if (id > max_id) max_id = id;
   }
-  if (max_id < 0) return fail(err, errlen, "model.vocab: empty");
+  if (max_id < 0) return errorf(err, errlen, "model.vocab: empty");
   *n_ids = (uint32_t)max_id + 1;
   *names = xcalloc(*n_ids, sizeof **names);
   *lens = xcalloc(*n_ids, sizeof **lens);
   json_object_foreach((json_t *)vocab, key, v) {
     json_int_t id = json_integer_value(v);
-    if ((*names)[id]) return fail(err, errlen, "model.vocab: id %lld given twice", (long long)id);
+    if ((*names)[id]) return errorf(err, errlen, "model.vocab: id %lld given twice", (long long)id);
     (*names)[id] = key;
     (*lens)[id] = strlen(key);
   }
@@ -256,7 +247,7 @@ static int collect_names(const json_t *vocab, const json_t *added, const char **
     const json_t *content = json_object_get(v, "content");
     if ((*names)[id] && ((*lens)[id] != json_string_length(content) ||
                          memcmp((*names)[id], json_string_value(content), (*lens)[id])))
-      return fail(err, errlen, "added_tokens[%zu]: id %lld is already another token", i,
+      return errorf(err, errlen, "added_tokens[%zu]: id %lld is already another token", i,
                   (long long)id);
     (*names)[id] = json_string_value(content);
     (*lens)[id] = json_string_length(content);
@@ -296,7 +287,7 @@ static int build_tokens(struct tokenizer *t, const char **names, const size_t *l
       utf8proc_int32_t c;
       utf8proc_ssize_t step = utf8proc_iterate(s + k, (utf8proc_ssize_t)(lens[id] - k), &c);
       if (step <= 0 || c >= 324 || char_to_byte[c] < 0)
-        return fail(err, errlen, "model.vocab[\"%s\"]: character outside the ByteLevel alphabet",
+        return errorf(err, errlen, "model.vocab[\"%s\"]: character outside the ByteLevel alphabet",
                     names[id]);
       t->bytes[nb++] = (uint8_t)char_to_byte[c];
       k += (size_t)step;
@@ -317,7 +308,7 @@ static int build_tokens(struct tokenizer *t, const char **names, const size_t *l
       utf8proc_encode_char((utf8proc_int32_t)byte_to_char(b), (utf8proc_uint8_t *)s);
     t->byte_token[b] = name_find(t, s, (size_t)n);
     if (t->byte_token[b] < 0)
-      return fail(err, errlen, "model.vocab: no token for byte 0x%02x", b);
+      return errorf(err, errlen, "model.vocab: no token for byte 0x%02x", b);
   }
   return 0;
 }
@@ -336,21 +327,21 @@ static int build_merges(struct tokenizer *t, const json_t *merges, char *err, si
     if (json_is_string(m)) {
       l = json_string_value(m);
       const char *sp = strchr(l, ' ');
-      if (!sp || strchr(sp + 1, ' ')) return fail(err, errlen, "model.merges[%zu]: not \"a b\"", r);
+      if (!sp || strchr(sp + 1, ' ')) return errorf(err, errlen, "model.merges[%zu]: not \"a b\"", r);
       ln = (size_t)(sp - l), rt = sp + 1, rn = strlen(rt);
     } else if (json_array_size(m) == 2 && json_is_string(json_array_get(m, 0)) &&
                json_is_string(json_array_get(m, 1))) {
       l = json_string_value(json_array_get(m, 0)), ln = json_string_length(json_array_get(m, 0));
       rt = json_string_value(json_array_get(m, 1)), rn = json_string_length(json_array_get(m, 1));
     } else {
-      return fail(err, errlen, "model.merges[%zu]: neither \"a b\" nor [\"a\", \"b\"]", r);
+      return errorf(err, errlen, "model.merges[%zu]: neither \"a b\" nor [\"a\", \"b\"]", r);
     }
-    if (ln + rn > sizeof joined) return fail(err, errlen, "model.merges[%zu]: too long", r);
+    if (ln + rn > sizeof joined) return errorf(err, errlen, "model.merges[%zu]: too long", r);
     memcpy(joined, l, ln);
     memcpy(joined + ln, rt, rn);
     int32_t a = name_find(t, l, ln), b = name_find(t, rt, rn), ab = name_find(t, joined, ln + rn);
     if (a < 0 || b < 0 || ab < 0)
-      return fail(err, errlen, "model.merges[%zu]: \"%.*s\" + \"%.*s\" is not in model.vocab", r,
+      return errorf(err, errlen, "model.merges[%zu]: \"%.*s\" + \"%.*s\" is not in model.vocab", r,
                   (int)ln, l, (int)rn, rt);
     merge_insert(t, a, b, (int32_t)r, ab);
   }
@@ -417,7 +408,7 @@ static char *oniguruma_spaces(const char *re) {
 
 static int compile_split(struct tokenizer *t, const char *regex, char *err, size_t errlen) {
   char *re = oniguruma_spaces(regex);
-  if (!re) return fail(err, errlen, "pre_tokenizer Split regex: \\S inside [...] is not supported");
+  if (!re) return errorf(err, errlen, "pre_tokenizer Split regex: \\S inside [...] is not supported");
   int code;
   PCRE2_SIZE at;
   t->split = pcre2_compile((PCRE2_SPTR)re, PCRE2_ZERO_TERMINATED, PCRE2_UTF | PCRE2_UCP, &code,
@@ -426,7 +417,7 @@ static int compile_split(struct tokenizer *t, const char *regex, char *err, size
   if (!t->split) {
     char msg[256];
     pcre2_get_error_message(code, (PCRE2_UCHAR *)msg, sizeof msg);
-    return fail(err, errlen,
+    return errorf(err, errlen,
                 "pre_tokenizer Split regex: %s (at offset %zu of it, with \\s spelled out)", msg,
                 (size_t)at);
   }
@@ -441,9 +432,9 @@ static int load_json(struct tokenizer *t, const json_t *root, char *err, size_t 
   const json_t *model = json_object_get(root, "model");
   const json_t *vocab = json_object_get(model, "vocab"), *merges = json_object_get(model, "merges");
   const json_t *added = json_object_get(root, "added_tokens");
-  if (!json_is_object(vocab)) return fail(err, errlen, "model.vocab: missing");
-  if (!json_is_array(merges)) return fail(err, errlen, "model.merges: missing");
-  if (added && !json_is_array(added)) return fail(err, errlen, "added_tokens: not an array");
+  if (!json_is_object(vocab)) return errorf(err, errlen, "model.vocab: missing");
+  if (!json_is_array(merges)) return errorf(err, errlen, "model.merges: missing");
+  if (added && !json_is_array(added)) return errorf(err, errlen, "added_tokens: not an array");
 
   const char **names = NULL;
   size_t *lens = NULL;
@@ -469,7 +460,7 @@ struct tokenizer *tokenizer_load(const char *path, char *err, size_t errlen) {
   size_t len;
   char *text = read_file(path, &len);
   if (!text) {
-    fail(err, errlen, "%s: %s", path, strerror(errno));
+    errorf(err, errlen, "%s: %s", path, strerror(errno));
     return NULL;
   }
   struct tokenizer *t = xcalloc(1, sizeof *t);
@@ -479,10 +470,10 @@ struct tokenizer *tokenizer_load(const char *path, char *err, size_t errlen) {
   free(text);
   char why[512];
   int rc = root ? load_json(t, root, why, sizeof why)
-                : fail(why, sizeof why, "line %d column %d: %s", jerr.line, jerr.column, jerr.text);
+                : errorf(why, sizeof why, "line %d column %d: %s", jerr.line, jerr.column, jerr.text);
   json_decref(root);
   if (rc) {
-    fail(err, errlen, "%s: %s", path, why);
+    errorf(err, errlen, "%s: %s", path, why);
     tokenizer_free(t);
     return NULL;
   }
@@ -649,7 +640,7 @@ int tokenizer_encode(const struct tokenizer *t, const char *text, size_t len, in
   *ids = NULL;
   *n = 0;
   size_t bad = utf8_invalid_offset(text, len);
-  if (bad < len) return fail(err, errlen, "invalid UTF-8 at byte offset %zu", bad);
+  if (bad < len) return errorf(err, errlen, "invalid UTF-8 at byte offset %zu", bad);
   struct encoder e = {.t = t, .match = pcre2_match_data_create_from_pattern(t->split, NULL)};
   if (!e.match) die("out of memory creating PCRE2 match data");
   size_t start = 0;

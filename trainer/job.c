@@ -58,14 +58,6 @@ static void list_fields(const ProtobufCMessageDescriptor *d, char *out, size_t l
     used += (size_t)snprintf(out + used, len - used, "%s%s", i ? ", " : "", d->fields[i].name);
 }
 
-static int set_fail(char *err, size_t errlen, const char *fmt, ...) {
-  va_list ap;
-  va_start(ap, fmt);
-  vsnprintf(err, errlen, fmt, ap);
-  va_end(ap);
-  return -1;
-}
-
 /* Parses `text` as the scalar type of f into out (8 bytes are enough for every scalar). */
 static int parse_scalar(const ProtobufCFieldDescriptor *f, const char *path, const char *text,
                         void *out, char *err, size_t errlen) {
@@ -78,7 +70,7 @@ static int parse_scalar(const ProtobufCFieldDescriptor *f, const char *path, con
       *(int32_t *)out = (int32_t)v;
       return 0;
     }
-    return set_fail(err, errlen, "--set %s=%s: expected a 32-bit integer", path, text);
+    return errorf(err, errlen, "--set %s=%s: expected a 32-bit integer", path, text);
   }
   case PROTOBUF_C_TYPE_UINT64: {
     unsigned long long v = strtoull(text, &end, 10);
@@ -86,7 +78,7 @@ static int parse_scalar(const ProtobufCFieldDescriptor *f, const char *path, con
       *(uint64_t *)out = v;
       return 0;
     }
-    return set_fail(err, errlen, "--set %s=%s: expected an unsigned integer", path, text);
+    return errorf(err, errlen, "--set %s=%s: expected an unsigned integer", path, text);
   }
   case PROTOBUF_C_TYPE_DOUBLE: {
     double v = strtod(text, &end);
@@ -94,12 +86,12 @@ static int parse_scalar(const ProtobufCFieldDescriptor *f, const char *path, con
       *(double *)out = v;
       return 0;
     }
-    return set_fail(err, errlen, "--set %s=%s: expected a finite number", path, text);
+    return errorf(err, errlen, "--set %s=%s: expected a finite number", path, text);
   }
   case PROTOBUF_C_TYPE_BOOL:
     if (!strcmp(text, "true") || !strcmp(text, "1")) *(protobuf_c_boolean *)out = 1;
     else if (!strcmp(text, "false") || !strcmp(text, "0")) *(protobuf_c_boolean *)out = 0;
-    else return set_fail(err, errlen, "--set %s=%s: expected true or false", path, text);
+    else return errorf(err, errlen, "--set %s=%s: expected true or false", path, text);
     return 0;
   case PROTOBUF_C_TYPE_ENUM: {
     const ProtobufCEnumDescriptor *ed = f->descriptor;
@@ -114,13 +106,13 @@ static int parse_scalar(const ProtobufCFieldDescriptor *f, const char *path, con
     for (unsigned i = 0; i < ed->n_values; i++)
       used += (size_t)snprintf(allowed + used, sizeof allowed - used, "%s%s", i ? "|" : "",
                                ed->values[i].name);
-    return set_fail(err, errlen, "--set %s=%s: allowed values are %s", path, text, allowed);
+    return errorf(err, errlen, "--set %s=%s: allowed values are %s", path, text, allowed);
   }
   case PROTOBUF_C_TYPE_STRING:
     *(char **)out = xstrdup(text);
     return 0;
   default:
-    return set_fail(err, errlen, "--set %s: this field's type cannot be set here", path);
+    return errorf(err, errlen, "--set %s: this field's type cannot be set here", path);
   }
 }
 
@@ -149,10 +141,10 @@ static int was_replaced(const void *list) {
 int job_set(Job *job, const char *assignment, char *err, size_t errlen) {
   const char *eq = strchr(assignment, '=');
   if (!eq || eq == assignment)
-    return set_fail(err, errlen, "--set %s: expected section.field=value", assignment);
+    return errorf(err, errlen, "--set %s: expected section.field=value", assignment);
   char path[256];
   size_t plen = (size_t)(eq - assignment);
-  if (plen >= sizeof path) return set_fail(err, errlen, "--set: field path too long");
+  if (plen >= sizeof path) return errorf(err, errlen, "--set: field path too long");
   memcpy(path, assignment, plen);
   path[plen] = 0;
   const char *value = eq + 1;
@@ -167,20 +159,20 @@ int job_set(Job *job, const char *assignment, char *err, size_t errlen) {
     if (!f) {
       char fields[1024];
       list_fields(d, fields, sizeof fields);
-      return set_fail(err, errlen, "--set %s: '%s' has no field '%s' (fields: %s)", path,
+      return errorf(err, errlen, "--set %s: '%s' has no field '%s' (fields: %s)", path,
                       d->name, name, fields);
     }
     char *base = (char *)msg + f->offset;
     int last = (save == NULL || *save == 0);
     if (f->type == PROTOBUF_C_TYPE_MESSAGE) {
-      if (last) return set_fail(err, errlen, "--set %s: '%s' is a section; name a field in it", path, name);
+      if (last) return errorf(err, errlen, "--set %s: '%s' is a section; name a field in it", path, name);
       const ProtobufCMessageDescriptor *sd = f->descriptor;
       if (f->label == PROTOBUF_C_LABEL_REPEATED) {
         size_t *count = (size_t *)((char *)msg + f->quantifier_offset);
         ProtobufCMessage ***list = (ProtobufCMessage ***)base;
         if (!was_replaced(list)) {
           if (n_replaced_lists == (int)(sizeof replaced_lists / sizeof *replaced_lists))
-            return set_fail(err, errlen, "--set %s: too many repeated sections set", path);
+            return errorf(err, errlen, "--set %s: too many repeated sections set", path);
           replaced_lists[n_replaced_lists++] = list;
           ProtobufCMessage *elem = xmalloc(sd->sizeof_message);
           protobuf_c_message_init(sd, elem);
@@ -199,7 +191,7 @@ int job_set(Job *job, const char *assignment, char *err, size_t errlen) {
       }
       continue;
     }
-    if (!last) return set_fail(err, errlen, "--set %s: '%s' is not a section", path, name);
+    if (!last) return errorf(err, errlen, "--set %s: '%s' is not a section", path, name);
     size_t size = scalar_size(f);
     unsigned char parsed[8];
     if (f->label == PROTOBUF_C_LABEL_REPEATED) {   /* a,b,c replaces the whole list */
@@ -229,7 +221,7 @@ int job_set(Job *job, const char *assignment, char *err, size_t errlen) {
     }
     return 0;
   }
-  return set_fail(err, errlen, "--set %s: empty field path", path);
+  return errorf(err, errlen, "--set %s: empty field path", path);
 }
 
 /* ---- printing ------------------------------------------------------------------------------ */

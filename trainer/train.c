@@ -102,12 +102,35 @@ static void format_duration(char *out, size_t len, double s) {
   else snprintf(out, len, "%dh%02dm", (int)s / 3600, ((int)s % 3600) / 60);
 }
 
-/* output_dir/metrics.jsonl: one JSON object per logged step and per validation. */
-static FILE *open_metrics(const Job *job, int fresh) {
+/* A run resumed at `step` drops the lines a killed run logged after that step's checkpoint, so
+ * that every step appears once. */
+static void trim_metrics(const char *path, int step) {
+  size_t len;
+  char *text = read_file(path, &len);
+  if (!text) return;   /* no earlier log */
+  char tmp[4200];
+  snprintf(tmp, sizeof tmp, "%s.tmp", path);
+  FILE *out = fopen(tmp, "w");
+  if (!out) die("output_dir: cannot write '%s'", tmp);
+  char *save = NULL;
+  for (char *line = strtok_r(text, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
+    json_t *o = json_loads(line, 0, NULL);
+    json_t *s = o ? json_object_get(o, "step") : NULL;
+    if (s && json_integer_value(s) <= step) fprintf(out, "%s\n", line);
+    json_decref(o);
+  }
+  free(text);
+  if (fclose(out) != 0 || rename(tmp, path) != 0) die("output_dir: cannot rewrite '%s'", path);
+}
+
+/* output_dir/metrics.jsonl: one JSON object per logged step and per validation; a resumed run
+ * (resumed_step > 0) continues the file. */
+static FILE *open_metrics(const Job *job, int resumed_step) {
   if (make_dirs(job->output_dir) != 0) die("output_dir: cannot create '%s'", job->output_dir);
   char path[4096];
   snprintf(path, sizeof path, "%s/metrics.jsonl", job->output_dir);
-  FILE *f = fopen(path, fresh ? "w" : "a");
+  if (resumed_step > 0) trim_metrics(path, resumed_step);
+  FILE *f = fopen(path, resumed_step > 0 ? "a" : "w");
   if (!f) die("output_dir: cannot write '%s'", path);
   return f;
 }
@@ -298,7 +321,7 @@ void train_run(const Job *job, const struct qwen3_config *cfg, struct comm *c,
 
   FILE *metrics = NULL;
   if (c->rank == 0) {
-    metrics = open_metrics(job, !resumed);
+    metrics = open_metrics(job, resumed ? st.step : 0);
     info("training %s: %d steps, %llu samples of %d tokens in data.train, backend %s",
          job->name, job->train->steps, (unsigned long long)r.train.n_samples, job->data->seq_len,
          be->name);
@@ -384,7 +407,7 @@ void eval_run(const Job *job, const struct qwen3_config *cfg, struct comm *c,
   struct eval_summary ev;
   evaluate(job, c, &w, st.step, &ev);
   if (c->rank == 0 && ev.has_valid) {
-    FILE *metrics = open_metrics(job, 0);
+    FILE *metrics = open_metrics(job, st.step > 0 ? st.step : 0);
     log_validation(metrics, st.step, &ev);
     fclose(metrics);
   }

@@ -7,30 +7,11 @@
 # stage file, another model shape), and init.checkpoint from qwen3-convert's output.
 # Usage: bash tests/mpi/test_checkpoint.sh BUILD_DIR
 set -u
-build=${1:?usage: test_checkpoint.sh BUILD_DIR}
+source tests/mpi/lib.sh
 train=$build/qwen3-train convert=$build/qwen3-convert job=$build/jobs/tiny.pb
 data=$build/data/tiny.h5
-for f in "$train" "$convert" "$job" "$data"; do
-  [ -e "$f" ] || { echo "FAIL $f not built"; echo "0 passed, 1 failed"; exit 1; }
-done
+require "$train" "$convert" "$job" "$data"
 command -v h5ls >/dev/null || { echo "FAIL h5ls not found (hdf5-tools)"; echo "0 passed, 1 failed"; exit 1; }
-source scripts/env.sh
-export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
-work=$(mktemp -d)
-log=$work/log
-trap 'rm -rf "$work"' EXIT
-passed=0 failed=0
-
-result() {   # result OK NAME [DETAIL]: one PASS/FAIL line; on failure the run's output too
-  if [ "$1" = 1 ]; then
-    echo "PASS $2"
-    passed=$((passed + 1))
-  else
-    echo "FAIL $2${3:+: $3}"
-    sed 's/^/    /' "$log" | tail -n 20
-    failed=$((failed + 1))
-  fi
-}
 
 tiny=(--set data.train="$data" --set train.log_every=1 --set parallel.pipeline_stages=2)
 
@@ -196,5 +177,4 @@ loss=$(head -n 1 "$work/init/metrics.jsonl" 2>/dev/null | grep -o '"loss":[0-9.]
 [ $rc = 0 ] && awk -v l="${loss:-9}" 'BEGIN { exit !(l < 4) }' && ok=1
 result $ok "init.checkpoint starts from the converted weights (first loss ${loss:-?})" "exit $rc"
 
-echo "$passed passed, $failed failed"
-[ $failed = 0 ]
+finish

@@ -4,27 +4,10 @@
 # not divide, GROUP_TIED without a pipeline, an error inside MPI, MPI_Abort's exit code; last a
 # message over INT_MAX bytes. Usage: bash tests/mpi/test_comm.sh BUILD_DIR
 set -u
-build=${1:?usage: test_comm.sh BUILD_DIR}
+source tests/mpi/lib.sh
 check=$build/tests/comm_check
-[ -x "$check" ] || { echo "FAIL $check not built"; echo "0 passed, 1 failed"; exit 1; }
-
-# CI runs as root, which Open MPI refuses without both of these
-export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
-mpi=(mpirun --oversubscribe --allow-run-as-root)
-log=$(mktemp)
-trap 'rm -f "$log"' EXIT
-passed=0 failed=0
-
-result() {   # result OK NAME [DETAIL]: one PASS/FAIL line; on failure the run's output too
-  if [ "$1" = 1 ]; then
-    echo "PASS $2"
-    passed=$((passed + 1))
-  else
-    echo "FAIL $2${3:+: $3}"
-    sed 's/^/    /' "$log" | tail -n 30
-    failed=$((failed + 1))
-  fi
-}
+require "$check"
+mpi=($MPIRUN --allow-run-as-root)
 
 # run LIMIT NP ARGS...: mpirun killed after LIMIT seconds; sets rc, secs and the output in $log
 run() {
@@ -86,5 +69,4 @@ else
   echo "SKIP message over INT_MAX bytes: less than 8 GiB of memory available"
 fi
 
-echo "$passed passed, $failed failed"
-[ $failed = 0 ]
+finish

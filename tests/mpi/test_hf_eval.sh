@@ -5,14 +5,8 @@
 # transformers' NLL within 1e-5.
 # Usage: bash tests/mpi/test_hf_eval.sh BUILD_DIR
 set -u
-build=${1:?usage: test_hf_eval.sh BUILD_DIR}
-source "$(dirname "$0")/../../scripts/env.sh"
-export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
-out=$(mktemp -d)
-trap 'rm -rf "$out"' EXIT
-passed=0 failed=0
-pass() { echo "PASS $1"; passed=$((passed + 1)); }
-fail() { echo "FAIL $1"; failed=$((failed + 1)); }
+source tests/mpi/lib.sh
+out=$work
 
 cases=(tests/fixtures/hf/*/)
 [ "${#cases[@]}" -ge 4 ] || fail "expected 4 fixture models in tests/fixtures/hf, found ${#cases[@]}"
@@ -55,5 +49,4 @@ for dir in "${cases[@]}"; do
     done
   done
 done
-echo "$passed passed, $failed failed"
-[ "$failed" -eq 0 ]
+finish

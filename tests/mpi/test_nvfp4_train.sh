@@ -5,14 +5,8 @@
 # step, layer, tensor and micro-batch, not by rank).
 # Usage: bash tests/mpi/test_nvfp4_train.sh BUILD_DIR
 set -u
-build=${1:?usage: test_nvfp4_train.sh BUILD_DIR}
-source "$(dirname "$0")/../../scripts/env.sh"
-export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
-out=$(mktemp -d)
-trap 'rm -rf "$out"' EXIT
-passed=0 failed=0
-pass() { echo "PASS $1"; passed=$((passed + 1)); }
-fail() { echo "FAIL $1"; failed=$((failed + 1)); }
+source tests/mpi/lib.sh
+out=$work
 
 common=(--set model.num_layers=4 --set train.steps=60 --set train.log_every=1
         --set data.train="$build/data/tiny.h5" --set checkpoint.resume=NEVER
@@ -60,5 +54,4 @@ if "$build/qwen3-train" "$build/jobs/tiny.pb" --set precision.linear=NVFP4 --pri
 else
   fail "--print-job does not show precision.linear"
 fi
-echo "$passed passed, $failed failed"
-[ "$failed" -eq 0 ]
+finish

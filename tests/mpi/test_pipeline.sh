@@ -5,14 +5,8 @@
 # Then a rank that fails brings the whole job down fast, naming itself.
 # Usage: bash tests/mpi/test_pipeline.sh BUILD_DIR
 set -u
-build=${1:?usage: test_pipeline.sh BUILD_DIR}
-source "$(dirname "$0")/../../scripts/env.sh"
-export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
-out=$(mktemp -d)
-trap 'rm -rf "$out"' EXIT
-passed=0 failed=0
-pass() { echo "PASS $1"; passed=$((passed + 1)); }
-fail() { echo "FAIL $1"; failed=$((failed + 1)); }
+source tests/mpi/lib.sh
+out=$work
 
 common=(--set model.num_layers=4 --set train.steps=20 --set train.log_every=1
         --set data.train="$build/data/tiny.h5" --set data.micro_batch_size=2
@@ -78,5 +72,4 @@ else
   tail -n 20 "$out/fail.log"
 fi
 
-echo "$passed passed, $failed failed"
-[ "$failed" -eq 0 ]
+finish

@@ -5,29 +5,9 @@
 # with 2 stages, 1 stage, or 2 stages x 2 replicas (one micro-batch each, so that the global
 # batch, and with it the sample stream, stays the same). Usage: bash tests/mpi/test_resume.sh BUILD_DIR
 set -u
-build=${1:?usage: test_resume.sh BUILD_DIR}
+source tests/mpi/lib.sh
 train=$build/qwen3-train job=$build/jobs/tiny.pb data=$build/data/tiny.h5
-for f in "$train" "$job" "$data"; do
-  [ -e "$f" ] || { echo "FAIL $f not built"; echo "0 passed, 1 failed"; exit 1; }
-done
-source scripts/env.sh
-# a run is deterministic only with the same thread counts in every run
-export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
-work=$(mktemp -d)
-log=$work/log
-trap 'rm -rf "$work"' EXIT
-passed=0 failed=0
-
-result() {   # result OK NAME [DETAIL]: one PASS/FAIL line; on failure the run's output too
-  if [ "$1" = 1 ]; then
-    echo "PASS $2"
-    passed=$((passed + 1))
-  else
-    echo "FAIL $2${3:+: $3}"
-    sed 's/^/    /' "$log" | tail -n 20
-    failed=$((failed + 1))
-  fi
-}
+require "$train" "$job" "$data"
 
 # run NP OUT [--set a=b ...]: 20 steps of the tiny job, every step logged, checkpoints at 10, 20
 run() {
@@ -108,5 +88,4 @@ for layout in "2 2 2" "1 1 2" "4 2 1"; do
   same_losses "4 stages -> $pp x $((np / pp)): steps 11-20 within 1e-5" "$work/r" "$out" 1e-5
 done
 
-echo "$passed passed, $failed failed"
-[ $failed = 0 ]
+finish

@@ -7,17 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-static int checks, failures;
-#define CHECK(cond, ...)                                        \
-  do {                                                          \
-    checks++;                                                   \
-    if (!(cond)) {                                              \
-      failures++;                                               \
-      fprintf(stderr, "%s:%d: FAIL: ", __FILE__, __LINE__);     \
-      fprintf(stderr, __VA_ARGS__);                             \
-      fputc('\n', stderr);                                      \
-    }                                                           \
-  } while (0)
+#include "tests/check.h"
 
 static const struct tokenizer *tok;
 
@@ -151,6 +141,5 @@ int main(void) {
   test_hand_checked();
   test_edges();
   tokenizer_free(t);
-  printf("test_chat: %d checks, %d failed\n", checks, failures);
-  return failures != 0;
+  return checks_report();
 }

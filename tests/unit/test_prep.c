@@ -12,17 +12,7 @@
 #include <string.h>
 #include <unistd.h>
 
-static int checks, failures;
-#define CHECK(cond, ...)                                        \
-  do {                                                          \
-    checks++;                                                   \
-    if (!(cond)) {                                              \
-      failures++;                                               \
-      fprintf(stderr, "%s:%d: FAIL: ", __FILE__, __LINE__);     \
-      fprintf(stderr, __VA_ARGS__);                             \
-      fputc('\n', stderr);                                      \
-    }                                                           \
-  } while (0)
+#include "tests/check.h"
 
 static const struct tokenizer *tok;
 static char dir[] = "/tmp/test_prep_XXXXXX";
@@ -254,6 +244,5 @@ int main(void) {
   snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
   if (system(cmd) != 0) warn("could not remove %s", dir);
   tokenizer_free(t);
-  printf("test_prep: %d checks, %d failed\n", checks, failures);
-  return failures != 0;
+  return checks_report();
 }

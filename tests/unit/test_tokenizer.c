@@ -15,17 +15,7 @@
 
 #define FIXTURES "tests/fixtures/tokenizer/"
 
-static int checks, failures;
-#define CHECK(cond, ...)                                        \
-  do {                                                          \
-    checks++;                                                   \
-    if (!(cond)) {                                              \
-      failures++;                                               \
-      fprintf(stderr, "%s:%d: FAIL: ", __FILE__, __LINE__);     \
-      fprintf(stderr, __VA_ARGS__);                             \
-      fputc('\n', stderr);                                      \
-    }                                                           \
-  } while (0)
+#include "tests/check.h"
 
 static const struct tokenizer *tok;
 
@@ -45,7 +35,7 @@ static void check_ids(const char *text, size_t len, const int32_t *want, size_t 
 }
 
 static void check_bad_utf8(const char *text, size_t len, size_t offset) {
-  int32_t *ids = (int32_t *)&checks;
+  int32_t *ids = (int32_t *)&checks_passed;
   size_t n = 7;
   char err[256] = "", want[64];
   int rc = tokenizer_encode(tok, text, len, &ids, &n, err, sizeof err);
@@ -215,6 +205,5 @@ int main(void) {
   test_long_pieces();
   test_corpus();
   tokenizer_free(t);
-  printf("test_tokenizer: %d checks, %d failed\n", checks, failures);
-  return failures != 0;
+  return checks_report();
 }

@@ -1,0 +1,35 @@
+# Sourced by every tests/mpi/test_*.sh (run as `bash SCRIPT BUILD_DIR` from the repository root):
+# the build directory, MPI allowed as root and oversubscribed, one thread per rank (a run is
+# bit-reproducible only with the same thread counts), a scratch directory removed at exit, and
+# the PASS/FAIL lines with the closing "N passed, M failed" that CI reads.
+build=${1:?usage: bash $0 BUILD_DIR}
+source scripts/env.sh
+export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
+work=$(mktemp -d)
+log=$work/log
+trap 'rm -rf "$work"' EXIT
+passed=0 failed=0
+
+result() {   # result OK NAME [DETAIL]: one PASS/FAIL line; on failure the end of $log too
+  if [ "$1" = 1 ]; then
+    echo "PASS $2"
+    passed=$((passed + 1))
+  else
+    echo "FAIL $2${3:+: $3}"
+    [ -s "$log" ] && sed 's/^/    /' "$log" | tail -n 20
+    failed=$((failed + 1))
+  fi
+}
+pass() { echo "PASS $1"; passed=$((passed + 1)); }
+fail() { echo "FAIL $1"; failed=$((failed + 1)); }
+
+require() {   # require FILE...: stop at once when the build lacks one
+  for f in "$@"; do
+    [ -e "$f" ] || { echo "FAIL $f not built"; echo "0 passed, 1 failed"; exit 1; }
+  done
+}
+
+finish() {
+  echo "$passed passed, $failed failed"
+  [ "$failed" -eq 0 ]
+}
