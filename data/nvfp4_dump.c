@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include "common/util.h"
+#include "data/ckpt_file.h"
 #include "data/safetensors.h"
 
 /* Our messages replace HDF5's printed error stack while a dump function runs. */
@@ -27,28 +28,69 @@ static void quiet_off(const struct quiet *q) { H5Eset_auto2(H5E_DEFAULT, q->fn, 
 
 static const char *block_name(enum nvfp4_block b) { return b == NVFP4_BLOCK_16X16 ? "16x16" : "1x16"; }
 
-/* ---- the input: one safetensors file or a model directory, seen as one list -------------- */
+/* ---- the input: a safetensors file, a model directory or a checkpoint, seen as one list ---- */
 struct input {
   struct st_file *file;
   struct st_model *model;
+  struct ckpt *ck;          /* a checkpoint: its fp32 weights, read one tensor at a time */
+  struct st_tensor cur;     /* the checkpoint tensor last read, presented as F32 safetensors */
+  char name[CKPT_MAX_NAME];
+  float *buf;
 };
+
+static int is_checkpoint(const char *dir) {
+  char probe[4200];
+  snprintf(probe, sizeof probe, "%s/model.h5", dir);
+  if (access(probe, R_OK) == 0) return 1;
+  snprintf(probe, sizeof probe, "%s/latest", dir);
+  return access(probe, R_OK) == 0;
+}
 
 static int input_open(struct input *in, const char *path, char *err, size_t errlen) {
   struct stat sb;
   memset(in, 0, sizeof *in);
   if (stat(path, &sb) != 0) return errorf(err, errlen, "%s: no such file or directory", path);
+  if (S_ISDIR(sb.st_mode) && is_checkpoint(path)) return ckpt_open(&in->ck, path, err, errlen);
   return S_ISDIR(sb.st_mode) ? st_model_open(&in->model, path, err, errlen)
                              : st_open(&in->file, path, err, errlen);
 }
 static size_t input_count(const struct input *in) {
+  if (in->ck) return ckpt_count(in->ck);
   return in->model ? st_model_count(in->model) : st_count(in->file);
 }
-static const struct st_tensor *input_at(const struct input *in, size_t i) {
+/* Reads checkpoint tensor `name` into in->cur; NULL with err set on failure. */
+static const struct st_tensor *ckpt_tensor(struct input *in, const char *name, char *err,
+                                           size_t errlen) {
+  int ndim;
+  int64_t shape[2];
+  if (ckpt_shape(in->ck, name, &ndim, shape, err, errlen) != 0) return NULL;
+  size_t n = (size_t)shape[0] * (ndim == 2 ? (size_t)shape[1] : 1);
+  in->buf = xrealloc(in->buf, n * sizeof(float));
+  if (ckpt_read(in->ck, name, CKPT_WEIGHTS, ndim, shape, in->buf, err, errlen) != 0) return NULL;
+  snprintf(in->name, sizeof in->name, "%s", name);
+  in->cur = (struct st_tensor){.name = in->name, .path = ckpt_dir(in->ck), .dtype = ST_F32,
+                               .ndim = ndim, .shape = {shape[0], ndim == 2 ? shape[1] : 0},
+                               .numel = n, .nbytes = n * sizeof(float), .data = in->buf};
+  return &in->cur;
+}
+static const struct st_tensor *input_at(struct input *in, size_t i, char *err, size_t errlen) {
+  if (in->ck) return ckpt_tensor(in, ckpt_name_at(in->ck, i), err, errlen);
   return in->model ? st_model_tensor_at(in->model, i) : st_tensor_at(in->file, i);
+}
+static const struct st_tensor *input_find(struct input *in, const char *name, char *err,
+                                          size_t errlen) {
+  if (in->ck) {
+    for (size_t i = 0; i < ckpt_count(in->ck); i++)
+      if (!strcmp(ckpt_name_at(in->ck, i), name)) return ckpt_tensor(in, name, err, errlen);
+    return NULL;
+  }
+  return in->model ? st_model_find(in->model, name) : st_find(in->file, name);
 }
 static void input_close(struct input *in) {
   st_model_close(in->model);
   st_close(in->file);
+  ckpt_close(in->ck);
+  free(in->buf);
 }
 
 /* Why tensor t is not quantized, or NULL if it is. */
@@ -188,7 +230,11 @@ int nvfp4_dump_quantize(const char *input, const char *out, const struct nvfp4_d
   size_t count = rc == 0 ? input_count(&in) : 0;
   double t0 = now_seconds();
   for (size_t i = 0; i < count && rc == 0; i++) {
-    const struct st_tensor *t = input_at(&in, i);
+    const struct st_tensor *t = input_at(&in, i, err, errlen);
+    if (!t) {
+      rc = -1;
+      break;
+    }
     char buf[160];
     if (o->match && regexec(&re, t->name, 0, NULL, 0) != 0) continue;
     const char *why = skip_reason(t, o, buf, sizeof buf);
@@ -326,9 +372,11 @@ int nvfp4_dump_original(const char *path, const char *name, float *dst, size_t n
   if (!source[0]) return errorf(err, errlen, "%s: no source attribute", path);
   struct input in;
   if (input_open(&in, source, err, errlen) != 0) return -1;
-  const struct st_tensor *t = in.model ? st_model_find(in.model, name) : st_find(in.file, name);
-  int rc = t ? st_read_f32(t, dst, n, err, errlen)
-             : errorf(err, errlen, "%s: no tensor '%s' (the source of %s)", source, name, path);
+  err[0] = 0;
+  const struct st_tensor *t = input_find(&in, name, err, errlen);
+  int rc = t    ? st_read_f32(t, dst, n, err, errlen)
+           : err[0] ? -1
+                    : errorf(err, errlen, "%s: no tensor '%s' (the source of %s)", source, name, path);
   input_close(&in);
   return rc;
 }

@@ -50,7 +50,8 @@ struct nvfp4_dump_summary {
   int quantized, skipped;
 };
 
-/* Quantizes input (a .safetensors file or a Hugging Face model directory) into the dump `out`,
+/* Quantizes input (a .safetensors file, a Hugging Face model directory, or a checkpoint's fp32
+ * weights: a step directory or a checkpoint root) into the dump `out`,
  * written under a temporary name and renamed into place. summary may be NULL. */
 int nvfp4_dump_quantize(const char *input, const char *out, const struct nvfp4_dump_options *o,
                         struct nvfp4_dump_summary *summary, char *err, size_t errlen);

@@ -202,15 +202,20 @@ static void run_prompts(const Job *job, struct comm *c, struct worker *w, int st
   struct gen_result *res = xcalloc((size_t)n, sizeof *res);
   generate(w, c, &g, n, prompts, lens, res);
 
-  /* the KV check lives on the last stage; rank 0 reports it */
-  float *check = xcalloc(2 * (size_t)n, sizeof(float));
-  if (c->stage == c->pp - 1)
-    for (int p = 0; p < n; p++) {
-      check[2 * p] = res[p].max_logit_diff;
-      check[2 * p + 1] = (float)res[p].first_mismatch;
+  /* the KV check lives on the last stage; rank 0 reports it: per prompt the first step whose
+   * tokens differ, then the largest logit difference of every step */
+  float **check = xcalloc((size_t)n, sizeof(float *));
+  for (int p = 0; e->check_kv && p < n; p++) {
+    size_t bytes = (size_t)(res[p].n + 1) * sizeof(float);
+    check[p] = xmalloc(bytes);
+    if (c->stage == c->pp - 1) {
+      check[p][0] = (float)res[p].first_mismatch;
+      memcpy(check[p] + 1, res[p].step_diff, bytes - sizeof(float));
+      if (c->pp > 1) comm_send(c, check[p], bytes, 0, SCORES_TAG);
+    } else if (c->stage == 0) {
+      comm_recv(c, check[p], bytes, c->pp - 1, SCORES_TAG);
     }
-  if (c->pp > 1 && c->stage == c->pp - 1) comm_send(c, check, 2 * n * sizeof(float), 0, SCORES_TAG);
-  if (c->pp > 1 && c->stage == 0) comm_recv(c, check, 2 * n * sizeof(float), c->pp - 1, SCORES_TAG);
+  }
   comm_wait_sends(c);
 
   if (c->rank == 0) {
@@ -231,10 +236,17 @@ static void run_prompts(const Job *job, struct comm *c, struct worker *w, int st
       if (q->user) json_object_set_new(o, "user", json_string(q->user));
       if (q->system) json_object_set_new(o, "system", json_string(q->system));
       if (text) json_object_set_new(o, "completion", json_stringn(text, len));
+      float max_diff = 0;
       if (e->check_kv) {
-        json_object_set_new(o, "kv_max_logit_diff", json_real(check[2 * p]));
-        json_object_set_new(o, "kv_first_mismatch", json_integer((json_int_t)check[2 * p + 1]));
-        failed |= check[2 * p] > e->kv_tolerance || check[2 * p + 1] >= 0;
+        json_t *steps = json_array();
+        for (int i = 0; i < r->n; i++) {
+          max_diff = fmaxf(max_diff, check[p][1 + i]);
+          json_array_append_new(steps, json_real(check[p][1 + i]));
+        }
+        json_object_set_new(o, "kv_logit_diff_per_step", steps);
+        json_object_set_new(o, "kv_max_logit_diff", json_real(max_diff));
+        json_object_set_new(o, "kv_first_mismatch", json_integer((json_int_t)check[p][0]));
+        failed |= max_diff > e->kv_tolerance || check[p][0] >= 0;
       }
       write_json_line(f, o);
       printf("\n[prompt %d] %s\n", p, q->user ? q->user : "(token ids)");
@@ -247,8 +259,8 @@ static void run_prompts(const Job *job, struct comm *c, struct worker *w, int st
       printf("         %d tokens%s, prefill %.0f tok/s, decode %.1f tok/s%s", r->n,
              r->stopped ? " (stop token)" : "", prefill, decode, e->kv_cache ? "" : " (no KV cache)");
       if (e->check_kv)
-        printf(", KV vs replay: max logit difference %.2e, %s", check[2 * p],
-               check[2 * p + 1] >= 0 ? "tokens DIFFER" : "same tokens");
+        printf(", KV vs replay: max logit difference %.2e, %s", max_diff,
+               check[p][0] >= 0 ? "tokens DIFFER" : "same tokens");
       printf("\n");
       free(text);
     }
@@ -261,6 +273,8 @@ static void run_prompts(const Job *job, struct comm *c, struct worker *w, int st
   for (int p = 0; p < n; p++) {
     free(prompts[p]);
     free(res[p].ids);
+    free(res[p].step_diff);
+    free(check[p]);
   }
   free(prompts);
   free(lens);

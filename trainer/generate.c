@@ -63,6 +63,7 @@ void generate(struct worker *w, struct comm *c, const struct gen_config *g, int 
     s->len = s->prompt_len = prompt_len[p];
     if (g->use_kv) kv_cache_init(&s->kv, w, max_len);
     out[p].ids = xmalloc((size_t)g->max_new_tokens * sizeof(int32_t));
+    if (g->check_kv && last) out[p].step_diff = xcalloc((size_t)g->max_new_tokens, sizeof(float));
     out[p].first_mismatch = -1;
   }
   float *logits = last ? xmalloc((size_t)vocab * sizeof(float)) : NULL;
@@ -91,8 +92,8 @@ void generate(struct worker *w, struct comm *c, const struct gen_config *g, int 
       if (!last) continue;
       int32_t tok = sampler_next(&g->sampler, logits, vocab, (uint32_t)p, (uint32_t)round, scratch);
       if (g->check_kv) {
-        for (int v = 0; v < vocab; v++)
-          out[p].max_logit_diff = fmaxf(out[p].max_logit_diff, fabsf(logits[v] - replay[v]));
+        float *diff = &out[p].step_diff[out[p].n];
+        for (int v = 0; v < vocab; v++) *diff = fmaxf(*diff, fabsf(logits[v] - replay[v]));
         int32_t other = sampler_next(&g->sampler, replay, vocab, (uint32_t)p, (uint32_t)round, scratch);
         if (other != tok && out[p].first_mismatch < 0) out[p].first_mismatch = round;
       }

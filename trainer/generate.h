@@ -25,7 +25,7 @@ struct gen_result {
   double prefill_s;      /* stage 0's view: until the first token came back */
   double decode_s;       /* from the first to the last token */
   /* check_kv, on the last stage: */
-  float max_logit_diff;  /* over every step */
+  float *step_diff;      /* [n]: largest logit difference of each step between the two paths */
   int first_mismatch;    /* first step whose tokens differ between the two paths; -1: none */
 };
 

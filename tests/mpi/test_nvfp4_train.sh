@@ -47,6 +47,16 @@ case $verdict in
   *) fail "NVFP4 on 1 and 2 processes differ ($verdict)" ;;
 esac
 
+# a way to look: the trained checkpoint's linear weights as NVFP4 codes and scales
+if "$build/qwen3-nvfp4" quantize "$out/nvfp4/checkpoints" "$out/dump.h5" >"$log" 2>&1 &&
+    grep -q "28 tensors quantized (16x16 blocks)" "$log" &&
+    "$build/qwen3-nvfp4" show "$out/dump.h5" model.layers.3.mlp.down_proj.weight >"$log" 2>&1 &&
+    grep -q "S_dec" "$log"; then
+  pass "qwen3-nvfp4 quantizes the checkpoint's 28 linear weights and shows them"
+else
+  result 0 "qwen3-nvfp4 on the checkpoint"
+fi
+
 # the precision policy is visible before any work
 if "$build/qwen3-train" "$build/jobs/tiny.pb" --set precision.linear=NVFP4 --print-job |
     grep -q "linear: NVFP4"; then

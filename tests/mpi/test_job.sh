@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# The job spec and the single-process run: --print-job, --dry-run, every kind of invalid job
+# refused before any work with a message naming its field or file, and the tiny job trained as
+# shipped until its loss is at most half of the first step's.
+# Usage: bash tests/mpi/test_job.sh BUILD_DIR
+set -u
+source tests/mpi/lib.sh
+train=$build/qwen3-train job=$build/jobs/tiny.pb
+require "$train" "$job" "$build/data/tiny.h5"
+
+# refused NAME MESSAGE ARGS...: qwen3-train ARGS fails, says MESSAGE, and starts no work
+refused() {
+  local name=$1 message=$2
+  shift 2
+  rm -rf "$work/out"
+  timeout 60 "$train" "$@" --set output_dir="$work/out" >"$log" 2>&1
+  local rc=$?
+  if [ $rc -ne 0 ] && [ $rc -ne 124 ] && grep -qF -- "$message" "$log" && [ ! -e "$work/out" ]; then
+    pass "$name: refused with \"$message\""
+  else
+    result 0 "$name: exit $rc, expected a refusal naming \"$message\""
+  fi
+}
+
+refused "heads not divisible by kv heads" "model.num_heads (4) must be a multiple of model.num_kv_heads (3)" \
+  "$job" --set model.num_kv_heads=3
+refused "odd head_dim" "model.head_dim must be even" "$job" --set model.head_dim=15
+refused "seq_len 0" "data.seq_len must be > 0" "$job" --set data.seq_len=0
+refused "more stages than layers" "parallel.pipeline_stages (3) is more than the model's 2 layers" \
+  "$job" --set parallel.pipeline_stages=3
+refused "stages not dividing the processes" "must divide the number of processes (1)" \
+  "$job" --set model.num_layers=4 --set parallel.pipeline_stages=2
+refused "missing data file" "data.train[0]: cannot read '/nonexistent/shard.h5'" \
+  "$job" --set data.train=/nonexistent/shard.h5
+refused "missing config file" "model.hf_config" "$job" --set model.hf_config=/nonexistent/config.json
+refused "layers_per_stage not summing" "parallel.layers_per_stage sums to 3" \
+  "$job" --set model.num_layers=4 --set parallel.pipeline_stages=2 --set parallel.layers_per_stage=1,2
+refused "unknown field" "'qwen3.Optim' has no field 'learning_rate'" "$job" --set optim.learning_rate=1
+refused "bad enum" "allowed values are GPIPE|ONE_F_ONE_B" "$job" --set parallel.schedule=ZERO_BUBBLE
+refused "bad number" "expected a finite number" "$job" --set optim.lr=fast
+refused "NVFP4 widths" "precision.linear NVFP4 needs model.hidden_size (72) to be a multiple of 16" \
+  "$job" --set precision.linear=NVFP4 --set model.hidden_size=72
+refused "nothing to evaluate" "neither data.valid nor eval.prompts" "$job" --set train.steps=0
+head -c 25 "$job" >"$work/truncated.pb"
+refused "truncated job" "truncated.pb: not a valid binary qwen3.Job" "$work/truncated.pb"
+printf 'garbage\377\377\377\377' >"$work/garbage.pb"
+refused "garbage job" "garbage.pb: not a valid binary qwen3.Job" "$work/garbage.pb"
+refused "missing job" "/nonexistent.pb: cannot read the job file" /nonexistent.pb
+# every problem of a job is listed, not just the first
+timeout 60 "$train" "$job" --set model.num_kv_heads=3 --set data.seq_len=0 >"$log" 2>&1
+n=$(grep -c "invalid job:" "$log")
+[ "$n" -ge 2 ] && pass "all errors listed at once ($n)" || result 0 "expected 2 errors listed, got $n"
+
+"$train" "$job" --print-job --set optim.lr=0.001 >"$log" 2>&1
+grep -q "lr: 0.001" "$log" && grep -q "beta2: 0.95" "$log" && grep -q "schedule: ONE_F_ONE_B" "$log" \
+  && pass "--print-job shows overrides and defaults" || result 0 "--print-job"
+"$train" "$job" --dry-run --set model.num_layers=4 >"$log" 2>&1
+grep -q "^0 .*0-3 .*MiB.*embedding final-norm lm-head loss" "$log" && grep -q "global batch: 16 sequences" "$log" \
+  && pass "--dry-run prints the layout and memory" || result 0 "--dry-run"
+
+# the tiny job as shipped: the loss falls to at most half of the first step's
+if (cd "$work" && timeout 600 $MPIRUN -np 1 "$OLDPWD/$train" "$OLDPWD/$job" \
+      --set data.train="$OLDPWD/$build/data/tiny.h5" >"$log" 2>&1); then
+  first=$(grep -o '"loss":[^,}]*' "$work/out/tiny/metrics.jsonl" | head -n 1 | cut -d: -f2)
+  last=$(grep -o '"loss":[^,}]*' "$work/out/tiny/metrics.jsonl" | tail -n 1 | cut -d: -f2)
+  awk -v a="$first" -v b="$last" 'BEGIN { exit !(b <= a / 2) }' \
+    && pass "tiny job: loss $first -> $last (at most half)" || result 0 "tiny job: loss $first -> $last"
+else
+  result 0 "the tiny job failed"
+fi
+finish
