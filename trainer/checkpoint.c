@@ -139,6 +139,27 @@ static void load_stage(struct ckpt *ck, struct worker *w, int moments) {
   check_config(ckpt_dir(ck), &ckpt_get_state(ck)->config, &w->plan.cfg);
 }
 
+/* The sample stream of a resumed run continues only if the data section did not change: the
+ * checkpoint keeps the job that wrote it, so say what differs (the user may mean it). */
+static void compare_data(const char *dir, const struct ckpt_state *st, const Job *job) {
+  if (!st->job) return;   /* a converted model: no run to continue */
+  Job *old = qwen3__job__unpack(NULL, st->job_len, st->job);
+  if (!old || !old->data) {
+    warn("%s: the stored job does not decode; the data stream is not checked", dir);
+  } else {
+    const Qwen3__Data *a = old->data, *b = job->data;
+    int same_files = a->n_train == b->n_train;
+    for (size_t i = 0; same_files && i < a->n_train; i++)
+      same_files = !strcmp(a->train[i], b->train[i]);
+    if (a->seed != b->seed || a->seq_len != b->seq_len || !same_files)
+      warn("%s was written with data.seed %llu, data.seq_len %d and %zu train shard(s); this job "
+           "has %llu, %d and %zu%s: the resumed run draws a different sample stream", dir,
+           (unsigned long long)a->seed, a->seq_len, a->n_train, (unsigned long long)b->seed,
+           b->seq_len, b->n_train, same_files ? "" : " (other files)");
+  }
+  if (old) qwen3__job__free_unpacked(old, NULL);
+}
+
 int checkpoint_resume(const Job *job, struct comm *c, struct worker *w, struct train_state *s) {
   const char *resume = job->checkpoint->resume;
   if (!strcmp(resume, "NEVER")) return 0;
@@ -163,9 +184,11 @@ int checkpoint_resume(const Job *job, struct comm *c, struct worker *w, struct t
   s->samples_seen = st->samples_seen;
   s->tokens_seen = st->tokens_seen;
   if (c->rank == 0) {
-    info("checkpoint: resuming from %s (step %d, written by %d stage%s)", dir, s->step,
-         st->n_stages, st->n_stages == 1 ? "" : "s");
-    if (s->step >= job->train->steps)
+    if (job->train->steps > 0) compare_data(dir, st, job);
+    info("checkpoint: %s %s (step %d, written by %d stage%s)",
+         job->train->steps > 0 ? "resuming from" : "loading", dir, s->step, st->n_stages,
+         st->n_stages == 1 ? "" : "s");
+    if (job->train->steps > 0 && s->step >= job->train->steps)
       info("checkpoint: step %d is already at train.steps = %d; nothing to train", s->step,
            job->train->steps);
   }

@@ -68,4 +68,14 @@ if (cd "$work" && timeout 600 $MPIRUN -np 1 "$OLDPWD/$train" "$OLDPWD/$job" \
 else
   result 0 "the tiny job failed"
 fi
+# evaluation every eval.every steps during training: validation lines in metrics.jsonl
+if timeout 300 "$train" "$job" --set train.steps=10 --set eval.every=5 \
+    --set data.train="$build/data/tiny.h5" --set data.valid="$build/data/tiny.h5" \
+    --set eval.valid_batches=2 --set output_dir="$work/ev" >"$log" 2>&1 &&
+    [ "$(grep -c '"val_loss"' "$work/ev/metrics.jsonl")" = 2 ] &&
+    grep -q '"step":5,"val_loss"' "$work/ev/metrics.jsonl"; then
+  pass "eval.every=5: validation at steps 5 and 10"
+else
+  result 0 "eval.every during training"
+fi
 finish

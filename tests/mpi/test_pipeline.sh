@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Pipeline and data parallelism must not change the numbers: the tiny job (4 layers) with the
-# same global batch, run on 1, 2 and 4 processes as pure pipelines (GPipe and 1F1B) and as
-# 2 stages x 2 replicas, gives every step's loss within 1e-5 relative of the single process.
+# same global batch, run on 1, 2 and 4 processes as pure pipelines (GPipe and 1F1B), as
+# 2 stages x 2 replicas and 1 x 2, and with activation recompute, gives every step's loss within
+# 1e-5 relative of the single process.
 # Then a rank that fails brings the whole job down fast, naming itself.
 # Usage: bash tests/mpi/test_pipeline.sh BUILD_DIR
 set -u
@@ -12,13 +13,14 @@ common=(--set model.num_layers=4 --set train.steps=20 --set train.log_every=1
         --set data.train="$build/data/tiny.h5" --set data.micro_batch_size=2
         --set checkpoint.resume=NEVER)
 
-# run NAME NP STAGES MICRO_BATCHES SCHEDULE
+# run NAME NP STAGES MICRO_BATCHES SCHEDULE [--set ...]
 run() {
   local name=$1 np=$2 pp=$3 mb=$4 sched=$5
+  shift 5
   if timeout 600 $MPIRUN -np "$np" "$build/qwen3-train" "$build/jobs/tiny.pb" "${common[@]}" \
       --set output_dir="$out/$name" --set checkpoint.dir="$out/$name/ckpt" \
       --set parallel.pipeline_stages="$pp" --set parallel.micro_batches="$mb" \
-      --set parallel.schedule="$sched" >"$out/$name.log" 2>&1; then
+      --set parallel.schedule="$sched" "$@" >"$out/$name.log" 2>&1; then
     pass "$name: $np processes ran"
   else
     fail "$name: $np processes failed"
@@ -49,7 +51,15 @@ run pp4_1f1b 4 4 4 ONE_F_ONE_B
 run pp4_gpipe 4 4 4 GPIPE
 run pp2_dp2 4 2 2 ONE_F_ONE_B
 run pp1_dp2 2 1 2 ONE_F_ONE_B
-for name in pp2_1f1b pp2_gpipe pp4_1f1b pp4_gpipe pp2_dp2 pp1_dp2; do same_losses "$name"; done
+run pp2_recompute 2 2 4 ONE_F_ONE_B --set parallel.recompute=true
+for name in pp2_1f1b pp2_gpipe pp4_1f1b pp4_gpipe pp2_dp2 pp1_dp2 pp2_recompute; do
+  same_losses "$name"
+done
+if cmp -s <(losses "$out/pp2_1f1b") <(losses "$out/pp2_recompute"); then
+  pass "activation recompute changes no bit of the losses"
+else
+  fail "activation recompute changes the losses"
+fi
 
 first=$(losses "$out/single" | head -n 1) last=$(losses "$out/single" | tail -n 1)
 if awk -v a="$first" -v b="$last" 'BEGIN { exit !(b < a) }'; then
