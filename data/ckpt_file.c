@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include "common/util.h"
+#include "data/h5_quiet.h"
 
 /* A chunk is the unit of Fletcher32 checking and of I/O: big enough that a 1.5 GB embedding is
  * a few hundred chunks, small enough that a damaged one is found near where it is. */
@@ -51,18 +52,6 @@ static void h5_fail(char *err, size_t errlen, const char *fmt, ...) {
     }                                        \
   } while (0)
 
-/* Our messages replace HDF5's printed error stack while one of our calls runs. */
-struct quiet {
-  H5E_auto2_t fn;
-  void *data;
-};
-
-static void quiet_on(struct quiet *q) {
-  H5Eget_auto2(H5E_DEFAULT, &q->fn, &q->data);
-  H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
-}
-
-static void quiet_off(const struct quiet *q) { H5Eset_auto2(H5E_DEFAULT, q->fn, q->data); }
 
 /* Closing on the way out of a failed call: the first error is the one reported. */
 static void close_id(hid_t id) {

@@ -12,19 +12,10 @@
 #include <unistd.h>
 
 #include "common/util.h"
+#include "data/h5_quiet.h"
 #include "data/ckpt_file.h"
 #include "data/safetensors.h"
 
-/* Our messages replace HDF5's printed error stack while a dump function runs. */
-struct quiet {
-  H5E_auto2_t fn;
-  void *data;
-};
-static void quiet_on(struct quiet *q) {
-  H5Eget_auto2(H5E_DEFAULT, &q->fn, &q->data);
-  H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
-}
-static void quiet_off(const struct quiet *q) { H5Eset_auto2(H5E_DEFAULT, q->fn, q->data); }
 
 static const char *block_name(enum nvfp4_block b) { return b == NVFP4_BLOCK_16X16 ? "16x16" : "1x16"; }
 

@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "tests/check.h"
+#include "tests/test_tokenizer_file.h"
 
 static const struct tokenizer *tok;
 
@@ -129,14 +130,7 @@ static void test_edges(void) {
 }
 
 int main(void) {
-  const char *path = getenv("QWEN3_TOKENIZER");
-  if (!path) path = "third_party/qwen3-tokenizer/tokenizer.json";
-  char err[512];
-  struct tokenizer *t = tokenizer_load(path, err, sizeof err);
-  if (!t) {
-    fprintf(stderr, "FAIL: %s (run scripts/fetch_tokenizer.sh, or set QWEN3_TOKENIZER)\n", err);
-    return 1;
-  }
+  struct tokenizer *t = load_test_tokenizer();
   tok = t;
   test_hand_checked();
   test_edges();

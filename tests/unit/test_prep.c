@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include "tests/check.h"
+#include "tests/test_tokenizer_file.h"
 
 static const struct tokenizer *tok;
 static char dir[] = "/tmp/test_prep_XXXXXX";
@@ -227,14 +228,7 @@ static void test_filters(void) {
 }
 
 int main(void) {
-  const char *path = getenv("QWEN3_TOKENIZER");
-  if (!path) path = "third_party/qwen3-tokenizer/tokenizer.json";
-  char err[512];
-  struct tokenizer *t = tokenizer_load(path, err, sizeof err);
-  if (!t) {
-    fprintf(stderr, "FAIL: %s (run scripts/fetch_tokenizer.sh, or set QWEN3_TOKENIZER)\n", err);
-    return 1;
-  }
+  struct tokenizer *t = load_test_tokenizer();
   tok = t;
   if (!mkdtemp(dir)) die("mkdtemp %s failed", dir);
   test_records();

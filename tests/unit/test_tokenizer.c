@@ -16,6 +16,7 @@
 #define FIXTURES "tests/fixtures/tokenizer/"
 
 #include "tests/check.h"
+#include "tests/test_tokenizer_file.h"
 
 static const struct tokenizer *tok;
 
@@ -191,14 +192,7 @@ static void test_corpus(void) {
 }
 
 int main(void) {
-  const char *path = getenv("QWEN3_TOKENIZER");
-  if (!path) path = "third_party/qwen3-tokenizer/tokenizer.json";
-  char err[512];
-  struct tokenizer *t = tokenizer_load(path, err, sizeof err);
-  if (!t) {
-    fprintf(stderr, "FAIL: %s (run scripts/fetch_tokenizer.sh, or set QWEN3_TOKENIZER)\n", err);
-    return 1;
-  }
+  struct tokenizer *t = load_test_tokenizer();
   tok = t;
   test_basics();
   test_invalid_utf8();
