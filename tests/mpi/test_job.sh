@@ -59,8 +59,9 @@ grep -q "^0 .*0-3 .*MiB.*embedding final-norm lm-head loss" "$log" && grep -q "g
   && pass "--dry-run prints the layout and memory" || result 0 "--dry-run"
 
 # the tiny job as shipped: the loss falls to at most half of the first step's
-if (cd "$work" && timeout 600 $MPIRUN -np 1 "$OLDPWD/$train" "$OLDPWD/$job" \
-      --set data.train="$OLDPWD/$build/data/tiny.h5" >"$log" 2>&1); then
+abs=$(cd "$build" && pwd)   # the job's output_dir is relative: run it from the scratch dir
+if (cd "$work" && timeout 600 $MPIRUN -np 1 "$abs/qwen3-train" "$abs/jobs/tiny.pb" \
+      --set data.train="$abs/data/tiny.h5" >"$log" 2>&1); then
   first=$(grep -o '"loss":[^,}]*' "$work/out/tiny/metrics.jsonl" | head -n 1 | cut -d: -f2)
   last=$(grep -o '"loss":[^,}]*' "$work/out/tiny/metrics.jsonl" | tail -n 1 | cut -d: -f2)
   awk -v a="$first" -v b="$last" 'BEGIN { exit !(b <= a / 2) }' \
