@@ -268,7 +268,10 @@ static void run_prompts(const Job *job, struct comm *c, struct worker *w, int st
     fflush(stdout);
     if (failed)
       die("eval.check_kv: the KV-cache path and the full replay disagree (tolerance "
-          "eval.kv_tolerance = %g); see %s/eval.jsonl", e->kv_tolerance, job->output_dir);
+          "eval.kv_tolerance = %g); see %s/eval.jsonl%s", e->kv_tolerance, job->output_dir,
+          w->plan.wq_floats ? ". This model has NVFP4 layers: one tensor scale spans the "
+                              "activations of a whole forward, so a cached decode and a replay "
+                              "round differently; for such a model raise eval.kv_tolerance" : "");
   }
   for (int p = 0; p < n; p++) {
     free(prompts[p]);
@@ -288,6 +291,7 @@ void evaluate(const Job *job, struct comm *c, struct worker *w, int step,
               struct eval_summary *summary) {
   memset(summary, 0, sizeof *summary);
   if (c->replica != 0) return;
+  worker_prepare_step(w, step);   /* NVFP4 layers see the weights as they are now */
   if (job->data->n_valid) validate(job, c, w, step, summary);
   if (job->eval->n_prompts && job->eval->max_new_tokens > 0) run_prompts(job, c, w, step);
 }

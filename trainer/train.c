@@ -357,18 +357,19 @@ void train_run(const Job *job, const struct qwen3_config *cfg, struct comm *c,
                            now_seconds() - started};
       log_step(metrics, &s);
     }
-    if ((job->eval->every > 0 && step % job->eval->every == 0) || step == steps) {
-      struct eval_summary ev;
-      evaluate(job, c, &r.w, step, &ev);
-      worker_reshape(&r.w, plan.batch, plan.seq, plan.n_live);
-      if (metrics && ev.has_valid) log_validation(metrics, step, &ev);
-    }
     /* every rank must agree to stop at the same step: a signal may reach only some */
     double stop = stop_signal;
     if (c->world > 1) comm_allreduce_sum_double(c, GROUP_WORLD, &stop, 1);
     int every = job->checkpoint->every;
     if (stop || step == steps || (every > 0 && step % every == 0))
       checkpoint_save(job, c, &r.w, &st);
+    /* after the save: an evaluation that fails (eval.check_kv) loses no training */
+    if (!stop && ((job->eval->every > 0 && step % job->eval->every == 0) || step == steps)) {
+      struct eval_summary ev;
+      evaluate(job, c, &r.w, step, &ev);
+      worker_reshape(&r.w, plan.batch, plan.seq, plan.n_live);
+      if (metrics && ev.has_valid) log_validation(metrics, step, &ev);
+    }
     if (stop) {
       if (c->rank == 0) info("stopped by a signal after step %d; checkpoint saved", step);
       break;
@@ -400,7 +401,6 @@ void eval_run(const Job *job, const struct qwen3_config *cfg, struct comm *c,
   init_weights(job, &w);
   struct train_state st = {0};
   checkpoint_resume(job, c, &w, &st);
-  worker_prepare_step(&w, st.step);
   block_timing = opt->timing;
   if (c->rank == 0)
     info("evaluating %s at step %d, backend %s", job->name, st.step, be->name);
