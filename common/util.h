@@ -33,6 +33,10 @@ char *xstrdup(const char *s);
 
 double now_seconds(void);             /* monotonic clock */
 
+/* splitmix64: a tiny, well-mixed generator; the same state gives the same numbers on every
+ * rank and in every resumed run (data order, seeded init). */
+uint64_t splitmix64(uint64_t *state);
+
 /* Reads a whole file into a NUL-terminated buffer; NULL with errno set on failure. */
 char *read_file(const char *path, size_t *len);
 /* mkdir -p; 0 on success, -1 with errno */

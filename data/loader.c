@@ -74,24 +74,15 @@ void loader_sample(struct loader *l, uint64_t k, int32_t *tokens, int32_t *targe
   }
 }
 
-/* splitmix64: a tiny, well-mixed generator; the permutation of an epoch depends only on
- * (seed, epoch), so every rank and every resumed run draws the same order. */
-static uint64_t mix(uint64_t *state) {
-  uint64_t z = (*state += 0x9E3779B97F4A7C15ull);
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return z ^ (z >> 31);
-}
-
 void loader_shuffled(struct loader *l, uint64_t g, int32_t *tokens, int32_t *targets,
                      int32_t *positions) {
   uint64_t epoch = g / l->n_samples;
-  if (epoch != l->perm_epoch) {
+  if (epoch != l->perm_epoch) {   /* the order depends only on (seed, epoch) */
     if (!l->perm) l->perm = xmalloc(l->n_samples * sizeof *l->perm);
     for (uint64_t i = 0; i < l->n_samples; i++) l->perm[i] = i;
     uint64_t state = l->seed * 0x100000001B3ull ^ epoch;
     for (uint64_t i = l->n_samples - 1; i > 0; i--) {   /* Fisher-Yates */
-      uint64_t j = mix(&state) % (i + 1), t = l->perm[i];
+      uint64_t j = splitmix64(&state) % (i + 1), t = l->perm[i];
       l->perm[i] = l->perm[j];
       l->perm[j] = t;
     }

@@ -22,7 +22,7 @@ struct loader {
   uint64_t seed;
   uint64_t perm_epoch;      /* the epoch `perm` belongs to; UINT64_MAX: none yet */
   uint64_t *perm;
-  uint64_t truncated;       /* documents longer than seq + 1 tokens seen so far */
+  uint64_t truncated;       /* samples drawn so far whose document was longer than seq + 1 */
 };
 
 /* Loads every shard; dies naming the file and field when one is unreadable, mixes masked and

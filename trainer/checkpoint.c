@@ -10,7 +10,8 @@
 #include "common/util.h"
 #include "data/ckpt_file.h"
 
-void checkpoint_dir(const Job *job, char *out, size_t len) {
+/* checkpoint.dir, or <output_dir>/checkpoints */
+static void checkpoint_dir(const Job *job, char *out, size_t len) {
   const char *dir = job->checkpoint->dir;
   if (dir && *dir) snprintf(out, len, "%s", dir);
   else snprintf(out, len, "%s/checkpoints", job->output_dir);

@@ -36,7 +36,5 @@ int checkpoint_resume(const Job *job, struct comm *c, struct worker *w, struct t
 /* init.checkpoint: this stage's weights only (fresh optimizer, step 0). */
 void checkpoint_load_weights(const char *dir, struct worker *w);
 
-/* The checkpoint directory of a job: checkpoint.dir, or <output_dir>/checkpoints. */
-void checkpoint_dir(const Job *job, char *out, size_t len);
 
 #endif

@@ -376,7 +376,8 @@ void train_run(const Job *job, const struct qwen3_config *cfg, struct comm *c,
     }
   }
   if (r.train.truncated && c->rank == 0)
-    warn("%llu training documents were longer than data.seq_len + 1 and were truncated",
+    warn("%llu training samples were truncated: their documents are longer than "
+         "data.seq_len + 1 tokens",
          (unsigned long long)r.train.truncated);
   if (opt->timing && c->rank == 0) {
     print_stage_times();

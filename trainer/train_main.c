@@ -24,16 +24,18 @@ static const char USAGE[] =
     "  --fail-at RANK:STEP         make RANK fail at STEP (for failure tests)\n";
 
 static const struct backend *choose_backend(const Job *job, const struct comm *c) {
-  int gpus = 0;
-#ifdef QWEN3_HAVE_CUDA
-  gpus = cuda_device_count();
-#endif
   if (job->backend == QWEN3__BACKEND__CUDA)
     die("backend: CUDA is not implemented yet in this version (its kernels come after the CPU "
         "engine); use backend: CPU or AUTO");
-  if (job->backend == QWEN3__BACKEND__AUTO && gpus > 0 && c->rank == 0)
-    warn("backend AUTO: %d GPU(s) found, but the CUDA backend is not implemented yet; running "
-         "on the CPU", gpus);
+#ifdef QWEN3_HAVE_CUDA
+  int gpus = cuda_device_count();
+  char name[256] = "?";
+  if (job->backend == QWEN3__BACKEND__AUTO && gpus > 0 && c->rank == 0) {
+    cuda_device_name(0, name, sizeof name);
+    warn("backend AUTO: %d GPU(s) found (%s), but the CUDA backend is not implemented yet; "
+         "running on the CPU", gpus, name);
+  }
+#endif
   return &backend_cpu;
 }
 

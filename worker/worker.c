@@ -33,10 +33,9 @@ static void layer_param_shape(const struct qwen3_config *c, enum layer_param p, 
                               int *cols) {
   int d = c->hidden_size, q = c->num_heads * c->head_dim, kv = c->num_kv_heads * c->head_dim;
   int f = c->intermediate_size;
-  static const int one = 1;
   switch (p) {
-  case P_INPUT_NORM: case P_POST_NORM: *rows = d; *cols = one; break;
-  case P_Q_NORM: case P_K_NORM: *rows = c->head_dim; *cols = one; break;
+  case P_INPUT_NORM: case P_POST_NORM: *rows = d; *cols = 1; break;
+  case P_Q_NORM: case P_K_NORM: *rows = c->head_dim; *cols = 1; break;
   case P_Q: *rows = q; *cols = d; break;
   case P_K: case P_V: *rows = kv; *cols = d; break;
   case P_O: *rows = d; *cols = q; break;
@@ -305,20 +304,7 @@ void worker_free(struct worker *w) {
   memset(w, 0, sizeof *w);
 }
 
-int worker_find_param(const struct worker *w, const char *name) {
-  for (int i = 0; i < w->n_params; i++)
-    if (strcmp(w->params[i].name, name) == 0) return i;
-  return -1;
-}
-
 /* ---- seeded init ----------------------------------------------------------------------------- */
-
-static uint64_t splitmix64(uint64_t *state) {
-  uint64_t z = (*state += 0x9E3779B97F4A7C15ull);
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return z ^ (z >> 31);
-}
 
 static uint64_t fnv1a(const char *s) {
   uint64_t h = 0xcbf29ce484222325ull;

@@ -120,7 +120,6 @@ void worker_free(struct worker *w);
 /* Seeded init: every tensor drawn from its own stream, keyed by its name, so that any pipeline
  * layout gives identical weights. Norm weights start at 1. */
 void worker_init_weights(struct worker *w, uint64_t seed, float std);
-int worker_find_param(const struct worker *w, const char *name);
 /* Loads every parameter of the stage from a Hugging Face model directory (model.safetensors or
  * an index with shards), checking each shape. Returns 0, or -1 with err naming the tensor. */
 int worker_load_hf(struct worker *w, const char *dir, char *err, size_t errlen);
