@@ -5,7 +5,10 @@
  *
  * MPI counts are int, so transfers and reductions larger than INT_MAX elements go in chunks; both
  * sides of a transfer cut the same chunks, and MPI keeps messages of one (source, tag,
- * communicator) in order, so the chunks reassemble in place. */
+ * communicator) in order, so the chunks reassemble in place.
+ *
+ * Tensors in device memory go through the host with the backend's copies (comm_set_device_copy),
+ * unless a device transport (comm_nccl.c, comm_device.h) took the tensor calls over. */
 #include <limits.h>
 #include <mpi.h>
 #include <stdio.h>
@@ -13,6 +16,7 @@
 #include <string.h>
 
 #include "comm/comm.h"
+#include "comm/comm_device.h"
 #include "common/util.h"
 
 #define MPI_CHECK(call)                                                         \
@@ -32,6 +36,8 @@ struct mpi_state {
   char **staged;             /* [n_sends]: the copy a send's first chunk owns; NULL for others */
   int n_sends, cap_sends;
   int tag_ub;                /* the largest tag this MPI allows */
+  comm_copy_fn to_host, to_device;   /* tensors in device memory: staged through the host */
+  struct comm_device_transport dev;  /* the tensor calls, when NCCL took them over */
 };
 
 /* g_abort_hook. MPI_Abort is the one call left unchecked (here and in comm_abort): it does not
@@ -124,13 +130,9 @@ static void reap_sends(struct mpi_state *st) {
   st->n_sends = 0;
 }
 
-void comm_send(struct comm *c, const void *buf, size_t bytes, int to_stage, int tag) {
-  check_peer(c, to_stage, tag, "comm_send");
+/* Sends `copy`, a host buffer of ours that comm_wait_sends frees. */
+static void send_copy(struct comm *c, char *copy, size_t bytes, int to_stage, int tag) {
   struct mpi_state *st = state(c);
-  if (st->n_sends >= 16) reap_sends(st);
-  /* the caller may reuse buf at once (comm.h): MPI sends from a copy of ours */
-  char *copy = xmalloc(bytes);
-  memcpy(copy, buf, bytes);
   const char *p = copy;
   size_t left = bytes;
   do {   /* once even for 0 bytes: the receive waits for a message */
@@ -145,6 +147,59 @@ void comm_send(struct comm *c, const void *buf, size_t bytes, int to_stage, int 
     p += n;
     left -= n;
   } while (left > 0);
+}
+
+/* the caller may reuse buf at once (comm.h): MPI sends from a copy of ours */
+void comm_send(struct comm *c, const void *buf, size_t bytes, int to_stage, int tag) {
+  check_peer(c, to_stage, tag, "comm_send");
+  if (state(c)->n_sends >= 16) reap_sends(state(c));
+  char *copy = xmalloc(bytes ? bytes : 1);
+  memcpy(copy, buf, bytes);
+  send_copy(c, copy, bytes, to_stage, tag);
+}
+
+void comm_set_device_copy(struct comm *c, comm_copy_fn to_host, comm_copy_fn to_device) {
+  state(c)->to_host = to_host;
+  state(c)->to_device = to_device;
+}
+
+void comm_set_device_transport(struct comm *c, const struct comm_device_transport *t) {
+  state(c)->dev = t ? *t : (struct comm_device_transport){0};
+}
+
+void comm_send_tensor(struct comm *c, const void *buf, size_t bytes, int to_stage, int tag) {
+  struct mpi_state *st = state(c);
+  if (st->dev.send) {
+    check_peer(c, to_stage, tag, "comm_send_tensor");
+    st->dev.send(st->dev.state, buf, bytes, to_stage, tag);
+    return;
+  }
+  if (!st->to_host) {
+    comm_send(c, buf, bytes, to_stage, tag);
+    return;
+  }
+  check_peer(c, to_stage, tag, "comm_send_tensor");
+  if (st->n_sends >= 16) reap_sends(st);
+  char *copy = xmalloc(bytes ? bytes : 1);
+  st->to_host(copy, buf, bytes);   /* the one copy: device straight into the send buffer */
+  send_copy(c, copy, bytes, to_stage, tag);
+}
+
+void comm_recv_tensor(struct comm *c, void *buf, size_t bytes, int from_stage, int tag) {
+  struct mpi_state *st = state(c);
+  if (st->dev.recv) {
+    check_peer(c, from_stage, tag, "comm_recv_tensor");
+    st->dev.recv(st->dev.state, buf, bytes, from_stage, tag);
+    return;
+  }
+  if (!st->to_device) {
+    comm_recv(c, buf, bytes, from_stage, tag);
+    return;
+  }
+  char *host = xmalloc(bytes ? bytes : 1);
+  comm_recv(c, host, bytes, from_stage, tag);
+  st->to_device(buf, host, bytes);
+  free(host);
 }
 
 void comm_recv(struct comm *c, void *buf, size_t bytes, int from_stage, int tag) {
@@ -166,6 +221,7 @@ void comm_recv(struct comm *c, void *buf, size_t bytes, int from_stage, int tag)
 
 void comm_wait_sends(struct comm *c) {
   struct mpi_state *st = state(c);
+  if (st->dev.wait_sends) st->dev.wait_sends(st->dev.state);
   MPI_CHECK(MPI_Waitall(st->n_sends, st->sends, MPI_STATUSES_IGNORE));
   for (int i = 0; i < st->n_sends; i++) free(st->staged[i]);
   st->n_sends = 0;
@@ -188,7 +244,20 @@ static void allreduce(struct comm *c, enum comm_group g, void *buf, size_t n, MP
 }
 
 void comm_allreduce_sum_float(struct comm *c, enum comm_group g, float *buf, size_t n) {
-  allreduce(c, g, buf, n, MPI_FLOAT, sizeof *buf);
+  struct mpi_state *st = state(c);
+  if (st->dev.allreduce_sum_float) {
+    group_comm(c, g);   /* dies naming a group this rank is not in */
+    if (st->dev.allreduce_sum_float(st->dev.state, g, buf, n)) return;
+  }
+  if (!st->to_host) {
+    allreduce(c, g, buf, n, MPI_FLOAT, sizeof *buf);
+    return;
+  }
+  float *host = xmalloc((n ? n : 1) * sizeof *host);
+  st->to_host(host, buf, n * sizeof *host);
+  allreduce(c, g, host, n, MPI_FLOAT, sizeof *host);
+  st->to_device(buf, host, n * sizeof *host);
+  free(host);
 }
 
 void comm_allreduce_sum_double(struct comm *c, enum comm_group g, double *buf, size_t n) {
@@ -212,6 +281,8 @@ void comm_broadcast(struct comm *c, enum comm_group g, void *buf, size_t bytes, 
 void comm_barrier(struct comm *c, enum comm_group g) { MPI_CHECK(MPI_Barrier(group_comm(c, g))); }
 
 _Noreturn void comm_abort(struct comm *c, int code) {
+  /* the hook chain: comm_nccl.c aborts its communicators first, then abort_job */
+  if (g_abort_hook) g_abort_hook(code);
   abort_job(code);
   exit(code);   /* MPI_Abort does not return; the compiler does not know */
 }
@@ -219,6 +290,8 @@ _Noreturn void comm_abort(struct comm *c, int code) {
 void comm_finalize(struct comm *c) {
   struct mpi_state *st = state(c);
   comm_wait_sends(c);
+  if (st->dev.finalize) st->dev.finalize(st->dev.state);   /* restores g_abort_hook */
+  st->dev = (struct comm_device_transport){0};
   MPI_Comm *comms[] = {&st->pipe, &st->dp, &st->tied};
   for (int i = 0; i < 3; i++)
     if (*comms[i] != MPI_COMM_NULL) MPI_CHECK(MPI_Comm_free(comms[i]));
@@ -226,6 +299,7 @@ void comm_finalize(struct comm *c) {
   g_abort_hook = NULL;
   MPI_CHECK(MPI_Finalize());
   free(st->sends);
+  free(st->staged);
   free(st);
   c->impl = NULL;
 }

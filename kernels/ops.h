@@ -18,6 +18,10 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#ifdef __cplusplus
+extern "C" {   /* the CUDA backend's .cu files define the table */
+#endif
+
 /* Attention shape. Queries are the last tq of tk key positions of each sequence (tq == tk in
  * training; tq < tk when decoding against a KV cache). Keys/values of sequence b start at row
  * b * k_stride (k_stride >= tk; a KV cache is allocated for its maximum length). */
@@ -28,6 +32,9 @@ struct attn_shape {
 
 struct backend {
   const char *name;
+  /* 1: buffers from alloc live on a device, and the host must go through to_host/to_device
+   * (and comm's tensor calls stage through them); 0: they are plain host memory. */
+  int device_memory;
 
   /* Binds this process to its share of the machine, local_rank of local_size processes on it:
    * CPU threads, or the GPU to use. Call once before any other op. */
@@ -41,6 +48,8 @@ struct backend {
   void (*copy)(void *dst, const void *src, size_t bytes);
   void (*zero)(void *p, size_t bytes);
   void (*synchronize)(void);
+  /* Bytes held now and at most so far (NULL where the backend does not count them). */
+  void (*memory)(size_t *in_use, size_t *peak);
 
   /* out[i,:] = table[tokens[i],:] */
   void (*embedding_forward)(float *out, const int32_t *tokens, const float *table, int n, int dim);
@@ -121,8 +130,21 @@ struct backend {
    *   p -= lr * (m/(1-b1^t) / (sqrt(v/(1-b2^t)) + eps) + wd * p)                            */
   void (*adamw_update)(float *p, const float *g, float *m, float *v, size_t n, float lr,
                        float beta1, float beta2, float eps, float weight_decay, int t);
+
+  /* The stream every op runs on (a cudaStream_t), for comm's NCCL transport to order its own
+   * stream against; NULL where the backend has none (the CPU). */
+  void *(*native_stream)(void);
 };
 
 extern const struct backend backend_cpu;
+#ifdef QWEN3_HAVE_CUDA
+/* kernels/cuda: fp32 storage; GEMMs in TF32 unless QWEN3_CUDA_TF32=0 (the exact fp32 mode the
+ * tests compare with the CPU); QWEN3_CUDA_DEBUG=1 checks every launch synchronously. */
+extern const struct backend backend_cuda;
+#endif
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif

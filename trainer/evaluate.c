@@ -66,11 +66,11 @@ static void validate(const Job *job, struct comm *c, struct worker *w, int step,
         }
       }
     }
-    if (c->stage > 0) comm_recv(c, worker_input(w, 0), bytes, c->stage - 1, 0);
+    if (c->stage > 0) comm_recv_tensor(c, worker_input(w, 0), bytes, c->stage - 1, 0);
     struct micro_batch mb = {tok, tgt, pos, 0};
     worker_forward(w, 0, &mb, 0.0f, nll);
     if (!last) {
-      comm_send(c, worker_output(w, 0), bytes, c->stage + 1, 0);
+      comm_send_tensor(c, worker_output(w, 0), bytes, c->stage + 1, 0);
       continue;
     }
     for (int i = 0; i < mbs && first + i < n_chunks; i++) {

@@ -24,9 +24,9 @@ static void stage_forward(struct worker *w, struct comm *c, struct sequence *s, 
                           struct kv_cache *kv, float *logits) {
   int n = s->len - from;
   size_t bytes = (size_t)n * w->plan.cfg.hidden_size * sizeof(float);
-  if (c->stage > 0) comm_recv(c, worker_input(w, 0), bytes, c->stage - 1, p);
+  if (c->stage > 0) comm_recv_tensor(c, worker_input(w, 0), bytes, c->stage - 1, p);
   worker_infer(w, s->ids + from, s->positions + from, n, kv, logits);
-  if (c->stage < c->pp - 1) comm_send(c, worker_output(w, 0), bytes, c->stage + 1, p);
+  if (c->stage < c->pp - 1) comm_send_tensor(c, worker_output(w, 0), bytes, c->stage + 1, p);
 }
 
 /* Appends a token; returns whether the sequence is now finished. */

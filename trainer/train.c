@@ -138,18 +138,31 @@ static FILE *open_metrics(const Job *job, int resumed_step) {
 struct step_log {
   int step, steps, done;   /* done: steps taken by this process (a resumed run starts later) */
   double loss, lr, grad_norm, tokens, seconds, elapsed;
+  double device_peak_mib;   /* the backend's peak device memory; < 0 on the CPU */
 };
+
+static double device_peak_mib(const struct backend *be) {
+  if (!be->memory) return -1;
+  size_t in_use, peak;
+  be->memory(&in_use, &peak);
+  return peak / 1048576.0;
+}
 
 static void log_step(FILE *metrics, const struct step_log *s) {
   char eta[32];
   format_duration(eta, sizeof eta, s->elapsed / s->done * (s->steps - s->step));
   double tps = s->tokens / s->seconds;
-  info("step %*d/%d | loss %.4f | lr %.3e | grad %.3f | %.0f tok/s | %.0f MiB | eta %s",
+  char device[48] = "";
+  if (s->device_peak_mib >= 0)
+    snprintf(device, sizeof device, " | device peak %.0f MiB", s->device_peak_mib);
+  info("step %*d/%d | loss %.4f | lr %.3e | grad %.3f | %.0f tok/s | %.0f MiB%s | eta %s",
        (int)floor(log10(s->steps)) + 1, s->step, s->steps, s->loss, s->lr, s->grad_norm, tps,
-       resident_mib(), eta);
+       resident_mib(), device, eta);
   json_t *o = json_pack("{s:i, s:f, s:f, s:f, s:f, s:f, s:f}", "step", s->step, "loss", s->loss,
                         "lr", s->lr, "grad_norm", s->grad_norm, "tokens_per_s", tps,
                         "step_seconds", s->seconds, "tokens", s->tokens);
+  if (s->device_peak_mib >= 0)
+    json_object_set_new(o, "device_peak_mib", json_real(s->device_peak_mib));
   json_dumpf(o, metrics, JSON_COMPACT | JSON_REAL_PRECISION(9));
   fputc('\n', metrics);
   fflush(metrics);
@@ -240,7 +253,7 @@ static double run_schedule(struct run *r, float grad_scale) {
     size_t at = (size_t)a->mb * r->tokens_per_mb;
     switch (a->kind) {
     case ACT_RECV_ACT:
-      comm_recv(c, worker_input(w, live), act_bytes, c->stage - 1, a->mb);
+      comm_recv_tensor(c, worker_input(w, live), act_bytes, c->stage - 1, a->mb);
       break;
     case ACT_FWD: {
       struct micro_batch mb = {r->tokens + at, r->targets + at, r->positions + at,
@@ -249,17 +262,17 @@ static double run_schedule(struct run *r, float grad_scale) {
       break;
     }
     case ACT_SEND_ACT:
-      comm_send(c, worker_output(w, live), act_bytes, c->stage + 1, a->mb);
+      comm_send_tensor(c, worker_output(w, live), act_bytes, c->stage + 1, a->mb);
       break;
     case ACT_RECV_GRAD:
-      comm_recv(c, w->grad_in, act_bytes, c->stage + 1, a->mb);
+      comm_recv_tensor(c, w->grad_in, act_bytes, c->stage + 1, a->mb);
       break;
     case ACT_BWD:
       worker_backward(w, live);
       if (c->stage == 0) release_live(r, a->mb);
       break;
     case ACT_SEND_GRAD:
-      comm_send(c, w->grad_out, act_bytes, c->stage - 1, a->mb);
+      comm_send_tensor(c, w->grad_out, act_bytes, c->stage - 1, a->mb);
       release_live(r, a->mb);
       break;
     }
@@ -345,6 +358,7 @@ void train_run(const Job *job, const struct qwen3_config *cfg, struct comm *c,
     r.stream_base = st.samples_seen;
     double loss_sum = run_schedule(&r, (float)(1.0 / targets));
     double grad_norm = optimizer_step(&r.w, c, job->optim, lr, step);
+    be->synchronize();   /* the step's time includes its last kernels */
     if (c->world > 1) comm_allreduce_sum_double(c, GROUP_WORLD, &loss_sum, 1);
     double loss = loss_sum / targets;
     if (!isfinite(loss)) die("step %d: the loss is %f; stopping", step, loss);
@@ -354,7 +368,7 @@ void train_run(const Job *job, const struct qwen3_config *cfg, struct comm *c,
     if (metrics && (step % job->train->log_every == 0 || step == steps || step == 1)) {
       struct step_log s = {step, steps, step - first_step + 1, loss, lr, grad_norm,
                            (double)r.tokens_per_mb * r.n_mb * c->dp, now_seconds() - t0,
-                           now_seconds() - started};
+                           now_seconds() - started, device_peak_mib(be)};
       log_step(metrics, &s);
     }
     /* every rank must agree to stop at the same step: a signal may reach only some */

@@ -23,20 +23,27 @@ static const char USAGE[] =
     "  --timing                    print per-stage forward/backward times at the end\n"
     "  --fail-at RANK:STEP         make RANK fail at STEP (for failure tests)\n";
 
+/* CUDA when the job asks for it, or for AUTO when a GPU is found; the CPU otherwise. */
 static const struct backend *choose_backend(const Job *job, const struct comm *c) {
-  if (job->backend == QWEN3__BACKEND__CUDA)
-    die("backend: CUDA is not implemented yet in this version (its kernels come after the CPU "
-        "engine); use backend: CPU or AUTO");
 #ifdef QWEN3_HAVE_CUDA
   int gpus = cuda_device_count();
-  char name[256] = "?";
-  if (job->backend == QWEN3__BACKEND__AUTO && gpus > 0 && c->rank == 0) {
+  if (job->backend == QWEN3__BACKEND__CUDA && gpus == 0)
+    die("backend: CUDA, but no GPU is visible to rank %d (check CUDA_VISIBLE_DEVICES and the "
+        "driver); use backend: CPU or AUTO", c->rank);
+  if (job->backend == QWEN3__BACKEND__CPU || gpus == 0) return &backend_cpu;
+  if (c->rank == 0) {
+    char name[256] = "?";
     cuda_device_name(0, name, sizeof name);
-    warn("backend AUTO: %d GPU(s) found (%s), but the CUDA backend is not implemented yet; "
-         "running on the CPU", gpus, name);
+    info("backend CUDA: %d GPU(s) on this machine, %s; %d process(es) here", gpus, name,
+         c->local_size);
   }
-#endif
+  return &backend_cuda;
+#else
+  (void)c;
+  if (job->backend == QWEN3__BACKEND__CUDA)
+    die("backend: CUDA, but this build has no CUDA backend (nvcc was not found at build time)");
   return &backend_cpu;
+#endif
 }
 
 int main(int argc, char **argv) {
@@ -104,6 +111,9 @@ int main(int argc, char **argv) {
   }
   const struct backend *be = choose_backend(job, &c);
   be->init(c.local_rank, c.local_size);
+  if (be->device_memory) comm_set_device_copy(&c, be->to_host, be->to_device);
+  /* NCCL for tensors when every rank drives a GPU of its own; collective, so every rank calls */
+  comm_nccl_enable(&c, be->native_stream ? be->native_stream() : NULL);
   if (job->train->steps > 0) train_run(job, &cfg, &c, be, &opt);
   else eval_run(job, &cfg, &c, be, &opt);
   comm_finalize(&c);

@@ -314,6 +314,9 @@ static uint64_t fnv1a(const char *s) {
 
 void worker_init_weights(struct worker *w, uint64_t seed, float std) {
   float *host = xmalloc(w->plan.param_floats * sizeof(float));
+  /* each tensor has its own stream, so threads over tensors draw the same numbers (a 4B stage
+   * takes minutes on one core) */
+#pragma omp parallel for schedule(dynamic)
   for (int i = 0; i < w->n_params; i++) {
     const struct param *p = &w->params[i];
     float *x = host + p->offset;

@@ -3,6 +3,7 @@
 # tests/hf_fixtures.py): on 1 process and on 2 pipeline stages, with and without the KV cache,
 # greedy continuations equal transformers' token for token, and the per-document scores equal
 # transformers' NLL within 1e-5.
+# QWEN3_TEST_BACKEND=CUDA runs the same evaluations on the GPU (tests/gpu/test_gpu_train.sh).
 # Usage: bash tests/mpi/test_hf_eval.sh BUILD_DIR
 set -u
 source tests/mpi/lib.sh
@@ -27,6 +28,7 @@ for dir in "${cases[@]}"; do
           --set model.hf_config="$dir/config.json" --set init.hf_dir="$dir" \
           --set data.valid="$out/$name.h5" --set parallel.pipeline_stages=$np \
           --set eval.prompts.ids="$prompt" --set eval.kv_cache=$kv --set output_dir="$o" \
+          --set backend="${QWEN3_TEST_BACKEND:-CPU}" \
           >"$o.log" 2>&1; then
         fail "$run: the evaluation run failed"; tail -n 15 "$o.log"; continue
       fi

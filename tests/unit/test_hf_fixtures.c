@@ -1,6 +1,8 @@
 /* Fidelity against Hugging Face transformers: for each small random Qwen3 in
  * tests/fixtures/hf/ (made by tests/hf_fixtures.py), our forward must give the per-position
- * NLL within 1e-5 absolute and every parameter gradient within 1e-4 relative. */
+ * NLL within 1e-5 absolute and every parameter gradient within 1e-4 relative. On the CPU backend
+ * by default; `test_hf_fixtures cuda` runs the same on the GPU in its exact fp32 mode (the `gpu`
+ * label), and exits 77 (skipped) where there is none. */
 #define _DEFAULT_SOURCE
 #include <dirent.h>
 #include <math.h>
@@ -12,6 +14,11 @@
 #include "data/safetensors.h"
 #include "tests/check.h"
 #include "worker/worker.h"
+#ifdef QWEN3_HAVE_CUDA
+#include "kernels/cuda/cuda_device.h"
+#endif
+
+static const struct backend *be = &backend_cpu;
 
 #define FIXTURES "tests/fixtures/hf"
 
@@ -55,7 +62,7 @@ static void check_case(const char *name) {
   struct worker_plan plan;
   worker_plan_make(&plan, &cfg, 0, cfg.num_layers, 1, 1, batch, seq, 1, 0);
   struct worker w;
-  worker_init(&w, &backend_cpu, &plan);
+  worker_init(&w, be, &plan);
   if (worker_load_hf(&w, dir, err, sizeof err) != 0) die("%s", err);
 
   int tokens = batch * seq;
@@ -87,6 +94,8 @@ static void check_case(const char *name) {
   printf("%s: %d layers, loss %.6f (transformers %.6f), max NLL difference %.2e\n", name,
          cfg.num_layers, sum / targets, loss_ref[0], worst);
 
+  float *grads = xmalloc(w.plan.param_floats * sizeof(float));
+  be->to_host(grads, w.grads, w.plan.param_floats * sizeof(float));
   int compared = 0;
   for (int i = 0; i < w.n_params; i++) {
     const struct param *p = &w.params[i];
@@ -98,7 +107,7 @@ static void check_case(const char *name) {
     if (!g_ref || n != (size_t)p->rows * p->cols) continue;
     double diff = 0, ref = 0;
     for (size_t k = 0; k < n; k++) {
-      double d = (double)w.grads[p->offset + k] - g_ref[k];
+      double d = (double)grads[p->offset + k] - g_ref[k];
       diff += d * d;
       ref += (double)g_ref[k] * g_ref[k];
     }
@@ -109,6 +118,7 @@ static void check_case(const char *name) {
   }
   CHECK(compared == w.n_params && compared > 0, "%s: compared %d of %d gradients", name, compared,
         w.n_params);
+  free(grads);
   worker_free(&w);
   st_close(expected);
   free(ids);
@@ -124,7 +134,21 @@ static int by_name(const void *a, const void *b) {
   return strcmp(*(char *const *)a, *(char *const *)b);
 }
 
-int main(void) {
+int main(int argc, char **argv) {
+  if (argc > 1 && !strcmp(argv[1], "cuda")) {
+#ifdef QWEN3_HAVE_CUDA
+    if (cuda_device_count() == 0) {
+      printf("test_hf_fixtures cuda: no GPU; skipped\n");
+      return 77;
+    }
+    setenv("QWEN3_CUDA_TF32", "0", 1);   /* the exact fp32 mode */
+    be = &backend_cuda;
+#else
+    printf("test_hf_fixtures cuda: this build has no CUDA backend; skipped\n");
+    return 77;
+#endif
+  }
+  be->init(0, 1);
   DIR *d = opendir(FIXTURES);
   CHECK(d != NULL, "no fixtures at " FIXTURES ": run tests/hf_fixtures.py where transformers is "
                    "installed and commit its output");

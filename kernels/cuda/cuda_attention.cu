@@ -1,0 +1,868 @@
+/* Causal grouped-query attention on the GPU in fp32: flash-attention tiling with fp32 storage and
+ * fp32 FMA arithmetic (no tensor cores; this is the "fp32 mode" tested against the CPU backend,
+ * kernels/cpu/cpu_attention.c, whose semantics it follows: q, ctx [batch*tq, heads, head_dim];
+ * k, v rows of sequence b from b*k_stride; query i at position tk - tq + i sees keys
+ * 0 .. tk - tq + i; query head h reads kv head h / (heads/kv_heads) in place; scale
+ * head_dim^-0.5; lse [batch, heads, tq] = log sum exp of the scaled scores).
+ *
+ * Algorithm. Every kernel works on a tile of BQ queries x BK keys held in shared memory by 256
+ * threads laid out 16 x 16: thread (ty, tx) owns a few contiguous rows (ty*R ...) and the strided
+ * columns tx, tx+16, ... of the score tile, plus a register tile of the head_dim-wide output.
+ * head_dim is padded with zeros up to a compile-time DM (32, 64 or 128); the zero lanes add
+ * exact zeros to every dot product, so any head_dim from 1 to 128 works. Rows and keys past
+ * the end of a tile are zero-filled and masked.
+ *  - forward, one block per (query tile, head, sequence): the Q tile stays in shared memory
+ *    while the block walks the key tiles 0 .. the last one its causal rows can see, computing
+ *    S = scale * Q K^T, the online softmax (running max m and sum l per row) and O += P V.
+ *    ctx = O / l, lse = m + log(l). When there are too few query tiles to fill the GPU
+ *    (decoding, tq = 1), the key tiles are split among several blocks per query tile (at most
+ *    64, at least 2 key tiles each); each writes its unnormalized (O, m, l) to scratch and
+ *    attn_fwd_combine_kernel merges them in split order.
+ *  - backward, three kernels: (0) D_i = dctx_i . ctx_i, one warp per row; (1) one block per
+ *    (key tile, kv head, sequence) walks every query head of its group and every query tile
+ *    that sees its keys, rebuilds P = exp(S - lse) and dS = P (dP - D) with dP = dO V^T, and
+ *    accumulates dV += P^T dO and dK += dS^T Q in registers, added once to dk, dv at the end;
+ *    (2) one block per (query tile, head, sequence) walks its key tiles, rebuilds dS the same
+ *    way and accumulates dQ += dS K, added once to dq. No T x T matrix ever exists in memory.
+ *    Both kernels recompute P; K and V are never expanded per query head.
+ *
+ * Deterministic: every output element is owned by exactly one thread of one block, which sums
+ * its terms in a fixed order (d, key and query loops run in index order; grouped query heads in
+ * head order; key splits merged in split order); row max and row sum use a fixed xor-shuffle
+ * tree whose result is the same in every lane; there are no atomics and nothing depends on block
+ * scheduling. Same inputs on the same GPU model, same bits (the number of key splits follows the
+ * SM count, so another GPU model may round differently).
+ *
+ * Tiles (queries x keys, fastest measured on H200): forward 64x64 for head_dim <= 64, 64x32 for
+ * head_dim 128 (77 KB, two blocks per SM), 16 x 64 when tq <= 16; dK/dV 64 keys x 64 queries
+ * (172 KB at head_dim 128, one block per SM); dQ 64x64, 64x32 at head_dim 128. Where a block
+ * cannot have that much shared memory (sm_120/121: 99 KB) dK/dV and dQ fall back to 32x32. */
+#include <cuda_runtime.h>
+#include <math.h>
+#include <stdio.h>
+
+#include "kernels/cuda/cuda.h"
+
+namespace {
+
+constexpr int NT = 256;  // threads per block, 16 x 16
+constexpr int PAD = 4;   // floats of padding per shared-memory row (keeps 16-byte alignment)
+
+struct Dims {
+  int batch, tq, tk, k_stride, heads, kv_heads, head_dim, group;
+  float scale;
+  bool vec4;  // head_dim % 4 == 0 and every tensor 16-byte aligned: float4 global loads
+};
+
+// N consecutive floats of shared memory (N-float aligned) into registers.
+template <int N>
+__device__ __forceinline__ void lds(float (&dst)[N], const float *src) {
+  if constexpr (N == 4) {
+    float4 t = *reinterpret_cast<const float4 *>(src);
+    dst[0] = t.x, dst[1] = t.y, dst[2] = t.z, dst[3] = t.w;
+  } else if constexpr (N == 2) {
+    float2 t = *reinterpret_cast<const float2 *>(src);
+    dst[0] = t.x, dst[1] = t.y;
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; i++) dst[i] = src[i];
+  }
+}
+
+template <int N>
+__device__ __forceinline__ void sts(float *dst, const float (&src)[N]) {
+  if constexpr (N == 4) {
+    *reinterpret_cast<float4 *>(dst) = make_float4(src[0], src[1], src[2], src[3]);
+  } else if constexpr (N == 2) {
+    *reinterpret_cast<float2 *>(dst) = make_float2(src[0], src[1]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; i++) dst[i] = src[i];
+  }
+}
+
+// Reductions over the 16 lanes that share ty (one half of a warp). Each step combines a lane
+// with its xor partner; + and max are commutative, so both lanes get the same bits.
+__device__ __forceinline__ float half_warp_max(float x) {
+#pragma unroll
+  for (int o = 1; o < 16; o <<= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+  return x;
+}
+__device__ __forceinline__ float half_warp_sum(float x) {
+#pragma unroll
+  for (int o = 1; o < 16; o <<= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+
+// Loads rows [0, n) of a [rows][ld_g] global matrix (head_dim hd columns used) into shared
+// memory, zero-filling rows >= n and columns >= hd up to DM.
+//   TRANSPOSE = false: s[row * (DM + PAD) + d];  TRANSPOSE = true: s[d * (ROWS + PAD) + row].
+// vec4 (hd and ld_g multiples of 4, g 16-byte aligned): the row-major copy moves float4s.
+template <int DM, int ROWS, bool TRANSPOSE>
+__device__ __forceinline__ void load_tile(float *s, const float *g, size_t ld_g, int n, int hd,
+                                          bool vec4) {
+  if (!TRANSPOSE && vec4) {
+    for (int idx = threadIdx.x; idx < ROWS * DM / 4; idx += NT) {
+      int r = idx / (DM / 4), d = idx % (DM / 4) * 4;
+      float4 x = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      if (r < n && d < hd) x = *reinterpret_cast<const float4 *>(g + (size_t)r * ld_g + d);
+      *reinterpret_cast<float4 *>(s + r * (DM + PAD) + d) = x;
+    }
+    return;
+  }
+  for (int idx = threadIdx.x; idx < ROWS * DM; idx += NT) {
+    int r = idx / DM, d = idx % DM;
+    float x = 0.0f;
+    if (r < n && d < hd) x = g[(size_t)r * ld_g + d];
+    if (TRANSPOSE)
+      s[d * (ROWS + PAD) + r] = x;
+    else
+      s[r * (DM + PAD) + d] = x;
+  }
+}
+
+// Columns of the head_dim-wide register tiles: thread tx owns NC = DM/16 columns, in NCH chunks
+// of VEC consecutive floats: column = ch * 16 * VEC + tx * VEC + e.
+template <int DM>
+struct Cols {
+  static constexpr int NC = DM / 16, VEC = NC < 4 ? NC : 4, NCH = NC / VEC;
+  static __device__ __forceinline__ int col(int tx, int ch, int e) {
+    return ch * 16 * VEC + tx * VEC + e;
+  }
+};
+
+/* ------------------------------------------------------------------------------------------ */
+/* forward */
+
+template <int DM, int BQ, int BK>
+struct Fwd {
+  static constexpr int RQ = BQ / 16, RK = BK / 16;
+  static constexpr int QT_LD = BQ + PAD;  // sQt [DM][QT_LD]  Q transposed
+  static constexpr int K_LD = DM + PAD;   // sK, sV [BK][K_LD]
+  static constexpr int PT_LD = BQ + PAD;  // sPt [BK][PT_LD]  P transposed
+  static constexpr size_t smem = sizeof(float) * ((size_t)DM * QT_LD + 2 * BK * K_LD + BK * PT_LD);
+};
+
+template <int DM, int BQ, int BK>
+__global__ void __launch_bounds__(NT, 2)  // <= 128 registers: two blocks per SM
+    attn_fwd_kernel(float *__restrict__ ctx, float *__restrict__ lse, const float *__restrict__ q,
+                    const float *__restrict__ k, const float *__restrict__ v, Dims s, int n_split,
+                    float *__restrict__ part_o, float *__restrict__ part_ml) {
+  using C = Fwd<DM, BQ, BK>;
+  using CC = Cols<DM>;
+  constexpr int RQ = C::RQ, RK = C::RK;
+  extern __shared__ float4 smem_f4[];
+  float *sQt = reinterpret_cast<float *>(smem_f4);
+  float *sK = sQt + DM * C::QT_LD;
+  float *sV = sK + BK * C::K_LD;
+  float *sPt = sV + BK * C::K_LD;
+
+  const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
+  const int b = blockIdx.z, h = blockIdx.y;
+  const int split = blockIdx.x % n_split;
+  const int q0 = (gridDim.x / n_split - 1 - blockIdx.x / n_split) * BQ;  // longest rows first
+  const int nq = min(BQ, s.tq - q0);
+  const int kh = h / s.group, hd = s.head_dim, off = s.tk - s.tq;
+  const size_t q_ld = (size_t)s.heads * hd, k_ld = (size_t)s.kv_heads * hd;
+  const size_t q_base = ((size_t)b * s.tq + q0) * q_ld + (size_t)h * hd;
+  const size_t k_base = (size_t)b * s.k_stride * k_ld + (size_t)kh * hd;
+
+  // key tiles 0 .. n_kt - 1 reach the last row's last key; split `split` of n_split takes
+  // [kt_begin, kt_end) of them (n_split = 1: all)
+  const int n_kt = (off + q0 + nq - 1) / BK + 1, per_split = (n_kt + n_split - 1) / n_split;
+  const int kt_begin = split * per_split, kt_end = min(n_kt, kt_begin + per_split);
+
+  load_tile<DM, BQ, true>(sQt, q + q_base, q_ld, nq, hd, s.vec4);
+
+  float o[RQ][CC::NC], m[RQ], l[RQ];
+  int lim[RQ];  // last key each row sees (clamped to tk - 1 for the padding rows)
+#pragma unroll
+  for (int r = 0; r < RQ; r++) {
+    m[r] = -INFINITY;
+    l[r] = 0.0f;
+    lim[r] = min(off + q0 + ty * RQ + r, s.tk - 1);
+#pragma unroll
+    for (int n = 0; n < CC::NC; n++) o[r][n] = 0.0f;
+  }
+
+  for (int kt = kt_begin; kt < kt_end; kt++) {
+    const int k0 = kt * BK, nk = min(BK, s.tk - k0);
+    __syncthreads();  // the previous tile's sK, sV, sPt are no longer read
+    load_tile<DM, BK, false>(sK, k + k_base + (size_t)k0 * k_ld, k_ld, nk, hd, s.vec4);
+    load_tile<DM, BK, false>(sV, v + k_base + (size_t)k0 * k_ld, k_ld, nk, hd, s.vec4);
+    __syncthreads();
+
+    // S = Q K^T: rows ty*RQ + r, keys tx + 16c
+    float sc[RQ][RK];
+#pragma unroll
+    for (int r = 0; r < RQ; r++)
+#pragma unroll
+      for (int c = 0; c < RK; c++) sc[r][c] = 0.0f;
+#pragma unroll 2
+    for (int d = 0; d < DM; d += 4) {
+      float kf[RK][4];
+#pragma unroll
+      for (int c = 0; c < RK; c++) lds<4>(kf[c], sK + (tx + 16 * c) * C::K_LD + d);
+#pragma unroll
+      for (int e = 0; e < 4; e++) {
+        float qf[RQ];
+        lds<RQ>(qf, sQt + (d + e) * C::QT_LD + ty * RQ);
+#pragma unroll
+        for (int r = 0; r < RQ; r++)
+#pragma unroll
+          for (int c = 0; c < RK; c++) sc[r][c] = fmaf(qf[r], kf[c][e], sc[r][c]);
+      }
+    }
+
+    // online softmax; P goes to sPt[key][row]
+#pragma unroll
+    for (int r = 0; r < RQ; r++) {
+      float mx = -INFINITY;
+#pragma unroll
+      for (int c = 0; c < RK; c++) {
+        sc[r][c] = k0 + tx + 16 * c <= lim[r] ? sc[r][c] * s.scale : -INFINITY;
+        mx = fmaxf(mx, sc[r][c]);
+      }
+      mx = half_warp_max(mx);
+      // Every row sees key 0, so without splits m_new is finite from the first tile on; a
+      // later split may see no key of a row yet (m_new = -inf), then it stays empty.
+      const float m_new = fmaxf(m[r], mx), m_use = m_new == -INFINITY ? 0.0f : m_new;
+      const float alpha = expf(m[r] - m_use);  // 0 while m = -inf
+      float sum = 0.0f;
+#pragma unroll
+      for (int c = 0; c < RK; c++) {
+        sc[r][c] = expf(sc[r][c] - m_use);  // masked: exp(-inf) = 0
+        sum += sc[r][c];
+      }
+      sum = half_warp_sum(sum);
+      l[r] = l[r] * alpha + sum;
+      m[r] = m_new;
+#pragma unroll
+      for (int n = 0; n < CC::NC; n++) o[r][n] *= alpha;
+    }
+#pragma unroll
+    for (int c = 0; c < RK; c++) {
+      float p[RQ];
+#pragma unroll
+      for (int r = 0; r < RQ; r++) p[r] = sc[r][c];
+      sts<RQ>(sPt + (tx + 16 * c) * C::PT_LD + ty * RQ, p);
+    }
+    __syncthreads();
+
+    // O += P V (keys past tk have P = 0 and zero V rows)
+#pragma unroll 4
+    for (int j = 0; j < BK; j++) {
+      float pf[RQ];
+      lds<RQ>(pf, sPt + j * C::PT_LD + ty * RQ);
+#pragma unroll
+      for (int ch = 0; ch < CC::NCH; ch++) {
+        float vf[CC::VEC];
+        lds<CC::VEC>(vf, sV + j * C::K_LD + CC::col(tx, ch, 0));
+#pragma unroll
+        for (int r = 0; r < RQ; r++)
+#pragma unroll
+          for (int e = 0; e < CC::VEC; e++)
+            o[r][ch * CC::VEC + e] = fmaf(pf[r], vf[e], o[r][ch * CC::VEC + e]);
+      }
+    }
+  }
+
+#pragma unroll
+  for (int r = 0; r < RQ; r++) {
+    const int row = ty * RQ + r;
+    if (row >= nq) continue;
+    if (n_split == 1) {
+      const float inv = 1.0f / l[r];
+      float *out = ctx + q_base + (size_t)row * q_ld;
+#pragma unroll
+      for (int ch = 0; ch < CC::NCH; ch++)
+#pragma unroll
+        for (int e = 0; e < CC::VEC; e++) {
+          const int d = CC::col(tx, ch, e);
+          if (d < hd) out[d] = o[r][ch * CC::VEC + e] * inv;
+        }
+      if (tx == 0) lse[((size_t)b * s.heads + h) * s.tq + q0 + row] = m[r] + logf(l[r]);
+    } else {  // the unnormalized partial of this split, for attn_fwd_combine_kernel
+      const size_t prow =
+          (size_t)split * s.batch * s.tq * s.heads + ((size_t)b * s.tq + q0 + row) * s.heads + h;
+      float *out = part_o + prow * hd;
+#pragma unroll
+      for (int ch = 0; ch < CC::NCH; ch++)
+#pragma unroll
+        for (int e = 0; e < CC::VEC; e++) {
+          const int d = CC::col(tx, ch, e);
+          if (d < hd) out[d] = o[r][ch * CC::VEC + e];
+        }
+      if (tx == 0) part_ml[2 * prow] = m[r], part_ml[2 * prow + 1] = l[r];
+    }
+  }
+}
+
+// Merges the n_split partials of each row, in split order: with M = max m_s and
+// w_s = exp(m_s - M), ctx = sum w_s O_s / L and lse = M + log L, L = sum w_s l_s. One thread
+// per (row, d).
+__global__ void __launch_bounds__(NT)
+    attn_fwd_combine_kernel(float *__restrict__ ctx, float *__restrict__ lse,
+                            const float *__restrict__ part_o, const float *__restrict__ part_ml,
+                            Dims s, int n_split) {
+  const size_t rows = (size_t)s.batch * s.tq * s.heads;
+  const size_t idx = (size_t)blockIdx.x * NT + threadIdx.x;
+  if (idx >= rows * s.head_dim) return;
+  const size_t row = idx / s.head_dim;  // (b * tq + i) * heads + h
+  const int d = (int)(idx % s.head_dim);
+  float M = -INFINITY;
+  for (int sp = 0; sp < n_split; sp++) M = fmaxf(M, part_ml[2 * (sp * rows + row)]);
+  float L = 0.0f, acc = 0.0f;
+  for (int sp = 0; sp < n_split; sp++) {
+    const size_t pr = sp * rows + row;
+    const float w = expf(part_ml[2 * pr] - M);  // 0 for an empty split (m = -inf)
+    L = fmaf(w, part_ml[2 * pr + 1], L);
+    acc = fmaf(w, part_o[pr * s.head_dim + d], acc);
+  }
+  ctx[idx] = acc / L;
+  if (d == 0) {
+    const int h = (int)(row % s.heads);
+    const size_t bi = row / s.heads;
+    const int i = (int)(bi % s.tq);
+    const size_t b = bi / s.tq;
+    lse[(b * s.heads + h) * s.tq + i] = M + logf(L);
+  }
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* backward (0): D[b, h, i] = dctx_i . ctx_i, one warp per row, summed in double */
+
+__global__ void __launch_bounds__(NT)
+    attn_bwd_dot_kernel(float *__restrict__ D, const float *__restrict__ dctx,
+                        const float *__restrict__ ctx, Dims s) {
+  const size_t rows = (size_t)s.batch * s.tq * s.heads;
+  const size_t row = (size_t)blockIdx.x * (NT / 32) + threadIdx.x / 32;
+  const int lane = threadIdx.x & 31;
+  if (row >= rows) return;  // a whole warp leaves together
+  const float *a = dctx + row * s.head_dim, *c = ctx + row * s.head_dim;
+  double sum = 0.0;
+  for (int d = lane; d < s.head_dim; d += 32) sum += (double)a[d] * (double)c[d];
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+  if (lane == 0) {
+    const int h = (int)(row % s.heads);
+    const size_t bi = row / s.heads;
+    const int i = (int)(bi % s.tq);
+    const size_t b = bi / s.tq;
+    D[(b * s.heads + h) * s.tq + i] = (float)sum;
+  }
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* backward (1): dK, dV for one (key tile, kv head, sequence) */
+
+template <int DM, int BK, int BQ>
+struct Dkv {
+  static constexpr int RK = BK / 16, RQ = BQ / 16;
+  static constexpr int KT_LD = BK + PAD;  // sKt, sVt [DM][KT_LD]  K, V transposed
+  static constexpr int Q_LD = DM + PAD;   // sQ, sdO [BQ][Q_LD]
+  static constexpr int P_LD = BK + PAD;   // sP, sdS [BQ][P_LD]
+  static constexpr size_t smem =
+      sizeof(float) * (2 * (size_t)DM * KT_LD + 2 * BQ * Q_LD + 2 * BQ * P_LD + 2 * BQ);
+};
+
+template <int DM, int BK, int BQ>
+__global__ void __launch_bounds__(NT)
+    attn_bwd_dkdv_kernel(float *__restrict__ dk, float *__restrict__ dv,
+                         const float *__restrict__ dctx, const float *__restrict__ q,
+                         const float *__restrict__ k, const float *__restrict__ v,
+                         const float *__restrict__ lse, const float *__restrict__ D, Dims s) {
+  using C = Dkv<DM, BK, BQ>;
+  using CC = Cols<DM>;
+  constexpr int RK = C::RK, RQ = C::RQ;
+  extern __shared__ float4 smem_f4[];
+  float *sKt = reinterpret_cast<float *>(smem_f4);
+  float *sVt = sKt + DM * C::KT_LD;
+  float *sQ = sVt + DM * C::KT_LD;
+  float *sdO = sQ + BQ * C::Q_LD;
+  float *sP = sdO + BQ * C::Q_LD;
+  float *sdS = sP + BQ * C::P_LD;
+  float *sL = sdS + BQ * C::P_LD;
+  float *sD = sL + BQ;
+
+  const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
+  const int b = blockIdx.z, kh = blockIdx.y;
+  const int k0 = blockIdx.x * BK;  // the first keys have the most queries: first
+  const int nk = min(BK, s.tk - k0);
+  const int hd = s.head_dim, off = s.tk - s.tq;
+  const size_t q_ld = (size_t)s.heads * hd, k_ld = (size_t)s.kv_heads * hd;
+  const size_t k_base = ((size_t)b * s.k_stride + k0) * k_ld + (size_t)kh * hd;
+
+  load_tile<DM, BK, true>(sKt, k + k_base, k_ld, nk, hd, s.vec4);
+  load_tile<DM, BK, true>(sVt, v + k_base, k_ld, nk, hd, s.vec4);
+
+  float adk[RK][CC::NC], adv[RK][CC::NC];
+#pragma unroll
+  for (int r = 0; r < RK; r++)
+#pragma unroll
+    for (int n = 0; n < CC::NC; n++) adk[r][n] = adv[r][n] = 0.0f;
+
+  // query i sees key j when j <= off + i: the first query that sees key k0
+  const int qt_begin = max(0, k0 - off) / BQ, n_qt = (s.tq + BQ - 1) / BQ;
+  for (int g = 0; g < s.group; g++) {
+    const int h = kh * s.group + g;
+    const float *lse_h = lse + ((size_t)b * s.heads + h) * s.tq;
+    const float *D_h = D + ((size_t)b * s.heads + h) * s.tq;
+    for (int qt = qt_begin; qt < n_qt; qt++) {
+      const int q0 = qt * BQ, nq = min(BQ, s.tq - q0);
+      const size_t q_base = ((size_t)b * s.tq + q0) * q_ld + (size_t)h * hd;
+      __syncthreads();  // the previous tile's sQ, sdO, sP, sdS, sL, sD are no longer read
+      load_tile<DM, BQ, false>(sQ, q + q_base, q_ld, nq, hd, s.vec4);
+      load_tile<DM, BQ, false>(sdO, dctx + q_base, q_ld, nq, hd, s.vec4);
+      for (int i = threadIdx.x; i < BQ; i += NT) {
+        sL[i] = i < nq ? lse_h[q0 + i] : 0.0f;
+        sD[i] = i < nq ? D_h[q0 + i] : 0.0f;
+      }
+      __syncthreads();
+
+      // S^T = K Q^T and dP^T = V dO^T: keys ty*RK + r, queries tx + 16c
+      float st[RK][RQ], dpt[RK][RQ];
+#pragma unroll
+      for (int r = 0; r < RK; r++)
+#pragma unroll
+        for (int c = 0; c < RQ; c++) st[r][c] = dpt[r][c] = 0.0f;
+#pragma unroll 2
+      for (int d = 0; d < DM; d += 4) {
+        float qf[RQ][4];
+#pragma unroll
+        for (int c = 0; c < RQ; c++) lds<4>(qf[c], sQ + (tx + 16 * c) * C::Q_LD + d);
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+          float kf[RK];
+          lds<RK>(kf, sKt + (d + e) * C::KT_LD + ty * RK);
+#pragma unroll
+          for (int r = 0; r < RK; r++)
+#pragma unroll
+            for (int c = 0; c < RQ; c++) st[r][c] = fmaf(kf[r], qf[c][e], st[r][c]);
+        }
+      }
+#pragma unroll 2
+      for (int d = 0; d < DM; d += 4) {
+        float of[RQ][4];
+#pragma unroll
+        for (int c = 0; c < RQ; c++) lds<4>(of[c], sdO + (tx + 16 * c) * C::Q_LD + d);
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+          float vf[RK];
+          lds<RK>(vf, sVt + (d + e) * C::KT_LD + ty * RK);
+#pragma unroll
+          for (int r = 0; r < RK; r++)
+#pragma unroll
+            for (int c = 0; c < RQ; c++) dpt[r][c] = fmaf(vf[r], of[c][e], dpt[r][c]);
+        }
+      }
+
+      // P = exp(S - lse), dS = P (dP - D); stored [query][key]
+#pragma unroll
+      for (int c = 0; c < RQ; c++) {
+        const int i = tx + 16 * c;
+        const float li = sL[i], Di = sD[i];
+        float p[RK], ds[RK];
+#pragma unroll
+        for (int r = 0; r < RK; r++) {
+          const bool seen = i < nq && k0 + ty * RK + r <= off + q0 + i;
+          const float pr = expf(st[r][c] * s.scale - li);
+          p[r] = seen ? pr : 0.0f;
+          ds[r] = seen ? pr * (dpt[r][c] - Di) : 0.0f;
+        }
+        sts<RK>(sP + i * C::P_LD + ty * RK, p);
+        sts<RK>(sdS + i * C::P_LD + ty * RK, ds);
+      }
+      __syncthreads();
+
+      // dV += P^T dO, dK += dS^T Q (padding queries have P = dS = 0)
+#pragma unroll 2
+      for (int i = 0; i < BQ; i++) {
+        float pf[RK], sf[RK];
+        lds<RK>(pf, sP + i * C::P_LD + ty * RK);
+        lds<RK>(sf, sdS + i * C::P_LD + ty * RK);
+#pragma unroll
+        for (int ch = 0; ch < CC::NCH; ch++) {
+          float of[CC::VEC], qf[CC::VEC];
+          lds<CC::VEC>(of, sdO + i * C::Q_LD + CC::col(tx, ch, 0));
+          lds<CC::VEC>(qf, sQ + i * C::Q_LD + CC::col(tx, ch, 0));
+#pragma unroll
+          for (int r = 0; r < RK; r++)
+#pragma unroll
+            for (int e = 0; e < CC::VEC; e++) {
+              const int n = ch * CC::VEC + e;
+              adv[r][n] = fmaf(pf[r], of[e], adv[r][n]);
+              adk[r][n] = fmaf(sf[r], qf[e], adk[r][n]);
+            }
+        }
+      }
+    }
+  }
+
+#pragma unroll
+  for (int r = 0; r < RK; r++) {
+    const int j = ty * RK + r;
+    if (j >= nk) continue;
+    const size_t row = k_base + (size_t)j * k_ld;
+#pragma unroll
+    for (int ch = 0; ch < CC::NCH; ch++)
+#pragma unroll
+      for (int e = 0; e < CC::VEC; e++) {
+        const int d = CC::col(tx, ch, e);
+        if (d >= hd) continue;
+        if (dk) dk[row + d] += s.scale * adk[r][ch * CC::VEC + e];
+        if (dv) dv[row + d] += adv[r][ch * CC::VEC + e];
+      }
+  }
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* backward (2): dQ for one (query tile, head, sequence) */
+
+template <int DM, int BQ, int BK>
+struct Dq {
+  static constexpr int RQ = BQ / 16, RK = BK / 16;
+  static constexpr int QT_LD = BQ + PAD;  // sQt, sdOt [DM][QT_LD]  Q, dO transposed
+  static constexpr int K_LD = DM + PAD;   // sK, sV [BK][K_LD]
+  static constexpr int ST_LD = BQ + PAD;  // sdSt [BK][ST_LD]  dS transposed
+  static constexpr size_t smem =
+      sizeof(float) * (2 * (size_t)DM * QT_LD + 2 * BK * K_LD + BK * ST_LD);
+};
+
+template <int DM, int BQ, int BK>
+__global__ void __launch_bounds__(NT, 2)  // <= 128 registers: two blocks per SM
+    attn_bwd_dq_kernel(float *__restrict__ dq, const float *__restrict__ dctx,
+                       const float *__restrict__ q, const float *__restrict__ k,
+                       const float *__restrict__ v, const float *__restrict__ lse,
+                       const float *__restrict__ D, Dims s) {
+  using C = Dq<DM, BQ, BK>;
+  using CC = Cols<DM>;
+  constexpr int RQ = C::RQ, RK = C::RK;
+  extern __shared__ float4 smem_f4[];
+  float *sQt = reinterpret_cast<float *>(smem_f4);
+  float *sdOt = sQt + DM * C::QT_LD;
+  float *sK = sdOt + DM * C::QT_LD;
+  float *sV = sK + BK * C::K_LD;
+  float *sdSt = sV + BK * C::K_LD;
+
+  const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
+  const int b = blockIdx.z, h = blockIdx.y;
+  const int q0 = (gridDim.x - 1 - blockIdx.x) * BQ;  // the longest rows first
+  const int nq = min(BQ, s.tq - q0);
+  const int kh = h / s.group, hd = s.head_dim, off = s.tk - s.tq;
+  const size_t q_ld = (size_t)s.heads * hd, k_ld = (size_t)s.kv_heads * hd;
+  const size_t q_base = ((size_t)b * s.tq + q0) * q_ld + (size_t)h * hd;
+  const size_t k_base = (size_t)b * s.k_stride * k_ld + (size_t)kh * hd;
+  const float *lse_h = lse + ((size_t)b * s.heads + h) * s.tq + q0;
+  const float *D_h = D + ((size_t)b * s.heads + h) * s.tq + q0;
+
+  load_tile<DM, BQ, true>(sQt, q + q_base, q_ld, nq, hd, s.vec4);
+  load_tile<DM, BQ, true>(sdOt, dctx + q_base, q_ld, nq, hd, s.vec4);
+
+  float acc[RQ][CC::NC], lr[RQ], Dr[RQ];
+  int lim[RQ];  // last key each row sees; -1 for padding rows
+#pragma unroll
+  for (int r = 0; r < RQ; r++) {
+    const int i = ty * RQ + r;
+    lr[r] = i < nq ? lse_h[i] : 0.0f;
+    Dr[r] = i < nq ? D_h[i] : 0.0f;
+    lim[r] = i < nq ? off + q0 + i : -1;
+#pragma unroll
+    for (int n = 0; n < CC::NC; n++) acc[r][n] = 0.0f;
+  }
+
+  const int n_kt = (off + q0 + nq - 1) / BK + 1;
+  for (int kt = 0; kt < n_kt; kt++) {
+    const int k0 = kt * BK, nk = min(BK, s.tk - k0);
+    __syncthreads();  // the previous tile's sK, sV, sdSt are no longer read
+    load_tile<DM, BK, false>(sK, k + k_base + (size_t)k0 * k_ld, k_ld, nk, hd, s.vec4);
+    load_tile<DM, BK, false>(sV, v + k_base + (size_t)k0 * k_ld, k_ld, nk, hd, s.vec4);
+    __syncthreads();
+
+    // S = Q K^T and dP = dO V^T: rows ty*RQ + r, keys tx + 16c
+    float sc[RQ][RK], dp[RQ][RK];
+#pragma unroll
+    for (int r = 0; r < RQ; r++)
+#pragma unroll
+      for (int c = 0; c < RK; c++) sc[r][c] = dp[r][c] = 0.0f;
+#pragma unroll 2
+    for (int d = 0; d < DM; d += 4) {
+      float kf[RK][4];
+#pragma unroll
+      for (int c = 0; c < RK; c++) lds<4>(kf[c], sK + (tx + 16 * c) * C::K_LD + d);
+#pragma unroll
+      for (int e = 0; e < 4; e++) {
+        float qf[RQ];
+        lds<RQ>(qf, sQt + (d + e) * C::QT_LD + ty * RQ);
+#pragma unroll
+        for (int r = 0; r < RQ; r++)
+#pragma unroll
+          for (int c = 0; c < RK; c++) sc[r][c] = fmaf(qf[r], kf[c][e], sc[r][c]);
+      }
+    }
+#pragma unroll 2
+    for (int d = 0; d < DM; d += 4) {
+      float vf[RK][4];
+#pragma unroll
+      for (int c = 0; c < RK; c++) lds<4>(vf[c], sV + (tx + 16 * c) * C::K_LD + d);
+#pragma unroll
+      for (int e = 0; e < 4; e++) {
+        float of[RQ];
+        lds<RQ>(of, sdOt + (d + e) * C::QT_LD + ty * RQ);
+#pragma unroll
+        for (int r = 0; r < RQ; r++)
+#pragma unroll
+          for (int c = 0; c < RK; c++) dp[r][c] = fmaf(of[r], vf[c][e], dp[r][c]);
+      }
+    }
+
+    // dS = P (dP - D), P = exp(S - lse); stored [key][row]
+#pragma unroll
+    for (int c = 0; c < RK; c++) {
+      const int key = k0 + tx + 16 * c;
+      float ds[RQ];
+#pragma unroll
+      for (int r = 0; r < RQ; r++) {
+        const float p = expf(sc[r][c] * s.scale - lr[r]);
+        ds[r] = key <= lim[r] ? p * (dp[r][c] - Dr[r]) : 0.0f;
+      }
+      sts<RQ>(sdSt + (tx + 16 * c) * C::ST_LD + ty * RQ, ds);
+    }
+    __syncthreads();
+
+    // dQ += dS K (keys past tk have dS = 0 and zero K rows)
+#pragma unroll 4
+    for (int j = 0; j < BK; j++) {
+      float sf[RQ];
+      lds<RQ>(sf, sdSt + j * C::ST_LD + ty * RQ);
+#pragma unroll
+      for (int ch = 0; ch < CC::NCH; ch++) {
+        float kf[CC::VEC];
+        lds<CC::VEC>(kf, sK + j * C::K_LD + CC::col(tx, ch, 0));
+#pragma unroll
+        for (int r = 0; r < RQ; r++)
+#pragma unroll
+          for (int e = 0; e < CC::VEC; e++)
+            acc[r][ch * CC::VEC + e] = fmaf(sf[r], kf[e], acc[r][ch * CC::VEC + e]);
+      }
+    }
+  }
+
+#pragma unroll
+  for (int r = 0; r < RQ; r++) {
+    const int i = ty * RQ + r;
+    if (i >= nq) continue;
+    float *out = dq + q_base + (size_t)i * q_ld;
+#pragma unroll
+    for (int ch = 0; ch < CC::NCH; ch++)
+#pragma unroll
+      for (int e = 0; e < CC::VEC; e++) {
+        const int d = CC::col(tx, ch, e);
+        if (d < hd) out[d] += s.scale * acc[r][ch * CC::VEC + e];
+      }
+  }
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* host side */
+
+// Shared memory a block may opt in to on this process's GPU.
+int smem_optin() {
+  static int bytes = -1;
+  if (bytes < 0)
+    CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin,
+                                      cuda_ctx.device));
+  return bytes;
+}
+
+// Raises a kernel's dynamic shared memory limit, once per kernel.
+template <typename K>
+void allow_smem(K kernel, size_t bytes, bool *done) {
+  if (*done) return;
+  if (bytes > 48 * 1024)
+    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    (int)bytes));
+  *done = true;
+}
+
+[[noreturn]] void refuse(const char *what, const struct attn_shape *a, const char *why) {
+  char detail[256];
+  snprintf(detail, sizeof detail,
+           "%s (batch %d, tq %d, tk %d, k_stride %d, heads %d, kv_heads %d, head_dim %d)", why,
+           a->batch, a->tq, a->tk, a->k_stride, a->heads, a->kv_heads, a->head_dim);
+  cuda_fail(what, detail, __FILE__, __LINE__);
+  __builtin_unreachable();
+}
+
+bool aligned16(const void *p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+
+// Checks the shape (as the CPU backend does, plus this file's limits); false: nothing to do.
+bool make_dims(Dims *d, const struct attn_shape *a, const char *what) {
+  if (a->batch < 0 || a->tq < 0 || a->heads < 0) refuse(what, a, "negative size");
+  if (a->kv_heads <= 0 || a->heads % a->kv_heads)
+    refuse(what, a, "heads do not split into kv_heads");
+  if (a->tq > a->tk || a->tk > a->k_stride) refuse(what, a, "need tq <= tk <= k_stride");
+  if (a->batch == 0 || a->tq == 0 || a->heads == 0) return false;
+  if (a->head_dim < 1 || a->head_dim > 128)
+    refuse(what, a, "head_dim must be 1 .. 128 for the CUDA attention kernels");
+  if (a->batch > 65535 || a->heads > 65535) refuse(what, a, "batch and heads must be <= 65535");
+  d->batch = a->batch, d->tq = a->tq, d->tk = a->tk, d->k_stride = a->k_stride;
+  d->heads = a->heads, d->kv_heads = a->kv_heads, d->head_dim = a->head_dim;
+  d->group = a->heads / a->kv_heads;
+  d->scale = (float)(1.0 / sqrt((double)a->head_dim));  // as the CPU backend
+  d->vec4 = a->head_dim % 4 == 0;
+  return true;
+}
+
+// Blocks of the forward grid that keep the GPU busy without splitting the keys.
+constexpr int FWD_BUSY_BLOCKS_PER_SM = 4;
+
+template <int DM, int BQ, int BK>
+void launch_fwd(float *ctx, float *lse, const float *q, const float *k, const float *v,
+                const Dims &d) {
+  constexpr size_t smem = Fwd<DM, BQ, BK>::smem;
+  static bool done = false;
+  allow_smem(attn_fwd_kernel<DM, BQ, BK>, smem, &done);
+  const int n_qt = (d.tq + BQ - 1) / BQ, n_kt = (d.tk + BK - 1) / BK;
+  // Few query tiles (decoding, a short prefill against a long cache): the keys are split among
+  // several blocks per tile, each leaving an unnormalized partial that a second kernel merges
+  // in a fixed order. At least 2 key tiles per split.
+  const size_t blocks = (size_t)n_qt * d.heads * d.batch;
+  const size_t rows = (size_t)d.batch * d.tq * d.heads;
+  int n_split = 1;
+  const size_t busy = (size_t)FWD_BUSY_BLOCKS_PER_SM * (cuda_ctx.sm_count > 0 ? cuda_ctx.sm_count : 1);
+  if (blocks < busy) {
+    n_split = (int)((busy + blocks - 1) / blocks);
+    if (n_split > n_kt / 2) n_split = n_kt / 2;
+    if (n_split > 64) n_split = 64;
+    while (n_split > 1 && (size_t)n_split * rows * (d.head_dim + 2) * sizeof(float) >
+                              cuda_ctx.scratch_bytes / 2)
+      n_split--;
+    if (n_split < 1) n_split = 1;
+  }
+  float *part_o = nullptr, *part_ml = nullptr;
+  if (n_split > 1) {
+    void *a, *b;
+    cuda_scratch2(&a, (size_t)n_split * rows * d.head_dim * sizeof(float), &b,
+                  (size_t)n_split * rows * 2 * sizeof(float), "attention forward key splits");
+    part_o = (float *)a, part_ml = (float *)b;
+  }
+  dim3 grid(n_qt * n_split, d.heads, d.batch);
+  attn_fwd_kernel<DM, BQ, BK>
+      <<<grid, NT, smem, cuda_ctx.stream>>>(ctx, lse, q, k, v, d, n_split, part_o, part_ml);
+  CUDA_LAUNCHED("attn_fwd_kernel");
+  if (n_split > 1) {
+    const size_t n = rows * d.head_dim;
+    attn_fwd_combine_kernel<<<(unsigned)((n + NT - 1) / NT), NT, 0, cuda_ctx.stream>>>(
+        ctx, lse, part_o, part_ml, d, n_split);
+    CUDA_LAUNCHED("attn_fwd_combine_kernel");
+  }
+}
+
+template <int DM, int BK, int BQ>
+void launch_dkdv(float *dk, float *dv, const float *dctx, const float *q, const float *k,
+                 const float *v, const float *lse, const float *D, const Dims &d) {
+  constexpr size_t smem = Dkv<DM, BK, BQ>::smem;
+  static bool done = false;
+  allow_smem(attn_bwd_dkdv_kernel<DM, BK, BQ>, smem, &done);
+  dim3 grid((d.tk + BK - 1) / BK, d.kv_heads, d.batch);
+  attn_bwd_dkdv_kernel<DM, BK, BQ>
+      <<<grid, NT, smem, cuda_ctx.stream>>>(dk, dv, dctx, q, k, v, lse, D, d);
+  CUDA_LAUNCHED("attn_bwd_dkdv_kernel");
+}
+
+template <int DM, int BQ, int BK>
+void launch_dq(float *dq, const float *dctx, const float *q, const float *k, const float *v,
+               const float *lse, const float *D, const Dims &d) {
+  constexpr size_t smem = Dq<DM, BQ, BK>::smem;
+  static bool done = false;
+  allow_smem(attn_bwd_dq_kernel<DM, BQ, BK>, smem, &done);
+  dim3 grid((d.tq + BQ - 1) / BQ, d.heads, d.batch);
+  attn_bwd_dq_kernel<DM, BQ, BK><<<grid, NT, smem, cuda_ctx.stream>>>(dq, dctx, q, k, v, lse, D, d);
+  CUDA_LAUNCHED("attn_bwd_dq_kernel");
+}
+
+// The tile sizes: 64 x 64 where the GPU gives a block enough shared memory, else the smaller
+// tiles (tiles that fit in 99 KB, the least of the architectures built) .
+constexpr size_t SMALL_GPU_SMEM = 99 * 1024;
+
+// Forward tiles: 64 queries x 64 keys (head_dim <= 64) or x 32 keys (head_dim 128: the block
+// then takes 77 KB and two fit on an SM, faster on H200); 16 queries when there are at most 16
+// (decoding). All fit in 99 KB.
+template <int DM>
+void forward_dm(float *ctx, float *lse, const float *q, const float *k, const float *v,
+                const Dims &d) {
+  static_assert(Fwd<DM, 64, DM == 128 ? 32 : 64>::smem <= SMALL_GPU_SMEM, "forward tile");
+  if (d.tq <= 16)
+    launch_fwd<DM, 16, 64>(ctx, lse, q, k, v, d);
+  else
+    launch_fwd<DM, 64, DM == 128 ? 32 : 64>(ctx, lse, q, k, v, d);
+}
+
+template <int DM>
+void backward_dm(float *dq, float *dk, float *dv, const float *dctx, const float *q,
+                 const float *k, const float *v, const float *lse, const float *D,
+                 const Dims &d, const struct attn_shape *a) {
+  const size_t optin = (size_t)smem_optin();
+  if (dk || dv) {
+    if constexpr (Dkv<DM, 64, 64>::smem <= SMALL_GPU_SMEM) {
+      launch_dkdv<DM, 64, 64>(dk, dv, dctx, q, k, v, lse, D, d);
+    } else {
+      if (optin >= Dkv<DM, 64, 64>::smem)
+        launch_dkdv<DM, 64, 64>(dk, dv, dctx, q, k, v, lse, D, d);
+      else if (optin >= Dkv<DM, 32, 32>::smem)
+        launch_dkdv<DM, 32, 32>(dk, dv, dctx, q, k, v, lse, D, d);
+      else
+        refuse("cuda_attention_backward", a, "not enough shared memory per block on this GPU");
+    }
+  }
+  if (dq) {
+    constexpr int BK = DM == 128 ? 32 : 64;  // head_dim 128: two blocks per SM on H200
+    if constexpr (Dq<DM, 64, BK>::smem <= SMALL_GPU_SMEM) {
+      launch_dq<DM, 64, BK>(dq, dctx, q, k, v, lse, D, d);
+    } else {
+      if (optin >= Dq<DM, 64, BK>::smem)
+        launch_dq<DM, 64, BK>(dq, dctx, q, k, v, lse, D, d);
+      else if (optin >= Dq<DM, 32, 32>::smem)
+        launch_dq<DM, 32, 32>(dq, dctx, q, k, v, lse, D, d);
+      else
+        refuse("cuda_attention_backward", a, "not enough shared memory per block on this GPU");
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" void cuda_attention_forward(float *ctx, float *lse, const float *q, const float *k,
+                                       const float *v, const struct attn_shape *s) {
+  Dims d;
+  if (!make_dims(&d, s, "cuda_attention_forward")) return;
+  d.vec4 = d.vec4 && aligned16(q) && aligned16(k) && aligned16(v);
+  if (d.head_dim <= 32)
+    forward_dm<32>(ctx, lse, q, k, v, d);
+  else if (d.head_dim <= 64)
+    forward_dm<64>(ctx, lse, q, k, v, d);
+  else
+    forward_dm<128>(ctx, lse, q, k, v, d);
+}
+
+extern "C" void cuda_attention_backward(float *dq, float *dk, float *dv, const float *dctx,
+                                        const float *q, const float *k, const float *v,
+                                        const float *ctx, const float *lse,
+                                        const struct attn_shape *s) {
+  Dims d;
+  if (!make_dims(&d, s, "cuda_attention_backward")) return;
+  d.vec4 = d.vec4 && aligned16(q) && aligned16(k) && aligned16(v) && aligned16(dctx);
+  if (!dq && !dk && !dv) return;
+  const size_t rows = (size_t)d.batch * d.tq * d.heads;
+  float *D = (float *)cuda_scratch(rows * sizeof(float), "attention backward D = rowsum(dctx*ctx)");
+  attn_bwd_dot_kernel<<<(unsigned)((rows + NT / 32 - 1) / (NT / 32)), NT, 0, cuda_ctx.stream>>>(
+      D, dctx, ctx, d);
+  CUDA_LAUNCHED("attn_bwd_dot_kernel");
+  if (d.head_dim <= 32)
+    backward_dm<32>(dq, dk, dv, dctx, q, k, v, lse, D, d, s);
+  else if (d.head_dim <= 64)
+    backward_dm<64>(dq, dk, dv, dctx, q, k, v, lse, D, d, s);
+  else
+    backward_dm<128>(dq, dk, dv, dctx, q, k, v, lse, D, d, s);
+}

@@ -1,0 +1,184 @@
+/* The CUDA backend table, its execution context and its memory ops. One process drives one GPU
+ * (local_rank % device_count); several processes may share a GPU, which is how pipelines of
+ * 2 or 4 stages are tested on one card. The compute ops live in the other cuda_*.cu files. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels/cuda/cuda.h"
+
+extern "C" {
+/* common/util.h is C11 (_Noreturn); these are the two functions this file needs from it. */
+void die(const char *fmt, ...) __attribute__((noreturn, format(printf, 1, 2)));
+void info(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+}
+
+struct cuda_context cuda_ctx;
+
+/* Bytes the backend holds, for the memory column of the log line and the dry-run estimate. */
+static size_t bytes_in_use, bytes_peak;
+
+extern "C" void cuda_fail(const char *what, const char *detail, const char *file, int line) {
+  die("CUDA error at %s:%d: %s: %s", file, line, what, detail);
+}
+
+extern "C" void cuda_check_launch(const char *kernel, const char *file, int line) {
+  cudaError_t e = cudaGetLastError();
+  if (e == cudaSuccess && cuda_ctx.debug) e = cudaStreamSynchronize(cuda_ctx.stream);
+  if (e != cudaSuccess) cuda_fail(kernel, cudaGetErrorString(e), file, line);
+}
+
+static size_t env_size(const char *name, size_t fallback) {
+  const char *v = getenv(name);
+  if (!v || !*v) return fallback;
+  char *end;
+  unsigned long long x = strtoull(v, &end, 10);
+  if (*end || x == 0) die("%s=%s: expected a positive whole number", name, v);
+  return (size_t)x;
+}
+
+static int env_flag(const char *name, int fallback) {
+  const char *v = getenv(name);
+  if (!v || !*v) return fallback;
+  if (!strcmp(v, "0")) return 0;
+  if (!strcmp(v, "1")) return 1;
+  die("%s=%s: expected 0 or 1", name, v);
+}
+
+static void cuda_init(int local_rank, int local_size) {
+  int count = 0;
+  cudaError_t e = cudaGetDeviceCount(&count);
+  if (e != cudaSuccess || count == 0)
+    die("backend CUDA: no usable GPU (%s)", e != cudaSuccess ? cudaGetErrorString(e) : "0 devices");
+  cuda_ctx.device = local_rank % count;
+  CUDA_CHECK(cudaSetDevice(cuda_ctx.device));
+  CUDA_CHECK(cudaDeviceGetAttribute(&cuda_ctx.sm_count, cudaDevAttrMultiProcessorCount,
+                                    cuda_ctx.device));
+  CUDA_CHECK(cudaStreamCreateWithFlags(&cuda_ctx.stream, cudaStreamNonBlocking));
+  CUBLAS_CHECK(cublasLtCreate(&cuda_ctx.lt));
+  cuda_ctx.tf32 = env_flag("QWEN3_CUDA_TF32", 1);
+  cuda_ctx.debug = env_flag("QWEN3_CUDA_DEBUG", 0);
+  /* cuBLASLt's recommended workspace on Hopper is 32 MiB */
+  cuda_ctx.lt_workspace_bytes = 32u << 20;
+  /* The arena holds the LM head's chunk of logits (rows x vocab floats) and the reductions'
+   * partial sums; 1 GiB lets a 151936-word vocabulary run in chunks of ~1700 rows. */
+  cuda_ctx.scratch_bytes = env_size("QWEN3_CUDA_SCRATCH_MB", 1024) << 20;
+  CUDA_CHECK(cudaMalloc(&cuda_ctx.lt_workspace, cuda_ctx.lt_workspace_bytes));
+  CUDA_CHECK(cudaMalloc((void **)&cuda_ctx.scratch, cuda_ctx.scratch_bytes));
+  CUDA_CHECK(cudaMallocHost((void **)&cuda_ctx.host_result, 4096));
+  bytes_in_use = bytes_peak = cuda_ctx.lt_workspace_bytes + cuda_ctx.scratch_bytes;
+  if (local_size > count && local_rank == 0)
+    info("backend CUDA: %d processes share %d GPU(s) on this machine", local_size, count);
+}
+
+extern "C" void *cuda_scratch(size_t bytes, const char *what) {
+  if (bytes > cuda_ctx.scratch_bytes)
+    die("CUDA scratch arena too small: %s needs %.1f MiB of %.1f MiB (set QWEN3_CUDA_SCRATCH_MB)",
+        what, bytes / 1048576.0, cuda_ctx.scratch_bytes / 1048576.0);
+  return cuda_ctx.scratch;
+}
+
+extern "C" void cuda_scratch2(void **a, size_t a_bytes, void **b, size_t b_bytes,
+                              const char *what) {
+  size_t a_round = (a_bytes + 255) & ~(size_t)255;
+  char *base = (char *)cuda_scratch(a_round + b_bytes, what);
+  *a = base;
+  *b = base + a_round;
+}
+
+/* Allocations carry their size in front, so free can keep the books without a table. */
+#define ALLOC_HEADER 256
+
+static void *cuda_alloc(size_t bytes) {
+  char *p;
+  if (cudaMalloc((void **)&p, bytes + ALLOC_HEADER) != cudaSuccess) {
+    cudaGetLastError();   /* clear the sticky error: the caller reports what ran out */
+    return NULL;
+  }
+  CUDA_CHECK(cudaMemsetAsync(p + ALLOC_HEADER, 0, bytes, cuda_ctx.stream));
+  size_t *size = (size_t *)cuda_ctx.host_result;
+  *size = bytes;
+  CUDA_CHECK(cudaMemcpyAsync(p, size, sizeof *size, cudaMemcpyHostToDevice, cuda_ctx.stream));
+  CUDA_CHECK(cudaStreamSynchronize(cuda_ctx.stream));
+  bytes_in_use += bytes;
+  if (bytes_in_use > bytes_peak) bytes_peak = bytes_in_use;
+  return p + ALLOC_HEADER;
+}
+
+static void cuda_free(void *p) {
+  if (!p) return;
+  char *base = (char *)p - ALLOC_HEADER;
+  size_t bytes;
+  CUDA_CHECK(cudaMemcpyAsync(cuda_ctx.host_result, base, sizeof bytes, cudaMemcpyDeviceToHost,
+                             cuda_ctx.stream));
+  CUDA_CHECK(cudaStreamSynchronize(cuda_ctx.stream));
+  memcpy(&bytes, cuda_ctx.host_result, sizeof bytes);
+  bytes_in_use -= bytes;
+  CUDA_CHECK(cudaFree(base));
+}
+
+/* The host buffer may be reused as soon as this returns: CUDA copies pageable memory out
+ * before cudaMemcpyAsync returns. */
+static void cuda_to_device(void *dst, const void *src, size_t bytes) {
+  if (bytes) CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, cuda_ctx.stream));
+}
+
+static void cuda_to_host(void *dst, const void *src, size_t bytes) {
+  if (!bytes) return;
+  CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, cuda_ctx.stream));
+  CUDA_CHECK(cudaStreamSynchronize(cuda_ctx.stream));
+}
+
+static void cuda_copy(void *dst, const void *src, size_t bytes) {
+  if (bytes) CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, cuda_ctx.stream));
+}
+
+static void cuda_zero(void *p, size_t bytes) {
+  if (bytes) CUDA_CHECK(cudaMemsetAsync(p, 0, bytes, cuda_ctx.stream));
+}
+
+static void cuda_synchronize(void) { CUDA_CHECK(cudaStreamSynchronize(cuda_ctx.stream)); }
+
+static void cuda_memory(size_t *in_use, size_t *peak) {
+  *in_use = bytes_in_use;
+  *peak = bytes_peak;
+}
+
+/* For comm's NCCL transport (ops.h): the compute stream. */
+static void *cuda_native_stream(void) { return (void *)cuda_ctx.stream; }
+
+extern "C" const struct backend backend_cuda = {
+  .name = "cuda",
+  .device_memory = 1,
+  .init = cuda_init,
+  .alloc = cuda_alloc,
+  .free = cuda_free,
+  .to_device = cuda_to_device,
+  .to_host = cuda_to_host,
+  .copy = cuda_copy,
+  .zero = cuda_zero,
+  .synchronize = cuda_synchronize,
+  .memory = cuda_memory,
+  .embedding_forward = cuda_embedding_forward,
+  .embedding_backward = cuda_embedding_backward,
+  .rmsnorm_forward = cuda_rmsnorm_forward,
+  .rmsnorm_backward = cuda_rmsnorm_backward,
+  .qk_norm_rope_forward = cuda_qk_norm_rope_forward,
+  .qk_norm_rope_backward = cuda_qk_norm_rope_backward,
+  .attention_forward = cuda_attention_forward,
+  .attention_backward = cuda_attention_backward,
+  .swiglu_forward = cuda_swiglu_forward,
+  .swiglu_backward = cuda_swiglu_backward,
+  .linear_forward = cuda_linear_forward,
+  .linear_backward = cuda_linear_backward,
+  .add_inplace = cuda_add_inplace,
+  .scale = cuda_scale,
+  .lm_head_loss = cuda_lm_head_loss,
+  .sum_squares = cuda_sum_squares,
+  .transpose = cuda_transpose,
+  .nvfp4_quantize_dequantize = cuda_nvfp4_quantize_dequantize,
+  .nvfp4_rht = cuda_nvfp4_rht,
+  .nvfp4_gemm = cuda_nvfp4_gemm,
+  .adamw_update = cuda_adamw_update,
+  .native_stream = cuda_native_stream,
+};
