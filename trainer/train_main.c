@@ -105,6 +105,14 @@ int main(int argc, char **argv) {
   comm_set_layout(&c, job->parallel->pipeline_stages);
   if (dry_run) {
     print_layout(job, &cfg, &c);
+#ifdef QWEN3_HAVE_CUDA
+    /* what a GPU process holds besides the table's two columns */
+    if (c.rank == 0 && (job->backend == QWEN3__BACKEND__CUDA ||
+                        (job->backend == QWEN3__BACKEND__AUTO && cuda_device_count() > 0)))
+      printf("on the GPU each process also holds %.1f MiB of CUDA workspace (scratch arena, "
+             "cuBLASLt) and the CUDA context (about 500 MiB)\n",
+             cuda_workspace_bytes() / 1048576.0);
+#endif
     if (c.rank == 0) info("dry run: the job is valid; nothing was run");
     comm_finalize(&c);
     return 0;

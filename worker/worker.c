@@ -153,7 +153,10 @@ void worker_plan_nvfp4(struct worker_plan *p, const struct nvfp4_policy *policy)
 }
 
 size_t worker_plan_state_bytes(const struct worker_plan *p) {
-  return (4 * p->param_floats + p->wq_floats) * sizeof(float);
+  /* one stage with a tied embedding collects the head's gradient apart (worker_init) */
+  size_t tied = p->has_embedding && p->has_head && p->cfg.tie_embeddings
+                    ? (size_t)p->cfg.vocab_size * p->cfg.hidden_size : 0;
+  return (4 * p->param_floats + tied + p->wq_floats) * sizeof(float);
 }
 
 size_t worker_plan_activation_bytes(const struct worker_plan *p) {

@@ -45,6 +45,15 @@ static int env_flag(const char *name, int fallback) {
   die("%s=%s: expected 0 or 1", name, v);
 }
 
+/* cuBLASLt's recommended workspace on Hopper is 32 MiB */
+#define LT_WORKSPACE_BYTES ((size_t)32 << 20)
+
+/* The arena holds the LM head's chunk of logits (rows x vocab floats) and the reductions'
+ * partial sums; 1 GiB lets a 151936-word vocabulary run in chunks of ~1700 rows. */
+static size_t scratch_bytes(void) { return env_size("QWEN3_CUDA_SCRATCH_MB", 1024) << 20; }
+
+extern "C" size_t cuda_workspace_bytes(void) { return LT_WORKSPACE_BYTES + scratch_bytes(); }
+
 static void cuda_init(int local_rank, int local_size) {
   int count = 0;
   cudaError_t e = cudaGetDeviceCount(&count);
@@ -58,11 +67,8 @@ static void cuda_init(int local_rank, int local_size) {
   CUBLAS_CHECK(cublasLtCreate(&cuda_ctx.lt));
   cuda_ctx.tf32 = env_flag("QWEN3_CUDA_TF32", 1);
   cuda_ctx.debug = env_flag("QWEN3_CUDA_DEBUG", 0);
-  /* cuBLASLt's recommended workspace on Hopper is 32 MiB */
-  cuda_ctx.lt_workspace_bytes = 32u << 20;
-  /* The arena holds the LM head's chunk of logits (rows x vocab floats) and the reductions'
-   * partial sums; 1 GiB lets a 151936-word vocabulary run in chunks of ~1700 rows. */
-  cuda_ctx.scratch_bytes = env_size("QWEN3_CUDA_SCRATCH_MB", 1024) << 20;
+  cuda_ctx.lt_workspace_bytes = LT_WORKSPACE_BYTES;
+  cuda_ctx.scratch_bytes = scratch_bytes();
   CUDA_CHECK(cudaMalloc(&cuda_ctx.lt_workspace, cuda_ctx.lt_workspace_bytes));
   CUDA_CHECK(cudaMalloc((void **)&cuda_ctx.scratch, cuda_ctx.scratch_bytes));
   CUDA_CHECK(cudaMallocHost((void **)&cuda_ctx.host_result, 4096));

@@ -1,5 +1,6 @@
 #ifndef QWEN3_CUDA_DEVICE_H
 #define QWEN3_CUDA_DEVICE_H
+#include <stddef.h>
 #ifdef __cplusplus
 extern "C" {
 #endif
@@ -7,6 +8,9 @@ extern "C" {
 int cuda_device_count(void);
 /* "NVIDIA H100 80GB HBM3 (sm_90, 79 GiB)"; 0 on success. */
 int cuda_device_name(int device, char *name, int len);
+/* Bytes the CUDA backend allocates for itself in every process (scratch arena + cuBLASLt
+ * workspace), as init will with the current environment; for --dry-run's estimate. */
+size_t cuda_workspace_bytes(void);
 #ifdef __cplusplus
 }
 #endif
