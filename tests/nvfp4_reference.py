@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """Independent NVFP4 reference (numpy only), written from REFERENCE.md "NVFP4", not from the C code.
-It writes the test vectors that tests/unit/test_nvfp4.c checks bit-exactly (atol = rtol = 0):
+It writes the test vectors that tests/unit/test_nvfp4.c checks bit-exactly (atol = rtol = 0), and
+the three GEMMs of one NVFP4 linear layer that tests/unit/test_nvfp4_linear.c checks within fp32
+accumulation order:
 
     /usr/bin/python3 tests/nvfp4_reference.py        # rewrites tests/fixtures/nvfp4/*.bin
 
@@ -16,6 +18,20 @@ File formats (little endian):
                   f32 x[rows*cols], f32 amax, f32 s_enc, f32 s_dec,
                   u8 codes[rows*cols/2], u8 scales[rows/block_rows * cols/16]
 Stochastic cases use the Philox-4x32-10 draws that kernels/nvfp4.h specifies.
+  linear.bin    "NVFP4LN1", u32 count, then per case:
+                  char name[32], i32 tokens, in, out, rht, stochastic, weight_2d, step, layer,
+                  param, u64 seed, u64 stream,
+                  f32 x[tokens*in], w[out*in], dy[tokens*out],
+                  f32 y[tokens*out] (Fprop), dx[tokens*in] (Dgrad), dw[out*in] (Wgrad)
+                The recipe, with y = x·Wᵀ, W [out, in] (nn.Linear):
+                  Fprop  y  = X(1x16, RN) · W(16x16 or 1x16, RN)ᵀ
+                  Dgrad  dX = dY(1x16, SR) · W   (16x16: the same quantized W; 1x16: Wᵀ quantized)
+                  Wgrad  dW = RHT(dYᵀ)(1x16, SR) · RHT(Xᵀ)(1x16, RN)ᵀ, RHT along the tokens
+                each product in float64 of the exact values q·s_b, times S_dec,A · S_dec,B.
+                seed is the run's (RHT signs and rounding draws); the draws of each stochastic
+                operand are keyed by (seed, step, layer, param, operand, stream) as the engine's
+                worker/nvfp4_linear.c keys them (operand_seed below: a convention that says which
+                draws a layout-independent run uses, not part of the numerics).
 """
 import os
 import struct
@@ -138,6 +154,91 @@ def quantize(x, block_rows, stochastic=False, seed=0):
     return packed, scale_codes.reshape(-1), (amax, s_enc, s_dec)
 
 
+def dequantize(packed, scales, rows, cols, block_rows):
+    """The exact values q * s_b (float64) of a quantized tensor, without S_dec."""
+    codes = np.empty(rows * cols, dtype=np.uint8)
+    codes[0::2], codes[1::2] = packed & 15, packed >> 4
+    mag = E2M1_MAGNITUDES[codes & 7]
+    q = np.where(codes & 8, -mag, mag).reshape(rows, cols)
+    s = e4m3_value(scales).astype(np.float64).reshape(rows // block_rows, cols // 16)
+    return q * np.repeat(np.repeat(s, block_rows, axis=0), 16, axis=1)
+
+
+def quantize_values(x, block_rows, stochastic=False, seed=0):
+    """(q * s_b as float64, S_dec as float64): a GEMM operand."""
+    packed, scales, (_, _, s_dec) = quantize(x, block_rows, stochastic, seed)
+    return dequantize(packed, scales, x.shape[0], x.shape[1], block_rows), float(s_dec)
+
+
+def hadamard_signs(seed):
+    """The run's 16 RHT signs: bit j of philox(key = seed, counter = {0, 0, 0, 1})[0] & 0xffff."""
+    word = philox4x32_10(np.array([[0, 0, 0, 1]], dtype=np.uint32),
+                         (seed & 0xFFFFFFFF, seed >> 32))[0, 0]
+    return int(word) & 0xFFFF
+
+
+def rht(x, signs):
+    """Every 16-wide tile v of every row -> v · diag(s) · H16 / 4, exactly, rounded once to fp32."""
+    i = np.arange(16)
+    h = np.array([[(-1) ** bin(a & b).count("1") for b in i] for a in i], dtype=np.float64)
+    s = np.array([-1.0 if signs >> j & 1 else 1.0 for j in i])
+    r = (s[:, None] * h) / 4
+    rows, cols = x.shape
+    tiles = x.astype(np.float64).reshape(rows, cols // 16, 16)
+    return (tiles @ r).reshape(rows, cols).astype(np.float32)
+
+
+def operand_seed(seed, step, layer, param, operand, stream):
+    """The seed of one stochastically rounded operand (worker/nvfp4_linear.c's key mixing)."""
+    m = (1 << 64) - 1
+    x = seed
+    for part in (step, layer, param, operand, stream):
+        x ^= (part + 0x9E3779B97F4A7C15 + ((x << 6) & m) + (x >> 2)) & m
+        x = ((x ^ (x >> 31)) * 0xBF58476D1CE4E5B9) & m
+    return x
+
+
+def linear_gemms(x, w, dy, rht_on, stochastic, weight_2d, seed, step, layer, param, stream):
+    """Fprop, Dgrad and Wgrad of one NVFP4 linear, as float32 arrays."""
+    wb = 16 if weight_2d else 1
+    xq, x_dec = quantize_values(x, 1)
+    wq, w_dec = quantize_values(w, wb)
+    y = (xq @ wq.T) * (x_dec * w_dec)
+
+    dyq, dy_dec = quantize_values(dy, 1, stochastic,
+                                  operand_seed(seed, step, layer, param, 0, stream))
+    if weight_2d:   # 16x16 tiles: Wᵀ quantizes to the transpose of W's values
+        wtq, wt_dec = wq.T, w_dec
+    else:
+        wtq, wt_dec = quantize_values(np.ascontiguousarray(w.T), 1)
+    dx = (dyq @ wtq.T) * (dy_dec * wt_dec)
+
+    a, b = np.ascontiguousarray(dy.T), np.ascontiguousarray(x.T)   # [out, tokens], [in, tokens]
+    if rht_on:
+        signs = hadamard_signs(seed)
+        a, b = rht(a, signs), rht(b, signs)
+    aq, a_dec = quantize_values(a, 1, stochastic, operand_seed(seed, step, layer, param, 1, stream))
+    bq, b_dec = quantize_values(b, 1)
+    dw = (aq @ bq.T) * (a_dec * b_dec)
+    return [t.astype(np.float32) for t in (y, dx, dw)]
+
+
+def linear_cases():
+    """A gate_proj-like linear (in 32, out 48) over 32 tokens (two RHT tiles), inputs with
+    outliers, as the recipe runs it and with every part switched off."""
+    rng = np.random.default_rng(20261130)
+    n, d_in, d_out = 32, 32, 48
+    x = rng.standard_normal((n, d_in))
+    x[rng.random(x.shape) < 0.02] *= 20.0
+    w = rng.normal(0, 0.1, (d_out, d_in))
+    dy = rng.standard_normal((n, d_out)) * 1e-3
+    dy[rng.random(dy.shape) < 0.02] *= 30.0
+    x, w, dy = (t.astype(np.float32) for t in (x, w, dy))
+    keys = dict(seed=0x5EED0F4C0FFEE123, step=7, layer=0, param=8, stream=0x0123456789ABCDEF)
+    yield "recipe", x, w, dy, dict(rht_on=1, stochastic=1, weight_2d=1, **keys)
+    yield "plain", x, w, dy, dict(rht_on=0, stochastic=0, weight_2d=0, **keys)
+
+
 # ---- inputs ----------------------------------------------------------------------------------
 
 def tie_tensor():
@@ -243,8 +344,21 @@ def main():
             f.write(struct.pack("<fff", amax, s_enc, s_dec))
             f.write(packed.tobytes())
             f.write(scales.tobytes())
+    linear = list(linear_cases())
+    with open(os.path.join(out, "linear.bin"), "wb") as f:
+        f.write(b"NVFP4LN1")
+        f.write(struct.pack("<I", len(linear)))
+        for name, x, w, dy, k in linear:
+            y, dx, dw = linear_gemms(x, w, dy, **k)
+            f.write(name.encode().ljust(32, b"\0"))
+            f.write(struct.pack("<9iQQ", x.shape[0], x.shape[1], w.shape[0], k["rht_on"],
+                                k["stochastic"], k["weight_2d"], k["step"], k["layer"], k["param"],
+                                k["seed"], k["stream"]))
+            for t in (x, w, dy, y, dx, dw):
+                f.write(t.astype("<f4").tobytes())
     total = sum(os.path.getsize(os.path.join(out, n)) for n in os.listdir(out))
-    print(f"wrote {len(records)} tensor cases and {len(e2m1_in) + len(e4m3_in)} scalars "
+    print(f"wrote {len(records)} tensor cases, {len(e2m1_in) + len(e4m3_in)} scalars and "
+          f"{len(linear)} linear layers "
           f"to {out} ({total} bytes)")
 
 

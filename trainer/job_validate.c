@@ -201,7 +201,8 @@ static void check_run(const Job *job, const struct qwen3_config *c) {
   NEED(job->train->log_every >= 1, "train.log_every must be >= 1 (is %d)", job->train->log_every);
   NEED(job->output_dir && *job->output_dir, "output_dir must not be empty");
   const Qwen3__Checkpoint *k = job->checkpoint;
-  NEED(k->every >= 0, "checkpoint.every must be >= 0, 0 saves only at the end (is %d)", k->every);
+  NEED(k->every >= -1,
+       "checkpoint.every must be >= -1: 0 saves only at the end, -1 never (is %d)", k->every);
   NEED(k->keep_last >= 0, "checkpoint.keep_last must be >= 0, 0 keeps all (is %d)", k->keep_last);
   NEED(k->resume && *k->resume, "checkpoint.resume must be AUTO, NEVER or a checkpoint directory");
   const Qwen3__Eval *e = job->eval;

@@ -375,7 +375,7 @@ void train_run(const Job *job, const struct qwen3_config *cfg, struct comm *c,
     double stop = stop_signal;
     if (c->world > 1) comm_allreduce_sum_double(c, GROUP_WORLD, &stop, 1);
     int every = job->checkpoint->every;
-    if (stop || step == steps || (every > 0 && step % every == 0))
+    if (stop || (every >= 0 && step == steps) || (every > 0 && step % every == 0))
       checkpoint_save(job, c, &r.w, &st);
     /* after the save: an evaluation that fails (eval.check_kv) loses no training */
     if (!stop && ((job->eval->every > 0 && step % job->eval->every == 0) || step == steps)) {

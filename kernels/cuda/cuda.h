@@ -69,6 +69,9 @@ void *cuda_scratch(size_t bytes, const char *what);
 /* The same arena cut in two: the second buffer follows the first. */
 void cuda_scratch2(void **a, size_t a_bytes, void **b, size_t b_bytes, const char *what);
 
+/* Shared memory one block may opt in to on this process's GPU (read once). */
+int cuda_smem_optin(void);
+
 /* Threads per block and blocks for n elements of a grid-stride loop. */
 #define CUDA_THREADS 256
 static inline int cuda_blocks(size_t n) {
@@ -114,6 +117,16 @@ void cuda_attention_backward(float *dq, float *dk, float *dv, const float *dctx,
                              const float *k, const float *v, const float *ctx, const float *lse,
                              const struct attn_shape *s);
 
+/* ---- cuda_attention_tc.cu: the TF32 tensor-core attention used when cuda_ctx.tf32 is set.
+ * Same arguments and semantics as cuda_attention_forward/backward; return 1 when they did the
+ * work, 0 (nothing launched) for a shape or GPU they do not handle (the caller then runs the
+ * fp32 kernels): head_dim 64 or 128, tq >= 16, 16-byte aligned tensors, enough shared memory. */
+int cuda_attention_tc_forward(float *ctx, float *lse, const float *q, const float *k,
+                              const float *v, const struct attn_shape *s);
+int cuda_attention_tc_backward(float *dq, float *dk, float *dv, const float *dctx,
+                               const float *q, const float *k, const float *v, const float *ctx,
+                               const float *lse, const struct attn_shape *s);
+
 /* ---- cuda_linear.cu */
 void cuda_linear_forward(float *out, const float *x, const float *w, int n, int in_dim,
                          int out_dim);
@@ -134,6 +147,17 @@ void cuda_nvfp4_gemm(float *c, const float *a, float s_dec_a, const float *b, fl
                      int m, int n, int k, float beta);
 
 #ifdef __cplusplus
+}
+
+/* Raises a kernel's dynamic shared memory limit past the default 48 KB, once per kernel
+ * (`done` is the kernel's own flag). */
+template <typename K>
+static inline void cuda_allow_smem(K kernel, size_t bytes, bool *done) {
+  if (*done) return;
+  if (bytes > 48 * 1024)
+    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    (int)bytes));
+  *done = true;
 }
 #endif
 #endif

@@ -81,6 +81,31 @@ __device__ __forceinline__ void sts(float *dst, const float (&src)[N]) {
   }
 }
 
+/* acc[r][c] += sum over d of bt[d][ty*R + r] * a[tx + 16c][d]: one thread's R x C tile of a
+ * product of two shared-memory tiles, `a` stored by rows (ld a_ld), `bt` stored transposed
+ * (ld bt_ld). Every product of scores (S, dP and their transposes) is this loop; the order of
+ * the sums is fixed, so results repeat bit for bit. */
+template <int DM, int R, int C>
+__device__ __forceinline__ void tile_dot(float (&acc)[R][C], const float *a, int a_ld,
+                                         const float *bt, int bt_ld) {
+  const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
+#pragma unroll 2
+  for (int d = 0; d < DM; d += 4) {
+    float af[C][4];
+#pragma unroll
+    for (int c = 0; c < C; c++) lds<4>(af[c], a + (tx + 16 * c) * a_ld + d);
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+      float bf[R];
+      lds<R>(bf, bt + (d + e) * bt_ld + ty * R);
+#pragma unroll
+      for (int r = 0; r < R; r++)
+#pragma unroll
+        for (int c = 0; c < C; c++) acc[r][c] = fmaf(bf[r], af[c][e], acc[r][c]);
+    }
+  }
+}
+
 // Reductions over the 16 lanes that share ty (one half of a warp). Each step combines a lane
 // with its xor partner; + and max are commutative, so both lanes get the same bits.
 __device__ __forceinline__ float half_warp_max(float x) {
@@ -198,21 +223,7 @@ __global__ void __launch_bounds__(NT, 2)  // <= 128 registers: two blocks per SM
     for (int r = 0; r < RQ; r++)
 #pragma unroll
       for (int c = 0; c < RK; c++) sc[r][c] = 0.0f;
-#pragma unroll 2
-    for (int d = 0; d < DM; d += 4) {
-      float kf[RK][4];
-#pragma unroll
-      for (int c = 0; c < RK; c++) lds<4>(kf[c], sK + (tx + 16 * c) * C::K_LD + d);
-#pragma unroll
-      for (int e = 0; e < 4; e++) {
-        float qf[RQ];
-        lds<RQ>(qf, sQt + (d + e) * C::QT_LD + ty * RQ);
-#pragma unroll
-        for (int r = 0; r < RQ; r++)
-#pragma unroll
-          for (int c = 0; c < RK; c++) sc[r][c] = fmaf(qf[r], kf[c][e], sc[r][c]);
-      }
-    }
+    tile_dot<DM>(sc, sK, C::K_LD, sQt, C::QT_LD);
 
     // online softmax; P goes to sPt[key][row]
 #pragma unroll
@@ -426,36 +437,8 @@ __global__ void __launch_bounds__(NT)
       for (int r = 0; r < RK; r++)
 #pragma unroll
         for (int c = 0; c < RQ; c++) st[r][c] = dpt[r][c] = 0.0f;
-#pragma unroll 2
-      for (int d = 0; d < DM; d += 4) {
-        float qf[RQ][4];
-#pragma unroll
-        for (int c = 0; c < RQ; c++) lds<4>(qf[c], sQ + (tx + 16 * c) * C::Q_LD + d);
-#pragma unroll
-        for (int e = 0; e < 4; e++) {
-          float kf[RK];
-          lds<RK>(kf, sKt + (d + e) * C::KT_LD + ty * RK);
-#pragma unroll
-          for (int r = 0; r < RK; r++)
-#pragma unroll
-            for (int c = 0; c < RQ; c++) st[r][c] = fmaf(kf[r], qf[c][e], st[r][c]);
-        }
-      }
-#pragma unroll 2
-      for (int d = 0; d < DM; d += 4) {
-        float of[RQ][4];
-#pragma unroll
-        for (int c = 0; c < RQ; c++) lds<4>(of[c], sdO + (tx + 16 * c) * C::Q_LD + d);
-#pragma unroll
-        for (int e = 0; e < 4; e++) {
-          float vf[RK];
-          lds<RK>(vf, sVt + (d + e) * C::KT_LD + ty * RK);
-#pragma unroll
-          for (int r = 0; r < RK; r++)
-#pragma unroll
-            for (int c = 0; c < RQ; c++) dpt[r][c] = fmaf(vf[r], of[c][e], dpt[r][c]);
-        }
-      }
+      tile_dot<DM>(st, sQ, C::Q_LD, sKt, C::KT_LD);
+      tile_dot<DM>(dpt, sdO, C::Q_LD, sVt, C::KT_LD);
 
       // P = exp(S - lse), dS = P (dP - D); stored [query][key]
 #pragma unroll
@@ -585,36 +568,8 @@ __global__ void __launch_bounds__(NT, 2)  // <= 128 registers: two blocks per SM
     for (int r = 0; r < RQ; r++)
 #pragma unroll
       for (int c = 0; c < RK; c++) sc[r][c] = dp[r][c] = 0.0f;
-#pragma unroll 2
-    for (int d = 0; d < DM; d += 4) {
-      float kf[RK][4];
-#pragma unroll
-      for (int c = 0; c < RK; c++) lds<4>(kf[c], sK + (tx + 16 * c) * C::K_LD + d);
-#pragma unroll
-      for (int e = 0; e < 4; e++) {
-        float qf[RQ];
-        lds<RQ>(qf, sQt + (d + e) * C::QT_LD + ty * RQ);
-#pragma unroll
-        for (int r = 0; r < RQ; r++)
-#pragma unroll
-          for (int c = 0; c < RK; c++) sc[r][c] = fmaf(qf[r], kf[c][e], sc[r][c]);
-      }
-    }
-#pragma unroll 2
-    for (int d = 0; d < DM; d += 4) {
-      float vf[RK][4];
-#pragma unroll
-      for (int c = 0; c < RK; c++) lds<4>(vf[c], sV + (tx + 16 * c) * C::K_LD + d);
-#pragma unroll
-      for (int e = 0; e < 4; e++) {
-        float of[RQ];
-        lds<RQ>(of, sdOt + (d + e) * C::QT_LD + ty * RQ);
-#pragma unroll
-        for (int r = 0; r < RQ; r++)
-#pragma unroll
-          for (int c = 0; c < RK; c++) dp[r][c] = fmaf(of[r], vf[c][e], dp[r][c]);
-      }
-    }
+    tile_dot<DM>(sc, sK, C::K_LD, sQt, C::QT_LD);
+    tile_dot<DM>(dp, sV, C::K_LD, sdOt, C::QT_LD);
 
     // dS = P (dP - D), P = exp(S - lse); stored [key][row]
 #pragma unroll
@@ -666,25 +621,6 @@ __global__ void __launch_bounds__(NT, 2)  // <= 128 registers: two blocks per SM
 /* ------------------------------------------------------------------------------------------ */
 /* host side */
 
-// Shared memory a block may opt in to on this process's GPU.
-int smem_optin() {
-  static int bytes = -1;
-  if (bytes < 0)
-    CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin,
-                                      cuda_ctx.device));
-  return bytes;
-}
-
-// Raises a kernel's dynamic shared memory limit, once per kernel.
-template <typename K>
-void allow_smem(K kernel, size_t bytes, bool *done) {
-  if (*done) return;
-  if (bytes > 48 * 1024)
-    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    (int)bytes));
-  *done = true;
-}
-
 [[noreturn]] void refuse(const char *what, const struct attn_shape *a, const char *why) {
   char detail[256];
   snprintf(detail, sizeof detail,
@@ -722,7 +658,7 @@ void launch_fwd(float *ctx, float *lse, const float *q, const float *k, const fl
                 const Dims &d) {
   constexpr size_t smem = Fwd<DM, BQ, BK>::smem;
   static bool done = false;
-  allow_smem(attn_fwd_kernel<DM, BQ, BK>, smem, &done);
+  cuda_allow_smem(attn_fwd_kernel<DM, BQ, BK>, smem, &done);
   const int n_qt = (d.tq + BQ - 1) / BQ, n_kt = (d.tk + BK - 1) / BK;
   // Few query tiles (decoding, a short prefill against a long cache): the keys are split among
   // several blocks per tile, each leaving an unnormalized partial that a second kernel merges
@@ -764,7 +700,7 @@ void launch_dkdv(float *dk, float *dv, const float *dctx, const float *q, const 
                  const float *v, const float *lse, const float *D, const Dims &d) {
   constexpr size_t smem = Dkv<DM, BK, BQ>::smem;
   static bool done = false;
-  allow_smem(attn_bwd_dkdv_kernel<DM, BK, BQ>, smem, &done);
+  cuda_allow_smem(attn_bwd_dkdv_kernel<DM, BK, BQ>, smem, &done);
   dim3 grid((d.tk + BK - 1) / BK, d.kv_heads, d.batch);
   attn_bwd_dkdv_kernel<DM, BK, BQ>
       <<<grid, NT, smem, cuda_ctx.stream>>>(dk, dv, dctx, q, k, v, lse, D, d);
@@ -776,7 +712,7 @@ void launch_dq(float *dq, const float *dctx, const float *q, const float *k, con
                const float *lse, const float *D, const Dims &d) {
   constexpr size_t smem = Dq<DM, BQ, BK>::smem;
   static bool done = false;
-  allow_smem(attn_bwd_dq_kernel<DM, BQ, BK>, smem, &done);
+  cuda_allow_smem(attn_bwd_dq_kernel<DM, BQ, BK>, smem, &done);
   dim3 grid((d.tq + BQ - 1) / BQ, d.heads, d.batch);
   attn_bwd_dq_kernel<DM, BQ, BK><<<grid, NT, smem, cuda_ctx.stream>>>(dq, dctx, q, k, v, lse, D, d);
   CUDA_LAUNCHED("attn_bwd_dq_kernel");
@@ -803,7 +739,7 @@ template <int DM>
 void backward_dm(float *dq, float *dk, float *dv, const float *dctx, const float *q,
                  const float *k, const float *v, const float *lse, const float *D,
                  const Dims &d, const struct attn_shape *a) {
-  const size_t optin = (size_t)smem_optin();
+  const size_t optin = (size_t)cuda_smem_optin();
   if (dk || dv) {
     if constexpr (Dkv<DM, 64, 64>::smem <= SMALL_GPU_SMEM) {
       launch_dkdv<DM, 64, 64>(dk, dv, dctx, q, k, v, lse, D, d);
@@ -837,6 +773,7 @@ extern "C" void cuda_attention_forward(float *ctx, float *lse, const float *q, c
                                        const float *v, const struct attn_shape *s) {
   Dims d;
   if (!make_dims(&d, s, "cuda_attention_forward")) return;
+  if (cuda_ctx.tf32 && cuda_attention_tc_forward(ctx, lse, q, k, v, s)) return;  // tensor cores
   d.vec4 = d.vec4 && aligned16(q) && aligned16(k) && aligned16(v);
   if (d.head_dim <= 32)
     forward_dm<32>(ctx, lse, q, k, v, d);
@@ -854,6 +791,8 @@ extern "C" void cuda_attention_backward(float *dq, float *dk, float *dv, const f
   if (!make_dims(&d, s, "cuda_attention_backward")) return;
   d.vec4 = d.vec4 && aligned16(q) && aligned16(k) && aligned16(v) && aligned16(dctx);
   if (!dq && !dk && !dv) return;
+  if (cuda_ctx.tf32 && cuda_attention_tc_backward(dq, dk, dv, dctx, q, k, v, ctx, lse, s))
+    return;  // tensor cores
   const size_t rows = (size_t)d.batch * d.tq * d.heads;
   float *D = (float *)cuda_scratch(rows * sizeof(float), "attention backward D = rowsum(dctx*ctx)");
   attn_bwd_dot_kernel<<<(unsigned)((rows + NT / 32 - 1) / (NT / 32)), NT, 0, cuda_ctx.stream>>>(

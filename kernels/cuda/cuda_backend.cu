@@ -77,6 +77,14 @@ static void cuda_init(int local_rank, int local_size) {
     info("backend CUDA: %d processes share %d GPU(s) on this machine", local_size, count);
 }
 
+extern "C" int cuda_smem_optin(void) {
+  static int bytes = -1;
+  if (bytes < 0)
+    CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin,
+                                      cuda_ctx.device));
+  return bytes;
+}
+
 extern "C" void *cuda_scratch(size_t bytes, const char *what) {
   if (bytes > cuda_ctx.scratch_bytes)
     die("CUDA scratch arena too small: %s needs %.1f MiB of %.1f MiB (set QWEN3_CUDA_SCRATCH_MB)",

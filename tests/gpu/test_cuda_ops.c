@@ -21,6 +21,7 @@ int main(void) {
   return 77;
 }
 #else
+#include "kernels/cuda/cuda.h"   /* cuda_ctx.tf32: the test switches modes between ops */
 #include "kernels/cuda/cuda_device.h"
 
 #define TOL 1e-5
@@ -80,14 +81,36 @@ static double rel_err(const float *a, const float *ref, size_t n) {
   return sqrt(diff) / (norm > 0 ? sqrt(norm) : 1.0);
 }
 
-/* compares a device result with the CPU's, then frees the device buffer */
-static void expect(const char *what, float *dev, const float *ref, size_t n, double tol) {
+static float *clone(const float *a, size_t n) {
+  float *c = xmalloc((n ? n : 1) * sizeof(float));
+  memcpy(c, a, n * sizeof(float));
+  return c;
+}
+
+/* Compares a device result with the CPU's, then frees the device buffer. For an accumulating
+ * output, `init` holds the values both sides started from, and what is compared is what each
+ * added: a small gradient added to large starting values cannot hide inside them. */
+static void expect_from(const char *what, float *dev, const float *ref, const float *init,
+                        size_t n, double tol) {
   float *h = down(dev, n);
+  if (init) {
+    float *added = xmalloc((n ? n : 1) * sizeof(float));
+    for (size_t i = 0; i < n; i++) {
+      h[i] -= init[i];
+      added[i] = ref[i] - init[i];
+    }
+    ref = added;
+  }
   double e = rel_err(h, ref, n);
+  if (init) free((void *)ref);
   printf("%-58s rel err %.2e\n", what, e);
   CHECK(e <= tol, "%s: rel err %.3e > %.0e", what, e, tol);
   free(h);
   gpu->free(dev);
+}
+
+static void expect(const char *what, float *dev, const float *ref, size_t n, double tol) {
+  expect_from(what, dev, ref, NULL, n, tol);
 }
 
 /* ---- the ops --------------------------------------------------------------------------------- */
@@ -105,12 +128,13 @@ static void test_embedding(int n, int dim, int vocab) {
   expect(name, d_out, out, (size_t)n * dim, 0);
 
   float *dout = rand_floats((size_t)n * dim, -1, 1);
-  float *dtab = rand_floats((size_t)vocab * dim, -1, 1);
+  float *dtab = rand_floats((size_t)vocab * dim, -1, 1), *dtab0 = clone(dtab, (size_t)vocab * dim);
   float *d_dtab = up(dtab, (size_t)vocab * dim * 4), *d_dout = up(dout, (size_t)n * dim * 4);
   cpu->embedding_backward(dtab, dout, tok, n, dim);
   gpu->embedding_backward(d_dtab, d_dout, d_tok, n, dim);
   snprintf(name, sizeof name, "embedding backward n=%d dim=%d", n, dim);
-  expect(name, d_dtab, dtab, (size_t)vocab * dim, TOL);
+  expect_from(name, d_dtab, dtab, dtab0, (size_t)vocab * dim, TOL);
+  free(dtab0);
   gpu->free(d_table);
   gpu->free(d_tok);
   gpu->free(d_dout);
@@ -129,13 +153,15 @@ static void test_rmsnorm(int n, int dim) {
   expect(name, d_out, out, sz, TOL);
 
   float *dout = rand_floats(sz, -1, 1), *dx = rand_floats(sz, -1, 1), *dw = rand_floats(dim, -1, 1);
+  float *dx0 = clone(dx, sz), *dw0 = clone(dw, dim);
   float *d_dout = up(dout, sz * 4), *d_dx = up(dx, sz * 4), *d_dw = up(dw, dim * 4);
   cpu->rmsnorm_backward(dx, dw, dout, x, w, n, dim, eps);
   gpu->rmsnorm_backward(d_dx, d_dw, d_dout, d_x, d_w, n, dim, eps);
   snprintf(name, sizeof name, "rmsnorm backward dx n=%d dim=%d", n, dim);
-  expect(name, d_dx, dx, sz, TOL);
+  expect_from(name, d_dx, dx, dx0, sz, TOL);
   snprintf(name, sizeof name, "rmsnorm backward dw n=%d dim=%d", n, dim);
-  expect(name, d_dw, dw, dim, TOL);
+  expect_from(name, d_dw, dw, dw0, dim, TOL);
+  free(dx0); free(dw0);
   gpu->free(d_x); gpu->free(d_w); gpu->free(d_dout);
   free(x); free(w); free(out); free(dout); free(dx); free(dw);
 }
@@ -154,18 +180,23 @@ static void test_qk_norm_rope(int n, int heads, int hd, double theta, int max_po
   expect(name, d_out, out, sz, TOL);
 
   float *dout = rand_floats(sz, -1, 1), *dx = rand_floats(sz, -1, 1), *dw = rand_floats(hd, -1, 1);
+  float *dx0 = clone(dx, sz), *dw0 = clone(dw, hd);
   float *d_dout = up(dout, sz * 4), *d_dx = up(dx, sz * 4), *d_dw = up(dw, hd * 4);
   cpu->qk_norm_rope_backward(dx, dw, dout, x, w, pos, n, heads, hd, eps, theta);
   gpu->qk_norm_rope_backward(d_dx, d_dw, d_dout, d_x, d_w, d_pos, n, heads, hd, eps, theta);
   snprintf(name, sizeof name, "qk_norm_rope backward dx hd=%d", hd);
-  expect(name, d_dx, dx, sz, TOL);
+  expect_from(name, d_dx, dx, dx0, sz, TOL);
   snprintf(name, sizeof name, "qk_norm_rope backward dw hd=%d", hd);
-  expect(name, d_dw, dw, hd, TOL);
+  expect_from(name, d_dw, dw, dw0, hd, TOL);
+  free(dx0); free(dw0);
   gpu->free(d_x); gpu->free(d_w); gpu->free(d_pos); gpu->free(d_dout);
   free(x); free(w); free(out); free(pos); free(dout); free(dx); free(dw);
 }
 
-/* tq == tk: training (forward and backward); tq < tk: decoding against a cache of k_stride */
+/* tq == tk: training (forward and backward); tq < tk: decoding against a cache of k_stride.
+ * tol is TOL in the exact fp32 mode; the tensor-core path of the TF32 mode gets its own. */
+static double attn_tol = TOL;
+
 static void test_attention(int batch, int tq, int tk, int k_stride, int heads, int kv, int hd) {
   struct attn_shape s = {batch, tq, tk, k_stride, heads, kv, hd};
   size_t nq = (size_t)batch * tq * heads * hd, nk = (size_t)batch * k_stride * kv * hd;
@@ -179,14 +210,15 @@ static void test_attention(int batch, int tq, int tk, int k_stride, int heads, i
   char name[96];
   snprintf(name, sizeof name, "attention fwd b=%d tq=%d tk=%d h=%d/%d hd=%d ctx", batch, tq, tk,
            heads, kv, hd);
-  expect(name, d_ctx, ctx, nq, TOL);
+  expect(name, d_ctx, ctx, nq, attn_tol);
   snprintf(name, sizeof name, "attention fwd b=%d tq=%d tk=%d h=%d/%d hd=%d lse", batch, tq, tk,
            heads, kv, hd);
-  expect(name, d_lse, lse, nl, TOL);
+  expect(name, d_lse, lse, nl, attn_tol);
 
   if (tq == tk) {
     float *dctx = rand_floats(nq, -1, 1);
     float *dq = rand_floats(nq, -1, 1), *dk = rand_floats(nk, -1, 1), *dv = rand_floats(nk, -1, 1);
+    float *dq0 = clone(dq, nq), *dk0 = clone(dk, nk), *dv0 = clone(dv, nk);
     float *d_dctx = up(dctx, nq * 4), *d_dq = up(dq, nq * 4), *d_dk = up(dk, nk * 4),
           *d_dv = up(dv, nk * 4);
     float *d_ctx2 = up(ctx, nq * 4), *d_lse2 = up(lse, nl * 4);
@@ -201,11 +233,12 @@ static void test_attention(int batch, int tq, int tk, int k_stride, int heads, i
     free(a1); free(a2); free(b1); free(b2);
     gpu->free(d_dq2); gpu->free(d_dk2); gpu->free(d_dv2);
     snprintf(name, sizeof name, "attention bwd T=%d h=%d/%d hd=%d dq", tq, heads, kv, hd);
-    expect(name, d_dq, dq, nq, TOL);
+    expect_from(name, d_dq, dq, dq0, nq, attn_tol);
     snprintf(name, sizeof name, "attention bwd T=%d h=%d/%d hd=%d dk", tq, heads, kv, hd);
-    expect(name, d_dk, dk, nk, TOL);
+    expect_from(name, d_dk, dk, dk0, nk, attn_tol);
     snprintf(name, sizeof name, "attention bwd T=%d h=%d/%d hd=%d dv", tq, heads, kv, hd);
-    expect(name, d_dv, dv, nk, TOL);
+    expect_from(name, d_dv, dv, dv0, nk, attn_tol);
+    free(dq0); free(dk0); free(dv0);
     gpu->free(d_dctx); gpu->free(d_ctx2); gpu->free(d_lse2);
     free(dctx); free(dq); free(dk); free(dv);
   }
@@ -220,11 +253,13 @@ static void test_elementwise(size_t n) {
   gpu->swiglu_forward(d_out, d_g, d_u, n);
   expect("swiglu forward", d_out, out, n, TOL);
   float *dout = rand_floats(n, -1, 1), *dg = rand_floats(n, -1, 1), *du = rand_floats(n, -1, 1);
+  float *dg0 = clone(dg, n), *du0 = clone(du, n);
   float *d_dout = up(dout, n * 4), *d_dg = up(dg, n * 4), *d_du = up(du, n * 4);
   cpu->swiglu_backward(dg, du, dout, g, u, n);
   gpu->swiglu_backward(d_dg, d_du, d_dout, d_g, d_u, n);
-  expect("swiglu backward dg", d_dg, dg, n, TOL);
-  expect("swiglu backward du", d_du, du, n, TOL);
+  expect_from("swiglu backward dg", d_dg, dg, dg0, n, TOL);
+  expect_from("swiglu backward du", d_du, du, du0, n, TOL);
+  free(dg0); free(du0);
 
   float *a = rand_floats(n, -1, 1), *d_a = up(a, n * 4);
   cpu->add_inplace(a, g, n);
@@ -259,13 +294,15 @@ static void test_linear(int n, int in, int out_dim) {
   snprintf(name, sizeof name, "linear forward %d x %d -> %d", n, in, out_dim);
   expect(name, d_y, y, ny, TOL);
   float *dy = rand_floats(ny, -1, 1), *dx = rand_floats(nx, -1, 1), *dw = rand_floats(nw, -1, 1);
+  float *dx0 = clone(dx, nx), *dw0 = clone(dw, nw);
   float *d_dy = up(dy, ny * 4), *d_dx = up(dx, nx * 4), *d_dw = up(dw, nw * 4);
   cpu->linear_backward(dx, dw, dy, x, w, n, in, out_dim);
   gpu->linear_backward(d_dx, d_dw, d_dy, d_x, d_w, n, in, out_dim);
   snprintf(name, sizeof name, "linear backward dx %d x %d -> %d", n, in, out_dim);
-  expect(name, d_dx, dx, nx, TOL);
+  expect_from(name, d_dx, dx, dx0, nx, TOL);
   snprintf(name, sizeof name, "linear backward dw %d x %d -> %d", n, in, out_dim);
-  expect(name, d_dw, dw, nw, TOL);
+  expect_from(name, d_dw, dw, dw0, nw, TOL);
+  free(dx0); free(dw0);
   gpu->free(d_x); gpu->free(d_w); gpu->free(d_dy);
   free(x); free(w); free(y); free(dy); free(dx); free(dw);
 }
@@ -277,6 +314,7 @@ static void test_lm_head(int n, int dim, int vocab) {
   for (int i = 0; i < n; i += 7) tgt[i] = -1;   /* masked rows: no loss, no gradient */
   float *nll = xmalloc(n * 4), *g_nll = xmalloc(n * 4);
   float *dx = rand_floats(nx, -1, 1), *dw = rand_floats(nw, -1, 1);
+  float *dx0 = clone(dx, nx), *dw0 = clone(dw, nw);
   float *d_x = up(x, nx * 4), *d_w = up(w, nw * 4), *d_dx = up(dx, nx * 4), *d_dw = up(dw, nw * 4);
   int32_t *d_t = up(tgt, n * 4);
   float scale = 1.0f / n;
@@ -289,9 +327,10 @@ static void test_lm_head(int n, int dim, int vocab) {
   printf("%-58s rel err %.2e\n", name, e);
   CHECK(e <= TOL, "%s: rel err %.3e", name, e);
   snprintf(name, sizeof name, "lm_head_loss dx vocab=%d", vocab);
-  expect(name, d_dx, dx, nx, TOL);
+  expect_from(name, d_dx, dx, dx0, nx, TOL);
   snprintf(name, sizeof name, "lm_head_loss dw vocab=%d", vocab);
-  expect(name, d_dw, dw, nw, TOL);
+  expect_from(name, d_dw, dw, dw0, nw, TOL);
+  free(dx0); free(dw0);
   /* evaluation: no gradients asked */
   for (int i = 0; i < n; i++) g_nll[i] = NAN;
   gpu->lm_head_loss(g_nll, NULL, NULL, d_x, d_w, d_t, n, dim, vocab, 0);
@@ -303,11 +342,12 @@ static void test_lm_head(int n, int dim, int vocab) {
 
 static void test_adamw(size_t n) {
   float *p = rand_floats(n, -1, 1), *g = rand_floats(n, -1, 1), *m = rand_floats(n, -0.1, 0.1);
-  float *v = rand_floats(n, 0, 0.01);
+  float *v = rand_floats(n, 0, 0.01), *p0 = clone(p, n);
   float *d_p = up(p, n * 4), *d_g = up(g, n * 4), *d_m = up(m, n * 4), *d_v = up(v, n * 4);
   cpu->adamw_update(p, g, m, v, n, 3e-4f, 0.9f, 0.95f, 1e-8f, 0.1f, 7);
   gpu->adamw_update(d_p, d_g, d_m, d_v, n, 3e-4f, 0.9f, 0.95f, 1e-8f, 0.1f, 7);
-  expect("adamw params", d_p, p, n, 1e-6);
+  expect_from("adamw update of the params", d_p, p, p0, n, 1e-5);
+  free(p0);
   expect("adamw first moments", d_m, m, n, 1e-6);
   expect("adamw second moments", d_v, v, n, 1e-6);
   gpu->free(d_g);
@@ -374,12 +414,13 @@ static void test_nvfp4(void) {
 
   int m = 64, nn = 48, k = 160;
   float *a = rand_floats((size_t)m * k, -1, 1), *b = rand_floats((size_t)nn * k, -1, 1);
-  float *c = rand_floats((size_t)m * nn, -1, 1);
+  float *c = rand_floats((size_t)m * nn, -1, 1), *c0 = clone(c, (size_t)m * nn);
   float *d_a = up(a, (size_t)m * k * 4), *d_b = up(b, (size_t)nn * k * 4);
   float *d_c = up(c, (size_t)m * nn * 4);
   cpu->nvfp4_gemm(c, a, 0.5f, b, 0.25f, m, nn, k, 1.0f);
   gpu->nvfp4_gemm(d_c, d_a, 0.5f, d_b, 0.25f, m, nn, k, 1.0f);
-  expect("nvfp4 gemm (beta 1)", d_c, c, (size_t)m * nn, TOL);
+  expect_from("nvfp4 gemm (beta 1)", d_c, c, c0, (size_t)m * nn, TOL);
+  free(c0);
   gpu->free(d_x); gpu->free(d_a); gpu->free(d_b);
   free(x); free(y); free(r); free(a); free(b); free(c);
 }
@@ -407,6 +448,19 @@ int main(void) {
   test_attention(2, 130, 130, 130, 4, 4, 64);
   test_attention(1, 1, 300, 512, 8, 2, 128);    /* decode: one query against a cache */
   test_attention(1, 5, 100, 128, 4, 2, 16);     /* a prefill continuing a cache */
+  /* the TF32 mode's tensor-core attention (head_dim 64 and 128, 16 queries or more) against
+   * the CPU: TF32 rounds operands to 10 mantissa bits, so 3e-3 relative */
+  cuda_ctx.tf32 = 1;
+  attn_tol = 3e-3;
+  test_attention(2, 80, 80, 80, 4, 2, 64);
+  test_attention(1, 100, 100, 100, 2, 1, 128);
+  test_attention(1, 16, 16, 16, 8, 2, 64);
+  test_attention(1, 512, 512, 512, 32, 8, 128);
+  test_attention(2, 40, 150, 160, 4, 4, 128);   /* queries after a cache */
+  test_attention(1, 130, 200, 210, 3, 1, 64);
+  test_attention(1, 1, 100, 128, 8, 2, 128);    /* decode stays on the fp32 kernels */
+  cuda_ctx.tf32 = 0;
+  attn_tol = TOL;
   test_elementwise(333 * 517);
   test_linear(100, 96, 160);
   test_linear(256, 2560, 1024);

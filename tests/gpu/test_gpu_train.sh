@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole engine on the GPU against the CPU reference, with the tiny job (label `gpu`):
 #  - 20 steps in the exact fp32 mode (QWEN3_CUDA_TF32=0): every step's loss within 1e-4
-#    relative of the CPU's; in the default TF32 mode within 2%;
+#    relative of the CPU's; in the default TF32 mode within 2% (also with head_dim 64, where
+#    attention runs on the tensor cores);
 #  - 1, 2 and 4 pipeline processes sharing the one GPU: identical losses;
 #  - a resumed GPU run equals the uninterrupted one bit for bit;
 #  - a GPU checkpoint evaluated on the CPU, and a CPU checkpoint resumed on the GPU;
@@ -66,6 +67,13 @@ compare "CUDA fp32 mode: every step's loss within 1e-4 of the CPU's" "$work/cpu"
 QWEN3_CUDA_TF32=1 run 1 "$work/tf32" CUDA
 result $((rc == 0)) "CUDA TF32 mode: 20 steps" "exit $rc"
 compare "CUDA TF32 mode: every step's loss within 2% of the CPU's" "$work/cpu" "$work/tf32" 2e-2
+# head_dim 64 takes the TF32 mode's tensor-core attention (the tiny model's 16 does not)
+run 1 "$work/cpu_hd64" CPU --set model.head_dim=64
+result $((rc == 0)) "CPU, head_dim 64: 20 steps" "exit $rc"
+QWEN3_CUDA_TF32=1 run 1 "$work/tf32_hd64" CUDA --set model.head_dim=64
+result $((rc == 0)) "CUDA TF32 mode, head_dim 64: 20 steps" "exit $rc"
+compare "CUDA TF32 mode, tensor-core attention: every step's loss within 2% of the CPU's" \
+  "$work/cpu_hd64" "$work/tf32_hd64" 2e-2
 
 # the tiny model has 2 layers: the layouts are compared on a 4-layer one
 for np in 1 2 4; do

@@ -1,8 +1,14 @@
 #!/usr/bin/env bash
 # The NVFP4 recipe in training: the tiny job (4 layers, all NVFP4) and the same job in high
-# precision both learn; the gap between their final losses is reported; NVFP4 on 1 process and
-# on 2 pipeline stages agrees to 1e-5 relative at every step (its stochastic rounding is keyed by
-# step, layer, tensor and micro-batch, not by rank).
+# precision both learn, and NVFP4 stays close: its final loss within 0.15 of BF16's and its loss
+# within 0.07 of BF16's on average over the 60 steps; NVFP4 on 1 process and on 2 pipeline stages
+# agrees to 1e-5 relative at every step (its stochastic rounding is keyed by step, layer, tensor
+# and micro-batch, not by rank).
+#
+# The bounds, measured with seeds 3 (used here), 1 and 2: the recipe's final gap 0.040 (0.074,
+# 0.071), mean gap 0.032 (0.023, 0.033); with the Hadamard transform dropped from one Wgrad
+# operand final 0.323 (0.088, 0.319), mean 0.157 (0.054, 0.141). Seed 3 separates the two by 2x
+# on either side of both bounds; tests/unit/test_nvfp4_linear.c catches such a bug exactly.
 # Usage: bash tests/mpi/test_nvfp4_train.sh BUILD_DIR
 set -u
 source tests/mpi/lib.sh
@@ -10,7 +16,8 @@ out=$work
 
 common=(--set model.num_layers=4 --set train.steps=60 --set train.log_every=1
         --set data.train="$build/data/tiny.h5" --set checkpoint.resume=NEVER
-        --set checkpoint.every=1000000 --set precision.bf16_last_layers=0)
+        --set checkpoint.every=1000000 --set precision.bf16_last_layers=0
+        --set init.seed=3 --set data.seed=3)
 
 # run NAME NP PRECISION
 run() {
@@ -36,8 +43,17 @@ for name in bf16 nvfp4; do
     fail "$name does not learn: loss $first -> $last"
   fi
 done
-echo "final loss gap NVFP4 - BF16: $(awk -v a="$(losses nvfp4 | tail -n 1)" -v b="$(losses bf16 | tail -n 1)" \
-  'BEGIN { printf "%+.4f (%+.2f%%)", a - b, 100 * (a - b) / b }')"
+# how far NVFP4's loss is above BF16's: at the last step and on average over the 60 steps
+verdict=$(paste <(losses bf16) <(losses nvfp4) | awk -v fb=0.15 -v mb=0.07 '
+  { n++; d = $2 - $1; sum += d; final = d; rel = 100 * d / $1 }
+  END { mean = n ? sum / n : 1e9
+        ok = n == 60 && final <= fb && mean <= mb
+        printf "%s final gap %+.4f (%+.2f%%, bound %g), mean gap %+.4f (bound %g) over %d steps",
+               ok ? "ok" : "bad", final, rel, fb, mean, mb, n }')
+case $verdict in
+  ok*) pass "NVFP4 - BF16 loss:${verdict#ok}" ;;
+  *) fail "NVFP4 - BF16 loss:${verdict#bad}" ;;
+esac
 
 verdict=$(paste <(losses nvfp4) <(losses nvfp4_pp2) | awk '
   { n++; d = $1 - $2; if (d < 0) d = -d; r = d / $1; if (r > worst) worst = r }

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Pipeline and data parallelism must not change the numbers: the tiny job (4 layers) with the
-# same global batch, run on 1, 2 and 4 processes as pure pipelines (GPipe and 1F1B), as
-# 2 stages x 2 replicas and 1 x 2, and with activation recompute, gives every step's loss within
-# 1e-5 relative of the single process.
+# same global batch, run on 1, 2 and 4 processes as pure pipelines (GPipe and 1F1B) and with
+# activation recompute, gives every step's loss bit for bit equal to the single process's (every
+# sum runs in the same order: gradients accumulate per micro-batch in schedule-independent order,
+# the gradient norm is summed per layer group in a fixed order); as 2 stages x 2 replicas and
+# 1 x 2, where the replicas' gradients are summed by MPI in another order than one process
+# accumulates them, within 1e-7 relative.
 # Then a rank that fails brings the whole job down fast, naming itself.
 # Usage: bash tests/mpi/test_pipeline.sh BUILD_DIR
 set -u
@@ -31,14 +34,23 @@ run() {
 # losses of a metrics.jsonl, one per line
 losses() { grep -o '"loss":[^,}]*' "$1/metrics.jsonl" | cut -d: -f2; }
 
-# same_losses NAME: every step within 1e-5 relative of the single-process run
+# same_losses NAME TOL: every step within TOL relative of the single-process run; TOL 0 asks for
+# the same bits (metrics.jsonl prints every double with 17 significant digits)
 same_losses() {
   local verdict
-  verdict=$(paste <(losses "$out/single") <(losses "$out/$1") | awk '
-    { n++; d = $1 - $2; if (d < 0) d = -d; r = d / ($1 < 0 ? -$1 : $1); if (r > worst) worst = r }
-    END { if (n != 20) print "steps " n; else if (worst > 1e-5) print "worst " worst; else print "ok " worst + 0 }')
+  verdict=$(paste <(losses "$out/single") <(losses "$out/$1") | awk -v tol="$2" '
+    { n++; d = $1 - $2; if (d < 0) d = -d; r = d / ($1 < 0 ? -$1 : $1); if (r > worst) worst = r
+      if ($1 != $2) differ++ }
+    END { if (n != 20) print "steps " n
+          else if (tol == 0 && differ) print "worst " worst " (" differ " steps not bit-identical)"
+          else if (worst > tol) print "worst " worst
+          else print "ok " worst + 0 }')
   case $verdict in
-    ok*) pass "$1: 20 steps match the single process (worst relative difference ${verdict#ok })" ;;
+    ok*) if [ "$2" = 0 ]; then
+           pass "$1: 20 steps equal the single process bit for bit"
+         else
+           pass "$1: 20 steps within $2 of the single process (worst relative difference ${verdict#ok })"
+         fi ;;
     *) fail "$1: losses differ from the single process ($verdict)"
        paste <(losses "$out/single") <(losses "$out/$1") | head -n 5 ;;
   esac
@@ -52,8 +64,11 @@ run pp4_gpipe 4 4 4 GPIPE
 run pp2_dp2 4 2 2 ONE_F_ONE_B
 run pp1_dp2 2 1 2 ONE_F_ONE_B
 run pp2_recompute 2 2 4 ONE_F_ONE_B --set parallel.recompute=true
-for name in pp2_1f1b pp2_gpipe pp4_1f1b pp4_gpipe pp2_dp2 pp1_dp2 pp2_recompute; do
-  same_losses "$name"
+for name in pp2_1f1b pp2_gpipe pp4_1f1b pp4_gpipe pp2_recompute; do
+  same_losses "$name" 0
+done
+for name in pp2_dp2 pp1_dp2; do
+  same_losses "$name" 1e-7
 done
 if cmp -s <(losses "$out/pp2_1f1b") <(losses "$out/pp2_recompute"); then
   pass "activation recompute changes no bit of the losses"

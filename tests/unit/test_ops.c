@@ -3,6 +3,7 @@
  * with its reference, every backward with central finite differences of the reference forward
  * under a random projection of the output, and every backward is called twice to show that it
  * accumulates. Prints one line per check and ends with "N passed, M failed". */
+#include <cblas.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -542,8 +543,52 @@ static void test_lm_head_loss(const char *label, int n, int dim, int vocab) {
   free(x), free(w), free(nll), free(dw_untouched), free(dw_before), free(targets);
 }
 
-/* The Qwen3 vocabulary with a small dim: checks a few rows against the reference and reports the
- * time, since the loss must stay cheap enough for CI and the demo. */
+/* Both gradients of the loss over the full vocabulary, in double: a first pass over chunks of
+ * the vocabulary finds every row's log-sum-exp (online), a second forms
+ * P = grad_scale * (softmax - onehot) per chunk and accumulates dx += P · w_chunk and
+ * dw_chunk = Pᵀ · x. BLAS in double, so that the reference stays cheap at vocab 151936. */
+static void ref_loss_grads(double *dx, double *dw, const double *x, const double *w,
+                           const int32_t *targets, int n, int dim, int vocab, double grad_scale) {
+  enum { CHUNK = 4096 };
+  double *logits = new_doubles((size_t)n * CHUNK), *lse = new_doubles(n);
+  double *max = new_doubles(n);
+  for (int i = 0; i < n; i++) max[i] = -INFINITY;
+  for (int c0 = 0; c0 < vocab; c0 += CHUNK) {
+    int m = vocab - c0 < CHUNK ? vocab - c0 : CHUNK;
+    cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, m, dim, 1.0, x, dim,
+                w + (size_t)c0 * dim, dim, 0.0, logits, m);
+    for (int i = 0; i < n; i++) {
+      double mx = max[i];
+      for (int c = 0; c < m; c++) mx = fmax(mx, logits[(size_t)i * m + c]);
+      double sum = lse[i] * exp(max[i] - mx);   /* lse holds the sum until the end */
+      for (int c = 0; c < m; c++) sum += exp(logits[(size_t)i * m + c] - mx);
+      lse[i] = sum;
+      max[i] = mx;
+    }
+  }
+  for (int i = 0; i < n; i++) lse[i] = max[i] + log(lse[i]);
+  memset(dx, 0, (size_t)n * dim * sizeof(double));
+  for (int c0 = 0; c0 < vocab; c0 += CHUNK) {
+    int m = vocab - c0 < CHUNK ? vocab - c0 : CHUNK;
+    cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, m, dim, 1.0, x, dim,
+                w + (size_t)c0 * dim, dim, 0.0, logits, m);
+    for (int i = 0; i < n; i++)
+      for (int c = 0; c < m; c++) {
+        double *p = &logits[(size_t)i * m + c];
+        *p = targets[i] < 0 ? 0.0
+                            : grad_scale * (exp(*p - lse[i]) - (targets[i] == c0 + c ? 1.0 : 0.0));
+      }
+    cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, dim, m, 1.0, logits, m,
+                w + (size_t)c0 * dim, dim, 1.0, dx, dim);
+    cblas_dgemm(CblasRowMajor, CblasTrans, CblasNoTrans, m, dim, n, 1.0, logits, m, x, dim, 0.0,
+                dw + (size_t)c0 * dim, dim);
+  }
+  free(logits), free(lse), free(max);
+}
+
+/* The Qwen3 vocabulary with a small dim: the nll of a few rows against the reference, both
+ * gradients against ref_loss_grads, and the time, since the loss must stay cheap enough for CI
+ * and the demo. */
 static void test_lm_head_loss_full_vocab(void) {
   int n = 96, dim = 64, vocab = 151936;
   int32_t *targets = rand_ints(n, 0, vocab);
@@ -557,13 +602,17 @@ static void test_lm_head_loss_full_vocab(void) {
   double seconds = now_seconds() - t0;
   int rows = 8;
   struct loss_shape s = {rows, dim, vocab, targets};
-  double *in[] = {to_double(x, (size_t)rows * dim), to_double(w, w_n)}, *ref = new_doubles(rows);
+  double *in[] = {to_double(x, x_n), to_double(w, w_n)}, *ref = new_doubles(rows);
   ref_loss(&s, in, ref);
   check_forward("lm_head_loss vocab 151936 nll", nll, ref, rows);
+  double *ref_dx = new_doubles(x_n), *ref_dw = new_doubles(w_n);
+  ref_loss_grads(ref_dx, ref_dw, in[0], in[1], targets, n, dim, vocab, 1.0 / n);
+  check_forward("lm_head_loss vocab 151936 dx", dx, ref_dx, x_n);
+  check_forward("lm_head_loss vocab 151936 dw", dw, ref_dw, w_n);
   printf("     lm_head_loss %d rows x dim %d x vocab %d with grads: %.3f s\n", n, dim, vocab,
          seconds);
-  free(in[0]), free(in[1]), free(ref), free(x), free(w), free(nll), free(dx), free(dw);
-  free(targets);
+  free(in[0]), free(in[1]), free(ref), free(ref_dx), free(ref_dw), free(x), free(w), free(nll);
+  free(dx), free(dw), free(targets);
 }
 
 /* ---- AdamW ----------------------------------------------------------------------------------- */

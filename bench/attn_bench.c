@@ -1,0 +1,189 @@
+/* Causal grouped-query attention of the CUDA backend at Qwen3-4B's shape: forward, backward and
+ * both, timed on device buffers, beside torch SDPA (bench/torch_train_bench.py attention).
+ *
+ *   build/bench/attn_bench [--budget SECONDS] [T ...]        (default: 2048 4096 8192, 20 s)
+ *
+ * B = 1, 32 query heads, 8 KV heads, head_dim 128, tq = tk = T, through backend_cuda's
+ * attention_forward / attention_backward (kernels/ops.h: fp32 storage). FLOPs follow
+ * FlashAttention's convention: forward = 4 T² heads head_dim / 2 (the causal half of QKᵀ and PV,
+ * 2 FLOPs per multiply-add), backward = 2.5 × forward. Each time is the median of repeats,
+ * bracketed by the backend's synchronize; the repeats shrink when one call is slow.
+ *
+ * Prints one `RESULT system=ours-attn T=... fwd_ms=... ...` line per T (also appended to
+ * $GPU_BENCH_RESULTS when set), or a line saying why nothing ran: a build without CUDA, or one
+ * whose CUDA library has no backend table yet (kernels/cuda/cuda_backend.cu, checked at compile
+ * time so that this program links whatever state the backend is in). */
+#define _POSIX_C_SOURCE 200809L
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "kernels/ops.h"
+
+#if defined(QWEN3_HAVE_CUDA) && defined(__has_include)
+#if __has_include("kernels/cuda/cuda_backend.cu")
+#define ATTN_BENCH_CUDA 1
+/* bound to the symbol backend_cuda under a name of our own, so that this compiles whether or not
+ * (and however) a header declares it */
+extern const struct backend attn_bench_backend_cuda __asm__("backend_cuda");
+#endif
+#endif
+
+#define HEADS 32
+#define KV_HEADS 8
+#define HEAD_DIM 128
+
+#ifdef ATTN_BENCH_CUDA
+static double now(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static int cmp_double(const void *a, const void *b) {
+  double x = *(const double *)a, y = *(const double *)b;
+  return x < y ? -1 : x > y;
+}
+
+static double median(double *v, int n) {
+  qsort(v, (size_t)n, sizeof *v, cmp_double);
+  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+/* a device buffer of n floats, uniform in [-1, 1) */
+static float *random_device(const struct backend *be, size_t n, uint64_t seed) {
+  float *host = malloc(n * sizeof *host);
+  if (!host) {
+    fprintf(stderr, "attn_bench: out of host memory\n");
+    exit(1);
+  }
+  uint64_t s = seed * 0x9e3779b97f4a7c15ull + 1;
+  for (size_t i = 0; i < n; i++) {
+    s = s * 6364136223846793005ull + 1442695040888963407ull;
+    host[i] = (float)((double)(s >> 40) * 0x1.0p-23 - 1.0);
+  }
+  float *dev = be->alloc(n * sizeof *dev);
+  if (!dev) {
+    fprintf(stderr, "attn_bench: cannot allocate %zu bytes on the device\n", n * sizeof *dev);
+    exit(1);
+  }
+  be->to_device(dev, host, n * sizeof *dev);
+  free(host);
+  return dev;
+}
+
+static void result_line(const char *line) {
+  printf("%s\n", line);
+  fflush(stdout);
+  const char *path = getenv("GPU_BENCH_RESULTS");
+  FILE *f = path && *path ? fopen(path, "a") : NULL;
+  if (f) {
+    fprintf(f, "%s\n", line);
+    fclose(f);
+  }
+}
+
+#define MAX_REPEATS 10
+
+static void bench_one(const struct backend *be, int T, double seconds) {
+  struct attn_shape s = {.batch = 1, .tq = T, .tk = T, .k_stride = T,
+                         .heads = HEADS, .kv_heads = KV_HEADS, .head_dim = HEAD_DIM};
+  size_t nq = (size_t)T * HEADS * HEAD_DIM, nk = (size_t)T * KV_HEADS * HEAD_DIM;
+  float *q = random_device(be, nq, 1), *k = random_device(be, nk, 2), *v = random_device(be, nk, 3);
+  float *dctx = random_device(be, nq, 4);
+  float *ctx = be->alloc(nq * sizeof(float)), *lse = be->alloc((size_t)HEADS * T * sizeof(float));
+  float *dq = be->alloc(nq * sizeof(float)), *dk = be->alloc(nk * sizeof(float));
+  float *dv = be->alloc(nk * sizeof(float));
+  if (!ctx || !lse || !dq || !dk || !dv) {
+    fprintf(stderr, "attn_bench: cannot allocate the T=%d buffers\n", T);
+    exit(1);
+  }
+  /* one untimed pass, which also tells how many repeats the budget allows */
+  double t0 = now();
+  be->attention_forward(ctx, lse, q, k, v, &s);
+  be->attention_backward(dq, dk, dv, dctx, q, k, v, ctx, lse, &s);
+  be->synchronize();
+  double first = now() - t0;
+  int repeats = first > 0 ? (int)(seconds / 2 / first) : MAX_REPEATS;
+  repeats = repeats < 1 ? 1 : repeats > MAX_REPEATS ? MAX_REPEATS : repeats;
+  double fwd[MAX_REPEATS], bwd[MAX_REPEATS], both[MAX_REPEATS];
+  for (int r = 0; r < repeats; r++) {
+    double a = now();
+    be->attention_forward(ctx, lse, q, k, v, &s);
+    be->synchronize();
+    double b = now();
+    be->attention_backward(dq, dk, dv, dctx, q, k, v, ctx, lse, &s);   /* accumulates: fine */
+    be->synchronize();
+    double c = now();
+    fwd[r] = b - a;
+    bwd[r] = c - b;
+    both[r] = c - a;
+  }
+  double tf = median(fwd, repeats), tb = median(bwd, repeats), tfb = median(both, repeats);
+  double fwd_flops = 4.0 * T * (double)T * HEADS * HEAD_DIM / 2;
+  char line[512];
+  snprintf(line, sizeof line,
+           "RESULT system=ours-attn T=%d heads=%d kv_heads=%d head_dim=%d fwd_ms=%.4g "
+           "bwd_ms=%.4g fwdbwd_ms=%.4g fwd_tflops=%.4g bwd_tflops=%.4g fwdbwd_tflops=%.4g "
+           "repeats=%d dtype=fp32",
+           T, HEADS, KV_HEADS, HEAD_DIM, tf * 1e3, tb * 1e3, tfb * 1e3, fwd_flops / tf / 1e12,
+           2.5 * fwd_flops / tb / 1e12, 3.5 * fwd_flops / tfb / 1e12, repeats);
+  result_line(line);
+  float *bufs[] = {q, k, v, dctx, ctx, lse, dq, dk, dv};
+  for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) be->free(bufs[i]);
+}
+#endif
+
+int main(int argc, char **argv) {
+  double budget = 20;
+  int ts[16], n = 0;
+  for (int i = 1; i < argc; i++) {
+    if (!strcmp(argv[i], "--budget") && i + 1 < argc) {
+      budget = atof(argv[++i]);
+    } else if (!strcmp(argv[i], "-h") || !strcmp(argv[i], "--help")) {
+      printf("usage: attn_bench [--budget SECONDS] [T ...]   (default 2048 4096 8192)\n");
+      return 0;
+    } else if (n < 16 && atoi(argv[i]) > 0) {
+      ts[n++] = atoi(argv[i]);
+    } else {
+      fprintf(stderr, "attn_bench: bad argument '%s'\n", argv[i]);
+      return 2;
+    }
+  }
+  if (!n) {
+    ts[n++] = 2048;
+    ts[n++] = 4096;
+    ts[n++] = 8192;
+  }
+#ifdef ATTN_BENCH_CUDA
+  const struct backend *be = &attn_bench_backend_cuda;
+  be->init(0, 1);
+  printf("attn_bench: backend %s, B=1, %d q / %d kv heads, head_dim %d, causal; budget %.0f s\n",
+         be->name, HEADS, KV_HEADS, HEAD_DIM, budget);
+  fflush(stdout);
+  double start = now();
+  for (int i = 0; i < n; i++) {
+    double left = budget - (now() - start);
+    if (left <= 0) {
+      char line[128];
+      snprintf(line, sizeof line, "RESULT system=ours-attn T=%d status=skipped", ts[i]);
+      result_line(line);
+      continue;
+    }
+    bench_one(be, ts[i], left / (n - i));
+  }
+  return 0;
+#else
+#ifdef QWEN3_HAVE_CUDA
+  printf("attn_bench: this build's CUDA library has no backend table (kernels/cuda/cuda_backend.cu)"
+         "; nothing to time\n");
+#else
+  printf("attn_bench: no CUDA in this build; nothing to time\n");
+#endif
+  (void)budget;
+  (void)ts;
+  return 0;
+#endif
+}

@@ -1,0 +1,36 @@
+"""What the two training benchmarks (torch_train_bench.py, ours_train_bench.py) share: the
+Qwen3-4B shape, the MFU convention and the RESULT lines that bench/gpu_bench.sh tabulates."""
+import os
+import time
+
+PEAK_FLOPS = 989e12   # dense bf16, H100 and H200 alike (REFERENCE.md)
+SHAPE = dict(layers=36, hidden=2560, heads=32, kv_heads=8, head_dim=128, ffn=9728, vocab=151936,
+             theta=5e6, eps=1e-6)
+T0 = time.perf_counter()
+
+
+def make_log(who):
+    """A log function whose lines start with `who` and the seconds since start."""
+    def log(msg):
+        print(f"[{who} {time.perf_counter() - T0:6.1f}s] {msg}", flush=True)
+    return log
+
+
+def result(**kv):
+    """Prints one `RESULT k=v ...` line and appends it to $GPU_BENCH_RESULTS when set."""
+    parts = []
+    for k, v in kv.items():
+        if isinstance(v, float):
+            v = f"{v:.4g}" if abs(v) < 1e4 else f"{v:.0f}"
+        parts.append(f"{k}={v}")
+    line = "RESULT " + " ".join(parts)
+    print(line, flush=True)
+    path = os.environ.get("GPU_BENCH_RESULTS")
+    if path:
+        with open(path, "a") as f:
+            f.write(line + "\n")
+
+
+def flops_per_token(n_params, layers, T, heads, head_dim):
+    """6 N + 6 L T heads head_dim: the issue's convention (causal attention counted once)."""
+    return 6.0 * n_params + 6.0 * layers * T * heads * head_dim

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Mutation check of the GPU tests: plants one deliberate bug at a time in a CUDA kernel, rebuilds
+# test_cuda_ops in BUILD_DIR and requires it to fail; the file is restored (and rebuilt) after
+# each. Run on the GPU machine after a build:
+#   bash tests/gpu/mutation_check_gpu.sh BUILD_DIR [NAME...]     (every mutation, or the named)
+# Not part of CI (it needs a GPU and edits kernels in place, restoring them at exit).
+set -u
+build=${1:?usage: bash $0 BUILD_DIR [NAME...]}
+shift
+# name # file # sed expression (must change the file) # what the bug is
+MUTATIONS=(
+  'rmsnorm_mean_over_dim_minus_1#kernels/cuda/cuda_norm.cu#s|return (float)(1.0 / sqrt(ss / dim + (double)eps));|return (float)(1.0 / sqrt(ss / (dim - 1) + (double)eps));|#RMSNorm mean over dim - 1'
+  'causal_off_by_one#kernels/cuda/cuda_attention.cu#0,/off = s.tk - s.tq;/s/off = s.tk - s.tq;/off = s.tk - s.tq + 1;/#causal limit one key late (fp32 forward)'
+  'silu_grad_sign#kernels/cuda/cuda_elementwise.cu#s/__fmul_rn(g, __fsub_rn(1.0f, sig))/__fmul_rn(g, __fsub_rn(sig, 1.0f))/#SiLU derivative with a wrong sign'
+  'adamw_no_bias_correction#kernels/cuda/cuda_adamw.cu#s|(double)lr / (1.0 - pow((double)beta1, (double)t))|(double)lr|#AdamW first-moment bias correction dropped'
+  'tc_causal_off_by_one#kernels/cuda/cuda_attention_tc.cu#s/lim\[i\] = min(off + q0 + warp \* 16 + g + 8 \* i, s.tk - 1);/lim[i] = min(off + q0 + warp * 16 + g + 8 * i + 1, s.tk - 1);/#tensor-core forward: causal limit one key late'
+  'tc_dk_unscaled#kernels/cuda/cuda_attention_tc.cu#s/if (dk) dk\[row + 8 \* n + c\] += s.scale \* sk;/if (dk) dk[row + 8 * n + c] += sk;/#tensor-core backward: dK without the softmax scale'
+)
+backup=$(mktemp)
+restore() { [ -n "${file:-}" ] && [ -s "$backup" ] && cp "$backup" "$file"; rm -f "$backup"; }
+trap restore EXIT
+survived=0 killed=0
+for m in "${MUTATIONS[@]}"; do
+  IFS='#' read -r name file expr what <<<"$m"
+  if [ $# -gt 0 ] && ! printf '%s\n' "$@" | grep -qxF "$name"; then continue; fi
+  cp "$file" "$backup"
+  sed -i "$expr" "$file"
+  if cmp -s "$file" "$backup"; then
+    echo "STALE    $name: the edit matched nothing in $file"; survived=$((survived + 1)); continue
+  fi
+  if ! cmake --build "$build" --target test_cuda_ops -j"$(nproc)" >/dev/null 2>&1; then
+    echo "BUILD?   $name: the mutant does not compile"; survived=$((survived + 1))
+  elif "$build/tests/test_cuda_ops" >"$backup.log" 2>&1; then
+    echo "SURVIVED $name ($what)"; survived=$((survived + 1))
+  else
+    echo "KILLED   $name ($what): $(grep -c '^FAIL' "$backup.log") failing checks, first: $(grep -m1 '^FAIL' "$backup.log")"
+    killed=$((killed + 1))
+  fi
+  cp "$backup" "$file"
+  rm -f "$backup.log"
+done
+file=
+cmake --build "$build" --target test_cuda_ops -j"$(nproc)" >/dev/null 2>&1
+echo "mutations: $killed killed, $survived survived"
+[ "$survived" -eq 0 ]

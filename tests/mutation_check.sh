@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# Mutation check: do the tests fail when the code is wrong? Each mutation below plants one
+# deliberate bug (an edit of one source line) in a copy of the working tree, rebuilds the copy
+# and runs the tests that should catch it; a mutation no test catches is reported as SURVIVED.
+# The working tree itself is never touched: the copy lives in a temporary directory.
+#
+#   bash tests/mutation_check.sh                 # every mutation (about 10 minutes on 2 cores)
+#   bash tests/mutation_check.sh clip_halved     # the named ones
+#
+# Not part of CI: it rebuilds once per mutation. Run it after changing a test of the optimizer or
+# of NVFP4, or to check that a new test catches what it is meant to.
+set -u
+root=$(pwd)
+[ -f tests/mutation_check.sh ] || { echo "run from the repository root"; exit 2; }
+source scripts/env.sh
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+# name # file # sed expression (must change the file) # ctest regex of the tests that should fail #
+# what the bug is
+MUTATIONS=(
+  'cosine_off_by_one#trainer/optim.c#s/(double)(step - o->warmup_steps - 1)/(double)(step - o->warmup_steps)/#^test_optim$#cosine progress one step late'
+  'cosine_period_doubled#trainer/optim.c#s/cos(M_PI \* progress)/cos(0.5 * M_PI * progress)/#^test_optim$#cosine period doubled'
+  'decay_on_norms#trainer/optim.c#s/(float)o->eps, 0.0f, t)/(float)o->eps, (float)o->weight_decay, t)/#^test_optim$#weight decay on norm weights'
+  'clip_halved#trainer/optim.c#s|(float)(o->grad_clip / (norm + 1e-6))|(float)(0.5 * o->grad_clip / (norm + 1e-6))|#^test_optim$#clip factor halved'
+  'decay_on_norms+clip_halved#trainer/optim.c#s/(float)o->eps, 0.0f, t)/(float)o->eps, (float)o->weight_decay, t)/;s|(float)(o->grad_clip / (norm + 1e-6))|(float)(0.5 * o->grad_clip / (norm + 1e-6))|#^test_optim$#both of the above'
+  'rht_dropped_x#worker/nvfp4_linear.c#s/^    be->nvfp4_rht(c, c, in_dim, n, w->rht_signs);/    (void)0;/#^test_nvfp4_linear$|^mpi_test_nvfp4_train$#RHT dropped from the X operand of Wgrad'
+  'rht_dropped_dy#worker/nvfp4_linear.c#s/^    be->nvfp4_rht(b, b, out_dim, n, w->rht_signs);/    (void)0;/#^test_nvfp4_linear$#RHT dropped from the dY operand of Wgrad'
+  'wgrad_sr_off#worker/nvfp4_linear.c#s/(b, b, out_dim, n, 0, pol->stochastic,/(b, b, out_dim, n, 0, 0,/#^test_nvfp4_linear$#the dY of Wgrad rounded to nearest'
+  'dgrad_draws#worker/nvfp4_linear.c#s/operand_seed(w, live, layer, which, 0)/operand_seed(w, live, layer, which, 1)/#^test_nvfp4_linear$#Dgrad draws the numbers of the Wgrad operand'
+  'betas_swapped#trainer/optim.c#s/(float)o->beta1, (float)o->beta2/(float)o->beta2, (float)o->beta1/#^test_optim$#beta1 and beta2 swapped'
+  'bias_correction_t+1#trainer/optim.c#s/(float)o->weight_decay, t);/(float)o->weight_decay, t + 1);/#^test_optim$#bias correction of the matrices one step ahead'
+  'clip_when_below#trainer/optim.c#s/norm > o->grad_clip)/norm < o->grad_clip)/#^test_optim$#clipping when the norm is below the limit'
+  'warmup_off_by_one#trainer/optim.c#s|return o->lr \* step / o->warmup_steps;|return o->lr * (step - 1) / o->warmup_steps;|#^test_optim$#warmup one step late'
+  'linear_to_zero#trainer/optim.c#s/return o->lr + (o->min_lr - o->lr) \* progress;/return o->lr * (1 - progress);/#^test_optim$#linear decay to 0 instead of min_lr'
+  'norm_skips_final_norm#trainer/optim.c#s/sq\[groups - 1\] = w->be->sum_squares/sq[groups - 1] = 0 * w->be->sum_squares/#^test_optim$#final norm left out of the gradient norm'
+)
+
+echo "copying the working tree to $work/src"
+mkdir -p "$work/src"
+git ls-files -z -co --exclude-standard | (cd "$root" && xargs -0 cp --parents -t "$work/src")
+cd "$work/src"
+# the CPU engine is what the tests exercise; no CUDA build, however long nvcc would take
+cmake -S . -B build -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_COMPILER=NOTFOUND >"$work/cmake.log" 2>&1 &&
+  cmake --build build -j"$(nproc)" >>"$work/cmake.log" 2>&1 ||
+  { tail -n 30 "$work/cmake.log"; echo "the unmutated copy does not build"; exit 1; }
+
+survived=0 killed=0
+printf '%-28s %-9s %s\n' mutation verdict "failing tests"
+for m in "${MUTATIONS[@]}"; do
+  IFS='#' read -r name file expr tests what <<<"$m"
+  if [ $# -gt 0 ] && ! printf '%s\n' "$@" | grep -qxF "$name"; then continue; fi
+  cp "$file" "$work/orig"
+  sed -i "$expr" "$file"
+  changed=$(diff "$work/orig" "$file" | grep -c '^>')
+  if [ "$changed" -eq 0 ]; then
+    printf '%-28s %-9s %s\n' "$name" STALE "the edit matched nothing in $file: update the mutation"
+    cp "$work/orig" "$file"
+    survived=$((survived + 1))
+    continue
+  fi
+  if ! cmake --build build -j"$(nproc)" >"$work/build.log" 2>&1; then
+    printf '%-28s %-9s %s\n' "$name" BROKEN "does not compile"
+    cp "$work/orig" "$file"
+    survived=$((survived + 1))
+    continue
+  fi
+  (cd build && ctest -R "$tests" --output-on-failure >"$work/ctest.log" 2>&1)
+  failing=$(grep -o '[0-9]* - [a-z0-9_]* (Failed)' "$work/ctest.log" | awk '{print $3}' | paste -sd' ')
+  ran=$(grep -c 'Test *#' "$work/ctest.log")
+  if [ "$ran" -eq 0 ]; then
+    printf '%-28s %-9s %s\n' "$name" NO-TESTS "no test matches $tests"
+    survived=$((survived + 1))
+  elif [ -n "$failing" ]; then
+    printf '%-28s %-9s %s  (%s)\n' "$name" caught "$failing" "$what"
+    # the first failing check, to show what gave the bug away
+    grep -m 1 '^FAIL' "$work/ctest.log" | cut -c 1-160 | sed 's/^/    /'
+    killed=$((killed + 1))
+  else
+    printf '%-28s %-9s %s  (%s)\n' "$name" SURVIVED "none of $ran failed" "$what"
+    survived=$((survived + 1))
+  fi
+  cp "$work/orig" "$file"
+done
+echo "$killed caught, $survived survived"
+[ "$survived" -eq 0 ]
