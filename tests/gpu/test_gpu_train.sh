@@ -3,6 +3,7 @@
 #  - 20 steps in the exact fp32 mode (QWEN3_CUDA_TF32=0): every step's loss within 1e-4
 #    relative of the CPU's; in the default TF32 mode within 2% (also with head_dim 64, where
 #    attention runs on the tensor cores);
+#  - NVFP4 training in the fp32 mode within 1e-5 of the CPU's losses;
 #  - 1, 2 and 4 pipeline processes sharing the one GPU: identical losses;
 #  - a resumed GPU run equals the uninterrupted one bit for bit;
 #  - a GPU checkpoint evaluated on the CPU, and a CPU checkpoint resumed on the GPU;
@@ -74,6 +75,15 @@ QWEN3_CUDA_TF32=1 run 1 "$work/tf32_hd64" CUDA --set model.head_dim=64
 result $((rc == 0)) "CUDA TF32 mode, head_dim 64: 20 steps" "exit $rc"
 compare "CUDA TF32 mode, tensor-core attention: every step's loss within 2% of the CPU's" \
   "$work/cpu_hd64" "$work/tf32_hd64" 2e-2
+
+# NVFP4 on every layer: the GPU's quantizers are the CPU's byte for byte, so in the fp32 mode
+# the losses follow the CPU's (stochastic rounding draws the same numbers on both)
+run 1 "$work/cpu_nvfp4" CPU --set precision.linear=NVFP4 --set precision.bf16_last_layers=0
+result $((rc == 0)) "CPU, NVFP4: 20 steps" "exit $rc"
+run 1 "$work/gpu_nvfp4" CUDA --set precision.linear=NVFP4 --set precision.bf16_last_layers=0
+result $((rc == 0)) "CUDA fp32 mode, NVFP4: 20 steps" "exit $rc"
+compare "CUDA fp32 mode, NVFP4: every step's loss within 1e-5 of the CPU's" \
+  "$work/cpu_nvfp4" "$work/gpu_nvfp4" 1e-5
 
 # the tiny model has 2 layers: the layouts are compared on a 4-layer one
 for np in 1 2 4; do
