@@ -41,6 +41,28 @@ size_t slot_width(const struct qwen3_config *c, enum slot s) {
   }
 }
 
+int slot_needed_by_backward(enum slot s) {
+  for (int i = 0; i < QWEN3_BLOCK_STAGES; i++) {
+    const struct stage *st = &QWEN3_BLOCK[i];
+    switch (st->op) {
+    case OP_RMSNORM: case OP_LINEAR:            /* dW and dx need the input */
+      if (st->in[0] == s) return 1;
+      break;
+    case OP_QK_NORM_ROPE: case OP_SWIGLU:       /* both inputs */
+      if (st->in[0] == s || st->in[1] == s) return 1;
+      break;
+    case OP_ATTENTION:                          /* q, k, v, and ctx with its log-sum-exp */
+      for (int k = 0; k < 3; k++)
+        if (st->in[k] == s) return 1;
+      if (st->out[0] == s || st->out[1] == s) return 1;
+      break;
+    case OP_ADD:                                /* its backward copies the gradient */
+      break;
+    }
+  }
+  return 0;
+}
+
 static float *param_w(struct worker *w, int layer, enum layer_param p) {
   return w->weights + w->params[w->layer_param[layer][p]].offset;
 }

@@ -21,6 +21,10 @@ extern const int QWEN3_BLOCK_STAGES;
 
 /* Floats per token of a slot. */
 size_t slot_width(const struct qwen3_config *c, enum slot s);
+/* 1 when some stage's backward reads the slot (derived from the table and each op's backward),
+ * so it must be kept from forward to backward; 0 for a slot only the next stage reads (the
+ * outputs of o_proj and down_proj, read by the residual adds, whose backward reads nothing). */
+int slot_needed_by_backward(enum slot s);
 
 /* Forward of local layer `layer` for live micro-batch `live`: reads S_X, writes every slot. */
 void block_forward(struct worker *w, int live, int layer);

@@ -102,6 +102,12 @@ static int param_table(const struct worker_plan *p, struct param *table,
 
 /* ---- the plan ------------------------------------------------------------------------------ */
 
+/* Slots kept per layer and live micro-batch from forward to backward: the layer's input, and
+ * what backward reads unless it is recomputed. The others share one transient buffer. */
+static int slot_stored(const struct worker_plan *p, enum slot s) {
+  return s == S_X || (!p->recompute && slot_needed_by_backward(s));
+}
+
 void worker_plan_make(struct worker_plan *p, const struct qwen3_config *cfg, int first_layer,
                       int n_layers, int has_embedding, int has_head, int batch, int seq,
                       int n_live, int recompute) {
@@ -126,7 +132,7 @@ void worker_plan_make(struct worker_plan *p, const struct qwen3_config *cfg, int
   for (int s = S_X; s < N_SLOTS; s++) {
     p->slot_floats[s] = tokens * slot_width(cfg, (enum slot)s);
     if (s == S_Y) continue;   /* a layer's output is the next layer's input */
-    if (s == S_X || !recompute) stored += p->slot_floats[s];
+    if (slot_stored(p, (enum slot)s)) stored += p->slot_floats[s];
     else transient += p->slot_floats[s];
   }
   size_t per_live = n_layers * stored + tokens * d + (has_head ? 2 * tokens * d : 0);
@@ -185,14 +191,14 @@ static void alloc_activations(struct worker *w) {
   float *cursor = w->acts;
   float *transient = w->acts + p->act_floats;
   for (int s = S_X; s < N_SLOTS; s++)
-    if (p->recompute && s != S_X && s != S_Y) transient -= p->slot_floats[s];
+    if (s != S_Y && !slot_stored(p, (enum slot)s)) transient -= p->slot_floats[s];
   for (int live = 0; live < p->n_live; live++) {
     for (int l = 0; l < p->n_layers; l++) {
       float **a = w->slot[live * p->n_layers + l];
       float *t = transient;
       for (int s = S_X; s < N_SLOTS; s++) {
         if (s == S_Y) continue;
-        if (s == S_X || !p->recompute) {
+        if (slot_stored(p, (enum slot)s)) {
           a[s] = cursor;
           cursor += p->slot_floats[s];
         } else {
