@@ -13,7 +13,9 @@
 #include <unistd.h>
 
 #include "common/util.h"
+#include "data/h5_check.h"
 #include "data/h5_quiet.h"
+#include "data/sha256.h"
 
 /* A chunk is the unit of Fletcher32 checking and of I/O: big enough that a 1.5 GB embedding is
  * a few hundred chunks, small enough that a damaged one is found near where it is. */
@@ -183,23 +185,6 @@ static int put_f64(hid_t loc, const char *file, const char *name, double v, char
   return put_attr(loc, file, name, H5T_IEEE_F64LE, H5T_NATIVE_DOUBLE, &v, err, errlen);
 }
 
-static int get_attr(hid_t loc, const char *file, const char *name, hid_t mem_type, void *value,
-                    char *err, size_t errlen) {
-  int rc = -1;
-  hid_t attr = -1;
-  H5_CHECK(attr = H5Aopen(loc, name, H5P_DEFAULT), "%s: no attribute '%s'", file, name);
-  H5_CHECK(H5Aread(attr, mem_type, value), "%s: cannot read attribute '%s'", file, name);
-  rc = 0;
-out:
-  close_id(attr);
-  return rc;
-}
-
-static int get_i64(hid_t loc, const char *file, const char *name, int64_t *v, char *err,
-                   size_t errlen) {
-  return get_attr(loc, file, name, H5T_NATIVE_INT64, v, err, errlen);
-}
-
 /* ---- stage files --------------------------------------------------------------------------- */
 
 struct ckpt_stage_writer {
@@ -270,6 +255,76 @@ out:
   return rc;
 }
 
+/* ---- the run-state checksum ---------------------------------------------------------------- */
+
+/* The tensors are covered by Fletcher32; the run state of model.h5 (its attributes, the config,
+ * job.pb and the link index) by state_sha256: the SHA-256 of this canonical encoding, written at
+ * commit and checked at load. */
+struct state_link {
+  const char *name, *file, *obj;
+};
+
+struct bytes {
+  uint8_t *p;
+  size_t n, cap;
+};
+
+static void put_bytes(struct bytes *b, const void *data, size_t n) {
+  if (b->n + n > b->cap) {
+    while (b->n + n > b->cap) b->cap = b->cap ? 2 * b->cap : 4096;
+    b->p = xrealloc(b->p, b->cap);
+  }
+  if (n) memcpy(b->p + b->n, data, n);
+  b->n += n;
+}
+
+static void put_u64(struct bytes *b, uint64_t v) {
+  uint8_t le[8];
+  for (int i = 0; i < 8; i++) le[i] = (uint8_t)(v >> (8 * i));
+  put_bytes(b, le, 8);
+}
+
+static void put_str(struct bytes *b, const char *s) {
+  put_u64(b, strlen(s));
+  put_bytes(b, s, strlen(s));
+}
+
+static int by_state_link(const void *a, const void *b) {
+  return strcmp(((const struct state_link *)a)->name, ((const struct state_link *)b)->name);
+}
+
+/* links sorted by name */
+static void state_hash(const struct ckpt_state *s, int64_t version, const struct state_link *links,
+                       size_t n_links, char hex[65]) {
+  struct bytes b = {0};
+  const struct qwen3_config *c = &s->config;
+  put_str(&b, "qwen3-train checkpoint run state");
+  put_u64(&b, (uint64_t)version);
+  put_u64(&b, (uint64_t)s->step);
+  put_u64(&b, s->samples_seen);
+  put_u64(&b, s->tokens_seen);
+  put_u64(&b, (uint64_t)s->n_stages);
+  const int64_t ints[] = {c->hidden_size,       c->num_layers,  c->num_heads,
+                          c->num_kv_heads,      c->head_dim,    c->intermediate_size,
+                          c->vocab_size,        c->tie_embeddings, c->max_seq_len};
+  for (size_t i = 0; i < sizeof ints / sizeof ints[0]; i++) put_u64(&b, (uint64_t)ints[i]);
+  uint64_t bits;
+  memcpy(&bits, &c->rope_theta, 8);
+  put_u64(&b, bits);
+  memcpy(&bits, &c->rms_norm_eps, 8);
+  put_u64(&b, bits);
+  put_u64(&b, s->job_len);
+  put_bytes(&b, s->job, s->job_len);
+  put_u64(&b, n_links);
+  for (size_t i = 0; i < n_links; i++) {
+    put_str(&b, links[i].name);
+    put_str(&b, links[i].file);
+    put_str(&b, links[i].obj);
+  }
+  sha256_hex(b.p, b.n, hex);
+  free(b.p);
+}
+
 /* ---- committing: model.h5, rename, latest, pruning ----------------------------------------- */
 
 struct linker {
@@ -277,6 +332,8 @@ struct linker {
   const char *model_path, *stage_file;
   char *err;
   size_t errlen;
+  struct state_link *links;   /* what was linked, for the run-state checksum */
+  size_t n_links, cap_links;
 };
 
 /* Links one dataset of a stage file into model.h5 under its own name. */
@@ -293,6 +350,10 @@ static herr_t link_one(hid_t group, const char *name, const H5L_info_t *info, vo
   }
   H5_CHECK(H5Lcreate_external(k->stage_file, name, k->model, name, H5P_DEFAULT, H5P_DEFAULT),
            "%s: cannot link '%s' to %s", k->model_path, name, k->stage_file);
+  if (k->n_links == k->cap_links)
+    k->links = xrealloc(k->links, (k->cap_links = k->cap_links ? 2 * k->cap_links : 64) *
+                                      sizeof *k->links);
+  k->links[k->n_links++] = (struct state_link){xstrdup(name), xstrdup(k->stage_file), xstrdup(name)};
   return 0;
 out:
   return -1;
@@ -332,9 +393,12 @@ static int write_model_file(const char *dir, const struct ckpt_state *s, char *e
   char path[4300], stage_path[4400], stage_file[64];
   snprintf(path, sizeof path, "%s/model.h5", dir);
   int rc = -1;
-  hid_t model = -1, stage = -1;
+  hid_t model = -1, stage = -1, str = -1;
+  char hex[65];
+  struct linker k = {-1, path, NULL, err, errlen, NULL, 0, 0};
   H5_CHECK(model = H5Fcreate(path, H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT), "%s: cannot create",
            path);
+  k.model = model;
   for (int i = 0; i < s->n_stages; i++) {
     ckpt_stage_file(stage_file, sizeof stage_file, i, s->n_stages);
     snprintf(stage_path, sizeof stage_path, "%s/%s", dir, stage_file);
@@ -344,7 +408,7 @@ static int write_model_file(const char *dir, const struct ckpt_state *s, char *e
     }
     H5_CHECK(stage = H5Fopen(stage_path, H5F_ACC_RDONLY, H5P_DEFAULT), "%s: cannot open",
              stage_path);
-    struct linker k = {model, path, stage_file, err, errlen};
+    k.stage_file = stage_file;
     if (H5Literate(stage, H5_INDEX_NAME, H5_ITER_INC, NULL, link_one, &k) < 0) {
       if (!err[0]) h5_fail(err, errlen, "%s: cannot list its tensors", stage_path);
       goto out;
@@ -352,6 +416,11 @@ static int write_model_file(const char *dir, const struct ckpt_state *s, char *e
     H5_CHECK(H5Fclose(stage), "%s: cannot close", stage_path);
     stage = -1;
   }
+  qsort(k.links, k.n_links, sizeof *k.links, by_state_link);
+  state_hash(s, CKPT_FORMAT_VERSION, k.links, k.n_links, hex);
+  H5_CHECK(str = H5Tcopy(H5T_C_S1), "%s: state_sha256", path);
+  H5_CHECK(H5Tset_size(str, sizeof hex), "%s: state_sha256", path);
+  if (put_attr(model, path, "state_sha256", str, str, hex, err, errlen) != 0) goto out;
   if (put_i64(model, path, "format_version", CKPT_FORMAT_VERSION, err, errlen) != 0 ||
       put_i64(model, path, "step", s->step, err, errlen) != 0 ||
       put_attr(model, path, "samples_seen", H5T_STD_U64LE, H5T_NATIVE_UINT64, &s->samples_seen,
@@ -372,6 +441,13 @@ static int write_model_file(const char *dir, const struct ckpt_state *s, char *e
   H5_CHECK(H5Fclose(m), "%s: cannot finish writing", path);
   rc = sync_path(path, err, errlen);
 out:
+  for (size_t i = 0; i < k.n_links; i++) {
+    free((char *)k.links[i].name);
+    free((char *)k.links[i].file);
+    free((char *)k.links[i].obj);
+  }
+  free(k.links);
+  close_id(str);
   close_id(stage);
   close_id(model);
   return rc;
@@ -504,6 +580,7 @@ struct link {
 
 struct ckpt {
   char dir[4096], model_path[4200];
+  char state_sha256[65];   /* as stored */
   struct ckpt_state state;
   uint8_t *job;
   struct link *links;
@@ -531,30 +608,66 @@ static int file_index(struct ckpt *c, const char *file) {
   return c->n_files++;
 }
 
+/* The link policy: only model.h5 holds external links, and only to a regular file (not a
+ * symlink) directly inside its own step directory, to the dataset of the same name. */
 static herr_t list_one(hid_t group, const char *name, const H5L_info_t *info, void *data) {
   struct lister *l = data;
   struct ckpt *c = l->c;
   char *err = l->err;
   size_t errlen = l->errlen;
-  if (info->type != H5L_TYPE_EXTERNAL) return 0;   /* config, job.pb */
+  if (info->type == H5L_TYPE_HARD) return 0;   /* config, job.pb */
+  if (info->type != H5L_TYPE_EXTERNAL) {
+    errorf(err, errlen, "%s: '%s' is a %s link; model.h5 holds only external links to its "
+           "stage files", c->model_path, name, info->type == H5L_TYPE_SOFT ? "soft" : "user-defined");
+    return -1;
+  }
+  if (strlen(name) > CKPT_MAX_NAME + 8) {
+    errorf(err, errlen, "%s: link name '%.40s...' is longer than %d bytes", c->model_path, name,
+           CKPT_MAX_NAME + 8);
+    return -1;
+  }
+  if (info->u.val_size < 3 || info->u.val_size > 8192) {
+    errorf(err, errlen, "%s: external link '%s' has a value of %zu bytes (damaged file?)",
+           c->model_path, name, info->u.val_size);
+    return -1;
+  }
   char *val = xmalloc(info->u.val_size);
   const char *file, *obj;
   unsigned flags;
   int rc = -1;
   H5_CHECK(H5Lget_val(group, name, val, info->u.val_size, H5P_DEFAULT), "%s: link '%s'",
            c->model_path, name);
+  if (val[info->u.val_size - 1] != 0) {
+    errorf(err, errlen, "%s: external link '%s' is malformed", c->model_path, name);
+    goto out;
+  }
   H5_CHECK(H5Lunpack_elink_val(val, info->u.val_size, &flags, &file, &obj), "%s: link '%s'",
            c->model_path, name);
-  /* a checkpoint only ever links to its own directory */
-  if (strchr(file, '/')) {
-    errorf(err, errlen, "%s: tensor '%s' links outside the checkpoint, to '%s'", c->model_path,
-         name, file);
+  /* a checkpoint only ever links to files of its own directory */
+  char target[8400];
+  struct stat st;
+  snprintf(target, sizeof target, "%s/%s", c->dir, file);
+  if (!file[0] || strchr(file, '/') || !strcmp(file, ".") || !strcmp(file, "..") ||
+      !strcmp(file, "model.h5")) {
+    errorf(err, errlen, "%s: external link '%s' points to '%s'; links may only name a stage file "
+           "of the same step directory", c->model_path, name, file);
+    goto out;
+  }
+  if (lstat(target, &st) == 0 && !S_ISREG(st.st_mode)) {
+    errorf(err, errlen, "%s: external link '%s' points to '%s', which is not a regular file of the "
+           "step directory (a symlink?); links may only name a stage file there", c->model_path,
+           name, file);
+    goto out;
+  }
+  if (strcmp(obj, name) != 0 && !(obj[0] == '/' && !strcmp(obj + 1, name))) {
+    errorf(err, errlen, "%s: external link '%s' points to object '%s'; a tensor link must name the "
+           "dataset of the same name", c->model_path, name, obj);
     goto out;
   }
   if (c->n_links == c->cap_links)
     c->links = xrealloc(c->links, (c->cap_links = c->cap_links ? 2 * c->cap_links : 64) *
                                       sizeof *c->links);
-  c->links[c->n_links++] = (struct link){xstrdup(name), file_index(c, file), xstrdup(obj)};
+  c->links[c->n_links++] = (struct link){xstrdup(name), file_index(c, file), xstrdup(name)};
   rc = 0;
 out:
   free(val);
@@ -574,76 +687,96 @@ static int read_config(hid_t model, const char *path, struct qwen3_config *c, ch
                        size_t errlen) {
   int rc = -1;
   hid_t g = -1;
+  if (h5c_require_hard(model, path, "config", err, errlen) != 0) return -1;
   H5_CHECK(g = H5Gopen2(model, "config", H5P_DEFAULT), "%s: no group 'config'", path);
   int64_t v[9];
   const char *keys[9] = {"hidden_size", "num_hidden_layers", "num_attention_heads",
                          "num_key_value_heads", "head_dim", "intermediate_size", "vocab_size",
                          "tie_word_embeddings", "max_position_embeddings"};
+  char where[4300];
+  snprintf(where, sizeof where, "%s: group 'config'", path);
   for (int i = 0; i < 9; i++)
-    if (get_i64(g, path, keys[i], &v[i], err, errlen) != 0) goto out;
+    if (h5c_attr_int(g, where, keys[i], i == 7 ? 0 : 1, i == 7 ? 1 : INT32_MAX, &v[i], err,
+                     errlen) != 0)
+      goto out;
   *c = (struct qwen3_config){.hidden_size = (int)v[0], .num_layers = (int)v[1],
                              .num_heads = (int)v[2], .num_kv_heads = (int)v[3],
                              .head_dim = (int)v[4], .intermediate_size = (int)v[5],
                              .vocab_size = (int)v[6], .tie_embeddings = (int)v[7],
                              .max_seq_len = (int)v[8]};
-  if (get_attr(g, path, "rope_theta", H5T_NATIVE_DOUBLE, &c->rope_theta, err, errlen) != 0 ||
-      get_attr(g, path, "rms_norm_eps", H5T_NATIVE_DOUBLE, &c->rms_norm_eps, err, errlen) != 0)
+  if (h5c_attr_f64(g, where, "rope_theta", &c->rope_theta, err, errlen) != 0 ||
+      h5c_attr_f64(g, where, "rms_norm_eps", &c->rms_norm_eps, err, errlen) != 0)
     goto out;
+  if (!(c->rope_theta > 0) || !(c->rms_norm_eps > 0)) {
+    errorf(err, errlen, "%s: rope_theta (%g) and rms_norm_eps (%g) must be > 0", where,
+           c->rope_theta, c->rms_norm_eps);
+    goto out;
+  }
   rc = 0;
 out:
   close_id(g);
   return rc;
 }
 
+/* The job spec of the run; at most this many bytes (a job is a few KB). */
+#define CKPT_MAX_JOB_BYTES (16u << 20)
+
 static int read_job(hid_t model, struct ckpt *c, char *err, size_t errlen) {
   int rc = -1;
-  hid_t ds = -1, space = -1;
-  htri_t there;
-  H5_CHECK(there = H5Lexists(model, "job.pb", H5P_DEFAULT), "%s: 'job.pb'", c->model_path);
-  if (!there) return 0;
-  H5_CHECK(ds = H5Dopen2(model, "job.pb", H5P_DEFAULT), "%s: cannot open 'job.pb'", c->model_path);
-  H5_CHECK(space = H5Dget_space(ds), "%s: 'job.pb'", c->model_path);
-  hssize_t n;
-  H5_CHECK(n = H5Sget_simple_extent_npoints(space), "%s: 'job.pb'", c->model_path);
-  c->job = xmalloc((size_t)n);
+  hid_t ds = -1;
+  hsize_t dims[2];
+  int rank;
+  uint64_t bytes;
+  int there = h5c_exists(model, c->model_path, "job.pb", err, errlen);
+  if (there <= 0) return there;
+  ds = h5c_open_dataset(model, c->model_path, "job.pb", "dataset", H5C_UINT, 1, 1, 1, 0, &rank,
+                        dims, err, errlen);
+  if (ds < 0) return -1;
+  if (h5c_bytes(c->model_path, "job.pb", 1, dims, 1, CKPT_MAX_JOB_BYTES, "the limit of 16 MiB",
+                &bytes, err, errlen) != 0 ||
+      !(c->job = h5c_alloc(bytes, c->model_path, "the job spec 'job.pb'", err, errlen)))
+    goto out;
   H5_CHECK(H5Dread(ds, H5T_NATIVE_UINT8, H5S_ALL, H5S_ALL, H5P_DEFAULT, c->job),
-           "%s: 'job.pb' is damaged", c->model_path);
+           "%s: 'job.pb' fails its checksum or cannot be read: the file is damaged", c->model_path);
   c->state.job = c->job;
-  c->state.job_len = (size_t)n;
+  c->state.job_len = (size_t)bytes;
   rc = 0;
 out:
-  close_id(space);
   close_id(ds);
   return rc;
 }
+
+/* Stage files per checkpoint: far more than any pipeline. */
+#define CKPT_MAX_STAGES 4096
 
 static int open_model(struct ckpt *c, char *err, size_t errlen) {
   int rc = -1;
   hid_t model = -1;
   int64_t version, step, n_stages;
-  H5_CHECK(model = H5Fopen(c->model_path, H5F_ACC_RDONLY, H5P_DEFAULT),
-           "%s: cannot open (truncated or damaged?)", c->model_path);
-  if (get_i64(model, c->model_path, "format_version", &version, err, errlen) != 0) goto out;
+  const char *p = c->model_path;
+  H5_CHECK(model = H5Fopen(p, H5F_ACC_RDONLY, H5P_DEFAULT),
+           "%s: cannot open (truncated or damaged?)", p);
+  if (h5c_attr_int(model, p, "format_version", 0, INT32_MAX, &version, err, errlen) != 0) goto out;
   if (version != CKPT_FORMAT_VERSION) {
-    errorf(err, errlen, "%s: checkpoint format version %lld; this build reads version %d",
-         c->model_path, (long long)version, CKPT_FORMAT_VERSION);
+    errorf(err, errlen, "%s: checkpoint format version %lld; this build reads version %d%s", p,
+           (long long)version, CKPT_FORMAT_VERSION,
+           version == 1 ? " (version 1 had no run-state checksum)" : "");
     goto out;
   }
-  if (get_i64(model, c->model_path, "step", &step, err, errlen) != 0 ||
-      get_attr(model, c->model_path, "samples_seen", H5T_NATIVE_UINT64, &c->state.samples_seen,
-               err, errlen) != 0 ||
-      get_attr(model, c->model_path, "tokens_seen", H5T_NATIVE_UINT64, &c->state.tokens_seen,
-               err, errlen) != 0 ||
-      get_i64(model, c->model_path, "n_stages", &n_stages, err, errlen) != 0 ||
-      read_config(model, c->model_path, &c->state.config, err, errlen) != 0 ||
-      read_job(model, c, err, errlen) != 0)
+  if (h5c_attr_str(model, p, "state_sha256", c->state_sha256, sizeof c->state_sha256, err,
+                   errlen) != 0 ||
+      h5c_attr_int(model, p, "step", 0, INT64_MAX, &step, err, errlen) != 0 ||
+      h5c_attr_u64(model, p, "samples_seen", &c->state.samples_seen, err, errlen) != 0 ||
+      h5c_attr_u64(model, p, "tokens_seen", &c->state.tokens_seen, err, errlen) != 0 ||
+      h5c_attr_int(model, p, "n_stages", 1, CKPT_MAX_STAGES, &n_stages, err, errlen) != 0 ||
+      read_config(model, p, &c->state.config, err, errlen) != 0 || read_job(model, c, err, errlen) != 0)
     goto out;
   c->state.step = step;
   c->state.n_stages = (int)n_stages;
   struct lister l = {c, err, errlen};
   err[0] = 0;
   if (H5Literate(model, H5_INDEX_NAME, H5_ITER_INC, NULL, list_one, &l) < 0) {
-    if (!err[0]) h5_fail(err, errlen, "%s: cannot list its tensors", c->model_path);
+    if (!err[0]) h5_fail(err, errlen, "%s: cannot list its tensors", p);
     goto out;
   }
   rc = 0;
@@ -669,6 +802,18 @@ int ckpt_open(struct ckpt **out, const char *path, char *err, size_t errlen) {
     return -1;
   }
   qsort(c->links, c->n_links, sizeof *c->links, by_link_name);
+  struct state_link *sl = xmalloc((c->n_links ? c->n_links : 1) * sizeof *sl);
+  for (size_t i = 0; i < c->n_links; i++)
+    sl[i] = (struct state_link){c->links[i].name, c->files[c->links[i].file], c->links[i].obj};
+  char hex[65];
+  state_hash(&c->state, CKPT_FORMAT_VERSION, sl, c->n_links, hex);
+  free(sl);
+  if (strcmp(hex, c->state_sha256) != 0) {
+    errorf(err, errlen, "%s: the run state (step, counters, config, job.pb, tensor links) fails "
+           "its checksum state_sha256: the file is damaged or was edited", c->model_path);
+    ckpt_close(c);
+    return -1;
+  }
   c->names = xmalloc((c->n_links ? c->n_links : 1) * sizeof *c->names);
   for (size_t i = 0; i < c->n_links; i++)
     if (!has_suffix(c->links[i].name, PART_SUFFIX[CKPT_ADAM_M]) &&
@@ -708,7 +853,8 @@ static void shape_text(char *out, size_t len, int ndim, const int64_t *shape) {
 
 /* Opens the dataset of tensor `name`, part `part`; *file_path names its stage file. */
 static hid_t open_tensor(struct ckpt *c, const char *name, enum ckpt_part part,
-                         char *file_path, size_t fp_len, char *err, size_t errlen) {
+                         char *file_path, size_t fp_len, int *ndim, hsize_t dims[2], char *err,
+                         size_t errlen) {
   char full[256];
   snprintf(full, sizeof full, "%s%s", name, PART_SUFFIX[part]);
   struct link key = {.name = full};
@@ -721,48 +867,47 @@ static hid_t open_tensor(struct ckpt *c, const char *name, enum ckpt_part part,
   snprintf(file_path, fp_len, "%s/%s", c->dir, c->files[l->file]);
   hid_t ds = -1;
   if (c->file_ids[l->file] < 0) {
-    if (!exists(file_path)) {
+    struct stat st;
+    if (lstat(file_path, &st) != 0) {
       errorf(err, errlen, "%s: missing (it holds tensor '%s')", file_path, full);
+      return -1;
+    }
+    if (!S_ISREG(st.st_mode)) {
+      errorf(err, errlen, "%s: not a regular file (it holds tensor '%s'); a checkpoint's stage "
+             "files lie in its step directory", file_path, full);
       return -1;
     }
     H5_CHECK(c->file_ids[l->file] = H5Fopen(file_path, H5F_ACC_RDONLY, H5P_DEFAULT),
              "%s: cannot open, truncated or damaged (it holds tensor '%s')", file_path, full);
   }
-  H5_CHECK(ds = H5Dopen2(c->file_ids[l->file], l->obj, H5P_DEFAULT),
-           "%s: tensor '%s' is missing or damaged", file_path, full);
+  ds = h5c_open_dataset(c->file_ids[l->file], file_path, l->obj, "tensor", H5C_FLOAT, 4, 1, 2, 0,
+                        ndim, dims, err, errlen);
 out:
   return ds;
 }
 
-static int tensor_shape(hid_t ds, const char *file_path, const char *name, int *ndim,
-                        int64_t shape[2], char *err, size_t errlen) {
-  int rc = -1;
-  hid_t space = -1;
-  hsize_t dims[2] = {0, 0};
-  int nd;
-  H5_CHECK(space = H5Dget_space(ds), "%s: tensor '%s'", file_path, name);
-  H5_CHECK(nd = H5Sget_simple_extent_ndims(space), "%s: tensor '%s'", file_path, name);
-  if (nd < 1 || nd > 2) {
-    errorf(err, errlen, "%s: tensor '%s' has %d dimensions, not 1 or 2", file_path, name, nd);
-    goto out;
-  }
-  H5_CHECK(H5Sget_simple_extent_dims(space, dims, NULL), "%s: tensor '%s'", file_path, name);
-  *ndim = nd;
-  shape[0] = (int64_t)dims[0];
-  shape[1] = nd > 1 ? (int64_t)dims[1] : 1;
-  rc = 0;
-out:
-  close_id(space);
-  return rc;
-}
-
 int ckpt_shape(struct ckpt *c, const char *name, int *ndim, int64_t shape[2], char *err,
                size_t errlen) {
-  char file_path[8200];
+  char file_path[8200], limit[96];
+  hsize_t dims[2] = {0, 1};
+  uint64_t bytes;
   struct quiet q;
   quiet_on(&q);
-  hid_t ds = open_tensor(c, name, CKPT_WEIGHTS, file_path, sizeof file_path, err, errlen);
-  int rc = ds < 0 ? -1 : tensor_shape(ds, file_path, name, ndim, shape, err, errlen);
+  hid_t ds = open_tensor(c, name, CKPT_WEIGHTS, file_path, sizeof file_path, ndim, dims, err,
+                         errlen);
+  int rc = -1;
+  if (ds >= 0) {
+    /* the weights are always written, uncompressed: they fit in their file */
+    hid_t f = H5Iget_file_id(ds);
+    uint64_t size = f < 0 ? 0 : h5c_file_size(f);
+    close_id(f);
+    snprintf(limit, sizeof limit, "its file's size (%llu bytes)", (unsigned long long)size);
+    if (h5c_bytes(file_path, name, *ndim, dims, 4, size, limit, &bytes, err, errlen) == 0) {
+      shape[0] = (int64_t)dims[0];
+      shape[1] = *ndim > 1 ? (int64_t)dims[1] : 1;
+      rc = 0;
+    }
+  }
   close_id(ds);
   quiet_off(&q);
   return rc;
@@ -775,10 +920,13 @@ int ckpt_read(struct ckpt *c, const char *name, enum ckpt_part part, int ndim,
   struct quiet q;
   quiet_on(&q);
   int rc = -1, nd;
+  hsize_t dims[2] = {0, 1};
   int64_t stored[2];
-  hid_t ds = open_tensor(c, name, part, file_path, sizeof file_path, err, errlen);
-  if (ds < 0 || tensor_shape(ds, file_path, full, &nd, stored, err, errlen) != 0) goto out;
-  if (nd != ndim || stored[0] != shape[0] || (ndim == 2 && stored[1] != shape[1])) {
+  hid_t ds = open_tensor(c, name, part, file_path, sizeof file_path, &nd, dims, err, errlen);
+  if (ds < 0) goto out;
+  stored[0] = (int64_t)dims[0];
+  stored[1] = nd > 1 ? (int64_t)dims[1] : 1;
+  if (nd != ndim || dims[0] != (hsize_t)shape[0] || (ndim == 2 && dims[1] != (hsize_t)shape[1])) {
     shape_text(have, sizeof have, nd, stored);
     shape_text(want, sizeof want, ndim, shape);
     errorf(err, errlen, "%s: tensor '%s' has shape %s, the job's model needs %s (a checkpoint of "

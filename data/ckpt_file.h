@@ -38,7 +38,7 @@
 
 #include "common/qwen3_config.h"
 
-#define CKPT_FORMAT_VERSION 1
+#define CKPT_FORMAT_VERSION 2
 #define CKPT_MAX_NAME 200   /* bytes of a tensor name */
 
 /* The run state of model.h5. */

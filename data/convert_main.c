@@ -15,6 +15,7 @@
  * the checkpoint only at the end; h52hf writes config.json, without which no loader takes the
  * directory for a model, last. */
 #define _POSIX_C_SOURCE 200809L
+#include <dirent.h>
 #include <jansson.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -48,13 +49,114 @@ static void progress(const char *what, size_t done, size_t total, double bytes, 
   last_tenth = tenth;
 }
 
+/* hf2h5 writes step 0: into a root that already holds steps it would move `latest` back (and a
+ * run resumed from there would overwrite the later steps). Such a root is refused. */
+static void refuse_existing_checkpoint(const char *root) {
+  char latest[4300], target[4096];
+  snprintf(latest, sizeof latest, "%s/latest", root);
+  ssize_t n = readlink(latest, target, sizeof target - 1);
+  if (n >= 0 || access(latest, F_OK) == 0) {
+    target[n > 0 ? n : 0] = 0;
+    die("%s: already holds a checkpoint (latest -> %s); hf2h5 writes step 0 and would move latest "
+        "back: convert into a new or empty directory", root, n > 0 ? target : "?");
+  }
+  DIR *d = opendir(root);
+  if (!d) return;   /* a new directory */
+  struct dirent *e;
+  while ((e = readdir(d)))
+    if (!strncmp(e->d_name, "step_", 5)) {
+      char name[300];
+      snprintf(name, sizeof name, "%s", e->d_name);
+      closedir(d);
+      die("%s: already holds checkpoint steps (%s); hf2h5 writes step 0 and would overwrite or "
+          "shadow them: convert into a new or empty directory", root, name);
+    }
+  closedir(d);
+}
+
+/* The tensors of a Qwen3 model of config c, with their shapes: the safetensors must hold exactly
+ * these (lm_head.weight may be absent only with tied embeddings), or the model and its config
+ * disagree. */
+static void check_tensors(const char *hf_dir, const struct qwen3_config *c,
+                          const struct st_model *m) {
+  struct want {
+    char name[128];
+    int ndim;
+    int64_t shape[2];
+    int optional;
+  };
+  size_t cap = 16 + 11 * (size_t)c->num_layers, n = 0;
+  struct want *w = xcalloc(cap, sizeof *w);
+  const int64_t H = c->hidden_size, V = c->vocab_size, I = c->intermediate_size, D = c->head_dim;
+  const int64_t Q = (int64_t)c->num_heads * D, KV = (int64_t)c->num_kv_heads * D;
+#define WANT(nd, r, k, opt, ...)                                               \
+  do {                                                                         \
+    snprintf(w[n].name, sizeof w[n].name, __VA_ARGS__);                        \
+    w[n].ndim = nd, w[n].shape[0] = r, w[n].shape[1] = k, w[n].optional = opt; \
+    n++;                                                                       \
+  } while (0)
+  WANT(2, V, H, 0, "model.embed_tokens.weight");
+  WANT(1, H, 1, 0, "model.norm.weight");
+  WANT(2, V, H, c->tie_embeddings, "lm_head.weight");
+  for (int l = 0; l < c->num_layers; l++) {
+    WANT(1, H, 1, 0, "model.layers.%d.input_layernorm.weight", l);
+    WANT(1, H, 1, 0, "model.layers.%d.post_attention_layernorm.weight", l);
+    WANT(2, Q, H, 0, "model.layers.%d.self_attn.q_proj.weight", l);
+    WANT(2, KV, H, 0, "model.layers.%d.self_attn.k_proj.weight", l);
+    WANT(2, KV, H, 0, "model.layers.%d.self_attn.v_proj.weight", l);
+    WANT(2, H, Q, 0, "model.layers.%d.self_attn.o_proj.weight", l);
+    WANT(1, D, 1, 0, "model.layers.%d.self_attn.q_norm.weight", l);
+    WANT(1, D, 1, 0, "model.layers.%d.self_attn.k_norm.weight", l);
+    WANT(2, I, H, 0, "model.layers.%d.mlp.gate_proj.weight", l);
+    WANT(2, I, H, 0, "model.layers.%d.mlp.up_proj.weight", l);
+    WANT(2, H, I, 0, "model.layers.%d.mlp.down_proj.weight", l);
+  }
+#undef WANT
+  size_t found = 0;
+  for (size_t i = 0; i < n; i++) {
+    const struct st_tensor *t = st_model_find(m, w[i].name);
+    if (!t) {
+      if (w[i].optional) continue;
+      die("%s: tensor '%s' is missing; config.json describes a Qwen3 model with %d layers%s that "
+          "needs it", hf_dir, w[i].name, c->num_layers,
+          c->tie_embeddings ? "" : " and untied embeddings (tie_word_embeddings false)");
+    }
+    found++;
+    int64_t second = t->ndim > 1 ? t->shape[1] : 1;
+    if (t->ndim != w[i].ndim || t->shape[0] != w[i].shape[0] || second != w[i].shape[1]) {
+      char have[64];
+      if (t->ndim == 2) snprintf(have, sizeof have, "[%lld, %lld]", (long long)t->shape[0], (long long)t->shape[1]);
+      else if (t->ndim == 1) snprintf(have, sizeof have, "[%lld]", (long long)t->shape[0]);
+      else snprintf(have, sizeof have, "%d dimensions", t->ndim);
+      if (w[i].ndim == 2)
+        die("%s: tensor '%s' has shape %s but config.json (%s) implies [%lld, %lld]", t->path,
+            w[i].name, have, "hidden_size, num_attention_heads, num_key_value_heads, head_dim, "
+            "intermediate_size, vocab_size", (long long)w[i].shape[0], (long long)w[i].shape[1]);
+      die("%s: tensor '%s' has shape %s but config.json (hidden_size, head_dim) implies [%lld]",
+          t->path, w[i].name, have, (long long)w[i].shape[0]);
+    }
+  }
+  if (found != st_model_count(m))
+    for (size_t j = 0; j < st_model_count(m); j++) {
+      const char *name = st_model_tensor_at(m, j)->name;
+      size_t i = 0;
+      while (i < n && strcmp(w[i].name, name)) i++;
+      if (i == n)
+        die("%s: tensor '%s' is not part of the Qwen3 model config.json describes (%d layers); "
+            "a config for another model?", st_model_tensor_at(m, j)->path, name, c->num_layers);
+    }
+  free(w);
+}
+
 static void hf2h5(const char *hf_dir, const char *root) {
   char err[1024], path[4300], tmp[4200], file[64];
   struct qwen3_config cfg;
   snprintf(path, sizeof path, "%s/config.json", hf_dir);
   if (hf_config_load(&cfg, path, err, sizeof err) != 0) die("%s", err);
+  refuse_existing_checkpoint(root);
   struct st_model *m;
   if (st_model_open(&m, hf_dir, err, sizeof err) != 0) die("%s", err);
+  check_tensors(hf_dir, &cfg, m);
   size_t n = st_model_count(m);
   double all = 0, done = 0;
   for (size_t i = 0; i < n; i++) all += 4.0 * (double)st_model_tensor_at(m, i)->numel;

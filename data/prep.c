@@ -80,7 +80,7 @@ static int chat_doc(const struct prep_config *c, const struct chat_message *m, s
 static int jsonl_record(const struct prep_config *c, const char *rec, size_t len,
                         struct prep_doc *d, char *err, size_t errlen) {
   json_error_t jerr;
-  json_t *root = json_loadb(rec, len, 0, &jerr);
+  json_t *root = json_loadb(rec, len, JSON_ALLOW_NUL, &jerr);
   if (!root) return errorf(err, errlen, "not JSON (column %d): %s", jerr.column, jerr.text);
   int rc;
   if (c->format == PREP_JSONL) {
@@ -99,6 +99,8 @@ static int jsonl_record(const struct prep_config *c, const char *rec, size_t len
       const json_t *role = json_object_get(msg, "role"), *content = json_object_get(msg, "content");
       if (!json_is_string(role) || !json_is_string(content))
         rc = errorf(err, errlen, "messages[%zu]: needs string \"role\" and \"content\"", i);
+      else if (strlen(json_string_value(role)) != json_string_length(role))
+        rc = errorf(err, errlen, "messages[%zu]: \"role\" holds a NUL character", i);
       else
         m[i] = (struct chat_message){json_string_value(role), json_string_value(content),
                                      json_string_length(content)};
@@ -316,7 +318,7 @@ int prep_tokenize(const struct tokenizer *t, FILE *in, const char *in_name, FILE
     char why[512];
     if (jsonl) {
       json_error_t jerr;
-      root = json_loadb(line, len, 0, &jerr);
+      root = json_loadb(line, len, JSON_ALLOW_NUL, &jerr);
       const json_t *v = json_object_get(root, "text");
       if (!json_is_string(v)) {
         rc = errorf(err, errlen, "%s:%zu: %s", in_name, lineno,

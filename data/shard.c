@@ -9,54 +9,81 @@
 #include <unistd.h>
 
 #include "common/util.h"
+#include "data/h5_check.h"
+#include "data/h5_quiet.h"
 
-/* Reads a 1-D dataset of `type` into a new buffer; returns its length or -1. */
-static int64_t read_vector(hid_t file, const char *name, hid_t type, size_t elem, void **out) {
-  hid_t ds = H5Dopen2(file, name, H5P_DEFAULT);
+/* Reads the 1-D dataset `name` (exactly uint of `elem` bytes: no conversion) into a new buffer
+ * after checking its size against the file's: a shard stores its data uncompressed, so a
+ * dataset never holds more bytes than the file. */
+static int read_vector(hid_t file, const char *path, const char *name, size_t elem,
+                       uint64_t file_size, void **out, uint64_t *n, char *err, size_t errlen) {
+  hsize_t dims[2];
+  int rank;
+  uint64_t bytes;
+  char limit[96], what[96];
+  hid_t ds = h5c_open_dataset(file, path, name, "token shard dataset", H5C_UINT, elem, 1, 1, 1,
+                              &rank, dims, err, errlen);
   if (ds < 0) return -1;
-  hid_t space = H5Dget_space(ds);
-  int64_t n = -1;
-  if (space >= 0 && H5Sget_simple_extent_ndims(space) == 1) {
-    hsize_t dim;
-    H5Sget_simple_extent_dims(space, &dim, NULL);
-    void *buf = xmalloc(dim * elem);
-    if (H5Dread(ds, type, H5S_ALL, H5S_ALL, H5P_DEFAULT, buf) >= 0) {
-      *out = buf;
-      n = (int64_t)dim;
-    } else {
-      free(buf);
-    }
+  int rc = -1;
+  snprintf(limit, sizeof limit, "the file's size (%llu bytes)", (unsigned long long)file_size);
+  snprintf(what, sizeof what, "the shard dataset '%s'", name);
+  void *buf = NULL;
+  hsize_t dim = dims[0];
+  if (h5c_bytes(path, name, 1, &dim, elem, file_size, limit, &bytes, err, errlen) != 0 ||
+      !(buf = h5c_alloc(bytes, path, what, err, errlen)))
+    goto out;
+  hid_t mem = elem == 1 ? H5T_NATIVE_UINT8 : elem == 4 ? H5T_NATIVE_UINT32 : H5T_NATIVE_UINT64;
+  if (dim > 0 && H5Dread(ds, mem, H5S_ALL, H5S_ALL, H5P_DEFAULT, buf) < 0) {
+    errorf(err, errlen, "%s: dataset '%s' fails its checksum or cannot be read: the file is damaged",
+           path, name);
+    free(buf);
+    goto out;
   }
-  if (space >= 0) H5Sclose(space);
+  *out = buf;
+  *n = dim;
+  rc = 0;
+out:
   H5Dclose(ds);
-  return n;
+  return rc;
 }
 
 int shard_load(struct shard *s, const char *path, char *err, size_t errlen) {
   memset(s, 0, sizeof *s);
   if (access(path, R_OK) != 0) return errorf(err, errlen, "%s: cannot read the token shard", path);
-  hid_t file = -1;
-  H5E_BEGIN_TRY { file = H5Fopen(path, H5F_ACC_RDONLY, H5P_DEFAULT); }
-  H5E_END_TRY;
-  if (file < 0) return errorf(err, errlen, "%s: not an HDF5 file", path);
+  struct quiet q;
+  quiet_on(&q);
+  hid_t file = H5Fopen(path, H5F_ACC_RDONLY, H5P_DEFAULT);
+  if (file < 0) {
+    quiet_off(&q);
+    return errorf(err, errlen, "%s: not an HDF5 file (or a damaged one)", path);
+  }
 
   int rc = -1;
-  int64_t n_tok, n_off;
-  H5E_BEGIN_TRY {
-    n_tok = read_vector(file, "tokens", H5T_NATIVE_UINT32, 4, (void **)&s->tokens);
-    n_off = read_vector(file, "doc_offsets", H5T_NATIVE_UINT64, 8, (void **)&s->doc_offsets);
-  }
-  H5E_END_TRY;
-  if (n_tok < 0) {
-    errorf(err, errlen, "%s: no 1-D dataset 'tokens' (is this a qwen3-prep shard?)", path);
+  uint64_t n_tok = 0, n_off = 0, n_mask = 0, size = h5c_file_size(file);
+  int64_t version, vocab;
+  int there = h5c_exists(file, path, "tokens", err, errlen);
+  if (there == 0)
+    errorf(err, errlen, "%s: no dataset 'tokens' (is this a qwen3-prep shard?)", path);
+  if (there <= 0) goto done;
+  if (h5c_attr_int(file, path, "format_version", SHARD_FORMAT_VERSION, SHARD_FORMAT_VERSION,
+                   &version, err, errlen) != 0 ||
+      h5c_attr_int(file, path, "vocab_size", 1, UINT32_MAX, &vocab, err, errlen) != 0)
     goto done;
-  }
+  s->vocab_size = (uint32_t)vocab;
+  if (H5Aexists(file, "tokenizer") > 0 &&
+      h5c_attr_str(file, path, "tokenizer", s->tokenizer, sizeof s->tokenizer, err, errlen) != 0)
+    goto done;
+  if (read_vector(file, path, "tokens", 4, size, (void **)&s->tokens, &n_tok, err, errlen) != 0 ||
+      read_vector(file, path, "doc_offsets", 8, size, (void **)&s->doc_offsets, &n_off, err,
+                  errlen) != 0)
+    goto done;
   if (n_off < 2) {
-    errorf(err, errlen, "%s: dataset 'doc_offsets' missing or empty", path);
+    errorf(err, errlen, "%s: dataset 'doc_offsets' has %llu entries; a shard needs at least 2 "
+           "(one document)", path, (unsigned long long)n_off);
     goto done;
   }
-  s->n_tokens = (uint64_t)n_tok;
-  s->n_docs = (uint64_t)n_off - 1;
+  s->n_tokens = n_tok;
+  s->n_docs = n_off - 1;
   if (s->doc_offsets[0] != 0 || s->doc_offsets[s->n_docs] != s->n_tokens) {
     errorf(err, errlen, "%s: doc_offsets must run from 0 to the token count %llu", path,
          (unsigned long long)s->n_tokens);
@@ -67,33 +94,17 @@ int shard_load(struct shard *s, const char *path, char *err, size_t errlen) {
       errorf(err, errlen, "%s: doc_offsets decrease at document %llu", path, (unsigned long long)d);
       goto done;
     }
-  if (H5Lexists(file, "loss_mask", H5P_DEFAULT) > 0) {
-    int64_t n_mask = read_vector(file, "loss_mask", H5T_NATIVE_UINT8, 1, (void **)&s->loss_mask);
+  there = h5c_exists(file, path, "loss_mask", err, errlen);
+  if (there < 0) goto done;
+  if (there) {
+    if (read_vector(file, path, "loss_mask", 1, size, (void **)&s->loss_mask, &n_mask, err,
+                    errlen) != 0)
+      goto done;
     if (n_mask != n_tok) {
-      errorf(err, errlen, "%s: loss_mask has %lld entries for %lld tokens", path, (long long)n_mask,
-           (long long)n_tok);
+      errorf(err, errlen, "%s: loss_mask has %llu entries for %llu tokens", path,
+             (unsigned long long)n_mask, (unsigned long long)n_tok);
       goto done;
     }
-  }
-  if (H5Aexists(file, "vocab_size") <= 0) {
-    errorf(err, errlen, "%s: attribute 'vocab_size' missing", path);
-    goto done;
-  }
-  hid_t a = H5Aopen(file, "vocab_size", H5P_DEFAULT);
-  herr_t ok = H5Aread(a, H5T_NATIVE_UINT32, &s->vocab_size);
-  H5Aclose(a);
-  if (ok < 0) {
-    errorf(err, errlen, "%s: attribute 'vocab_size' unreadable", path);
-    goto done;
-  }
-  if (H5Aexists(file, "tokenizer") > 0) {
-    a = H5Aopen(file, "tokenizer", H5P_DEFAULT);
-    hid_t t = H5Tcopy(H5T_C_S1);
-    H5Tset_size(t, sizeof s->tokenizer);
-    H5Tset_strpad(t, H5T_STR_NULLTERM);
-    H5Aread(a, t, s->tokenizer);
-    H5Tclose(t);
-    H5Aclose(a);
   }
   for (uint64_t i = 0; i < s->n_tokens; i++)
     if (s->tokens[i] >= s->vocab_size) {
@@ -105,6 +116,7 @@ int shard_load(struct shard *s, const char *path, char *err, size_t errlen) {
   rc = 0;
 done:
   H5Fclose(file);
+  quiet_off(&q);
   if (rc != 0) shard_free(s);
   return rc;
 }

@@ -215,16 +215,19 @@ static int collect_names(const json_t *vocab, const json_t *added, const char **
   const char *key;
   const json_t *v;
   json_object_foreach((json_t *)vocab, key, v) {
-    if (!json_is_integer(v) || json_integer_value(v) < 0 || json_integer_value(v) >= INT32_MAX)
-      return errorf(err, errlen, "model.vocab[\"%s\"]: not an id", key);
+    if (!json_is_integer(v) || json_integer_value(v) < 0 || json_integer_value(v) >= TOKENIZER_MAX_IDS)
+      return errorf(err, errlen, "model.vocab[\"%s\"]: not an id from 0 to %d", key,
+                    TOKENIZER_MAX_IDS - 1);
     if (json_integer_value(v) > max_id) max_id = json_integer_value(v);
   }
   size_t i;
   json_array_foreach(added, i, v) {
     const json_t *idv = json_object_get(v, "id"), *content = json_object_get(v, "content");
     json_int_t id = json_integer_value(idv);
-    if (!json_is_integer(idv) || id < 0 || id >= INT32_MAX || !json_string_length(content))
-      return errorf(err, errlen, "added_tokens[%zu]: needs an id and a non-empty content", i);
+    if (!json_is_integer(idv) || id < 0 || id >= TOKENIZER_MAX_IDS || !json_is_string(content) ||
+        !json_string_length(content))
+      return errorf(err, errlen, "added_tokens[%zu]: needs an id from 0 to %d and a non-empty "
+                    "string content", i, TOKENIZER_MAX_IDS - 1);
     if (json_is_true(json_object_get(v, "lstrip")) || json_is_true(json_object_get(v, "rstrip")) ||
         json_is_true(json_object_get(v, "single_word")) ||
         json_is_true(json_object_get(v, "normalized")))
@@ -454,6 +457,13 @@ static int load_json(struct tokenizer *t, const json_t *root, char *err, size_t 
   free(lens);
   free(is_added);
   return rc;
+}
+
+int tokenizer_validate(const char *path, char *err, size_t errlen) {
+  struct tokenizer *t = tokenizer_load(path, err, errlen);
+  if (!t) return -1;
+  tokenizer_free(t);
+  return 0;
 }
 
 struct tokenizer *tokenizer_load(const char *path, char *err, size_t errlen) {

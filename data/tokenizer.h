@@ -27,8 +27,17 @@
 
 struct tokenizer;
 
-/* NULL with a message naming the file and the problem in err. */
+/* Token ids run from 0 to TOKENIZER_MAX_IDS - 1 (Qwen3: 151668); a file naming a larger id is
+ * refused before anything the size of the vocabulary is allocated. */
+#define TOKENIZER_MAX_IDS (1 << 24)
+
+/* Loads and validates the whole file (JSON syntax, every pipeline setting, every vocabulary id,
+ * merge and added token, the Split regex): NULL with a message naming the file, the field and
+ * what is allowed in err. Callers that take a tokenizer path from a job call it before any
+ * work. */
 struct tokenizer *tokenizer_load(const char *path, char *err, size_t errlen);
+/* tokenizer_load and free: 0, or -1 with err filled. For validating a path early. */
+int tokenizer_validate(const char *path, char *err, size_t errlen);
 void tokenizer_free(struct tokenizer *t);
 
 /* Encodes text[0..len) (may contain NUL bytes) into a new malloc'd array *ids of *n ids.

@@ -7,7 +7,9 @@ cd "$(dirname "$0")/.."
 PACKAGES=(build-essential cmake pkg-config git
           libopenmpi-dev openmpi-bin libhdf5-dev hdf5-tools
           libprotobuf-c-dev protobuf-c-compiler protobuf-compiler
-          libjansson-dev libpcre2-dev libutf8proc-dev libopenblas-dev)
+          libjansson-dev libpcre2-dev libutf8proc-dev libopenblas-dev
+          slurm-wlm munge
+          clang libclang-rt-dev)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -1,20 +1,170 @@
 /* Checkpoints of a run: which rank writes and reads what, and when the ranks wait for each other.
  * The files themselves (layout, commit protocol, checks) are data/ckpt_file.c's. */
-#define _POSIX_C_SOURCE 200809L
+#define _GNU_SOURCE   /* nftw, flock, gethostname */
 #include "trainer/checkpoint.h"
 
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <ftw.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
+#include <unistd.h>
 
 #include "common/util.h"
 #include "data/ckpt_file.h"
 
-/* checkpoint.dir, or <output_dir>/checkpoints */
-static void checkpoint_dir(const Job *job, char *out, size_t len) {
+void checkpoint_root(const Job *job, char *out, size_t len) {
   const char *dir = job->checkpoint->dir;
   if (dir && *dir) snprintf(out, len, "%s", dir);
   else snprintf(out, len, "%s/checkpoints", job->output_dir);
+}
+#define checkpoint_dir checkpoint_root
+
+int probe_writable(const char *dir, char *err, size_t errlen) {
+  char path[4200];
+  snprintf(path, sizeof path, "%s/.qwen3-write-probe.%ld", dir, (long)getpid());
+  int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) return errorf(err, errlen, "'%s' is not writable: cannot create %s: %s", dir, path,
+                            strerror(errno));
+  char block[4096];
+  memset(block, 0, sizeof block);
+  int rc = 0;
+  if (write(fd, block, sizeof block) != (ssize_t)sizeof block || fsync(fd) != 0)
+    rc = errorf(err, errlen, "'%s' is not writable (full disk?): cannot write 4 KiB to %s: %s",
+                dir, path, errno ? strerror(errno) : "short write");
+  if (close(fd) != 0 && rc == 0)
+    rc = errorf(err, errlen, "'%s' is not writable: cannot close %s: %s", dir, path,
+                strerror(errno));
+  unlink(path);
+  return rc;
+}
+
+/* ---- one run per checkpoint.dir, and no step overwritten unasked ------------------------------ */
+
+static int lock_fd = -1;           /* <root>/.lock, flock'ed for the life of the process */
+static int64_t replace_after = -1; /* checkpoint.overwrite: steps after the first save go */
+
+/* The largest committed step_%08d under root; -1 when none. */
+static int64_t newest_step(const char *root) {
+  DIR *d = opendir(root);
+  int64_t max = -1;
+  struct dirent *e;
+  while (d && (e = readdir(d))) {
+    long long step;
+    int end = 0;
+    if (strlen(e->d_name) == 13 && sscanf(e->d_name, "step_%8lld%n", &step, &end) == 1 &&
+        end == 13 && step > max)
+      max = step;
+  }
+  if (d) closedir(d);
+  return max;
+}
+
+static int take_lock(const char *root, char *err, size_t errlen) {
+  char path[4200], host[256] = "?";
+  snprintf(path, sizeof path, "%s/.lock", root);
+  int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  if (fd < 0)
+    return errorf(err, errlen, "checkpoint.dir: cannot create the lock file %s: %s", path,
+                  strerror(errno));
+  if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
+    int e = errno;
+    char holder[256] = "";
+    ssize_t n = pread(fd, holder, sizeof holder - 1, 0);
+    holder[n > 0 ? n : 0] = 0;
+    holder[strcspn(holder, "\n")] = 0;
+    close(fd);
+    if (e == EWOULDBLOCK)
+      return errorf(err, errlen, "checkpoint.dir: '%s' is in use by another run (%s, holding %s); "
+                    "two runs in one checkpoint.dir would delete each other's steps: give this "
+                    "run its own checkpoint.dir, or wait for that one to end", root,
+                    holder[0] ? holder : "pid unknown", path);
+    return errorf(err, errlen, "checkpoint.dir: cannot lock %s: %s", path, strerror(e));
+  }
+  gethostname(host, sizeof host - 1);
+  char me[320];
+  int len = snprintf(me, sizeof me, "pid %ld on host %s\n", (long)getpid(), host);
+  if (ftruncate(fd, 0) != 0 || pwrite(fd, me, (size_t)len, 0) != len || fsync(fd) != 0) {
+    int e = errno;
+    close(fd);
+    return errorf(err, errlen, "checkpoint.dir: cannot write the lock file %s: %s", path,
+                  strerror(e));
+  }
+  lock_fd = fd;
+  return 0;
+}
+
+int checkpoint_prepare(const Job *job, char *err, size_t errlen) {
+  char root[4096], dir[4096] = "", why[1024];
+  checkpoint_root(job, root, sizeof root);
+  if (make_dirs(root) != 0)
+    return errorf(err, errlen, "checkpoint.dir: cannot create '%s': %s", root, strerror(errno));
+  if (probe_writable(root, why, sizeof why) != 0)
+    return errorf(err, errlen, "checkpoint.dir: %s", why);
+  if (take_lock(root, err, errlen) != 0) return -1;
+  /* the step this run starts after */
+  const char *resume = job->checkpoint->resume;
+  int64_t start = 0;
+  if (strcmp(resume, "NEVER")) {
+    int found = 1;
+    if (!strcmp(resume, "AUTO")) found = ckpt_find_latest(root, dir, sizeof dir, why, sizeof why);
+    else if (ckpt_resolve(resume, dir, sizeof dir, why, sizeof why) != 0) found = -1;
+    if (found < 0) return errorf(err, errlen, "checkpoint.resume %s: %s", resume, why);
+    struct ckpt *ck;
+    if (found > 0) {
+      if (ckpt_open(&ck, dir, why, sizeof why) != 0)
+        return errorf(err, errlen, "checkpoint.resume %s: %s", resume, why);
+      start = ckpt_get_state(ck)->step;
+      ckpt_close(ck);
+    }
+  }
+  int64_t newest = newest_step(root);
+  if (newest > start) {
+    if (!job->checkpoint->overwrite)
+      return errorf(err, errlen, "checkpoint.dir: '%s' already holds step %lld, and this run "
+                    "starts after step %lld (checkpoint.resume %s): it would overwrite steps and "
+                    "move `latest` back. Continue the newest with checkpoint.resume: AUTO, give "
+                    "another checkpoint.dir, or set checkpoint.overwrite: true to start over "
+                    "(the steps after the run's first save are then deleted)", root,
+                    (long long)newest, (long long)start, resume);
+    replace_after = start;
+  }
+  return 0;
+}
+
+void checkpoint_release(void) {
+  if (lock_fd >= 0) close(lock_fd);   /* closing releases the flock */
+  lock_fd = -1;
+}
+
+static int remove_entry(const char *path, const struct stat *sb, int flag, struct FTW *ftw) {
+  (void)sb;
+  (void)flag;
+  (void)ftw;
+  return remove(path);
+}
+
+/* checkpoint.overwrite: after the first save of a run that started over, the steps after it
+ * belong to the abandoned run; they go, so that `latest` is again the newest step. */
+static void remove_steps_after(const char *root, int64_t step) {
+  DIR *d = opendir(root);
+  struct dirent *e;
+  char path[4400];
+  while (d && (e = readdir(d))) {
+    long long s;
+    int end = 0;
+    if (sscanf(e->d_name, "step_%8lld%n", &s, &end) == 1 && end == 13 && s > step &&
+        (e->d_name[13] == 0 || !strcmp(e->d_name + 13, ".old"))) {
+      snprintf(path, sizeof path, "%s/%s", root, e->d_name);
+      if (nftw(path, remove_entry, 16, FTW_DEPTH | FTW_PHYS) != 0)
+        die("checkpoint.overwrite: cannot remove %s: %s", path, strerror(errno));
+      info("checkpoint.overwrite: removed %s of the earlier run", path);
+    }
+  }
+  if (d) closedir(d);
 }
 
 /* With tied embeddings and pp > 1 the last stage holds a copy of stage 0's embedding (kept
@@ -90,6 +240,10 @@ void checkpoint_save(const Job *job, struct comm *c, struct worker *w,
     free(packed);
     ckpt_step_path(path, sizeof path, root, s->step, 0);
     info("checkpoint: step %d saved to %s (%.1f s)", s->step, path, now_seconds() - t0);
+    if (replace_after >= 0) {
+      remove_steps_after(root, s->step);
+      replace_after = -1;
+    }
   }
   comm_barrier(c, GROUP_WORLD);   /* nobody runs ahead, or exits, before the commit */
 }

@@ -33,6 +33,23 @@ void checkpoint_save(const Job *job, struct comm *c, struct worker *w,
  * checkpoint, naming the file and tensor. */
 int checkpoint_resume(const Job *job, struct comm *c, struct worker *w, struct train_state *s);
 
+/* checkpoint.dir, or <output_dir>/checkpoints */
+void checkpoint_root(const Job *job, char *out, size_t len);
+
+/* Writes, fsyncs and removes a 4 KiB probe file in dir: 0, or -1 with err naming the file (a
+ * read-only or full file system is found before any work, not at the first save). */
+int probe_writable(const char *dir, char *err, size_t errlen);
+
+/* Rank 0 of a training run, before any work: creates checkpoint.dir, checks that it takes a
+ * write, and locks it for the life of the process (flock on <dir>/.lock, which names the
+ * holder's pid and host; a second run refuses). Refuses a run that would overwrite committed
+ * steps or move `latest` back (resume NEVER, or a checkpoint older than the newest step in the
+ * directory) unless checkpoint.overwrite, which deletes the newer steps at its first save.
+ * Returns 0, or -1 with err naming the directory and what to do. */
+int checkpoint_prepare(const Job *job, char *err, size_t errlen);
+/* Releases the lock (also released when the process exits). */
+void checkpoint_release(void);
+
 /* init.checkpoint: this stage's weights only (fresh optimizer, step 0). */
 void checkpoint_load_weights(const char *dir, struct worker *w);
 

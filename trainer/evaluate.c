@@ -12,23 +12,11 @@
 #include "data/loader.h"
 #include "data/tokenizer.h"
 #include "trainer/generate.h"
+#include "trainer/output.h"
 
 #define SCORES_TAG 30000
 
-static FILE *open_output(const Job *job, const char *name, const char *mode) {
-  char path[4096];
-  snprintf(path, sizeof path, "%s/%s", job->output_dir, name);
-  if (make_dirs(job->output_dir) != 0) die("output_dir: cannot create '%s'", job->output_dir);
-  FILE *f = fopen(path, mode);
-  if (!f) die("output_dir: cannot write '%s'", path);
-  return f;
-}
-
-static void write_json_line(FILE *f, json_t *o) {
-  json_dumpf(o, f, JSON_COMPACT | JSON_REAL_PRECISION(10));
-  fputc('\n', f);
-  json_decref(o);
-}
+static void write_json_line(struct output *f, json_t *o) { output_json_line(f, o, 10); }
 
 /* ---- validation: loss, perplexity, per-document scores -------------------------------------- */
 
@@ -89,7 +77,8 @@ static void validate(const Job *job, struct comm *c, struct worker *w, int step,
   comm_wait_sends(c);
 
   if (c->rank == 0) {
-    FILE *f = open_output(job, "scores.jsonl", "w");
+    struct output out, *f = &out;
+    output_open(f, job->output_dir, "scores.jsonl", "w");
     double total = 0, count = 0;
     for (int i = 0; i < l.n_shards; i++)
       for (uint64_t d = 0; d < l.shards[i].n_docs; d++) {
@@ -101,7 +90,7 @@ static void validate(const Job *job, struct comm *c, struct worker *w, int step,
                                      (json_int_t)s[1], "nll_sum", s[0],
                                      "nll_mean", s[1] > 0 ? s[0] / s[1] : 0.0));
       }
-    fclose(f);
+    output_close(f);
     summary->has_valid = 1;
     summary->valid_tokens = count;
     summary->valid_loss = count > 0 ? total / count : NAN;
@@ -191,7 +180,7 @@ static void run_prompts(const Job *job, struct comm *c, struct worker *w, int st
   int n = prepare_prompts(job, c, &tok, &prompts, &lens, &stop, &n_stop);
   int limit = w->plan.cfg.max_seq_len;
   for (int p = 0; p < n; p++)
-    if (lens[p] + e->max_new_tokens > limit)
+    if ((long long)lens[p] + e->max_new_tokens > limit)
       die("eval.prompts[%d]: %d prompt tokens + eval.max_new_tokens %d is longer than "
           "model.max_seq_len %d", p, lens[p], e->max_new_tokens, limit);
   struct gen_config g = {
@@ -219,7 +208,8 @@ static void run_prompts(const Job *job, struct comm *c, struct worker *w, int st
   comm_wait_sends(c);
 
   if (c->rank == 0) {
-    FILE *f = open_output(job, "eval.jsonl", "a");
+    struct output out, *f = &out;
+    output_open(f, job->output_dir, "eval.jsonl", "a");
     int failed = 0;
     for (int p = 0; p < n; p++) {
       const Qwen3__Prompt *q = e->prompts[p];
@@ -264,7 +254,7 @@ static void run_prompts(const Job *job, struct comm *c, struct worker *w, int st
       printf("\n");
       free(text);
     }
-    fclose(f);
+    output_close(f);
     fflush(stdout);
     if (failed)
       die("eval.check_kv: the KV-cache path and the full replay disagree (tolerance "

@@ -46,9 +46,15 @@ static int append(struct sequence *s, struct gen_result *r, const struct gen_con
 void generate(struct worker *w, struct comm *c, const struct gen_config *g, int n_prompts,
               int32_t *const *prompts, const int *prompt_len, struct gen_result *out) {
   int last = c->stage == c->pp - 1, vocab = w->plan.cfg.vocab_size;
-  int max_len = 0;
+  /* in 64 bits: the sum must not wrap (job_validate bounds both by model.max_seq_len) */
+  long long longest = 0;
   for (int p = 0; p < n_prompts; p++)
-    if (prompt_len[p] + g->max_new_tokens > max_len) max_len = prompt_len[p] + g->max_new_tokens;
+    if ((long long)prompt_len[p] + g->max_new_tokens > longest)
+      longest = (long long)prompt_len[p] + g->max_new_tokens;
+  if (g->max_new_tokens < 0 || longest > w->plan.cfg.max_seq_len)
+    die("generation: %lld prompt + new tokens are more than model.max_seq_len %d", longest,
+        w->plan.cfg.max_seq_len);
+  int max_len = (int)longest;
   memset(out, 0, (size_t)n_prompts * sizeof *out);
   if (g->max_new_tokens <= 0 || n_prompts == 0) return;
   worker_reshape(w, 1, max_len, 1);

@@ -7,6 +7,7 @@
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include "common/util.h"
 
@@ -28,16 +29,32 @@ static void fill_sections(ProtobufCMessage *msg) {
   }
 }
 
-Job *job_load(const char *path) {
+Job *job_load(const char *path, char *err, size_t errlen) {
   size_t len = 0;
+  struct stat st;
+  /* a regular file of a sane size: /dev/zero or a FIFO would otherwise be read for ever */
+  if (stat(path, &st) != 0) {
+    errorf(err, errlen, "%s: cannot read the job file: %s", path, strerror(errno));
+    return NULL;
+  }
+  if (!S_ISREG(st.st_mode) || st.st_size > JOB_MAX_BYTES) {
+    errorf(err, errlen, "%s: not a job file: a job is a regular file of at most %d bytes", path,
+           JOB_MAX_BYTES);
+    return NULL;
+  }
   char *bytes = read_file(path, &len);
-  if (!bytes) die("%s: cannot read the job file: %s", path, strerror(errno));
+  if (!bytes) {
+    errorf(err, errlen, "%s: cannot read the job file: %s", path, strerror(errno));
+    return NULL;
+  }
   Job *job = qwen3__job__unpack(NULL, len, (const uint8_t *)bytes);
   free(bytes);
-  if (!job)
-    die("%s: not a valid binary qwen3.Job (truncated or garbage?). Job files are encoded from "
-        "text with: protoc --encode=qwen3.Job -Iproto job.proto < job.txtpb > job.pb",
-        path);
+  if (!job) {
+    errorf(err, errlen, "%s: not a valid binary qwen3.Job (truncated or garbage?). Job files are "
+           "encoded from text with: protoc --encode=qwen3.Job -Iproto job.proto < job.txtpb > "
+           "job.pb", path);
+    return NULL;
+  }
   fill_sections(&job->base);
   return job;
 }
@@ -170,10 +187,17 @@ int job_set(Job *job, const char *assignment, char *err, size_t errlen) {
       if (f->label == PROTOBUF_C_LABEL_REPEATED) {
         size_t *count = (size_t *)((char *)msg + f->quantifier_offset);
         ProtobufCMessage ***list = (ProtobufCMessage ***)base;
-        if (!was_replaced(list)) {
-          if (n_replaced_lists == (int)(sizeof replaced_lists / sizeof *replaced_lists))
-            return errorf(err, errlen, "--set %s: too many repeated sections set", path);
-          replaced_lists[n_replaced_lists++] = list;
+        /* a list this process replaced before may belong to an earlier job at the same
+         * address: an empty one is replaced again */
+        if (!was_replaced(list) || *count == 0) {
+          if (!was_replaced(list)) {
+            if (n_replaced_lists == (int)(sizeof replaced_lists / sizeof *replaced_lists))
+              return errorf(err, errlen, "--set %s: too many repeated sections set", path);
+            replaced_lists[n_replaced_lists++] = list;
+          }
+          /* the job file's entries go: protobuf-c frees what it finds there at the end */
+          for (size_t i = 0; i < *count; i++) protobuf_c_message_free_unpacked((*list)[i], NULL);
+          free(*list);
           ProtobufCMessage *elem = xmalloc(sd->sizeof_message);
           protobuf_c_message_init(sd, elem);
           *list = xmalloc(sizeof(ProtobufCMessage *));

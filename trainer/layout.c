@@ -20,19 +20,23 @@ int layout_split_layers(int pp, int num_layers, const int *counts, int n_counts,
              n_counts, pp);
     return -1;
   }
-  first[0] = 0;
+  /* summed in 64 bits, each count first bounded by the model: a sum of huge counts must not
+   * wrap around to num_layers */
+  long long sum = 0;
   for (int s = 0; s < pp; s++) {
-    if (counts[s] < 1) {
-      snprintf(err, errlen, "parallel.layers_per_stage[%d] is %d; every stage needs >= 1 layer", s,
-               counts[s]);
+    if (counts[s] < 1 || counts[s] > num_layers) {
+      snprintf(err, errlen, "parallel.layers_per_stage[%d] is %d; each stage holds between 1 and "
+               "the model's %d layers", s, counts[s], num_layers);
       return -1;
     }
-    first[s + 1] = first[s] + counts[s];
+    sum += counts[s];
   }
-  if (first[pp] != num_layers) {
-    snprintf(err, errlen, "parallel.layers_per_stage sums to %d; the model has %d layers",
-             first[pp], num_layers);
+  if (sum != num_layers) {
+    snprintf(err, errlen, "parallel.layers_per_stage sums to %lld; the model has %d layers", sum,
+             num_layers);
     return -1;
   }
+  first[0] = 0;
+  for (int s = 0; s < pp; s++) first[s + 1] = first[s] + counts[s];
   return 0;
 }

@@ -1,6 +1,7 @@
 #define _POSIX_C_SOURCE 200809L
 #include "trainer/train.h"
 
+#include <errno.h>
 #include <jansson.h>
 #include <math.h>
 #include <signal.h>
@@ -14,6 +15,7 @@
 #include "trainer/evaluate.h"
 #include "trainer/layout.h"
 #include "trainer/optim.h"
+#include "trainer/output.h"
 #include "trainer/schedule.h"
 #include "worker/block.h"
 
@@ -108,31 +110,33 @@ static void trim_metrics(const char *path, int step) {
   size_t len;
   char *text = read_file(path, &len);
   if (!text) return;   /* no earlier log */
-  char tmp[4200];
+  char tmp[4300];
   snprintf(tmp, sizeof tmp, "%s.tmp", path);
-  FILE *out = fopen(tmp, "w");
-  if (!out) die("output_dir: cannot write '%s'", tmp);
+  struct output out = {.f = fopen(tmp, "w")};
+  snprintf(out.path, sizeof out.path, "%.4000s", tmp);
+  if (!out.f) die("output_dir: cannot write '%s': %s", tmp, strerror(errno));
   char *save = NULL;
   for (char *line = strtok_r(text, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
     json_t *o = json_loads(line, 0, NULL);
     json_t *s = o ? json_object_get(o, "step") : NULL;
-    if (s && json_integer_value(s) <= step) fprintf(out, "%s\n", line);
+    if (s && json_integer_value(s) <= step && fprintf(out.f, "%s\n", line) < 0)
+      die("output_dir: cannot write '%s': %s", tmp, strerror(errno));
     json_decref(o);
   }
   free(text);
-  if (fclose(out) != 0 || rename(tmp, path) != 0) die("output_dir: cannot rewrite '%s'", path);
+  output_close(&out);
+  if (rename(tmp, path) != 0) die("output_dir: cannot rewrite '%s': %s", path, strerror(errno));
 }
 
 /* output_dir/metrics.jsonl: one JSON object per logged step and per validation; a resumed run
  * (resumed_step > 0) continues the file. */
-static FILE *open_metrics(const Job *job, int resumed_step) {
-  if (make_dirs(job->output_dir) != 0) die("output_dir: cannot create '%s'", job->output_dir);
-  char path[4096];
+static void open_metrics(struct output *o, const Job *job, int resumed_step) {
+  if (make_dirs(job->output_dir) != 0)
+    die("output_dir: cannot create '%s': %s", job->output_dir, strerror(errno));
+  char path[4200];
   snprintf(path, sizeof path, "%s/metrics.jsonl", job->output_dir);
   if (resumed_step > 0) trim_metrics(path, resumed_step);
-  FILE *f = fopen(path, resumed_step > 0 ? "a" : "w");
-  if (!f) die("output_dir: cannot write '%s'", path);
-  return f;
+  output_open(o, job->output_dir, "metrics.jsonl", resumed_step > 0 ? "a" : "w");
 }
 
 struct step_log {
@@ -148,7 +152,7 @@ static double device_peak_mib(const struct backend *be) {
   return peak / 1048576.0;
 }
 
-static void log_step(FILE *metrics, const struct step_log *s) {
+static void log_step(struct output *metrics, const struct step_log *s) {
   char eta[32];
   format_duration(eta, sizeof eta, s->elapsed / s->done * (s->steps - s->step));
   double tps = s->tokens / s->seconds;
@@ -163,10 +167,7 @@ static void log_step(FILE *metrics, const struct step_log *s) {
                         "step_seconds", s->seconds, "tokens", s->tokens);
   if (s->device_peak_mib >= 0)
     json_object_set_new(o, "device_peak_mib", json_real(s->device_peak_mib));
-  json_dumpf(o, metrics, JSON_COMPACT | JSON_REAL_PRECISION(9));
-  fputc('\n', metrics);
-  fflush(metrics);
-  json_decref(o);
+  output_json_line(metrics, o, 9);
 }
 
 /* --timing: rank 0's seconds per stage of the block table, per phase */
@@ -179,13 +180,10 @@ static void print_stage_times(void) {
          block_stage_seconds[i][PHASE_PREFILL], block_stage_seconds[i][PHASE_DECODE]);
 }
 
-static void log_validation(FILE *metrics, int step, const struct eval_summary *ev) {
+static void log_validation(struct output *metrics, int step, const struct eval_summary *ev) {
   json_t *o = json_pack("{s:i, s:f, s:f, s:f}", "step", step, "val_loss", ev->valid_loss,
                         "val_ppl", ev->valid_ppl, "val_tokens", ev->valid_tokens);
-  json_dumpf(o, metrics, JSON_COMPACT | JSON_REAL_PRECISION(9));
-  fputc('\n', metrics);
-  fflush(metrics);
-  json_decref(o);
+  output_json_line(metrics, o, 9);
 }
 
 /* ---- one optimizer step through the pipeline ------------------------------------------------- */
@@ -281,18 +279,27 @@ static double run_schedule(struct run *r, float grad_scale) {
   return loss_sum;
 }
 
-/* SIGTERM / SIGUSR1 (Slurm preemption): finish the step, checkpoint on every rank, exit 0. */
+/* SIGTERM, SIGUSR1, SIGUSR2 (Slurm preemption, a scheduler's warning): finish the step,
+ * checkpoint on every rank, exit 0. Installed first thing in main, so that a signal during
+ * start-up waits for the first step boundary instead of killing the rank. How each reaches the
+ * ranks through Open MPI's mpirun: see train.h. */
 static volatile sig_atomic_t stop_signal;
 
 static void on_stop_signal(int sig) { stop_signal = sig; }
 
-static void catch_stop_signals(void) {
+static const char *stop_name(void) {
+  return stop_signal == SIGTERM ? "SIGTERM" : stop_signal == SIGUSR1 ? "SIGUSR1" : "SIGUSR2";
+}
+
+void train_catch_stop_signals(void) {
   struct sigaction sa;
   memset(&sa, 0, sizeof sa);
   sa.sa_handler = on_stop_signal;
+  sa.sa_flags = SA_RESTART;
   sigemptyset(&sa.sa_mask);
   sigaction(SIGTERM, &sa, NULL);
   sigaction(SIGUSR1, &sa, NULL);
+  sigaction(SIGUSR2, &sa, NULL);
 }
 
 /* Weights of a fresh run: a checkpoint's, a Hugging Face model's, or seeded random. */
@@ -316,7 +323,6 @@ void train_run(const Job *job, const struct qwen3_config *cfg, struct comm *c,
   init_weights(job, &r.w);
   struct train_state st = {0};
   int resumed = checkpoint_resume(job, c, &r.w, &st);
-  catch_stop_signals();
   schedule_build(&r.sched, schedule_kind_of(job), c->pp, job->parallel->micro_batches, c->stage);
   loader_open(&r.train, job->data->train, (int)job->data->n_train, job->data->seq_len,
               job->data->seed, cfg->vocab_size, "data.train", 1);
@@ -332,9 +338,10 @@ void train_run(const Job *job, const struct qwen3_config *cfg, struct comm *c,
   for (int m = 0; m < r.n_mb; m++) r.live_of[m] = -1;
   r.live_busy = xcalloc((size_t)plan.n_live, sizeof(int));
 
-  FILE *metrics = NULL;
+  struct output metrics_file = {0}, *metrics = NULL;
   if (c->rank == 0) {
-    metrics = open_metrics(job, resumed ? st.step : 0);
+    metrics = &metrics_file;
+    open_metrics(metrics, job, resumed ? st.step : 0);
     info("training %s: %d steps, %llu samples of %d tokens in data.train, backend %s",
          job->name, job->train->steps, (unsigned long long)r.train.n_samples, job->data->seq_len,
          be->name);
@@ -385,7 +392,8 @@ void train_run(const Job *job, const struct qwen3_config *cfg, struct comm *c,
       if (metrics && ev.has_valid) log_validation(metrics, step, &ev);
     }
     if (stop) {
-      if (c->rank == 0) info("stopped by a signal after step %d; checkpoint saved", step);
+      if (c->rank == 0)
+        info("stopped by a signal after step %d; checkpoint saved (%s)", step, stop_name());
       break;
     }
   }
@@ -396,7 +404,7 @@ void train_run(const Job *job, const struct qwen3_config *cfg, struct comm *c,
   if (opt->timing && c->rank == 0) {
     print_stage_times();
   }
-  if (metrics) fclose(metrics);
+  if (metrics) output_close(metrics);
   free(r.tokens);
   free(r.targets);
   free(r.positions);
@@ -422,9 +430,10 @@ void eval_run(const Job *job, const struct qwen3_config *cfg, struct comm *c,
   struct eval_summary ev;
   evaluate(job, c, &w, st.step, &ev);
   if (c->rank == 0 && ev.has_valid) {
-    FILE *metrics = open_metrics(job, st.step > 0 ? st.step : 0);
-    log_validation(metrics, st.step, &ev);
-    fclose(metrics);
+    struct output metrics;
+    open_metrics(&metrics, job, st.step > 0 ? st.step : 0);
+    log_validation(&metrics, st.step, &ev);
+    output_close(&metrics);
   }
   if (opt->timing && c->rank == 0) print_stage_times();
   worker_free(&w);

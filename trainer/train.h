@@ -23,6 +23,19 @@ int nvfp4_bf16_last_layers(const Qwen3__Precision *prec, int num_layers);
 /* --dry-run: the rank layout with parameters and memory per rank, printed by rank 0. */
 void print_layout(const Job *job, const struct qwen3_config *cfg, const struct comm *c);
 
+/* SIGTERM, SIGUSR1 and SIGUSR2 make every rank finish its step, checkpoint, and exit 0.
+ * Through Open MPI 4.1's mpirun:
+ *  - SIGUSR1 / SIGUSR2 to mpirun are forwarded to every rank as they are: the ranks save at the
+ *    next step boundary and exit 0, and so does mpirun. This is the signal to send to mpirun.
+ *  - SIGTERM (or SIGINT) to mpirun is not forwarded as such: mpirun aborts the job, sending the
+ *    ranks SIGCONT and SIGTERM, then SIGKILL odls_base_sigkill_timeout seconds later (default
+ *    1). The ranks save at the next step boundary if the step and the save end within that
+ *    time (raise it with `mpirun --mca odls_base_sigkill_timeout 600`), and exit 0; mpirun
+ *    itself always exits 1 after a SIGTERM, whatever the ranks return.
+ *  - SIGTERM sent to the ranks themselves (Slurm signals every process of a step): exit 0, and
+ *    mpirun with them. */
+void train_catch_stop_signals(void);
+
 void train_run(const Job *job, const struct qwen3_config *cfg, struct comm *c,
                const struct backend *be, const struct run_options *opt);
 

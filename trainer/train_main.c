@@ -1,5 +1,6 @@
 /* qwen3-train JOB.pb: train or evaluate, as the job says, on every rank mpirun started. */
 #define _POSIX_C_SOURCE 200809L
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -7,6 +8,7 @@
 #include "comm/comm.h"
 #include "common/util.h"
 #include "kernels/ops.h"
+#include "trainer/checkpoint.h"
 #include "trainer/job.h"
 #include "trainer/train.h"
 #ifdef QWEN3_HAVE_CUDA
@@ -46,9 +48,52 @@ static const struct backend *choose_backend(const Job *job, const struct comm *c
 #endif
 }
 
+/* Every rank read and checked the same job; the ranks agree on whether any found a problem (a
+ * file may be readable on one machine and not on another). Returns the lowest rank that found
+ * one, or -1. Collective. */
+static int first_rank_with_problems(struct comm *c) {
+  if (c->world == 1) return job_problem_count() ? 0 : -1;
+  double *found = xcalloc((size_t)c->world, sizeof(double));
+  found[c->rank] = job_problem_count();
+  comm_allreduce_sum_double(c, GROUP_WORLD, found, (size_t)c->world);
+  int first = -1;
+  for (int r = 0; r < c->world && first < 0; r++)
+    if (found[r] > 0) first = r;
+  free(found);
+  return first;
+}
+
+/* An invalid job: one rank lists the problems, every rank finalizes MPI and exits 1. No rank
+ * calls MPI_Abort (and Open MPI prints no abort banner): they all reach this point together. */
+static void refuse_if_invalid(struct comm *c) {
+  int first = first_rank_with_problems(c);
+  if (first < 0) return;
+  if (c->rank == first) job_problems_print();
+  comm_finalize(c);
+  exit(1);
+}
+
+/* Command-line mistakes: every rank parses the same line and refuses the same way. */
+static _Noreturn void usage_error(struct comm *c, const char *fmt, ...) PRINTF_LIKE(2, 3);
+static _Noreturn void usage_error(struct comm *c, const char *fmt, ...) {
+  if (c->rank == 0) {
+    va_list ap;
+    va_start(ap, fmt);
+    fputs(USAGE, stderr);
+    fprintf(stderr, "qwen3: error: ");
+    vfprintf(stderr, fmt, ap);
+    fprintf(stderr, "\n");
+    va_end(ap);
+  }
+  comm_finalize(c);
+  exit(1);
+}
+
 int main(int argc, char **argv) {
   struct comm c;
   comm_init(&c, &argc, &argv);
+  /* a stop signal before the first step boundary is kept for it, not fatal */
+  train_catch_stop_signals();
 
   const char *job_path = NULL;
   int print_job = 0, dry_run = 0;
@@ -62,10 +107,10 @@ int main(int argc, char **argv) {
       comm_finalize(&c);
       return 0;
     } else if (!strcmp(a, "--set") && i + 1 < argc) {
-      if (n_sets == 256) die("too many --set options (256 at most)");
+      if (n_sets == 256) usage_error(&c, "too many --set options (256 at most)");
       sets[n_sets++] = argv[++i];
     } else if (!strncmp(a, "--set=", 6)) {
-      if (n_sets == 256) die("too many --set options (256 at most)");
+      if (n_sets == 256) usage_error(&c, "too many --set options (256 at most)");
       sets[n_sets++] = a + 6;
     } else if (!strcmp(a, "--print-job")) {
       print_job = 1;
@@ -74,34 +119,40 @@ int main(int argc, char **argv) {
     } else if (!strcmp(a, "--timing")) {
       opt.timing = 1;
     } else if (!strcmp(a, "--fail-at") && i + 1 < argc) {
-      if (sscanf(argv[++i], "%d:%d", &opt.fail_rank, &opt.fail_step) != 2 || opt.fail_step < 1)
-        die("--fail-at expects RANK:STEP with STEP >= 1, got '%s'", argv[i]);
+      char end;
+      if (sscanf(argv[++i], "%d:%d%c", &opt.fail_rank, &opt.fail_step, &end) != 2 ||
+          opt.fail_step < 1)
+        usage_error(&c, "--fail-at expects RANK:STEP with STEP >= 1, got '%s'", argv[i]);
     } else if (a[0] == '-') {
-      if (c.rank == 0) fputs(USAGE, stderr);
-      die("unknown or incomplete option '%s'", a);
+      usage_error(&c, "unknown or incomplete option '%s'", a);
     } else if (!job_path) {
       job_path = a;
     } else {
-      die("more than one job file given ('%s' and '%s')", job_path, a);
+      usage_error(&c, "more than one job file given ('%s' and another)", a);
     }
   }
-  if (!job_path) {
-    if (c.rank == 0) fputs(USAGE, stderr);
-    die("no job file given");
-  }
+  if (!job_path) usage_error(&c, "no job file given");
 
-  Job *job = job_load(job_path);
-  for (int i = 0; i < n_sets; i++) {
-    char err[1024];
-    if (job_set(job, sets[i], err, sizeof err) != 0) die("%s", err);
-  }
+  char err[1024];
+  Job *job = job_load(job_path, err, sizeof err);
+  if (!job) job_problem("%s", err);
+  for (int i = 0; job && i < n_sets; i++)
+    if (job_set(job, sets[i], err, sizeof err) != 0) job_problem("%s", err);
+  refuse_if_invalid(&c);
   if (print_job) {
     if (c.rank == 0) job_print(stdout, job);
     comm_finalize(&c);
     return 0;
   }
+  /* every field (every rank), then every input file (rank 0), then the outputs (rank 0): each
+   * pass only when the ones before found nothing, and nothing is created for an invalid job */
   struct qwen3_config cfg;
-  job_validate(job, c.world, c.rank, &cfg);
+  job_validate(job, c.world, &cfg);
+  refuse_if_invalid(&c);
+  if (c.rank == 0) job_validate_files(job, &cfg);
+  refuse_if_invalid(&c);
+  if (!dry_run && c.rank == 0) job_validate_outputs(job);
+  refuse_if_invalid(&c);
   comm_set_layout(&c, job->parallel->pipeline_stages);
   if (dry_run) {
     print_layout(job, &cfg, &c);
@@ -124,6 +175,8 @@ int main(int argc, char **argv) {
   comm_nccl_enable(&c, be->native_stream ? be->native_stream() : NULL);
   if (job->train->steps > 0) train_run(job, &cfg, &c, be, &opt);
   else eval_run(job, &cfg, &c, be, &opt);
+  checkpoint_release();
   comm_finalize(&c);
+  if (fflush(stdout) != 0) return 1;   /* the console log is an output too */
   return 0;
 }

@@ -160,8 +160,9 @@ rm "$bad/stage_000_of_002.h5"
 expect_refused "a missing stage file" "stage_000_of_002.h5: missing (it holds tensor 'model.embed_tokens.weight')"
 
 fresh_copy
-expect_refused "another hidden size" "stage_000_of_002.h5: tensor 'model.embed_tokens.weight' has shape [256, 64], the job's model needs [256, 128]" -- --set model.hidden_size=128
-expect_refused "more layers" "model.h5: the checkpoint has no tensor 'model.layers.2." -- --set model.num_layers=3
+# found before the model is built (trainer/job_validate.c), in checkpoint.c's words
+expect_refused "another hidden size" "checkpoint.resume: $work/bad-ck/model.h5: a checkpoint of another model shape: its hidden_size is 64, the job's model has 128" -- --set model.hidden_size=128
+expect_refused "more layers" "model.h5: a checkpoint of another model shape: its num_hidden_layers is 2, the job's model has 3" -- --set model.num_layers=3
 expect_refused "fewer layers" "model.h5: a checkpoint of another model shape: its num_hidden_layers is 2, the job's model has 1" -- --set model.num_layers=1 --set parallel.pipeline_stages=1
 expect_refused "no checkpoint there" "$work/nowhere: no such checkpoint directory" -- --set checkpoint.resume="$work/nowhere"
 

@@ -380,6 +380,17 @@ static int convert(const char *args) {
   return system(cmd);
 }
 
+/* 1 if the conversion log holds `what` */
+static int log_has(const char *what) {
+  char path[4200];
+  snprintf(path, sizeof path, "%s/convert.log", g_dir);
+  size_t len;
+  char *text = read_file(path, &len);
+  int found = text && strstr(text, what);
+  free(text);
+  return found;
+}
+
 static void test_convert(void) {
   struct hf_tensor t[16];
   int n = make_hf_tensors(t);
@@ -390,6 +401,17 @@ static void test_convert(void) {
 
   snprintf(args, sizeof args, "hf2h5 '%s' '%s'", hf, ck);
   CHECK(convert(args) == 0, "qwen3-convert %s", args);
+  /* into a root that holds a checkpoint already: refused, latest stays */
+  CHECK(convert(args) != 0 && log_has("already holds a checkpoint (latest -> step_00000000)"),
+        "hf2h5 into an existing checkpoint root is refused");
+  /* a model whose tensors disagree with its config.json: refused naming the tensor */
+  char bad[600];
+  snprintf(bad, sizeof bad, "%s", in_dir("hf-missing"));
+  write_hf(bad, t + 1, n - 1);
+  snprintf(args, sizeof args, "hf2h5 '%s' '%s'", bad, in_dir("never"));
+  CHECK(convert(args) != 0 && log_has("is missing; config.json describes a Qwen3 model"),
+        "hf2h5 of a model missing tensor %s is refused naming it", t[0].name);
+  CHECK(log_has(t[0].name), "the refusal names %s", t[0].name);
   struct ckpt *c;
   CHECK(ckpt_open(&c, ck, err, sizeof err) == 0, "the converted checkpoint opens: %s", err);
   if (c) {

@@ -70,6 +70,10 @@ static void test_records(void) {
   CHECK(record(PREP_TEXT, "Hello world!", &d, err) == 1 && doc_is(&d, hello, NULL, 4), "text");
   CHECK(record(PREP_JSONL, "{\"text\": \"Hello world!\"}", &d, err) == 1 &&
             doc_is(&d, hello, NULL, 4), "jsonl");
+  /* JSON may hold NUL characters (Hugging Face tokenizers accepts "\u0000"): byte 0 is token 188 */
+  const uint32_t with_nul[] = {64, 188, 65, 151643};   /* a \0 b <|endoftext|> */
+  CHECK(record(PREP_JSONL, "{\"text\": \"a\\u0000b\"}", &d, err) == 1 &&
+            doc_is(&d, with_nul, NULL, 4), "jsonl with \\u0000: %s", err);
   CHECK(record(PREP_TEXT, "", &d, err) == 0, "blank text line");
 
   const uint32_t ids[] = {1, 22, 333};
