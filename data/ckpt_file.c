@@ -54,22 +54,6 @@ static void h5_fail(char *err, size_t errlen, const char *fmt, ...) {
     }                                        \
   } while (0)
 
-
-/* Closing on the way out of a failed call: the first error is the one reported. */
-static void close_id(hid_t id) {
-  if (id < 0) return;
-  switch (H5Iget_type(id)) {
-  case H5I_FILE: H5Fclose(id); break;
-  case H5I_GROUP: H5Gclose(id); break;
-  case H5I_DATASET: H5Dclose(id); break;
-  case H5I_DATASPACE: H5Sclose(id); break;
-  case H5I_DATATYPE: H5Tclose(id); break;
-  case H5I_ATTR: H5Aclose(id); break;
-  case H5I_GENPROP_LST: H5Pclose(id); break;
-  default: break;
-  }
-}
-
 /* ---- names and directories ----------------------------------------------------------------- */
 
 void ckpt_step_path(char *out, size_t len, const char *root, int64_t step, int tmp) {
@@ -154,9 +138,9 @@ static int write_dataset(hid_t loc, const char *file, const char *name, hid_t fi
              "%s: cannot write tensor '%s'", file, name);
   rc = 0;
 out:
-  close_id(ds);
-  close_id(dcpl);
-  close_id(space);
+  h5c_close(ds);
+  h5c_close(dcpl);
+  h5c_close(space);
   return rc;
 }
 
@@ -170,8 +154,8 @@ static int put_attr(hid_t loc, const char *file, const char *name, hid_t file_ty
   H5_CHECK(H5Awrite(attr, mem_type, value), "%s: cannot write attribute '%s'", file, name);
   rc = 0;
 out:
-  close_id(attr);
-  close_id(space);
+  h5c_close(attr);
+  h5c_close(space);
   return rc;
 }
 
@@ -208,7 +192,7 @@ int ckpt_stage_create(struct ckpt_stage_writer **out, const char *path, int stag
   rc = 0;
 out:
   if (rc != 0) {
-    close_id(w->file);
+    h5c_close(w->file);
     free(w);
     w = NULL;
   }
@@ -384,7 +368,7 @@ static int write_config(hid_t model, const char *path, const struct qwen3_config
     goto out;
   rc = 0;
 out:
-  close_id(g);
+  h5c_close(g);
   return rc;
 }
 
@@ -447,9 +431,9 @@ out:
     free((char *)k.links[i].obj);
   }
   free(k.links);
-  close_id(str);
-  close_id(stage);
-  close_id(model);
+  h5c_close(str);
+  h5c_close(stage);
+  h5c_close(model);
   return rc;
 }
 
@@ -714,7 +698,7 @@ static int read_config(hid_t model, const char *path, struct qwen3_config *c, ch
   }
   rc = 0;
 out:
-  close_id(g);
+  h5c_close(g);
   return rc;
 }
 
@@ -742,7 +726,7 @@ static int read_job(hid_t model, struct ckpt *c, char *err, size_t errlen) {
   c->state.job_len = (size_t)bytes;
   rc = 0;
 out:
-  close_id(ds);
+  h5c_close(ds);
   return rc;
 }
 
@@ -781,7 +765,7 @@ static int open_model(struct ckpt *c, char *err, size_t errlen) {
   }
   rc = 0;
 out:
-  close_id(model);
+  h5c_close(model);
   return rc;
 }
 
@@ -900,7 +884,7 @@ int ckpt_shape(struct ckpt *c, const char *name, int *ndim, int64_t shape[2], ch
     /* the weights are always written, uncompressed: they fit in their file */
     hid_t f = H5Iget_file_id(ds);
     uint64_t size = f < 0 ? 0 : h5c_file_size(f);
-    close_id(f);
+    h5c_close(f);
     snprintf(limit, sizeof limit, "its file's size (%llu bytes)", (unsigned long long)size);
     if (h5c_bytes(file_path, name, *ndim, dims, 4, size, limit, &bytes, err, errlen) == 0) {
       shape[0] = (int64_t)dims[0];
@@ -908,7 +892,7 @@ int ckpt_shape(struct ckpt *c, const char *name, int *ndim, int64_t shape[2], ch
       rc = 0;
     }
   }
-  close_id(ds);
+  h5c_close(ds);
   quiet_off(&q);
   return rc;
 }
@@ -938,7 +922,7 @@ int ckpt_read(struct ckpt *c, const char *name, enum ckpt_part part, int ndim,
            file_path, full);
   rc = 0;
 out:
-  close_id(ds);
+  h5c_close(ds);
   quiet_off(&q);
   return rc;
 }

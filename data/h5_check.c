@@ -8,10 +8,12 @@
 
 #include "common/util.h"
 
-static void close_quietly(hid_t id) {
+void h5c_close(hid_t id) {
   if (id < 0) return;
   H5E_BEGIN_TRY {
     switch (H5Iget_type(id)) {
+    case H5I_FILE: H5Fclose(id); break;
+    case H5I_GROUP: H5Gclose(id); break;
     case H5I_DATASET: H5Dclose(id); break;
     case H5I_DATASPACE: H5Sclose(id); break;
     case H5I_DATATYPE: H5Tclose(id); break;
@@ -115,12 +117,12 @@ static int open_scalar_attr(hid_t loc, const char *file, const char *name, hid_t
     errorf(err, errlen, "%s: attribute '%s' must be a scalar, not %s", file, name, have);
     goto fail;
   }
-  close_quietly(space);
+  h5c_close(space);
   return 0;
 fail:
-  close_quietly(space);
-  close_quietly(*type);
-  close_quietly(*attr);
+  h5c_close(space);
+  h5c_close(*type);
+  h5c_close(*attr);
   *attr = *type = -1;
   return -1;
 }
@@ -153,8 +155,8 @@ static int attr_integer(hid_t loc, const char *file, const char *name, int *nega
 unreadable:
   errorf(err, errlen, "%s: attribute '%s' is unreadable (damaged file?)", file, name);
 out:
-  close_quietly(type);
-  close_quietly(attr);
+  h5c_close(type);
+  h5c_close(attr);
   return rc;
 }
 
@@ -213,8 +215,8 @@ int h5c_attr_f64(hid_t loc, const char *file, const char *name, double *out, cha
     *out = v;
     rc = 0;
   }
-  close_quietly(type);
-  close_quietly(attr);
+  h5c_close(type);
+  h5c_close(attr);
   return rc;
 }
 
@@ -237,9 +239,9 @@ int h5c_attr_str(hid_t loc, const char *file, const char *name, char *out, size_
     out[size < cap ? size : cap - 1] = 0;
     rc = 0;
   }
-  close_quietly(mem);
-  close_quietly(type);
-  close_quietly(attr);
+  h5c_close(mem);
+  h5c_close(type);
+  h5c_close(attr);
   return rc;
 }
 
@@ -321,7 +323,7 @@ static int check_storage(hid_t ds, const char *file, const char *name, const cha
   }
   rc = 0;
 out:
-  close_quietly(dcpl);
+  h5c_close(dcpl);
   return rc;
 }
 
@@ -371,13 +373,13 @@ hid_t h5c_open_dataset(hid_t loc, const char *file, const char *name, const char
       goto fail;
     }
   if (check_storage(ds, file, name, what, size, err, errlen) != 0) goto fail;
-  close_quietly(type);
-  close_quietly(space);
+  h5c_close(type);
+  h5c_close(space);
   return ds;
 fail:
-  close_quietly(type);
-  close_quietly(space);
-  close_quietly(ds);
+  h5c_close(type);
+  h5c_close(space);
+  h5c_close(ds);
   return -1;
 }
 

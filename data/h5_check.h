@@ -61,6 +61,10 @@ hid_t h5c_open_dataset(hid_t loc, const char *file, const char *name, const char
 int h5c_bytes(const char *file, const char *name, int ndim, const hsize_t *dims, size_t elem,
               uint64_t limit, const char *limit_what, uint64_t *bytes, char *err, size_t errlen);
 
+/* Closes any HDF5 id (file, group, dataset, dataspace, type, attribute, property list) on the
+ * way out of a failed call, quietly: the first error is the one reported. < 0: nothing. */
+void h5c_close(hid_t id);
+
 /* The size of an open file in bytes (0 on error). */
 uint64_t h5c_file_size(hid_t file);
 

@@ -14,6 +14,7 @@
 #include "common/util.h"
 #include "data/h5_quiet.h"
 #include "data/ckpt_file.h"
+#include "data/h5_check.h"
 #include "data/safetensors.h"
 
 
@@ -253,43 +254,62 @@ int nvfp4_dump_quantize(const char *input, const char *out, const struct nvfp4_d
 }
 
 /* ---- reading ------------------------------------------------------------------------------- */
-static int read_attr(hid_t obj, const char *name, hid_t mem_type, void *value) {
-  if (H5Aexists(obj, name) <= 0) return -1;
-  hid_t a = H5Aopen(obj, name, H5P_DEFAULT);
-  herr_t rc = a < 0 ? -1 : H5Aread(a, mem_type, value);
-  if (a >= 0) H5Aclose(a);
-  return rc < 0 ? -1 : 0;
+/* A dump is untrusted input like any HDF5 file (data/h5_check.h): every attribute and dataset
+ * is checked for type, size and dataspace before it is read. */
+
+/* The `shape` attribute: exactly two 8-byte integers. */
+static int read_shape(hid_t g, const char *path, const char *name, int64_t shape[2], char *err,
+                      size_t errlen) {
+  if (H5Aexists(g, "shape") <= 0)
+    return errorf(err, errlen, "%s: tensor '%s' has no shape attribute", path, name);
+  hid_t a = H5Aopen(g, "shape", H5P_DEFAULT);
+  if (a < 0) return errorf(err, errlen, "%s: tensor '%s': cannot open its shape", path, name);
+  hid_t type = H5Aget_type(a), space = H5Aget_space(a);
+  hsize_t dims[H5S_MAX_RANK];
+  int ok = type >= 0 && space >= 0 && H5Tget_class(type) == H5T_INTEGER &&
+           H5Tget_size(type) == 8 && H5Sis_simple(space) > 0 &&
+           H5Sget_simple_extent_ndims(space) == 1 &&
+           H5Sget_simple_extent_dims(space, dims, NULL) == 1 && dims[0] == 2 &&
+           H5Aread(a, H5T_NATIVE_INT64, shape) >= 0;
+  if (type >= 0) H5Tclose(type);
+  if (space >= 0) H5Sclose(space);
+  H5Aclose(a);
+  return ok ? 0 : errorf(err, errlen, "%s: tensor '%s': its shape attribute must be two 8-byte "
+                         "integers", path, name);
 }
 
-static int read_string_attr(hid_t obj, const char *name, char *buf, size_t len) {
-  hid_t t = H5Tcopy(H5T_C_S1);
-  H5Tset_size(t, len);
-  H5Tset_strpad(t, H5T_STR_NULLTERM);
-  int rc = read_attr(obj, name, t, buf);
-  H5Tclose(t);
-  buf[len - 1] = 0;
-  return rc;
-}
-
-/* Reads dataset name of g, which must be [rows, cols], into a new buffer. */
-static void *read_2d(hid_t g, const char *name, hid_t mem_type, hsize_t rows, hsize_t cols,
-                     size_t elem) {
-  hid_t ds = H5Dopen2(g, name, H5P_DEFAULT);
+/* Dataset name of g, of exactly (cls, elem) and [rows, cols], into a new buffer. */
+static void *read_2d(hid_t g, const char *path, const char *name, enum h5c_class cls,
+                     hid_t mem_type, size_t elem, hsize_t rows, hsize_t cols, uint64_t limit,
+                     char *err, size_t errlen) {
+  int rank;
+  hsize_t dims[2];
+  uint64_t bytes;
+  hid_t ds = h5c_open_dataset(g, path, name, "NVFP4 dump dataset", cls, elem, 2, 2, 0, &rank,
+                              dims, err, errlen);
   if (ds < 0) return NULL;
-  hid_t space = H5Dget_space(ds);
-  hsize_t dims[2] = {0, 0};
   void *buf = NULL;
-  if (H5Sget_simple_extent_ndims(space) == 2 && H5Sget_simple_extent_dims(space, dims, NULL) == 2 &&
-      dims[0] == rows && dims[1] == cols) {
-    buf = xmalloc(rows * cols * elem);
-    if (H5Dread(ds, mem_type, H5S_ALL, H5S_ALL, H5P_DEFAULT, buf) < 0) {
-      free(buf);
-      buf = NULL;
-    }
+  if (dims[0] != rows || dims[1] != cols)
+    errorf(err, errlen, "%s: dataset '%s' is [%llu, %llu], the tensor's shape needs [%llu, %llu]",
+           path, name, (unsigned long long)dims[0], (unsigned long long)dims[1],
+           (unsigned long long)rows, (unsigned long long)cols);
+  else if (h5c_bytes(path, name, 2, dims, elem, limit, "the file's size", &bytes, err, errlen) == 0 &&
+           (buf = h5c_alloc(bytes, path, name, err, errlen)) &&
+           H5Dread(ds, mem_type, H5S_ALL, H5S_ALL, H5P_DEFAULT, buf) < 0) {
+    errorf(err, errlen, "%s: dataset '%s' cannot be read (its checksum fails?)", path, name);
+    free(buf);
+    buf = NULL;
   }
-  H5Sclose(space);
   H5Dclose(ds);
   return buf;
+}
+
+static int read_float_attr(hid_t g, const char *path, const char *name, float *out, char *err,
+                           size_t errlen) {
+  double v;
+  if (h5c_attr_f64(g, path, name, &v, err, errlen) != 0) return -1;
+  *out = (float)v;   /* written as float: exact */
+  return 0;
 }
 
 int nvfp4_dump_read(const char *path, const char *name, struct nvfp4_dump_tensor *t, char *err,
@@ -302,18 +322,19 @@ int nvfp4_dump_read(const char *path, const char *name, struct nvfp4_dump_tensor
   int64_t shape[2];
   char block[8] = "";
   int is16 = 0;
+  uint64_t limit = file >= 0 ? h5c_file_size(file) : 0;
   if (file < 0) {
     rc = errorf(err, errlen, "%s: not an HDF5 file", path);
-  } else if (H5Lexists(file, name, H5P_DEFAULT) <= 0 ||
+  } else if (h5c_exists(file, path, name, err, errlen) != 1 ||
              (g = H5Gopen2(file, name, H5P_DEFAULT)) < 0) {
     rc = errorf(err, errlen, "%s: no tensor '%s' in this dump", path, name);
-  } else if (read_attr(g, "shape", H5T_NATIVE_INT64, shape) ||
-             read_string_attr(g, "block", block, sizeof block) ||
-             read_attr(g, "amax", H5T_NATIVE_FLOAT, &t->scale.amax) ||
-             read_attr(g, "tensor_scale_enc", H5T_NATIVE_FLOAT, &t->scale.enc) ||
-             read_attr(g, "tensor_scale_dec", H5T_NATIVE_FLOAT, &t->scale.dec) ||
-             read_string_attr(g, "dtype", t->dtype, sizeof t->dtype)) {
-    rc = errorf(err, errlen, "%s: tensor '%s' lacks an attribute of the dump format", path, name);
+  } else if (read_shape(g, path, name, shape, err, errlen) ||
+             h5c_attr_str(g, path, "block", block, sizeof block, err, errlen) ||
+             read_float_attr(g, path, "amax", &t->scale.amax, err, errlen) ||
+             read_float_attr(g, path, "tensor_scale_enc", &t->scale.enc, err, errlen) ||
+             read_float_attr(g, path, "tensor_scale_dec", &t->scale.dec, err, errlen) ||
+             h5c_attr_str(g, path, "dtype", t->dtype, sizeof t->dtype, err, errlen)) {
+    rc = -1;
   } else if ((!(is16 = !strcmp(block, "16x16")) && strcmp(block, "1x16") != 0) || shape[0] <= 0 ||
              shape[1] <= 0 || shape[1] % 16 || (is16 && shape[0] % 16) ||
              shape[0] > INT_MAX || shape[1] > INT_MAX || shape[0] * shape[1] > INT_MAX) {
@@ -323,15 +344,16 @@ int nvfp4_dump_read(const char *path, const char *name, struct nvfp4_dump_tensor
     t->cols = (int)shape[1];
     t->block = is16 ? NVFP4_BLOCK_16X16 : NVFP4_BLOCK_1X16;
     int scale_rows = t->block == NVFP4_BLOCK_16X16 ? t->rows / 16 : t->rows;
-    t->codes = read_2d(g, "codes", H5T_NATIVE_UINT8, t->rows, t->cols / 2, 1);
-    t->scales = read_2d(g, "scales", H5T_NATIVE_UINT8, scale_rows, t->cols / 16, 1);
-    if (H5Lexists(g, "dequantized", H5P_DEFAULT) > 0 &&
-        !(t->dequantized = read_2d(g, "dequantized", H5T_NATIVE_FLOAT, t->rows, t->cols, 4)))
-      rc = errorf(err, errlen, "%s: tensor '%s': cannot read dequantized (wrong shape or checksum)",
-                path, name);
-    if (!t->codes || !t->scales)
-      rc = errorf(err, errlen, "%s: tensor '%s': cannot read codes or scales (wrong shape or checksum)",
-                path, name);
+    int has_deq = h5c_exists(g, path, "dequantized", err, errlen);
+    if (!(t->codes = read_2d(g, path, "codes", H5C_UINT, H5T_NATIVE_UINT8, 1, t->rows,
+                             t->cols / 2, limit, err, errlen)) ||
+        !(t->scales = read_2d(g, path, "scales", H5C_UINT, H5T_NATIVE_UINT8, 1, scale_rows,
+                              t->cols / 16, limit, err, errlen)) ||
+        has_deq < 0 ||
+        (has_deq && !(t->dequantized = read_2d(g, path, "dequantized", H5C_FLOAT,
+                                               H5T_NATIVE_FLOAT, 4, t->rows, t->cols, limit,
+                                               err, errlen))))
+      rc = -1;
   }
   if (g >= 0) H5Gclose(g);
   if (file >= 0) H5Fclose(file);
@@ -354,13 +376,12 @@ int nvfp4_dump_original(const char *path, const char *name, float *dst, size_t n
   struct quiet q;
   quiet_on(&q);
   hid_t file = H5Fopen(path, H5F_ACC_RDONLY, H5P_DEFAULT);
-  if (file >= 0) {
-    read_string_attr(file, "source", source, sizeof source);
-    H5Fclose(file);
-  }
+  int rc_source = file < 0 ? -1 : h5c_attr_str(file, path, "source", source, sizeof source, err, errlen);
+  if (file >= 0) H5Fclose(file);
   quiet_off(&q);
   if (file < 0) return errorf(err, errlen, "%s: not an HDF5 file", path);
-  if (!source[0]) return errorf(err, errlen, "%s: no source attribute", path);
+  if (rc_source != 0) return -1;
+  if (!source[0]) return errorf(err, errlen, "%s: an empty source attribute", path);
   struct input in;
   if (input_open(&in, source, err, errlen) != 0) return -1;
   err[0] = 0;

@@ -11,6 +11,7 @@
 
 #include "common/util.h"
 #include "data/ckpt_file.h"
+#include "data/nvfp4_dump.h"
 #include "data/shard.h"
 #include "data/tokenizer.h"
 #include "tests/check.h"
@@ -329,12 +330,99 @@ static void test_tokenizer_files(void) {
   free(text);
 }
 
+/* ---- NVFP4 dumps (qwen3-nvfp4 quantize) ---------------------------------------------------- */
+
+static void put_attr(hid_t loc, const char *name, hid_t type, int rank, hsize_t n, const void *v) {
+  replace_attr(loc, name, type, rank, n, v);
+}
+
+static void put_string(hid_t loc, const char *name, const char *value) {
+  hid_t t = H5Tcopy(H5T_C_S1);
+  H5Tset_size(t, strlen(value) + 1);
+  put_attr(loc, name, t, 0, 1, value);
+  H5Tclose(t);
+}
+
+/* a 16 x 32 tensor "t" in 1x16 blocks, damaged by `damage` */
+static const char *dump_with(const char *name, void (*damage)(hid_t g)) {
+  const char *path = in_dir(name);
+  hid_t f = H5Fcreate(path, H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
+  hid_t g = H5Gcreate2(f, "t", H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
+  const int64_t shape[2] = {16, 32};
+  const float one = 1.0f;
+  static uint8_t codes[16 * 16], scales[16 * 2];
+  const hsize_t cd[2] = {16, 16}, sd[2] = {16, 2};
+  put_attr(g, "shape", H5T_NATIVE_INT64, 1, 2, shape);
+  put_string(g, "block", "1x16");
+  put_string(g, "dtype", "F32");
+  put_attr(g, "amax", H5T_NATIVE_FLOAT, 0, 1, &one);
+  put_attr(g, "tensor_scale_enc", H5T_NATIVE_FLOAT, 0, 1, &one);
+  put_attr(g, "tensor_scale_dec", H5T_NATIVE_FLOAT, 0, 1, &one);
+  replace_dataset(g, "codes", H5T_NATIVE_UINT8, 2, cd, codes, 0);
+  replace_dataset(g, "scales", H5T_NATIVE_UINT8, 2, sd, scales, 0);
+  damage(g);
+  H5Gclose(g);
+  H5Fclose(f);
+  return path;
+}
+
+static void d_none(hid_t g) { (void)g; }
+static void d_shape_3(hid_t g) {   /* three values where the reader holds two */
+  const int64_t shape[3] = {16, 32, 7};
+  put_attr(g, "shape", H5T_NATIVE_INT64, 1, 3, shape);
+}
+static void d_shape_scalar(hid_t g) {
+  const int64_t v = 16;
+  put_attr(g, "shape", H5T_NATIVE_INT64, 0, 1, &v);
+}
+static void d_shape_i32(hid_t g) {
+  const int32_t shape[2] = {16, 32};
+  put_attr(g, "shape", H5T_NATIVE_INT32, 1, 2, shape);
+}
+static void d_codes_u16(hid_t g) {
+  static uint16_t codes[16 * 16];
+  const hsize_t cd[2] = {16, 16};
+  replace_dataset(g, "codes", H5T_NATIVE_UINT16, 2, cd, codes, 0);
+}
+static void d_scales_short(hid_t g) {
+  static uint8_t scales[8 * 2];
+  const hsize_t sd[2] = {8, 2};
+  replace_dataset(g, "scales", H5T_NATIVE_UINT8, 2, sd, scales, 0);
+}
+
+static void test_dumps(void) {
+  struct nvfp4_dump_tensor t;
+  CHECK(nvfp4_dump_read(dump_with("dump_ok.h5", d_none), "t", &t, err, sizeof err) == 0 &&
+        t.rows == 16 && t.cols == 32, "a valid dump reads: %s", err);
+  nvfp4_dump_tensor_free(&t);
+  static const struct {
+    const char *what;
+    void (*damage)(hid_t);
+    const char *a, *b;
+  } cases[] = {
+    {"a shape of three values", d_shape_3, "shape attribute", "two 8-byte integers"},
+    {"a scalar shape", d_shape_scalar, "shape attribute", "two 8-byte integers"},
+    {"a shape of 4-byte integers", d_shape_i32, "shape attribute", "two 8-byte integers"},
+    {"uint16 codes", d_codes_u16, "codes", NULL},
+    {"scales of the wrong shape", d_scales_short, "scales", "[8, 2]"},
+  };
+  for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+    char name[64];
+    snprintf(name, sizeof name, "dump_%zu.h5", i);
+    const char *path = dump_with(name, cases[i].damage);
+    int rc = nvfp4_dump_read(path, "t", &t, err, sizeof err);
+    CHECK(rc == -1 && has(err, path, NULL) && has(err, cases[i].a, cases[i].b),
+          "NVFP4 dump with %s: refused naming '%s': '%s'", cases[i].what, cases[i].a, err);
+  }
+}
+
 int main(void) {
   if (!mkdtemp(dir)) die("mkdtemp failed");
   H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
   test_shards();
   test_checkpoints();
   test_tokenizer_files();
+  test_dumps();
   int rc = checks_report();
   if (rc == 0) {
     char cmd[600];
