@@ -233,12 +233,22 @@ int job_set(Job *job, const char *assignment, char *err, size_t errlen) {
         memcpy(list + n++ * size, parsed, size);
       }
       free(items);
+      /* the list it replaces is ours to free, strings and all (protobuf-c's allocator is
+       * malloc, and so is ours) */
+      size_t *count = (size_t *)((char *)msg + f->quantifier_offset);
+      if (f->type == PROTOBUF_C_TYPE_STRING)
+        for (size_t i = 0; i < *count; i++) free((*(char ***)base)[i]);
+      free(*(void **)base);
       *(void **)base = list;
-      *(size_t *)((char *)msg + f->quantifier_offset) = n;
+      *count = n;
       return 0;
     }
     if (parse_scalar(f, path, value, parsed, err, errlen) != 0) return -1;
     {
+      /* a string replaced is freed unless it is the schema's default, which is static */
+      if (f->type == PROTOBUF_C_TYPE_STRING && *(char **)base &&
+          *(char **)base != (const char *)f->default_value)
+        free(*(char **)base);
       memcpy(base, parsed, size);
       if (f->quantifier_offset && f->type != PROTOBUF_C_TYPE_STRING)
         *(protobuf_c_boolean *)((char *)msg + f->quantifier_offset) = 1;

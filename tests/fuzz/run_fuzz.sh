@@ -13,8 +13,6 @@ mkdir -p "$artifacts"
 scratch=$(mktemp -d "${TMPDIR:-/tmp}/qwen3-$name-XXXXXX")
 trap 'rm -rf "$scratch"' EXIT
 export ASAN_OPTIONS=${ASAN_OPTIONS:-abort_on_error=1:detect_leaks=1}
-# -detect_leaks=0 for a target: no leak check at its exit either
-case " $* " in *" -detect_leaks=0 "*) ASAN_OPTIONS=${ASAN_OPTIONS/detect_leaks=1/detect_leaks=0} ;; esac
 export UBSAN_OPTIONS=${UBSAN_OPTIONS:-halt_on_error=1:print_stacktrace=1}
 export LSAN_OPTIONS=${LSAN_OPTIONS:-suppressions=$(dirname "$0")/lsan.supp:print_suppressions=0}
 # -close_fd_mask=1: the targets' stdout chatter is dropped; reports still go to stderr
