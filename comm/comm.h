@@ -62,6 +62,14 @@ void comm_recv_tensor(struct comm *c, void *buf, size_t bytes, int from_stage, i
  * host memory. */
 void comm_allreduce_sum_float(struct comm *c, enum comm_group g, float *buf, size_t n);
 void comm_allreduce_sum_double(struct comm *c, enum comm_group g, double *buf, size_t n);
+/* Sharded collectives over a tensor `buf` of n floats that every member of the group holds in
+ * full, cut into consecutive shards of `shard` floats (member i's: [i * shard, (i + 1) * shard)
+ * clipped to n, so the last may be shorter or empty). Reduce-scatter: member i's shard of buf
+ * becomes the sum of every member's; the rest of buf is left as it was. All-gather: every
+ * member's shard of buf is copied into the same place of every other member's buf. */
+void comm_reduce_scatter_sum_float(struct comm *c, enum comm_group g, float *buf, size_t n,
+                                   size_t shard);
+void comm_allgather_float(struct comm *c, enum comm_group g, float *buf, size_t n, size_t shard);
 /* From the group's member `root` (rank within the group: for GROUP_PIPE the stage) to all. */
 void comm_broadcast(struct comm *c, enum comm_group g, void *buf, size_t bytes, int root);
 void comm_barrier(struct comm *c, enum comm_group g);

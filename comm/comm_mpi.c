@@ -264,6 +264,84 @@ void comm_allreduce_sum_double(struct comm *c, enum comm_group g, double *buf, s
   allreduce(c, g, buf, n, MPI_DOUBLE, sizeof *buf);
 }
 
+/* Member i's shard of n floats cut in shards of `shard`: [*begin, *begin + return). */
+static size_t shard_range(size_t n, size_t shard, int i, size_t *begin) {
+  size_t b = (size_t)i * shard;
+  if (b > n) b = n;
+  *begin = b;
+  return n - b < shard ? n - b : shard;
+}
+
+/* The sharded collectives on host memory. MPI's counts and displacements are int, so they go in
+ * rounds: round k moves floats [k * step, (k + 1) * step) of every shard, packed into
+ * consecutive pieces of `pack` (the layout MPI_Reduce_scatter and MPI_Allgatherv want). */
+static void sharded(struct comm *c, enum comm_group g, float *buf, size_t n, size_t shard,
+                    int reduce) {
+  MPI_Comm comm = group_comm(c, g);
+  int size, me;
+  MPI_CHECK(MPI_Comm_size(comm, &size));
+  MPI_CHECK(MPI_Comm_rank(comm, &me));
+  if (shard == 0 || (size_t)size * shard < n)
+    die("internal: %zu floats in %d shards of %zu", n, size, shard);
+  size_t step = (size_t)INT_MAX / (size_t)size;
+  if (step > shard) step = shard;
+  int *counts = xmalloc((size_t)size * sizeof *counts), *displs = xmalloc((size_t)size * sizeof *displs);
+  float *pack = xmalloc((size_t)size * step * sizeof *pack), *mine = xmalloc(step * sizeof *mine);
+  for (size_t at = 0; at < shard; at += step) {
+    int total = 0;
+    for (int i = 0; i < size; i++) {
+      size_t b, len = shard_range(n, shard, i, &b);
+      size_t k = len > at ? len - at : 0;
+      counts[i] = (int)(k < step ? k : step);
+      displs[i] = total;
+      total += counts[i];
+      if (reduce || i == me) memcpy(pack + displs[i], buf + b + at, counts[i] * sizeof *buf);
+    }
+    size_t b;
+    shard_range(n, shard, me, &b);
+    if (reduce) {
+      MPI_CHECK(MPI_Reduce_scatter(pack, mine, counts, MPI_FLOAT, MPI_SUM, comm));
+      memcpy(buf + b + at, mine, counts[me] * sizeof *buf);
+    } else {
+      MPI_CHECK(MPI_Allgatherv(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, pack, counts, displs, MPI_FLOAT,
+                               comm));
+      for (int i = 0; i < size; i++) {
+        size_t bi;
+        shard_range(n, shard, i, &bi);
+        memcpy(buf + bi + at, pack + displs[i], counts[i] * sizeof *buf);
+      }
+    }
+  }
+  free(counts);
+  free(displs);
+  free(pack);
+  free(mine);
+}
+
+/* A tensor in device memory goes through a host copy of the whole buffer. */
+static void sharded_tensor(struct comm *c, enum comm_group g, float *buf, size_t n, size_t shard,
+                           int reduce) {
+  struct mpi_state *st = state(c);
+  if (!st->to_host) {
+    sharded(c, g, buf, n, shard, reduce);
+    return;
+  }
+  float *host = xmalloc((n ? n : 1) * sizeof *host);
+  st->to_host(host, buf, n * sizeof *host);
+  sharded(c, g, host, n, shard, reduce);
+  st->to_device(buf, host, n * sizeof *host);
+  free(host);
+}
+
+void comm_reduce_scatter_sum_float(struct comm *c, enum comm_group g, float *buf, size_t n,
+                                   size_t shard) {
+  sharded_tensor(c, g, buf, n, shard, 1);
+}
+
+void comm_allgather_float(struct comm *c, enum comm_group g, float *buf, size_t n, size_t shard) {
+  sharded_tensor(c, g, buf, n, shard, 0);
+}
+
 void comm_broadcast(struct comm *c, enum comm_group g, void *buf, size_t bytes, int root) {
   MPI_Comm comm = group_comm(c, g);
   int size;

@@ -21,19 +21,23 @@ trap 'rm -rf "$work"' EXIT
 MUTATIONS=(
   'cosine_off_by_one#trainer/optim.c#s/(double)(step - o->warmup_steps - 1)/(double)(step - o->warmup_steps)/#^test_optim$#cosine progress one step late'
   'cosine_period_doubled#trainer/optim.c#s/cos(M_PI \* progress)/cos(0.5 * M_PI * progress)/#^test_optim$#cosine period doubled'
-  'decay_on_norms#trainer/optim.c#s/(float)o->eps, 0.0f, t)/(float)o->eps, (float)o->weight_decay, t)/#^test_optim$#weight decay on norm weights'
+  'decay_on_norms#trainer/optim.c#s/p->param_floats, 0.0f);/p->param_floats, (float)o->weight_decay);/#^test_optim$#weight decay on norm weights'
   'clip_halved#trainer/optim.c#s|(float)(o->grad_clip / (norm + 1e-6))|(float)(0.5 * o->grad_clip / (norm + 1e-6))|#^test_optim$#clip factor halved'
-  'decay_on_norms+clip_halved#trainer/optim.c#s/(float)o->eps, 0.0f, t)/(float)o->eps, (float)o->weight_decay, t)/;s|(float)(o->grad_clip / (norm + 1e-6))|(float)(0.5 * o->grad_clip / (norm + 1e-6))|#^test_optim$#both of the above'
+  'decay_on_norms+clip_halved#trainer/optim.c#s/p->param_floats, 0.0f);/p->param_floats, (float)o->weight_decay);/;s|(float)(o->grad_clip / (norm + 1e-6))|(float)(0.5 * o->grad_clip / (norm + 1e-6))|#^test_optim$#both of the above'
   'rht_dropped_x#worker/nvfp4_linear.c#s/^    be->nvfp4_rht(c, c, in_dim, n, w->rht_signs);/    (void)0;/#^test_nvfp4_linear$|^mpi_test_nvfp4_train$#RHT dropped from the X operand of Wgrad'
   'rht_dropped_dy#worker/nvfp4_linear.c#s/^    be->nvfp4_rht(b, b, out_dim, n, w->rht_signs);/    (void)0;/#^test_nvfp4_linear$#RHT dropped from the dY operand of Wgrad'
   'wgrad_sr_off#worker/nvfp4_linear.c#s/(b, b, out_dim, n, 0, pol->stochastic,/(b, b, out_dim, n, 0, 0,/#^test_nvfp4_linear$#the dY of Wgrad rounded to nearest'
   'dgrad_draws#worker/nvfp4_linear.c#s/operand_seed(w, live, layer, which, 0)/operand_seed(w, live, layer, which, 1)/#^test_nvfp4_linear$#Dgrad draws the numbers of the Wgrad operand'
   'betas_swapped#trainer/optim.c#s/(float)o->beta1, (float)o->beta2/(float)o->beta2, (float)o->beta1/#^test_optim$#beta1 and beta2 swapped'
-  'bias_correction_t+1#trainer/optim.c#s/(float)o->weight_decay, t);/(float)o->weight_decay, t + 1);/#^test_optim$#bias correction of the matrices one step ahead'
+  'bias_correction_t+1#trainer/optim.c#s/adamw_range(w, o, lr, t, 0, p->decay_floats/adamw_range(w, o, lr, t + 1, 0, p->decay_floats/#^test_optim$#bias correction of the matrices one step ahead'
   'clip_when_below#trainer/optim.c#s/norm > o->grad_clip)/norm < o->grad_clip)/#^test_optim$#clipping when the norm is below the limit'
   'warmup_off_by_one#trainer/optim.c#s|return o->lr \* step / o->warmup_steps;|return o->lr * (step - 1) / o->warmup_steps;|#^test_optim$#warmup one step late'
   'linear_to_zero#trainer/optim.c#s/return o->lr + (o->min_lr - o->lr) \* progress;/return o->lr * (1 - progress);/#^test_optim$#linear decay to 0 instead of min_lr'
-  'norm_skips_final_norm#trainer/optim.c#s/sq\[groups - 1\] = w->be->sum_squares/sq[groups - 1] = 0 * w->be->sum_squares/#^test_optim$#final norm left out of the gradient norm'
+  'norm_skips_final_norm#trainer/optim.c#s/sq\[groups - 1\] = param_sum_squares/sq[groups - 1] = 0 * param_sum_squares/#^test_optim$#final norm left out of the gradient norm'
+  'zero_shard_off_by_a_block#worker/worker.c#s/size_t b = (size_t)index \* stride, e = b + stride;/size_t b = (size_t)index * stride + (index ? SHARD_ALIGN : 0), e = b + stride;/#^mpi_test_zero$#ZeRO-1 shards after the first start one block late'
+  'zero_decay_on_vectors#trainer/optim.c#s/p->param_floats, 0.0f);/p->param_floats, p->shards > 1 ? (float)o->weight_decay : 0.0f);/#^mpi_test_zero$#ZeRO-1 decays the vector part of its shard'
+  'zero_norm_of_own_shard#trainer/optim.c#s/if (p->shards > 1) comm_allreduce_sum_double(c, GROUP_DP/if (0) comm_allreduce_sum_double(c, GROUP_DP/#^mpi_test_zero$#ZeRO-1 clips by the norm of its own shard'
+  'zero_load_moments_unshifted#trainer/checkpoint.c#s/host + (from - p->offset)/host/#^mpi_test_zero$#ZeRO-1 loads a tensor'"'"'s moments from its start, not from the shard'"'"'s'
 )
 
 echo "copying the working tree to $work/src"

@@ -190,7 +190,9 @@ static size_t largest_param(const struct worker *w) {
   return max;
 }
 
-static void write_stage(const char *path, const struct comm *c, const struct worker *w) {
+/* adam_m / adam_v: the moments of the whole stage, laid out as the weights */
+static void write_stage(const char *path, const struct comm *c, const struct worker *w,
+                        const float *adam_m, const float *adam_v) {
   char err[1024];
   struct ckpt_stage_writer *sw;
   if (ckpt_stage_create(&sw, path, c->stage, c->pp, err, sizeof err) != 0)
@@ -198,7 +200,7 @@ static void write_stage(const char *path, const struct comm *c, const struct wor
   size_t max = largest_param(w);
   float *host = xmalloc(3 * max * sizeof(float));
   float *dst[3] = {host, host + max, host + 2 * max};
-  const float *src[3] = {w->weights, w->adam_m, w->adam_v};
+  const float *src[3] = {w->weights, adam_m, adam_v};
   for (int i = 0; i < w->n_params; i++) {
     const struct param *p = &w->params[i];
     if (is_tied_copy(w, p)) continue;
@@ -214,6 +216,16 @@ static void write_stage(const char *path, const struct comm *c, const struct wor
   if (ckpt_stage_finish(sw, err, sizeof err) != 0) die("checkpoint: %s", err);
 }
 
+/* ZeRO-1: this rank's shard of a moment into place in `full` (the whole stage), then every
+ * replica's shard over GROUP_DP */
+static void gather_moments(struct comm *c, const struct worker *w, float *full,
+                           const float *shard) {
+  const struct worker_plan *p = &w->plan;
+  size_t len = p->shard_end - p->shard_begin;
+  if (len) w->be->copy(full + p->shard_begin, shard, len * sizeof(float));
+  comm_allgather_float(c, GROUP_DP, full, p->param_floats, p->shard_stride);
+}
+
 void checkpoint_save(const Job *job, struct comm *c, struct worker *w,
                      const struct train_state *s) {
   char root[4096], tmp[4096], file[64], path[4200], err[1024];
@@ -222,11 +234,27 @@ void checkpoint_save(const Job *job, struct comm *c, struct worker *w,
   ckpt_step_path(tmp, sizeof tmp, root, s->step, 1);
   if (c->rank == 0 && ckpt_begin(root, s->step, err, sizeof err) != 0) die("checkpoint: %s", err);
   comm_barrier(c, GROUP_WORLD);   /* the empty .tmp directory exists */
+  /* ZeRO-1: the replicas all-gather the AdamW moments of the whole stage: the first moments
+   * into the gradient buffer (dead between the optimizer step and the next step's zeroing), the
+   * second into a temporary; replica 0 writes them */
+  const float *adam_m = w->adam_m, *adam_v = w->adam_v;
+  float *tmp_v = NULL;
+  if (w->plan.shards > 1) {
+    size_t floats = w->plan.param_floats;
+    tmp_v = w->be->alloc(floats * sizeof(float));
+    if (!tmp_v) die("checkpoint: out of %s memory for the gathered AdamW moments (%.1f MiB)",
+                    w->be->name, floats * sizeof(float) / 1048576.0);
+    gather_moments(c, w, w->grads, w->adam_m);
+    gather_moments(c, w, tmp_v, w->adam_v);
+    adam_m = w->grads;
+    adam_v = tmp_v;
+  }
   if (c->replica == 0) {          /* the other replicas hold the same tensors */
     ckpt_stage_file(file, sizeof file, c->stage, c->pp);
     snprintf(path, sizeof path, "%s/%s", tmp, file);
-    write_stage(path, c, w);
+    write_stage(path, c, w, adam_m, adam_v);
   }
+  if (tmp_v) w->be->free(tmp_v);
   comm_barrier(c, GROUP_WORLD);   /* every stage file is written and synced */
   if (c->rank == 0) {
     size_t job_len = qwen3__job__get_packed_size(job);
@@ -273,21 +301,28 @@ static void check_config(const char *dir, const struct qwen3_config *have,
          want->rms_norm_eps);
 }
 
-/* This stage's tensors by name; the AdamW moments too when `moments`. */
+/* This stage's tensors by name; the AdamW moments too when `moments`, of which a rank keeps
+ * its shard only (ZeRO-1): the part of each tensor inside [shard_begin, shard_end). */
 static void load_stage(struct ckpt *ck, struct worker *w, int moments) {
   char err[1024];
   size_t max = largest_param(w);
   float *host = xmalloc(max * sizeof(float));
   float *dst[3] = {w->weights, w->adam_m, w->adam_v};
+  size_t sb = w->plan.shard_begin, se = w->plan.shard_end;
   for (int i = 0; i < w->n_params; i++) {
     const struct param *p = &w->params[i];
     int ndim;
     int64_t shape[2];
     param_shape(p, &ndim, shape);
+    size_t n = (size_t)p->rows * p->cols;
     for (int k = 0; k < (moments ? 3 : 1); k++) {
+      size_t from = k == 0 || p->offset > sb ? p->offset : sb;
+      size_t to = k == 0 || p->offset + n < se ? p->offset + n : se;
+      if (from >= to) continue;   /* none of this tensor's moments is in the shard */
       if (ckpt_read(ck, p->name, (enum ckpt_part)k, ndim, shape, host, err, sizeof err) != 0)
         die("checkpoint: %s", err);
-      w->be->to_device(dst[k] + p->offset, host, (size_t)p->rows * p->cols * sizeof(float));
+      w->be->to_device(k == 0 ? dst[k] + from : dst[k] + (from - sb), host + (from - p->offset),
+                       (to - from) * sizeof(float));
     }
   }
   free(host);

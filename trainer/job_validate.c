@@ -299,6 +299,7 @@ static void check_parallel(const Job *job, const struct qwen3_config *c, int wor
        p->pipeline_stages);
   NEED(p->micro_batches >= 1 && p->micro_batches <= MAX_MICRO_BATCHES,
        "parallel.micro_batches must be in [1, %d] (is %d)", MAX_MICRO_BATCHES, p->micro_batches);
+  NEED(p->zero == 0 || p->zero == 1, "parallel.zero must be 0 or 1 (is %d)", p->zero);
   if (p->pipeline_stages < 1 || p->pipeline_stages > LAYOUT_MAX_STAGES || c->num_layers <= 0)
     return;
   NEED(p->pipeline_stages <= c->num_layers,

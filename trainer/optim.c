@@ -19,36 +19,57 @@ double lr_schedule(const Qwen3__Optim *o, int total_steps, int step) {
   }
 }
 
+/* sum_squares of grads [from, to) clipped to the rank's shard [b, e) */
+static double shard_sum_squares(struct worker *w, size_t from, size_t to) {
+  size_t b = w->plan.shard_begin, e = w->plan.shard_end;
+  if (from < b) from = b;
+  if (to > e) to = e;
+  return from < to ? w->be->sum_squares(w->grads + from, to - from) : 0;
+}
+
+static double param_sum_squares(struct worker *w, int i) {
+  const struct param *t = &w->params[i];
+  return shard_sum_squares(w, t->offset, t->offset + (size_t)t->rows * t->cols);
+}
+
 /* The squared gradient norm, summed per tensor and grouped by global layer (embedding first,
- * final norm and head last) in a fixed order, so every pipeline layout gets the same bits. */
+ * final norm and head last) in a fixed order, so every pipeline layout gets the same bits.
+ * ZeRO-1: each replica holds the summed gradient of its shard only; a tensor's sum of squares
+ * is then the sum over replicas (MPI's order over GROUP_DP) of its pieces' sums, each group the
+ * sum of its tensors' in table order, and the groups are added in the same fixed order: within
+ * rounding (not bitwise) of the unsharded norm. */
 static double grad_norm_squared(struct worker *w, struct comm *c) {
   const struct worker_plan *p = &w->plan;
   int groups = p->cfg.num_layers + 2;
   double *sq = xcalloc((size_t)groups, sizeof(double));
   for (int l = 0; l < p->n_layers; l++)
-    for (int k = 0; k < N_LAYER_PARAMS; k++) {
-      const struct param *t = &w->params[w->layer_param[l][k]];
-      sq[1 + p->first_layer + l] += w->be->sum_squares(w->grads + t->offset, (size_t)t->rows * t->cols);
-    }
+    for (int k = 0; k < N_LAYER_PARAMS; k++)
+      sq[1 + p->first_layer + l] += param_sum_squares(w, w->layer_param[l][k]);
   /* the tied embedding counts once: the last stage leaves its copy out */
-  if (p->has_embedding) {
-    const struct param *t = &w->params[w->embed_param];
-    sq[0] = w->be->sum_squares(w->grads + t->offset, (size_t)t->rows * t->cols);
-  }
+  if (p->has_embedding) sq[0] = param_sum_squares(w, w->embed_param);
   if (p->has_head) {
-    const struct param *t = &w->params[w->final_norm_param];
-    sq[groups - 1] = w->be->sum_squares(w->grads + t->offset, (size_t)t->rows);
-    if (!p->cfg.tie_embeddings) {
-      t = &w->params[w->head_param];
-      sq[groups - 1] += w->be->sum_squares(w->grads + t->offset, (size_t)t->rows * t->cols);
-    }
+    sq[groups - 1] = param_sum_squares(w, w->final_norm_param);
+    if (!p->cfg.tie_embeddings) sq[groups - 1] += param_sum_squares(w, w->head_param);
   }
+  if (p->shards > 1) comm_allreduce_sum_double(c, GROUP_DP, sq, (size_t)groups);
   /* every group lives on one stage: the sum over stages only adds zeros */
   if (c->pp > 1) comm_allreduce_sum_double(c, GROUP_PIPE, sq, (size_t)groups);
   double total = 0;
   for (int g = 0; g < groups; g++) total += sq[g];
   free(sq);
   return total;
+}
+
+/* AdamW on parameters [from, to) clipped to the shard; decayed below decay_floats */
+static void adamw_range(struct worker *w, const Qwen3__Optim *o, double lr, int t, size_t from,
+                        size_t to, float weight_decay) {
+  size_t b = w->plan.shard_begin, e = w->plan.shard_end;
+  if (from < b) from = b;
+  if (to > e) to = e;
+  if (from >= to) return;
+  float *m = w->adam_m + (from - b), *v = w->adam_v + (from - b);
+  w->be->adamw_update(w->weights + from, w->grads + from, m, v, to - from, (float)lr,
+                      (float)o->beta1, (float)o->beta2, (float)o->eps, weight_decay, t);
 }
 
 double optimizer_step(struct worker *w, struct comm *c, const Qwen3__Optim *o, double lr, int t) {
@@ -61,17 +82,20 @@ double optimizer_step(struct worker *w, struct comm *c, const Qwen3__Optim *o, d
     const struct param *e = &w->params[w->embed_param];
     comm_allreduce_sum_float(c, GROUP_TIED, w->grads + e->offset, (size_t)e->rows * e->cols);
   }
-  if (c->dp > 1) comm_allreduce_sum_float(c, GROUP_DP, w->grads, p->param_floats);
+  int zero = p->shards > 1;
+  if (zero && p->shards != c->dp) die("internal: %d shards for %d replicas", p->shards, c->dp);
+  if (zero)   /* ZeRO-1: each replica sums its shard of the gradients only */
+    comm_reduce_scatter_sum_float(c, GROUP_DP, w->grads, p->param_floats, p->shard_stride);
+  else if (c->dp > 1)
+    comm_allreduce_sum_float(c, GROUP_DP, w->grads, p->param_floats);
   double sq = grad_norm_squared(w, c);
   double norm = sqrt(sq);
   if (o->grad_clip > 0 && norm > o->grad_clip)   /* torch.nn.utils.clip_grad_norm_ */
-    be->scale(w->grads, (float)(o->grad_clip / (norm + 1e-6)), p->param_floats);
+    be->scale(w->grads + p->shard_begin, (float)(o->grad_clip / (norm + 1e-6)),
+              p->shard_end - p->shard_begin);
 
-  be->adamw_update(w->weights, w->grads, w->adam_m, w->adam_v, p->decay_floats, (float)lr,
-                   (float)o->beta1, (float)o->beta2, (float)o->eps, (float)o->weight_decay, t);
-  size_t rest = p->param_floats - p->decay_floats;
-  be->adamw_update(w->weights + p->decay_floats, w->grads + p->decay_floats,
-                   w->adam_m + p->decay_floats, w->adam_v + p->decay_floats, rest, (float)lr,
-                   (float)o->beta1, (float)o->beta2, (float)o->eps, 0.0f, t);
+  adamw_range(w, o, lr, t, 0, p->decay_floats, (float)o->weight_decay);
+  adamw_range(w, o, lr, t, p->decay_floats, p->param_floats, 0.0f);
+  if (zero) comm_allgather_float(c, GROUP_DP, w->weights, p->param_floats, p->shard_stride);
   return norm;
 }

@@ -57,9 +57,10 @@ int nvfp4_bf16_last_layers(const Qwen3__Precision *prec, int num_layers) {
 
 void print_layout(const Job *job, const struct qwen3_config *cfg, const struct comm *c) {
   if (c->rank != 0) return;
-  printf("layout: %d processes = %d pipeline stages x %d data-parallel replicas, schedule %s, "
+  printf("layout: %d processes = %d pipeline stages x %d data-parallel replicas%s, schedule %s, "
          "%d micro-batches of %d x %d tokens\n",
          c->world, c->pp, c->dp,
+         job->parallel->zero && c->dp > 1 ? " (ZeRO-1: AdamW state sharded over replicas)" : "",
          protobuf_c_enum_descriptor_get_value(&qwen3__pipeline_schedule__descriptor,
                                               job->parallel->schedule)->name,
          job->parallel->micro_batches, job->data->micro_batch_size, job->data->seq_len);
@@ -69,6 +70,7 @@ void print_layout(const Job *job, const struct qwen3_config *cfg, const struct c
     struct worker_plan p;
     int stage = r % c->pp;
     stage_plan(&p, job, cfg, c->pp, stage);
+    if (job->parallel->zero && c->dp > 1) worker_plan_shard(&p, c->dp, r / c->pp);
     char layers[32];
     snprintf(layers, sizeof layers, "%d-%d", p.first_layer, p.first_layer + p.n_layers - 1);
     char nvfp4[48] = "";
@@ -319,6 +321,7 @@ void train_run(const Job *job, const struct qwen3_config *cfg, struct comm *c,
   struct run r = {.job = job, .c = c};
   struct worker_plan plan;
   stage_plan(&plan, job, cfg, c->pp, c->stage);
+  if (job->parallel->zero && c->dp > 1) worker_plan_shard(&plan, c->dp, c->replica);
   worker_init(&r.w, be, &plan);
   init_weights(job, &r.w);
   struct train_state st = {0};

@@ -126,6 +126,7 @@ void worker_plan_make(struct worker_plan *p, const struct qwen3_config *cfg, int
       (double)INT32_MAX)
     die("a micro-batch of %d x %d tokens is too large for one activation buffer", batch, seq);
   param_table(p, NULL, NULL, NULL, NULL, NULL, &p->param_floats, &p->decay_floats);
+  worker_plan_shard(p, 1, 0);
 
   size_t tokens = (size_t)batch * seq, d = (size_t)cfg->hidden_size;
   size_t stored = 0, transient = 0;
@@ -141,6 +142,22 @@ void worker_plan_make(struct worker_plan *p, const struct qwen3_config *cfg, int
   for (int s = S_X; s < N_SLOTS; s++)
     if (s != S_X && s != S_Y && s != S_LSE) grads += p->slot_floats[s];
   p->scratch_floats = grads + 3 * tokens * d;
+}
+
+#define SHARD_ALIGN 64   /* floats: 256 bytes */
+
+void worker_plan_shard(struct worker_plan *p, int shards, int index) {
+  if (shards < 1 || index < 0 || index >= shards)
+    die("internal: shard %d of %d", index, shards);
+  size_t blocks = (p->param_floats + SHARD_ALIGN - 1) / SHARD_ALIGN;
+  size_t stride = (blocks + shards - 1) / shards * SHARD_ALIGN;
+  size_t b = (size_t)index * stride, e = b + stride;
+  p->shards = shards;
+  p->shard_index = index;
+  p->shard_stride = shards == 1 ? p->param_floats : stride;
+  p->shard_begin = b < p->param_floats ? b : p->param_floats;
+  p->shard_end = e < p->param_floats ? e : p->param_floats;
+  if (shards == 1) p->shard_begin = 0, p->shard_end = p->param_floats;
 }
 
 void worker_plan_nvfp4(struct worker_plan *p, const struct nvfp4_policy *policy) {
@@ -162,7 +179,8 @@ size_t worker_plan_state_bytes(const struct worker_plan *p) {
   /* one stage with a tied embedding collects the head's gradient apart (worker_init) */
   size_t tied = p->has_embedding && p->has_head && p->cfg.tie_embeddings
                     ? (size_t)p->cfg.vocab_size * p->cfg.hidden_size : 0;
-  return (4 * p->param_floats + tied + p->wq_floats) * sizeof(float);
+  size_t shard = p->shard_end - p->shard_begin;
+  return (2 * p->param_floats + 2 * shard + tied + p->wq_floats) * sizeof(float);
 }
 
 size_t worker_plan_activation_bytes(const struct worker_plan *p) {
@@ -267,6 +285,7 @@ void worker_reshape(struct worker *w, int batch, int seq, int n_live) {
   worker_plan_make(&p, &old->cfg, old->first_layer, old->n_layers, old->has_embedding,
                    old->has_head, batch, seq, n_live, old->recompute);
   if (old->wq_floats) worker_plan_nvfp4(&p, &old->nvfp4);
+  worker_plan_shard(&p, old->shards, old->shard_index);
   free_activations(w);
   w->plan = p;
   alloc_activations(w);
@@ -292,8 +311,10 @@ void worker_init(struct worker *w, const struct backend *be, const struct worker
   size_t pbytes = p->param_floats * sizeof(float);
   w->weights = must_alloc(be, pbytes, "weights");
   w->grads = must_alloc(be, pbytes, "gradients");
-  w->adam_m = must_alloc(be, pbytes, "AdamW first moments");
-  w->adam_v = must_alloc(be, pbytes, "AdamW second moments");
+  /* AdamW moments of this rank's shard only: adam_m[i] is parameter shard_begin + i */
+  size_t sbytes = (p->shard_end - p->shard_begin) * sizeof(float);
+  w->adam_m = must_alloc(be, sbytes ? sbytes : sizeof(float), "AdamW first moments");
+  w->adam_v = must_alloc(be, sbytes ? sbytes : sizeof(float), "AdamW second moments");
 
   nvfp4_worker_init(w);
   alloc_activations(w);

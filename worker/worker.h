@@ -55,6 +55,12 @@ struct worker_plan {
   struct nvfp4_policy nvfp4;
   size_t wq_floats;                    /* quantized weights: W and Wᵀ of every NVFP4 matrix */
   size_t q_scratch_floats;             /* quantized activations and gradients */
+  /* ZeRO-1: this rank's shard [shard_begin, shard_end) of the flat parameter buffer, the one
+   * whose AdamW moments it holds and updates; shard_stride is every shard's length but maybe
+   * the last's (a multiple of 64 floats, 256 bytes), shards the number of shards. Without
+   * sharding (worker_plan_make) one shard covers everything. */
+  int shards, shard_index;
+  size_t shard_stride, shard_begin, shard_end;
 };
 
 struct worker {
@@ -63,7 +69,7 @@ struct worker {
   struct param *params;
   int n_params;
   /* one allocation per parameter group, laid out by `params` */
-  float *weights, *grads, *adam_m, *adam_v;
+  float *weights, *grads, *adam_m, *adam_v;   /* adam_*: plan.shard_begin..shard_end only */
   int (*layer_param)[N_LAYER_PARAMS];     /* [local layer][which] -> index into params */
   int embed_param, final_norm_param, head_param;   /* indices into params, -1 when absent */
   float *tied_head_grads;      /* the LM head's share of a tied embedding's gradient */
@@ -106,9 +112,14 @@ struct kv_cache {
 void worker_plan_make(struct worker_plan *p, const struct qwen3_config *cfg, int first_layer,
                       int n_layers, int has_embedding, int has_head, int batch, int seq,
                       int n_live, int recompute);
+/* ZeRO-1: shard the AdamW state over `shards` data-parallel replicas; this is replica `index`.
+ * The buffer splits into shards of ceil(blocks / shards) blocks of 64 floats, the last maybe
+ * shorter (or empty). */
+void worker_plan_shard(struct worker_plan *p, int shards, int index);
 /* Makes global layers [first, end) of the plan train their linears in NVFP4. */
 void worker_plan_nvfp4(struct worker_plan *p, const struct nvfp4_policy *policy);
-/* Bytes of parameters + gradients + AdamW state, and of activations + scratch. */
+/* Bytes of parameters + gradients + AdamW state (this rank's shard of it), and of activations
+ * + scratch. */
 size_t worker_plan_state_bytes(const struct worker_plan *p);
 size_t worker_plan_activation_bytes(const struct worker_plan *p);
 
