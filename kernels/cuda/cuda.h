@@ -72,6 +72,9 @@ void cuda_scratch2(void **a, size_t a_bytes, void **b, size_t b_bytes, const cha
 /* Shared memory one block may opt in to on this process's GPU (read once). */
 int cuda_smem_optin(void);
 
+/* 16-byte aligned: the float4 paths of the kernels need it of every pointer they vectorize. */
+static inline int cuda_aligned16(const void *p) { return ((uintptr_t)p & 15) == 0; }
+
 /* Threads per block and blocks for n elements of a grid-stride loop. */
 #define CUDA_THREADS 256
 static inline int cuda_blocks(size_t n) {
@@ -120,12 +123,14 @@ void cuda_attention_backward(float *dq, float *dk, float *dv, const float *dctx,
 /* ---- cuda_attention_tc.cu: the TF32 tensor-core attention used when cuda_ctx.tf32 is set.
  * Same arguments and semantics as cuda_attention_forward/backward; return 1 when they did the
  * work, 0 (nothing launched) for a shape or GPU they do not handle (the caller then runs the
- * fp32 kernels): head_dim 64 or 128, tq >= 16, 16-byte aligned tensors, enough shared memory. */
+ * fp32 kernels): head_dim 64 or 128, tq >= 16, 16-byte aligned tensors, enough shared memory.
+ * The backward takes D [batch, heads, tq] = rowsum(dctx * ctx), which the caller computes once
+ * for whichever path runs (the fp32 kernels read the same D). */
 int cuda_attention_tc_forward(float *ctx, float *lse, const float *q, const float *k,
                               const float *v, const struct attn_shape *s);
 int cuda_attention_tc_backward(float *dq, float *dk, float *dv, const float *dctx,
-                               const float *q, const float *k, const float *v, const float *ctx,
-                               const float *lse, const struct attn_shape *s);
+                               const float *q, const float *k, const float *v, const float *lse,
+                               const float *D, const struct attn_shape *s);
 
 /* ---- cuda_linear.cu */
 void cuda_linear_forward(float *out, const float *x, const float *w, int n, int in_dim,

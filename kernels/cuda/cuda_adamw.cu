@@ -68,7 +68,6 @@ static __global__ void adamw_kernel(float *__restrict__ p, const float *__restri
   }
 }
 
-static inline bool aligned16(const void *q) { return ((uintptr_t)q & 15) == 0; }
 
 extern "C" void cuda_adamw_update(float *p, const float *g, float *m, float *v, size_t n,
                                   float lr, float beta1, float beta2, float eps,
@@ -83,7 +82,7 @@ extern "C" void cuda_adamw_update(float *p, const float *g, float *m, float *v, 
   s.step_size = (float)((double)lr / (1.0 - pow((double)beta1, (double)t)));
   s.bc2_sqrt = (float)sqrt(1.0 - pow((double)beta2, (double)t));
   s.eps = eps;
-  if (aligned16(p) && aligned16(g) && aligned16(m) && aligned16(v)) {
+  if (cuda_aligned16(p) && cuda_aligned16(g) && cuda_aligned16(m) && cuda_aligned16(v)) {
     adamw_kernel<true><<<cuda_blocks(n / 4), CUDA_THREADS, 0, cuda_ctx.stream>>>(p, g, m, v, n, s);
   } else {
     adamw_kernel<false><<<cuda_blocks(n), CUDA_THREADS, 0, cuda_ctx.stream>>>(p, g, m, v, n, s);

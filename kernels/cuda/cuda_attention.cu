@@ -630,7 +630,6 @@ __global__ void __launch_bounds__(NT, 2)  // <= 128 registers: two blocks per SM
   __builtin_unreachable();
 }
 
-bool aligned16(const void *p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
 // Checks the shape (as the CPU backend does, plus this file's limits); false: nothing to do.
 bool make_dims(Dims *d, const struct attn_shape *a, const char *what) {
@@ -774,7 +773,7 @@ extern "C" void cuda_attention_forward(float *ctx, float *lse, const float *q, c
   Dims d;
   if (!make_dims(&d, s, "cuda_attention_forward")) return;
   if (cuda_ctx.tf32 && cuda_attention_tc_forward(ctx, lse, q, k, v, s)) return;  // tensor cores
-  d.vec4 = d.vec4 && aligned16(q) && aligned16(k) && aligned16(v);
+  d.vec4 = d.vec4 && cuda_aligned16(q) && cuda_aligned16(k) && cuda_aligned16(v);
   if (d.head_dim <= 32)
     forward_dm<32>(ctx, lse, q, k, v, d);
   else if (d.head_dim <= 64)
@@ -789,15 +788,16 @@ extern "C" void cuda_attention_backward(float *dq, float *dk, float *dv, const f
                                         const struct attn_shape *s) {
   Dims d;
   if (!make_dims(&d, s, "cuda_attention_backward")) return;
-  d.vec4 = d.vec4 && aligned16(q) && aligned16(k) && aligned16(v) && aligned16(dctx);
+  d.vec4 = d.vec4 && cuda_aligned16(q) && cuda_aligned16(k) && cuda_aligned16(v) &&
+           cuda_aligned16(dctx);
   if (!dq && !dk && !dv) return;
-  if (cuda_ctx.tf32 && cuda_attention_tc_backward(dq, dk, dv, dctx, q, k, v, ctx, lse, s))
-    return;  // tensor cores
   const size_t rows = (size_t)d.batch * d.tq * d.heads;
   float *D = (float *)cuda_scratch(rows * sizeof(float), "attention backward D = rowsum(dctx*ctx)");
   attn_bwd_dot_kernel<<<(unsigned)((rows + NT / 32 - 1) / (NT / 32)), NT, 0, cuda_ctx.stream>>>(
       D, dctx, ctx, d);
   CUDA_LAUNCHED("attn_bwd_dot_kernel");
+  if (cuda_ctx.tf32 && cuda_attention_tc_backward(dq, dk, dv, dctx, q, k, v, lse, D, s))
+    return;  // tensor cores
   if (d.head_dim <= 32)
     backward_dm<32>(dq, dk, dv, dctx, q, k, v, lse, D, d, s);
   else if (d.head_dim <= 64)

@@ -31,7 +31,7 @@
  *    rows, Q's A-fragments in registers; K/V tiles of 64 keys (hd 64) or 32 keys (hd 128)
  *    double-buffered with cp.async; S = Q K^T, online softmax (running max and sum per row),
  *    O += P V in registers; ctx = O / l, lse = m + log l. 68 KB (hd 64) / 66 KB (hd 128).
- *  - backward (0): D = rowsum(dctx * ctx), one warp per row, summed in double.
+ *  - backward (0): D = rowsum(dctx * ctx), computed once by the caller for both paths.
  *  - backward (1) dK/dV, one block of 8 warps per (64-key tile, kv head, sequence): K, V stay
  *    in shared memory; the block walks the group's query heads in order and, for each, the
  *    32-query tiles that see its keys (Q, dO, lse, D double-buffered); warp w owns keys
@@ -311,29 +311,6 @@ __global__ void __launch_bounds__(128, 2)
   }
 }
 
-/* ------------------------------------------------------------------------------------------ */
-/* backward (0): D[b, h, i] = dctx_i . ctx_i, one warp per row, summed in double */
-
-__global__ void __launch_bounds__(256)
-    attn_tc_dot_kernel(float *__restrict__ Dsum, const float *__restrict__ dctx,
-                       const float *__restrict__ ctx, Dims s, int hd) {
-  const size_t rows = (size_t)s.batch * s.tq * s.heads;
-  const size_t row = (size_t)blockIdx.x * 8 + threadIdx.x / 32;
-  const int lane = threadIdx.x & 31;
-  if (row >= rows) return;  // a whole warp leaves together
-  const float *a = dctx + row * hd, *c = ctx + row * hd;
-  double sum = 0.0;
-  for (int d = lane; d < hd; d += 32) sum += (double)a[d] * (double)c[d];
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-  if (lane == 0) {
-    const int h = (int)(row % s.heads);
-    const size_t bi = row / s.heads;
-    const int i = (int)(bi % s.tq);
-    const size_t b = bi / s.tq;
-    Dsum[(b * s.heads + h) * s.tq + i] = (float)sum;
-  }
-}
 
 /* ------------------------------------------------------------------------------------------ */
 /* backward (1): dK, dV for one (64-key tile, kv head, sequence), 8 warps */
@@ -633,7 +610,6 @@ __global__ void __launch_bounds__(128, 2)
 namespace attn_tc {
 namespace {
 
-bool aligned16(const void *p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
 // The shapes this file handles; false: the caller uses the fp32 kernels.
 bool make_dims(Dims *d, const struct attn_shape *a) {
@@ -692,7 +668,8 @@ extern "C" int cuda_attention_tc_forward(float *ctx, float *lse, const float *q,
                                          const float *v, const struct attn_shape *s) {
   Dims d;
   if (!make_dims(&d, s)) return 0;
-  if (!aligned16(ctx) || !aligned16(q) || !aligned16(k) || !aligned16(v)) return 0;
+  if (!cuda_aligned16(ctx) || !cuda_aligned16(q) || !cuda_aligned16(k) || !cuda_aligned16(v))
+    return 0;
   const size_t optin = (size_t)cuda_smem_optin();
   if (s->head_dim == 64) {
     if (optin < FwdCfg<64, 64>::smem) return 0;
@@ -706,12 +683,12 @@ extern "C" int cuda_attention_tc_forward(float *ctx, float *lse, const float *q,
 
 extern "C" int cuda_attention_tc_backward(float *dq, float *dk, float *dv, const float *dctx,
                                           const float *q, const float *k, const float *v,
-                                          const float *ctx, const float *lse,
+                                          const float *lse, const float *Dsum,
                                           const struct attn_shape *s) {
   Dims d;
   if (!make_dims(&d, s)) return 0;
-  if (!aligned16(q) || !aligned16(k) || !aligned16(v) || !aligned16(dctx) ||
-      (dq && !aligned16(dq)))
+  if (!cuda_aligned16(q) || !cuda_aligned16(k) || !cuda_aligned16(v) || !cuda_aligned16(dctx) ||
+      (dq && !cuda_aligned16(dq)))
     return 0;
   const size_t optin = (size_t)cuda_smem_optin();
   const size_t need = s->head_dim == 64
@@ -721,11 +698,6 @@ extern "C" int cuda_attention_tc_backward(float *dq, float *dk, float *dv, const
                                                                       : DqCfg<128, 16>::smem);
   if (optin < need) return 0;
   if (!dq && !dk && !dv) return 1;
-  const size_t rows = (size_t)d.batch * d.tq * d.heads;
-  float *Dsum = (float *)cuda_scratch(rows * sizeof(float), "attention backward D = rowsum(dctx*ctx)");
-  attn_tc_dot_kernel<<<(unsigned)((rows + 7) / 8), 256, 0, cuda_ctx.stream>>>(Dsum, dctx, ctx, d,
-                                                                              s->head_dim);
-  CUDA_LAUNCHED("attn_tc_dot_kernel");
   if (s->head_dim == 64)
     launch_bwd<64, 32>(dq, dk, dv, dctx, q, k, v, lse, Dsum, d);
   else

@@ -19,8 +19,8 @@
 #include <stdint.h>
 
 #include "kernels/cuda/cuda.h"
+#include "kernels/cuda/cuda_reduce.cuh"
 
-static inline bool aligned16(const void *p) { return ((uintptr_t)p & 15) == 0; }
 
 /* ---- embedding ------------------------------------------------------------------------------ */
 
@@ -44,7 +44,7 @@ extern "C" void cuda_embedding_forward(float *out, const int32_t *tokens, const 
                                        int n, int dim) {
   if (n <= 0 || dim <= 0) return;
   int grid = n < 65535 * 16 ? n : 65535 * 16;
-  if (dim % 4 == 0 && aligned16(out) && aligned16(table)) {
+  if (dim % 4 == 0 && cuda_aligned16(out) && cuda_aligned16(table)) {
     embedding_forward_kernel<true><<<grid, 256, 0, cuda_ctx.stream>>>(out, tokens, table, n, dim);
   } else {
     embedding_forward_kernel<false><<<grid, 256, 0, cuda_ctx.stream>>>(out, tokens, table, n, dim);
@@ -162,7 +162,7 @@ static __global__ void swiglu_forward_kernel(float *__restrict__ out, const floa
 
 extern "C" void cuda_swiglu_forward(float *out, const float *g, const float *u, size_t n) {
   if (n == 0) return;
-  if (aligned16(out) && aligned16(g) && aligned16(u)) {
+  if (cuda_aligned16(out) && cuda_aligned16(g) && cuda_aligned16(u)) {
     swiglu_forward_kernel<true><<<cuda_blocks(n / 4), CUDA_THREADS, 0, cuda_ctx.stream>>>(out, g,
                                                                                           u, n);
   } else {
@@ -220,7 +220,8 @@ static __global__ void swiglu_backward_kernel(float *__restrict__ dg, float *__r
 template <bool HAS_DG, bool HAS_DU>
 static void swiglu_backward_launch(float *dg, float *du, const float *dout, const float *g,
                                    const float *u, size_t n) {
-  if (aligned16(dg) && aligned16(du) && aligned16(dout) && aligned16(g) && aligned16(u)) {
+  if (cuda_aligned16(dg) && cuda_aligned16(du) && cuda_aligned16(dout) && cuda_aligned16(g) &&
+      cuda_aligned16(u)) {
     swiglu_backward_kernel<true, HAS_DG, HAS_DU>
         <<<cuda_blocks(n / 4), CUDA_THREADS, 0, cuda_ctx.stream>>>(dg, du, dout, g, u, n);
   } else {
@@ -262,7 +263,7 @@ static __global__ void add_inplace_kernel(float *__restrict__ a, const float *__
 
 extern "C" void cuda_add_inplace(float *a, const float *b, size_t n) {
   if (n == 0) return;
-  if (aligned16(a) && aligned16(b)) {
+  if (cuda_aligned16(a) && cuda_aligned16(b)) {
     add_inplace_kernel<true><<<cuda_blocks(n / 4), CUDA_THREADS, 0, cuda_ctx.stream>>>(a, b, n);
   } else {
     add_inplace_kernel<false><<<cuda_blocks(n), CUDA_THREADS, 0, cuda_ctx.stream>>>(a, b, n);
@@ -292,7 +293,7 @@ static __global__ void scale_kernel(float *__restrict__ a, float s, size_t n) {
 
 extern "C" void cuda_scale(float *a, float s, size_t n) {
   if (n == 0) return;
-  if (aligned16(a)) {
+  if (cuda_aligned16(a)) {
     scale_kernel<true><<<cuda_blocks(n / 4), CUDA_THREADS, 0, cuda_ctx.stream>>>(a, s, n);
   } else {
     scale_kernel<false><<<cuda_blocks(n), CUDA_THREADS, 0, cuda_ctx.stream>>>(a, s, n);
@@ -303,20 +304,6 @@ extern "C" void cuda_scale(float *a, float s, size_t n) {
 /* ---- sum of squares ------------------------------------------------------------------------- */
 
 #define SS_MAX_BLOCKS 1024
-
-/* Sum of v over the block, the same value in every thread; blockDim.x a multiple of 32, <= 1024.
- * The xor butterfly gives every lane of a warp the bitwise same sum (a+b == b+a), and the warp
- * sums are added in warp order, so the result is a fixed function of the inputs. */
-static __device__ double block_sum_double(double v, double *sh /* [32] */) {
-#pragma unroll
-  for (int m = 16; m > 0; m >>= 1) v += __shfl_xor_sync(0xffffffffu, v, m);
-  __syncthreads();  /* sh may still be read by a previous call */
-  if ((threadIdx.x & 31) == 0) sh[threadIdx.x >> 5] = v;
-  __syncthreads();
-  double t = 0.0;
-  for (int w = 0; w < (int)(blockDim.x >> 5); w++) t += sh[w];
-  return t;
-}
 
 template <bool VEC>
 static __global__ void sum_squares_partial_kernel(const float *__restrict__ x, size_t n,
@@ -354,7 +341,7 @@ static __global__ void sum_partials_kernel(const double *__restrict__ partial, i
 
 extern "C" double cuda_sum_squares(const float *x, size_t n) {
   if (n == 0) return 0.0;
-  const bool vec = aligned16(x);
+  const bool vec = cuda_aligned16(x);
   int nb = cuda_blocks(vec ? n / 4 : n);
   if (nb > SS_MAX_BLOCKS) nb = SS_MAX_BLOCKS;
   double *partial = (double *)cuda_scratch((size_t)(nb + 1) * sizeof(double), "sum_squares");

@@ -22,27 +22,9 @@
 #include <stdint.h>
 
 #include "kernels/cuda/cuda.h"
+#include "kernels/cuda/cuda_reduce.cuh"
 
 #define ROPE_MAX_HALF 128  /* head_dim <= 256 */
-
-static inline bool aligned16(const void *p) { return ((uintptr_t)p & 15) == 0; }
-
-static __device__ __forceinline__ double warp_sum_double(double v) {
-#pragma unroll
-  for (int m = 16; m > 0; m >>= 1) v += __shfl_xor_sync(0xffffffffu, v, m);
-  return v;
-}
-
-/* Sum over the block, the same value in every thread; blockDim.x a multiple of 32. */
-static __device__ double block_sum_double(double v, double *sh /* [32] */) {
-  v = warp_sum_double(v);
-  __syncthreads();  /* sh may still be read by a previous call */
-  if ((threadIdx.x & 31) == 0) sh[threadIdx.x >> 5] = v;
-  __syncthreads();
-  double t = 0.0;
-  for (int w = 0; w < (int)(blockDim.x >> 5); w++) t += sh[w];
-  return t;
-}
 
 /* 1 / sqrt(mean(x²) + eps) from the row's sum of squares, as row_rstd does */
 static __device__ __forceinline__ float rstd_of(double ss, int dim, float eps) {
@@ -140,7 +122,7 @@ extern "C" void cuda_rmsnorm_forward(float *out, const float *x, const float *w,
                                      float eps) {
   if (n <= 0 || dim <= 0) return;
   const int threads = row_threads(dim), grid = n < 65535 * 16 ? n : 65535 * 16;
-  if (dim % 4 == 0 && aligned16(out) && aligned16(x) && aligned16(w)) {
+  if (dim % 4 == 0 && cuda_aligned16(out) && cuda_aligned16(x) && cuda_aligned16(w)) {
     rmsnorm_forward_kernel<true><<<grid, threads, 0, cuda_ctx.stream>>>(out, x, w, n, dim, eps);
   } else {
     rmsnorm_forward_kernel<false><<<grid, threads, 0, cuda_ctx.stream>>>(out, x, w, n, dim, eps);
@@ -238,7 +220,8 @@ extern "C" void cuda_rmsnorm_backward(float *dx, float *dw, const float *dout, c
   double *partial = (double *)b;
 
   const int threads = row_threads(dim), grid = n < 65535 * 16 ? n : 65535 * 16;
-  if (dim % 4 == 0 && aligned16(dx) && aligned16(dout) && aligned16(x) && aligned16(w)) {
+  if (dim % 4 == 0 && cuda_aligned16(dx) && cuda_aligned16(dout) && cuda_aligned16(x) &&
+      cuda_aligned16(w)) {
     rmsnorm_backward_rows_kernel<true><<<grid, threads, 0, cuda_ctx.stream>>>(dx, rstd, dout, x,
                                                                               w, n, dim, eps);
   } else {

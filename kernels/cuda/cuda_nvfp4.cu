@@ -220,7 +220,6 @@ NV_UNROLL
 
 /* ---- device helpers ------------------------------------------------------------------------- */
 
-static inline bool nv_aligned16(const void *p) { return ((uintptr_t)p & 15) == 0; }
 
 template <bool VEC>
 __device__ __forceinline__ void nv_load4(float v[4], const float *p) {
@@ -397,13 +396,13 @@ float cuda_nvfp4_quantize_dequantize(float *xq, const float *x, int rows, int co
   CUDA_CHECK(cudaMemsetAsync(state, 0, 2 * sizeof(uint32_t), st));
   int amax_blocks = nv_grid(nquads), cap = 8 * (cuda_ctx.sm_count > 0 ? cuda_ctx.sm_count : 132);
   if (amax_blocks > cap) amax_blocks = cap;
-  if (nv_aligned16(x))
+  if (cuda_aligned16(x))
     nvfp4_amax_kernel<true><<<amax_blocks, NV_THREADS, 0, st>>>(state, x, nquads, FLT_MIN);
   else
     nvfp4_amax_kernel<false><<<amax_blocks, NV_THREADS, 0, st>>>(state, x, nquads, FLT_MIN);
   CUDA_LAUNCHED("nvfp4_amax_kernel");
 
-  const bool vec = nv_aligned16(x) && nv_aligned16(xq), sr = stochastic != 0;
+  const bool vec = cuda_aligned16(x) && cuda_aligned16(xq), sr = stochastic != 0;
 #define NV_LAUNCH(kernel, grid, ...)                                                   \
   do {                                                                                 \
     if (vec && sr) kernel<true, true><<<grid, NV_THREADS, 0, st>>>(__VA_ARGS__);       \
@@ -442,7 +441,7 @@ void cuda_nvfp4_rht(float *out, const float *x, int rows, int cols, uint16_t sig
   if (rows <= 0 || cols < 16) return;
   const size_t nquads = (size_t)rows * (size_t)(cols / 16) * 4;
   cudaStream_t st = cuda_ctx.stream;
-  if (nv_aligned16(x) && nv_aligned16(out))
+  if (cuda_aligned16(x) && cuda_aligned16(out))
     nvfp4_rht_kernel<true><<<nv_grid(nquads), NV_THREADS, 0, st>>>(out, x, nquads, signs);
   else
     nvfp4_rht_kernel<false><<<nv_grid(nquads), NV_THREADS, 0, st>>>(out, x, nquads, signs);

@@ -332,14 +332,10 @@ static void test_tokenizer_files(void) {
 
 /* ---- NVFP4 dumps (qwen3-nvfp4 quantize) ---------------------------------------------------- */
 
-static void put_attr(hid_t loc, const char *name, hid_t type, int rank, hsize_t n, const void *v) {
-  replace_attr(loc, name, type, rank, n, v);
-}
-
 static void put_string(hid_t loc, const char *name, const char *value) {
   hid_t t = H5Tcopy(H5T_C_S1);
   H5Tset_size(t, strlen(value) + 1);
-  put_attr(loc, name, t, 0, 1, value);
+  replace_attr(loc, name, t, 0, 1, value);
   H5Tclose(t);
 }
 
@@ -352,12 +348,12 @@ static const char *dump_with(const char *name, void (*damage)(hid_t g)) {
   const float one = 1.0f;
   static uint8_t codes[16 * 16], scales[16 * 2];
   const hsize_t cd[2] = {16, 16}, sd[2] = {16, 2};
-  put_attr(g, "shape", H5T_NATIVE_INT64, 1, 2, shape);
+  replace_attr(g, "shape", H5T_NATIVE_INT64, 1, 2, shape);
   put_string(g, "block", "1x16");
   put_string(g, "dtype", "F32");
-  put_attr(g, "amax", H5T_NATIVE_FLOAT, 0, 1, &one);
-  put_attr(g, "tensor_scale_enc", H5T_NATIVE_FLOAT, 0, 1, &one);
-  put_attr(g, "tensor_scale_dec", H5T_NATIVE_FLOAT, 0, 1, &one);
+  replace_attr(g, "amax", H5T_NATIVE_FLOAT, 0, 1, &one);
+  replace_attr(g, "tensor_scale_enc", H5T_NATIVE_FLOAT, 0, 1, &one);
+  replace_attr(g, "tensor_scale_dec", H5T_NATIVE_FLOAT, 0, 1, &one);
   replace_dataset(g, "codes", H5T_NATIVE_UINT8, 2, cd, codes, 0);
   replace_dataset(g, "scales", H5T_NATIVE_UINT8, 2, sd, scales, 0);
   damage(g);
@@ -369,15 +365,15 @@ static const char *dump_with(const char *name, void (*damage)(hid_t g)) {
 static void d_none(hid_t g) { (void)g; }
 static void d_shape_3(hid_t g) {   /* three values where the reader holds two */
   const int64_t shape[3] = {16, 32, 7};
-  put_attr(g, "shape", H5T_NATIVE_INT64, 1, 3, shape);
+  replace_attr(g, "shape", H5T_NATIVE_INT64, 1, 3, shape);
 }
 static void d_shape_scalar(hid_t g) {
   const int64_t v = 16;
-  put_attr(g, "shape", H5T_NATIVE_INT64, 0, 1, &v);
+  replace_attr(g, "shape", H5T_NATIVE_INT64, 0, 1, &v);
 }
 static void d_shape_i32(hid_t g) {
   const int32_t shape[2] = {16, 32};
-  put_attr(g, "shape", H5T_NATIVE_INT32, 1, 2, shape);
+  replace_attr(g, "shape", H5T_NATIVE_INT32, 1, 2, shape);
 }
 static void d_codes_u16(hid_t g) {
   static uint16_t codes[16 * 16];
