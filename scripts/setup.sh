@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # Installs what qwen3-train needs from Debian's packages (only what is missing), fetches the
-# Qwen3 tokenizer, and builds into build/. Safe to run again.
+# Qwen3 tokenizer, and builds into build/. Safe to run again. `--tests` also installs what only
+# the tests need (a Slurm to test against; clang for the fuzz targets), as scripts/test.sh asks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PACKAGES=(build-essential cmake pkg-config git
           libopenmpi-dev openmpi-bin libhdf5-dev hdf5-tools
           libprotobuf-c-dev protobuf-c-compiler protobuf-compiler
-          libjansson-dev libpcre2-dev libutf8proc-dev libopenblas-dev
-          slurm-wlm munge
-          clang libclang-rt-dev)
+          libjansson-dev libpcre2-dev libutf8proc-dev libopenblas-dev)
+if [ "${1:-}" = --tests ]; then
+  PACKAGES+=(slurm-wlm munge clang libclang-rt-dev)
+fi
 
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -3,7 +3,7 @@
 # the sanitizers and fuzz.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh --tests
 source scripts/env.sh
 cd build
 ctest -L 'unit|mpi|slurm' --output-on-failure --timeout 900 "$@"

@@ -45,7 +45,7 @@ cluster_start() {
   for b in munged slurmctld slurmd sbatch scontrol squeue scancel srun; do
     command -v "$b" >/dev/null || [ -x "/usr/sbin/$b" ] || {
       echo "cluster: $b not found: install Slurm and munge (apt-get install slurm-wlm munge;" \
-        "scripts/setup.sh does)" >&2
+        "scripts/setup.sh --tests does)" >&2
       return 1
     }
   done

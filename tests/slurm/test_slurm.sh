@@ -27,7 +27,7 @@ for b in munged slurmctld slurmd sbatch scontrol squeue scancel srun; do
 done
 if [ -n "$missing" ]; then
   echo "FAIL Slurm is not installed (not found:$missing): apt-get install slurm-wlm munge" \
-    "(scripts/setup.sh installs them)"
+    "(scripts/setup.sh --tests installs them)"
   echo "0 passed, 1 failed"
   exit 1
 fi
