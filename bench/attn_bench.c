@@ -4,7 +4,8 @@
  *   build/bench/attn_bench [--budget SECONDS] [T ...]        (default: 2048 4096 8192, 20 s)
  *
  * B = 1, 32 query heads, 8 KV heads, head_dim 128, tq = tk = T, through backend_cuda's
- * attention_forward / attention_backward (kernels/ops.h: fp32 storage). FLOPs follow
+ * attention_forward / attention_backward, tensors in the backend's activation dtype (bf16 unless
+ * QWEN3_CUDA_PRECISION says otherwise; the result line names it). FLOPs follow
  * FlashAttention's convention: forward = 4 T² heads head_dim / 2 (the causal half of QKᵀ and PV,
  * 2 FLOPs per multiply-add), backward = 2.5 × forward. Each time is the median of repeats,
  * bracketed by the backend's synchronize; the repeats shrink when one call is slow.
@@ -52,8 +53,8 @@ static double median(double *v, int n) {
   return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
 }
 
-/* a device buffer of n floats, uniform in [-1, 1) */
-static float *random_device(const struct backend *be, size_t n, uint64_t seed) {
+/* a device buffer of n values of the activation dtype, uniform in [-1, 1) */
+static void *random_device(const struct backend *be, size_t n, uint64_t seed) {
   float *host = malloc(n * sizeof *host);
   if (!host) {
     fprintf(stderr, "attn_bench: out of host memory\n");
@@ -64,12 +65,15 @@ static float *random_device(const struct backend *be, size_t n, uint64_t seed) {
     s = s * 6364136223846793005ull + 1442695040888963407ull;
     host[i] = (float)((double)(s >> 40) * 0x1.0p-23 - 1.0);
   }
-  float *dev = be->alloc(n * sizeof *dev);
-  if (!dev) {
-    fprintf(stderr, "attn_bench: cannot allocate %zu bytes on the device\n", n * sizeof *dev);
+  float *f32 = be->alloc(n * sizeof *f32);
+  void *dev = be->alloc(n * dtype_bytes(be->act_dtype()));
+  if (!f32 || !dev) {
+    fprintf(stderr, "attn_bench: cannot allocate %zu bytes on the device\n", 2 * n * sizeof *f32);
     exit(1);
   }
-  be->to_device(dev, host, n * sizeof *dev);
+  be->to_device(f32, host, n * sizeof *f32);
+  be->convert(dev, be->act_dtype(), f32, DT_F32, n);
+  be->free(f32);
   free(host);
   return dev;
 }
@@ -91,11 +95,11 @@ static void bench_one(const struct backend *be, int T, double seconds) {
   struct attn_shape s = {.batch = 1, .tq = T, .tk = T, .k_stride = T,
                          .heads = HEADS, .kv_heads = KV_HEADS, .head_dim = HEAD_DIM};
   size_t nq = (size_t)T * HEADS * HEAD_DIM, nk = (size_t)T * KV_HEADS * HEAD_DIM;
-  float *q = random_device(be, nq, 1), *k = random_device(be, nk, 2), *v = random_device(be, nk, 3);
-  float *dctx = random_device(be, nq, 4);
-  float *ctx = be->alloc(nq * sizeof(float)), *lse = be->alloc((size_t)HEADS * T * sizeof(float));
-  float *dq = be->alloc(nq * sizeof(float)), *dk = be->alloc(nk * sizeof(float));
-  float *dv = be->alloc(nk * sizeof(float));
+  void *q = random_device(be, nq, 1), *k = random_device(be, nk, 2), *v = random_device(be, nk, 3);
+  void *dctx = random_device(be, nq, 4);
+  float *lse = be->alloc((size_t)HEADS * T * sizeof(float));
+  void *ctx = be->alloc(nq * sizeof(float)), *dq = be->alloc(nq * sizeof(float));
+  void *dk = be->alloc(nk * sizeof(float)), *dv = be->alloc(nk * sizeof(float));
   if (!ctx || !lse || !dq || !dk || !dv) {
     fprintf(stderr, "attn_bench: cannot allocate the T=%d buffers\n", T);
     exit(1);
@@ -127,11 +131,12 @@ static void bench_one(const struct backend *be, int T, double seconds) {
   snprintf(line, sizeof line,
            "RESULT system=ours-attn T=%d heads=%d kv_heads=%d head_dim=%d fwd_ms=%.4g "
            "bwd_ms=%.4g fwdbwd_ms=%.4g fwd_tflops=%.4g bwd_tflops=%.4g fwdbwd_tflops=%.4g "
-           "repeats=%d dtype=fp32",
+           "repeats=%d dtype=%s",
            T, HEADS, KV_HEADS, HEAD_DIM, tf * 1e3, tb * 1e3, tfb * 1e3, fwd_flops / tf / 1e12,
-           2.5 * fwd_flops / tb / 1e12, 3.5 * fwd_flops / tfb / 1e12, repeats);
+           2.5 * fwd_flops / tb / 1e12, 3.5 * fwd_flops / tfb / 1e12, repeats,
+           be->act_dtype() == DT_BF16 ? "bf16" : "fp32");
   result_line(line);
-  float *bufs[] = {q, k, v, dctx, ctx, lse, dq, dk, dv};
+  void *bufs[] = {q, k, v, dctx, ctx, lse, dq, dk, dv};
   for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) be->free(bufs[i]);
 }
 #endif

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """The baseline of bench/ckpt_bench.c: the same stage of a Qwen3-4B-shaped model (fp32 weights
 and both AdamW moments, Hugging Face names) saved and loaded by safetensors and by torch.save,
-each followed by an fsync, as a PyTorch trainer would checkpoint it.
+each followed by an fsync, as a PyTorch trainer would checkpoint it. One `RESULT system=...` line
+per library, as bench/ckpt_bench prints its own.
 
     python3 bench/ckpt_baseline.py DIR [STAGE [STAGES]]      (default: stage 0 of 8)
 """
@@ -11,6 +12,8 @@ import time
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from bench_common import result
 
 HIDDEN, LAYERS, HEADS, KV, HEAD_DIM, FFN, VOCAB = 2560, 36, 32, 8, 128, 9728, 151936
 
@@ -76,6 +79,8 @@ def main():
         assert all(torch.equal(back[k], tensors[k]) for k in tensors), name
         print(f"{name}: save {t1 - t0:.2f} s = {gib / (t1 - t0):.2f} GiB/s, "
               f"load {t2 - t1:.2f} s = {gib / (t2 - t1):.2f} GiB/s (bit-exact)  [{total:.1f}]")
+        result(system=name, stage=stage, stages=stages, gib=round(gib, 3), save_s=t1 - t0,
+               save_gibps=gib / (t1 - t0), load_s=t2 - t1, load_gibps=gib / (t2 - t1))
         del back
         os.remove(path)
 

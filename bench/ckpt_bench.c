@@ -2,11 +2,14 @@
  *
  *   build/bench/ckpt_bench DIR [STAGE [STAGES]]      (default: stage 0 of 8)
  *
- * The rank holds the stage's fp32 weights and both AdamW moments, as in training. Save is the
- * path checkpoint_save takes on every rank (a stage file written tensor by tensor through host
- * staging, Fletcher32 on every chunk, fsynced) plus the commit; load is checkpoint_resume's
- * (every tensor read by name through model.h5's links, checksums verified). The shape is
- * Qwen3-4B's (REFERENCE.md) unless overridden by QWEN3_BENCH_LAYERS for a quick run. */
+ * The rank holds the stage's fp32 weights and both AdamW moments, as in training. Save is what
+ * a checkpoint costs once training has staged the tensors to host memory: the stage file written
+ * tensor by tensor from host memory (what checkpoint.c's writer thread does: whole chunks with
+ * their Fletcher32 checksums, fsynced) plus the commit (model.h5, renames, fsyncs); load is
+ * checkpoint_resume's (every tensor read by name through model.h5's links, checksums verified).
+ * The shape is Qwen3-4B's (REFERENCE.md) unless overridden by QWEN3_BENCH_LAYERS for a quick run.
+ * Prints one `RESULT system=ours-ckpt ...` line (also appended to $GPU_BENCH_RESULTS when set),
+ * beside bench/ckpt_baseline.py's for safetensors and torch.save. */
 #define _POSIX_C_SOURCE 200809L
 #include <stdio.h>
 #include <stdlib.h>
@@ -19,6 +22,17 @@
 
 static void check(int rc, const char *err) {
   if (rc != 0) die("%s", err);
+}
+
+static void result_line(const char *line) {
+  printf("%s\n", line);
+  fflush(stdout);
+  const char *path = getenv("GPU_BENCH_RESULTS");
+  FILE *f = path && *path ? fopen(path, "a") : NULL;
+  if (f) {
+    fprintf(f, "%s\n", line);
+    fclose(f);
+  }
 }
 
 int main(int argc, char **argv) {
@@ -37,7 +51,7 @@ int main(int argc, char **argv) {
 
   struct worker_plan plan;
   worker_plan_make(&plan, &cfg, first[stage], first[stage + 1] - first[stage], stage == 0,
-                   stage == stages - 1, 1, 16, 1, 0);
+                   stage == stages - 1, 1, 16, 1, 0, DT_F32);
   struct worker w;
   worker_init(&w, &backend_cpu, &plan);
   worker_init_weights(&w, 1, 0.02f);
@@ -64,6 +78,7 @@ int main(int argc, char **argv) {
                          w.adam_m + p->offset, w.adam_v + p->offset, err, sizeof err), err);
   }
   check(ckpt_stage_finish(sw, err, sizeof err), err);
+  double write = now_seconds() - t0;
   struct ckpt_state st = {.step = 1, .n_stages = 1, .config = cfg};
   check(ckpt_commit(root, &st, 1, err, sizeof err), err);
   double save = now_seconds() - t0;
@@ -88,8 +103,13 @@ int main(int argc, char **argv) {
   if (memcmp(check_v, w.weights, plan.param_floats * sizeof(float)) != 0)
     die("the loaded weights differ from the saved ones");
 
-  printf("save %.2f s = %.2f GiB/s, load %.2f s = %.2f GiB/s (bit-exact)\n", save, gib / save,
-         load, gib / load);
+  printf("save %.2f s = %.2f GiB/s (the stage file %.2f s, the commit %.2f s), load %.2f s = "
+         "%.2f GiB/s (bit-exact)\n", save, gib / save, write, save - write, load, gib / load);
+  char line[512];
+  snprintf(line, sizeof line, "RESULT system=ours-ckpt stage=%d stages=%d gib=%.3f save_s=%.3f "
+           "save_gibps=%.3f load_s=%.3f load_gibps=%.3f", stage, stages, gib, save, gib / save,
+           load, gib / load);
+  result_line(line);
   free(check_v);
   worker_free(&w);
   return 0;

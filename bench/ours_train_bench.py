@@ -25,7 +25,10 @@ come from there: the job's own random init draws 4B normals on one host thread, 
 
   tokens/s   = mb * accum * T / median step seconds   (the trainer's tokens_per_s)
   MFU        = tokens/s * (6 N + 6 L T heads head_dim) / 989e12, N = 4,022,468,096
-  over-state = peak - 16 N bytes (fp32 weights, gradients and both AdamW moments)
+  alloc      = the trainer's device_peak_mib (what it allocated: comparable with torch's
+               max_memory_allocated, which leaves out the CUDA context and the cache)
+  over-state = peak - 16 N bytes (fp32 weights, gradients and both AdamW moments), less 2 N more
+               in the bf16 mode (QWEN3_CUDA_PRECISION unset or bf16: the weight copy)
 """
 import argparse
 import json
@@ -259,11 +262,16 @@ def report(tag, steps, warmup, timed, peak, launched, first_line_at, ended, log_
     med = statistics.median(s["step_seconds"] for s in timed_steps)
     tok_s = mb * accum * T / med
     n = n_params()
-    state = 16.0 * n
+    bf16 = os.environ.get("QWEN3_CUDA_PRECISION", "bf16") in ("", "bf16")
+    state = (18.0 if bf16 else 16.0) * n
     peak_b = peak * 2**20
     startup = (first_line_at - launched - steps[0]["step_seconds"]) if first_line_at else float("nan")
+    # the trainer's own count of what it allocated: like torch.cuda.max_memory_allocated, no
+    # CUDA context and no allocator cache
+    alloc_b = max(s.get("device_peak_mib", float("nan")) for s in steps) * 2**20
     result(**tag, tok_s=tok_s, mfu=tok_s * flops_per_token(T) / PEAK_FLOPS,
            peak_gib=peak_b / 2**30, over_state_gib=(peak_b - state) / 2**30,
+           alloc_peak_gib=alloc_b / 2**30, over_state_alloc_gib=(alloc_b - state) / 2**30,
            state_gib=state / 2**30, step_s=med, steps=len(timed_steps),
            warmup_s=sum(s["step_seconds"] for s in steps[:warmup]),
            first_step_s=steps[0]["step_seconds"], startup_s=startup, n_params=n,

@@ -181,12 +181,14 @@ def train_configs(args, torch):
                 torch.cuda.synchronize()
                 warm.append(time.perf_counter() - t)
                 log(f"  warm-up step {len(warm)}: {warm[-1]:.3f} s")
-                if time.perf_counter() + warm[-1] > deadline:
+                # the first step of a configuration compiles (torch.compile): it says nothing
+                # of how long the next takes
+                if len(warm) > 1 and time.perf_counter() + warm[-1] > deadline:
                     break
             torch.cuda.reset_peak_memory_stats()
             times = []
             for _ in range(timed_n):
-                est = max(times) if times else warm[-1] if warm else 0.0
+                est = max(times) if times else warm[-1] if len(warm) > 1 else 0.0
                 if time.perf_counter() + est > deadline:
                     log(f"  out of budget after {len(times)} timed steps")
                     break

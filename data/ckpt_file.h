@@ -11,8 +11,10 @@
  * A stage file holds, at its root, three fp32 datasets per tensor, in the tensor's Hugging Face
  * shape ([rows, cols], or [n] for a vector): `<name>` (the master weights), `<name>.adam_m` and
  * `<name>.adam_v` (AdamW moments), e.g. `model.layers.3.mlp.up_proj.weight.adam_v`. Every
- * dataset is chunked (about 4 MiB a chunk) with the Fletcher32 filter, so a flipped byte fails
- * the read of its chunk. Root attributes: format_version, stage, n_stages.
+ * dataset is chunked (about 4 MiB a chunk, whole rows) with the Fletcher32 filter, so a flipped
+ * byte fails the read of its chunk. The writer computes the checksums itself and writes whole
+ * chunks (H5Dwrite_chunk): the file is the one HDF5's filter would write, and HDF5 reads it.
+ * Root attributes: format_version, stage, n_stages.
  *
  * model.h5 holds an external link, under the same name, to every dataset of every stage file
  * (the links are the index: which file holds which tensor; `h5ls -r model.h5` lists the whole
@@ -73,6 +75,10 @@ int ckpt_stage_put(struct ckpt_stage_writer *w, const char *name, int ndim, cons
                    size_t errlen);
 /* Closes and fsyncs the file; frees w whatever happens. */
 int ckpt_stage_finish(struct ckpt_stage_writer *w, char *err, size_t errlen);
+/* 1 when this HDF5 is thread-safe (it then serialises its calls), so that a stage file may be
+ * written on a thread of its own while other threads use HDF5; 0 when it is not. The three calls
+ * above never die(): they may run on a thread that must not end the job itself. */
+int ckpt_thread_safe(void);
 
 /* After all s->n_stages stage files of step s->step are in the .tmp directory: writes model.h5,
  * commits the directory, moves `latest`, then removes committed steps before s->step beyond the

@@ -1,11 +1,13 @@
 /* qwen3-prep: tokenize text and build HDF5 token shards. The work is in data/prep.c. */
 #include "common/util.h"
+#include "data/loader.h"
 #include "data/prep.h"
 #include "data/shard.h"
 #include "data/tokenizer.h"
 
 #include <errno.h>
 #include <stdarg.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -14,6 +16,7 @@ static const char USAGE[] =
   "usage: qwen3-prep tokenize --tokenizer TOKENIZER.json [--jsonl]   < text > ids\n"
   "       qwen3-prep detokenize --tokenizer TOKENIZER.json           < ids > text\n"
   "       qwen3-prep build --format FORMAT --out SHARD.h5 [options] INPUT...\n"
+  "       qwen3-prep stats --seq-len N SHARD.h5...\n"
   "\n"
   "tokenize: each line of stdin is one document; each output line its ids, space-separated.\n"
   "  --jsonl   input lines are {\"text\": ...}, output lines {\"ids\": [...]}\n"
@@ -33,7 +36,10 @@ static const char USAGE[] =
   "                     (default: the tokenizer's, or 256 for bytes)\n"
   "  --skip-bad         count and skip bad lines instead of stopping at the first\n"
   "  --quiet            no progress bar, warnings or summary\n"
-  "  INPUT \"-\" is stdin. A line ends at \\n or \\r\\n.\n";
+  "  INPUT \"-\" is stdin. A line ends at \\n or \\r\\n.\n"
+  "\n"
+  "stats: the training sequences of N tokens (data.seq_len) the shards give, and the share of\n"
+  "  their tokens that is padding, one document per sequence and packed (data.pack: true).\n";
 
 _Noreturn static void usage_error(const char *fmt, ...) PRINTF_LIKE(1, 2);
 _Noreturn static void usage_error(const char *fmt, ...) {
@@ -47,7 +53,7 @@ _Noreturn static void usage_error(const char *fmt, ...) {
 }
 
 struct args {
-  const char *command, *tokenizer, *format, *out, *vocab_size;
+  const char *command, *tokenizer, *format, *out, *vocab_size, *seq_len;
   int jsonl, skip_bad, quiet;
   char **inputs;
   size_t n_inputs;
@@ -65,7 +71,7 @@ static struct args parse_args(int argc, char **argv) {
     exit(0);
   }
   if (strcmp(a.command, "tokenize") && strcmp(a.command, "detokenize") &&
-      strcmp(a.command, "build"))
+      strcmp(a.command, "build") && strcmp(a.command, "stats"))
     usage_error("unknown command \"%s\"", a.command);
   a.inputs = xcalloc((size_t)argc, sizeof *a.inputs);
   for (int i = 2; i < argc; i++) {
@@ -74,6 +80,7 @@ static struct args parse_args(int argc, char **argv) {
                          : !strcmp(arg, "--format")     ? &a.format
                          : !strcmp(arg, "--out")        ? &a.out
                          : !strcmp(arg, "--vocab-size") ? &a.vocab_size
+                         : !strcmp(arg, "--seq-len")    ? &a.seq_len
                                                         : NULL;
     if (value) {
       if (i + 1 >= argc) usage_error("%s needs a value", arg);
@@ -164,9 +171,40 @@ static int build(const struct args *a) {
   return 0;
 }
 
+/* What packing saves on these shards: sequences and padding, with and without it. */
+static int stats(const struct args *a) {
+  if (!a->seq_len) usage_error("stats needs --seq-len");
+  char *end;
+  long seq = strtol(a->seq_len, &end, 10);
+  if (*end || !*a->seq_len || seq < 1 || seq > INT32_MAX / 2)
+    usage_error("--seq-len %s: not a positive number", a->seq_len);
+  if (!a->n_inputs) usage_error("stats needs at least one SHARD");
+  struct loader plain, packed;
+  loader_open(&plain, a->inputs, (int)a->n_inputs, (int)seq, 0, INT32_MAX, "SHARD", 0);
+  loader_open(&packed, a->inputs, (int)a->n_inputs, (int)seq, 0, INT32_MAX, "SHARD", LOADER_PACK);
+  uint64_t docs = 0, tokens = 0;
+  for (int i = 0; i < plain.n_shards; i++) {
+    docs += plain.shards[i].n_docs;
+    tokens += plain.shards[i].n_tokens;
+  }
+  printf("%zu shard%s: %llu documents, %llu tokens%s\n", a->n_inputs, a->n_inputs > 1 ? "s" : "",
+         (unsigned long long)docs, (unsigned long long)tokens,
+         plain.documents ? ", loss mask" : "");
+  printf("sequences of %ld tokens, %-22s %8llu, padding %5.1f%%\n", seq,
+         plain.documents ? "one document each:" : "windows of the stream:",
+         (unsigned long long)plain.n_samples, 100 * loader_padding(&plain));
+  printf("sequences of %ld tokens, %-22s %8llu, padding %5.1f%%\n", seq, "packed (data.pack):",
+         (unsigned long long)packed.n_samples, 100 * loader_padding(&packed));
+  loader_close(&plain);
+  loader_close(&packed);
+  return 0;
+}
+
 int main(int argc, char **argv) {
   struct args a = parse_args(argc, argv);
-  int rc = !strcmp(a.command, "build") ? build(&a) : filter(&a);
+  int rc = !strcmp(a.command, "build")   ? build(&a)
+           : !strcmp(a.command, "stats") ? stats(&a)
+                                         : filter(&a);
   free(a.inputs);
   return rc;
 }

@@ -7,10 +7,16 @@
  *  - Matrices are row-major. A linear weight is [out, in] (nn.Linear layout), y = x · Wᵀ.
  *  - Activations are [n, dim] with n = batch × seq tokens, row b*T + t.
  *  - Q is [n, heads, head_dim]; K and V are [n, kv_heads, head_dim].
+ *  - Types. Every `void *` tensor is an activation, an activation gradient or the weight copy
+ *    the GEMMs read, stored in the backend's activation dtype (act_dtype: fp32 on the CPU, bf16
+ *    on the GPU unless its fp32/tf32 test modes are chosen); arithmetic inside every op is fp32.
+ *    Every `float *` is fp32 whatever the mode: master weights (norm weights are read from
+ *    them), parameter gradients, AdamW state, the log-sum-exp, the per-token NLL.
  *  - Every backward ACCUMULATES (+=) into its input gradients and parameter gradients, so that
  *    a slot read by two stages (a residual) and a weight used by several micro-batches sum
  *    their gradients without extra code. A NULL input-gradient pointer means "not needed".
- *  - Parameters, gradients and optimizer state are fp32 on every backend.
+ *  - Results stay in backend memory: the NLL and the sums of sum_into are read by the engine
+ *    once per step, so a step synchronizes with the host only for its log line.
  */
 #ifndef QWEN3_OPS_H
 #define QWEN3_OPS_H
@@ -22,12 +28,29 @@
 extern "C" {   /* the CUDA backend's .cu files define the table */
 #endif
 
+/* Storage types of tensors. */
+enum dtype { DT_F32, DT_BF16 };
+static inline size_t dtype_bytes(enum dtype t) { return t == DT_BF16 ? 2 : 4; }
+
 /* Attention shape. Queries are the last tq of tk key positions of each sequence (tq == tk in
  * training; tq < tk when decoding against a KV cache). Keys/values of sequence b start at row
  * b * k_stride (k_stride >= tk; a KV cache is allocated for its maximum length). */
 struct attn_shape {
   int batch, tq, tk, k_stride;
   int heads, kv_heads, head_dim;
+  /* Document masking of packed sequences: NULL (plain causal), or [batch * tq] int32 in
+   * backend memory: the first key (an index into its sequence's keys, 0 .. tk-1) that query row
+   * i may see. Query i (row t = i % tq of its sequence) then sees keys doc_start[i] ..
+   * tk - tq + t, so documents packed into one sequence never attend across each other; a
+   * document's first token sees itself only. */
+  const int32_t *doc_start;
+};
+
+/* One AdamW step's scalars (kernels' adamw_update). */
+struct adamw_step {
+  float lr, beta1, beta2, eps, weight_decay;
+  float grad_scale;   /* the gradient clipping factor; 1: none */
+  int t;              /* the step, counted from 1 */
 };
 
 struct backend {
@@ -51,49 +74,55 @@ struct backend {
   /* Bytes held now and at most so far (NULL where the backend does not count them). */
   void (*memory)(size_t *in_use, size_t *peak);
 
-  /* out[i,:] = table[tokens[i],:] */
-  void (*embedding_forward)(float *out, const int32_t *tokens, const float *table, int n, int dim);
+  /* The dtype of every `void *` tensor (see the top of this file); fixed by init. */
+  enum dtype (*act_dtype)(void);
+  /* dst[i] = src[i] for n values, converting between dtypes (to bf16: round to nearest even). */
+  void (*convert)(void *dst, enum dtype dst_type, const void *src, enum dtype src_type,
+                  size_t n);
+
+  /* out[i,:] = table[tokens[i],:]; table is the weight copy */
+  void (*embedding_forward)(void *out, const int32_t *tokens, const void *table, int n, int dim);
   /* dtable[tokens[i],:] += dout[i,:] */
-  void (*embedding_backward)(float *dtable, const float *dout, const int32_t *tokens, int n,
+  void (*embedding_backward)(float *dtable, const void *dout, const int32_t *tokens, int n,
                              int dim);
 
   /* out = x * rsqrt(mean(x²) + eps) * w, per row of dim (HF Qwen3RMSNorm) */
-  void (*rmsnorm_forward)(float *out, const float *x, const float *w, int n, int dim, float eps);
-  void (*rmsnorm_backward)(float *dx, float *dw, const float *dout, const float *x,
-                           const float *w, int n, int dim, float eps);
+  void (*rmsnorm_forward)(void *out, const void *x, const float *w, int n, int dim, float eps);
+  void (*rmsnorm_backward)(void *dx, float *dw, const void *dout, const void *x, const float *w,
+                           int n, int dim, float eps);
 
   /* Per head of head_dim: RMSNorm with weight w (shared by all heads), then rotate-half RoPE at
    * positions[i] with inv_freq[j] = theta^(-2j/head_dim). x and out are [n, heads, head_dim]. */
-  void (*qk_norm_rope_forward)(float *out, const float *x, const float *w,
+  void (*qk_norm_rope_forward)(void *out, const void *x, const float *w,
                                const int32_t *positions, int n, int heads, int head_dim,
                                float eps, double theta);
-  void (*qk_norm_rope_backward)(float *dx, float *dw, const float *dout, const float *x,
+  void (*qk_norm_rope_backward)(void *dx, float *dw, const void *dout, const void *x,
                                 const float *w, const int32_t *positions, int n, int heads,
                                 int head_dim, float eps, double theta);
 
   /* Causal grouped-query attention, scale head_dim^-0.5, softmax in fp32. ctx is
    * [batch*tq, heads, head_dim]; lse [batch, heads, tq] receives each row's log-sum-exp, which
    * the backward uses to rebuild the probabilities without storing them. */
-  void (*attention_forward)(float *ctx, float *lse, const float *q, const float *k,
-                            const float *v, const struct attn_shape *s);
-  void (*attention_backward)(float *dq, float *dk, float *dv, const float *dctx,
-                             const float *q, const float *k, const float *v, const float *ctx,
-                             const float *lse, const struct attn_shape *s);
+  void (*attention_forward)(void *ctx, float *lse, const void *q, const void *k, const void *v,
+                            const struct attn_shape *s);
+  void (*attention_backward)(void *dq, void *dk, void *dv, const void *dctx, const void *q,
+                             const void *k, const void *v, const void *ctx, const float *lse,
+                             const struct attn_shape *s);
 
   /* out = silu(g) * u, elementwise over n values */
-  void (*swiglu_forward)(float *out, const float *g, const float *u, size_t n);
-  void (*swiglu_backward)(float *dg, float *du, const float *dout, const float *g,
-                          const float *u, size_t n);
+  void (*swiglu_forward)(void *out, const void *g, const void *u, size_t n);
+  void (*swiglu_backward)(void *dg, void *du, const void *dout, const void *g, const void *u,
+                          size_t n);
 
-  /* out[n, out_dim] = x[n, in_dim] · w[out_dim, in_dim]ᵀ */
-  void (*linear_forward)(float *out, const float *x, const float *w, int n, int in_dim,
+  /* out[n, out_dim] = x[n, in_dim] · w[out_dim, in_dim]ᵀ; w is the weight copy */
+  void (*linear_forward)(void *out, const void *x, const void *w, int n, int in_dim,
                          int out_dim);
   /* dx += dout · w ; dw += doutᵀ · x   (dx or dw may be NULL) */
-  void (*linear_backward)(float *dx, float *dw, const float *dout, const float *x,
-                          const float *w, int n, int in_dim, int out_dim);
+  void (*linear_backward)(void *dx, float *dw, const void *dout, const void *x, const void *w,
+                          int n, int in_dim, int out_dim);
 
-  /* a[i] += b[i] */
-  void (*add_inplace)(float *a, const float *b, size_t n);
+  /* a[i] += b[i], both of dtype t (activation gradients, or fp32 parameter gradients) */
+  void (*add_inplace)(void *a, const void *b, size_t n, enum dtype t);
   /* a[i] *= s */
   void (*scale)(float *a, float s, size_t n);
 
@@ -101,13 +130,16 @@ struct backend {
    * whole. For each row i with targets[i] >= 0: nll[i] = logsumexp(logits_i) - logits_i[t].
    * Rows with targets[i] < 0 get nll[i] = 0 and no gradient. When dx != NULL, accumulates
    * dx += grad_scale * dlogits · w and dw += grad_scale * dlogitsᵀ · x, where
-   * dlogits = softmax(logits) - onehot(target). x is [n, dim], w is [vocab, dim]. nll is a
-   * host array of n floats. */
-  void (*lm_head_loss)(float *nll, float *dx, float *dw, const float *x, const float *w,
+   * dlogits = softmax(logits) - onehot(target). x is [n, dim], w is [vocab, dim] (the weight
+   * copy); nll (n floats) is backend memory. Targets must be < vocab (the data loader checks
+   * them): the CPU dies on one that is not, a device backend writes a NaN nll for it. */
+  void (*lm_head_loss)(float *nll, void *dx, float *dw, const void *x, const void *w,
                        const int32_t *targets, int n, int dim, int vocab, float grad_scale);
 
-  /* Sum of squares of n values, accumulated in double, returned to the host. */
-  double (*sum_squares)(const float *x, size_t n);
+  /* *acc += the sum of x[i] (squares == 0) or of x[i]² (squares == 1) over n values, in
+   * double, in an order that depends on n alone. acc is one double of backend memory: sums
+   * stay on the device until the engine reads them, once per step. */
+  void (*sum_into)(double *acc, const float *x, size_t n, int squares);
 
   /* out [cols, rows] = xᵀ for x [rows, cols] */
   void (*transpose)(float *out, const float *x, int rows, int cols);
@@ -125,11 +157,26 @@ struct backend {
   void (*nvfp4_gemm)(float *c, const float *a, float s_dec_a, const float *b, float s_dec_b,
                      int m, int n, int k, float beta);
 
-  /* AdamW with decoupled weight decay (torch.optim.AdamW), step t counted from 1:
+  /* AdamW with decoupled weight decay (torch.optim.AdamW), step t counted from 1, on the
+   * clipped gradient g = fp32(g * grad_scale) (what torch's clip_grad_norm_ leaves):
    *   m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g²
-   *   p -= lr * (m/(1-b1^t) / (sqrt(v/(1-b2^t)) + eps) + wd * p)                            */
-  void (*adamw_update)(float *p, const float *g, float *m, float *v, size_t n, float lr,
-                       float beta1, float beta2, float eps, float weight_decay, int t);
+   *   p -= lr * (m/(1-b1^t) / (sqrt(v/(1-b2^t)) + eps) + wd * p)
+   * In the same pass: p_act, when not NULL, receives the new p in the activation dtype (the
+   * weight copy; NULL on a backend whose copy is the masters themselves), and zero_grad leaves
+   * g zero for the next step's accumulation. */
+  void (*adamw_update)(float *p, void *p_act, float *g, float *m, float *v, size_t n,
+                       const struct adamw_step *s, int zero_grad);
+
+  /* Overlap of the optimizer with the next step's forward; NULL where a backend runs every op
+   * in order (the CPU). side_stream(1): the ops that follow run on a second stream, which
+   * first waits for all the work issued so far; side_stream(0): back to the main stream. Ops
+   * on the side stream must not take temporary memory (AdamW and convert take none).
+   * mark(i) records mark i (0 <= i < 4096) on the current stream; wait_mark(i) makes the
+   * current stream wait for the work before the latest mark(i) (nothing, if never marked).
+   * to_host, synchronize, alloc and free wait for the side stream too. */
+  void (*side_stream)(int on);
+  void (*mark)(int i);
+  void (*wait_mark)(int i);
 
   /* The stream every op runs on (a cudaStream_t), for comm's NCCL transport to order its own
    * stream against; NULL where the backend has none (the CPU). */
@@ -138,8 +185,10 @@ struct backend {
 
 extern const struct backend backend_cpu;
 #ifdef QWEN3_HAVE_CUDA
-/* kernels/cuda: fp32 storage; GEMMs in TF32 unless QWEN3_CUDA_TF32=0 (the exact fp32 mode the
- * tests compare with the CPU); QWEN3_CUDA_DEBUG=1 checks every launch synchronously. */
+/* kernels/cuda. QWEN3_CUDA_PRECISION picks its mode at init: bf16 (the default: bf16
+ * activations and weight copy, bf16 tensor-core GEMMs and attention, fp32 accumulation), tf32
+ * (fp32 storage, TF32 GEMMs) or fp32 (exact fp32, the mode the tests compare with the CPU);
+ * QWEN3_CUDA_DEBUG=1 checks every launch synchronously. */
 extern const struct backend backend_cuda;
 #endif
 

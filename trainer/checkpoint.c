@@ -7,10 +7,14 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <ftw.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/file.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "common/util.h"
@@ -135,11 +139,6 @@ int checkpoint_prepare(const Job *job, char *err, size_t errlen) {
   return 0;
 }
 
-void checkpoint_release(void) {
-  if (lock_fd >= 0) close(lock_fd);   /* closing releases the flock */
-  lock_fd = -1;
-}
-
 static int remove_entry(const char *path, const struct stat *sb, int flag, struct FTW *ftw) {
   (void)sb;
   (void)flag;
@@ -179,8 +178,7 @@ static void param_shape(const struct param *p, int *ndim, int64_t shape[2]) {
   shape[1] = p->cols;
 }
 
-/* Host staging goes tensor by tensor, so a save needs three of the largest tensor, not three
- * copies of the stage. */
+/* Host staging for loading goes tensor by tensor: one buffer of the largest tensor. */
 static size_t largest_param(const struct worker *w) {
   size_t max = 1;
   for (int i = 0; i < w->n_params; i++) {
@@ -190,31 +188,187 @@ static size_t largest_param(const struct worker *w) {
   return max;
 }
 
-/* adam_m / adam_v: the moments of the whole stage, laid out as the weights */
-static void write_stage(const char *path, const struct comm *c, const struct worker *w,
-                        const float *adam_m, const float *adam_v) {
-  char err[1024];
-  struct ckpt_stage_writer *sw;
-  if (ckpt_stage_create(&sw, path, c->stage, c->pp, err, sizeof err) != 0)
-    die("checkpoint: %s", err);
-  size_t max = largest_param(w);
-  float *host = xmalloc(3 * max * sizeof(float));
-  float *dst[3] = {host, host + max, host + 2 * max};
+/* ---- the save in flight ----------------------------------------------------------------------
+ * checkpoint_save copies this rank's tensors into a host staging buffer and returns; a writer
+ * thread writes the stage file from it and fsyncs it while training goes on. Rank 0 commits the
+ * step directory (model.h5, the rename, `latest`) once every rank's file is synced. The ranks
+ * agree on that from their main threads, never the writer's (MPI is not initialised for
+ * threads): at a step boundary once every writer has finished (checkpoint_poll), or waiting for
+ * the writers (checkpoint_wait: before the next save, before an evaluation, at exit). Until
+ * then `latest` names the previous checkpoint, which a crash leaves intact. */
+
+struct staged_tensor {
+  char name[CKPT_MAX_NAME + 1];
+  int ndim;
+  int64_t shape[2];
+  size_t offset;   /* in floats, into each part of the staging buffer */
+};
+
+static struct {
+  int active;              /* a save began and is not committed yet: the same on every rank */
+  struct comm *c;
+  double began, staged;    /* now_seconds() when checkpoint_save began and when it returned */
+  /* the stage file (replica 0's ranks) */
+  int writing;             /* the writer was started and is not joined yet */
+  int threaded;            /* it runs on `thread`; else it ran inside checkpoint_save */
+  pthread_t thread;
+  atomic_int finished;     /* the writer's last act */
+  char path[4200];
+  int stage, n_stages;
+  struct staged_tensor *tensors;
+  int n_tensors;
+  float *staging;          /* [weights | adam_m | adam_v], `part` floats each */
+  size_t part, capacity;   /* floats of one part; floats allocated */
+  char err[1024];          /* the writer's error; empty when it succeeded */
+  double delay;            /* QWEN3_CKPT_WRITE_DELAY */
+  /* the commit (rank 0) */
+  char root[4096];
+  struct ckpt_state state;
+  uint8_t *job;            /* state.job: the packed Job */
+  int keep_last;
+} save;
+
+/* This rank's tensors, the tied copy excepted, into the staging buffer (allocated once, for the
+ * largest save): the writer thread writes them while training changes the originals. adam_m /
+ * adam_v: the moments of the whole stage, laid out as the weights. */
+static void stage_tensors(const struct worker *w, const float *adam_m, const float *adam_v) {
+  size_t floats = 0;
+  int n = 0;
+  for (int i = 0; i < w->n_params; i++)
+    if (!is_tied_copy(w, &w->params[i])) {
+      floats += (size_t)w->params[i].rows * w->params[i].cols;
+      n++;
+    }
+  if (3 * floats > save.capacity) {
+    free(save.staging);
+    save.staging = malloc(3 * floats * sizeof(float));
+    if (!save.staging)
+      die("checkpoint: out of host memory for the staging buffer of a save (%.2f GiB: the "
+          "weights and AdamW moments of this stage)", 3.0 * floats * sizeof(float) / (1 << 30));
+    save.capacity = 3 * floats;
+  }
+  save.tensors = xrealloc(save.tensors, (size_t)(n ? n : 1) * sizeof *save.tensors);
+  save.n_tensors = n;
+  save.part = floats;
   const float *src[3] = {w->weights, adam_m, adam_v};
+  size_t at = 0;
+  n = 0;
   for (int i = 0; i < w->n_params; i++) {
     const struct param *p = &w->params[i];
     if (is_tied_copy(w, p)) continue;
-    size_t bytes = (size_t)p->rows * p->cols * sizeof(float);
-    for (int k = 0; k < 3; k++) w->be->to_host(dst[k], src[k] + p->offset, bytes);
-    int ndim;
-    int64_t shape[2];
-    param_shape(p, &ndim, shape);
-    if (ckpt_stage_put(sw, p->name, ndim, shape, dst[0], dst[1], dst[2], err, sizeof err) != 0)
-      die("checkpoint: %s", err);
+    struct staged_tensor *t = &save.tensors[n++];
+    snprintf(t->name, sizeof t->name, "%s", p->name);
+    param_shape(p, &t->ndim, t->shape);
+    t->offset = at;
+    size_t count = (size_t)p->rows * p->cols;
+    for (int k = 0; k < 3; k++)
+      w->be->to_host(save.staging + k * floats + at, src[k] + p->offset, count * sizeof(float));
+    at += count;
   }
-  free(host);
-  if (ckpt_stage_finish(sw, err, sizeof err) != 0) die("checkpoint: %s", err);
 }
+
+/* The writer: the stage file from the staging buffer, fsynced. It calls neither die() nor MPI;
+ * an error is left in save.err for the main thread. */
+static void *write_stage(void *unused) {
+  (void)unused;
+  struct timespec left = {(time_t)save.delay, (long)((save.delay - (time_t)save.delay) * 1e9)};
+  while (save.delay > 0 && nanosleep(&left, &left) != 0 && errno == EINTR) continue;
+  const float *part[3] = {save.staging, save.staging + save.part, save.staging + 2 * save.part};
+  struct ckpt_stage_writer *sw;
+  if (ckpt_stage_create(&sw, save.path, save.stage, save.n_stages, save.err,
+                        sizeof save.err) == 0) {
+    int rc = 0;
+    for (int i = 0; i < save.n_tensors && rc == 0; i++) {
+      const struct staged_tensor *t = &save.tensors[i];
+      rc = ckpt_stage_put(sw, t->name, t->ndim, t->shape, part[0] + t->offset,
+                          part[1] + t->offset, part[2] + t->offset, save.err, sizeof save.err);
+    }
+    char later[1024];   /* after a failed put, closing the file says nothing new */
+    if (rc == 0) ckpt_stage_finish(sw, save.err, sizeof save.err);
+    else ckpt_stage_finish(sw, later, sizeof later);
+  }
+  atomic_store(&save.finished, 1);
+  return NULL;
+}
+
+/* Stop signals stay with the main thread (train.c's handler): the writer blocks them all. With
+ * an HDF5 that is not thread-safe, the file is written here and now. QWEN3_CKPT_WRITE_DELAY (in
+ * the environment of some ranks only, by the tests): seconds the writer sleeps first, as on a
+ * slow disk. */
+static void start_writer(void) {
+  const char *delay = getenv("QWEN3_CKPT_WRITE_DELAY");
+  save.delay = delay ? atof(delay) : 0;
+  save.err[0] = 0;
+  atomic_store(&save.finished, 0);
+  save.writing = 1;
+  save.threaded = ckpt_thread_safe();
+  if (!save.threaded) {
+    static int warned;
+    if (!warned++)
+      warn("checkpoint: this HDF5 is not thread-safe: every save is written before training "
+           "goes on");
+    write_stage(NULL);
+    return;
+  }
+  sigset_t all, old;
+  sigfillset(&all);
+  int rc = pthread_sigmask(SIG_BLOCK, &all, &old);
+  if (rc != 0) die("checkpoint: pthread_sigmask: %s", strerror(rc));
+  rc = pthread_create(&save.thread, NULL, write_stage, NULL);
+  int rc_mask = pthread_sigmask(SIG_SETMASK, &old, NULL);
+  if (rc != 0)
+    die("checkpoint: cannot start the thread that writes %s: %s", save.path, strerror(rc));
+  if (rc_mask != 0) die("checkpoint: pthread_sigmask: %s", strerror(rc_mask));
+}
+
+/* Waits for this rank's writer; dies with its error, which names the file. */
+static void join_writer(void) {
+  if (save.threaded) {
+    int rc = pthread_join(save.thread, NULL);
+    if (rc != 0)
+      die("checkpoint: cannot join the thread that writes %s: %s", save.path, strerror(rc));
+  }
+  save.writing = 0;
+  if (save.err[0])
+    die("checkpoint: step %lld was not saved: %s", (long long)save.state.step, save.err);
+}
+
+/* Rank 0: every stage file is synced; model.h5, the rename, `latest`. */
+static void commit(void) {
+  char err[1024], path[4200];
+  if (ckpt_commit(save.root, &save.state, save.keep_last, err, sizeof err) != 0)
+    die("checkpoint: %s", err);
+  ckpt_step_path(path, sizeof path, save.root, save.state.step, 0);
+  info("checkpoint: step %lld saved to %s (training paused %.2f s to stage it; committed %.1f s "
+       "after the save began)", (long long)save.state.step, path, save.staged - save.began,
+       now_seconds() - save.began);
+  if (replace_after >= 0) {
+    remove_steps_after(save.root, save.state.step);
+    replace_after = -1;
+  }
+  free(save.job);
+  save.job = NULL;
+}
+
+/* Collective while a save is active (which every rank knows alike): commits it when every rank's
+ * file is written; wait: waits for this rank's writer first, so that it always commits. */
+static void settle(int wait) {
+  if (!save.active) return;
+  double done = 1;
+  if (save.writing) {
+    if (wait || atomic_load(&save.finished)) join_writer();
+    else done = 0;
+  }
+  struct comm *c = save.c;
+  if (c->world > 1) comm_allreduce_sum_double(c, GROUP_WORLD, &done, 1);
+  if (done < c->world) return;
+  if (c->rank == 0) commit();
+  save.active = 0;
+}
+
+void checkpoint_poll(void) { settle(0); }
+
+void checkpoint_wait(void) { settle(1); }
 
 /* ZeRO-1: this rank's shard of a moment into place in `full` (the whole stage), then every
  * replica's shard over GROUP_DP */
@@ -228,15 +382,19 @@ static void gather_moments(struct comm *c, const struct worker *w, float *full,
 
 void checkpoint_save(const Job *job, struct comm *c, struct worker *w,
                      const struct train_state *s) {
-  char root[4096], tmp[4096], file[64], path[4200], err[1024];
+  char err[1024], tmp[4096], file[64];
+  double waited = now_seconds();
+  settle(1);   /* one save at a time: the previous one is committed first */
   double t0 = now_seconds();
-  checkpoint_dir(job, root, sizeof root);
-  ckpt_step_path(tmp, sizeof tmp, root, s->step, 1);
-  if (c->rank == 0 && ckpt_begin(root, s->step, err, sizeof err) != 0) die("checkpoint: %s", err);
+  if (c->rank == 0 && t0 - waited > 1)
+    info("checkpoint: waited %.1f s for the previous save to reach the disk", t0 - waited);
+  checkpoint_dir(job, save.root, sizeof save.root);
+  if (c->rank == 0 && ckpt_begin(save.root, s->step, err, sizeof err) != 0)
+    die("checkpoint: %s", err);
   comm_barrier(c, GROUP_WORLD);   /* the empty .tmp directory exists */
   /* ZeRO-1: the replicas all-gather the AdamW moments of the whole stage: the first moments
    * into the gradient buffer (dead between the optimizer step and the next step's zeroing), the
-   * second into a temporary; replica 0 writes them */
+   * second into a temporary; replica 0 stages them */
   const float *adam_m = w->adam_m, *adam_v = w->adam_v;
   float *tmp_v = NULL;
   if (w->plan.shards > 1) {
@@ -249,31 +407,45 @@ void checkpoint_save(const Job *job, struct comm *c, struct worker *w,
     adam_m = w->grads;
     adam_v = tmp_v;
   }
+  save.state = (struct ckpt_state){.step = s->step, .samples_seen = s->samples_seen,
+                                   .tokens_seen = s->tokens_seen, .n_stages = c->pp,
+                                   .config = w->plan.cfg};
   if (c->replica == 0) {          /* the other replicas hold the same tensors */
+    stage_tensors(w, adam_m, adam_v);
+    ckpt_step_path(tmp, sizeof tmp, save.root, s->step, 1);
     ckpt_stage_file(file, sizeof file, c->stage, c->pp);
-    snprintf(path, sizeof path, "%s/%s", tmp, file);
-    write_stage(path, c, w, adam_m, adam_v);
+    snprintf(save.path, sizeof save.path, "%s/%s", tmp, file);
+    save.stage = c->stage;
+    save.n_stages = c->pp;
+    start_writer();
   }
   if (tmp_v) w->be->free(tmp_v);
-  comm_barrier(c, GROUP_WORLD);   /* every stage file is written and synced */
   if (c->rank == 0) {
-    size_t job_len = qwen3__job__get_packed_size(job);
-    uint8_t *packed = xmalloc(job_len);
-    qwen3__job__pack(job, packed);
-    struct ckpt_state st = {.step = s->step, .samples_seen = s->samples_seen,
-                            .tokens_seen = s->tokens_seen, .n_stages = c->pp,
-                            .config = w->plan.cfg, .job = packed, .job_len = job_len};
-    if (ckpt_commit(root, &st, job->checkpoint->keep_last, err, sizeof err) != 0)
-      die("checkpoint: %s", err);
-    free(packed);
-    ckpt_step_path(path, sizeof path, root, s->step, 0);
-    info("checkpoint: step %d saved to %s (%.1f s)", s->step, path, now_seconds() - t0);
-    if (replace_after >= 0) {
-      remove_steps_after(root, s->step);
-      replace_after = -1;
-    }
+    save.state.job_len = qwen3__job__get_packed_size(job);
+    save.job = xmalloc(save.state.job_len);
+    qwen3__job__pack(job, save.job);
+    save.state.job = save.job;
+    save.keep_last = job->checkpoint->keep_last;
   }
-  comm_barrier(c, GROUP_WORLD);   /* nobody runs ahead, or exits, before the commit */
+  save.c = c;
+  save.active = 1;
+  save.began = t0;
+  save.staged = now_seconds();
+}
+
+void checkpoint_release(void) {
+  if (save.active) {
+    struct comm *c = save.c;
+    settle(1);
+    comm_barrier(c, GROUP_WORLD);   /* nobody exits before the commit */
+  }
+  free(save.staging);
+  free(save.tensors);
+  save.staging = NULL;
+  save.tensors = NULL;
+  save.capacity = 0;
+  if (lock_fd >= 0) close(lock_fd);   /* closing releases the flock */
+  lock_fd = -1;
 }
 
 /* The checkpoint must be of the job's model: the tensors this stage loads match by name and

@@ -2,6 +2,7 @@
  * HDF5 file per pipeline stage with that stage's fp32 weights and AdamW moments under Hugging
  * Face tensor names, and model.h5 written by rank 0 with external links to every tensor by name
  * plus the run state. Written under a temporary name, synced, renamed; `latest` replaced last.
+ * The stage files are written by a thread while training goes on.
  * Tensors are found by name, so a checkpoint written by one pipeline layout loads into another. */
 #ifndef QWEN3_CHECKPOINT_H
 #define QWEN3_CHECKPOINT_H
@@ -20,12 +21,21 @@ struct train_state {
   uint64_t tokens_seen;    /* target tokens trained on */
 };
 
-/* Collective (every rank calls it at the same step boundary): the ranks of replica 0 write their
- * stage files, rank 0 writes model.h5 with the run state and the job, commits the directory
- * atomically, moves `latest` and removes checkpoints beyond checkpoint.keep_last. Dies naming
- * the file on any failure; the previous checkpoint stays intact. */
+/* Collective (every rank calls it at the same step boundary). Waits for the previous save to be
+ * committed (checkpoint_wait), then the ranks of replica 0 copy their stage's weights and AdamW
+ * moments into a host staging buffer (allocated at the first save and kept) and return, while a
+ * thread of each writes and fsyncs its stage file. Once every rank's file is synced (found by
+ * checkpoint_poll or checkpoint_wait), rank 0 writes model.h5 with the run state and the job,
+ * commits the directory atomically, moves `latest` and removes checkpoints beyond
+ * checkpoint.keep_last. Dies naming the file on any failure, at the latest in the next
+ * checkpoint_poll, checkpoint_wait or checkpoint_save; the previous checkpoint stays intact. */
 void checkpoint_save(const Job *job, struct comm *c, struct worker *w,
                      const struct train_state *s);
+/* Collective at every step boundary while a save is in flight (a no-op otherwise): commits it
+ * if every rank's writer has finished, without waiting for them. */
+void checkpoint_poll(void);
+/* Collective: waits for every rank's writer and commits the save in flight, if any. */
+void checkpoint_wait(void);
 
 /* Collective. checkpoint.resume: AUTO (latest under the checkpoint dir, if any), NEVER, or a
  * checkpoint directory. Loads this stage's weights and AdamW moments by name and fills s.
@@ -47,7 +57,9 @@ int probe_writable(const char *dir, char *err, size_t errlen);
  * directory) unless checkpoint.overwrite, which deletes the newer steps at its first save.
  * Returns 0, or -1 with err naming the directory and what to do. */
 int checkpoint_prepare(const Job *job, char *err, size_t errlen);
-/* Releases the lock (also released when the process exits). */
+/* At exit, on every rank: waits for the save in flight and commits it (checkpoint_wait: collective
+ * when a save is in flight), frees the staging buffer and releases the lock (which the process's
+ * exit would release too). */
 void checkpoint_release(void);
 
 /* init.checkpoint: this stage's weights only (fresh optimizer, step 0). */

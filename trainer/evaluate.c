@@ -37,7 +37,7 @@ static void validate(const Job *job, struct comm *c, struct worker *w, int step,
   double *sums = xcalloc(2 * n_docs, sizeof(double));   /* [nll sum, tokens] per document */
 
   worker_reshape(w, mbs, seq, 1);
-  size_t tokens = (size_t)mbs * seq, bytes = tokens * w->plan.cfg.hidden_size * sizeof(float);
+  size_t tokens = (size_t)mbs * seq, bytes = worker_boundary_bytes(w);
   int32_t *tok = xmalloc(tokens * sizeof(int32_t)), *tgt = xmalloc(tokens * sizeof(int32_t));
   int32_t *pos = xmalloc(tokens * sizeof(int32_t));
   float *nll = xmalloc(tokens * sizeof(float));

@@ -23,7 +23,7 @@ struct sequence {
 static void stage_forward(struct worker *w, struct comm *c, struct sequence *s, int p, int from,
                           struct kv_cache *kv, float *logits) {
   int n = s->len - from;
-  size_t bytes = (size_t)n * w->plan.cfg.hidden_size * sizeof(float);
+  size_t bytes = (size_t)n * w->plan.cfg.hidden_size * dtype_bytes(w->plan.act);
   if (c->stage > 0) comm_recv_tensor(c, worker_input(w, 0), bytes, c->stage - 1, p);
   worker_infer(w, s->ids + from, s->positions + from, n, kv, logits);
   if (c->stage < c->pp - 1) comm_send_tensor(c, worker_output(w, 0), bytes, c->stage + 1, p);

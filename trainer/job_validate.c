@@ -21,6 +21,7 @@
 #include "data/chat.h"
 #include "data/ckpt_file.h"
 #include "data/hf_config.h"
+#include "data/loader.h"
 #include "data/safetensors.h"
 #include "data/shard.h"
 #include "data/tokenizer.h"
@@ -493,8 +494,9 @@ int job_validate(const Job *job, int world, struct qwen3_config *cfg) {
 
 /* ---- input files, through the readers the run uses --------------------------------------------- */
 
+/* training: each shard must give a sample (packed ones with data.pack), as loader_open asks */
 static void check_shards(char *const *paths, size_t n, const char *field, int seq,
-                         const struct qwen3_config *c, int training) {
+                         const struct qwen3_config *c, int training, int pack) {
   int masked0 = -1;
   for (size_t i = 0; i < n; i++) {
     struct shard s;
@@ -511,10 +513,8 @@ static void check_shards(char *const *paths, size_t n, const char *field, int se
     else NEED(masked == masked0, "%s[%zu]: %s %s a loss mask but %s[0] does%s: mix chat and "
               "plain shards in separate runs", field, i, paths[i], masked ? "has" : "has no",
               field, masked0 ? "" : " not");
-    uint64_t samples = masked ? s.n_docs : (s.n_tokens > 0 ? (s.n_tokens - 1) / (uint64_t)seq : 0);
-    if (training)
-      NEED(samples > 0, "%s[%zu]: %s holds no sample: %llu tokens, need at least data.seq_len + "
-           "1 = %d", field, i, paths[i], (unsigned long long)s.n_tokens, seq + 1);
+    if (training && loader_shard_check(&s, seq, pack, err, sizeof err) != 0)
+      complain("%s[%zu]: %s %s", field, i, paths[i], err);
     shard_free(&s);
   }
 }
@@ -585,8 +585,8 @@ int job_validate_files(const Job *job, const struct qwen3_config *cfg) {
   int before = job_problem_count();
   const Qwen3__Data *d = job->data;
   if (job->tokenizer) check_tokenizer(job, cfg);
-  check_shards(d->train, d->n_train, "data.train", d->seq_len, cfg, 1);
-  check_shards(d->valid, d->n_valid, "data.valid", d->seq_len, cfg, 0);
+  check_shards(d->train, d->n_train, "data.train", d->seq_len, cfg, 1, d->pack);
+  check_shards(d->valid, d->n_valid, "data.valid", d->seq_len, cfg, 0, 0);
   if (job->init->hf_dir) {
     char err[1024];
     struct st_model *m;

@@ -19,21 +19,23 @@ double lr_schedule(const Qwen3__Optim *o, int total_steps, int step) {
   }
 }
 
-/* sum_squares of grads [from, to) clipped to the rank's shard [b, e) */
-static double shard_sum_squares(struct worker *w, size_t from, size_t to) {
+/* Adds the squares of grads [from, to), clipped to the rank's shard [b, e), into the device
+ * sum of group g. */
+static void shard_sum_squares(struct worker *w, int g, size_t from, size_t to) {
   size_t b = w->plan.shard_begin, e = w->plan.shard_end;
   if (from < b) from = b;
   if (to > e) to = e;
-  return from < to ? w->be->sum_squares(w->grads + from, to - from) : 0;
+  if (from < to) w->be->sum_into(w->sums + SUM_NORM + g, w->grads + from, to - from, 1);
 }
 
-static double param_sum_squares(struct worker *w, int i) {
+static void param_sum_squares(struct worker *w, int g, int i) {
   const struct param *t = &w->params[i];
-  return shard_sum_squares(w, t->offset, t->offset + (size_t)t->rows * t->cols);
+  shard_sum_squares(w, g, t->offset, t->offset + (size_t)t->rows * t->cols);
 }
 
 /* The squared gradient norm, summed per tensor and grouped by global layer (embedding first,
- * final norm and head last) in a fixed order, so every pipeline layout gets the same bits.
+ * final norm and head last) in a fixed order, so every pipeline layout gets the same bits. The
+ * sums run on the device and come back in one copy.
  * ZeRO-1: each replica holds the summed gradient of its shard only; a tensor's sum of squares
  * is then the sum over replicas (MPI's order over GROUP_DP) of its pieces' sums, each group the
  * sum of its tensors' in table order, and the groups are added in the same fixed order: within
@@ -41,16 +43,18 @@ static double param_sum_squares(struct worker *w, int i) {
 static double grad_norm_squared(struct worker *w, struct comm *c) {
   const struct worker_plan *p = &w->plan;
   int groups = p->cfg.num_layers + 2;
-  double *sq = xcalloc((size_t)groups, sizeof(double));
+  w->be->zero(w->sums + SUM_NORM, (size_t)groups * sizeof(double));
   for (int l = 0; l < p->n_layers; l++)
     for (int k = 0; k < N_LAYER_PARAMS; k++)
-      sq[1 + p->first_layer + l] += param_sum_squares(w, w->layer_param[l][k]);
+      param_sum_squares(w, 1 + p->first_layer + l, w->layer_param[l][k]);
   /* the tied embedding counts once: the last stage leaves its copy out */
-  if (p->has_embedding) sq[0] = param_sum_squares(w, w->embed_param);
+  if (p->has_embedding) param_sum_squares(w, 0, w->embed_param);
   if (p->has_head) {
-    sq[groups - 1] = param_sum_squares(w, w->final_norm_param);
-    if (!p->cfg.tie_embeddings) sq[groups - 1] += param_sum_squares(w, w->head_param);
+    param_sum_squares(w, groups - 1, w->final_norm_param);
+    if (!p->cfg.tie_embeddings) param_sum_squares(w, groups - 1, w->head_param);
   }
+  double *sq = xcalloc((size_t)groups, sizeof(double));
+  w->be->to_host(sq, w->sums + SUM_NORM, (size_t)groups * sizeof(double));
   if (p->shards > 1) comm_allreduce_sum_double(c, GROUP_DP, sq, (size_t)groups);
   /* every group lives on one stage: the sum over stages only adds zeros */
   if (c->pp > 1) comm_allreduce_sum_double(c, GROUP_PIPE, sq, (size_t)groups);
@@ -60,16 +64,39 @@ static double grad_norm_squared(struct worker *w, struct comm *c) {
   return total;
 }
 
-/* AdamW on parameters [from, to) clipped to the shard; decayed below decay_floats */
-static void adamw_range(struct worker *w, const Qwen3__Optim *o, double lr, int t, size_t from,
-                        size_t to, float weight_decay) {
+/* AdamW on parameters [from, to) clipped to the shard, decayed or not; the weight copy in the
+ * same pass unless ZeRO's all-gather of the masters comes after */
+static void adamw_range(struct worker *w, const struct adamw_step *st, size_t from, size_t to,
+                        int decay, int zero_grad) {
   size_t b = w->plan.shard_begin, e = w->plan.shard_end;
   if (from < b) from = b;
   if (to > e) to = e;
   if (from >= to) return;
-  float *m = w->adam_m + (from - b), *v = w->adam_v + (from - b);
-  w->be->adamw_update(w->weights + from, w->grads + from, m, v, to - from, (float)lr,
-                      (float)o->beta1, (float)o->beta2, (float)o->eps, weight_decay, t);
+  struct adamw_step s = *st;
+  if (!decay) s.weight_decay = 0;
+  void *copy = w->weights_act != w->weights && w->plan.shards == 1
+                   ? (char *)w->weights_act + from * dtype_bytes(w->plan.act) : NULL;
+  w->be->adamw_update(w->weights + from, copy, w->grads + from, w->adam_m + (from - b),
+                      w->adam_v + (from - b), to - from, &s, zero_grad);
+}
+
+/* AdamW over the parameters of weight group g (worker.h: WEIGHTS_*), neighbours in the flat
+ * buffer with the same decay merged into one pass */
+static void adamw_group(struct worker *w, int g, const struct adamw_step *st, int zero_grad) {
+  size_t from = 0, to = 0;
+  int decay = 0;
+  for (int i = 0; i < w->n_params; i++) {
+    const struct param *p = &w->params[i];
+    if (worker_weight_group(w, i) != g) continue;
+    size_t end = p->offset + (size_t)p->rows * p->cols;
+    if (to > from && p->offset == to && p->decay == decay) {
+      to = end;
+      continue;
+    }
+    adamw_range(w, st, from, to, decay, zero_grad);
+    from = p->offset, to = end, decay = p->decay;
+  }
+  adamw_range(w, st, from, to, decay, zero_grad);
 }
 
 double optimizer_step(struct worker *w, struct comm *c, const Qwen3__Optim *o, double lr, int t) {
@@ -88,14 +115,29 @@ double optimizer_step(struct worker *w, struct comm *c, const Qwen3__Optim *o, d
     comm_reduce_scatter_sum_float(c, GROUP_DP, w->grads, p->param_floats, p->shard_stride);
   else if (c->dp > 1)
     comm_allreduce_sum_float(c, GROUP_DP, w->grads, p->param_floats);
-  double sq = grad_norm_squared(w, c);
-  double norm = sqrt(sq);
+  double norm = sqrt(grad_norm_squared(w, c));
+  struct adamw_step st = {
+    .lr = (float)lr, .beta1 = (float)o->beta1, .beta2 = (float)o->beta2, .eps = (float)o->eps,
+    .weight_decay = (float)o->weight_decay, .grad_scale = 1.0f, .t = t,
+  };
   if (o->grad_clip > 0 && norm > o->grad_clip)   /* torch.nn.utils.clip_grad_norm_ */
-    be->scale(w->grads + p->shard_begin, (float)(o->grad_clip / (norm + 1e-6)),
-              p->shard_end - p->shard_begin);
+    st.grad_scale = (float)(o->grad_clip / (norm + 1e-6));
 
-  adamw_range(w, o, lr, t, 0, p->decay_floats, (float)o->weight_decay);
-  adamw_range(w, o, lr, t, p->decay_floats, p->param_floats, 0.0f);
+  /* Without ZeRO the update runs on the backend's side stream, one weight group after the
+   * other, each marked, while the host goes on to issue the next step: that step's forward
+   * waits for each group's mark just before it reads the group (worker.c), so the update of
+   * the later layers overlaps the forward of the first ones. The same pass leaves the
+   * gradients zero and writes the weight copy. ZeRO's all-gather needs every shard updated
+   * first: it stays in order, and the gradients are zeroed by the next step. */
+  int overlap = !zero && be->side_stream;
+  if (overlap) be->side_stream(1);
+  for (int g = 0; g < worker_weight_groups(w); g++) {
+    adamw_group(w, g, &st, !zero);
+    if (be->mark) be->mark(g);
+  }
+  if (overlap) be->side_stream(0);
+  w->weights_act_fresh = w->weights_act != w->weights && !zero;
+  w->grads_zero = !zero;
   if (zero) comm_allgather_float(c, GROUP_DP, w->weights, p->param_floats, p->shard_stride);
   return norm;
 }

@@ -25,7 +25,7 @@ static enum schedule_kind schedule_kind_of(const Job *job) {
 }
 
 void stage_plan(struct worker_plan *p, const Job *job, const struct qwen3_config *cfg, int pp,
-                int stage) {
+                int stage, enum dtype act) {
   const Qwen3__Parallel *par = job->parallel;
   int first[LAYOUT_MAX_STAGES + 1];
   char err[512];
@@ -36,7 +36,10 @@ void stage_plan(struct worker_plan *p, const Job *job, const struct qwen3_config
   schedule_build(&s, schedule_kind_of(job), pp, par->micro_batches, stage);
   worker_plan_make(p, cfg, first[stage], first[stage + 1] - first[stage], stage == 0,
                    stage == pp - 1, job->data->micro_batch_size, job->data->seq_len, s.max_live,
-                   par->recompute);
+                   (par->recompute ? RECOMPUTE_LAYER : 0) |
+                       (par->recompute_norms ? RECOMPUTE_NORMS : 0) |
+                       (par->recompute_swiglu ? RECOMPUTE_SWIGLU : 0),
+                   act);
   schedule_free(&s);
   const Qwen3__Precision *prec = job->precision;
   if (prec->linear == QWEN3__LINEAR_PRECISION__NVFP4) {
@@ -55,7 +58,8 @@ int nvfp4_bf16_last_layers(const Qwen3__Precision *prec, int num_layers) {
   return prec->bf16_last_layers >= 0 ? prec->bf16_last_layers : (num_layers * 15 + 99) / 100;
 }
 
-void print_layout(const Job *job, const struct qwen3_config *cfg, const struct comm *c) {
+void print_layout(const Job *job, const struct qwen3_config *cfg, const struct comm *c,
+                  enum dtype act) {
   if (c->rank != 0) return;
   printf("layout: %d processes = %d pipeline stages x %d data-parallel replicas%s, schedule %s, "
          "%d micro-batches of %d x %d tokens\n",
@@ -69,7 +73,7 @@ void print_layout(const Job *job, const struct qwen3_config *cfg, const struct c
   for (int r = 0; r < c->world; r++) {
     struct worker_plan p;
     int stage = r % c->pp;
-    stage_plan(&p, job, cfg, c->pp, stage);
+    stage_plan(&p, job, cfg, c->pp, stage, act);
     if (job->parallel->zero && c->dp > 1) worker_plan_shard(&p, c->dp, r / c->pp);
     char layers[32];
     snprintf(layers, sizeof layers, "%d-%d", p.first_layer, p.first_layer + p.n_layers - 1);
@@ -81,7 +85,7 @@ void print_layout(const Job *job, const struct qwen3_config *cfg, const struct c
     printf("%-5d %-6d %-8d %-9s %-14zu %8.1f MiB   %8.1f MiB  %s%s%s%s\n", r, stage, r / c->pp,
            layers, p.param_floats, worker_plan_state_bytes(&p) / 1048576.0,
            worker_plan_activation_bytes(&p) / 1048576.0, p.has_embedding ? "embedding " : "",
-           p.has_head ? "final-norm lm-head loss " : "", nvfp4, p.recompute ? "(recompute)" : "");
+           p.has_head ? "final-norm lm-head loss " : "", nvfp4, p.recompute & RECOMPUTE_LAYER ? "(recompute)" : "");
   }
   long long global = (long long)job->data->micro_batch_size * job->parallel->micro_batches * c->dp;
   printf("global batch: %lld sequences = %lld tokens per step\n", global,
@@ -172,7 +176,16 @@ static void log_step(struct output *metrics, const struct step_log *s) {
   output_json_line(metrics, o, 9);
 }
 
-/* --timing: rank 0's seconds per stage of the block table, per phase */
+/* --timing: rank 0's seconds of the parts of a step, and per stage of the block table, per
+ * phase. A synchronize around every part and stage makes each its own time. */
+static double part_seconds[3];
+
+static double part_clock(const struct backend *be, int timing) {
+  if (!timing) return 0;
+  be->synchronize();
+  return now_seconds();
+}
+
 static void print_stage_times(void) {
   info("per-stage seconds of rank 0: %14s %9s %9s %9s %9s", "", "forward", "backward", "prefill",
        "decode");
@@ -245,8 +258,7 @@ static void release_live(struct run *r, int mb) {
 static double run_schedule(struct run *r, float grad_scale) {
   struct worker *w = &r->w;
   struct comm *c = r->c;
-  size_t act_bytes = (size_t)r->tokens_per_mb * w->plan.cfg.hidden_size * sizeof(float);
-  double loss_sum = 0;
+  size_t act_bytes = worker_boundary_bytes(w);
   for (int i = 0; i < r->sched.n; i++) {
     const struct action *a = &r->sched.actions[i];
     int live = claim_live(r, a->mb);
@@ -258,7 +270,7 @@ static double run_schedule(struct run *r, float grad_scale) {
     case ACT_FWD: {
       struct micro_batch mb = {r->tokens + at, r->targets + at, r->positions + at,
                                r->stream_base + (uint64_t)a->mb};
-      loss_sum += worker_forward(w, live, &mb, grad_scale, NULL);
+      worker_forward(w, live, &mb, grad_scale, NULL);
       break;
     }
     case ACT_SEND_ACT:
@@ -278,7 +290,7 @@ static double run_schedule(struct run *r, float grad_scale) {
     }
   }
   comm_wait_sends(c);
-  return loss_sum;
+  return worker_take_loss(w);
 }
 
 /* SIGTERM, SIGUSR1, SIGUSR2 (Slurm preemption, a scheduler's warning): finish the step,
@@ -320,7 +332,7 @@ void train_run(const Job *job, const struct qwen3_config *cfg, struct comm *c,
                const struct backend *be, const struct run_options *opt) {
   struct run r = {.job = job, .c = c};
   struct worker_plan plan;
-  stage_plan(&plan, job, cfg, c->pp, c->stage);
+  stage_plan(&plan, job, cfg, c->pp, c->stage, be->act_dtype());
   if (job->parallel->zero && c->dp > 1) worker_plan_shard(&plan, c->dp, c->replica);
   worker_init(&r.w, be, &plan);
   init_weights(job, &r.w);
@@ -328,7 +340,8 @@ void train_run(const Job *job, const struct qwen3_config *cfg, struct comm *c,
   int resumed = checkpoint_resume(job, c, &r.w, &st);
   schedule_build(&r.sched, schedule_kind_of(job), c->pp, job->parallel->micro_batches, c->stage);
   loader_open(&r.train, job->data->train, (int)job->data->n_train, job->data->seq_len,
-              job->data->seed, cfg->vocab_size, "data.train", 1);
+              job->data->seed, cfg->vocab_size, "data.train",
+              LOADER_TRAINING | (job->data->pack ? LOADER_PACK : 0));
   block_timing = opt->timing;
 
   r.n_mb = job->parallel->micro_batches;
@@ -345,8 +358,9 @@ void train_run(const Job *job, const struct qwen3_config *cfg, struct comm *c,
   if (c->rank == 0) {
     metrics = &metrics_file;
     open_metrics(metrics, job, resumed ? st.step : 0);
-    info("training %s: %d steps, %llu samples of %d tokens in data.train, backend %s",
-         job->name, job->train->steps, (unsigned long long)r.train.n_samples, job->data->seq_len,
+    info("training %s: %d steps, %llu %ssamples of %d tokens in data.train (%.1f%% padding), "
+         "backend %s", job->name, job->train->steps, (unsigned long long)r.train.n_samples,
+         r.train.pack ? "packed " : "", job->data->seq_len, 100 * loader_padding(&r.train),
          be->name);
     if (resumed) info("resumed at step %d (%llu samples seen)", st.step,
                       (unsigned long long)st.samples_seen);
@@ -357,18 +371,34 @@ void train_run(const Job *job, const struct qwen3_config *cfg, struct comm *c,
   uint64_t global_batch = (uint64_t)job->data->micro_batch_size * r.n_mb * c->dp;
   int first_step = st.step + 1;
   for (int step = first_step; step <= steps; step++) {
+    checkpoint_poll();   /* commits the last save once every rank has written its file */
     if (opt->fail_step == step && opt->fail_rank == c->rank)
       die("failing on purpose at step %d (--fail-at %d:%d)", step, c->rank, step);
     double t0 = now_seconds();
     double lr = lr_schedule(job->optim, steps, step);
     double targets = load_step_batch(&r, st.samples_seen);
     if (targets <= 0) die("step %d: the global batch has no target token (all masked)", step);
+    double t1 = part_clock(be, opt->timing);
     worker_zero_grads(&r.w);
     worker_prepare_step(&r.w, step);
+    double t2 = part_clock(be, opt->timing);
     r.stream_base = st.samples_seen;
     double loss_sum = run_schedule(&r, (float)(1.0 / targets));
+    double t3 = part_clock(be, opt->timing);
+    /* no synchronize: the optimizer's update may still run on the backend's side stream while
+     * the next step's forward starts (optim.c); that step's time includes what it waited for */
     double grad_norm = optimizer_step(&r.w, c, job->optim, lr, step);
-    be->synchronize();   /* the step's time includes its last kernels */
+    if (opt->timing) {
+      part_seconds[0] += t2 - t1;
+      part_seconds[1] += t3 - t2;
+      part_seconds[2] += part_clock(be, 1) - t3;
+      /* the first step also pays for loading kernels and choosing GEMM algorithms: a profile
+       * of the steps after it says where a step's time goes */
+      if (step == first_step && steps > first_step) {
+        memset(part_seconds, 0, sizeof part_seconds);
+        memset(block_stage_seconds, 0, sizeof(double) * QWEN3_BLOCK_STAGES * N_PHASES);
+      }
+    }
     if (c->world > 1) comm_allreduce_sum_double(c, GROUP_WORLD, &loss_sum, 1);
     double loss = loss_sum / targets;
     if (!isfinite(loss)) die("step %d: the loss is %f; stopping", step, loss);
@@ -389,6 +419,7 @@ void train_run(const Job *job, const struct qwen3_config *cfg, struct comm *c,
       checkpoint_save(job, c, &r.w, &st);
     /* after the save: an evaluation that fails (eval.check_kv) loses no training */
     if (!stop && ((job->eval->every > 0 && step % job->eval->every == 0) || step == steps)) {
+      checkpoint_wait();   /* the save of this step is committed before the evaluation */
       struct eval_summary ev;
       evaluate(job, c, &r.w, step, &ev);
       worker_reshape(&r.w, plan.batch, plan.seq, plan.n_live);
@@ -405,7 +436,12 @@ void train_run(const Job *job, const struct qwen3_config *cfg, struct comm *c,
          "data.seq_len + 1 tokens",
          (unsigned long long)r.train.truncated);
   if (opt->timing && c->rank == 0) {
+    if (steps > first_step) info("--timing: steps %d-%d (the first left out)", first_step + 1, steps);
     print_stage_times();
+    info("per-part seconds of rank 0: zero gradients + weight copy %.3f, forward and backward "
+         "%.3f (the block stages above, the embedding, the head and loss, transfers), optimizer "
+         "%.3f (with --timing it does not overlap the next step)", part_seconds[0],
+         part_seconds[1], part_seconds[2]);
   }
   if (metrics) output_close(metrics);
   free(r.tokens);
@@ -421,7 +457,7 @@ void train_run(const Job *job, const struct qwen3_config *cfg, struct comm *c,
 void eval_run(const Job *job, const struct qwen3_config *cfg, struct comm *c,
               const struct backend *be, const struct run_options *opt) {
   struct worker_plan plan;
-  stage_plan(&plan, job, cfg, c->pp, c->stage);
+  stage_plan(&plan, job, cfg, c->pp, c->stage, be->act_dtype());
   struct worker w;
   worker_init(&w, be, &plan);
   init_weights(job, &w);

@@ -13,15 +13,17 @@ struct run_options {
   int fail_rank, fail_step;   /* --fail-at RANK:STEP, for failure tests; fail_step 0: off */
 };
 
-/* The plan of this job's stage `stage` (layers, batch shape, live micro-batches). */
+/* The plan of this job's stage `stage` (layers, batch shape, live micro-batches), its
+ * activations of dtype act (the backend's). */
 void stage_plan(struct worker_plan *p, const Job *job, const struct qwen3_config *cfg, int pp,
-                int stage);
+                int stage, enum dtype act);
 
 /* precision.bf16_last_layers resolved: -1 means the last 15% of blocks, rounded up. */
 int nvfp4_bf16_last_layers(const Qwen3__Precision *prec, int num_layers);
 
 /* --dry-run: the rank layout with parameters and memory per rank, printed by rank 0. */
-void print_layout(const Job *job, const struct qwen3_config *cfg, const struct comm *c);
+void print_layout(const Job *job, const struct qwen3_config *cfg, const struct comm *c,
+                  enum dtype act);
 
 /* SIGTERM, SIGUSR1 and SIGUSR2 make every rank finish its step, checkpoint, and exit 0.
  * Through Open MPI 4.1's mpirun:

@@ -155,11 +155,17 @@ int main(int argc, char **argv) {
   refuse_if_invalid(&c);
   comm_set_layout(&c, job->parallel->pipeline_stages);
   if (dry_run) {
-    print_layout(job, &cfg, &c);
+    enum dtype act = DT_F32;
+#ifdef QWEN3_HAVE_CUDA
+    int on_gpu = job->backend == QWEN3__BACKEND__CUDA ||
+                 (job->backend == QWEN3__BACKEND__AUTO && cuda_device_count() > 0);
+    int tf32;
+    if (on_gpu) cuda_precision(&act, &tf32);
+#endif
+    print_layout(job, &cfg, &c, act);
 #ifdef QWEN3_HAVE_CUDA
     /* what a GPU process holds besides the table's two columns */
-    if (c.rank == 0 && (job->backend == QWEN3__BACKEND__CUDA ||
-                        (job->backend == QWEN3__BACKEND__AUTO && cuda_device_count() > 0)))
+    if (c.rank == 0 && on_gpu)
       printf("on the GPU each process also holds %.1f MiB of CUDA workspace (scratch arena, "
              "cuBLASLt) and the CUDA context (about 500 MiB)\n",
              cuda_workspace_bytes() / 1048576.0);

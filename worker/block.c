@@ -41,6 +41,10 @@ size_t slot_width(const struct qwen3_config *c, enum slot s) {
   }
 }
 
+enum dtype slot_dtype(const struct worker_plan *p, enum slot s) {
+  return s == S_LSE ? DT_F32 : p->act;
+}
+
 int slot_needed_by_backward(enum slot s) {
   for (int i = 0; i < QWEN3_BLOCK_STAGES; i++) {
     const struct stage *st = &QWEN3_BLOCK[i];
@@ -63,8 +67,14 @@ int slot_needed_by_backward(enum slot s) {
   return 0;
 }
 
+/* a norm weight: fp32 master */
 static float *param_w(struct worker *w, int layer, enum layer_param p) {
   return w->weights + w->params[w->layer_param[layer][p]].offset;
+}
+
+/* a linear weight: the act-typed copy */
+static const void *param_wa(struct worker *w, int layer, enum layer_param p) {
+  return worker_weight_act(w, w->layer_param[layer][p]);
 }
 
 static float *param_g(struct worker *w, int layer, enum layer_param p) {
@@ -74,12 +84,14 @@ static float *param_g(struct worker *w, int layer, enum layer_param p) {
 /* Tokens per sequence in this call: the plan's in training, fewer in generation. */
 static int seq_now(const struct worker *w) { return w->seq_now ? w->seq_now : w->plan.seq; }
 
-static struct attn_shape attention_shape(const struct worker *w) {
+static struct attn_shape attention_shape(const struct worker *w, int live) {
   const struct qwen3_config *c = &w->plan.cfg;
   int t = seq_now(w);
   struct attn_shape s = {
     .batch = w->plan.batch, .tq = t, .tk = t, .k_stride = t,
     .heads = c->num_heads, .kv_heads = c->num_kv_heads, .head_dim = c->head_dim,
+    .doc_start = w->packed[live] ? w->doc_start + (size_t)live * w->plan.batch * w->plan.seq
+                                 : NULL,
   };
   if (w->kv) {   /* the cache holds the earlier tokens of the (one) sequence */
     s.tk = w->kv->len + t;
@@ -90,12 +102,13 @@ static struct attn_shape attention_shape(const struct worker *w) {
 
 /* With a KV cache attached, the attention stage appends this call's keys and values to the
  * layer's cache and attends over the cache instead of the K and V slots. */
-static void attach_kv_cache(struct worker *w, int layer, const float **k, const float **v,
+static void attach_kv_cache(struct worker *w, int layer, const void **k, const void **v,
                             int n) {
   if (!w->kv) return;
-  size_t width = slot_width(&w->plan.cfg, S_K), span = (size_t)w->kv->max_len * width;
-  float *ck = w->kv->data + 2 * (size_t)layer * span, *cv = ck + span;
-  size_t at = (size_t)w->kv->len * width, bytes = (size_t)n * width * sizeof(float);
+  size_t row = slot_width(&w->plan.cfg, S_K) * dtype_bytes(w->plan.act);
+  size_t span = (size_t)w->kv->max_len * row;
+  char *ck = (char *)w->kv->data + 2 * (size_t)layer * span, *cv = ck + span;
+  size_t at = (size_t)w->kv->len * row, bytes = (size_t)n * row;
   w->be->copy(ck + at, *k, bytes);
   w->be->copy(cv + at, *v, bytes);
   *k = ck;
@@ -108,85 +121,109 @@ static double stage_clock(const struct worker *w) {
   return now_seconds();
 }
 
-void block_forward(struct worker *w, int live, int layer) {
+/* The forward of stage i of local layer `layer` over n tokens, reading and writing slots a. */
+static void stage_forward(struct worker *w, int i, void **a, int live, int layer, int n) {
   const struct backend *be = w->be;
   const struct qwen3_config *c = &w->plan.cfg;
-  float **a = w->slot[live * w->plan.n_layers + layer];
+  const struct stage *s = &QWEN3_BLOCK[i];
   const int32_t *pos = w->positions + (size_t)live * w->plan.batch * w->plan.seq;
-  int n = w->plan.batch * seq_now(w);
   float eps = (float)c->rms_norm_eps;
-  struct attn_shape shape = attention_shape(w);
+  switch (s->op) {
+  case OP_RMSNORM:
+    be->rmsnorm_forward(a[s->out[0]], a[s->in[0]], param_w(w, layer, s->params[0]), n,
+                        (int)slot_width(c, s->in[0]), eps);
+    break;
+  case OP_LINEAR:
+    for (int k = 0; k < s->n_params; k++) {
+      int in = (int)slot_width(c, s->in[0]), out = (int)slot_width(c, s->out[k]);
+      if (nvfp4_layer(w, layer))
+        nvfp4_linear_forward(w, layer, s->params[k], a[s->out[k]], a[s->in[0]], n, in, out);
+      else
+        be->linear_forward(a[s->out[k]], a[s->in[0]], param_wa(w, layer, s->params[k]), n, in,
+                           out);
+    }
+    break;
+  case OP_QK_NORM_ROPE:
+    for (int k = 0; k < s->n_params; k++)
+      be->qk_norm_rope_forward(a[s->out[k]], a[s->in[k]], param_w(w, layer, s->params[k]), pos,
+                               n, (int)(slot_width(c, s->in[k]) / c->head_dim), c->head_dim, eps,
+                               c->rope_theta);
+    break;
+  case OP_ATTENTION: {
+    struct attn_shape shape = attention_shape(w, live);
+    const void *k = a[s->in[1]], *v = a[s->in[2]];
+    attach_kv_cache(w, layer, &k, &v, n);
+    be->attention_forward(a[s->out[0]], a[s->out[1]], a[s->in[0]], k, v, &shape);
+    break;
+  }
+  case OP_ADD: {
+    size_t len = (size_t)n * slot_width(c, s->out[0]);
+    be->copy(a[s->out[0]], a[s->in[0]], len * dtype_bytes(w->plan.act));
+    be->add_inplace(a[s->out[0]], a[s->in[1]], len, w->plan.act);
+    break;
+  }
+  case OP_SWIGLU:
+    be->swiglu_forward(a[s->out[0]], a[s->in[0]], a[s->in[1]],
+                       (size_t)n * slot_width(c, s->out[0]));
+    break;
+  }
+}
+
+void block_forward(struct worker *w, int live, int layer) {
+  void **a = w->slot[live * w->plan.n_layers + layer];
+  int n = w->plan.batch * seq_now(w);
   enum phase phase = !w->seq_now ? PHASE_FORWARD
                      : (w->kv && w->kv->len > 0) ? PHASE_DECODE : PHASE_PREFILL;
-
   for (int i = 0; i < QWEN3_BLOCK_STAGES; i++) {
-    const struct stage *s = &QWEN3_BLOCK[i];
     double t0 = stage_clock(w);
-    switch (s->op) {
-    case OP_RMSNORM:
-      be->rmsnorm_forward(a[s->out[0]], a[s->in[0]], param_w(w, layer, s->params[0]), n,
-                          (int)slot_width(c, s->in[0]), eps);
-      break;
-    case OP_LINEAR:
-      for (int k = 0; k < s->n_params; k++) {
-        int in = (int)slot_width(c, s->in[0]), out = (int)slot_width(c, s->out[k]);
-        if (nvfp4_layer(w, layer))
-          nvfp4_linear_forward(w, layer, s->params[k], a[s->out[k]], a[s->in[0]], n, in, out);
-        else
-          be->linear_forward(a[s->out[k]], a[s->in[0]], param_w(w, layer, s->params[k]), n, in,
-                             out);
-      }
-      break;
-    case OP_QK_NORM_ROPE:
-      for (int k = 0; k < s->n_params; k++)
-        be->qk_norm_rope_forward(a[s->out[k]], a[s->in[k]], param_w(w, layer, s->params[k]),
-                                 pos, n, (int)(slot_width(c, s->in[k]) / c->head_dim),
-                                 c->head_dim, eps, c->rope_theta);
-      break;
-    case OP_ATTENTION: {
-      const float *k = a[s->in[1]], *v = a[s->in[2]];
-      attach_kv_cache(w, layer, &k, &v, n);
-      be->attention_forward(a[s->out[0]], a[s->out[1]], a[s->in[0]], k, v, &shape);
-      break;
-    }
-    case OP_ADD: {
-      size_t len = (size_t)n * slot_width(c, s->out[0]);
-      be->copy(a[s->out[0]], a[s->in[0]], len * sizeof(float));
-      be->add_inplace(a[s->out[0]], a[s->in[1]], len);
-      break;
-    }
-    case OP_SWIGLU:
-      be->swiglu_forward(a[s->out[0]], a[s->in[0]], a[s->in[1]],
-                         (size_t)n * slot_width(c, s->out[0]));
-      break;
-    }
+    stage_forward(w, i, a, live, layer, n);
     if (block_timing) block_stage_seconds[i][phase] += stage_clock(w) - t0;
   }
 }
 
-void block_backward(struct worker *w, int live, int layer, const float *dy, float *dx) {
+/* The stage whose forward writes slot s; -1 for the layer's input. */
+static int producer(enum slot s) {
+  for (int i = 0; i < QWEN3_BLOCK_STAGES; i++)
+    for (int k = 0; k < 3; k++)
+      if (QWEN3_BLOCK[i].out[k] == s) return i;
+  return -1;
+}
+
+int slot_recomputed(const struct worker_plan *p, enum slot s) {
+  int i = producer(s);
+  if (i < 0 || (p->recompute & RECOMPUTE_LAYER)) return 0;
+  return (QWEN3_BLOCK[i].op == OP_RMSNORM && (p->recompute & RECOMPUTE_NORMS)) ||
+         (QWEN3_BLOCK[i].op == OP_SWIGLU && (p->recompute & RECOMPUTE_SWIGLU));
+}
+
+void block_backward(struct worker *w, int live, int layer, const void *dy, void *dx) {
   const struct backend *be = w->be;
   const struct qwen3_config *c = &w->plan.cfg;
-  if (w->plan.recompute) block_forward(w, live, layer);
-  float **a = w->slot[live * w->plan.n_layers + layer];
+  if (w->plan.recompute & RECOMPUTE_LAYER) block_forward(w, live, layer);
+  void **a = w->slot[live * w->plan.n_layers + layer];
   const int32_t *pos = w->positions + (size_t)live * w->plan.batch * w->plan.seq;
   int n = w->plan.batch * w->plan.seq;
   float eps = (float)c->rms_norm_eps;
-  struct attn_shape shape = attention_shape(w);
+  struct attn_shape shape = attention_shape(w, live);
 
   /* every backward op accumulates, so each gradient slot starts at zero */
-  float *d[N_SLOTS];
+  size_t act = dtype_bytes(w->plan.act);
+  void *d[N_SLOTS];
   for (int s = 0; s < N_SLOTS; s++) {
     d[s] = w->dslot[s];
-    if (d[s]) be->zero(d[s], (size_t)n * slot_width(c, (enum slot)s) * sizeof(float));
+    if (d[s]) be->zero(d[s], (size_t)n * slot_width(c, (enum slot)s) * act);
   }
-  d[S_Y] = (float *)dy;
+  d[S_Y] = (void *)dy;
   d[S_X] = dx;
-  be->zero(dx, (size_t)n * c->hidden_size * sizeof(float));
+  be->zero(dx, (size_t)n * c->hidden_size * act);
 
   for (int i = QWEN3_BLOCK_STAGES - 1; i >= 0; i--) {
     const struct stage *s = &QWEN3_BLOCK[i];
     double t0 = stage_clock(w);
+    /* an input this backward reads that was not kept is rebuilt from the kept slots first */
+    for (int k = 0; k < 3; k++)
+      if (s->in[k] != S_NONE && slot_recomputed(&w->plan, s->in[k]))
+        stage_forward(w, producer(s->in[k]), a, live, layer, n);
     switch (s->op) {
     case OP_RMSNORM:
       be->rmsnorm_backward(d[s->in[0]], param_g(w, layer, s->params[0]), d[s->out[0]],
@@ -202,7 +239,7 @@ void block_backward(struct worker *w, int live, int layer, const float *dy, floa
                                 in, out);
         else
           be->linear_backward(d[s->in[0]], param_g(w, layer, s->params[k]), d[s->out[k]],
-                              a[s->in[0]], param_w(w, layer, s->params[k]), n, in, out);
+                              a[s->in[0]], param_wa(w, layer, s->params[k]), n, in, out);
       }
       break;
     case OP_QK_NORM_ROPE:
@@ -218,8 +255,8 @@ void block_backward(struct worker *w, int live, int layer, const float *dy, floa
       break;
     case OP_ADD: {
       size_t len = (size_t)n * slot_width(c, s->out[0]);
-      be->add_inplace(d[s->in[0]], d[s->out[0]], len);
-      be->add_inplace(d[s->in[1]], d[s->out[0]], len);
+      be->add_inplace(d[s->in[0]], d[s->out[0]], len, w->plan.act);
+      be->add_inplace(d[s->in[1]], d[s->out[0]], len, w->plan.act);
       break;
     }
     case OP_SWIGLU:

@@ -28,11 +28,28 @@ static size_t widest(const struct qwen3_config *c) {
   return m;
 }
 
+/* Spans of q_scratch, each tokens x widest floats: the recipe's three operands, then, when the
+ * activations are not fp32, the fp32 copies of X and dY the recipe starts from. */
+enum { SPAN_A, SPAN_B, SPAN_C, SPAN_X, SPAN_DY };
+
 void nvfp4_plan_sizes(struct worker_plan *p, size_t nvfp4_matrix_floats) {
   size_t tokens = (size_t)p->batch * p->seq;
   p->wq_floats = 2 * nvfp4_matrix_floats;
   /* forward: X quantized; backward: dY quantized, dYᵀ and Xᵀ transformed */
-  p->q_scratch_floats = nvfp4_matrix_floats ? 3 * tokens * widest(&p->cfg) : 0;
+  int spans = p->act == DT_F32 ? SPAN_C + 1 : SPAN_DY + 1;
+  p->q_scratch_floats = nvfp4_matrix_floats ? spans * tokens * widest(&p->cfg) : 0;
+}
+
+static float *span(struct worker *w, int which, int n) {
+  return w->q_scratch + (size_t)which * n * widest(&w->plan.cfg);
+}
+
+/* x as fp32: itself when the activations are fp32, else converted into span `into`. */
+static const float *as_f32(struct worker *w, const void *x, size_t values, int into, int n) {
+  if (w->plan.act == DT_F32) return x;
+  float *f = span(w, into, n);
+  w->be->convert(f, DT_F32, x, w->plan.act, values);
+  return f;
 }
 
 static float check_dec(float dec, const struct worker *w, int layer, const char *what) {
@@ -106,31 +123,41 @@ static uint64_t operand_seed(const struct worker *w, int live, int layer, int pa
   return x;
 }
 
-void nvfp4_linear_forward(struct worker *w, int layer, enum layer_param which, float *out,
-                          const float *x, int n, int in_dim, int out_dim) {
+void nvfp4_linear_forward(struct worker *w, int layer, enum layer_param which, void *out,
+                          const void *x, int n, int in_dim, int out_dim) {
   const struct backend *be = w->be;
   int i = w->layer_param[layer][which];
-  float *xq = w->q_scratch;
-  float dec = check_dec(be->nvfp4_quantize_dequantize(xq, x, n, in_dim, 0, 0, 0), w, layer,
+  float *xq = span(w, SPAN_A, n);
+  const float *xf = as_f32(w, x, (size_t)n * in_dim, SPAN_X, n);
+  float dec = check_dec(be->nvfp4_quantize_dequantize(xq, xf, n, in_dim, 0, 0, 0), w, layer,
                         "an activation");
-  be->nvfp4_gemm(out, xq, dec, w->wq + w->wq_offset[i], w->wq_dec[i], n, out_dim, in_dim, 0.0f);
+  float *y = w->plan.act == DT_F32 ? out : span(w, SPAN_B, n);
+  be->nvfp4_gemm(y, xq, dec, w->wq + w->wq_offset[i], w->wq_dec[i], n, out_dim, in_dim, 0.0f);
+  if (y != out) be->convert(out, w->plan.act, y, DT_F32, (size_t)n * out_dim);
 }
 
 void nvfp4_linear_backward(struct worker *w, int live, int layer, enum layer_param which,
-                           float *dx, float *dw, const float *dout, const float *x, int n,
+                           void *dx, float *dw, const void *dout_act, const void *x_act, int n,
                            int in_dim, int out_dim) {
   const struct backend *be = w->be;
   const struct nvfp4_policy *pol = &w->plan.nvfp4;
   int i = w->layer_param[layer][which];
-  size_t span = (size_t)n * widest(&w->plan.cfg);
-  float *a = w->q_scratch, *b = a + span, *c = b + span;
+  float *a = span(w, SPAN_A, n), *b = span(w, SPAN_B, n), *c = span(w, SPAN_C, n);
+  const float *dout = as_f32(w, dout_act, (size_t)n * out_dim, SPAN_DY, n);
+  const float *x = as_f32(w, x_act, (size_t)n * in_dim, SPAN_X, n);
 
   /* Dgrad: dX += dY(1x16, SR) · W */
   float dec_dy = check_dec(be->nvfp4_quantize_dequantize(a, dout, n, out_dim, 0, pol->stochastic,
                                                          operand_seed(w, live, layer, which, 0)),
                            w, layer, "an output gradient");
   const float *wqt = w->wq + w->wq_offset[i] + (size_t)out_dim * in_dim;
-  be->nvfp4_gemm(dx, a, dec_dy, wqt, w->wqt_dec[i], n, in_dim, out_dim, 1.0f);
+  if (w->plan.act == DT_F32) {
+    be->nvfp4_gemm(dx, a, dec_dy, wqt, w->wqt_dec[i], n, in_dim, out_dim, 1.0f);
+  } else {   /* accumulate in fp32 through span B, free until Wgrad */
+    be->convert(b, DT_F32, dx, w->plan.act, (size_t)n * in_dim);
+    be->nvfp4_gemm(b, a, dec_dy, wqt, w->wqt_dec[i], n, in_dim, out_dim, 1.0f);
+    be->convert(dx, w->plan.act, b, DT_F32, (size_t)n * in_dim);
+  }
 
   /* Wgrad: dW += RHT(dYᵀ)(SR) · RHT(Xᵀ)(RN)ᵀ, the transform running along the tokens */
   be->transpose(b, dout, n, out_dim);

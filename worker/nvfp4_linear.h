@@ -13,12 +13,13 @@ void nvfp4_worker_free(struct worker *w);
 /* W and Wᵀ of every NVFP4 matrix, from the current fp32 master weights. */
 void nvfp4_quantize_weights(struct worker *w);
 
-/* out [n, out_dim] = the NVFP4 GEMM of x and the layer's quantized weight `which`. */
-void nvfp4_linear_forward(struct worker *w, int layer, enum layer_param which, float *out,
-                          const float *x, int n, int in_dim, int out_dim);
+/* out [n, out_dim] = the NVFP4 GEMM of x and the layer's quantized weight `which`. x, out, dx
+ * and dout are of the activation dtype; the recipe's operands are fp32 (exact in bf16). */
+void nvfp4_linear_forward(struct worker *w, int layer, enum layer_param which, void *out,
+                          const void *x, int n, int in_dim, int out_dim);
 /* dx += Dgrad, dw += Wgrad, with the recipe's rounding of each operand. */
 void nvfp4_linear_backward(struct worker *w, int live, int layer, enum layer_param which,
-                           float *dx, float *dw, const float *dout, const float *x, int n,
+                           void *dx, float *dw, const void *dout, const void *x, int n,
                            int in_dim, int out_dim);
 
 #endif

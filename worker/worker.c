@@ -102,15 +102,24 @@ static int param_table(const struct worker_plan *p, struct param *table,
 
 /* ---- the plan ------------------------------------------------------------------------------ */
 
+static size_t round_up(size_t x, size_t to) { return (x + to - 1) / to * to; }
+
+/* Bytes of one slot for one layer and micro-batch, rounded up to 256 so that every slot of the
+ * shared allocations starts aligned for vector loads and the GEMMs. */
+static size_t slot_bytes(const struct worker_plan *p, enum slot s) {
+  return round_up(p->slot_values[s] * dtype_bytes(slot_dtype(p, s)), 256);
+}
+
 /* Slots kept per layer and live micro-batch from forward to backward: the layer's input, and
  * what backward reads unless it is recomputed. The others share one transient buffer. */
 static int slot_stored(const struct worker_plan *p, enum slot s) {
-  return s == S_X || (!p->recompute && slot_needed_by_backward(s));
+  return s == S_X || (!(p->recompute & RECOMPUTE_LAYER) && slot_needed_by_backward(s) &&
+                      !slot_recomputed(p, s));
 }
 
 void worker_plan_make(struct worker_plan *p, const struct qwen3_config *cfg, int first_layer,
                       int n_layers, int has_embedding, int has_head, int batch, int seq,
-                      int n_live, int recompute) {
+                      int n_live, unsigned recompute, enum dtype act) {
   memset(p, 0, sizeof *p);
   p->cfg = *cfg;
   p->first_layer = first_layer;
@@ -121,6 +130,7 @@ void worker_plan_make(struct worker_plan *p, const struct qwen3_config *cfg, int
   p->seq = seq;
   p->n_live = n_live;
   p->recompute = recompute;
+  p->act = act;
   if ((double)batch * seq * (cfg->intermediate_size > cfg->num_heads * cfg->head_dim
                                  ? cfg->intermediate_size : cfg->num_heads * cfg->head_dim) >
       (double)INT32_MAX)
@@ -128,20 +138,21 @@ void worker_plan_make(struct worker_plan *p, const struct qwen3_config *cfg, int
   param_table(p, NULL, NULL, NULL, NULL, NULL, &p->param_floats, &p->decay_floats);
   worker_plan_shard(p, 1, 0);
 
-  size_t tokens = (size_t)batch * seq, d = (size_t)cfg->hidden_size;
   size_t stored = 0, transient = 0;
   for (int s = S_X; s < N_SLOTS; s++) {
-    p->slot_floats[s] = tokens * slot_width(cfg, (enum slot)s);
+    p->slot_values[s] = (size_t)batch * seq * slot_width(cfg, (enum slot)s);
     if (s == S_Y) continue;   /* a layer's output is the next layer's input */
-    if (slot_stored(p, (enum slot)s)) stored += p->slot_floats[s];
-    else transient += p->slot_floats[s];
+    if (slot_stored(p, (enum slot)s)) stored += slot_bytes(p, (enum slot)s);
+    else transient += slot_bytes(p, (enum slot)s);
   }
-  size_t per_live = n_layers * stored + tokens * d + (has_head ? 2 * tokens * d : 0);
-  p->act_floats = n_live * per_live + transient;
+  size_t boundary = slot_bytes(p, S_X);   /* the stage output, the LM head's input, ... */
+  size_t per_live = n_layers * stored + boundary + (has_head ? 2 * boundary : 0);
+  p->act_bytes = n_live * per_live + transient;
   size_t grads = 0;
   for (int s = S_X; s < N_SLOTS; s++)
-    if (s != S_X && s != S_Y && s != S_LSE) grads += p->slot_floats[s];
-  p->scratch_floats = grads + 3 * tokens * d;
+    if (s != S_X && s != S_Y && s != S_LSE) grads += slot_bytes(p, (enum slot)s);
+  p->scratch_bytes = grads + 3 * boundary;
+  p->weight_copy_bytes = act == DT_F32 ? 0 : round_up(p->param_floats * dtype_bytes(act), 256);
 }
 
 #define SHARD_ALIGN 64   /* floats: 256 bytes */
@@ -180,11 +191,12 @@ size_t worker_plan_state_bytes(const struct worker_plan *p) {
   size_t tied = p->has_embedding && p->has_head && p->cfg.tie_embeddings
                     ? (size_t)p->cfg.vocab_size * p->cfg.hidden_size : 0;
   size_t shard = p->shard_end - p->shard_begin;
-  return (2 * p->param_floats + 2 * shard + tied + p->wq_floats) * sizeof(float);
+  return (2 * p->param_floats + 2 * shard + tied + p->wq_floats) * sizeof(float) +
+         p->weight_copy_bytes;
 }
 
 size_t worker_plan_activation_bytes(const struct worker_plan *p) {
-  return (p->act_floats + p->scratch_floats + p->q_scratch_floats) * sizeof(float) +
+  return p->act_bytes + p->scratch_bytes + p->q_scratch_floats * sizeof(float) +
          3 * (size_t)p->n_live * p->batch * p->seq * sizeof(int32_t);
 }
 
@@ -201,63 +213,68 @@ static void *must_alloc(const struct backend *be, size_t bytes, const char *what
 static void alloc_activations(struct worker *w) {
   const struct backend *be = w->be;
   const struct worker_plan *p = &w->plan;
-  size_t tokens = (size_t)p->batch * p->seq, d = (size_t)p->cfg.hidden_size;
-  w->acts = must_alloc(be, p->act_floats * sizeof(float), "activations");
+  size_t tokens = (size_t)p->batch * p->seq, boundary = slot_bytes(p, S_X);
+  w->acts = must_alloc(be, p->act_bytes, "activations");
   w->slot = xcalloc((size_t)p->n_live * (p->n_layers ? p->n_layers : 1), sizeof *w->slot);
-  w->final_normed = xcalloc((size_t)p->n_live, sizeof(float *));
-  w->head_grad = xcalloc((size_t)p->n_live, sizeof(float *));
-  float *cursor = w->acts;
-  float *transient = w->acts + p->act_floats;
+  w->final_normed = xcalloc((size_t)p->n_live, sizeof(void *));
+  w->head_grad = xcalloc((size_t)p->n_live, sizeof(void *));
+  char *cursor = w->acts;
+  char *transient = w->acts + p->act_bytes;
   for (int s = S_X; s < N_SLOTS; s++)
-    if (s != S_Y && !slot_stored(p, (enum slot)s)) transient -= p->slot_floats[s];
+    if (s != S_Y && !slot_stored(p, (enum slot)s)) transient -= slot_bytes(p, (enum slot)s);
   for (int live = 0; live < p->n_live; live++) {
     for (int l = 0; l < p->n_layers; l++) {
-      float **a = w->slot[live * p->n_layers + l];
-      float *t = transient;
+      void **a = w->slot[live * p->n_layers + l];
+      char *t = transient;
       for (int s = S_X; s < N_SLOTS; s++) {
         if (s == S_Y) continue;
         if (slot_stored(p, (enum slot)s)) {
           a[s] = cursor;
-          cursor += p->slot_floats[s];
+          cursor += slot_bytes(p, (enum slot)s);
         } else {
           a[s] = t;
-          t += p->slot_floats[s];
+          t += slot_bytes(p, (enum slot)s);
         }
       }
     }
-    float *out = cursor;
-    cursor += tokens * d;
+    char *out = cursor;
+    cursor += boundary;
     for (int l = 0; l < p->n_layers; l++)
       w->slot[live * p->n_layers + l][S_Y] =
           l + 1 < p->n_layers ? w->slot[live * p->n_layers + l + 1][S_X] : out;
     if (p->n_layers == 0) die("a pipeline stage needs at least one layer");
     if (p->has_head) {
       w->final_normed[live] = cursor;
-      cursor += tokens * d;
+      cursor += boundary;
       w->head_grad[live] = cursor;
-      cursor += tokens * d;
+      cursor += boundary;
     }
   }
   size_t ibytes = (size_t)p->n_live * tokens * sizeof(int32_t);
   w->tokens = must_alloc(be, ibytes, "token ids");
   w->targets = must_alloc(be, ibytes, "targets");
   w->positions = must_alloc(be, ibytes, "positions");
+  w->doc_start = must_alloc(be, ibytes, "document starts");
+  w->packed = xcalloc((size_t)p->n_live, sizeof(int));
+  w->host_doc_start = xcalloc(tokens, sizeof(int32_t));
 
-  w->scratch = must_alloc(be, p->scratch_floats * sizeof(float), "gradient scratch");
+  w->scratch = must_alloc(be, p->scratch_bytes, "gradient scratch");
   cursor = w->scratch;
   for (int s = S_X; s < N_SLOTS; s++) {
     if (s == S_X || s == S_Y || s == S_LSE) continue;
     w->dslot[s] = cursor;
-    cursor += p->slot_floats[s];
+    cursor += slot_bytes(p, (enum slot)s);
   }
   w->grad_in = cursor;
-  w->grad_tmp = cursor + tokens * d;
-  w->grad_out = cursor + 2 * tokens * d;
-  w->nll = xcalloc(tokens, sizeof(float));
+  w->grad_tmp = cursor + boundary;
+  w->grad_out = cursor + 2 * boundary;
+  w->nll = must_alloc(be, tokens * sizeof(float), "per-token losses");
   w->stream = xcalloc((size_t)p->n_live, sizeof(uint64_t));
   if (p->q_scratch_floats)
     w->q_scratch = must_alloc(be, p->q_scratch_floats * sizeof(float), "NVFP4 operands");
-  if (p->has_head) w->logits = must_alloc(be, (size_t)p->cfg.vocab_size * sizeof(float), "logits");
+  if (p->has_head)   /* fp32 logits, then the GEMM's output in the activation dtype */
+    w->logits = must_alloc(be, (size_t)p->cfg.vocab_size * (sizeof(float) + dtype_bytes(p->act)),
+                           "logits");
 }
 
 
@@ -267,13 +284,16 @@ static void free_activations(struct worker *w) {
   be->free(w->tokens);
   be->free(w->targets);
   be->free(w->positions);
+  be->free(w->doc_start);
+  free(w->packed);
+  free(w->host_doc_start);
   be->free(w->scratch);
+  be->free(w->nll);
   if (w->q_scratch) be->free(w->q_scratch);
   if (w->logits) be->free(w->logits);
   free(w->slot);
   free(w->final_normed);
   free(w->head_grad);
-  free(w->nll);
   free(w->stream);
   w->q_scratch = w->logits = NULL;
 }
@@ -283,7 +303,7 @@ void worker_reshape(struct worker *w, int batch, int seq, int n_live) {
   if (batch == old->batch && seq == old->seq && n_live == old->n_live) return;
   struct worker_plan p;
   worker_plan_make(&p, &old->cfg, old->first_layer, old->n_layers, old->has_embedding,
-                   old->has_head, batch, seq, n_live, old->recompute);
+                   old->has_head, batch, seq, n_live, old->recompute, old->act);
   if (old->wq_floats) worker_plan_nvfp4(&p, &old->nvfp4);
   worker_plan_shard(&p, old->shards, old->shard_index);
   free_activations(w);
@@ -311,10 +331,14 @@ void worker_init(struct worker *w, const struct backend *be, const struct worker
   size_t pbytes = p->param_floats * sizeof(float);
   w->weights = must_alloc(be, pbytes, "weights");
   w->grads = must_alloc(be, pbytes, "gradients");
+  w->grads_zero = 1;   /* alloc zeroes */
   /* AdamW moments of this rank's shard only: adam_m[i] is parameter shard_begin + i */
   size_t sbytes = (p->shard_end - p->shard_begin) * sizeof(float);
   w->adam_m = must_alloc(be, sbytes ? sbytes : sizeof(float), "AdamW first moments");
   w->adam_v = must_alloc(be, sbytes ? sbytes : sizeof(float), "AdamW second moments");
+  w->weights_act = p->weight_copy_bytes ? must_alloc(be, p->weight_copy_bytes, "weight copy")
+                                        : (void *)w->weights;
+  w->sums = must_alloc(be, (SUM_NORM + p->cfg.num_layers + 2) * sizeof(double), "step sums");
 
   nvfp4_worker_init(w);
   alloc_activations(w);
@@ -327,6 +351,8 @@ void worker_free(struct worker *w) {
   be->free(w->grads);
   be->free(w->adam_m);
   be->free(w->adam_v);
+  if (w->weights_act != w->weights) be->free(w->weights_act);
+  be->free(w->sums);
   if (w->tied_head_grads) be->free(w->tied_head_grads);
   free(w->params);
   free(w->layer_param);
@@ -369,7 +395,8 @@ void worker_init_weights(struct worker *w, uint64_t seed, float std) {
 }
 
 void worker_zero_grads(struct worker *w) {
-  w->be->zero(w->grads, w->plan.param_floats * sizeof(float));
+  if (!w->grads_zero) w->be->zero(w->grads, w->plan.param_floats * sizeof(float));
+  w->grads_zero = 0;
   if (w->tied_head_grads)
     w->be->zero(w->tied_head_grads,
                 (size_t)w->plan.cfg.vocab_size * w->plan.cfg.hidden_size * sizeof(float));
@@ -378,39 +405,85 @@ void worker_zero_grads(struct worker *w) {
 void worker_gather_tied_grads(struct worker *w) {
   if (w->tied_head_grads)
     w->be->add_inplace(w->grads + w->params[w->embed_param].offset, w->tied_head_grads,
-                       (size_t)w->plan.cfg.vocab_size * w->plan.cfg.hidden_size);
+                       (size_t)w->plan.cfg.vocab_size * w->plan.cfg.hidden_size, DT_F32);
+}
+
+int worker_weight_groups(const struct worker *w) { return WEIGHTS_LAYER + w->plan.n_layers + 1; }
+
+int worker_weight_group(const struct worker *w, int param) {
+  if (param == w->embed_param) return WEIGHTS_EMBED;
+  for (int l = 0; l < w->plan.n_layers; l++)
+    for (int k = 0; k < N_LAYER_PARAMS; k++)
+      if (w->layer_param[l][k] == param) return WEIGHTS_LAYER + l;
+  return WEIGHTS_LAYER + w->plan.n_layers;   /* the final norm, an untied head */
+}
+
+/* Before reading weight group g: the optimizer's update of it is done (ops.h wait_mark). */
+static void wait_weights(const struct worker *w, int g) {
+  if (w->be->wait_mark) w->be->wait_mark(g);
 }
 
 void worker_prepare_step(struct worker *w, int step) {
   w->step = step;
+  /* anything but the optimizer that writes the masters (loading, init) leaves the flag clear */
+  int stale = w->weights_act != w->weights && !w->weights_act_fresh;
+  if (stale || w->plan.wq_floats)   /* these read every master: the whole update first */
+    for (int g = 0; g < worker_weight_groups(w); g++) wait_weights(w, g);
+  if (stale) w->be->convert(w->weights_act, w->plan.act, w->weights, DT_F32, w->plan.param_floats);
+  w->weights_act_fresh = 0;
   if (w->plan.wq_floats) nvfp4_quantize_weights(w);
 }
 
 /* ---- forward and backward of the stage ----------------------------------------------------- */
 
-float *worker_input(struct worker *w, int live) {
+void *worker_input(struct worker *w, int live) {
   return w->slot[live * w->plan.n_layers][S_X];
 }
 
-float *worker_output(struct worker *w, int live) {
+void *worker_output(struct worker *w, int live) {
   return w->slot[live * w->plan.n_layers + w->plan.n_layers - 1][S_Y];
 }
 
-double worker_forward(struct worker *w, int live, const struct micro_batch *mb, float grad_scale,
-                      float *nll) {
+size_t worker_boundary_bytes(const struct worker *w) {
+  return w->plan.slot_values[S_X] * dtype_bytes(w->plan.act);
+}
+
+/* The weight copy of parameter i, as the GEMMs and the embedding read it. */
+const void *worker_weight_act(const struct worker *w, int i) {
+  return (const char *)w->weights_act + w->params[i].offset * dtype_bytes(w->plan.act);
+}
+
+void worker_forward(struct worker *w, int live, const struct micro_batch *mb, float grad_scale,
+                    float *nll) {
   const struct backend *be = w->be;
   const struct worker_plan *p = &w->plan;
   int n = p->batch * p->seq, d = p->cfg.hidden_size;
   size_t at = (size_t)live * n;
   w->stream[live] = mb->stream;
   be->to_device(w->positions + at, mb->positions, (size_t)n * sizeof(int32_t));
+  /* A token at position p of its document, row t of its sequence, sees keys t - p .. t; a
+   * document that began before the sequence (p > t: a later chunk of a long one) sees from 0. */
+  w->packed[live] = 0;
+  for (int i = 0; i < n; i++) {
+    int first = i % p->seq - mb->positions[i];
+    w->host_doc_start[i] = first > 0 ? first : 0;
+    w->packed[live] |= first > 0;
+  }
+  if (w->packed[live])
+    be->to_device(w->doc_start + at, w->host_doc_start, (size_t)n * sizeof(int32_t));
   if (p->has_embedding) {
     be->to_device(w->tokens + at, mb->tokens, (size_t)n * sizeof(int32_t));
+    wait_weights(w, WEIGHTS_EMBED);
     be->embedding_forward(worker_input(w, live), w->tokens + at,
-                          w->weights + w->params[w->embed_param].offset, n, d);
+                          worker_weight_act(w, w->embed_param), n, d);
   }
-  for (int l = 0; l < p->n_layers; l++) block_forward(w, live, l);
-  if (!p->has_head) return 0;
+  for (int l = 0; l < p->n_layers; l++) {
+    wait_weights(w, WEIGHTS_LAYER + l);
+    block_forward(w, live, l);
+  }
+  if (!p->has_head) return;
+  wait_weights(w, WEIGHTS_EMBED);   /* a tied head reads the embedding */
+  wait_weights(w, WEIGHTS_LAYER + p->n_layers);
 
   const struct param *norm = &w->params[w->final_norm_param];
   const struct param *head = &w->params[w->head_param];
@@ -418,14 +491,20 @@ double worker_forward(struct worker *w, int live, const struct micro_batch *mb, 
   be->rmsnorm_forward(w->final_normed[live], worker_output(w, live), w->weights + norm->offset, n,
                       d, (float)p->cfg.rms_norm_eps);
   int train = grad_scale > 0;
-  if (train) be->zero(w->head_grad[live], (size_t)n * d * sizeof(float));
+  if (train) be->zero(w->head_grad[live], worker_boundary_bytes(w));
   float *dhead = w->tied_head_grads ? w->tied_head_grads : w->grads + head->offset;
   be->lm_head_loss(w->nll, train ? w->head_grad[live] : NULL, train ? dhead : NULL,
-                   w->final_normed[live], w->weights + head->offset, w->targets + at, n, d,
-                   p->cfg.vocab_size, grad_scale);
-  double sum = 0;
-  for (int i = 0; i < n; i++) sum += w->nll[i];
-  if (nll) memcpy(nll, w->nll, (size_t)n * sizeof(float));
+                   w->final_normed[live], worker_weight_act(w, w->head_param), w->targets + at,
+                   n, d, p->cfg.vocab_size, grad_scale);
+  be->sum_into(w->sums + SUM_LOSS, w->nll, (size_t)n, 0);
+  if (nll) be->to_host(nll, w->nll, (size_t)n * sizeof(float));
+}
+
+double worker_take_loss(struct worker *w) {
+  if (!w->plan.has_head) return 0;
+  double sum;
+  w->be->to_host(&sum, w->sums + SUM_LOSS, sizeof sum);
+  w->be->zero(w->sums + SUM_LOSS, sizeof sum);
   return sum;
 }
 
@@ -433,17 +512,17 @@ void worker_backward(struct worker *w, int live) {
   const struct backend *be = w->be;
   const struct worker_plan *p = &w->plan;
   int n = p->batch * p->seq, d = p->cfg.hidden_size;
-  const float *dy = w->grad_in;
+  const void *dy = w->grad_in;
   if (p->has_head) {
     const struct param *norm = &w->params[w->final_norm_param];
-    be->zero(w->grad_tmp, (size_t)n * d * sizeof(float));
+    be->zero(w->grad_tmp, worker_boundary_bytes(w));
     be->rmsnorm_backward(w->grad_tmp, w->grads + norm->offset, w->head_grad[live],
                          worker_output(w, live), w->weights + norm->offset, n, d,
                          (float)p->cfg.rms_norm_eps);
     dy = w->grad_tmp;
   }
   for (int l = p->n_layers - 1; l >= 0; l--) {
-    float *dx = l == 0 ? w->grad_out : (dy == w->grad_tmp ? w->grad_in : w->grad_tmp);
+    void *dx = l == 0 ? w->grad_out : (dy == w->grad_tmp ? w->grad_in : w->grad_tmp);
     block_backward(w, live, l, dy, dx);
     dy = dx;
   }
@@ -455,8 +534,8 @@ void worker_backward(struct worker *w, int live) {
 /* ---- inference ------------------------------------------------------------------------------ */
 
 void kv_cache_init(struct kv_cache *kv, const struct worker *w, int max_len) {
-  size_t floats = 2 * (size_t)w->plan.n_layers * max_len * slot_width(&w->plan.cfg, S_K);
-  kv->data = must_alloc(w->be, floats * sizeof(float), "KV cache");
+  size_t values = 2 * (size_t)w->plan.n_layers * max_len * slot_width(&w->plan.cfg, S_K);
+  kv->data = must_alloc(w->be, values * dtype_bytes(w->plan.act), "KV cache");
   kv->max_len = max_len;
   kv->len = 0;
 }
@@ -470,28 +549,37 @@ void worker_infer(struct worker *w, const int32_t *tokens, const int32_t *positi
                   struct kv_cache *kv, float *logits) {
   const struct backend *be = w->be;
   const struct worker_plan *p = &w->plan;
-  int d = p->cfg.hidden_size;
+  int d = p->cfg.hidden_size, vocab = p->cfg.vocab_size;
   if (p->batch != 1 || n < 1 || n > p->seq || (kv && kv->len + n > kv->max_len))
     die("internal: worker_infer of %d tokens on a plan of %d x %d (cache %d of %d)", n, p->batch,
         p->seq, kv ? kv->len : 0, kv ? kv->max_len : 0);
   w->seq_now = n;
   w->kv = kv;
+  w->packed[0] = 0;   /* one document; positions continue the cache's */
   be->to_device(w->positions, positions, (size_t)n * sizeof(int32_t));
   if (p->has_embedding) {
     be->to_device(w->tokens, tokens, (size_t)n * sizeof(int32_t));
-    be->embedding_forward(worker_input(w, 0), w->tokens,
-                          w->weights + w->params[w->embed_param].offset, n, d);
+    wait_weights(w, WEIGHTS_EMBED);
+    be->embedding_forward(worker_input(w, 0), w->tokens, worker_weight_act(w, w->embed_param), n,
+                          d);
   }
-  for (int l = 0; l < p->n_layers; l++) block_forward(w, 0, l);
+  for (int l = 0; l < p->n_layers; l++) {
+    wait_weights(w, WEIGHTS_LAYER + l);
+    block_forward(w, 0, l);
+  }
   if (kv) kv->len += n;
   w->seq_now = 0;
   w->kv = NULL;
   if (!p->has_head) return;
+  wait_weights(w, WEIGHTS_EMBED);
+  wait_weights(w, WEIGHTS_LAYER + p->n_layers);
   const struct param *norm = &w->params[w->final_norm_param];
-  const struct param *head = &w->params[w->head_param];
-  float *last = w->final_normed[0];
-  be->rmsnorm_forward(last, worker_output(w, 0) + (size_t)(n - 1) * d,
+  size_t act = dtype_bytes(p->act);
+  void *last = w->final_normed[0];
+  void *out = w->logits + vocab;   /* the act-typed GEMM output after the fp32 logits */
+  be->rmsnorm_forward(last, (char *)worker_output(w, 0) + (size_t)(n - 1) * d * act,
                       w->weights + norm->offset, 1, d, (float)p->cfg.rms_norm_eps);
-  be->linear_forward(w->logits, last, w->weights + head->offset, 1, d, p->cfg.vocab_size);
-  be->to_host(logits, w->logits, (size_t)p->cfg.vocab_size * sizeof(float));
+  be->linear_forward(out, last, worker_weight_act(w, w->head_param), 1, d, vocab);
+  be->convert(w->logits, DT_F32, out, p->act, (size_t)vocab);
+  be->to_host(logits, w->logits, (size_t)vocab * sizeof(float));
 }

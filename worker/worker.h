@@ -39,6 +39,11 @@ struct nvfp4_policy {
   uint64_t seed;                /* the run's RHT signs and rounding draws */
 };
 
+/* What backward recomputes rather than keeps from the forward: every slot but each layer's
+ * input (the whole layer's forward runs again), or only the cheap ones, the RMSNorm outputs and
+ * the SwiGLU product (rebuilt just before the backward stage that reads them). */
+enum { RECOMPUTE_LAYER = 1, RECOMPUTE_NORMS = 2, RECOMPUTE_SWIGLU = 4 };
+
 /* The shape of everything a stage allocates, computed before allocating anything. */
 struct worker_plan {
   struct qwen3_config cfg;
@@ -47,11 +52,13 @@ struct worker_plan {
   int has_head;        /* last stage: final norm, LM head, loss */
   int batch, seq;      /* micro-batch: batch sequences of seq tokens */
   int n_live;          /* micro-batches whose activations are held at once */
-  int recompute;       /* keep only each layer's input; recompute the rest in backward */
+  unsigned recompute;  /* RECOMPUTE_* flags: what backward rebuilds instead of keeping */
+  enum dtype act;      /* storage of activations, their gradients and the weight copy */
   size_t param_floats, decay_floats;   /* decayed parameters come first */
-  size_t slot_floats[N_SLOTS];         /* per layer per micro-batch */
-  size_t act_floats;                   /* all activations of all live micro-batches */
-  size_t scratch_floats;               /* backward gradients (+ recompute buffers) */
+  size_t slot_values[N_SLOTS];         /* per layer per micro-batch, of slot_dtype */
+  size_t act_bytes;                    /* all activations of all live micro-batches */
+  size_t scratch_bytes;                /* backward gradients (+ recompute buffers) */
+  size_t weight_copy_bytes;            /* the act-typed weight copy (0 when act is fp32) */
   struct nvfp4_policy nvfp4;
   size_t wq_floats;                    /* quantized weights: W and Wᵀ of every NVFP4 matrix */
   size_t q_scratch_floats;             /* quantized activations and gradients */
@@ -70,21 +77,39 @@ struct worker {
   int n_params;
   /* one allocation per parameter group, laid out by `params` */
   float *weights, *grads, *adam_m, *adam_v;   /* adam_*: plan.shard_begin..shard_end only */
+  /* What the GEMMs and the embedding read: the weights in the activation dtype, made from the
+   * fp32 masters once per optimizer step (worker_prepare_step); `weights` itself when the
+   * activations are fp32. Norm weights are read from the masters. */
+  void *weights_act;
+  int weights_act_fresh;       /* the optimizer wrote the copy with the masters: no pass needed */
+  int grads_zero;              /* the gradients are all zero (fresh, or the optimizer left them so) */
   int (*layer_param)[N_LAYER_PARAMS];     /* [local layer][which] -> index into params */
   int embed_param, final_norm_param, head_param;   /* indices into params, -1 when absent */
   float *tied_head_grads;      /* the LM head's share of a tied embedding's gradient */
 
-  float *acts;                 /* one allocation: every live micro-batch's slots */
-  float *(*slot)[N_SLOTS];     /* [live * n_layers + layer][slot] */
-  float **final_normed;        /* [live] input of the LM head */
-  float **head_grad;           /* [live] gradient of final_normed, made with the loss */
+  /* Activations and their gradients are of dtype plan.act (slot_dtype: the log-sum-exp is
+   * fp32), in backend memory. */
+  char *acts;                  /* one allocation: every live micro-batch's slots */
+  void *(*slot)[N_SLOTS];      /* [live * n_layers + layer][slot] */
+  void **final_normed;         /* [live] input of the LM head */
+  void **head_grad;            /* [live] gradient of final_normed, made with the loss */
   int32_t *tokens, *targets, *positions;   /* [live][batch*seq], backend memory */
-  float *scratch;              /* one allocation: gradient slots, grad_in, grad_out */
-  float *dslot[N_SLOTS];
-  float *grad_in;              /* gradient of the stage output (received) */
-  float *grad_out;             /* gradient of the stage input (to send) */
-  float *grad_tmp;             /* between layers, alternating with grad_in */
-  float *nll;                  /* host: per-position loss of the last micro-batch */
+  /* Packed sequences (several documents in one): [live][batch*seq] in backend memory, each
+   * token's first visible key (attn_shape.doc_start), made from the positions, which restart at
+   * 0 with every document; packed[live] says whether the micro-batch has more than one document
+   * in a sequence (else attention is plain causal and doc_start unused). */
+  int32_t *doc_start;
+  int *packed;
+  int32_t *host_doc_start;     /* batch*seq: where worker_forward builds it */
+  char *scratch;               /* one allocation: gradient slots, grad_in, grad_out */
+  void *dslot[N_SLOTS];
+  void *grad_in;               /* gradient of the stage output (received) */
+  void *grad_out;              /* gradient of the stage input (to send) */
+  void *grad_tmp;              /* between layers, alternating with grad_in */
+  float *nll;                  /* backend memory: per-position loss of the last micro-batch */
+  /* Backend memory, read by the host once per step: sums[SUM_LOSS] is the NLL summed over the
+   * step's micro-batches; sums[SUM_NORM + g] the squared gradient norm of group g (optim.c). */
+  double *sums;
 
   /* NVFP4: weights quantized once per optimizer step (worker_prepare_step) */
   size_t *wq_offset;           /* [n_params] into wq: W then Wᵀ; SIZE_MAX: high precision */
@@ -98,20 +123,22 @@ struct worker {
   /* inference (worker_infer): this call's tokens per sequence, and the KV cache in use */
   int seq_now;                 /* 0: plan.seq (training) */
   struct kv_cache *kv;
-  float *logits;               /* [vocab], last stage */
+  float *logits;               /* [vocab] fp32, last stage, then the GEMM's act-typed output */
 };
+
+enum { SUM_LOSS, SUM_NORM };
 
 /* The keys and values of one sequence for every layer of a stage, in backend memory:
  * [layer][K, V][max_len][kv_heads * head_dim]. len tokens are filled. */
 struct kv_cache {
-  float *data;
+  void *data;                  /* of dtype plan.act */
   int max_len, len;
 };
 
 /* Computes sizes and offsets; no allocation. Dies on shapes it cannot hold. */
 void worker_plan_make(struct worker_plan *p, const struct qwen3_config *cfg, int first_layer,
                       int n_layers, int has_embedding, int has_head, int batch, int seq,
-                      int n_live, int recompute);
+                      int n_live, unsigned recompute, enum dtype act);
 /* ZeRO-1: shard the AdamW state over `shards` data-parallel replicas; this is replica `index`.
  * The buffer splits into shards of ceil(blocks / shards) blocks of 64 floats, the last maybe
  * shorter (or empty). */
@@ -143,14 +170,30 @@ struct micro_batch {
 
 /* Where the stage input lives for live micro-batch slot `live` (RECV_ACT writes here on stages
  * without the embedding) and where its output is (SEND_ACT reads it). */
-float *worker_input(struct worker *w, int live);
-float *worker_output(struct worker *w, int live);
+void *worker_input(struct worker *w, int live);
+void *worker_output(struct worker *w, int live);
+/* Bytes of one micro-batch's stage input or output (and of their gradients): batch x seq x
+ * hidden values of dtype plan.act. */
+size_t worker_boundary_bytes(const struct worker *w);
+/* Weight groups, in the order a forward reads them: WEIGHTS_EMBED (the token embedding, also
+ * the tied LM head), WEIGHTS_LAYER + l for local layer l, then the final norm and an untied
+ * LM head. The optimizer updates and marks them in this order (backend mark/wait_mark with the
+ * group as the mark), and a forward waits for a group's mark before it reads the group. */
+enum { WEIGHTS_EMBED, WEIGHTS_LAYER };
+int worker_weight_groups(const struct worker *w);
+int worker_weight_group(const struct worker *w, int param);
+
+/* Parameter i in the weight copy (weights_act), as the GEMMs and the embedding read it. */
+const void *worker_weight_act(const struct worker *w, int i);
 
 /* Forward of one micro-batch through the stage. On the last stage it also computes the loss
- * and its gradient (scaled by grad_scale), and returns the sum of the NLL of the micro-batch's
- * targets (0 elsewhere). nll, when not NULL, receives batch*seq per-position values. */
-double worker_forward(struct worker *w, int live, const struct micro_batch *mb,
-                      float grad_scale, float *nll);
+ * and its gradient (scaled by grad_scale), and adds the NLL of the micro-batch's targets into
+ * sums[SUM_LOSS], on the device. nll, when not NULL, receives the batch*seq per-position values
+ * (a host copy: this waits for the forward). */
+void worker_forward(struct worker *w, int live, const struct micro_batch *mb, float grad_scale,
+                    float *nll);
+/* The NLL summed since the last call (last stage; 0 elsewhere), read from the device. */
+double worker_take_loss(struct worker *w);
 /* Backward of one micro-batch: from w->grad_in (received) or, on the last stage, from the loss.
  * Accumulates parameter gradients; leaves the input gradient in w->grad_out. */
 void worker_backward(struct worker *w, int live);
@@ -168,7 +211,9 @@ void kv_cache_free(struct kv_cache *kv, const struct worker *w);
  * writes the logits of the last token to the host array `logits`. */
 void worker_infer(struct worker *w, const int32_t *tokens, const int32_t *positions, int n,
                   struct kv_cache *kv, float *logits);
-/* Before the micro-batches of optimizer step `step`: quantizes the NVFP4 weights. */
+/* Before the micro-batches of optimizer step `step`, and before any forward after the weights
+ * changed (loading, evaluation): makes the act-typed weight copy and quantizes the NVFP4
+ * weights. */
 void worker_prepare_step(struct worker *w, int step);
 
 #endif

@@ -4,6 +4,7 @@
  * round them. */
 #include <math.h>
 
+#include "common/util.h"
 #include "kernels/cpu/cpu.h"
 
 /* torch.lerp: two formulas, chosen by the weight, so that both ends are exact */
@@ -11,21 +12,26 @@ static float torch_lerp(float self, float end, float weight) {
   return weight < 0.5f ? self + weight * (end - self) : end - (end - self) * (1.0f - weight);
 }
 
-void cpu_adamw_update(float *p, const float *g, float *m, float *v, size_t n, float lr,
-                      float beta1, float beta2, float eps, float weight_decay, int t) {
-  float decay = (float)(1.0 - (double)lr * weight_decay);
-  float m_weight = (float)(1.0 - beta1);      /* exp_avg.lerp_(grad, 1 - beta1) */
-  float v_weight = (float)(1.0 - beta2);      /* exp_avg_sq.mul_(beta2).addcmul_(g, g, 1 - beta2) */
-  float step_size = (float)((double)lr / (1.0 - pow(beta1, t)));
-  float bc2_sqrt = (float)sqrt(1.0 - pow(beta2, t));
+/* The CPU's weight copy is the masters themselves: p_act must be NULL or p. */
+void cpu_adamw_update(float *p, void *p_act, float *g, float *m, float *v, size_t n,
+                      const struct adamw_step *s, int zero_grad) {
+  if (p_act && p_act != p) die("internal: the CPU backend has no separate weight copy");
+  float decay = (float)(1.0 - (double)s->lr * s->weight_decay);
+  float m_weight = (float)(1.0 - s->beta1);   /* exp_avg.lerp_(grad, 1 - beta1) */
+  float v_weight = (float)(1.0 - s->beta2);   /* exp_avg_sq.mul_(beta2).addcmul_(g, g, 1 - beta2) */
+  float step_size = (float)((double)s->lr / (1.0 - pow(s->beta1, s->t)));
+  float bc2_sqrt = (float)sqrt(1.0 - pow(s->beta2, s->t));
+  float beta2 = s->beta2, eps = s->eps, scale = s->grad_scale;
 #pragma omp parallel for
   for (size_t i = 0; i < n; i++) {
+    float gi = g[i] * scale;   /* clip_grad_norm_'s g.mul_(clip_coef); exact when scale is 1 */
     float pi = p[i] * decay;
-    float mi = torch_lerp(m[i], g[i], m_weight);
-    float vi = v[i] * beta2 + v_weight * g[i] * g[i];
+    float mi = torch_lerp(m[i], gi, m_weight);
+    float vi = v[i] * beta2 + v_weight * gi * gi;
     float denom = sqrtf(vi) / bc2_sqrt + eps;
     p[i] = pi + (-step_size) * mi / denom;
     m[i] = mi;
     v[i] = vi;
+    if (zero_grad) g[i] = 0.0f;
   }
 }

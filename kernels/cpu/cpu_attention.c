@@ -2,7 +2,9 @@
  * single-precision GEMMs over strided head views (as HF's eager fp32 attention computes them):
  * S = scale · Q Kᵀ, then a row softmax with double sums, then ctx = P V. Masked scores are
  * computed and thrown away: the GEMMs are so much faster than loops that the wasted half is
- * cheaper than skipping it. The row loops between the GEMMs stay serial: they cost 1/head_dim
+ * cheaper than skipping it. In a packed sequence (attn_shape.doc_start) a row's keys before its
+ * document's first are masked like the future ones, zero in P and dS, so that they add nothing
+ * to any product. The row loops between the GEMMs stay serial: they cost 1/head_dim
  * of the GEMMs, and OpenMP threads spinning between BLAS calls would steal the cores of BLAS's
  * own threads. The backward rebuilds P = exp(S - lse) from the saved log-sum-exp instead of
  * storing it (the flash-attention recipe), so the CPU and GPU backends save the same tensors. */
@@ -34,6 +36,16 @@ static size_t k_offset(const struct attn_shape *s, int b, int kh) {
 /* Query i sees keys 0 .. tk - tq + i. */
 static int last_key(const struct attn_shape *s, int i) { return s->tk - s->tq + i; }
 
+/* ... and, in a packed sequence, none before its document's first: doc_start[row]. */
+static int first_key(const struct attn_shape *s, int b, int i) {
+  if (!s->doc_start) return 0;
+  int first = s->doc_start[(size_t)b * s->tq + i];
+  if (first < 0 || first > last_key(s, i))
+    die("attention: doc_start %d of query %d of sequence %d is outside its keys 0 .. %d", first,
+        i, b, last_key(s, i));
+  return first;
+}
+
 /* S[tq, tk] = scale · Q_h K_khᵀ for one sequence and head */
 static void head_scores(float *S, const float *q, const float *k, const struct attn_shape *s,
                         int b, int h) {
@@ -43,8 +55,12 @@ static void head_scores(float *S, const float *q, const float *k, const struct a
               k + k_offset(s, b, kh), s->kv_heads * hd, 0.0f, S, s->tk);
 }
 
-void cpu_attention_forward(float *ctx, float *lse, const float *q, const float *k, const float *v,
+void cpu_attention_forward(void *ctx_, float *lse, const void *q_, const void *k_, const void *v_,
                            const struct attn_shape *s) {
+  float *ctx = ctx_;
+  const float *q = q_;
+  const float *k = k_;
+  const float *v = v_;
   check_shape(s);
   int hd = s->head_dim, tq = s->tq, tk = s->tk;
   float *P = xmalloc((size_t)(tq > 0 ? tq : 1) * tk * sizeof(float));
@@ -54,17 +70,18 @@ void cpu_attention_forward(float *ctx, float *lse, const float *q, const float *
       float *row_lse = lse + ((size_t)b * s->heads + h) * tq;
       for (int i = 0; i < tq; i++) {
         float *p = P + (size_t)i * tk;
-        int last = last_key(s, i);
-        float max = p[0];
-        for (int j = 1; j <= last; j++)
+        int first = first_key(s, b, i), last = last_key(s, i);
+        float max = p[first];
+        for (int j = first + 1; j <= last; j++)
           if (p[j] > max) max = p[j];
         double sum = 0.0;
-        for (int j = 0; j <= last; j++) {
+        for (int j = first; j <= last; j++) {
           double e = exp((double)p[j] - max);
           sum += e;
           p[j] = (float)e;
         }
-        for (int j = 0; j <= last; j++) p[j] = (float)(p[j] / sum);
+        for (int j = first; j <= last; j++) p[j] = (float)(p[j] / sum);
+        for (int j = 0; j < first; j++) p[j] = 0.0f;
         for (int j = last + 1; j < tk; j++) p[j] = 0.0f;
         row_lse[i] = (float)(max + log(sum));
       }
@@ -80,9 +97,17 @@ void cpu_attention_forward(float *ctx, float *lse, const float *q, const float *
  * dS = P ∘ (dP - D), dQ = scale · dS K, dK = scale · dSᵀ Q, dV = Pᵀ dO.
  * Heads run one after another, so the query heads of a group add into their shared dK and dV
  * rows through the GEMMs' beta = 1 without any race. */
-void cpu_attention_backward(float *dq, float *dk, float *dv, const float *dctx, const float *q,
-                            const float *k, const float *v, const float *ctx, const float *lse,
+void cpu_attention_backward(void *dq_, void *dk_, void *dv_, const void *dctx_, const void *q_,
+                            const void *k_, const void *v_, const void *ctx_, const float *lse,
                             const struct attn_shape *s) {
+  float *dq = dq_;
+  float *dk = dk_;
+  float *dv = dv_;
+  const float *dctx = dctx_;
+  const float *q = q_;
+  const float *k = k_;
+  const float *v = v_;
+  const float *ctx = ctx_;
   check_shape(s);
   int hd = s->head_dim, tq = s->tq, tk = s->tk, qld = s->heads * hd, kld = s->kv_heads * hd;
   float scale = (float)(1.0 / sqrt((double)hd));
@@ -99,13 +124,14 @@ void cpu_attention_backward(float *dq, float *dk, float *dv, const float *dctx, 
       for (int i = 0; i < tq; i++) {
         float *p = P + (size_t)i * tk, *ds = dS + (size_t)i * tk;
         const float *o = ctx + qo + (size_t)i * qld, *dout = dctx + qo + (size_t)i * qld;
-        int last = last_key(s, i);
+        int first = first_key(s, b, i), last = last_key(s, i);
         double d_i = 0.0;
         for (int d = 0; d < hd; d++) d_i += (double)dout[d] * o[d];
-        for (int j = 0; j <= last; j++) {
+        for (int j = first; j <= last; j++) {
           p[j] = (float)exp((double)p[j] - row_lse[i]);
           ds[j] = (float)(p[j] * (ds[j] - d_i));
         }
+        for (int j = 0; j < first; j++) p[j] = ds[j] = 0.0f;
         for (int j = last + 1; j < tk; j++) p[j] = ds[j] = 0.0f;
       }
       if (dq)

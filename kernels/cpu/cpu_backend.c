@@ -9,6 +9,7 @@
 #include <omp.h>
 #endif
 
+#include "common/util.h"
 #include "kernels/cpu/cpu.h"
 #include "kernels/nvfp4.h"
 
@@ -18,6 +19,15 @@ static void cpu_free(void *p) { free(p); }
 static void cpu_copy(void *dst, const void *src, size_t bytes) { memcpy(dst, src, bytes); }
 static void cpu_zero(void *p, size_t bytes) { memset(p, 0, bytes); }
 static void cpu_synchronize(void) {}
+static enum dtype cpu_act_dtype(void) { return DT_F32; }
+
+/* Only fp32 lives here: a conversion between two fp32 tensors is a copy. */
+static void cpu_convert(void *dst, enum dtype dst_type, const void *src, enum dtype src_type,
+                        size_t n) {
+  if (dst_type != DT_F32 || src_type != DT_F32)
+    die("internal: the CPU backend holds fp32 tensors only");
+  memmove(dst, src, n * sizeof(float));
+}
 
 /* Each rank on the machine gets an equal share of the cores for OpenMP and OpenBLAS, unless the
  * user set OMP_NUM_THREADS / OPENBLAS_NUM_THREADS: more threads than cores only thrash. */
@@ -41,6 +51,8 @@ const struct backend backend_cpu = {
   .copy = cpu_copy,
   .zero = cpu_zero,
   .synchronize = cpu_synchronize,
+  .act_dtype = cpu_act_dtype,
+  .convert = cpu_convert,
   .embedding_forward = cpu_embedding_forward,
   .embedding_backward = cpu_embedding_backward,
   .rmsnorm_forward = cpu_rmsnorm_forward,
@@ -56,7 +68,7 @@ const struct backend backend_cpu = {
   .add_inplace = cpu_add_inplace,
   .scale = cpu_scale,
   .lm_head_loss = cpu_lm_head_loss,
-  .sum_squares = cpu_sum_squares,
+  .sum_into = cpu_sum_into,
   .transpose = cpu_transpose,
   .nvfp4_quantize_dequantize = cpu_nvfp4_quantize_dequantize,
   .nvfp4_rht = nvfp4_rht,

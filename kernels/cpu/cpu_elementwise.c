@@ -1,18 +1,22 @@
-/* The memory-bound ops: embedding, SwiGLU, residual add, scaling and the squared norm. */
+/* The memory-bound ops: embedding, SwiGLU, residual add, scaling and the sums. */
 #include <math.h>
 #include <string.h>
 
+#include "common/util.h"
 #include "kernels/cpu/cpu.h"
 
-void cpu_embedding_forward(float *out, const int32_t *tokens, const float *table, int n, int dim) {
+void cpu_embedding_forward(void *out_, const int32_t *tokens, const void *table_, int n, int dim) {
+  float *out = out_;
+  const float *table = table_;
 #pragma omp parallel for
   for (int i = 0; i < n; i++)
     memcpy(out + (size_t)i * dim, table + (size_t)tokens[i] * dim, (size_t)dim * sizeof(float));
 }
 
 /* Serial on purpose: two rows with the same token add into the same table row. */
-void cpu_embedding_backward(float *dtable, const float *dout, const int32_t *tokens, int n,
+void cpu_embedding_backward(float *dtable, const void *dout_, const int32_t *tokens, int n,
                             int dim) {
+  const float *dout = dout_;
   for (int i = 0; i < n; i++) {
     float *row = dtable + (size_t)tokens[i] * dim;
     const float *d = dout + (size_t)i * dim;
@@ -22,13 +26,21 @@ void cpu_embedding_backward(float *dtable, const float *dout, const int32_t *tok
 
 /* silu(g) = g / (1 + exp(-g)), the form torch evaluates (exp overflows to inf for very negative
  * g and the quotient correctly becomes -0). */
-void cpu_swiglu_forward(float *out, const float *g, const float *u, size_t n) {
+void cpu_swiglu_forward(void *out_, const void *g_, const void *u_, size_t n) {
+  float *out = out_;
+  const float *g = g_;
+  const float *u = u_;
 #pragma omp parallel for
   for (size_t i = 0; i < n; i++) out[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
 }
 
-void cpu_swiglu_backward(float *dg, float *du, const float *dout, const float *g, const float *u,
+void cpu_swiglu_backward(void *dg_, void *du_, const void *dout_, const void *g_, const void *u_,
                          size_t n) {
+  float *dg = dg_;
+  float *du = du_;
+  const float *dout = dout_;
+  const float *g = g_;
+  const float *u = u_;
 #pragma omp parallel for
   for (size_t i = 0; i < n; i++) {
     float sig = 1.0f / (1.0f + expf(-g[i]));
@@ -38,7 +50,11 @@ void cpu_swiglu_backward(float *dg, float *du, const float *dout, const float *g
   }
 }
 
-void cpu_add_inplace(float *a, const float *b, size_t n) {
+/* t is DT_F32 on the CPU whatever the tensor: activations and gradients are all fp32 here. */
+void cpu_add_inplace(void *a_, const void *b_, size_t n, enum dtype t) {
+  if (t != DT_F32) die("internal: the CPU backend holds fp32 tensors only");
+  float *a = a_;
+  const float *b = b_;
 #pragma omp parallel for
   for (size_t i = 0; i < n; i++) a[i] += b[i];
 }
@@ -48,9 +64,12 @@ void cpu_scale(float *a, float s, size_t n) {
   for (size_t i = 0; i < n; i++) a[i] *= s;
 }
 
-double cpu_sum_squares(const float *x, size_t n) {
+/* Serial: the sum's order must depend on n alone, not on the thread count. */
+void cpu_sum_into(double *acc, const float *x, size_t n, int squares) {
   double sum = 0.0;
-#pragma omp parallel for reduction(+ : sum)
-  for (size_t i = 0; i < n; i++) sum += (double)x[i] * x[i];
-  return sum;
+  if (squares)
+    for (size_t i = 0; i < n; i++) sum += (double)x[i] * x[i];
+  else
+    for (size_t i = 0; i < n; i++) sum += x[i];
+  *acc += sum;
 }

@@ -3,15 +3,22 @@
 
 #include "kernels/cpu/cpu.h"
 
-void cpu_linear_forward(float *out, const float *x, const float *w, int n, int in_dim,
+void cpu_linear_forward(void *out_, const void *x_, const void *w_, int n, int in_dim,
                         int out_dim) {
+  float *out = out_;
+  const float *x = x_;
+  const float *w = w_;
   if (n == 0) return;
   cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, out_dim, in_dim, 1.0f, x, in_dim, w,
               in_dim, 0.0f, out, out_dim);
 }
 
-void cpu_linear_backward(float *dx, float *dw, const float *dout, const float *x, const float *w,
+void cpu_linear_backward(void *dx_, float *dw, const void *dout_, const void *x_, const void *w_,
                          int n, int in_dim, int out_dim) {
+  float *dx = dx_;
+  const float *dout = dout_;
+  const float *x = x_;
+  const float *w = w_;
   if (n == 0) return;
   if (dx)
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, in_dim, out_dim, 1.0f, dout,

@@ -35,8 +35,11 @@ static double row_loss(float *logits, int vocab, int target, int want_grad) {
   return (double)max + log(sum) - target_logit;
 }
 
-void cpu_lm_head_loss(float *nll, float *dx, float *dw, const float *x, const float *w,
+void cpu_lm_head_loss(float *nll, void *dx_, float *dw, const void *x_, const void *w_,
                       const int32_t *targets, int n, int dim, int vocab, float grad_scale) {
+  float *dx = dx_;
+  const float *x = x_;
+  const float *w = w_;
   int want_grad = dx != NULL;
   int *rows = xmalloc((size_t)(n > 0 ? n : 1) * sizeof(int));
   int valid = 0;

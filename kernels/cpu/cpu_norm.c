@@ -23,7 +23,9 @@ static void row_norm_backward(float *dx, const float *g, const float *x, float r
   for (int j = 0; j < dim; j++) dx[j] += (float)(r * (double)g[j] - c * x[j]);
 }
 
-void cpu_rmsnorm_forward(float *out, const float *x, const float *w, int n, int dim, float eps) {
+void cpu_rmsnorm_forward(void *out_, const void *x_, const float *w, int n, int dim, float eps) {
+  float *out = out_;
+  const float *x = x_;
 #pragma omp parallel for
   for (int i = 0; i < n; i++) {
     const float *xi = x + (size_t)i * dim;
@@ -33,8 +35,11 @@ void cpu_rmsnorm_forward(float *out, const float *x, const float *w, int n, int 
   }
 }
 
-void cpu_rmsnorm_backward(float *dx, float *dw, const float *dout, const float *x, const float *w,
+void cpu_rmsnorm_backward(void *dx_, float *dw, const void *dout_, const void *x_, const float *w,
                           int n, int dim, float eps) {
+  float *dx = dx_;
+  const float *dout = dout_;
+  const float *x = x_;
   float *rstd = xmalloc((size_t)(n > 0 ? n : 1) * sizeof(float));
 #pragma omp parallel
   {
@@ -80,9 +85,11 @@ static void rope_tables(float *cos_t, float *sin_t, const int32_t *positions, in
   free(inv_freq);
 }
 
-void cpu_qk_norm_rope_forward(float *out, const float *x, const float *w,
+void cpu_qk_norm_rope_forward(void *out_, const void *x_, const float *w,
                               const int32_t *positions, int n, int heads, int head_dim, float eps,
                               double theta) {
+  float *out = out_;
+  const float *x = x_;
   if (head_dim % 2) die("qk_norm_rope: head_dim %d is odd", head_dim);
   int half = head_dim / 2;
   size_t table = (size_t)(n > 0 ? n : 1) * half;
@@ -117,9 +124,12 @@ static float rope_backward_at(const float *dout, const float *c, const float *s,
                   : dout[j] * c[j - half] - dout[j - half] * s[j - half];
 }
 
-void cpu_qk_norm_rope_backward(float *dx, float *dw, const float *dout, const float *x,
+void cpu_qk_norm_rope_backward(void *dx_, float *dw, const void *dout_, const void *x_,
                                const float *w, const int32_t *positions, int n, int heads,
                                int head_dim, float eps, double theta) {
+  float *dx = dx_;
+  const float *dout = dout_;
+  const float *x = x_;
   if (head_dim % 2) die("qk_norm_rope: head_dim %d is odd", head_dim);
   int half = head_dim / 2;
   size_t table = (size_t)(n > 0 ? n : 1) * half, rows = (size_t)n * heads;

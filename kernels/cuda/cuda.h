@@ -6,12 +6,14 @@
  *
  * Rules every kernel file follows:
  *  - all work goes on cuda_ctx.stream; nothing synchronizes except the ops whose result the
- *    interface returns to the host (sum_squares, nvfp4_quantize_dequantize, lm_head_loss's nll);
+ *    interface returns to the host (nvfp4_quantize_dequantize's S_dec);
  *  - no cudaMalloc inside an op: temporary memory comes from cuda_scratch();
  *  - deterministic: no floating-point atomics whose order varies; reductions over rows go
  *    through per-block partials summed in a fixed order;
- *  - fp32 storage and fp32 arithmetic; GEMMs use TF32 only when cuda_ctx.tf32 is set, so the
- *    fp32 mode matches the CPU backend to rounding. */
+ *  - activations (every `void *` of ops.h) are stored as cuda_ctx.act: bf16 in the default
+ *    mode, fp32 in the tf32 and fp32 modes; kernels are templates over that storage type
+ *    (cuda_dtype.cuh) and compute in fp32. GEMMs on fp32 operands use TF32 only when
+ *    cuda_ctx.tf32 is set, so the fp32 mode matches the CPU backend to rounding. */
 #ifndef QWEN3_CUDA_H
 #define QWEN3_CUDA_H
 
@@ -50,13 +52,18 @@ void cuda_check_launch(const char *kernel, const char *file, int line);
 struct cuda_context {
   int device;
   int sm_count;
-  cudaStream_t stream;
+  cudaStream_t stream;         /* the stream ops run on: main_stream, or side_stream */
+  cudaStream_t main_stream, side_stream;   /* side: the optimizer's, overlapping the next step */
+  cudaEvent_t side_tail;       /* recorded when the side stream's work was last handed back */
+  int side_busy;               /* side_tail marks work that to_host/synchronize must wait for */
+  cudaEvent_t *marks;          /* ops.h mark/wait_mark; created when first recorded */
   cublasLtHandle_t lt;
   void *lt_workspace;          /* cuBLASLt's workspace */
   size_t lt_workspace_bytes;
   char *scratch;               /* the arena ops take temporary memory from */
   size_t scratch_bytes;
-  int tf32;                    /* 1: GEMMs may use TF32 (QWEN3_CUDA_TF32=1); 0: exact fp32 */
+  enum dtype act;              /* storage of activations: DT_BF16 (mode bf16) or DT_F32 */
+  int tf32;                    /* 1: GEMMs on fp32 operands may use TF32 (modes bf16, tf32) */
   int debug;                   /* 1: synchronize and check after every launch */
   double *host_result;         /* pinned host memory for the results returned to the host */
 };
@@ -68,6 +75,10 @@ extern struct cuda_context cuda_ctx;
 void *cuda_scratch(size_t bytes, const char *what);
 /* The same arena cut in two: the second buffer follows the first. */
 void cuda_scratch2(void **a, size_t a_bytes, void **b, size_t b_bytes, const char *what);
+/* For an op that calls another while its own temporaries live in the arena: `bytes` of the
+ * arena past `in_use_end` (the end of what the caller still needs there; a pointer outside the
+ * arena means none of it is in use), 256-byte aligned; NULL when they do not fit. */
+void *cuda_scratch_after(const void *in_use_end, size_t bytes);
 
 /* Shared memory one block may opt in to on this process's GPU (read once). */
 int cuda_smem_optin(void);
@@ -82,67 +93,73 @@ static inline int cuda_blocks(size_t n) {
   return (int)(b < 1 ? 1 : b > 65535u * 16 ? 65535u * 16 : b);
 }
 
-/* ---- cuda_gemm.cu: row-major C[m,n] = alpha * op(A) · op(B) + beta * C, fp32 storage,
- * fp32 accumulation (TF32 inputs when cuda_ctx.tf32). op(A) is [m,k]: A is [m,k] with leading
- * dimension lda when !trans_a, [k,m] when trans_a; likewise op(B) is [k,n] from B [k,n] or, when
- * trans_b, B [n,k]. The algorithm is chosen once per shape and cached, so a run repeats bit for
- * bit. */
-void cuda_gemm(int trans_a, int trans_b, int m, int n, int k, float alpha, const float *a,
-               int lda, const float *b, int ldb, float beta, float *c, int ldc);
+/* ---- cuda_gemm.cu: row-major C[m,n] = alpha * op(A) · op(B) + beta * C with fp32
+ * accumulation. A and B are of dtype ab, C of dtype c (ab fp32: c fp32, TF32 inputs when
+ * cuda_ctx.tf32; ab bf16: c bf16 or fp32). op(A) is [m,k]: A is [m,k] with leading dimension
+ * lda when !trans_a, [k,m] when trans_a; likewise op(B) is [k,n] from B [k,n] or, when trans_b,
+ * B [n,k]. The algorithm is chosen once per shape and types and cached, so a run repeats bit
+ * for bit. */
+void cuda_gemm(int trans_a, int trans_b, int m, int n, int k, float alpha, const void *a,
+               int lda, const void *b, int ldb, float beta, void *c, int ldc, enum dtype ab,
+               enum dtype c_type);
 
 /* ---- cuda_elementwise.cu */
-void cuda_embedding_forward(float *out, const int32_t *tokens, const float *table, int n, int dim);
-void cuda_embedding_backward(float *dtable, const float *dout, const int32_t *tokens, int n,
+void cuda_convert(void *dst, enum dtype dst_type, const void *src, enum dtype src_type,
+                  size_t n);
+void cuda_embedding_forward(void *out, const int32_t *tokens, const void *table, int n, int dim);
+void cuda_embedding_backward(float *dtable, const void *dout, const int32_t *tokens, int n,
                              int dim);
-void cuda_swiglu_forward(float *out, const float *g, const float *u, size_t n);
-void cuda_swiglu_backward(float *dg, float *du, const float *dout, const float *g, const float *u,
+void cuda_swiglu_forward(void *out, const void *g, const void *u, size_t n);
+void cuda_swiglu_backward(void *dg, void *du, const void *dout, const void *g, const void *u,
                           size_t n);
-void cuda_add_inplace(float *a, const float *b, size_t n);
+void cuda_add_inplace(void *a, const void *b, size_t n, enum dtype t);
 void cuda_scale(float *a, float s, size_t n);
-double cuda_sum_squares(const float *x, size_t n);
+void cuda_sum_into(double *acc, const float *x, size_t n, int squares);
 void cuda_transpose(float *out, const float *x, int rows, int cols);
 
 /* ---- cuda_norm.cu */
-void cuda_rmsnorm_forward(float *out, const float *x, const float *w, int n, int dim, float eps);
-void cuda_rmsnorm_backward(float *dx, float *dw, const float *dout, const float *x,
-                           const float *w, int n, int dim, float eps);
-void cuda_qk_norm_rope_forward(float *out, const float *x, const float *w,
+void cuda_rmsnorm_forward(void *out, const void *x, const float *w, int n, int dim, float eps);
+void cuda_rmsnorm_backward(void *dx, float *dw, const void *dout, const void *x, const float *w,
+                           int n, int dim, float eps);
+void cuda_qk_norm_rope_forward(void *out, const void *x, const float *w,
                                const int32_t *positions, int n, int heads, int head_dim,
                                float eps, double theta);
-void cuda_qk_norm_rope_backward(float *dx, float *dw, const float *dout, const float *x,
+void cuda_qk_norm_rope_backward(void *dx, float *dw, const void *dout, const void *x,
                                 const float *w, const int32_t *positions, int n, int heads,
                                 int head_dim, float eps, double theta);
 
-/* ---- cuda_attention.cu */
-void cuda_attention_forward(float *ctx, float *lse, const float *q, const float *k,
-                            const float *v, const struct attn_shape *s);
-void cuda_attention_backward(float *dq, float *dk, float *dv, const float *dctx, const float *q,
-                             const float *k, const float *v, const float *ctx, const float *lse,
+/* ---- cuda_attention.cu: the dispatcher, and the fp32-arithmetic flash kernels that take any
+ * shape (decode's tq = 1 included) and either storage type */
+void cuda_attention_forward(void *ctx, float *lse, const void *q, const void *k, const void *v,
+                            const struct attn_shape *s);
+void cuda_attention_backward(void *dq, void *dk, void *dv, const void *dctx, const void *q,
+                             const void *k, const void *v, const void *ctx, const float *lse,
                              const struct attn_shape *s);
 
-/* ---- cuda_attention_tc.cu: the TF32 tensor-core attention used when cuda_ctx.tf32 is set.
- * Same arguments and semantics as cuda_attention_forward/backward; return 1 when they did the
- * work, 0 (nothing launched) for a shape or GPU they do not handle (the caller then runs the
- * fp32 kernels): head_dim 64 or 128, tq >= 16, 16-byte aligned tensors, enough shared memory.
- * The backward takes D [batch, heads, tq] = rowsum(dctx * ctx), which the caller computes once
- * for whichever path runs (the fp32 kernels read the same D). */
-int cuda_attention_tc_forward(float *ctx, float *lse, const float *q, const float *k,
-                              const float *v, const struct attn_shape *s);
-int cuda_attention_tc_backward(float *dq, float *dk, float *dv, const float *dctx,
-                               const float *q, const float *k, const float *v, const float *lse,
-                               const float *D, const struct attn_shape *s);
+/* ---- cuda_attention_bf16.cu: the bf16 tensor-core attention (mma.sync m16n8k16, fp32
+ * accumulation) used in the bf16 mode; tensors are __nv_bfloat16, lse and D fp32. Same
+ * semantics as cuda_attention_forward/backward; return 1 when they did the work, 0 (nothing
+ * launched) for a shape or GPU they do not handle (the caller then runs the generic kernels).
+ * The backward takes D [batch, heads, tq] = rowsum(dctx * ctx) in fp32, computed once by the
+ * dispatcher for whichever path runs; D may sit in the scratch arena, so the backward takes
+ * its own temporaries past it (cuda_scratch_after). */
+int cuda_attention_bf16_forward(void *ctx, float *lse, const void *q, const void *k,
+                                const void *v, const struct attn_shape *s);
+int cuda_attention_bf16_backward(void *dq, void *dk, void *dv, const void *dctx, const void *q,
+                                 const void *k, const void *v, const float *lse, const float *D,
+                                 const struct attn_shape *s);
 
 /* ---- cuda_linear.cu */
-void cuda_linear_forward(float *out, const float *x, const float *w, int n, int in_dim,
+void cuda_linear_forward(void *out, const void *x, const void *w, int n, int in_dim,
                          int out_dim);
-void cuda_linear_backward(float *dx, float *dw, const float *dout, const float *x,
-                          const float *w, int n, int in_dim, int out_dim);
-void cuda_lm_head_loss(float *nll, float *dx, float *dw, const float *x, const float *w,
+void cuda_linear_backward(void *dx, float *dw, const void *dout, const void *x, const void *w,
+                          int n, int in_dim, int out_dim);
+void cuda_lm_head_loss(float *nll, void *dx, float *dw, const void *x, const void *w,
                        const int32_t *targets, int n, int dim, int vocab, float grad_scale);
 
 /* ---- cuda_adamw.cu */
-void cuda_adamw_update(float *p, const float *g, float *m, float *v, size_t n, float lr,
-                       float beta1, float beta2, float eps, float weight_decay, int t);
+void cuda_adamw_update(float *p, void *p_act, float *g, float *m, float *v, size_t n,
+                       const struct adamw_step *s, int zero_grad);
 
 /* ---- cuda_nvfp4.cu */
 float cuda_nvfp4_quantize_dequantize(float *xq, const float *x, int rows, int cols,

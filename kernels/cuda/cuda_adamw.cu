@@ -4,13 +4,16 @@
  * them, and the per-element update uses the round-to-nearest intrinsics so that nvcc cannot
  * contract a multiply-add into an FMA the CPU (built without FMA) does not do. With IEEE sqrtf
  * and division (nvcc's defaults) a GPU step therefore matches a CPU step bit for bit.
- * Purely elementwise: no reductions, so nothing to order. */
+ * Purely elementwise: no reductions, so nothing to order. The same pass writes the weight copy
+ * (bf16 in the bf16 mode) when asked, so the copy costs no second read of the masters. */
 #include <math.h>
 #include <stdint.h>
 
 #include "kernels/cuda/cuda.h"
+#include "kernels/cuda/cuda_dtype.cuh"
 
 struct adamw_scalars {
+  float grad_scale; /* the clipping factor: g * grad_scale rounds as torch's g.mul_(coef) */
   float decay;      /* 1 - lr * wd */
   float m_weight;   /* 1 - beta1 */
   float v_weight;   /* 1 - beta2 */
@@ -26,8 +29,9 @@ static __device__ __forceinline__ float torch_lerp(float self, float end, float 
                        : __fsub_rn(end, __fmul_rn(__fsub_rn(end, self), __fsub_rn(1.0f, weight)));
 }
 
-static __device__ __forceinline__ void adamw1(float &p, float g, float &m, float &v,
-                                       const adamw_scalars &s) {
+static __device__ __forceinline__ void adamw1(float &p, float g_raw, float &m, float &v,
+                                              const adamw_scalars &s) {
+  const float g = __fmul_rn(g_raw, s.grad_scale);
   const float pi = __fmul_rn(p, s.decay);
   const float mi = torch_lerp(m, g, s.m_weight);
   const float vi = __fadd_rn(__fmul_rn(v, s.beta2), __fmul_rn(__fmul_rn(s.v_weight, g), g));
@@ -37,10 +41,11 @@ static __device__ __forceinline__ void adamw1(float &p, float g, float &m, float
   v = vi;
 }
 
-template <bool VEC>
-static __global__ void adamw_kernel(float *__restrict__ p, const float *__restrict__ g,
-                             float *__restrict__ m, float *__restrict__ v, size_t n,
-                             adamw_scalars s) {
+/* A: the weight copy's storage type; copy NULL: no copy. ZERO: leave g zero. */
+template <typename A, bool VEC, bool ZERO>
+static __global__ void adamw_kernel(float *__restrict__ p, A *__restrict__ copy,
+                                    float *__restrict__ g, float *__restrict__ m,
+                                    float *__restrict__ v, size_t n, adamw_scalars s) {
   const size_t tid = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
   const size_t stride = (size_t)gridDim.x * blockDim.x;
   size_t start = 0;
@@ -56,6 +61,11 @@ static __global__ void adamw_kernel(float *__restrict__ p, const float *__restri
       ((float4 *)p)[i] = pv;
       ((float4 *)m)[i] = mv;
       ((float4 *)v)[i] = vv;
+      if (ZERO) ((float4 *)g)[i] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      if (copy) {
+        const float f[4] = {pv.x, pv.y, pv.z, pv.w};
+        store4(copy, i, f);
+      }
     }
     start = n4 * 4;
   }
@@ -65,27 +75,40 @@ static __global__ void adamw_kernel(float *__restrict__ p, const float *__restri
     p[i] = pi;
     m[i] = mi;
     v[i] = vi;
+    if (ZERO) g[i] = 0.0f;
+    if (copy) store_f(&copy[i], pi);
   }
 }
 
+template <typename A, bool ZERO>
+static void launch_adamw(float *p, A *copy, float *g, float *m, float *v, size_t n,
+                         const adamw_scalars &s) {
+  if (cuda_aligned16(p) && cuda_aligned16(g) && cuda_aligned16(m) && cuda_aligned16(v) &&
+      vec4_aligned<A>(copy))
+    adamw_kernel<A, true, ZERO><<<cuda_blocks(n / 4), CUDA_THREADS, 0, cuda_ctx.stream>>>(
+        p, copy, g, m, v, n, s);
+  else
+    adamw_kernel<A, false, ZERO><<<cuda_blocks(n), CUDA_THREADS, 0, cuda_ctx.stream>>>(
+        p, copy, g, m, v, n, s);
+  CUDA_LAUNCHED("adamw_kernel");
+}
 
-extern "C" void cuda_adamw_update(float *p, const float *g, float *m, float *v, size_t n,
-                                  float lr, float beta1, float beta2, float eps,
-                                  float weight_decay, int t) {
+
+extern "C" void cuda_adamw_update(float *p, void *p_act, float *g, float *m, float *v,
+                                  size_t n, const struct adamw_step *st, int zero_grad) {
   if (n == 0) return;
   /* the CPU's expressions, term for term */
   adamw_scalars s;
-  s.decay = (float)(1.0 - (double)lr * weight_decay);
-  s.m_weight = (float)(1.0 - beta1);
-  s.v_weight = (float)(1.0 - beta2);
-  s.beta2 = beta2;
-  s.step_size = (float)((double)lr / (1.0 - pow((double)beta1, (double)t)));
-  s.bc2_sqrt = (float)sqrt(1.0 - pow((double)beta2, (double)t));
-  s.eps = eps;
-  if (cuda_aligned16(p) && cuda_aligned16(g) && cuda_aligned16(m) && cuda_aligned16(v)) {
-    adamw_kernel<true><<<cuda_blocks(n / 4), CUDA_THREADS, 0, cuda_ctx.stream>>>(p, g, m, v, n, s);
-  } else {
-    adamw_kernel<false><<<cuda_blocks(n), CUDA_THREADS, 0, cuda_ctx.stream>>>(p, g, m, v, n, s);
-  }
-  CUDA_LAUNCHED("adamw_kernel");
+  s.grad_scale = st->grad_scale;
+  s.decay = (float)(1.0 - (double)st->lr * st->weight_decay);
+  s.m_weight = (float)(1.0 - st->beta1);
+  s.v_weight = (float)(1.0 - st->beta2);
+  s.beta2 = st->beta2;
+  s.step_size = (float)((double)st->lr / (1.0 - pow((double)st->beta1, (double)st->t)));
+  s.bc2_sqrt = (float)sqrt(1.0 - pow((double)st->beta2, (double)st->t));
+  s.eps = st->eps;
+  if (zero_grad)
+    CUDA_ACT_DISPATCH(A, launch_adamw<A, true>(p, (A *)p_act, g, m, v, n, s));
+  else
+    CUDA_ACT_DISPATCH(A, launch_adamw<A, false>(p, (A *)p_act, g, m, v, n, s));
 }

@@ -1,9 +1,25 @@
-/* Causal grouped-query attention on the GPU in fp32: flash-attention tiling with fp32 storage and
- * fp32 FMA arithmetic (no tensor cores; this is the "fp32 mode" tested against the CPU backend,
- * kernels/cpu/cpu_attention.c, whose semantics it follows: q, ctx [batch*tq, heads, head_dim];
- * k, v rows of sequence b from b*k_stride; query i at position tk - tq + i sees keys
- * 0 .. tk - tq + i; query head h reads kv head h / (heads/kv_heads) in place; scale
- * head_dim^-0.5; lse [batch, heads, tq] = log sum exp of the scaled scores).
+/* Causal grouped-query attention on the GPU: the dispatcher, and generic flash-attention kernels
+ * with fp32 FMA arithmetic (no tensor cores) for any shape. They follow the CPU backend,
+ * kernels/cpu/cpu_attention.c: q, ctx [batch*tq, heads, head_dim]; k, v rows of sequence b from
+ * b*k_stride; query i at position tk - tq + i sees keys 0 .. tk - tq + i, or with document
+ * masking (attn_shape.doc_start, packed sequences) keys doc_start[row] .. tk - tq + i; query
+ * head h reads kv head h / (heads/kv_heads) in place; scale head_dim^-0.5; lse
+ * [batch, heads, tq] = log sum exp of the scaled scores.
+ *
+ * Documents. Every kernel is instantiated twice: DOC = false for plain causal attention, whose
+ * code is the same as without document masking (doc_start is an extra kernel argument it never
+ * reads), and DOC = true, picked when doc_start is set. A masked score contributes nothing,
+ * exactly as one past the causal limit. DOC kernels also skip what is masked entirely: the
+ * forward and dQ start at the key tile of the smallest first key of their query tile, dK/dV
+ * skips the query tiles none of whose rows' documents start at or before its last key.
+ *
+ * Storage. The kernels are templates over the storage type T (float or bf16, cuda_dtype.cuh) of
+ * q, k, v, ctx and their gradients; lse and D are fp32 always. Tiles are converted to fp32 as
+ * they are staged in shared memory and results rounded to T only when written, so the arithmetic
+ * is the same for both types, and the float instantiation is the "fp32 mode" tested against the
+ * CPU backend. The dispatcher runs the bf16 mode's tensor-core kernels (cuda_attention_bf16.cu)
+ * where they take the shape, and these kernels for everything else (the fp32 and tf32 modes
+ * included: TF32 applies to GEMMs only).
  *
  * Algorithm. Every kernel works on a tile of BQ queries x BK keys held in shared memory by 256
  * threads laid out 16 x 16: thread (ty, tx) owns a few contiguous rows (ty*R ...) and the strided
@@ -16,7 +32,7 @@
  *    S = scale * Q K^T, the online softmax (running max m and sum l per row) and O += P V.
  *    ctx = O / l, lse = m + log(l). When there are too few query tiles to fill the GPU
  *    (decoding, tq = 1), the key tiles are split among several blocks per query tile (at most
- *    64, at least 2 key tiles each); each writes its unnormalized (O, m, l) to scratch and
+ *    64, at least 2 key tiles each); each writes its unnormalized (O, m, l) to fp32 scratch and
  *    attn_fwd_combine_kernel merges them in split order.
  *  - backward, three kernels: (0) D_i = dctx_i . ctx_i, one warp per row; (1) one block per
  *    (key tile, kv head, sequence) walks every query head of its group and every query tile
@@ -38,10 +54,14 @@
  * (172 KB at head_dim 128, one block per SM); dQ 64x64, 64x32 at head_dim 128. Where a block
  * cannot have that much shared memory (sm_120/121: 99 KB) dK/dV and dQ fall back to 32x32. */
 #include <cuda_runtime.h>
+#include <limits.h>
 #include <math.h>
 #include <stdio.h>
 
+#include <type_traits>
+
 #include "kernels/cuda/cuda.h"
+#include "kernels/cuda/cuda_dtype.cuh"
 
 namespace {
 
@@ -51,7 +71,13 @@ constexpr int PAD = 4;   // floats of padding per shared-memory row (keeps 16-by
 struct Dims {
   int batch, tq, tk, k_stride, heads, kv_heads, head_dim, group;
   float scale;
-  bool vec4;  // head_dim % 4 == 0 and every tensor 16-byte aligned: float4 global loads
+  bool vec4;  // head_dim % 4 == 0 and every tensor 16-byte aligned: float4 loads of fp32 storage
+};
+
+// The host's view: Dims and attn_shape.doc_start, which goes to the kernels as an argument of
+// its own (read only by their DOC instantiations).
+struct Shape : Dims {
+  const int32_t *doc;
 };
 
 // N consecutive floats of shared memory (N-float aligned) into registers.
@@ -119,26 +145,44 @@ __device__ __forceinline__ float half_warp_sum(float x) {
   return x;
 }
 
-// Loads rows [0, n) of a [rows][ld_g] global matrix (head_dim hd columns used) into shared
-// memory, zero-filling rows >= n and columns >= hd up to DM.
+// Document masking: the smallest of first[0 .. n) (n <= NT), in every thread of the block,
+// through NT / 32 floats of shared memory `part`. One barrier; part is read after it, so
+// nothing may write there before the next one.
+__device__ __forceinline__ int block_min(const int32_t *first, int n, float *part) {
+  int *p = reinterpret_cast<int *>(part);
+  const int x =
+      __reduce_min_sync(0xffffffffu, (int)threadIdx.x < n ? first[threadIdx.x] : INT_MAX);
+  if ((threadIdx.x & 31) == 0) p[threadIdx.x >> 5] = x;
+  __syncthreads();
+  int m = p[0];
+#pragma unroll
+  for (int w = 1; w < NT / 32; w++) m = min(m, p[w]);
+  return m;
+}
+
+// Loads rows [0, n) of a [rows][ld_g] global matrix of storage type T (head_dim hd columns used)
+// into fp32 shared memory, zero-filling rows >= n and columns >= hd up to DM.
 //   TRANSPOSE = false: s[row * (DM + PAD) + d];  TRANSPOSE = true: s[d * (ROWS + PAD) + row].
-// vec4 (hd and ld_g multiples of 4, g 16-byte aligned): the row-major copy moves float4s.
-template <int DM, int ROWS, bool TRANSPOSE>
-__device__ __forceinline__ void load_tile(float *s, const float *g, size_t ld_g, int n, int hd,
+// vec4 (hd and ld_g multiples of 4, g 16-byte aligned): the row-major copy of fp32 storage moves
+// float4s; bf16 storage takes the element-wise path.
+template <int DM, int ROWS, bool TRANSPOSE, typename T>
+__device__ __forceinline__ void load_tile(float *s, const T *g, size_t ld_g, int n, int hd,
                                           bool vec4) {
-  if (!TRANSPOSE && vec4) {
-    for (int idx = threadIdx.x; idx < ROWS * DM / 4; idx += NT) {
-      int r = idx / (DM / 4), d = idx % (DM / 4) * 4;
-      float4 x = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-      if (r < n && d < hd) x = *reinterpret_cast<const float4 *>(g + (size_t)r * ld_g + d);
-      *reinterpret_cast<float4 *>(s + r * (DM + PAD) + d) = x;
+  if constexpr (!TRANSPOSE && std::is_same_v<T, float>) {
+    if (vec4) {
+      for (int idx = threadIdx.x; idx < ROWS * DM / 4; idx += NT) {
+        int r = idx / (DM / 4), d = idx % (DM / 4) * 4;
+        float4 x = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        if (r < n && d < hd) x = *reinterpret_cast<const float4 *>(g + (size_t)r * ld_g + d);
+        *reinterpret_cast<float4 *>(s + r * (DM + PAD) + d) = x;
+      }
+      return;
     }
-    return;
   }
   for (int idx = threadIdx.x; idx < ROWS * DM; idx += NT) {
     int r = idx / DM, d = idx % DM;
     float x = 0.0f;
-    if (r < n && d < hd) x = g[(size_t)r * ld_g + d];
+    if (r < n && d < hd) x = load_f(g + (size_t)r * ld_g + d);
     if (TRANSPOSE)
       s[d * (ROWS + PAD) + r] = x;
     else
@@ -168,11 +212,12 @@ struct Fwd {
   static constexpr size_t smem = sizeof(float) * ((size_t)DM * QT_LD + 2 * BK * K_LD + BK * PT_LD);
 };
 
-template <int DM, int BQ, int BK>
+template <typename T, int DM, int BQ, int BK, bool DOC>
 __global__ void __launch_bounds__(NT, 2)  // <= 128 registers: two blocks per SM
-    attn_fwd_kernel(float *__restrict__ ctx, float *__restrict__ lse, const float *__restrict__ q,
-                    const float *__restrict__ k, const float *__restrict__ v, Dims s, int n_split,
-                    float *__restrict__ part_o, float *__restrict__ part_ml) {
+    attn_fwd_kernel(T *__restrict__ ctx, float *__restrict__ lse, const T *__restrict__ q,
+                    const T *__restrict__ k, const T *__restrict__ v, Dims s, int n_split,
+                    float *__restrict__ part_o, float *__restrict__ part_ml,
+                    const int32_t *__restrict__ doc) {
   using C = Fwd<DM, BQ, BK>;
   using CC = Cols<DM>;
   constexpr int RQ = C::RQ, RK = C::RK;
@@ -192,20 +237,27 @@ __global__ void __launch_bounds__(NT, 2)  // <= 128 registers: two blocks per SM
   const size_t q_base = ((size_t)b * s.tq + q0) * q_ld + (size_t)h * hd;
   const size_t k_base = (size_t)b * s.k_stride * k_ld + (size_t)kh * hd;
 
-  // key tiles 0 .. n_kt - 1 reach the last row's last key; split `split` of n_split takes
-  // [kt_begin, kt_end) of them (n_split = 1: all)
-  const int n_kt = (off + q0 + nq - 1) / BK + 1, per_split = (n_kt + n_split - 1) / n_split;
-  const int kt_begin = split * per_split, kt_end = min(n_kt, kt_begin + per_split);
+  // key tiles kt_first .. n_kt - 1 reach from the first key of the rows' documents (DOC; else
+  // key 0) to the last row's last key; split `split` of n_split takes [kt_begin, kt_end) of
+  // them (n_split = 1: all)
+  const int32_t *doc_q = DOC ? doc + (size_t)b * s.tq + q0 : nullptr;  // the rows' first keys
+  int kt_first = 0;
+  if constexpr (DOC) kt_first = block_min(doc_q, nq, sK) / BK;  // sK: filled after a barrier
+  const int n_kt = (off + q0 + nq - 1) / BK + 1;
+  const int per_split = (n_kt - kt_first + n_split - 1) / n_split;
+  const int kt_begin = kt_first + split * per_split, kt_end = min(n_kt, kt_begin + per_split);
 
   load_tile<DM, BQ, true>(sQt, q + q_base, q_ld, nq, hd, s.vec4);
 
   float o[RQ][CC::NC], m[RQ], l[RQ];
-  int lim[RQ];  // last key each row sees (clamped to tk - 1 for the padding rows)
+  int lim[RQ];    // last key each row sees (clamped to tk - 1 for the padding rows)
+  int first[RQ];  // DOC: first key each row sees (0 for the padding rows)
 #pragma unroll
   for (int r = 0; r < RQ; r++) {
     m[r] = -INFINITY;
     l[r] = 0.0f;
     lim[r] = min(off + q0 + ty * RQ + r, s.tk - 1);
+    first[r] = DOC && ty * RQ + r < nq ? doc_q[ty * RQ + r] : 0;
 #pragma unroll
     for (int n = 0; n < CC::NC; n++) o[r][n] = 0.0f;
   }
@@ -231,12 +283,14 @@ __global__ void __launch_bounds__(NT, 2)  // <= 128 registers: two blocks per SM
       float mx = -INFINITY;
 #pragma unroll
       for (int c = 0; c < RK; c++) {
-        sc[r][c] = k0 + tx + 16 * c <= lim[r] ? sc[r][c] * s.scale : -INFINITY;
+        const int key = k0 + tx + 16 * c;
+        sc[r][c] = key <= lim[r] && (!DOC || key >= first[r]) ? sc[r][c] * s.scale : -INFINITY;
         mx = fmaxf(mx, sc[r][c]);
       }
       mx = half_warp_max(mx);
-      // Every row sees key 0, so without splits m_new is finite from the first tile on; a
-      // later split may see no key of a row yet (m_new = -inf), then it stays empty.
+      // Without documents every row sees key 0, so without splits m_new is finite from the
+      // first tile on; a later split, or a tile before the row's document, may see no key of
+      // a row yet (m_new = -inf), then it stays empty.
       const float m_new = fmaxf(m[r], mx), m_use = m_new == -INFINITY ? 0.0f : m_new;
       const float alpha = expf(m[r] - m_use);  // 0 while m = -inf
       float sum = 0.0f;
@@ -284,13 +338,13 @@ __global__ void __launch_bounds__(NT, 2)  // <= 128 registers: two blocks per SM
     if (row >= nq) continue;
     if (n_split == 1) {
       const float inv = 1.0f / l[r];
-      float *out = ctx + q_base + (size_t)row * q_ld;
+      T *out = ctx + q_base + (size_t)row * q_ld;
 #pragma unroll
       for (int ch = 0; ch < CC::NCH; ch++)
 #pragma unroll
         for (int e = 0; e < CC::VEC; e++) {
           const int d = CC::col(tx, ch, e);
-          if (d < hd) out[d] = o[r][ch * CC::VEC + e] * inv;
+          if (d < hd) store_f(out + d, o[r][ch * CC::VEC + e] * inv);
         }
       if (tx == 0) lse[((size_t)b * s.heads + h) * s.tq + q0 + row] = m[r] + logf(l[r]);
     } else {  // the unnormalized partial of this split, for attn_fwd_combine_kernel
@@ -312,8 +366,9 @@ __global__ void __launch_bounds__(NT, 2)  // <= 128 registers: two blocks per SM
 // Merges the n_split partials of each row, in split order: with M = max m_s and
 // w_s = exp(m_s - M), ctx = sum w_s O_s / L and lse = M + log L, L = sum w_s l_s. One thread
 // per (row, d).
+template <typename T>
 __global__ void __launch_bounds__(NT)
-    attn_fwd_combine_kernel(float *__restrict__ ctx, float *__restrict__ lse,
+    attn_fwd_combine_kernel(T *__restrict__ ctx, float *__restrict__ lse,
                             const float *__restrict__ part_o, const float *__restrict__ part_ml,
                             Dims s, int n_split) {
   const size_t rows = (size_t)s.batch * s.tq * s.heads;
@@ -330,7 +385,7 @@ __global__ void __launch_bounds__(NT)
     L = fmaf(w, part_ml[2 * pr + 1], L);
     acc = fmaf(w, part_o[pr * s.head_dim + d], acc);
   }
-  ctx[idx] = acc / L;
+  store_f(ctx + idx, acc / L);
   if (d == 0) {
     const int h = (int)(row % s.heads);
     const size_t bi = row / s.heads;
@@ -343,16 +398,17 @@ __global__ void __launch_bounds__(NT)
 /* ------------------------------------------------------------------------------------------ */
 /* backward (0): D[b, h, i] = dctx_i . ctx_i, one warp per row, summed in double */
 
+template <typename T>
 __global__ void __launch_bounds__(NT)
-    attn_bwd_dot_kernel(float *__restrict__ D, const float *__restrict__ dctx,
-                        const float *__restrict__ ctx, Dims s) {
+    attn_bwd_dot_kernel(float *__restrict__ D, const T *__restrict__ dctx,
+                        const T *__restrict__ ctx, Dims s) {
   const size_t rows = (size_t)s.batch * s.tq * s.heads;
   const size_t row = (size_t)blockIdx.x * (NT / 32) + threadIdx.x / 32;
   const int lane = threadIdx.x & 31;
   if (row >= rows) return;  // a whole warp leaves together
-  const float *a = dctx + row * s.head_dim, *c = ctx + row * s.head_dim;
+  const T *a = dctx + row * s.head_dim, *c = ctx + row * s.head_dim;
   double sum = 0.0;
-  for (int d = lane; d < s.head_dim; d += 32) sum += (double)a[d] * (double)c[d];
+  for (int d = lane; d < s.head_dim; d += 32) sum += (double)load_f(a + d) * (double)load_f(c + d);
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
   if (lane == 0) {
@@ -377,12 +433,12 @@ struct Dkv {
       sizeof(float) * (2 * (size_t)DM * KT_LD + 2 * BQ * Q_LD + 2 * BQ * P_LD + 2 * BQ);
 };
 
-template <int DM, int BK, int BQ>
+template <typename T, int DM, int BK, int BQ, bool DOC>
 __global__ void __launch_bounds__(NT)
-    attn_bwd_dkdv_kernel(float *__restrict__ dk, float *__restrict__ dv,
-                         const float *__restrict__ dctx, const float *__restrict__ q,
-                         const float *__restrict__ k, const float *__restrict__ v,
-                         const float *__restrict__ lse, const float *__restrict__ D, Dims s) {
+    attn_bwd_dkdv_kernel(T *__restrict__ dk, T *__restrict__ dv, const T *__restrict__ dctx,
+                         const T *__restrict__ q, const T *__restrict__ k,
+                         const T *__restrict__ v, const float *__restrict__ lse,
+                         const float *__restrict__ D, Dims s, const int32_t *__restrict__ doc) {
   using C = Dkv<DM, BK, BQ>;
   using CC = Cols<DM>;
   constexpr int RK = C::RK, RQ = C::RQ;
@@ -415,6 +471,7 @@ __global__ void __launch_bounds__(NT)
 
   // query i sees key j when j <= off + i: the first query that sees key k0
   const int qt_begin = max(0, k0 - off) / BQ, n_qt = (s.tq + BQ - 1) / BQ;
+  const int32_t *doc_b = DOC ? doc + (size_t)b * s.tq : nullptr;  // first keys of the rows
   for (int g = 0; g < s.group; g++) {
     const int h = kh * s.group + g;
     const float *lse_h = lse + ((size_t)b * s.heads + h) * s.tq;
@@ -422,13 +479,24 @@ __global__ void __launch_bounds__(NT)
     for (int qt = qt_begin; qt < n_qt; qt++) {
       const int q0 = qt * BQ, nq = min(BQ, s.tq - q0);
       const size_t q_base = ((size_t)b * s.tq + q0) * q_ld + (size_t)h * hd;
-      __syncthreads();  // the previous tile's sQ, sdO, sP, sdS, sL, sD are no longer read
+      // the previous tile's sQ, sdO, sP, sdS, sL, sD are no longer read; DOC: a query tile
+      // whose rows all start their documents after this tile's last key is skipped (BQ <= NT)
+      if constexpr (DOC) {
+        if (!__syncthreads_or((int)threadIdx.x < nq && doc_b[q0 + threadIdx.x] < k0 + nk))
+          continue;
+      } else {
+        __syncthreads();
+      }
       load_tile<DM, BQ, false>(sQ, q + q_base, q_ld, nq, hd, s.vec4);
       load_tile<DM, BQ, false>(sdO, dctx + q_base, q_ld, nq, hd, s.vec4);
       for (int i = threadIdx.x; i < BQ; i += NT) {
         sL[i] = i < nq ? lse_h[q0 + i] : 0.0f;
         sD[i] = i < nq ? D_h[q0 + i] : 0.0f;
       }
+      int first[RQ];  // DOC: first key of query tx + 16c
+#pragma unroll
+      for (int c = 0; c < RQ; c++)
+        first[c] = DOC && tx + 16 * c < nq ? doc_b[q0 + tx + 16 * c] : 0;
       __syncthreads();
 
       // S^T = K Q^T and dP^T = V dO^T: keys ty*RK + r, queries tx + 16c
@@ -448,7 +516,8 @@ __global__ void __launch_bounds__(NT)
         float p[RK], ds[RK];
 #pragma unroll
         for (int r = 0; r < RK; r++) {
-          const bool seen = i < nq && k0 + ty * RK + r <= off + q0 + i;
+          const int key = k0 + ty * RK + r;
+          const bool seen = i < nq && key <= off + q0 + i && (!DOC || key >= first[c]);
           const float pr = expf(st[r][c] * s.scale - li);
           p[r] = seen ? pr : 0.0f;
           ds[r] = seen ? pr * (dpt[r][c] - Di) : 0.0f;
@@ -493,8 +562,8 @@ __global__ void __launch_bounds__(NT)
       for (int e = 0; e < CC::VEC; e++) {
         const int d = CC::col(tx, ch, e);
         if (d >= hd) continue;
-        if (dk) dk[row + d] += s.scale * adk[r][ch * CC::VEC + e];
-        if (dv) dv[row + d] += adv[r][ch * CC::VEC + e];
+        if (dk) store_f(dk + row + d, load_f(dk + row + d) + s.scale * adk[r][ch * CC::VEC + e]);
+        if (dv) store_f(dv + row + d, load_f(dv + row + d) + adv[r][ch * CC::VEC + e]);
       }
   }
 }
@@ -512,12 +581,12 @@ struct Dq {
       sizeof(float) * (2 * (size_t)DM * QT_LD + 2 * BK * K_LD + BK * ST_LD);
 };
 
-template <int DM, int BQ, int BK>
+template <typename T, int DM, int BQ, int BK, bool DOC>
 __global__ void __launch_bounds__(NT, 2)  // <= 128 registers: two blocks per SM
-    attn_bwd_dq_kernel(float *__restrict__ dq, const float *__restrict__ dctx,
-                       const float *__restrict__ q, const float *__restrict__ k,
-                       const float *__restrict__ v, const float *__restrict__ lse,
-                       const float *__restrict__ D, Dims s) {
+    attn_bwd_dq_kernel(T *__restrict__ dq, const T *__restrict__ dctx, const T *__restrict__ q,
+                       const T *__restrict__ k, const T *__restrict__ v,
+                       const float *__restrict__ lse, const float *__restrict__ D, Dims s,
+                       const int32_t *__restrict__ doc) {
   using C = Dq<DM, BQ, BK>;
   using CC = Cols<DM>;
   constexpr int RQ = C::RQ, RK = C::RK;
@@ -542,20 +611,27 @@ __global__ void __launch_bounds__(NT, 2)  // <= 128 registers: two blocks per SM
   load_tile<DM, BQ, true>(sQt, q + q_base, q_ld, nq, hd, s.vec4);
   load_tile<DM, BQ, true>(sdOt, dctx + q_base, q_ld, nq, hd, s.vec4);
 
+  const int32_t *doc_q = DOC ? doc + (size_t)b * s.tq + q0 : nullptr;  // the rows' first keys
   float acc[RQ][CC::NC], lr[RQ], Dr[RQ];
-  int lim[RQ];  // last key each row sees; -1 for padding rows
+  int lim[RQ];    // last key each row sees; -1 for padding rows
+  int first[RQ];  // DOC: first key each row sees
 #pragma unroll
   for (int r = 0; r < RQ; r++) {
     const int i = ty * RQ + r;
     lr[r] = i < nq ? lse_h[i] : 0.0f;
     Dr[r] = i < nq ? D_h[i] : 0.0f;
     lim[r] = i < nq ? off + q0 + i : -1;
+    first[r] = DOC && i < nq ? doc_q[i] : 0;
 #pragma unroll
     for (int n = 0; n < CC::NC; n++) acc[r][n] = 0.0f;
   }
 
+  // key tiles from the first one the rows' documents reach (DOC; else 0) to the last row's
+  // last key
+  int kt_first = 0;
+  if constexpr (DOC) kt_first = block_min(doc_q, nq, sK) / BK;  // sK: filled after a barrier
   const int n_kt = (off + q0 + nq - 1) / BK + 1;
-  for (int kt = 0; kt < n_kt; kt++) {
+  for (int kt = kt_first; kt < n_kt; kt++) {
     const int k0 = kt * BK, nk = min(BK, s.tk - k0);
     __syncthreads();  // the previous tile's sK, sV, sdSt are no longer read
     load_tile<DM, BK, false>(sK, k + k_base + (size_t)k0 * k_ld, k_ld, nk, hd, s.vec4);
@@ -579,7 +655,7 @@ __global__ void __launch_bounds__(NT, 2)  // <= 128 registers: two blocks per SM
 #pragma unroll
       for (int r = 0; r < RQ; r++) {
         const float p = expf(sc[r][c] * s.scale - lr[r]);
-        ds[r] = key <= lim[r] ? p * (dp[r][c] - Dr[r]) : 0.0f;
+        ds[r] = key <= lim[r] && (!DOC || key >= first[r]) ? p * (dp[r][c] - Dr[r]) : 0.0f;
       }
       sts<RQ>(sdSt + (tx + 16 * c) * C::ST_LD + ty * RQ, ds);
     }
@@ -607,13 +683,13 @@ __global__ void __launch_bounds__(NT, 2)  // <= 128 registers: two blocks per SM
   for (int r = 0; r < RQ; r++) {
     const int i = ty * RQ + r;
     if (i >= nq) continue;
-    float *out = dq + q_base + (size_t)i * q_ld;
+    T *out = dq + q_base + (size_t)i * q_ld;
 #pragma unroll
     for (int ch = 0; ch < CC::NCH; ch++)
 #pragma unroll
       for (int e = 0; e < CC::VEC; e++) {
         const int d = CC::col(tx, ch, e);
-        if (d < hd) out[d] += s.scale * acc[r][ch * CC::VEC + e];
+        if (d < hd) store_f(out + d, load_f(out + d) + s.scale * acc[r][ch * CC::VEC + e]);
       }
   }
 }
@@ -632,7 +708,7 @@ __global__ void __launch_bounds__(NT, 2)  // <= 128 registers: two blocks per SM
 
 
 // Checks the shape (as the CPU backend does, plus this file's limits); false: nothing to do.
-bool make_dims(Dims *d, const struct attn_shape *a, const char *what) {
+bool make_dims(Shape *d, const struct attn_shape *a, const char *what) {
   if (a->batch < 0 || a->tq < 0 || a->heads < 0) refuse(what, a, "negative size");
   if (a->kv_heads <= 0 || a->heads % a->kv_heads)
     refuse(what, a, "heads do not split into kv_heads");
@@ -646,18 +722,21 @@ bool make_dims(Dims *d, const struct attn_shape *a, const char *what) {
   d->group = a->heads / a->kv_heads;
   d->scale = (float)(1.0 / sqrt((double)a->head_dim));  // as the CPU backend
   d->vec4 = a->head_dim % 4 == 0;
+  d->doc = a->doc_start;
   return true;
 }
 
 // Blocks of the forward grid that keep the GPU busy without splitting the keys.
 constexpr int FWD_BUSY_BLOCKS_PER_SM = 4;
 
-template <int DM, int BQ, int BK>
-void launch_fwd(float *ctx, float *lse, const float *q, const float *k, const float *v,
-                const Dims &d) {
+template <typename T, int DM, int BQ, int BK>
+void launch_fwd(T *ctx, float *lse, const T *q, const T *k, const T *v, const Shape &d) {
   constexpr size_t smem = Fwd<DM, BQ, BK>::smem;
-  static bool done = false;
-  cuda_allow_smem(attn_fwd_kernel<DM, BQ, BK>, smem, &done);
+  // documents (doc_start) or plain causal: one instantiation each
+  auto *kernel =
+      d.doc ? attn_fwd_kernel<T, DM, BQ, BK, true> : attn_fwd_kernel<T, DM, BQ, BK, false>;
+  static bool done[2] = {false, false};
+  cuda_allow_smem(kernel, smem, &done[d.doc != nullptr]);
   const int n_qt = (d.tq + BQ - 1) / BQ, n_kt = (d.tk + BK - 1) / BK;
   // Few query tiles (decoding, a short prefill against a long cache): the keys are split among
   // several blocks per tile, each leaving an unnormalized partial that a second kernel merges
@@ -683,37 +762,40 @@ void launch_fwd(float *ctx, float *lse, const float *q, const float *k, const fl
     part_o = (float *)a, part_ml = (float *)b;
   }
   dim3 grid(n_qt * n_split, d.heads, d.batch);
-  attn_fwd_kernel<DM, BQ, BK>
-      <<<grid, NT, smem, cuda_ctx.stream>>>(ctx, lse, q, k, v, d, n_split, part_o, part_ml);
+  kernel<<<grid, NT, smem, cuda_ctx.stream>>>(ctx, lse, q, k, v, d, n_split, part_o, part_ml,
+                                              d.doc);
   CUDA_LAUNCHED("attn_fwd_kernel");
   if (n_split > 1) {
     const size_t n = rows * d.head_dim;
-    attn_fwd_combine_kernel<<<(unsigned)((n + NT - 1) / NT), NT, 0, cuda_ctx.stream>>>(
+    attn_fwd_combine_kernel<T><<<(unsigned)((n + NT - 1) / NT), NT, 0, cuda_ctx.stream>>>(
         ctx, lse, part_o, part_ml, d, n_split);
     CUDA_LAUNCHED("attn_fwd_combine_kernel");
   }
 }
 
-template <int DM, int BK, int BQ>
-void launch_dkdv(float *dk, float *dv, const float *dctx, const float *q, const float *k,
-                 const float *v, const float *lse, const float *D, const Dims &d) {
+template <typename T, int DM, int BK, int BQ>
+void launch_dkdv(T *dk, T *dv, const T *dctx, const T *q, const T *k, const T *v,
+                 const float *lse, const float *D, const Shape &d) {
   constexpr size_t smem = Dkv<DM, BK, BQ>::smem;
-  static bool done = false;
-  cuda_allow_smem(attn_bwd_dkdv_kernel<DM, BK, BQ>, smem, &done);
+  auto *kernel = d.doc ? attn_bwd_dkdv_kernel<T, DM, BK, BQ, true>
+                       : attn_bwd_dkdv_kernel<T, DM, BK, BQ, false>;
+  static bool done[2] = {false, false};
+  cuda_allow_smem(kernel, smem, &done[d.doc != nullptr]);
   dim3 grid((d.tk + BK - 1) / BK, d.kv_heads, d.batch);
-  attn_bwd_dkdv_kernel<DM, BK, BQ>
-      <<<grid, NT, smem, cuda_ctx.stream>>>(dk, dv, dctx, q, k, v, lse, D, d);
+  kernel<<<grid, NT, smem, cuda_ctx.stream>>>(dk, dv, dctx, q, k, v, lse, D, d, d.doc);
   CUDA_LAUNCHED("attn_bwd_dkdv_kernel");
 }
 
-template <int DM, int BQ, int BK>
-void launch_dq(float *dq, const float *dctx, const float *q, const float *k, const float *v,
-               const float *lse, const float *D, const Dims &d) {
+template <typename T, int DM, int BQ, int BK>
+void launch_dq(T *dq, const T *dctx, const T *q, const T *k, const T *v, const float *lse,
+               const float *D, const Shape &d) {
   constexpr size_t smem = Dq<DM, BQ, BK>::smem;
-  static bool done = false;
-  cuda_allow_smem(attn_bwd_dq_kernel<DM, BQ, BK>, smem, &done);
+  auto *kernel =
+      d.doc ? attn_bwd_dq_kernel<T, DM, BQ, BK, true> : attn_bwd_dq_kernel<T, DM, BQ, BK, false>;
+  static bool done[2] = {false, false};
+  cuda_allow_smem(kernel, smem, &done[d.doc != nullptr]);
   dim3 grid((d.tq + BQ - 1) / BQ, d.heads, d.batch);
-  attn_bwd_dq_kernel<DM, BQ, BK><<<grid, NT, smem, cuda_ctx.stream>>>(dq, dctx, q, k, v, lse, D, d);
+  kernel<<<grid, NT, smem, cuda_ctx.stream>>>(dq, dctx, q, k, v, lse, D, d, d.doc);
   CUDA_LAUNCHED("attn_bwd_dq_kernel");
 }
 
@@ -724,29 +806,37 @@ constexpr size_t SMALL_GPU_SMEM = 99 * 1024;
 // Forward tiles: 64 queries x 64 keys (head_dim <= 64) or x 32 keys (head_dim 128: the block
 // then takes 77 KB and two fit on an SM, faster on H200); 16 queries when there are at most 16
 // (decoding). All fit in 99 KB.
-template <int DM>
-void forward_dm(float *ctx, float *lse, const float *q, const float *k, const float *v,
-                const Dims &d) {
+template <typename T, int DM>
+void forward_dm(T *ctx, float *lse, const T *q, const T *k, const T *v, const Shape &d) {
   static_assert(Fwd<DM, 64, DM == 128 ? 32 : 64>::smem <= SMALL_GPU_SMEM, "forward tile");
   if (d.tq <= 16)
-    launch_fwd<DM, 16, 64>(ctx, lse, q, k, v, d);
+    launch_fwd<T, DM, 16, 64>(ctx, lse, q, k, v, d);
   else
-    launch_fwd<DM, 64, DM == 128 ? 32 : 64>(ctx, lse, q, k, v, d);
+    launch_fwd<T, DM, 64, DM == 128 ? 32 : 64>(ctx, lse, q, k, v, d);
 }
 
-template <int DM>
-void backward_dm(float *dq, float *dk, float *dv, const float *dctx, const float *q,
-                 const float *k, const float *v, const float *lse, const float *D,
-                 const Dims &d, const struct attn_shape *a) {
+template <typename T>
+void generic_forward(T *ctx, float *lse, const T *q, const T *k, const T *v, const Shape &d) {
+  if (d.head_dim <= 32)
+    forward_dm<T, 32>(ctx, lse, q, k, v, d);
+  else if (d.head_dim <= 64)
+    forward_dm<T, 64>(ctx, lse, q, k, v, d);
+  else
+    forward_dm<T, 128>(ctx, lse, q, k, v, d);
+}
+
+template <typename T, int DM>
+void backward_dm(T *dq, T *dk, T *dv, const T *dctx, const T *q, const T *k, const T *v,
+                 const float *lse, const float *D, const Shape &d, const struct attn_shape *a) {
   const size_t optin = (size_t)cuda_smem_optin();
   if (dk || dv) {
     if constexpr (Dkv<DM, 64, 64>::smem <= SMALL_GPU_SMEM) {
-      launch_dkdv<DM, 64, 64>(dk, dv, dctx, q, k, v, lse, D, d);
+      launch_dkdv<T, DM, 64, 64>(dk, dv, dctx, q, k, v, lse, D, d);
     } else {
       if (optin >= Dkv<DM, 64, 64>::smem)
-        launch_dkdv<DM, 64, 64>(dk, dv, dctx, q, k, v, lse, D, d);
+        launch_dkdv<T, DM, 64, 64>(dk, dv, dctx, q, k, v, lse, D, d);
       else if (optin >= Dkv<DM, 32, 32>::smem)
-        launch_dkdv<DM, 32, 32>(dk, dv, dctx, q, k, v, lse, D, d);
+        launch_dkdv<T, DM, 32, 32>(dk, dv, dctx, q, k, v, lse, D, d);
       else
         refuse("cuda_attention_backward", a, "not enough shared memory per block on this GPU");
     }
@@ -754,54 +844,63 @@ void backward_dm(float *dq, float *dk, float *dv, const float *dctx, const float
   if (dq) {
     constexpr int BK = DM == 128 ? 32 : 64;  // head_dim 128: two blocks per SM on H200
     if constexpr (Dq<DM, 64, BK>::smem <= SMALL_GPU_SMEM) {
-      launch_dq<DM, 64, BK>(dq, dctx, q, k, v, lse, D, d);
+      launch_dq<T, DM, 64, BK>(dq, dctx, q, k, v, lse, D, d);
     } else {
       if (optin >= Dq<DM, 64, BK>::smem)
-        launch_dq<DM, 64, BK>(dq, dctx, q, k, v, lse, D, d);
+        launch_dq<T, DM, 64, BK>(dq, dctx, q, k, v, lse, D, d);
       else if (optin >= Dq<DM, 32, 32>::smem)
-        launch_dq<DM, 32, 32>(dq, dctx, q, k, v, lse, D, d);
+        launch_dq<T, DM, 32, 32>(dq, dctx, q, k, v, lse, D, d);
       else
         refuse("cuda_attention_backward", a, "not enough shared memory per block on this GPU");
     }
   }
 }
 
-}  // namespace
-
-extern "C" void cuda_attention_forward(float *ctx, float *lse, const float *q, const float *k,
-                                       const float *v, const struct attn_shape *s) {
-  Dims d;
-  if (!make_dims(&d, s, "cuda_attention_forward")) return;
-  if (cuda_ctx.tf32 && cuda_attention_tc_forward(ctx, lse, q, k, v, s)) return;  // tensor cores
-  d.vec4 = d.vec4 && cuda_aligned16(q) && cuda_aligned16(k) && cuda_aligned16(v);
+template <typename T>
+void generic_backward(T *dq, T *dk, T *dv, const T *dctx, const T *q, const T *k, const T *v,
+                      const float *lse, const float *D, const Shape &d,
+                      const struct attn_shape *a) {
   if (d.head_dim <= 32)
-    forward_dm<32>(ctx, lse, q, k, v, d);
+    backward_dm<T, 32>(dq, dk, dv, dctx, q, k, v, lse, D, d, a);
   else if (d.head_dim <= 64)
-    forward_dm<64>(ctx, lse, q, k, v, d);
+    backward_dm<T, 64>(dq, dk, dv, dctx, q, k, v, lse, D, d, a);
   else
-    forward_dm<128>(ctx, lse, q, k, v, d);
+    backward_dm<T, 128>(dq, dk, dv, dctx, q, k, v, lse, D, d, a);
 }
 
-extern "C" void cuda_attention_backward(float *dq, float *dk, float *dv, const float *dctx,
-                                        const float *q, const float *k, const float *v,
-                                        const float *ctx, const float *lse,
+}  // namespace
+
+extern "C" void cuda_attention_forward(void *ctx, float *lse, const void *q, const void *k,
+                                       const void *v, const struct attn_shape *s) {
+  Shape d;
+  if (!make_dims(&d, s, "cuda_attention_forward")) return;
+  // The mode's tensor-core kernel where it takes the shape; the generic kernels for the rest.
+  if (cuda_ctx.act == DT_BF16 && cuda_attention_bf16_forward(ctx, lse, q, k, v, s)) return;
+  d.vec4 = d.vec4 && cuda_aligned16(q) && cuda_aligned16(k) && cuda_aligned16(v);
+  CUDA_ACT_DISPATCH(T, generic_forward<T>((T *)ctx, lse, (const T *)q, (const T *)k,
+                                          (const T *)v, d));
+}
+
+extern "C" void cuda_attention_backward(void *dq, void *dk, void *dv, const void *dctx,
+                                        const void *q, const void *k, const void *v,
+                                        const void *ctx, const float *lse,
                                         const struct attn_shape *s) {
-  Dims d;
+  Shape d;
   if (!make_dims(&d, s, "cuda_attention_backward")) return;
   d.vec4 = d.vec4 && cuda_aligned16(q) && cuda_aligned16(k) && cuda_aligned16(v) &&
            cuda_aligned16(dctx);
   if (!dq && !dk && !dv) return;
   const size_t rows = (size_t)d.batch * d.tq * d.heads;
   float *D = (float *)cuda_scratch(rows * sizeof(float), "attention backward D = rowsum(dctx*ctx)");
-  attn_bwd_dot_kernel<<<(unsigned)((rows + NT / 32 - 1) / (NT / 32)), NT, 0, cuda_ctx.stream>>>(
-      D, dctx, ctx, d);
+  CUDA_ACT_DISPATCH(T, attn_bwd_dot_kernel<T>
+                    <<<(unsigned)((rows + NT / 32 - 1) / (NT / 32)), NT, 0, cuda_ctx.stream>>>(
+                        D, (const T *)dctx, (const T *)ctx, d));
   CUDA_LAUNCHED("attn_bwd_dot_kernel");
-  if (cuda_ctx.tf32 && cuda_attention_tc_backward(dq, dk, dv, dctx, q, k, v, lse, D, s))
-    return;  // tensor cores
-  if (d.head_dim <= 32)
-    backward_dm<32>(dq, dk, dv, dctx, q, k, v, lse, D, d, s);
-  else if (d.head_dim <= 64)
-    backward_dm<64>(dq, dk, dv, dctx, q, k, v, lse, D, d, s);
-  else
-    backward_dm<128>(dq, dk, dv, dctx, q, k, v, lse, D, d, s);
+  // The mode's tensor-core kernel where it takes the shape; the generic kernels for the rest.
+  if (cuda_ctx.act == DT_BF16 &&
+      cuda_attention_bf16_backward(dq, dk, dv, dctx, q, k, v, lse, D, s))
+    return;
+  CUDA_ACT_DISPATCH(T, generic_backward<T>((T *)dq, (T *)dk, (T *)dv, (const T *)dctx,
+                                           (const T *)q, (const T *)k, (const T *)v, lse, D, d,
+                                           s));
 }

@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include "kernels/cuda/cuda.h"
+#include "kernels/cuda/cuda_device.h"
 
 extern "C" {
 /* common/util.h is C11 (_Noreturn); these are the two functions this file needs from it. */
@@ -49,12 +50,15 @@ static int env_flag(const char *name, int fallback) {
 #define LT_WORKSPACE_BYTES ((size_t)32 << 20)
 
 /* The arena holds the LM head's chunk of logits (rows x vocab floats) and the reductions'
- * partial sums; 1 GiB lets a 151936-word vocabulary run in chunks of ~1700 rows. */
-static size_t scratch_bytes(void) { return env_size("QWEN3_CUDA_SCRATCH_MB", 1024) << 20; }
+ * partial sums; 512 MiB lets a 151936-word vocabulary run in chunks of ~590 rows in the bf16
+ * mode (fp32 logits and bf16 dlogits, 6 bytes a word) and ~880 in fp32, each GEMM still large
+ * enough to run near the GEMM rate. */
+static size_t scratch_bytes(void) { return env_size("QWEN3_CUDA_SCRATCH_MB", 512) << 20; }
 
 extern "C" size_t cuda_workspace_bytes(void) { return LT_WORKSPACE_BYTES + scratch_bytes(); }
 
 static void cuda_init(int local_rank, int local_size) {
+  cuda_precision(&cuda_ctx.act, &cuda_ctx.tf32);   /* first: a mistyped mode fails before any GPU work */
   int count = 0;
   cudaError_t e = cudaGetDeviceCount(&count);
   if (e != cudaSuccess || count == 0)
@@ -63,9 +67,11 @@ static void cuda_init(int local_rank, int local_size) {
   CUDA_CHECK(cudaSetDevice(cuda_ctx.device));
   CUDA_CHECK(cudaDeviceGetAttribute(&cuda_ctx.sm_count, cudaDevAttrMultiProcessorCount,
                                     cuda_ctx.device));
-  CUDA_CHECK(cudaStreamCreateWithFlags(&cuda_ctx.stream, cudaStreamNonBlocking));
+  CUDA_CHECK(cudaStreamCreateWithFlags(&cuda_ctx.main_stream, cudaStreamNonBlocking));
+  CUDA_CHECK(cudaStreamCreateWithFlags(&cuda_ctx.side_stream, cudaStreamNonBlocking));
+  CUDA_CHECK(cudaEventCreateWithFlags(&cuda_ctx.side_tail, cudaEventDisableTiming));
+  cuda_ctx.stream = cuda_ctx.main_stream;
   CUBLAS_CHECK(cublasLtCreate(&cuda_ctx.lt));
-  cuda_ctx.tf32 = env_flag("QWEN3_CUDA_TF32", 1);
   cuda_ctx.debug = env_flag("QWEN3_CUDA_DEBUG", 0);
   cuda_ctx.lt_workspace_bytes = LT_WORKSPACE_BYTES;
   cuda_ctx.scratch_bytes = scratch_bytes();
@@ -86,6 +92,9 @@ extern "C" int cuda_smem_optin(void) {
 }
 
 extern "C" void *cuda_scratch(size_t bytes, const char *what) {
+  /* the arena is the main stream's: a side-stream op would race the next step's ops for it */
+  if (cuda_ctx.stream == cuda_ctx.side_stream)
+    die("internal: %s takes scratch memory on the side stream", what);
   if (bytes > cuda_ctx.scratch_bytes)
     die("CUDA scratch arena too small: %s needs %.1f MiB of %.1f MiB (set QWEN3_CUDA_SCRATCH_MB)",
         what, bytes / 1048576.0, cuda_ctx.scratch_bytes / 1048576.0);
@@ -100,10 +109,56 @@ extern "C" void cuda_scratch2(void **a, size_t a_bytes, void **b, size_t b_bytes
   *b = base + a_round;
 }
 
+extern "C" void *cuda_scratch_after(const void *in_use_end, size_t bytes) {
+  const char *end = (const char *)in_use_end, *base = cuda_ctx.scratch;
+  size_t used = end > base && end <= base + cuda_ctx.scratch_bytes ? (size_t)(end - base) : 0;
+  used = (used + 255) & ~(size_t)255;
+  return used + bytes <= cuda_ctx.scratch_bytes ? cuda_ctx.scratch + used : NULL;
+}
+
+/* ---- the side stream: the optimizer overlapping the next step (ops.h) ---------------------- */
+
+#define MAX_MARKS 4096
+
+static void cuda_side_stream(int on) {
+  if (on == (cuda_ctx.stream == cuda_ctx.side_stream)) return;
+  if (on) {   /* the side stream starts after everything issued so far */
+    CUDA_CHECK(cudaEventRecord(cuda_ctx.side_tail, cuda_ctx.main_stream));
+    CUDA_CHECK(cudaStreamWaitEvent(cuda_ctx.side_stream, cuda_ctx.side_tail, 0));
+    cuda_ctx.stream = cuda_ctx.side_stream;
+  } else {
+    CUDA_CHECK(cudaEventRecord(cuda_ctx.side_tail, cuda_ctx.side_stream));
+    cuda_ctx.side_busy = 1;
+    cuda_ctx.stream = cuda_ctx.main_stream;
+  }
+}
+
+static void cuda_mark(int i) {
+  if (i < 0 || i >= MAX_MARKS) die("internal: mark %d outside 0..%d", i, MAX_MARKS - 1);
+  if (!cuda_ctx.marks) cuda_ctx.marks = (cudaEvent_t *)calloc(MAX_MARKS, sizeof(cudaEvent_t));
+  if (!cuda_ctx.marks) die("out of host memory for %d CUDA events", MAX_MARKS);
+  if (!cuda_ctx.marks[i])
+    CUDA_CHECK(cudaEventCreateWithFlags(&cuda_ctx.marks[i], cudaEventDisableTiming));
+  CUDA_CHECK(cudaEventRecord(cuda_ctx.marks[i], cuda_ctx.stream));
+}
+
+static void cuda_wait_mark(int i) {
+  if (cuda_ctx.marks && i >= 0 && i < MAX_MARKS && cuda_ctx.marks[i])
+    CUDA_CHECK(cudaStreamWaitEvent(cuda_ctx.stream, cuda_ctx.marks[i], 0));
+}
+
+/* Before the host reads results or memory changes hands: the side stream's work is done. */
+static void wait_side(void) {
+  if (!cuda_ctx.side_busy) return;
+  CUDA_CHECK(cudaEventSynchronize(cuda_ctx.side_tail));
+  cuda_ctx.side_busy = 0;
+}
+
 /* Allocations carry their size in front, so free can keep the books without a table. */
 #define ALLOC_HEADER 256
 
 static void *cuda_alloc(size_t bytes) {
+  wait_side();
   char *p;
   if (cudaMalloc((void **)&p, bytes + ALLOC_HEADER) != cudaSuccess) {
     cudaGetLastError();   /* clear the sticky error: the caller reports what ran out */
@@ -121,6 +176,7 @@ static void *cuda_alloc(size_t bytes) {
 
 static void cuda_free(void *p) {
   if (!p) return;
+  wait_side();   /* the optimizer may still be writing it */
   char *base = (char *)p - ALLOC_HEADER;
   size_t bytes;
   CUDA_CHECK(cudaMemcpyAsync(cuda_ctx.host_result, base, sizeof bytes, cudaMemcpyDeviceToHost,
@@ -139,6 +195,7 @@ static void cuda_to_device(void *dst, const void *src, size_t bytes) {
 
 static void cuda_to_host(void *dst, const void *src, size_t bytes) {
   if (!bytes) return;
+  wait_side();
   CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, cuda_ctx.stream));
   CUDA_CHECK(cudaStreamSynchronize(cuda_ctx.stream));
 }
@@ -151,15 +208,20 @@ static void cuda_zero(void *p, size_t bytes) {
   if (bytes) CUDA_CHECK(cudaMemsetAsync(p, 0, bytes, cuda_ctx.stream));
 }
 
-static void cuda_synchronize(void) { CUDA_CHECK(cudaStreamSynchronize(cuda_ctx.stream)); }
+static void cuda_synchronize(void) {
+  CUDA_CHECK(cudaStreamSynchronize(cuda_ctx.stream));
+  wait_side();
+}
 
 static void cuda_memory(size_t *in_use, size_t *peak) {
   *in_use = bytes_in_use;
   *peak = bytes_peak;
 }
 
+static enum dtype cuda_act_dtype(void) { return cuda_ctx.act; }
+
 /* For comm's NCCL transport (ops.h): the compute stream. */
-static void *cuda_native_stream(void) { return (void *)cuda_ctx.stream; }
+static void *cuda_native_stream(void) { return (void *)cuda_ctx.main_stream; }
 
 extern "C" const struct backend backend_cuda = {
   .name = "cuda",
@@ -173,6 +235,8 @@ extern "C" const struct backend backend_cuda = {
   .zero = cuda_zero,
   .synchronize = cuda_synchronize,
   .memory = cuda_memory,
+  .act_dtype = cuda_act_dtype,
+  .convert = cuda_convert,
   .embedding_forward = cuda_embedding_forward,
   .embedding_backward = cuda_embedding_backward,
   .rmsnorm_forward = cuda_rmsnorm_forward,
@@ -188,11 +252,14 @@ extern "C" const struct backend backend_cuda = {
   .add_inplace = cuda_add_inplace,
   .scale = cuda_scale,
   .lm_head_loss = cuda_lm_head_loss,
-  .sum_squares = cuda_sum_squares,
+  .sum_into = cuda_sum_into,
   .transpose = cuda_transpose,
   .nvfp4_quantize_dequantize = cuda_nvfp4_quantize_dequantize,
   .nvfp4_rht = cuda_nvfp4_rht,
   .nvfp4_gemm = cuda_nvfp4_gemm,
   .adamw_update = cuda_adamw_update,
+  .side_stream = cuda_side_stream,
+  .mark = cuda_mark,
+  .wait_mark = cuda_wait_mark,
   .native_stream = cuda_native_stream,
 };

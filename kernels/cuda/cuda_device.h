@@ -1,6 +1,8 @@
 #ifndef QWEN3_CUDA_DEVICE_H
 #define QWEN3_CUDA_DEVICE_H
 #include <stddef.h>
+
+#include "kernels/ops.h"
 #ifdef __cplusplus
 extern "C" {
 #endif
@@ -11,6 +13,9 @@ int cuda_device_name(int device, char *name, int len);
 /* Bytes the CUDA backend allocates for itself in every process (scratch arena + cuBLASLt
  * workspace), as init will with the current environment; for --dry-run's estimate. */
 size_t cuda_workspace_bytes(void);
+/* The mode QWEN3_CUDA_PRECISION selects (bf16 when unset): the activation dtype and whether
+ * GEMMs on fp32 operands may use TF32. Dies naming the variable on a value it does not know. */
+void cuda_precision(enum dtype *act, int *tf32);
 #ifdef __cplusplus
 }
 #endif

@@ -1,38 +1,88 @@
-/* The memory-bound ops of the CUDA backend: embedding forward/backward, SwiGLU, residual add,
- * scaling, the squared norm and the tiled transpose. Each mirrors kernels/cpu/cpu_elementwise.c
- * (and cpu_transpose) formula for formula.
+/* The memory-bound ops of the CUDA backend: dtype conversion, embedding forward/backward,
+ * SwiGLU, residual add, scaling, the fixed-order sums and the tiled transpose. Each mirrors
+ * kernels/cpu/cpu_elementwise.c (and cpu_transpose) formula for formula.
+ *
+ * Types: the activation kernels are templates over the storage type T (float or bf16,
+ * cuda_dtype.cuh) and compute in fp32; their fp32 instantiations are today's fp32 kernels
+ * exactly. scale, sum_into and transpose act on fp32 buffers (gradients, master weights) only.
  *
  * Numerics: the arithmetic uses the explicit round-to-nearest intrinsics (__fadd_rn, __fmul_rn,
  * ...) wherever nvcc would otherwise contract a multiply-add into an FMA, so every elementwise
  * result rounds exactly as the CPU backend's (built without FMA) does; only expf may differ from
- * glibc's by an ulp.
+ * glibc's by an ulp. In bf16 storage each result is then rounded once to bf16 (nearest even).
  *
  * Determinism: no floating-point atomics anywhere.
  *  - embedding_backward: each element dtable[t, d] belongs to one thread (column d, token class
  *    t % Q), which walks the tokens in index order, so every dtable element receives its
- *    additions in exactly the CPU's order (bit-identical to cpu_embedding_backward). To hide
- *    memory latency a thread reads a chunk of EB_K rows at once and resolves repeated tokens
+ *    additions in exactly the CPU's order (bit-identical to cpu_embedding_backward in fp32). To
+ *    hide memory latency a thread reads a chunk of EB_K rows at once and resolves repeated tokens
  *    inside the chunk in registers.
- *  - sum_squares: a fixed grid (a function of n only) of per-thread double sums in grid-stride
+ *  - sum_into: a fixed grid (a function of n only) of per-thread double sums in grid-stride
  *    order, a fixed tree per block into per-block partials in cuda_scratch, then one block sums
- *    the partials in a fixed order; the result does not depend on timing. */
+ *    the partials in a fixed order and adds the total into *acc; the result does not depend on
+ *    timing or on the alignment of x. */
 #include <stdint.h>
 
 #include "kernels/cuda/cuda.h"
+#include "kernels/cuda/cuda_dtype.cuh"
 #include "kernels/cuda/cuda_reduce.cuh"
 
+/* ---- conversion ----------------------------------------------------------------------------- */
+
+template <typename D, typename S, bool VEC>
+static __global__ void convert_kernel(D *__restrict__ dst, const S *__restrict__ src, size_t n) {
+  const size_t tid = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  const size_t stride = (size_t)gridDim.x * blockDim.x;
+  size_t start = 0;
+  if (VEC) {
+    const size_t n4 = n / 4;
+    for (size_t i = tid; i < n4; i += stride) {
+      float f[4];
+      load4(f, src, i);
+      store4(dst, i, f);
+    }
+    start = n4 * 4;
+  }
+  for (size_t i = start + tid; i < n; i += stride) store_f(dst + i, load_f(src + i));
+}
+
+template <typename D, typename S>
+static void convert_launch(D *dst, const S *src, size_t n) {
+  if (vec4_aligned<D>(dst) && vec4_aligned<S>(src)) {
+    convert_kernel<D, S, true><<<cuda_blocks(n / 4), CUDA_THREADS, 0, cuda_ctx.stream>>>(dst, src,
+                                                                                        n);
+  } else {
+    convert_kernel<D, S, false><<<cuda_blocks(n), CUDA_THREADS, 0, cuda_ctx.stream>>>(dst, src, n);
+  }
+  CUDA_LAUNCHED("convert_kernel");
+}
+
+extern "C" void cuda_convert(void *dst, enum dtype dst_type, const void *src, enum dtype src_type,
+                             size_t n) {
+  if (n == 0) return;
+  if (dst_type == src_type) {
+    CUDA_CHECK(cudaMemcpyAsync(dst, src, n * dtype_bytes(dst_type), cudaMemcpyDeviceToDevice,
+                               cuda_ctx.stream));
+  } else if (dst_type == DT_BF16) {
+    convert_launch((bf16 *)dst, (const float *)src, n);
+  } else {
+    convert_launch((float *)dst, (const bf16 *)src, n);
+  }
+}
 
 /* ---- embedding ------------------------------------------------------------------------------ */
 
-template <bool VEC>
-static __global__ void embedding_forward_kernel(float *__restrict__ out, const int32_t *__restrict__ tokens,
-                                         const float *__restrict__ table, int n, int dim) {
+/* A row copy in the storage type: no conversion, so vec4<T> moves the bits as they are. */
+template <typename T, bool VEC>
+static __global__ void embedding_forward_kernel(T *__restrict__ out,
+                                                const int32_t *__restrict__ tokens,
+                                                const T *__restrict__ table, int n, int dim) {
   for (int row = blockIdx.x; row < n; row += gridDim.x) {
-    const float *src = table + (size_t)tokens[row] * dim;
-    float *dst = out + (size_t)row * dim;
+    const T *src = table + (size_t)tokens[row] * dim;
+    T *dst = out + (size_t)row * dim;
     if (VEC) {
-      const float4 *s4 = (const float4 *)src;
-      float4 *d4 = (float4 *)dst;
+      const vec4<T> *s4 = (const vec4<T> *)src;
+      vec4<T> *d4 = (vec4<T> *)dst;
       for (int v = threadIdx.x; v < dim / 4; v += blockDim.x) d4[v] = s4[v];
     } else {
       for (int j = threadIdx.x; j < dim; j += blockDim.x) dst[j] = src[j];
@@ -40,16 +90,24 @@ static __global__ void embedding_forward_kernel(float *__restrict__ out, const i
   }
 }
 
-extern "C" void cuda_embedding_forward(float *out, const int32_t *tokens, const float *table,
-                                       int n, int dim) {
-  if (n <= 0 || dim <= 0) return;
-  int grid = n < 65535 * 16 ? n : 65535 * 16;
-  if (dim % 4 == 0 && cuda_aligned16(out) && cuda_aligned16(table)) {
-    embedding_forward_kernel<true><<<grid, 256, 0, cuda_ctx.stream>>>(out, tokens, table, n, dim);
+template <typename T>
+static void embedding_forward_launch(T *out, const int32_t *tokens, const T *table, int n,
+                                     int dim) {
+  const int grid = n < 65535 * 16 ? n : 65535 * 16;
+  if (dim % 4 == 0 && vec4_aligned<T>(out) && vec4_aligned<T>(table)) {
+    embedding_forward_kernel<T, true><<<grid, 256, 0, cuda_ctx.stream>>>(out, tokens, table, n,
+                                                                         dim);
   } else {
-    embedding_forward_kernel<false><<<grid, 256, 0, cuda_ctx.stream>>>(out, tokens, table, n, dim);
+    embedding_forward_kernel<T, false><<<grid, 256, 0, cuda_ctx.stream>>>(out, tokens, table, n,
+                                                                          dim);
   }
   CUDA_LAUNCHED("embedding_forward_kernel");
+}
+
+extern "C" void cuda_embedding_forward(void *out, const int32_t *tokens, const void *table, int n,
+                                       int dim) {
+  if (n <= 0 || dim <= 0) return;
+  CUDA_ACT_DISPATCH(T, embedding_forward_launch((T *)out, tokens, (const T *)table, n, dim));
 }
 
 #define EB_K 16        /* tokens whose rows one thread reads before writing any */
@@ -63,9 +121,11 @@ extern "C" void cuda_embedding_forward(float *out, const int32_t *tokens, const 
  * Per tile of tokens the warp compacts the matching (token, row) pairs into shared memory with a
  * ballot; then, per chunk of EB_K pairs, all loads are issued first, a token repeated inside the
  * chunk continues from the value its latest earlier occurrence produced, and the stores go out in
- * order so that the last store to a repeated row carries the full sum. */
+ * order so that the last store to a repeated row carries the full sum. dout is of the storage
+ * type T, dtable fp32. */
+template <typename T>
 static __global__ void __launch_bounds__(32)
-    embedding_backward_kernel(float *__restrict__ dtable, const float *__restrict__ dout,
+    embedding_backward_kernel(float *__restrict__ dtable, const T *__restrict__ dout,
                               const int32_t *__restrict__ tokens, int n, int dim) {
   __shared__ int32_t tok_s[EB_TILE], row_s[EB_TILE];
   const int lane = threadIdx.x;
@@ -97,7 +157,7 @@ static __global__ void __launch_bounds__(32)
         for (int k = 0; k < EB_K; k++) {
           if (k < m) {
             tok[k] = tok_s[i0 + k];
-            g[k] = dout[(size_t)row_s[i0 + k] * dim + d];
+            g[k] = load_f(dout + (size_t)row_s[i0 + k] * dim + d);
             v[k] = dtable[(size_t)tok[k] * dim + d];
           }
         }
@@ -118,7 +178,7 @@ static __global__ void __launch_bounds__(32)
   }
 }
 
-extern "C" void cuda_embedding_backward(float *dtable, const float *dout, const int32_t *tokens,
+extern "C" void cuda_embedding_backward(float *dtable, const void *dout, const int32_t *tokens,
                                         int n, int dim) {
   if (n <= 0 || dim <= 0) return;
   const int col_blocks = (dim + 31) / 32;
@@ -127,8 +187,9 @@ extern "C" void cuda_embedding_backward(float *dtable, const float *dout, const 
   if (nq > n / 64) nq = n / 64;
   if (nq > 64) nq = 64;
   if (nq < 1) nq = 1;
-  embedding_backward_kernel<<<dim3(col_blocks, nq), 32, 0, cuda_ctx.stream>>>(dtable, dout, tokens,
-                                                                            n, dim);
+  CUDA_ACT_DISPATCH(T, embedding_backward_kernel<T><<<dim3(col_blocks, nq), 32, 0,
+                                                      cuda_ctx.stream>>>(dtable, (const T *)dout,
+                                                                         tokens, n, dim));
   CUDA_LAUNCHED("embedding_backward_kernel");
 }
 
@@ -139,37 +200,43 @@ static __device__ __forceinline__ float swiglu_fwd1(float g, float u) {
   return __fmul_rn(__fdiv_rn(g, __fadd_rn(1.0f, expf(-g))), u);
 }
 
-template <bool VEC>
-static __global__ void swiglu_forward_kernel(float *__restrict__ out, const float *__restrict__ g,
-                                      const float *__restrict__ u, size_t n) {
+template <typename T, bool VEC>
+static __global__ void swiglu_forward_kernel(T *__restrict__ out, const T *__restrict__ g,
+                                             const T *__restrict__ u, size_t n) {
   const size_t tid = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
   const size_t stride = (size_t)gridDim.x * blockDim.x;
   size_t start = 0;
   if (VEC) {
     const size_t n4 = n / 4;
     for (size_t i = tid; i < n4; i += stride) {
-      float4 gv = ((const float4 *)g)[i], uv = ((const float4 *)u)[i], o;
-      o.x = swiglu_fwd1(gv.x, uv.x);
-      o.y = swiglu_fwd1(gv.y, uv.y);
-      o.z = swiglu_fwd1(gv.z, uv.z);
-      o.w = swiglu_fwd1(gv.w, uv.w);
-      ((float4 *)out)[i] = o;
+      float gv[4], uv[4], o[4];
+      load4(gv, g, i);
+      load4(uv, u, i);
+#pragma unroll
+      for (int k = 0; k < 4; k++) o[k] = swiglu_fwd1(gv[k], uv[k]);
+      store4(out, i, o);
     }
     start = n4 * 4;
   }
-  for (size_t i = start + tid; i < n; i += stride) out[i] = swiglu_fwd1(g[i], u[i]);
+  for (size_t i = start + tid; i < n; i += stride)
+    store_f(out + i, swiglu_fwd1(load_f(g + i), load_f(u + i)));
 }
 
-extern "C" void cuda_swiglu_forward(float *out, const float *g, const float *u, size_t n) {
-  if (n == 0) return;
-  if (cuda_aligned16(out) && cuda_aligned16(g) && cuda_aligned16(u)) {
-    swiglu_forward_kernel<true><<<cuda_blocks(n / 4), CUDA_THREADS, 0, cuda_ctx.stream>>>(out, g,
-                                                                                          u, n);
+template <typename T>
+static void swiglu_forward_launch(T *out, const T *g, const T *u, size_t n) {
+  if (vec4_aligned<T>(out) && vec4_aligned<T>(g) && vec4_aligned<T>(u)) {
+    swiglu_forward_kernel<T, true><<<cuda_blocks(n / 4), CUDA_THREADS, 0, cuda_ctx.stream>>>(
+        out, g, u, n);
   } else {
-    swiglu_forward_kernel<false><<<cuda_blocks(n), CUDA_THREADS, 0, cuda_ctx.stream>>>(out, g, u,
-                                                                                       n);
+    swiglu_forward_kernel<T, false><<<cuda_blocks(n), CUDA_THREADS, 0, cuda_ctx.stream>>>(out, g,
+                                                                                          u, n);
   }
   CUDA_LAUNCHED("swiglu_forward_kernel");
+}
+
+extern "C" void cuda_swiglu_forward(void *out, const void *g, const void *u, size_t n) {
+  if (n == 0) return;
+  CUDA_ACT_DISPATCH(T, swiglu_forward_launch((T *)out, (const T *)g, (const T *)u, n));
 }
 
 /* sig = 1/(1+exp(-g)); dg += dout*u*sig*(1 + g*(1-sig)); du += dout*silu(g), in the CPU's order.
@@ -185,90 +252,102 @@ static __device__ __forceinline__ void swiglu_bwd1(float &dg, float &du, float d
   if (HAS_DU) du = __fadd_rn(du, __fmul_rn(d, __fmul_rn(g, sig)));
 }
 
-template <bool VEC, bool HAS_DG, bool HAS_DU>
-static __global__ void swiglu_backward_kernel(float *__restrict__ dg, float *__restrict__ du,
-                                       const float *__restrict__ dout, const float *__restrict__ g,
-                                       const float *__restrict__ u, size_t n) {
+template <typename T, bool VEC, bool HAS_DG, bool HAS_DU>
+static __global__ void swiglu_backward_kernel(T *__restrict__ dg, T *__restrict__ du,
+                                              const T *__restrict__ dout, const T *__restrict__ g,
+                                              const T *__restrict__ u, size_t n) {
   const size_t tid = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
   const size_t stride = (size_t)gridDim.x * blockDim.x;
   size_t start = 0;
   if (VEC) {
     const size_t n4 = n / 4;
     for (size_t i = tid; i < n4; i += stride) {
-      float4 dv = ((const float4 *)dout)[i], gv = ((const float4 *)g)[i],
-             uv = ((const float4 *)u)[i];
-      float4 dgv = make_float4(0.f, 0.f, 0.f, 0.f), duv = dgv;
-      if (HAS_DG) dgv = ((float4 *)dg)[i];
-      if (HAS_DU) duv = ((float4 *)du)[i];
-      swiglu_bwd1<HAS_DG, HAS_DU>(dgv.x, duv.x, dv.x, gv.x, uv.x);
-      swiglu_bwd1<HAS_DG, HAS_DU>(dgv.y, duv.y, dv.y, gv.y, uv.y);
-      swiglu_bwd1<HAS_DG, HAS_DU>(dgv.z, duv.z, dv.z, gv.z, uv.z);
-      swiglu_bwd1<HAS_DG, HAS_DU>(dgv.w, duv.w, dv.w, gv.w, uv.w);
-      if (HAS_DG) ((float4 *)dg)[i] = dgv;
-      if (HAS_DU) ((float4 *)du)[i] = duv;
+      float dv[4], gv[4], uv[4], dgv[4] = {0.f, 0.f, 0.f, 0.f}, duv[4] = {0.f, 0.f, 0.f, 0.f};
+      load4(dv, dout, i);
+      load4(gv, g, i);
+      load4(uv, u, i);
+      if (HAS_DG) load4(dgv, dg, i);
+      if (HAS_DU) load4(duv, du, i);
+#pragma unroll
+      for (int k = 0; k < 4; k++) swiglu_bwd1<HAS_DG, HAS_DU>(dgv[k], duv[k], dv[k], gv[k], uv[k]);
+      if (HAS_DG) store4(dg, i, dgv);
+      if (HAS_DU) store4(du, i, duv);
     }
     start = n4 * 4;
   }
   for (size_t i = start + tid; i < n; i += stride) {
-    float dgs = HAS_DG ? dg[i] : 0.f, dus = HAS_DU ? du[i] : 0.f;
-    swiglu_bwd1<HAS_DG, HAS_DU>(dgs, dus, dout[i], g[i], u[i]);
-    if (HAS_DG) dg[i] = dgs;
-    if (HAS_DU) du[i] = dus;
+    float dgs = HAS_DG ? load_f(dg + i) : 0.f, dus = HAS_DU ? load_f(du + i) : 0.f;
+    swiglu_bwd1<HAS_DG, HAS_DU>(dgs, dus, load_f(dout + i), load_f(g + i), load_f(u + i));
+    if (HAS_DG) store_f(dg + i, dgs);
+    if (HAS_DU) store_f(du + i, dus);
   }
 }
 
-template <bool HAS_DG, bool HAS_DU>
-static void swiglu_backward_launch(float *dg, float *du, const float *dout, const float *g,
-                                   const float *u, size_t n) {
-  if (cuda_aligned16(dg) && cuda_aligned16(du) && cuda_aligned16(dout) && cuda_aligned16(g) &&
-      cuda_aligned16(u)) {
-    swiglu_backward_kernel<true, HAS_DG, HAS_DU>
+template <typename T, bool HAS_DG, bool HAS_DU>
+static void swiglu_backward_launch(T *dg, T *du, const T *dout, const T *g, const T *u, size_t n) {
+  if (vec4_aligned<T>(dg) && vec4_aligned<T>(du) && vec4_aligned<T>(dout) &&
+      vec4_aligned<T>(g) && vec4_aligned<T>(u)) {
+    swiglu_backward_kernel<T, true, HAS_DG, HAS_DU>
         <<<cuda_blocks(n / 4), CUDA_THREADS, 0, cuda_ctx.stream>>>(dg, du, dout, g, u, n);
   } else {
-    swiglu_backward_kernel<false, HAS_DG, HAS_DU>
+    swiglu_backward_kernel<T, false, HAS_DG, HAS_DU>
         <<<cuda_blocks(n), CUDA_THREADS, 0, cuda_ctx.stream>>>(dg, du, dout, g, u, n);
   }
   CUDA_LAUNCHED("swiglu_backward_kernel");
 }
 
-extern "C" void cuda_swiglu_backward(float *dg, float *du, const float *dout, const float *g,
-                                     const float *u, size_t n) {
+template <typename T>
+static void swiglu_backward_any(T *dg, T *du, const T *dout, const T *g, const T *u, size_t n) {
+  if (dg && du) swiglu_backward_launch<T, true, true>(dg, du, dout, g, u, n);
+  else if (dg) swiglu_backward_launch<T, true, false>(dg, du, dout, g, u, n);
+  else if (du) swiglu_backward_launch<T, false, true>(dg, du, dout, g, u, n);
+}
+
+extern "C" void cuda_swiglu_backward(void *dg, void *du, const void *dout, const void *g,
+                                     const void *u, size_t n) {
   if (n == 0) return;
-  if (dg && du) swiglu_backward_launch<true, true>(dg, du, dout, g, u, n);
-  else if (dg) swiglu_backward_launch<true, false>(dg, du, dout, g, u, n);
-  else if (du) swiglu_backward_launch<false, true>(dg, du, dout, g, u, n);
+  CUDA_ACT_DISPATCH(T, swiglu_backward_any((T *)dg, (T *)du, (const T *)dout, (const T *)g,
+                                           (const T *)u, n));
 }
 
 /* ---- add, scale ----------------------------------------------------------------------------- */
 
-template <bool VEC>
-static __global__ void add_inplace_kernel(float *__restrict__ a, const float *__restrict__ b, size_t n) {
+template <typename T, bool VEC>
+static __global__ void add_inplace_kernel(T *__restrict__ a, const T *__restrict__ b, size_t n) {
   const size_t tid = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
   const size_t stride = (size_t)gridDim.x * blockDim.x;
   size_t start = 0;
   if (VEC) {
     const size_t n4 = n / 4;
     for (size_t i = tid; i < n4; i += stride) {
-      float4 av = ((float4 *)a)[i], bv = ((const float4 *)b)[i];
-      av.x = __fadd_rn(av.x, bv.x);
-      av.y = __fadd_rn(av.y, bv.y);
-      av.z = __fadd_rn(av.z, bv.z);
-      av.w = __fadd_rn(av.w, bv.w);
-      ((float4 *)a)[i] = av;
+      float av[4], bv[4];
+      load4(av, a, i);
+      load4(bv, b, i);
+#pragma unroll
+      for (int k = 0; k < 4; k++) av[k] = __fadd_rn(av[k], bv[k]);
+      store4(a, i, av);
     }
     start = n4 * 4;
   }
-  for (size_t i = start + tid; i < n; i += stride) a[i] = __fadd_rn(a[i], b[i]);
+  for (size_t i = start + tid; i < n; i += stride)
+    store_f(a + i, __fadd_rn(load_f(a + i), load_f(b + i)));
 }
 
-extern "C" void cuda_add_inplace(float *a, const float *b, size_t n) {
-  if (n == 0) return;
-  if (cuda_aligned16(a) && cuda_aligned16(b)) {
-    add_inplace_kernel<true><<<cuda_blocks(n / 4), CUDA_THREADS, 0, cuda_ctx.stream>>>(a, b, n);
+template <typename T>
+static void add_inplace_launch(T *a, const T *b, size_t n) {
+  if (vec4_aligned<T>(a) && vec4_aligned<T>(b)) {
+    add_inplace_kernel<T, true><<<cuda_blocks(n / 4), CUDA_THREADS, 0, cuda_ctx.stream>>>(a, b, n);
   } else {
-    add_inplace_kernel<false><<<cuda_blocks(n), CUDA_THREADS, 0, cuda_ctx.stream>>>(a, b, n);
+    add_inplace_kernel<T, false><<<cuda_blocks(n), CUDA_THREADS, 0, cuda_ctx.stream>>>(a, b, n);
   }
   CUDA_LAUNCHED("add_inplace_kernel");
+}
+
+/* t, not cuda_ctx.act: the engine also adds fp32 parameter gradients (a tied embedding's). */
+extern "C" void cuda_add_inplace(void *a, const void *b, size_t n, enum dtype t) {
+  if (n == 0) return;
+  if (t == DT_BF16) add_inplace_launch((bf16 *)a, (const bf16 *)b, n);
+  else add_inplace_launch((float *)a, (const float *)b, n);
 }
 
 template <bool VEC>
@@ -301,63 +380,76 @@ extern "C" void cuda_scale(float *a, float s, size_t n) {
   CUDA_LAUNCHED("scale_kernel");
 }
 
-/* ---- sum of squares ------------------------------------------------------------------------- */
+/* ---- sums ---------------------------------------------------------------------------------- */
 
-#define SS_MAX_BLOCKS 1024
+#define SUM_MAX_BLOCKS 1024
 
-template <bool VEC>
-static __global__ void sum_squares_partial_kernel(const float *__restrict__ x, size_t n,
-                                           double *__restrict__ partial) {
+/* acc + x, or acc + x² with one rounding (an explicit FMA, so the two load paths below cannot
+ * differ by a contraction nvcc chose in one and not the other). */
+template <bool SQUARES>
+static __device__ __forceinline__ double sum_term(double acc, float v) {
+  return SQUARES ? __fma_rn((double)v, (double)v, acc) : acc + (double)v;
+}
+
+/* Thread tid sums the groups of 4 values tid, tid + stride, ... and then the tail values
+ * 4 (n/4) + tid, ...; VEC only changes how a group is loaded, so the sum is the same for any
+ * alignment of x and depends on n alone. */
+template <bool VEC, bool SQUARES>
+static __global__ void sum_partial_kernel(const float *__restrict__ x, size_t n,
+                                          double *__restrict__ partial) {
   __shared__ double sh[32];
   const size_t tid = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
   const size_t stride = (size_t)gridDim.x * blockDim.x;
+  const size_t n4 = n / 4;
   double acc = 0.0;
-  size_t start = 0;
-  if (VEC) {
-    const size_t n4 = n / 4;
-    for (size_t i = tid; i < n4; i += stride) {
-      float4 v = ((const float4 *)x)[i];
-      acc += (double)v.x * v.x;
-      acc += (double)v.y * v.y;
-      acc += (double)v.z * v.z;
-      acc += (double)v.w * v.w;
+  for (size_t i = tid; i < n4; i += stride) {
+    float v[4];
+    if (VEC) {
+      const float4 q = ((const float4 *)x)[i];
+      v[0] = q.x, v[1] = q.y, v[2] = q.z, v[3] = q.w;
+    } else {
+#pragma unroll
+      for (int k = 0; k < 4; k++) v[k] = x[4 * i + k];
     }
-    start = n4 * 4;
+#pragma unroll
+    for (int k = 0; k < 4; k++) acc = sum_term<SQUARES>(acc, v[k]);
   }
-  for (size_t i = start + tid; i < n; i += stride) acc += (double)x[i] * x[i];
-  double t = block_sum_double(acc, sh);
+  for (size_t i = n4 * 4 + tid; i < n; i += stride) acc = sum_term<SQUARES>(acc, x[i]);
+  const double t = block_sum_double(acc, sh);
   if (threadIdx.x == 0) partial[blockIdx.x] = t;
 }
 
-/* one block: the partials in a fixed order */
+/* one block: *acc += the partials, in a fixed order */
 static __global__ void sum_partials_kernel(const double *__restrict__ partial, int nb,
-                                    double *__restrict__ result) {
+                                           double *__restrict__ acc) {
   __shared__ double sh[32];
-  double acc = 0.0;
-  for (int b = threadIdx.x; b < nb; b += blockDim.x) acc += partial[b];
-  double t = block_sum_double(acc, sh);
-  if (threadIdx.x == 0) *result = t;
+  double s = 0.0;
+  for (int b = threadIdx.x; b < nb; b += blockDim.x) s += partial[b];
+  const double t = block_sum_double(s, sh);
+  if (threadIdx.x == 0) *acc += t;
 }
 
-extern "C" double cuda_sum_squares(const float *x, size_t n) {
-  if (n == 0) return 0.0;
-  const bool vec = cuda_aligned16(x);
-  int nb = cuda_blocks(vec ? n / 4 : n);
-  if (nb > SS_MAX_BLOCKS) nb = SS_MAX_BLOCKS;
-  double *partial = (double *)cuda_scratch((size_t)(nb + 1) * sizeof(double), "sum_squares");
-  double *result = partial + nb;
-  if (vec) {
-    sum_squares_partial_kernel<true><<<nb, CUDA_THREADS, 0, cuda_ctx.stream>>>(x, n, partial);
+template <bool SQUARES>
+static void sum_partial_launch(const float *x, size_t n, double *partial, int nb) {
+  if (cuda_aligned16(x)) {
+    sum_partial_kernel<true, SQUARES><<<nb, CUDA_THREADS, 0, cuda_ctx.stream>>>(x, n, partial);
   } else {
-    sum_squares_partial_kernel<false><<<nb, CUDA_THREADS, 0, cuda_ctx.stream>>>(x, n, partial);
+    sum_partial_kernel<false, SQUARES><<<nb, CUDA_THREADS, 0, cuda_ctx.stream>>>(x, n, partial);
   }
-  CUDA_LAUNCHED("sum_squares_partial_kernel");
-  sum_partials_kernel<<<1, CUDA_THREADS, 0, cuda_ctx.stream>>>(partial, nb, result);
+  CUDA_LAUNCHED("sum_partial_kernel");
+}
+
+/* No host synchronization: *acc stays on the device until the engine reads it. The partials'
+ * scratch may be reused by the next op, which runs after these kernels on the same stream. */
+extern "C" void cuda_sum_into(double *acc, const float *x, size_t n, int squares) {
+  if (n == 0) return;
+  int nb = cuda_blocks(n / 4);
+  if (nb > SUM_MAX_BLOCKS) nb = SUM_MAX_BLOCKS;
+  double *partial = (double *)cuda_scratch((size_t)nb * sizeof(double), "sum_into");
+  if (squares) sum_partial_launch<true>(x, n, partial, nb);
+  else sum_partial_launch<false>(x, n, partial, nb);
+  sum_partials_kernel<<<1, CUDA_THREADS, 0, cuda_ctx.stream>>>(partial, nb, acc);
   CUDA_LAUNCHED("sum_partials_kernel");
-  CUDA_CHECK(cudaMemcpyAsync(cuda_ctx.host_result, result, sizeof(double), cudaMemcpyDeviceToHost,
-                             cuda_ctx.stream));
-  CUDA_CHECK(cudaStreamSynchronize(cuda_ctx.stream));
-  return cuda_ctx.host_result[0];
 }
 
 /* ---- transpose ------------------------------------------------------------------------------ */

@@ -1,8 +1,14 @@
-/* cuda_gemm: the CUDA backend's one dense GEMM, row-major fp32 through cuBLASLt (declared and
+/* cuda_gemm: the CUDA backend's one dense GEMM, row-major through cuBLASLt (declared and
  * documented in kernels/cuda/cuda.h). The matmul descriptor, the three matrix layouts and the
- * algorithm cublasLtMatmulAlgoGetHeuristic picks are built once per shape and kept in a small
- * static table, so a run repeats bit for bit and no call creates descriptors after the first of
- * its shape.
+ * algorithm cublasLtMatmulAlgoGetHeuristic picks are built once per shape and types and kept in
+ * a small static table, so a run repeats bit for bit and no call creates descriptors after the
+ * first of its shape.
+ *
+ * Types. A and B share one dtype (cuBLASLt has no fp32 x bf16 product). fp32 A/B give fp32 C,
+ * computed in CUBLAS_COMPUTE_32F, or CUBLAS_COMPUTE_32F_FAST_TF32 when cuda_ctx.tf32; bf16 A/B
+ * give bf16 or fp32 C, computed in CUBLAS_COMPUTE_32F (fp32 accumulation; a bf16 C is rounded
+ * once, from the fp32 result, and beta * C is added in fp32 before that rounding). alpha and
+ * beta are fp32 host values in every case.
  *
  * Row-major <-> column-major mapping. cuBLASLt is column-major; a row-major matrix X [r, c] with
  * leading dimension ld is, byte for byte, the column-major matrix Xᵀ [c, r] with the same ld.
@@ -24,12 +30,13 @@
  *                    cols m, ld ldc
  * and the Lt problem is M = n, N = m, K = k.
  *
- * Cache. Key: (trans_a, trans_b, m, n, k, lda, ldb, ldc, beta == 0, tf32, alignment of a, b and
- * c). The alignment (largest power of two <= 256 dividing the address) is part of the key
- * because cuBLASLt's heuristic assumes 256-byte-aligned buffers unless told otherwise; we tell
- * it the actual alignment, so an algorithm is never reused on a pointer it cannot handle. The
- * table holds CACHE_SIZE entries searched linearly (the last hit is tried first); when full, the
- * oldest entry is evicted (round robin). Eviction does not break reproducibility: the heuristic
+ * Cache. Key: (trans_a, trans_b, m, n, k, lda, ldb, ldc, beta == 0, dtypes of a/b and of c,
+ * tf32 (fp32 operands only), alignment of a, b and c). The alignment (largest power of two
+ * <= 256 dividing the address) is part of the key because cuBLASLt's heuristic assumes
+ * 256-byte-aligned buffers unless told otherwise; we tell it the actual alignment, so an
+ * algorithm is never reused on a pointer it cannot handle. The table holds CACHE_SIZE entries
+ * searched linearly (the last hit is tried first); when full, the oldest entry is evicted (round
+ * robin). Eviction does not break reproducibility: the heuristic
  * is deterministic, so a re-created entry gets the same algorithm. The table is not locked: ops
  * run from one host thread per process. */
 #include <stdint.h>
@@ -37,6 +44,7 @@
 #include <string.h>
 
 #include "kernels/cuda/cuda.h"
+#include "kernels/cuda/cuda_dtype.cuh"
 
 #define CACHE_SIZE 256
 
@@ -45,6 +53,7 @@ struct gemm_key {
   int m, n, k;
   int lda, ldb, ldc;
   int beta_zero;
+  int ab, c_type; /* enum dtype values */
   int tf32;
   int align_a, align_b, align_c;
 };
@@ -68,6 +77,9 @@ static int ptr_align(const void *p) {
   return al;
 }
 
+static cudaDataType_t lt_type(int t) { return t == DT_BF16 ? CUDA_R_16BF : CUDA_R_32F; }
+static const char *dtype_name(int t) { return t == DT_BF16 ? "bf16" : "fp32"; }
+
 static int key_equal(const struct gemm_key *x, const struct gemm_key *y) {
   return memcmp(x, y, sizeof *x) == 0;
 }
@@ -84,6 +96,7 @@ static void entry_destroy(struct gemm_entry *e) {
 static void entry_build(struct gemm_entry *e, const struct gemm_key *key) {
   memset(e, 0, sizeof *e);
   e->key = *key;
+  /* key->tf32 is 0 for bf16 operands, which need plain CUBLAS_COMPUTE_32F */
   cublasComputeType_t compute = key->tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
   CUBLAS_CHECK(cublasLtMatmulDescCreate(&e->desc, compute, CUDA_R_32F));
   /* Lt A is our b, Lt B is our a (see the mapping at the top) */
@@ -101,11 +114,11 @@ static void entry_build(struct gemm_entry *e, const struct gemm_key *key) {
   uint64_t a_cols = key->trans_b ? (uint64_t)key->n : (uint64_t)key->k;
   uint64_t b_rows = key->trans_a ? (uint64_t)key->m : (uint64_t)key->k;
   uint64_t b_cols = key->trans_a ? (uint64_t)key->k : (uint64_t)key->m;
-  CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&e->lt_a, CUDA_R_32F, a_rows, a_cols, key->ldb));
-  CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&e->lt_b, CUDA_R_32F, b_rows, b_cols, key->lda));
+  cudaDataType_t ab = lt_type(key->ab), c = lt_type(key->c_type);
+  CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&e->lt_a, ab, a_rows, a_cols, key->ldb));
+  CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&e->lt_b, ab, b_rows, b_cols, key->lda));
   CUBLAS_CHECK(
-      cublasLtMatrixLayoutCreate(&e->lt_c, CUDA_R_32F, (uint64_t)key->n, (uint64_t)key->m,
-                                 key->ldc));
+      cublasLtMatrixLayoutCreate(&e->lt_c, c, (uint64_t)key->n, (uint64_t)key->m, key->ldc));
 
   cublasLtMatmulPreference_t pref;
   CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
@@ -130,13 +143,14 @@ static void entry_build(struct gemm_entry *e, const struct gemm_key *key) {
                                                      e->lt_c, e->lt_c, pref, 1, &result, &found);
   CUBLAS_CHECK(cublasLtMatmulPreferenceDestroy(pref));
   if (st != CUBLAS_STATUS_SUCCESS || found < 1 || result.state != CUBLAS_STATUS_SUCCESS) {
-    char detail[320];
+    char detail[352];
     snprintf(detail, sizeof detail,
              "no cuBLASLt algorithm (%s) for trans_a %d trans_b %d m %d n %d k %d lda %d ldb %d "
-             "ldc %d tf32 %d align a/b/c %d/%d/%d workspace %zu",
+             "ldc %d a/b %s c %s tf32 %d align a/b/c %d/%d/%d workspace %zu",
              st != CUBLAS_STATUS_SUCCESS ? cublasGetStatusString(st) : "none found", key->trans_a,
-             key->trans_b, key->m, key->n, key->k, key->lda, key->ldb, key->ldc, key->tf32,
-             key->align_a, key->align_b, key->align_c, cuda_ctx.lt_workspace_bytes);
+             key->trans_b, key->m, key->n, key->k, key->lda, key->ldb, key->ldc,
+             dtype_name(key->ab), dtype_name(key->c_type), key->tf32, key->align_a, key->align_b,
+             key->align_c, cuda_ctx.lt_workspace_bytes);
     cuda_fail("cublasLtMatmulAlgoGetHeuristic", detail, __FILE__, __LINE__);
   }
   e->algo = result.algo;
@@ -159,21 +173,28 @@ static struct gemm_entry *cache_get(const struct gemm_key *key) {
   return &g_cache[slot];
 }
 
-/* C = beta * C over a row-major [m, n] block with leading dimension ldc (the k == 0 case);
- * beta == 0 writes exact zeros, whatever C held. */
-static __global__ void gemm_scale_c_kernel(float *c, int m, int n, int ldc, float beta) {
+/* C = beta * C over a row-major [m, n] block with leading dimension ldc (the k == 0 case), C
+ * stored as T; beta == 0 writes exact zeros, whatever C held. */
+template <typename T>
+static __global__ void gemm_scale_c_kernel(T *c, int m, int n, int ldc, float beta) {
   size_t total = (size_t)m * (size_t)n;
   for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
        i += (size_t)gridDim.x * blockDim.x) {
     size_t r = i / (size_t)n, col = i % (size_t)n;
-    float *p = c + r * (size_t)ldc + col;
-    *p = beta == 0.0f ? 0.0f : beta * *p;
+    T *p = c + r * (size_t)ldc + col;
+    store_f(p, beta == 0.0f ? 0.0f : beta * load_f(p));
   }
 }
 
 extern "C" void cuda_gemm(int trans_a, int trans_b, int m, int n, int k, float alpha,
-                          const float *a, int lda, const float *b, int ldb, float beta, float *c,
-                          int ldc) {
+                          const void *a, int lda, const void *b, int ldb, float beta, void *c,
+                          int ldc, enum dtype ab, enum dtype c_type) {
+  if (ab == DT_F32 && c_type != DT_F32) { /* the one pair of enum dtype values not supported */
+    char detail[160];
+    snprintf(detail, sizeof detail, "a/b %s with c %s is not supported (m %d n %d k %d)",
+             dtype_name(ab), dtype_name(c_type), m, n, k);
+    cuda_fail("cuda_gemm", detail, __FILE__, __LINE__);
+  }
   if (m < 0 || n < 0 || k < 0) {
     char detail[128];
     snprintf(detail, sizeof detail, "negative size m %d n %d k %d", m, n, k);
@@ -189,8 +210,13 @@ extern "C" void cuda_gemm(int trans_a, int trans_b, int m, int n, int k, float a
   }
   if (k == 0) {
     if (beta == 1.0f) return;
-    gemm_scale_c_kernel<<<cuda_blocks((size_t)m * (size_t)n), CUDA_THREADS, 0,
-                          cuda_ctx.stream>>>(c, m, n, ldc, beta);
+    int blocks = cuda_blocks((size_t)m * (size_t)n);
+    if (c_type == DT_BF16)
+      gemm_scale_c_kernel<<<blocks, CUDA_THREADS, 0, cuda_ctx.stream>>>((bf16 *)c, m, n, ldc,
+                                                                         beta);
+    else
+      gemm_scale_c_kernel<<<blocks, CUDA_THREADS, 0, cuda_ctx.stream>>>((float *)c, m, n, ldc,
+                                                                         beta);
     CUDA_LAUNCHED("gemm_scale_c_kernel");
     return;
   }
@@ -205,7 +231,9 @@ extern "C" void cuda_gemm(int trans_a, int trans_b, int m, int n, int k, float a
   key.ldb = ldb;
   key.ldc = ldc;
   key.beta_zero = beta == 0.0f;
-  key.tf32 = cuda_ctx.tf32 ? 1 : 0;
+  key.ab = (int)ab;
+  key.c_type = (int)c_type;
+  key.tf32 = ab == DT_F32 && cuda_ctx.tf32; /* TF32 concerns fp32 operands alone */
   key.align_a = ptr_align(a);
   key.align_b = ptr_align(b);
   key.align_c = ptr_align(c);

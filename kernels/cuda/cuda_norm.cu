@@ -9,6 +9,11 @@
  * [n, head_dim/2] tables in cuda_scratch, exactly the CPU's tables up to CUDA's double cos/sin
  * (<= 2 ulp of double, invisible after rounding to float).
  *
+ * Types: x, out, dout and dx are activations of the storage type T (float or bf16,
+ * cuda_dtype.cuh), read and written through load_f / store_f; all arithmetic is the fp32 and
+ * double arithmetic above, so the fp32 instantiations are the fp32 kernels exactly. The weight w
+ * (a master weight) and its gradient dw are fp32 in every mode.
+ *
  * Determinism: no atomics. A row's sums go through a fixed reduction tree (an xor butterfly,
  * which leaves every lane with the bitwise same value, then the warp sums in warp order). The
  * weight gradient is a sum over rows: the rows are cut into chunks fixed by the shape alone (never
@@ -22,6 +27,7 @@
 #include <stdint.h>
 
 #include "kernels/cuda/cuda.h"
+#include "kernels/cuda/cuda_dtype.cuh"
 #include "kernels/cuda/cuda_reduce.cuh"
 
 #define ROPE_MAX_HALF 128  /* head_dim <= 256 */
@@ -36,7 +42,8 @@ static __device__ __forceinline__ float dx_term(float r, float g, double c, floa
   return (float)__dsub_rn(__dmul_rn((double)r, (double)g), __dmul_rn(c, (double)x));
 }
 
-/* Threads for one row of dim: one float4 (or float) per thread and pass, at most 256. */
+/* Threads for one row of dim: one group of 4 values (or one value) per thread and pass, at most
+ * 256. */
 static int row_threads(int dim) {
   int per = (dim + 3) / 4;
   int t = (per + 31) / 32 * 32;
@@ -81,121 +88,132 @@ static void dw_finalize(float *dw, const double *partial, int chunks, int dim) {
 
 /* ---- RMSNorm -------------------------------------------------------------------------------- */
 
+/* Σ x² of row xi in double: each thread its own values in order, then the block's fixed tree */
+template <typename T, bool VEC>
+static __device__ __forceinline__ double row_sum_squares(const T *xi, int dim, double *sh) {
+  double ss = 0.0;
+  if (VEC) {
+    for (int v = threadIdx.x; v < dim / 4; v += blockDim.x) {
+      float a[4];
+      load4(a, xi, v);
+#pragma unroll
+      for (int k = 0; k < 4; k++) ss += (double)a[k] * a[k];
+    }
+  } else {
+    for (int j = threadIdx.x; j < dim; j += blockDim.x) {
+      const float a = load_f(xi + j);
+      ss += (double)a * a;
+    }
+  }
+  return block_sum_double(ss, sh);
+}
+
 /* One block per row (blocks stride over rows). */
-template <bool VEC>
-static __global__ void rmsnorm_forward_kernel(float *__restrict__ out, const float *__restrict__ x,
-                                       const float *__restrict__ w, int n, int dim, float eps) {
+template <typename T, bool VEC>
+static __global__ void rmsnorm_forward_kernel(T *__restrict__ out, const T *__restrict__ x,
+                                              const float *__restrict__ w, int n, int dim,
+                                              float eps) {
   __shared__ double sh[32];
   for (int i = blockIdx.x; i < n; i += gridDim.x) {
-    const float *xi = x + (size_t)i * dim;
-    float *oi = out + (size_t)i * dim;
-    double ss = 0.0;
+    const T *xi = x + (size_t)i * dim;
+    T *oi = out + (size_t)i * dim;
+    const float r = rstd_of(row_sum_squares<T, VEC>(xi, dim, sh), dim, eps);
     if (VEC) {
       for (int v = threadIdx.x; v < dim / 4; v += blockDim.x) {
-        float4 a = ((const float4 *)xi)[v];
-        ss += (double)a.x * a.x;
-        ss += (double)a.y * a.y;
-        ss += (double)a.z * a.z;
-        ss += (double)a.w * a.w;
-      }
-    } else {
-      for (int j = threadIdx.x; j < dim; j += blockDim.x) ss += (double)xi[j] * xi[j];
-    }
-    const float r = rstd_of(block_sum_double(ss, sh), dim, eps);
-    if (VEC) {
-      for (int v = threadIdx.x; v < dim / 4; v += blockDim.x) {
-        float4 a = ((const float4 *)xi)[v], wv = ((const float4 *)w)[v], o;
-        o.x = __fmul_rn(__fmul_rn(a.x, r), wv.x);
-        o.y = __fmul_rn(__fmul_rn(a.y, r), wv.y);
-        o.z = __fmul_rn(__fmul_rn(a.z, r), wv.z);
-        o.w = __fmul_rn(__fmul_rn(a.w, r), wv.w);
-        ((float4 *)oi)[v] = o;
+        float a[4], o[4];
+        load4(a, xi, v);
+        const float4 wv = ((const float4 *)w)[v];
+        const float wk[4] = {wv.x, wv.y, wv.z, wv.w};
+#pragma unroll
+        for (int k = 0; k < 4; k++) o[k] = __fmul_rn(__fmul_rn(a[k], r), wk[k]);
+        store4(oi, v, o);
       }
     } else {
       for (int j = threadIdx.x; j < dim; j += blockDim.x)
-        oi[j] = __fmul_rn(__fmul_rn(xi[j], r), w[j]);
+        store_f(oi + j, __fmul_rn(__fmul_rn(load_f(xi + j), r), w[j]));
     }
   }
 }
 
-extern "C" void cuda_rmsnorm_forward(float *out, const float *x, const float *w, int n, int dim,
-                                     float eps) {
-  if (n <= 0 || dim <= 0) return;
+template <typename T>
+static void rmsnorm_forward_launch(T *out, const T *x, const float *w, int n, int dim, float eps) {
   const int threads = row_threads(dim), grid = n < 65535 * 16 ? n : 65535 * 16;
-  if (dim % 4 == 0 && cuda_aligned16(out) && cuda_aligned16(x) && cuda_aligned16(w)) {
-    rmsnorm_forward_kernel<true><<<grid, threads, 0, cuda_ctx.stream>>>(out, x, w, n, dim, eps);
+  if (dim % 4 == 0 && vec4_aligned<T>(out) && vec4_aligned<T>(x) && cuda_aligned16(w)) {
+    rmsnorm_forward_kernel<T, true><<<grid, threads, 0, cuda_ctx.stream>>>(out, x, w, n, dim,
+                                                                           eps);
   } else {
-    rmsnorm_forward_kernel<false><<<grid, threads, 0, cuda_ctx.stream>>>(out, x, w, n, dim, eps);
+    rmsnorm_forward_kernel<T, false><<<grid, threads, 0, cuda_ctx.stream>>>(out, x, w, n, dim,
+                                                                            eps);
   }
   CUDA_LAUNCHED("rmsnorm_forward_kernel");
 }
 
+extern "C" void cuda_rmsnorm_forward(void *out, const void *x, const float *w, int n, int dim,
+                                     float eps) {
+  if (n <= 0 || dim <= 0) return;
+  CUDA_ACT_DISPATCH(T, rmsnorm_forward_launch((T *)out, (const T *)x, w, n, dim, eps));
+}
+
 /* One block per row: rstd[i]; when dx != NULL, with g = dout * w,
  * dx += (float)(r g - x r³ Σ(g x) / dim). */
-template <bool VEC>
-static __global__ void rmsnorm_backward_rows_kernel(float *__restrict__ dx, float *__restrict__ rstd,
-                                             const float *__restrict__ dout,
-                                             const float *__restrict__ x,
-                                             const float *__restrict__ w, int n, int dim,
-                                             float eps) {
+template <typename T, bool VEC>
+static __global__ void rmsnorm_backward_rows_kernel(T *__restrict__ dx, float *__restrict__ rstd,
+                                                    const T *__restrict__ dout,
+                                                    const T *__restrict__ x,
+                                                    const float *__restrict__ w, int n, int dim,
+                                                    float eps) {
   __shared__ double sh[32];
   for (int i = blockIdx.x; i < n; i += gridDim.x) {
-    const float *xi = x + (size_t)i * dim, *di = dout + (size_t)i * dim;
-    double ss = 0.0;
-    if (VEC) {
-      for (int v = threadIdx.x; v < dim / 4; v += blockDim.x) {
-        float4 a = ((const float4 *)xi)[v];
-        ss += (double)a.x * a.x;
-        ss += (double)a.y * a.y;
-        ss += (double)a.z * a.z;
-        ss += (double)a.w * a.w;
-      }
-    } else {
-      for (int j = threadIdx.x; j < dim; j += blockDim.x) ss += (double)xi[j] * xi[j];
-    }
-    const float r = rstd_of(block_sum_double(ss, sh), dim, eps);
+    const T *xi = x + (size_t)i * dim, *di = dout + (size_t)i * dim;
+    const float r = rstd_of(row_sum_squares<T, VEC>(xi, dim, sh), dim, eps);
     if (threadIdx.x == 0) rstd[i] = r;
     if (!dx) continue;
     double gx = 0.0;
     if (VEC) {
       for (int v = threadIdx.x; v < dim / 4; v += blockDim.x) {
-        float4 a = ((const float4 *)xi)[v], d = ((const float4 *)di)[v],
-               wv = ((const float4 *)w)[v];
-        gx += (double)__fmul_rn(d.x, wv.x) * a.x;
-        gx += (double)__fmul_rn(d.y, wv.y) * a.y;
-        gx += (double)__fmul_rn(d.z, wv.z) * a.z;
-        gx += (double)__fmul_rn(d.w, wv.w) * a.w;
+        float a[4], d[4];
+        load4(a, xi, v);
+        load4(d, di, v);
+        const float4 wv = ((const float4 *)w)[v];
+        const float wk[4] = {wv.x, wv.y, wv.z, wv.w};
+#pragma unroll
+        for (int k = 0; k < 4; k++) gx += (double)__fmul_rn(d[k], wk[k]) * a[k];
       }
     } else {
       for (int j = threadIdx.x; j < dim; j += blockDim.x)
-        gx += (double)__fmul_rn(di[j], w[j]) * xi[j];
+        gx += (double)__fmul_rn(load_f(di + j), w[j]) * load_f(xi + j);
     }
     gx = block_sum_double(gx, sh);
     const double c = gx * r * r * r / dim;
-    float *dxi = dx + (size_t)i * dim;
+    T *dxi = dx + (size_t)i * dim;
     if (VEC) {
       for (int v = threadIdx.x; v < dim / 4; v += blockDim.x) {
-        float4 a = ((const float4 *)xi)[v], d = ((const float4 *)di)[v],
-               wv = ((const float4 *)w)[v], o = ((float4 *)dxi)[v];
-        o.x = __fadd_rn(o.x, dx_term(r, __fmul_rn(d.x, wv.x), c, a.x));
-        o.y = __fadd_rn(o.y, dx_term(r, __fmul_rn(d.y, wv.y), c, a.y));
-        o.z = __fadd_rn(o.z, dx_term(r, __fmul_rn(d.z, wv.z), c, a.z));
-        o.w = __fadd_rn(o.w, dx_term(r, __fmul_rn(d.w, wv.w), c, a.w));
-        ((float4 *)dxi)[v] = o;
+        float a[4], d[4], o[4];
+        load4(a, xi, v);
+        load4(d, di, v);
+        load4(o, dxi, v);
+        const float4 wv = ((const float4 *)w)[v];
+        const float wk[4] = {wv.x, wv.y, wv.z, wv.w};
+#pragma unroll
+        for (int k = 0; k < 4; k++)
+          o[k] = __fadd_rn(o[k], dx_term(r, __fmul_rn(d[k], wk[k]), c, a[k]));
+        store4(dxi, v, o);
       }
     } else {
       for (int j = threadIdx.x; j < dim; j += blockDim.x)
-        dxi[j] = __fadd_rn(dxi[j], dx_term(r, __fmul_rn(di[j], w[j]), c, xi[j]));
+        store_f(dxi + j, __fadd_rn(load_f(dxi + j),
+                                   dx_term(r, __fmul_rn(load_f(di + j), w[j]), c, load_f(xi + j))));
     }
   }
 }
 
 /* partial[chunk, j] = Σ_{i in chunk, in order} (double)dout[i,j] * (x[i,j] * rstd[i]) */
+template <typename T>
 static __global__ void rmsnorm_dw_partial_kernel(double *__restrict__ partial,
-                                          const float *__restrict__ dout,
-                                          const float *__restrict__ x,
-                                          const float *__restrict__ rstd, int n, int dim,
-                                          int rows_per_chunk) {
+                                                 const T *__restrict__ dout,
+                                                 const T *__restrict__ x,
+                                                 const float *__restrict__ rstd, int n, int dim,
+                                                 int rows_per_chunk) {
   const int j = blockIdx.x * blockDim.x + threadIdx.x;
   if (j >= dim) return;
   const int chunk = blockIdx.y;
@@ -203,14 +221,14 @@ static __global__ void rmsnorm_dw_partial_kernel(double *__restrict__ partial,
   double acc = 0.0;
   for (int i = i0; i < i1; i++) {
     const size_t k = (size_t)i * dim + j;
-    acc += (double)dout[k] * (double)__fmul_rn(x[k], rstd[i]);
+    acc += (double)load_f(dout + k) * (double)__fmul_rn(load_f(x + k), rstd[i]);
   }
   partial[(size_t)chunk * dim + j] = acc;
 }
 
-extern "C" void cuda_rmsnorm_backward(float *dx, float *dw, const float *dout, const float *x,
-                                      const float *w, int n, int dim, float eps) {
-  if (n <= 0 || dim <= 0) return;
+template <typename T>
+static void rmsnorm_backward_launch(T *dx, float *dw, const T *dout, const T *x, const float *w,
+                                    int n, int dim, float eps) {
   size_t rpc;
   const int chunks = dw_chunks((size_t)n, dim, &rpc);
   void *a, *b;
@@ -220,22 +238,29 @@ extern "C" void cuda_rmsnorm_backward(float *dx, float *dw, const float *dout, c
   double *partial = (double *)b;
 
   const int threads = row_threads(dim), grid = n < 65535 * 16 ? n : 65535 * 16;
-  if (dim % 4 == 0 && cuda_aligned16(dx) && cuda_aligned16(dout) && cuda_aligned16(x) &&
+  if (dim % 4 == 0 && vec4_aligned<T>(dx) && vec4_aligned<T>(dout) && vec4_aligned<T>(x) &&
       cuda_aligned16(w)) {
-    rmsnorm_backward_rows_kernel<true><<<grid, threads, 0, cuda_ctx.stream>>>(dx, rstd, dout, x,
-                                                                              w, n, dim, eps);
+    rmsnorm_backward_rows_kernel<T, true><<<grid, threads, 0, cuda_ctx.stream>>>(
+        dx, rstd, dout, x, w, n, dim, eps);
   } else {
-    rmsnorm_backward_rows_kernel<false><<<grid, threads, 0, cuda_ctx.stream>>>(dx, rstd, dout, x,
-                                                                               w, n, dim, eps);
+    rmsnorm_backward_rows_kernel<T, false><<<grid, threads, 0, cuda_ctx.stream>>>(
+        dx, rstd, dout, x, w, n, dim, eps);
   }
   CUDA_LAUNCHED("rmsnorm_backward_rows_kernel");
 
   const int dwt = dw_threads(dim);
   dim3 dgrid((dim + dwt - 1) / dwt, chunks);
-  rmsnorm_dw_partial_kernel<<<dgrid, dwt, 0, cuda_ctx.stream>>>(partial, dout, x, rstd, n, dim,
-                                                                (int)rpc);
+  rmsnorm_dw_partial_kernel<T><<<dgrid, dwt, 0, cuda_ctx.stream>>>(partial, dout, x, rstd, n,
+                                                                   dim, (int)rpc);
   CUDA_LAUNCHED("rmsnorm_dw_partial_kernel");
   dw_finalize(dw, partial, chunks, dim);
+}
+
+extern "C" void cuda_rmsnorm_backward(void *dx, float *dw, const void *dout, const void *x,
+                                      const float *w, int n, int dim, float eps) {
+  if (n <= 0 || dim <= 0) return;
+  CUDA_ACT_DISPATCH(T, rmsnorm_backward_launch((T *)dx, dw, (const T *)dout, (const T *)x, w, n,
+                                               dim, eps));
 }
 
 /* ---- q/k norm + RoPE ------------------------------------------------------------------------ */
@@ -298,9 +323,9 @@ static __device__ __forceinline__ size_t token_of(size_t row, int heads) {
 /* One warp per group of R consecutive (token, head) rows. Lane l holds the pairs p = l + 32k
  * (k < PAIRS, p < half), i.e. elements p and p + half, which is all rotate-half needs: no shared
  * memory. PAIRS: half <= 32 * PAIRS. All loads of the group are issued before any arithmetic. */
-template <int PAIRS, int R>
+template <typename T, int PAIRS, int R>
 static __global__ void __launch_bounds__(QK_WARPS * 32)
-    qk_norm_rope_forward_kernel(float *__restrict__ out, const float *__restrict__ x,
+    qk_norm_rope_forward_kernel(T *__restrict__ out, const T *__restrict__ x,
                                 const float *__restrict__ w, const float *__restrict__ cos_t,
                                 const float *__restrict__ sin_t, size_t rows, int heads,
                                 int head_dim, float eps) {
@@ -321,14 +346,14 @@ static __global__ void __launch_bounds__(QK_WARPS * 32)
     for (int q = 0; q < R; q++) {
       const size_t row = row0 + q;
       if (row < rows) {
-        const float *xh = x + row * head_dim;
+        const T *xh = x + row * head_dim;
         const size_t t = token_of(row, heads) * half;
 #pragma unroll
         for (int k = 0; k < PAIRS; k++) {
           const int p = lane + 32 * k;
           if (p < half) {
-            xa[q][k] = xh[p];
-            xb[q][k] = xh[p + half];
+            xa[q][k] = load_f(xh + p);
+            xb[q][k] = load_f(xh + p + half);
             cv[q][k] = cos_t[t + p];
             sv[q][k] = sin_t[t + p];
           }
@@ -348,47 +373,55 @@ static __global__ void __launch_bounds__(QK_WARPS * 32)
       for (int k = 0; k < PAIRS; k++)
         if (lane + 32 * k < half) ss += (double)xb[q][k] * xb[q][k];
       const float r = rstd_of(warp_sum_double(ss), head_dim, eps);
-      float *oh = out + row * head_dim;
+      T *oh = out + row * head_dim;
 #pragma unroll
       for (int k = 0; k < PAIRS; k++) {
         const int p = lane + 32 * k;
         if (p < half) {
           const float na = __fmul_rn(__fmul_rn(xa[q][k], r), wa[k]);
           const float nb = __fmul_rn(__fmul_rn(xb[q][k], r), wb[k]);
-          oh[p] = __fadd_rn(__fmul_rn(na, cv[q][k]), __fmul_rn(-nb, sv[q][k]));
-          oh[p + half] = __fadd_rn(__fmul_rn(nb, cv[q][k]), __fmul_rn(na, sv[q][k]));
+          store_f(oh + p, __fadd_rn(__fmul_rn(na, cv[q][k]), __fmul_rn(-nb, sv[q][k])));
+          store_f(oh + p + half, __fadd_rn(__fmul_rn(nb, cv[q][k]), __fmul_rn(na, sv[q][k])));
         }
       }
     }
   }
 }
 
-extern "C" void cuda_qk_norm_rope_forward(float *out, const float *x, const float *w,
+template <typename T>
+static void qk_norm_rope_forward_launch(T *out, const T *x, const float *w, const float *cos_t,
+                                        const float *sin_t, size_t rows, int heads, int head_dim,
+                                        float eps) {
+  const int half = head_dim / 2;
+  const int r = half <= 64 ? QK_FWD_ROWS : (QK_FWD_ROWS + 1) / 2;
+  size_t blocks = (rows + (size_t)QK_WARPS * r - 1) / ((size_t)QK_WARPS * r);
+  if (blocks > 65535u * 16) blocks = 65535u * 16;
+  if (half <= 64) {
+    qk_norm_rope_forward_kernel<T, 2, QK_FWD_ROWS>
+        <<<(int)blocks, QK_WARPS * 32, 0, cuda_ctx.stream>>>(out, x, w, cos_t, sin_t, rows, heads,
+                                                             head_dim, eps);
+  } else {
+    qk_norm_rope_forward_kernel<T, 4, (QK_FWD_ROWS + 1) / 2>
+        <<<(int)blocks, QK_WARPS * 32, 0, cuda_ctx.stream>>>(out, x, w, cos_t, sin_t, rows, heads,
+                                                             head_dim, eps);
+  }
+  CUDA_LAUNCHED("qk_norm_rope_forward_kernel");
+}
+
+extern "C" void cuda_qk_norm_rope_forward(void *out, const void *x, const float *w,
                                           const int32_t *positions, int n, int heads,
                                           int head_dim, float eps, double theta) {
   if (head_dim % 2 || head_dim <= 0 || head_dim > 2 * ROPE_MAX_HALF)
     cuda_fail("qk_norm_rope_forward", "head_dim must be even and at most 256", __FILE__,
               __LINE__);
   if (n <= 0 || heads <= 0) return;
-  const int half = head_dim / 2;
-  const size_t table = (size_t)n * half * sizeof(float);
+  const size_t table = (size_t)n * (head_dim / 2) * sizeof(float);
   void *a, *b;
   cuda_scratch2(&a, table, &b, table, "qk_norm_rope_forward");
   float *cos_t = (float *)a, *sin_t = (float *)b;
   rope_tables(cos_t, sin_t, positions, n, head_dim, theta);
-  const size_t rows = (size_t)n * heads;
-  const int r = half <= 64 ? QK_FWD_ROWS : (QK_FWD_ROWS + 1) / 2;
-  size_t blocks = (rows + (size_t)QK_WARPS * r - 1) / ((size_t)QK_WARPS * r);
-  if (blocks > 65535u * 16) blocks = 65535u * 16;
-  if (half <= 64) {
-    qk_norm_rope_forward_kernel<2, QK_FWD_ROWS><<<(int)blocks, QK_WARPS * 32, 0, cuda_ctx.stream>>>(
-        out, x, w, cos_t, sin_t, rows, heads, head_dim, eps);
-  } else {
-    qk_norm_rope_forward_kernel<4, (QK_FWD_ROWS + 1) / 2>
-        <<<(int)blocks, QK_WARPS * 32, 0, cuda_ctx.stream>>>(out, x, w, cos_t, sin_t, rows, heads,
-                                                             head_dim, eps);
-  }
-  CUDA_LAUNCHED("qk_norm_rope_forward_kernel");
+  CUDA_ACT_DISPATCH(T, qk_norm_rope_forward_launch((T *)out, (const T *)x, w, cos_t, sin_t,
+                                                   (size_t)n * heads, heads, head_dim, eps));
 }
 
 /* Rows per warp of the backward: a function of the shape only (the weight gradient's summation
@@ -404,10 +437,10 @@ static size_t qk_rows_per_warp(size_t rows) {
  * dx += (float)(r g - x r³ Σ(g x) / head_dim). Each lane owns the columns p and p + half of its
  * pairs, so it also sums the weight gradient (double)dxn_j * (x_j * r) of its columns over the
  * warp's rows, in row order, in registers; the warp's sums go to partial[w, head_dim]. */
-template <int PAIRS, int R>
+template <typename T, int PAIRS, int R>
 static __global__ void __launch_bounds__(QK_WARPS * 32)
-    qk_norm_rope_backward_kernel(float *__restrict__ dx, double *__restrict__ partial,
-                                 const float *__restrict__ dout, const float *__restrict__ x,
+    qk_norm_rope_backward_kernel(T *__restrict__ dx, double *__restrict__ partial,
+                                 const T *__restrict__ dout, const T *__restrict__ x,
                                  const float *__restrict__ w, const float *__restrict__ cos_t,
                                  const float *__restrict__ sin_t, size_t rows, size_t rpw,
                                  int heads, int head_dim, float eps) {
@@ -434,19 +467,20 @@ static __global__ void __launch_bounds__(QK_WARPS * 32)
       const size_t row = row0 + q;
       if (row < r1) {
         const size_t base = row * head_dim, t = token_of(row, heads) * half;
-        const float *xh = x + base, *dh = dout + base;
+        const T *xh = x + base, *dh = dout + base;
 #pragma unroll
         for (int k = 0; k < PAIRS; k++) {
           const int p = lane + 32 * k;
           if (p < half) {
-            xa[q][k] = xh[p];
-            xb[q][k] = xh[p + half];
-            const float da = dh[p], db = dh[p + half], cp = cos_t[t + p], sp = sin_t[t + p];
+            xa[q][k] = load_f(xh + p);
+            xb[q][k] = load_f(xh + p + half);
+            const float da = load_f(dh + p), db = load_f(dh + p + half);
+            const float cp = cos_t[t + p], sp = sin_t[t + p];
             na[q][k] = __fadd_rn(__fmul_rn(da, cp), __fmul_rn(db, sp));
             nb[q][k] = __fsub_rn(__fmul_rn(db, cp), __fmul_rn(da, sp));
             if (dx) {
-              oa[q][k] = dx[base + p];
-              ob[q][k] = dx[base + p + half];
+              oa[q][k] = load_f(dx + base + p);
+              ob[q][k] = load_f(dx + base + p + half);
             }
           }
         }
@@ -485,13 +519,13 @@ static __global__ void __launch_bounds__(QK_WARPS * 32)
       }
       gx = warp_sum_double(gx);
       const double cc = gx * r * r * r / head_dim;
-      float *dxh = dx + row * head_dim;
+      T *dxh = dx + row * head_dim;
 #pragma unroll
       for (int k = 0; k < PAIRS; k++) {
         const int p = lane + 32 * k;
         if (p < half) {
-          dxh[p] = __fadd_rn(oa[q][k], dx_term(r, ga[k], cc, xa[q][k]));
-          dxh[p + half] = __fadd_rn(ob[q][k], dx_term(r, gb[k], cc, xb[q][k]));
+          store_f(dxh + p, __fadd_rn(oa[q][k], dx_term(r, ga[k], cc, xa[q][k])));
+          store_f(dxh + p + half, __fadd_rn(ob[q][k], dx_term(r, gb[k], cc, xb[q][k])));
         }
       }
     }
@@ -518,7 +552,23 @@ static __global__ void dw_colsum_kernel(float *__restrict__ dw, const double *__
   if (threadIdx.x == 0) dw[j] = __fadd_rn(dw[j], (float)t);
 }
 
-extern "C" void cuda_qk_norm_rope_backward(float *dx, float *dw, const float *dout, const float *x,
+template <typename T>
+static void qk_norm_rope_backward_launch(T *dx, double *partial, const T *dout, const T *x,
+                                         const float *w, const float *cos_t, const float *sin_t,
+                                         size_t rows, size_t rpw, size_t warps, int heads,
+                                         int head_dim, float eps) {
+  const int blocks = (int)((warps + QK_WARPS - 1) / QK_WARPS);
+  if (head_dim / 2 <= 64) {
+    qk_norm_rope_backward_kernel<T, 2, QK_BWD_ROWS><<<blocks, QK_WARPS * 32, 0, cuda_ctx.stream>>>(
+        dx, partial, dout, x, w, cos_t, sin_t, rows, rpw, heads, head_dim, eps);
+  } else {
+    qk_norm_rope_backward_kernel<T, 4, QK_BWD_ROWS><<<blocks, QK_WARPS * 32, 0, cuda_ctx.stream>>>(
+        dx, partial, dout, x, w, cos_t, sin_t, rows, rpw, heads, head_dim, eps);
+  }
+  CUDA_LAUNCHED("qk_norm_rope_backward_kernel");
+}
+
+extern "C" void cuda_qk_norm_rope_backward(void *dx, float *dw, const void *dout, const void *x,
                                            const float *w, const int32_t *positions, int n,
                                            int heads, int head_dim, float eps, double theta) {
   if (head_dim % 2 || head_dim <= 0 || head_dim > 2 * ROPE_MAX_HALF)
@@ -537,16 +587,9 @@ extern "C" void cuda_qk_norm_rope_backward(float *dx, float *dw, const float *do
   double *partial = (double *)(arena + 2 * table);
 
   rope_tables(cos_t, sin_t, positions, n, head_dim, theta);
-  const int blocks = (int)((warps + QK_WARPS - 1) / QK_WARPS);
-  if (half <= 64) {
-    qk_norm_rope_backward_kernel<2, QK_BWD_ROWS><<<blocks, QK_WARPS * 32, 0, cuda_ctx.stream>>>(
-        dx, partial, dout, x, w, cos_t, sin_t, rows, rpw, heads, head_dim, eps);
-  } else {
-    qk_norm_rope_backward_kernel<4, QK_BWD_ROWS>
-        <<<blocks, QK_WARPS * 32, 0, cuda_ctx.stream>>>(dx, partial, dout, x, w, cos_t, sin_t,
-                                                        rows, rpw, heads, head_dim, eps);
-  }
-  CUDA_LAUNCHED("qk_norm_rope_backward_kernel");
+  CUDA_ACT_DISPATCH(T, qk_norm_rope_backward_launch((T *)dx, partial, (const T *)dout,
+                                                    (const T *)x, w, cos_t, sin_t, rows, rpw,
+                                                    warps, heads, head_dim, eps));
   dw_colsum_kernel<<<head_dim, 256, 0, cuda_ctx.stream>>>(dw, partial, (int)warps, head_dim);
   CUDA_LAUNCHED("dw_colsum_kernel");
 }

@@ -451,8 +451,10 @@ void cuda_nvfp4_rht(float *out, const float *x, int rows, int cols, uint16_t sig
 void cuda_nvfp4_gemm(float *c, const float *a, float s_dec_a, const float *b, float s_dec_b,
                      int m, int n, int k, float beta) {
   /* as nvfp4_gemm.c: alpha is the fp32 product of the two tensor scales; leading dimensions of
-   * at least 1 (cuda_gemm returns for m or n = 0 and gives c = beta * c for k = 0) */
+   * at least 1 (cuda_gemm returns for m or n = 0 and gives c = beta * c for k = 0). The
+   * operands q * s_b have at most 6 significant bits, so TF32 (when the mode allows it) reads
+   * them exactly. */
   const float alpha = s_dec_a * s_dec_b;
   const int ldk = k > 1 ? k : 1, ldn = n > 1 ? n : 1;
-  cuda_gemm(0, 1, m, n, k, alpha, a, ldk, b, ldk, beta, c, ldn);
+  cuda_gemm(0, 1, m, n, k, alpha, a, ldk, b, ldk, beta, c, ldn, DT_F32, DT_F32);
 }

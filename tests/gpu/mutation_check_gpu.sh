@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Mutation check of the GPU tests: plants one deliberate bug at a time in a CUDA kernel, rebuilds
 # test_cuda_ops in BUILD_DIR and requires it to fail; the file is restored (and rebuilt) after
-# each. Run on the GPU machine after a build:
+# each. The bf16_* mutations touch code only the bf16 mode runs, so only that mode's checks can
+# kill them. Run on the GPU machine after a build:
 #   bash tests/gpu/mutation_check_gpu.sh BUILD_DIR [NAME...]     (every mutation, or the named)
 # Not part of CI (it needs a GPU and edits kernels in place, restoring them at exit).
 set -u
@@ -12,9 +13,14 @@ MUTATIONS=(
   'rmsnorm_mean_over_dim_minus_1#kernels/cuda/cuda_norm.cu#s|return (float)(1.0 / sqrt(ss / dim + (double)eps));|return (float)(1.0 / sqrt(ss / (dim - 1) + (double)eps));|#RMSNorm mean over dim - 1'
   'causal_off_by_one#kernels/cuda/cuda_attention.cu#0,/off = s.tk - s.tq;/s/off = s.tk - s.tq;/off = s.tk - s.tq + 1;/#causal limit one key late (fp32 forward)'
   'silu_grad_sign#kernels/cuda/cuda_elementwise.cu#s/__fmul_rn(g, __fsub_rn(1.0f, sig))/__fmul_rn(g, __fsub_rn(sig, 1.0f))/#SiLU derivative with a wrong sign'
-  'adamw_no_bias_correction#kernels/cuda/cuda_adamw.cu#s|(double)lr / (1.0 - pow((double)beta1, (double)t))|(double)lr|#AdamW first-moment bias correction dropped'
-  'tc_causal_off_by_one#kernels/cuda/cuda_attention_tc.cu#s/lim\[i\] = min(off + q0 + warp \* 16 + g + 8 \* i, s.tk - 1);/lim[i] = min(off + q0 + warp * 16 + g + 8 * i + 1, s.tk - 1);/#tensor-core forward: causal limit one key late'
-  'tc_dk_unscaled#kernels/cuda/cuda_attention_tc.cu#s/if (dk) dk\[row + 8 \* n + c\] += s.scale \* sk;/if (dk) dk[row + 8 * n + c] += sk;/#tensor-core backward: dK without the softmax scale'
+  'adamw_no_bias_correction#kernels/cuda/cuda_adamw.cu#s|(double)st->lr / (1.0 - pow((double)st->beta1, (double)st->t))|(double)st->lr|#AdamW first-moment bias correction dropped'
+  'adamw_clip_ignored#kernels/cuda/cuda_adamw.cu#s|const float g = __fmul_rn(g_raw, s.grad_scale);|const float g = g_raw;|#AdamW ignores the clipping factor'
+  'sum_into_overwrites#kernels/cuda/cuda_elementwise.cu#s/if (threadIdx.x == 0) \*acc += t;/if (threadIdx.x == 0) *acc = t;/#sum_into overwrites its device accumulator instead of adding'
+  # only the bf16 mode's checks can catch these: the fp32 and tf32 modes never store bf16
+  'bf16_store_truncates#kernels/cuda/cuda_dtype.cuh#s/{ \*p = __float2bfloat16_rn(v); }/{ *p = __float2bfloat16_rz(v); }/#bf16 activations stored rounded toward zero'
+  'bf16_tc_causal_off_by_one#kernels/cuda/cuda_attention_bf16.cu#s/lim\[i\] = min(off + q0 + warp \* 16 + g + 8 \* i, s.tk - 1);/lim[i] = min(off + q0 + warp * 16 + g + 8 * i + 1, s.tk - 1);/#bf16 tensor-core forward: causal limit one key late'
+  'bf16_tc_forward_docs_leak#kernels/cuda/cuda_attention_bf16.cu#s/(DOC \&\& key < sFirst\[warp \* 16 + g + 8 \* (e >> 1)\]))/(DOC \&\& key + 1 < sFirst[warp * 16 + g + 8 * (e >> 1)]))/#bf16 tensor-core forward: each row also sees the last key of the document before its own'
+  'bf16_tc_dk_unscaled#kernels/cuda/cuda_attention_bf16.cu#s/if (dk) add_bf16x2(dk + row + 8 \* n, s.scale \* sk\[0\], s.scale \* sk\[1\]);/if (dk) add_bf16x2(dk + row + 8 * n, sk[0], sk[1]);/#bf16 tensor-core backward: dK without the softmax scale (group summed in the block)'
 )
 backup=$(mktemp)
 restore() { [ -n "${file:-}" ] && [ -s "$backup" ] && cp "$backup" "$file"; rm -f "$backup"; }

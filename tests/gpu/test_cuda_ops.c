@@ -1,15 +1,34 @@
-/* Every op of the CUDA backend against the CPU backend, in the exact fp32 mode (TF32 off), on
- * fresh random inputs. Pure outputs are poisoned with NaN before each GPU run, so an element the
- * kernel never wrote fails the check; accumulating outputs (every backward adds into its
- * gradients) start from the same random values on both sides, so a kernel that overwrites
- * instead of adding fails too. Tolerance: 1e-5 relative (whole-tensor L2); NaN never passes.
- * NVFP4 quantization must match byte for byte. Determinism: the ops whose reductions could
- * vary run twice and must give the same bits. Without a GPU it says so and exits 77 (skipped). */
+/* Every op of the CUDA backend against the CPU backend, on fresh random inputs, in the backend's
+ * three modes (the test switches cuda_ctx.act and cuda_ctx.tf32 between ops):
+ *  - fp32 (activations fp32, TF32 off), the exact mode: every op within 1e-5 relative
+ *    (whole-tensor L2); embedding forward, add_inplace, scale, transpose and the NVFP4 random
+ *    Hadamard transform exact; NVFP4 quantization byte for byte; sum_into within 1e-12;
+ *  - tf32 (activations fp32, TF32 on): the linear GEMMs, 3e-3: TF32 rounds operands to 10
+ *    mantissa bits;
+ *  - bf16 (activations bf16, TF32 on), the default: every op that takes activations, with bf16
+ *    tensors (the weight copy of linear, embedding and LM head too; norm weights, parameter
+ *    gradients, lse and nll stay fp32), against the CPU run on the same values: the random
+ *    inputs are rounded to bf16 on the host and given to the CPU as fp32. 1e-2 relative; the
+ *    embedding forward and add_inplace bit for bit with the CPU's fp32 results rounded to bf16,
+ *    the embedding backward (fp32 additions of bf16 values, in the CPU's order) within 1e-5;
+ *    convert bit for bit with a host round-to-nearest-even.
+ * Pure outputs are poisoned with NaN (bf16 NaN 0x7FC0 in bf16 tensors) before each GPU run, so an
+ * element the kernel never wrote fails the check; accumulating outputs (every backward adds into
+ * its gradients) start from the same values on both sides and what is compared is what each
+ * added, so a kernel that overwrites instead of adding fails too. NaN never passes.
+ * Determinism: the ops whose reductions could vary run twice and must give the same bits; a
+ * backward asked for only some of its gradients (NULL for the others) gives those bits too.
+ * Attention with packed documents (doc_start) is checked against the CPU run with doc_start and
+ * against every document run alone through the CPU as a sequence of its own.
+ * Without a GPU it says so and exits 77 (skipped). */
 #define _POSIX_C_SOURCE 200809L
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include "common/util.h"
 #include "kernels/ops.h"
@@ -21,12 +40,56 @@ int main(void) {
   return 77;
 }
 #else
-#include "kernels/cuda/cuda.h"   /* cuda_ctx.tf32: the test switches modes between ops */
+#include "kernels/cuda/cuda.h"   /* cuda_ctx.act, cuda_ctx.tf32: the test switches modes */
 #include "kernels/cuda/cuda_device.h"
 
-#define TOL 1e-5
+#define TOL 1e-5        /* the fp32 mode */
+#define TF32_TOL 3e-3   /* the tf32 mode's GEMMs */
+#define BF16_TOL 1e-2   /* the bf16 mode: each stored value rounds by up to 2^-9 */
 
 static const struct backend *cpu = &backend_cpu, *gpu;
+
+/* The mode under test: the GPU's activation dtype, a name for the report, and the tolerance of
+ * the results computed in fp32 from activations. */
+static enum dtype act = DT_F32;
+static const char *mode = "fp32";
+static double tol = TOL;
+
+static void set_mode(const char *name, enum dtype a, int tf32, double t) {
+  cuda_ctx.act = a;
+  cuda_ctx.tf32 = tf32;
+  act = a, mode = name, tol = t;
+  printf("---- %s mode: activations %s, TF32 %s\n", name, a == DT_BF16 ? "bf16" : "fp32",
+         tf32 ? "on" : "off");
+  CHECK(gpu->act_dtype() == a, "%s mode: act_dtype() gives %d", name, (int)gpu->act_dtype());
+}
+
+/* ---- bf16 on the host ------------------------------------------------------------------------ */
+
+static float f32_of_bits(uint32_t u) {
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
+
+static uint32_t bits_of_f32(float f) {
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  return u;
+}
+
+/* round to nearest even; a NaN stays a (quiet) NaN of the same sign */
+static uint16_t bf16_of(float f) {
+  uint32_t u = bits_of_f32(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)(u >> 16 | 0x40);
+  return (uint16_t)((u + 0x7fffu + (u >> 16 & 1)) >> 16);
+}
+
+static float f32_of_bf16(uint16_t b) { return f32_of_bits((uint32_t)b << 16); }
+static int bf16_isnan(uint16_t b) { return (b & 0x7fff) > 0x7f80; }
+static float bf16_round(float f) { return f32_of_bf16(bf16_of(f)); }
+
+#define BF16_NAN 0x7FC0
 
 /* ---- data ---------------------------------------------------------------------------------- */
 
@@ -48,37 +111,17 @@ static int32_t *rand_ints(size_t n, int lo, int hi) {
   return a;
 }
 
-/* device copy of a host array */
-static void *up(const void *host, size_t bytes) {
-  void *d = gpu->alloc(bytes);
-  if (!d) die("test: out of GPU memory (%zu bytes)", bytes);
-  gpu->to_device(d, host, bytes);
-  return d;
+/* values as the mode stores activations: rounded to bf16 in the bf16 mode, as they are else */
+static void round_act(float *a, size_t n) {
+  if (act == DT_BF16)
+    for (size_t i = 0; i < n; i++) a[i] = bf16_round(a[i]);
 }
 
-/* device buffer filled with NaN: a poisoned output */
-static float *poisoned(size_t n) {
-  float *nan = xmalloc((n ? n : 1) * sizeof(float));
-  for (size_t i = 0; i < n; i++) nan[i] = NAN;
-  float *d = up(nan, n * sizeof(float));
-  free(nan);
-  return d;
-}
-
-static float *down(const float *d, size_t n) {
-  float *h = xmalloc((n ? n : 1) * sizeof(float));
-  gpu->to_host(h, d, n * sizeof(float));
-  return h;
-}
-
-static double rel_err(const float *a, const float *ref, size_t n) {
-  double diff = 0, norm = 0;
-  for (size_t i = 0; i < n; i++) {
-    double d = (double)a[i] - ref[i];
-    diff += d * d;
-    norm += (double)ref[i] * ref[i];
-  }
-  return sqrt(diff) / (norm > 0 ? sqrt(norm) : 1.0);
+/* random activations: the CPU gets the very values the GPU stores */
+static float *rand_act(size_t n, double lo, double hi) {
+  float *a = rand_floats(n, lo, hi);
+  round_act(a, n);
+  return a;
 }
 
 static float *clone(const float *a, size_t n) {
@@ -87,15 +130,82 @@ static float *clone(const float *a, size_t n) {
   return c;
 }
 
-/* Compares a device result with the CPU's, then frees the device buffer. For an accumulating
- * output, `init` holds the values both sides started from, and what is compared is what each
- * added: a small gradient added to large starting values cannot hide inside them. Adding into
- * those values rounds the totals, though, on each side and in each of the LM head's chunks, so
- * the difference of the additions may also hold a few roundings of the totals: 2^-22 of their
- * norm (an LM head gradient of ~1e-8 per element added to values of ~1 is at that floor). */
-static void expect_from(const char *what, float *dev, const float *ref, const float *init,
-                        size_t n, double tol) {
-  float *h = down(dev, n);
+/* device copy of a host array */
+static void *up(const void *host, size_t bytes) {
+  void *d = gpu->alloc(bytes);
+  if (!d) die("test: out of GPU memory (%zu bytes)", bytes);
+  gpu->to_device(d, host, bytes);
+  return d;
+}
+
+/* device copy of n host floats, stored as dtype t */
+static void *up_as(const float *host, size_t n, enum dtype t) {
+  if (t == DT_F32) return up(host, n * sizeof(float));
+  uint16_t *b = xmalloc((n ? n : 1) * sizeof(uint16_t));
+  for (size_t i = 0; i < n; i++) b[i] = bf16_of(host[i]);
+  void *d = up(b, n * sizeof(uint16_t));
+  free(b);
+  return d;
+}
+
+static void *up_act(const float *host, size_t n) { return up_as(host, n, act); }
+
+/* device buffer of n values of dtype t, all NaN: a poisoned output */
+static void *poisoned_as(size_t n, enum dtype t) {
+  void *d;
+  if (t == DT_F32) {
+    float *nan = xmalloc((n ? n : 1) * sizeof(float));
+    for (size_t i = 0; i < n; i++) nan[i] = NAN;
+    d = up(nan, n * sizeof(float));
+    free(nan);
+  } else {
+    uint16_t *nan = xmalloc((n ? n : 1) * sizeof(uint16_t));
+    for (size_t i = 0; i < n; i++) nan[i] = BF16_NAN;
+    d = up(nan, n * sizeof(uint16_t));
+    free(nan);
+  }
+  return d;
+}
+
+static float *poisoned(size_t n) { return poisoned_as(n, DT_F32); }
+static void *poisoned_act(size_t n) { return poisoned_as(n, act); }
+
+static void *down_raw(const void *d, size_t bytes) {
+  void *h = xmalloc(bytes ? bytes : 1);
+  gpu->to_host(h, d, bytes);
+  return h;
+}
+
+/* n values of dtype t on the device, as host floats */
+static float *down_as(const void *d, size_t n, enum dtype t) {
+  if (t == DT_F32) return down_raw(d, n * sizeof(float));
+  uint16_t *b = down_raw(d, n * sizeof(uint16_t));
+  float *h = xmalloc((n ? n : 1) * sizeof(float));
+  for (size_t i = 0; i < n; i++) h[i] = f32_of_bf16(b[i]);
+  free(b);
+  return h;
+}
+
+static float *down(const float *d, size_t n) { return down_as(d, n, DT_F32); }
+
+/* 1 when two device buffers hold the same bytes */
+static int same_bits(const void *a, const void *b, size_t bytes) {
+  void *ha = down_raw(a, bytes), *hb = down_raw(b, bytes);
+  int same = !memcmp(ha, hb, bytes);
+  free(ha);
+  free(hb);
+  return same;
+}
+
+/* Compares a result of dtype t (h: its values, on the host) with the CPU's. For an
+ * accumulating output, `init` holds the values both sides started from, and what is compared is
+ * what each added: a small gradient added to large starting values cannot hide inside them.
+ * Adding into those values rounds the totals, though, on each side and in each of the LM head's
+ * chunks, so the difference of the additions may also hold a few roundings of the totals: 2^-22
+ * of their norm in fp32 (an LM head gradient of ~1e-8 per element added to values of ~1 is at
+ * that floor), 2^-8 in bf16, whose totals round by up to 2^-9 each. */
+static void compare_as(const char *what, const float *h, enum dtype t, const float *ref,
+                       const float *init, size_t n, double tol) {
   double diff = 0, norm = 0, total = 0;
   for (size_t i = 0; i < n; i++) {
     double a = h[i], b = ref[i];
@@ -105,251 +215,579 @@ static void expect_from(const char *what, float *dev, const float *ref, const fl
     norm += b * b;
   }
   double e = sqrt(diff) / (norm > 0 ? sqrt(norm) : 1.0);
-  double floor = init ? ldexp(sqrt(total), -22) : 0;
+  double floor = init ? ldexp(sqrt(total), t == DT_BF16 ? -8 : -22) : 0;
   int ok = sqrt(diff) <= tol * sqrt(norm) + floor;   /* false for NaN */
-  printf("%-58s rel err %.2e%s\n", what, e, init && !(e <= tol) && ok ? " (rounding of the totals)" : "");
-  CHECK(ok, "%s: rel err %.3e > %.0e (and above the rounding floor %.2e)", what, e, tol, floor);
+  printf("%-4s %-62s rel err %.2e%s\n", mode, what, e,
+         init && !(e <= tol) && ok ? " (rounding of the totals)" : "");
+  CHECK(ok, "%s mode, %s: rel err %.3e > %.0e (and above the rounding floor %.2e)", mode, what,
+        e, tol, floor);
+}
+
+/* compare_as for a device result, then frees the device buffer; ref2, when not NULL, is a
+ * second reference computed another way, which the result must match too */
+static void expect_as2(const char *what, void *dev, enum dtype t, const float *ref,
+                       const float *ref2, const float *init, size_t n, double tol) {
+  float *h = down_as(dev, n, t);
+  compare_as(what, h, t, ref, init, n, tol);
+  if (ref2) {
+    char name[160];
+    snprintf(name, sizeof name, "%s (2nd reference)", what);
+    compare_as(name, h, t, ref2, init, n, tol);
+  }
   free(h);
   gpu->free(dev);
 }
 
+static void expect_as(const char *what, void *dev, enum dtype t, const float *ref,
+                      const float *init, size_t n, double tol) {
+  expect_as2(what, dev, t, ref, NULL, init, n, tol);
+}
+
+static void expect_from(const char *what, float *dev, const float *ref, const float *init,
+                        size_t n, double tol) {
+  expect_as(what, dev, DT_F32, ref, init, n, tol);
+}
+
 static void expect(const char *what, float *dev, const float *ref, size_t n, double tol) {
-  expect_from(what, dev, ref, NULL, n, tol);
+  expect_as(what, dev, DT_F32, ref, NULL, n, tol);
+}
+
+static void expect_act(const char *what, void *dev, const float *ref, size_t n, double tol) {
+  expect_as(what, dev, act, ref, NULL, n, tol);
+}
+
+/* An accumulating output of n values of dtype t: the values both sides start from and the
+ * CPU's totals. acc_init, then the CPU op adds into a->ref, then acc_done; the GPU starts from
+ * acc_up(a). In fp32 the start is uniform in [-1, 1] and the CPU adds into it. In bf16 the start
+ * has the size of what the op adds (the CPU first adds into zeros; the start is then drawn with
+ * the increment's RMS, rounded to bf16, and added to it on the host): starting values much
+ * larger than the increment would round it away in bf16's 8 bits, much smaller ones would not
+ * catch a kernel that overwrites instead of adding. acc_ref2 between acc_init and acc_done adds a
+ * second reference, ref2, into which another computation adds as the CPU op does into ref. */
+struct acc {
+  size_t n;
+  enum dtype t;
+  float *start, *ref, *ref2;
+};
+
+static void acc_init(struct acc *a, size_t n, enum dtype t) {
+  a->n = n, a->t = t, a->ref2 = NULL;
+  if (t == DT_F32) {
+    a->start = rand_floats(n, -1, 1);
+    a->ref = clone(a->start, n);
+  } else {
+    a->start = NULL;
+    a->ref = xcalloc(n ? n : 1, sizeof(float));
+  }
+}
+
+static void acc_ref2(struct acc *a) {
+  a->ref2 = a->t == DT_F32 ? clone(a->start, a->n) : xcalloc(a->n ? a->n : 1, sizeof(float));
+}
+
+static void acc_done(struct acc *a) {
+  if (a->t == DT_F32) return;
+  double ss = 0;
+  for (size_t i = 0; i < a->n; i++) ss += (double)a->ref[i] * a->ref[i];
+  double rms = a->n ? sqrt(ss / (double)a->n) : 0;
+  if (!(rms > 0)) rms = 1;
+  a->start = rand_floats(a->n, -sqrt(3.0) * rms, sqrt(3.0) * rms);
+  for (size_t i = 0; i < a->n; i++) {
+    a->start[i] = bf16_round(a->start[i]);
+    a->ref[i] += a->start[i];
+    if (a->ref2) a->ref2[i] += a->start[i];
+  }
+}
+
+static void *acc_up(const struct acc *a) { return up_as(a->start, a->n, a->t); }
+
+/* compares, frees the device buffer and the host arrays */
+static void acc_expect(const char *what, void *dev, struct acc *a, double tol) {
+  expect_as2(what, dev, a->t, a->ref, a->ref2, a->start, a->n, tol);
+  free(a->start);
+  free(a->ref);
+  free(a->ref2);
 }
 
 /* ---- the ops --------------------------------------------------------------------------------- */
 
 static void test_embedding(int n, int dim, int vocab) {
-  float *table = rand_floats((size_t)vocab * dim, -1, 1);
+  size_t nt = (size_t)vocab * dim, nx = (size_t)n * dim;
+  float *table = rand_act(nt, -1, 1);
   int32_t *tok = rand_ints(n, 0, vocab / 4 + 1);   /* repeats: the backward must add them all */
-  float *out = xmalloc((size_t)n * dim * sizeof(float));
+  float *out = xmalloc(nx * sizeof(float));
   cpu->embedding_forward(out, tok, table, n, dim);
-  float *d_table = up(table, (size_t)vocab * dim * 4), *d_out = poisoned((size_t)n * dim);
+  void *d_table = up_act(table, nt), *d_out = poisoned_act(nx);
   int32_t *d_tok = up(tok, (size_t)n * 4);
   gpu->embedding_forward(d_out, d_tok, d_table, n, dim);
-  char name[96];
+  char name[112];
   snprintf(name, sizeof name, "embedding forward n=%d dim=%d", n, dim);
-  expect(name, d_out, out, (size_t)n * dim, 0);
+  expect_act(name, d_out, out, nx, 0);
 
-  float *dout = rand_floats((size_t)n * dim, -1, 1);
-  float *dtab = rand_floats((size_t)vocab * dim, -1, 1), *dtab0 = clone(dtab, (size_t)vocab * dim);
-  float *d_dtab = up(dtab, (size_t)vocab * dim * 4), *d_dout = up(dout, (size_t)n * dim * 4);
-  cpu->embedding_backward(dtab, dout, tok, n, dim);
+  /* the table's gradient is fp32 in every mode; adding bf16 values in fp32 in the CPU's order
+   * is exact arithmetic on the same values, hence TOL in every mode */
+  float *dout = rand_act(nx, -1, 1);
+  struct acc dtab;
+  acc_init(&dtab, nt, DT_F32);
+  cpu->embedding_backward(dtab.ref, dout, tok, n, dim);
+  acc_done(&dtab);
+  void *d_dtab = acc_up(&dtab), *d_dout = up_act(dout, nx);
   gpu->embedding_backward(d_dtab, d_dout, d_tok, n, dim);
   snprintf(name, sizeof name, "embedding backward n=%d dim=%d", n, dim);
-  expect_from(name, d_dtab, dtab, dtab0, (size_t)vocab * dim, TOL);
-  free(dtab0);
+  acc_expect(name, d_dtab, &dtab, TOL);
   gpu->free(d_table);
   gpu->free(d_tok);
   gpu->free(d_dout);
-  free(table); free(tok); free(out); free(dout); free(dtab);
+  free(table); free(tok); free(out); free(dout);
 }
 
 static void test_rmsnorm(int n, int dim) {
   float eps = 1e-6f;
   size_t sz = (size_t)n * dim;
-  float *x = rand_floats(sz, -2, 2), *w = rand_floats(dim, 0.5, 1.5), *out = xmalloc(sz * 4);
+  float *x = rand_act(sz, -2, 2), *w = rand_floats(dim, 0.5, 1.5), *out = xmalloc(sz * 4);
   cpu->rmsnorm_forward(out, x, w, n, dim, eps);
-  float *d_x = up(x, sz * 4), *d_w = up(w, dim * 4), *d_out = poisoned(sz);
+  void *d_x = up_act(x, sz), *d_out = poisoned_act(sz);
+  float *d_w = up(w, dim * 4);
   gpu->rmsnorm_forward(d_out, d_x, d_w, n, dim, eps);
-  char name[96];
+  char name[112];
   snprintf(name, sizeof name, "rmsnorm forward n=%d dim=%d", n, dim);
-  expect(name, d_out, out, sz, TOL);
+  expect_act(name, d_out, out, sz, tol);
 
-  float *dout = rand_floats(sz, -1, 1), *dx = rand_floats(sz, -1, 1), *dw = rand_floats(dim, -1, 1);
-  float *dx0 = clone(dx, sz), *dw0 = clone(dw, dim);
-  float *d_dout = up(dout, sz * 4), *d_dx = up(dx, sz * 4), *d_dw = up(dw, dim * 4);
-  cpu->rmsnorm_backward(dx, dw, dout, x, w, n, dim, eps);
+  float *dout = rand_act(sz, -1, 1);
+  struct acc dx, dw;
+  acc_init(&dx, sz, act);
+  acc_init(&dw, dim, DT_F32);
+  cpu->rmsnorm_backward(dx.ref, dw.ref, dout, x, w, n, dim, eps);
+  acc_done(&dx);
+  acc_done(&dw);
+  void *d_dout = up_act(dout, sz), *d_dx = acc_up(&dx), *d_dw = acc_up(&dw);
   gpu->rmsnorm_backward(d_dx, d_dw, d_dout, d_x, d_w, n, dim, eps);
   snprintf(name, sizeof name, "rmsnorm backward dx n=%d dim=%d", n, dim);
-  expect_from(name, d_dx, dx, dx0, sz, TOL);
+  acc_expect(name, d_dx, &dx, tol);
   snprintf(name, sizeof name, "rmsnorm backward dw n=%d dim=%d", n, dim);
-  expect_from(name, d_dw, dw, dw0, dim, TOL);
-  free(dx0); free(dw0);
+  acc_expect(name, d_dw, &dw, tol);
   gpu->free(d_x); gpu->free(d_w); gpu->free(d_dout);
-  free(x); free(w); free(out); free(dout); free(dx); free(dw);
+  free(x); free(w); free(out); free(dout);
 }
 
 static void test_qk_norm_rope(int n, int heads, int hd, double theta, int max_pos) {
   float eps = 1e-6f;
   size_t sz = (size_t)n * heads * hd;
-  float *x = rand_floats(sz, -2, 2), *w = rand_floats(hd, 0.5, 1.5), *out = xmalloc(sz * 4);
+  float *x = rand_act(sz, -2, 2), *w = rand_floats(hd, 0.5, 1.5), *out = xmalloc(sz * 4);
   int32_t *pos = rand_ints(n, 0, max_pos);
   cpu->qk_norm_rope_forward(out, x, w, pos, n, heads, hd, eps, theta);
-  float *d_x = up(x, sz * 4), *d_w = up(w, hd * 4), *d_out = poisoned(sz);
+  void *d_x = up_act(x, sz), *d_out = poisoned_act(sz);
+  float *d_w = up(w, hd * 4);
   int32_t *d_pos = up(pos, n * 4);
   gpu->qk_norm_rope_forward(d_out, d_x, d_w, d_pos, n, heads, hd, eps, theta);
-  char name[96];
+  char name[112];
   snprintf(name, sizeof name, "qk_norm_rope forward n=%d h=%d hd=%d pos<%d", n, heads, hd, max_pos);
-  expect(name, d_out, out, sz, TOL);
+  expect_act(name, d_out, out, sz, tol);
 
-  float *dout = rand_floats(sz, -1, 1), *dx = rand_floats(sz, -1, 1), *dw = rand_floats(hd, -1, 1);
-  float *dx0 = clone(dx, sz), *dw0 = clone(dw, hd);
-  float *d_dout = up(dout, sz * 4), *d_dx = up(dx, sz * 4), *d_dw = up(dw, hd * 4);
-  cpu->qk_norm_rope_backward(dx, dw, dout, x, w, pos, n, heads, hd, eps, theta);
+  float *dout = rand_act(sz, -1, 1);
+  struct acc dx, dw;
+  acc_init(&dx, sz, act);
+  acc_init(&dw, hd, DT_F32);
+  cpu->qk_norm_rope_backward(dx.ref, dw.ref, dout, x, w, pos, n, heads, hd, eps, theta);
+  acc_done(&dx);
+  acc_done(&dw);
+  void *d_dout = up_act(dout, sz), *d_dx = acc_up(&dx), *d_dw = acc_up(&dw);
   gpu->qk_norm_rope_backward(d_dx, d_dw, d_dout, d_x, d_w, d_pos, n, heads, hd, eps, theta);
   snprintf(name, sizeof name, "qk_norm_rope backward dx hd=%d", hd);
-  expect_from(name, d_dx, dx, dx0, sz, TOL);
+  acc_expect(name, d_dx, &dx, tol);
   snprintf(name, sizeof name, "qk_norm_rope backward dw hd=%d", hd);
-  expect_from(name, d_dw, dw, dw0, hd, TOL);
-  free(dx0); free(dw0);
+  acc_expect(name, d_dw, &dw, tol);
   gpu->free(d_x); gpu->free(d_w); gpu->free(d_pos); gpu->free(d_dout);
-  free(x); free(w); free(out); free(pos); free(dout); free(dx); free(dw);
+  free(x); free(w); free(out); free(pos); free(dout);
+}
+
+/* ---- packed documents (attn_shape.doc_start) */
+
+/* doc_start of a packed batch: documents of the given lengths (0-terminated, repeated until every
+ * row is covered) one after another over `batch` sequences of t rows. A document that runs past
+ * the end of a sequence goes on in the next one, where it sees from key 0 (as the worker makes
+ * them from the token positions). */
+static int32_t *doc_starts(int batch, int t, const int *lengths) {
+  int32_t *first = xmalloc((size_t)(batch * t > 0 ? batch * t : 1) * sizeof(int32_t));
+  int d = 0, left = lengths[0];
+  for (int b = 0; b < batch; b++) {
+    int start = 0;   /* the row of this sequence where the current document starts */
+    for (int i = 0; i < t; i++, left--) {
+      if (left == 0) {
+        d = lengths[d + 1] ? d + 1 : 0;
+        left = lengths[d];
+        start = i;
+      }
+      first[(size_t)b * t + i] = start;
+    }
+  }
+  return first;
+}
+
+/* The end of the document of sequence b that starts at row r0: its rows share their first key. */
+static int doc_end(const int32_t *first, int t, int b, int r0) {
+  int r1 = r0 + 1;
+  while (r1 < t && first[(size_t)b * t + r1] == first[(size_t)b * t + r0]) r1++;
+  return r1;
+}
+
+/* The 2nd reference of document masking (s->tq == s->tk, first = doc_start): every document
+ * through the CPU backend as a sequence of its own, without doc_start, so it does not depend on
+ * the CPU's handling of doc_start. Forward when dctx is NULL (into ctx, lse), else the backward
+ * (adding into dq, dk, dv from ctx and lse). */
+static void attention_per_document(float *ctx, float *lse, float *dq, float *dk, float *dv,
+                                   const float *dctx, const float *q, const float *k,
+                                   const float *v, const struct attn_shape *s,
+                                   const int32_t *first) {
+  size_t q_row = (size_t)s->heads * s->head_dim, k_row = (size_t)s->kv_heads * s->head_dim;
+  float *l = xmalloc((size_t)s->heads * (s->tq > 0 ? s->tq : 1) * sizeof(float));
+  for (int b = 0; b < s->batch; b++)
+    for (int r0 = 0, r1; r0 < s->tq; r0 = r1) {
+      r1 = doc_end(first, s->tq, b, r0);
+      int len = r1 - r0;
+      struct attn_shape one = {1, len, len, len, s->heads, s->kv_heads, s->head_dim, NULL};
+      size_t qo = ((size_t)b * s->tq + r0) * q_row, ko = ((size_t)b * s->k_stride + r0) * k_row;
+      float *row_lse = lse + (size_t)b * s->heads * s->tq + r0;   /* [heads] rows of tq */
+      if (!dctx) {
+        cpu->attention_forward(ctx + qo, l, q + qo, k + ko, v + ko, &one);
+        for (int h = 0; h < s->heads; h++)
+          memcpy(row_lse + (size_t)h * s->tq, l + (size_t)h * len, len * sizeof(float));
+      } else {
+        for (int h = 0; h < s->heads; h++)
+          memcpy(l + (size_t)h * len, row_lse + (size_t)h * s->tq, len * sizeof(float));
+        cpu->attention_backward(dq ? dq + qo : NULL, dk ? dk + ko : NULL, dv ? dv + ko : NULL,
+                                dctx + qo, q + qo, k + ko, v + ko, ctx + qo, l, &one);
+      }
+    }
+  free(l);
 }
 
 /* tq == tk: training (forward and backward); tq < tk: decoding against a cache of k_stride.
- * tol is TOL in the exact fp32 mode; the tensor-core path of the TF32 mode gets its own. */
-static double attn_tol = TOL;
-
-static void test_attention(int batch, int tq, int tk, int k_stride, int heads, int kv, int hd) {
-  struct attn_shape s = {batch, tq, tk, k_stride, heads, kv, hd};
+ * docs (NULL: plain causal attention): lengths of packed documents for doc_starts over the tk
+ * rows of each sequence (the queries take the first keys of the last tq), doc_start uploaded to
+ * device memory; the GPU is then checked against the CPU run with doc_start and, when tq == tk,
+ * against attention_per_document (2nd reference), whose forward results are also what the
+ * backward is given. */
+static void test_attention(int batch, int tq, int tk, int k_stride, int heads, int kv, int hd,
+                           const int *docs) {
+  struct attn_shape s = {batch, tq, tk, k_stride, heads, kv, hd, NULL};
   size_t nq = (size_t)batch * tq * heads * hd, nk = (size_t)batch * k_stride * kv * hd;
-  size_t nl = (size_t)batch * heads * tq;
-  float *q = rand_floats(nq, -1, 1), *k = rand_floats(nk, -1, 1), *v = rand_floats(nk, -1, 1);
-  float *ctx = xmalloc(nq * 4), *lse = xmalloc(nl * 4);
+  size_t nl = (size_t)batch * heads * tq, eb = dtype_bytes(act);
+  struct attn_shape gs = s;   /* the GPU's: doc_start in device memory */
+  int32_t *first = NULL, *d_first = NULL;
+  if (docs) {
+    int32_t *rows = doc_starts(batch, tk, docs);
+    first = xmalloc((size_t)(batch * tq > 0 ? batch * tq : 1) * sizeof(int32_t));
+    for (int b = 0; b < batch; b++)
+      for (int i = 0; i < tq; i++) first[(size_t)b * tq + i] = rows[(size_t)b * tk + tk - tq + i];
+    free(rows);
+    d_first = up(first, (size_t)batch * tq * sizeof(int32_t));
+    s.doc_start = first;
+    gs.doc_start = d_first;
+  }
+  const char *tag = docs ? " docs" : "";
+  float *q = rand_act(nq, -1, 1), *k = rand_act(nk, -1, 1), *v = rand_act(nk, -1, 1);
+  float *ctx = xmalloc(nq * 4), *lse = xmalloc(nl * 4), *ctx2 = NULL, *lse2 = NULL;
   cpu->attention_forward(ctx, lse, q, k, v, &s);
-  float *d_q = up(q, nq * 4), *d_k = up(k, nk * 4), *d_v = up(v, nk * 4);
-  float *d_ctx = poisoned(nq), *d_lse = poisoned(nl);
-  gpu->attention_forward(d_ctx, d_lse, d_q, d_k, d_v, &s);
-  char name[96];
-  snprintf(name, sizeof name, "attention fwd b=%d tq=%d tk=%d h=%d/%d hd=%d ctx", batch, tq, tk,
-           heads, kv, hd);
-  expect(name, d_ctx, ctx, nq, attn_tol);
-  snprintf(name, sizeof name, "attention fwd b=%d tq=%d tk=%d h=%d/%d hd=%d lse", batch, tq, tk,
-           heads, kv, hd);
-  expect(name, d_lse, lse, nl, attn_tol);
+  if (docs && tq == tk) {
+    ctx2 = xmalloc(nq * 4), lse2 = xmalloc(nl * 4);
+    attention_per_document(ctx2, lse2, NULL, NULL, NULL, NULL, q, k, v, &s, first);
+  }
+  void *d_q = up_act(q, nq), *d_k = up_act(k, nk), *d_v = up_act(v, nk);
+  void *d_ctx = poisoned_act(nq);
+  float *d_lse = poisoned(nl);
+  gpu->attention_forward(d_ctx, d_lse, d_q, d_k, d_v, &gs);
+  char name[112];
+  snprintf(name, sizeof name, "attention fwd b=%d tq=%d tk=%d h=%d/%d hd=%d%s ctx", batch, tq,
+           tk, heads, kv, hd, tag);
+  expect_as2(name, d_ctx, act, ctx, ctx2, NULL, nq, tol);
+  snprintf(name, sizeof name, "attention fwd b=%d tq=%d tk=%d h=%d/%d hd=%d%s lse", batch, tq,
+           tk, heads, kv, hd, tag);
+  expect_as2(name, d_lse, DT_F32, lse, lse2, NULL, nl, tol);
 
   if (tq == tk) {
-    float *dctx = rand_floats(nq, -1, 1);
-    float *dq = rand_floats(nq, -1, 1), *dk = rand_floats(nk, -1, 1), *dv = rand_floats(nk, -1, 1);
-    float *dq0 = clone(dq, nq), *dk0 = clone(dk, nk), *dv0 = clone(dv, nk);
-    float *d_dctx = up(dctx, nq * 4), *d_dq = up(dq, nq * 4), *d_dk = up(dk, nk * 4),
-          *d_dv = up(dv, nk * 4);
-    float *d_ctx2 = up(ctx, nq * 4), *d_lse2 = up(lse, nl * 4);
-    /* a second run from the same start: determinism */
-    float *d_dq2 = up(dq, nq * 4), *d_dk2 = up(dk, nk * 4), *d_dv2 = up(dv, nk * 4);
-    cpu->attention_backward(dq, dk, dv, dctx, q, k, v, ctx, lse, &s);
-    gpu->attention_backward(d_dq, d_dk, d_dv, d_dctx, d_q, d_k, d_v, d_ctx2, d_lse2, &s);
-    gpu->attention_backward(d_dq2, d_dk2, d_dv2, d_dctx, d_q, d_k, d_v, d_ctx2, d_lse2, &s);
-    float *a1 = down(d_dk, nk), *a2 = down(d_dk2, nk), *b1 = down(d_dq, nq), *b2 = down(d_dq2, nq);
-    CHECK(!memcmp(a1, a2, nk * 4) && !memcmp(b1, b2, nq * 4),
-          "attention backward is not deterministic (tq=%d hd=%d)", tq, hd);
-    free(a1); free(a2); free(b1); free(b2);
+    float *dctx = rand_act(nq, -1, 1);
+    /* the forward results the backward is given: the 2nd reference's with documents */
+    float *fctx = docs ? ctx2 : ctx, *flse = docs ? lse2 : lse;
+    struct acc dq, dk, dv;
+    acc_init(&dq, nq, act);
+    acc_init(&dk, nk, act);
+    acc_init(&dv, nk, act);
+    round_act(fctx, nq);   /* the backward reads ctx as the forward stored it */
+    cpu->attention_backward(dq.ref, dk.ref, dv.ref, dctx, q, k, v, fctx, flse, &s);
+    if (docs) {
+      acc_ref2(&dq);
+      acc_ref2(&dk);
+      acc_ref2(&dv);
+      attention_per_document(fctx, flse, dq.ref2, dk.ref2, dv.ref2, dctx, q, k, v, &s, first);
+    }
+    acc_done(&dq);
+    acc_done(&dk);
+    acc_done(&dv);
+    void *d_dctx = up_act(dctx, nq), *d_ctx2 = up_act(fctx, nq);
+    float *d_lse2 = up(flse, nl * 4);
+    void *d_dq = acc_up(&dq), *d_dk = acc_up(&dk), *d_dv = acc_up(&dv);
+    /* a second run from the same start: determinism; then dq alone and dk, dv alone */
+    void *d_dq2 = acc_up(&dq), *d_dk2 = acc_up(&dk), *d_dv2 = acc_up(&dv);
+    void *d_dq3 = acc_up(&dq), *d_dk3 = acc_up(&dk), *d_dv3 = acc_up(&dv);
+    gpu->attention_backward(d_dq, d_dk, d_dv, d_dctx, d_q, d_k, d_v, d_ctx2, d_lse2, &gs);
+    gpu->attention_backward(d_dq2, d_dk2, d_dv2, d_dctx, d_q, d_k, d_v, d_ctx2, d_lse2, &gs);
+    gpu->attention_backward(d_dq3, NULL, NULL, d_dctx, d_q, d_k, d_v, d_ctx2, d_lse2, &gs);
+    gpu->attention_backward(NULL, d_dk3, d_dv3, d_dctx, d_q, d_k, d_v, d_ctx2, d_lse2, &gs);
+    CHECK(same_bits(d_dq, d_dq2, nq * eb) && same_bits(d_dk, d_dk2, nk * eb) &&
+              same_bits(d_dv, d_dv2, nk * eb),
+          "%s mode: attention backward is not deterministic (tq=%d hd=%d%s)", mode, tq, hd, tag);
+    CHECK(same_bits(d_dq, d_dq3, nq * eb) && same_bits(d_dk, d_dk3, nk * eb) &&
+              same_bits(d_dv, d_dv3, nk * eb),
+          "%s mode: attention backward for some gradients only (NULL for the others) differs "
+          "from the full one (tq=%d hd=%d%s)", mode, tq, hd, tag);
     gpu->free(d_dq2); gpu->free(d_dk2); gpu->free(d_dv2);
-    snprintf(name, sizeof name, "attention bwd T=%d h=%d/%d hd=%d dq", tq, heads, kv, hd);
-    expect_from(name, d_dq, dq, dq0, nq, attn_tol);
-    snprintf(name, sizeof name, "attention bwd T=%d h=%d/%d hd=%d dk", tq, heads, kv, hd);
-    expect_from(name, d_dk, dk, dk0, nk, attn_tol);
-    snprintf(name, sizeof name, "attention bwd T=%d h=%d/%d hd=%d dv", tq, heads, kv, hd);
-    expect_from(name, d_dv, dv, dv0, nk, attn_tol);
-    free(dq0); free(dk0); free(dv0);
+    gpu->free(d_dq3); gpu->free(d_dk3); gpu->free(d_dv3);
+    snprintf(name, sizeof name, "attention bwd b=%d T=%d h=%d/%d hd=%d%s dq", batch, tq, heads,
+             kv, hd, tag);
+    acc_expect(name, d_dq, &dq, tol);
+    snprintf(name, sizeof name, "attention bwd b=%d T=%d h=%d/%d hd=%d%s dk", batch, tq, heads,
+             kv, hd, tag);
+    acc_expect(name, d_dk, &dk, tol);
+    snprintf(name, sizeof name, "attention bwd b=%d T=%d h=%d/%d hd=%d%s dv", batch, tq, heads,
+             kv, hd, tag);
+    acc_expect(name, d_dv, &dv, tol);
     gpu->free(d_dctx); gpu->free(d_ctx2); gpu->free(d_lse2);
-    free(dctx); free(dq); free(dk); free(dv);
+    free(dctx);
   }
   gpu->free(d_q); gpu->free(d_k); gpu->free(d_v);
-  free(q); free(k); free(v); free(ctx); free(lse);
+  if (d_first) gpu->free(d_first);
+  free(q); free(k); free(v); free(ctx); free(lse); free(ctx2); free(lse2); free(first);
 }
 
-static void test_elementwise(size_t n) {
-  float *g = rand_floats(n, -4, 4), *u = rand_floats(n, -2, 2), *out = xmalloc(n * 4);
+static void test_swiglu(size_t n) {
+  float *g = rand_act(n, -4, 4), *u = rand_act(n, -2, 2), *out = xmalloc(n * 4);
   cpu->swiglu_forward(out, g, u, n);
-  float *d_g = up(g, n * 4), *d_u = up(u, n * 4), *d_out = poisoned(n);
+  void *d_g = up_act(g, n), *d_u = up_act(u, n), *d_out = poisoned_act(n);
   gpu->swiglu_forward(d_out, d_g, d_u, n);
-  expect("swiglu forward", d_out, out, n, TOL);
-  float *dout = rand_floats(n, -1, 1), *dg = rand_floats(n, -1, 1), *du = rand_floats(n, -1, 1);
-  float *dg0 = clone(dg, n), *du0 = clone(du, n);
-  float *d_dout = up(dout, n * 4), *d_dg = up(dg, n * 4), *d_du = up(du, n * 4);
-  cpu->swiglu_backward(dg, du, dout, g, u, n);
+  expect_act("swiglu forward", d_out, out, n, tol);
+  float *dout = rand_act(n, -1, 1);
+  struct acc dg, du;
+  acc_init(&dg, n, act);
+  acc_init(&du, n, act);
+  cpu->swiglu_backward(dg.ref, du.ref, dout, g, u, n);
+  acc_done(&dg);
+  acc_done(&du);
+  void *d_dout = up_act(dout, n), *d_dg = acc_up(&dg), *d_du = acc_up(&du);
+  void *d_dg2 = acc_up(&dg), *d_du2 = acc_up(&du);
   gpu->swiglu_backward(d_dg, d_du, d_dout, d_g, d_u, n);
-  expect_from("swiglu backward dg", d_dg, dg, dg0, n, TOL);
-  expect_from("swiglu backward du", d_du, du, du0, n, TOL);
-  free(dg0); free(du0);
-
-  float *a = rand_floats(n, -1, 1), *d_a = up(a, n * 4);
-  cpu->add_inplace(a, g, n);
-  gpu->add_inplace(d_a, d_g, n);
-  cpu->scale(a, 0.37f, n);
-  gpu->scale(d_a, 0.37f, n);
-  expect("add_inplace then scale", d_a, a, n, 0);
-
-  double s_cpu = cpu->sum_squares(g, n), s_gpu = gpu->sum_squares(d_g, n);
-  double s_again = gpu->sum_squares(d_g, n);
-  double e = fabs(s_gpu - s_cpu) / s_cpu;
-  printf("%-58s rel err %.2e\n", "sum_squares", e);
-  CHECK(e <= 1e-12, "sum_squares: %.17g vs %.17g", s_gpu, s_cpu);
-  CHECK(s_gpu == s_again, "sum_squares is not deterministic");
-
-  int rows = 333, cols = (int)(n / 333 < 517 ? n / 333 : 517);
-  float *t = xmalloc((size_t)rows * cols * 4), *d_t = poisoned((size_t)rows * cols);
-  cpu->transpose(t, g, rows, cols);
-  gpu->transpose(d_t, d_g, rows, cols);
-  expect("transpose 333 x 517", d_t, t, (size_t)rows * cols, 0);
+  gpu->swiglu_backward(d_dg2, NULL, d_dout, d_g, d_u, n);   /* one gradient only */
+  gpu->swiglu_backward(NULL, d_du2, d_dout, d_g, d_u, n);
+  size_t eb = dtype_bytes(act);
+  CHECK(same_bits(d_dg, d_dg2, n * eb) && same_bits(d_du, d_du2, n * eb),
+        "%s mode: swiglu backward of one gradient (NULL for the other) differs", mode);
+  gpu->free(d_dg2); gpu->free(d_du2);
+  acc_expect("swiglu backward dg", d_dg, &dg, tol);
+  acc_expect("swiglu backward du", d_du, &du, tol);
   gpu->free(d_g); gpu->free(d_u); gpu->free(d_dout);
-  free(g); free(u); free(out); free(dout); free(dg); free(du); free(a); free(t);
+  free(g); free(u); free(out); free(dout);
+}
+
+/* add_inplace in the mode's dtype, whole (the vector path and its tail) and one element in
+ * (unaligned: the scalar path, and element 0 untouched). fp32: then scale, exact. bf16: the
+ * GPU adds in fp32 and rounds once, so it equals the CPU's fp32 sum rounded to bf16 bit for
+ * bit; fp32 buffers (parameter gradients) are added too in that mode. */
+static void test_add_inplace(size_t n) {
+  for (int offset = 0; offset < 2; offset++) {
+    size_t eb = dtype_bytes(act), m = n - offset;
+    float *a = rand_act(n, -1, 1), *b = rand_act(n, -1, 1);
+    void *d_a = up_act(a, n), *d_b = up_act(b, n);
+    cpu->add_inplace(a + offset, b + offset, m, DT_F32);
+    gpu->add_inplace((char *)d_a + offset * eb, (char *)d_b + offset * eb, m, act);
+    if (act == DT_F32 && !offset) {
+      cpu->scale(a, 0.37f, n);
+      gpu->scale(d_a, 0.37f, n);
+      expect("add_inplace then scale", d_a, a, n, 0);
+    } else {
+      round_act(a, n);
+      expect_act(offset ? "add_inplace from an unaligned element" : "add_inplace (bf16), bit for bit",
+                 d_a, a, n, 0);
+    }
+    gpu->free(d_b);
+    free(a); free(b);
+  }
+  if (act == DT_BF16) {
+    float *a = rand_floats(n, -1, 1), *b = rand_floats(n, -1, 1);
+    float *d_a = up(a, n * 4), *d_b = up(b, n * 4);
+    cpu->add_inplace(a, b, n, DT_F32);
+    gpu->add_inplace(d_a, d_b, n, DT_F32);
+    expect("add_inplace of fp32 buffers in the bf16 mode", d_a, a, n, 0);
+    gpu->free(d_b);
+    free(a); free(b);
+  }
+}
+
+/* sum_into (fp32 buffers, every mode alike): adds into a device double that starts non-zero
+ * (a kernel that overwrites it is off by the start), squares or not, aligned or not (the
+ * scalar load path), twice from the same start for the same bits. The error is measured
+ * against the start plus the sum of |terms|: the GPU sums in another order than the CPU. */
+static void test_sum_into(const float *x, size_t n) {
+  float *d_x = up(x, n * 4);
+  for (int squares = 0; squares < 2; squares++)
+    for (int offset = 0; offset < 2; offset++) {
+      const double start = squares ? 1000.25 : -777.125;
+      size_t m = n - offset;
+      double c = start, mag = fabs(start);
+      cpu->sum_into(&c, x + offset, m, squares);
+      for (size_t i = offset; i < n; i++) mag += squares ? (double)x[i] * x[i] : fabs(x[i]);
+      double *d_acc = up(&start, sizeof start), *d_acc2 = up(&start, sizeof start);
+      gpu->sum_into(d_acc, d_x + offset, m, squares);
+      gpu->sum_into(d_acc2, d_x + offset, m, squares);
+      double g1, g2;
+      gpu->to_host(&g1, d_acc, sizeof g1);
+      gpu->to_host(&g2, d_acc2, sizeof g2);
+      double e = fabs(g1 - c) / mag;
+      char name[112];
+      snprintf(name, sizeof name, "sum_into%s%s, into %g", squares ? " of squares" : "",
+               offset ? " from an unaligned element" : "", start);
+      printf("%-4s %-62s rel err %.2e\n", mode, name, e);
+      CHECK(e <= 1e-12, "%s: %.17g vs %.17g", name, g1, c);
+      CHECK(!memcmp(&g1, &g2, sizeof g1), "%s is not deterministic: %.17g then %.17g", name, g1,
+            g2);
+      gpu->free(d_acc);
+      gpu->free(d_acc2);
+    }
+  gpu->free(d_x);
+}
+
+static void test_transpose(const float *x, int rows, int cols) {
+  float *t = xmalloc((size_t)rows * cols * 4), *d_t = poisoned((size_t)rows * cols);
+  float *d_x = up(x, (size_t)rows * cols * 4);
+  cpu->transpose(t, x, rows, cols);
+  gpu->transpose(d_t, d_x, rows, cols);
+  char name[112];
+  snprintf(name, sizeof name, "transpose %d x %d", rows, cols);
+  expect(name, d_t, t, (size_t)rows * cols, 0);
+  gpu->free(d_x);
+  free(t);
 }
 
 static void test_linear(int n, int in, int out_dim) {
   size_t nx = (size_t)n * in, nw = (size_t)out_dim * in, ny = (size_t)n * out_dim;
-  float *x = rand_floats(nx, -1, 1), *w = rand_floats(nw, -0.1, 0.1), *y = xmalloc(ny * 4);
+  float *x = rand_act(nx, -1, 1), *w = rand_act(nw, -0.1, 0.1), *y = xmalloc(ny * 4);
   cpu->linear_forward(y, x, w, n, in, out_dim);
-  float *d_x = up(x, nx * 4), *d_w = up(w, nw * 4), *d_y = poisoned(ny);
+  void *d_x = up_act(x, nx), *d_w = up_act(w, nw), *d_y = poisoned_act(ny);
   gpu->linear_forward(d_y, d_x, d_w, n, in, out_dim);
-  char name[96];
+  char name[112];
   snprintf(name, sizeof name, "linear forward %d x %d -> %d", n, in, out_dim);
-  expect(name, d_y, y, ny, TOL);
-  float *dy = rand_floats(ny, -1, 1), *dx = rand_floats(nx, -1, 1), *dw = rand_floats(nw, -1, 1);
-  float *dx0 = clone(dx, nx), *dw0 = clone(dw, nw);
-  float *d_dy = up(dy, ny * 4), *d_dx = up(dx, nx * 4), *d_dw = up(dw, nw * 4);
-  cpu->linear_backward(dx, dw, dy, x, w, n, in, out_dim);
+  expect_act(name, d_y, y, ny, tol);
+  float *dy = rand_act(ny, -1, 1);
+  struct acc dx, dw;
+  acc_init(&dx, nx, act);
+  acc_init(&dw, nw, DT_F32);
+  cpu->linear_backward(dx.ref, dw.ref, dy, x, w, n, in, out_dim);
+  acc_done(&dx);
+  acc_done(&dw);
+  void *d_dy = up_act(dy, ny), *d_dx = acc_up(&dx), *d_dw = acc_up(&dw);
+  void *d_dx2 = acc_up(&dx), *d_dw2 = acc_up(&dw);
   gpu->linear_backward(d_dx, d_dw, d_dy, d_x, d_w, n, in, out_dim);
+  gpu->linear_backward(d_dx2, NULL, d_dy, d_x, d_w, n, in, out_dim);   /* one gradient only */
+  gpu->linear_backward(NULL, d_dw2, d_dy, d_x, d_w, n, in, out_dim);
+  CHECK(same_bits(d_dx, d_dx2, nx * dtype_bytes(act)) && same_bits(d_dw, d_dw2, nw * 4),
+        "%s mode: linear backward of one gradient (NULL for the other) differs", mode);
+  gpu->free(d_dx2); gpu->free(d_dw2);
   snprintf(name, sizeof name, "linear backward dx %d x %d -> %d", n, in, out_dim);
-  expect_from(name, d_dx, dx, dx0, nx, TOL);
+  acc_expect(name, d_dx, &dx, tol);
   snprintf(name, sizeof name, "linear backward dw %d x %d -> %d", n, in, out_dim);
-  expect_from(name, d_dw, dw, dw0, nw, TOL);
-  free(dx0); free(dw0);
+  acc_expect(name, d_dw, &dw, tol);
   gpu->free(d_x); gpu->free(d_w); gpu->free(d_dy);
-  free(x); free(w); free(y); free(dy); free(dx); free(dw);
+  free(x); free(w); free(y); free(dy);
 }
 
-static void test_lm_head(int n, int dim, int vocab) {
+/* nll is device memory: poisoned, then copied down. With bad_target, an evaluation in which one
+ * row's target is >= vocab: that row's nll must be NaN (ops.h), every other row's unchanged. */
+static void test_lm_head(int n, int dim, int vocab, int bad_target) {
   size_t nx = (size_t)n * dim, nw = (size_t)vocab * dim;
-  float *x = rand_floats(nx, -1, 1), *w = rand_floats(nw, -0.2, 0.2);
+  float *x = rand_act(nx, -1, 1), *w = rand_act(nw, -0.2, 0.2);
   int32_t *tgt = rand_ints(n, 0, vocab);
   for (int i = 0; i < n; i += 7) tgt[i] = -1;   /* masked rows: no loss, no gradient */
-  float *nll = xmalloc(n * 4), *g_nll = xmalloc(n * 4);
-  float *dx = rand_floats(nx, -1, 1), *dw = rand_floats(nw, -1, 1);
-  float *dx0 = clone(dx, nx), *dw0 = clone(dw, nw);
-  float *d_x = up(x, nx * 4), *d_w = up(w, nw * 4), *d_dx = up(dx, nx * 4), *d_dw = up(dw, nw * 4);
-  int32_t *d_t = up(tgt, n * 4);
+  float *nll = xmalloc(n * 4);
+  struct acc dx, dw;
+  acc_init(&dx, nx, act);
+  acc_init(&dw, nw, DT_F32);
   float scale = 1.0f / n;
-  for (int i = 0; i < n; i++) g_nll[i] = NAN;
-  cpu->lm_head_loss(nll, dx, dw, x, w, tgt, n, dim, vocab, scale);
-  gpu->lm_head_loss(g_nll, d_dx, d_dw, d_x, d_w, d_t, n, dim, vocab, scale);
-  char name[96];
-  double e = rel_err(g_nll, nll, n);
+  cpu->lm_head_loss(nll, dx.ref, dw.ref, x, w, tgt, n, dim, vocab, scale);
+  acc_done(&dx);
+  acc_done(&dw);
+  void *d_x = up_act(x, nx), *d_w = up_act(w, nw), *d_dx = acc_up(&dx), *d_dw = acc_up(&dw);
+  int32_t *d_t = up(tgt, n * 4);
+  float *d_nll = poisoned(n);
+  gpu->lm_head_loss(d_nll, d_dx, d_dw, d_x, d_w, d_t, n, dim, vocab, scale);
+  char name[112];
   snprintf(name, sizeof name, "lm_head_loss nll n=%d dim=%d vocab=%d", n, dim, vocab);
-  printf("%-58s rel err %.2e\n", name, e);
-  CHECK(e <= TOL, "%s: rel err %.3e", name, e);
+  expect(name, d_nll, nll, n, tol);
   snprintf(name, sizeof name, "lm_head_loss dx vocab=%d", vocab);
-  expect_from(name, d_dx, dx, dx0, nx, TOL);
+  acc_expect(name, d_dx, &dx, tol);
   snprintf(name, sizeof name, "lm_head_loss dw vocab=%d", vocab);
-  expect_from(name, d_dw, dw, dw0, nw, TOL);
-  free(dx0); free(dw0);
+  acc_expect(name, d_dw, &dw, tol);
   /* evaluation: no gradients asked */
-  for (int i = 0; i < n; i++) g_nll[i] = NAN;
-  gpu->lm_head_loss(g_nll, NULL, NULL, d_x, d_w, d_t, n, dim, vocab, 0);
-  e = rel_err(g_nll, nll, n);
-  CHECK(e <= TOL, "lm_head_loss without gradients: rel err %.3e", e);
+  d_nll = poisoned(n);
+  gpu->lm_head_loss(d_nll, NULL, NULL, d_x, d_w, d_t, n, dim, vocab, 0);
+  snprintf(name, sizeof name, "lm_head_loss nll without gradients vocab=%d", vocab);
+  expect(name, d_nll, nll, n, tol);
+  if (bad_target) {
+    int bad = 3;
+    tgt[bad] = vocab;
+    gpu->to_device(d_t, tgt, n * 4);
+    d_nll = poisoned(n);
+    gpu->lm_head_loss(d_nll, NULL, NULL, d_x, d_w, d_t, n, dim, vocab, 0);
+    float *g = down(d_nll, n);
+    CHECK(isnan(g[bad]), "%s mode: lm_head_loss with target %d >= vocab: nll %g, not NaN", mode,
+          vocab, g[bad]);
+    g[bad] = nll[bad] = 0;
+    gpu->to_device(d_nll, g, n * 4);
+    snprintf(name, sizeof name, "lm_head_loss nll of the other rows, one target >= vocab");
+    expect(name, d_nll, nll, n, tol);
+    free(g);
+  }
   gpu->free(d_x); gpu->free(d_w); gpu->free(d_t);
-  free(x); free(w); free(tgt); free(nll); free(g_nll); free(dx); free(dw);
+  free(x); free(w); free(tgt); free(nll);
 }
 
-static void test_adamw(size_t n) {
+/* With `copy`, the update also writes the weight copy in the activation dtype, which must be
+ * bit for bit the conversion of the updated masters. */
+static void test_adamw(size_t n, int copy) {
   float *p = rand_floats(n, -1, 1), *g = rand_floats(n, -1, 1), *m = rand_floats(n, -0.1, 0.1);
   float *v = rand_floats(n, 0, 0.01), *p0 = clone(p, n);
   float *d_p = up(p, n * 4), *d_g = up(g, n * 4), *d_m = up(m, n * 4), *d_v = up(v, n * 4);
-  cpu->adamw_update(p, g, m, v, n, 3e-4f, 0.9f, 0.95f, 1e-8f, 0.1f, 7);
-  gpu->adamw_update(d_p, d_g, d_m, d_v, n, 3e-4f, 0.9f, 0.95f, 1e-8f, 0.1f, 7);
+  size_t ab = dtype_bytes(act);
+  void *d_copy = copy ? gpu->alloc(n * ab) : NULL, *d_want = copy ? gpu->alloc(n * ab) : NULL;
+  if (copy) {   /* poisoned: NaN in either dtype */
+    float *nan = xmalloc(n * 4);
+    for (size_t i = 0; i < n; i++) nan[i] = NAN;
+    float *d_nan = up(nan, n * 4);
+    gpu->convert(d_copy, act, d_nan, DT_F32, n);
+    gpu->free(d_nan);
+    free(nan);
+  }
+  /* clipped (the update sees fp32(g * scale)); the GPU also leaves its gradient zero */
+  struct adamw_step st = {3e-4f, 0.9f, 0.95f, 1e-8f, 0.1f, 0.625f, 7};
+  cpu->adamw_update(p, NULL, g, m, v, n, &st, 0);
+  gpu->adamw_update(d_p, d_copy, d_g, d_m, d_v, n, &st, 1);
+  float *g_left = down(d_g, n);
+  double left = 0;
+  for (size_t i = 0; i < n; i++) left += fabs(g_left[i]);
+  CHECK(left == 0, "%s mode: adamw with zero_grad left a gradient of L1 norm %g", mode, left);
+  free(g_left);
+  if (copy) {
+    gpu->convert(d_want, act, d_p, DT_F32, n);
+    char *h_copy = xmalloc(n * ab), *h_want = xmalloc(n * ab);
+    gpu->to_host(h_copy, d_copy, n * ab);
+    gpu->to_host(h_want, d_want, n * ab);
+    int same = !memcmp(h_copy, h_want, n * ab);
+    printf("%-4s %-62s %s\n", mode, "adamw weight copy = convert(updated params)",
+           same ? "identical" : "DIFFERENT");
+    CHECK(same, "%s mode: the weight copy written by adamw differs from the updated params", mode);
+    free(h_copy);
+    free(h_want);
+    gpu->free(d_copy);
+    gpu->free(d_want);
+  }
   expect_from("adamw update of the params", d_p, p, p0, n, 1e-5);
   free(p0);
   expect("adamw first moments", d_m, m, n, 1e-6);
@@ -367,7 +805,7 @@ static void check_quantize(const char *what, const float *x, int rows, int cols,
   float g_dec = gpu->nvfp4_quantize_dequantize(d_q, d_x, rows, cols, tiles, sr, seed);
   float *g_q = down(d_q, n);
   int same = isnan(dec) ? isnan(g_dec) : (dec == g_dec && !memcmp(q, g_q, n * 4));
-  printf("%-58s %s\n", what, same ? "identical" : "DIFFERENT");
+  printf("%-4s %-62s %s\n", mode, what, same ? "identical" : "DIFFERENT");
   CHECK(same, "%s: S_dec %g vs %g, bytes %s", what, g_dec, dec,
         memcmp(q, g_q, n * 4) ? "differ" : "equal");
   /* in place (xq aliases x) gives the same */
@@ -386,7 +824,7 @@ static void test_nvfp4(void) {
   size_t n = (size_t)rows * cols;
   float *x = rand_floats(n, -3, 3);
   const char *kinds[2] = {"1x16", "16x16"};
-  char name[96];
+  char name[112];
   for (int tiles = 0; tiles < 2; tiles++)
     for (int sr = 0; sr < 2; sr++) {
       snprintf(name, sizeof name, "nvfp4 %s %s random", kinds[tiles], sr ? "SR" : "RN");
@@ -429,49 +867,269 @@ static void test_nvfp4(void) {
   free(x); free(y); free(r); free(a); free(b); free(c);
 }
 
+/* ---- convert ------------------------------------------------------------------------------ */
+
+/* f32 -> bf16 over n values from src element s0 into dst element d0 of a poisoned buffer of
+ * n + d0 + 1: bit for bit the host's round-to-nearest-even (a NaN only has to stay a NaN), and
+ * the elements around the range still poisoned. */
+static void check_to_bf16(const char *what, const uint32_t *bits, size_t n, size_t s0,
+                          size_t d0) {
+  size_t total = n + d0 + 1;
+  float *d_src = up(bits, (n + s0) * 4);
+  uint16_t *d_dst = poisoned_as(total, DT_BF16);
+  gpu->convert(d_dst + d0, DT_BF16, (float *)d_src + s0, DT_F32, n);
+  uint16_t *h = down_raw(d_dst, total * 2);
+  size_t wrong = 0, first = 0;
+  for (size_t i = 0; i < n; i++) {
+    float f = f32_of_bits(bits[s0 + i]);
+    uint16_t got = h[d0 + i];
+    int ok = isnan(f) ? bf16_isnan(got) : got == bf16_of(f);
+    if (!ok && !wrong++) first = i;
+  }
+  int outside = h[total - 1] == BF16_NAN && (d0 == 0 || h[0] == BF16_NAN);
+  printf("%-4s %-62s %s\n", mode, what, !wrong && outside ? "identical" : "DIFFERENT");
+  CHECK(!wrong, "%s: %zu of %zu values differ, first f32 0x%08x gives bf16 0x%04x, not 0x%04x",
+        what, wrong, n, wrong ? bits[s0 + first] : 0, wrong ? h[d0 + first] : 0,
+        wrong ? bf16_of(f32_of_bits(bits[s0 + first])) : 0);
+  CHECK(outside, "%s: wrote outside its range", what);
+  gpu->free(d_src);
+  gpu->free(d_dst);
+  free(h);
+}
+
+static void test_convert(void) {
+  /* exact ties (even below, odd above), either side of a tie, negative ties, the largest finite
+   * values (FLT_MAX and a tie at the top round to inf), infinities, quiet and signalling NaNs
+   * (0x7f800001 would become inf if truncated), subnormals and their ties, zeros */
+  static const uint32_t special[] = {
+      0x3f808000, 0x3f818000, 0x3f807fff, 0x3f808001, 0xbf808000, 0xbf818000, 0xc0a08000,
+      0x4b7f8000, 0x7f7fffff, 0x7f7f8000, 0x7f7f7fff, 0xff7fffff, 0xff7f8000, 0x7f800000,
+      0xff800000, 0x7fc00000, 0xffc00000, 0x7f800001, 0xff800001, 0x7fffffff, 0x00000001,
+      0x00008000, 0x00018000, 0x007fffff, 0x80018000, 0x00800000, 0x00000000, 0x80000000,
+      0x3f800000, 0x42f6e979, 0xc2f6e979, 0x501502f9, 0xd01502f9, 0x0d7fc000,
+  };
+  size_t ns = sizeof special / sizeof special[0];
+  size_t n = ((size_t)1 << 20) + 3;   /* not a multiple of 4: a tail after the vector path */
+  uint32_t *bits = xmalloc(n * 4);
+  for (size_t i = 0; i < n; i++) {
+    if (i < ns) bits[i] = special[i];
+    else if (i % 2) bits[i] = (uint32_t)splitmix64(&rng);   /* every exponent, NaN and inf */
+    else bits[i] = bits_of_f32((float)uniform(-1e3, 1e3));
+  }
+  check_to_bf16("convert f32 -> bf16 (vector path)", bits, n, 0, 0);
+  check_to_bf16("convert f32 -> bf16 unaligned (scalar path)", bits, n - 1, 1, 1);
+
+  /* bf16 -> f32: every one of the 65536 bit patterns, exact (a NaN stays a NaN) */
+  size_t nb = 65536 + 3;
+  uint16_t *b = xmalloc(nb * 2);
+  for (size_t i = 0; i < nb; i++) b[i] = (uint16_t)(i & 0xffff);
+  void *d_b = up(b, nb * 2);
+  for (int offset = 0; offset < 2; offset++) {
+    size_t m = nb - offset;
+    float *d_f = poisoned(m);
+    gpu->convert(d_f, DT_F32, (uint16_t *)d_b + offset, DT_BF16, m);
+    float *h = down(d_f, m);
+    size_t wrong = 0;
+    for (size_t i = 0; i < m; i++) {
+      uint16_t x = b[offset + i];
+      if (bf16_isnan(x) ? !isnan(h[i]) : bits_of_f32(h[i]) != (uint32_t)x << 16) wrong++;
+    }
+    const char *what = offset ? "convert bf16 -> f32 unaligned, all 65536 values"
+                              : "convert bf16 -> f32, all 65536 values";
+    printf("%-4s %-62s %s\n", mode, what, wrong ? "DIFFERENT" : "exact");
+    CHECK(!wrong, "%s: %zu values differ", what, wrong);
+    gpu->free(d_f);
+    free(h);
+  }
+
+  /* the same type: a copy of the bytes, NaN payloads included */
+  float *d_src = up(bits, n * 4), *d_dst = poisoned(n);
+  gpu->convert(d_dst, DT_F32, d_src, DT_F32, n);
+  CHECK(same_bits(d_dst, d_src, n * 4), "convert f32 -> f32 is not a copy");
+  uint16_t *d_b2 = poisoned_as(nb, DT_BF16);
+  gpu->convert(d_b2, DT_BF16, d_b, DT_BF16, nb);
+  CHECK(same_bits(d_b2, d_b, nb * 2), "convert bf16 -> bf16 is not a copy");
+  printf("%-4s %-62s checked\n", mode, "convert to the same type: a copy");
+  gpu->free(d_src); gpu->free(d_dst); gpu->free(d_b); gpu->free(d_b2);
+  free(bits); free(b);
+}
+
+/* ---- the mode's environment variable ------------------------------------------------------- */
+
+static void exit_now(int code) { _exit(code); }
+
+/* cuda_precision in a child process per case (it dies on what it refuses; the child leaves
+ * through _exit, so nothing of the parent's CUDA state runs at its exit): the mode each
+ * QWEN3_CUDA_PRECISION gives, and QWEN3_CUDA_TF32 refused naming its replacement. */
+static void test_precision_env(void) {
+  static const struct {
+    const char *precision, *old_tf32;
+    int act, tf32;   /* act -1: refused */
+  } cases[] = {
+      {NULL, NULL, DT_BF16, 1}, {"bf16", NULL, DT_BF16, 1}, {"tf32", NULL, DT_F32, 1},
+      {"fp32", NULL, DT_F32, 0}, {"fp16", NULL, -1, 0},      {NULL, "0", -1, 0},
+      {"fp32", "1", -1, 0},
+  };
+  for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
+    int fds[2];
+    if (pipe(fds) != 0) die("test: pipe failed");
+    fflush(stdout);
+    fflush(stderr);
+    pid_t pid = fork();
+    if (pid < 0) die("test: fork failed");
+    if (pid == 0) {
+      close(fds[0]);
+      dup2(fds[1], 2);
+      g_abort_hook = exit_now;
+      if (cases[c].precision) setenv("QWEN3_CUDA_PRECISION", cases[c].precision, 1);
+      else unsetenv("QWEN3_CUDA_PRECISION");
+      if (cases[c].old_tf32) setenv("QWEN3_CUDA_TF32", cases[c].old_tf32, 1);
+      else unsetenv("QWEN3_CUDA_TF32");
+      enum dtype a;
+      int t;
+      cuda_precision(&a, &t);
+      _exit(10 + 2 * (int)a + t);
+    }
+    close(fds[1]);
+    char msg[1024];
+    size_t len = 0;
+    ssize_t r;
+    while (len < sizeof msg - 1 && (r = read(fds[0], msg + len, sizeof msg - 1 - len)) > 0)
+      len += (size_t)r;
+    msg[len] = 0;
+    close(fds[0]);
+    int status = 0;
+    waitpid(pid, &status, 0);
+    int code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+    char what[160];
+    snprintf(what, sizeof what, "QWEN3_CUDA_PRECISION=%s%s%s", cases[c].precision
+             ? cases[c].precision : "(unset)", cases[c].old_tf32 ? " QWEN3_CUDA_TF32=" : "",
+             cases[c].old_tf32 ? cases[c].old_tf32 : "");
+    if (cases[c].act >= 0) {
+      int want = 10 + 2 * cases[c].act + cases[c].tf32;
+      CHECK(code == want, "%s: mode %d, expected %d (%s)", what, code, want, msg);
+    } else {
+      CHECK(code == 1 && strstr(msg, "QWEN3_CUDA_PRECISION"),
+            "%s: not refused naming QWEN3_CUDA_PRECISION (exit %d, \"%s\")", what, code, msg);
+    }
+  }
+  printf("%-4s %-62s checked\n", "", "QWEN3_CUDA_PRECISION modes, QWEN3_CUDA_TF32 refused");
+}
+
+/* Packed documents for test_attention: uneven lengths, one-token documents, documents across the
+ * 64- and 128-row tiles of the kernels and across the end of a sequence (into the next one). */
+static const int DOCS[] = {1, 37, 100, 90, 5, 1, 40, 0};
+
 int main(void) {
   if (cuda_device_count() == 0) {
     printf("test_cuda_ops: no GPU; skipped\n");
     return 77;
   }
-  setenv("QWEN3_CUDA_TF32", "0", 1);        /* the exact fp32 mode */
-  setenv("QWEN3_CUDA_SCRATCH_MB", "64", 1);  /* small arena: the LM head runs in several chunks */
+  test_precision_env();
+  unsetenv("QWEN3_CUDA_TF32");
+  setenv("QWEN3_CUDA_PRECISION", "fp32", 1);   /* the exact fp32 mode */
+  setenv("QWEN3_CUDA_SCRATCH_MB", "64", 1);    /* small arena: the LM head runs in several chunks */
   gpu = &backend_cuda;
   gpu->init(0, 1);
   cpu->init(0, 1);
+  CHECK(cuda_ctx.act == DT_F32 && cuda_ctx.tf32 == 0,
+        "QWEN3_CUDA_PRECISION=fp32 gave activations %d, tf32 %d", (int)cuda_ctx.act,
+        cuda_ctx.tf32);
 
+  set_mode("fp32", DT_F32, 0, TOL);
   test_embedding(300, 96, 500);
   test_rmsnorm(200, 2560);
   test_rmsnorm(37, 64);
   test_qk_norm_rope(130, 4, 128, 5e6, 40000);
   test_qk_norm_rope(77, 6, 16, 1e4, 300);
-  test_attention(2, 77, 77, 77, 4, 2, 16);
-  test_attention(1, 64, 64, 64, 6, 3, 8);
-  test_attention(1, 300, 300, 300, 8, 2, 128);
-  test_attention(1, 257, 257, 257, 32, 8, 128);
-  test_attention(2, 130, 130, 130, 4, 4, 64);
-  test_attention(1, 1, 300, 512, 8, 2, 128);    /* decode: one query against a cache */
-  test_attention(1, 5, 100, 128, 4, 2, 16);     /* a prefill continuing a cache */
-  /* the TF32 mode's tensor-core attention (head_dim 64 and 128, 16 queries or more) against
-   * the CPU: TF32 rounds operands to 10 mantissa bits, so 3e-3 relative */
-  cuda_ctx.tf32 = 1;
-  attn_tol = 3e-3;
-  test_attention(2, 80, 80, 80, 4, 2, 64);
-  test_attention(1, 100, 100, 100, 2, 1, 128);
-  test_attention(1, 16, 16, 16, 8, 2, 64);
-  test_attention(1, 512, 512, 512, 32, 8, 128);
-  test_attention(2, 40, 150, 160, 4, 4, 128);   /* queries after a cache */
-  test_attention(1, 130, 200, 210, 3, 1, 64);
-  test_attention(1, 1, 100, 128, 8, 2, 128);    /* decode stays on the fp32 kernels */
-  cuda_ctx.tf32 = 0;
-  attn_tol = TOL;
-  test_elementwise(333 * 517);
+  test_attention(2, 77, 77, 77, 4, 2, 16, NULL);
+  test_attention(1, 64, 64, 64, 6, 3, 8, NULL);
+  test_attention(1, 300, 300, 300, 8, 2, 128, NULL);
+  test_attention(1, 257, 257, 257, 32, 8, 128, NULL);
+  test_attention(2, 130, 130, 130, 4, 4, 64, NULL);
+  test_attention(1, 1, 300, 512, 8, 2, 128, NULL);    /* decode: one query against a cache */
+  test_attention(1, 5, 100, 128, 4, 2, 16, NULL);     /* a prefill continuing a cache */
+  /* document masking, the generic kernels (key splits included) */
+  test_attention(2, 200, 200, 200, 4, 2, 16, DOCS);
+  test_attention(2, 300, 300, 300, 4, 2, 64, DOCS);
+  test_attention(2, 300, 300, 320, 8, 2, 128, DOCS);  /* k_stride > tk */
+  test_attention(1, 1, 300, 512, 8, 2, 128, DOCS);    /* decode: an empty key split */
+  test_attention(1, 5, 100, 128, 4, 2, 16, DOCS);     /* a prefill continuing a cache */
+
+  /* the TF32 mode: TF32 in the GEMMs (attention runs the fp32 kernels, checked above) */
+  set_mode("tf32", DT_F32, 1, TF32_TOL);
+  test_linear(256, 2560, 1024);
+  test_lm_head(70, 64, 1000, 1);
+
+  set_mode("fp32", DT_F32, 0, TOL);
+  size_t ne = 333 * 517;
+  test_swiglu(ne);
+  test_add_inplace(ne);
+  float *x = rand_floats(ne, -4, 4);
+  test_sum_into(x, ne);
+  test_transpose(x, 333, 517);
+  free(x);
   test_linear(100, 96, 160);
   test_linear(256, 2560, 1024);
-  test_lm_head(70, 64, 1000);
-  test_lm_head(300, 128, 151936);   /* three chunks of the arena at the real vocabulary */
-  test_adamw(100003);
+  test_lm_head(70, 64, 1000, 1);
+  test_lm_head(300, 128, 151936, 0);   /* several chunks of the arena at the real vocabulary */
+  test_adamw(100003, 0);
   test_nvfp4();
+
+  /* the default mode: bf16 activations and weight copy */
+  set_mode("bf16", DT_BF16, 1, BF16_TOL);
+  test_convert();
+  test_embedding(300, 96, 500);
+  test_embedding(77, 50, 300);                  /* rows not a multiple of 4: the scalar copy */
+  test_rmsnorm(200, 2560);
+  test_rmsnorm(37, 64);
+  test_qk_norm_rope(130, 4, 128, 5e6, 40000);
+  test_qk_norm_rope(77, 6, 16, 1e4, 300);
+  /* the bf16 tensor-core attention: head_dim 64 and 128, 16 queries or more; GQA, batch 2,
+   * T not a multiple of 16 or 64 */
+  test_attention(2, 80, 80, 80, 8, 2, 64, NULL);
+  test_attention(1, 200, 200, 200, 8, 2, 128, NULL);
+  test_attention(2, 130, 130, 130, 4, 4, 64, NULL);
+  test_attention(1, 100, 100, 100, 2, 1, 128, NULL);
+  test_attention(1, 16, 16, 16, 8, 2, 64, NULL);
+  test_attention(2, 200, 200, 200, 8, 2, 64, NULL);
+  test_attention(1, 512, 512, 512, 32, 8, 128, NULL);
+  test_attention(2, 40, 150, 160, 4, 4, 128, NULL);   /* queries after a cache */
+  test_attention(1, 130, 200, 210, 3, 1, 64, NULL);
+  /* document masking on the tensor cores: dK/dV with the group cut in parts, and in place */
+  test_attention(2, 200, 200, 200, 8, 2, 64, DOCS);
+  test_attention(2, 300, 300, 300, 8, 2, 128, DOCS);
+  test_attention(2, 300, 300, 300, 4, 4, 64, DOCS);
+  test_attention(2, 40, 150, 160, 4, 4, 128, DOCS);   /* queries after a cache */
+  {
+    /* an arena too small for the dK/dV planes of a group: one block per kv head instead */
+    size_t arena = cuda_ctx.scratch_bytes;
+    cuda_ctx.scratch_bytes = (size_t)1 << 20;
+    printf("     (scratch arena cut to 1 MiB for the next shape)\n");
+    test_attention(1, 200, 200, 200, 8, 2, 128, NULL);
+    cuda_ctx.scratch_bytes = arena;
+  }
+  /* the generic kernels on bf16 storage: decode (one query against a cache, k_stride > tk),
+   * fewer than 16 queries, head_dim 16 and 8 */
+  test_attention(1, 1, 300, 512, 8, 2, 128, NULL);
+  test_attention(2, 1, 100, 128, 8, 2, 64, NULL);
+  test_attention(1, 15, 15, 15, 4, 2, 64, NULL);
+  test_attention(2, 77, 77, 77, 4, 2, 16, NULL);
+  test_attention(1, 200, 200, 200, 8, 2, 16, NULL);
+  test_attention(1, 5, 100, 128, 4, 2, 16, NULL);     /* a prefill continuing a cache */
+  test_attention(1, 64, 64, 64, 6, 3, 8, NULL);
+  test_attention(2, 200, 200, 200, 4, 2, 16, DOCS);  /* document masking */
+  test_attention(1, 1, 300, 512, 8, 2, 128, DOCS);
+  test_swiglu(ne);
+  test_swiglu(1001);                            /* not a multiple of 4 */
+  test_add_inplace(ne);
+  test_linear(100, 96, 160);
+  test_linear(256, 2560, 1024);
+  test_lm_head(70, 64, 1000, 1);
+  test_lm_head(300, 128, 151936, 0);
+  test_adamw(100003, 1);
+  test_adamw(1001, 1);                          /* odd length: the scalar tail */
+
   size_t in_use, peak;
   gpu->memory(&in_use, &peak);
   printf("device memory: %.1f MiB in use at the end (arena included), %.1f MiB peak\n",

@@ -1,14 +1,20 @@
 #!/usr/bin/env bash
 # The whole engine on the GPU against the CPU reference, with the tiny job (label `gpu`):
-#  - 20 steps in the exact fp32 mode (QWEN3_CUDA_TF32=0): every step's loss within 1e-4
-#    relative of the CPU's; in the default TF32 mode within 2% (also with head_dim 64, where
-#    attention runs on the tensor cores);
+#  - 20 steps in the default bf16 mode (QWEN3_CUDA_PRECISION unset): every step's loss within
+#    2% relative of the CPU's, also with head_dim 64 (bf16 tensor-core attention; the tiny
+#    model's 16 runs the generic kernels on bf16 storage);
+#  - 20 steps in the exact fp32 mode (QWEN3_CUDA_PRECISION=fp32): every step's loss within 1e-4
+#    relative of the CPU's; in the tf32 mode (TF32 GEMMs) within 2%;
+#  - QWEN3_CUDA_TF32, which QWEN3_CUDA_PRECISION replaced, is refused;
 #  - NVFP4 training in the fp32 mode: 5 steps within 1e-5 of the CPU's losses, 20 within 2e-4;
-#  - 1, 2 and 4 pipeline processes sharing the one GPU: identical losses;
-#  - a resumed GPU run equals the uninterrupted one bit for bit;
+#    in the bf16 mode (activations rounded to bf16 before they are quantized) within 2%;
+#  - packed samples (document masking), head_dim 16 and 64: within 1e-4 (fp32) and 2% (bf16);
+#  - 1, 2 and 4 pipeline processes sharing the one GPU: identical losses (also in bf16, 1 and 2);
+#  - a resumed GPU run equals the uninterrupted one bit for bit (fp32 and bf16);
 #  - a GPU checkpoint evaluated on the CPU, and a CPU checkpoint resumed on the GPU;
 #  - the Hugging Face evaluations (greedy continuations and scores, KV cache on and off) of
 #    tests/mpi/test_hf_eval.sh, on the GPU.
+# Everything after the comparisons of the three modes runs in the fp32 mode.
 # Without a GPU or a CUDA build it says so and exits 77 (skipped).
 # Usage: bash tests/gpu/test_gpu_train.sh BUILD_DIR
 set -u
@@ -57,25 +63,41 @@ compare() {
   result $ok "$1 (worst relative difference $worst)" "$(paste <(echo "$a") <(echo "$b") | head -n 5 | tr '\n' ';')"
 }
 
-export QWEN3_CUDA_TF32=0
+# the mode comes from QWEN3_CUDA_PRECISION alone: the caller's environment does not choose it
+unset QWEN3_CUDA_PRECISION QWEN3_CUDA_TF32
 run 1 "$work/cpu" CPU
 result $((rc == 0)) "CPU: 20 steps" "exit $rc"
+# head_dim 64 takes the bf16 mode's tensor-core attention (the tiny model's 16 does not)
+run 1 "$work/cpu_hd64" CPU --set model.head_dim=64
+result $((rc == 0)) "CPU, head_dim 64: 20 steps" "exit $rc"
+
+# the default mode, bf16 activations and weight copy (QWEN3_CUDA_PRECISION unset)
+run 1 "$work/bf16" CUDA
+ok=0
+[ $rc = 0 ] && grep -q "backend cuda" "$log" && ok=1
+result $ok "CUDA bf16 mode (the default): 20 steps on the GPU" "exit $rc"
+compare "CUDA bf16 mode: every step's loss within 2% of the CPU's" "$work/cpu" "$work/bf16" 2e-2
+run 1 "$work/bf16_hd64" CUDA --set model.head_dim=64
+result $((rc == 0)) "CUDA bf16 mode, head_dim 64: 20 steps" "exit $rc"
+compare "CUDA bf16 mode, tensor-core attention: every step's loss within 2% of the CPU's" \
+  "$work/cpu_hd64" "$work/bf16_hd64" 2e-2
+
+# the variable QWEN3_CUDA_PRECISION replaced is refused, not ignored
+QWEN3_CUDA_TF32=0 run 1 "$work/old_variable" CUDA
+ok=0
+[ $rc != 0 ] && grep -q "QWEN3_CUDA_PRECISION" "$log" && ok=1
+result $ok "QWEN3_CUDA_TF32=0 is refused, naming QWEN3_CUDA_PRECISION" "exit $rc"
+
+export QWEN3_CUDA_PRECISION=fp32
 run 1 "$work/gpu" CUDA
 ok=0
 [ $rc = 0 ] && grep -q "backend cuda" "$log" && ok=1
 result $ok "CUDA fp32 mode: 20 steps on the GPU" "exit $rc"
 compare "CUDA fp32 mode: every step's loss within 1e-4 of the CPU's" "$work/cpu" "$work/gpu" 1e-4
 
-QWEN3_CUDA_TF32=1 run 1 "$work/tf32" CUDA
+QWEN3_CUDA_PRECISION=tf32 run 1 "$work/tf32" CUDA
 result $((rc == 0)) "CUDA TF32 mode: 20 steps" "exit $rc"
 compare "CUDA TF32 mode: every step's loss within 2% of the CPU's" "$work/cpu" "$work/tf32" 2e-2
-# head_dim 64 takes the TF32 mode's tensor-core attention (the tiny model's 16 does not)
-run 1 "$work/cpu_hd64" CPU --set model.head_dim=64
-result $((rc == 0)) "CPU, head_dim 64: 20 steps" "exit $rc"
-QWEN3_CUDA_TF32=1 run 1 "$work/tf32_hd64" CUDA --set model.head_dim=64
-result $((rc == 0)) "CUDA TF32 mode, head_dim 64: 20 steps" "exit $rc"
-compare "CUDA TF32 mode, tensor-core attention: every step's loss within 2% of the CPU's" \
-  "$work/cpu_hd64" "$work/tf32_hd64" 2e-2
 
 # NVFP4 on every layer: the GPU's quantizers are the CPU's byte for byte, so in the fp32 mode
 # the losses follow the CPU's (stochastic rounding draws the same numbers on both)
@@ -89,6 +111,51 @@ compare "CUDA fp32 mode, NVFP4: steps 1-5 within 1e-5 of the CPU's" \
   "$work/cpu_nvfp4" "$work/gpu_nvfp4" 1e-5 0 5
 compare "CUDA fp32 mode, NVFP4: steps 1-20 within 2e-4 of the CPU's" \
   "$work/cpu_nvfp4" "$work/gpu_nvfp4" 2e-4
+# in the bf16 mode the recipe starts from bf16 activations (converted to fp32 at its boundary)
+QWEN3_CUDA_PRECISION=bf16 run 1 "$work/bf16_nvfp4" CUDA --set precision.linear=NVFP4 \
+  --set precision.bf16_last_layers=0
+result $((rc == 0)) "CUDA bf16 mode, NVFP4: 20 steps" "exit $rc"
+compare "CUDA bf16 mode, NVFP4: every step's loss within 2% of the CPU's" \
+  "$work/cpu_nvfp4" "$work/bf16_nvfp4" 2e-2
+
+# Packed samples (data.pack): 150 documents of 3 to 60 tokens, several to a sequence, so the
+# attention masks documents (attn_shape.doc_start); head_dim 64 takes the bf16 tensor cores
+awk -v seed=7 'BEGIN { srand(seed); for (d = 0; d < 150; d++) { n = 3 + int(rand() * 58);
+  s = ""; for (i = 0; i < n; i++) s = s (i ? " " : "") int(rand() * 256); print s } }' \
+  > "$work/docs.ids"
+"$build/qwen3-prep" build --format ids --vocab-size 256 --quiet --out "$work/docs.h5" \
+  "$work/docs.ids" > "$log" 2>&1
+result $(($? == 0)) "a shard of 150 short documents" "$(tail -n 3 "$log")"
+for hd in 16 64; do
+  pack=(--set data.train="$work/docs.h5" --set data.pack=true --set model.head_dim=$hd)
+  run 1 "$work/cpu_pack$hd" CPU "${pack[@]}"
+  result $((rc == 0)) "CPU, packed samples, head_dim $hd: 20 steps" "exit $rc"
+  QWEN3_CUDA_PRECISION=fp32 run 1 "$work/gpu_pack$hd" CUDA "${pack[@]}"
+  result $((rc == 0)) "CUDA fp32 mode, packed samples, head_dim $hd: 20 steps" "exit $rc"
+  compare "CUDA fp32 mode, packed samples, head_dim $hd: every step's loss within 1e-4 of the CPU's" \
+    "$work/cpu_pack$hd" "$work/gpu_pack$hd" 1e-4
+  QWEN3_CUDA_PRECISION=bf16 run 1 "$work/bf16_pack$hd" CUDA "${pack[@]}"
+  result $((rc == 0)) "CUDA bf16 mode, packed samples, head_dim $hd: 20 steps" "exit $rc"
+  compare "CUDA bf16 mode, packed samples, head_dim $hd: every step's loss within 2% of the CPU's" \
+    "$work/cpu_pack$hd" "$work/bf16_pack$hd" 2e-2
+done
+
+# bf16 mode: the optimizer writes the weight copy in its own pass, overlapping the next step,
+# and a resume converts it from the masters: layouts and resume must still agree bit for bit
+for np in 1 2; do
+  QWEN3_CUDA_PRECISION=bf16 run $np "$work/bf16_pp$np" CUDA --set parallel.pipeline_stages=$np \
+    --set model.num_layers=4
+  result $((rc == 0)) "CUDA bf16 mode: $np pipeline process(es) on one GPU, 4 layers" "exit $rc"
+done
+compare "CUDA bf16 mode: 2 pipeline stages give the losses of 1, bit for bit" \
+  "$work/bf16_pp1" "$work/bf16_pp2" 0
+mkdir -p "$work/bf16_resumed/checkpoints"
+cp -r "$work/bf16/checkpoints/step_00000010" "$work/bf16_resumed/checkpoints/"
+ln -s step_00000010 "$work/bf16_resumed/checkpoints/latest"
+QWEN3_CUDA_PRECISION=bf16 run 1 "$work/bf16_resumed" CUDA
+result $((rc == 0)) "CUDA bf16 mode: resume from step 10" "exit $rc"
+compare "CUDA bf16 mode: steps 11-20 resumed equal the straight run, bit for bit" \
+  "$work/bf16" "$work/bf16_resumed" 0 10
 
 # the tiny model has 2 layers: the layouts are compared on a 4-layer one
 for np in 1 2 4; do

@@ -2,9 +2,12 @@
 # Checkpoints of the tiny job under mpirun (2 pipeline stages): the files on disk (h5ls shows
 # every tensor by its Hugging Face name, model.h5 links to them, keep_last), SIGTERM to the ranks
 # and SIGUSR1 to mpirun (save at the step reached, exit 0, resume continues), SIGKILL at random
-# moments with a checkpoint every step (the previous checkpoint always loads), a stale .tmp
-# directory, damage refused naming the file and tensor (a flipped byte, a truncated or missing
-# stage file, another model shape), and init.checkpoint from qwen3-convert's output.
+# moments with a checkpoint every step (the previous checkpoint always loads), a stop signal
+# while a save is still being written (committed whole; resumes bit for bit), a rank slow to
+# write (the commit waits for it while training goes on), a stage file that cannot be written
+# (the run fails naming it; `latest` stays), a stale .tmp directory, damage refused naming the
+# file and tensor (a flipped byte, a truncated or missing stage file, another model shape), and
+# init.checkpoint from qwen3-convert's output.
 # Usage: bash tests/mpi/test_checkpoint.sh BUILD_DIR
 set -u
 source tests/mpi/lib.sh
@@ -116,6 +119,76 @@ for delay in 0.3 0.5 0.7; do
     [ -z "$(ls -d "$out"/checkpoints/*.tmp 2>/dev/null)" ] && ok=1
   result $ok "SIGKILL after ${delay}s: resumes from latest (step $n), stale .tmp removed" "exit $rc"
 done
+
+# --- the save in flight: a stop signal waits for it, saves, waits for that; resumes exactly ----
+# checkpoint.every=1: the ranks' threads are still writing one step's files while the next step
+# trains. SIGTERM must commit that save, save the step reached and commit it before exiting 0;
+# a resumed run then logs the same losses, bit for bit, as a run that never stopped.
+losses_after() {   # losses_after FILE STEP: "step loss" of the steps after STEP
+  grep -o '"step":[0-9]*,"loss":[^,]*' "$1" | awk -F'[:,]' -v s="$2" '$2 > s {print $2, $4}'
+}
+out=$work/inflight
+start "$out" --set checkpoint.every=1 --set checkpoint.keep_last=2
+ok=0
+wait_steps "$out" 4 && kill -TERM $(ranks "$job_pid")
+wait "$job_pid"
+rc=$?
+n=$(last_step "$out")
+[ $rc = 0 ] && [ "$(readlink "$out/checkpoints/latest")" = "$(printf step_%08d "$n")" ] &&
+  [ -f "$out/checkpoints/$(printf step_%08d "$n")/stage_001_of_002.h5" ] &&
+  [ -d "$out/checkpoints/$(printf step_%08d $((n - 1)))" ] &&
+  [ -z "$(ls -d "$out"/checkpoints/*.tmp 2>/dev/null)" ] && ok=1
+result $ok "SIGTERM with a save in flight: steps $((n - 1)) and $n committed, no .tmp left" "exit $rc"
+mv "$out/metrics.jsonl" "$out/first.jsonl"
+run "$out" --set train.steps=$((n + 3)) --set checkpoint.every=1 --set checkpoint.keep_last=2
+rc_resumed=$rc
+resumed=$(losses_after "$out/metrics.jsonl" "$n")
+run "$work/straight" --set train.steps=$((n + 3)) --set checkpoint.every=-1
+straight=$(losses_after "$work/straight/metrics.jsonl" "$n")
+ok=0
+[ $rc_resumed = 0 ] && [ $rc = 0 ] && [ "$(echo "$resumed" | wc -l)" = 3 ] &&
+  [ "$resumed" = "$straight" ] && ok=1
+result $ok "the save in flight at the signal resumes bit for bit (steps $((n + 1))-$((n + 3)))" \
+  "exit $rc_resumed and $rc; resumed: $(echo $resumed); straight: $(echo $straight)"
+
+# --- one rank's disk is slow: the commit waits for it, training goes on meanwhile ------------
+# Rank 1's writer sleeps 2 s before writing (QWEN3_CKPT_WRITE_DELAY in its environment alone).
+# Rank 0's file is written at once, but step 20 may become `latest` only when rank 1's is synced
+# too: the commit comes 2 s or more after the save began, the steps after 20 train meanwhile, and
+# every save is committed whole.
+out=$work/slow
+timeout 120 $MPIRUN -np 2 bash -c \
+  '[ "${OMPI_COMM_WORLD_RANK:-${PMIX_RANK:-0}}" = 1 ] && export QWEN3_CKPT_WRITE_DELAY=2; exec "$@"' \
+  _ "$train" "$job" "${tiny[@]}" --set output_dir="$out" --set train.steps=40 \
+  --set checkpoint.every=20 >"$log" 2>&1
+rc=$?
+after=$(grep -o 'checkpoint: step 20 saved .*committed [0-9.]* s' "$log" | grep -o '[0-9.]* s$' |
+  cut -d' ' -f1)
+ok=0
+[ $rc = 0 ] && [ "$(readlink "$out/checkpoints/latest")" = step_00000040 ] &&
+  awk -v a="${after:-0}" 'BEGIN { exit !(a >= 2) }' &&
+  grep -B1000 'checkpoint: step 20 saved' "$log" | grep -q 'step 2[1-9]/40' && ok=1
+result $ok "a slow rank: step 20 committed ${after:-?} s after its save (>= 2), training on meanwhile" \
+  "exit $rc"
+
+# --- a write that fails on a writer thread: the run dies naming the file; `latest` stays -------
+# The ranks run under a file size limit of 256 KiB with SIGXFSZ ignored, so that write() fails
+# with EFBIG: model.h5, metrics and the lock fit, a stage file does not, and the ranks' threads
+# find that out after checkpoint_save returned. (MPI over TCP here: Open MPI's shared-memory
+# transport would size its own files beyond the limit.)
+out=$work/full
+run "$out" --set train.steps=2 --set checkpoint.every=2
+OMPI_MCA_btl=self,tcp timeout 120 $MPIRUN -np 2 bash -c 'trap "" XFSZ; ulimit -f 256; exec "$@"' _ \
+  "$train" "$job" "${tiny[@]}" --set output_dir="$out" --set train.steps=8 \
+  --set checkpoint.every=5 >"$log" 2>&1
+rc=$?
+ok=0
+[ $rc != 0 ] && [ $rc != 124 ] && [ "$(readlink "$out/checkpoints/latest")" = step_00000002 ] &&
+  [ ! -e "$out/checkpoints/step_00000005" ] && ! grep -q "step 8/" "$log" &&
+  grep -q "checkpoint: step 5 was not saved: $out/checkpoints/step_00000005.tmp/stage_00[01]_of_002.h5: cannot write tensor '.*File too large" "$log" &&
+  ok=1
+result $ok "a stage file that cannot be written: the run fails naming it, latest stays at step 2" \
+  "exit $rc; latest -> $(readlink "$out/checkpoints/latest")"
 
 # --- a stale .tmp directory is ignored, then removed ------------------------------------------
 cp -r "$ck/step_00000010" "$ck/step_00000011.tmp"

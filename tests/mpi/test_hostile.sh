@@ -87,6 +87,10 @@ printf 'garbage' >"$work/garbage.h5"
 refused "garbage training shard" 2 "data.train[0]: $work/garbage.h5" "$job" --set data.train="$work/garbage.h5"
 refused "garbage validation shard, found before training" 1 "data.valid[0]: $work/garbage.h5" \
   "$job" "${base[@]}" --set data.valid="$work/garbage.h5"
+# 80 documents of one token: windows of the stream, but nothing to pack (no target in a document)
+seq 1 80 | "$build/qwen3-prep" build --format ids --vocab-size 256 --quiet --out "$work/ones.h5" -
+refused "data.pack without a document of 2 tokens" 1 "data.train[0]: $work/ones.h5 holds no document of 2 tokens or more: data.pack has nothing to train on" \
+  "$job" --set data.train="$work/ones.h5" --set data.pack=true
 fix=tests/fixtures/hf/gqa6_untied_hd8
 mkdir -p "$work/hf_other" && sed 's/"rope_theta": 100000.0/"rope_theta": 500000.0/' "$fix/config.json" >"$work/hf_other/config.json"
 refused "init.hf_dir config.json vs the job" 1 "init.hf_dir: $work/hf_other/config.json says rope_theta 500000, but the job's model.rope_theta is 100000" \

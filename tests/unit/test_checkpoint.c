@@ -1,5 +1,6 @@
 /* data/ckpt_file and qwen3-convert: a two-stage checkpoint written and read back bit for bit;
- * the commit protocol (keep_last, stale .tmp directories, an interrupted save leaves `latest`
+ * the writer's chunks and checksums byte for byte as HDF5's Fletcher32 filter writes them; the
+ * commit protocol (keep_last, stale .tmp directories, an interrupted save leaves `latest`
  * loadable); damage refused naming the file and the tensor (a flipped byte, a truncated or
  * missing stage file, another model shape); and the Hugging Face -> checkpoint -> Hugging Face
  * round trip through the qwen3-convert program, bit-exact in fp32, sharded or not. */
@@ -173,6 +174,96 @@ static void test_round_trip_and_commit(void) {
             ckpt_open(&c, in_dir("run2"), err, sizeof err) == -1 &&
             strstr(err, "run2/latest") && strstr(err, "step_00000007"),
         "a dangling latest is refused: %s", err);
+}
+
+/* ---- the writer's chunks against HDF5's own ------------------------------------------------ */
+
+/* ckpt_stage_put computes the Fletcher32 checksums itself and writes whole chunks: every chunk
+ * it stores, checksum and padding included, must be byte for byte the one HDF5's filter stores
+ * for the same data and chunking (HDF5's reader would also accept a byte-swapped checksum, so a
+ * read-back alone would not tell). */
+static void test_chunks_as_hdf5_writes_them(void) {
+  const struct {
+    const char *name;
+    int ndim;
+    int64_t shape[2];
+    int pattern;   /* 0 random bits, 1 zeros, 2 every byte 0xff (sums of 0 mod 65535) */
+  } cases[] = {
+      {"random.padded_last_chunk", 2, {1049, 1000}, 0},   /* 2 chunks of 525 rows */
+      {"zeros", 2, {600, 4}, 1},
+      {"all_ff", 1, {70, 1}, 2},
+      {"seven", 1, {7, 1}, 0},
+  };
+  const char *ours = in_dir("chunks.h5"), *ref = in_dir("chunks_hdf5.h5");
+  size_t max = 1049 * 1000;
+  float *data = xmalloc(max * sizeof(float));
+  uint8_t *a = xmalloc(4 * max + 64), *b = xmalloc(4 * max + 64);
+  struct ckpt_stage_writer *w;
+  CHECK(ckpt_stage_create(&w, ours, 0, 1, err, sizeof err) == 0, "create: %s", err);
+  hid_t rf = H5Fcreate(ref, H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
+  uint32_t x = 99;
+  for (size_t k = 0; k < sizeof cases / sizeof cases[0]; k++) {
+    size_t n = (size_t)(cases[k].shape[0] * cases[k].shape[1]);
+    for (size_t i = 0; i < n; i++) {
+      x = x * 1664525u + 1013904223u;
+      uint32_t bits = cases[k].pattern == 0 ? x : cases[k].pattern == 1 ? 0 : 0xffffffffu;
+      memcpy(&data[i], &bits, 4);
+    }
+    CHECK(ckpt_stage_put(w, cases[k].name, cases[k].ndim, cases[k].shape, data, NULL, NULL, err,
+                         sizeof err) == 0,
+          "put %s: %s", cases[k].name, err);
+  }
+  CHECK(ckpt_stage_finish(w, err, sizeof err) == 0, "finish: %s", err);
+  hid_t of = H5Fopen(ours, H5F_ACC_RDONLY, H5P_DEFAULT);
+  x = 99;
+  for (size_t k = 0; k < sizeof cases / sizeof cases[0]; k++) {
+    size_t n = (size_t)(cases[k].shape[0] * cases[k].shape[1]);
+    for (size_t i = 0; i < n; i++) {   /* the same values again */
+      x = x * 1664525u + 1013904223u;
+      uint32_t bits = cases[k].pattern == 0 ? x : cases[k].pattern == 1 ? 0 : 0xffffffffu;
+      memcpy(&data[i], &bits, 4);
+    }
+    /* HDF5's filter, with the chunking the writer chose */
+    hid_t ods = H5Dopen2(of, cases[k].name, H5P_DEFAULT);
+    hid_t dcpl = H5Dget_create_plist(ods);
+    hsize_t chunk[2], dims[2] = {(hsize_t)cases[k].shape[0], (hsize_t)cases[k].shape[1]};
+    int ndim = H5Pget_chunk(dcpl, 2, chunk);
+    hid_t space = H5Screate_simple(ndim, dims, NULL);
+    hid_t rds = H5Dcreate2(rf, cases[k].name, H5T_IEEE_F32LE, space, H5P_DEFAULT, dcpl,
+                           H5P_DEFAULT);
+    CHECK(ndim == cases[k].ndim && rds >= 0 &&
+              H5Dwrite(rds, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, data) >= 0,
+          "%s: the same dataset through HDF5's filter", cases[k].name);
+    hsize_t n_ours = 0, n_ref = 0;
+    hid_t ospace = H5Dget_space(ods), rspace = H5Dget_space(rds);
+    H5Dget_num_chunks(ods, ospace, &n_ours);
+    H5Dget_num_chunks(rds, rspace, &n_ref);
+    int same = n_ours == n_ref && n_ours == (dims[0] + chunk[0] - 1) / chunk[0];
+    for (hsize_t c = 0; same && c < n_ours; c++) {
+      hsize_t offset[2], size_a = 0, size_b = 0;
+      unsigned mask;
+      haddr_t addr;
+      uint32_t fa = 1, fb = 1;
+      same = H5Dget_chunk_info(ods, ospace, c, offset, &mask, &addr, &size_a) >= 0 &&
+             H5Dget_chunk_storage_size(rds, offset, &size_b) >= 0 && size_a == size_b &&
+             size_a <= 4 * max + 64 && H5Dread_chunk(ods, H5P_DEFAULT, offset, &fa, a) >= 0 &&
+             H5Dread_chunk(rds, H5P_DEFAULT, offset, &fb, b) >= 0 && fa == 0 && fb == 0 &&
+             !memcmp(a, b, size_a);
+    }
+    CHECK(same, "%s: %llu chunks of %llu rows, each byte for byte as HDF5's filter writes it",
+          cases[k].name, (unsigned long long)n_ours, (unsigned long long)chunk[0]);
+    H5Sclose(ospace);
+    H5Sclose(rspace);
+    H5Sclose(space);
+    H5Pclose(dcpl);
+    H5Dclose(rds);
+    H5Dclose(ods);
+  }
+  H5Fclose(of);
+  H5Fclose(rf);
+  free(data);
+  free(a);
+  free(b);
 }
 
 /* ---- damage -------------------------------------------------------------------------------- */
@@ -463,6 +554,7 @@ int main(void) {
   g_convert[len] = 0;
   snprintf(strrchr(g_convert, '/'), 32, "/../qwen3-convert");   /* build/tests/.. */
   test_round_trip_and_commit();
+  test_chunks_as_hdf5_writes_them();
   test_damage();
   test_convert();
   int rc = checks_report();

@@ -87,7 +87,7 @@ static void run_case(struct reader *r) {
                              .vocab_size = 32, .rope_theta = 1e6, .rms_norm_eps = 1e-6,
                              .max_seq_len = n};
   struct worker_plan plan;
-  worker_plan_make(&plan, &cfg, 0, 1, 1, 1, 1, n, 1, 0);
+  worker_plan_make(&plan, &cfg, 0, 1, 1, 1, 1, n, 1, 0, DT_F32);
   worker_plan_nvfp4(&plan, &pol);
   struct worker w;
   worker_init(&w, &backend_cpu, &plan);

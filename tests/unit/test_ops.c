@@ -144,14 +144,16 @@ static void test_memory(void) {
   size_t n = 1000;
   float *host = rand_floats(n, -1, 1), *back = rand_floats(n, -1, 1);
   float *a = be->alloc(n * sizeof(float)), *b = be->alloc(n * sizeof(float));
-  double zero_sum = be->sum_squares(a, n);
+  double zero_sum = 0;
+  be->sum_into(&zero_sum, a, n, 1);
   be->to_device(a, host, n * sizeof(float));
   be->copy(b, a, n * sizeof(float));
   be->to_host(back, b, n * sizeof(float));
   int same = memcmp(host, back, n * sizeof(float)) == 0;
   be->zero(b, n * sizeof(float));
   be->synchronize();
-  double zeroed = be->sum_squares(b, n);
+  double zeroed = 0;
+  be->sum_into(&zeroed, b, n, 1);
   check("memory: zeroed alloc, round trip, zero", zero_sum + zeroed + (same ? 0 : 1), 0);
   be->free(a);
   be->free(b);
@@ -333,8 +335,36 @@ static void ref_attention_lse(const struct attn_shape *s, const double *q, const
   free(p);
 }
 
+/* Packed sequences (doc_start, tq = tk): each document on its own, as a plain causal sequence
+ * through the reference above. A document starts at row t where doc_start[t] == t. */
+static void ref_attention_docs(const struct attn_shape *s, const double *q, const double *k,
+                               const double *v, double *ctx, double *lse) {
+  size_t q_row = (size_t)s->heads * s->head_dim, k_row = (size_t)s->kv_heads * s->head_dim;
+  double *doc_lse = new_doubles((size_t)s->heads * s->tq);
+  for (int b = 0; b < s->batch; b++)
+    for (int a = 0; a < s->tq;) {
+      const int32_t *first = s->doc_start + (size_t)b * s->tq;
+      int n = 1;
+      while (a + n < s->tq && first[a + n] != a + n) n++;
+      struct attn_shape one = {1, n, n, n, s->heads, s->kv_heads, s->head_dim, NULL};
+      size_t qo = ((size_t)b * s->tq + a) * q_row, ko = ((size_t)b * s->k_stride + a) * k_row;
+      ref_attention_lse(&one, q + qo, k + ko, v + ko, ctx + qo, lse ? doc_lse : NULL);
+      for (int h = 0; lse && h < s->heads; h++)
+        for (int t = 0; t < n; t++)
+          lse[((size_t)b * s->heads + h) * s->tq + a + t] = doc_lse[(size_t)h * n + t];
+      a += n;
+    }
+  free(doc_lse);
+}
+
+static void ref_attention_any(const struct attn_shape *s, const double *q, const double *k,
+                              const double *v, double *ctx, double *lse) {
+  if (s->doc_start) ref_attention_docs(s, q, k, v, ctx, lse);
+  else ref_attention_lse(s, q, k, v, ctx, lse);
+}
+
 static void ref_attention(const void *shape, double *const *in, double *out) {
-  ref_attention_lse(shape, in[0], in[1], in[2], out, NULL);
+  ref_attention_any(shape, in[0], in[1], in[2], out, NULL);
 }
 
 static void test_attention(const char *label, struct attn_shape s) {
@@ -347,7 +377,7 @@ static void test_attention(const char *label, struct attn_shape s) {
   double *in[] = {to_double(q, q_n), to_double(k, kv_n), to_double(v, kv_n)};
   double *ref = new_doubles(q_n), *ref_lse = new_doubles(lse_n);
   be->attention_forward(ctx, lse, q, k, v, &s);
-  ref_attention_lse(&s, in[0], in[1], in[2], ref, ref_lse);
+  ref_attention_any(&s, in[0], in[1], in[2], ref, ref_lse);
   char name[96];
   snprintf(name, sizeof name, "attention %s forward ctx", label);
   check_forward(name, ctx, ref, q_n);
@@ -371,6 +401,36 @@ static void test_attention(const char *label, struct attn_shape s) {
   for (int i = 0; i < 3; i++) free(in[i]);
   free(fd_q), free(fd_k), free(fd_v), free(r), free(dctx), free(ref), free(ref_lse);
   free(q), free(k), free(v), free(ctx), free(lse);
+}
+
+/* doc_start of zeros (one document per sequence) gives bit for bit what NULL gives */
+static void test_attention_one_document(void) {
+  struct attn_shape s = {2, 5, 5, 5, 4, 2, 6, NULL};
+  size_t q_n = (size_t)s.batch * s.tq * s.heads * s.head_dim;
+  size_t kv_n = (size_t)s.batch * s.k_stride * s.kv_heads * s.head_dim;
+  size_t lse_n = (size_t)s.batch * s.heads * s.tq;
+  float *q = rand_floats(q_n, -1.5, 1.5), *k = rand_floats(kv_n, -1.5, 1.5);
+  float *v = rand_floats(kv_n, -1, 1), *dctx = rand_floats(q_n, -1, 1);
+  float *out[2][5];   /* [NULL, zeros][ctx, lse, dq, dk, dv] */
+  int32_t *zeros = xcalloc((size_t)s.batch * s.tq, sizeof(int32_t));
+  for (int z = 0; z < 2; z++) {
+    s.doc_start = z ? zeros : NULL;
+    out[z][0] = xcalloc(q_n, sizeof(float));
+    out[z][1] = xcalloc(lse_n, sizeof(float));
+    out[z][2] = xcalloc(q_n, sizeof(float));
+    out[z][3] = xcalloc(kv_n, sizeof(float));
+    out[z][4] = xcalloc(kv_n, sizeof(float));
+    be->attention_forward(out[z][0], out[z][1], q, k, v, &s);
+    be->attention_backward(out[z][2], out[z][3], out[z][4], dctx, q, k, v, out[z][0], out[z][1],
+                           &s);
+  }
+  size_t n[5] = {q_n, lse_n, q_n, kv_n, kv_n};
+  int differ = 0;
+  for (int o = 0; o < 5; o++) differ += memcmp(out[0][o], out[1][o], n[o] * sizeof(float)) != 0;
+  check("attention doc_start zeros == NULL, bit for bit", differ, 0);
+  for (int z = 0; z < 2; z++)
+    for (int o = 0; o < 5; o++) free(out[z][o]);
+  free(zeros), free(q), free(k), free(v), free(dctx);
 }
 
 /* ---- swiglu ---------------------------------------------------------------------------------- */
@@ -453,20 +513,23 @@ static void test_linear(void) {
   free(x), free(w), free(out);
 }
 
-/* ---- add, scale, sum of squares -------------------------------------------------------------- */
+/* ---- add, scale, sums ------------------------------------------------------------------------ */
 
 static void test_reductions_and_updates(void) {
   size_t n = 1001;
   float *a = rand_floats(n, -1, 1), *b = rand_floats(n, -1, 1);
   double *ref = new_doubles(n);
   for (size_t i = 0; i < n; i++) ref[i] = ((double)a[i] + b[i]) * -0.375;
-  be->add_inplace(a, b, n);
+  be->add_inplace(a, b, n, DT_F32);
   be->scale(a, -0.375f, n);
   check_forward("add_inplace + scale", a, ref, n);
-  double ss = 0.0;
-  for (size_t i = 0; i < n; i++) ss += (double)a[i] * a[i];
-  double got = be->sum_squares(a, n);
-  check("sum_squares", fabs(got - ss) / ss, 1e-12);
+  double ss = 0.0, s1 = 0.0;
+  for (size_t i = 0; i < n; i++) ss += (double)a[i] * a[i], s1 += a[i];
+  double got = 0.5, got1 = -0.25;   /* sum_into adds to what is there */
+  be->sum_into(&got, a, n, 1);
+  be->sum_into(&got1, a, n, 0);
+  check("sum_into, squares", fabs(got - 0.5 - ss) / ss, 1e-12);
+  check("sum_into, values", fabs(got1 + 0.25 - s1) / fabs(s1), 1e-12);
   free(a), free(b), free(ref);
 }
 
@@ -628,14 +691,23 @@ static void test_adamw(const char *label, float beta1) {
   for (int t = 1; t <= steps; t++) {
     float *g = rand_floats(n, -1, 1);
     g[t] = 0.0f; /* a zero gradient: v may be 0, eps keeps the step finite */
-    be->adamw_update(p, g, m, v, n, lr, beta1, beta2, eps, wd, t);
+    /* every other step clipped: the update sees fp32(g * scale); the last leaves g zero */
+    float scale = t % 2 ? 1.0f : 0.375f, *gs = copy_floats(g, n);
+    for (size_t i = 0; i < n; i++) gs[i] = g[i] * scale;
+    struct adamw_step st = {lr, beta1, beta2, eps, wd, scale, t};
+    be->adamw_update(p, NULL, g, m, v, n, &st, t == steps);
+    double left = 0;
+    for (size_t i = 0; i < n; i++) left += fabs(g[i]);
+    if (t == steps) check("adamw zero_grad: the gradient is left zero", left, 0);
+    else if (left == 0) check("adamw without zero_grad: the gradient is kept", 1, 0);
     for (size_t i = 0; i < n; i++) {
-      rm[i] = beta1 * rm[i] + (1.0 - beta1) * g[i];
-      rv[i] = beta2 * rv[i] + (1.0 - beta2) * (double)g[i] * g[i];
+      rm[i] = beta1 * rm[i] + (1.0 - beta1) * gs[i];
+      rv[i] = beta2 * rv[i] + (1.0 - beta2) * (double)gs[i] * gs[i];
       double mhat = rm[i] / (1.0 - pow(beta1, t)), vhat = rv[i] / (1.0 - pow(beta2, t));
       rp[i] -= lr * (mhat / (sqrt(vhat) + eps) + wd * rp[i]);
     }
     free(g);
+    free(gs);
   }
   /* compare the change of p, which |p| would otherwise hide */
   double *change = new_doubles(n), *ref_change = new_doubles(n);
@@ -663,10 +735,15 @@ int main(void) {
   test_rmsnorm();
   test_qk_norm_rope();
   /* training shape, 4 query heads on 2 kv heads */
-  test_attention("gqa 4/2", (struct attn_shape){2, 5, 5, 5, 4, 2, 6});
+  test_attention("gqa 4/2", (struct attn_shape){2, 5, 5, 5, 4, 2, 6, NULL});
   /* decoding against a cache: 3 queries at the end of 7 keys, cache rows for 9 */
-  test_attention("gqa kv-cache", (struct attn_shape){2, 3, 7, 9, 4, 2, 6});
-  test_attention("mha 3/3", (struct attn_shape){1, 6, 6, 6, 3, 3, 8});
+  test_attention("gqa kv-cache", (struct attn_shape){2, 3, 7, 9, 4, 2, 6, NULL});
+  test_attention("mha 3/3", (struct attn_shape){1, 6, 6, 6, 3, 3, 8, NULL});
+  /* packed: documents of 3, 4, 2 tokens and of 1, 5, 3 (one that sees only itself) */
+  static const int32_t packed[] = {0, 0, 0, 3, 3, 3, 3, 7, 7, 0, 1, 1, 1, 1, 1, 6, 6, 6};
+  test_attention("gqa packed", (struct attn_shape){2, 9, 9, 9, 4, 2, 6, packed});
+  test_attention("mha packed", (struct attn_shape){2, 9, 9, 9, 3, 3, 8, packed});
+  test_attention_one_document();
   test_swiglu();
   test_linear();
   test_reductions_and_updates();

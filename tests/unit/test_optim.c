@@ -217,7 +217,7 @@ int main(void) {
     .vocab_size = (int)meta_num("vocab_size"), .rope_theta = 1e6, .rms_norm_eps = 1e-6,
     .tie_embeddings = (int)meta_num("tie_embeddings"), .max_seq_len = 16};
   struct worker_plan plan;
-  worker_plan_make(&plan, &cfg, 0, cfg.num_layers, 1, 1, 1, 16, 1, 0);
+  worker_plan_make(&plan, &cfg, 0, cfg.num_layers, 1, 1, 1, 16, 1, 0, DT_F32);
   struct worker w;
   worker_init(&w, &backend_cpu, &plan);
   struct layout l = map_params(&w);

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Where our Qwen3-4B step goes on the GPU, in one device call (bench/NOTES.md):
+#   device run, carry [".deb"]:  bash bench/gpu_profile.sh
+# Builds (bench/device_build.sh), makes the random token shard, then trains the 4B shape at
+# T = 2048, mb 1 for PROFILE_STEPS steps with --timing (a synchronize around every stage of the
+# block table: each stage's own time, the sum slightly pessimistic; the first step left out)
+# from the job's seeded init.
+# Also prints, with bench/hf_fixture_bf16.py, how far PyTorch's own bf16 is from the fp32
+# reference on the Hugging Face fixtures. Output: $OUT/profile.txt.
+set -u
+OUT=${OUT:-/tmp/gpu_profile_out}
+WORK=/tmp/qwen3_bench
+STEPS=${PROFILE_STEPS:-8}
+mkdir -p "$OUT" "$WORK"
+{
+  source bench/device_build.sh || true
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  echo "== PyTorch bf16 against the fp32 fixtures"
+  timeout -k 5 120 python3 bench/hf_fixture_bf16.py
+  echo "== token shard"
+  timeout -k 5 60 python3 bench/ours_train_bench.py shard --out "$WORK/random_2m.h5"
+  echo "== ours, mb 1, T 2048, --timing, $STEPS steps"
+  timeout -k 5 "${PROFILE_TRAIN_S:-200}" mpirun --allow-run-as-root --bind-to none -np 1 \
+    build/qwen3-train build/jobs/bench_4b.pb --timing --set train.steps="$STEPS" \
+    --set output_dir="$WORK/profile" --set data.train="$WORK/random_2m.h5" "$@"
+  echo "exit $?"
+} 2>&1 | tee "$OUT/profile.txt"
