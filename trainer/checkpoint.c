@@ -218,6 +218,7 @@ static struct {
   struct staged_tensor *tensors;
   int n_tensors;
   float *staging;          /* [weights | adam_m | adam_v], `part` floats each */
+  const struct backend *staging_be;   /* whose host_alloc made it (pinned on a GPU) */
   size_t part, capacity;   /* floats of one part; floats allocated */
   char err[1024];          /* the writer's error; empty when it succeeded */
   double delay;            /* QWEN3_CKPT_WRITE_DELAY */
@@ -227,6 +228,13 @@ static struct {
   uint8_t *job;            /* state.job: the packed Job */
   int keep_last;
 } save;
+
+static void free_staging(void) {
+  if (save.staging_be && save.staging_be->host_free) save.staging_be->host_free(save.staging);
+  else free(save.staging);
+  save.staging = NULL;
+  save.capacity = 0;
+}
 
 /* This rank's tensors, the tied copy excepted, into the staging buffer (allocated once, for the
  * largest save): the writer thread writes them while training changes the originals. adam_m /
@@ -240,8 +248,11 @@ static void stage_tensors(const struct worker *w, const float *adam_m, const flo
       n++;
     }
   if (3 * floats > save.capacity) {
-    free(save.staging);
-    save.staging = malloc(3 * floats * sizeof(float));
+    free_staging();
+    const struct backend *be = w->be;
+    size_t bytes = 3 * floats * sizeof(float);
+    save.staging = be->host_alloc ? be->host_alloc(bytes) : malloc(bytes);
+    save.staging_be = be;
     if (!save.staging)
       die("checkpoint: out of host memory for the staging buffer of a save (%.2f GiB: the "
           "weights and AdamW moments of this stage)", 3.0 * floats * sizeof(float) / (1 << 30));
@@ -439,11 +450,9 @@ void checkpoint_release(void) {
     settle(1);
     comm_barrier(c, GROUP_WORLD);   /* nobody exits before the commit */
   }
-  free(save.staging);
+  free_staging();
   free(save.tensors);
-  save.staging = NULL;
   save.tensors = NULL;
-  save.capacity = 0;
   if (lock_fd >= 0) close(lock_fd);   /* closing releases the flock */
   lock_fd = -1;
 }

@@ -204,6 +204,20 @@ static void cuda_copy(void *dst, const void *src, size_t bytes) {
   if (bytes) CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, cuda_ctx.stream));
 }
 
+/* Pinned: a device-to-host copy into it is a DMA at the link's rate, without CUDA's staging. */
+static void *cuda_host_alloc(size_t bytes) {
+  void *p;
+  if (cudaMallocHost(&p, bytes ? bytes : 1) != cudaSuccess) {
+    cudaGetLastError();   /* clear the error: the caller reports what ran out */
+    return NULL;
+  }
+  return p;
+}
+
+static void cuda_host_free(void *p) {
+  if (p) CUDA_CHECK(cudaFreeHost(p));
+}
+
 static void cuda_zero(void *p, size_t bytes) {
   if (bytes) CUDA_CHECK(cudaMemsetAsync(p, 0, bytes, cuda_ctx.stream));
 }
@@ -234,6 +248,8 @@ extern "C" const struct backend backend_cuda = {
   .copy = cuda_copy,
   .zero = cuda_zero,
   .synchronize = cuda_synchronize,
+  .host_alloc = cuda_host_alloc,
+  .host_free = cuda_host_free,
   .memory = cuda_memory,
   .act_dtype = cuda_act_dtype,
   .convert = cuda_convert,
