@@ -48,7 +48,13 @@ static struct mpi_state *state(struct comm *c) { return c->impl; }
 
 void comm_init(struct comm *c, int *argc, char ***argv) {
   /* until the handler is set, errors abort inside MPI with its own message */
-  MPI_CHECK(MPI_Init(argc, argv));
+  /* FUNNELED: the checkpoint writer is a second thread (trainer/checkpoint.c); only the main
+   * thread calls MPI, which is what this level allows */
+  int provided;
+  MPI_CHECK(MPI_Init_thread(argc, argv, MPI_THREAD_FUNNELED, &provided));
+  if (provided < MPI_THREAD_FUNNELED)
+    warn("this MPI library runs processes of one thread only (MPI_THREAD_FUNNELED not "
+         "provided); the checkpoint writer thread makes no MPI calls");
   MPI_CHECK(MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN));
   struct mpi_state *st = xcalloc(1, sizeof *st);
   st->pipe = st->dp = st->tied = MPI_COMM_NULL;
