@@ -85,7 +85,8 @@ void print_layout(const Job *job, const struct qwen3_config *cfg, const struct c
     printf("%-5d %-6d %-8d %-9s %-14zu %8.1f MiB   %8.1f MiB  %s%s%s%s\n", r, stage, r / c->pp,
            layers, p.param_floats, worker_plan_state_bytes(&p) / 1048576.0,
            worker_plan_activation_bytes(&p) / 1048576.0, p.has_embedding ? "embedding " : "",
-           p.has_head ? "final-norm lm-head loss " : "", nvfp4, p.recompute & RECOMPUTE_LAYER ? "(recompute)" : "");
+           p.has_head ? "final-norm lm-head loss " : "", nvfp4,
+           p.recompute & RECOMPUTE_LAYER ? "(recompute)" : "");
   }
   long long global = (long long)job->data->micro_batch_size * job->parallel->micro_batches * c->dp;
   printf("global batch: %lld sequences = %lld tokens per step\n", global,
@@ -436,7 +437,8 @@ void train_run(const Job *job, const struct qwen3_config *cfg, struct comm *c,
          "data.seq_len + 1 tokens",
          (unsigned long long)r.train.truncated);
   if (opt->timing && c->rank == 0) {
-    if (steps > first_step) info("--timing: steps %d-%d (the first left out)", first_step + 1, steps);
+    if (steps > first_step)
+      info("--timing: steps %d-%d (the first left out)", first_step + 1, steps);
     print_stage_times();
     info("per-part seconds of rank 0: zero gradients + weight copy %.3f, forward and backward "
          "%.3f (the block stages above, the embedding, the head and loss, transfers), optimizer "

@@ -321,6 +321,14 @@ void worker_init(struct worker *w, const struct backend *be, const struct worker
   w->layer_param = xcalloc((size_t)(p->n_layers ? p->n_layers : 1), sizeof *w->layer_param);
   param_table(p, w->params, w->layer_param, &w->embed_param, &w->final_norm_param,
               &w->head_param, &floats, &decay);
+  /* each parameter's weight group (worker.h), looked up by the optimizer every step */
+  w->param_group = xmalloc((size_t)w->n_params * sizeof(int));
+  for (int i = 0; i < w->n_params; i++)   /* the final norm, an untied head */
+    w->param_group[i] = WEIGHTS_LAYER + p->n_layers;
+  for (int l = 0; l < p->n_layers; l++)
+    for (int k = 0; k < N_LAYER_PARAMS; k++)
+      w->param_group[w->layer_param[l][k]] = WEIGHTS_LAYER + l;
+  if (w->embed_param >= 0) w->param_group[w->embed_param] = WEIGHTS_EMBED;
   /* A tied embedding used twice on one stage collects the head's gradient apart and adds it
    * once per step (worker_gather_tied_grads), exactly as two stages add theirs: the sum, and
    * so the run, is then the same bit for bit in every pipeline layout. */
@@ -356,6 +364,7 @@ void worker_free(struct worker *w) {
   if (w->tied_head_grads) be->free(w->tied_head_grads);
   free(w->params);
   free(w->layer_param);
+  free(w->param_group);
   nvfp4_worker_free(w);
   memset(w, 0, sizeof *w);
 }
@@ -410,13 +419,7 @@ void worker_gather_tied_grads(struct worker *w) {
 
 int worker_weight_groups(const struct worker *w) { return WEIGHTS_LAYER + w->plan.n_layers + 1; }
 
-int worker_weight_group(const struct worker *w, int param) {
-  if (param == w->embed_param) return WEIGHTS_EMBED;
-  for (int l = 0; l < w->plan.n_layers; l++)
-    for (int k = 0; k < N_LAYER_PARAMS; k++)
-      if (w->layer_param[l][k] == param) return WEIGHTS_LAYER + l;
-  return WEIGHTS_LAYER + w->plan.n_layers;   /* the final norm, an untied head */
-}
+int worker_weight_group(const struct worker *w, int param) { return w->param_group[param]; }
 
 /* Before reading weight group g: the optimizer's update of it is done (ops.h wait_mark). */
 static void wait_weights(const struct worker *w, int g) {

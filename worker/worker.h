@@ -84,6 +84,7 @@ struct worker {
   int weights_act_fresh;       /* the optimizer wrote the copy with the masters: no pass needed */
   int grads_zero;              /* the gradients are all zero (fresh, or the optimizer left them so) */
   int (*layer_param)[N_LAYER_PARAMS];     /* [local layer][which] -> index into params */
+  int *param_group;                       /* [n_params] -> weight group (WEIGHTS_*) */
   int embed_param, final_norm_param, head_param;   /* indices into params, -1 when absent */
   float *tied_head_grads;      /* the LM head's share of a tied embedding's gradient */
 
