@@ -456,6 +456,29 @@ const void *worker_weight_act(const struct worker *w, int i) {
   return (const char *)w->weights_act + w->params[i].offset * dtype_bytes(w->plan.act);
 }
 
+/* The stage's forward of n tokens in live slot `live`: on the first stage the embedding of
+ * `tokens` (host), then every layer, each after the optimizer's update of its weights; on the
+ * last stage it also waits for the head's weights (a tied head reads the embedding). */
+static void forward_layers(struct worker *w, int live, const int32_t *tokens, int n) {
+  const struct backend *be = w->be;
+  const struct worker_plan *p = &w->plan;
+  if (p->has_embedding) {
+    int32_t *dev = w->tokens + (size_t)live * p->batch * p->seq;
+    be->to_device(dev, tokens, (size_t)n * sizeof(int32_t));
+    wait_weights(w, WEIGHTS_EMBED);
+    be->embedding_forward(worker_input(w, live), dev, worker_weight_act(w, w->embed_param), n,
+                          p->cfg.hidden_size);
+  }
+  for (int l = 0; l < p->n_layers; l++) {
+    wait_weights(w, WEIGHTS_LAYER + l);
+    block_forward(w, live, l);
+  }
+  if (p->has_head) {
+    wait_weights(w, WEIGHTS_EMBED);
+    wait_weights(w, WEIGHTS_LAYER + p->n_layers);
+  }
+}
+
 void worker_forward(struct worker *w, int live, const struct micro_batch *mb, float grad_scale,
                     float *nll) {
   const struct backend *be = w->be;
@@ -474,19 +497,8 @@ void worker_forward(struct worker *w, int live, const struct micro_batch *mb, fl
   }
   if (w->packed[live])
     be->to_device(w->doc_start + at, w->host_doc_start, (size_t)n * sizeof(int32_t));
-  if (p->has_embedding) {
-    be->to_device(w->tokens + at, mb->tokens, (size_t)n * sizeof(int32_t));
-    wait_weights(w, WEIGHTS_EMBED);
-    be->embedding_forward(worker_input(w, live), w->tokens + at,
-                          worker_weight_act(w, w->embed_param), n, d);
-  }
-  for (int l = 0; l < p->n_layers; l++) {
-    wait_weights(w, WEIGHTS_LAYER + l);
-    block_forward(w, live, l);
-  }
+  forward_layers(w, live, mb->tokens, n);
   if (!p->has_head) return;
-  wait_weights(w, WEIGHTS_EMBED);   /* a tied head reads the embedding */
-  wait_weights(w, WEIGHTS_LAYER + p->n_layers);
 
   const struct param *norm = &w->params[w->final_norm_param];
   const struct param *head = &w->params[w->head_param];
@@ -560,22 +572,11 @@ void worker_infer(struct worker *w, const int32_t *tokens, const int32_t *positi
   w->kv = kv;
   w->packed[0] = 0;   /* one document; positions continue the cache's */
   be->to_device(w->positions, positions, (size_t)n * sizeof(int32_t));
-  if (p->has_embedding) {
-    be->to_device(w->tokens, tokens, (size_t)n * sizeof(int32_t));
-    wait_weights(w, WEIGHTS_EMBED);
-    be->embedding_forward(worker_input(w, 0), w->tokens, worker_weight_act(w, w->embed_param), n,
-                          d);
-  }
-  for (int l = 0; l < p->n_layers; l++) {
-    wait_weights(w, WEIGHTS_LAYER + l);
-    block_forward(w, 0, l);
-  }
+  forward_layers(w, 0, tokens, n);
   if (kv) kv->len += n;
   w->seq_now = 0;
   w->kv = NULL;
   if (!p->has_head) return;
-  wait_weights(w, WEIGHTS_EMBED);
-  wait_weights(w, WEIGHTS_LAYER + p->n_layers);
   const struct param *norm = &w->params[w->final_norm_param];
   size_t act = dtype_bytes(p->act);
   void *last = w->final_normed[0];
