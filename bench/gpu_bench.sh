@@ -23,24 +23,7 @@ COMPILE_S=${GPU_BENCH_COMPILE_S:-200}              # torch.compile of the model 
 COMPILE_LAYERS_S=${GPU_BENCH_COMPILE_LAYERS_S:-80} # per-layer compile when the whole does not fit
 T=${GPU_BENCH_T:-2048}
 
-OUT=${OUT:-/tmp/gpu_bench_out}
-WORK=/tmp/qwen3_bench
-RESULTS=$OUT/results.txt
-export GPU_BENCH_RESULTS=$RESULTS
-mkdir -p "$OUT" "$WORK"
-: > "$RESULTS"
-start=$(date +%s)
-
-# seconds left for parts (TOTAL_S less what has run and the reserve)
-left() { echo $(( TOTAL_S - RESERVE_S - ($(date +%s) - start) )); }
-# budget WANT MIN: WANT, or what is left when less; 0 when that is under MIN (the part is skipped)
-budget() {
-  local b=$1 l
-  l=$(left)
-  (( l < b )) && b=$l
-  (( b < $2 )) && b=0
-  echo "$b"
-}
+source bench/bench_lib.sh
 skipped=()
 skip() { skipped+=("$1"); echo "SKIPPED $1"; }
 # mark SYSTEM MB ACCUM STATUS: a table row for a configuration that printed no RESULT line
@@ -48,7 +31,6 @@ mark() {
   grep -q "^RESULT system=$1 mb=$2 T=$T accum=$3 " "$RESULTS" ||
     echo "RESULT system=$1 mb=$2 T=$T accum=$3 status=$4" >> "$RESULTS"
 }
-section() { echo; echo "== $1 (at $(( $(date +%s) - start )) s, $(left) s left)"; }
 
 # A part cut short may leave a process of ours on the GPU (a trainer rank whose harness was
 # killed hard, a test's rank): end those, by id, so that the next part has the GPU to itself.

@@ -3,7 +3,7 @@
 
     python3 bench/ours_train_bench.py shard [--out /tmp/qwen3_bench/random_2m.h5] [--tokens N]
     python3 bench/ours_train_bench.py train --mb 1 --accum 1 [--T 2048] [--budget 60]
-            [--init-hf DIR] [--label ours] [--warmup 2] [--steps 3]
+            [--init-hf DIR] [--label ours] [--warmup 2] [--steps 3] [--np 1 --pp 1 --zero 0]
 
 shard: ~2M random token ids in [0, 151936), written as text ids and turned into a plain token
 shard by the project's own `build/qwen3-prep build --format ids --vocab-size 151936` (no
@@ -15,6 +15,8 @@ jobs/bench_4b.txtpb: backend CUDA, the 4B shape, optimizer defaults), one optimi
 tokens. It reads output_dir/metrics.jsonl as the steps come (tokens_per_s and step_seconds
 per step), skips the first `warmup` steps and reports the median of the next `steps`. GPU memory
 is nvidia-smi's memory.used, sampled every 0.5 s while it runs (the CUDA context included).
+With --np N (one process per GPU) the job runs as --pp stages x N/pp replicas (ZeRO-1 with
+--zero 1); a step is then N/pp times as many sequences, and memory is GPU 0's (rank 0's).
 
 The job never checkpoints (checkpoint.every -1), but SIGTERM would make it save (4B fp32 weights
 and moments, ~48 GB). So the job is given more steps than are timed and is ended with SIGKILL,
@@ -23,8 +25,9 @@ by process id, once the timed steps are in the log (or the budget is spent).
 With --init-hf DIR (a model.safetensors that torch_train_bench.py --save-hf wrote) the weights
 come from there: the job's own random init draws 4B normals on one host thread, 1-2 minutes.
 
-  tokens/s   = mb * accum * T / median step seconds   (the trainer's tokens_per_s)
-  MFU        = tokens/s * (6 N + 6 L T heads head_dim) / 989e12, N = 4,022,468,096
+  tokens/s   = dp * mb * accum * T / median step seconds   (the trainer's tokens_per_s)
+  per GPU    = tokens/s / np
+  MFU        = tokens/s per GPU * (6 N + 6 L T heads head_dim) / 989e12, N = 4,022,468,096
   alloc      = the trainer's device_peak_mib (what it allocated: comparable with torch's
                max_memory_allocated, which leaves out the CUDA context and the cache)
   over-state = peak - 16 N bytes (fp32 weights, gradients and both AdamW moments), less 2 N more
@@ -182,8 +185,14 @@ def train(args):
     mb, accum, T = args.mb, args.accum, args.T
     warmup = args.warmup if args.warmup is not None else (2 if accum == 1 else 1)
     timed = args.steps if args.steps is not None else (3 if accum == 1 else 2)
+    if args.np % args.pp:
+        sys.exit(f"--np {args.np} is not a multiple of --pp {args.pp}")
+    dp = args.np // args.pp
     tag = dict(system=args.label, mb=mb, T=T, accum=accum)
-    out_dir = os.path.join(args.work, f"out_mb{mb}_acc{accum}_T{T}")
+    if args.np > 1:
+        tag.update(np=args.np, pp=args.pp, dp=dp, zero=args.zero)
+    layout = f"_np{args.np}pp{args.pp}z{args.zero}" if args.np > 1 else ""
+    out_dir = os.path.join(args.work, f"out_{args.label}_mb{mb}_acc{accum}_T{T}{layout}")
     subprocess.run(["rm", "-rf", out_dir], check=False)
     os.makedirs(out_dir)
     sets = {
@@ -196,6 +205,8 @@ def train(args):
         "train.log_every": 1,
         "checkpoint.dir": os.path.join(out_dir, "ckpt"),
         "checkpoint.resume": "NEVER",
+        "parallel.pipeline_stages": args.pp,
+        "parallel.zero": args.zero,
     }
     init = "random (job init, host side)"
     if args.init_hf and os.path.exists(os.path.join(args.init_hf, "model.safetensors")):
@@ -204,7 +215,7 @@ def train(args):
     job = args.job or os.path.join(args.build, "jobs/bench_4b.pb")
     # --bind-to none: Open MPI would pin a lone rank to one core, which its host-side work
     # (weight loading, data) and the sampling here would share
-    cmd = ["mpirun", "--allow-run-as-root", "--bind-to", "none", "-np", "1",
+    cmd = ["mpirun", "--allow-run-as-root", "--bind-to", "none", "-np", str(args.np),
            os.path.join(ROOT, args.build, "qwen3-train"), os.path.join(ROOT, job)]
     for k, v in sets.items():
         cmd += ["--set", f"{k}={v}"]
@@ -230,7 +241,8 @@ def train(args):
             kill_run(proc)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
     steps = read_steps(metrics)
-    rc = report(tag, steps, warmup, timed, peak, launched, first_line_at, ended, log_path)
+    rc = report(tag, steps, warmup, timed, peak, launched, first_line_at, ended, log_path, dp,
+                args.np)
     # the GPU memory must be given back before the next run measures its own
     for _ in range(20):
         used = gpu_used_mib()
@@ -240,7 +252,7 @@ def train(args):
     return rc
 
 
-def report(tag, steps, warmup, timed, peak, launched, first_line_at, ended, log_path):
+def report(tag, steps, warmup, timed, peak, launched, first_line_at, ended, log_path, dp=1, np=1):
     mb, accum, T = tag["mb"], tag["accum"], tag["T"]
     if not steps:
         log(f"  no step logged ({ended}); the trainer's last lines:")
@@ -260,7 +272,7 @@ def report(tag, steps, warmup, timed, peak, launched, first_line_at, ended, log_
     if not timed_steps:
         timed_steps, partial = steps[-1:], 1
     med = statistics.median(s["step_seconds"] for s in timed_steps)
-    tok_s = mb * accum * T / med
+    tok_s = dp * mb * accum * T / med
     n = n_params()
     bf16 = os.environ.get("QWEN3_CUDA_PRECISION", "bf16") in ("", "bf16")
     state = (18.0 if bf16 else 16.0) * n
@@ -269,7 +281,7 @@ def report(tag, steps, warmup, timed, peak, launched, first_line_at, ended, log_
     # the trainer's own count of what it allocated: like torch.cuda.max_memory_allocated, no
     # CUDA context and no allocator cache
     alloc_b = max(s.get("device_peak_mib", float("nan")) for s in steps) * 2**20
-    result(**tag, tok_s=tok_s, mfu=tok_s * flops_per_token(T) / PEAK_FLOPS,
+    result(**tag, tok_s=tok_s, tok_s_gpu=tok_s / np, mfu=tok_s / np * flops_per_token(T) / PEAK_FLOPS,
            peak_gib=peak_b / 2**30, over_state_gib=(peak_b - state) / 2**30,
            alloc_peak_gib=alloc_b / 2**30, over_state_alloc_gib=(alloc_b - state) / 2**30,
            state_gib=state / 2**30, step_s=med, steps=len(timed_steps),
@@ -297,6 +309,9 @@ def main():
     tr.add_argument("--job", default="", help="default BUILD/jobs/bench_4b.pb")
     tr.add_argument("--work", default="/tmp/qwen3_bench")
     tr.add_argument("--label", default="ours")
+    tr.add_argument("--np", type=int, default=1, help="processes, one per GPU")
+    tr.add_argument("--pp", type=int, default=1, help="pipeline stages (np / pp replicas)")
+    tr.add_argument("--zero", type=int, default=0, choices=[0, 1], help="ZeRO-1 across replicas")
     tr.add_argument("extra", nargs="*", help="more trainer arguments, after --")
     for p in (sh, tr):
         p.add_argument("--build", default="build", help="the build folder (repository-relative)")

@@ -1,9 +1,10 @@
 /* Communication between the ranks of a job: the rank layout, point-to-point transfers along a
  * pipeline, and reductions over groups. comm_mpi.c implements every call over MPI on host memory;
  * once comm_nccl_enable succeeded, comm_nccl.c carries the tensor calls (comm_send_tensor,
- * comm_recv_tensor, comm_allreduce_sum_float) over NCCL on device memory, while control messages
- * (tokens, flags, small host scalars) stay on MPI. Every call dies (and so aborts the whole job)
- * on error: no rank is ever left waiting for a peer that is gone.
+ * comm_recv_tensor, the float sums and the sharded collectives) over NCCL on device memory, while
+ * control messages (tokens, flags, small host scalars) stay on MPI. Every call dies (and so
+ * aborts the whole job) on error: no rank is ever left waiting for a peer that is gone, and no
+ * wait for a peer lasts longer than c->timeout seconds (QWEN3_COMM_TIMEOUT_S, 600 by default).
  *
  * Layout (DESIGN.md): world = pipeline_stages x data_parallel; rank r is stage r % pp of
  * replica r / pp, so the stages of one replica are neighbours. */
@@ -24,6 +25,7 @@ struct comm {
   int pp, dp;          /* pipeline stages, data-parallel replicas */
   int stage, replica;
   int local_rank, local_size;   /* among the ranks on this machine */
+  double timeout;      /* seconds any wait for a peer may take (QWEN3_COMM_TIMEOUT_S, 600) */
   void *impl;          /* transport state */
 };
 
@@ -62,6 +64,15 @@ void comm_recv_tensor(struct comm *c, void *buf, size_t bytes, int from_stage, i
  * host memory. */
 void comm_allreduce_sum_float(struct comm *c, enum comm_group g, float *buf, size_t n);
 void comm_allreduce_sum_double(struct comm *c, enum comm_group g, double *buf, size_t n);
+/* The float sum, started now and finished by comm_wait_reductions, so that it runs while the
+ * caller goes on (the data-parallel reduction during backward): over NCCL on a stream of its
+ * own, after the compute stream's work so far; over MPI on host memory as MPI_Iallreduce; a
+ * tensor staged through the host is summed at once. Until comm_wait_reductions returns nothing
+ * may read or write buf. Every member starts the same sums in the same order. With two members
+ * the result is comm_allreduce_sum_float's, bit for bit (a + b); with more, the transport's
+ * algorithm may sum in another order. */
+void comm_allreduce_sum_float_start(struct comm *c, enum comm_group g, float *buf, size_t n);
+void comm_wait_reductions(struct comm *c);
 /* Sharded collectives over a tensor `buf` of n floats that every member of the group holds in
  * full, cut into consecutive shards of `shard` floats (member i's: [i * shard, (i + 1) * shard)
  * clipped to n, so the last may be shorter or empty). Reduce-scatter: member i's shard of buf
@@ -80,7 +91,7 @@ void comm_barrier(struct comm *c, enum comm_group g);
  * NCCL is on, 0 on every rank when it is not: with a world of one, in a build without NCCL, when
  * any rank has no stream, when two ranks share a GPU (NCCL refuses that), or with QWEN3_NCCL=0
  * in the environment. QWEN3_NCCL=1 makes each of those an error instead. A wait on NCCL work
- * longer than QWEN3_NCCL_TIMEOUT_S seconds (default 600) aborts the job; QWEN3_NCCL_SEND_BUFFERS
+ * longer than c->timeout aborts the job; QWEN3_NCCL_SEND_BUFFERS
  * (default 2) is how many device copies of sent tensors may be in flight. */
 int comm_nccl_enable(struct comm *c, void *compute_stream);
 

@@ -17,6 +17,12 @@ struct comm_device_transport {
   void (*wait_sends)(void *state);
   /* 1: done; 0: this group has no device communicator (GROUP_WORLD), stage it through the host */
   int (*allreduce_sum_float)(void *state, enum comm_group g, float *buf, size_t n);
+  /* the same, started only (1), finished by wait_reductions; 0 as above */
+  int (*allreduce_start)(void *state, enum comm_group g, float *buf, size_t n);
+  void (*wait_reductions)(void *state);
+  /* comm_reduce_scatter_sum_float (reduce 1) or comm_allgather_float (reduce 0); 0 as above */
+  int (*sharded_float)(void *state, enum comm_group g, float *buf, size_t n, size_t shard,
+                       int reduce);
   /* called by comm_finalize after the last wait, before MPI ends */
   void (*finalize)(void *state);
 };

@@ -8,12 +8,19 @@
  * communicator) in order, so the chunks reassemble in place.
  *
  * Tensors in device memory go through the host with the backend's copies (comm_set_device_copy),
- * unless a device transport (comm_nccl.c, comm_device.h) took the tensor calls over. */
+ * unless a device transport (comm_nccl.c, comm_device.h) took the tensor calls over.
+ *
+ * No wait for a peer is unbounded: every call that waits starts the non-blocking form of its MPI
+ * operation and polls it (wait_request) for at most c->timeout seconds (QWEN3_COMM_TIMEOUT_S),
+ * then dies naming the operation. A peer that exits is MPI's to report (mpirun ends the job); a
+ * peer that is stopped or stuck would otherwise hold every rank forever. */
+#define _POSIX_C_SOURCE 200809L
 #include <limits.h>
 #include <mpi.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "comm/comm.h"
 #include "comm/comm_device.h"
@@ -35,6 +42,8 @@ struct mpi_state {
   MPI_Request *sends;        /* outstanding comm_send chunks, completed by comm_wait_sends */
   char **staged;             /* [n_sends]: the copy a send's first chunk owns; NULL for others */
   int n_sends, cap_sends;
+  MPI_Request *sums;         /* comm_allreduce_sum_float_start's, until comm_wait_reductions */
+  int n_sums, cap_sums;
   int tag_ub;                /* the largest tag this MPI allows */
   comm_copy_fn to_host, to_device;   /* tensors in device memory: staged through the host */
   struct comm_device_transport dev;  /* the tensor calls, when NCCL took them over */
@@ -45,6 +54,47 @@ struct mpi_state {
 static void abort_job(int code) { MPI_Abort(MPI_COMM_WORLD, code); }
 
 static struct mpi_state *state(struct comm *c) { return c->impl; }
+
+/* QWEN3_COMM_TIMEOUT_S: the longest wait for a peer, 600 s unless set. */
+static double comm_timeout_from_env(void) {
+  const char *old = getenv("QWEN3_NCCL_TIMEOUT_S");
+  if (old && *old)
+    die("QWEN3_NCCL_TIMEOUT_S was renamed QWEN3_COMM_TIMEOUT_S (it bounds every wait for a peer, "
+        "over MPI as well as NCCL): set that instead");
+  const char *v = getenv("QWEN3_COMM_TIMEOUT_S");
+  if (!v || !*v) return 600;
+  char *end;
+  double x = strtod(v, &end);
+  if (*end || !(x > 0)) die("QWEN3_COMM_TIMEOUT_S=%s: expected a positive number of seconds", v);
+  return x;
+}
+
+static const char *group_name(enum comm_group g) {
+  static const char *names[] = {"world", "pipe", "dp", "tied"};
+  return g >= GROUP_WORLD && g <= GROUP_TIED ? names[g] : "?";
+}
+
+/* Polls *r until it completes; spins for the first millisecond (a pipeline's critical path
+ * waits here), then sleeps 50 us between polls. Dies after c->timeout seconds, naming `what`. */
+static void wait_request(struct comm *c, MPI_Request *r, MPI_Status *status, const char *what) {
+  double start = now_seconds();
+  for (;;) {
+    int done, err = MPI_Test(r, &done, status ? status : MPI_STATUS_IGNORE);
+    if (err != MPI_SUCCESS) {   /* the operation's own error (a truncated message, say) */
+      char msg[MPI_MAX_ERROR_STRING];
+      int len = 0;
+      MPI_Error_string(err, msg, &len);
+      die("%s failed: %.*s", what, len, msg);
+    }
+    if (done) return;
+    double waited = now_seconds() - start;
+    if (waited > c->timeout)
+      die("%s: no answer within %.0f s (QWEN3_COMM_TIMEOUT_S): a rank is gone, stuck, or waits "
+          "for something else",
+          what, c->timeout);
+    if (waited > 1e-3) nanosleep(&(struct timespec){0, 50000}, NULL);
+  }
+}
 
 void comm_init(struct comm *c, int *argc, char ***argv) {
   /* until the handler is set, errors abort inside MPI with its own message */
@@ -58,7 +108,7 @@ void comm_init(struct comm *c, int *argc, char ***argv) {
   MPI_CHECK(MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN));
   struct mpi_state *st = xcalloc(1, sizeof *st);
   st->pipe = st->dp = st->tied = MPI_COMM_NULL;
-  *c = (struct comm){.impl = st};
+  *c = (struct comm){.impl = st, .timeout = comm_timeout_from_env()};
   MPI_CHECK(MPI_Comm_rank(MPI_COMM_WORLD, &c->rank));
   MPI_CHECK(MPI_Comm_size(MPI_COMM_WORLD, &c->world));
   MPI_Comm node;   /* the ranks sharing this machine: they share its cores (or GPUs) */
@@ -215,8 +265,13 @@ void comm_recv(struct comm *c, void *buf, size_t bytes, int from_stage, int tag)
   do {
     int n = chunk_of(left), got;
     MPI_Status status;
+    MPI_Request r;
+    char what[96];
+    snprintf(what, sizeof what, "comm_recv: receive of %d bytes from stage %d (tag %d)", n,
+             from_stage, tag);
     /* a longer message fails here with MPI_ERR_TRUNCATE, a shorter one in the check below */
-    MPI_CHECK(MPI_Recv(p, n, MPI_BYTE, from_stage, tag, state(c)->pipe, &status));
+    MPI_CHECK(MPI_Irecv(p, n, MPI_BYTE, from_stage, tag, state(c)->pipe, &r));
+    wait_request(c, &r, &status, what);
     MPI_CHECK(MPI_Get_count(&status, MPI_BYTE, &got));
     if (got != n)
       die("comm_recv: %d bytes from stage %d (tag %d), expected %d", got, from_stage, tag, n);
@@ -228,8 +283,10 @@ void comm_recv(struct comm *c, void *buf, size_t bytes, int from_stage, int tag)
 void comm_wait_sends(struct comm *c) {
   struct mpi_state *st = state(c);
   if (st->dev.wait_sends) st->dev.wait_sends(st->dev.state);
-  MPI_CHECK(MPI_Waitall(st->n_sends, st->sends, MPI_STATUSES_IGNORE));
-  for (int i = 0; i < st->n_sends; i++) free(st->staged[i]);
+  for (int i = 0; i < st->n_sends; i++) {
+    wait_request(c, &st->sends[i], NULL, "delivery of a sent message");
+    free(st->staged[i]);
+  }
   st->n_sends = 0;
 }
 
@@ -243,7 +300,11 @@ static void allreduce(struct comm *c, enum comm_group g, void *buf, size_t n, MP
   char *p = buf;
   for (size_t left = n; left > 0;) {
     int k = chunk_of(left);
-    MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, p, k, type, MPI_SUM, comm));
+    MPI_Request r;
+    MPI_CHECK(MPI_Iallreduce(MPI_IN_PLACE, p, k, type, MPI_SUM, comm, &r));
+    char what[96];
+    snprintf(what, sizeof what, "sum of %d values over group %s", k, group_name(g));
+    wait_request(c, &r, NULL, what);
     p += (size_t)k * size;
     left -= k;
   }
@@ -264,6 +325,35 @@ void comm_allreduce_sum_float(struct comm *c, enum comm_group g, float *buf, siz
   allreduce(c, g, host, n, MPI_FLOAT, sizeof *host);
   st->to_device(buf, host, n * sizeof *host);
   free(host);
+}
+
+void comm_allreduce_sum_float_start(struct comm *c, enum comm_group g, float *buf, size_t n) {
+  struct mpi_state *st = state(c);
+  MPI_Comm comm = group_comm(c, g);   /* dies naming a group this rank is not in */
+  if (st->dev.allreduce_start && st->dev.allreduce_start(st->dev.state, g, buf, n)) return;
+  if (st->to_host) {   /* staged through the host: nothing to overlap with */
+    comm_allreduce_sum_float(c, g, buf, n);
+    return;
+  }
+  for (size_t left = n; left > 0;) {
+    int k = chunk_of(left);
+    if (st->n_sums == st->cap_sums) {
+      st->cap_sums = st->cap_sums ? 2 * st->cap_sums : 64;
+      st->sums = xrealloc(st->sums, st->cap_sums * sizeof *st->sums);
+    }
+    MPI_CHECK(MPI_Iallreduce(MPI_IN_PLACE, buf, k, MPI_FLOAT, MPI_SUM, comm,
+                             &st->sums[st->n_sums++]));
+    buf += k;
+    left -= k;
+  }
+}
+
+void comm_wait_reductions(struct comm *c) {
+  struct mpi_state *st = state(c);
+  if (st->dev.wait_reductions) st->dev.wait_reductions(st->dev.state);
+  for (int i = 0; i < st->n_sums; i++)
+    wait_request(c, &st->sums[i], NULL, "a sum started during backward");
+  st->n_sums = 0;
 }
 
 void comm_allreduce_sum_double(struct comm *c, enum comm_group g, double *buf, size_t n) {
@@ -305,12 +395,15 @@ static void sharded(struct comm *c, enum comm_group g, float *buf, size_t n, siz
     }
     size_t b;
     shard_range(n, shard, me, &b);
+    MPI_Request r;
     if (reduce) {
-      MPI_CHECK(MPI_Reduce_scatter(pack, mine, counts, MPI_FLOAT, MPI_SUM, comm));
+      MPI_CHECK(MPI_Ireduce_scatter(pack, mine, counts, MPI_FLOAT, MPI_SUM, comm, &r));
+      wait_request(c, &r, NULL, "reduce-scatter");
       memcpy(buf + b + at, mine, counts[me] * sizeof *buf);
     } else {
-      MPI_CHECK(MPI_Allgatherv(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, pack, counts, displs, MPI_FLOAT,
-                               comm));
+      MPI_CHECK(MPI_Iallgatherv(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, pack, counts, displs,
+                                MPI_FLOAT, comm, &r));
+      wait_request(c, &r, NULL, "all-gather");
       for (int i = 0; i < size; i++) {
         size_t bi;
         shard_range(n, shard, i, &bi);
@@ -328,6 +421,9 @@ static void sharded(struct comm *c, enum comm_group g, float *buf, size_t n, siz
 static void sharded_tensor(struct comm *c, enum comm_group g, float *buf, size_t n, size_t shard,
                            int reduce) {
   struct mpi_state *st = state(c);
+  group_comm(c, g);
+  if (st->dev.sharded_float && st->dev.sharded_float(st->dev.state, g, buf, n, shard, reduce))
+    return;
   if (!st->to_host) {
     sharded(c, g, buf, n, shard, reduce);
     return;
@@ -356,13 +452,19 @@ void comm_broadcast(struct comm *c, enum comm_group g, void *buf, size_t bytes, 
   char *p = buf;
   for (size_t left = bytes; left > 0;) {
     int k = chunk_of(left);
-    MPI_CHECK(MPI_Bcast(p, k, MPI_BYTE, root, comm));
+    MPI_Request r;
+    MPI_CHECK(MPI_Ibcast(p, k, MPI_BYTE, root, comm, &r));
+    wait_request(c, &r, NULL, "broadcast");
     p += k;
     left -= k;
   }
 }
 
-void comm_barrier(struct comm *c, enum comm_group g) { MPI_CHECK(MPI_Barrier(group_comm(c, g))); }
+void comm_barrier(struct comm *c, enum comm_group g) {
+  MPI_Request r;
+  MPI_CHECK(MPI_Ibarrier(group_comm(c, g), &r));
+  wait_request(c, &r, NULL, "barrier");
+}
 
 _Noreturn void comm_abort(struct comm *c, int code) {
   /* the hook chain: comm_nccl.c aborts its communicators first, then abort_job */
@@ -374,6 +476,7 @@ _Noreturn void comm_abort(struct comm *c, int code) {
 void comm_finalize(struct comm *c) {
   struct mpi_state *st = state(c);
   comm_wait_sends(c);
+  comm_wait_reductions(c);
   if (st->dev.finalize) st->dev.finalize(st->dev.state);   /* restores g_abort_hook */
   st->dev = (struct comm_device_transport){0};
   MPI_Comm *comms[] = {&st->pipe, &st->dp, &st->tied};
@@ -384,6 +487,7 @@ void comm_finalize(struct comm *c) {
   MPI_CHECK(MPI_Finalize());
   free(st->sends);
   free(st->staged);
+  free(st->sums);
   free(st);
   c->impl = NULL;
 }

@@ -10,10 +10,14 @@
  * rank 0 over the group's MPI communicator. GROUP_WORLD has none: a float sum over the world
  * (nothing in the trainer does one) goes through the host over MPI.
  *
- * Streams and ordering. All NCCL work runs on one communication stream, in the order the host
- * issued it, so the schedules (trainer/schedule.c, proven to hold when a send completes only as
- * its receive is posted: "NCCL on one stream") pair it without deadlock. Against the compute
- * stream (the backend's):
+ * Streams and ordering. The pipeline's transfers and the tied embedding's sums run on one
+ * communication stream, in the order the host issued them, so the schedules (trainer/schedule.c,
+ * proven to hold when a send completes only as its receive is posted: "NCCL on one stream") pair
+ * them without deadlock. The data-parallel group's operations run on a second stream of their
+ * own: its sums may be started during backward (comm_allreduce_sum_float_start) and run for the
+ * rest of it, and the pipeline's transfers must not queue behind them. One stream per
+ * communicator keeps each communicator's operations in the order every member issued them, which
+ * is what NCCL needs. Against the compute stream (the backend's):
  *  - a send first copies the buffer, on the compute stream, into a device buffer of ours (a send
  *    buffer), then the communication stream waits for that copy and sends from the send buffer.
  *    So the caller may write its buffer as soon as comm_send_tensor returns (comm.h), and the
@@ -29,14 +33,16 @@
  *    when it returns the data is there, and the kernels the trainer launches next on the compute
  *    stream read it. The host waiting too (not only the compute stream) costs little, since the
  *    next kernels need the data anyway, and it keeps the rule below.
- *  - an all-reduce is ordered like a receive: in place, ncclFloat, ncclSum.
+ *  - an all-reduce is ordered like a receive: in place, ncclFloat, ncclSum; so are the sharded
+ *    collectives. A started all-reduce is queued the same way, and only comm_wait_reductions
+ *    waits for it (the host, then the compute stream).
  * The rule this keeps: the compute stream only ever waits on NCCL work that the host has seen
  * complete. So a lost peer or a stuck transfer can only hold the host in one of the waits here,
  * which poll with a time-out, never in a synchronisation of the backend's that has none.
  *
  * Errors and hangs: every NCCL and CUDA call is checked (file, line, the operation, NCCL's
  * message). Waits poll cudaEventQuery, check ncclCommGetAsyncError of every communicator, and
- * give up after QWEN3_NCCL_TIMEOUT_S seconds (default 600). On an error or a time-out every
+ * give up after QWEN3_COMM_TIMEOUT_S seconds (default 600). On an error or a time-out every
  * communicator is aborted (ncclCommAbort) and die() names the rank, group and operation; die()
  * then ends the job through g_abort_hook, which this file chains so that a die() from anywhere
  * (a CUDA error in a kernel, say) also aborts the communicators before MPI_Abort. */
@@ -77,6 +83,9 @@ struct group {
   ncclComm_t comm;     /* NULL where the group does not exist for this rank */
   const char *name;
   int rank, size;
+  cudaStream_t stream;   /* where its operations run (see the top of this file) */
+  cudaEvent_t started;   /* after its last started all-reduce */
+  int pending;           /* started all-reduces not yet waited for */
 };
 
 struct send_buffer {
@@ -93,7 +102,8 @@ struct nccl_state {
   struct group groups[GROUP_TIED + 1];   /* indexed by enum comm_group; GROUP_WORLD unused */
   int device;
   cudaStream_t compute;   /* the backend's */
-  cudaStream_t stream;    /* ours: every NCCL operation */
+  cudaStream_t stream;    /* ours: the pipeline's transfers and the tied sums */
+  cudaStream_t dp_stream; /* ours: the data-parallel group's operations */
   cudaEvent_t ready;      /* compute -> communication stream */
   cudaEvent_t done;       /* communication -> compute stream, after a receive or all-reduce */
   struct send_buffer sends[MAX_SEND_BUFFERS];
@@ -199,7 +209,7 @@ static void wait_event(struct nccl_state *s, cudaEvent_t ev, const char *what) {
     double waited = now_seconds() - start;
     if (waited > 1e-3 || polls % 64 == 0) check_async(s, what);
     if (waited > s->timeout)
-      fail("NCCL: %s did not complete within %.0f s (QWEN3_NCCL_TIMEOUT_S): a peer is gone, "
+      fail("NCCL: %s did not complete within %.0f s (QWEN3_COMM_TIMEOUT_S): a peer is gone, "
            "stuck, or waits for something else",
            what, s->timeout);
     if (waited > 1e-3) pause_us(50);
@@ -224,16 +234,17 @@ static void check_device_buffer(struct nccl_state *s, const void *buf, size_t by
          buf, s->device, (int)a.type, a.device);
 }
 
-/* The compute stream's work so far happens before what the communication stream does next. */
-static void comm_after_compute(struct nccl_state *s, const char *what) {
+/* The compute stream's work so far happens before what `stream` does next. */
+static void comm_after_compute(struct nccl_state *s, cudaStream_t stream, const char *what) {
   CUDA_RT_CHECK(what, cudaEventRecord(s->ready, s->compute));
-  CUDA_RT_CHECK(what, cudaStreamWaitEvent(s->stream, s->ready, 0));
+  CUDA_RT_CHECK(what, cudaStreamWaitEvent(stream, s->ready, 0));
 }
 
-/* After a receive or all-reduce was queued: the host waits for it, then orders the compute
- * stream after it (a wait on an event already complete, which keeps the ordering explicit). */
-static void finish_on_compute(struct nccl_state *s, const char *what) {
-  CUDA_RT_CHECK(what, cudaEventRecord(s->done, s->stream));
+/* After a receive or all-reduce was queued on `stream`: the host waits for it, then orders the
+ * compute stream after it (a wait on an event already complete, which keeps the ordering
+ * explicit). */
+static void finish_on_compute(struct nccl_state *s, cudaStream_t stream, const char *what) {
+  CUDA_RT_CHECK(what, cudaEventRecord(s->done, stream));
   wait_event(s, s->done, what);
   CUDA_RT_CHECK(what, cudaStreamWaitEvent(s->compute, s->done, 0));
 }
@@ -292,7 +303,7 @@ static void nccl_send(void *state, const void *buf, size_t bytes, int to_stage, 
   /* the tensor as the compute stream has it at this point of its order */
   if (bytes)
     CUDA_RT_CHECK(what, cudaMemcpyAsync(b->buf, buf, bytes, cudaMemcpyDeviceToDevice, s->compute));
-  comm_after_compute(s, what);
+  comm_after_compute(s, s->stream, what);
   NCCL_CHECK(what, ncclGroupStart());
   NCCL_CHECK(what, ncclSend(b->buf, bytes, ncclUint8, to_stage, pipe->comm, s->stream));
   NCCL_CHECK(what, ncclGroupEnd());
@@ -309,11 +320,11 @@ static void nccl_recv(void *state, void *buf, size_t bytes, int from_stage, int 
   snprintf(what, sizeof what, "receive of %zu bytes from stage %d (tag %d) on group pipe", bytes,
            from_stage, tag);
   check_device_buffer(s, buf, bytes, what);
-  comm_after_compute(s, what);   /* earlier kernels may still read buf */
+  comm_after_compute(s, s->stream, what);   /* earlier kernels may still read buf */
   NCCL_CHECK(what, ncclGroupStart());
   NCCL_CHECK(what, ncclRecv(buf, bytes, ncclUint8, from_stage, pipe->comm, s->stream));
   NCCL_CHECK(what, ncclGroupEnd());
-  finish_on_compute(s, what);
+  finish_on_compute(s, s->stream, what);
 }
 
 static void nccl_wait_sends(void *state) {
@@ -325,32 +336,105 @@ static void nccl_wait_sends(void *state) {
     }
 }
 
-/* NCCL's sum order is that of its algorithm (ring or tree, chosen from the group's size, the
+/* Group g when this rank has its communicator, else NULL (GROUP_WORLD: staged by comm_mpi.c). */
+static struct group *device_group(struct nccl_state *s, enum comm_group g) {
+  return g >= GROUP_PIPE && g <= GROUP_TIED && s->groups[g].comm ? &s->groups[g] : NULL;
+}
+
+/* The all-reduce of buf, queued on its group's stream after the compute stream's work so far;
+ * then either finished (the host waits, then the compute stream) or only started, for
+ * nccl_wait_reductions. 0 when the group has no communicator here.
+ * NCCL's sum order is that of its algorithm (ring or tree, chosen from the group's size, the
  * message size and the machine), the same in every run of the same job on the same machine and
  * the same bits on every member. It may round differently from MPI's. */
-static int nccl_allreduce_sum_float(void *state, enum comm_group g, float *buf, size_t n) {
+static int allreduce(void *state, enum comm_group g, float *buf, size_t n, int finish) {
   struct nccl_state *s = state_of(state);
-  if (g < GROUP_PIPE || g > GROUP_TIED || !s->groups[g].comm) return 0;
-  struct group *gr = &s->groups[g];
+  struct group *gr = device_group(s, g);
+  if (!gr) return 0;
   char what[160];
   snprintf(what, sizeof what, "all-reduce (sum) of %zu floats on group %s (rank %d of %d)", n,
            gr->name, gr->rank, gr->size);
   check_device_buffer(s, buf, n * sizeof *buf, what);
-  comm_after_compute(s, what);
-  NCCL_CHECK(what, ncclAllReduce(buf, buf, n, ncclFloat, ncclSum, gr->comm, s->stream));
-  finish_on_compute(s, what);
+  comm_after_compute(s, gr->stream, what);
+  NCCL_CHECK(what, ncclAllReduce(buf, buf, n, ncclFloat, ncclSum, gr->comm, gr->stream));
+  if (finish) {
+    finish_on_compute(s, gr->stream, what);
+  } else {
+    CUDA_RT_CHECK(what, cudaEventRecord(gr->started, gr->stream));
+    gr->pending = 1;
+  }
+  return 1;
+}
+
+static int nccl_allreduce_sum_float(void *state, enum comm_group g, float *buf, size_t n) {
+  return allreduce(state, g, buf, n, 1);
+}
+
+static int nccl_allreduce_start(void *state, enum comm_group g, float *buf, size_t n) {
+  return allreduce(state, g, buf, n, 0);
+}
+
+static void nccl_wait_reductions(void *state) {
+  struct nccl_state *s = state_of(state);
+  for (int g = 0; g <= GROUP_TIED; g++) {
+    struct group *gr = &s->groups[g];
+    if (!gr->pending) continue;
+    char what[96];
+    snprintf(what, sizeof what, "the all-reduces started on group %s (rank %d of %d)", gr->name,
+             gr->rank, gr->size);
+    wait_event(s, gr->started, what);
+    CUDA_RT_CHECK(what, cudaStreamWaitEvent(s->compute, gr->started, 0));
+    gr->pending = 0;
+  }
+}
+
+/* comm.h's sharded collectives. Member i's shard is [i * shard, (i + 1) * shard) clipped to n,
+ * so the last may be shorter or empty, which ncclReduceScatter and ncclAllGather (equal counts
+ * for every member) cannot express: one in-place ncclReduce (ncclBroadcast) per member's shard,
+ * with that member as the root, in one NCCL group so that they go as one launch. */
+static int nccl_sharded_float(void *state, enum comm_group g, float *buf, size_t n, size_t shard,
+                              int reduce) {
+  struct nccl_state *s = state_of(state);
+  struct group *gr = device_group(s, g);
+  if (!gr) return 0;
+  if (shard == 0 || (size_t)gr->size * shard < n)
+    fail("internal: %zu floats in %d shards of %zu", n, gr->size, shard);
+  char what[160];
+  snprintf(what, sizeof what, "%s of %zu floats in shards of %zu on group %s (rank %d of %d)",
+           reduce ? "reduce-scatter (sum)" : "all-gather", n, shard, gr->name, gr->rank,
+           gr->size);
+  check_device_buffer(s, buf, n * sizeof *buf, what);
+  comm_after_compute(s, gr->stream, what);
+  NCCL_CHECK(what, ncclGroupStart());
+  for (int i = 0; i < gr->size; i++) {
+    size_t b = (size_t)i * shard < n ? (size_t)i * shard : n;
+    size_t len = n - b < shard ? n - b : shard;
+    if (!len) continue;   /* alike on every member */
+    if (reduce)
+      NCCL_CHECK(what, ncclReduce(buf + b, buf + b, len, ncclFloat, ncclSum, i, gr->comm,
+                                  gr->stream));
+    else
+      NCCL_CHECK(what, ncclBroadcast(buf + b, buf + b, len, ncclFloat, i, gr->comm, gr->stream));
+  }
+  NCCL_CHECK(what, ncclGroupEnd());
+  finish_on_compute(s, gr->stream, what);
   return 1;
 }
 
 static void nccl_finalize(void *state) {
   struct nccl_state *s = state_of(state);
   nccl_wait_sends(s);
+  nccl_wait_reductions(s);
   const char *what = "finalize";
-  CUDA_RT_CHECK(what, cudaEventRecord(s->done, s->stream));
-  wait_event(s, s->done, "finalize (the last operations)");
+  cudaStream_t streams[] = {s->stream, s->dp_stream};
+  for (int i = 0; i < 2; i++) {
+    CUDA_RT_CHECK(what, cudaEventRecord(s->done, streams[i]));
+    wait_event(s, s->done, "finalize (the last operations)");
+  }
   for (int g = 0; g <= GROUP_TIED; g++)
     if (s->groups[g].comm) {
       NCCL_CHECK(s->groups[g].name, ncclCommDestroy(s->groups[g].comm));
+      CUDA_RT_CHECK(what, cudaEventDestroy(s->groups[g].started));
       s->groups[g].comm = NULL;
     }
   for (int i = 0; i < s->n_sends; i++) {
@@ -361,6 +445,7 @@ static void nccl_finalize(void *state) {
   CUDA_RT_CHECK(what, cudaEventDestroy(s->ready));
   CUDA_RT_CHECK(what, cudaEventDestroy(s->done));
   CUDA_RT_CHECK(what, cudaStreamDestroy(s->stream));
+  CUDA_RT_CHECK(what, cudaStreamDestroy(s->dp_stream));
   g_abort_hook = g_prev_abort_hook;
   g_prev_abort_hook = NULL;
   g_nccl = NULL;
@@ -368,15 +453,6 @@ static void nccl_finalize(void *state) {
 }
 
 /* ---- enabling ------------------------------------------------------------------------------ */
-
-static double env_seconds(const char *name, double fallback) {
-  const char *v = getenv(name);
-  if (!v || !*v) return fallback;
-  char *end;
-  double x = strtod(v, &end);
-  if (*end || !(x > 0)) die("%s=%s: expected a positive number of seconds", name, v);
-  return x;
-}
 
 static int env_int(const char *name, int fallback, int lo, int hi) {
   const char *v = getenv(name);
@@ -395,6 +471,7 @@ static void group_init(struct nccl_state *s, enum comm_group g, const char *name
   gr->name = name;
   gr->rank = rank;
   gr->size = size;
+  gr->stream = g == GROUP_DP ? s->dp_stream : s->stream;
   char what[96];
   snprintf(what, sizeof what, "creating the communicator of group %s (rank %d of %d)", name, rank,
            size);
@@ -403,6 +480,7 @@ static void group_init(struct nccl_state *s, enum comm_group g, const char *name
   if (rank == 0) NCCL_CHECK(what, ncclGetUniqueId(&id));
   comm_broadcast(s->c, g, &id, sizeof id, 0);
   NCCL_CHECK(what, ncclCommInitRank(&gr->comm, size, id, rank));
+  CUDA_RT_CHECK(what, cudaEventCreateWithFlags(&gr->started, cudaEventDisableTiming));
 }
 
 /* One tiny transfer on every communicator, so that NCCL makes its connections now, where every
@@ -413,6 +491,7 @@ static void warm_up(struct nccl_state *s) {
   const char *what = "the first transfers (making connections)";
   CUDA_RT_CHECK(what, cudaMalloc((void **)&s->warmup, 2 * sizeof(float)));
   CUDA_RT_CHECK(what, cudaMemsetAsync(s->warmup, 0, 2 * sizeof(float), s->stream));
+  CUDA_RT_CHECK(what, cudaStreamSynchronize(s->stream));   /* before either stream reads it */
   struct group *pipe = &s->groups[GROUP_PIPE];
   if (pipe->comm) {
     /* both directions with both neighbours in one group: NCCL runs them together */
@@ -427,12 +506,19 @@ static void warm_up(struct nccl_state *s) {
     }
     NCCL_CHECK(what, ncclGroupEnd());
   }
-  for (int g = GROUP_DP; g <= GROUP_TIED; g++)
-    if (s->groups[g].comm)
-      NCCL_CHECK(what, ncclAllReduce(s->warmup, s->warmup, 1, ncclFloat, ncclSum,
-                                     s->groups[g].comm, s->stream));
-  CUDA_RT_CHECK(what, cudaEventRecord(s->done, s->stream));
-  wait_event(s, s->done, what);
+  struct group *dp = &s->groups[GROUP_DP];
+  if (dp->comm)
+    NCCL_CHECK(what, ncclAllReduce(s->warmup, s->warmup, 1, ncclFloat, ncclSum, dp->comm,
+                                   dp->stream));
+  struct group *tied = &s->groups[GROUP_TIED];
+  if (tied->comm)
+    NCCL_CHECK(what, ncclAllReduce(s->warmup, s->warmup, 1, ncclFloat, ncclSum, tied->comm,
+                                   tied->stream));
+  cudaStream_t streams[] = {s->stream, s->dp_stream};
+  for (int i = 0; i < 2; i++) {
+    CUDA_RT_CHECK(what, cudaEventRecord(s->done, streams[i]));
+    wait_event(s, s->done, what);
+  }
 }
 
 /* What each rank says about itself before the job decides. */
@@ -511,7 +597,7 @@ int comm_nccl_enable(struct comm *c, void *compute_stream) {
   s->c = c;
   s->device = device;
   s->compute = (cudaStream_t)compute_stream;
-  s->timeout = env_seconds("QWEN3_NCCL_TIMEOUT_S", 600);
+  s->timeout = c->timeout;
   s->max_sends = env_int("QWEN3_NCCL_SEND_BUFFERS", 2, 1, MAX_SEND_BUFFERS);
   /* from here on a die() anywhere aborts whatever communicators exist */
   g_nccl = s;
@@ -524,6 +610,7 @@ int comm_nccl_enable(struct comm *c, void *compute_stream) {
   int least, greatest;
   CUDA_RT_CHECK(what, cudaDeviceGetStreamPriorityRange(&least, &greatest));
   CUDA_RT_CHECK(what, cudaStreamCreateWithPriority(&s->stream, cudaStreamNonBlocking, greatest));
+  CUDA_RT_CHECK(what, cudaStreamCreateWithPriority(&s->dp_stream, cudaStreamNonBlocking, greatest));
   CUDA_RT_CHECK(what, cudaEventCreateWithFlags(&s->ready, cudaEventDisableTiming));
   CUDA_RT_CHECK(what, cudaEventCreateWithFlags(&s->done, cudaEventDisableTiming));
   /* every rank makes them in the same order, each collective over its members only */
@@ -539,6 +626,9 @@ int comm_nccl_enable(struct comm *c, void *compute_stream) {
     .recv = nccl_recv,
     .wait_sends = nccl_wait_sends,
     .allreduce_sum_float = nccl_allreduce_sum_float,
+    .allreduce_start = nccl_allreduce_start,
+    .wait_reductions = nccl_wait_reductions,
+    .sharded_float = nccl_sharded_float,
     .finalize = nccl_finalize,
   };
   comm_set_device_transport(c, &t);

@@ -236,6 +236,12 @@ static void free_staging(void) {
   save.capacity = 0;
 }
 
+size_t checkpoint_staging_bytes(const struct worker_plan *p) {
+  size_t tied = !p->has_embedding && p->has_head && p->cfg.tie_embeddings
+                    ? (size_t)p->cfg.vocab_size * p->cfg.hidden_size : 0;
+  return 3 * (p->param_floats - tied) * sizeof(float);
+}
+
 /* This rank's tensors, the tied copy excepted, into the staging buffer (allocated once, for the
  * largest save): the writer thread writes them while training changes the originals. adam_m /
  * adam_v: the moments of the whole stage, laid out as the weights. */
@@ -247,6 +253,9 @@ static void stage_tensors(const struct worker *w, const float *adam_m, const flo
       floats += (size_t)w->params[i].rows * w->params[i].cols;
       n++;
     }
+  if (3 * floats * sizeof(float) != checkpoint_staging_bytes(&w->plan))
+    die("internal: %zu floats staged for a plan of %zu bytes", 3 * floats,
+        checkpoint_staging_bytes(&w->plan));
   if (3 * floats > save.capacity) {
     free_staging();
     const struct backend *be = w->be;

@@ -34,6 +34,10 @@ void checkpoint_save(const Job *job, struct comm *c, struct worker *w,
 /* Collective at every step boundary while a save is in flight (a no-op otherwise): commits it
  * if every rank's writer has finished, without waiting for them. */
 void checkpoint_poll(void);
+/* The host memory (pinned on a GPU) a save stages for a stage of plan p on the ranks that write
+ * (replica 0): its weights and both AdamW moments in fp32, the tied copy left out. Held from the
+ * first save to the end of the run. */
+size_t checkpoint_staging_bytes(const struct worker_plan *p);
 /* Collective: waits for every rank's writer and commits the save in flight, if any. */
 void checkpoint_wait(void);
 

@@ -13,6 +13,7 @@
 typedef Qwen3__Job Job;
 
 #define JOB_MAX_BYTES (16 << 20)
+#define JOB_MAX_MICRO_BATCHES (1 << 16)   /* parallel.micro_batches; --plan keeps within it */
 
 /* Reads and decodes a .pb job; NULL with err naming the file when it is missing, truncated,
  * garbage or not a regular file of at most JOB_MAX_BYTES. Every section is present afterwards

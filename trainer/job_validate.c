@@ -27,6 +27,7 @@
 #include "data/tokenizer.h"
 #include "trainer/checkpoint.h"
 #include "trainer/job.h"
+#include "trainer/schedule.h"
 #include "trainer/layout.h"
 
 /* Stated limits: far above any Qwen3 (Qwen3-4B: hidden 2560, 36 layers, 32 heads of 128,
@@ -40,7 +41,6 @@
 #define MAX_VOCAB (1 << 24)
 #define MAX_SEQ_LEN (1 << 20)
 #define MAX_MICRO_BATCH_TOKENS (1 << 24)   /* data.micro_batch_size x data.seq_len */
-#define MAX_MICRO_BATCHES (1 << 16)
 #define MAX_STEPS 1000000000
 #define MAX_SHARDS 100000
 #define MAX_PROMPTS 8192   /* generation tags prompts as p and 16384 + p, below MPI's 32767 */
@@ -293,13 +293,42 @@ static void check_shape(const struct qwen3_config *c) {
        c->rms_norm_eps);
 }
 
+/* parallel.virtual_stages: interleaved 1F1B's layout and schedule need these (schedule.h) */
+static void check_virtual_stages(const Qwen3__Parallel *p, const struct qwen3_config *c) {
+  int v = p->virtual_stages, pp = p->pipeline_stages;
+  NEED(v >= 1 && v <= SCHEDULE_MAX_CHUNKS, "parallel.virtual_stages must be in [1, %d] (is %d)",
+       SCHEDULE_MAX_CHUNKS, v);
+  if (v <= 1 || v > SCHEDULE_MAX_CHUNKS) return;
+  NEED(pp >= 2, "parallel.virtual_stages = %d needs parallel.pipeline_stages >= 2 (is %d): the "
+       "chunks of one stage would only hand activations to themselves", v, pp);
+  NEED(p->schedule == QWEN3__PIPELINE_SCHEDULE__ONE_F_ONE_B,
+       "parallel.virtual_stages = %d needs parallel.schedule ONE_F_ONE_B (interleaved 1F1B)", v);
+  NEED(pp < 1 || p->micro_batches % pp == 0,
+       "parallel.micro_batches (%d) must be a multiple of parallel.pipeline_stages (%d) with "
+       "parallel.virtual_stages = %d: interleaved 1F1B sends micro-batches through each chunk "
+       "in groups of pipeline_stages", p->micro_batches, pp, v);
+  NEED((long long)pp * v <= c->num_layers,
+       "parallel.pipeline_stages x parallel.virtual_stages (%d x %d) is more than the model's %d "
+       "layers: every chunk needs at least one", pp, v, c->num_layers);
+  NEED((long long)pp * v <= LAYOUT_MAX_STAGES,
+       "parallel.pipeline_stages x parallel.virtual_stages (%d x %d) is more than %d chunks", pp,
+       v, LAYOUT_MAX_STAGES);
+  NEED(p->n_layers_per_stage == 0,
+       "parallel.layers_per_stage cannot be combined with parallel.virtual_stages = %d: the "
+       "layers split evenly over the %d chunks", v, pp * v);
+  NEED(0, "parallel.virtual_stages = %d: interleaved 1F1B is scheduled and simulated (--plan "
+       "shows its bubble) but the trainer cannot execute it yet; set parallel.virtual_stages: 1",
+       v);
+}
+
 static void check_parallel(const Job *job, const struct qwen3_config *c, int world) {
   const Qwen3__Parallel *p = job->parallel;
   NEED(p->pipeline_stages >= 1 && p->pipeline_stages <= LAYOUT_MAX_STAGES,
        "parallel.pipeline_stages must be in [1, %d] (is %d)", LAYOUT_MAX_STAGES,
        p->pipeline_stages);
-  NEED(p->micro_batches >= 1 && p->micro_batches <= MAX_MICRO_BATCHES,
-       "parallel.micro_batches must be in [1, %d] (is %d)", MAX_MICRO_BATCHES, p->micro_batches);
+  NEED(p->micro_batches >= 1 && p->micro_batches <= JOB_MAX_MICRO_BATCHES,
+       "parallel.micro_batches must be in [1, %d] (is %d)", JOB_MAX_MICRO_BATCHES,
+       p->micro_batches);
   NEED(p->zero == 0 || p->zero == 1, "parallel.zero must be 0 or 1 (is %d)", p->zero);
   if (p->pipeline_stages < 1 || p->pipeline_stages > LAYOUT_MAX_STAGES || c->num_layers <= 0)
     return;
@@ -310,6 +339,7 @@ static void check_parallel(const Job *job, const struct qwen3_config *c, int wor
     NEED(world % p->pipeline_stages == 0,
          "parallel.pipeline_stages (%d) must divide the number of processes (%d): processes = "
          "stages x data-parallel replicas", p->pipeline_stages, world);
+  check_virtual_stages(p, c);
   if (p->n_layers_per_stage && p->pipeline_stages <= c->num_layers) {
     char err[512];
     int first[LAYOUT_MAX_STAGES + 1];

@@ -64,25 +64,10 @@ static double grad_norm_squared(struct worker *w, struct comm *c) {
   return total;
 }
 
-/* AdamW on parameters [from, to) clipped to the shard, decayed or not; the weight copy in the
- * same pass unless ZeRO's all-gather of the masters comes after */
-static void adamw_range(struct worker *w, const struct adamw_step *st, size_t from, size_t to,
-                        int decay, int zero_grad) {
-  size_t b = w->plan.shard_begin, e = w->plan.shard_end;
-  if (from < b) from = b;
-  if (to > e) to = e;
-  if (from >= to) return;
-  struct adamw_step s = *st;
-  if (!decay) s.weight_decay = 0;
-  void *copy = w->weights_act != w->weights && w->plan.shards == 1
-                   ? (char *)w->weights_act + from * dtype_bytes(w->plan.act) : NULL;
-  w->be->adamw_update(w->weights + from, copy, w->grads + from, w->adam_m + (from - b),
-                      w->adam_v + (from - b), to - from, &s, zero_grad);
-}
-
-/* AdamW over the parameters of weight group g (worker.h: WEIGHTS_*), neighbours in the flat
- * buffer with the same decay merged into one pass */
-static void adamw_group(struct worker *w, int g, const struct adamw_step *st, int zero_grad) {
+/* Calls fn(w, arg, from, to, decay) on the parameters of weight group g (worker.h: WEIGHTS_*),
+ * neighbours in the flat buffer with the same decay merged into one run [from, to). */
+typedef void (*run_fn)(struct worker *w, const void *arg, size_t from, size_t to, int decay);
+static void for_group_runs(struct worker *w, int g, run_fn fn, const void *arg) {
   size_t from = 0, to = 0;
   int decay = 0;
   for (int i = 0; i < w->n_params; i++) {
@@ -93,13 +78,45 @@ static void adamw_group(struct worker *w, int g, const struct adamw_step *st, in
       to = end;
       continue;
     }
-    adamw_range(w, st, from, to, decay, zero_grad);
+    if (to > from) fn(w, arg, from, to, decay);
     from = p->offset, to = end, decay = p->decay;
   }
-  adamw_range(w, st, from, to, decay, zero_grad);
+  if (to > from) fn(w, arg, from, to, decay);
 }
 
-double optimizer_step(struct worker *w, struct comm *c, const Qwen3__Optim *o, double lr, int t) {
+struct adamw_args {
+  const struct adamw_step *st;
+  int zero_grad;
+};
+
+/* AdamW on parameters [from, to) clipped to the shard, decayed or not; the weight copy in the
+ * same pass unless ZeRO's all-gather of the masters comes after */
+static void adamw_run(struct worker *w, const void *arg, size_t from, size_t to, int decay) {
+  const struct adamw_args *a = arg;
+  size_t b = w->plan.shard_begin, e = w->plan.shard_end;
+  if (from < b) from = b;
+  if (to > e) to = e;
+  if (from >= to) return;
+  struct adamw_step s = *a->st;
+  if (!decay) s.weight_decay = 0;
+  void *copy = w->weights_act != w->weights && w->plan.shards == 1
+                   ? (char *)w->weights_act + from * dtype_bytes(w->plan.act) : NULL;
+  w->be->adamw_update(w->weights + from, copy, w->grads + from, w->adam_m + (from - b),
+                      w->adam_v + (from - b), to - from, &s, a->zero_grad);
+}
+
+/* Starts the sum over the replicas of gradients [from, to) */
+static void start_sum_run(struct worker *w, const void *arg, size_t from, size_t to, int decay) {
+  (void)decay;
+  comm_allreduce_sum_float_start((struct comm *)arg, GROUP_DP, w->grads + from, to - from);
+}
+
+void optimizer_reduce_layer(struct worker *w, struct comm *c, int layer) {
+  for_group_runs(w, WEIGHTS_LAYER + layer, start_sum_run, c);
+}
+
+double optimizer_step(struct worker *w, struct comm *c, const Qwen3__Optim *o, double lr, int t,
+                      int layers_reduced) {
   const struct backend *be = w->be;
   const struct worker_plan *p = &w->plan;
   worker_gather_tied_grads(w);
@@ -111,10 +128,16 @@ double optimizer_step(struct worker *w, struct comm *c, const Qwen3__Optim *o, d
   }
   int zero = p->shards > 1;
   if (zero && p->shards != c->dp) die("internal: %d shards for %d replicas", p->shards, c->dp);
-  if (zero)   /* ZeRO-1: each replica sums its shard of the gradients only */
+  if (zero && layers_reduced) die("internal: ZeRO-1 with the layers' sums started in backward");
+  if (zero) {   /* ZeRO-1: each replica sums its shard of the gradients only */
     comm_reduce_scatter_sum_float(c, GROUP_DP, w->grads, p->param_floats, p->shard_stride);
-  else if (c->dp > 1)
+  } else if (layers_reduced) {   /* the rest: the embedding, the final norm, an untied head */
+    for_group_runs(w, WEIGHTS_EMBED, start_sum_run, c);
+    for_group_runs(w, WEIGHTS_LAYER + p->n_layers, start_sum_run, c);
+    comm_wait_reductions(c);
+  } else if (c->dp > 1) {
     comm_allreduce_sum_float(c, GROUP_DP, w->grads, p->param_floats);
+  }
   double norm = sqrt(grad_norm_squared(w, c));
   struct adamw_step st = {
     .lr = (float)lr, .beta1 = (float)o->beta1, .beta2 = (float)o->beta2, .eps = (float)o->eps,
@@ -131,8 +154,9 @@ double optimizer_step(struct worker *w, struct comm *c, const Qwen3__Optim *o, d
    * first: it stays in order, and the gradients are zeroed by the next step. */
   int overlap = !zero && be->side_stream;
   if (overlap) be->side_stream(1);
+  struct adamw_args args = {&st, !zero};
   for (int g = 0; g < worker_weight_groups(w); g++) {
-    adamw_group(w, g, &st, !zero);
+    for_group_runs(w, g, adamw_run, &args);
     if (be->mark) be->mark(g);
   }
   if (overlap) be->side_stream(0);

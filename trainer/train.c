@@ -16,6 +16,7 @@
 #include "trainer/layout.h"
 #include "trainer/optim.h"
 #include "trainer/output.h"
+#include "trainer/plan.h"
 #include "trainer/schedule.h"
 #include "worker/block.h"
 
@@ -25,17 +26,20 @@ static enum schedule_kind schedule_kind_of(const Job *job) {
 }
 
 void stage_plan(struct worker_plan *p, const Job *job, const struct qwen3_config *cfg, int pp,
-                int stage, enum dtype act) {
+                int stage, int chunk, enum dtype act) {
   const Qwen3__Parallel *par = job->parallel;
-  int first[LAYOUT_MAX_STAGES + 1];
+  int v = par->virtual_stages, first[LAYOUT_MAX_STAGES + 1];
   char err[512];
-  if (layout_split_layers(pp, cfg->num_layers, par->layers_per_stage,
+  /* the model chunks: one per stage, or pp x v (at most LAYOUT_MAX_STAGES) split evenly
+   * (job_validate.c) */
+  if (layout_split_layers(pp * v, cfg->num_layers, par->layers_per_stage,
                           (int)par->n_layers_per_stage, first, err, sizeof err) != 0)
     die("%s", err);
   struct schedule s;
-  schedule_build(&s, schedule_kind_of(job), pp, par->micro_batches, stage);
-  worker_plan_make(p, cfg, first[stage], first[stage + 1] - first[stage], stage == 0,
-                   stage == pp - 1, job->data->micro_batch_size, job->data->seq_len, s.max_live,
+  schedule_build(&s, schedule_kind_of(job), pp, v, par->micro_batches, stage);
+  int k = chunk * pp + stage;
+  worker_plan_make(p, cfg, first[k], first[k + 1] - first[k], k == 0, k == pp * v - 1,
+                   job->data->micro_batch_size, job->data->seq_len, s.max_live[chunk],
                    (par->recompute ? RECOMPUTE_LAYER : 0) |
                        (par->recompute_norms ? RECOMPUTE_NORMS : 0) |
                        (par->recompute_swiglu ? RECOMPUTE_SWIGLU : 0),
@@ -73,8 +77,7 @@ void print_layout(const Job *job, const struct qwen3_config *cfg, const struct c
   for (int r = 0; r < c->world; r++) {
     struct worker_plan p;
     int stage = r % c->pp;
-    stage_plan(&p, job, cfg, c->pp, stage, act);
-    if (job->parallel->zero && c->dp > 1) worker_plan_shard(&p, c->dp, r / c->pp);
+    plan_rank(&p, job, cfg, c->pp, c->dp, r, 0, act);   /* one chunk: job_validate.c */
     char layers[32];
     snprintf(layers, sizeof layers, "%d-%d", p.first_layer, p.first_layer + p.n_layers - 1);
     char nvfp4[48] = "";
@@ -91,6 +94,15 @@ void print_layout(const Job *job, const struct qwen3_config *cfg, const struct c
   long long global = (long long)job->data->micro_batch_size * job->parallel->micro_batches * c->dp;
   printf("global batch: %lld sequences = %lld tokens per step\n", global,
          global * job->data->seq_len);
+  size_t staging = 0;
+  for (int s = 0; s < c->pp; s++) {
+    struct worker_plan p;
+    stage_plan(&p, job, cfg, c->pp, s, 0, act);
+    if (checkpoint_staging_bytes(&p) > staging) staging = checkpoint_staging_bytes(&p);
+  }
+  printf("checkpoint saves: each rank of replica 0 stages its stage's weights and AdamW moments "
+         "in host memory (pinned on a GPU), up to %.1f MiB, held from the first save on\n",
+         staging / 1048576.0);
 }
 
 /* ---- the step log ---------------------------------------------------------------------------- */
@@ -215,6 +227,8 @@ struct run {
   int *live_of;                             /* [n_mb]: activation slot, -1 when free */
   int *live_busy;                           /* [n_live] */
   uint64_t stream_base;                     /* samples seen before this step */
+  int overlap;    /* parallel.overlap_reduction applies: replicas, no ZeRO */
+  int last_bwd;   /* the schedule's last backward action: its layers' gradients are final */
 };
 
 /* Global sample index of sequence i of micro-batch m of this replica, the run having consumed
@@ -255,18 +269,26 @@ static void release_live(struct run *r, int mb) {
   r->live_of[mb] = -1;
 }
 
+/* layer_hook of the step's last backward: the layer's gradients are final, sum them now */
+static void reduce_layer(void *ctx, int layer) {
+  struct run *r = ctx;
+  optimizer_reduce_layer(&r->w, r->c, layer);
+}
+
 /* Runs this rank's action list; returns the summed NLL of the micro-batches (last stage). */
 static double run_schedule(struct run *r, float grad_scale) {
   struct worker *w = &r->w;
   struct comm *c = r->c;
   size_t act_bytes = worker_boundary_bytes(w);
+  struct layer_hook reduce = {reduce_layer, r};
   for (int i = 0; i < r->sched.n; i++) {
     const struct action *a = &r->sched.actions[i];
     int live = claim_live(r, a->mb);
     size_t at = (size_t)a->mb * r->tokens_per_mb;
+    int tag, peer = action_peer(a, c->pp, r->sched.chunks, c->stage, &tag);
     switch (a->kind) {
     case ACT_RECV_ACT:
-      comm_recv_tensor(c, worker_input(w, live), act_bytes, c->stage - 1, a->mb);
+      comm_recv_tensor(c, worker_input(w, live), act_bytes, peer, tag);
       break;
     case ACT_FWD: {
       struct micro_batch mb = {r->tokens + at, r->targets + at, r->positions + at,
@@ -275,17 +297,17 @@ static double run_schedule(struct run *r, float grad_scale) {
       break;
     }
     case ACT_SEND_ACT:
-      comm_send_tensor(c, worker_output(w, live), act_bytes, c->stage + 1, a->mb);
+      comm_send_tensor(c, worker_output(w, live), act_bytes, peer, tag);
       break;
     case ACT_RECV_GRAD:
-      comm_recv_tensor(c, w->grad_in, act_bytes, c->stage + 1, a->mb);
+      comm_recv_tensor(c, w->grad_in, act_bytes, peer, tag);
       break;
     case ACT_BWD:
-      worker_backward(w, live);
+      worker_backward(w, live, r->overlap && i == r->last_bwd ? &reduce : NULL);
       if (c->stage == 0) release_live(r, a->mb);
       break;
     case ACT_SEND_GRAD:
-      comm_send_tensor(c, w->grad_out, act_bytes, c->stage - 1, a->mb);
+      comm_send_tensor(c, w->grad_out, act_bytes, peer, tag);
       release_live(r, a->mb);
       break;
     }
@@ -333,13 +355,17 @@ void train_run(const Job *job, const struct qwen3_config *cfg, struct comm *c,
                const struct backend *be, const struct run_options *opt) {
   struct run r = {.job = job, .c = c};
   struct worker_plan plan;
-  stage_plan(&plan, job, cfg, c->pp, c->stage, be->act_dtype());
-  if (job->parallel->zero && c->dp > 1) worker_plan_shard(&plan, c->dp, c->replica);
+  plan_rank(&plan, job, cfg, c->pp, c->dp, c->rank, 0, be->act_dtype());
   worker_init(&r.w, be, &plan);
   init_weights(job, &r.w);
   struct train_state st = {0};
   int resumed = checkpoint_resume(job, c, &r.w, &st);
-  schedule_build(&r.sched, schedule_kind_of(job), c->pp, job->parallel->micro_batches, c->stage);
+  /* one chunk per rank: job_validate.c refuses parallel.virtual_stages > 1 */
+  schedule_build(&r.sched, schedule_kind_of(job), c->pp, 1, job->parallel->micro_batches,
+                 c->stage);
+  for (int i = 0; i < r.sched.n; i++)
+    if (r.sched.actions[i].kind == ACT_BWD) r.last_bwd = i;
+  r.overlap = c->dp > 1 && plan.shards == 1 && job->parallel->overlap_reduction;
   loader_open(&r.train, job->data->train, (int)job->data->n_train, job->data->seq_len,
               job->data->seed, cfg->vocab_size, "data.train",
               LOADER_TRAINING | (job->data->pack ? LOADER_PACK : 0));
@@ -388,7 +414,7 @@ void train_run(const Job *job, const struct qwen3_config *cfg, struct comm *c,
     double t3 = part_clock(be, opt->timing);
     /* no synchronize: the optimizer's update may still run on the backend's side stream while
      * the next step's forward starts (optim.c); that step's time includes what it waited for */
-    double grad_norm = optimizer_step(&r.w, c, job->optim, lr, step);
+    double grad_norm = optimizer_step(&r.w, c, job->optim, lr, step, r.overlap);
     if (opt->timing) {
       part_seconds[0] += t2 - t1;
       part_seconds[1] += t3 - t2;
@@ -459,7 +485,7 @@ void train_run(const Job *job, const struct qwen3_config *cfg, struct comm *c,
 void eval_run(const Job *job, const struct qwen3_config *cfg, struct comm *c,
               const struct backend *be, const struct run_options *opt) {
   struct worker_plan plan;
-  stage_plan(&plan, job, cfg, c->pp, c->stage, be->act_dtype());
+  stage_plan(&plan, job, cfg, c->pp, c->stage, 0, be->act_dtype());
   struct worker w;
   worker_init(&w, be, &plan);
   init_weights(job, &w);

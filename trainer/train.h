@@ -13,10 +13,11 @@ struct run_options {
   int fail_rank, fail_step;   /* --fail-at RANK:STEP, for failure tests; fail_step 0: off */
 };
 
-/* The plan of this job's stage `stage` (layers, batch shape, live micro-batches), its
- * activations of dtype act (the backend's). */
+/* The plan of local chunk `chunk` of this job's stage `stage` (layers, batch shape, live
+ * micro-batches), its activations of dtype act (the backend's). With parallel.virtual_stages 1
+ * chunk 0 is the whole stage. */
 void stage_plan(struct worker_plan *p, const Job *job, const struct qwen3_config *cfg, int pp,
-                int stage, enum dtype act);
+                int stage, int chunk, enum dtype act);
 
 /* precision.bf16_last_layers resolved: -1 means the last 15% of blocks, rounded up. */
 int nvfp4_bf16_last_layers(const Qwen3__Precision *prec, int num_layers);

@@ -10,6 +10,7 @@
 #include "kernels/ops.h"
 #include "trainer/checkpoint.h"
 #include "trainer/job.h"
+#include "trainer/plan.h"
 #include "trainer/train.h"
 #ifdef QWEN3_HAVE_CUDA
 #include "kernels/cuda/cuda_device.h"
@@ -22,8 +23,17 @@ static const char USAGE[] =
     "  --set section.field=value   override a field of the job (repeatable)\n"
     "  --print-job                 print the effective job, defaults included, and exit\n"
     "  --dry-run                   validate, print the rank layout and memory, and exit\n"
+    "  --plan N                    validate, list every layout of N processes (stages, replicas,\n"
+    "                              ZeRO, schedule) with memory and pipeline bubble, best first,\n"
+    "                              and exit; N in [1, 4096], one process runs it\n"
+    "  --plan-memory GIB           with --plan: the memory of one device, in GiB (default: the\n"
+    "                              GPU's for a CUDA job with a GPU visible, else no limit)\n"
     "  --timing                    print per-stage forward/backward times at the end\n"
     "  --fail-at RANK:STEP         make RANK fail at STEP (for failure tests)\n";
+
+/* What a GPU process holds besides its plan's memory: the CUDA context (about this much) and
+ * cuda_workspace_bytes() */
+#define CUDA_CONTEXT_MIB 500
 
 /* CUDA when the job asks for it, or for AUTO when a GPU is found; the CPU otherwise. */
 static const struct backend *choose_backend(const Job *job, const struct comm *c) {
@@ -46,6 +56,41 @@ static const struct backend *choose_backend(const Job *job, const struct comm *c
     die("backend: CUDA, but this build has no CUDA backend (nvcc was not found at build time)");
   return &backend_cpu;
 #endif
+}
+
+/* The activation dtype of the backend the job would run on, for the estimates of --dry-run and
+ * --plan; *on_gpu: that backend is CUDA. */
+static enum dtype estimate_act_dtype(const Job *job, int *on_gpu) {
+  enum dtype act = DT_F32;
+  *on_gpu = 0;
+#ifdef QWEN3_HAVE_CUDA
+  *on_gpu = job->backend == QWEN3__BACKEND__CUDA ||
+            (job->backend == QWEN3__BACKEND__AUTO && cuda_device_count() > 0);
+  int tf32;
+  if (*on_gpu) cuda_precision(&act, &tf32);
+#else
+  (void)job;
+#endif
+  return act;
+}
+
+/* --plan's device: limit_gib (--plan-memory) when given, else the memory of GPU 0 when the job
+ * would run on a GPU that is visible, else none. */
+static struct plan_device plan_device(const Job *job, double limit_gib) {
+  int on_gpu;
+  struct plan_device d = {.act = estimate_act_dtype(job, &on_gpu)};
+#ifdef QWEN3_HAVE_CUDA
+  if (on_gpu) d.overhead = cuda_workspace_bytes() + CUDA_CONTEXT_MIB * 1048576.0;
+  if (on_gpu && cuda_device_count() > 0) {
+    d.limit = (double)cuda_device_memory(0);
+    d.limit_from = "the memory of GPU 0";
+  }
+#endif
+  if (limit_gib > 0) {
+    d.limit = limit_gib * 1073741824.0;
+    d.limit_from = "--plan-memory";
+  }
+  return d;
 }
 
 /* Every rank read and checked the same job; the ranks agree on whether any found a problem (a
@@ -96,7 +141,8 @@ int main(int argc, char **argv) {
   train_catch_stop_signals();
 
   const char *job_path = NULL;
-  int print_job = 0, dry_run = 0;
+  int print_job = 0, dry_run = 0, plan = 0;
+  double plan_gib = 0;
   struct run_options opt = {0};
   const char *sets[256];
   int n_sets = 0;
@@ -116,6 +162,19 @@ int main(int argc, char **argv) {
       print_job = 1;
     } else if (!strcmp(a, "--dry-run")) {
       dry_run = 1;
+    } else if (!strcmp(a, "--plan") && i + 1 < argc) {
+      char *end;
+      long n = strtol(argv[++i], &end, 10);
+      if (end == argv[i] || *end || n < 1 || n > PLAN_MAX_PROCESSES)
+        usage_error(&c, "--plan expects a number of processes in [1, %d], got '%s'",
+                    PLAN_MAX_PROCESSES, argv[i]);
+      plan = (int)n;
+    } else if (!strcmp(a, "--plan-memory") && i + 1 < argc) {
+      char *end;
+      plan_gib = strtod(argv[++i], &end);
+      if (end == argv[i] || *end || !(plan_gib > 0) || plan_gib > 1e6)
+        usage_error(&c, "--plan-memory expects the GiB of one device, a number in (0, 1e6], "
+                    "got '%s'", argv[i]);
     } else if (!strcmp(a, "--timing")) {
       opt.timing = 1;
     } else if (!strcmp(a, "--fail-at") && i + 1 < argc) {
@@ -132,6 +191,8 @@ int main(int argc, char **argv) {
     }
   }
   if (!job_path) usage_error(&c, "no job file given");
+  if (plan && dry_run) usage_error(&c, "give --plan or --dry-run, not both");
+  if (plan_gib > 0 && !plan) usage_error(&c, "--plan-memory is for --plan N");
 
   char err[1024];
   Job *job = job_load(job_path, err, sizeof err);
@@ -147,28 +208,31 @@ int main(int argc, char **argv) {
   /* every field (every rank), then every input file (rank 0), then the outputs (rank 0): each
    * pass only when the ones before found nothing, and nothing is created for an invalid job */
   struct qwen3_config cfg;
-  job_validate(job, c.world, &cfg);
+  job_validate(job, plan ? 0 : c.world, &cfg);   /* --plan: the processes are the plan's */
   refuse_if_invalid(&c);
   if (c.rank == 0) job_validate_files(job, &cfg);
   refuse_if_invalid(&c);
-  if (!dry_run && c.rank == 0) job_validate_outputs(job);
+  if (!dry_run && !plan && c.rank == 0) job_validate_outputs(job);
   refuse_if_invalid(&c);
+  if (plan) {
+    if (c.rank == 0) {
+      struct plan_device dev = plan_device(job, plan_gib);
+      plan_print(job, job_path, &cfg, plan, &dev);
+      info("plan: the job is valid; nothing was run");
+    }
+    comm_finalize(&c);
+    return 0;
+  }
   comm_set_layout(&c, job->parallel->pipeline_stages);
   if (dry_run) {
-    enum dtype act = DT_F32;
-#ifdef QWEN3_HAVE_CUDA
-    int on_gpu = job->backend == QWEN3__BACKEND__CUDA ||
-                 (job->backend == QWEN3__BACKEND__AUTO && cuda_device_count() > 0);
-    int tf32;
-    if (on_gpu) cuda_precision(&act, &tf32);
-#endif
-    print_layout(job, &cfg, &c, act);
+    int on_gpu;
+    print_layout(job, &cfg, &c, estimate_act_dtype(job, &on_gpu));
 #ifdef QWEN3_HAVE_CUDA
     /* what a GPU process holds besides the table's two columns */
     if (c.rank == 0 && on_gpu)
       printf("on the GPU each process also holds %.1f MiB of CUDA workspace (scratch arena, "
-             "cuBLASLt) and the CUDA context (about 500 MiB)\n",
-             cuda_workspace_bytes() / 1048576.0);
+             "cuBLASLt) and the CUDA context (about %d MiB)\n",
+             cuda_workspace_bytes() / 1048576.0, CUDA_CONTEXT_MIB);
 #endif
     if (c.rank == 0) info("dry run: the job is valid; nothing was run");
     comm_finalize(&c);

@@ -523,7 +523,7 @@ double worker_take_loss(struct worker *w) {
   return sum;
 }
 
-void worker_backward(struct worker *w, int live) {
+void worker_backward(struct worker *w, int live, const struct layer_hook *hook) {
   const struct backend *be = w->be;
   const struct worker_plan *p = &w->plan;
   int n = p->batch * p->seq, d = p->cfg.hidden_size;
@@ -539,6 +539,7 @@ void worker_backward(struct worker *w, int live) {
   for (int l = p->n_layers - 1; l >= 0; l--) {
     void *dx = l == 0 ? w->grad_out : (dy == w->grad_tmp ? w->grad_in : w->grad_tmp);
     block_backward(w, live, l, dy, dx);
+    if (hook) hook->done(hook->ctx, l);
     dy = dx;
   }
   if (p->has_embedding)

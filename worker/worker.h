@@ -195,9 +195,15 @@ void worker_forward(struct worker *w, int live, const struct micro_batch *mb, fl
                     float *nll);
 /* The NLL summed since the last call (last stage; 0 elsewhere), read from the device. */
 double worker_take_loss(struct worker *w);
+/* Called by worker_backward after each layer's backward (local index, the last layer first),
+ * once that layer's weight gradients hold this micro-batch's share. */
+struct layer_hook {
+  void (*done)(void *ctx, int layer);
+  void *ctx;
+};
 /* Backward of one micro-batch: from w->grad_in (received) or, on the last stage, from the loss.
- * Accumulates parameter gradients; leaves the input gradient in w->grad_out. */
-void worker_backward(struct worker *w, int live);
+ * Accumulates parameter gradients; leaves the input gradient in w->grad_out. hook may be NULL. */
+void worker_backward(struct worker *w, int live, const struct layer_hook *hook);
 
 void worker_zero_grads(struct worker *w);
 /* After the micro-batches of a step: adds the LM head's share of a tied embedding's gradient. */

@@ -32,11 +32,11 @@ qwen3_env() {
   export OPENBLAS_NUM_THREADS=${OPENBLAS_NUM_THREADS:-$OMP_NUM_THREADS}
   # NCCL (tensors between GPUs, comm/comm_nccl.c): warnings only; NVLink SHARP (multicast) off,
   # as on the machines this was developed on (set NCCL_NVLS_ENABLE=1 where you own the node);
-  # QWEN3_NCCL_TIMEOUT_S bounds every wait for a peer. Network selection (NCCL_SOCKET_IFNAME,
+  # QWEN3_COMM_TIMEOUT_S bounds every wait for a peer. Network selection (NCCL_SOCKET_IFNAME,
   # NCCL_IB_HCA) is the site's: set it in the submitting environment, which sbatch passes on.
   export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
   export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0}
-  export QWEN3_NCCL_TIMEOUT_S=${QWEN3_NCCL_TIMEOUT_S:-600}
+  export QWEN3_COMM_TIMEOUT_S=${QWEN3_COMM_TIMEOUT_S:-600}
 }
 
 # qwen3_launcher: prints srun or mpirun

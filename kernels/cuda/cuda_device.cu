@@ -22,6 +22,12 @@ extern "C" int cuda_device_name(int device, char *name, int len) {
   return 0;
 }
 
+extern "C" size_t cuda_device_memory(int device) {
+  cudaDeviceProp prop;
+  if (cudaGetDeviceProperties(&prop, device) != cudaSuccess) return 0;
+  return prop.totalGlobalMem;
+}
+
 extern "C" void die(const char *fmt, ...) __attribute__((noreturn, format(printf, 1, 2)));
 
 extern "C" void cuda_precision(enum dtype *act, int *tf32) {

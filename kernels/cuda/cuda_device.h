@@ -10,6 +10,8 @@ extern "C" {
 int cuda_device_count(void);
 /* "NVIDIA H100 80GB HBM3 (sm_90, 79 GiB)"; 0 on success. */
 int cuda_device_name(int device, char *name, int len);
+/* Total memory of the device in bytes; 0 when it cannot be read. For --plan's default limit. */
+size_t cuda_device_memory(int device);
 /* Bytes the CUDA backend allocates for itself in every process (scratch arena + cuBLASLt
  * workspace), as init will with the current environment; for --dry-run's estimate. */
 size_t cuda_workspace_bytes(void);

@@ -21,10 +21,7 @@ set -u
 source tests/mpi/lib.sh
 train=$build/qwen3-train job=$build/jobs/tiny.pb data=$build/data/tiny.h5
 require "$train" "$job" "$data"
-if ! grep -q '^CMAKE_CUDA_COMPILER:[A-Z]*=/' "$build/CMakeCache.txt" 2>/dev/null; then
-  echo "test_gpu_train: this build has no CUDA backend; skipped"; exit 77
-fi
-if ! nvidia-smi -L >/dev/null 2>&1; then echo "test_gpu_train: no GPU; skipped"; exit 77; fi
+require_gpus 1 test_gpu_train
 
 # run NP OUT BACKEND [--set a=b ...]: 20 steps, every step logged, checkpoints at 10 and 20
 run() {

@@ -12,6 +12,7 @@
  * all ranks, and the exit status is non-zero when M is. */
 #include <limits.h>
 #include <math.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -219,7 +220,8 @@ static void check_large(void) {
 int main(int argc, char **argv) {
   comm_init(&c, &argc, &argv);
   if (argc < 2)
-    die("usage: comm_check PP [die RANK | abort RANK | hook RANK | tied | large | truncate]");
+    die("usage: comm_check PP [die RANK | abort RANK | hook RANK | stall | tied | large | "
+        "truncate]");
   comm_set_layout(&c, atoi(argv[1]));
   const char *mode = argc > 2 ? argv[2] : "all";
   if (strcmp(mode, "die") == 0 || strcmp(mode, "abort") == 0 || strcmp(mode, "hook") == 0) {
@@ -232,6 +234,14 @@ int main(int argc, char **argv) {
     }
     comm_barrier(&c, GROUP_WORLD);
     die("rank %d passed a barrier that rank %d never reached", c.rank, victim);
+  } else if (strcmp(mode, "stall") == 0) {
+    /* the last stage stops (a hung process, SIGSTOP); stage 0 waits for its message and the
+     * others in a barrier: each must give up after QWEN3_COMM_TIMEOUT_S and end the job */
+    if (c.stage == c.pp - 1) raise(SIGSTOP);
+    char buf[8];
+    if (c.stage == 0) comm_recv(&c, buf, sizeof buf, c.pp - 1, 0);
+    comm_barrier(&c, GROUP_WORLD);
+    die("rank %d went past a stopped rank", c.rank);
   } else if (strcmp(mode, "tied") == 0) {
     comm_barrier(&c, GROUP_TIED);
   } else if (strcmp(mode, "large") == 0) {

@@ -29,6 +29,16 @@ require() {   # require FILE...: stop at once when the build lacks one
   done
 }
 
+# require_gpus N NAME: skipped (exit 77, saying why) unless this is a CUDA build and at least N
+# GPUs are visible; sets gpus to their number
+require_gpus() {
+  if ! grep -q '^CMAKE_CUDA_COMPILER:[A-Z]*=/' "$build/CMakeCache.txt" 2>/dev/null; then
+    echo "$2: this build has no CUDA backend; skipped"; exit 77
+  fi
+  gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
+  if [ "$gpus" -lt "$1" ]; then echo "$2: $gpus GPU(s), needs $1; skipped"; exit 77; fi
+}
+
 finish() {
   echo "$passed passed, $failed failed"
   [ "$failed" -eq 0 ]

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # comm_mpi.c under mpirun: tests/mpi/comm_check.c in the layouts 2 stages x 2 replicas, 4 x 1 and
 # 1 x 4, then the failures that must end the whole job: a rank that dies, a world the stages do
-# not divide, GROUP_TIED without a pipeline, an error inside MPI, MPI_Abort's exit code; last a
-# message over INT_MAX bytes. Usage: bash tests/mpi/test_comm.sh BUILD_DIR
+# not divide, GROUP_TIED without a pipeline, an error inside MPI, MPI_Abort's exit code, a rank
+# that stops (every wait for a peer has a time-out); last a message over INT_MAX bytes. Usage: bash tests/mpi/test_comm.sh BUILD_DIR
 set -u
 source tests/mpi/lib.sh
 check=$build/tests/comm_check
@@ -59,7 +59,13 @@ expect_code "comm_abort(3) on rank 1 is MPI_Abort" 3 4 2 abort 1
 expect_abort "world 4 not divisible by pp 3" "parallel.pipeline_stages = 3 does not divide the world size 4" 4 3
 expect_abort "GROUP_TIED with pp 1" "GROUP_TIED needs parallel.pipeline_stages > 1" 2 1 tied
 # an error inside MPI comes back (MPI_ERRORS_RETURN) and dies naming the call
-expect_abort "MPI error names the call" "comm_recv: MPI_Recv(" 2 2 truncate
+expect_abort "MPI error names the call" "comm_recv: receive of 8 bytes from stage 0 (tag 0) failed" 2 2 truncate
+# a stopped rank: the others give up after QWEN3_COMM_TIMEOUT_S, naming what they waited for
+# (rank 0 waits in a receive, ranks 1 and 2 in a barrier: whichever gives up first ends the job)
+QWEN3_COMM_TIMEOUT_S=3 expect_abort "a stopped rank ends the job after the time-out" \
+  ": no answer within 3 s (QWEN3_COMM_TIMEOUT_S)" 4 4 stall
+QWEN3_NCCL_TIMEOUT_S=5 expect_abort "QWEN3_NCCL_TIMEOUT_S is refused, naming its new name" \
+  "renamed QWEN3_COMM_TIMEOUT_S" 2 2
 
 # a message over INT_MAX bytes needs about 4.3 GB between the two ranks
 avail_kb=$(awk '/^MemAvailable:/ {print $2}' /proc/meminfo 2>/dev/null || echo 0)

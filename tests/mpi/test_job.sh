@@ -57,6 +57,10 @@ grep -q "lr: 0.001" "$log" && grep -q "beta2: 0.95" "$log" && grep -q "schedule:
 "$train" "$job" --dry-run --set model.num_layers=4 >"$log" 2>&1
 grep -q "^0 .*0-3 .*MiB.*embedding final-norm lm-head loss" "$log" && grep -q "global batch: 16 sequences" "$log" \
   && pass "--dry-run prints the layout and memory" || result 0 "--dry-run"
+# a save stages the weights and both moments in fp32: 12 bytes per parameter of the stage
+staging=$(awk '/^0 / { printf "%.1f", 12 * $5 / 1048576 }' "$log")
+grep -q "checkpoint saves: .* up to $staging MiB" "$log" \
+  && pass "--dry-run prints a save's host staging memory ($staging MiB)" || result 0 "--dry-run staging"
 
 # the tiny job as shipped: the loss falls to at most half of the first step's
 abs=$(cd "$build" && pwd)   # the job's output_dir is relative: run it from the scratch dir

@@ -113,7 +113,7 @@ static void check_case(const char *name) {
   worker_zero_grads(&w);
   worker_forward(&w, 0, &mb, 1.0f / targets, nll);
   double sum = worker_take_loss(&w);
-  worker_backward(&w, 0);
+  worker_backward(&w, 0, NULL);
   worker_gather_tied_grads(&w);
 
   double worst = 0;

@@ -187,7 +187,7 @@ static void step(struct worker *w, const int32_t *tok, const int32_t *tgt, const
   struct micro_batch mb = {tok, tgt, pos, 0};
   worker_forward(w, 0, &mb, 1.0f, nll);
   worker_take_loss(w);
-  worker_backward(w, 0);
+  worker_backward(w, 0, NULL);
 }
 
 static void grads_of(struct worker *w, float *out) {

@@ -1,0 +1,32 @@
+# Sourced by the device scripts of bench/ (gpu_bench.sh, multi_gpu.sh, headline.sh) after they
+# set TOTAL_S (seconds for the whole call) and RESERVE_S (kept back for the table and the logs):
+# OUT and WORK made, RESULTS emptied and exported for the Python halves (GPU_BENCH_RESULTS), and
+# the clock every part's budget comes from.
+OUT=${OUT:-/tmp/gpu_bench_out}
+WORK=/tmp/qwen3_bench
+RESULTS=$OUT/results.txt
+export GPU_BENCH_RESULTS=$RESULTS
+mkdir -p "$OUT" "$WORK"
+: > "$RESULTS"
+start=$(date +%s)
+
+# seconds left for parts (TOTAL_S less what has run and the reserve)
+left() { echo $(( TOTAL_S - RESERVE_S - ($(date +%s) - start) )); }
+# budget WANT MIN: WANT, or what is left when less; 0 when that is under MIN (the part is skipped)
+budget() {
+  local b=$1 l
+  l=$(left)
+  (( l < b )) && b=$l
+  (( b < $2 )) && b=0
+  echo "$b"
+}
+section() { echo; echo "== $1 (at $(( $(date +%s) - start )) s, $(left) s left)"; }
+# within WANT CMD...: CMD under `timeout` for WANT seconds, or for what is left when that is at
+# least a quarter of WANT; else it says the part is skipped (and returns 124, as a time-out)
+within() {
+  local b
+  b=$(budget "$1" $(( $1 / 4 )))
+  shift
+  if [ "$b" = 0 ]; then echo "SKIPPED $1 (time)"; return 124; fi
+  timeout -k 5 "$b" "$@"
+}
