@@ -283,10 +283,10 @@ void comm_recv(struct comm *c, void *buf, size_t bytes, int from_stage, int tag)
 void comm_wait_sends(struct comm *c) {
   struct mpi_state *st = state(c);
   if (st->dev.wait_sends) st->dev.wait_sends(st->dev.state);
-  for (int i = 0; i < st->n_sends; i++) {
+  /* every chunk first: a message's later chunks send from the copy its first chunk owns */
+  for (int i = 0; i < st->n_sends; i++)
     wait_request(c, &st->sends[i], NULL, "delivery of a sent message");
-    free(st->staged[i]);
-  }
+  for (int i = 0; i < st->n_sends; i++) free(st->staged[i]);
   st->n_sends = 0;
 }
 

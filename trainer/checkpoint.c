@@ -67,6 +67,27 @@ static int64_t newest_step(const char *root) {
   return max;
 }
 
+/* checkpoint.resume AUTO: the step `latest` names, into dir. A run ended between renaming its
+ * step into place (the commit: the directory then holds the whole checkpoint) and moving
+ * `latest` leaves a newer whole step that `latest` does not name. Without checkpoint.overwrite
+ * nothing else leaves one (a run that would is refused), so AUTO continues from it and says so
+ * through *newer; with overwrite a newer step may be an abandoned run's, and `latest` holds.
+ * Returns as ckpt_find_latest. */
+static int find_auto(const Job *job, const char *root, char *dir, size_t len, int *newer,
+                     char *err, size_t errlen) {
+  *newer = 0;
+  int found = ckpt_find_latest(root, dir, len, err, errlen);
+  int64_t newest = newest_step(root);
+  if (found < 0 || job->checkpoint->overwrite || newest < 0) return found;
+  char path[4096], model[4200];
+  ckpt_step_path(path, sizeof path, root, newest, 0);
+  snprintf(model, sizeof model, "%s/model.h5", path);
+  if (access(model, F_OK) != 0 || (found > 0 && !strcmp(dir, path))) return found;
+  snprintf(dir, len, "%s", path);
+  *newer = 1;
+  return 1;
+}
+
 static int take_lock(const char *root, char *err, size_t errlen) {
   char path[4200], host[256] = "?";
   snprintf(path, sizeof path, "%s/.lock", root);
@@ -113,8 +134,8 @@ int checkpoint_prepare(const Job *job, char *err, size_t errlen) {
   const char *resume = job->checkpoint->resume;
   int64_t start = 0;
   if (strcmp(resume, "NEVER")) {
-    int found = 1;
-    if (!strcmp(resume, "AUTO")) found = ckpt_find_latest(root, dir, sizeof dir, why, sizeof why);
+    int found = 1, newer;
+    if (!strcmp(resume, "AUTO")) found = find_auto(job, root, dir, sizeof dir, &newer, why, sizeof why);
     else if (ckpt_resolve(resume, dir, sizeof dir, why, sizeof why) != 0) found = -1;
     if (found < 0) return errorf(err, errlen, "checkpoint.resume %s: %s", resume, why);
     struct ckpt *ck;
@@ -220,6 +241,7 @@ static struct {
   float *staging;          /* [weights | adam_m | adam_v], `part` floats each */
   const struct backend *staging_be;   /* whose host_alloc made it (pinned on a GPU) */
   size_t part, capacity;   /* floats of one part; floats allocated */
+  size_t filled;           /* floats of each part staged so far */
   char err[1024];          /* the writer's error; empty when it succeeded */
   double delay;            /* QWEN3_CKPT_WRITE_DELAY */
   /* the commit (rank 0) */
@@ -242,23 +264,32 @@ size_t checkpoint_staging_bytes(const struct worker_plan *p) {
   return 3 * (p->param_floats - tied) * sizeof(float);
 }
 
-/* This rank's tensors, the tied copy excepted, into the staging buffer (allocated once, for the
- * largest save): the writer thread writes them while training changes the originals. adam_m /
- * adam_v: the moments of the whole stage, laid out as the weights. */
-static void stage_tensors(const struct worker *w, const float *adam_m, const float *adam_v) {
+/* The floats of chunk w a save stages, the tied copy left out; adds its tensors to *tensors */
+static size_t staged_floats(const struct worker *w, int *tensors) {
   size_t floats = 0;
-  int n = 0;
   for (int i = 0; i < w->n_params; i++)
     if (!is_tied_copy(w, &w->params[i])) {
       floats += (size_t)w->params[i].rows * w->params[i].cols;
-      n++;
+      (*tensors)++;
     }
-  if (3 * floats * sizeof(float) != checkpoint_staging_bytes(&w->plan))
-    die("internal: %zu floats staged for a plan of %zu bytes", 3 * floats,
-        checkpoint_staging_bytes(&w->plan));
+  return floats;
+}
+
+/* Room for the tensors of this rank's n chunks, the tied copy excepted, in the staging buffer
+ * (allocated once, for the largest save): the writer thread writes them while training changes
+ * the originals. */
+static void stage_begin(const struct worker *chunks, int n) {
+  size_t floats = 0, planned = 0;
+  int tensors = 0;
+  for (int k = 0; k < n; k++) {
+    floats += staged_floats(&chunks[k], &tensors);
+    planned += checkpoint_staging_bytes(&chunks[k].plan);
+  }
+  if (3 * floats * sizeof(float) != planned)
+    die("internal: %zu floats staged for plans of %zu bytes", 3 * floats, planned);
   if (3 * floats > save.capacity) {
     free_staging();
-    const struct backend *be = w->be;
+    const struct backend *be = chunks[0].be;
     size_t bytes = 3 * floats * sizeof(float);
     save.staging = be->host_alloc ? be->host_alloc(bytes) : malloc(bytes);
     save.staging_be = be;
@@ -267,23 +298,28 @@ static void stage_tensors(const struct worker *w, const float *adam_m, const flo
           "weights and AdamW moments of this stage)", 3.0 * floats * sizeof(float) / (1 << 30));
     save.capacity = 3 * floats;
   }
-  save.tensors = xrealloc(save.tensors, (size_t)(n ? n : 1) * sizeof *save.tensors);
-  save.n_tensors = n;
+  save.tensors = xrealloc(save.tensors, (size_t)(tensors ? tensors : 1) * sizeof *save.tensors);
+  save.n_tensors = 0;
   save.part = floats;
+  save.filled = 0;
+}
+
+/* Chunk w's tensors after those staged before. adam_m / adam_v: the moments of the whole
+ * chunk, laid out as the weights. */
+static void stage_chunk(const struct worker *w, const float *adam_m, const float *adam_v) {
   const float *src[3] = {w->weights, adam_m, adam_v};
-  size_t at = 0;
-  n = 0;
   for (int i = 0; i < w->n_params; i++) {
     const struct param *p = &w->params[i];
     if (is_tied_copy(w, p)) continue;
-    struct staged_tensor *t = &save.tensors[n++];
+    struct staged_tensor *t = &save.tensors[save.n_tensors++];
     snprintf(t->name, sizeof t->name, "%s", p->name);
     param_shape(p, &t->ndim, t->shape);
-    t->offset = at;
+    t->offset = save.filled;
     size_t count = (size_t)p->rows * p->cols;
     for (int k = 0; k < 3; k++)
-      w->be->to_host(save.staging + k * floats + at, src[k] + p->offset, count * sizeof(float));
-    at += count;
+      w->be->to_host(save.staging + k * save.part + t->offset, src[k] + p->offset,
+                     count * sizeof(float));
+    save.filled += count;
   }
 }
 
@@ -390,7 +426,7 @@ void checkpoint_poll(void) { settle(0); }
 
 void checkpoint_wait(void) { settle(1); }
 
-/* ZeRO-1: this rank's shard of a moment into place in `full` (the whole stage), then every
+/* ZeRO-1: this rank's shard of a moment into place in `full` (the whole chunk), then every
  * replica's shard over GROUP_DP */
 static void gather_moments(struct comm *c, const struct worker *w, float *full,
                            const float *shard) {
@@ -400,7 +436,7 @@ static void gather_moments(struct comm *c, const struct worker *w, float *full,
   comm_allgather_float(c, GROUP_DP, full, p->param_floats, p->shard_stride);
 }
 
-void checkpoint_save(const Job *job, struct comm *c, struct worker *w,
+void checkpoint_save(const Job *job, struct comm *c, struct worker *chunks, int n,
                      const struct train_state *s) {
   char err[1024], tmp[4096], file[64];
   double waited = now_seconds();
@@ -412,26 +448,31 @@ void checkpoint_save(const Job *job, struct comm *c, struct worker *w,
   if (c->rank == 0 && ckpt_begin(save.root, s->step, err, sizeof err) != 0)
     die("checkpoint: %s", err);
   comm_barrier(c, GROUP_WORLD);   /* the empty .tmp directory exists */
-  /* ZeRO-1: the replicas all-gather the AdamW moments of the whole stage: the first moments
-   * into the gradient buffer (dead between the optimizer step and the next step's zeroing), the
-   * second into a temporary; replica 0 stages them */
-  const float *adam_m = w->adam_m, *adam_v = w->adam_v;
-  float *tmp_v = NULL;
-  if (w->plan.shards > 1) {
-    size_t floats = w->plan.param_floats;
-    tmp_v = w->be->alloc(floats * sizeof(float));
-    if (!tmp_v) die("checkpoint: out of %s memory for the gathered AdamW moments (%.1f MiB)",
-                    w->be->name, floats * sizeof(float) / 1048576.0);
-    gather_moments(c, w, w->grads, w->adam_m);
-    gather_moments(c, w, tmp_v, w->adam_v);
-    adam_m = w->grads;
-    adam_v = tmp_v;
+  if (c->replica == 0) stage_begin(chunks, n);   /* the other replicas hold the same tensors */
+  for (int k = 0; k < n; k++) {
+    struct worker *w = &chunks[k];
+    /* ZeRO-1: the replicas all-gather the AdamW moments of the whole chunk: the first moments
+     * into the gradient buffer (dead between the optimizer step and the next step's zeroing),
+     * the second into a temporary; replica 0 stages them */
+    const float *adam_m = w->adam_m, *adam_v = w->adam_v;
+    float *tmp_v = NULL;
+    if (w->plan.shards > 1) {
+      size_t floats = w->plan.param_floats;
+      tmp_v = w->be->alloc(floats * sizeof(float));
+      if (!tmp_v) die("checkpoint: out of %s memory for the gathered AdamW moments (%.1f MiB)",
+                      w->be->name, floats * sizeof(float) / 1048576.0);
+      gather_moments(c, w, w->grads, w->adam_m);
+      gather_moments(c, w, tmp_v, w->adam_v);
+      adam_m = w->grads;
+      adam_v = tmp_v;
+    }
+    if (c->replica == 0) stage_chunk(w, adam_m, adam_v);
+    if (tmp_v) w->be->free(tmp_v);
   }
   save.state = (struct ckpt_state){.step = s->step, .samples_seen = s->samples_seen,
                                    .tokens_seen = s->tokens_seen, .n_stages = c->pp,
-                                   .config = w->plan.cfg};
-  if (c->replica == 0) {          /* the other replicas hold the same tensors */
-    stage_tensors(w, adam_m, adam_v);
+                                   .config = chunks[0].plan.cfg};
+  if (c->replica == 0) {
     ckpt_step_path(tmp, sizeof tmp, save.root, s->step, 1);
     ckpt_stage_file(file, sizeof file, c->stage, c->pp);
     snprintf(save.path, sizeof save.path, "%s/%s", tmp, file);
@@ -439,7 +480,6 @@ void checkpoint_save(const Job *job, struct comm *c, struct worker *w,
     save.n_stages = c->pp;
     start_writer();
   }
-  if (tmp_v) w->be->free(tmp_v);
   if (c->rank == 0) {
     save.state.job_len = qwen3__job__get_packed_size(job);
     save.job = xmalloc(save.state.job_len);
@@ -491,9 +531,9 @@ static void check_config(const char *dir, const struct qwen3_config *have,
          want->rms_norm_eps);
 }
 
-/* This stage's tensors by name; the AdamW moments too when `moments`, of which a rank keeps
- * its shard only (ZeRO-1): the part of each tensor inside [shard_begin, shard_end). */
-static void load_stage(struct ckpt *ck, struct worker *w, int moments) {
+/* A chunk's tensors by name; the AdamW moments too when `moments`, of which a rank keeps its
+ * shard only (ZeRO-1): the part of each tensor inside [shard_begin, shard_end). */
+static void load_chunk(struct ckpt *ck, struct worker *w, int moments) {
   char err[1024];
   size_t max = largest_param(w);
   float *host = xmalloc(max * sizeof(float));
@@ -516,7 +556,12 @@ static void load_stage(struct ckpt *ck, struct worker *w, int moments) {
     }
   }
   free(host);
-  check_config(ckpt_dir(ck), &ckpt_get_state(ck)->config, &w->plan.cfg);
+}
+
+/* This rank's n chunks */
+static void load_stage(struct ckpt *ck, struct worker *chunks, int n, int moments) {
+  for (int k = 0; k < n; k++) load_chunk(ck, &chunks[k], moments);
+  check_config(ckpt_dir(ck), &ckpt_get_state(ck)->config, &chunks[0].plan.cfg);
 }
 
 /* The sample stream of a resumed run continues only if the data section did not change: the
@@ -540,7 +585,8 @@ static void compare_data(const char *dir, const struct ckpt_state *st, const Job
   if (old) qwen3__job__free_unpacked(old, NULL);
 }
 
-int checkpoint_resume(const Job *job, struct comm *c, struct worker *w, struct train_state *s) {
+int checkpoint_resume(const Job *job, struct comm *c, struct worker *chunks, int n,
+                      struct train_state *s) {
   const char *resume = job->checkpoint->resume;
   if (!strcmp(resume, "NEVER")) return 0;
   char root[4096], dir[4096] = "", err[1024];
@@ -548,8 +594,12 @@ int checkpoint_resume(const Job *job, struct comm *c, struct worker *w, struct t
   if (c->rank == 0) {
     if (!strcmp(resume, "AUTO")) {
       checkpoint_dir(job, root, sizeof root);
-      if (ckpt_find_latest(root, dir, sizeof dir, err, sizeof err) < 0)
+      int newer;
+      if (find_auto(job, root, dir, sizeof dir, &newer, err, sizeof err) < 0)
         die("checkpoint.resume AUTO: %s", err);
+      if (newer)
+        info("checkpoint: %s is whole but `latest` does not name it (a run ended while "
+             "committing it): continuing from it", dir);
     } else if (ckpt_resolve(resume, dir, sizeof dir, err, sizeof err) != 0) {
       die("checkpoint.resume: %s", err);
     }
@@ -558,7 +608,7 @@ int checkpoint_resume(const Job *job, struct comm *c, struct worker *w, struct t
   if (!dir[0]) return 0;
   struct ckpt *ck;
   if (ckpt_open(&ck, dir, err, sizeof err) != 0) die("checkpoint.resume: %s", err);
-  load_stage(ck, w, 1);
+  load_stage(ck, chunks, n, 1);
   const struct ckpt_state *st = ckpt_get_state(ck);
   s->step = (int)st->step;
   s->samples_seen = st->samples_seen;
@@ -576,10 +626,10 @@ int checkpoint_resume(const Job *job, struct comm *c, struct worker *w, struct t
   return 1;
 }
 
-void checkpoint_load_weights(const char *dir, struct worker *w) {
+void checkpoint_load_weights(const char *dir, struct worker *chunks, int n) {
   char err[1024];
   struct ckpt *ck;
   if (ckpt_open(&ck, dir, err, sizeof err) != 0) die("init.checkpoint: %s", err);
-  load_stage(ck, w, 0);
+  load_stage(ck, chunks, n, 0);
   ckpt_close(ck);
 }

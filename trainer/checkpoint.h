@@ -21,7 +21,8 @@ struct train_state {
   uint64_t tokens_seen;    /* target tokens trained on */
 };
 
-/* Collective (every rank calls it at the same step boundary). Waits for the previous save to be
+/* Collective (every rank calls it at the same step boundary). The rank's n chunks (workers,
+ * parallel.virtual_stages) all go into its stage's file. Waits for the previous save to be
  * committed (checkpoint_wait), then the ranks of replica 0 copy their stage's weights and AdamW
  * moments into a host staging buffer (allocated at the first save and kept) and return, while a
  * thread of each writes and fsyncs its stage file. Once every rank's file is synced (found by
@@ -29,12 +30,13 @@ struct train_state {
  * commits the directory atomically, moves `latest` and removes checkpoints beyond
  * checkpoint.keep_last. Dies naming the file on any failure, at the latest in the next
  * checkpoint_poll, checkpoint_wait or checkpoint_save; the previous checkpoint stays intact. */
-void checkpoint_save(const Job *job, struct comm *c, struct worker *w,
+void checkpoint_save(const Job *job, struct comm *c, struct worker *chunks, int n,
                      const struct train_state *s);
 /* Collective at every step boundary while a save is in flight (a no-op otherwise): commits it
  * if every rank's writer has finished, without waiting for them. */
 void checkpoint_poll(void);
-/* The host memory (pinned on a GPU) a save stages for a stage of plan p on the ranks that write
+/* The host memory (pinned on a GPU) a save stages for a chunk of plan p (a stage: the sum over
+ * its chunks) on the ranks that write
  * (replica 0): its weights and both AdamW moments in fp32, the tied copy left out. Held from the
  * first save to the end of the run. */
 size_t checkpoint_staging_bytes(const struct worker_plan *p);
@@ -42,10 +44,12 @@ size_t checkpoint_staging_bytes(const struct worker_plan *p);
 void checkpoint_wait(void);
 
 /* Collective. checkpoint.resume: AUTO (latest under the checkpoint dir, if any), NEVER, or a
- * checkpoint directory. Loads this stage's weights and AdamW moments by name and fills s.
+ * checkpoint directory. Loads the weights and AdamW moments of this rank's n chunks by name
+ * and fills s.
  * Returns 1 when the run resumes, 0 when it starts fresh. Dies on a damaged or mismatched
  * checkpoint, naming the file and tensor. */
-int checkpoint_resume(const Job *job, struct comm *c, struct worker *w, struct train_state *s);
+int checkpoint_resume(const Job *job, struct comm *c, struct worker *chunks, int n,
+                      struct train_state *s);
 
 /* checkpoint.dir, or <output_dir>/checkpoints */
 void checkpoint_root(const Job *job, char *out, size_t len);
@@ -66,8 +70,8 @@ int checkpoint_prepare(const Job *job, char *err, size_t errlen);
  * exit would release too). */
 void checkpoint_release(void);
 
-/* init.checkpoint: this stage's weights only (fresh optimizer, step 0). */
-void checkpoint_load_weights(const char *dir, struct worker *w);
+/* init.checkpoint: the weights of this rank's n chunks only (fresh optimizer, step 0). */
+void checkpoint_load_weights(const char *dir, struct worker *chunks, int n);
 
 
 #endif

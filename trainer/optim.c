@@ -35,28 +35,34 @@ static void param_sum_squares(struct worker *w, int g, int i) {
 
 /* The squared gradient norm, summed per tensor and grouped by global layer (embedding first,
  * final norm and head last) in a fixed order, so every pipeline layout gets the same bits. The
- * sums run on the device and come back in one copy.
+ * sums run on the device and come back in one copy per chunk; every group lives in one chunk of
+ * one stage, so adding the chunks' groups and then the stages' only adds zeros.
  * ZeRO-1: each replica holds the summed gradient of its shard only; a tensor's sum of squares
  * is then the sum over replicas (MPI's order over GROUP_DP) of its pieces' sums, each group the
  * sum of its tensors' in table order, and the groups are added in the same fixed order: within
  * rounding (not bitwise) of the unsharded norm. */
-static double grad_norm_squared(struct worker *w, struct comm *c) {
-  const struct worker_plan *p = &w->plan;
-  int groups = p->cfg.num_layers + 2;
-  w->be->zero(w->sums + SUM_NORM, (size_t)groups * sizeof(double));
-  for (int l = 0; l < p->n_layers; l++)
-    for (int k = 0; k < N_LAYER_PARAMS; k++)
-      param_sum_squares(w, 1 + p->first_layer + l, w->layer_param[l][k]);
-  /* the tied embedding counts once: the last stage leaves its copy out */
-  if (p->has_embedding) param_sum_squares(w, 0, w->embed_param);
-  if (p->has_head) {
-    param_sum_squares(w, groups - 1, w->final_norm_param);
-    if (!p->cfg.tie_embeddings) param_sum_squares(w, groups - 1, w->head_param);
-  }
+static double grad_norm_squared(struct worker *chunks, int n, struct comm *c) {
+  int groups = chunks[0].plan.cfg.num_layers + 2;
   double *sq = xcalloc((size_t)groups, sizeof(double));
-  w->be->to_host(sq, w->sums + SUM_NORM, (size_t)groups * sizeof(double));
-  if (p->shards > 1) comm_allreduce_sum_double(c, GROUP_DP, sq, (size_t)groups);
-  /* every group lives on one stage: the sum over stages only adds zeros */
+  double *part = xmalloc((size_t)groups * sizeof(double));
+  for (int i = 0; i < n; i++) {
+    struct worker *w = &chunks[i];
+    const struct worker_plan *p = &w->plan;
+    w->be->zero(w->sums + SUM_NORM, (size_t)groups * sizeof(double));
+    for (int l = 0; l < p->n_layers; l++)
+      for (int k = 0; k < N_LAYER_PARAMS; k++)
+        param_sum_squares(w, 1 + p->first_layer + l, w->layer_param[l][k]);
+    /* the tied embedding counts once: the last stage leaves its copy out */
+    if (p->has_embedding) param_sum_squares(w, 0, w->embed_param);
+    if (p->has_head) {
+      param_sum_squares(w, groups - 1, w->final_norm_param);
+      if (!p->cfg.tie_embeddings) param_sum_squares(w, groups - 1, w->head_param);
+    }
+    w->be->to_host(part, w->sums + SUM_NORM, (size_t)groups * sizeof(double));
+    for (int g = 0; g < groups; g++) sq[g] += part[g];
+  }
+  free(part);
+  if (chunks[0].plan.shards > 1) comm_allreduce_sum_double(c, GROUP_DP, sq, (size_t)groups);
   if (c->pp > 1) comm_allreduce_sum_double(c, GROUP_PIPE, sq, (size_t)groups);
   double total = 0;
   for (int g = 0; g < groups; g++) total += sq[g];
@@ -115,9 +121,9 @@ void optimizer_reduce_layer(struct worker *w, struct comm *c, int layer) {
   for_group_runs(w, WEIGHTS_LAYER + layer, start_sum_run, c);
 }
 
-double optimizer_step(struct worker *w, struct comm *c, const Qwen3__Optim *o, double lr, int t,
-                      int layers_reduced) {
-  const struct backend *be = w->be;
+/* The gradient sums of one chunk before the norm: the tied embedding's between its two copies,
+ * then the replicas' */
+static void sum_chunk_grads(struct worker *w, struct comm *c, int layers_reduced) {
   const struct worker_plan *p = &w->plan;
   worker_gather_tied_grads(w);
   /* with tied embeddings on two stages, each copy got only its own use's gradient */
@@ -134,27 +140,27 @@ double optimizer_step(struct worker *w, struct comm *c, const Qwen3__Optim *o, d
   } else if (layers_reduced) {   /* the rest: the embedding, the final norm, an untied head */
     for_group_runs(w, WEIGHTS_EMBED, start_sum_run, c);
     for_group_runs(w, WEIGHTS_LAYER + p->n_layers, start_sum_run, c);
-    comm_wait_reductions(c);
   } else if (c->dp > 1) {
     comm_allreduce_sum_float(c, GROUP_DP, w->grads, p->param_floats);
   }
-  double norm = sqrt(grad_norm_squared(w, c));
-  struct adamw_step st = {
-    .lr = (float)lr, .beta1 = (float)o->beta1, .beta2 = (float)o->beta2, .eps = (float)o->eps,
-    .weight_decay = (float)o->weight_decay, .grad_scale = 1.0f, .t = t,
-  };
-  if (o->grad_clip > 0 && norm > o->grad_clip)   /* torch.nn.utils.clip_grad_norm_ */
-    st.grad_scale = (float)(o->grad_clip / (norm + 1e-6));
+}
 
+/* AdamW on one chunk (after the norm) */
+static void update_chunk(struct worker *w, struct comm *c, const struct adamw_step *st) {
+  const struct backend *be = w->be;
+  const struct worker_plan *p = &w->plan;
+  int zero = p->shards > 1;
   /* Without ZeRO the update runs on the backend's side stream, one weight group after the
    * other, each marked, while the host goes on to issue the next step: that step's forward
    * waits for each group's mark just before it reads the group (worker.c), so the update of
-   * the later layers overlaps the forward of the first ones. The same pass leaves the
-   * gradients zero and writes the weight copy. ZeRO's all-gather needs every shard updated
-   * first: it stays in order, and the gradients are zeroed by the next step. */
+   * the later layers overlaps the forward of the first ones. With several chunks a later
+   * chunk's mark g replaces an earlier one's, which then waits for more than it needs, never
+   * less. The same pass leaves the gradients zero and writes the weight copy. ZeRO's
+   * all-gather needs every shard updated first: it stays in order, and the gradients are
+   * zeroed by the next step. */
   int overlap = !zero && be->side_stream;
   if (overlap) be->side_stream(1);
-  struct adamw_args args = {&st, !zero};
+  struct adamw_args args = {st, !zero};
   for (int g = 0; g < worker_weight_groups(w); g++) {
     for_group_runs(w, g, adamw_run, &args);
     if (be->mark) be->mark(g);
@@ -163,5 +169,19 @@ double optimizer_step(struct worker *w, struct comm *c, const Qwen3__Optim *o, d
   w->weights_act_fresh = w->weights_act != w->weights && !zero;
   w->grads_zero = !zero;
   if (zero) comm_allgather_float(c, GROUP_DP, w->weights, p->param_floats, p->shard_stride);
+}
+
+double optimizer_step(struct worker *chunks, int n, struct comm *c, const Qwen3__Optim *o,
+                      double lr, int t, int layers_reduced) {
+  for (int i = 0; i < n; i++) sum_chunk_grads(&chunks[i], c, layers_reduced);
+  if (layers_reduced) comm_wait_reductions(c);
+  double norm = sqrt(grad_norm_squared(chunks, n, c));
+  struct adamw_step st = {
+    .lr = (float)lr, .beta1 = (float)o->beta1, .beta2 = (float)o->beta2, .eps = (float)o->eps,
+    .weight_decay = (float)o->weight_decay, .grad_scale = 1.0f, .t = t,
+  };
+  if (o->grad_clip > 0 && norm > o->grad_clip)   /* torch.nn.utils.clip_grad_norm_ */
+    st.grad_scale = (float)(o->grad_clip / (norm + 1e-6));
+  for (int i = 0; i < n; i++) update_chunk(&chunks[i], c, &st);
   return norm;
 }

@@ -13,15 +13,16 @@ double lr_schedule(const Qwen3__Optim *o, int total_steps, int step);
 
 /* Overlapped data-parallel reduction (parallel.overlap_reduction; several replicas, no ZeRO):
  * starts the sum over the replicas of local layer `layer`'s gradients, once the step's last
- * backward has passed it; backward goes on while it runs. Call it for every layer of the stage
+ * backward has passed it; backward goes on while it runs. Call it for every layer of every chunk
  * in the step, then optimizer_step with layers_reduced 1. */
 void optimizer_reduce_layer(struct worker *w, struct comm *c, int layer);
 
-/* Sums tied-embedding gradients between first and last stage, sums gradients over replicas
- * (the rest of them, and waits for all, when optimizer_reduce_layer started every layer's),
- * clips to optim.grad_clip by the global L2 norm and applies AdamW (step t, 1-based).
- * Returns the global gradient norm before clipping. */
-double optimizer_step(struct worker *w, struct comm *c, const Qwen3__Optim *o, double lr, int t,
-                      int layers_reduced);
+/* One step over the rank's n chunks (parallel.virtual_stages; one worker each, in local chunk
+ * order): sums tied-embedding gradients between the chunk with the embedding and the one with
+ * the head, sums gradients over replicas (the rest of them, and waits for all, when
+ * optimizer_reduce_layer started every layer's), clips to optim.grad_clip by the global L2
+ * norm and applies AdamW (step t, 1-based). Returns the global gradient norm before clipping. */
+double optimizer_step(struct worker *chunks, int n, struct comm *c, const Qwen3__Optim *o,
+                      double lr, int t, int layers_reduced);
 
 #endif

@@ -35,7 +35,7 @@ struct layout {
   size_t state, act, total;   /* the largest of any rank: weights+grads+adam, activations, both */
   struct schedule_timing t;   /* with FWD_COST and BWD_COST */
   double time;                /* estimated time per step: max_layers x t.step */
-  int runs;                   /* the trainer can run it (not interleaved 1F1B, yet) */
+  int runs;                   /* the trainer can run it (interleaved 1F1B: not with eval.every) */
   int fits;
   int index;                  /* in the order of enumerate, the last tie-break */
 };
@@ -70,7 +70,7 @@ static void measure(struct layout *l, const Job *job, const struct qwen3_config 
   schedule_simulate(&l->t, l->kind, pp, v, l->par.micro_batches, FWD_COST, BWD_COST);
   l->time = l->max_layers * l->t.step;
   l->fits = dev->limit == 0 || l->total + dev->overhead <= dev->limit;
-  l->runs = v == 1;
+  l->runs = v == 1 || job->eval->every <= 0;   /* job_validate.c */
 }
 
 /* Micro-batches per replica that keep the global batch at `global` sequences with dp replicas,
@@ -172,8 +172,8 @@ static void print_header(const Job *job, const struct qwen3_config *cfg, int pro
   printf("chunks: parallel.virtual_stages, chunks of layers per stage (interleaved 1F1B: chunks x "
          "the transfers, bubble (stages - 1) / (chunks x micro-batches + stages - 1) against "
          "1F1B's (stages - 1) / (micro-batches + stages - 1); peak live counts chunk "
-         "activations). The trainer does not run interleaved layouts yet: the command below "
-         "skips them\n");
+         "activations)%s\n", job->eval->every > 0 ? ". With eval.every the trainer does not run "
+         "interleaved layouts: the command below skips them" : "");
   printf("    %-6s %-8s %-4s %-11s %-13s %12s  %12s  %12s  %-6s  %-9s  %-9s  %s\n", "stages",
          "replicas", "zero", "schedule", "micro-batches", "weights+adam", "activations",
          "largest rank", "bubble", "peak live", "est. time", "chunks");
@@ -186,7 +186,7 @@ static void print_layout_row(int i, const struct layout *l, long long global) {
          l->t.peak_live, l->time, l->par.virtual_stages);
   if (l->global != global) printf(" global batch %lld", l->global);
   if (!l->fits) printf(" does not fit");
-  if (!l->runs) printf(" (interleaved: not run by the trainer yet)");
+  if (!l->runs) printf(" (interleaved: not with eval.every)");
   printf("\n");
 }
 
@@ -210,9 +210,10 @@ void plan_print(const Job *job, const char *job_path, const struct qwen3_config 
     if (layouts[i].fits && layouts[i].runs) best = &layouts[i];
   if (best)
     printf("recommended: mpirun -np %d qwen3-train %s --set parallel.pipeline_stages=%d --set "
-           "parallel.zero=%d --set parallel.schedule=%s --set parallel.micro_batches=%d%s\n",
+           "parallel.zero=%d --set parallel.schedule=%s --set parallel.micro_batches=%d --set "
+           "parallel.virtual_stages=%d%s\n",
            processes, job_path, best->par.pipeline_stages, best->par.zero,
-           schedule_name(best->par.schedule), best->par.micro_batches,
+           schedule_name(best->par.schedule), best->par.micro_batches, best->par.virtual_stages,
            best->par.n_layers_per_stage < job->parallel->n_layers_per_stage
                ? " --set parallel.layers_per_stage=" : "");
   else

@@ -16,12 +16,13 @@
 struct builder {
   struct schedule *s;
   int pp, chunks, stage;
-  int live[SCHEDULE_MAX_CHUNKS];   /* per chunk, walking the list: activations held */
+  int live[SCHEDULE_MAX_CHUNKS];    /* per chunk, walking the list: activations held */
+  int slots[SCHEDULE_MAX_CHUNKS];   /* and input slots held (schedule.h: max_slots) */
 };
 
 /* The transfers are left out where the peer does not exist (the model's first and last
  * chunk); FWD and BWD keep the count of activations each chunk holds, whose peak is the
- * schedule's promise. */
+ * schedule's promise, and the slots' span (max_slots) is counted beside it. */
 static void push(struct builder *b, enum action_kind kind, int mb, int chunk) {
   int tag;
   int is_transfer = kind != ACT_FWD && kind != ACT_BWD;
@@ -31,6 +32,10 @@ static void push(struct builder *b, enum action_kind kind, int mb, int chunk) {
   if (kind == ACT_FWD && ++b->live[chunk] > b->s->max_live[chunk])
     b->s->max_live[chunk] = b->live[chunk];
   if (kind == ACT_BWD) b->live[chunk]--;
+  int peer_chunk, first = chunk_source(b->pp, b->stage, chunk, &peer_chunk) < 0;
+  if (kind == (first ? ACT_FWD : ACT_RECV_ACT) && ++b->slots[chunk] > b->s->max_slots[chunk])
+    b->s->max_slots[chunk] = b->slots[chunk];
+  if (kind == (first ? ACT_BWD : ACT_SEND_GRAD)) b->slots[chunk]--;
 }
 
 static void recv_and_forward(struct builder *b, int mb, int chunk) {

@@ -34,6 +34,11 @@ struct schedule {
   int chunks;                           /* v */
   int max_live[SCHEDULE_MAX_CHUNKS];    /* per chunk: the most micro-batches whose activations
                                          * it holds at once */
+  /* per chunk: the most micro-batches whose activation slot the trainer holds at once: from
+   * the input's arrival (RECV_ACT; FWD on the model's first chunk, which receives nothing) to
+   * the send of its gradient (SEND_GRAD; BWD on the first chunk). max_live with one chunk per
+   * stage; interleaved 1F1B may receive a chunk's next input before a backward: more. */
+  int max_slots[SCHEDULE_MAX_CHUNKS];
 };
 
 /* The action list of `stage` (0-based) of a pipeline of `pp` stages with `chunks` chunks per

@@ -39,7 +39,7 @@ void stage_plan(struct worker_plan *p, const Job *job, const struct qwen3_config
   schedule_build(&s, schedule_kind_of(job), pp, v, par->micro_batches, stage);
   int k = chunk * pp + stage;
   worker_plan_make(p, cfg, first[k], first[k + 1] - first[k], k == 0, k == pp * v - 1,
-                   job->data->micro_batch_size, job->data->seq_len, s.max_live[chunk],
+                   job->data->micro_batch_size, job->data->seq_len, s.max_slots[chunk],
                    (par->recompute ? RECOMPUTE_LAYER : 0) |
                        (par->recompute_norms ? RECOMPUTE_NORMS : 0) |
                        (par->recompute_swiglu ? RECOMPUTE_SWIGLU : 0),
@@ -65,40 +65,59 @@ int nvfp4_bf16_last_layers(const Qwen3__Precision *prec, int num_layers) {
 void print_layout(const Job *job, const struct qwen3_config *cfg, const struct comm *c,
                   enum dtype act) {
   if (c->rank != 0) return;
-  printf("layout: %d processes = %d pipeline stages x %d data-parallel replicas%s, schedule %s, "
+  char chunks[64] = "";
+  if (job->parallel->virtual_stages > 1)
+    snprintf(chunks, sizeof chunks, " (interleaved: %d chunks per stage)",
+             job->parallel->virtual_stages);
+  printf("layout: %d processes = %d pipeline stages x %d data-parallel replicas%s, schedule %s%s, "
          "%d micro-batches of %d x %d tokens\n",
          c->world, c->pp, c->dp,
          job->parallel->zero && c->dp > 1 ? " (ZeRO-1: AdamW state sharded over replicas)" : "",
          protobuf_c_enum_descriptor_get_value(&qwen3__pipeline_schedule__descriptor,
                                               job->parallel->schedule)->name,
-         job->parallel->micro_batches, job->data->micro_batch_size, job->data->seq_len);
+         chunks, job->parallel->micro_batches, job->data->micro_batch_size, job->data->seq_len);
   printf("%-5s %-6s %-8s %-9s %-14s %-14s %-13s %s\n", "rank", "stage", "replica", "layers",
          "parameters", "weights+adam", "activations", "holds");
+  int v = job->parallel->virtual_stages;
   for (int r = 0; r < c->world; r++) {
-    struct worker_plan p;
-    int stage = r % c->pp;
-    plan_rank(&p, job, cfg, c->pp, c->dp, r, 0, act);   /* one chunk: job_validate.c */
-    char layers[32];
-    snprintf(layers, sizeof layers, "%d-%d", p.first_layer, p.first_layer + p.n_layers - 1);
-    char nvfp4[48] = "";
-    int a = p.nvfp4.first_layer > p.first_layer ? p.nvfp4.first_layer : p.first_layer;
-    int b = p.first_layer + p.n_layers < p.nvfp4.end_layer ? p.first_layer + p.n_layers
-                                                          : p.nvfp4.end_layer;
-    if (a < b) snprintf(nvfp4, sizeof nvfp4, "nvfp4 layers %d-%d ", a, b - 1);
-    printf("%-5d %-6d %-8d %-9s %-14zu %8.1f MiB   %8.1f MiB  %s%s%s%s\n", r, stage, r / c->pp,
-           layers, p.param_floats, worker_plan_state_bytes(&p) / 1048576.0,
-           worker_plan_activation_bytes(&p) / 1048576.0, p.has_embedding ? "embedding " : "",
-           p.has_head ? "final-norm lm-head loss " : "", nvfp4,
-           p.recompute & RECOMPUTE_LAYER ? "(recompute)" : "");
+    /* the rank's chunks: their layers listed, their memory summed */
+    char layers[256] = "", nvfp4[256] = "";
+    size_t params = 0, state = 0, acts = 0;
+    int embedding = 0, head = 0, recompute = 0;
+    for (int k = 0; k < v; k++) {
+      struct worker_plan p;
+      plan_rank(&p, job, cfg, c->pp, c->dp, r, k, act);
+      size_t len = strlen(layers);
+      snprintf(layers + len, sizeof layers - len, "%s%d-%d", k ? "," : "", p.first_layer,
+               p.first_layer + p.n_layers - 1);
+      int a = p.nvfp4.first_layer > p.first_layer ? p.nvfp4.first_layer : p.first_layer;
+      int b = p.first_layer + p.n_layers < p.nvfp4.end_layer ? p.first_layer + p.n_layers
+                                                            : p.nvfp4.end_layer;
+      len = strlen(nvfp4);
+      if (a < b) snprintf(nvfp4 + len, sizeof nvfp4 - len, "nvfp4 layers %d-%d ", a, b - 1);
+      params += p.param_floats;
+      state += worker_plan_state_bytes(&p);
+      acts += worker_plan_activation_bytes(&p);
+      embedding |= p.has_embedding;
+      head |= p.has_head;
+      recompute |= p.recompute & RECOMPUTE_LAYER;
+    }
+    printf("%-5d %-6d %-8d %-9s %-14zu %8.1f MiB   %8.1f MiB  %s%s%s%s\n", r, r % c->pp, r / c->pp,
+           layers, params, state / 1048576.0, acts / 1048576.0, embedding ? "embedding " : "",
+           head ? "final-norm lm-head loss " : "", nvfp4, recompute ? "(recompute)" : "");
   }
   long long global = (long long)job->data->micro_batch_size * job->parallel->micro_batches * c->dp;
   printf("global batch: %lld sequences = %lld tokens per step\n", global,
          global * job->data->seq_len);
   size_t staging = 0;
   for (int s = 0; s < c->pp; s++) {
-    struct worker_plan p;
-    stage_plan(&p, job, cfg, c->pp, s, 0, act);
-    if (checkpoint_staging_bytes(&p) > staging) staging = checkpoint_staging_bytes(&p);
+    size_t stage = 0;
+    for (int k = 0; k < v; k++) {
+      struct worker_plan p;
+      stage_plan(&p, job, cfg, c->pp, s, k, act);
+      stage += checkpoint_staging_bytes(&p);
+    }
+    if (stage > staging) staging = stage;
   }
   printf("checkpoint saves: each rank of replica 0 stages its stage's weights and AdamW moments "
          "in host memory (pinned on a GPU), up to %.1f MiB, held from the first save on\n",
@@ -216,19 +235,30 @@ static void log_validation(struct output *metrics, int step, const struct eval_s
 
 /* ---- one optimizer step through the pipeline ------------------------------------------------- */
 
+/* One local chunk of the rank (parallel.virtual_stages; the whole stage with one): its worker
+ * is run.w[k], the rest is the schedule's bookkeeping for it. A micro-batch's slot is taken at
+ * its first action and freed as schedule.h's max_slots counts. */
+struct chunk {
+  int *live_of;     /* [n_mb]: activation slot, -1 when free */
+  int *live_busy;   /* [n_live] */
+  int last_bwd;     /* the chunk's last backward in the action list: its gradients are final */
+  int first;        /* the model's first chunk: nothing to send back, slots free after backward */
+  struct worker *w;
+  struct comm *c;   /* for reduce_layer */
+};
+
 struct run {
   const Job *job;
   struct comm *c;
-  struct worker w;
+  struct worker *w;          /* [v]: one worker per local chunk, as optimizer_step takes them */
+  struct chunk *chunk;       /* [v] */
+  int v;
   struct schedule sched;
   struct loader train;
   int n_mb, tokens_per_mb;
   int32_t *tokens, *targets, *positions;   /* host, [n_mb][tokens_per_mb] */
-  int *live_of;                             /* [n_mb]: activation slot, -1 when free */
-  int *live_busy;                           /* [n_live] */
   uint64_t stream_base;                     /* samples seen before this step */
   int overlap;    /* parallel.overlap_reduction applies: replicas, no ZeRO */
-  int last_bwd;   /* the schedule's last backward action: its layers' gradients are final */
 };
 
 /* Global sample index of sequence i of micro-batch m of this replica, the run having consumed
@@ -254,37 +284,37 @@ static double load_step_batch(struct run *r, uint64_t seen) {
   return total;
 }
 
-static int claim_live(struct run *r, int mb) {
-  if (r->live_of[mb] >= 0) return r->live_of[mb];
-  for (int k = 0; k < r->w.plan.n_live; k++)
-    if (!r->live_busy[k]) {
-      r->live_busy[k] = 1;
-      return r->live_of[mb] = k;
+static int claim_live(struct chunk *k, int mb) {
+  if (k->live_of[mb] >= 0) return k->live_of[mb];
+  for (int i = 0; i < k->w->plan.n_live; i++)
+    if (!k->live_busy[i]) {
+      k->live_busy[i] = 1;
+      return k->live_of[mb] = i;
     }
-  die("schedule holds more micro-batches than its promise of %d", r->w.plan.n_live);
+  die("schedule holds more micro-batches than its promise of %d", k->w->plan.n_live);
 }
 
-static void release_live(struct run *r, int mb) {
-  r->live_busy[r->live_of[mb]] = 0;
-  r->live_of[mb] = -1;
+static void release_live(struct chunk *k, int mb) {
+  k->live_busy[k->live_of[mb]] = 0;
+  k->live_of[mb] = -1;
 }
 
-/* layer_hook of the step's last backward: the layer's gradients are final, sum them now */
+/* layer_hook of the chunk's last backward: the layer's gradients are final, sum them now */
 static void reduce_layer(void *ctx, int layer) {
-  struct run *r = ctx;
-  optimizer_reduce_layer(&r->w, r->c, layer);
+  struct chunk *k = ctx;
+  optimizer_reduce_layer(k->w, k->c, layer);
 }
 
-/* Runs this rank's action list; returns the summed NLL of the micro-batches (last stage). */
+/* Runs this rank's action list, each action on its chunk's worker; returns the summed NLL of
+ * the micro-batches (the chunk with the head has it, the others add 0). */
 static double run_schedule(struct run *r, float grad_scale) {
-  struct worker *w = &r->w;
   struct comm *c = r->c;
-  size_t act_bytes = worker_boundary_bytes(w);
-  struct layer_hook reduce = {reduce_layer, r};
   for (int i = 0; i < r->sched.n; i++) {
     const struct action *a = &r->sched.actions[i];
-    int live = claim_live(r, a->mb);
-    size_t at = (size_t)a->mb * r->tokens_per_mb;
+    struct chunk *k = &r->chunk[a->chunk];
+    struct worker *w = k->w;
+    int live = claim_live(k, a->mb);
+    size_t at = (size_t)a->mb * r->tokens_per_mb, act_bytes = worker_boundary_bytes(w);
     int tag, peer = action_peer(a, c->pp, r->sched.chunks, c->stage, &tag);
     switch (a->kind) {
     case ACT_RECV_ACT:
@@ -302,18 +332,22 @@ static double run_schedule(struct run *r, float grad_scale) {
     case ACT_RECV_GRAD:
       comm_recv_tensor(c, w->grad_in, act_bytes, peer, tag);
       break;
-    case ACT_BWD:
-      worker_backward(w, live, r->overlap && i == r->last_bwd ? &reduce : NULL);
-      if (c->stage == 0) release_live(r, a->mb);
+    case ACT_BWD: {
+      struct layer_hook reduce = {reduce_layer, k};
+      worker_backward(w, live, r->overlap && i == k->last_bwd ? &reduce : NULL);
+      if (k->first) release_live(k, a->mb);
       break;
+    }
     case ACT_SEND_GRAD:
       comm_send_tensor(c, w->grad_out, act_bytes, peer, tag);
-      release_live(r, a->mb);
+      release_live(k, a->mb);
       break;
     }
   }
   comm_wait_sends(c);
-  return worker_take_loss(w);
+  double loss = 0;
+  for (int k = 0; k < r->v; k++) loss += worker_take_loss(&r->w[k]);
+  return loss;
 }
 
 /* SIGTERM, SIGUSR1, SIGUSR2 (Slurm preemption, a scheduler's warning): finish the step,
@@ -339,47 +373,55 @@ void train_catch_stop_signals(void) {
   sigaction(SIGUSR2, &sa, NULL);
 }
 
-/* Weights of a fresh run: a checkpoint's, a Hugging Face model's, or seeded random. */
-static void init_weights(const Job *job, struct worker *w) {
+/* Weights of a fresh run's n chunks: a checkpoint's, a Hugging Face model's, or seeded random
+ * (each tensor by its name, whatever chunk holds it). */
+static void init_weights(const Job *job, struct worker *chunks, int n) {
   char err[1024];
   if (job->init->checkpoint) {
-    checkpoint_load_weights(job->init->checkpoint, w);
-  } else if (job->init->hf_dir) {
-    if (worker_load_hf(w, job->init->hf_dir, err, sizeof err) != 0) die("init.hf_dir: %s", err);
-  } else {
-    worker_init_weights(w, job->init->seed, (float)job->init->std);
+    checkpoint_load_weights(job->init->checkpoint, chunks, n);
+    return;
+  }
+  for (int k = 0; k < n; k++) {
+    if (!job->init->hf_dir)
+      worker_init_weights(&chunks[k], job->init->seed, (float)job->init->std);
+    else if (worker_load_hf(&chunks[k], job->init->hf_dir, err, sizeof err) != 0)
+      die("init.hf_dir: %s", err);
   }
 }
 
 void train_run(const Job *job, const struct qwen3_config *cfg, struct comm *c,
                const struct backend *be, const struct run_options *opt) {
-  struct run r = {.job = job, .c = c};
-  struct worker_plan plan;
-  plan_rank(&plan, job, cfg, c->pp, c->dp, c->rank, 0, be->act_dtype());
-  worker_init(&r.w, be, &plan);
-  init_weights(job, &r.w);
+  struct run r = {.job = job, .c = c, .v = job->parallel->virtual_stages};
+  r.n_mb = job->parallel->micro_batches;
+  r.w = xcalloc((size_t)r.v, sizeof *r.w);
+  r.chunk = xcalloc((size_t)r.v, sizeof *r.chunk);
+  for (int k = 0; k < r.v; k++) {
+    struct worker_plan plan;
+    plan_rank(&plan, job, cfg, c->pp, c->dp, c->rank, k, be->act_dtype());
+    worker_init(&r.w[k], be, &plan);
+    struct chunk *ch = &r.chunk[k];
+    *ch = (struct chunk){.w = &r.w[k], .c = c, .first = c->stage == 0 && k == 0};
+    ch->live_of = xmalloc((size_t)r.n_mb * sizeof(int));
+    for (int m = 0; m < r.n_mb; m++) ch->live_of[m] = -1;
+    ch->live_busy = xcalloc((size_t)plan.n_live, sizeof(int));
+  }
+  init_weights(job, r.w, r.v);
   struct train_state st = {0};
-  int resumed = checkpoint_resume(job, c, &r.w, &st);
-  /* one chunk per rank: job_validate.c refuses parallel.virtual_stages > 1 */
-  schedule_build(&r.sched, schedule_kind_of(job), c->pp, 1, job->parallel->micro_batches,
-                 c->stage);
+  int resumed = checkpoint_resume(job, c, r.w, r.v, &st);
+  schedule_build(&r.sched, schedule_kind_of(job), c->pp, r.v, r.n_mb, c->stage);
   for (int i = 0; i < r.sched.n; i++)
-    if (r.sched.actions[i].kind == ACT_BWD) r.last_bwd = i;
-  r.overlap = c->dp > 1 && plan.shards == 1 && job->parallel->overlap_reduction;
+    if (r.sched.actions[i].kind == ACT_BWD) r.chunk[r.sched.actions[i].chunk].last_bwd = i;
+  r.overlap = c->dp > 1 && r.w[0].plan.shards == 1 && job->parallel->overlap_reduction;
   loader_open(&r.train, job->data->train, (int)job->data->n_train, job->data->seq_len,
               job->data->seed, cfg->vocab_size, "data.train",
               LOADER_TRAINING | (job->data->pack ? LOADER_PACK : 0));
   block_timing = opt->timing;
 
-  r.n_mb = job->parallel->micro_batches;
   r.tokens_per_mb = job->data->micro_batch_size * job->data->seq_len;
   size_t all = (size_t)r.n_mb * r.tokens_per_mb;
   r.tokens = xmalloc(all * sizeof(int32_t));
   r.targets = xmalloc(all * sizeof(int32_t));
   r.positions = xmalloc(all * sizeof(int32_t));
-  r.live_of = xmalloc((size_t)r.n_mb * sizeof(int));
-  for (int m = 0; m < r.n_mb; m++) r.live_of[m] = -1;
-  r.live_busy = xcalloc((size_t)plan.n_live, sizeof(int));
 
   struct output metrics_file = {0}, *metrics = NULL;
   if (c->rank == 0) {
@@ -406,15 +448,17 @@ void train_run(const Job *job, const struct qwen3_config *cfg, struct comm *c,
     double targets = load_step_batch(&r, st.samples_seen);
     if (targets <= 0) die("step %d: the global batch has no target token (all masked)", step);
     double t1 = part_clock(be, opt->timing);
-    worker_zero_grads(&r.w);
-    worker_prepare_step(&r.w, step);
+    for (int k = 0; k < r.v; k++) {
+      worker_zero_grads(&r.w[k]);
+      worker_prepare_step(&r.w[k], step);
+    }
     double t2 = part_clock(be, opt->timing);
     r.stream_base = st.samples_seen;
     double loss_sum = run_schedule(&r, (float)(1.0 / targets));
     double t3 = part_clock(be, opt->timing);
     /* no synchronize: the optimizer's update may still run on the backend's side stream while
      * the next step's forward starts (optim.c); that step's time includes what it waited for */
-    double grad_norm = optimizer_step(&r.w, c, job->optim, lr, step, r.overlap);
+    double grad_norm = optimizer_step(r.w, r.v, c, job->optim, lr, step, r.overlap);
     if (opt->timing) {
       part_seconds[0] += t2 - t1;
       part_seconds[1] += t3 - t2;
@@ -443,13 +487,21 @@ void train_run(const Job *job, const struct qwen3_config *cfg, struct comm *c,
     if (c->world > 1) comm_allreduce_sum_double(c, GROUP_WORLD, &stop, 1);
     int every = job->checkpoint->every;
     if (stop || (every >= 0 && step == steps) || (every > 0 && step % every == 0))
-      checkpoint_save(job, c, &r.w, &st);
-    /* after the save: an evaluation that fails (eval.check_kv) loses no training */
-    if (!stop && ((job->eval->every > 0 && step % job->eval->every == 0) || step == steps)) {
+      checkpoint_save(job, c, r.w, r.v, &st);
+    /* after the save: an evaluation that fails (eval.check_kv) loses no training. Evaluation
+     * runs one chunk per stage: with several (job_validate.c refuses eval.every then) the run
+     * ends without one, and a run of train.steps 0 evaluates its checkpoint */
+    int evaluation = (job->eval->every > 0 && step % job->eval->every == 0) || step == steps;
+    if (!stop && evaluation && r.v > 1 && c->rank == 0 &&
+        (job->data->n_valid || job->eval->n_prompts))
+      info("no evaluation at the end with parallel.virtual_stages = %d: evaluate the checkpoint "
+           "with train.steps: 0 (it runs with one chunk per stage)", r.v);
+    if (!stop && evaluation && r.v == 1) {
       checkpoint_wait();   /* the save of this step is committed before the evaluation */
       struct eval_summary ev;
-      evaluate(job, c, &r.w, step, &ev);
-      worker_reshape(&r.w, plan.batch, plan.seq, plan.n_live);
+      struct worker_plan p = r.w[0].plan;   /* evaluation reshapes the activations */
+      evaluate(job, c, &r.w[0], step, &ev);
+      worker_reshape(&r.w[0], p.batch, p.seq, p.n_live);
       if (metrics && ev.has_valid) log_validation(metrics, step, &ev);
     }
     if (stop) {
@@ -475,22 +527,31 @@ void train_run(const Job *job, const struct qwen3_config *cfg, struct comm *c,
   free(r.tokens);
   free(r.targets);
   free(r.positions);
-  free(r.live_of);
-  free(r.live_busy);
   loader_close(&r.train);
   schedule_free(&r.sched);
-  worker_free(&r.w);
+  for (int k = 0; k < r.v; k++) {
+    free(r.chunk[k].live_of);
+    free(r.chunk[k].live_busy);
+    worker_free(&r.w[k]);
+  }
+  free(r.chunk);
+  free(r.w);
 }
 
 void eval_run(const Job *job, const struct qwen3_config *cfg, struct comm *c,
               const struct backend *be, const struct run_options *opt) {
+  /* one chunk per stage whatever parallel.virtual_stages says: the tensors load by name */
+  Qwen3__Parallel par = *job->parallel;
+  par.virtual_stages = 1;
+  Job one = *job;
+  one.parallel = &par;
   struct worker_plan plan;
-  stage_plan(&plan, job, cfg, c->pp, c->stage, 0, be->act_dtype());
+  stage_plan(&plan, &one, cfg, c->pp, c->stage, 0, be->act_dtype());
   struct worker w;
   worker_init(&w, be, &plan);
-  init_weights(job, &w);
+  init_weights(job, &w, 1);
   struct train_state st = {0};
-  checkpoint_resume(job, c, &w, &st);
+  checkpoint_resume(job, c, &w, 1, &st);
   block_timing = opt->timing;
   if (c->rank == 0)
     info("evaluating %s at step %d, backend %s", job->name, st.step, be->name);

@@ -9,7 +9,8 @@
 #  - NVFP4 training in the fp32 mode: 5 steps within 1e-5 of the CPU's losses, 20 within 2e-4;
 #    in the bf16 mode (activations rounded to bf16 before they are quantized) within 2%;
 #  - packed samples (document masking), head_dim 16 and 64: within 1e-4 (fp32) and 2% (bf16);
-#  - 1, 2 and 4 pipeline processes sharing the one GPU: identical losses (also in bf16, 1 and 2);
+#  - 1, 2 and 4 pipeline processes sharing the one GPU, and 2 with 2 chunks each (interleaved
+#    1F1B): identical losses (also in bf16, 1 and 2 processes);
 #  - a resumed GPU run equals the uninterrupted one bit for bit (fp32 and bf16);
 #  - a GPU checkpoint evaluated on the CPU, and a CPU checkpoint resumed on the GPU;
 #  - the Hugging Face evaluations (greedy continuations and scores, KV cache on and off) of
@@ -161,6 +162,12 @@ for np in 1 2 4; do
   [ $np -gt 1 ] &&
     compare "CUDA: $np pipeline stages give the losses of 1, bit for bit" "$work/gpu_pp1" "$work/gpu_pp$np" 0
 done
+# interleaved 1F1B: two workers (chunks) per process on the GPU, their updates on its side stream
+run 2 "$work/gpu_pp2v2" CUDA --set parallel.pipeline_stages=2 --set parallel.virtual_stages=2 \
+  --set model.num_layers=4
+result $((rc == 0)) "CUDA: 2 pipeline processes x 2 chunks (interleaved 1F1B) on one GPU" "exit $rc"
+compare "CUDA: 2 stages x 2 chunks give the losses of 1 process, bit for bit" "$work/gpu_pp1" \
+  "$work/gpu_pp2v2" 0
 
 mkdir -p "$work/resumed/checkpoints"
 cp -r "$work/gpu/checkpoints/step_00000010" "$work/resumed/checkpoints/"

@@ -112,12 +112,14 @@ for delay in 0.3 0.5 0.7; do
   sleep "$delay"
   kill -KILL $(ranks "$job_pid") 2>/dev/null
   wait "$job_pid" 2>/dev/null
-  n=$(readlink "$out/checkpoints/latest" | sed 's/step_0*//')
+  # the newest whole step: `latest`, or one step on if the kill came inside its commit
+  n=$(ls -d "$out"/checkpoints/step_???????? | while read -r d; do
+        [ -e "$d/model.h5" ] && echo "${d##*step_}"; done | sort | tail -n 1 | sed 's/^0*//')
   run "$out" --set train.steps=$((n + 2)) --set checkpoint.every=1 --set checkpoint.keep_last=2
   ok=0
   [ $rc = 0 ] && grep -q "resuming from .*step_$(printf %08d "$n")" "$log" &&
     [ -z "$(ls -d "$out"/checkpoints/*.tmp 2>/dev/null)" ] && ok=1
-  result $ok "SIGKILL after ${delay}s: resumes from latest (step $n), stale .tmp removed" "exit $rc"
+  result $ok "SIGKILL after ${delay}s: resumes from the newest whole step ($n), stale .tmp removed" "exit $rc"
 done
 
 # --- the save in flight: a stop signal waits for it, saves, waits for that; resumes exactly ----
@@ -198,6 +200,14 @@ ok=0
 [ $rc = 0 ] && grep -q "resuming from $ck/step_00000010" "$log" && [ ! -e "$ck/step_00000011.tmp" ] &&
   [ "$(readlink "$ck/latest")" = step_00000012 ] && ok=1
 result $ok "a stale step_00000011.tmp: resume from latest (10), removed by the next save" "exit $rc"
+
+# --- a run ended between its commit's rename and `latest`: AUTO continues from the newer step ---
+ln -sfn step_00000010 "$ck/latest"   # as if the run had died right after renaming step 12 in
+run "$work/a" --set train.steps=13 --set checkpoint.every=4 --set checkpoint.keep_last=2
+ok=0
+[ $rc = 0 ] && grep -q "step_00000012 is whole but \`latest\` does not name it" "$log" &&
+  grep -q "resuming from $ck/step_00000012" "$log" && ok=1
+result $ok "latest left at step 10 with step 12 whole: AUTO resumes from 12, saying so" "exit $rc"
 
 # --- damage is refused, naming the file and the tensor ------------------------------------
 # expect_refused NAME MESSAGE... [-- --set ...]: resuming a damaged copy fails with every MESSAGE

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # --plan N: the tiny job with 4 layers on 4 processes lists every layout (1, 2 and 4 stages; ZeRO
 # 0 and 1 where there are several replicas; both schedules; interleaved 1F1B with 2 chunks per
-# stage where it applies, never recommended while the trainer cannot run it) at the job's global
+# stage where it applies, recommended like the others: the trainer runs it) at the job's global
 # batch, best first; each layout's memory is what --dry-run prints for it; the bubble and the
 # estimated time are the textbook ones, (pp - 1) / (m + pp - 1) and layers/pp x 3 x (m + pp - 1)
 # (interleaved: (pp - 1) / (v m + pp - 1) and layers/(pp v) x 3 x (v m + pp - 1)); a device limit
