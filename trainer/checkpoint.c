@@ -626,10 +626,12 @@ int checkpoint_resume(const Job *job, struct comm *c, struct worker *chunks, int
   return 1;
 }
 
-void checkpoint_load_weights(const char *dir, struct worker *chunks, int n) {
+int checkpoint_load_weights(const char *dir, struct worker *chunks, int n) {
   char err[1024];
   struct ckpt *ck;
   if (ckpt_open(&ck, dir, err, sizeof err) != 0) die("init.checkpoint: %s", err);
   load_stage(ck, chunks, n, 0);
+  int step = (int)ckpt_get_state(ck)->step;
   ckpt_close(ck);
+  return step;
 }

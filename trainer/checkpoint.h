@@ -70,8 +70,9 @@ int checkpoint_prepare(const Job *job, char *err, size_t errlen);
  * exit would release too). */
 void checkpoint_release(void);
 
-/* init.checkpoint: the weights of this rank's n chunks only (fresh optimizer, step 0). */
-void checkpoint_load_weights(const char *dir, struct worker *chunks, int n);
+/* init.checkpoint: the weights of this rank's n chunks only (a run from them starts at step 0
+ * with a fresh optimizer). Returns the step the checkpoint was saved at, for the log. */
+int checkpoint_load_weights(const char *dir, struct worker *chunks, int n);
 
 
 #endif

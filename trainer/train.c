@@ -374,19 +374,18 @@ void train_catch_stop_signals(void) {
 }
 
 /* Weights of a fresh run's n chunks: a checkpoint's, a Hugging Face model's, or seeded random
- * (each tensor by its name, whatever chunk holds it). */
-static void init_weights(const Job *job, struct worker *chunks, int n) {
+ * (each tensor by its name, whatever chunk holds it). Returns the step init.checkpoint was saved
+ * at (0 for the others): what an evaluation run evaluates. */
+static int init_weights(const Job *job, struct worker *chunks, int n) {
   char err[1024];
-  if (job->init->checkpoint) {
-    checkpoint_load_weights(job->init->checkpoint, chunks, n);
-    return;
-  }
+  if (job->init->checkpoint) return checkpoint_load_weights(job->init->checkpoint, chunks, n);
   for (int k = 0; k < n; k++) {
     if (!job->init->hf_dir)
       worker_init_weights(&chunks[k], job->init->seed, (float)job->init->std);
     else if (worker_load_hf(&chunks[k], job->init->hf_dir, err, sizeof err) != 0)
       die("init.hf_dir: %s", err);
   }
+  return 0;
 }
 
 void train_run(const Job *job, const struct qwen3_config *cfg, struct comm *c,
@@ -549,9 +548,9 @@ void eval_run(const Job *job, const struct qwen3_config *cfg, struct comm *c,
   stage_plan(&plan, &one, cfg, c->pp, c->stage, 0, be->act_dtype());
   struct worker w;
   worker_init(&w, be, &plan);
-  init_weights(job, &w, 1);
+  int saved = init_weights(job, &w, 1);
   struct train_state st = {0};
-  checkpoint_resume(job, c, &w, 1, &st);
+  if (!checkpoint_resume(job, c, &w, 1, &st)) st.step = saved;
   block_timing = opt->timing;
   if (c->rank == 0)
     info("evaluating %s at step %d, backend %s", job->name, st.step, be->name);

@@ -208,6 +208,14 @@ ok=0
 [ $rc = 0 ] && grep -q "step_00000012 is whole but \`latest\` does not name it" "$log" &&
   grep -q "resuming from $ck/step_00000012" "$log" && ok=1
 result $ok "latest left at step 10 with step 12 whole: AUTO resumes from 12, saying so" "exit $rc"
+# an evaluation run of init.checkpoint's weights names the step they were saved at
+run "$work/eval12" --set train.steps=0 --set checkpoint.resume=NEVER \
+  --set init.checkpoint="$ck/step_00000012" --set data.valid="$build/data/tiny.h5" \
+  --set eval.valid_batches=2
+ok=0
+[ $rc = 0 ] && grep -q "evaluating tiny at step 12" "$log" &&
+  grep -q '"step":12' "$work/eval12/metrics.jsonl" && ok=1
+result $ok "an evaluation run of init.checkpoint step 12 logs step 12" "exit $rc"
 
 # --- damage is refused, naming the file and the tensor ------------------------------------
 # expect_refused NAME MESSAGE... [-- --set ...]: resuming a damaged copy fails with every MESSAGE
@@ -248,6 +256,18 @@ expect_refused "another hidden size" "checkpoint.resume: $work/bad-ck/model.h5: 
 expect_refused "more layers" "model.h5: a checkpoint of another model shape: its num_hidden_layers is 2, the job's model has 3" -- --set model.num_layers=3
 expect_refused "fewer layers" "model.h5: a checkpoint of another model shape: its num_hidden_layers is 2, the job's model has 1" -- --set model.num_layers=1 --set parallel.pipeline_stages=1
 expect_refused "no checkpoint there" "$work/nowhere: no such checkpoint directory" -- --set checkpoint.resume="$work/nowhere"
+
+# tensors are read chunk by chunk as the writer stores them; a stage file laid out otherwise
+# (h5repack: contiguous, no checksum) is read through HDF5 and gives the same next step
+fresh_copy
+run "$work/as-written" --set train.steps=13 --set checkpoint.resume="$bad" --set checkpoint.every=-1
+a=$(grep -o '"step":13,"loss":[^,]*' "$work/as-written/metrics.jsonl")
+for f in "$bad"/stage_*.h5; do h5repack -f NONE -l CONTI "$f" "$f.re" && mv "$f.re" "$f"; done
+run "$work/repacked" --set train.steps=13 --set checkpoint.resume="$bad" --set checkpoint.every=-1
+b=$(grep -o '"step":13,"loss":[^,]*' "$work/repacked/metrics.jsonl")
+ok=0
+[ $rc = 0 ] && [ -n "$a" ] && [ "$a" = "$b" ] && ok=1
+result $ok "stage files repacked contiguous without checksums load alike (step 13: ${b:-none})" "exit $rc; $a"
 
 # --- init.checkpoint from qwen3-convert's output ----------------------------------------------
 ok=0
