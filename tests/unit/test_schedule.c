@@ -17,7 +17,12 @@
  * action is the matching receive and nothing else is in flight on the channel), the semantics of
  * NCCL point-to-point on one stream and of MPI rendezvous. The schedules keep to those as well, so
  * the GPU transport need not buffer sends to be safe. schedule_simulate, which times the lists,
- * must give every schedule the textbook step and bubble. */
+ * must give every schedule the textbook step and bubble.
+ *
+ * Each rank's list is also replayed against the buffers the trainer's run_schedule (train.c)
+ * gives each chunk: its one received gradient (w->grad_in), its one outgoing gradient
+ * (w->grad_out) and its max_slots activation slots, which the order within a rank must keep
+ * apart (check_trainer_buffers). */
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -28,13 +33,15 @@
 
 
 enum check {
-  CHK_PAIRING, CHK_DEADLOCK, CHK_ORDER, CHK_ONCE, CHK_LIVE, CHK_PROMISE, CHK_BLOCKING, N_CHECKS
+  CHK_PAIRING, CHK_DEADLOCK, CHK_ORDER, CHK_ONCE, CHK_LIVE, CHK_PROMISE, CHK_BLOCKING,
+  CHK_GRAD_IN, CHK_GRAD_OUT, CHK_SLOTS, N_CHECKS
 };
 static const char *check_names[N_CHECKS] = {
     "sends and receives pair up in order", "terminates without deadlock",
     "data dependencies respected",         "FWD and BWD once per micro-batch",
     "live activations <= max_live",        "max_live as promised",
-    "no deadlock with blocking sends",
+    "no deadlock with blocking sends",     "grad_in read by its BWD before reuse",
+    "grad_out sent before the next BWD",   "slot peak == max_slots >= max_live",
 };
 
 enum { MAX_PP = 8, MAX_MB = 32, MAX_V = 4 };
@@ -300,6 +307,111 @@ static void check_promise(struct sim *sim, enum schedule_kind kind) {
   }
 }
 
+/* ---- the trainer's buffers ---------------------------------------------------------------- */
+
+/* run_schedule (train.c) runs a rank's list on one worker per local chunk, whose buffers the
+ * chunk's micro-batches share: the simulator proves the order between ranks, these rules the
+ * order within one. The state of one chunk's buffers, walking its rank's list: */
+struct chunk_buffers {
+  int grad_in;         /* the micro-batch whose received gradient w->grad_in holds, not yet read
+                        * by its BWD; -1: none */
+  int grad_out;        /* the micro-batch whose input gradient BWD left in w->grad_out, not yet
+                        * sent; -1: none */
+  char held[MAX_MB];   /* micro-batches holding an activation slot (live_of[mb] >= 0) */
+  int slots, peak;     /* slots held, the most at once */
+};
+
+/* grad_in: RECV_GRAD writes the chunk's one w->grad_in and BWD reads it (and uses it as
+ * scratch). A received gradient must be read by its own micro-batch's BWD before the chunk's
+ * next RECV_GRAD overwrites it, and each BWD but the model's last chunk's (which starts from the
+ * loss) must find its own micro-batch's gradient there, not another's or stale data. */
+static void grad_in_rule(struct sim *sim, int stage, struct action a, struct chunk_buffers *b) {
+  if (a.kind == ACT_RECV_GRAD) {
+    if (b->grad_in >= 0)
+      fail(sim, CHK_GRAD_IN, "stage %d chunk %d: RECV_GRAD %d overwrites grad_in before BWD %d "
+           "read it", stage, a.chunk, a.mb, b->grad_in);
+    b->grad_in = a.mb;
+  } else if (a.kind == ACT_BWD && has_peer(sim, stage, a.chunk, ACT_RECV_GRAD)) {
+    if (b->grad_in != a.mb)
+      fail(sim, CHK_GRAD_IN, "stage %d chunk %d: BWD %d reads grad_in holding micro-batch %d "
+           "(-1: nothing received)", stage, a.chunk, a.mb, b->grad_in);
+    b->grad_in = -1;
+  }
+}
+
+/* grad_out: BWD leaves the gradient of the chunk's input in its one w->grad_out and SEND_GRAD
+ * sends it from there (comm.h lets the buffer be reused once the send returns). The chunk's next
+ * BWD overwrites it, so the SEND_GRAD of each micro-batch must come first. The model's first
+ * chunk sends nothing back. */
+static void grad_out_rule(struct sim *sim, int stage, struct action a, struct chunk_buffers *b) {
+  if (!has_peer(sim, stage, a.chunk, ACT_SEND_GRAD)) return;
+  if (a.kind == ACT_BWD) {
+    if (b->grad_out >= 0)
+      fail(sim, CHK_GRAD_OUT, "stage %d chunk %d: BWD %d overwrites grad_out before SEND_GRAD %d",
+           stage, a.chunk, a.mb, b->grad_out);
+    b->grad_out = a.mb;
+  } else if (a.kind == ACT_SEND_GRAD) {
+    if (b->grad_out != a.mb)
+      fail(sim, CHK_GRAD_OUT, "stage %d chunk %d: SEND_GRAD %d sends grad_out holding "
+           "micro-batch %d (-1: no BWD since the last send)", stage, a.chunk, a.mb, b->grad_out);
+    b->grad_out = -1;
+  }
+}
+
+/* Activation slots, as claim_live and release_live: any action of a micro-batch without a slot
+ * claims one (its first: RECV_ACT, FWD on the model's first chunk), SEND_GRAD frees it (BWD on
+ * the first chunk, which sends nothing). The worker is planned with max_slots[chunk] of them and
+ * dies when a claim finds none free. */
+static void slot_rule(struct sim *sim, int stage, struct action a, struct chunk_buffers *b) {
+  int first = !has_peer(sim, stage, a.chunk, ACT_RECV_ACT);
+  if (!b->held[a.mb]) {
+    b->held[a.mb] = 1;
+    if (++b->slots > b->peak) b->peak = b->slots;
+  }
+  if (a.kind == (first ? ACT_BWD : ACT_SEND_GRAD)) {
+    b->held[a.mb] = 0;
+    b->slots--;
+  }
+}
+
+/* At the end of the list both gradient buffers are free, and every slot too: the trainer keeps
+ * live_of across steps, so a slot held now is one fewer next step. The peak of slots is exactly
+ * max_slots, neither an allocation too small (the trainer dies) nor memory wasted, and a slot
+ * spans its micro-batch's activations, so max_slots >= max_live. */
+static void check_chunk_end(struct sim *sim, int stage, int chunk, const struct chunk_buffers *b) {
+  const struct schedule *r = &sim->ranks[stage];
+  if (b->grad_in >= 0)
+    fail(sim, CHK_GRAD_IN, "stage %d chunk %d: the gradient of %d is received, never read", stage,
+         chunk, b->grad_in);
+  if (b->grad_out >= 0)
+    fail(sim, CHK_GRAD_OUT, "stage %d chunk %d: the gradient of %d is computed, never sent",
+         stage, chunk, b->grad_out);
+  if (b->slots != 0)
+    fail(sim, CHK_SLOTS, "stage %d chunk %d: %d slots still held after the list", stage, chunk,
+         b->slots);
+  else if (b->peak != r->max_slots[chunk] || r->max_slots[chunk] < r->max_live[chunk])
+    fail(sim, CHK_SLOTS, "stage %d chunk %d: peak %d slots, max_slots %d, max_live %d", stage,
+         chunk, b->peak, r->max_slots[chunk], r->max_live[chunk]);
+}
+
+/* Replays each rank's list, in order, against its chunks' buffers. */
+static void check_trainer_buffers(struct sim *sim) {
+  for (int s = 0; s < sim->pp; s++) {
+    const struct schedule *r = &sim->ranks[s];
+    struct chunk_buffers b[MAX_V];
+    for (int c = 0; c < sim->v; c++) b[c] = (struct chunk_buffers){.grad_in = -1, .grad_out = -1};
+    for (int i = 0; i < r->n; i++) {
+      struct action a = r->actions[i];
+      if (a.mb < 0 || a.mb >= sim->m || a.chunk < 0 || a.chunk >= sim->v)
+        continue;   /* CHK_ONCE says so */
+      grad_in_rule(sim, s, a, &b[a.chunk]);
+      grad_out_rule(sim, s, a, &b[a.chunk]);
+      slot_rule(sim, s, a, &b[a.chunk]);
+    }
+    for (int c = 0; c < sim->v; c++) check_chunk_end(sim, s, c, &b[c]);
+  }
+}
+
 static int n_passed, n_failed;
 
 static void tally(int ok) {
@@ -332,6 +444,7 @@ static void test_kind(enum schedule_kind kind, int v, const char *name) {
       build_all(ranks, kind, pp, v, m);
       simulate(&sim, ranks, pp, v, m, 0, 1);
       check_promise(&sim, kind);
+      check_trainer_buffers(&sim);
       simulate(&blocking, ranks, pp, v, m, 1, 1);
       if (blocking.failed & (1u << CHK_DEADLOCK))
         fail(&sim, CHK_BLOCKING, "%s", blocking.msg[CHK_DEADLOCK]);
@@ -366,6 +479,14 @@ static void swap_actions(struct schedule *s, int i, int j) {
   s->actions[j] = t;
 }
 
+/* Moves action `from` to index `to`, shifting the actions between by one. */
+static void move_action(struct schedule *s, int from, int to) {
+  struct action a = s->actions[from];
+  int dir = to > from ? 1 : -1;
+  for (int i = from; i != to; i += dir) s->actions[i] = s->actions[i + dir];
+  s->actions[to] = a;
+}
+
 /* Breaks a correct schedule in one way and expects the simulator to flag `expect`. */
 static void negative(const char *what, enum schedule_kind kind, int pp, int v, int m, int stage,
                      int blocking, enum check expect, void (*breaker)(struct schedule *)) {
@@ -374,6 +495,7 @@ static void negative(const char *what, enum schedule_kind kind, int pp, int v, i
   build_all(ranks, kind, pp, v, m);
   breaker(&ranks[stage]);
   simulate(&sim, ranks, pp, v, m, blocking, expect == CHK_DEADLOCK);
+  check_trainer_buffers(&sim);
   int ok = (sim.failed & (1u << expect)) != 0;
   tally(ok);
   printf("%s broken schedule caught: %s -> %s\n", ok ? "PASS" : "FAIL", what,
@@ -420,6 +542,17 @@ static void chunk_max_live_understated(struct schedule *s) { s->max_live[1]--; }
 static void odd_stage_sends_first(struct schedule *s) {
   swap_actions(s, find(s, ACT_RECV_ACT, 1, 0), find(s, ACT_SEND_ACT, 0, 0));
 }
+/* The cool-down fetches micro-batch 7's gradient before micro-batch 6's backward has read its
+ * own: no deadlock, no pairing error, but w->grad_in is overwritten. */
+static void recv_grad_early(struct schedule *s) {
+  move_action(s, find(s, ACT_RECV_GRAD, 7, 0), find(s, ACT_BWD, 6, 0));
+}
+/* Micro-batch 6's gradient leaves after micro-batch 7's backward has overwritten w->grad_out. */
+static void send_grad_late(struct schedule *s) {
+  move_action(s, find(s, ACT_SEND_GRAD, 6, 0), find(s, ACT_BWD, 7, 0));
+}
+static void max_slots_understated(struct schedule *s) { s->max_slots[0]--; }
+static void chunk_max_slots_overstated(struct schedule *s) { s->max_slots[1]++; }
 
 /* schedule_simulate with forward 1 and backward 2 per chunk. Plain: both schedules take
  * (m + pp - 1) x 3, so the bubble is (pp - 1) / (m + pp - 1), and stage 0 holds the most
@@ -485,6 +618,14 @@ int main(void) {
            8, 0, 0, CHK_LIVE, chunk_max_live_understated);
   negative("1f1b v=2 pp 2 mb 4 stage 1, blocking sends: SEND_ACT 0 before RECV_ACT 1",
            SCHEDULE_1F1B, 2, 2, 4, 1, 1, CHK_DEADLOCK, odd_stage_sends_first);
+  negative("1f1b pp 4 mb 8 stage 1: RECV_GRAD 7 moved before BWD 6", SCHEDULE_1F1B, 4, 1, 8, 1,
+           0, CHK_GRAD_IN, recv_grad_early);
+  negative("1f1b pp 4 mb 8 stage 1: SEND_GRAD 6 moved after BWD 7", SCHEDULE_1F1B, 4, 1, 8, 1, 0,
+           CHK_GRAD_OUT, send_grad_late);
+  negative("1f1b pp 4 mb 8 stage 1: max_slots one too small", SCHEDULE_1F1B, 4, 1, 8, 1, 0,
+           CHK_SLOTS, max_slots_understated);
+  negative("1f1b v=2 pp 4 mb 8 stage 0: max_slots of chunk 1 one too large", SCHEDULE_1F1B, 4, 2,
+           8, 0, 0, CHK_SLOTS, chunk_max_slots_overstated);
   printf("%d passed, %d failed\n", n_passed, n_failed);
   return n_failed ? 1 : 0;
 }
