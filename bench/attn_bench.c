@@ -21,6 +21,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "bench/bench_result.h"
 #include "kernels/ops.h"
 
 #if defined(QWEN3_HAVE_CUDA) && defined(__has_include)
@@ -76,17 +77,6 @@ static void *random_device(const struct backend *be, size_t n, uint64_t seed) {
   be->free(f32);
   free(host);
   return dev;
-}
-
-static void result_line(const char *line) {
-  printf("%s\n", line);
-  fflush(stdout);
-  const char *path = getenv("GPU_BENCH_RESULTS");
-  FILE *f = path && *path ? fopen(path, "a") : NULL;
-  if (f) {
-    fprintf(f, "%s\n", line);
-    fclose(f);
-  }
 }
 
 #define MAX_REPEATS 10

@@ -19,20 +19,10 @@
 #include "data/ckpt_file.h"
 #include "trainer/layout.h"
 #include "worker/worker.h"
+#include "bench/bench_result.h"
 
 static void check(int rc, const char *err) {
   if (rc != 0) die("%s", err);
-}
-
-static void result_line(const char *line) {
-  printf("%s\n", line);
-  fflush(stdout);
-  const char *path = getenv("GPU_BENCH_RESULTS");
-  FILE *f = path && *path ? fopen(path, "a") : NULL;
-  if (f) {
-    fprintf(f, "%s\n", line);
-    fclose(f);
-  }
 }
 
 int main(int argc, char **argv) {

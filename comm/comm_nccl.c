@@ -240,6 +240,15 @@ static void comm_after_compute(struct nccl_state *s, cudaStream_t stream, const 
   CUDA_RT_CHECK(what, cudaStreamWaitEvent(stream, s->ready, 0));
 }
 
+/* The host waits until the work queued so far on both communication streams has happened. */
+static void wait_streams(struct nccl_state *s, const char *what) {
+  cudaStream_t streams[] = {s->stream, s->dp_stream};
+  for (int i = 0; i < 2; i++) {
+    CUDA_RT_CHECK(what, cudaEventRecord(s->done, streams[i]));
+    wait_event(s, s->done, what);
+  }
+}
+
 /* After a receive or all-reduce was queued on `stream`: the host waits for it, then orders the
  * compute stream after it (a wait on an event already complete, which keeps the ordering
  * explicit). */
@@ -426,11 +435,7 @@ static void nccl_finalize(void *state) {
   nccl_wait_sends(s);
   nccl_wait_reductions(s);
   const char *what = "finalize";
-  cudaStream_t streams[] = {s->stream, s->dp_stream};
-  for (int i = 0; i < 2; i++) {
-    CUDA_RT_CHECK(what, cudaEventRecord(s->done, streams[i]));
-    wait_event(s, s->done, "finalize (the last operations)");
-  }
+  wait_streams(s, "finalize (the last operations)");
   for (int g = 0; g <= GROUP_TIED; g++)
     if (s->groups[g].comm) {
       NCCL_CHECK(s->groups[g].name, ncclCommDestroy(s->groups[g].comm));
@@ -514,11 +519,7 @@ static void warm_up(struct nccl_state *s) {
   if (tied->comm)
     NCCL_CHECK(what, ncclAllReduce(s->warmup, s->warmup, 1, ncclFloat, ncclSum, tied->comm,
                                    tied->stream));
-  cudaStream_t streams[] = {s->stream, s->dp_stream};
-  for (int i = 0; i < 2; i++) {
-    CUDA_RT_CHECK(what, cudaEventRecord(s->done, streams[i]));
-    wait_event(s, s->done, what);
-  }
+  wait_streams(s, what);
 }
 
 /* What each rank says about itself before the job decides. */

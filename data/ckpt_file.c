@@ -1087,11 +1087,12 @@ static int read_chunks(hid_t ds, const char *file, const char *full, int nd, con
     haddr_t addr;
     unsigned mask = 0;
     size_t have = (size_t)(dims[0] - r < chunk[0] ? dims[0] - r : chunk[0]) * row_bytes;
+    uint8_t *at = (uint8_t *)dst + (size_t)r * row_bytes;
     H5_CHECK(H5Dget_chunk_info_by_coord(ds, offset, &mask, &addr, &size),
              "%s: tensor '%s': cannot find rows %llu on: the file is damaged", file, full,
              (unsigned long long)r);
     if (addr == HADDR_UNDEF) {   /* never written: the fill value */
-      memset((uint8_t *)dst + (size_t)r * row_bytes, 0, have);
+      memset(at, 0, have);
       continue;
     }
     if (mask != 0 || size != bytes + 4) {
@@ -1100,19 +1101,23 @@ static int read_chunks(hid_t ds, const char *file, const char *full, int nd, con
              (unsigned long long)r, (unsigned long long)size, bytes + 4);
       goto out;
     }
-    H5_CHECK(H5Dread_chunk(ds, H5P_DEFAULT, offset, &mask, buf),
+    /* straight into dst while the chunk and its 4-byte checksum end before the tensor does
+     * (the checksum lands on the next chunk's first row, read next); the last one through buf,
+     * which also takes its padding */
+    uint8_t *into = r + chunk[0] < dims[0] ? at : buf;
+    H5_CHECK(H5Dread_chunk(ds, H5P_DEFAULT, offset, &mask, into),
              "%s: tensor '%s' cannot be read (rows %llu on): the file is damaged", file, full,
              (unsigned long long)r);
     uint32_t stored = 0;
-    for (int i = 0; i < 4; i++) stored |= (uint32_t)buf[bytes + i] << (8 * i);
-    uint32_t sum = fletcher32(buf, bytes);
+    for (int i = 0; i < 4; i++) stored |= (uint32_t)into[bytes + i] << (8 * i);
+    uint32_t sum = fletcher32(into, bytes);
     if (sum != stored) {
       errorf(err, errlen, "%s: tensor '%s' fails its checksum: the file is damaged (rows %llu "
              "on: Fletcher32 %08x stored, %08x computed)", file, full, (unsigned long long)r,
              stored, sum);
       goto out;
     }
-    memcpy((uint8_t *)dst + (size_t)r * row_bytes, buf, have);
+    if (into == buf) memcpy(at, buf, have);
   }
   rc = 1;
 out:
