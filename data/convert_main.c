@@ -9,6 +9,10 @@
  *     HF_DIR/config.json and model.safetensors, or model-0000N-of-0000M.safetensors with
  *     model.safetensors.index.json when the weights exceed the shard size (default 5 GB, as
  *     transformers' save_pretrained). fp32 is bit-exact; bf16 rounds to nearest even.
+ *   qwen3-convert h52hf CKPT_DIR HF_DIR --nvfp4 [--max-shard-size BYTES]
+ *     the same, as NVIDIA ModelOpt's NVFP4 checkpoint for vLLM, SGLang and TensorRT-LLM: the
+ *     decoder linears quantized with the training recipe's quantizer, the rest bf16, plus
+ *     hf_quant_config.json (data/nvfp4_export.h).
  *
  * Tensors are converted one at a time (h52hf: one shard at a time), so memory stays near the
  * largest tensor (shard). A failed conversion leaves no whole-looking output: hf2h5 commits
@@ -25,13 +29,24 @@
 #include "common/util.h"
 #include "data/ckpt_file.h"
 #include "data/hf_config.h"
+#include "data/hf_shards.h"
+#include "data/nvfp4_export.h"
 #include "data/safetensors.h"
 
 static void usage(void) {
   fprintf(stderr,
           "usage: qwen3-convert hf2h5 HF_DIR CKPT_DIR\n"
-          "       qwen3-convert h52hf CKPT_DIR HF_DIR [--dtype bf16|fp32] "
-          "[--max-shard-size BYTES]\n");
+          "       qwen3-convert h52hf CKPT_DIR HF_DIR [--dtype bf16|fp32 | --nvfp4] "
+          "[--max-shard-size BYTES]\n"
+          "\n"
+          "--nvfp4 writes NVIDIA ModelOpt's NVFP4 checkpoint (hf_quant_config.json, quant_algo\n"
+          "NVFP4) for vLLM, SGLang and TensorRT-LLM: q/k/v/o/gate/up/down of the layers the\n"
+          "checkpoint's job trained in NVFP4 (all layers if it records none) quantized as in\n"
+          "training (round to nearest, its 16x16 or 1x16 weight blocks; q/k/v and gate/up share\n"
+          "one tensor scale, as the loaders fuse them), everything else bf16. No activation\n"
+          "calibration exists: every input_scale is 1.0, so served activations get dynamic\n"
+          "16-element block scales (amax/6) under a fixed tensor scale of 1, not training's\n"
+          "per-forward amax.\n");
   exit(2);
 }
 
@@ -210,24 +225,6 @@ static void refuse_existing_model(const char *hf_dir) {
   }
 }
 
-static void write_index(const char *hf_dir, const struct out_tensor *t, size_t n, int n_shards,
-                        double total_bytes) {
-  char path[4300], tmp[4400], file[64];
-  json_t *map = json_object(), *root = json_object();
-  for (size_t i = 0; i < n; i++) {
-    snprintf(file, sizeof file, "model-%05d-of-%05d.safetensors", t[i].shard + 1, n_shards);
-    json_object_set_new(map, t[i].name, json_string(file));
-  }
-  json_object_set_new(root, "metadata",
-                      json_pack("{s:I}", "total_size", (json_int_t)total_bytes));
-  json_object_set_new(root, "weight_map", map);
-  snprintf(path, sizeof path, "%s/model.safetensors.index.json", hf_dir);
-  snprintf(tmp, sizeof tmp, "%s.tmp", path);
-  if (json_dump_file(root, tmp, JSON_INDENT(2) | JSON_SORT_KEYS) != 0 || rename(tmp, path) != 0)
-    die("%s: cannot write", path);
-  json_decref(root);
-}
-
 static void h52hf(const char *ckpt_path, const char *hf_dir, enum st_dtype dtype,
                   double max_shard) {
   char err[1024], path[4300], file[64];
@@ -269,13 +266,21 @@ static void h52hf(const char *ckpt_path, const char *hf_dir, enum st_dtype dtype
       progress("h52hf", (size_t)i + 1, n, done, all);
     }
     if (n_shards == 1) snprintf(file, sizeof file, "model.safetensors");
-    else snprintf(file, sizeof file, "model-%05d-of-%05d.safetensors", s + 1, n_shards);
+    else hf_shard_file(file, sizeof file, s, n_shards);
     snprintf(path, sizeof path, "%s/%s", hf_dir, file);
     if (st_write(path, w, (size_t)k, 1, err, sizeof err) != 0) die("%s", err);
     for (int j = 0; j < k; j++) free((void *)w[j].data);
   }
   free(w);
-  if (n_shards > 1) write_index(hf_dir, t, n, n_shards, all);
+  if (n_shards > 1) {
+    const char **names = xmalloc(n * sizeof *names);
+    int *shard = xmalloc(n * sizeof *shard);
+    for (size_t i = 0; i < n; i++) names[i] = t[i].name, shard[i] = t[i].shard;
+    if (hf_write_index(hf_dir, names, shard, n, n_shards, all, err, sizeof err) != 0)
+      die("%s", err);
+    free(names);
+    free(shard);
+  }
   snprintf(path, sizeof path, "%s/config.json", hf_dir);
   if (hf_config_write(path, &ckpt_get_state(c)->config,
                       dtype == ST_BF16 ? "bfloat16" : "float32", err, sizeof err) != 0)
@@ -284,6 +289,19 @@ static void h52hf(const char *ckpt_path, const char *hf_dir, enum st_dtype dtype
        st_dtype_name(dtype), n_shards, n_shards == 1 ? "" : "s", ckpt_dir(c), hf_dir);
   free(t);
   ckpt_close(c);
+}
+
+static void h52hf_nvfp4(const char *ckpt_path, const char *hf_dir, double max_shard) {
+  char err[1024];
+  struct nvfp4_export_report r;
+  refuse_existing_model(hf_dir);
+  if (make_dirs(hf_dir) != 0) die("%s: cannot create", hf_dir);
+  if (nvfp4_export(ckpt_path, hf_dir, max_shard, &r, err, sizeof err) != 0) die("%s", err);
+  info("h52hf --nvfp4: layers %d-%d in NVFP4 with %s weight scales (%s), %zu tensors, %.2f GB in "
+       "%d file%s, to %s", r.first_layer, r.end_layer - 1, r.weight_2d ? "16x16" : "1x16",
+       r.recorded ? "as the checkpoint's job trained them" : "the checkpoint records no NVFP4 "
+       "training: every layer", r.n_tensors, r.bytes / 1e9, r.n_shards,
+       r.n_shards == 1 ? "" : "s", hf_dir);
 }
 
 int main(int argc, char **argv) {
@@ -296,12 +314,15 @@ int main(int argc, char **argv) {
   if (strcmp(argv[1], "h52hf") != 0) usage();
   enum st_dtype dtype = ST_BF16;
   double max_shard = 5e9;
+  int nvfp4 = 0, fp32 = 0;
   for (int i = 4; i < argc; i++) {
     if (!strcmp(argv[i], "--dtype") && i + 1 < argc) {
       const char *d = argv[++i];
       if (!strcmp(d, "bf16")) dtype = ST_BF16;
-      else if (!strcmp(d, "fp32")) dtype = ST_F32;
+      else if (!strcmp(d, "fp32")) dtype = ST_F32, fp32 = 1;
       else die("--dtype: expected bf16 or fp32, got '%s'", d);
+    } else if (!strcmp(argv[i], "--nvfp4")) {
+      nvfp4 = 1;
     } else if (!strcmp(argv[i], "--max-shard-size") && i + 1 < argc) {
       char *end;
       max_shard = strtod(argv[++i], &end);
@@ -310,6 +331,12 @@ int main(int argc, char **argv) {
       usage();
     }
   }
-  h52hf(argv[2], argv[3], dtype, max_shard);
+  if (nvfp4) {
+    /* the loaders' NVFP4 kernels take bf16 (or fp16) activations, never fp32 */
+    if (fp32) die("--nvfp4 writes its high-precision tensors as bf16; --dtype fp32 is refused");
+    h52hf_nvfp4(argv[2], argv[3], max_shard);
+  } else {
+    h52hf(argv[2], argv[3], dtype, max_shard);
+  }
   return 0;
 }

@@ -434,9 +434,11 @@ static int check_write_tensor(const char *path, struct write_item *it, char *err
   const char *name = t->name ? t->name : "(null)";
   if (!t->name || !t->name[0] || strcmp(t->name, "__metadata__") == 0)
     return errorf(err, errlen, "%s: tensor name '%s' is not allowed", path, name);
-  if (t->dtype != ST_F32 && t->dtype != ST_BF16)
-    return errorf(err, errlen, "%s: tensor '%s': can only write F32 or BF16, not %s", path, name,
-                st_dtype_name(t->dtype));
+  if (!t->bytes && t->dtype != ST_F32 && t->dtype != ST_BF16)
+    return errorf(err, errlen, "%s: tensor '%s': can only convert floats to F32 or BF16, not %s",
+                  path, name, st_dtype_name(t->dtype));
+  if (t->bytes && t->data)
+    return errorf(err, errlen, "%s: tensor '%s': both floats and bytes given", path, name);
   if (t->ndim < 0 || t->ndim > ST_MAX_DIMS)
     return errorf(err, errlen, "%s: tensor '%s': %d dimensions", path, name, t->ndim);
   it->numel = 1;
@@ -445,7 +447,8 @@ static int check_write_tensor(const char *path, struct write_item *it, char *err
       return errorf(err, errlen, "%s: tensor '%s': bad shape[%d] = %lld", path, name, i, (long long)t->shape[i]);
     it->numel *= (uint64_t)t->shape[i];
   }
-  if (it->numel && !t->data) return errorf(err, errlen, "%s: tensor '%s': no data", path, name);
+  if (it->numel && !t->data && !t->bytes)
+    return errorf(err, errlen, "%s: tensor '%s': no data", path, name);
   return 0;
 }
 
@@ -468,6 +471,10 @@ static json_t *header_json(const struct write_item *items, size_t n, int pt_meta
 static int write_data(FILE *fp, const struct write_item *it) {
   const float *x = it->t->data;
   if (it->numel == 0) return 0;  /* an empty tensor may have no data pointer */
+  if (it->t->bytes) {
+    size_t bytes = it->numel * st_dtype_size(it->t->dtype);
+    return fwrite(it->t->bytes, 1, bytes, fp) == bytes ? 0 : -1;
+  }
   if (it->t->dtype == ST_F32) return fwrite(x, 4, it->numel, fp) == it->numel ? 0 : -1;
   uint16_t buf[8192];
   for (uint64_t i = 0; i < it->numel;) {

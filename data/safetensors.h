@@ -65,10 +65,12 @@ const struct st_tensor *st_model_find(const struct st_model *m, const char *name
 /* ---- writing ----------------------------------------------------------------------------- */
 struct st_write_tensor {
   const char *name;
-  enum st_dtype dtype;        /* ST_F32 or ST_BF16: the type stored in the file */
+  enum st_dtype dtype;        /* the type stored in the file */
   int ndim;
   int64_t shape[ST_MAX_DIMS];
-  const float *data;          /* numel floats */
+  const float *data;          /* numel floats, stored as dtype ST_F32 or ST_BF16; or NULL and */
+  const void *bytes;          /* numel * st_dtype_size(dtype) bytes stored as they are (any
+                                 dtype: U8 packed codes, F8_E4M3 scales, ...) */
 };
 /* Writes the tensors (any order; stored sorted by name) to path. pt_metadata adds
  * "__metadata__":{"format":"pt"}, which transformers' loader expects of PyTorch weights. */

@@ -1,9 +1,15 @@
 /* The few lines every C test program shares: a check that counts, and the closing line
- * "N passed, M failed" that CI reads. */
+ * "N passed, M failed" that CI reads; for the tests that run the project's programs, their path
+ * and a scratch directory kept only when a check failed. */
 #ifndef QWEN3_TEST_CHECK_H
 #define QWEN3_TEST_CHECK_H
 
 #include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "common/util.h"
 
 static int checks_passed, checks_failed;
 
@@ -22,6 +28,25 @@ static int checks_passed, checks_failed;
 static inline int checks_report(void) {
   printf("%d passed, %d failed\n", checks_passed, checks_failed);
   return checks_failed ? 1 : 0;
+}
+
+/* path (of len bytes) = the build's program `name`, beside the tests' folder (build/tests/..). */
+static inline void test_program(char *path, size_t len, const char *name) {
+  ssize_t n = readlink("/proc/self/exe", path, len - 64);
+  if (n < 0) die("cannot find this program");
+  path[n] = 0;
+  snprintf(strrchr(path, '/'), 64, "/../%s", name);
+}
+
+/* checks_report, and the scratch directory dir removed when every check passed (kept, and
+ * named, for a look when one failed). */
+static inline int checks_report_in(const char *dir) {
+  int rc = checks_report();
+  char cmd[160];
+  snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
+  if (rc) printf("kept %s\n", dir);
+  else if (system(cmd) != 0) warn("cannot remove %s", dir);
+  return rc;
 }
 
 #endif

@@ -423,7 +423,7 @@ static void write_hf(const char *dir, struct hf_tensor *t, int n) {
     snprintf(file, sizeof file, "model-%05d-of-00002.safetensors", s + 1);
     for (int i = s; i < n; i += 2) {
       w[k++] = (struct st_write_tensor){t[i].name, ST_F32, t[i].ndim,
-                                        {t[i].shape[0], t[i].shape[1]}, t[i].data};
+                                        {t[i].shape[0], t[i].shape[1]}, t[i].data, NULL};
       json_object_set_new(map, t[i].name, json_string(file));
     }
     snprintf(path, sizeof path, "%s/%s", dir, file);
@@ -549,21 +549,10 @@ static void test_convert(void) {
 int main(void) {
   snprintf(g_dir, sizeof g_dir, "/tmp/qwen3-ckpt-XXXXXX");
   if (!mkdtemp(g_dir)) die("mkdtemp failed");
-  ssize_t len = readlink("/proc/self/exe", g_convert, sizeof g_convert - 32);
-  if (len < 0) die("cannot find this program");
-  g_convert[len] = 0;
-  snprintf(strrchr(g_convert, '/'), 32, "/../qwen3-convert");   /* build/tests/.. */
+  test_program(g_convert, sizeof g_convert, "qwen3-convert");
   test_round_trip_and_commit();
   test_chunks_as_hdf5_writes_them();
   test_damage();
   test_convert();
-  int rc = checks_report();
-  if (rc == 0) {
-    char cmd[128];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", g_dir);
-    if (system(cmd) != 0) warn("cannot remove %s", g_dir);
-  } else {
-    printf("kept %s\n", g_dir);
-  }
-  return rc;
+  return checks_report_in(g_dir);
 }

@@ -53,9 +53,9 @@ static void write_source(void) {
   float *up = weights(48, 64, 1), *o = weights(32, 32, 2), *emb = weights(32, 16, 3),
         *norm = weights(1, 64, 4), *odd = weights(20, 32, 5), *cube = weights(2, 256, 6);
   struct st_write_tensor t[6] = {
-      {NAMES[0], ST_F32, 2, {48, 64}, up},   {NAMES[1], ST_BF16, 2, {32, 32}, o},
-      {NAMES[2], ST_BF16, 2, {32, 16}, emb}, {NAMES[3], ST_F32, 1, {64}, norm},
-      {NAMES[4], ST_F32, 2, {20, 32}, odd},  {NAMES[5], ST_F32, 3, {2, 16, 16}, cube}};
+      {NAMES[0], ST_F32, 2, {48, 64}, up, NULL},   {NAMES[1], ST_BF16, 2, {32, 32}, o, NULL},
+      {NAMES[2], ST_BF16, 2, {32, 16}, emb, NULL}, {NAMES[3], ST_F32, 1, {64}, norm, NULL},
+      {NAMES[4], ST_F32, 2, {20, 32}, odd, NULL},  {NAMES[5], ST_F32, 3, {2, 16, 16}, cube, NULL}};
   char err[512];
   if (st_write(src, t, 6, 1, err, sizeof err) != 0) die("%s", err);
   free(up), free(o), free(emb), free(norm), free(odd), free(cube);
@@ -193,7 +193,7 @@ static void test_refusals(void) {
   snprintf(bad, sizeof bad, "%s/nan.safetensors", dir);
   float *x = weights(16, 16, 9);
   x[37] = NAN;
-  struct st_write_tensor t = {"model.layers.3.mlp.down_proj.weight", ST_F32, 2, {16, 16}, x};
+  struct st_write_tensor t = {"model.layers.3.mlp.down_proj.weight", ST_F32, 2, {16, 16}, x, NULL};
   if (st_write(bad, &t, 1, 0, err, sizeof err) != 0) die("%s", err);
   free(x);
   rc = dump(bad, o, &sum, &log, err, sizeof err);

@@ -373,6 +373,37 @@ static int rm_entry(const char *path, const struct stat *sb, int type, struct FT
   return remove(path);
 }
 
+/* Tensors given as stored bytes (any dtype: NVFP4 codes and scales) are written as they are. */
+static void test_write_bytes(void) {
+  uint8_t codes[6] = {0x10, 0xf7, 0x08, 0x80, 0x3c, 0xc3}, scales[3] = {0x38, 0x00, 0x7e};
+  float one = 1.0f, two = 2.0f;
+  struct st_write_tensor ts[] = {
+    {.name = "w.weight", .dtype = ST_U8, .ndim = 2, .shape = {2, 3}, .bytes = codes},
+    {.name = "w.weight_scale", .dtype = ST_F8_E4M3, .ndim = 1, .shape = {3}, .bytes = scales},
+    {.name = "w.weight_scale_2", .dtype = ST_F32, .ndim = 0, .bytes = &one},
+  };
+  char err[1024];
+  const char *p = path_in("bytes.safetensors");
+  int rc = st_write(p, ts, 3, 1, err, sizeof err);
+  check(rc == 0, rc ? err : "writes U8, F8_E4M3 and a scalar F32 given as bytes");
+  struct st_file *f;
+  if (rc || st_open(&f, p, err, sizeof err) != 0) return;
+  const struct st_tensor *w = st_find(f, "w.weight"), *sc = st_find(f, "w.weight_scale");
+  const struct st_tensor *s2 = st_find(f, "w.weight_scale_2");
+  check(w && w->dtype == ST_U8 && w->nbytes == 6 && !memcmp(w->data, codes, 6) && sc &&
+            sc->dtype == ST_F8_E4M3 && !memcmp(sc->data, scales, 3) && s2 && s2->ndim == 0 &&
+            !memcmp(s2->data, &one, 4),
+        "the bytes, dtypes and shapes read back as written");
+  st_close(f);
+  struct st_write_tensor bad = {.name = "x", .dtype = ST_U8, .ndim = 1, .shape = {1}, .data = &two};
+  check(st_write(p, &bad, 1, 0, err, sizeof err) == -1 && strstr(err, "U8"),
+        "floats converted to U8 refused");
+  bad = (struct st_write_tensor){.name = "x", .dtype = ST_F32, .ndim = 0, .data = &two,
+                                 .bytes = &one};
+  check(st_write(p, &bad, 1, 0, err, sizeof err) == -1 && strstr(err, "both"),
+        "floats and bytes at once refused");
+}
+
 int main(void) {
   double t0 = now_seconds();
   snprintf(g_dir, sizeof g_dir, "/tmp/qwen3_test_st_XXXXXX");
@@ -382,6 +413,7 @@ int main(void) {
   test_other_dtypes();
   test_malformed();
   test_writer_refusals();
+  test_write_bytes();
   test_sharded();
   nftw(g_dir, rm_entry, 8, FTW_DEPTH | FTW_PHYS);
   printf("(%.3f s)\n", now_seconds() - t0);
