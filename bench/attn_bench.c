@@ -54,39 +54,15 @@ static double median(double *v, int n) {
   return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
 }
 
-/* a device buffer of n values of the activation dtype, uniform in [-1, 1) */
-static void *random_device(const struct backend *be, size_t n, uint64_t seed) {
-  float *host = malloc(n * sizeof *host);
-  if (!host) {
-    fprintf(stderr, "attn_bench: out of host memory\n");
-    exit(1);
-  }
-  uint64_t s = seed * 0x9e3779b97f4a7c15ull + 1;
-  for (size_t i = 0; i < n; i++) {
-    s = s * 6364136223846793005ull + 1442695040888963407ull;
-    host[i] = (float)((double)(s >> 40) * 0x1.0p-23 - 1.0);
-  }
-  float *f32 = be->alloc(n * sizeof *f32);
-  void *dev = be->alloc(n * dtype_bytes(be->act_dtype()));
-  if (!f32 || !dev) {
-    fprintf(stderr, "attn_bench: cannot allocate %zu bytes on the device\n", 2 * n * sizeof *f32);
-    exit(1);
-  }
-  be->to_device(f32, host, n * sizeof *f32);
-  be->convert(dev, be->act_dtype(), f32, DT_F32, n);
-  be->free(f32);
-  free(host);
-  return dev;
-}
-
 #define MAX_REPEATS 10
 
 static void bench_one(const struct backend *be, int T, double seconds) {
   struct attn_shape s = {.batch = 1, .tq = T, .tk = T, .k_stride = T,
                          .heads = HEADS, .kv_heads = KV_HEADS, .head_dim = HEAD_DIM};
   size_t nq = (size_t)T * HEADS * HEAD_DIM, nk = (size_t)T * KV_HEADS * HEAD_DIM;
-  void *q = random_device(be, nq, 1), *k = random_device(be, nk, 2), *v = random_device(be, nk, 3);
-  void *dctx = random_device(be, nq, 4);
+  const enum dtype act = be->act_dtype();
+  void *q = bench_random(be, nq, act, 1), *k = bench_random(be, nk, act, 2);
+  void *v = bench_random(be, nk, act, 3), *dctx = bench_random(be, nq, act, 4);
   float *lse = be->alloc((size_t)HEADS * T * sizeof(float));
   void *ctx = be->alloc(nq * sizeof(float)), *dq = be->alloc(nq * sizeof(float));
   void *dk = be->alloc(nk * sizeof(float)), *dv = be->alloc(nk * sizeof(float));

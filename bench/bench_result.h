@@ -1,10 +1,14 @@
-/* The benchmark programs' RESULT lines: printed, and appended to $GPU_BENCH_RESULTS when set
- * (bench/gpu_bench.sh collects every part's there for its table). */
+/* What the benchmark programs share: their RESULT lines, printed and appended to
+ * $GPU_BENCH_RESULTS when set (bench/gpu_bench.sh collects every part's there for its table),
+ * and their random inputs in backend memory. */
 #ifndef QWEN3_BENCH_RESULT_H
 #define QWEN3_BENCH_RESULT_H
 
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+
+#include "kernels/ops.h"
 
 static inline void result_line(const char *line) {
   printf("%s\n", line);
@@ -15,6 +19,39 @@ static inline void result_line(const char *line) {
     fprintf(f, "%s\n", line);
     fclose(f);
   }
+}
+
+/* `bytes` of backend memory, or the program ends saying so */
+static inline void *bench_alloc(const struct backend *be, size_t bytes) {
+  void *p = be->alloc(bytes);
+  if (!p) {
+    fprintf(stderr, "cannot allocate %zu bytes of %s memory\n", bytes, be->name);
+    exit(1);
+  }
+  return p;
+}
+
+/* n values of dtype t in backend memory, uniform in [-1, 1), the same for the same seed */
+static inline void *bench_random(const struct backend *be, size_t n, enum dtype t,
+                                 uint64_t seed) {
+  float *host = malloc(n * sizeof *host);
+  if (!host) {
+    fprintf(stderr, "out of host memory for %zu random values\n", n);
+    exit(1);
+  }
+  uint64_t s = seed * 0x9e3779b97f4a7c15ull + 1;
+  for (size_t i = 0; i < n; i++) {
+    s = s * 6364136223846793005ull + 1442695040888963407ull;
+    host[i] = (float)((double)(s >> 40) * 0x1.0p-23 - 1.0);
+  }
+  float *f32 = bench_alloc(be, n * sizeof *f32);
+  be->to_device(f32, host, n * sizeof *f32);
+  free(host);
+  if (t == DT_F32) return f32;
+  void *dev = bench_alloc(be, n * dtype_bytes(t));
+  be->convert(dev, t, f32, DT_F32, n);
+  be->free(f32);
+  return dev;
 }
 
 #endif

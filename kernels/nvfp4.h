@@ -117,10 +117,11 @@ uint16_t nvfp4_rht_signs(uint64_t seed);
  * cols must be a multiple of 16; out may alias x. */
 void nvfp4_rht(float *out, const float *x, int rows, int cols, uint16_t signs);
 
-/* The emulated NVFP4 GEMM (TN, as cuBLASLt's FP4 GEMM): c [m, n] = alpha * a · bᵀ + beta * c with
- * alpha = s_dec_a * s_dec_b, a [m, k] and b [n, k] the q * s_b values of two quantized operands
- * (nvfp4_quantize_dequantize), fp32 accumulation (cblas_sgemm). */
-void nvfp4_gemm(float *c, const float *a, float s_dec_a, const float *b, float s_dec_b, int m,
-                int n, int k, float beta);
+/* The emulated NVFP4 GEMM: c [m, n] = alpha * a · op(b) + beta * c with alpha = s_dec_a * s_dec_b,
+ * a [m, k] and b the q * s_b values of two quantized operands (nvfp4_quantize_dequantize), b
+ * [n, k] (b_kn 0: TN, as cuBLASLt's FP4 GEMM) or [k, n] (b_kn 1), fp32 accumulation
+ * (cblas_sgemm). */
+void nvfp4_gemm(float *c, const float *a, float s_dec_a, const float *b, float s_dec_b, int b_kn,
+                int m, int n, int k, float beta);
 
 #endif

@@ -5,11 +5,11 @@
 
 #include "kernels/nvfp4.h"
 
-void nvfp4_gemm(float *c, const float *a, float s_dec_a, const float *b, float s_dec_b, int m,
-                int n, int k, float beta) {
+void nvfp4_gemm(float *c, const float *a, float s_dec_a, const float *b, float s_dec_b, int b_kn,
+                int m, int n, int k, float beta) {
   /* Leading dimensions of at least 1 keep BLAS's argument checks quiet for empty shapes; k = 0
    * then gives c = beta * c as BLAS defines it. */
   const int ldk = k > 1 ? k : 1, ldn = n > 1 ? n : 1;
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, n, k, s_dec_a * s_dec_b, a, ldk, b, ldk,
-              beta, c, ldn);
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, b_kn ? CblasNoTrans : CblasTrans, m, n, k,
+              s_dec_a * s_dec_b, a, ldk, b, b_kn ? ldn : ldk, beta, c, ldn);
 }

@@ -30,6 +30,8 @@ extern "C" {   /* the CUDA backend's .cu files define the table */
 
 /* Storage types of tensors. */
 enum dtype { DT_F32, DT_BF16 };
+/* Layouts of an NVFP4 operand (nvfp4_quantize). */
+enum nvfp4_layout { NVFP4_ROWS, NVFP4_TILES, NVFP4_COLS };
 static inline size_t dtype_bytes(enum dtype t) { return t == DT_BF16 ? 2 : 4; }
 
 /* Attention shape. Queries are the last tq of tk key positions of each sequence (tq == tk in
@@ -146,21 +148,40 @@ struct backend {
    * stay on the device until the engine reads them, once per step. */
   void (*sum_into)(double *acc, const float *x, size_t n, int squares);
 
-  /* out [cols, rows] = xᵀ for x [rows, cols] */
-  void (*transpose)(float *out, const float *x, int rows, int cols);
-
-  /* NVFP4 emulation (kernels/nvfp4.h has the numerics): quantizes x [rows, cols] along its rows
-   * (1x16 blocks) or in 16x16 tiles, round-to-nearest or stochastic (seeded), and writes
-   * xq = q * s_b, exact in bf16. Returns S_dec, the factor a GEMM's alpha takes; NaN when x holds
-   * a non-finite value (nothing written). xq may alias x. */
-  float (*nvfp4_quantize_dequantize)(float *xq, const float *x, int rows, int cols,
-                                     int tiles_16x16, int stochastic, uint64_t seed);
-  /* Random Hadamard transform of every 16-wide tile of every row; out may alias x. */
-  void (*nvfp4_rht)(float *out, const float *x, int rows, int cols, uint16_t signs);
-  /* c [m, n] = s_dec_a * s_dec_b * a [m, k] · b [n, k]ᵀ + beta * c, fp32 accumulation: the
-   * NVFP4 GEMM (TN) on q * s_b operands. */
-  void (*nvfp4_gemm)(float *c, const float *a, float s_dec_a, const float *b, float s_dec_b,
-                     int m, int n, int k, float beta);
+  /* NVFP4, emulated exactly (kernels/nvfp4.h has the numerics): what an FP4 tensor core
+   * computes, on the exact values q * s_b. Nothing returns to the host.
+   * nvfp4_quantize quantizes x [rows, cols] of dtype x_type (the activation dtype, or fp32 for
+   * the master weights) and writes xq = q * s_b in the activation dtype (exact in bf16) and
+   * *dec (one float of backend memory) = S_dec, the factor the GEMM's alpha takes. When x (or
+   * its transform) holds a non-finite value, *dec is NaN and xq is not to be used: the GEMM
+   * spreads the NaN into the step's loss or gradient norm. The layouts of xq:
+   *   NVFP4_ROWS   [rows, cols], 1x16 blocks along each row (activations, output gradients);
+   *   NVFP4_TILES  [rows, cols], 16x16 tiles, so W and Wᵀ quantize alike (weights);
+   *   NVFP4_COLS   [cols, rows] = xᵀ with its rows quantized 1x16, after the random Hadamard
+   *                transform of every 16-wide tile of those rows when rht_signs >= 0 (the
+   *                16-bit sign mask): Wgrad's operands, whose reduction runs over x's rows.
+   * Shapes: cols a multiple of 16; rows too for NVFP4_TILES and NVFP4_COLS (the backend stops,
+   * naming the shape, otherwise). stochastic: rounding seeded by seed, each draw indexed by its
+   * element of xq. xq may alias x but for NVFP4_COLS. */
+  void (*nvfp4_quantize)(void *xq, float *dec, const void *x, enum dtype x_type, int rows,
+                         int cols, enum nvfp4_layout layout, int stochastic, uint64_t seed,
+                         int rht_signs);
+  /* An output gradient's two operands from one read of x (the activation dtype): exactly
+   *   nvfp4_quantize(rows_q, rows_dec, x, act, rows, cols, NVFP4_ROWS, stochastic, rows_seed, -1)
+   *   nvfp4_quantize(cols_q, cols_dec, x, act, rows, cols, NVFP4_COLS, stochastic, cols_seed,
+   *                  rht_signs)
+   * (Dgrad's dY and Wgrad's transformed dYᵀ), each with its own tensor scale. */
+  void (*nvfp4_quantize_rows_cols)(void *rows_q, float *rows_dec, uint64_t rows_seed,
+                                   void *cols_q, float *cols_dec, uint64_t cols_seed,
+                                   const void *x, int rows, int cols, int stochastic,
+                                   int rht_signs);
+  /* c [m, n] = (*dec_a * *dec_b) * a [m, k] · op(b) + beta * c, fp32 accumulation: the NVFP4
+   * GEMM. a and b are nvfp4_quantize outputs (the activation dtype); b is [n, k] (b_kn 0: op
+   * transposes it, as cuBLASLt's FP4 TN GEMM) or [k, n] (b_kn 1: a 16x16-tiled W used as Wᵀ);
+   * c is of c_type, the activation dtype or fp32. dec_a and dec_b are backend memory. */
+  void (*nvfp4_gemm)(void *c, enum dtype c_type, const void *a, const float *dec_a,
+                     const void *b, const float *dec_b, int b_kn, int m, int n, int k,
+                     float beta);
 
   /* AdamW with decoupled weight decay (torch.optim.AdamW), step t counted from 1, on the
    * clipped gradient g = fp32(g * grad_scale) (what torch's clip_grad_norm_ leaves):

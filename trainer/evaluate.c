@@ -259,7 +259,7 @@ static void run_prompts(const Job *job, struct comm *c, struct worker *w, int st
     if (failed)
       die("eval.check_kv: the KV-cache path and the full replay disagree (tolerance "
           "eval.kv_tolerance = %g); see %s/eval.jsonl%s%s", e->kv_tolerance, job->output_dir,
-          w->plan.wq_floats ? ". This model has NVFP4 layers: one tensor scale spans the "
+          w->plan.wq_bytes ? ". This model has NVFP4 layers: one tensor scale spans the "
                               "activations of a whole forward, so a cached decode and a replay "
                               "round differently; for such a model raise eval.kv_tolerance" : "",
           w->plan.act == DT_BF16 ? ". Activations are bf16 here (the GPU's default mode): a "

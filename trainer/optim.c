@@ -4,6 +4,7 @@
 #include <stdlib.h>
 
 #include "common/util.h"
+#include "worker/nvfp4_linear.h"
 
 double lr_schedule(const Qwen3__Optim *o, int total_steps, int step) {
   if (step <= o->warmup_steps) return o->lr * step / o->warmup_steps;
@@ -171,11 +172,20 @@ static void update_chunk(struct worker *w, struct comm *c, const struct adamw_st
   if (zero) comm_allgather_float(c, GROUP_DP, w->weights, p->param_floats, p->shard_stride);
 }
 
+void stop_if_nonfinite(struct worker *chunks, int n, int step, const char *what, double value) {
+  if (isfinite(value)) return;
+  char why[512] = "";
+  for (int i = 0; i < n && !nvfp4_nonfinite_operand(&chunks[i], why, sizeof why); i++) {}
+  die("step %d: the %s is %g; stopping%s%s", step, what, value,
+      *why ? ": " : "", why);
+}
+
 double optimizer_step(struct worker *chunks, int n, struct comm *c, const Qwen3__Optim *o,
                       double lr, int t, int layers_reduced) {
   for (int i = 0; i < n; i++) sum_chunk_grads(&chunks[i], c, layers_reduced);
   if (layers_reduced) comm_wait_reductions(c);
   double norm = sqrt(grad_norm_squared(chunks, n, c));
+  stop_if_nonfinite(chunks, n, t, "gradient norm", norm);   /* before the update: nothing lost */
   struct adamw_step st = {
     .lr = (float)lr, .beta1 = (float)o->beta1, .beta2 = (float)o->beta2, .eps = (float)o->eps,
     .weight_decay = (float)o->weight_decay, .grad_scale = 1.0f, .t = t,

@@ -17,11 +17,16 @@ double lr_schedule(const Qwen3__Optim *o, int total_steps, int step);
  * in the step, then optimizer_step with layers_reduced 1. */
 void optimizer_reduce_layer(struct worker *w, struct comm *c, int layer);
 
+/* Stops the run when value (the step's `what`) is not finite, naming the NVFP4 operand that met
+ * a non-finite value when one of the n chunks has one. */
+void stop_if_nonfinite(struct worker *chunks, int n, int step, const char *what, double value);
+
 /* One step over the rank's n chunks (parallel.virtual_stages; one worker each, in local chunk
  * order): sums tied-embedding gradients between the chunk with the embedding and the one with
  * the head, sums gradients over replicas (the rest of them, and waits for all, when
  * optimizer_reduce_layer started every layer's), clips to optim.grad_clip by the global L2
- * norm and applies AdamW (step t, 1-based). Returns the global gradient norm before clipping. */
+ * norm and applies AdamW (step t, 1-based); a non-finite norm stops the run before any update.
+ * Returns the global gradient norm before clipping. */
 double optimizer_step(struct worker *chunks, int n, struct comm *c, const Qwen3__Optim *o,
                       double lr, int t, int layers_reduced);
 

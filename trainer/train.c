@@ -471,7 +471,7 @@ void train_run(const Job *job, const struct qwen3_config *cfg, struct comm *c,
     }
     if (c->world > 1) comm_allreduce_sum_double(c, GROUP_WORLD, &loss_sum, 1);
     double loss = loss_sum / targets;
-    if (!isfinite(loss)) die("step %d: the loss is %f; stopping", step, loss);
+    stop_if_nonfinite(r.w, r.v, step, "loss", loss);
     st.step = step;
     st.samples_seen += global_batch;
     st.tokens_seen += (uint64_t)targets;

@@ -137,7 +137,8 @@ static void stage_forward(struct worker *w, int i, void **a, int live, int layer
     for (int k = 0; k < s->n_params; k++) {
       int in = (int)slot_width(c, s->in[0]), out = (int)slot_width(c, s->out[k]);
       if (nvfp4_layer(w, layer))
-        nvfp4_linear_forward(w, layer, s->params[k], a[s->out[k]], a[s->in[0]], n, in, out);
+        nvfp4_linear_forward(w, layer, s->params[k], s->params[0], a[s->out[k]], a[s->in[0]],
+                             n, in, out);
       else
         be->linear_forward(a[s->out[k]], a[s->in[0]], param_wa(w, layer, s->params[k]), n, in,
                            out);
@@ -234,7 +235,7 @@ void block_backward(struct worker *w, int live, int layer, const void *dy, void 
       for (int k = 0; k < s->n_params; k++) {
         int in = (int)slot_width(c, s->in[0]), out = (int)slot_width(c, s->out[k]);
         if (nvfp4_layer(w, layer))
-          nvfp4_linear_backward(w, live, layer, s->params[k], d[s->in[0]],
+          nvfp4_linear_backward(w, live, layer, s->params[k], s->params[0], d[s->in[0]],
                                 param_g(w, layer, s->params[k]), d[s->out[k]], a[s->in[0]], n,
                                 in, out);
         else

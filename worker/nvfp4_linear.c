@@ -2,11 +2,18 @@
  *   Fprop  y  = X(1x16, RN) · W(16x16, RN)ᵀ
  *   Dgrad  dX = dY(1x16, SR) · W(the same values)
  *   Wgrad  dW = RHT(dYᵀ)(1x16, SR) · RHT(Xᵀ)(1x16, RN)ᵀ   (RHT along the token dimension)
- * Every GEMM runs on the exact values q·s_b with fp32 accumulation and alpha = S_dec,A · S_dec,B,
- * which is what an FP4 tensor core computes. Weights are quantized once per optimizer step. */
+ * Every GEMM runs on the exact values q·s_b (exact in bf16, so in the bf16 mode the operands are
+ * bf16 and the GEMMs run on bf16 tensor cores) with fp32 accumulation and alpha = S_dec,A ·
+ * S_dec,B, which is what an FP4 tensor core computes. The tensor scales stay in backend memory
+ * (q_dec): nothing comes back to the host inside a step. Weights are quantized once per
+ * optimizer step, layer by layer as the forward reaches them; with 16x16 tiles W serves Dgrad
+ * as it is (the GEMM reads it as [k, n]), so only the 1x16 weight recipe keeps a second,
+ * transposed copy. */
 #include <math.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "common/util.h"
 #include "worker/block.h"
@@ -28,64 +35,73 @@ static size_t widest(const struct qwen3_config *c) {
   return m;
 }
 
-/* Spans of q_scratch, each tokens x widest floats: the recipe's three operands, then, when the
- * activations are not fp32, the fp32 copies of X and dY the recipe starts from. */
-enum { SPAN_A, SPAN_B, SPAN_C, SPAN_X, SPAN_DY };
+/* The tensor scales of one linear's operands, kept per layer and matrix: the weight (and its
+ * transposed copy), and the last micro-batch's forward input, Dgrad's output gradient and
+ * Wgrad's two operands. */
+enum { DEC_W, DEC_WT, DEC_X, DEC_DY, DEC_DYT, DEC_XT, N_DECS };
+static const char *const DEC_NAMES[N_DECS] = {
+    "weight", "transposed weight", "input (Fprop)", "output gradient (Dgrad)",
+    "output gradient (Wgrad)", "input (Wgrad)"};
 
-void nvfp4_plan_sizes(struct worker_plan *p, size_t nvfp4_matrix_floats) {
-  size_t tokens = (size_t)p->batch * p->seq;
-  p->wq_floats = 2 * nvfp4_matrix_floats;
-  /* forward: X quantized; backward: dY quantized, dYᵀ and Xᵀ transformed */
-  int spans = p->act == DT_F32 ? SPAN_C + 1 : SPAN_DY + 1;
-  p->q_scratch_floats = nvfp4_matrix_floats ? spans * tokens * widest(&p->cfg) : 0;
+static size_t dec_bytes(const struct worker_plan *p) {
+  size_t bytes = (size_t)p->n_layers * N_LAYER_PARAMS * N_DECS * sizeof(float);
+  return (bytes + 255) / 256 * 256;   /* the weights after them stay 256-byte aligned */
 }
 
-static float *span(struct worker *w, int which, int n) {
-  return w->q_scratch + (size_t)which * n * widest(&w->plan.cfg);
+/* Spans of q_scratch, each tokens x widest values of the activation dtype: the forward's
+ * quantized X (then Dgrad's dY), and Wgrad's two transposed operands. */
+enum { SPAN_A, SPAN_B, SPAN_C, N_SPANS };
+
+void nvfp4_plan_sizes(struct worker_plan *p, size_t nvfp4_matrix_values) {
+  size_t tokens = (size_t)p->batch * p->seq, bytes = dtype_bytes(p->act);
+  size_t copies = p->nvfp4.weight_2d ? 1 : 2;
+  p->wq_bytes = nvfp4_matrix_values ? dec_bytes(p) + copies * nvfp4_matrix_values * bytes : 0;
+  p->q_scratch_bytes = nvfp4_matrix_values ? N_SPANS * tokens * widest(&p->cfg) * bytes : 0;
 }
 
-/* x as fp32: itself when the activations are fp32, else converted into span `into`. */
-static const float *as_f32(struct worker *w, const void *x, size_t values, int into, int n) {
-  if (w->plan.act == DT_F32) return x;
-  float *f = span(w, into, n);
-  w->be->convert(f, DT_F32, x, w->plan.act, values);
-  return f;
+static void *span(struct worker *w, int which, int n) {
+  return (char *)w->q_scratch + (size_t)which * n * widest(&w->plan.cfg) * dtype_bytes(w->plan.act);
 }
 
-static float check_dec(float dec, const struct worker *w, int layer, const char *what) {
-  if (isnan(dec))
-    die("step %d: NVFP4 quantization of %s in layer %d met a non-finite value: the run "
-        "diverged", w->step, what, w->plan.first_layer + layer);
-  return dec;
+static float *dec(const struct worker *w, int layer, enum layer_param which, int slot) {
+  return w->q_dec + ((size_t)layer * N_LAYER_PARAMS + which) * N_DECS + slot;
 }
 
-void nvfp4_quantize_weights(struct worker *w) {
+/* W (then Wᵀ for the 1x16 recipe) of parameter i, in the activation dtype */
+static void *wq_of(const struct worker *w, int i, int transposed) {
+  const struct param *p = &w->params[i];
+  size_t at = w->wq_offset[i] + (transposed ? (size_t)p->rows * p->cols : 0);
+  return (char *)w->wq + at * dtype_bytes(w->plan.act);
+}
+
+void nvfp4_weights_changed(struct worker *w) {
+  memset(w->wq_stale, 1, (size_t)w->plan.n_layers);
+}
+
+/* Local layer `layer`'s matrices quantized from the current fp32 masters: by its first NVFP4
+ * forward after the masters changed, which runs after the optimizer's update of this layer
+ * alone (worker.c waits for it), so the next step's forward overlaps the rest of the update. */
+static void quantize_layer_weights(struct worker *w, int layer) {
   const struct backend *be = w->be;
-  const struct nvfp4_policy *pol = &w->plan.nvfp4;
-  for (int i = 0; i < w->n_params; i++) {
+  int tiles = w->plan.nvfp4.weight_2d;
+  for (int k = 0; k < N_LAYER_PARAMS; k++) {
+    int i = w->layer_param[layer][k];
     const struct param *p = &w->params[i];
-    if (w->wq_offset[i] == SIZE_MAX) continue;
-    float *wq = w->wq + w->wq_offset[i], *wqt = wq + (size_t)p->rows * p->cols;
+    if (!is_matrix(p)) continue;
     const float *weight = w->weights + p->offset;
-    float dec = be->nvfp4_quantize_dequantize(wq, weight, p->rows, p->cols, pol->weight_2d, 0, 0);
-    if (isnan(dec)) die("step %d: %s holds a non-finite value: the run diverged", w->step, p->name);
-    w->wq_dec[i] = dec;
-    if (pol->weight_2d) {   /* 16x16 tiles: Wᵀ quantizes to the transpose, bit for bit */
-      be->transpose(wqt, wq, p->rows, p->cols);
-      w->wqt_dec[i] = dec;
-    } else {                /* 1x16 along Dgrad's reduction dimension needs its own pass */
-      be->transpose(wqt, weight, p->rows, p->cols);
-      w->wqt_dec[i] = be->nvfp4_quantize_dequantize(wqt, wqt, p->cols, p->rows, 0, 0, 0);
-    }
+    be->nvfp4_quantize(wq_of(w, i, 0), dec(w, layer, k, DEC_W), weight, DT_F32, p->rows, p->cols,
+                       tiles ? NVFP4_TILES : NVFP4_ROWS, 0, 0, -1);
+    if (!tiles)   /* 1x16 along Dgrad's reduction dimension needs its own pass */
+      be->nvfp4_quantize(wq_of(w, i, 1), dec(w, layer, k, DEC_WT), weight, DT_F32, p->rows,
+                         p->cols, NVFP4_COLS, 0, 0, -1);
   }
+  w->wq_stale[layer] = 0;
 }
 
 void nvfp4_worker_init(struct worker *w) {
   const struct worker_plan *p = &w->plan;
   w->wq_offset = xmalloc((size_t)w->n_params * sizeof(size_t));
-  w->wq_dec = xcalloc((size_t)w->n_params, sizeof(float));
-  w->wqt_dec = xcalloc((size_t)w->n_params, sizeof(float));
-  size_t at = 0;
+  size_t at = 0, copies = p->nvfp4.weight_2d ? 1 : 2;
   for (int i = 0; i < w->n_params; i++) w->wq_offset[i] = SIZE_MAX;
   for (int l = 0; l < p->n_layers; l++) {
     if (!nvfp4_layer(w, l)) continue;
@@ -93,21 +109,49 @@ void nvfp4_worker_init(struct worker *w) {
       int i = w->layer_param[l][k];
       if (!is_matrix(&w->params[i])) continue;
       w->wq_offset[i] = at;
-      at += 2 * (size_t)w->params[i].rows * w->params[i].cols;
+      at += copies * (size_t)w->params[i].rows * w->params[i].cols;
     }
   }
-  if (at != p->wq_floats) die("internal: NVFP4 weight plan %zu != %zu floats", at, p->wq_floats);
-  if (at && !(w->wq = w->be->alloc(p->wq_floats * sizeof(float))))
-    die("out of %s memory for NVFP4 weights (%.1f MiB)", w->be->name,
-        p->wq_floats * sizeof(float) / 1048576.0);
+  size_t bytes = at ? dec_bytes(p) + at * dtype_bytes(p->act) : 0;
+  if (bytes != p->wq_bytes) die("internal: NVFP4 weight plan %zu != %zu bytes", bytes, p->wq_bytes);
+  if (!bytes) return;
+  w->wq_stale = xmalloc((size_t)p->n_layers);
+  nvfp4_weights_changed(w);
+  if (!(w->q_dec = w->be->alloc(bytes)))
+    die("out of %s memory for NVFP4 weights (%.1f MiB)", w->be->name, bytes / 1048576.0);
+  w->wq = (char *)w->q_dec + dec_bytes(p);
   w->rht_signs = nvfp4_rht_signs(p->nvfp4.seed);
 }
 
 void nvfp4_worker_free(struct worker *w) {
-  if (w->wq) w->be->free(w->wq);
+  if (w->q_dec) w->be->free(w->q_dec);
   free(w->wq_offset);
-  free(w->wq_dec);
-  free(w->wqt_dec);
+  free(w->wq_stale);
+  w->wq_stale = NULL;
+  w->q_dec = NULL;
+  w->wq = NULL;
+}
+
+int nvfp4_nonfinite_operand(struct worker *w, char *msg, size_t len) {
+  if (!w->q_dec) return 0;
+  size_t n = (size_t)w->plan.n_layers * N_LAYER_PARAMS * N_DECS;
+  float *decs = xmalloc(n * sizeof(float));
+  w->be->to_host(decs, w->q_dec, n * sizeof(float));
+  int found = 0;
+  for (int l = 0; l < w->plan.n_layers && !found; l++) {
+    if (!nvfp4_layer(w, l)) continue;
+    for (int k = 0; k < N_LAYER_PARAMS && !found; k++) {
+      if (!is_matrix(&w->params[w->layer_param[l][k]])) continue;
+      for (int s = 0; s < N_DECS && !found; s++)
+        if (isnan(decs[((size_t)l * N_LAYER_PARAMS + k) * N_DECS + s])) {
+          snprintf(msg, len, "the NVFP4 quantization of %s's %s met a non-finite value",
+                   w->params[w->layer_param[l][k]].name, DEC_NAMES[s]);
+          found = 1;
+        }
+    }
+  }
+  free(decs);
+  return found;
 }
 
 /* A distinct, layout-independent seed for every stochastically rounded operand: the run's seed,
@@ -123,53 +167,45 @@ static uint64_t operand_seed(const struct worker *w, int live, int layer, int pa
   return x;
 }
 
-void nvfp4_linear_forward(struct worker *w, int layer, enum layer_param which, void *out,
-                          const void *x, int n, int in_dim, int out_dim) {
+void nvfp4_linear_forward(struct worker *w, int layer, enum layer_param which,
+                          enum layer_param x_of, void *out, const void *x, int n, int in_dim,
+                          int out_dim) {
   const struct backend *be = w->be;
-  int i = w->layer_param[layer][which];
-  float *xq = span(w, SPAN_A, n);
-  const float *xf = as_f32(w, x, (size_t)n * in_dim, SPAN_X, n);
-  float dec = check_dec(be->nvfp4_quantize_dequantize(xq, xf, n, in_dim, 0, 0, 0), w, layer,
-                        "an activation");
-  float *y = w->plan.act == DT_F32 ? out : span(w, SPAN_B, n);
-  be->nvfp4_gemm(y, xq, dec, w->wq + w->wq_offset[i], w->wq_dec[i], n, out_dim, in_dim, 0.0f);
-  if (y != out) be->convert(out, w->plan.act, y, DT_F32, (size_t)n * out_dim);
+  enum dtype act = w->plan.act;
+  void *xq = span(w, SPAN_A, n);
+  float *dec_x = dec(w, layer, x_of, DEC_X);
+  if (w->wq_stale[layer]) quantize_layer_weights(w, layer);
+  if (which == x_of) be->nvfp4_quantize(xq, dec_x, x, act, n, in_dim, NVFP4_ROWS, 0, 0, -1);
+  be->nvfp4_gemm(out, act, xq, dec_x, wq_of(w, w->layer_param[layer][which], 0),
+                 dec(w, layer, which, DEC_W), 0, n, out_dim, in_dim, 0.0f);
 }
 
 void nvfp4_linear_backward(struct worker *w, int live, int layer, enum layer_param which,
-                           void *dx, float *dw, const void *dout_act, const void *x_act, int n,
-                           int in_dim, int out_dim) {
+                           enum layer_param x_of, void *dx, float *dw, const void *dout,
+                           const void *x, int n, int in_dim, int out_dim) {
   const struct backend *be = w->be;
   const struct nvfp4_policy *pol = &w->plan.nvfp4;
+  enum dtype act = w->plan.act;
   int i = w->layer_param[layer][which];
-  float *a = span(w, SPAN_A, n), *b = span(w, SPAN_B, n), *c = span(w, SPAN_C, n);
-  const float *dout = as_f32(w, dout_act, (size_t)n * out_dim, SPAN_DY, n);
-  const float *x = as_f32(w, x_act, (size_t)n * in_dim, SPAN_X, n);
+  void *a = span(w, SPAN_A, n), *b = span(w, SPAN_B, n), *c = span(w, SPAN_C, n);
 
-  /* Dgrad: dX += dY(1x16, SR) · W */
-  float dec_dy = check_dec(be->nvfp4_quantize_dequantize(a, dout, n, out_dim, 0, pol->stochastic,
-                                                         operand_seed(w, live, layer, which, 0)),
-                           w, layer, "an output gradient");
-  const float *wqt = w->wq + w->wq_offset[i] + (size_t)out_dim * in_dim;
-  if (w->plan.act == DT_F32) {
-    be->nvfp4_gemm(dx, a, dec_dy, wqt, w->wqt_dec[i], n, in_dim, out_dim, 1.0f);
-  } else {   /* accumulate in fp32 through span B, free until Wgrad */
-    be->convert(b, DT_F32, dx, w->plan.act, (size_t)n * in_dim);
-    be->nvfp4_gemm(b, a, dec_dy, wqt, w->wqt_dec[i], n, in_dim, out_dim, 1.0f);
-    be->convert(dx, w->plan.act, b, DT_F32, (size_t)n * in_dim);
-  }
+  /* dY's two operands from one read: 1x16 along its rows for Dgrad, and RHT(dYᵀ) for Wgrad */
+  int signs = pol->rht ? w->rht_signs : -1;
+  float *dec_dy = dec(w, layer, which, DEC_DY), *dec_b = dec(w, layer, which, DEC_DYT);
+  be->nvfp4_quantize_rows_cols(a, dec_dy, operand_seed(w, live, layer, which, 0), b, dec_b,
+                               operand_seed(w, live, layer, which, 1), dout, n, out_dim,
+                               pol->stochastic, signs);
+
+  /* Dgrad: dX += dY(1x16, SR) · W, W read as [out, in] = [k, n] (16x16) or its 1x16 Wᵀ copy */
+  if (pol->weight_2d)
+    be->nvfp4_gemm(dx, act, a, dec_dy, wq_of(w, i, 0), dec(w, layer, which, DEC_W), 1, n, in_dim,
+                   out_dim, 1.0f);
+  else
+    be->nvfp4_gemm(dx, act, a, dec_dy, wq_of(w, i, 1), dec(w, layer, which, DEC_WT), 0, n,
+                   in_dim, out_dim, 1.0f);
 
   /* Wgrad: dW += RHT(dYᵀ)(SR) · RHT(Xᵀ)(RN)ᵀ, the transform running along the tokens */
-  be->transpose(b, dout, n, out_dim);
-  be->transpose(c, x, n, in_dim);
-  if (pol->rht) {
-    be->nvfp4_rht(b, b, out_dim, n, w->rht_signs);
-    be->nvfp4_rht(c, c, in_dim, n, w->rht_signs);
-  }
-  float dec_b = check_dec(be->nvfp4_quantize_dequantize(b, b, out_dim, n, 0, pol->stochastic,
-                                                        operand_seed(w, live, layer, which, 1)),
-                          w, layer, "a weight gradient operand");
-  float dec_c = check_dec(be->nvfp4_quantize_dequantize(c, c, in_dim, n, 0, 0, 0), w, layer,
-                          "a weight gradient operand");
-  be->nvfp4_gemm(dw, b, dec_b, c, dec_c, out_dim, in_dim, n, 1.0f);
+  float *dec_c = dec(w, layer, x_of, DEC_XT);
+  if (which == x_of) be->nvfp4_quantize(c, dec_c, x, act, n, in_dim, NVFP4_COLS, 0, 0, signs);
+  be->nvfp4_gemm(dw, DT_F32, b, dec_b, c, dec_c, 0, out_dim, in_dim, n, 1.0f);
 }

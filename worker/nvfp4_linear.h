@@ -6,20 +6,29 @@
 
 /* Whether local layer `layer` trains its linears in NVFP4. */
 int nvfp4_layer(const struct worker *w, int layer);
-/* Fills the plan's NVFP4 buffer sizes given the floats of its NVFP4 matrices. */
-void nvfp4_plan_sizes(struct worker_plan *p, size_t nvfp4_matrix_floats);
+/* Fills the plan's NVFP4 buffer sizes given the values of its NVFP4 matrices. */
+void nvfp4_plan_sizes(struct worker_plan *p, size_t nvfp4_matrix_values);
 void nvfp4_worker_init(struct worker *w);
 void nvfp4_worker_free(struct worker *w);
-/* W and Wᵀ of every NVFP4 matrix, from the current fp32 master weights. */
-void nvfp4_quantize_weights(struct worker *w);
+/* The fp32 master weights changed: each NVFP4 layer's matrices are quantized again by the
+ * layer's next forward. */
+void nvfp4_weights_changed(struct worker *w);
+/* After a step whose loss or gradient norm is not finite: 1 and a message naming the first
+ * NVFP4 operand whose tensor scale is NaN (the operand held a non-finite value), else 0. */
+int nvfp4_nonfinite_operand(struct worker *w, char *msg, size_t len);
 
 /* out [n, out_dim] = the NVFP4 GEMM of x and the layer's quantized weight `which`. x, out, dx
- * and dout are of the activation dtype; the recipe's operands are fp32 (exact in bf16). */
-void nvfp4_linear_forward(struct worker *w, int layer, enum layer_param which, void *out,
-                          const void *x, int n, int in_dim, int out_dim);
-/* dx += Dgrad, dw += Wgrad, with the recipe's rounding of each operand. */
+ * and dout are of the activation dtype, and so are the recipe's operands (exact in bf16).
+ * x_of: the linear of the same stage whose call quantized this same x (round to nearest, so its
+ * operand is the same for all of them): x is quantized once per stage, by the call with
+ * which == x_of, and the stage's other linears, called after it, reuse it. */
+void nvfp4_linear_forward(struct worker *w, int layer, enum layer_param which,
+                          enum layer_param x_of, void *out, const void *x, int n, int in_dim,
+                          int out_dim);
+/* dx += Dgrad, dw += Wgrad, with the recipe's rounding of each operand; x_of as above, for
+ * Wgrad's operand from x. */
 void nvfp4_linear_backward(struct worker *w, int live, int layer, enum layer_param which,
-                           void *dx, float *dw, const void *dout, const void *x, int n,
-                           int in_dim, int out_dim);
+                           enum layer_param x_of, void *dx, float *dw, const void *dout,
+                           const void *x, int n, int in_dim, int out_dim);
 
 #endif

@@ -173,17 +173,17 @@ void worker_plan_shard(struct worker_plan *p, int shards, int index) {
 
 void worker_plan_nvfp4(struct worker_plan *p, const struct nvfp4_policy *policy) {
   p->nvfp4 = *policy;
-  size_t floats = 0;
+  size_t values = 0;
   for (int l = 0; l < p->n_layers; l++) {
     int g = p->first_layer + l;
     if (g < policy->first_layer || g >= policy->end_layer) continue;
     for (int k = 0; k < N_LAYER_PARAMS; k++) {
       int rows, cols;
       layer_param_shape(&p->cfg, (enum layer_param)k, &rows, &cols);
-      if (LAYER_PARAM_NAMES[k].is_matrix) floats += (size_t)rows * cols;
+      if (LAYER_PARAM_NAMES[k].is_matrix) values += (size_t)rows * cols;
     }
   }
-  nvfp4_plan_sizes(p, floats);
+  nvfp4_plan_sizes(p, values);
 }
 
 size_t worker_plan_state_bytes(const struct worker_plan *p) {
@@ -191,12 +191,12 @@ size_t worker_plan_state_bytes(const struct worker_plan *p) {
   size_t tied = p->has_embedding && p->has_head && p->cfg.tie_embeddings
                     ? (size_t)p->cfg.vocab_size * p->cfg.hidden_size : 0;
   size_t shard = p->shard_end - p->shard_begin;
-  return (2 * p->param_floats + 2 * shard + tied + p->wq_floats) * sizeof(float) +
+  return (2 * p->param_floats + 2 * shard + tied) * sizeof(float) + p->wq_bytes +
          p->weight_copy_bytes;
 }
 
 size_t worker_plan_activation_bytes(const struct worker_plan *p) {
-  return p->act_bytes + p->scratch_bytes + p->q_scratch_floats * sizeof(float) +
+  return p->act_bytes + p->scratch_bytes + p->q_scratch_bytes +
          3 * (size_t)p->n_live * p->batch * p->seq * sizeof(int32_t);
 }
 
@@ -270,8 +270,7 @@ static void alloc_activations(struct worker *w) {
   w->grad_out = cursor + 2 * boundary;
   w->nll = must_alloc(be, tokens * sizeof(float), "per-token losses");
   w->stream = xcalloc((size_t)p->n_live, sizeof(uint64_t));
-  if (p->q_scratch_floats)
-    w->q_scratch = must_alloc(be, p->q_scratch_floats * sizeof(float), "NVFP4 operands");
+  if (p->q_scratch_bytes) w->q_scratch = must_alloc(be, p->q_scratch_bytes, "NVFP4 operands");
   if (p->has_head)   /* fp32 logits, then the GEMM's output in the activation dtype */
     w->logits = must_alloc(be, (size_t)p->cfg.vocab_size * (sizeof(float) + dtype_bytes(p->act)),
                            "logits");
@@ -304,7 +303,7 @@ void worker_reshape(struct worker *w, int batch, int seq, int n_live) {
   struct worker_plan p;
   worker_plan_make(&p, &old->cfg, old->first_layer, old->n_layers, old->has_embedding,
                    old->has_head, batch, seq, n_live, old->recompute, old->act);
-  if (old->wq_floats) worker_plan_nvfp4(&p, &old->nvfp4);
+  if (old->wq_bytes) worker_plan_nvfp4(&p, &old->nvfp4);
   worker_plan_shard(&p, old->shards, old->shard_index);
   free_activations(w);
   w->plan = p;
@@ -430,11 +429,11 @@ void worker_prepare_step(struct worker *w, int step) {
   w->step = step;
   /* anything but the optimizer that writes the masters (loading, init) leaves the flag clear */
   int stale = w->weights_act != w->weights && !w->weights_act_fresh;
-  if (stale || w->plan.wq_floats)   /* these read every master: the whole update first */
+  if (stale)   /* the copy reads every master: the whole update first */
     for (int g = 0; g < worker_weight_groups(w); g++) wait_weights(w, g);
   if (stale) w->be->convert(w->weights_act, w->plan.act, w->weights, DT_F32, w->plan.param_floats);
   w->weights_act_fresh = 0;
-  if (w->plan.wq_floats) nvfp4_quantize_weights(w);
+  if (w->plan.wq_bytes) nvfp4_weights_changed(w);
 }
 
 /* ---- forward and backward of the stage ----------------------------------------------------- */
@@ -511,7 +510,8 @@ void worker_forward(struct worker *w, int live, const struct micro_batch *mb, fl
   be->lm_head_loss(w->nll, train ? w->head_grad[live] : NULL, train ? dhead : NULL,
                    w->final_normed[live], worker_weight_act(w, w->head_param), w->targets + at,
                    n, d, p->cfg.vocab_size, grad_scale);
-  be->sum_into(w->sums + SUM_LOSS, w->nll, (size_t)n, 0);
+  /* the step's loss sums training forwards only: an evaluation between steps reads nll */
+  if (train) be->sum_into(w->sums + SUM_LOSS, w->nll, (size_t)n, 0);
   if (nll) be->to_host(nll, w->nll, (size_t)n * sizeof(float));
 }
 

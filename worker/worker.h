@@ -60,8 +60,8 @@ struct worker_plan {
   size_t scratch_bytes;                /* backward gradients (+ recompute buffers) */
   size_t weight_copy_bytes;            /* the act-typed weight copy (0 when act is fp32) */
   struct nvfp4_policy nvfp4;
-  size_t wq_floats;                    /* quantized weights: W and Wᵀ of every NVFP4 matrix */
-  size_t q_scratch_floats;             /* quantized activations and gradients */
+  size_t wq_bytes;     /* NVFP4 tensor scales, then the quantized weights (activation dtype) */
+  size_t q_scratch_bytes;              /* quantized activations and gradients */
   /* ZeRO-1: this rank's shard [shard_begin, shard_end) of the flat parameter buffer, the one
    * whose AdamW moments it holds and updates; shard_stride is every shard's length but maybe
    * the last's (a multiple of 64 floats, 256 bytes), shards the number of shards. Without
@@ -113,10 +113,12 @@ struct worker {
   double *sums;
 
   /* NVFP4: weights quantized once per optimizer step (worker_prepare_step) */
-  size_t *wq_offset;           /* [n_params] into wq: W then Wᵀ; SIZE_MAX: high precision */
-  float *wq;
-  float *wq_dec, *wqt_dec;     /* [n_params] S_dec of W and of Wᵀ */
-  float *q_scratch;
+  size_t *wq_offset;           /* [n_params] values into wq: W (then Wᵀ, 1x16 recipe);
+                                  SIZE_MAX: high precision */
+  float *q_dec;                /* the NVFP4 tensor scales (nvfp4_linear.c), then wq */
+  unsigned char *wq_stale;     /* [n_layers] 1: the layer's wq predates the masters */
+  void *wq;
+  void *q_scratch;
   uint16_t rht_signs;
   int step;
   uint64_t *stream;            /* [live]: the micro-batch's random stream */
@@ -188,8 +190,9 @@ int worker_weight_group(const struct worker *w, int param);
 const void *worker_weight_act(const struct worker *w, int i);
 
 /* Forward of one micro-batch through the stage. On the last stage it also computes the loss
- * and its gradient (scaled by grad_scale), and adds the NLL of the micro-batch's targets into
- * sums[SUM_LOSS], on the device. nll, when not NULL, receives the batch*seq per-position values
+ * and, when training (grad_scale > 0), its gradient scaled by grad_scale and the NLL of the
+ * micro-batch's targets added into sums[SUM_LOSS], on the device (an evaluation between steps
+ * leaves the step's loss alone). nll, when not NULL, receives the batch*seq per-position values
  * (a host copy: this waits for the forward). */
 void worker_forward(struct worker *w, int live, const struct micro_batch *mb, float grad_scale,
                     float *nll);

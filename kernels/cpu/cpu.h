@@ -47,9 +47,16 @@ void cpu_lm_head_loss(float *nll, void *dx, float *dw, const void *x, const void
                       const int32_t *targets, int n, int dim, int vocab, float grad_scale);
 
 /* cpu_nvfp4.c */
-void cpu_transpose(float *out, const float *x, int rows, int cols);
-float cpu_nvfp4_quantize_dequantize(float *xq, const float *x, int rows, int cols,
-                                    int tiles_16x16, int stochastic, uint64_t seed);
+void cpu_nvfp4_quantize(void *xq, float *dec, const void *x, enum dtype x_type, int rows,
+                        int cols, enum nvfp4_layout layout, int stochastic, uint64_t seed,
+                        int rht_signs);
+void cpu_nvfp4_quantize_rows_cols(void *rows_q, float *rows_dec, uint64_t rows_seed,
+                                  void *cols_q, float *cols_dec, uint64_t cols_seed,
+                                  const void *x, int rows, int cols, int stochastic,
+                                  int rht_signs);
+void cpu_nvfp4_gemm(void *c, enum dtype c_type, const void *a, const float *dec_a,
+                    const void *b, const float *dec_b, int b_kn, int m, int n, int k,
+                    float beta);
 
 /* cpu_adamw.c */
 void cpu_adamw_update(float *p, void *p_act, float *g, float *m, float *v, size_t n,

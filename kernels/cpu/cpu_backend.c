@@ -69,9 +69,8 @@ const struct backend backend_cpu = {
   .scale = cpu_scale,
   .lm_head_loss = cpu_lm_head_loss,
   .sum_into = cpu_sum_into,
-  .transpose = cpu_transpose,
-  .nvfp4_quantize_dequantize = cpu_nvfp4_quantize_dequantize,
-  .nvfp4_rht = nvfp4_rht,
-  .nvfp4_gemm = nvfp4_gemm,
+  .nvfp4_quantize = cpu_nvfp4_quantize,
+  .nvfp4_quantize_rows_cols = cpu_nvfp4_quantize_rows_cols,
+  .nvfp4_gemm = cpu_nvfp4_gemm,
   .adamw_update = cpu_adamw_update,
 };

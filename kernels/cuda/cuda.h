@@ -5,8 +5,9 @@
  * ops.h says "host".
  *
  * Rules every kernel file follows:
- *  - all work goes on cuda_ctx.stream; nothing synchronizes except the ops whose result the
- *    interface returns to the host (nvfp4_quantize_dequantize's S_dec);
+ *  - all work goes on cuda_ctx.stream; no compute op synchronizes with the host (results such
+ *    as the NVFP4 scales stay in device memory; the first nvfp4_quantize alone waits once, for
+ *    its check that the device keeps denormals);
  *  - no cudaMalloc inside an op: temporary memory comes from cuda_scratch();
  *  - deterministic: no floating-point atomics whose order varies; reductions over rows go
  *    through per-block partials summed in a fixed order;
@@ -102,6 +103,15 @@ static inline int cuda_blocks(size_t n) {
 void cuda_gemm(int trans_a, int trans_b, int m, int n, int k, float alpha, const void *a,
                int lda, const void *b, int ldb, float beta, void *c, int ldc, enum dtype ab,
                enum dtype c_type);
+/* The same GEMM with alpha = *scale_a * *scale_b, two floats of device memory read when it
+ * runs (cuBLASLt's device pointer mode, the product formed by a one-thread kernel), so scales
+ * computed on the GPU reach it without a host synchronization. On the H200 a bf16 x bf16 ->
+ * fp32, beta 1 GEMM (NVFP4's Wgrad) runs 1.3x slower in this mode than the same algorithm with
+ * host scalars; cuBLASLt has neither a device alpha with a host beta nor operand scale pointers
+ * for bf16 (bench/NOTES.md). */
+void cuda_gemm_scaled(int trans_a, int trans_b, int m, int n, int k, const float *scale_a,
+                      const float *scale_b, const void *a, int lda, const void *b, int ldb,
+                      float beta, void *c, int ldc, enum dtype ab, enum dtype c_type);
 
 /* ---- cuda_elementwise.cu */
 void cuda_convert(void *dst, enum dtype dst_type, const void *src, enum dtype src_type,
@@ -115,7 +125,6 @@ void cuda_swiglu_backward(void *dg, void *du, const void *dout, const void *g, c
 void cuda_add_inplace(void *a, const void *b, size_t n, enum dtype t);
 void cuda_scale(float *a, float s, size_t n);
 void cuda_sum_into(double *acc, const float *x, size_t n, int squares);
-void cuda_transpose(float *out, const float *x, int rows, int cols);
 
 /* ---- cuda_norm.cu */
 void cuda_rmsnorm_forward(void *out, const void *x, const float *w, int n, int dim, float eps);
@@ -161,12 +170,18 @@ void cuda_lm_head_loss(float *nll, void *dx, float *dw, const void *x, const voi
 void cuda_adamw_update(float *p, void *p_act, float *g, float *m, float *v, size_t n,
                        const struct adamw_step *s, int zero_grad);
 
-/* ---- cuda_nvfp4.cu */
-float cuda_nvfp4_quantize_dequantize(float *xq, const float *x, int rows, int cols,
-                                     int tiles_16x16, int stochastic, uint64_t seed);
-void cuda_nvfp4_rht(float *out, const float *x, int rows, int cols, uint16_t signs);
-void cuda_nvfp4_gemm(float *c, const float *a, float s_dec_a, const float *b, float s_dec_b,
-                     int m, int n, int k, float beta);
+/* ---- cuda_nvfp4.cu: x of dtype x_type (fp32 or bf16), xq of dtype cuda_ctx.act; dec, dec_a
+ * and dec_b are device memory */
+void cuda_nvfp4_quantize(void *xq, float *dec, const void *x, enum dtype x_type, int rows,
+                         int cols, enum nvfp4_layout layout, int stochastic, uint64_t seed,
+                         int rht_signs);
+void cuda_nvfp4_quantize_rows_cols(void *rows_q, float *rows_dec, uint64_t rows_seed,
+                                   void *cols_q, float *cols_dec, uint64_t cols_seed,
+                                   const void *x, int rows, int cols, int stochastic,
+                                   int rht_signs);
+void cuda_nvfp4_gemm(void *c, enum dtype c_type, const void *a, const float *dec_a,
+                     const void *b, const float *dec_b, int b_kn, int m, int n, int k,
+                     float beta);
 
 #ifdef __cplusplus
 }

@@ -1,10 +1,10 @@
 /* The memory-bound ops of the CUDA backend: dtype conversion, embedding forward/backward,
- * SwiGLU, residual add, scaling, the fixed-order sums and the tiled transpose. Each mirrors
- * kernels/cpu/cpu_elementwise.c (and cpu_transpose) formula for formula.
+ * SwiGLU, residual add, scaling and the fixed-order sums. Each mirrors
+ * kernels/cpu/cpu_elementwise.c formula for formula.
  *
  * Types: the activation kernels are templates over the storage type T (float or bf16,
  * cuda_dtype.cuh) and compute in fp32; their fp32 instantiations are today's fp32 kernels
- * exactly. scale, sum_into and transpose act on fp32 buffers (gradients, master weights) only.
+ * exactly. scale and sum_into act on fp32 buffers (gradients, master weights) only.
  *
  * Numerics: the arithmetic uses the explicit round-to-nearest intrinsics (__fadd_rn, __fmul_rn,
  * ...) wherever nvcc would otherwise contract a multiply-add into an FMA, so every elementwise
@@ -450,46 +450,4 @@ extern "C" void cuda_sum_into(double *acc, const float *x, size_t n, int squares
   else sum_partial_launch<false>(x, n, partial, nb);
   sum_partials_kernel<<<1, CUDA_THREADS, 0, cuda_ctx.stream>>>(partial, nb, acc);
   CUDA_LAUNCHED("sum_partials_kernel");
-}
-
-/* ---- transpose ------------------------------------------------------------------------------ */
-
-#define TR_TILE 32
-#define TR_ROWS 8
-
-/* out[c * rows + r] = x[r * cols + c], through a padded 32x32 shared tile so that both the read
- * and the write are coalesced. Blocks stride over the tiles in both directions. */
-static __global__ void __launch_bounds__(TR_TILE *TR_ROWS)
-    transpose_kernel(float *__restrict__ out, const float *__restrict__ x, int rows, int cols) {
-  __shared__ float tile[TR_TILE][TR_TILE + 1];
-  const int tiles_r = (rows + TR_TILE - 1) / TR_TILE, tiles_c = (cols + TR_TILE - 1) / TR_TILE;
-  for (int ty = blockIdx.y; ty < tiles_r; ty += gridDim.y) {
-    for (int tx = blockIdx.x; tx < tiles_c; tx += gridDim.x) {
-      const int r0 = ty * TR_TILE, c0 = tx * TR_TILE;
-      {
-        const int c = c0 + threadIdx.x;
-        for (int k = threadIdx.y; k < TR_TILE; k += TR_ROWS) {
-          const int r = r0 + k;
-          if (r < rows && c < cols) tile[k][threadIdx.x] = x[(size_t)r * cols + c];
-        }
-      }
-      __syncthreads();
-      {
-        const int r = r0 + threadIdx.x;
-        for (int k = threadIdx.y; k < TR_TILE; k += TR_ROWS) {
-          const int c = c0 + k;
-          if (r < rows && c < cols) out[(size_t)c * rows + r] = tile[threadIdx.x][k];
-        }
-      }
-      __syncthreads();
-    }
-  }
-}
-
-extern "C" void cuda_transpose(float *out, const float *x, int rows, int cols) {
-  if (rows <= 0 || cols <= 0) return;
-  const int tiles_r = (rows + TR_TILE - 1) / TR_TILE, tiles_c = (cols + TR_TILE - 1) / TR_TILE;
-  dim3 grid(tiles_c < (1 << 20) ? tiles_c : (1 << 20), tiles_r < 65535 ? tiles_r : 65535);
-  transpose_kernel<<<grid, dim3(TR_TILE, TR_ROWS), 0, cuda_ctx.stream>>>(out, x, rows, cols);
-  CUDA_LAUNCHED("transpose_kernel");
 }

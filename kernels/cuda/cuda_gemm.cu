@@ -1,14 +1,17 @@
 /* cuda_gemm: the CUDA backend's one dense GEMM, row-major through cuBLASLt (declared and
- * documented in kernels/cuda/cuda.h). The matmul descriptor, the three matrix layouts and the
- * algorithm cublasLtMatmulAlgoGetHeuristic picks are built once per shape and types and kept in
- * a small static table, so a run repeats bit for bit and no call creates descriptors after the
+ * documented in kernels/cuda/cuda.h), and cuda_gemm_scaled, the same GEMM scaled by two factors
+ * in device memory. The matmul descriptor, the three matrix layouts and the algorithm
+ * cublasLtMatmulAlgoGetHeuristic picks are built once per shape and types and kept in a small
+ * static table, so a run repeats bit for bit and no call creates descriptors after the
  * first of its shape.
  *
  * Types. A and B share one dtype (cuBLASLt has no fp32 x bf16 product). fp32 A/B give fp32 C,
  * computed in CUBLAS_COMPUTE_32F, or CUBLAS_COMPUTE_32F_FAST_TF32 when cuda_ctx.tf32; bf16 A/B
  * give bf16 or fp32 C, computed in CUBLAS_COMPUTE_32F (fp32 accumulation; a bf16 C is rounded
  * once, from the fp32 result, and beta * C is added in fp32 before that rounding). alpha and
- * beta are fp32 host values in every case.
+ * beta are fp32 host values (cuda_gemm); cuda_gemm_scaled multiplies the product by two scale
+ * factors in device memory that cuBLASLt reads when the GEMM runs (its device pointer mode), so a
+ * scale the GPU computed reaches the GEMM without a host synchronization.
  *
  * Row-major <-> column-major mapping. cuBLASLt is column-major; a row-major matrix X [r, c] with
  * leading dimension ld is, byte for byte, the column-major matrix Xᵀ [c, r] with the same ld.
@@ -30,15 +33,15 @@
  *                    cols m, ld ldc
  * and the Lt problem is M = n, N = m, K = k.
  *
- * Cache. Key: (trans_a, trans_b, m, n, k, lda, ldb, ldc, beta == 0, dtypes of a/b and of c,
- * tf32 (fp32 operands only), alignment of a, b and c). The alignment (largest power of two
- * <= 256 dividing the address) is part of the key because cuBLASLt's heuristic assumes
- * 256-byte-aligned buffers unless told otherwise; we tell it the actual alignment, so an
- * algorithm is never reused on a pointer it cannot handle. The table holds CACHE_SIZE entries
- * searched linearly (the last hit is tried first); when full, the oldest entry is evicted (round
- * robin). Eviction does not break reproducibility: the heuristic
- * is deterministic, so a re-created entry gets the same algorithm. The table is not locked: ops
- * run from one host thread per process. */
+ * Cache. Key: (trans_a, trans_b, m, n, k, lda, ldb, ldc, beta == 0 (host beta only),
+ * dtypes of a/b and of c, tf32 (fp32 operands only), where the scalars live, alignment of a,
+ * b and c). The alignment (largest power of two <= 256 dividing the address) is part of the
+ * key because cuBLASLt's heuristic assumes 256-byte-aligned buffers unless told otherwise; we
+ * tell it the actual alignment, so an algorithm is never reused on a pointer it cannot handle.
+ * The table holds CACHE_SIZE entries searched linearly (the last hit is tried first); when
+ * full, the oldest entry is evicted (round robin). Eviction does not break reproducibility: the
+ * heuristic is deterministic, so a re-created entry gets the same algorithm. The table is not
+ * locked: ops run from one host thread per process. */
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
@@ -55,6 +58,7 @@ struct gemm_key {
   int beta_zero;
   int ab, c_type; /* enum dtype values */
   int tf32;
+  int device_scalars; /* 1: alpha and beta in device memory (CUBLASLT_POINTER_MODE_DEVICE) */
   int align_a, align_b, align_c;
 };
 
@@ -102,7 +106,8 @@ static void entry_build(struct gemm_entry *e, const struct gemm_key *key) {
   /* Lt A is our b, Lt B is our a (see the mapping at the top) */
   cublasOperation_t op_lt_a = key->trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
   cublasOperation_t op_lt_b = key->trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
-  cublasLtPointerMode_t pm = CUBLASLT_POINTER_MODE_HOST; /* alpha, beta are host floats */
+  cublasLtPointerMode_t pm =
+      key->device_scalars ? CUBLASLT_POINTER_MODE_DEVICE : CUBLASLT_POINTER_MODE_HOST;
   CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(e->desc, CUBLASLT_MATMUL_DESC_TRANSA, &op_lt_a,
                                               sizeof op_lt_a));
   CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(e->desc, CUBLASLT_MATMUL_DESC_TRANSB, &op_lt_b,
@@ -142,19 +147,19 @@ static void entry_build(struct gemm_entry *e, const struct gemm_key *key) {
   cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(cuda_ctx.lt, e->desc, e->lt_a, e->lt_b,
                                                      e->lt_c, e->lt_c, pref, 1, &result, &found);
   CUBLAS_CHECK(cublasLtMatmulPreferenceDestroy(pref));
+  e->used = 1;
   if (st != CUBLAS_STATUS_SUCCESS || found < 1 || result.state != CUBLAS_STATUS_SUCCESS) {
     char detail[352];
     snprintf(detail, sizeof detail,
              "no cuBLASLt algorithm (%s) for trans_a %d trans_b %d m %d n %d k %d lda %d ldb %d "
-             "ldc %d a/b %s c %s tf32 %d align a/b/c %d/%d/%d workspace %zu",
+             "ldc %d a/b %s c %s tf32 %d device scalars %d align a/b/c %d/%d/%d workspace %zu",
              st != CUBLAS_STATUS_SUCCESS ? cublasGetStatusString(st) : "none found", key->trans_a,
              key->trans_b, key->m, key->n, key->k, key->lda, key->ldb, key->ldc,
-             dtype_name(key->ab), dtype_name(key->c_type), key->tf32, key->align_a, key->align_b,
-             key->align_c, cuda_ctx.lt_workspace_bytes);
+             dtype_name(key->ab), dtype_name(key->c_type), key->tf32, key->device_scalars,
+             key->align_a, key->align_b, key->align_c, cuda_ctx.lt_workspace_bytes);
     cuda_fail("cublasLtMatmulAlgoGetHeuristic", detail, __FILE__, __LINE__);
   }
   e->algo = result.algo;
-  e->used = 1;
 }
 
 static struct gemm_entry *cache_get(const struct gemm_key *key) {
@@ -174,9 +179,12 @@ static struct gemm_entry *cache_get(const struct gemm_key *key) {
 }
 
 /* C = beta * C over a row-major [m, n] block with leading dimension ldc (the k == 0 case), C
- * stored as T; beta == 0 writes exact zeros, whatever C held. */
+ * stored as T, beta the host's or, when beta_dev is not NULL, *beta_dev; beta == 0 writes exact
+ * zeros, whatever C held. */
 template <typename T>
-static __global__ void gemm_scale_c_kernel(T *c, int m, int n, int ldc, float beta) {
+static __global__ void gemm_scale_c_kernel(T *c, int m, int n, int ldc, float beta_host,
+                                           const float *beta_dev) {
+  const float beta = beta_dev ? *beta_dev : beta_host;
   size_t total = (size_t)m * (size_t)n;
   for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
        i += (size_t)gridDim.x * blockDim.x) {
@@ -186,9 +194,11 @@ static __global__ void gemm_scale_c_kernel(T *c, int m, int n, int ldc, float be
   }
 }
 
-extern "C" void cuda_gemm(int trans_a, int trans_b, int m, int n, int k, float alpha,
-                          const void *a, int lda, const void *b, int ldb, float beta, void *c,
-                          int ldc, enum dtype ab, enum dtype c_type) {
+/* The body of both entry points: alpha and beta are the host's, or, when dev is not NULL,
+ * dev[0] and dev[1] in device memory (alpha and beta are then unused). */
+static void gemm(int trans_a, int trans_b, int m, int n, int k, float alpha, float beta,
+                 const float *dev, const void *a, int lda, const void *b, int ldb, void *c,
+                 int ldc, enum dtype ab, enum dtype c_type) {
   if (ab == DT_F32 && c_type != DT_F32) { /* the one pair of enum dtype values not supported */
     char detail[160];
     snprintf(detail, sizeof detail, "a/b %s with c %s is not supported (m %d n %d k %d)",
@@ -209,14 +219,15 @@ extern "C" void cuda_gemm(int trans_a, int trans_b, int m, int n, int k, float a
     cuda_fail("cuda_gemm", detail, __FILE__, __LINE__);
   }
   if (k == 0) {
-    if (beta == 1.0f) return;
+    if (!dev && beta == 1.0f) return;
     int blocks = cuda_blocks((size_t)m * (size_t)n);
+    const float *beta_dev = dev ? dev + 1 : NULL;
     if (c_type == DT_BF16)
       gemm_scale_c_kernel<<<blocks, CUDA_THREADS, 0, cuda_ctx.stream>>>((bf16 *)c, m, n, ldc,
-                                                                         beta);
+                                                                         beta, beta_dev);
     else
       gemm_scale_c_kernel<<<blocks, CUDA_THREADS, 0, cuda_ctx.stream>>>((float *)c, m, n, ldc,
-                                                                         beta);
+                                                                         beta, beta_dev);
     CUDA_LAUNCHED("gemm_scale_c_kernel");
     return;
   }
@@ -230,16 +241,43 @@ extern "C" void cuda_gemm(int trans_a, int trans_b, int m, int n, int k, float a
   key.lda = lda;
   key.ldb = ldb;
   key.ldc = ldc;
-  key.beta_zero = beta == 0.0f;
+  key.beta_zero = !dev && beta == 0.0f; /* a device beta is not known here */
   key.ab = (int)ab;
   key.c_type = (int)c_type;
   key.tf32 = ab == DT_F32 && cuda_ctx.tf32; /* TF32 concerns fp32 operands alone */
+  key.device_scalars = dev != NULL;
   key.align_a = ptr_align(a);
   key.align_b = ptr_align(b);
   key.align_c = ptr_align(c);
   struct gemm_entry *e = cache_get(&key);
   /* Lt A = our b, Lt B = our a, Lt C = Lt D = our c */
-  CUBLAS_CHECK(cublasLtMatmul(cuda_ctx.lt, e->desc, &alpha, b, e->lt_a, a, e->lt_b, &beta, c,
+  const void *alpha_p = dev ? (const void *)dev : &alpha;
+  const void *beta_p = dev ? (const void *)(dev + 1) : &beta;
+  CUBLAS_CHECK(cublasLtMatmul(cuda_ctx.lt, e->desc, alpha_p, b, e->lt_a, a, e->lt_b, beta_p, c,
                               e->lt_c, c, e->lt_c, &e->algo, cuda_ctx.lt_workspace,
                               cuda_ctx.lt_workspace_bytes, cuda_ctx.stream));
+}
+
+extern "C" void cuda_gemm(int trans_a, int trans_b, int m, int n, int k, float alpha,
+                          const void *a, int lda, const void *b, int ldb, float beta, void *c,
+                          int ldc, enum dtype ab, enum dtype c_type) {
+  gemm(trans_a, trans_b, m, n, k, alpha, beta, NULL, a, lda, b, ldb, c, ldc, ab, c_type);
+}
+
+/* alpha = *scale_a * *scale_b (one rounding, as the CPU's product of the two) and beta, where
+ * cuBLASLt's device pointer mode reads them */
+static __global__ void gemm_scalars_kernel(float *scalars, const float *scale_a,
+                                           const float *scale_b, float beta) {
+  scalars[0] = __fmul_rn(*scale_a, *scale_b);
+  scalars[1] = beta;
+}
+
+extern "C" void cuda_gemm_scaled(int trans_a, int trans_b, int m, int n, int k,
+                                 const float *scale_a, const float *scale_b, const void *a,
+                                 int lda, const void *b, int ldb, float beta, void *c, int ldc,
+                                 enum dtype ab, enum dtype c_type) {
+  float *scalars = (float *)cuda_scratch(2 * sizeof(float), "gemm alpha and beta");
+  gemm_scalars_kernel<<<1, 1, 0, cuda_ctx.stream>>>(scalars, scale_a, scale_b, beta);
+  CUDA_LAUNCHED("gemm_scalars_kernel");
+  gemm(trans_a, trans_b, m, n, k, 0.0f, 0.0f, scalars, a, lda, b, ldb, c, ldc, ab, c_type);
 }

@@ -1,29 +1,43 @@
 /* The CUDA backend's NVFP4 ops (kernels/ops.h; numerics in kernels/nvfp4.h):
- *  - cuda_nvfp4_quantize_dequantize: xq = q * s_b, byte-identical to the CPU's
- *    nvfp4_quantize_dequantize (kernels/nvfp4_quantize.c), and S_dec returned to the host;
- *  - cuda_nvfp4_rht: the 16-point random Hadamard transform, bit-identical to nvfp4_rht.c;
- *  - cuda_nvfp4_gemm: the emulated NVFP4 GEMM through cuda_gemm (TN).
+ *  - cuda_nvfp4_quantize: xq = q * s_b in the activation dtype, byte-identical to the CPU's
+ *    cpu_nvfp4_quantize on the fp32 values of x, and S_dec written to device memory;
+ *  - cuda_nvfp4_quantize_rows_cols: its NVFP4_ROWS and NVFP4_COLS calls on one x, fused;
+ *  - cuda_nvfp4_gemm: the emulated NVFP4 GEMM, alpha = S_dec,a * S_dec,b read by cuBLASLt from
+ *    device memory, so no call waits for the host.
  *
  * How exactness is kept. Every step is the fp32 operation the host code performs, in the same
  * order, written with __fmul_rn/__fdiv_rn/__fadd_rn/__fsub_rn so that nvcc neither contracts a
  * product into an FMA nor approximates a division. The host's E4M3 and E2M1 conversions (double
  * frexp/ldexp/nearbyint, midpoint loops, a double comparison for stochastic rounding) are
  * reproduced by fp32/integer code that is exact on the same inputs: the E4M3 step count is a
- * product by a power of two (exact) rounded with rintf (ties to even, as nearbyint); the E2M1
- * midpoint loop is a count of nested comparisons; the stochastic comparison u < frac * 2^32 is
- * u < ceil(frac * 2^32) in integers (frac * 2^32 is exact in fp32). These scalar functions are
+ * product by a power of two (exact) rounded with rintf (ties to even, as nearbyint); an E2M1
+ * value is the element scaled by the inverse of the grid's local step (a power of two), rounded
+ * to an integer (rintf; floorf and the draw for stochastic rounding) and scaled back, which is
+ * what the host's midpoint and threshold walks choose; the stochastic comparison
+ * u < frac * 2^32 is u < ceil(frac * 2^32) in 32-bit integers (frac * 2^32 is exact in fp32). These scalar functions are
  * __host__ __device__ so that a host program can compare them, and the kernels' block logic,
- * with the CPU quantizer byte for byte. Denormals must be kept (no -ftz, no --use_fast_math):
- * the amax kernel also computes FLT_MIN * 0.5 on the device and the op dies if that flushed.
+ * with the CPU quantizer byte for byte. bf16 inputs are widened to fp32 exactly, and the
+ * outputs q * s_b (at most 6 significant bits, exponents within fp32's) are exact in bf16.
+ * Denormals must be kept (no -ftz, no --use_fast_math): the first call checks once, on the
+ * device, that FLT_MIN * 0.5 does not flush, and dies if it does.
  * Maxima are taken on the bits of |x| as unsigned integers: order-independent, and the bits of
- * a non-finite |x| (0x7f800000 and up) exceed every finite one, so the tensor amax doubles as the
- * non-finite flag.
+ * a non-finite |x| (0x7f800000 and up) exceed every finite one, so the tensor amax doubles as
+ * the non-finite flag.
  *
- * One call of quantize_dequantize: a memset and an amax kernel (atomicMax of per-block maxima),
- * then the block kernel, which reads the amax, computes S_enc exactly as nvfp4_tensor_scale and
- * writes nothing when the amax is non-finite; then one readback of the amax (and the denormal
- * probe) through cuda_ctx.host_result and one stream synchronization; S_dec is computed on the
- * host by the same function. NaN input: NaN returned, xq untouched. */
+ * One call of cuda_nvfp4_quantize, all on cuda_ctx.stream, nothing returned to the host:
+ *   1. the amax kernel: a grid of one resident wave (at most a few hundred to a thousand
+ *      blocks) writes each block's maximum over its share of x (for NVFP4_COLS with the RHT:
+ *      of the transformed values, computed as the quantize kernel computes them) into its own
+ *      word of scratch: no memset, no atomics, nothing left over from a previous call;
+ *   2. the layout's quantize kernel, also one resident wave: each block first reduces those
+ *      per-block maxima (a few KB from L2), computes S_enc exactly as nvfp4_tensor_scale, and
+ *      its block 0 / thread 0 writes *dec: S_dec, or NaN when the amax is non-finite, and then
+ *      no thread writes xq.
+ * Bytes moved: the amax kernel reads x, the quantize kernel reads x again and writes xq.
+ * cuda_nvfp4_quantize_rows_cols does the same for an output gradient's two operands: one amax
+ * kernel takes both maxima from one read of x, one quantize kernel writes both operands from
+ * another (reads 2 |x|, writes 2 |x| in the activation dtype, where two calls read 4 |x|).
+ */
 #include <float.h>
 #include <math.h>
 #include <stdint.h>
@@ -31,6 +45,7 @@
 #include <string.h>
 
 #include "kernels/cuda/cuda.h"
+#include "kernels/cuda/cuda_dtype.cuh"
 
 /* ---- exact scalar arithmetic, the same on host and device ----------------------------------- */
 
@@ -101,44 +116,48 @@ __host__ __device__ static inline float nv_e4m3_decode(uint32_t byte) {
   return byte & 0x80 ? -v : v;
 }
 
-/* E2M1 magnitude of index m (0..7): 0, .5, 1, 1.5, 2, 3, 4, 6, from a nibble table of 2*value. */
-__host__ __device__ static inline float nv_e2m1_value(uint32_t m) {
-  return (float)(0xC8643210u >> 4 * m & 15) * 0.5f;
+/* The E2M1 grid's step around a (0.5 below 2, 1 below 4, 2 above) as k = 1 / step and the
+ * step itself: the kernels round a * k to an integer and scale back by the step, both exact
+ * (powers of two; the integers stay below 16), which replaces the host's table walks. */
+__host__ __device__ static inline void nv_e2m1_step(float a, float *k, float *step) {
+  const bool low = a < 2.0f, mid = a < 4.0f;
+  *k = low ? 2.0f : mid ? 1.0f : 0.5f;
+  *step = low ? 0.5f : mid ? 1.0f : 2.0f;
 }
 
-/* nvfp4_e2m1_decode: -0.0 for code 8, as the host's (code & 8 ? -v : v). */
-__host__ __device__ static inline float nv_e2m1_decode(uint32_t code) {
-  const float v = nv_e2m1_value(code & 7);
-  return code & 8 ? -v : v;
+/* decode(nvfp4_e2m1_encode_rn(y)): the nearest E2M1 value, saturating at 6, with the sign of
+ * (y < 0) (so -0.0 for a negative y that rounds to zero, +0 for y = -0.0). The host's ties go
+ * to the even code, and a code's parity is that of its value's multiple of the local step
+ * (0, .5, 1, 1.5 | 2, 3, 4 | 4, 6 are codes 0..7), so rintf (ties to even) of a * k is the same
+ * choice, the ties 1.75 and 3.5 between two steps included. Clamping a to 6 first saturates
+ * (6 * 0.5 = 3 is exact). y is finite or ±inf (x and the block factor are finite); a NaN would
+ * give 6 where the host gives 0. */
+__host__ __device__ static inline float nv_e2m1_rn(float y) {
+  const float a = fminf(fabsf(y), 6.0f);
+  float k, step;
+  nv_e2m1_step(a, &k, &step);
+  const float v = NV_MUL(rintf(NV_MUL(a, k)), step);
+  return y < 0.0f ? -v : v;
 }
 
-/* nvfp4_e2m1_encode_rn. The host's loop stops at the first midpoint that a does not pass; the
- * conditions are nested (the midpoints increase), so that index is the number that hold. NaN
- * passes none and gives 0. */
-__host__ __device__ static inline uint32_t nv_e2m1_encode_rn(float x) {
-  const float a = fabsf(x);
-  const uint32_t m = (uint32_t)(a > 0.25f) + (a >= 0.75f) + (a > 1.25f) + (a >= 1.75f) +
-                     (a > 2.5f) + (a >= 3.5f) + (a > 5.0f);
-  return (x < 0.0f ? 8u : 0u) | m;
-}
-
-/* nvfp4_e2m1_encode_sr. The host rounds up iff (double)u < ldexp(frac, 32); frac * 2^32 is exact
- * in fp32 (frac is exact and < 1), so that is u < ceil(frac * 2^32) in 64-bit integers. */
-__host__ __device__ static inline uint32_t nv_e2m1_encode_sr(float x, uint32_t u) {
-  if (x != x) return 0;
-  const float a = fabsf(x);
-  uint32_t m = 7;
-  if (a < 6.0f) {
-    m = (uint32_t)(a >= 0.5f) + (a >= 1.0f) + (a >= 1.5f) + (a >= 2.0f) + (a >= 3.0f) +
-        (a >= 4.0f);
-    /* (a - lo) / (hi - lo): a - lo is exact (Sterbenz, or lo = 0) and the gap is a power of
-     * two, so multiplying by its inverse gives the same correctly rounded quotient, cheaper */
-    const float inv_gap = m < 4 ? 2.0f : m < 6 ? 1.0f : 0.5f;
-    const float frac = NV_MUL(NV_SUB(a, nv_e2m1_value(m)), inv_gap);
-    const float scaled = NV_MUL(frac, 4294967296.0f);
-    if ((uint64_t)u < (uint64_t)ceilf(scaled)) m++;
-  }
-  return (x < 0.0f ? 8u : 0u) | m;
+/* decode(nvfp4_e2m1_encode_sr(y, u)). With t = a * k (exact): the host's lower neighbour is
+ * floor(t) * step and its fraction (a - lo) / (hi - lo) is t - floor(t), exact (Sterbenz, or
+ * floor(t) = 0); it rounds up iff u < frac * 2^32, which for an integer u is
+ * u < ceil(frac * 2^32), a 32-bit integer (frac <= 1 - 2^-24). a clamped to 6 gives t = 3,
+ * frac 0: 6, never rounded up, as the host's saturation. */
+__host__ __device__ static inline float nv_e2m1_sr(float y, uint32_t u) {
+  const float a = fminf(fabsf(y), 6.0f);
+  float k, step;
+  nv_e2m1_step(a, &k, &step);
+  const float t = NV_MUL(a, k), n = floorf(t);
+  const float scaled = NV_MUL(NV_SUB(t, n), 4294967296.0f);
+#ifdef __CUDA_ARCH__
+  const uint32_t threshold = __float2uint_ru(scaled);
+#else
+  const uint32_t threshold = (uint32_t)ceilf(scaled);
+#endif
+  const float v = NV_MUL(u < threshold ? NV_ADD(n, 1.0f) : n, step);
+  return y < 0.0f ? -v : v;
 }
 
 /* nvfp4_philox4x32_10 with counter {ctr lo, ctr hi, 0, 0} and key {seed lo, seed hi}. */
@@ -172,289 +191,710 @@ __host__ __device__ static inline float nv_block_scale(float amax_b, float enc_o
 __host__ __device__ static inline void nv_quantize4(float out[4], const float v[4], float s,
                                                     float enc_b, int stochastic, uint64_t seed,
                                                     uint64_t quad) {
-  uint32_t code[4];
   if (stochastic) {
     uint32_t u[4];
     nv_philox(u, quad, seed);
 NV_UNROLL
-    for (int j = 0; j < 4; j++) code[j] = nv_e2m1_encode_sr(NV_MUL(v[j], enc_b), u[j]);
+    for (int j = 0; j < 4; j++) out[j] = NV_MUL(nv_e2m1_sr(NV_MUL(v[j], enc_b), u[j]), s);
   } else {
 NV_UNROLL
-    for (int j = 0; j < 4; j++) code[j] = nv_e2m1_encode_rn(NV_MUL(v[j], enc_b));
+    for (int j = 0; j < 4; j++) out[j] = NV_MUL(nv_e2m1_rn(NV_MUL(v[j], enc_b)), s);
   }
-NV_UNROLL
-  for (int j = 0; j < 4; j++) out[j] = NV_MUL(nv_e2m1_decode(code[j]), s);
 }
 
-/* max of the bits of |v| over 4 values */
-__host__ __device__ static inline uint32_t nv_absmax4(const float v[4]) {
+/* max of the bits of |v| over N values */
+template <int N>
+__host__ __device__ static inline uint32_t nv_absmax(const float *v) {
   uint32_t m = 0;
 NV_UNROLL
-  for (int j = 0; j < 4; j++) {
+  for (int j = 0; j < N; j++) {
     const uint32_t b = nv_f2u(v[j]) & 0x7fffffffu;
     m = b > m ? b : m;
   }
   return m;
 }
 
-/* The RHT's butterfly for a value whose partner sits h places away: the lower index gets a + b,
- * the upper a - b, where a is the lower's value (nvfp4_rht.c's inner loop). */
-__host__ __device__ static inline float nv_butterfly(float mine, float partner, int upper) {
-  return upper ? NV_SUB(partner, mine) : NV_ADD(mine, partner);
+/* nvfp4_rht on one tile of 16 values: the signs (a flip of the sign bit, as the host's
+ * negation), the 4 butterfly stages h = 1, 2, 4, 8 (each pair (j, j + h) becomes a + b, a - b,
+ * one rounding each; the pairs of a stage are independent, so their order is free), then the
+ * scaling by 1/4 (a single rounded product, as the host's 0.25f * v). */
+__host__ __device__ static inline void nv_rht16(float v[16], uint32_t signs) {
+NV_UNROLL
+  for (int i = 0; i < 16; i++) v[i] = nv_u2f(nv_f2u(v[i]) ^ (signs >> i & 1u) << 31);
+NV_UNROLL
+  for (int stage = 0; stage < 4; stage++) {
+    const int h = 1 << stage;
+NV_UNROLL
+    for (int p = 0; p < 8; p++) {
+      const int j = p / h * 2 * h + p % h;
+      const float a = v[j], b = v[j + h];
+      v[j] = NV_ADD(a, b);
+      v[j + h] = NV_SUB(a, b);
+    }
+  }
+NV_UNROLL
+  for (int i = 0; i < 16; i++) v[i] = NV_MUL(0.25f, v[i]);
 }
 
-/* Signs and the two in-register butterfly stages (h = 1, 2) of the 4 values of tile lane ql
- * (elements 4*ql .. 4*ql+3 of the tile). */
-__host__ __device__ static inline void nv_rht_local(float v[4], uint32_t signs, int ql) {
-NV_UNROLL
-  for (int j = 0; j < 4; j++) v[j] = nv_u2f(nv_f2u(v[j]) ^ (signs >> (4 * ql + j) & 1u) << 31);
-NV_UNROLL
-  for (int h = 1; h < 4; h *= 2) {
-    float w[4];
-NV_UNROLL
-    for (int j = 0; j < 4; j++) w[j] = nv_butterfly(v[j], v[j ^ h], j & h);
-NV_UNROLL
-    for (int j = 0; j < 4; j++) v[j] = w[j];
-  }
-}
 
 /* ---- device helpers ------------------------------------------------------------------------- */
 
+enum { NV_THREADS = CUDA_THREADS, NV_WARPS = NV_THREADS / 32 };
 
-template <bool VEC>
-__device__ __forceinline__ void nv_load4(float v[4], const float *p) {
+/* Groups each thread of the 1x16 kernel takes (and tiles each warp of the 16x16 kernel), all
+ * loaded before any is quantized: one load per thread per trip of a grid-stride loop would
+ * leave too few bytes in flight to reach the memory's rate. */
+#define NV_ROWS_UNROLL 4
+
+/* Adjacent columns of x each thread of the transposing kernels loads per row on their vector
+ * path (one 4-byte bf16 pair or 8-byte fp32 pair: a warp reads 128 or 256 contiguous bytes of a
+ * row, where single values gave it 64 or 128 with twice the load instructions). */
+#define NV_COLS_RUN 2
+
+/* N consecutive values at p in fp32: loads of up to 16 bytes when VEC (p aligned to them) */
+template <bool VEC, int N, typename T>
+__device__ __forceinline__ void nv_load(float v[N], const T *p) {
   if (VEC) {
-    const float4 t = *reinterpret_cast<const float4 *>(p);
-    v[0] = t.x, v[1] = t.y, v[2] = t.z, v[3] = t.w;
+    constexpr int BYTES = N * sizeof(T) < 16 ? N * sizeof(T) : 16, W = BYTES / sizeof(T);
+    struct alignas(BYTES) chunk {
+      T v[W];
+    };
+NV_UNROLL
+    for (int i = 0; i < N / W; i++) {
+      const chunk q = reinterpret_cast<const chunk *>(p)[i];
+NV_UNROLL
+      for (int j = 0; j < W; j++) v[i * W + j] = load_f(&q.v[j]);
+    }
   } else {
 NV_UNROLL
-    for (int j = 0; j < 4; j++) v[j] = p[j];
+    for (int j = 0; j < N; j++) v[j] = load_f(p + j);
   }
 }
 
-template <bool VEC>
-__device__ __forceinline__ void nv_store4(float *p, const float v[4]) {
+/* N consecutive values at p as T: stores of up to 16 bytes when VEC (p aligned to them) */
+template <bool VEC, int N, typename T>
+__device__ __forceinline__ void nv_store(T *p, const float v[N]) {
   if (VEC) {
-    *reinterpret_cast<float4 *>(p) = make_float4(v[0], v[1], v[2], v[3]);
+    constexpr int BYTES = N * sizeof(T) < 16 ? N * sizeof(T) : 16, W = BYTES / sizeof(T);
+    struct alignas(BYTES) chunk {
+      T v[W];
+    };
+NV_UNROLL
+    for (int i = 0; i < N / W; i++) {
+      chunk q;
+NV_UNROLL
+      for (int j = 0; j < W; j++) store_f(&q.v[j], v[i * W + j]);
+      reinterpret_cast<chunk *>(p)[i] = q;
+    }
   } else {
 NV_UNROLL
-    for (int j = 0; j < 4; j++) p[j] = v[j];
+    for (int j = 0; j < N; j++) store_f(p + j, v[j]);
   }
 }
 
-enum { NV_THREADS = 256, NV_WARPS = NV_THREADS / 32 };
+/* C adjacent values of x, moved by one load of C * sizeof(T) bytes */
+template <typename T, int C>
+struct alignas(C * sizeof(T)) nv_run {
+  T v[C];
+};
+
+/* x[16g + r][c .. c + C - 1], r = 0..15, of x [rows, cols]: tile g of rows c .. c + C - 1 of xᵀ
+ * (x + c aligned to C values). The lanes of a warp take consecutive runs of C columns, so each
+ * of the 16 loads is coalesced. */
+template <int C, typename T>
+__device__ __forceinline__ void nv_load_cols(nv_run<T, C> run[16], const T *x, uint32_t cols,
+                                             uint32_t c, uint32_t g) {
+  const nv_run<T, C> *p = reinterpret_cast<const nv_run<T, C> *>(x + (size_t)16 * g * cols + c);
+NV_UNROLL
+  for (int r = 0; r < 16; r++) run[r] = p[(size_t)r * (cols / C)];
+}
+
+/* column k of those 16 runs in fp32 */
+template <int C, typename T>
+__device__ __forceinline__ void nv_col16(float v[16], const nv_run<T, C> run[16], int k) {
+NV_UNROLL
+  for (int r = 0; r < 16; r++) v[r] = load_f(&run[r].v[k]);
+}
+
+/* The amax pass's per-block maxima: max[k][b] for b < n is block b's maximum of the bits of |x|
+ * (k = 0) or of the second set of values an amax kernel reduces (k = 1). Every block of the
+ * amax kernel writes its own words, so no call needs them cleared (nor sees a previous call's),
+ * and the quantize kernels reduce them again, block by block: max is order-independent. */
+struct nv_parts {
+  const uint32_t *max[2];
+  uint32_t n;
+};
+
+/* part[k * gridDim.x + blockIdx.x] = the largest m[k] of the block (every thread calls this) */
+template <int K>
+__device__ __forceinline__ void nv_block_amax(uint32_t *part, uint32_t m[K]) {
+  __shared__ uint32_t warp_max[K][NV_WARPS];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+NV_UNROLL
+  for (int k = 0; k < K; k++) {
+    m[k] = __reduce_max_sync(0xffffffffu, m[k]);
+    if (lane == 0) warp_max[k][warp] = m[k];
+  }
+  __syncthreads();
+  if (warp < K) {
+    uint32_t b = lane < NV_WARPS ? warp_max[warp][lane] : 0;
+    b = __reduce_max_sync(0xffffffffu, b);
+    if (lane == 0) part[warp * gridDim.x + blockIdx.x] = b;
+  }
+}
+
+/* One operand's tensor scale, as nvfp4_quantize derives it from the amax. */
+struct nv_scale {
+  float enc_over_6, dec;
+  bool finite;   /* false: the amax is non-finite and the operand is not written */
+};
+
+/* The K tensor scales of a quantize kernel from parts.max[k] (every thread calls this, before
+ * any returns); block 0 / thread 0 writes *dec[k]: S_dec, or NaN for a non-finite amax. Each
+ * block reads the n partial maxima (a few KB, from L2) once: the grids are one resident wave. */
+template <int K>
+__device__ __forceinline__ void nv_read_scales(nv_scale sc[K], const nv_parts &parts,
+                                               float *const dec[K]) {
+  __shared__ uint32_t warp_max[K][NV_WARPS];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  uint32_t m[K];
+NV_UNROLL
+  for (int k = 0; k < K; k++) m[k] = 0;
+  for (uint32_t i = threadIdx.x; i < parts.n; i += NV_THREADS)
+NV_UNROLL
+    for (int k = 0; k < K; k++) m[k] = max(m[k], parts.max[k][i]);
+NV_UNROLL
+  for (int k = 0; k < K; k++) {
+    m[k] = __reduce_max_sync(0xffffffffu, m[k]);
+    if (lane == 0) warp_max[k][warp] = m[k];
+  }
+  __syncthreads();
+NV_UNROLL
+  for (int k = 0; k < K; k++) {
+    uint32_t amax = 0;
+NV_UNROLL
+    for (int w = 0; w < NV_WARPS; w++) amax = max(amax, warp_max[k][w]);
+    const bool finite = amax < 0x7f800000u;
+    const struct nv_tensor_scale ts = nv_tensor_scale(nv_u2f(finite ? amax : 0u));
+    if (blockIdx.x == 0 && threadIdx.x == 0) *dec[k] = finite ? ts.dec : nv_u2f(0x7fc00000u);
+    sc[k].enc_over_6 = __fmul_rn(ts.enc, 1.0f / 6.0f);
+    sc[k].dec = ts.dec;
+    sc[k].finite = finite;
+  }
+}
+
+/* The 16 values of one 1x16 block (flat index i0 of its first, i0 % 16 == 0) quantized with
+ * scale sc: q * s_b into out. */
+template <bool SR>
+__device__ __forceinline__ void nv_quantize16(float out[16], const float v[16],
+                                              const nv_scale &sc, uint64_t seed, size_t i0) {
+  float enc_b;
+  const float s = nv_block_scale(nv_u2f(nv_absmax<16>(v)), sc.enc_over_6, sc.dec, &enc_b);
+NV_UNROLL
+  for (int j = 0; j < 4; j++) nv_quantize4(out + 4 * j, v + 4 * j, s, enc_b, SR, seed, i0 / 4 + j);
+}
 
 /* ---- kernels -------------------------------------------------------------------------------- */
 
-/* state[0] = max over the tensor of the bits of |x| (atomicMax of per-block maxima; zeroed by the
- * caller); state[1] = bits of probe * 0.5, probe = FLT_MIN: 0x00400000 unless denormals flush. */
-template <bool VEC>
+/* *out = the bits of probe * 0.5 with probe = FLT_MIN: 0x00400000 unless this file's code
+ * flushes denormals to zero (the argument keeps the compiler from folding it). */
+__global__ void nvfp4_denormal_probe_kernel(uint32_t *out, float probe) {
+  *out = nv_f2u(__fmul_rn(probe, 0.5f));
+}
+
+/* part[blockIdx.x] = the block's max of the bits of |x|, x a flat run of ngroups groups of
+ * N = 16 / sizeof(T) values (one 16-byte load each); grid-stride with 4 loads in flight. */
+template <typename T, bool VEC>
 __global__ void __launch_bounds__(NV_THREADS)
-    nvfp4_amax_kernel(uint32_t *state, const float *x, size_t nquads, float probe) {
-  uint32_t m = 0;
+    nvfp4_amax_kernel(uint32_t *part, const T *x, size_t ngroups) {
+  constexpr int N = 16 / sizeof(T);
+  uint32_t m[1] = {0};
   const size_t stride = (size_t)gridDim.x * blockDim.x;
-  size_t q = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-  for (; q + 3 * stride < nquads; q += 4 * stride) {   /* 4 loads in flight */
-    float v[4][4];
-    NV_UNROLL
-    for (int j = 0; j < 4; j++) nv_load4<VEC>(v[j], x + 4 * (q + j * stride));
-    NV_UNROLL
-    for (int j = 0; j < 4; j++) {
-      const uint32_t b = nv_absmax4(v[j]);
-      m = b > m ? b : m;
+  size_t g = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  for (; g + 3 * stride < ngroups; g += 4 * stride) {
+    float v[4][N];
+NV_UNROLL
+    for (int j = 0; j < 4; j++) nv_load<VEC, N>(v[j], x + (g + j * stride) * N);
+NV_UNROLL
+    for (int j = 0; j < 4; j++) m[0] = max(m[0], nv_absmax<N>(v[j]));
+  }
+  for (; g < ngroups; g += stride) {
+    float v[N];
+    nv_load<VEC, N>(v, x + g * N);
+    m[0] = max(m[0], nv_absmax<N>(v));
+  }
+  nv_block_amax<1>(part, m);
+}
+
+/* The same over the RHT-transformed tiles of xᵀ (NVFP4_COLS with the transform): item t is
+ * columns c .. c + C - 1 of x, c = C (t % (cols / C)), and tile g = t / (cols / C), each
+ * column transformed exactly as nvfp4_cols_kernel does; K = 2 also takes the plain max of |x|
+ * (the rows operand of nvfp4_quantize_rows_cols) from the same loads, into
+ * part[gridDim.x + blockIdx.x]. */
+template <typename T, int K, int C>
+__global__ void __launch_bounds__(NV_THREADS)
+    nvfp4_amax_cols_kernel(uint32_t *part, const T *x, uint32_t cols, size_t items,
+                           int rht_signs) {
+  uint32_t m[K];
+NV_UNROLL
+  for (int k = 0; k < K; k++) m[k] = 0;
+  const uint32_t runs = cols / C;
+  const size_t stride = (size_t)gridDim.x * blockDim.x;
+  for (size_t t = (size_t)blockIdx.x * blockDim.x + threadIdx.x; t < items; t += stride) {
+    const uint32_t g = (uint32_t)t / runs, c = C * ((uint32_t)t - g * runs);
+    nv_run<T, C> run[16];
+    nv_load_cols<C>(run, x, cols, c, g);
+NV_UNROLL
+    for (int k = 0; k < C; k++) {
+      float v[16];
+      nv_col16<C>(v, run, k);
+      if (K == 2) m[K - 1] = max(m[K - 1], nv_absmax<16>(v));
+      nv_rht16(v, (uint32_t)rht_signs & 0xffffu);   /* the host's (uint16_t) */
+      m[0] = max(m[0], nv_absmax<16>(v));
     }
   }
-  for (; q < nquads; q += stride) {
-    float v[4];
-    nv_load4<VEC>(v, x + 4 * q);
-    const uint32_t b = nv_absmax4(v);
-    m = b > m ? b : m;
-  }
-  __shared__ uint32_t warp_max[NV_WARPS];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  m = __reduce_max_sync(0xffffffffu, m);
-  if (lane == 0) warp_max[warp] = m;
-  __syncthreads();
-  if (warp == 0) {
-    m = lane < NV_WARPS ? warp_max[lane] : 0;
-    m = __reduce_max_sync(0xffffffffu, m);
-    if (lane == 0) atomicMax(state, m);
-  }
-  if (blockIdx.x == 0 && threadIdx.x == 0) state[1] = nv_f2u(__fmul_rn(probe, 0.5f));
+  nv_block_amax<K>(part, m);
 }
 
-/* The tensor scale's factors from the amax the previous kernel left; false when it is
- * non-finite (then the kernel writes nothing). */
-__device__ __forceinline__ bool nv_read_scale(const uint32_t *state, float *enc_over_6,
-                                              float *dec) {
-  const uint32_t amax = state[0];
-  if (amax >= 0x7f800000u) return false;
-  const struct nv_tensor_scale ts = nv_tensor_scale(nv_u2f(amax));
-  *enc_over_6 = __fmul_rn(ts.enc, 1.0f / 6.0f);
-  *dec = ts.dec;
-  return true;
-}
-
-/* 1x16 blocks: the tensor is a flat run of 16-element blocks (cols % 16 == 0). Thread q holds
- * elements 4q .. 4q+3 (and q is their Philox counter); the 4 threads of a block are one quad of
- * a warp. nquads % 4 == 0 and the grid stride is a multiple of 32, so a quad's lanes are in or
- * out of range together. */
-template <bool VEC, bool SR>
+/* NVFP4_ROWS: x is a flat run of 16-element blocks (cols % 16 == 0), read as groups of
+ * N = 16 / sizeof(Tin) values (one 16-byte load: 8 bf16 or 4 fp32). Group g (elements
+ * N g .. N g + N - 1, and their N / 4 Philox counters) is held by one thread, and the
+ * 16 / N groups of a block by aligned lanes, which reduce the block's amax by shuffles. A
+ * thread takes NV_ROWS_UNROLL groups a grid stride apart. ngroups % (16 / N) == 0 and the
+ * stride is a multiple of 32, so a block's lanes are in or out of range together. In place
+ * (xq == x, same dtype) is safe: a thread reads its elements before it writes them, and no
+ * other thread touches them. */
+template <typename Tin, typename Tout, bool VEC, bool SR>
 __global__ void __launch_bounds__(NV_THREADS)
-    nvfp4_qdq_1x16_kernel(float *xq, const float *x, size_t nquads, const uint32_t *state,
-                          uint64_t seed) {
-  float enc_over_6, dec;
-  if (!nv_read_scale(state, &enc_over_6, &dec)) return;
-  const uint32_t lane = threadIdx.x & 31, quad_mask = 0xfu << (lane & ~3u);
+    nvfp4_rows_kernel(Tout *xq, float *dec, const Tin *x, size_t ngroups, nv_parts parts,
+                      uint64_t seed) {
+  constexpr int N = 16 / sizeof(Tin), LANES = 16 / N;
+  nv_scale sc[1];
+  float *const decs[1] = {dec};
+  nv_read_scales<1>(sc, parts, decs);
+  if (!sc[0].finite) return;
+  const uint32_t lane = threadIdx.x & 31;
+  const uint32_t mask = ((1u << LANES) - 1) << (lane & ~(uint32_t)(LANES - 1));
   const size_t stride = (size_t)gridDim.x * blockDim.x;
-  for (size_t q = (size_t)blockIdx.x * blockDim.x + threadIdx.x; q < nquads; q += stride) {
-    float v[4], out[4], enc_b;
-    nv_load4<VEC>(v, x + 4 * q);
-    uint32_t m = nv_absmax4(v), o;
-    o = __shfl_xor_sync(quad_mask, m, 1);
-    m = o > m ? o : m;
-    o = __shfl_xor_sync(quad_mask, m, 2);
-    m = o > m ? o : m;
-    const float s = nv_block_scale(nv_u2f(m), enc_over_6, dec, &enc_b);
-    nv_quantize4(out, v, s, enc_b, SR, seed, q);
-    nv_store4<VEC>(xq + 4 * q, out);
+  for (size_t g0 = (size_t)blockIdx.x * blockDim.x + threadIdx.x; g0 < ngroups;
+       g0 += NV_ROWS_UNROLL * stride) {
+    float v[NV_ROWS_UNROLL][N];
+NV_UNROLL
+    for (int u = 0; u < NV_ROWS_UNROLL; u++)
+      if (g0 + u * stride < ngroups) nv_load<VEC, N>(v[u], x + (g0 + u * stride) * N);
+NV_UNROLL
+    for (int u = 0; u < NV_ROWS_UNROLL; u++) {
+      const size_t g = g0 + u * stride;
+      if (g >= ngroups) break;
+      uint32_t m = nv_absmax<N>(v[u]);
+NV_UNROLL
+      for (int o = 1; o < LANES; o *= 2) m = max(m, __shfl_xor_sync(mask, m, o));
+      float out[N], enc_b;
+      const float s = nv_block_scale(nv_u2f(m), sc[0].enc_over_6, sc[0].dec, &enc_b);
+NV_UNROLL
+      for (int j = 0; j < N / 4; j++)
+        nv_quantize4(out + 4 * j, v[u] + 4 * j, s, enc_b, SR, seed, g * (N / 4) + j);
+      nv_store<VEC, N>(xq + g * N, out);
+    }
   }
 }
 
-/* 16x16 tiles: one warp per tile (warp-uniform loop). Lane l holds row l/2 of the tile as two
- * quads, columns 4*(l&1) .. +3 and 8 + 4*(l&1) .. +3, so that each load instruction of a lane
- * pair covers one whole 32-byte sector. tiles < 2^32 (checked by the caller). */
-template <bool VEC, bool SR>
+/* NVFP4_TILES: one warp per 16x16 tile (warp-uniform loop). Lane l holds row l/2 of the tile as
+ * two quads, columns 4*(l&1) .. +3 and 8 + 4*(l&1) .. +3, so that each load instruction of a
+ * lane pair covers one whole 32-byte sector of fp32. A warp takes NV_ROWS_UNROLL tiles a grid
+ * stride apart and loads them all before it quantizes any: a single tile (1 KB of fp32 per
+ * warp, then the reduction, the scale's division and the stores before the next load) kept
+ * too little in flight once the grid became one resident wave. tiles < 2^28 (fewer than 2^32
+ * blocks of 16, checked by the caller), so t never wraps. */
+template <typename Tin, typename Tout, bool VEC, bool SR>
 __global__ void __launch_bounds__(NV_THREADS)
-    nvfp4_qdq_16x16_kernel(float *xq, const float *x, uint32_t cols, uint32_t tiles,
-                           const uint32_t *state, uint64_t seed) {
-  float enc_over_6, dec;
-  if (!nv_read_scale(state, &enc_over_6, &dec)) return;
+    nvfp4_tiles_kernel(Tout *xq, float *dec, const Tin *x, uint32_t cols, uint32_t tiles,
+                       nv_parts parts, uint64_t seed) {
+  nv_scale sc[1];
+  float *const decs[1] = {dec};
+  nv_read_scales<1>(sc, parts, decs);
+  if (!sc[0].finite) return;
   const uint32_t lane = threadIdx.x & 31, tiles_per_row = cols / 16;
   const uint32_t warps = gridDim.x * NV_WARPS;
-  for (uint32_t t = blockIdx.x * NV_WARPS + (threadIdx.x >> 5); t < tiles; t += warps) {
-    const uint32_t bi = t / tiles_per_row, bj = t - bi * tiles_per_row;
-    const size_t i0 = ((size_t)bi * 16 + (lane >> 1)) * cols + bj * 16 + 4 * (lane & 1);
-    float v[2][4], out[4], enc_b;
-    nv_load4<VEC>(v[0], x + i0);
-    nv_load4<VEC>(v[1], x + i0 + 8);
-    uint32_t m = nv_absmax4(v[0]), m1 = nv_absmax4(v[1]);
-    m = __reduce_max_sync(0xffffffffu, m1 > m ? m1 : m);
-    const float s = nv_block_scale(nv_u2f(m), enc_over_6, dec, &enc_b);
-    NV_UNROLL
-    for (int h = 0; h < 2; h++) {
-      nv_quantize4(out, v[h], s, enc_b, SR, seed, (i0 + 8 * h) / 4);
-      nv_store4<VEC>(xq + i0 + 8 * h, out);
+  for (uint32_t t0 = blockIdx.x * NV_WARPS + (threadIdx.x >> 5); t0 < tiles;
+       t0 += NV_ROWS_UNROLL * warps) {
+    float v[NV_ROWS_UNROLL][2][4];
+    size_t i0[NV_ROWS_UNROLL];
+NV_UNROLL
+    for (int u = 0; u < NV_ROWS_UNROLL; u++) {
+      const uint32_t t = t0 + u * warps;
+      if (t >= tiles) break;
+      const uint32_t bi = t / tiles_per_row, bj = t - bi * tiles_per_row;
+      /* the flat index of the lane's first quad; its second is 8 elements on */
+      i0[u] = ((size_t)bi * 16 + (lane >> 1)) * cols + bj * 16 + 4 * (lane & 1);
+      nv_load<VEC, 4>(v[u][0], x + i0[u]);
+      nv_load<VEC, 4>(v[u][1], x + i0[u] + 8);
+    }
+NV_UNROLL
+    for (int u = 0; u < NV_ROWS_UNROLL; u++) {
+      if (t0 + u * warps >= tiles) break;
+      float out[4], enc_b;
+      uint32_t m = max(nv_absmax<4>(v[u][0]), nv_absmax<4>(v[u][1]));
+      m = __reduce_max_sync(0xffffffffu, m);
+      const float s = nv_block_scale(nv_u2f(m), sc[0].enc_over_6, sc[0].dec, &enc_b);
+NV_UNROLL
+      for (int h = 0; h < 2; h++) {
+        nv_quantize4(out, v[u][h], s, enc_b, SR, seed, i0[u] / 4 + 2 * h);
+        nv_store<VEC, 4>(xq + i0[u] + 8 * h, out);
+      }
     }
   }
 }
 
-/* RHT: tile t (16 floats at 16t, a flat run as nvfp4_rht.c walks it) is held by the 4 threads of
- * a quad, 4 values each; stages h = 1, 2 in registers, h = 4, 8 across lanes. */
-template <bool VEC>
+/* NVFP4_COLS: xq [cols, rows] = xᵀ, RHT-transformed (rht_signs >= 0) and quantized 1x16 along
+ * its rows. Item t (one thread) is C adjacent columns c .. c + C - 1 of x, c = C (t % runs)
+ * with runs = cols / C, and tile g = t / runs of 16 rows: it loads x[16g .. 16g+15][c .. c+C-1]
+ * (one C-value load per row, coalesced across the warp, which takes consecutive runs), and for
+ * each of its columns transforms the 16 values in registers and writes xq[c + k][16g .. 16g+15],
+ * one contiguous 32- or 64-byte run. Their flat indices in xq, (c + k) * rows + 16g + j
+ * (rows % 16 == 0, so the run is 4 whole quads), give the Philox counters, as the CPU's
+ * quantizer of the transposed tensor numbers them. C is NV_COLS_RUN on the vector path (x
+ * aligned to it) and 1 on the scalar one.
+ * ROWS (nvfp4_quantize_rows_cols) also writes the NVFP4_ROWS operand of x from the same loads:
+ * G = 16 / C lanes cover 16 columns; items % G == 0 (runs % G == 0 as cols % 16 == 0), so the
+ * warp's lanes G q .. G q + G - 1, q = 0 .. 2C - 1, hold one 16x16 tile q of x, rows
+ * 16g_q .. 16g_q+15 by 16 consecutive columns from a multiple of 16 (the warp's tiles may lie
+ * in two tile rows). The warp transposes its 2C tiles through shared memory: tile q is rows
+ * 16 (q % 2) .. of block q / 2, a block being 32 rows padded to 17 words plus one word (545 =
+ * 1 mod 32: the column writes of the C blocks and the row reads of one hit 32 distinct banks).
+ * For h < C, lane L then quantizes row L of block h, row L % 16 of tile q = 2h + L / 16, one
+ * whole 1x16 block, and stores it as one contiguous run, as the rows kernel would; the tile's
+ * g_q and first column come from its first item, base + G q. Its scale is sc[1]
+ * (parts.max[1]), the cols operand's sc[0]. */
+template <typename Tin, typename Tout, bool VEC, bool SR, bool ROWS>
 __global__ void __launch_bounds__(NV_THREADS)
-    nvfp4_rht_kernel(float *out, const float *x, size_t nquads, uint32_t signs) {
-  const uint32_t lane = threadIdx.x & 31, quad_mask = 0xfu << (lane & ~3u);
-  const int ql = (int)(lane & 3);
+    nvfp4_cols_kernel(Tout *xq, float *dec, Tout *rows_q, float *rows_dec, const Tin *x,
+                      uint32_t rows, uint32_t cols, size_t items, nv_parts parts, uint64_t seed,
+                      uint64_t rows_seed, int rht_signs) {
+  constexpr int C = VEC ? NV_COLS_RUN : 1, G = 16 / C, BLOCK = 32 * 17 + 1;
+  __shared__ float tile[ROWS ? NV_WARPS : 1][ROWS ? C * BLOCK : 1];
+  nv_scale sc[1 + ROWS];
+  float *const decs[2] = {dec, rows_dec};
+  nv_read_scales<1 + ROWS>(sc, parts, decs);
+  if (!sc[0].finite && !(ROWS && sc[ROWS].finite)) return;
+  const uint32_t lane = threadIdx.x & 31, warp = threadIdx.x >> 5, runs = cols / C;
   const size_t stride = (size_t)gridDim.x * blockDim.x;
-  for (size_t q = (size_t)blockIdx.x * blockDim.x + threadIdx.x; q < nquads; q += stride) {
-    float v[4];
-    nv_load4<VEC>(v, x + 4 * q);
-    nv_rht_local(v, signs, ql);
+  /* warp-uniform loop (the __syncwarp calls); t < items is uniform over each group of G lanes */
+  for (size_t base = (size_t)blockIdx.x * blockDim.x + (threadIdx.x & ~31u); base < items;
+       base += stride) {
+    const size_t t = base + lane;
+    const bool valid = t < items;
+    const uint32_t g = (uint32_t)t / runs, c = C * ((uint32_t)t - g * runs);
+    nv_run<Tin, C> run[16];
+    if (valid) nv_load_cols<C>(run, x, cols, c, g);
+    if (ROWS) {
+      if (valid) {
+        const uint32_t q = lane / G;
+        float *w = tile[warp] + q / 2 * BLOCK + q % 2 * 16 * 17 + C * (lane % G);
 NV_UNROLL
-    for (int hl = 1; hl < 4; hl *= 2) {   /* h = 4 * hl elements = hl lanes */
+        for (int r = 0; r < 16; r++)
 NV_UNROLL
-      for (int j = 0; j < 4; j++)
-        v[j] = nv_butterfly(v[j], __shfl_xor_sync(quad_mask, v[j], hl), ql & hl);
+          for (int k = 0; k < C; k++) w[r * 17 + k] = load_f(&run[r].v[k]);
+      }
+      __syncwarp();
     }
+    /* one column at a time, not unrolled: two columns' RHT and rounding interleaved took
+     * 120-130 registers (2 blocks per SM); the next column moves into slot 0 instead */
+    if (valid && sc[0].finite)
+#pragma unroll 1
+      for (int k = 0; k < C; k++) {
+        float v[16], out[16];
+        nv_col16<C>(v, run, 0);
 NV_UNROLL
-    for (int j = 0; j < 4; j++) v[j] = __fmul_rn(0.25f, v[j]);
-    nv_store4<VEC>(out + 4 * q, v);
+        for (int r = 0; r < 16; r++)
+NV_UNROLL
+          for (int j = 0; j + 1 < C; j++) run[r].v[j] = run[r].v[j + 1];
+        if (rht_signs >= 0) nv_rht16(v, (uint32_t)rht_signs & 0xffffu);   /* the host's (uint16_t) */
+        const size_t i0 = (size_t)(c + k) * rows + (size_t)16 * g;   /* xq's element (c + k, 16g) */
+        nv_quantize16<SR>(out, v, sc[0], seed, i0);
+        nv_store<VEC, 16>(xq + i0, out);
+      }
+    if (ROWS) {
+#pragma unroll 1
+      for (int h = 0; h < C; h++) {
+        const size_t tq = base + (2 * h + lane / 16) * G;   /* tile q's first item */
+        if (tq < items && sc[ROWS].finite) {
+          const uint32_t gq = (uint32_t)tq / runs, cq = C * ((uint32_t)tq - gq * runs);
+          float v[16], out[16];
+NV_UNROLL
+          for (int j = 0; j < 16; j++) v[j] = tile[warp][h * BLOCK + lane * 17 + j];
+          /* x's element (16 g_q + L % 16, c_q): the first of the lane's block */
+          const size_t i0 = ((size_t)16 * gq + (lane & 15)) * cols + cq;
+          nv_quantize16<SR>(out, v, sc[ROWS], rows_seed, i0);
+          nv_store<VEC, 16>(rows_q + i0, out);
+        }
+      }
+      __syncwarp();   /* the next iteration rewrites the tile */
+    }
   }
+}
+
+/* ---- launches ------------------------------------------------------------------------------- */
+
+/* Blocks for `threads` threads of a grid-stride kernel, at most the blocks of NV_THREADS that
+ * fit on the GPU at once (*per_sm: the kernel's own static, asked once): one resident wave
+ * reads at the full rate, and each quantize block reduces the amax partials only once. */
+template <typename K>
+static int nv_grid(K kernel, int *per_sm, size_t threads) {
+  if (*per_sm == 0) {
+    CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(per_sm, kernel, NV_THREADS, 0));
+    if (*per_sm < 1) *per_sm = 1;
+  }
+  const size_t want = (threads + NV_THREADS - 1) / NV_THREADS;
+  const size_t cap = (size_t)*per_sm * (size_t)(cuda_ctx.sm_count > 0 ? cuda_ctx.sm_count : 1);
+  return (int)(want < 1 ? 1 : want < cap ? want : cap);
+}
+
+struct nv_args {
+  void *xq;
+  float *dec;
+  const void *x;
+  nv_parts parts;
+  int rows, cols;
+  uint64_t seed;
+  int rht_signs;   /* NVFP4_COLS with the transform: the mask; else -1 */
+  /* nvfp4_quantize_rows_cols: the NVFP4_ROWS operand written beside xq (the NVFP4_COLS one) */
+  void *rows_q;
+  float *rows_dec;
+  uint64_t rows_seed;
+};
+
+/* The quantize kernels, one struct per layout: vec says whether the vector paths may be taken,
+ * launch runs the instantiation for input Tin, output Tout. */
+struct nv_rows {
+  template <typename Tin, typename Tout>
+  static bool vec(const nv_args &a) {
+    return cuda_aligned16(a.x) && cuda_aligned16(a.xq);
+  }
+  template <typename Tin, typename Tout, bool VEC, bool SR>
+  static void launch(const nv_args &a) {
+    static int per_sm;
+    const size_t ngroups = (size_t)a.rows * (size_t)a.cols / (16 / sizeof(Tin));
+    auto kernel = nvfp4_rows_kernel<Tin, Tout, VEC, SR>;
+    const int blocks = nv_grid(kernel, &per_sm, (ngroups + NV_ROWS_UNROLL - 1) / NV_ROWS_UNROLL);
+    kernel<<<blocks, NV_THREADS, 0, cuda_ctx.stream>>>((Tout *)a.xq, a.dec, (const Tin *)a.x,
+                                                       ngroups, a.parts, a.seed);
+    CUDA_LAUNCHED("nvfp4_rows_kernel");
+  }
+};
+
+struct nv_tiles {
+  template <typename Tin, typename Tout>
+  static bool vec(const nv_args &a) {
+    return vec4_aligned<Tin>(a.x) && vec4_aligned<Tout>(a.xq);
+  }
+  template <typename Tin, typename Tout, bool VEC, bool SR>
+  static void launch(const nv_args &a) {
+    static int per_sm;
+    const size_t tiles = (size_t)a.rows * (size_t)a.cols / 256;
+    auto kernel = nvfp4_tiles_kernel<Tin, Tout, VEC, SR>;
+    kernel<<<nv_grid(kernel, &per_sm, tiles * 32), NV_THREADS, 0, cuda_ctx.stream>>>(
+        (Tout *)a.xq, a.dec, (const Tin *)a.x, (uint32_t)a.cols, (uint32_t)tiles, a.parts,
+        a.seed);
+    CUDA_LAUNCHED("nvfp4_tiles_kernel");
+  }
+};
+
+/* x aligned to the column runs of the transposing kernels' vector path */
+template <typename T>
+static bool nv_runs_aligned(const void *x) {
+  return ((uintptr_t)x & (NV_COLS_RUN * sizeof(T) - 1)) == 0;
+}
+
+/* NVFP4_COLS, and with ROWS the fused pair of nvfp4_quantize_rows_cols */
+template <bool ROWS>
+struct nv_cols {
+  template <typename Tin, typename Tout>
+  static bool vec(const nv_args &a) {
+    /* the loads take runs of NV_COLS_RUN values from even columns; each run of 16 stores is 32-
+     * or 64-byte aligned relative to xq (and to rows_q) */
+    return nv_runs_aligned<Tin>(a.x) && cuda_aligned16(a.xq) &&
+           (!ROWS || cuda_aligned16(a.rows_q));
+  }
+  template <typename Tin, typename Tout, bool VEC, bool SR>
+  static void launch(const nv_args &a) {
+    static int per_sm;
+    const size_t items = (size_t)(a.cols / (VEC ? NV_COLS_RUN : 1)) * (size_t)(a.rows / 16);
+    auto kernel = nvfp4_cols_kernel<Tin, Tout, VEC, SR, ROWS>;
+    kernel<<<nv_grid(kernel, &per_sm, items), NV_THREADS, 0, cuda_ctx.stream>>>(
+        (Tout *)a.xq, a.dec, (Tout *)a.rows_q, a.rows_dec, (const Tin *)a.x, (uint32_t)a.rows,
+        (uint32_t)a.cols, items, a.parts, a.seed, a.rows_seed, a.rht_signs);
+    CUDA_LAUNCHED(ROWS ? "nvfp4_cols_kernel (rows and cols)" : "nvfp4_cols_kernel");
+  }
+};
+
+/* From the runtime choices (x's dtype, the activation dtype, alignment, rounding) to the
+ * template instantiation of layout K. */
+template <class K, typename Tin, typename Tout, bool VEC>
+static void nv_launch_sr(const nv_args &a, bool sr) {
+  if (sr) K::template launch<Tin, Tout, VEC, true>(a);
+  else K::template launch<Tin, Tout, VEC, false>(a);
+}
+
+template <class K, typename Tin, typename Tout>
+static void nv_launch_vec(const nv_args &a, bool sr) {
+  if (K::template vec<Tin, Tout>(a)) nv_launch_sr<K, Tin, Tout, true>(a, sr);
+  else nv_launch_sr<K, Tin, Tout, false>(a, sr);
+}
+
+template <class K, typename Tin>
+static void nv_launch_out(const nv_args &a, bool sr) {
+  if (cuda_ctx.act == DT_BF16) nv_launch_vec<K, Tin, bf16>(a, sr);
+  else nv_launch_vec<K, Tin, float>(a, sr);
+}
+
+template <class K>
+static void nv_launch(const nv_args &a, enum dtype x_type, bool sr) {
+  if (x_type == DT_BF16) nv_launch_out<K, bf16>(a, sr);
+  else nv_launch_out<K, float>(a, sr);
+}
+
+/* The amax pass over the values the layout quantizes, into per-block maxima in scratch (no
+ * memset, no atomics): of x for rht_signs < 0 (max[1] then repeats max[0]), else of the
+ * transformed tiles of xᵀ, and with both also of x (max[1]), from the same loads. */
+template <typename T>
+static nv_parts nv_amax_t(const void *x, int rows, int cols, int rht_signs, bool both) {
+  nv_parts p;
+  uint32_t *part;
+  if (rht_signs >= 0) {
+    static int per_sm[2][2];
+    const bool run = nv_runs_aligned<T>(x);
+    const size_t items = (size_t)(cols / (run ? NV_COLS_RUN : 1)) * (size_t)(rows / 16);
+    auto kernel = run ? both ? nvfp4_amax_cols_kernel<T, 2, NV_COLS_RUN>
+                             : nvfp4_amax_cols_kernel<T, 1, NV_COLS_RUN>
+                      : both ? nvfp4_amax_cols_kernel<T, 2, 1> : nvfp4_amax_cols_kernel<T, 1, 1>;
+    const int blocks = nv_grid(kernel, &per_sm[run][both], items);
+    part = (uint32_t *)cuda_scratch(2 * (size_t)blocks * sizeof(uint32_t), "nvfp4 amax partials");
+    kernel<<<blocks, NV_THREADS, 0, cuda_ctx.stream>>>(part, (const T *)x, (uint32_t)cols, items,
+                                                       rht_signs);
+    CUDA_LAUNCHED("nvfp4_amax_cols_kernel");
+    p.max[0] = part;
+    p.max[1] = both ? part + blocks : part;
+    p.n = (uint32_t)blocks;
+    return p;
+  }
+  static int per_sm[2];
+  const bool vec = cuda_aligned16(x);
+  const size_t ngroups = (size_t)rows * (size_t)cols / (16 / sizeof(T));
+  auto kernel = vec ? nvfp4_amax_kernel<T, true> : nvfp4_amax_kernel<T, false>;
+  const int blocks = nv_grid(kernel, &per_sm[vec], (ngroups + 3) / 4);
+  part = (uint32_t *)cuda_scratch((size_t)blocks * sizeof(uint32_t), "nvfp4 amax partials");
+  kernel<<<blocks, NV_THREADS, 0, cuda_ctx.stream>>>(part, (const T *)x, ngroups);
+  CUDA_LAUNCHED("nvfp4_amax_kernel");
+  p.max[0] = p.max[1] = part;
+  p.n = (uint32_t)blocks;
+  return p;
+}
+
+static nv_parts nv_amax(const void *x, enum dtype x_type, int rows, int cols, int rht_signs,
+                        bool both) {
+  return x_type == DT_BF16 ? nv_amax_t<bf16>(x, rows, cols, rht_signs, both)
+                           : nv_amax_t<float>(x, rows, cols, rht_signs, both);
+}
+
+/* Once per process (the one synchronization of these ops): the device keeps denormals in this
+ * file's code, without which the scales of small blocks would differ from the CPU's. */
+static void nv_check_denormals(void) {
+  static int checked;
+  if (checked) return;
+  uint32_t *probe = (uint32_t *)cuda_scratch(sizeof(uint32_t), "nvfp4 denormal probe");
+  nvfp4_denormal_probe_kernel<<<1, 1, 0, cuda_ctx.stream>>>(probe, FLT_MIN);
+  CUDA_LAUNCHED("nvfp4_denormal_probe_kernel");
+  CUDA_CHECK(cudaMemcpyAsync(cuda_ctx.host_result, probe, sizeof *probe, cudaMemcpyDeviceToHost,
+                             cuda_ctx.stream));
+  CUDA_CHECK(cudaStreamSynchronize(cuda_ctx.stream));
+  uint32_t bits;
+  memcpy(&bits, cuda_ctx.host_result, sizeof bits);
+  if (bits != 0x00400000u)
+    cuda_fail("cuda_nvfp4_quantize",
+              "the device flushed a denormal to zero: the NVFP4 kernels must be built without "
+              "-ftz=true or --use_fast_math to match the CPU bit for bit",
+              __FILE__, __LINE__);
+  checked = 1;
 }
 
 /* ---- ops ------------------------------------------------------------------------------------ */
 
-static int nv_grid(size_t threads) { return cuda_blocks(threads); }
-
-float cuda_nvfp4_quantize_dequantize(float *xq, const float *x, int rows, int cols,
-                                     int tiles_16x16, int stochastic, uint64_t seed) {
-  /* the CPU's shape rule and answer (NaN, nothing written) */
-  const int block_rows = tiles_16x16 ? 16 : 1;
-  if (rows < 0 || cols < 0 || cols % 16 || rows % block_rows) {
-    fprintf(stderr,
-            "cuda_nvfp4_quantize_dequantize: shape [%d, %d] refused: cols (and rows for 16x16 "
-            "tiles) must be non-negative multiples of 16\n",
-            rows, cols);
-    return NAN;
+extern "C" void cuda_nvfp4_quantize(void *xq, float *dec, const void *x, enum dtype x_type,
+                                    int rows, int cols, enum nvfp4_layout layout, int stochastic,
+                                    uint64_t seed, int rht_signs) {
+  static const char *const names[] = {"NVFP4_ROWS", "NVFP4_TILES", "NVFP4_COLS"};
+  char detail[256];
+  if ((unsigned)layout > NVFP4_COLS || (x_type != DT_F32 && x_type != DT_BF16)) {
+    snprintf(detail, sizeof detail, "unknown layout %d or x_type %d", (int)layout, (int)x_type);
+    cuda_fail("cuda_nvfp4_quantize", detail, __FILE__, __LINE__);
   }
-  const size_t n = (size_t)rows * cols, nquads = n / 4;
-  if (n == 0) return nv_tensor_scale(0.0f).dec;   /* amax 0: S_dec = 1, nothing to write */
-  cudaStream_t st = cuda_ctx.stream;
-  uint32_t *state = (uint32_t *)cuda_scratch(2 * sizeof(uint32_t), "nvfp4 amax");
-
-  CUDA_CHECK(cudaMemsetAsync(state, 0, 2 * sizeof(uint32_t), st));
-  int amax_blocks = nv_grid(nquads), cap = 8 * (cuda_ctx.sm_count > 0 ? cuda_ctx.sm_count : 132);
-  if (amax_blocks > cap) amax_blocks = cap;
-  if (cuda_aligned16(x))
-    nvfp4_amax_kernel<true><<<amax_blocks, NV_THREADS, 0, st>>>(state, x, nquads, FLT_MIN);
-  else
-    nvfp4_amax_kernel<false><<<amax_blocks, NV_THREADS, 0, st>>>(state, x, nquads, FLT_MIN);
-  CUDA_LAUNCHED("nvfp4_amax_kernel");
-
-  const bool vec = cuda_aligned16(x) && cuda_aligned16(xq), sr = stochastic != 0;
-#define NV_LAUNCH(kernel, grid, ...)                                                   \
-  do {                                                                                 \
-    if (vec && sr) kernel<true, true><<<grid, NV_THREADS, 0, st>>>(__VA_ARGS__);       \
-    else if (vec) kernel<true, false><<<grid, NV_THREADS, 0, st>>>(__VA_ARGS__);       \
-    else if (sr) kernel<false, true><<<grid, NV_THREADS, 0, st>>>(__VA_ARGS__);        \
-    else kernel<false, false><<<grid, NV_THREADS, 0, st>>>(__VA_ARGS__);               \
-    CUDA_LAUNCHED(#kernel);                                                            \
-  } while (0)
-  if (tiles_16x16) {
-    const size_t tiles = n / 256;
-    if (tiles > UINT32_MAX)
-      cuda_fail("cuda_nvfp4_quantize_dequantize", "more than 2^32 16x16 tiles", __FILE__, __LINE__);
-    NV_LAUNCH(nvfp4_qdq_16x16_kernel, nv_grid(tiles * 32), xq, x, (uint32_t)cols,
-              (uint32_t)tiles, state, seed);
-  } else {
-    NV_LAUNCH(nvfp4_qdq_1x16_kernel, nv_grid(nquads), xq, x, nquads, state, seed);
+  /* the CPU's shape rule; 2^32 blocks of 16 keep the kernels' 32-bit tile and item indices */
+  if (rows < 0 || cols < 0 || cols % 16 || (layout != NVFP4_ROWS && rows % 16) ||
+      (size_t)rows * (size_t)cols / 16 > UINT32_MAX) {
+    snprintf(detail, sizeof detail,
+             "shape [%d, %d] refused for %s: cols (and rows but for NVFP4_ROWS) must be "
+             "non-negative multiples of 16, with fewer than 2^32 blocks of 16",
+             rows, cols, names[layout]);
+    cuda_fail("cuda_nvfp4_quantize", detail, __FILE__, __LINE__);
   }
-#undef NV_LAUNCH
-
-  CUDA_CHECK(cudaMemcpyAsync(cuda_ctx.host_result, state, 2 * sizeof(uint32_t),
-                             cudaMemcpyDeviceToHost, st));
-  CUDA_CHECK(cudaStreamSynchronize(st));
-  uint32_t got[2];
-  memcpy(got, cuda_ctx.host_result, sizeof got);
-  if (got[1] != 0x00400000u)
-    cuda_fail("cuda_nvfp4_quantize_dequantize",
-              "the device flushed a denormal to zero: the NVFP4 kernels must be built without "
-              "-ftz=true or --use_fast_math to match the CPU bit for bit",
-              __FILE__, __LINE__);
-  if (got[0] >= 0x7f800000u) return NAN;   /* NaN or Inf in x: nothing was written */
-  return nv_tensor_scale(nv_u2f(got[0])).dec;
+  /* in place, each thread reads its own elements before writing them, at the same offsets */
+  if (xq == x && (layout == NVFP4_COLS || x_type != cuda_ctx.act)) {
+    snprintf(detail, sizeof detail,
+             "in place (xq == x) for %s with x %s and xq %s: only NVFP4_ROWS and NVFP4_TILES "
+             "with x in the activation dtype may alias",
+             names[layout], x_type == DT_BF16 ? "bf16" : "fp32",
+             cuda_ctx.act == DT_BF16 ? "bf16" : "fp32");
+    cuda_fail("cuda_nvfp4_quantize", detail, __FILE__, __LINE__);
+  }
+  nv_check_denormals();
+  const int rht = layout == NVFP4_COLS ? rht_signs : -1;
+  nv_args a = {};
+  a.xq = xq, a.dec = dec, a.x = x, a.rows = rows, a.cols = cols, a.seed = seed;
+  a.rht_signs = rht;
+  a.parts = nv_amax(x, x_type, rows, cols, rht, false);
+  const bool sr = stochastic != 0;
+  if (layout == NVFP4_ROWS) nv_launch<nv_rows>(a, x_type, sr);
+  else if (layout == NVFP4_TILES) nv_launch<nv_tiles>(a, x_type, sr);
+  else nv_launch<nv_cols<false>>(a, x_type, sr);
 }
 
-void cuda_nvfp4_rht(float *out, const float *x, int rows, int cols, uint16_t signs) {
-  /* nvfp4_rht.c's walk: rows * (cols / 16) tiles of 16 consecutive floats */
-  if (rows <= 0 || cols < 16) return;
-  const size_t nquads = (size_t)rows * (size_t)(cols / 16) * 4;
-  cudaStream_t st = cuda_ctx.stream;
-  if (cuda_aligned16(x) && cuda_aligned16(out))
-    nvfp4_rht_kernel<true><<<nv_grid(nquads), NV_THREADS, 0, st>>>(out, x, nquads, signs);
-  else
-    nvfp4_rht_kernel<false><<<nv_grid(nquads), NV_THREADS, 0, st>>>(out, x, nquads, signs);
-  CUDA_LAUNCHED("nvfp4_rht_kernel");
+/* Two passes over x for both operands: the amax pass (one kernel: the plain max for the rows
+ * operand and, with the RHT, the transformed max for the cols operand from the same loads) and
+ * nvfp4_cols_kernel<ROWS>, which writes both. x is in the activation dtype. */
+extern "C" void cuda_nvfp4_quantize_rows_cols(void *rows_q, float *rows_dec, uint64_t rows_seed,
+                                              void *cols_q, float *cols_dec, uint64_t cols_seed,
+                                              const void *x, int rows, int cols, int stochastic,
+                                              int rht_signs) {
+  if (rows < 0 || cols < 0 || rows % 16 || cols % 16 ||
+      (size_t)rows * (size_t)cols / 16 > UINT32_MAX || rows_q == x || cols_q == x ||
+      cols_q == rows_q) {
+    char detail[256];
+    snprintf(detail, sizeof detail,
+             "shape [%d, %d]%s refused: rows and cols must be non-negative multiples of 16, with "
+             "fewer than 2^32 blocks of 16, and x, rows_q and cols_q distinct (the CPU's two "
+             "calls would quantize a rows_q == x again)",
+             rows, cols, rows_q == x || cols_q == x || cols_q == rows_q ? " with aliases" : "");
+    cuda_fail("cuda_nvfp4_quantize_rows_cols", detail, __FILE__, __LINE__);
+  }
+  nv_check_denormals();
+  nv_args a = {};
+  a.xq = cols_q, a.dec = cols_dec, a.x = x, a.rows = rows, a.cols = cols, a.seed = cols_seed;
+  a.rht_signs = rht_signs;
+  a.rows_q = rows_q, a.rows_dec = rows_dec, a.rows_seed = rows_seed;
+  a.parts = nv_amax(x, cuda_ctx.act, rows, cols, rht_signs, true);
+  const bool sr = stochastic != 0;
+  if (cuda_ctx.act == DT_BF16) nv_launch_vec<nv_cols<true>, bf16, bf16>(a, sr);
+  else nv_launch_vec<nv_cols<true>, float, float>(a, sr);
 }
 
-void cuda_nvfp4_gemm(float *c, const float *a, float s_dec_a, const float *b, float s_dec_b,
-                     int m, int n, int k, float beta) {
-  /* as nvfp4_gemm.c: alpha is the fp32 product of the two tensor scales; leading dimensions of
-   * at least 1 (cuda_gemm returns for m or n = 0 and gives c = beta * c for k = 0). The
-   * operands q * s_b have at most 6 significant bits, so TF32 (when the mode allows it) reads
-   * them exactly. */
-  const float alpha = s_dec_a * s_dec_b;
+extern "C" void cuda_nvfp4_gemm(void *c, enum dtype c_type, const void *a, const float *dec_a,
+                                const void *b, const float *dec_b, int b_kn, int m, int n, int k,
+                                float beta) {
+  /* as nvfp4_gemm.c: leading dimensions of at least 1 (the GEMM returns for m or n = 0 and
+   * gives c = beta * c for k = 0). The operands q * s_b have at most 6 significant bits, so
+   * bf16 and TF32 (when the mode allows it) read them exactly. */
   const int ldk = k > 1 ? k : 1, ldn = n > 1 ? n : 1;
-  cuda_gemm(0, 1, m, n, k, alpha, a, ldk, b, ldk, beta, c, ldn, DT_F32, DT_F32);
+  cuda_gemm_scaled(0, b_kn ? 0 : 1, m, n, k, dec_a, dec_b, a, ldk, b, b_kn ? ldn : ldk, beta, c,
+                   ldn, cuda_ctx.act, c_type);
 }

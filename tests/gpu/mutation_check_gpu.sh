@@ -16,6 +16,8 @@ MUTATIONS=(
   'adamw_no_bias_correction#kernels/cuda/cuda_adamw.cu#s|(double)st->lr / (1.0 - pow((double)st->beta1, (double)st->t))|(double)st->lr|#AdamW first-moment bias correction dropped'
   'adamw_clip_ignored#kernels/cuda/cuda_adamw.cu#s|const float g = __fmul_rn(g_raw, s.grad_scale);|const float g = g_raw;|#AdamW ignores the clipping factor'
   'sum_into_overwrites#kernels/cuda/cuda_elementwise.cu#s/if (threadIdx.x == 0) \*acc += t;/if (threadIdx.x == 0) *acc = t;/#sum_into overwrites its device accumulator instead of adding'
+  'nvfp4_gemm_alpha_one_scale#kernels/cuda/cuda_gemm.cu#s/scalars\[0\] = __fmul_rn(\*scale_a, \*scale_b);/scalars[0] = *scale_a;/#the NVFP4 GEMM ignores the second tensor scale'
+  'nvfp4_fused_rows_draws#kernels/cuda/cuda_nvfp4.cu#s/nv_quantize16<SR>(out, v, sc\[ROWS\], rows_seed, i0);/nv_quantize16<SR>(out, v, sc[ROWS], rows_seed, i0 + 4);/#the fused dY kernel draws the rows operand with the wrong counters'
   # only the bf16 mode's checks can catch these: the fp32 and tf32 modes never store bf16
   'bf16_store_truncates#kernels/cuda/cuda_dtype.cuh#s/{ \*p = __float2bfloat16_rn(v); }/{ *p = __float2bfloat16_rz(v); }/#bf16 activations stored rounded toward zero'
   'bf16_tc_causal_off_by_one#kernels/cuda/cuda_attention_bf16.cu#s/lim\[i\] = min(off + q0 + warp \* 16 + g + 8 \* i, s.tk - 1);/lim[i] = min(off + q0 + warp * 16 + g + 8 * i + 1, s.tk - 1);/#bf16 tensor-core forward: causal limit one key late'

@@ -1,8 +1,10 @@
 /* Every op of the CUDA backend against the CPU backend, on fresh random inputs, in the backend's
  * three modes (the test switches cuda_ctx.act and cuda_ctx.tf32 between ops):
  *  - fp32 (activations fp32, TF32 off), the exact mode: every op within 1e-5 relative
- *    (whole-tensor L2); embedding forward, add_inplace, scale, transpose and the NVFP4 random
- *    Hadamard transform exact; NVFP4 quantization byte for byte; sum_into within 1e-12;
+ *    (whole-tensor L2); embedding forward, add_inplace and scale exact; NVFP4 quantization
+ *    (every layout, the transform included, and the fused rows + cols pair of an output
+ *    gradient) byte for byte, its S_dec bit for bit; sum_into
+ *    within 1e-12;
  *  - tf32 (activations fp32, TF32 on): the linear GEMMs, 3e-3: TF32 rounds operands to 10
  *    mantissa bits;
  *  - bf16 (activations bf16, TF32 on), the default: every op that takes activations, with bf16
@@ -11,7 +13,8 @@
  *    inputs are rounded to bf16 on the host and given to the CPU as fp32. 1e-2 relative; the
  *    embedding forward and add_inplace bit for bit with the CPU's fp32 results rounded to bf16,
  *    the embedding backward (fp32 additions of bf16 values, in the CPU's order) within 1e-5;
- *    convert bit for bit with a host round-to-nearest-even.
+ *    convert bit for bit with a host round-to-nearest-even; NVFP4 quantization of bf16 and
+ *    fp32 inputs into bf16 byte for byte (q * s_b is exact in bf16).
  * Pure outputs are poisoned with NaN (bf16 NaN 0x7FC0 in bf16 tensors) before each GPU run, so an
  * element the kernel never wrote fails the check; accumulating outputs (every backward adds into
  * its gradients) start from the same values on both sides and what is compared is what each
@@ -655,18 +658,6 @@ static void test_sum_into(const float *x, size_t n) {
   gpu->free(d_x);
 }
 
-static void test_transpose(const float *x, int rows, int cols) {
-  float *t = xmalloc((size_t)rows * cols * 4), *d_t = poisoned((size_t)rows * cols);
-  float *d_x = up(x, (size_t)rows * cols * 4);
-  cpu->transpose(t, x, rows, cols);
-  gpu->transpose(d_t, d_x, rows, cols);
-  char name[112];
-  snprintf(name, sizeof name, "transpose %d x %d", rows, cols);
-  expect(name, d_t, t, (size_t)rows * cols, 0);
-  gpu->free(d_x);
-  free(t);
-}
-
 static void test_linear(int n, int in, int out_dim) {
   size_t nx = (size_t)n * in, nw = (size_t)out_dim * in, ny = (size_t)n * out_dim;
   float *x = rand_act(nx, -1, 1), *w = rand_act(nw, -0.1, 0.1), *y = xmalloc(ny * 4);
@@ -796,75 +787,262 @@ static void test_adamw(size_t n, int copy) {
   free(p); free(g); free(m); free(v);
 }
 
-/* NVFP4: the same bytes as the CPU quantizer, and the same S_dec */
-static void check_quantize(const char *what, const float *x, int rows, int cols, int tiles,
-                           int sr, uint64_t seed) {
-  size_t n = (size_t)rows * cols;
-  float *q = xmalloc(n * 4), *d_x = up(x, n * 4), *d_q = poisoned(n);
-  float dec = cpu->nvfp4_quantize_dequantize(q, x, rows, cols, tiles, sr, seed);
-  float g_dec = gpu->nvfp4_quantize_dequantize(d_q, d_x, rows, cols, tiles, sr, seed);
-  float *g_q = down(d_q, n);
-  int same = isnan(dec) ? isnan(g_dec) : (dec == g_dec && !memcmp(q, g_q, n * 4));
-  printf("%-4s %-62s %s\n", mode, what, same ? "identical" : "DIFFERENT");
-  CHECK(same, "%s: S_dec %g vs %g, bytes %s", what, g_dec, dec,
-        memcmp(q, g_q, n * 4) ? "differ" : "equal");
-  /* in place (xq aliases x) gives the same */
-  if (!isnan(dec)) {
-    gpu->nvfp4_quantize_dequantize(d_x, d_x, rows, cols, tiles, sr, seed);
-    float *again = down(d_x, n);
-    CHECK(!memcmp(again, q, n * 4), "%s: in-place result differs", what);
+/* ---- NVFP4 ----------------------------------------------------------------------------------- */
+
+/* 1 when a and b hold the same n floats bit for bit, or NaN where the other is NaN */
+static int same_floats(const float *a, const float *b, size_t n) {
+  for (size_t i = 0; i < n; i++)
+    if (isnan(a[i]) ? !isnan(b[i]) : bits_of_f32(a[i]) != bits_of_f32(b[i])) return 0;
+  return 1;
+}
+
+/* nvfp4_quantize of x [rows, cols] given to the GPU in x_type (bf16: x rounded to bf16 first,
+ * and the CPU quantizes those fp32 values), from an element `offset` into its buffer into one
+ * `offset` into xq's (1: the scalar load/store paths). The GPU's xq, in the mode's activation
+ * dtype and read back as fp32, must be the CPU's byte for byte, and its *dec (device memory,
+ * poisoned with -7) the CPU's. A non-finite x gives a NaN dec and leaves xq as it was
+ * (poisoned). In place (xq == x; not for NVFP4_COLS, and only with x in the activation dtype)
+ * gives the same bytes, or for a NaN dec leaves x as it was. */
+static void check_quantize(const char *label, const float *x_in, enum dtype x_type, int rows,
+                           int cols, enum nvfp4_layout layout, int rht, int sr, uint64_t seed,
+                           int offset) {
+  static const char *const layouts[] = {"rows", "tiles", "cols"};
+  size_t n = (size_t)rows * cols, xb = dtype_bytes(x_type), qb = dtype_bytes(act);
+  char what[160];
+  snprintf(what, sizeof what, "nvfp4 %s%s %s x:%s %dx%d%s %s", layouts[layout],
+           layout == NVFP4_COLS ? (rht >= 0 ? "+rht" : " no-rht") : "", sr ? "SR" : "RN",
+           x_type == DT_BF16 ? "bf16" : "f32", rows, cols, offset ? " unaligned" : "", label);
+  float *x = clone(x_in, n), *q = xmalloc((n ? n : 1) * 4), dec;
+  if (x_type == DT_BF16)
+    for (size_t i = 0; i < n; i++) x[i] = bf16_round(x[i]);
+  cpu->nvfp4_quantize(q, &dec, x, DT_F32, rows, cols, layout, sr, seed, rht);
+
+  float *x_buf = xmalloc((n + offset + 1) * 4), poison = -7.0f;
+  x_buf[0] = 0;
+  memcpy(x_buf + offset, x, n * 4);
+  char *d_xbuf = up_as(x_buf, n + offset, x_type), *d_qbuf = poisoned_act(n + offset);
+  void *d_x = d_xbuf + offset * xb, *d_q = d_qbuf + offset * qb;
+  float *d_dec = up(&poison, 4), g_dec;
+  gpu->nvfp4_quantize(d_q, d_dec, d_x, x_type, rows, cols, layout, sr, seed, rht);
+  gpu->to_host(&g_dec, d_dec, 4);
+  float *g_q = down_as(d_qbuf, n + offset, act);
+  int nonfinite = isnan(dec), untouched = 1;
+  for (size_t i = 0; i < n + offset; i++) untouched &= isnan(g_q[i]);
+  int same_dec = nonfinite ? isnan(g_dec) : bits_of_f32(g_dec) == bits_of_f32(dec);
+  int same_q = nonfinite ? untouched
+                         : (!offset || isnan(g_q[0])) && !memcmp(g_q + offset, q, n * 4);
+  printf("%-4s %-62s %s\n", mode, what, same_dec && same_q ? "identical" : "DIFFERENT");
+  CHECK(same_dec, "%s mode, %s: S_dec %g (0x%08x), the CPU's %g (0x%08x)", mode, what, g_dec,
+        bits_of_f32(g_dec), dec, bits_of_f32(dec));
+  CHECK(same_q, "%s mode, %s: xq %s", mode, what,
+        nonfinite ? "written although the input is not finite" : "differs from the CPU's");
+
+  if (layout != NVFP4_COLS && x_type == act) {
+    gpu->to_device(d_dec, &poison, 4);
+    gpu->nvfp4_quantize(d_x, d_dec, d_x, x_type, rows, cols, layout, sr, seed, rht);
+    gpu->to_host(&g_dec, d_dec, 4);
+    float *again = down_as(d_x, n, act);
+    int ok = (nonfinite ? isnan(g_dec) : bits_of_f32(g_dec) == bits_of_f32(dec)) &&
+             (nonfinite ? same_floats(again, x, n) : !memcmp(again, q, n * 4));
+    CHECK(ok, "%s mode, %s: in place (xq == x) differs", mode, what);
     free(again);
   }
-  gpu->free(d_x); gpu->free(d_q);
-  free(q); free(g_q);
+  gpu->free(d_xbuf); gpu->free(d_qbuf); gpu->free(d_dec);
+  free(x); free(q); free(x_buf); free(g_q);
+}
+
+/* nvfp4_quantize_rows_cols of x [rows, cols] (the activation dtype: x rounded to bf16 first
+ * in the bf16 mode) against the CPU's (its two nvfp4_quantize calls), with the buffers
+ * `offset` elements into theirs as check_quantize: both operands byte for byte, both S_dec
+ * bit for bit (each poisoned first); a non-finite operand (a NaN or ±Inf in x, or an RHT sum
+ * that overflows: then the rows operand stays finite) has a NaN S_dec and leaves its output
+ * as it was. */
+static void check_rows_cols(const char *label, const float *x_in, int rows, int cols, int rht,
+                            int sr, uint64_t seed, int offset) {
+  size_t n = (size_t)rows * cols, qb = dtype_bytes(act);
+  char what[160];
+  snprintf(what, sizeof what, "nvfp4 rows+cols%s %s %dx%d%s %s", rht >= 0 ? "+rht" : "",
+           sr ? "SR" : "RN", rows, cols, offset ? " unaligned" : "", label);
+  float *x = clone(x_in, n), *q[2] = {xmalloc((n ? n : 1) * 4), xmalloc((n ? n : 1) * 4)};
+  float dec[2];
+  round_act(x, n);
+  cpu->nvfp4_quantize_rows_cols(q[0], &dec[0], seed, q[1], &dec[1], seed + 1, x, rows, cols, sr,
+                                rht);
+
+  float *x_buf = xmalloc((n + offset + 1) * 4), poison[2] = {-7.0f, -7.0f};
+  x_buf[0] = 0;
+  memcpy(x_buf + offset, x, n * 4);
+  char *d_xbuf = up_act(x_buf, n + offset);
+  char *d_qbuf[2] = {poisoned_act(n + offset), poisoned_act(n + offset)};
+  float *d_dec = up(poison, sizeof poison), g_dec[2];
+  gpu->nvfp4_quantize_rows_cols(d_qbuf[0] + offset * qb, d_dec, seed, d_qbuf[1] + offset * qb,
+                                d_dec + 1, seed + 1, d_xbuf + offset * qb, rows, cols, sr, rht);
+  gpu->to_host(g_dec, d_dec, sizeof g_dec);
+  int ok = 1;
+  for (int k = 0; k < 2; k++) {
+    static const char *const names[2] = {"rows operand", "cols operand"};
+    float *g_q = down_as(d_qbuf[k], n + offset, act);
+    int nonfinite = isnan(dec[k]), untouched = 1;
+    for (size_t i = 0; i < n + offset; i++) untouched &= isnan(g_q[i]);
+    int same_dec = nonfinite ? isnan(g_dec[k]) : bits_of_f32(g_dec[k]) == bits_of_f32(dec[k]);
+    int same_q = nonfinite ? untouched
+                           : (!offset || isnan(g_q[0])) && !memcmp(g_q + offset, q[k], n * 4);
+    CHECK(same_dec, "%s mode, %s, %s: S_dec %g (0x%08x), the CPU's %g (0x%08x)", mode, what,
+          names[k], g_dec[k], bits_of_f32(g_dec[k]), dec[k], bits_of_f32(dec[k]));
+    CHECK(same_q, "%s mode, %s, %s: %s", mode, what, names[k],
+          nonfinite ? "written although not finite" : "differs from the CPU's");
+    ok &= same_dec && same_q;
+    free(g_q);
+  }
+  printf("%-4s %-62s %s\n", mode, what, ok ? "identical" : "DIFFERENT");
+  gpu->free(d_xbuf); gpu->free(d_qbuf[0]); gpu->free(d_qbuf[1]); gpu->free(d_dec);
+  free(x); free(q[0]); free(q[1]); free(x_buf);
+}
+
+/* Both roundings, with and without the RHT, on one input. */
+static void check_rows_cols_all(const char *label, const float *x, int rows, int cols,
+                                uint64_t seed) {
+  for (int sr = 0; sr < 2; sr++) {
+    check_rows_cols(label, x, rows, cols, 0xa5c3, sr, seed, 0);
+    check_rows_cols(label, x, rows, cols, -1, sr, seed + 2, 0);
+  }
+}
+
+/* Every layout (the transposing one with and without the RHT), both roundings, for x of
+ * x_type, on one input. */
+static void check_quantize_all(const char *label, const float *x, enum dtype x_type, int rows,
+                               int cols, uint64_t seed) {
+  for (int sr = 0; sr < 2; sr++) {
+    check_quantize(label, x, x_type, rows, cols, NVFP4_ROWS, -1, sr, seed, 0);
+    check_quantize(label, x, x_type, rows, cols, NVFP4_TILES, -1, sr, seed + 1, 0);
+    check_quantize(label, x, x_type, rows, cols, NVFP4_COLS, 0xa5c3, sr, seed + 2, 0);
+    check_quantize(label, x, x_type, rows, cols, NVFP4_COLS, -1, sr, seed + 3, 0);
+  }
+}
+
+/* The NVFP4 GEMM on operands the GPU quantized (their S_dec in device memory, as the worker
+ * passes them), a [m, k] 1x16 and b [n, k] 1x16 (b_kn 0) or [k, n] in 16x16 tiles (b_kn 1),
+ * against the CPU's GEMM on the CPU's quantization of the same values (checked identical
+ * above). c of c_type; beta 0 writes a poisoned c, beta 1 adds into it. */
+static void check_nvfp4_gemm(int b_kn, enum dtype c_type, float beta, int m, int n, int k) {
+  size_t na = (size_t)m * k, nb = (size_t)n * k, nc = (size_t)m * n;
+  int b_rows = b_kn ? k : n, b_cols = b_kn ? n : k;
+  enum nvfp4_layout b_layout = b_kn ? NVFP4_TILES : NVFP4_ROWS;
+  float *a = rand_act(na, -2, 2), *b = rand_act(nb, -0.5, 0.5);
+  float *aq = xmalloc((na ? na : 1) * 4), *bq = xmalloc((nb ? nb : 1) * 4), dec_a, dec_b;
+  cpu->nvfp4_quantize(aq, &dec_a, a, DT_F32, m, k, NVFP4_ROWS, 0, 0, -1);
+  cpu->nvfp4_quantize(bq, &dec_b, b, DT_F32, b_rows, b_cols, b_layout, 1, 77, -1);
+  void *d_a = up_act(a, na), *d_b = up_act(b, nb);
+  float *d_dec_a = gpu->alloc(4), *d_dec_b = gpu->alloc(4);
+  gpu->nvfp4_quantize(d_a, d_dec_a, d_a, act, m, k, NVFP4_ROWS, 0, 0, -1);
+  gpu->nvfp4_quantize(d_b, d_dec_b, d_b, act, b_rows, b_cols, b_layout, 1, 77, -1);
+  double t = c_type == DT_BF16 ? BF16_TOL : TOL;   /* exact operands: fp32 accumulation */
+  char name[112];
+  snprintf(name, sizeof name, "nvfp4 gemm %dx%dx%d b_kn %d c %s beta %g", m, n, k, b_kn,
+           c_type == DT_BF16 ? "bf16" : "f32", beta);
+  if (beta == 0) {
+    float *c = xcalloc(nc ? nc : 1, 4);
+    void *d_c = poisoned_as(nc, c_type);
+    cpu->nvfp4_gemm(c, DT_F32, aq, &dec_a, bq, &dec_b, b_kn, m, n, k, 0.0f);
+    gpu->nvfp4_gemm(d_c, c_type, d_a, d_dec_a, d_b, d_dec_b, b_kn, m, n, k, 0.0f);
+    expect_as(name, d_c, c_type, c, NULL, nc, t);
+    free(c);
+  } else {
+    struct acc c;
+    acc_init(&c, nc, c_type);
+    cpu->nvfp4_gemm(c.ref, DT_F32, aq, &dec_a, bq, &dec_b, b_kn, m, n, k, beta);
+    acc_done(&c);
+    void *d_c = acc_up(&c);
+    gpu->nvfp4_gemm(d_c, c_type, d_a, d_dec_a, d_b, d_dec_b, b_kn, m, n, k, beta);
+    acc_expect(name, d_c, &c, t);
+  }
+  gpu->free(d_a); gpu->free(d_b); gpu->free(d_dec_a); gpu->free(d_dec_b);
+  free(a); free(b); free(aq); free(bq);
 }
 
 static void test_nvfp4(void) {
   int rows = 96, cols = 160;
   size_t n = (size_t)rows * cols;
-  float *x = rand_floats(n, -3, 3);
-  const char *kinds[2] = {"1x16", "16x16"};
-  char name[112];
-  for (int tiles = 0; tiles < 2; tiles++)
-    for (int sr = 0; sr < 2; sr++) {
-      snprintf(name, sizeof name, "nvfp4 %s %s random", kinds[tiles], sr ? "SR" : "RN");
-      check_quantize(name, x, rows, cols, tiles, sr, 0x1234 + tiles);
+  float *x = rand_floats(n, -3, 3), *y = xmalloc(n * 4);
+  /* in the bf16 mode x comes as bf16 (activations) and as fp32 (master weights) */
+  enum dtype types[2] = {act, DT_F32};
+  for (int ti = 0; ti < (act == DT_BF16 ? 2 : 1); ti++) {
+    enum dtype xt = types[ti];
+    /* nvfp4_quantize_rows_cols takes activations only: the first pass of the loop */
+    int fused = xt == act;
+    check_quantize_all("random", x, xt, rows, cols, 0x1234);
+    if (fused) check_rows_cols_all("random", x, rows, cols, 0x1234);
+    /* heavy tails: blocks whose scales underflow to E4M3 subnormals and zero */
+    for (size_t i = 0; i < n; i++) y[i] = x[i] * powf(10.0f, (float)uniform(-12, 4));
+    check_quantize_all("heavy-tailed", y, xt, rows, cols, 5);
+    if (fused) check_rows_cols_all("heavy-tailed", y, rows, cols, 5);
+    /* exact ties of the element rounding, and zeros of both signs */
+    static const float ties[] = {0.25f, 0.75f, 1.25f, 1.75f, 2.5f, 3.5f, 5.0f, 6.0f, 0.0f, -0.0f};
+    for (size_t i = 0; i < n; i++) y[i] = ties[i % 10] * ((i / 16) % 2 ? -1.0f : 1.0f);
+    check_quantize_all("exact ties", y, xt, rows, cols, 6);
+    if (fused) check_rows_cols_all("exact ties", y, rows, cols, 6);
+    for (size_t i = 0; i < n; i++) y[i] = x[i] * 1e30f;
+    check_quantize_all("near 1e30", y, xt, rows, cols, 99);
+    /* near FLT_MAX: the RHT's sums overflow, which must give a NaN S_dec as on the CPU */
+    for (size_t i = 0; i < n; i++) y[i] = x[i] > 0 ? 3e38f : -3e38f;
+    check_quantize_all("near FLT_MAX", y, xt, rows, cols, 7);
+    if (fused) check_rows_cols_all("near FLT_MAX", y, rows, cols, 7);
+    memset(y, 0, n * 4);
+    check_quantize_all("zeros", y, xt, rows, cols, 8);
+    if (fused) check_rows_cols_all("zeros", y, rows, cols, 8);
+    memcpy(y, x, n * 4);
+    y[n / 2 + 5] = NAN;
+    check_quantize_all("one NaN", y, xt, rows, cols, 9);
+    if (fused) check_rows_cols_all("one NaN", y, rows, cols, 9);
+    y[n / 2 + 5] = -INFINITY;
+    check_quantize("one -inf", y, xt, rows, cols, NVFP4_COLS, 0xa5c3, 0, 0, 0);
+    if (fused) check_rows_cols("one -inf", y, rows, cols, 0xa5c3, 1, 0, 0);
+    /* right after a non-finite call: no maximum of it may linger (the amax partials are
+     * rewritten by every call, never cleared) */
+    check_quantize("after -inf", x, xt, rows, cols, NVFP4_ROWS, -1, 0, 0, 0);
+    if (fused) check_rows_cols("after -inf", x, rows, cols, 0xa5c3, 0, 0, 0);
+    /* other shapes: rows not a multiple of 16 (1x16 rows), a wide and a tall transposed case
+     * (a swapped index fails one of them), and the scalar paths of unaligned buffers */
+    check_quantize("random", x, xt, 37, 48, NVFP4_ROWS, -1, 1, 10, 0);
+    check_quantize("random", x, xt, 32, 400, NVFP4_COLS, 0x0f0f, 1, 11, 0);
+    check_quantize("random", x, xt, 400, 32, NVFP4_COLS, 0x0f0f, 1, 12, 0);
+    check_quantize("random", x, xt, 48, 304, NVFP4_TILES, -1, 1, 13, 0);
+    check_quantize("random", x, xt, rows, cols, NVFP4_ROWS, -1, 1, 14, 1);
+    check_quantize("random", x, xt, rows, cols, NVFP4_TILES, -1, 1, 15, 1);
+    check_quantize("random", x, xt, rows, cols, NVFP4_COLS, 0xa5c3, 1, 16, 1);
+    check_quantize("empty", x, xt, 0, 32, NVFP4_COLS, 0xa5c3, 0, 17, 0);
+    if (fused) {
+      /* a wide and a tall case (cols % 32 == 16: a warp's two half-warps in different
+       * tiles), the scalar path, an empty x, and a large x for the grid-stride loops and the
+       * partial maxima of many blocks */
+      check_rows_cols("random", x, 32, 400, 0x0f0f, 1, 18, 0);
+      check_rows_cols("random", x, 400, 32, 0x0f0f, 1, 19, 0);
+      check_rows_cols("random", x, 48, 304, -1, 0, 20, 0);
+      check_rows_cols("random", x, rows, cols, 0xa5c3, 1, 21, 1);
+      check_rows_cols("random", x, rows, cols, -1, 0, 22, 1);
+      check_rows_cols("empty", x, 0, 32, 0xa5c3, 0, 23, 0);
+      size_t nb = (size_t)2048 * 2576;
+      float *big = rand_floats(nb, -3, 3);
+      for (size_t i = 0; i < nb; i += 7) big[i] *= powf(10.0f, (float)uniform(-8, 3));
+      for (int sr = 0; sr < 2; sr++) {
+        check_rows_cols("large", big, 2048, 2576, 0xa5c3, sr, 24 + sr, 0);
+        check_quantize("large", big, xt, 2048, 2576, NVFP4_ROWS, -1, sr, 26 + sr, 0);
+      }
+      check_quantize("large", big, xt, 2048, 2576, NVFP4_COLS, 0xa5c3, 1, 28, 0);
+      free(big);
     }
-  /* heavy tails: blocks whose scales underflow to E4M3 subnormals and zero */
-  float *y = xmalloc(n * 4);
-  for (size_t i = 0; i < n; i++) y[i] = x[i] * powf(10.0f, (float)uniform(-12, 4));
-  for (int tiles = 0; tiles < 2; tiles++) {
-    snprintf(name, sizeof name, "nvfp4 %s heavy-tailed", kinds[tiles]);
-    check_quantize(name, y, rows, cols, tiles, 0, 0);
   }
-  /* exact ties of the element rounding, zeros, and huge values */
-  static const float ties[] = {0.25f, 0.75f, 1.25f, 1.75f, 2.5f, 3.5f, 5.0f, 6.0f, 0.0f, -0.0f};
-  for (size_t i = 0; i < n; i++) y[i] = ties[i % 10] * ((i / 16) % 2 ? -1.0f : 1.0f);
-  check_quantize("nvfp4 1x16 exact ties", y, rows, cols, 0, 0, 0);
-  for (size_t i = 0; i < n; i++) y[i] = x[i] * 1e30f;
-  check_quantize("nvfp4 1x16 near 1e30", y, rows, cols, 0, 1, 99);
-  memset(y, 0, n * 4);
-  check_quantize("nvfp4 1x16 zeros", y, rows, cols, 0, 0, 0);
-  memcpy(y, x, n * 4);
-  y[n / 2] = NAN;
-  check_quantize("nvfp4 non-finite input gives NaN", y, rows, cols, 0, 0, 0);
+  free(x); free(y);
 
-  float *r = xmalloc(n * 4), *d_x = up(x, n * 4), *d_r = poisoned(n);
-  cpu->nvfp4_rht(r, x, rows, cols, 0xa5c3);
-  gpu->nvfp4_rht(d_r, d_x, rows, cols, 0xa5c3);
-  expect("nvfp4 random Hadamard transform", d_r, r, n, 0);
-
-  int m = 64, nn = 48, k = 160;
-  float *a = rand_floats((size_t)m * k, -1, 1), *b = rand_floats((size_t)nn * k, -1, 1);
-  float *c = rand_floats((size_t)m * nn, -1, 1), *c0 = clone(c, (size_t)m * nn);
-  float *d_a = up(a, (size_t)m * k * 4), *d_b = up(b, (size_t)nn * k * 4);
-  float *d_c = up(c, (size_t)m * nn * 4);
-  cpu->nvfp4_gemm(c, a, 0.5f, b, 0.25f, m, nn, k, 1.0f);
-  gpu->nvfp4_gemm(d_c, d_a, 0.5f, d_b, 0.25f, m, nn, k, 1.0f);
-  expect_from("nvfp4 gemm (beta 1)", d_c, c, c0, (size_t)m * nn, TOL);
-  free(c0);
-  gpu->free(d_x); gpu->free(d_a); gpu->free(d_b);
-  free(x); free(y); free(r); free(a); free(b); free(c);
+  /* the GEMM: c in the activation dtype and in fp32, beta 0 (c not read) and 1, W as [n, k]
+   * and as its 16x16-tiled [k, n]; k = 0 gives c = beta * c (fp32 c: struct acc's bf16 start
+   * assumes an op that adds) */
+  enum dtype c_types[2] = {act, DT_F32};
+  for (int ci = 0; ci < (act == DT_BF16 ? 2 : 1); ci++)
+    for (int b_kn = 0; b_kn < 2; b_kn++)
+      for (int beta = 0; beta < 2; beta++)
+        check_nvfp4_gemm(b_kn, c_types[ci], (float)beta, 64, 48, 160);
+  check_nvfp4_gemm(0, DT_F32, 0.5f, 32, 16, 0);
 }
 
 /* ---- convert ------------------------------------------------------------------------------ */
@@ -1067,7 +1245,6 @@ int main(void) {
   test_add_inplace(ne);
   float *x = rand_floats(ne, -4, 4);
   test_sum_into(x, ne);
-  test_transpose(x, 333, 517);
   free(x);
   test_linear(100, 96, 160);
   test_linear(256, 2560, 1024);
@@ -1129,6 +1306,7 @@ int main(void) {
   test_lm_head(300, 128, 151936, 0);
   test_adamw(100003, 1);
   test_adamw(1001, 1);                          /* odd length: the scalar tail */
+  test_nvfp4();
 
   size_t in_use, peak;
   gpu->memory(&in_use, &peak);

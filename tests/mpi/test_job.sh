@@ -74,7 +74,7 @@ else
   result 0 "the tiny job failed"
 fi
 # evaluation every eval.every steps during training: validation lines in metrics.jsonl
-if timeout 300 "$train" "$job" --set train.steps=10 --set eval.every=5 \
+if timeout 300 "$train" "$job" --set train.steps=10 --set eval.every=5 --set train.log_every=1 \
     --set data.train="$build/data/tiny.h5" --set data.valid="$build/data/tiny.h5" \
     --set eval.valid_batches=2 --set output_dir="$work/ev" >"$log" 2>&1 &&
     [ "$(grep -c '"val_loss"' "$work/ev/metrics.jsonl")" = 2 ] &&
@@ -82,5 +82,15 @@ if timeout 300 "$train" "$job" --set train.steps=10 --set eval.every=5 \
   pass "eval.every=5: validation at steps 5 and 10"
 else
   result 0 "eval.every during training"
+fi
+# ... and the evaluation leaves training alone: every step's loss as without it
+train_losses() { grep -v val_loss "$1/metrics.jsonl" | grep -o '"loss":[^,}]*'; }
+if timeout 300 "$train" "$job" --set train.steps=10 --set train.log_every=1 \
+    --set data.train="$build/data/tiny.h5" --set output_dir="$work/ev0" >"$log" 2>&1 &&
+    [ "$(train_losses "$work/ev0" | wc -l)" = 10 ] &&
+    diff <(train_losses "$work/ev0") <(train_losses "$work/ev") >/dev/null; then
+  pass "evaluation during training changes no step's training loss"
+else
+  result 0 "evaluation during training changed the training losses: $(paste -d' ' <(train_losses "$work/ev0") <(train_losses "$work/ev") | tr '\n' ' ')"
 fi
 finish

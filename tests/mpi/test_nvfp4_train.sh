@@ -63,6 +63,18 @@ case $verdict in
   *) fail "NVFP4 on 1 and 2 processes differ ($verdict)" ;;
 esac
 
+# a diverged run stops at the first non-finite gradient norm, before its update, naming the
+# NVFP4 operand that met the non-finite value (its tensor scale is kept on the device)
+timeout 120 $MPIRUN -np 1 "$build/qwen3-train" "$build/jobs/tiny.pb" "${common[@]}" \
+  --set precision.linear=NVFP4 --set optim.lr=1e30 --set optim.warmup_steps=0 \
+  --set output_dir="$out/diverged" >"$out/diverged.log" 2>&1
+rc=$?
+if [ "$rc" != 0 ] && grep -Eq "error: step [0-9]+: the gradient norm is nan; stopping: the NVFP4 quantization of model\.layers\.[0-9]+\.[a-z_]+\.[a-z_]+\.weight's [a-z (A-Za-z)]+ met a non-finite value" "$out/diverged.log"; then
+  pass "a diverged NVFP4 run stops, naming the operand: $(grep -o 'step [0-9]*: the gradient.*' "$out/diverged.log" | head -n 1)"
+else
+  fail "a diverged NVFP4 run (exit $rc) did not stop with the operand named"; tail -n 5 "$out/diverged.log"
+fi
+
 # a way to look: the trained checkpoint's linear weights as NVFP4 codes and scales
 if "$build/qwen3-nvfp4" quantize "$out/nvfp4/checkpoints" "$out/dump.h5" >"$log" 2>&1 &&
     grep -q "28 tensors quantized (16x16 blocks)" "$log" &&

@@ -395,7 +395,7 @@ static void test_gemm(void) {
   struct nvfp4_tensor_scale ta, tb;
   nvfp4_quantize_dequantize(aq, &ta, a, M, K, NVFP4_BLOCK_1X16, NVFP4_ROUND_NEAREST, 0);
   nvfp4_quantize_dequantize(bq, &tb, b, N, K, NVFP4_BLOCK_16X16, NVFP4_ROUND_NEAREST, 0);
-  nvfp4_gemm(c, aq, ta.dec, bq, tb.dec, M, N, K, 0.0f);
+  nvfp4_gemm(c, aq, ta.dec, bq, tb.dec, 0, M, N, K, 0.0f);
   double worst = 0, quant_err = 0, quant_mag = 0;
   for (int i = 0; i < M; i++)
     for (int j = 0; j < N; j++) {
@@ -417,11 +417,20 @@ static void test_gemm(void) {
 
   float *c2 = xmalloc(sizeof(float) * M * N);
   memcpy(c2, c, sizeof(float) * M * N);
-  nvfp4_gemm(c2, aq, ta.dec, bq, tb.dec, M, N, K, 1.0f);
+  nvfp4_gemm(c2, aq, ta.dec, bq, tb.dec, 0, M, N, K, 1.0f);
   int ok = 1;
   for (int i = 0; i < M * N; i++) ok &= fabsf(c2[i] - 2 * c[i]) <= 1e-6f * fabsf(c[i]) + 1e-30f;
   check(ok, "emulated GEMM accumulates with beta = 1");
-  free(a), free(b), free(aq), free(bq), free(c), free(c2);
+
+  /* b given as [k, n] (a 16x16-tiled W read as Wᵀ for Dgrad): the same product */
+  float *bt = xmalloc(sizeof(float) * N * K);
+  for (int j = 0; j < N; j++)
+    for (int k = 0; k < K; k++) bt[k * N + j] = bq[j * K + k];
+  nvfp4_gemm(c2, aq, ta.dec, bt, tb.dec, 1, M, N, K, 0.0f);
+  ok = 1;
+  for (int i = 0; i < M * N; i++) ok &= fabsf(c2[i] - c[i]) <= 1e-6f * fabsf(c[i]) + 1e-30f;
+  check(ok, "emulated GEMM with b as [k, n] equals it with b as [n, k]");
+  free(a), free(b), free(aq), free(bq), free(bt), free(c), free(c2);
 }
 
 int main(void) {

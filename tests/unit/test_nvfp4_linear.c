@@ -95,19 +95,69 @@ static void run_case(struct reader *r) {
   CHECK(p->rows == out && p->cols == in, "%s: gate_proj is %d x %d", name, p->rows, p->cols);
   memset(w.weights, 0, plan.param_floats * sizeof(float));
   memcpy(w.weights + p->offset, wt, sizeof(float) * out * in);
-  worker_prepare_step(&w, step);   /* quantizes the weights, keys the draws by step */
+  worker_prepare_step(&w, step);   /* keys the draws by step; the forward quantizes W */
   w.stream[0] = stream;            /* as worker_forward sets it from the micro-batch */
 
   float *y = xcalloc((size_t)n * out, sizeof(float)), *dx = xcalloc((size_t)n * in, sizeof(float));
   float *dw = xcalloc((size_t)out * in, sizeof(float));
-  nvfp4_linear_forward(&w, 0, P_GATE, y, x, n, in, out);
-  nvfp4_linear_backward(&w, 0, 0, P_GATE, dx, dw, dy, x, n, in, out);
+  nvfp4_linear_forward(&w, 0, P_GATE, P_GATE, y, x, n, in, out);
+  nvfp4_linear_backward(&w, 0, 0, P_GATE, P_GATE, dx, dw, dy, x, n, in, out);
   compare("Fprop", name, y, y_ref, (size_t)n * out);
   compare("Dgrad", name, dx, dx_ref, (size_t)n * in);
   compare("Wgrad", name, dw, dw_ref, (size_t)out * in);
 
   worker_free(&w);
   free(x), free(wt), free(dy), free(y_ref), free(dx_ref), free(dw_ref), free(y), free(dx), free(dw);
+}
+
+/* A non-finite value reaching an NVFP4 operand leaves a NaN tensor scale (and a NaN product),
+ * and the worker names the operand and its weight: the trainer's stop message. */
+static void test_nonfinite(void) {
+  enum { N = 16, IN = 32, OUT = 48 };
+  struct qwen3_config cfg = {.hidden_size = IN, .num_layers = 1, .num_heads = 2,
+                             .num_kv_heads = 1, .head_dim = IN / 2, .intermediate_size = OUT,
+                             .vocab_size = 32, .rope_theta = 1e6, .rms_norm_eps = 1e-6,
+                             .max_seq_len = N};
+  struct nvfp4_policy pol = {.first_layer = 0, .end_layer = 1, .rht = 1, .stochastic = 1,
+                             .weight_2d = 1, .seed = 7};
+  struct worker_plan plan;
+  worker_plan_make(&plan, &cfg, 0, 1, 1, 1, 1, N, 1, 0, DT_F32);
+  worker_plan_nvfp4(&plan, &pol);
+  struct worker w;
+  worker_init(&w, &backend_cpu, &plan);
+  for (size_t i = 0; i < plan.param_floats; i++) w.weights[i] = 0.01f * (float)(i % 13);
+  worker_prepare_step(&w, 1);
+  float *x = xcalloc((size_t)N * IN, sizeof(float)), *y = xcalloc((size_t)N * OUT, sizeof(float));
+  float *dy = xcalloc((size_t)N * OUT, sizeof(float)), *dx = xcalloc((size_t)N * IN, sizeof(float));
+  float *dw = xcalloc((size_t)OUT * IN, sizeof(float));
+  for (int i = 0; i < N * IN; i++) x[i] = (float)(i % 7) - 3.0f;
+  for (int i = 0; i < N * OUT; i++) dy[i] = 0.1f * (float)(i % 5);
+  char msg[512] = "";
+  nvfp4_linear_forward(&w, 0, P_GATE, P_GATE, y, x, N, IN, OUT);
+  nvfp4_linear_backward(&w, 0, 0, P_GATE, P_GATE, dx, dw, dy, x, N, IN, OUT);
+  CHECK(!nvfp4_nonfinite_operand(&w, msg, sizeof msg), "finite operands reported: %s", msg);
+  dy[5] = INFINITY;
+  nvfp4_linear_backward(&w, 0, 0, P_GATE, P_GATE, dx, dw, dy, x, N, IN, OUT);
+  int named = nvfp4_nonfinite_operand(&w, msg, sizeof msg);
+  printf("an Inf in dY: %s\n", named ? msg : "(nothing named)");
+  CHECK(named && strstr(msg, "gate_proj") && strstr(msg, "output gradient (Dgrad)"),
+        "an Inf in dY is named as gate_proj's Dgrad output gradient: \"%s\"", msg);
+  x[3] = NAN;
+  nvfp4_linear_forward(&w, 0, P_GATE, P_GATE, y, x, N, IN, OUT);
+  CHECK(isnan(y[0]) && isnan(y[N * OUT - 1]), "a NaN input spreads through the whole product");
+  x[3] = 1.0f, dy[5] = 0.0f;   /* finite operands again clear their scales */
+  nvfp4_linear_forward(&w, 0, P_GATE, P_GATE, y, x, N, IN, OUT);
+  nvfp4_linear_backward(&w, 0, 0, P_GATE, P_GATE, dx, dw, dy, x, N, IN, OUT);
+  CHECK(!nvfp4_nonfinite_operand(&w, msg, sizeof msg), "finite again, yet reported: %s", msg);
+  w.weights[w.params[w.layer_param[0][P_DOWN]].offset] = NAN;
+  worker_prepare_step(&w, 2);
+  nvfp4_linear_forward(&w, 0, P_GATE, P_GATE, y, x, N, IN, OUT);   /* quantizes the layer */
+  named = nvfp4_nonfinite_operand(&w, msg, sizeof msg);
+  printf("a NaN weight: %s\n", named ? msg : "(nothing named)");
+  CHECK(named && strstr(msg, "down_proj") && strstr(msg, "'s weight"),
+        "a NaN master weight is named: \"%s\"", msg);
+  worker_free(&w);
+  free(x), free(y), free(dy), free(dx), free(dw);
 }
 
 int main(void) {
@@ -121,5 +171,6 @@ int main(void) {
   for (uint32_t i = 0; i < count; i++) run_case(&r);
   CHECK(count >= 2 && r.p == r.end, "%s: %u cases, read to the end", FIXTURE, count);
   free(buf);
+  test_nonfinite();
   return checks_report();
 }
