@@ -202,7 +202,8 @@ static int put_group(struct export *e, const struct unit *u, struct outs *o) {
     free(codes);
     free(scales);
     return errorf(e->err, e->errlen, "%s: '%s'%s holds a non-finite value: nothing to quantize",
-                  ckpt_dir(e->c), e->t[u->member[0]].name, u->n > 1 ? " or a tensor fused with it" : "");
+                  ckpt_dir(e->c), e->t[u->member[0]].name,
+                  u->n > 1 ? " or a tensor fused with it" : "");
   }
   const int br = e->block == NVFP4_BLOCK_16X16 ? BLOCK : 1;
   for (int k = 0, r0 = 0; k < u->n; r0 += (int)e->t[u->member[k]].shape[0], k++) {

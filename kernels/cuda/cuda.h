@@ -109,6 +109,9 @@ void cuda_gemm(int trans_a, int trans_b, int m, int n, int k, float alpha, const
  * fp32, beta 1 GEMM (NVFP4's Wgrad) runs 1.3x slower in this mode than the same algorithm with
  * host scalars; cuBLASLt has neither a device alpha with a host beta nor operand scale pointers
  * for bf16 (bench/NOTES.md). */
+/* {*scale_a * *scale_b, beta} in the scratch arena, written on the stream: the alpha and beta
+ * of a GEMM in cuBLASLt's device pointer mode. */
+const float *cuda_gemm_device_scalars(const float *scale_a, const float *scale_b, float beta);
 void cuda_gemm_scaled(int trans_a, int trans_b, int m, int n, int k, const float *scale_a,
                       const float *scale_b, const void *a, int lda, const void *b, int ldb,
                       float beta, void *c, int ldc, enum dtype ab, enum dtype c_type);
@@ -182,6 +185,37 @@ void cuda_nvfp4_quantize_rows_cols(void *rows_q, float *rows_dec, uint64_t rows_
 void cuda_nvfp4_gemm(void *c, enum dtype c_type, const void *a, const float *dec_a,
                      const void *b, const float *dec_b, int b_kn, int m, int n, int k,
                      float beta);
+
+/* ---- cuda_fp4_gemm.cu: the native NVFP4 GEMM of Blackwell GPUs through cuBLASLt. Not used by
+ * the trainer (which emulates NVFP4 on every GPU, cuda_nvfp4.cu); tested by
+ * tests/gpu/test_fp4_native.c.
+ *
+ * 1 when this process's current GPU has compute capability 10.x or 12.x and cuBLASLt finds an
+ * algorithm for a small FP4 GEMM; else 0 (no driver, no GPU, Hopper, ...). Never fails; needs
+ * no backend init; the answer is computed once. */
+int cuda_fp4_native_available(void);
+/* Bytes of the swizzled block scales of an operand with `rows` rows (the non-K dimension) and k
+ * columns (K, a multiple of 16): roundup(rows, 128) * roundup(k / 16, 4). */
+size_t cuda_fp4_swizzled_scale_bytes(int rows, int k);
+/* dst (cuda_fp4_swizzled_scale_bytes(rows, k) bytes) = the row-major E4M3 scales src
+ * [rows, k/16] (NVFP4_BLOCK_1X16, as nvfp4_quantize writes them) in the 128x4-tile layout
+ * cuBLASLt reads for CUBLASLT_MATMUL_MATRIX_SCALE_VEC16_UE4M3 (the formula is at the top of
+ * cuda_fp4_gemm.cu), padding as zero scales. Device memory; dst and src must not overlap. */
+void cuda_fp4_swizzle_scales(uint8_t *dst, const uint8_t *src, int rows, int k);
+/* c [m, n] = alpha * dequant(a) · dequant(b)ᵀ + beta * c, c row-major of dtype c_type (bf16
+ * or fp32), alpha = *dec_a * *dec_b (device memory, multiplied on the device; cuBLASLt's device
+ * pointer mode), fp32 accumulation on the FP4 tensor cores. a [m, k] and b [n, k] are
+ * row-major packed E2M1 codes (k/2 bytes a row, element 2i in the low nibble), both K-contiguous
+ * as cuBLASLt's FP4 GEMM requires ("TN"); a_scales and b_scales their E4M3 1x16 block scales
+ * already swizzled by cuda_fp4_swizzle_scales. So with the tensor scales' S_dec it computes,
+ * up to the order of the fp32 additions, what nvfp4_gemm computes on the host from
+ * nvfp4_dequantize's q * s_b.
+ * Returns 1 when it ran (queued on cuda_ctx.stream), 0 when cuBLASLt has no algorithm for this
+ * shape, dtype and these alignments (nothing launched: e.g. a GPU without FP4, or k not a
+ * multiple of 32); dies on m, n or k <= 0 or k not a multiple of 16. beta == 0 does not read c. */
+int cuda_fp4_gemm(void *c, enum dtype c_type, const uint8_t *a, const uint8_t *a_scales,
+                  const float *dec_a, const uint8_t *b, const uint8_t *b_scales,
+                  const float *dec_b, int m, int n, int k, float beta);
 
 #ifdef __cplusplus
 }

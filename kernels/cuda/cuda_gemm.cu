@@ -264,20 +264,25 @@ extern "C" void cuda_gemm(int trans_a, int trans_b, int m, int n, int k, float a
   gemm(trans_a, trans_b, m, n, k, alpha, beta, NULL, a, lda, b, ldb, c, ldc, ab, c_type);
 }
 
-/* alpha = *scale_a * *scale_b (one rounding, as the CPU's product of the two) and beta, where
- * cuBLASLt's device pointer mode reads them */
+/* alpha = *scale_a * *scale_b (one rounding, as the CPU's product of the two) and beta */
 static __global__ void gemm_scalars_kernel(float *scalars, const float *scale_a,
                                            const float *scale_b, float beta) {
   scalars[0] = __fmul_rn(*scale_a, *scale_b);
   scalars[1] = beta;
 }
 
+extern "C" const float *cuda_gemm_device_scalars(const float *scale_a, const float *scale_b,
+                                                 float beta) {
+  float *scalars = (float *)cuda_scratch(2 * sizeof(float), "gemm alpha and beta");
+  gemm_scalars_kernel<<<1, 1, 0, cuda_ctx.stream>>>(scalars, scale_a, scale_b, beta);
+  CUDA_LAUNCHED("gemm_scalars_kernel");
+  return scalars;
+}
+
 extern "C" void cuda_gemm_scaled(int trans_a, int trans_b, int m, int n, int k,
                                  const float *scale_a, const float *scale_b, const void *a,
                                  int lda, const void *b, int ldb, float beta, void *c, int ldc,
                                  enum dtype ab, enum dtype c_type) {
-  float *scalars = (float *)cuda_scratch(2 * sizeof(float), "gemm alpha and beta");
-  gemm_scalars_kernel<<<1, 1, 0, cuda_ctx.stream>>>(scalars, scale_a, scale_b, beta);
-  CUDA_LAUNCHED("gemm_scalars_kernel");
-  gemm(trans_a, trans_b, m, n, k, 0.0f, 0.0f, scalars, a, lda, b, ldb, c, ldc, ab, c_type);
+  gemm(trans_a, trans_b, m, n, k, 0.0f, 0.0f, cuda_gemm_device_scalars(scale_a, scale_b, beta),
+       a, lda, b, ldb, c, ldc, ab, c_type);
 }

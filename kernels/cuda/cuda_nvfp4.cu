@@ -14,10 +14,11 @@
  * value is the element scaled by the inverse of the grid's local step (a power of two), rounded
  * to an integer (rintf; floorf and the draw for stochastic rounding) and scaled back, which is
  * what the host's midpoint and threshold walks choose; the stochastic comparison
- * u < frac * 2^32 is u < ceil(frac * 2^32) in 32-bit integers (frac * 2^32 is exact in fp32). These scalar functions are
- * __host__ __device__ so that a host program can compare them, and the kernels' block logic,
- * with the CPU quantizer byte for byte. bf16 inputs are widened to fp32 exactly, and the
- * outputs q * s_b (at most 6 significant bits, exponents within fp32's) are exact in bf16.
+ * u < frac * 2^32 is u < ceil(frac * 2^32) in 32-bit integers (frac * 2^32 is exact in fp32).
+ * These scalar functions are __host__ __device__ so that a host program can compare them, and
+ * the kernels' block logic, with the CPU quantizer byte for byte. bf16 inputs are widened to
+ * fp32 exactly, and the outputs q * s_b (at most 6 significant bits, exponents within fp32's)
+ * are exact in bf16.
  * Denormals must be kept (no -ftz, no --use_fast_math): the first call checks once, on the
  * device, that FLT_MIN * 0.5 does not flush, and dies if it does.
  * Maxima are taken on the bits of |x| as unsigned integers: order-independent, and the bits of
@@ -609,7 +610,7 @@ NV_UNROLL
         for (int r = 0; r < 16; r++)
 NV_UNROLL
           for (int j = 0; j + 1 < C; j++) run[r].v[j] = run[r].v[j + 1];
-        if (rht_signs >= 0) nv_rht16(v, (uint32_t)rht_signs & 0xffffu);   /* the host's (uint16_t) */
+        if (rht_signs >= 0) nv_rht16(v, (uint32_t)rht_signs & 0xffffu);   /* as (uint16_t) */
         const size_t i0 = (size_t)(c + k) * rows + (size_t)16 * g;   /* xq's element (c + k, 16g) */
         nv_quantize16<SR>(out, v, sc[0], seed, i0);
         nv_store<VEC, 16>(xq + i0, out);
