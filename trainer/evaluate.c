@@ -20,31 +20,32 @@ static void write_json_line(struct output *f, json_t *o) { output_json_line(f, o
 
 /* ---- validation: loss, perplexity, per-document scores -------------------------------------- */
 
-static void validate(const Job *job, struct comm *c, struct worker *w, int step,
+static void validate(const Job *job, struct comm *c, struct worker *chunks, int n, int step,
                      struct eval_summary *summary) {
   int mbs = job->data->micro_batch_size, seq = job->data->seq_len;
   int last = c->stage == c->pp - 1;
+  struct worker *w = &chunks[0];
   struct loader l;
   loader_open(&l, job->data->valid, (int)job->data->n_valid, seq, 0, w->plan.cfg.vocab_size,
               "data.valid", 0);
-  struct score_chunk *chunks;
-  uint64_t n_chunks = loader_score_chunks(&l, &chunks);
-  if (job->eval->valid_batches > 0 && n_chunks > (uint64_t)job->eval->valid_batches * mbs)
-    n_chunks = (uint64_t)job->eval->valid_batches * mbs;
+  struct score_chunk *windows;
+  uint64_t n_windows = loader_score_chunks(&l, &windows);
+  if (job->eval->valid_batches > 0 && n_windows > (uint64_t)job->eval->valid_batches * mbs)
+    n_windows = (uint64_t)job->eval->valid_batches * mbs;
   uint64_t *doc_base = xcalloc((size_t)l.n_shards + 1, sizeof *doc_base);
   for (int i = 0; i < l.n_shards; i++) doc_base[i + 1] = doc_base[i] + l.shards[i].n_docs;
   uint64_t n_docs = doc_base[l.n_shards];
   double *sums = xcalloc(2 * n_docs, sizeof(double));   /* [nll sum, tokens] per document */
 
-  worker_reshape(w, mbs, seq, 1);
-  size_t tokens = (size_t)mbs * seq, bytes = worker_boundary_bytes(w);
+  for (int k = 0; k < n; k++) worker_reshape(&chunks[k], mbs, seq, 1);
+  size_t tokens = (size_t)mbs * seq;
   int32_t *tok = xmalloc(tokens * sizeof(int32_t)), *tgt = xmalloc(tokens * sizeof(int32_t));
   int32_t *pos = xmalloc(tokens * sizeof(int32_t));
   float *nll = xmalloc(tokens * sizeof(float));
-  for (uint64_t first = 0; first < n_chunks; first += (uint64_t)mbs) {
+  for (uint64_t first = 0; first < n_windows; first += (uint64_t)mbs) {
     for (int i = 0; i < mbs; i++) {
-      if (first + i < n_chunks) {
-        loader_score_sample(&l, &chunks[first + i], tok + (size_t)i * seq, tgt + (size_t)i * seq,
+      if (first + i < n_windows) {
+        loader_score_sample(&l, &windows[first + i], tok + (size_t)i * seq, tgt + (size_t)i * seq,
                             pos + (size_t)i * seq);
       } else {   /* the last batch is short: padding rows score nothing */
         for (int t = 0; t < seq; t++) {
@@ -54,15 +55,16 @@ static void validate(const Job *job, struct comm *c, struct worker *w, int step,
         }
       }
     }
-    if (c->stage > 0) comm_recv_tensor(c, worker_input(w, 0), bytes, c->stage - 1, 0);
     struct micro_batch mb = {tok, tgt, pos, 0};
-    worker_forward(w, 0, &mb, 0.0f, nll);
-    if (!last) {
-      comm_send_tensor(c, worker_output(w, 0), bytes, c->stage + 1, 0);
-      continue;
+    for (int k = 0; k < n; k++) {
+      size_t bytes = worker_boundary_bytes(&chunks[k]);
+      pipeline_recv_input(c, &chunks[k], k, bytes, 0);
+      worker_forward(&chunks[k], 0, &mb, 0.0f, last && k == n - 1 ? nll : NULL);
+      pipeline_send_output(c, &chunks[k], k, n, bytes, 0);
     }
-    for (int i = 0; i < mbs && first + i < n_chunks; i++) {
-      const struct score_chunk *ch = &chunks[first + i];
+    if (!last) continue;
+    for (int i = 0; i < mbs && first + i < n_windows; i++) {
+      const struct score_chunk *ch = &windows[first + i];
       double *d = sums + 2 * (doc_base[ch->shard] + ch->doc);
       for (int t = 0; t < seq; t++)
         if (tgt[(size_t)i * seq + t] >= 0) {
@@ -105,7 +107,7 @@ static void validate(const Job *job, struct comm *c, struct worker *w, int step,
   free(nll);
   free(sums);
   free(doc_base);
-  free(chunks);
+  free(windows);
   loader_close(&l);
 }
 
@@ -172,8 +174,12 @@ static json_t *ids_json(const int32_t *ids, int n) {
   return a;
 }
 
-static void run_prompts(const Job *job, struct comm *c, struct worker *w, int step) {
+static void run_prompts(const Job *job, struct comm *c, struct worker *chunks, int n_chunks,
+                        int step) {
   const Qwen3__Eval *e = job->eval;
+  const struct worker *w = &chunks[0];
+  int nvfp4 = 0;
+  for (int k = 0; k < n_chunks; k++) nvfp4 |= chunks[k].plan.wq_bytes > 0;
   struct tokenizer *tok = NULL;
   int32_t **prompts;
   int *lens, *stop, n_stop;
@@ -189,7 +195,7 @@ static void run_prompts(const Job *job, struct comm *c, struct worker *w, int st
     .stop = stop, .n_stop = n_stop, .use_kv = e->kv_cache, .check_kv = e->check_kv,
   };
   struct gen_result *res = xcalloc((size_t)n, sizeof *res);
-  generate(w, c, &g, n, prompts, lens, res);
+  generate(chunks, n_chunks, c, &g, n, prompts, lens, res);
 
   /* the KV check lives on the last stage; rank 0 reports it: per prompt the first step whose
    * tokens differ, then the largest logit difference of every step */
@@ -259,7 +265,7 @@ static void run_prompts(const Job *job, struct comm *c, struct worker *w, int st
     if (failed)
       die("eval.check_kv: the KV-cache path and the full replay disagree (tolerance "
           "eval.kv_tolerance = %g); see %s/eval.jsonl%s%s", e->kv_tolerance, job->output_dir,
-          w->plan.wq_bytes ? ". This model has NVFP4 layers: one tensor scale spans the "
+          nvfp4 ? ". This model has NVFP4 layers: one tensor scale spans the "
                               "activations of a whole forward, so a cached decode and a replay "
                               "round differently; for such a model raise eval.kv_tolerance" : "",
           w->plan.act == DT_BF16 ? ". Activations are bf16 here (the GPU's default mode): a "
@@ -281,11 +287,12 @@ static void run_prompts(const Job *job, struct comm *c, struct worker *w, int st
   if (tok) tokenizer_free(tok);
 }
 
-void evaluate(const Job *job, struct comm *c, struct worker *w, int step,
+void evaluate(const Job *job, struct comm *c, struct worker *chunks, int n, int step,
               struct eval_summary *summary) {
   memset(summary, 0, sizeof *summary);
   if (c->replica != 0) return;
-  worker_prepare_step(w, step);   /* NVFP4 layers see the weights as they are now */
-  if (job->data->n_valid) validate(job, c, w, step, summary);
-  if (job->eval->n_prompts && job->eval->max_new_tokens > 0) run_prompts(job, c, w, step);
+  /* NVFP4 layers see the weights as they are now */
+  for (int k = 0; k < n; k++) worker_prepare_step(&chunks[k], step);
+  if (job->data->n_valid) validate(job, c, chunks, n, step, summary);
+  if (job->eval->n_prompts && job->eval->max_new_tokens > 0) run_prompts(job, c, chunks, n, step);
 }

@@ -13,11 +13,12 @@ struct eval_summary {
   double valid_tokens;
 };
 
-/* Collective. Replica 0 evaluates; the other replicas return at once. Rank 0 prints the
+/* Collective. Replica 0 evaluates, through the rank's n chunks (parallel.virtual_stages; one
+ * worker each, in local chunk order); the other replicas return at once. Rank 0 prints the
  * results and writes output_dir/scores.jsonl and appends to output_dir/eval.jsonl; the summary
  * is filled on rank 0. Dies (the whole job) when eval.check_kv finds the cached and replayed
- * paths apart. The worker is left reshaped: the caller reshapes it back for training. */
-void evaluate(const Job *job, struct comm *c, struct worker *w, int step,
+ * paths apart. The workers are left reshaped: the caller reshapes them back for training. */
+void evaluate(const Job *job, struct comm *c, struct worker *chunks, int n, int step,
               struct eval_summary *summary);
 
 #endif

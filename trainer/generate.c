@@ -14,19 +14,36 @@ struct sequence {
   int32_t *positions;
   int len, prompt_len;
   int done;
-  struct kv_cache kv;
+  struct kv_cache *kv;   /* one per chunk */
   double started;
 };
 
-/* One forward of a sequence's new tokens through this stage, moving activations between
- * stages; on the last stage the logits of the last token land in `logits`. */
-static void stage_forward(struct worker *w, struct comm *c, struct sequence *s, int p, int from,
-                          struct kv_cache *kv, float *logits) {
+void pipeline_recv_input(struct comm *c, struct worker *chunk, int k, size_t bytes, int tag) {
+  if (c->stage == 0 && k == 0) return;
+  comm_recv_tensor(c, worker_input(chunk, 0), bytes, c->stage > 0 ? c->stage - 1 : c->pp - 1,
+                   tag);
+}
+
+void pipeline_send_output(struct comm *c, struct worker *chunk, int k, int n, size_t bytes,
+                          int tag) {
+  int last = c->stage == c->pp - 1;
+  if (last && k == n - 1) return;
+  comm_send_tensor(c, worker_output(chunk, 0), bytes, last ? 0 : c->stage + 1, tag);
+}
+
+/* One forward of a sequence's new tokens through this stage's chunks, moving activations
+ * between stages; on the last stage the logits of the last token land in `logits`. kv: the
+ * sequence's caches, one per chunk, or NULL (a full replay). */
+static void stage_forward(struct worker *chunks, int n_chunks, struct comm *c,
+                          struct sequence *s, int p, int from, struct kv_cache *kv,
+                          float *logits) {
   int n = s->len - from;
-  size_t bytes = (size_t)n * w->plan.cfg.hidden_size * dtype_bytes(w->plan.act);
-  if (c->stage > 0) comm_recv_tensor(c, worker_input(w, 0), bytes, c->stage - 1, p);
-  worker_infer(w, s->ids + from, s->positions + from, n, kv, logits);
-  if (c->stage < c->pp - 1) comm_send_tensor(c, worker_output(w, 0), bytes, c->stage + 1, p);
+  size_t bytes = (size_t)n * chunks[0].plan.cfg.hidden_size * dtype_bytes(chunks[0].plan.act);
+  for (int k = 0; k < n_chunks; k++) {
+    pipeline_recv_input(c, &chunks[k], k, bytes, p);
+    worker_infer(&chunks[k], s->ids + from, s->positions + from, n, kv ? &kv[k] : NULL, logits);
+    pipeline_send_output(c, &chunks[k], k, n_chunks, bytes, p);
+  }
 }
 
 /* Appends a token; returns whether the sequence is now finished. */
@@ -43,8 +60,10 @@ static int append(struct sequence *s, struct gen_result *r, const struct gen_con
   return s->done;
 }
 
-void generate(struct worker *w, struct comm *c, const struct gen_config *g, int n_prompts,
-              int32_t *const *prompts, const int *prompt_len, struct gen_result *out) {
+void generate(struct worker *chunks, int n_chunks, struct comm *c, const struct gen_config *g,
+              int n_prompts, int32_t *const *prompts, const int *prompt_len,
+              struct gen_result *out) {
+  struct worker *w = &chunks[0];
   int last = c->stage == c->pp - 1, vocab = w->plan.cfg.vocab_size;
   /* in 64 bits: the sum must not wrap (job_validate bounds both by model.max_seq_len) */
   long long longest = 0;
@@ -57,7 +76,7 @@ void generate(struct worker *w, struct comm *c, const struct gen_config *g, int 
   int max_len = (int)longest;
   memset(out, 0, (size_t)n_prompts * sizeof *out);
   if (g->max_new_tokens <= 0 || n_prompts == 0) return;
-  worker_reshape(w, 1, max_len, 1);
+  for (int k = 0; k < n_chunks; k++) worker_reshape(&chunks[k], 1, max_len, 1);
 
   struct sequence *seq = xcalloc((size_t)n_prompts, sizeof *seq);
   for (int p = 0; p < n_prompts; p++) {
@@ -67,7 +86,10 @@ void generate(struct worker *w, struct comm *c, const struct gen_config *g, int 
     memcpy(s->ids, prompts[p], (size_t)prompt_len[p] * sizeof(int32_t));
     for (int t = 0; t < max_len; t++) s->positions[t] = t;
     s->len = s->prompt_len = prompt_len[p];
-    if (g->use_kv) kv_cache_init(&s->kv, w, max_len);
+    if (g->use_kv) {
+      s->kv = xcalloc((size_t)n_chunks, sizeof *s->kv);
+      for (int k = 0; k < n_chunks; k++) kv_cache_init(&s->kv[k], &chunks[k], max_len);
+    }
     out[p].ids = xmalloc((size_t)g->max_new_tokens * sizeof(int32_t));
     if (g->check_kv && last) out[p].step_diff = xcalloc((size_t)g->max_new_tokens, sizeof(float));
     out[p].first_mismatch = -1;
@@ -92,8 +114,8 @@ void generate(struct worker *w, struct comm *c, const struct gen_config *g, int 
         if (append(s, &out[p], g, tok)) continue;
       }
       int from = g->use_kv && round > 0 ? s->len - 1 : 0;
-      stage_forward(w, c, s, p, from, g->use_kv ? &s->kv : NULL, logits);
-      if (g->check_kv) stage_forward(w, c, s, p, 0, NULL, replay);
+      stage_forward(chunks, n_chunks, c, s, p, from, g->use_kv ? s->kv : NULL, logits);
+      if (g->check_kv) stage_forward(chunks, n_chunks, c, s, p, 0, NULL, replay);
       busy = 1;
       if (!last) continue;
       int32_t tok = sampler_next(&g->sampler, logits, vocab, (uint32_t)p, (uint32_t)round, scratch);
@@ -111,7 +133,10 @@ void generate(struct worker *w, struct comm *c, const struct gen_config *g, int 
   comm_wait_sends(c);
 
   for (int p = 0; p < n_prompts; p++) {
-    if (g->use_kv) kv_cache_free(&seq[p].kv, w);
+    if (g->use_kv) {
+      for (int k = 0; k < n_chunks; k++) kv_cache_free(&seq[p].kv[k], &chunks[k]);
+      free(seq[p].kv);
+    }
     free(seq[p].ids);
     free(seq[p].positions);
   }

@@ -29,10 +29,22 @@ struct gen_result {
   int first_mismatch;    /* first step whose tokens differ between the two paths; -1: none */
 };
 
-/* Collective over the stages of one replica: each stage calls it with the same prompts. The
- * worker is reshaped for one sequence of the longest prompt + max_new_tokens. Results are
- * complete on stage 0 (ids, timings) and on the last stage (ids, the KV check). */
-void generate(struct worker *w, struct comm *c, const struct gen_config *g, int n_prompts,
-              int32_t *const *prompts, const int *prompt_len, struct gen_result *out);
+/* Collective over the stages of one replica: each stage calls it with the same prompts and its
+ * n chunks (parallel.virtual_stages; one worker each, in local chunk order). The workers are
+ * reshaped for one sequence of the longest prompt + max_new_tokens. Results are complete on
+ * stage 0 (ids, timings) and on the last stage (ids, the KV check). */
+void generate(struct worker *chunks, int n, struct comm *c, const struct gen_config *g,
+              int n_prompts, int32_t *const *prompts, const int *prompt_len,
+              struct gen_result *out);
+
+/* The path of a forward through the pipeline: every stage's chunk 0, then every stage's chunk
+ * 1, and so on (interleaved 1F1B's order of the layers). Chunk k of this stage receives its
+ * `bytes` of input from the previous stage's chunk k, or, on stage 0, from the last stage's
+ * chunk k - 1 (nothing for the model's first chunk), and sends its output on likewise (nothing
+ * from the model's last). Each rank runs its chunks in order, so the transfers form one chain
+ * and every pair of ranks meets its messages in the order they were sent. */
+void pipeline_recv_input(struct comm *c, struct worker *chunk, int k, size_t bytes, int tag);
+void pipeline_send_output(struct comm *c, struct worker *chunk, int k, int n, size_t bytes,
+                          int tag);
 
 #endif

@@ -337,12 +337,6 @@ static void check_parallel(const Job *job, const struct qwen3_config *c, int wor
          "parallel.pipeline_stages (%d) must divide the number of processes (%d): processes = "
          "stages x data-parallel replicas", p->pipeline_stages, world);
   check_virtual_stages(p, c);
-  /* evaluation runs one chunk per stage (train.c): a run of train.steps 0 does so whatever
-   * virtual_stages says, a training run cannot switch mid-way */
-  NEED(p->virtual_stages <= 1 || job->eval->every <= 0 || job->train->steps == 0,
-       "eval.every (%d) cannot be combined with parallel.virtual_stages = %d: evaluation runs "
-       "with one chunk per stage; set eval.every: 0 and evaluate the checkpoints with "
-       "train.steps: 0", job->eval->every, p->virtual_stages);
   if (p->n_layers_per_stage && p->pipeline_stages <= c->num_layers) {
     char err[512];
     int first[LAYOUT_MAX_STAGES + 1];

@@ -487,20 +487,16 @@ void train_run(const Job *job, const struct qwen3_config *cfg, struct comm *c,
     int every = job->checkpoint->every;
     if (stop || (every >= 0 && step == steps) || (every > 0 && step % every == 0))
       checkpoint_save(job, c, r.w, r.v, &st);
-    /* after the save: an evaluation that fails (eval.check_kv) loses no training. Evaluation
-     * runs one chunk per stage: with several (job_validate.c refuses eval.every then) the run
-     * ends without one, and a run of train.steps 0 evaluates its checkpoint */
+    /* after the save: an evaluation that fails (eval.check_kv) loses no training */
     int evaluation = (job->eval->every > 0 && step % job->eval->every == 0) || step == steps;
-    if (!stop && evaluation && r.v > 1 && c->rank == 0 &&
-        (job->data->n_valid || job->eval->n_prompts))
-      info("no evaluation at the end with parallel.virtual_stages = %d: evaluate the checkpoint "
-           "with train.steps: 0 (it runs with one chunk per stage)", r.v);
-    if (!stop && evaluation && r.v == 1) {
+    if (!stop && evaluation) {
       checkpoint_wait();   /* the save of this step is committed before the evaluation */
       struct eval_summary ev;
-      struct worker_plan p = r.w[0].plan;   /* evaluation reshapes the activations */
-      evaluate(job, c, &r.w[0], step, &ev);
-      worker_reshape(&r.w[0], p.batch, p.seq, p.n_live);
+      int n_live[SCHEDULE_MAX_CHUNKS];   /* evaluation reshapes the activations */
+      for (int k = 0; k < r.v; k++) n_live[k] = r.w[k].plan.n_live;
+      int batch = r.w[0].plan.batch, seq = r.w[0].plan.seq;
+      evaluate(job, c, r.w, r.v, step, &ev);
+      for (int k = 0; k < r.v; k++) worker_reshape(&r.w[k], batch, seq, n_live[k]);
       if (metrics && ev.has_valid) log_validation(metrics, step, &ev);
     }
     if (stop) {
@@ -555,7 +551,7 @@ void eval_run(const Job *job, const struct qwen3_config *cfg, struct comm *c,
   if (c->rank == 0)
     info("evaluating %s at step %d, backend %s", job->name, st.step, be->name);
   struct eval_summary ev;
-  evaluate(job, c, &w, st.step, &ev);
+  evaluate(job, c, &w, 1, st.step, &ev);
   if (c->rank == 0 && ev.has_valid) {
     struct output metrics;
     open_metrics(&metrics, job, st.step > 0 ? st.step : 0);

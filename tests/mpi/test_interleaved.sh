@@ -5,7 +5,8 @@
 # a chunk's gradients accumulate over micro-batches in order, the norm is summed per global layer
 # in a fixed order, every group from the one chunk that holds it); 2 stages x 2 replicas within
 # 1e-7 (MPI sums the replicas in another order) and bit for bit equal to the same layout with one
-# chunk per stage; ZeRO-1 too. A checkpoint of 2 chunks per stage resumes with 1 and the reverse
+# chunk per stage; ZeRO-1 too. Evaluation during training runs through the chunks: validation
+# losses and greedy completions equal the single process's. A checkpoint of 2 chunks per stage resumes with 1 and the reverse
 # (tensors load by name) within 1e-5, with 2 bit for bit. Every combination the schedule cannot
 # take is refused before any work with a message naming the fields.
 # Usage: bash tests/mpi/test_interleaved.sh BUILD_DIR
@@ -49,10 +50,6 @@ refused "layers_per_stage with chunks" 2 \
   "parallel.layers_per_stage cannot be combined with parallel.virtual_stages = 2" \
   --set parallel.pipeline_stages=2 --set parallel.virtual_stages=2 --set parallel.micro_batches=4 \
   --set parallel.layers_per_stage=4,4
-refused "eval.every with chunks" 2 \
-  "eval.every (5) cannot be combined with parallel.virtual_stages = 2" \
-  --set parallel.pipeline_stages=2 --set parallel.virtual_stages=2 --set parallel.micro_batches=4 \
-  --set eval.every=5
 
 # --- training with chunks -----------------------------------------------------------------------
 # train NAME NP [--set ...]: 20 steps of 4 micro-batches of 2 (a later --set wins), every step logged, checkpoints at
@@ -95,9 +92,13 @@ same() {
 }
 
 stages() { echo --set parallel.pipeline_stages="$1" --set parallel.virtual_stages="$2"; }
-train single 1
-train pp2_v2 2 $(stages 2 2)
-train pp4_v2 4 $(stages 4 2)
+# with evaluation at steps 10 and 20: validation, and greedy generation checked against a replay
+evaluation=(--set eval.every=10 --set data.valid="$build/data/tiny.h5" --set eval.valid_batches=2
+            --set eval.prompts.ids=72,101,108,108 --set eval.max_new_tokens=6
+            --set eval.temperature=0 --set eval.check_kv=true)
+train single 1 "${evaluation[@]}"
+train pp2_v2 2 $(stages 2 2) "${evaluation[@]}"
+train pp4_v2 4 $(stages 4 2) "${evaluation[@]}"
 # 2 replicas of 2 micro-batches: the same global batch
 train pp2_dp2 4 $(stages 2 1) --set parallel.micro_batches=2
 train pp2_dp2_v2 4 $(stages 2 2) --set parallel.micro_batches=2
@@ -107,6 +108,19 @@ same "4 stages x 2 chunks against one process" single pp4_v2 0 0
 same "2 stages x 2 chunks x 2 replicas against one process" single pp2_dp2_v2 0 1e-7
 same "2 stages x 2 chunks x 2 replicas against 1 chunk per stage" pp2_dp2 pp2_dp2_v2 0 0
 same "ZeRO-1 with 2 chunks per stage against one process" single pp2_dp2_v2_zero 0 1e-7
+
+# the evaluations through the chunks: validation losses and completions as the single process's
+evaluated() {
+  grep -o '"step":[0-9]*,"val_loss":[^,]*' "$work/$1/metrics.jsonl"
+  grep -o '"step":[0-9]*,"prompt_ids":[^]]*\],"completion_ids":[^]]*\]' "$work/$1/eval.jsonl"
+}
+for name in pp2_v2 pp4_v2; do
+  if [ "$(evaluated single | wc -l)" = 4 ] && diff <(evaluated single) <(evaluated $name) >/dev/null; then
+    pass "$name: evaluation at steps 10 and 20 through the chunks equals the single process's (validation loss, completions)"
+  else
+    fail "$name: evaluation through the chunks differs"; paste <(evaluated single) <(evaluated $name) | head -n 4
+  fi
+done
 
 # a copy of NAME's step 10 to resume from, `latest` pointing at it
 resumable() {
