@@ -137,20 +137,24 @@ def kill_run(proc):
         log("mpirun did not end after SIGKILL")
 
 
-def read_steps(path):
-    steps = []
+def metrics_lines(path):
+    """The JSON objects of a run's metrics.jsonl: none while it is missing, a line being written
+    (or cut short by a kill) skipped."""
+    out = []
     try:
         with open(path) as f:
             for line in f:
                 try:
-                    o = json.loads(line)
+                    out.append(json.loads(line))
                 except ValueError:
-                    continue   # a line being written
-                if "step_seconds" in o and "tokens_per_s" in o:
-                    steps.append(o)
+                    continue
     except OSError:
         pass
-    return steps
+    return out
+
+
+def read_steps(path):
+    return [o for o in metrics_lines(path) if "step_seconds" in o and "tokens_per_s" in o]
 
 
 def watch(proc, metrics, want, warmup, deadline, base):

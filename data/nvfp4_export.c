@@ -144,17 +144,19 @@ static char *out_name(const char *weight, const char *suffix) {
   return s;
 }
 
-/* The output tensors of one shard, each owning its name and bytes. */
+/* The output tensors of one shard, each owning its name and its data: floats that st_write
+ * stores as bf16, or the bytes of a quantized tensor stored as they are. */
 struct outs {
   struct st_write_tensor *t;
   size_t n, cap;
 };
 
-static void put(struct outs *o, char *name, enum st_dtype dtype, int ndim, int64_t rows,
-                int64_t cols, void *data) {
+static struct st_write_tensor *put(struct outs *o, char *name, enum st_dtype dtype, int ndim,
+                                   int64_t rows, int64_t cols, void *bytes) {
   if (o->n == o->cap) o->t = xrealloc(o->t, (o->cap = o->cap ? 2 * o->cap : 64) * sizeof *o->t);
-  o->t[o->n++] = (struct st_write_tensor){.name = name, .dtype = dtype, .ndim = ndim,
-                                          .shape = {rows, cols}, .bytes = data};
+  o->t[o->n] = (struct st_write_tensor){.name = name, .dtype = dtype, .ndim = ndim,
+                                        .shape = {rows, cols}, .bytes = bytes};
+  return &o->t[o->n++];
 }
 
 static void *scalar(float v) {
@@ -170,10 +172,7 @@ static int put_bf16(struct export *e, const struct tensor *t, struct outs *o) {
     free(x);
     return -1;
   }
-  uint16_t *b = xmalloc(n * sizeof *b);
-  for (size_t i = 0; i < n; i++) b[i] = st_f32_to_bf16(x[i]);
-  free(x);
-  put(o, xstrdup(t->name), ST_BF16, t->ndim, t->shape[0], t->shape[1], b);
+  put(o, xstrdup(t->name), ST_BF16, t->ndim, t->shape[0], t->shape[1], NULL)->data = x;
   return 0;
 }
 
@@ -226,6 +225,7 @@ static int put_group(struct export *e, const struct unit *u, struct outs *o) {
 static void outs_free(struct outs *o) {
   for (size_t i = 0; i < o->n; i++) {
     free((void *)o->t[i].name);
+    free((void *)o->t[i].data);
     free((void *)o->t[i].bytes);
   }
   o->n = 0;

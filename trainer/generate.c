@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include "common/util.h"
+#include "trainer/schedule.h"
 
 /* Tags of the pipeline's messages: activations of prompt p use tag p, its tokens TOKEN_TAG + p. */
 #define TOKEN_TAG 16384
@@ -19,16 +20,14 @@ struct sequence {
 };
 
 void pipeline_recv_input(struct comm *c, struct worker *chunk, int k, size_t bytes, int tag) {
-  if (c->stage == 0 && k == 0) return;
-  comm_recv_tensor(c, worker_input(chunk, 0), bytes, c->stage > 0 ? c->stage - 1 : c->pp - 1,
-                   tag);
+  int peer_chunk, from = chunk_source(c->pp, c->stage, k, &peer_chunk);
+  if (from >= 0) comm_recv_tensor(c, worker_input(chunk, 0), bytes, from, tag);
 }
 
 void pipeline_send_output(struct comm *c, struct worker *chunk, int k, int n, size_t bytes,
                           int tag) {
-  int last = c->stage == c->pp - 1;
-  if (last && k == n - 1) return;
-  comm_send_tensor(c, worker_output(chunk, 0), bytes, last ? 0 : c->stage + 1, tag);
+  int peer_chunk, to = chunk_dest(c->pp, n, c->stage, k, &peer_chunk);
+  if (to >= 0) comm_send_tensor(c, worker_output(chunk, 0), bytes, to, tag);
 }
 
 /* One forward of a sequence's new tokens through this stage's chunks, moving activations

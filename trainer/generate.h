@@ -38,11 +38,11 @@ void generate(struct worker *chunks, int n, struct comm *c, const struct gen_con
               struct gen_result *out);
 
 /* The path of a forward through the pipeline: every stage's chunk 0, then every stage's chunk
- * 1, and so on (interleaved 1F1B's order of the layers). Chunk k of this stage receives its
- * `bytes` of input from the previous stage's chunk k, or, on stage 0, from the last stage's
- * chunk k - 1 (nothing for the model's first chunk), and sends its output on likewise (nothing
- * from the model's last). Each rank runs its chunks in order, so the transfers form one chain
- * and every pair of ranks meets its messages in the order they were sent. */
+ * 1, and so on (interleaved 1F1B's order of the layers, schedule.h's chunk_source and
+ * chunk_dest). Chunk k of this stage receives its `bytes` of input from the model chunk before
+ * it (nothing for the model's first chunk) and sends its output to the one after (nothing from
+ * the model's last). Each rank runs its chunks in order, so the transfers form one chain and
+ * every pair of ranks meets its messages in the order they were sent. */
 void pipeline_recv_input(struct comm *c, struct worker *chunk, int k, size_t bytes, int tag);
 void pipeline_send_output(struct comm *c, struct worker *chunk, int k, int n, size_t bytes,
                           int tag);

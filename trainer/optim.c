@@ -176,8 +176,7 @@ void stop_if_nonfinite(struct worker *chunks, int n, int step, const char *what,
   if (isfinite(value)) return;
   char why[512] = "";
   for (int i = 0; i < n && !nvfp4_nonfinite_operand(&chunks[i], why, sizeof why); i++) {}
-  die("step %d: the %s is %g; stopping%s%s", step, what, value,
-      *why ? ": " : "", why);
+  die("step %d: the %s is %g; stopping%s%s", step, what, value, *why ? ": " : "", why);
 }
 
 double optimizer_step(struct worker *chunks, int n, struct comm *c, const Qwen3__Optim *o,

@@ -134,24 +134,17 @@ void nvfp4_worker_free(struct worker *w) {
 
 int nvfp4_nonfinite_operand(struct worker *w, char *msg, size_t len) {
   if (!w->q_dec) return 0;
-  size_t n = (size_t)w->plan.n_layers * N_LAYER_PARAMS * N_DECS;
+  /* the scales in table order; the slots of high-precision matrices stay 0 (alloc zeroes) */
+  size_t n = (size_t)w->plan.n_layers * N_LAYER_PARAMS * N_DECS, i = 0;
   float *decs = xmalloc(n * sizeof(float));
   w->be->to_host(decs, w->q_dec, n * sizeof(float));
-  int found = 0;
-  for (int l = 0; l < w->plan.n_layers && !found; l++) {
-    if (!nvfp4_layer(w, l)) continue;
-    for (int k = 0; k < N_LAYER_PARAMS && !found; k++) {
-      if (!is_matrix(&w->params[w->layer_param[l][k]])) continue;
-      for (int s = 0; s < N_DECS && !found; s++)
-        if (isnan(decs[((size_t)l * N_LAYER_PARAMS + k) * N_DECS + s])) {
-          snprintf(msg, len, "the NVFP4 quantization of %s's %s met a non-finite value",
-                   w->params[w->layer_param[l][k]].name, DEC_NAMES[s]);
-          found = 1;
-        }
-    }
-  }
+  while (i < n && !isnan(decs[i])) i++;
   free(decs);
-  return found;
+  if (i == n) return 0;
+  int layer = (int)(i / (N_LAYER_PARAMS * N_DECS)), k = (int)(i / N_DECS % N_LAYER_PARAMS);
+  snprintf(msg, len, "the NVFP4 quantization of %s's %s met a non-finite value",
+           w->params[w->layer_param[layer][k]].name, DEC_NAMES[i % N_DECS]);
+  return 1;
 }
 
 /* A distinct, layout-independent seed for every stochastically rounded operand: the run's seed,

@@ -429,9 +429,10 @@ void worker_prepare_step(struct worker *w, int step) {
   w->step = step;
   /* anything but the optimizer that writes the masters (loading, init) leaves the flag clear */
   int stale = w->weights_act != w->weights && !w->weights_act_fresh;
-  if (stale)   /* the copy reads every master: the whole update first */
+  if (stale) {   /* the copy reads every master: the whole update first */
     for (int g = 0; g < worker_weight_groups(w); g++) wait_weights(w, g);
-  if (stale) w->be->convert(w->weights_act, w->plan.act, w->weights, DT_F32, w->plan.param_floats);
+    w->be->convert(w->weights_act, w->plan.act, w->weights, DT_F32, w->plan.param_floats);
+  }
   w->weights_act_fresh = 0;
   if (w->plan.wq_bytes) nvfp4_weights_changed(w);
 }

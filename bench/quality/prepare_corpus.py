@@ -39,15 +39,13 @@ import re
 import site
 import subprocess
 import sys
-import time
 
-T0 = time.perf_counter()
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SKIP_SUFFIXES = (".dist-info", ".egg-info", ".data", ".libs", ".pth")
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+from bench_common import make_log  # noqa: E402
 
-
-def log(msg):
-    print(f"[prep {time.perf_counter() - T0:6.1f}s] {msg}", flush=True)
+log = make_log("prep")
 
 
 def unit_hash(text):

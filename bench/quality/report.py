@@ -21,8 +21,8 @@ import subprocess
 import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_run import metrics_lines  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from ours_train_bench import metrics_lines  # noqa: E402
 
 GOAL = 0.015
 

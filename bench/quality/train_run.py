@@ -38,32 +38,15 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, os.path.dirname(HERE))
-from ours_train_bench import kill_run  # noqa: E402  (SIGKILL of the ranks, then mpirun)
+from bench_common import T0, make_log  # noqa: E402
+from ours_train_bench import kill_run, metrics_lines  # noqa: E402  (kill: SIGKILL of the ranks, then mpirun)
 
-T0 = time.perf_counter()
 STEP = re.compile(r"\] step +(\d+)/(\d+) \|")
 VALID = re.compile(r"\] validation at step (\d+): loss ([0-9.naif]+)")
 
 
-def metrics_lines(path):
-    """The JSON objects of a run's metrics.jsonl (none when it is missing; a line cut short by a
-    kill is skipped)."""
-    if not os.path.exists(path):
-        return []
-    out = []
-    with open(path) as f:
-        for line in f:
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                continue
-    return out
-
-def log(label, msg):
-    print(f"[{label} {time.perf_counter() - T0:6.1f}s] {msg}", flush=True)
-
-
 def run(args):
+    log = make_log(args.label)
     os.makedirs(args.out, exist_ok=True)
     metrics = os.path.join(args.out, "metrics.jsonl")
     for name in ("metrics.jsonl", "summary.json", "scores.jsonl"):   # an earlier run's
@@ -72,7 +55,7 @@ def run(args):
     cmd = ["mpirun", "--allow-run-as-root", "--bind-to", "none", "-np", "1",
            os.path.join(ROOT, args.build, "qwen3-train"), args.job, "--set", f"output_dir={args.out}"]
     cmd += [a for a in args.extra if a != "--"]
-    log(args.label, " ".join(cmd))
+    log(" ".join(cmd))
     evals, last_step_line = [], None
     first_step_at = None
     deadline = T0 + args.budget
@@ -101,24 +84,24 @@ def run(args):
                     if first_step_at is None:
                         first_step_at = now
                     if step == 1 or step % args.echo_every == 0 or step == int(m.group(2)):
-                        log(args.label, line.split("] ", 1)[-1].rstrip())
+                        log(line.split("] ", 1)[-1].rstrip())
                     continue
                 m = VALID.search(line)
                 if m:
                     seconds = now - (last_step_line or now)
                     evals.append(dict(step=int(m.group(1)), seconds=seconds))
-                    log(args.label, line.split("] ", 1)[-1].split(" (scores")[0].rstrip() +
+                    log(line.split("] ", 1)[-1].split(" (scores")[0].rstrip() +
                         f" [{seconds:.1f} s]")
                     continue
                 if "error" in line.lower() or "invalid" in line.lower() or "warn" in line.lower():
-                    log(args.label, line.rstrip())
+                    log(line.rstrip())
             proc.wait()
             signal.setitimer(signal.ITIMER_REAL, 0)
             if proc.returncode != 0:
                 ended = f"exit {proc.returncode}"
         except TimeoutError:
             ended = "deadline"
-            log(args.label, f"past its budget of {args.budget:.0f} s: ending it (SIGKILL)")
+            log(f"past its budget of {args.budget:.0f} s: ending it (SIGKILL)")
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
             kill_run(proc)
@@ -137,12 +120,12 @@ def run(args):
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     if not steps:
-        log(args.label, f"no step logged ({ended}); the trainer's last lines:")
+        log(f"no step logged ({ended}); the trainer's last lines:")
         with open(os.path.join(args.out, "trainer.log"), errors="replace") as f:
             for line in f.readlines()[-15:]:
                 print("    " + line.rstrip(), flush=True)
         return 1
-    log(args.label, f"{ended}: {summary['steps_done']} steps in {wall:.0f} s (start-up "
+    log(f"{ended}: {summary['steps_done']} steps in {wall:.0f} s (start-up "
         f"{summary['startup_s']:.1f} s, {len(evals)} evaluations {sum(e['seconds'] for e in evals):.1f} s), "
         f"median step {summary['step_s']:.3f} s = {summary['tok_s']:.0f} tok/s")
     return 0 if ended == "done" else 1
