@@ -46,6 +46,11 @@ struct attn_shape {
    * tk - tq + t, so documents packed into one sequence never attend across each other; a
    * document's first token sees itself only. */
   const int32_t *doc_start;
+  /* Decoding against a cache of a fixed size: NULL, or (tq == 1 only) [batch] int32 in backend
+   * memory, the last key (0 .. tk-1) the query of sequence b sees, in place of tk - 1. The keys
+   * after it are not read, so tk can be the cache's whole length and the shape the same at
+   * every step of a generation (what a recorded decode step needs, see capture_begin). */
+  const int32_t *key_last;
 };
 
 /* One AdamW step's scalars (kernels' adamw_update). */
@@ -128,8 +133,13 @@ struct backend {
   void (*linear_backward)(void *dx, float *dw, const void *dout, const void *x, const void *w,
                           int n, int in_dim, int out_dim);
 
-  /* a[i] += b[i], both of dtype t (activation gradients, or fp32 parameter gradients) */
-  void (*add_inplace)(void *a, const void *b, size_t n, enum dtype t);
+  /* out[i] = a[i] + b[i], all of dtype t (activations, their gradients, or fp32 parameter
+   * gradients); out may be a (an accumulation) */
+  void (*add)(void *out, const void *a, const void *b, size_t n, enum dtype t);
+  /* A KV cache's append: row positions[i] of k_cache and of v_cache (rows of `width` values)
+   * = row i of k and of v, for i < n. positions are in backend memory. */
+  void (*kv_append)(void *k_cache, void *v_cache, const void *k, const void *v,
+                    const int32_t *positions, int n, int width);
   /* a[i] *= s */
   void (*scale)(float *a, float s, size_t n);
 
@@ -207,6 +217,17 @@ struct backend {
   /* The stream every op runs on (a cudaStream_t), for comm's NCCL transport to order its own
    * stream against; NULL where the backend has none (the CPU). */
   void *(*native_stream)(void);
+
+  /* Recording ops to replay them (a CUDA graph: one launch instead of hundreds, which is what
+   * decoding one token needs); NULL where the backend runs each op as it is called (the CPU).
+   * Between capture_begin and capture_end the ops are recorded, not run, and must not copy to
+   * or from the host or synchronize; the recording waits for every mark first. replay runs the
+   * recorded ops on the current stream, reading whatever their buffers hold then;
+   * capture_end returns the recording, replay_free frees it. */
+  void (*capture_begin)(void);
+  void *(*capture_end)(void);
+  void (*replay)(void *recording);
+  void (*replay_free)(void *recording);
 };
 
 extern const struct backend backend_cpu;

@@ -251,11 +251,119 @@ static struct {
   int keep_last;
 } save;
 
+/* Host memory from be's host_alloc (pinned on a GPU), or malloc where it has none; NULL when
+ * out of memory. Called from the main thread and from the one allocating ahead. */
+static void *staging_alloc(const struct backend *be, size_t bytes) {
+  return be->host_alloc ? be->host_alloc(bytes) : malloc(bytes);
+}
+
+static void staging_free(const struct backend *be, void *p) {
+  if (be && be->host_free) be->host_free(p);
+  else free(p);
+}
+
 static void free_staging(void) {
-  if (save.staging_be && save.staging_be->host_free) save.staging_be->host_free(save.staging);
-  else free(save.staging);
+  staging_free(save.staging_be, save.staging);
   save.staging = NULL;
   save.capacity = 0;
+}
+
+/* Seconds a test asks a thread to sleep first (QWEN3_CKPT_WRITE_DELAY, QWEN3_CKPT_STAGING_DELAY:
+ * in the environment of some ranks only), as on a slow disk or a slow pinning of memory. */
+static double test_delay(const char *name) {
+  const char *delay = getenv(name);
+  return delay ? atof(delay) : 0;
+}
+
+static void sleep_seconds(double s) {
+  struct timespec left = {(time_t)s, (long)((s - (time_t)s) * 1e9)};
+  while (s > 0 && nanosleep(&left, &left) != 0 && errno == EINTR) continue;
+}
+
+/* Starts fn on *thread with every signal blocked in it: stop signals stay with the main thread
+ * (train.c's handler). Returns pthread_create's code. */
+static int start_thread(pthread_t *thread, void *(*fn)(void *)) {
+  sigset_t all, old;
+  sigfillset(&all);
+  int rc = pthread_sigmask(SIG_BLOCK, &all, &old);
+  if (rc != 0) die("checkpoint: pthread_sigmask: %s", strerror(rc));
+  rc = pthread_create(thread, NULL, fn, NULL);
+  int rc_mask = pthread_sigmask(SIG_SETMASK, &old, NULL);
+  if (rc_mask != 0) die("checkpoint: pthread_sigmask: %s", strerror(rc_mask));
+  return rc;
+}
+
+/* ---- the staging buffer, allocated ahead -----------------------------------------------------
+ * Pinning the staging buffer takes tens of seconds for a large model (48 GB for Qwen3-4B on one
+ * GPU: about 20 s on an H200 host). Paid at the first save, it would come out of the grace
+ * period of a stop signal that arrives before any save. So a thread allocates it from the start
+ * of the run; the first save joins the thread and takes its buffer. (On a GPU the backend's
+ * host_alloc faults the pages in before it pins them, so training's CUDA calls wait only for
+ * the pinning: about 2 s at 48 GB.) */
+static struct {
+  int started;                 /* the thread was started and is not joined yet */
+  pthread_t thread;
+  const struct backend *be;
+  size_t bytes;                /* what stage_begin will need */
+  void *buf;                   /* the thread's result until a save takes it; NULL if it failed */
+  double delay;                /* QWEN3_CKPT_STAGING_DELAY */
+} ahead;
+
+/* The thread: neither die() nor MPI, as the writer's. */
+static void *allocate_ahead(void *unused) {
+  (void)unused;
+  sleep_seconds(ahead.delay);
+  double t0 = now_seconds();
+  ahead.buf = staging_alloc(ahead.be, ahead.bytes);
+  const char *pinned = ahead.be->host_alloc ? "pinned " : "";
+  int gib = ahead.bytes >= (1u << 30);   /* a test's model holds less than a GiB */
+  double size = ahead.bytes / (gib ? 1073741824.0 : 1048576.0);
+  if (ahead.buf)
+    info("checkpoint: %.1f %s of %shost staging ready for saves (allocated in %.1f s, in the "
+         "background)", size, gib ? "GiB" : "MiB", pinned, now_seconds() - t0);
+  else
+    warn("checkpoint: out of host memory for the %.1f %s of %shost staging of saves; the first "
+         "save tries again", size, gib ? "GiB" : "MiB", pinned);
+  return NULL;
+}
+
+void checkpoint_stage_ahead(const struct comm *c, const struct worker *chunks, int n) {
+  if (c->replica != 0) return;   /* as in checkpoint_save: the other replicas never stage */
+  ahead.be = chunks[0].be;
+  ahead.bytes = 0;
+  for (int k = 0; k < n; k++) ahead.bytes += checkpoint_staging_bytes(&chunks[k].plan);
+  ahead.delay = test_delay("QWEN3_CKPT_STAGING_DELAY");
+  int rc = start_thread(&ahead.thread, allocate_ahead);
+  if (rc != 0)
+    warn("checkpoint: cannot start the thread that allocates the staging buffer of saves (%s); "
+         "the first save allocates it", strerror(rc));
+  ahead.started = rc == 0;
+}
+
+static void join_ahead(void) {
+  if (!ahead.started) return;
+  int rc = pthread_join(ahead.thread, NULL);
+  if (rc != 0)
+    die("checkpoint: cannot join the thread that allocates the staging buffer: %s", strerror(rc));
+  ahead.started = 0;
+}
+
+/* The first save: waits for the thread if it has not finished and takes its buffer, if it
+ * allocated one of the `bytes` the save needs (the plans it was sized by say so; a mismatch is
+ * reported and the save allocates its own). */
+static void take_ahead(size_t bytes) {
+  join_ahead();
+  if (!ahead.buf) return;
+  if (ahead.bytes == bytes) {
+    save.staging = ahead.buf;
+    save.staging_be = ahead.be;
+    save.capacity = bytes / sizeof(float);
+  } else {
+    warn("internal: the staging buffer allocated ahead holds %zu bytes, a save needs %zu; "
+         "allocating it again", ahead.bytes, bytes);
+    staging_free(ahead.be, ahead.buf);
+  }
+  ahead.buf = NULL;
 }
 
 size_t checkpoint_staging_bytes(const struct worker_plan *p) {
@@ -276,8 +384,8 @@ static size_t staged_floats(const struct worker *w, int *tensors) {
 }
 
 /* Room for the tensors of this rank's n chunks, the tied copy excepted, in the staging buffer
- * (allocated once, for the largest save): the writer thread writes them while training changes
- * the originals. */
+ * (allocated once, ahead or else for the largest save): the writer thread writes them while
+ * training changes the originals. */
 static void stage_begin(const struct worker *chunks, int n) {
   size_t floats = 0, planned = 0;
   int tensors = 0;
@@ -287,11 +395,11 @@ static void stage_begin(const struct worker *chunks, int n) {
   }
   if (3 * floats * sizeof(float) != planned)
     die("internal: %zu floats staged for plans of %zu bytes", 3 * floats, planned);
+  take_ahead(planned);
   if (3 * floats > save.capacity) {
     free_staging();
     const struct backend *be = chunks[0].be;
-    size_t bytes = 3 * floats * sizeof(float);
-    save.staging = be->host_alloc ? be->host_alloc(bytes) : malloc(bytes);
+    save.staging = staging_alloc(be, planned);
     save.staging_be = be;
     if (!save.staging)
       die("checkpoint: out of host memory for the staging buffer of a save (%.2f GiB: the "
@@ -327,8 +435,7 @@ static void stage_chunk(const struct worker *w, const float *adam_m, const float
  * an error is left in save.err for the main thread. */
 static void *write_stage(void *unused) {
   (void)unused;
-  struct timespec left = {(time_t)save.delay, (long)((save.delay - (time_t)save.delay) * 1e9)};
-  while (save.delay > 0 && nanosleep(&left, &left) != 0 && errno == EINTR) continue;
+  sleep_seconds(save.delay);
   const float *part[3] = {save.staging, save.staging + save.part, save.staging + 2 * save.part};
   struct ckpt_stage_writer *sw;
   if (ckpt_stage_create(&sw, save.path, save.stage, save.n_stages, save.err,
@@ -347,13 +454,9 @@ static void *write_stage(void *unused) {
   return NULL;
 }
 
-/* Stop signals stay with the main thread (train.c's handler): the writer blocks them all. With
- * an HDF5 that is not thread-safe, the file is written here and now. QWEN3_CKPT_WRITE_DELAY (in
- * the environment of some ranks only, by the tests): seconds the writer sleeps first, as on a
- * slow disk. */
+/* With an HDF5 that is not thread-safe, the file is written here and now. */
 static void start_writer(void) {
-  const char *delay = getenv("QWEN3_CKPT_WRITE_DELAY");
-  save.delay = delay ? atof(delay) : 0;
+  save.delay = test_delay("QWEN3_CKPT_WRITE_DELAY");
   save.err[0] = 0;
   atomic_store(&save.finished, 0);
   save.writing = 1;
@@ -366,15 +469,9 @@ static void start_writer(void) {
     write_stage(NULL);
     return;
   }
-  sigset_t all, old;
-  sigfillset(&all);
-  int rc = pthread_sigmask(SIG_BLOCK, &all, &old);
-  if (rc != 0) die("checkpoint: pthread_sigmask: %s", strerror(rc));
-  rc = pthread_create(&save.thread, NULL, write_stage, NULL);
-  int rc_mask = pthread_sigmask(SIG_SETMASK, &old, NULL);
+  int rc = start_thread(&save.thread, write_stage);
   if (rc != 0)
     die("checkpoint: cannot start the thread that writes %s: %s", save.path, strerror(rc));
-  if (rc_mask != 0) die("checkpoint: pthread_sigmask: %s", strerror(rc_mask));
 }
 
 /* Waits for this rank's writer; dies with its error, which names the file. */
@@ -499,6 +596,9 @@ void checkpoint_release(void) {
     settle(1);
     comm_barrier(c, GROUP_WORLD);   /* nobody exits before the commit */
   }
+  join_ahead();   /* a run that ended before its first save */
+  staging_free(ahead.be, ahead.buf);
+  ahead.buf = NULL;
   free_staging();
   free(save.tensors);
   save.tensors = NULL;

@@ -24,7 +24,7 @@ struct train_state {
 /* Collective (every rank calls it at the same step boundary). The rank's n chunks (workers,
  * parallel.virtual_stages) all go into its stage's file. Waits for the previous save to be
  * committed (checkpoint_wait), then the ranks of replica 0 copy their stage's weights and AdamW
- * moments into a host staging buffer (allocated at the first save and kept) and return, while a
+ * moments into a host staging buffer (checkpoint_stage_ahead's, kept) and return, while a
  * thread of each writes and fsyncs its stage file. Once every rank's file is synced (found by
  * checkpoint_poll or checkpoint_wait), rank 0 writes model.h5 with the run state and the job,
  * commits the directory atomically, moves `latest` and removes checkpoints beyond
@@ -38,8 +38,15 @@ void checkpoint_poll(void);
 /* The host memory (pinned on a GPU) a save stages for a chunk of plan p (a stage: the sum over
  * its chunks) on the ranks that write
  * (replica 0): its weights and both AdamW moments in fp32, the tied copy left out. Held from the
- * first save to the end of the run. */
+ * start of the run (checkpoint_stage_ahead) to its end. */
 size_t checkpoint_staging_bytes(const struct worker_plan *p);
+/* At the start of a training run, on every rank (the ranks of replica 0 act): starts allocating
+ * the staging buffer of this rank's n chunks on a thread (signals blocked), so that no save, the
+ * one a stop signal asks for least of all, waits the tens of seconds pinning GiBs takes. Logs its
+ * size and seconds when it is ready. The first save waits for the thread if it has not finished
+ * and takes the buffer; should it have failed, the save allocates its own as before.
+ * checkpoint_release joins the thread of a run that never saved. */
+void checkpoint_stage_ahead(const struct comm *c, const struct worker *chunks, int n);
 /* Collective: waits for every rank's writer and commits the save in flight, if any. */
 void checkpoint_wait(void);
 
@@ -66,8 +73,8 @@ int probe_writable(const char *dir, char *err, size_t errlen);
  * Returns 0, or -1 with err naming the directory and what to do. */
 int checkpoint_prepare(const Job *job, char *err, size_t errlen);
 /* At exit, on every rank: waits for the save in flight and commits it (checkpoint_wait: collective
- * when a save is in flight), frees the staging buffer and releases the lock (which the process's
- * exit would release too). */
+ * when a save is in flight), waits for checkpoint_stage_ahead's thread, frees the staging buffer
+ * and releases the lock (which the process's exit would release too). */
 void checkpoint_release(void);
 
 /* init.checkpoint: the weights of this rank's n chunks only (a run from them starts at step 0

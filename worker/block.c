@@ -97,20 +97,24 @@ static struct attn_shape attention_shape(const struct worker *w, int live) {
     s.tk = w->kv->len + t;
     s.k_stride = w->kv->max_len;
   }
+  if (w->kv && t == 1) {   /* decoding: the whole cache, read up to the token's position */
+    s.tk = w->kv->max_len;
+    s.key_last = w->positions + (size_t)live * w->plan.batch * w->plan.seq;
+  }
   return s;
 }
 
-/* With a KV cache attached, the attention stage appends this call's keys and values to the
- * layer's cache and attends over the cache instead of the K and V slots. */
+/* With a KV cache attached, the attention stage writes this call's keys and values into the
+ * layer's cache at their positions (the cache's row of a token is its position) and attends
+ * over the cache instead of the K and V slots. Nothing here reads the cache's length on the
+ * host when decoding, so the same ops serve every step (worker_infer records them). */
 static void attach_kv_cache(struct worker *w, int layer, const void **k, const void **v,
-                            int n) {
+                            const int32_t *positions, int n) {
   if (!w->kv) return;
-  size_t row = slot_width(&w->plan.cfg, S_K) * dtype_bytes(w->plan.act);
-  size_t span = (size_t)w->kv->max_len * row;
+  int width = (int)slot_width(&w->plan.cfg, S_K);
+  size_t span = (size_t)w->kv->max_len * width * dtype_bytes(w->plan.act);
   char *ck = (char *)w->kv->data + 2 * (size_t)layer * span, *cv = ck + span;
-  size_t at = (size_t)w->kv->len * row, bytes = (size_t)n * row;
-  w->be->copy(ck + at, *k, bytes);
-  w->be->copy(cv + at, *v, bytes);
+  w->be->kv_append(ck, cv, *k, *v, positions, n, width);
   *k = ck;
   *v = cv;
 }
@@ -153,14 +157,13 @@ static void stage_forward(struct worker *w, int i, void **a, int live, int layer
   case OP_ATTENTION: {
     struct attn_shape shape = attention_shape(w, live);
     const void *k = a[s->in[1]], *v = a[s->in[2]];
-    attach_kv_cache(w, layer, &k, &v, n);
+    attach_kv_cache(w, layer, &k, &v, pos, n);
     be->attention_forward(a[s->out[0]], a[s->out[1]], a[s->in[0]], k, v, &shape);
     break;
   }
   case OP_ADD: {
-    size_t len = (size_t)n * slot_width(c, s->out[0]);
-    be->copy(a[s->out[0]], a[s->in[0]], len * dtype_bytes(w->plan.act));
-    be->add_inplace(a[s->out[0]], a[s->in[1]], len, w->plan.act);
+    be->add(a[s->out[0]], a[s->in[0]], a[s->in[1]], (size_t)n * slot_width(c, s->out[0]),
+            w->plan.act);
     break;
   }
   case OP_SWIGLU:
@@ -256,8 +259,8 @@ void block_backward(struct worker *w, int live, int layer, const void *dy, void 
       break;
     case OP_ADD: {
       size_t len = (size_t)n * slot_width(c, s->out[0]);
-      be->add_inplace(d[s->in[0]], d[s->out[0]], len, w->plan.act);
-      be->add_inplace(d[s->in[1]], d[s->out[0]], len, w->plan.act);
+      be->add(d[s->in[0]], d[s->in[0]], d[s->out[0]], len, w->plan.act);
+      be->add(d[s->in[1]], d[s->in[1]], d[s->out[0]], len, w->plan.act);
       break;
     }
     case OP_SWIGLU:

@@ -411,9 +411,10 @@ void worker_zero_grads(struct worker *w) {
 }
 
 void worker_gather_tied_grads(struct worker *w) {
-  if (w->tied_head_grads)
-    w->be->add_inplace(w->grads + w->params[w->embed_param].offset, w->tied_head_grads,
-                       (size_t)w->plan.cfg.vocab_size * w->plan.cfg.hidden_size, DT_F32);
+  if (!w->tied_head_grads) return;
+  float *embed = w->grads + w->params[w->embed_param].offset;
+  w->be->add(embed, embed, w->tied_head_grads,
+             (size_t)w->plan.cfg.vocab_size * w->plan.cfg.hidden_size, DT_F32);
 }
 
 int worker_weight_groups(const struct worker *w) { return WEIGHTS_LAYER + w->plan.n_layers + 1; }
@@ -456,15 +457,20 @@ const void *worker_weight_act(const struct worker *w, int i) {
   return (const char *)w->weights_act + w->params[i].offset * dtype_bytes(w->plan.act);
 }
 
+/* The first stage's tokens of live slot `live`, in backend memory. */
+static int32_t *live_tokens(const struct worker *w, int live) {
+  return w->tokens + (size_t)live * w->plan.batch * w->plan.seq;
+}
+
 /* The stage's forward of n tokens in live slot `live`: on the first stage the embedding of
- * `tokens` (host), then every layer, each after the optimizer's update of its weights; on the
- * last stage it also waits for the head's weights (a tied head reads the embedding). */
-static void forward_layers(struct worker *w, int live, const int32_t *tokens, int n) {
+ * its tokens (already copied to live_tokens), then every layer, each after the optimizer's
+ * update of its weights; on the last stage it also waits for the head's weights (a tied head
+ * reads the embedding). */
+static void forward_layers(struct worker *w, int live, int n) {
   const struct backend *be = w->be;
   const struct worker_plan *p = &w->plan;
   if (p->has_embedding) {
-    int32_t *dev = w->tokens + (size_t)live * p->batch * p->seq;
-    be->to_device(dev, tokens, (size_t)n * sizeof(int32_t));
+    int32_t *dev = live_tokens(w, live);
     wait_weights(w, WEIGHTS_EMBED);
     be->embedding_forward(worker_input(w, live), dev, worker_weight_act(w, w->embed_param), n,
                           p->cfg.hidden_size);
@@ -497,7 +503,9 @@ void worker_forward(struct worker *w, int live, const struct micro_batch *mb, fl
   }
   if (w->packed[live])
     be->to_device(w->doc_start + at, w->host_doc_start, (size_t)n * sizeof(int32_t));
-  forward_layers(w, live, mb->tokens, n);
+  if (p->has_embedding)
+    be->to_device(live_tokens(w, live), mb->tokens, (size_t)n * sizeof(int32_t));
+  forward_layers(w, live, n);
   if (!p->has_head) return;
 
   const struct param *norm = &w->params[w->final_norm_param];
@@ -555,29 +563,22 @@ void kv_cache_init(struct kv_cache *kv, const struct worker *w, int max_len) {
   kv->data = must_alloc(w->be, values * dtype_bytes(w->plan.act), "KV cache");
   kv->max_len = max_len;
   kv->len = 0;
+  kv->decode_step = NULL;
 }
 
 void kv_cache_free(struct kv_cache *kv, const struct worker *w) {
+  if (kv->decode_step) w->be->replay_free(kv->decode_step);
   w->be->free(kv->data);
   memset(kv, 0, sizeof *kv);
 }
 
-void worker_infer(struct worker *w, const int32_t *tokens, const int32_t *positions, int n,
-                  struct kv_cache *kv, float *logits) {
+/* The device work of worker_infer: the layers, and on the last stage the logits of the last
+ * of the n tokens into w->logits (fp32). */
+static void infer_ops(struct worker *w, int n) {
   const struct backend *be = w->be;
   const struct worker_plan *p = &w->plan;
   int d = p->cfg.hidden_size, vocab = p->cfg.vocab_size;
-  if (p->batch != 1 || n < 1 || n > p->seq || (kv && kv->len + n > kv->max_len))
-    die("internal: worker_infer of %d tokens on a plan of %d x %d (cache %d of %d)", n, p->batch,
-        p->seq, kv ? kv->len : 0, kv ? kv->max_len : 0);
-  w->seq_now = n;
-  w->kv = kv;
-  w->packed[0] = 0;   /* one document; positions continue the cache's */
-  be->to_device(w->positions, positions, (size_t)n * sizeof(int32_t));
-  forward_layers(w, 0, tokens, n);
-  if (kv) kv->len += n;
-  w->seq_now = 0;
-  w->kv = NULL;
+  forward_layers(w, 0, n);
   if (!p->has_head) return;
   const struct param *norm = &w->params[w->final_norm_param];
   size_t act = dtype_bytes(p->act);
@@ -587,5 +588,41 @@ void worker_infer(struct worker *w, const int32_t *tokens, const int32_t *positi
                       w->weights + norm->offset, 1, d, (float)p->cfg.rms_norm_eps);
   be->linear_forward(out, last, worker_weight_act(w, w->head_param), 1, d, vocab);
   be->convert(w->logits, DT_F32, out, p->act, (size_t)vocab);
-  be->to_host(logits, w->logits, (size_t)vocab * sizeof(float));
+}
+
+void worker_infer(struct worker *w, const int32_t *tokens, const int32_t *positions, int n,
+                  struct kv_cache *kv, float *logits) {
+  const struct backend *be = w->be;
+  const struct worker_plan *p = &w->plan;
+  if (p->batch != 1 || n < 1 || n > p->seq || (kv && kv->len + n > kv->max_len))
+    die("internal: worker_infer of %d tokens on a plan of %d x %d (cache %d of %d)", n, p->batch,
+        p->seq, kv ? kv->len : 0, kv ? kv->max_len : 0);
+  for (int i = 0; kv && i < n; i++)   /* a token's row in the cache is its position */
+    if (positions[i] != kv->len + i)
+      die("internal: worker_infer: token %d of %d is at position %d, its cache row is %d", i, n,
+          positions[i], kv->len + i);
+  w->seq_now = n;
+  w->kv = kv;
+  w->packed[0] = 0;   /* one document; positions continue the cache's */
+  be->to_device(w->positions, positions, (size_t)n * sizeof(int32_t));
+  if (p->has_embedding) be->to_device(live_tokens(w, 0), tokens, (size_t)n * sizeof(int32_t));
+  /* Decoding one token runs the same ops at every step (they read the position and the token
+   * from device memory), hundreds of small launches: recorded once per cache, then replayed.
+   * Not under --timing, which synchronizes around every stage. */
+  int record = kv && n == 1 && be->capture_begin && !block_timing;
+  if (record && kv->decode_step) {
+    be->replay(kv->decode_step);
+  } else if (record) {
+    be->capture_begin();
+    infer_ops(w, n);
+    kv->decode_step = be->capture_end();
+    be->replay(kv->decode_step);
+  } else {
+    infer_ops(w, n);
+  }
+  if (kv) kv->len += n;
+  w->seq_now = 0;
+  w->kv = NULL;
+  if (p->has_head)
+    be->to_host(logits, w->logits, (size_t)p->cfg.vocab_size * sizeof(float));
 }

@@ -136,6 +136,7 @@ enum { SUM_LOSS, SUM_NORM };
 struct kv_cache {
   void *data;                  /* of dtype plan.act */
   int max_len, len;
+  void *decode_step;           /* the recorded ops of one decoding step (backend capture_begin) */
 };
 
 /* Computes sizes and offsets; no allocation. Dies on shapes it cannot hold. */

@@ -11,10 +11,12 @@
 void cpu_embedding_forward(void *out, const int32_t *tokens, const void *table, int n, int dim);
 void cpu_embedding_backward(float *dtable, const void *dout, const int32_t *tokens, int n,
                             int dim);
+void cpu_kv_append(void *k_cache, void *v_cache, const void *k, const void *v,
+                   const int32_t *positions, int n, int width);
 void cpu_swiglu_forward(void *out, const void *g, const void *u, size_t n);
 void cpu_swiglu_backward(void *dg, void *du, const void *dout, const void *g, const void *u,
                          size_t n);
-void cpu_add_inplace(void *a, const void *b, size_t n, enum dtype t);
+void cpu_add(void *out, const void *a, const void *b, size_t n, enum dtype t);
 void cpu_scale(float *a, float s, size_t n);
 void cpu_sum_into(double *acc, const float *x, size_t n, int squares);
 

@@ -20,6 +20,7 @@ static void check_shape(const struct attn_shape *s) {
     die("attention: %d heads do not split into %d kv heads", s->heads, s->kv_heads);
   if (s->tq > s->tk || s->tk > s->k_stride)
     die("attention: need tq <= tk <= k_stride, got %d, %d, %d", s->tq, s->tk, s->k_stride);
+  if (s->key_last && s->tq != 1) die("attention: key_last is for one query (tq %d)", s->tq);
 }
 
 /* First row of sequence b, head h in [batch*tq, heads, head_dim] (q, ctx, dq, dctx). */
@@ -62,6 +63,22 @@ void cpu_attention_forward(void *ctx_, float *lse, const void *q_, const void *k
   const float *k = k_;
   const float *v = v_;
   check_shape(s);
+  if (s->key_last) {   /* decoding: each sequence alone, over the keys it sees */
+    for (int b = 0; b < s->batch; b++) {
+      struct attn_shape one = *s;
+      one.batch = 1;
+      one.tk = s->key_last[b] + 1;
+      one.key_last = NULL;
+      one.doc_start = s->doc_start ? s->doc_start + b : NULL;
+      if (one.tk < 1 || one.tk > s->tk)
+        die("attention: key_last %d of sequence %d is outside its keys 0 .. %d", one.tk - 1, b,
+            s->tk - 1);
+      cpu_attention_forward(ctx + q_offset(s, b, 0), lse + (size_t)b * s->heads,
+                            q + q_offset(s, b, 0), k + k_offset(s, b, 0), v + k_offset(s, b, 0),
+                            &one);
+    }
+    return;
+  }
   int hd = s->head_dim, tq = s->tq, tk = s->tk;
   float *P = xmalloc((size_t)(tq > 0 ? tq : 1) * tk * sizeof(float));
   for (int b = 0; b < s->batch; b++)
@@ -109,6 +126,7 @@ void cpu_attention_backward(void *dq_, void *dk_, void *dv_, const void *dctx_, 
   const float *v = v_;
   const float *ctx = ctx_;
   check_shape(s);
+  if (s->key_last) die("attention backward: key_last is for decoding only");
   int hd = s->head_dim, tq = s->tq, tk = s->tk, qld = s->heads * hd, kld = s->kv_heads * hd;
   float scale = (float)(1.0 / sqrt((double)hd));
   size_t square = (size_t)(tq > 0 ? tq : 1) * tk;

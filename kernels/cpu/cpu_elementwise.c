@@ -1,4 +1,4 @@
-/* The memory-bound ops: embedding, SwiGLU, residual add, scaling and the sums. */
+/* The memory-bound ops: embedding, SwiGLU, residual add, the KV cache's append, scaling and the sums. */
 #include <math.h>
 #include <string.h>
 
@@ -51,12 +51,22 @@ void cpu_swiglu_backward(void *dg_, void *du_, const void *dout_, const void *g_
 }
 
 /* t is DT_F32 on the CPU whatever the tensor: activations and gradients are all fp32 here. */
-void cpu_add_inplace(void *a_, const void *b_, size_t n, enum dtype t) {
+void cpu_add(void *out_, const void *a_, const void *b_, size_t n, enum dtype t) {
   if (t != DT_F32) die("internal: the CPU backend holds fp32 tensors only");
-  float *a = a_;
-  const float *b = b_;
+  float *out = out_;
+  const float *a = a_, *b = b_;
 #pragma omp parallel for
-  for (size_t i = 0; i < n; i++) a[i] += b[i];
+  for (size_t i = 0; i < n; i++) out[i] = a[i] + b[i];
+}
+
+void cpu_kv_append(void *k_cache, void *v_cache, const void *k, const void *v,
+                   const int32_t *positions, int n, int width) {
+  size_t row = (size_t)width * sizeof(float);
+  for (int i = 0; i < n; i++) {
+    size_t at = (size_t)positions[i] * row;
+    memcpy((char *)k_cache + at, (const char *)k + i * row, row);
+    memcpy((char *)v_cache + at, (const char *)v + i * row, row);
+  }
 }
 
 void cpu_scale(float *a, float s, size_t n) {

@@ -66,6 +66,7 @@ struct cuda_context {
   enum dtype act;              /* storage of activations: DT_BF16 (mode bf16) or DT_F32 */
   int tf32;                    /* 1: GEMMs on fp32 operands may use TF32 (modes bf16, tf32) */
   int debug;                   /* 1: synchronize and check after every launch */
+  int capturing;               /* between capture_begin and capture_end: ops are recorded */
   double *host_result;         /* pinned host memory for the results returned to the host */
 };
 extern struct cuda_context cuda_ctx;
@@ -125,7 +126,9 @@ void cuda_embedding_backward(float *dtable, const void *dout, const int32_t *tok
 void cuda_swiglu_forward(void *out, const void *g, const void *u, size_t n);
 void cuda_swiglu_backward(void *dg, void *du, const void *dout, const void *g, const void *u,
                           size_t n);
-void cuda_add_inplace(void *a, const void *b, size_t n, enum dtype t);
+void cuda_add(void *out, const void *a, const void *b, size_t n, enum dtype t);
+void cuda_kv_append(void *k_cache, void *v_cache, const void *k, const void *v,
+                    const int32_t *positions, int n, int width);
 void cuda_scale(float *a, float s, size_t n);
 void cuda_sum_into(double *acc, const float *x, size_t n, int squares);
 

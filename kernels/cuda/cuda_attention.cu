@@ -396,6 +396,140 @@ __global__ void __launch_bounds__(NT)
 }
 
 /* ------------------------------------------------------------------------------------------ */
+/* decode: one query per sequence (tq == 1) against a KV cache
+ *
+ * One block per (kv head, key split, sequence) serves every query head of the group, so each
+ * cached key and value is read once per group, not once per query head. A block walks its
+ * keys in tiles of DEC_NT: thread t scores key t of the tile against the group's queries (held
+ * in shared memory) and the tile's max and sum per head come from a fixed shuffle tree; then
+ * thread t owns head dimension t and adds the tile's P V. The keys it sees end at
+ * attn_shape.key_last[b] when set (a cache of a fixed size, read up to the current token:
+ * the same launch at every step) and start at doc_start[b]. Splits leave unnormalized partials
+ * that attn_fwd_combine_kernel merges in split order, as for the forward above. */
+
+constexpr int DEC_NT = 128;       // keys per tile, head dims per block (head_dim <= 128)
+constexpr int DEC_MAX_GROUP = 16;  // query heads per kv head
+
+template <int G>
+__device__ __forceinline__ void dec_block_reduce(float (&x)[G], float *red, int group,
+                                                 bool max) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int g = 0; g < G; g++) {
+    if (g >= group) break;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      const float y = __shfl_xor_sync(0xffffffffu, x[g], o);
+      x[g] = max ? fmaxf(x[g], y) : x[g] + y;
+    }
+    if (lane == 0) red[g * (DEC_NT / 32) + warp] = x[g];
+  }
+  __syncthreads();
+#pragma unroll
+  for (int g = 0; g < G; g++) {
+    if (g >= group) break;
+    float r = red[g * (DEC_NT / 32)];
+#pragma unroll
+    for (int w = 1; w < DEC_NT / 32; w++)
+      r = max ? fmaxf(r, red[g * (DEC_NT / 32) + w]) : r + red[g * (DEC_NT / 32) + w];
+    x[g] = r;
+  }
+  __syncthreads();   // red is reused by the next reduction
+}
+
+template <typename T>
+__global__ void __launch_bounds__(DEC_NT)
+    attn_decode_kernel(T *__restrict__ ctx, float *__restrict__ lse, const T *__restrict__ q,
+                       const T *__restrict__ k, const T *__restrict__ v, Dims s,
+                       int keys_per_split, const int32_t *__restrict__ doc_start,
+                       const int32_t *__restrict__ key_last, float *__restrict__ part_o,
+                       float *__restrict__ part_ml) {
+  constexpr int G = DEC_MAX_GROUP;
+  extern __shared__ float dec_smem[];
+  const int kh = blockIdx.x, split = blockIdx.y, b = blockIdx.z, n_split = gridDim.y;
+  const int t = threadIdx.x, hd = s.head_dim, group = s.group;
+  float *sq = dec_smem;                 // [group][hd] the group's queries, scaled
+  float *sp = sq + group * hd;          // [group][DEC_NT] the tile's probabilities
+  float *red = sp + group * DEC_NT;     // [group][DEC_NT / 32]
+  const int first = doc_start ? doc_start[b] : 0;
+  const int last = key_last ? key_last[b] : s.tk - 1;
+  const int k0 = max(first, split * keys_per_split);
+  const int k1 = min(last + 1, (split + 1) * keys_per_split);
+  const size_t q_row = ((size_t)b * s.heads + (size_t)kh * group) * hd;
+  for (int i = t; i < group * hd; i += DEC_NT) sq[i] = s.scale * load_f(q + q_row + i);
+  const size_t ld = (size_t)s.kv_heads * hd;
+  const T *kb = k + (size_t)b * s.k_stride * ld + (size_t)kh * hd;
+  const T *vb = v + (size_t)b * s.k_stride * ld + (size_t)kh * hd;
+  float m[G], l[G], o[G];
+#pragma unroll
+  for (int g = 0; g < G; g++) m[g] = -INFINITY, l[g] = 0.0f, o[g] = 0.0f;
+  __syncthreads();
+  for (int j0 = k0; j0 < k1; j0 += DEC_NT) {
+    const int j = j0 + t;
+    float sc[G];
+#pragma unroll
+    for (int g = 0; g < G; g++) sc[g] = j < k1 ? 0.0f : -INFINITY;
+    if (j < k1) {
+      const T *kr = kb + (size_t)j * ld;
+      for (int e = 0; e < hd; e++) {
+        const float kf = load_f(kr + e);
+#pragma unroll
+        for (int g = 0; g < G; g++) {
+          if (g >= group) break;
+          sc[g] = fmaf(sq[g * hd + e], kf, sc[g]);
+        }
+      }
+    }
+    float mt[G];
+#pragma unroll
+    for (int g = 0; g < G; g++) mt[g] = sc[g];
+    dec_block_reduce<G>(mt, red, group, true);
+    float pt[G], alpha[G];
+#pragma unroll
+    for (int g = 0; g < G; g++) {
+      if (g >= group) break;
+      const float m_new = fmaxf(m[g], mt[g]);   // finite: the tile has a key
+      alpha[g] = expf(m[g] - m_new);            // 0 while m = -inf
+      m[g] = m_new;
+      pt[g] = expf(sc[g] - m_new);              // 0 past the last key
+      sp[g * DEC_NT + t] = pt[g];
+    }
+    dec_block_reduce<G>(pt, red, group, false);   // its barriers publish sp too
+    const int n = min(DEC_NT, k1 - j0);
+#pragma unroll
+    for (int g = 0; g < G; g++) {
+      if (g >= group) break;
+      l[g] = fmaf(l[g], alpha[g], pt[g]);
+      o[g] *= alpha[g];
+    }
+    if (t < hd)
+      for (int i = 0; i < n; i++) {
+        const float vf = load_f(vb + (size_t)(j0 + i) * ld + t);
+#pragma unroll
+        for (int g = 0; g < G; g++) {
+          if (g >= group) break;
+          o[g] = fmaf(sp[g * DEC_NT + i], vf, o[g]);
+        }
+      }
+    __syncthreads();   // sp is rewritten by the next tile
+  }
+  const size_t rows = (size_t)s.batch * s.heads;
+#pragma unroll
+  for (int g = 0; g < G; g++) {
+    if (g >= group) break;
+    const size_t row = (size_t)b * s.heads + (size_t)kh * group + g;
+    if (n_split == 1) {
+      if (t < hd) store_f(ctx + row * hd + t, o[g] / l[g]);
+      if (t == 0) lse[row] = m[g] + logf(l[g]);
+    } else {
+      const size_t prow = (size_t)split * rows + row;
+      if (t < hd) part_o[prow * hd + t] = o[g];
+      if (t == 0) part_ml[2 * prow] = m[g], part_ml[2 * prow + 1] = l[g];
+    }
+  }
+}
+
+/* ------------------------------------------------------------------------------------------ */
 /* backward (0): D[b, h, i] = dctx_i . ctx_i, one warp per row, summed in double */
 
 template <typename T>
@@ -773,6 +907,42 @@ void launch_fwd(T *ctx, float *lse, const T *q, const T *k, const T *v, const Sh
   }
 }
 
+template <typename T>
+void launch_decode(T *ctx, float *lse, const T *q, const T *k, const T *v, const Shape &d,
+                   const struct attn_shape *a) {
+  if (d.group > DEC_MAX_GROUP) refuse("cuda_attention_forward", a, "more than 16 query heads per kv head");
+  // Key splits until the GPU has about two blocks per SM, each at least one tile of keys.
+  const int tiles = (d.tk + DEC_NT - 1) / DEC_NT;
+  const size_t blocks = (size_t)d.kv_heads * d.batch, rows = (size_t)d.batch * d.heads;
+  const size_t busy = 2 * (size_t)(cuda_ctx.sm_count > 0 ? cuda_ctx.sm_count : 1);
+  int n_split = blocks < busy ? (int)((busy + blocks - 1) / blocks) : 1;
+  if (n_split > tiles) n_split = tiles;
+  if (n_split > 64) n_split = 64;
+  while (n_split > 1 &&
+         (size_t)n_split * rows * (d.head_dim + 2) * sizeof(float) > cuda_ctx.scratch_bytes / 2)
+    n_split--;
+  const int keys_per_split = (tiles + n_split - 1) / n_split * DEC_NT;
+  n_split = (d.tk + keys_per_split - 1) / keys_per_split;
+  float *part_o = nullptr, *part_ml = nullptr;
+  if (n_split > 1) {
+    void *po, *pml;
+    cuda_scratch2(&po, (size_t)n_split * rows * d.head_dim * sizeof(float), &pml,
+                  (size_t)n_split * rows * 2 * sizeof(float), "attention decode key splits");
+    part_o = (float *)po, part_ml = (float *)pml;
+  }
+  const size_t smem = sizeof(float) * (size_t)d.group * (d.head_dim + DEC_NT + DEC_NT / 32);
+  dim3 grid(d.kv_heads, n_split, d.batch);
+  attn_decode_kernel<T><<<grid, DEC_NT, smem, cuda_ctx.stream>>>(
+      ctx, lse, q, k, v, d, keys_per_split, a->doc_start, a->key_last, part_o, part_ml);
+  CUDA_LAUNCHED("attn_decode_kernel");
+  if (n_split > 1) {
+    const size_t n = rows * d.head_dim;
+    attn_fwd_combine_kernel<T><<<(unsigned)((n + NT - 1) / NT), NT, 0, cuda_ctx.stream>>>(
+        ctx, lse, part_o, part_ml, d, n_split);
+    CUDA_LAUNCHED("attn_fwd_combine_kernel");
+  }
+}
+
 template <typename T, int DM, int BK, int BQ>
 void launch_dkdv(T *dk, T *dv, const T *dctx, const T *q, const T *k, const T *v,
                  const float *lse, const float *D, const Shape &d) {
@@ -874,6 +1044,12 @@ extern "C" void cuda_attention_forward(void *ctx, float *lse, const void *q, con
                                        const void *v, const struct attn_shape *s) {
   Shape d;
   if (!make_dims(&d, s, "cuda_attention_forward")) return;
+  if (s->tq == 1) {   // decoding
+    CUDA_ACT_DISPATCH(T, launch_decode<T>((T *)ctx, lse, (const T *)q, (const T *)k,
+                                          (const T *)v, d, s));
+    return;
+  }
+  if (s->key_last) refuse("cuda_attention_forward", s, "key_last is for one query (tq 1)");
   // The mode's tensor-core kernel where it takes the shape; the generic kernels for the rest.
   if (cuda_ctx.act == DT_BF16 && cuda_attention_bf16_forward(ctx, lse, q, k, v, s)) return;
   d.vec4 = d.vec4 && cuda_aligned16(q) && cuda_aligned16(k) && cuda_aligned16(v);
@@ -886,6 +1062,7 @@ extern "C" void cuda_attention_backward(void *dq, void *dk, void *dv, const void
                                         const void *ctx, const float *lse,
                                         const struct attn_shape *s) {
   Shape d;
+  if (s->key_last) refuse("cuda_attention_backward", s, "key_last is for decoding only");
   if (!make_dims(&d, s, "cuda_attention_backward")) return;
   d.vec4 = d.vec4 && cuda_aligned16(q) && cuda_aligned16(k) && cuda_aligned16(v) &&
            cuda_aligned16(dctx);

@@ -25,7 +25,9 @@ extern "C" void cuda_fail(const char *what, const char *detail, const char *file
 
 extern "C" void cuda_check_launch(const char *kernel, const char *file, int line) {
   cudaError_t e = cudaGetLastError();
-  if (e == cudaSuccess && cuda_ctx.debug) e = cudaStreamSynchronize(cuda_ctx.stream);
+  /* a recorded launch runs later: the debug check comes with the replay's */
+  if (e == cudaSuccess && cuda_ctx.debug && !cuda_ctx.capturing)
+    e = cudaStreamSynchronize(cuda_ctx.stream);
   if (e != cudaSuccess) cuda_fail(kernel, cudaGetErrorString(e), file, line);
 }
 
@@ -143,8 +145,40 @@ static void cuda_mark(int i) {
 }
 
 static void cuda_wait_mark(int i) {
+  if (cuda_ctx.capturing) return;   /* capture_begin waited for every mark */
   if (cuda_ctx.marks && i >= 0 && i < MAX_MARKS && cuda_ctx.marks[i])
     CUDA_CHECK(cudaStreamWaitEvent(cuda_ctx.stream, cuda_ctx.marks[i], 0));
+}
+
+/* ---- recording (ops.h capture_begin): a CUDA graph of the ops on the current stream ---------- */
+
+/* A recording must not wait for work outside it, so the stream waits for every mark first
+ * (the work they mark is then behind the replays too, which run later on the same stream). */
+static void cuda_capture_begin(void) {
+  if (cuda_ctx.capturing) die("internal: capture_begin while recording");
+  for (int i = 0; cuda_ctx.marks && i < MAX_MARKS; i++)
+    if (cuda_ctx.marks[i]) CUDA_CHECK(cudaStreamWaitEvent(cuda_ctx.stream, cuda_ctx.marks[i], 0));
+  CUDA_CHECK(cudaStreamBeginCapture(cuda_ctx.stream, cudaStreamCaptureModeThreadLocal));
+  cuda_ctx.capturing = 1;
+}
+
+static void *cuda_capture_end(void) {
+  cudaGraph_t graph;
+  cudaGraphExec_t exec;
+  cuda_ctx.capturing = 0;
+  CUDA_CHECK(cudaStreamEndCapture(cuda_ctx.stream, &graph));
+  CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+  CUDA_CHECK(cudaGraphDestroy(graph));
+  return (void *)exec;
+}
+
+static void cuda_replay(void *recording) {
+  CUDA_CHECK(cudaGraphLaunch((cudaGraphExec_t)recording, cuda_ctx.stream));
+  if (cuda_ctx.debug) CUDA_CHECK(cudaStreamSynchronize(cuda_ctx.stream));
+}
+
+static void cuda_replay_free(void *recording) {
+  if (recording) CUDA_CHECK(cudaGraphExecDestroy((cudaGraphExec_t)recording));
 }
 
 /* Before the host reads results or memory changes hands: the side stream's work is done. */
@@ -204,18 +238,33 @@ static void cuda_copy(void *dst, const void *src, size_t bytes) {
   if (bytes) CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, cuda_ctx.stream));
 }
 
-/* Pinned: a device-to-host copy into it is a DMA at the link's rate, without CUDA's staging. */
+/* Pinned: a device-to-host copy into it is a DMA at the link's rate, without CUDA's staging.
+ * The pages are faulted in by plain stores first and then registered: cudaMallocHost holds the
+ * driver's lock while it zeroes and pins, which stalls every CUDA call of the process's other
+ * threads for the whole allocation (measured on an H200 host: 44 s for 48 GiB), and
+ * checkpoint.c allocates its staging buffer on a thread of its own while training runs;
+ * registering pages already present stalls them 1.6 s for 32 GiB. That thread's current device
+ * is 0 until set: without cudaSetDevice every process would pin it for (and open a context on)
+ * GPU 0. */
 static void *cuda_host_alloc(size_t bytes) {
-  void *p;
-  if (cudaMallocHost(&p, bytes ? bytes : 1) != cudaSuccess) {
+  const size_t page = 4096;
+  size_t size = (bytes + page - 1) / page * page;
+  void *p = aligned_alloc(page, size ? size : page);
+  if (!p) return NULL;
+  memset(p, 0, size);
+  if (cudaSetDevice(cuda_ctx.device) != cudaSuccess ||
+      cudaHostRegister(p, size ? size : page, cudaHostRegisterDefault) != cudaSuccess) {
     cudaGetLastError();   /* clear the error: the caller reports what ran out */
+    free(p);
     return NULL;
   }
   return p;
 }
 
 static void cuda_host_free(void *p) {
-  if (p) CUDA_CHECK(cudaFreeHost(p));
+  if (!p) return;
+  CUDA_CHECK(cudaHostUnregister(p));
+  free(p);
 }
 
 static void cuda_zero(void *p, size_t bytes) {
@@ -265,7 +314,8 @@ extern "C" const struct backend backend_cuda = {
   .swiglu_backward = cuda_swiglu_backward,
   .linear_forward = cuda_linear_forward,
   .linear_backward = cuda_linear_backward,
-  .add_inplace = cuda_add_inplace,
+  .add = cuda_add,
+  .kv_append = cuda_kv_append,
   .scale = cuda_scale,
   .lm_head_loss = cuda_lm_head_loss,
   .sum_into = cuda_sum_into,
@@ -277,4 +327,8 @@ extern "C" const struct backend backend_cuda = {
   .mark = cuda_mark,
   .wait_mark = cuda_wait_mark,
   .native_stream = cuda_native_stream,
+  .capture_begin = cuda_capture_begin,
+  .capture_end = cuda_capture_end,
+  .replay = cuda_replay,
+  .replay_free = cuda_replay_free,
 };

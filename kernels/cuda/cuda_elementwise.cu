@@ -312,8 +312,10 @@ extern "C" void cuda_swiglu_backward(void *dg, void *du, const void *dout, const
 
 /* ---- add, scale ----------------------------------------------------------------------------- */
 
+/* out may be a: each element is read before it is written, by the same thread (no
+ * __restrict__ on out and a). */
 template <typename T, bool VEC>
-static __global__ void add_inplace_kernel(T *__restrict__ a, const T *__restrict__ b, size_t n) {
+static __global__ void add_kernel(T *out, const T *a, const T *__restrict__ b, size_t n) {
   const size_t tid = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
   const size_t stride = (size_t)gridDim.x * blockDim.x;
   size_t start = 0;
@@ -325,29 +327,59 @@ static __global__ void add_inplace_kernel(T *__restrict__ a, const T *__restrict
       load4(bv, b, i);
 #pragma unroll
       for (int k = 0; k < 4; k++) av[k] = __fadd_rn(av[k], bv[k]);
-      store4(a, i, av);
+      store4(out, i, av);
     }
     start = n4 * 4;
   }
   for (size_t i = start + tid; i < n; i += stride)
-    store_f(a + i, __fadd_rn(load_f(a + i), load_f(b + i)));
+    store_f(out + i, __fadd_rn(load_f(a + i), load_f(b + i)));
 }
 
 template <typename T>
-static void add_inplace_launch(T *a, const T *b, size_t n) {
-  if (vec4_aligned<T>(a) && vec4_aligned<T>(b)) {
-    add_inplace_kernel<T, true><<<cuda_blocks(n / 4), CUDA_THREADS, 0, cuda_ctx.stream>>>(a, b, n);
+static void add_launch(T *out, const T *a, const T *b, size_t n) {
+  if (vec4_aligned<T>(out) && vec4_aligned<T>(a) && vec4_aligned<T>(b)) {
+    add_kernel<T, true><<<cuda_blocks(n / 4), CUDA_THREADS, 0, cuda_ctx.stream>>>(out, a, b, n);
   } else {
-    add_inplace_kernel<T, false><<<cuda_blocks(n), CUDA_THREADS, 0, cuda_ctx.stream>>>(a, b, n);
+    add_kernel<T, false><<<cuda_blocks(n), CUDA_THREADS, 0, cuda_ctx.stream>>>(out, a, b, n);
   }
-  CUDA_LAUNCHED("add_inplace_kernel");
+  CUDA_LAUNCHED("add_kernel");
 }
 
 /* t, not cuda_ctx.act: the engine also adds fp32 parameter gradients (a tied embedding's). */
-extern "C" void cuda_add_inplace(void *a, const void *b, size_t n, enum dtype t) {
+extern "C" void cuda_add(void *out, const void *a, const void *b, size_t n, enum dtype t) {
   if (n == 0) return;
-  if (t == DT_BF16) add_inplace_launch((bf16 *)a, (const bf16 *)b, n);
-  else add_inplace_launch((float *)a, (const float *)b, n);
+  if (t == DT_BF16) add_launch((bf16 *)out, (const bf16 *)a, (const bf16 *)b, n);
+  else add_launch((float *)out, (const float *)a, (const float *)b, n);
+}
+
+/* ---- the KV cache's append ----------------------------------------------------------------- */
+
+/* One block row per token: element c of row i of k and v goes to row positions[i] of each
+ * cache. The position is read on the device, so a recorded decode step appends where the
+ * token it is replayed for belongs. */
+template <typename T>
+static __global__ void kv_append_kernel(T *__restrict__ k_cache, T *__restrict__ v_cache,
+                                        const T *__restrict__ k, const T *__restrict__ v,
+                                        const int32_t *__restrict__ positions, int width) {
+  const int i = blockIdx.y, c = blockIdx.x * blockDim.x + threadIdx.x;
+  if (c >= width) return;
+  const size_t to = (size_t)positions[i] * width + c, from = (size_t)i * width + c;
+  k_cache[to] = k[from];
+  v_cache[to] = v[from];
+}
+
+extern "C" void cuda_kv_append(void *k_cache, void *v_cache, const void *k, const void *v,
+                               const int32_t *positions, int n, int width) {
+  const size_t row = (size_t)width * dtype_bytes(cuda_ctx.act);
+  for (int i = 0; i < n; i += 65535) {   /* grid.y's limit */
+    const int rows = n - i < 65535 ? n - i : 65535;
+    dim3 grid((unsigned)((width + CUDA_THREADS - 1) / CUDA_THREADS), (unsigned)rows);
+    const char *ki = (const char *)k + i * row, *vi = (const char *)v + i * row;
+    CUDA_ACT_DISPATCH(T, kv_append_kernel<T><<<grid, CUDA_THREADS, 0, cuda_ctx.stream>>>(
+                             (T *)k_cache, (T *)v_cache, (const T *)ki, (const T *)vi,
+                             positions + i, width));
+    CUDA_LAUNCHED("kv_append_kernel");
+  }
 }
 
 template <bool VEC>

@@ -18,6 +18,10 @@ MUTATIONS=(
   'sum_into_overwrites#kernels/cuda/cuda_elementwise.cu#s/if (threadIdx.x == 0) \*acc += t;/if (threadIdx.x == 0) *acc = t;/#sum_into overwrites its device accumulator instead of adding'
   'nvfp4_gemm_alpha_one_scale#kernels/cuda/cuda_gemm.cu#s/scalars\[0\] = __fmul_rn(\*scale_a, \*scale_b);/scalars[0] = *scale_a;/#the NVFP4 GEMM ignores the second tensor scale'
   'nvfp4_fused_rows_draws#kernels/cuda/cuda_nvfp4.cu#s/nv_quantize16<SR>(out, v, sc\[ROWS\], rows_seed, i0);/nv_quantize16<SR>(out, v, sc[ROWS], rows_seed, i0 + 4);/#the fused dY kernel draws the rows operand with the wrong counters'
+  'decode_ignores_key_last#kernels/cuda/cuda_attention.cu#s/const int last = key_last ? key_last\[b\] : s.tk - 1;/const int last = s.tk - 1;/#decode attention reads the whole cache, past the current token'
+  'decode_no_rescale#kernels/cuda/cuda_attention.cu#s/alpha\[g\] = expf(m\[g\] - m_new);/alpha[g] = 1.0f;/#decode attention keeps earlier tiles unscaled when the running max grows'
+  'gemv_drops_tail#kernels/cuda/cuda_linear.cu#s/for (; c < in_dim; c += STEP) {/for (; c + STEP < in_dim; c += STEP) {/#the GEMV leaves out the last partial stretch of a row'
+  'kv_append_wrong_row#kernels/cuda/cuda_elementwise.cu#s/const size_t to = (size_t)positions\[i\] \* width + c/const size_t to = (size_t)i * width + c/#the KV append writes row i, not the token position'
   # only the bf16 mode's checks can catch these: the fp32 and tf32 modes never store bf16
   'bf16_store_truncates#kernels/cuda/cuda_dtype.cuh#s/{ \*p = __float2bfloat16_rn(v); }/{ *p = __float2bfloat16_rz(v); }/#bf16 activations stored rounded toward zero'
   'bf16_tc_causal_off_by_one#kernels/cuda/cuda_attention_bf16.cu#s/lim\[i\] = min(off + q0 + warp \* 16 + g + 8 \* i, s.tk - 1);/lim[i] = min(off + q0 + warp * 16 + g + 8 * i + 1, s.tk - 1);/#bf16 tensor-core forward: causal limit one key late'

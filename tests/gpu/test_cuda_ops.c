@@ -1,7 +1,7 @@
 /* Every op of the CUDA backend against the CPU backend, on fresh random inputs, in the backend's
  * three modes (the test switches cuda_ctx.act and cuda_ctx.tf32 between ops):
  *  - fp32 (activations fp32, TF32 off), the exact mode: every op within 1e-5 relative
- *    (whole-tensor L2); embedding forward, add_inplace and scale exact; NVFP4 quantization
+ *    (whole-tensor L2); embedding forward, add and scale exact; NVFP4 quantization
  *    (every layout, the transform included, and the fused rows + cols pair of an output
  *    gradient) byte for byte, its S_dec bit for bit; sum_into
  *    within 1e-12;
@@ -11,7 +11,7 @@
  *    tensors (the weight copy of linear, embedding and LM head too; norm weights, parameter
  *    gradients, lse and nll stay fp32), against the CPU run on the same values: the random
  *    inputs are rounded to bf16 on the host and given to the CPU as fp32. 1e-2 relative; the
- *    embedding forward and add_inplace bit for bit with the CPU's fp32 results rounded to bf16,
+ *    embedding forward and add bit for bit with the CPU's fp32 results rounded to bf16,
  *    the embedding backward (fp32 additions of bf16 values, in the CPU's order) within 1e-5;
  *    convert bit for bit with a host round-to-nearest-even; NVFP4 quantization of bf16 and
  *    fp32 inputs into bf16 byte for byte (q * s_b is exact in bf16).
@@ -448,7 +448,7 @@ static void attention_per_document(float *ctx, float *lse, float *dq, float *dk,
     for (int r0 = 0, r1; r0 < s->tq; r0 = r1) {
       r1 = doc_end(first, s->tq, b, r0);
       int len = r1 - r0;
-      struct attn_shape one = {1, len, len, len, s->heads, s->kv_heads, s->head_dim, NULL};
+      struct attn_shape one = {1, len, len, len, s->heads, s->kv_heads, s->head_dim, NULL, NULL};
       size_t qo = ((size_t)b * s->tq + r0) * q_row, ko = ((size_t)b * s->k_stride + r0) * k_row;
       float *row_lse = lse + (size_t)b * s->heads * s->tq + r0;   /* [heads] rows of tq */
       if (!dctx) {
@@ -465,6 +465,62 @@ static void attention_per_document(float *ctx, float *lse, float *dq, float *dk,
   free(l);
 }
 
+/* Decoding against a cache of a fixed size: one query per sequence, keys 0 .. last[b] of tk
+ * (attn_shape.key_last, device memory on the GPU), from first[b] when first is given. The keys
+ * and values after last[b] are NaN on both sides: reading one fails the check. */
+static void test_attention_key_last(int batch, int tk, int k_stride, int heads, int kv, int hd,
+                                    const int32_t *last, const int32_t *first) {
+  struct attn_shape s = {batch, 1, tk, k_stride, heads, kv, hd, first, last}, gs = s;
+  size_t nq = (size_t)batch * heads * hd, k_row = (size_t)kv * hd;
+  size_t nk = (size_t)batch * k_stride * k_row, nl = (size_t)batch * heads;
+  float *q = rand_act(nq, -1, 1), *k = rand_act(nk, -1, 1), *v = rand_act(nk, -1, 1);
+  for (int b = 0; b < batch; b++)
+    for (size_t i = (size_t)(last[b] + 1) * k_row; i < (size_t)k_stride * k_row; i++)
+      k[b * k_stride * k_row + i] = v[b * k_stride * k_row + i] = NAN;
+  gs.key_last = up(last, (size_t)batch * sizeof(int32_t));
+  gs.doc_start = first ? up(first, (size_t)batch * sizeof(int32_t)) : NULL;
+  float *ctx = xmalloc(nq * 4), *lse = xmalloc(nl * 4);
+  cpu->attention_forward(ctx, lse, q, k, v, &s);
+  void *d_q = up_act(q, nq), *d_k = up_act(k, nk), *d_v = up_act(v, nk);
+  void *d_ctx = poisoned_act(nq);
+  float *d_lse = poisoned(nl);
+  gpu->attention_forward(d_ctx, d_lse, d_q, d_k, d_v, &gs);
+  char name[112];
+  snprintf(name, sizeof name, "attention decode b=%d tk=%d h=%d/%d hd=%d key_last%s ctx", batch,
+           tk, heads, kv, hd, first ? " docs" : "");
+  expect_act(name, d_ctx, ctx, nq, tol);
+  snprintf(name, sizeof name, "attention decode b=%d tk=%d h=%d/%d hd=%d key_last%s lse", batch,
+           tk, heads, kv, hd, first ? " docs" : "");
+  expect(name, d_lse, lse, nl, tol);
+  gpu->free((void *)gs.key_last);
+  if (gs.doc_start) gpu->free((void *)gs.doc_start);
+  gpu->free(d_q); gpu->free(d_k); gpu->free(d_v);
+  free(q); free(k); free(v); free(ctx); free(lse);
+}
+
+/* kv_append: the rows at the positions take k's and v's rows, bit for bit; the others keep
+ * what they held. */
+static void test_kv_append(int rows, int width) {
+  static const int32_t pos[] = {3, 7, 4, 0};
+  const int n = 4;
+  size_t nc = (size_t)rows * width, nn = (size_t)n * width;
+  float *kc = rand_act(nc, -1, 1), *vc = rand_act(nc, -1, 1);
+  float *k = rand_act(nn, -1, 1), *v = rand_act(nn, -1, 1);
+  void *d_kc = up_act(kc, nc), *d_vc = up_act(vc, nc), *d_k = up_act(k, nn), *d_v = up_act(v, nn);
+  int32_t *d_pos = up(pos, sizeof pos);
+  cpu->kv_append(kc, vc, k, v, pos, n, width);
+  gpu->kv_append(d_kc, d_vc, d_k, d_v, d_pos, n, width);
+  char name[112];
+  snprintf(name, sizeof name, "kv_append of %d rows of %d into %d, bit for bit (K)", n, width,
+           rows);
+  expect_act(name, d_kc, kc, nc, 0);
+  snprintf(name, sizeof name, "kv_append of %d rows of %d into %d, bit for bit (V)", n, width,
+           rows);
+  expect_act(name, d_vc, vc, nc, 0);
+  gpu->free(d_k); gpu->free(d_v); gpu->free(d_pos);
+  free(kc); free(vc); free(k); free(v);
+}
+
 /* tq == tk: training (forward and backward); tq < tk: decoding against a cache of k_stride.
  * docs (NULL: plain causal attention): lengths of packed documents for doc_starts over the tk
  * rows of each sequence (the queries take the first keys of the last tq), doc_start uploaded to
@@ -473,7 +529,7 @@ static void attention_per_document(float *ctx, float *lse, float *dq, float *dk,
  * backward is given. */
 static void test_attention(int batch, int tq, int tk, int k_stride, int heads, int kv, int hd,
                            const int *docs) {
-  struct attn_shape s = {batch, tq, tk, k_stride, heads, kv, hd, NULL};
+  struct attn_shape s = {batch, tq, tk, k_stride, heads, kv, hd, NULL, NULL};
   size_t nq = (size_t)batch * tq * heads * hd, nk = (size_t)batch * k_stride * kv * hd;
   size_t nl = (size_t)batch * heads * tq, eb = dtype_bytes(act);
   struct attn_shape gs = s;   /* the GPU's: doc_start in device memory */
@@ -591,35 +647,45 @@ static void test_swiglu(size_t n) {
   free(g); free(u); free(out); free(dout);
 }
 
-/* add_inplace in the mode's dtype, whole (the vector path and its tail) and one element in
- * (unaligned: the scalar path, and element 0 untouched). fp32: then scale, exact. bf16: the
- * GPU adds in fp32 and rounds once, so it equals the CPU's fp32 sum rounded to bf16 bit for
- * bit; fp32 buffers (parameter gradients) are added too in that mode. */
-static void test_add_inplace(size_t n) {
+/* add in the mode's dtype, whole (the vector path and its tail) and one element in
+ * (unaligned: the scalar path, and element 0 untouched), in place (out = a) and into a
+ * poisoned out. fp32: then scale, exact. bf16: the GPU adds in fp32 and rounds once, so it
+ * equals the CPU's fp32 sum rounded to bf16 bit for bit; fp32 buffers (parameter gradients)
+ * are added too in that mode. */
+static void test_add(size_t n) {
   for (int offset = 0; offset < 2; offset++) {
     size_t eb = dtype_bytes(act), m = n - offset;
     float *a = rand_act(n, -1, 1), *b = rand_act(n, -1, 1);
-    void *d_a = up_act(a, n), *d_b = up_act(b, n);
-    cpu->add_inplace(a + offset, b + offset, m, DT_F32);
-    gpu->add_inplace((char *)d_a + offset * eb, (char *)d_b + offset * eb, m, act);
+    void *d_a = up_act(a, n), *d_b = up_act(b, n), *d_out = poisoned_act(n);
+    gpu->add((char *)d_out + offset * eb, (char *)d_a + offset * eb, (char *)d_b + offset * eb, m,
+             act);
+    gpu->add((char *)d_a + offset * eb, (char *)d_a + offset * eb, (char *)d_b + offset * eb, m,
+             act);
+    cpu->add(a + offset, a + offset, b + offset, m, DT_F32);
+    round_act(a, n);
+    float *h = down_as(d_out, n, act);   /* its element 0 is poison when offset */
+    compare_as(offset ? "add into another buffer from an unaligned element"
+                      : "add into another buffer, bit for bit",
+               h + offset, act, a + offset, NULL, m, 0);
+    free(h);
     if (act == DT_F32 && !offset) {
       cpu->scale(a, 0.37f, n);
       gpu->scale(d_a, 0.37f, n);
-      expect("add_inplace then scale", d_a, a, n, 0);
+      expect("add in place, then scale", d_a, a, n, 0);
     } else {
-      round_act(a, n);
-      expect_act(offset ? "add_inplace from an unaligned element" : "add_inplace (bf16), bit for bit",
+      expect_act(offset ? "add in place from an unaligned element" : "add in place, bit for bit",
                  d_a, a, n, 0);
     }
     gpu->free(d_b);
+    gpu->free(d_out);
     free(a); free(b);
   }
   if (act == DT_BF16) {
     float *a = rand_floats(n, -1, 1), *b = rand_floats(n, -1, 1);
     float *d_a = up(a, n * 4), *d_b = up(b, n * 4);
-    cpu->add_inplace(a, b, n, DT_F32);
-    gpu->add_inplace(d_a, d_b, n, DT_F32);
-    expect("add_inplace of fp32 buffers in the bf16 mode", d_a, a, n, 0);
+    cpu->add(a, a, b, n, DT_F32);
+    gpu->add(d_a, d_a, d_b, n, DT_F32);
+    expect("add of fp32 buffers in the bf16 mode", d_a, a, n, 0);
     gpu->free(d_b);
     free(a); free(b);
   }
@@ -688,6 +754,33 @@ static void test_linear(int n, int in, int out_dim) {
   acc_expect(name, d_dw, &dw, tol);
   gpu->free(d_x); gpu->free(d_w); gpu->free(d_dy);
   free(x); free(w); free(y); free(dy);
+}
+
+/* A cache of a fixed size read up to each sequence's last key (one key, the middle, the end:
+ * empty key splits after it), with documents, with 16 query heads per kv head; 40 sequences
+ * fill the GPU without key splits, so one block walks several key tiles (the running max);
+ * the append. */
+static void test_decode_attention(void) {
+  static const int32_t last[] = {0, 150, 299}, first[] = {0, 20, 299}, one[] = {77};
+  int32_t many[40];
+  for (int b = 0; b < 40; b++) many[b] = (b * 37 + 5) % 300;
+  test_attention_key_last(3, 300, 320, 32, 8, 128, last, NULL);
+  test_attention_key_last(3, 300, 300, 8, 2, 64, last, first);
+  test_attention_key_last(1, 1000, 1000, 16, 1, 16, one, NULL);
+  test_attention_key_last(40, 300, 300, 16, 8, 64, many, NULL);
+  test_kv_append(10, 1024);
+  test_kv_append(9, 37);
+}
+
+/* Decode's few token rows (the GEMV kernel): one and eight rows, a row length that ends
+ * inside a lane's vector loop, and one (100 bf16 values) that is no multiple of a 16-byte
+ * vector, which takes cuBLASLt in the bf16 mode. */
+static void test_linear_decode(void) {
+  test_linear(1, 2560, 1024);
+  test_linear(8, 1024, 520);
+  test_linear(3, 2600, 37);
+  test_linear(5, 100, 37);
+  test_linear(1, 9728, 64);
 }
 
 /* nll is device memory: poisoned, then copied down. With bad_target, an evaluation in which one
@@ -1232,6 +1325,7 @@ int main(void) {
   test_attention(2, 300, 300, 300, 4, 2, 64, DOCS);
   test_attention(2, 300, 300, 320, 8, 2, 128, DOCS);  /* k_stride > tk */
   test_attention(1, 1, 300, 512, 8, 2, 128, DOCS);    /* decode: an empty key split */
+  test_decode_attention();
   test_attention(1, 5, 100, 128, 4, 2, 16, DOCS);     /* a prefill continuing a cache */
 
   /* the TF32 mode: TF32 in the GEMMs (attention runs the fp32 kernels, checked above) */
@@ -1242,12 +1336,13 @@ int main(void) {
   set_mode("fp32", DT_F32, 0, TOL);
   size_t ne = 333 * 517;
   test_swiglu(ne);
-  test_add_inplace(ne);
+  test_add(ne);
   float *x = rand_floats(ne, -4, 4);
   test_sum_into(x, ne);
   free(x);
   test_linear(100, 96, 160);
   test_linear(256, 2560, 1024);
+  test_linear_decode();
   test_lm_head(70, 64, 1000, 1);
   test_lm_head(300, 128, 151936, 0);   /* several chunks of the arena at the real vocabulary */
   test_adamw(100003, 0);
@@ -1297,11 +1392,13 @@ int main(void) {
   test_attention(1, 64, 64, 64, 6, 3, 8, NULL);
   test_attention(2, 200, 200, 200, 4, 2, 16, DOCS);  /* document masking */
   test_attention(1, 1, 300, 512, 8, 2, 128, DOCS);
+  test_decode_attention();
   test_swiglu(ne);
   test_swiglu(1001);                            /* not a multiple of 4 */
-  test_add_inplace(ne);
+  test_add(ne);
   test_linear(100, 96, 160);
   test_linear(256, 2560, 1024);
+  test_linear_decode();
   test_lm_head(70, 64, 1000, 1);
   test_lm_head(300, 128, 151936, 0);
   test_adamw(100003, 1);

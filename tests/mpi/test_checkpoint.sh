@@ -3,7 +3,8 @@
 # every tensor by its Hugging Face name, model.h5 links to them, keep_last), SIGTERM to the ranks
 # and SIGUSR1 to mpirun (save at the step reached, exit 0, resume continues), SIGKILL at random
 # moments with a checkpoint every step (the previous checkpoint always loads), a stop signal
-# while a save is still being written (committed whole; resumes bit for bit), a rank slow to
+# while a save is still being written (committed whole; resumes bit for bit), the staging buffer
+# allocated ahead (the first save waits for it; a run that never saves joins it), a rank slow to
 # write (the commit waits for it while training goes on), a stage file that cannot be written
 # (the run fails naming it; `latest` stays), a stale .tmp directory, damage refused naming the
 # file and tensor (a flipped byte, a truncated or missing stage file, another model shape), and
@@ -152,6 +153,41 @@ ok=0
   [ "$resumed" = "$straight" ] && ok=1
 result $ok "the save in flight at the signal resumes bit for bit (steps $((n + 1))-$((n + 3)))" \
   "exit $rc_resumed and $rc; resumed: $(echo $resumed); straight: $(echo $straight)"
+
+# --- the staging buffer is allocated ahead, from the start of the run -------------------------
+# QWEN3_CKPT_STAGING_DELAY=2: the thread that allocates it sleeps 2 s first, as pinning a large
+# model's takes longer (about 20 s for Qwen3-4B). A save at step 1 waits for that thread (training
+# pauses >= 1 s), takes its buffer rather than allocating another, and resumes bit for bit; each
+# saving rank logs the buffer ready once. A run that never saves waits for the thread at exit
+# (its line still comes) and exits 0; only replica 0, which saves, allocates.
+ready='checkpoint: [0-9.]* MiB of host staging ready for saves (allocated in [0-9.]* s, in the background)'
+out=$work/ahead
+QWEN3_CKPT_STAGING_DELAY=2 run "$out" --set train.steps=3 --set checkpoint.every=1 \
+  --set checkpoint.keep_last=0
+paused=$(grep -o 'checkpoint: step 1 saved .*paused [0-9.]* s' "$log" | grep -o '[0-9.]* s$' |
+  cut -d' ' -f1)
+ok=0
+[ $rc = 0 ] && [ "$(grep -c "rank 0/2\] $ready" "$log")" = 1 ] &&
+  [ "$(grep -c "rank 1/2\] $ready" "$log")" = 1 ] && ! grep -q 'warning:.*staging' "$log" &&
+  awk -v p="${paused:-0}" 'BEGIN { exit !(p >= 1) }' &&
+  [ "$(readlink "$out/checkpoints/latest")" = step_00000003 ] && ok=1
+result $ok "staging allocated ahead: logged once per saving rank, the save at step 1 waited for it (paused ${paused:-?} s)" \
+  "exit $rc"
+run "$work/ahead-resumed" --set train.steps=3 --set checkpoint.every=-1 \
+  --set checkpoint.resume="$out/checkpoints/step_00000001"
+ok=0
+[ $rc = 0 ] && [ "$(losses_after "$out/metrics.jsonl" 1 | wc -l)" = 2 ] &&
+  [ "$(losses_after "$out/metrics.jsonl" 1)" = "$(losses_after "$work/ahead-resumed/metrics.jsonl" 1)" ] &&
+  ok=1
+result $ok "the save at step 1 into the buffer allocated ahead resumes bit for bit (steps 2-3)" \
+  "exit $rc"
+QWEN3_CKPT_STAGING_DELAY=2 run "$work/ahead-nosave" --set train.steps=2 --set checkpoint.every=-1 \
+  --set parallel.pipeline_stages=1
+ok=0
+[ $rc = 0 ] && [ "$(grep -c "$ready" "$log")" = 1 ] && grep -q "rank 0/2\] $ready" "$log" &&
+  [ -z "$(ls -d "$work/ahead-nosave/checkpoints/step_"* 2>/dev/null)" ] && ok=1
+result $ok "a run that never saves (2 replicas): exit 0 once replica 0's allocation is joined" \
+  "exit $rc"
 
 # --- one rank's disk is slow: the commit waits for it, training goes on meanwhile ------------
 # Rank 1's writer sleeps 2 s before writing (QWEN3_CKPT_WRITE_DELAY in its environment alone).

@@ -346,7 +346,7 @@ static void ref_attention_docs(const struct attn_shape *s, const double *q, cons
       const int32_t *first = s->doc_start + (size_t)b * s->tq;
       int n = 1;
       while (a + n < s->tq && first[a + n] != a + n) n++;
-      struct attn_shape one = {1, n, n, n, s->heads, s->kv_heads, s->head_dim, NULL};
+      struct attn_shape one = {1, n, n, n, s->heads, s->kv_heads, s->head_dim, NULL, NULL};
       size_t qo = ((size_t)b * s->tq + a) * q_row, ko = ((size_t)b * s->k_stride + a) * k_row;
       ref_attention_lse(&one, q + qo, k + ko, v + ko, ctx + qo, lse ? doc_lse : NULL);
       for (int h = 0; lse && h < s->heads; h++)
@@ -403,9 +403,39 @@ static void test_attention(const char *label, struct attn_shape s) {
   free(q), free(k), free(v), free(ctx), free(lse);
 }
 
+/* Decoding against a cache of a fixed size (attn_shape.key_last): one query per sequence sees
+ * keys 0 .. key_last[b] and gives what the same query gives against exactly those keys; the
+ * keys after it are NaN, which must not be read. */
+static void test_attention_key_last(void) {
+  static const int32_t last[] = {3, 8, 0};
+  struct attn_shape s = {3, 1, 9, 11, 4, 2, 6, NULL, last};
+  size_t q_row = (size_t)s.heads * s.head_dim, k_row = (size_t)s.kv_heads * s.head_dim;
+  size_t q_n = s.batch * q_row, kv_n = (size_t)s.batch * s.k_stride * k_row;
+  float *q = rand_floats(q_n, -1.5, 1.5), *k = rand_floats(kv_n, -1.5, 1.5);
+  float *v = rand_floats(kv_n, -1, 1);
+  for (int b = 0; b < s.batch; b++)
+    for (size_t i = (size_t)(last[b] + 1) * k_row; i < (size_t)s.k_stride * k_row; i++)
+      k[b * s.k_stride * k_row + i] = v[b * s.k_stride * k_row + i] = NAN;
+  float *ctx = rand_floats(q_n, -1, 1), *lse = rand_floats((size_t)s.batch * s.heads, -1, 1);
+  be->attention_forward(ctx, lse, q, k, v, &s);
+  double *ref = new_doubles(q_n), *ref_lse = new_doubles((size_t)s.batch * s.heads);
+  for (int b = 0; b < s.batch; b++) {
+    struct attn_shape one = {1, 1, last[b] + 1, s.k_stride, 4, 2, 6, NULL, NULL};
+    size_t n_k = (size_t)(last[b] + 1) * k_row;
+    double *qd = to_double(q + b * q_row, q_row);
+    double *kd = to_double(k + b * s.k_stride * k_row, n_k);
+    double *vd = to_double(v + b * s.k_stride * k_row, n_k);
+    ref_attention_lse(&one, qd, kd, vd, ref + b * q_row, ref_lse + (size_t)b * s.heads);
+    free(qd), free(kd), free(vd);
+  }
+  check_forward("attention decode, key_last forward ctx", ctx, ref, q_n);
+  check_forward("attention decode, key_last forward lse", lse, ref_lse, (size_t)s.batch * s.heads);
+  free(q), free(k), free(v), free(ctx), free(lse), free(ref), free(ref_lse);
+}
+
 /* doc_start of zeros (one document per sequence) gives bit for bit what NULL gives */
 static void test_attention_one_document(void) {
-  struct attn_shape s = {2, 5, 5, 5, 4, 2, 6, NULL};
+  struct attn_shape s = {2, 5, 5, 5, 4, 2, 6, NULL, NULL};
   size_t q_n = (size_t)s.batch * s.tq * s.heads * s.head_dim;
   size_t kv_n = (size_t)s.batch * s.k_stride * s.kv_heads * s.head_dim;
   size_t lse_n = (size_t)s.batch * s.heads * s.tq;
@@ -520,9 +550,14 @@ static void test_reductions_and_updates(void) {
   float *a = rand_floats(n, -1, 1), *b = rand_floats(n, -1, 1);
   double *ref = new_doubles(n);
   for (size_t i = 0; i < n; i++) ref[i] = ((double)a[i] + b[i]) * -0.375;
-  be->add_inplace(a, b, n, DT_F32);
+  float *sum = rand_floats(n, -1, 1);
+  be->add(sum, a, b, n, DT_F32);
+  be->add(a, a, b, n, DT_F32);   /* in place */
+  for (size_t i = 0; i < n; i++)
+    if (sum[i] != a[i]) die("add: out of place %g, in place %g at %zu", sum[i], a[i], i);
+  free(sum);
   be->scale(a, -0.375f, n);
-  check_forward("add_inplace + scale", a, ref, n);
+  check_forward("add + scale", a, ref, n);
   double ss = 0.0, s1 = 0.0;
   for (size_t i = 0; i < n; i++) ss += (double)a[i] * a[i], s1 += a[i];
   double got = 0.5, got1 = -0.25;   /* sum_into adds to what is there */
@@ -735,15 +770,16 @@ int main(void) {
   test_rmsnorm();
   test_qk_norm_rope();
   /* training shape, 4 query heads on 2 kv heads */
-  test_attention("gqa 4/2", (struct attn_shape){2, 5, 5, 5, 4, 2, 6, NULL});
+  test_attention("gqa 4/2", (struct attn_shape){2, 5, 5, 5, 4, 2, 6, NULL, NULL});
   /* decoding against a cache: 3 queries at the end of 7 keys, cache rows for 9 */
-  test_attention("gqa kv-cache", (struct attn_shape){2, 3, 7, 9, 4, 2, 6, NULL});
-  test_attention("mha 3/3", (struct attn_shape){1, 6, 6, 6, 3, 3, 8, NULL});
+  test_attention("gqa kv-cache", (struct attn_shape){2, 3, 7, 9, 4, 2, 6, NULL, NULL});
+  test_attention("mha 3/3", (struct attn_shape){1, 6, 6, 6, 3, 3, 8, NULL, NULL});
   /* packed: documents of 3, 4, 2 tokens and of 1, 5, 3 (one that sees only itself) */
   static const int32_t packed[] = {0, 0, 0, 3, 3, 3, 3, 7, 7, 0, 1, 1, 1, 1, 1, 6, 6, 6};
-  test_attention("gqa packed", (struct attn_shape){2, 9, 9, 9, 4, 2, 6, packed});
-  test_attention("mha packed", (struct attn_shape){2, 9, 9, 9, 3, 3, 8, packed});
+  test_attention("gqa packed", (struct attn_shape){2, 9, 9, 9, 4, 2, 6, packed, NULL});
+  test_attention("mha packed", (struct attn_shape){2, 9, 9, 9, 3, 3, 8, packed, NULL});
   test_attention_one_document();
+  test_attention_key_last();
   test_swiglu();
   test_linear();
   test_reductions_and_updates();

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Decode at Qwen3-4B's shape in one device call (bench/NOTES.md, "Decode"):
+#   device run, carry [".deb"]:  bash bench/decode.sh
+#  1. build (bench/device_build.sh); with DECODE_CTEST=1 the `gpu` CTest label first;
+#  2. PyTorch (bench/decode_bench.py torch): random-init weights and prompts saved for ours,
+#     transformers' generate, eager; with DECODE_COMPILE=1 also its static cache under
+#     torch.compile(mode="reduce-overhead");
+#  3. ours on the same weights and prompts, then batch 1 again with --timing (per-stage times).
+# DECODE_BATCHES (default 1,8) are the batch sizes. Everything goes to $OUT/decode.txt; the
+# table is printed last.
+set -u
+TOTAL_S=${DECODE_TOTAL_S:-400}
+RESERVE_S=10
+OUT=${OUT:-/tmp/decode_out}
+source bench/bench_lib.sh
+BATCHES=${DECODE_BATCHES:-1,8}
+
+main() {
+  section "build"
+  source bench/device_build.sh || true
+  [ -x build/qwen3-train ] || { echo "build FAILED"; return 1; }
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  if [ "${DECODE_CTEST:-0}" = 1 ]; then
+    section "ctest -L gpu"
+    (cd build && within 220 ctest -L gpu --output-on-failure) > "$WORK/ctest.txt" 2>&1
+    tail -n 30 "$WORK/ctest.txt"
+    grep -E "tests passed|tests failed" "$WORK/ctest.txt" | tail -n 1 > "$WORK/ctest_summary"
+  fi
+  section "token shard (the job names one; an evaluation reads none)"
+  timeout -k 5 60 python3 bench/ours_train_bench.py shard --out "$WORK/random_2m.h5"
+
+  section "PyTorch: weights, prompts, generate"
+  rm -rf "$WORK/hf4b"
+  local compile=()
+  [ "${DECODE_COMPILE:-0}" = 1 ] && compile=(--compile)
+  within 240 python3 bench/decode_bench.py torch --hf-dir "$WORK/hf4b" --batches "$BATCHES" \
+    --budget 200 "${compile[@]}"
+
+  section "ours"
+  within 120 python3 bench/decode_bench.py ours --hf-dir "$WORK/hf4b" --batches "$BATCHES"
+  section "ours, batch 1, --timing"
+  within 60 python3 bench/decode_bench.py ours --hf-dir "$WORK/hf4b" --batches 1 --timing
+}
+
+rm -f "$WORK/ctest_summary"
+main 2>&1 | tee "$OUT/decode.txt"
+echo
+echo "gpu label: $(cat "$WORK/ctest_summary" 2>/dev/null || echo not run)" | tee -a "$OUT/decode.txt"
+python3 - "$RESULTS" <<'PY' | tee -a "$OUT/decode.txt"
+import sys
+rows = [dict(kv.split("=", 1) for kv in l.split()[1:] if "=" in kv) for l in open(sys.argv[1])
+        if l.startswith("RESULT ")]
+print("\n| system | batch | prefill tok/s | decode tok/s | ms per token step |")
+print("|---|---|---|---|---|")
+for r in rows:
+    if "decode_tok_s" not in r:
+        print(f"| {r.get('system')} | {r.get('batch')} | {r.get('status', '?')} | | |")
+        continue
+    print(f"| {r['system']} | {r['batch']} | {float(r['prefill_tok_s']):.0f} "
+          f"| {float(r['decode_tok_s']):.1f} | {float(r['ms_per_token']):.2f} |")
+PY
