@@ -400,16 +400,22 @@ __global__ void __launch_bounds__(NT)
  *
  * One block per (kv head, key split, sequence) serves every query head of the group, so each
  * cached key and value is read once per group, not once per query head. A block walks its
- * keys in tiles of DEC_NT: thread t scores key t of the tile against the group's queries (held
- * in shared memory) and the tile's max and sum per head come from a fixed shuffle tree; then
- * thread t owns head dimension t and adds the tile's P V. The keys it sees end at
- * attn_shape.key_last[b] when set (a cache of a fixed size, read up to the current token:
- * the same launch at every step) and start at doc_start[b]. Splits leave unnormalized partials
- * that attn_fwd_combine_kernel merges in split order, as for the forward above. */
+ * keys in tiles of DEC_NT. Scores: thread t scores key t of the tile against the group's
+ * queries (held in shared memory), reading the key's row with DEC_LOADS 16-byte loads in
+ * flight; the tile's max and sum per head come from a fixed shuffle tree. P V: warp w takes
+ * keys w, w + 4, ... of the tile and lane l head dims l, l + 32, ...; the four warps' sums are
+ * added in warp order at the end. Both phases keep several loads in flight per thread: a
+ * decoding step is a few hundred keys per block, so latency, not bandwidth, bounds it. The
+ * keys end at attn_shape.key_last[b] when set (a cache of a fixed size, read up to the current
+ * token: the same launch at every step) and start at doc_start[b]. Splits leave unnormalized
+ * partials that attn_fwd_combine_kernel merges in split order, as for the forward above. */
 
-constexpr int DEC_NT = 128;       // keys per tile, head dims per block (head_dim <= 128)
-constexpr int DEC_MAX_GROUP = 16;  // query heads per kv head
+constexpr int DEC_NT = 128;               // keys per tile, threads per block
+constexpr int DEC_NW = DEC_NT / 32;       // warps
+constexpr int DEC_DPL = 4;                // head dims per lane in P V (head_dim <= 128)
+constexpr int DEC_LOADS = 8;              // 16-byte loads of a key row in flight per thread
 
+// x[g] for g < group over the block, max or sum, the same bits in every thread.
 template <int G>
 __device__ __forceinline__ void dec_block_reduce(float (&x)[G], float *red, int group,
                                                  bool max) {
@@ -422,35 +428,72 @@ __device__ __forceinline__ void dec_block_reduce(float (&x)[G], float *red, int 
       const float y = __shfl_xor_sync(0xffffffffu, x[g], o);
       x[g] = max ? fmaxf(x[g], y) : x[g] + y;
     }
-    if (lane == 0) red[g * (DEC_NT / 32) + warp] = x[g];
+    if (lane == 0) red[g * DEC_NW + warp] = x[g];
   }
   __syncthreads();
 #pragma unroll
   for (int g = 0; g < G; g++) {
     if (g >= group) break;
-    float r = red[g * (DEC_NT / 32)];
+    float r = red[g * DEC_NW];
 #pragma unroll
-    for (int w = 1; w < DEC_NT / 32; w++)
-      r = max ? fmaxf(r, red[g * (DEC_NT / 32) + w]) : r + red[g * (DEC_NT / 32) + w];
+    for (int w = 1; w < DEC_NW; w++)
+      r = max ? fmaxf(r, red[g * DEC_NW + w]) : r + red[g * DEC_NW + w];
     x[g] = r;
   }
   __syncthreads();   // red is reused by the next reduction
 }
 
-template <typename T>
+// sc[g] += sum over e < hd of q[g][e] * key[e] (q: the group's scaled queries in shared memory)
+template <typename T, int G>
+__device__ __forceinline__ void dec_scores(float (&sc)[G], const float *sq, const T *key,
+                                           int hd, int group, bool vec) {
+  constexpr int V = 16 / sizeof(T), CHUNK = DEC_LOADS * V;
+  if (!vec) {
+    for (int e = 0; e < hd; e++) {
+      const float kf = load_f(key + e);
+#pragma unroll
+      for (int g = 0; g < G; g++)
+        if (g < group) sc[g] = fmaf(sq[g * hd + e], kf, sc[g]);
+    }
+    return;
+  }
+  for (int e0 = 0; e0 < hd; e0 += CHUNK) {
+    float kf[DEC_LOADS][V];
+#pragma unroll
+    for (int u = 0; u < DEC_LOADS; u++) {   // every load before the first product
+      if (e0 + u * V < hd) {
+        const uint4 raw = *reinterpret_cast<const uint4 *>(key + e0 + u * V);
+        const T *tv = reinterpret_cast<const T *>(&raw);
+#pragma unroll
+        for (int i = 0; i < V; i++) kf[u][i] = load_f(&tv[i]);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < DEC_LOADS; u++)
+#pragma unroll
+      for (int i = 0; i < V; i++) {
+        const int e = e0 + u * V + i;
+        if (e >= hd) break;
+#pragma unroll
+        for (int g = 0; g < G; g++)
+          if (g < group) sc[g] = fmaf(sq[g * hd + e], kf[u][i], sc[g]);
+      }
+  }
+}
+
+template <typename T, int G>
 __global__ void __launch_bounds__(DEC_NT)
     attn_decode_kernel(T *__restrict__ ctx, float *__restrict__ lse, const T *__restrict__ q,
                        const T *__restrict__ k, const T *__restrict__ v, Dims s,
                        int keys_per_split, const int32_t *__restrict__ doc_start,
                        const int32_t *__restrict__ key_last, float *__restrict__ part_o,
                        float *__restrict__ part_ml) {
-  constexpr int G = DEC_MAX_GROUP;
   extern __shared__ float dec_smem[];
   const int kh = blockIdx.x, split = blockIdx.y, b = blockIdx.z, n_split = gridDim.y;
-  const int t = threadIdx.x, hd = s.head_dim, group = s.group;
+  const int t = threadIdx.x, lane = t & 31, warp = t >> 5, hd = s.head_dim, group = s.group;
   float *sq = dec_smem;                 // [group][hd] the group's queries, scaled
   float *sp = sq + group * hd;          // [group][DEC_NT] the tile's probabilities
-  float *red = sp + group * DEC_NT;     // [group][DEC_NT / 32]
+  float *red = sp + group * DEC_NT;     // [group][DEC_NW]
   const int first = doc_start ? doc_start[b] : 0;
   const int last = key_last ? key_last[b] : s.tk - 1;
   const int k0 = max(first, split * keys_per_split);
@@ -460,71 +503,90 @@ __global__ void __launch_bounds__(DEC_NT)
   const size_t ld = (size_t)s.kv_heads * hd;
   const T *kb = k + (size_t)b * s.k_stride * ld + (size_t)kh * hd;
   const T *vb = v + (size_t)b * s.k_stride * ld + (size_t)kh * hd;
-  float m[G], l[G], o[G];
+  const bool vec = s.vec4 && hd % (16 / (int)sizeof(T)) == 0;
+  float m[G], l[G], o[G][DEC_DPL];
 #pragma unroll
-  for (int g = 0; g < G; g++) m[g] = -INFINITY, l[g] = 0.0f, o[g] = 0.0f;
+  for (int g = 0; g < G; g++) {
+    m[g] = -INFINITY, l[g] = 0.0f;
+#pragma unroll
+    for (int c = 0; c < DEC_DPL; c++) o[g][c] = 0.0f;
+  }
   __syncthreads();
   for (int j0 = k0; j0 < k1; j0 += DEC_NT) {
     const int j = j0 + t;
     float sc[G];
 #pragma unroll
     for (int g = 0; g < G; g++) sc[g] = j < k1 ? 0.0f : -INFINITY;
-    if (j < k1) {
-      const T *kr = kb + (size_t)j * ld;
-      for (int e = 0; e < hd; e++) {
-        const float kf = load_f(kr + e);
-#pragma unroll
-        for (int g = 0; g < G; g++) {
-          if (g >= group) break;
-          sc[g] = fmaf(sq[g * hd + e], kf, sc[g]);
-        }
-      }
-    }
+    if (j < k1) dec_scores<T, G>(sc, sq, kb + (size_t)j * ld, hd, group, vec);
     float mt[G];
 #pragma unroll
     for (int g = 0; g < G; g++) mt[g] = sc[g];
     dec_block_reduce<G>(mt, red, group, true);
-    float pt[G], alpha[G];
+    float pt[G];
 #pragma unroll
     for (int g = 0; g < G; g++) {
       if (g >= group) break;
       const float m_new = fmaxf(m[g], mt[g]);   // finite: the tile has a key
-      alpha[g] = expf(m[g] - m_new);            // 0 while m = -inf
+      const float alpha = expf(m[g] - m_new);   // 0 while m = -inf
       m[g] = m_new;
       pt[g] = expf(sc[g] - m_new);              // 0 past the last key
       sp[g * DEC_NT + t] = pt[g];
+      l[g] *= alpha;
+#pragma unroll
+      for (int c = 0; c < DEC_DPL; c++) o[g][c] *= alpha;
     }
     dec_block_reduce<G>(pt, red, group, false);   // its barriers publish sp too
+#pragma unroll
+    for (int g = 0; g < G; g++)
+      if (g < group) l[g] += pt[g];
     const int n = min(DEC_NT, k1 - j0);
+#pragma unroll 4
+    for (int i = warp; i < n; i += DEC_NW) {
+      const T *vr = vb + (size_t)(j0 + i) * ld;
+      float vf[DEC_DPL];
 #pragma unroll
-    for (int g = 0; g < G; g++) {
-      if (g >= group) break;
-      l[g] = fmaf(l[g], alpha[g], pt[g]);
-      o[g] *= alpha[g];
-    }
-    if (t < hd)
-      for (int i = 0; i < n; i++) {
-        const float vf = load_f(vb + (size_t)(j0 + i) * ld + t);
-#pragma unroll
-        for (int g = 0; g < G; g++) {
-          if (g >= group) break;
-          o[g] = fmaf(sp[g * DEC_NT + i], vf, o[g]);
-        }
+      for (int c = 0; c < DEC_DPL; c++) {
+        const int d = lane + 32 * c;
+        vf[c] = d < hd ? load_f(vr + d) : 0.0f;
       }
+#pragma unroll
+      for (int g = 0; g < G; g++) {
+        if (g >= group) break;
+        const float p = sp[g * DEC_NT + i];
+#pragma unroll
+        for (int c = 0; c < DEC_DPL; c++) o[g][c] = fmaf(p, vf[c], o[g][c]);
+      }
+    }
     __syncthreads();   // sp is rewritten by the next tile
   }
+  // the warps' partial P V, added in warp order (the shared memory reused: [warp][group][hd])
+  float *sum = dec_smem;
+#pragma unroll
+  for (int g = 0; g < G; g++) {
+    if (g >= group) break;
+#pragma unroll
+    for (int c = 0; c < DEC_DPL; c++) {
+      const int d = lane + 32 * c;
+      if (d < hd) sum[((size_t)warp * group + g) * hd + d] = o[g][c];
+    }
+  }
+  __syncthreads();
   const size_t rows = (size_t)s.batch * s.heads;
 #pragma unroll
   for (int g = 0; g < G; g++) {
     if (g >= group) break;
     const size_t row = (size_t)b * s.heads + (size_t)kh * group + g;
-    if (n_split == 1) {
-      if (t < hd) store_f(ctx + row * hd + t, o[g] / l[g]);
-      if (t == 0) lse[row] = m[g] + logf(l[g]);
-    } else {
-      const size_t prow = (size_t)split * rows + row;
-      if (t < hd) part_o[prow * hd + t] = o[g];
-      if (t == 0) part_ml[2 * prow] = m[g], part_ml[2 * prow + 1] = l[g];
+    if (t < hd) {
+      float acc = sum[(size_t)g * hd + t];
+#pragma unroll
+      for (int w = 1; w < DEC_NW; w++) acc += sum[((size_t)w * group + g) * hd + t];
+      if (n_split == 1) store_f(ctx + row * hd + t, acc / l[g]);
+      else part_o[((size_t)split * rows + row) * hd + t] = acc;
+    }
+    if (t == 0 && n_split == 1) lse[row] = m[g] + logf(l[g]);
+    if (t == 0 && n_split > 1) {
+      part_ml[2 * ((size_t)split * rows + row)] = m[g];
+      part_ml[2 * ((size_t)split * rows + row) + 1] = l[g];
     }
   }
 }
@@ -910,7 +972,6 @@ void launch_fwd(T *ctx, float *lse, const T *q, const T *k, const T *v, const Sh
 template <typename T>
 void launch_decode(T *ctx, float *lse, const T *q, const T *k, const T *v, const Shape &d,
                    const struct attn_shape *a) {
-  if (d.group > DEC_MAX_GROUP) refuse("cuda_attention_forward", a, "more than 16 query heads per kv head");
   // Key splits until the GPU has about two blocks per SM, each at least one tile of keys.
   const int tiles = (d.tk + DEC_NT - 1) / DEC_NT;
   const size_t blocks = (size_t)d.kv_heads * d.batch, rows = (size_t)d.batch * d.heads;
@@ -930,10 +991,20 @@ void launch_decode(T *ctx, float *lse, const T *q, const T *k, const T *v, const
                   (size_t)n_split * rows * 2 * sizeof(float), "attention decode key splits");
     part_o = (float *)po, part_ml = (float *)pml;
   }
-  const size_t smem = sizeof(float) * (size_t)d.group * (d.head_dim + DEC_NT + DEC_NT / 32);
+  // queries, probabilities and the reductions; then, reused, the warps' partial P V
+  const size_t tile = (size_t)d.group * (d.head_dim + DEC_NT + DEC_NW);
+  const size_t sums = (size_t)DEC_NW * d.group * d.head_dim;
+  const size_t smem = sizeof(float) * (tile > sums ? tile : sums);
   dim3 grid(d.kv_heads, n_split, d.batch);
-  attn_decode_kernel<T><<<grid, DEC_NT, smem, cuda_ctx.stream>>>(
-      ctx, lse, q, k, v, d, keys_per_split, a->doc_start, a->key_last, part_o, part_ml);
+  // the group's per-head registers sized to the next of 4, 8, 16 query heads
+#define DECODE_LAUNCH(G)                                                                      \
+  attn_decode_kernel<T, G><<<grid, DEC_NT, smem, cuda_ctx.stream>>>(                          \
+      ctx, lse, q, k, v, d, keys_per_split, a->doc_start, a->key_last, part_o, part_ml)
+  if (d.group <= 4) DECODE_LAUNCH(4);
+  else if (d.group <= 8) DECODE_LAUNCH(8);
+  else if (d.group <= 16) DECODE_LAUNCH(16);
+  else refuse("cuda_attention_forward", a, "more than 16 query heads per kv head");
+#undef DECODE_LAUNCH
   CUDA_LAUNCHED("attn_decode_kernel");
   if (n_split > 1) {
     const size_t n = rows * d.head_dim;
@@ -1045,6 +1116,7 @@ extern "C" void cuda_attention_forward(void *ctx, float *lse, const void *q, con
   Shape d;
   if (!make_dims(&d, s, "cuda_attention_forward")) return;
   if (s->tq == 1) {   // decoding
+    d.vec4 = d.vec4 && cuda_aligned16(k);   // 16-byte loads of key rows
     CUDA_ACT_DISPATCH(T, launch_decode<T>((T *)ctx, lse, (const T *)q, (const T *)k,
                                           (const T *)v, d, s));
     return;
