@@ -136,10 +136,12 @@ struct backend {
   /* out[i] = a[i] + b[i], all of dtype t (activations, their gradients, or fp32 parameter
    * gradients); out may be a (an accumulation) */
   void (*add)(void *out, const void *a, const void *b, size_t n, enum dtype t);
-  /* A KV cache's append: row positions[i] of k_cache and of v_cache (rows of `width` values)
-   * = row i of k and of v, for i < n. positions are in backend memory. */
+  /* A KV cache's append: row i * seq_rows + positions[i] of k_cache and of v_cache (rows of
+   * `width` values) = row i of k and of v, for i < n: the tokens of one sequence (seq_rows 0),
+   * or one token of each of n sequences of seq_rows rows each. positions are in backend
+   * memory. */
   void (*kv_append)(void *k_cache, void *v_cache, const void *k, const void *v,
-                    const int32_t *positions, int n, int width);
+                    const int32_t *positions, int n, int width, int seq_rows);
   /* a[i] *= s */
   void (*scale)(float *a, float s, size_t n);
 

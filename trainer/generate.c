@@ -7,16 +7,17 @@
 #include "common/util.h"
 #include "trainer/schedule.h"
 
-/* Tags of the pipeline's messages: activations of prompt p use tag p, its tokens TOKEN_TAG + p. */
+/* Tags of the pipeline's messages: a prompt's activations use tag p, a decoding step's
+ * STEP_TAG, the sampled tokens TOKEN_TAG (messages between two ranks arrive in order). */
+#define STEP_TAG 16383
 #define TOKEN_TAG 16384
 
 struct sequence {
   int32_t *ids;          /* prompt then completion */
-  int32_t *positions;
+  int32_t *positions;    /* positions[t] = t */
   int len, prompt_len;
   int done;
-  struct kv_cache *kv;   /* one per chunk */
-  double started;
+  double first_token;    /* when its first new token was appended */
 };
 
 void pipeline_recv_input(struct comm *c, struct worker *chunk, int k, size_t bytes, int tag) {
@@ -30,18 +31,18 @@ void pipeline_send_output(struct comm *c, struct worker *chunk, int k, int n, si
   if (to >= 0) comm_send_tensor(c, worker_output(chunk, 0), bytes, to, tag);
 }
 
-/* One forward of a sequence's new tokens through this stage's chunks, moving activations
- * between stages; on the last stage the logits of the last token land in `logits`. kv: the
- * sequence's caches, one per chunk, or NULL (a full replay). */
+/* One forward through this stage's chunks, moving activations between stages: n tokens of
+ * sequence seq (INFER_EACH: one token of each cached sequence) with the caches kv, one per
+ * chunk, or without (NULL: the n tokens are the whole sequence). On the last stage the logits
+ * land in `logits`. */
 static void stage_forward(struct worker *chunks, int n_chunks, struct comm *c,
-                          struct sequence *s, int p, int from, struct kv_cache *kv,
-                          float *logits) {
-  int n = s->len - from;
+                          const int32_t *tokens, const int32_t *positions, int n,
+                          struct kv_cache *kv, int seq, int tag, float *logits) {
   size_t bytes = (size_t)n * chunks[0].plan.cfg.hidden_size * dtype_bytes(chunks[0].plan.act);
   for (int k = 0; k < n_chunks; k++) {
-    pipeline_recv_input(c, &chunks[k], k, bytes, p);
-    worker_infer(&chunks[k], s->ids + from, s->positions + from, n, kv ? &kv[k] : NULL, logits);
-    pipeline_send_output(c, &chunks[k], k, n_chunks, bytes, p);
+    pipeline_recv_input(c, &chunks[k], k, bytes, tag);
+    worker_infer(&chunks[k], tokens, positions, n, kv ? &kv[k] : NULL, seq, logits);
+    pipeline_send_output(c, &chunks[k], k, n_chunks, bytes, tag);
   }
 }
 
@@ -49,11 +50,11 @@ static void stage_forward(struct worker *chunks, int n_chunks, struct comm *c,
 static int append(struct sequence *s, struct gen_result *r, const struct gen_config *g,
                   int32_t tok) {
   s->ids[s->len] = tok;
-  s->positions[s->len] = s->len;
   s->len++;
   r->ids[r->n++] = tok;
-  if (r->n == 1) r->prefill_s = now_seconds() - s->started;
-  r->decode_s = now_seconds() - s->started - r->prefill_s;
+  double now = now_seconds();
+  if (r->n == 1) s->first_token = now;
+  r->decode_s = now - s->first_token;
   r->stopped = sampler_is_stop(tok, g->stop, g->n_stop);
   s->done = r->stopped || r->n >= g->max_new_tokens;
   return s->done;
@@ -75,7 +76,9 @@ void generate(struct worker *chunks, int n_chunks, struct comm *c, const struct 
   int max_len = (int)longest;
   memset(out, 0, (size_t)n_prompts * sizeof *out);
   if (g->max_new_tokens <= 0 || n_prompts == 0) return;
-  for (int k = 0; k < n_chunks; k++) worker_reshape(&chunks[k], 1, max_len, 1);
+  /* room for the longest sequence, and for a decoding step's token of every sequence */
+  for (int k = 0; k < n_chunks; k++)
+    worker_reshape(&chunks[k], 1, max_len > n_prompts ? max_len : n_prompts, 1);
 
   struct sequence *seq = xcalloc((size_t)n_prompts, sizeof *seq);
   for (int p = 0; p < n_prompts; p++) {
@@ -85,57 +88,82 @@ void generate(struct worker *chunks, int n_chunks, struct comm *c, const struct 
     memcpy(s->ids, prompts[p], (size_t)prompt_len[p] * sizeof(int32_t));
     for (int t = 0; t < max_len; t++) s->positions[t] = t;
     s->len = s->prompt_len = prompt_len[p];
-    if (g->use_kv) {
-      s->kv = xcalloc((size_t)n_chunks, sizeof *s->kv);
-      for (int k = 0; k < n_chunks; k++) kv_cache_init(&s->kv[k], &chunks[k], max_len);
-    }
     out[p].ids = xmalloc((size_t)g->max_new_tokens * sizeof(int32_t));
     if (g->check_kv && last) out[p].step_diff = xcalloc((size_t)g->max_new_tokens, sizeof(float));
     out[p].first_mismatch = -1;
   }
-  float *logits = last ? xmalloc((size_t)vocab * sizeof(float)) : NULL;
+  /* one cache per chunk for all the sequences, which then decode together */
+  struct kv_cache *kv = NULL;
+  if (g->use_kv) {
+    kv = xcalloc((size_t)n_chunks, sizeof *kv);
+    for (int k = 0; k < n_chunks; k++) kv_cache_init(&kv[k], &chunks[k], max_len, n_prompts);
+  }
+  float *logits = last ? xmalloc((size_t)n_prompts * vocab * sizeof(float)) : NULL;
   float *replay = last && g->check_kv ? xmalloc((size_t)vocab * sizeof(float)) : NULL;
   void *scratch = last ? xmalloc(sampler_scratch_bytes(vocab)) : NULL;
+  int32_t *tok = xmalloc((size_t)n_prompts * sizeof(int32_t));
+  int32_t *pos = xmalloc((size_t)n_prompts * sizeof(int32_t));
 
-  /* Every stage walks (round, prompt) in the same order, so the pipeline fills with the
-   * prompts: while the last stage samples prompt p, stage 0 already runs prompt p + 1. A stage
-   * other than the last learns a token (and whether its sequence ended) just before it needs
-   * it, at the start of the next round. */
+  /* Every stage walks the rounds alike. Round 0 runs each prompt (the prefill); later rounds
+   * one decoding step of every sequence at once, the finished ones included (their tokens are
+   * dropped; their rows of the cache run on past them, never beyond max_len), or without a
+   * cache each unfinished sequence in full. The last stage samples the round's tokens and
+   * sends them to the other stages in one message. */
+  long long prompt_tokens = 0;
+  for (int p = 0; p < n_prompts; p++) prompt_tokens += prompt_len[p];
+  double round0 = now_seconds();
   for (int round = 0;; round++) {
     int busy = 0;
+    for (int p = 0; p < n_prompts; p++) busy |= !seq[p].done;
+    if (!busy) break;
+    if (round == 0 || !g->use_kv) {
+      for (int p = 0; p < n_prompts; p++) {
+        struct sequence *s = &seq[p];
+        if (s->done) continue;
+        stage_forward(chunks, n_chunks, c, s->ids, s->positions, s->len, kv, g->use_kv ? p : 0,
+                      p, last ? logits + (size_t)p * vocab : NULL);
+      }
+    } else {
+      for (int p = 0; p < n_prompts; p++) {
+        pos[p] = kv[0].len[p];
+        tok[p] = seq[p].ids[seq[p].len - 1];
+      }
+      stage_forward(chunks, n_chunks, c, tok, pos, n_prompts, kv, INFER_EACH, STEP_TAG, logits);
+    }
     for (int p = 0; p < n_prompts; p++) {
       struct sequence *s = &seq[p];
       if (s->done) continue;
-      if (round == 0) s->started = now_seconds();
-      if (round > 0 && !last) {
-        int32_t tok;
-        comm_recv(c, &tok, sizeof tok, c->pp - 1, TOKEN_TAG + p);
-        if (append(s, &out[p], g, tok)) continue;
-      }
-      int from = g->use_kv && round > 0 ? s->len - 1 : 0;
-      stage_forward(chunks, n_chunks, c, s, p, from, g->use_kv ? s->kv : NULL, logits);
-      if (g->check_kv) stage_forward(chunks, n_chunks, c, s, p, 0, NULL, replay);
-      busy = 1;
+      const float *row = last ? logits + (size_t)p * vocab : NULL;
+      if (g->check_kv) stage_forward(chunks, n_chunks, c, s->ids, s->positions, s->len, NULL, 0,
+                                     p, replay);
       if (!last) continue;
-      int32_t tok = sampler_next(&g->sampler, logits, vocab, (uint32_t)p, (uint32_t)round, scratch);
+      tok[p] = sampler_next(&g->sampler, row, vocab, (uint32_t)p, (uint32_t)round, scratch);
       if (g->check_kv) {
         float *diff = &out[p].step_diff[out[p].n];
-        for (int v = 0; v < vocab; v++) *diff = fmaxf(*diff, fabsf(logits[v] - replay[v]));
+        for (int v = 0; v < vocab; v++) *diff = fmaxf(*diff, fabsf(row[v] - replay[v]));
         int32_t other = sampler_next(&g->sampler, replay, vocab, (uint32_t)p, (uint32_t)round, scratch);
-        if (other != tok && out[p].first_mismatch < 0) out[p].first_mismatch = round;
+        if (other != tok[p] && out[p].first_mismatch < 0) out[p].first_mismatch = round;
       }
-      for (int to = 0; to < c->pp - 1; to++) comm_send(c, &tok, sizeof tok, to, TOKEN_TAG + p);
-      append(s, &out[p], g, tok);
     }
-    if (!busy) break;
+    size_t tok_bytes = (size_t)n_prompts * sizeof(int32_t);
+    if (last)
+      for (int to = 0; to < c->pp - 1; to++) comm_send(c, tok, tok_bytes, to, TOKEN_TAG);
+    else
+      comm_recv(c, tok, tok_bytes, c->pp - 1, TOKEN_TAG);
+    for (int p = 0; p < n_prompts; p++) {
+      /* the prefill round, until its tokens came back, shared by the prompts' lengths */
+      if (round == 0)
+        out[p].prefill_s = (now_seconds() - round0) * prompt_len[p] / (double)prompt_tokens;
+      if (!seq[p].done) append(&seq[p], &out[p], g, tok[p]);
+    }
   }
   comm_wait_sends(c);
 
+  if (g->use_kv) {
+    for (int k = 0; k < n_chunks; k++) kv_cache_free(&kv[k], &chunks[k]);
+    free(kv);
+  }
   for (int p = 0; p < n_prompts; p++) {
-    if (g->use_kv) {
-      for (int k = 0; k < n_chunks; k++) kv_cache_free(&seq[p].kv[k], &chunks[k]);
-      free(seq[p].kv);
-    }
     free(seq[p].ids);
     free(seq[p].positions);
   }
@@ -143,4 +171,6 @@ void generate(struct worker *chunks, int n_chunks, struct comm *c, const struct 
   free(logits);
   free(replay);
   free(scratch);
+  free(tok);
+  free(pos);
 }

@@ -22,7 +22,8 @@ struct gen_result {
   int32_t *ids;          /* the completion (malloc'd), stop token included */
   int n;
   int stopped;           /* ended by a stop token, not by max_new_tokens */
-  double prefill_s;      /* stage 0's view: until the first token came back */
+  double prefill_s;      /* the prefill round (every prompt once, until the first tokens came
+                          * back), shared among the prompts by their lengths */
   double decode_s;       /* from the first to the last token */
   /* check_kv, on the last stage: */
   float *step_diff;      /* [n]: largest logit difference of each step between the two paths */
@@ -30,9 +31,11 @@ struct gen_result {
 };
 
 /* Collective over the stages of one replica: each stage calls it with the same prompts and its
- * n chunks (parallel.virtual_stages; one worker each, in local chunk order). The workers are
- * reshaped for one sequence of the longest prompt + max_new_tokens. Results are complete on
- * stage 0 (ids, timings) and on the last stage (ids, the KV check). */
+ * n chunks (parallel.virtual_stages; one worker each, in local chunk order). Each prompt is
+ * prefilled on its own, then with the KV cache every sequence decodes together, one token of
+ * each per step (one pass over the weights for all of them). The workers are reshaped for
+ * one sequence of the longest prompt + max_new_tokens, or the number of prompts if larger.
+ * Results are complete on stage 0 (ids, timings) and on the last stage (ids, the KV check). */
 void generate(struct worker *chunks, int n, struct comm *c, const struct gen_config *g,
               int n_prompts, int32_t *const *prompts, const int *prompt_len,
               struct gen_result *out);

@@ -93,11 +93,13 @@ static struct attn_shape attention_shape(const struct worker *w, int live) {
     .doc_start = w->packed[live] ? w->doc_start + (size_t)live * w->plan.batch * w->plan.seq
                                  : NULL,
   };
-  if (w->kv) {   /* the cache holds the earlier tokens of the (one) sequence */
-    s.tk = w->kv->len + t;
-    s.k_stride = w->kv->max_len;
-  }
-  if (w->kv && t == 1) {   /* decoding: the whole cache, read up to the token's position */
+  if (!w->kv) return s;
+  s.k_stride = w->kv->max_len;
+  if (w->kv_seq != INFER_EACH && t > 1) {   /* a prompt: the sequence's cached tokens too */
+    s.tk = w->kv->len[w->kv_seq] + t;
+  } else {   /* one query per sequence: the whole cache, read up to each token's position */
+    s.batch = w->kv_seq == INFER_EACH ? t : 1;
+    s.tq = 1;
     s.tk = w->kv->max_len;
     s.key_last = w->positions + (size_t)live * w->plan.batch * w->plan.seq;
   }
@@ -105,16 +107,22 @@ static struct attn_shape attention_shape(const struct worker *w, int live) {
 }
 
 /* With a KV cache attached, the attention stage writes this call's keys and values into the
- * layer's cache at their positions (the cache's row of a token is its position) and attends
- * over the cache instead of the K and V slots. Nothing here reads the cache's length on the
- * host when decoding, so the same ops serve every step (worker_infer records them). */
+ * layer's cache at their positions (the cache's row of a token is its position, in its
+ * sequence's rows) and attends over the cache instead of the K and V slots. Nothing here reads
+ * the cache's lengths on the host when decoding, so the same ops serve every step
+ * (worker_infer records them). */
 static void attach_kv_cache(struct worker *w, int layer, const void **k, const void **v,
                             const int32_t *positions, int n) {
   if (!w->kv) return;
-  int width = (int)slot_width(&w->plan.cfg, S_K);
-  size_t span = (size_t)w->kv->max_len * width * dtype_bytes(w->plan.act);
+  int width = (int)slot_width(&w->plan.cfg, S_K), each = w->kv_seq == INFER_EACH;
+  size_t seq_span = (size_t)w->kv->max_len * width * dtype_bytes(w->plan.act);
+  size_t span = (size_t)w->kv->n_seq * seq_span;   /* K (or V) of every sequence */
   char *ck = (char *)w->kv->data + 2 * (size_t)layer * span, *cv = ck + span;
-  w->be->kv_append(ck, cv, *k, *v, positions, n, width);
+  if (!each) {
+    ck += (size_t)w->kv_seq * seq_span;
+    cv += (size_t)w->kv_seq * seq_span;
+  }
+  w->be->kv_append(ck, cv, *k, *v, positions, n, width, each ? w->kv->max_len : 0);
   *k = ck;
   *v = cv;
 }
@@ -177,7 +185,7 @@ void block_forward(struct worker *w, int live, int layer) {
   void **a = w->slot[live * w->plan.n_layers + layer];
   int n = w->plan.batch * seq_now(w);
   enum phase phase = !w->seq_now ? PHASE_FORWARD
-                     : (w->kv && w->kv->len > 0) ? PHASE_DECODE : PHASE_PREFILL;
+                     : (w->kv && w->kv_seq == INFER_EACH) ? PHASE_DECODE : PHASE_PREFILL;
   for (int i = 0; i < QWEN3_BLOCK_STAGES; i++) {
     double t0 = stage_clock(w);
     stage_forward(w, i, a, live, layer, n);

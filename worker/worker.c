@@ -558,71 +558,86 @@ void worker_backward(struct worker *w, int live, const struct layer_hook *hook) 
 
 /* ---- inference ------------------------------------------------------------------------------ */
 
-void kv_cache_init(struct kv_cache *kv, const struct worker *w, int max_len) {
-  size_t values = 2 * (size_t)w->plan.n_layers * max_len * slot_width(&w->plan.cfg, S_K);
-  kv->data = must_alloc(w->be, values * dtype_bytes(w->plan.act), "KV cache");
+void kv_cache_init(struct kv_cache *kv, const struct worker *w, int max_len, int n_seq) {
+  const struct worker_plan *p = &w->plan;
+  memset(kv, 0, sizeof *kv);
+  size_t values = 2 * (size_t)p->n_layers * n_seq * max_len * slot_width(&p->cfg, S_K);
+  kv->data = must_alloc(w->be, values * dtype_bytes(p->act), "KV cache");
   kv->max_len = max_len;
-  kv->len = 0;
-  kv->decode_step = NULL;
+  kv->n_seq = n_seq;
+  kv->len = xcalloc((size_t)n_seq, sizeof(int));
+  if (p->has_head)
+    kv->logits = must_alloc(w->be, (size_t)n_seq * p->cfg.vocab_size *
+                                       (sizeof(float) + dtype_bytes(p->act)), "decoding logits");
 }
 
 void kv_cache_free(struct kv_cache *kv, const struct worker *w) {
   if (kv->decode_step) w->be->replay_free(kv->decode_step);
   w->be->free(kv->data);
+  if (kv->logits) w->be->free(kv->logits);
+  free(kv->len);
   memset(kv, 0, sizeof *kv);
 }
 
-/* The device work of worker_infer: the layers, and on the last stage the logits of the last
- * of the n tokens into w->logits (fp32). */
-static void infer_ops(struct worker *w, int n) {
+/* The device work of worker_infer: the layers, and on the last stage the fp32 logits of the
+ * last token, or of each of the n (INFER_EACH), into `logits` (then their act-typed GEMM
+ * output). */
+static void infer_ops(struct worker *w, int n, int each, float *logits) {
   const struct backend *be = w->be;
   const struct worker_plan *p = &w->plan;
-  int d = p->cfg.hidden_size, vocab = p->cfg.vocab_size;
+  int d = p->cfg.hidden_size, vocab = p->cfg.vocab_size, rows = each ? n : 1;
   forward_layers(w, 0, n);
   if (!p->has_head) return;
   const struct param *norm = &w->params[w->final_norm_param];
   size_t act = dtype_bytes(p->act);
   void *last = w->final_normed[0];
-  void *out = w->logits + vocab;   /* the act-typed GEMM output after the fp32 logits */
-  be->rmsnorm_forward(last, (char *)worker_output(w, 0) + (size_t)(n - 1) * d * act,
-                      w->weights + norm->offset, 1, d, (float)p->cfg.rms_norm_eps);
-  be->linear_forward(out, last, worker_weight_act(w, w->head_param), 1, d, vocab);
-  be->convert(w->logits, DT_F32, out, p->act, (size_t)vocab);
+  void *out = logits + (size_t)rows * vocab;
+  be->rmsnorm_forward(last, (char *)worker_output(w, 0) + (size_t)(n - rows) * d * act,
+                      w->weights + norm->offset, rows, d, (float)p->cfg.rms_norm_eps);
+  be->linear_forward(out, last, worker_weight_act(w, w->head_param), rows, d, vocab);
+  be->convert(logits, DT_F32, out, p->act, (size_t)rows * vocab);
 }
 
 void worker_infer(struct worker *w, const int32_t *tokens, const int32_t *positions, int n,
-                  struct kv_cache *kv, float *logits) {
+                  struct kv_cache *kv, int seq, float *logits) {
   const struct backend *be = w->be;
   const struct worker_plan *p = &w->plan;
-  if (p->batch != 1 || n < 1 || n > p->seq || (kv && kv->len + n > kv->max_len))
-    die("internal: worker_infer of %d tokens on a plan of %d x %d (cache %d of %d)", n, p->batch,
-        p->seq, kv ? kv->len : 0, kv ? kv->max_len : 0);
-  for (int i = 0; kv && i < n; i++)   /* a token's row in the cache is its position */
-    if (positions[i] != kv->len + i)
-      die("internal: worker_infer: token %d of %d is at position %d, its cache row is %d", i, n,
-          positions[i], kv->len + i);
+  int each = seq == INFER_EACH;
+  if (p->batch != 1 || n < 1 || n > p->seq || (each && (!kv || n != kv->n_seq)) ||
+      (!each && (seq < 0 || (kv ? seq >= kv->n_seq : seq != 0))))
+    die("internal: worker_infer of %d tokens of sequence %d on a plan of %d x %d (%d cached "
+        "sequences)", n, seq, p->batch, p->seq, kv ? kv->n_seq : 0);
+  /* a token's row in its sequence's cache is its position, and the cache is filled in order */
+  for (int i = 0; kv && i < n; i++) {
+    int s = each ? i : seq, row = kv->len[s] + (each ? 0 : i);
+    if (positions[i] != row || row >= kv->max_len)
+      die("internal: worker_infer: token %d of %d is at position %d, its cache row is %d of %d",
+          i, n, positions[i], row, kv->max_len);
+  }
   w->seq_now = n;
   w->kv = kv;
-  w->packed[0] = 0;   /* one document; positions continue the cache's */
+  w->kv_seq = seq;
+  w->packed[0] = 0;   /* one document per sequence; positions continue the cache's */
   be->to_device(w->positions, positions, (size_t)n * sizeof(int32_t));
   if (p->has_embedding) be->to_device(live_tokens(w, 0), tokens, (size_t)n * sizeof(int32_t));
-  /* Decoding one token runs the same ops at every step (they read the position and the token
+  float *dev_logits = each ? kv->logits : w->logits;
+  /* A decoding step runs the same ops at every step (they read the positions and the tokens
    * from device memory), hundreds of small launches: recorded once per cache, then replayed.
    * Not under --timing, which synchronizes around every stage. */
-  int record = kv && n == 1 && be->capture_begin && !block_timing;
+  int record = each && be->capture_begin && !block_timing;
   if (record && kv->decode_step) {
     be->replay(kv->decode_step);
   } else if (record) {
     be->capture_begin();
-    infer_ops(w, n);
+    infer_ops(w, n, each, dev_logits);
     kv->decode_step = be->capture_end();
     be->replay(kv->decode_step);
   } else {
-    infer_ops(w, n);
+    infer_ops(w, n, each, dev_logits);
   }
-  if (kv) kv->len += n;
+  for (int i = 0; kv && i < n; i++) kv->len[each ? i : seq]++;
   w->seq_now = 0;
   w->kv = NULL;
   if (p->has_head)
-    be->to_host(logits, w->logits, (size_t)p->cfg.vocab_size * sizeof(float));
+    be->to_host(logits, dev_logits, (size_t)(each ? n : 1) * p->cfg.vocab_size * sizeof(float));
 }

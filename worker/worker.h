@@ -123,21 +123,30 @@ struct worker {
   int step;
   uint64_t *stream;            /* [live]: the micro-batch's random stream */
 
-  /* inference (worker_infer): this call's tokens per sequence, and the KV cache in use */
+  /* inference (worker_infer): this call's tokens, and the KV cache in use with the sequence
+   * they belong to (INFER_EACH: one token of each of its sequences) */
   int seq_now;                 /* 0: plan.seq (training) */
   struct kv_cache *kv;
+  int kv_seq;
   float *logits;               /* [vocab] fp32, last stage, then the GEMM's act-typed output */
 };
 
 enum { SUM_LOSS, SUM_NORM };
 
-/* The keys and values of one sequence for every layer of a stage, in backend memory:
- * [layer][K, V][max_len][kv_heads * head_dim]. len tokens are filled. */
+/* The keys and values of n_seq sequences for every layer of a stage, in backend memory:
+ * [layer][K, V][sequence][max_len][kv_heads * head_dim]. A token's row is its position;
+ * sequence s holds len[s] tokens. */
 struct kv_cache {
   void *data;                  /* of dtype plan.act */
-  int max_len, len;
-  void *decode_step;           /* the recorded ops of one decoding step (backend capture_begin) */
+  int max_len, n_seq;
+  int *len;                    /* [n_seq], host */
+  float *logits;               /* last stage: [n_seq][vocab] fp32, then the GEMM's act-typed
+                                * output (backend memory): a decoding step's logits */
+  void *decode_step;           /* the recorded ops of a decoding step (backend capture_begin) */
 };
+
+/* worker_infer's seq for a decoding step: one new token of each sequence of the cache */
+#define INFER_EACH (-1)
 
 /* Computes sizes and offsets; no allocation. Dies on shapes it cannot hold. */
 void worker_plan_make(struct worker_plan *p, const struct qwen3_config *cfg, int first_layer,
@@ -213,15 +222,18 @@ void worker_zero_grads(struct worker *w);
 /* After the micro-batches of a step: adds the LM head's share of a tied embedding's gradient. */
 void worker_gather_tied_grads(struct worker *w);
 
-void kv_cache_init(struct kv_cache *kv, const struct worker *w, int max_len);
+void kv_cache_init(struct kv_cache *kv, const struct worker *w, int max_len, int n_seq);
 void kv_cache_free(struct kv_cache *kv, const struct worker *w);
-/* Inference of one sequence: n new tokens at positions[0..n) through the stage (live slot 0,
- * after worker_reshape(w, 1, max_len, 1)). The first stage embeds tokens; the others read
- * worker_input(w, 0). With a KV cache, attention sees the cached tokens too and the new keys
- * and values are appended; without one the n tokens are the whole sequence. The last stage
- * writes the logits of the last token to the host array `logits`. */
+/* Inference through the stage (live slot 0, after worker_reshape(w, 1, T, 1) with T at least
+ * the longest sequence and the number of sequences decoded together) of n new tokens at
+ * positions[0..n): with seq >= 0, tokens of sequence seq of the KV cache (a prompt; without a
+ * cache, seq 0 and the n tokens are the whole sequence); with seq = INFER_EACH, one token of
+ * each of the cache's n = kv->n_seq sequences (a decoding step). Attention sees the cached
+ * tokens too, and the new keys and values are appended. The first stage embeds tokens; the
+ * others read worker_input(w, 0). The last stage writes to the host array `logits` the logits
+ * of the sequence's last token, or of each token ([n][vocab]) for INFER_EACH. */
 void worker_infer(struct worker *w, const int32_t *tokens, const int32_t *positions, int n,
-                  struct kv_cache *kv, float *logits);
+                  struct kv_cache *kv, int seq, float *logits);
 /* Before the micro-batches of optimizer step `step`, and before any forward after the weights
  * changed (loading, evaluation): makes the act-typed weight copy and quantizes the NVFP4
  * weights. */

@@ -12,7 +12,7 @@ void cpu_embedding_forward(void *out, const int32_t *tokens, const void *table, 
 void cpu_embedding_backward(float *dtable, const void *dout, const int32_t *tokens, int n,
                             int dim);
 void cpu_kv_append(void *k_cache, void *v_cache, const void *k, const void *v,
-                   const int32_t *positions, int n, int width);
+                   const int32_t *positions, int n, int width, int seq_rows);
 void cpu_swiglu_forward(void *out, const void *g, const void *u, size_t n);
 void cpu_swiglu_backward(void *dg, void *du, const void *dout, const void *g, const void *u,
                          size_t n);

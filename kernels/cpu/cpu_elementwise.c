@@ -60,10 +60,10 @@ void cpu_add(void *out_, const void *a_, const void *b_, size_t n, enum dtype t)
 }
 
 void cpu_kv_append(void *k_cache, void *v_cache, const void *k, const void *v,
-                   const int32_t *positions, int n, int width) {
+                   const int32_t *positions, int n, int width, int seq_rows) {
   size_t row = (size_t)width * sizeof(float);
   for (int i = 0; i < n; i++) {
-    size_t at = (size_t)positions[i] * row;
+    size_t at = ((size_t)i * seq_rows + positions[i]) * row;
     memcpy((char *)k_cache + at, (const char *)k + i * row, row);
     memcpy((char *)v_cache + at, (const char *)v + i * row, row);
   }

@@ -128,7 +128,7 @@ void cuda_swiglu_backward(void *dg, void *du, const void *dout, const void *g, c
                           size_t n);
 void cuda_add(void *out, const void *a, const void *b, size_t n, enum dtype t);
 void cuda_kv_append(void *k_cache, void *v_cache, const void *k, const void *v,
-                    const int32_t *positions, int n, int width);
+                    const int32_t *positions, int n, int width, int seq_rows);
 void cuda_scale(float *a, float s, size_t n);
 void cuda_sum_into(double *acc, const float *x, size_t n, int squares);
 

@@ -354,30 +354,34 @@ extern "C" void cuda_add(void *out, const void *a, const void *b, size_t n, enum
 
 /* ---- the KV cache's append ----------------------------------------------------------------- */
 
-/* One block row per token: element c of row i of k and v goes to row positions[i] of each
- * cache. The position is read on the device, so a recorded decode step appends where the
- * token it is replayed for belongs. */
+/* One block row per token: element c of row i of k and v goes to row i * seq_rows +
+ * positions[i] of each cache. The position is read on the device, so a recorded decode step
+ * appends where the token it is replayed for belongs. */
 template <typename T>
 static __global__ void kv_append_kernel(T *__restrict__ k_cache, T *__restrict__ v_cache,
                                         const T *__restrict__ k, const T *__restrict__ v,
-                                        const int32_t *__restrict__ positions, int width) {
+                                        const int32_t *__restrict__ positions, int width,
+                                        size_t seq_rows) {
   const int i = blockIdx.y, c = blockIdx.x * blockDim.x + threadIdx.x;
   if (c >= width) return;
-  const size_t to = (size_t)positions[i] * width + c, from = (size_t)i * width + c;
+  const size_t to = (i * seq_rows + (size_t)positions[i]) * width + c;
+  const size_t from = (size_t)i * width + c;
   k_cache[to] = k[from];
   v_cache[to] = v[from];
 }
 
 extern "C" void cuda_kv_append(void *k_cache, void *v_cache, const void *k, const void *v,
-                               const int32_t *positions, int n, int width) {
+                               const int32_t *positions, int n, int width, int seq_rows) {
   const size_t row = (size_t)width * dtype_bytes(cuda_ctx.act);
   for (int i = 0; i < n; i += 65535) {   /* grid.y's limit */
     const int rows = n - i < 65535 ? n - i : 65535;
     dim3 grid((unsigned)((width + CUDA_THREADS - 1) / CUDA_THREADS), (unsigned)rows);
     const char *ki = (const char *)k + i * row, *vi = (const char *)v + i * row;
+    char *kc = (char *)k_cache + (size_t)i * seq_rows * row;   /* token i's sequence */
+    char *vc = (char *)v_cache + (size_t)i * seq_rows * row;
     CUDA_ACT_DISPATCH(T, kv_append_kernel<T><<<grid, CUDA_THREADS, 0, cuda_ctx.stream>>>(
-                             (T *)k_cache, (T *)v_cache, (const T *)ki, (const T *)vi,
-                             positions + i, width));
+                             (T *)kc, (T *)vc, (const T *)ki, (const T *)vi, positions + i,
+                             width, (size_t)seq_rows));
     CUDA_LAUNCHED("kv_append_kernel");
   }
 }

@@ -499,23 +499,25 @@ static void test_attention_key_last(int batch, int tk, int k_stride, int heads, 
 }
 
 /* kv_append: the rows at the positions take k's and v's rows, bit for bit; the others keep
- * what they held. */
-static void test_kv_append(int rows, int width) {
+ * what they held. seq_rows 0: four tokens of one sequence of `rows` rows; else one token of
+ * each of four sequences of seq_rows rows. */
+static void test_kv_append(int rows, int width, int seq_rows) {
   static const int32_t pos[] = {3, 7, 4, 0};
   const int n = 4;
+  if (seq_rows) rows = n * seq_rows;
   size_t nc = (size_t)rows * width, nn = (size_t)n * width;
   float *kc = rand_act(nc, -1, 1), *vc = rand_act(nc, -1, 1);
   float *k = rand_act(nn, -1, 1), *v = rand_act(nn, -1, 1);
   void *d_kc = up_act(kc, nc), *d_vc = up_act(vc, nc), *d_k = up_act(k, nn), *d_v = up_act(v, nn);
   int32_t *d_pos = up(pos, sizeof pos);
-  cpu->kv_append(kc, vc, k, v, pos, n, width);
-  gpu->kv_append(d_kc, d_vc, d_k, d_v, d_pos, n, width);
+  cpu->kv_append(kc, vc, k, v, pos, n, width, seq_rows);
+  gpu->kv_append(d_kc, d_vc, d_k, d_v, d_pos, n, width, seq_rows);
   char name[112];
-  snprintf(name, sizeof name, "kv_append of %d rows of %d into %d, bit for bit (K)", n, width,
-           rows);
+  snprintf(name, sizeof name, "kv_append of %d rows of %d into %d (seq_rows %d), bit for bit (K)",
+           n, width, rows, seq_rows);
   expect_act(name, d_kc, kc, nc, 0);
-  snprintf(name, sizeof name, "kv_append of %d rows of %d into %d, bit for bit (V)", n, width,
-           rows);
+  snprintf(name, sizeof name, "kv_append of %d rows of %d into %d (seq_rows %d), bit for bit (V)",
+           n, width, rows, seq_rows);
   expect_act(name, d_vc, vc, nc, 0);
   gpu->free(d_k); gpu->free(d_v); gpu->free(d_pos);
   free(kc); free(vc); free(k); free(v);
@@ -768,8 +770,9 @@ static void test_decode_attention(void) {
   test_attention_key_last(3, 300, 300, 8, 2, 64, last, first);
   test_attention_key_last(1, 1000, 1000, 16, 1, 16, one, NULL);
   test_attention_key_last(40, 300, 300, 16, 8, 64, many, NULL);
-  test_kv_append(10, 1024);
-  test_kv_append(9, 37);
+  test_kv_append(10, 1024, 0);
+  test_kv_append(9, 37, 0);
+  test_kv_append(0, 1024, 10);
 }
 
 /* Decode's few token rows (the GEMV kernel): one and eight rows, a row length that ends

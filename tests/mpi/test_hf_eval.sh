@@ -2,7 +2,9 @@
 # Evaluation runs against Hugging Face transformers (tests/fixtures/hf, made by
 # tests/hf_fixtures.py): on 1 process and on 2 pipeline stages, with and without the KV cache,
 # greedy continuations equal transformers' token for token, and the per-document scores equal
-# transformers' NLL within 1e-5.
+# transformers' NLL within 1e-5. Then several prompts of different lengths decoding together
+# (one token of each per step) give the completions each gets alone without a cache, every
+# step's logits checked against that replay (eval.check_kv).
 # QWEN3_TEST_BACKEND=CUDA runs the same evaluations on the GPU (tests/gpu/test_gpu_train.sh).
 # Usage: bash tests/mpi/test_hf_eval.sh BUILD_DIR
 set -u
@@ -49,6 +51,39 @@ for dir in "${cases[@]}"; do
         *) fail "$run: scores differ from transformers ($verdict)" ;;
       esac
     done
+  done
+  # four prompts: the job's [1..6], transformers' greedy prompt, and 3 and 10 ids of documents
+  short=$(sed -n 1p "$dir/documents.ids" | cut -d' ' -f1-3 | tr ' ' ,)
+  long=$(sed -n 2p "$dir/documents.ids" | cut -d' ' -f1-10 | tr ' ' ,)
+  printf 'eval { prompts { ids: [%s] } prompts { ids: [%s] } prompts { ids: [%s] } }\n' \
+    "$prompt" "$short" "$long" |
+    protoc --encode=qwen3.Job -Iproto proto/job.proto >"$out/$name.prompts.pb" || fail "protoc"
+  cat "$build/jobs/eval_hf.pb" "$out/$name.prompts.pb" >"$out/$name.batch.pb"   # merged: 4 prompts
+  for run in np1.kv=true np2.kv=true np1.kv=false; do
+    np=${run:2:1} kv=${run#*kv=}
+    o="$out/$name.batch.$run"
+    if ! timeout 300 $MPIRUN -np "$np" "$build/qwen3-train" "$out/$name.batch.pb" \
+        --set model.hf_config="$dir/config.json" --set init.hf_dir="$dir" \
+        --set data.valid="$out/$name.h5" --set parallel.pipeline_stages="$np" \
+        --set eval.kv_cache="$kv" --set output_dir="$o" \
+        --set backend="${QWEN3_TEST_BACKEND:-CPU}" >"$o.log" 2>&1; then
+      fail "$name batch $run: the evaluation run failed"; tail -n 15 "$o.log"; continue
+    fi
+  done
+  completions() { grep -o '"completion_ids":\[[^]]*\]' "$out/$name.batch.$1/eval.jsonl"; }
+  ref=$(completions np1.kv=false)
+  [ "$(echo "$ref" | wc -l)" = 4 ] || fail "$name batch: expected 4 completions, got: $ref"
+  if [ "$(echo "$ref" | sed -n 2p | grep -o '\[.*\]' | tr -d '[]')" = "$expected" ]; then
+    pass "$name batch: the greedy prompt's completion among 4 equals transformers'"
+  else
+    fail "$name batch: the greedy prompt's completion among 4 differs from transformers'"
+  fi
+  for run in np1.kv=true np2.kv=true; do
+    if [ "$(completions $run)" = "$ref" ]; then
+      pass "$name batch $run: 4 prompts decoded together give each one's replay completion"
+    else
+      fail "$name batch $run: batched completions differ"; paste <(completions $run) <(echo "$ref")
+    fi
   done
 done
 finish
