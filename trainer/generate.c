@@ -46,6 +46,19 @@ static void stage_forward(struct worker *chunks, int n_chunks, struct comm *c,
   }
 }
 
+/* Host memory the backend copies into fastest (pinned on a GPU): a decoding step's logits of
+ * every sequence come back there, 19 MB at 32 sequences of Qwen3's vocabulary. */
+static void *logits_alloc(const struct backend *be, size_t bytes) {
+  void *p = be->host_alloc ? be->host_alloc(bytes) : xmalloc(bytes);
+  if (!p) die("generation: out of host memory for the logits (%zu bytes)", bytes);
+  return p;
+}
+
+static void logits_free(const struct backend *be, void *p) {
+  if (be->host_free) be->host_free(p);
+  else free(p);
+}
+
 /* Appends a token; returns whether the sequence is now finished. */
 static int append(struct sequence *s, struct gen_result *r, const struct gen_config *g,
                   int32_t tok) {
@@ -98,7 +111,7 @@ void generate(struct worker *chunks, int n_chunks, struct comm *c, const struct 
     kv = xcalloc((size_t)n_chunks, sizeof *kv);
     for (int k = 0; k < n_chunks; k++) kv_cache_init(&kv[k], &chunks[k], max_len, n_prompts);
   }
-  float *logits = last ? xmalloc((size_t)n_prompts * vocab * sizeof(float)) : NULL;
+  float *logits = last ? logits_alloc(w->be, (size_t)n_prompts * vocab * sizeof(float)) : NULL;
   float *replay = last && g->check_kv ? xmalloc((size_t)vocab * sizeof(float)) : NULL;
   void *scratch = last ? xmalloc(sampler_scratch_bytes(vocab)) : NULL;
   int32_t *tok = xmalloc((size_t)n_prompts * sizeof(int32_t));
@@ -168,7 +181,7 @@ void generate(struct worker *chunks, int n_chunks, struct comm *c, const struct 
     free(seq[p].positions);
   }
   free(seq);
-  free(logits);
+  if (logits) logits_free(w->be, logits);
   free(replay);
   free(scratch);
   free(tok);
