@@ -3,6 +3,7 @@
 
     python3 bench/decode_bench.py torch --hf-dir DIR [--batches 1,8] [--compile] [--budget 300]
     python3 bench/decode_bench.py ours  --hf-dir DIR [--batches 1,8] [--timing]
+    python3 bench/decode_bench.py ours  --layers N [--batches 1,8] [--timing]
 
 torch: a random-init Qwen3ForCausalLM (torch_train_bench.build_model, seed 1) in bf16 with SDPA,
 saved to DIR/model.safetensors for ours, and the prompts (PROMPT_LEN random ids each, seed 1) to
@@ -11,7 +12,9 @@ batch size: transformers' dynamic KV cache in eager mode, and with --compile its
 with the forward under torch.compile(mode="reduce-overhead") (CUDA graphs: the strongest way to
 run transformers' decode), compile time reported apart.
 ours: an evaluation run (train.steps 0) of jobs/bench_4b.txtpb with init.hf_dir DIR and the
-same prompts, greedy, NEW tokens, the KV cache on; tok/s from its eval.jsonl.
+same prompts, greedy, NEW tokens, the KV cache on; tok/s from its eval.jsonl. With --layers N
+instead: N decoder layers of that width from the job's own random init, and prompts of random
+ids (seed 1): a quick profile (--timing) without PyTorch.
 
   prefill tok/s = B * PROMPT_LEN / prefill seconds (torch: one forward of the batch's prompts)
   decode tok/s  = B * (NEW - 1) / seconds after the first new token (aggregate over the batch)
@@ -20,6 +23,7 @@ Every result is one `RESULT system=... batch=B ...` line (bench_common.result).
 import argparse
 import json
 import os
+import random
 import subprocess
 import sys
 import time
@@ -83,8 +87,15 @@ def torch_mode(args, log):
 
 
 def ours_mode(args, log):
-    with open(os.path.join(args.hf_dir, "prompts.json")) as f:
-        prompts = json.load(f)
+    if args.layers:
+        rng = random.Random(1)
+        prompts = [[rng.randrange(SHAPE["vocab"]) for _ in range(PROMPT_LEN)]
+                   for _ in range(max(args.batches))]
+        weights = ["--set", f"model.num_layers={args.layers}"]
+    else:
+        with open(os.path.join(args.hf_dir, "prompts.json")) as f:
+            prompts = json.load(f)
+        weights = ["--set", f"init.hf_dir={args.hf_dir}"]
     work = os.path.join(args.work, "decode")
     os.makedirs(work, exist_ok=True)
     for B in args.batches:
@@ -102,8 +113,8 @@ def ours_mode(args, log):
         out = os.path.join(work, f"out_{B}")
         cmd = ["mpirun", "--allow-run-as-root", "--bind-to", "none", "-np", "1",
                os.path.join(ROOT, "build/qwen3-train"), job, "--set", "train.steps=0",
-               "--set", f"init.hf_dir={args.hf_dir}", "--set", f"output_dir={out}",
-               "--set", f"data.train={args.shard}"] + (["--timing"] if args.timing else [])
+               "--set", f"output_dir={out}", "--set", f"data.train={args.shard}"] + weights + \
+              (["--timing"] if args.timing else [])
         t0 = time.perf_counter()
         p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         log(f"batch {B}: exit {p.returncode} in {time.perf_counter() - t0:.1f} s")
@@ -120,7 +131,9 @@ def ours_mode(args, log):
         window = max((len(r["completion_ids"]) - 1) / r["decode_tokens_per_s"] for r in rows)
         tokens = sum(len(r["completion_ids"]) - 1 for r in rows)
         prefill = sum(r["prefill_tokens_per_s"] for r in rows) / len(rows)
-        result(system="ours-timing" if args.timing else "ours", batch=B, prefill_tok_s=prefill,
+        system = "ours" + (f"-{args.layers}layers" if args.layers else "") + \
+            ("-timing" if args.timing else "")
+        result(system=system, batch=B, prefill_tok_s=prefill,
                decode_tok_s=tokens / window, ms_per_token=1e3 * window / tokens * B)
 
 
@@ -131,6 +144,7 @@ def main():
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--timing", action="store_true", help="ours: per-stage times (slower)")
+    ap.add_argument("--layers", type=int, default=0, help="ours: this many layers, random init")
     ap.add_argument("--budget", type=float, default=300)
     ap.add_argument("--work", default="/tmp/qwen3_bench")
     ap.add_argument("--shard", default="/tmp/qwen3_bench/random_2m.h5")

@@ -154,7 +154,8 @@ void generate(struct worker *chunks, int n_chunks, struct comm *c, const struct 
       if (g->check_kv) {
         float *diff = &out[p].step_diff[out[p].n];
         for (int v = 0; v < vocab; v++) *diff = fmaxf(*diff, fabsf(row[v] - replay[v]));
-        int32_t other = sampler_next(&g->sampler, replay, vocab, (uint32_t)p, (uint32_t)round, scratch);
+        int32_t other =
+            sampler_next(&g->sampler, replay, vocab, (uint32_t)p, (uint32_t)round, scratch);
         if (other != tok[p] && out[p].first_mismatch < 0) out[p].first_mismatch = round;
       }
     }

@@ -1,4 +1,5 @@
-/* The memory-bound ops: embedding, SwiGLU, residual add, the KV cache's append, scaling and the sums. */
+/* The memory-bound ops: embedding, SwiGLU, residual add, the KV cache's append, scaling and the
+ * sums. */
 #include <math.h>
 #include <string.h>
 

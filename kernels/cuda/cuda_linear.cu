@@ -37,16 +37,17 @@
 /* Decode's linear layers: a few token rows against a whole weight matrix. cuBLASLt's GEMM
  * tiles give such a product one block per 128 output rows or so, too few to keep the memory
  * busy (measured on the H200 at Qwen3-4B's shapes, one token: 0.6 TB/s of its 4.3 for the
- * q/k/v weights); here a warp reads R weight rows with 16-byte loads, GEMV_LOADS of them in
- * flight per lane, so every SM streams weights, and computes each row's n dot products. With
- * one token R = 1; with more, R = 4 rows share each load and conversion of x (measured at 8
- * tokens with R = 1: 14 ms a step, the x loads and conversions, not the weights, the bound).
- * Per output the lanes sum strided slices in fp32 and combine them by a fixed butterfly: the
- * same bits every run. Taken for n <= GEMV_MAX_ROWS when in_dim is a multiple of a 16-byte
- * vector and x and w are 16-byte aligned; cuBLASLt otherwise. */
-#define GEMV_MAX_ROWS 8
-#define GEMV_WARPS 8   /* warps per block */
-#define GEMV_LOADS 4   /* weight vectors in flight per lane */
+ * q/k/v weights); here one warp reads one weight row with 16-byte loads, GEMV_UNROLL of them in
+ * flight per lane, so every SM streams weights, and each row's n dot products come out of it.
+ * Per row the lanes sum strided slices in fp32 and combine them by a fixed butterfly: the same
+ * bits every run. Each more token costs the kernel about 30% of its one-token time (its x
+ * loads, conversions and FMAs), so it is taken for n <= GEMV_MAX_ROWS (measured per layer with
+ * synchronizations, bench/NOTES.md: q/k/v 30 us at one token against cuBLASLt's 54; 90 us at
+ * eight against cuBLASLt's 59 at 32), when in_dim is a multiple of a 16-byte vector and x and
+ * w are 16-byte aligned; cuBLASLt otherwise. */
+#define GEMV_MAX_ROWS 4
+#define GEMV_WARPS 8   /* output rows per block */
+#define GEMV_UNROLL 4
 
 template <typename T>
 struct gemv_vec {   /* 16 bytes of T, unpacked to fp32 */
@@ -60,72 +61,60 @@ struct gemv_vec {   /* 16 bytes of T, unpacked to fp32 */
   }
 };
 
-/* acc[r][t] += w[r] . x[t] over one 16-byte stretch of each (U stretches, STEP apart) */
-template <typename T, int R, int U>
-static __device__ __forceinline__ void gemv_step(float (&acc)[R][GEMV_MAX_ROWS],
-                                                 const T *const (&wr)[R], const T *x, int c,
-                                                 int n, int in_dim) {
+template <typename T>
+static __global__ void __launch_bounds__(GEMV_WARPS * 32)
+    gemv_kernel(T *__restrict__ out, const T *__restrict__ x, const T *__restrict__ w, int n,
+                int in_dim, int out_dim) {
   constexpr int V = gemv_vec<T>::N, STEP = 32 * V;
-  gemv_vec<T> wv[U][R];   /* every load issued before the first is used */
+  const int lane = threadIdx.x & 31;
+  const int row = blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5);
+  if (row >= out_dim) return;
+  const T *wr = w + (size_t)row * in_dim;
+  float acc[GEMV_MAX_ROWS];
 #pragma unroll
-  for (int u = 0; u < U; u++)
+  for (int t = 0; t < GEMV_MAX_ROWS; t++) acc[t] = 0.0f;
+  int c = lane * V;
+  for (; c + (GEMV_UNROLL - 1) * STEP < in_dim; c += GEMV_UNROLL * STEP) {
+    gemv_vec<T> wv[GEMV_UNROLL];   /* every load issued before the first is used */
 #pragma unroll
-    for (int r = 0; r < R; r++) wv[u][r].load(wr[r] + c + u * STEP);
+    for (int u = 0; u < GEMV_UNROLL; u++) wv[u].load(wr + c + u * STEP);
 #pragma unroll
-  for (int u = 0; u < U; u++)
+    for (int u = 0; u < GEMV_UNROLL; u++)
+#pragma unroll
+      for (int t = 0; t < GEMV_MAX_ROWS; t++) {
+        if (t >= n) break;
+        gemv_vec<T> xv;
+        xv.load(x + (size_t)t * in_dim + c + u * STEP);
+#pragma unroll
+        for (int i = 0; i < V; i++) acc[t] = fmaf(wv[u].f[i], xv.f[i], acc[t]);
+      }
+  }
+  for (; c < in_dim; c += STEP) {
+    gemv_vec<T> wv;
+    wv.load(wr + c);
 #pragma unroll
     for (int t = 0; t < GEMV_MAX_ROWS; t++) {
       if (t >= n) break;
       gemv_vec<T> xv;
-      xv.load(x + (size_t)t * in_dim + c + u * STEP);
+      xv.load(x + (size_t)t * in_dim + c);
 #pragma unroll
-      for (int r = 0; r < R; r++)
-#pragma unroll
-        for (int i = 0; i < V; i++) acc[r][t] = fmaf(wv[u][r].f[i], xv.f[i], acc[r][t]);
+      for (int i = 0; i < V; i++) acc[t] = fmaf(wv.f[i], xv.f[i], acc[t]);
     }
-}
-
-template <typename T, int R>
-static __global__ void __launch_bounds__(GEMV_WARPS * 32)
-    gemv_kernel(T *__restrict__ out, const T *__restrict__ x, const T *__restrict__ w, int n,
-                int in_dim, int out_dim) {
-  constexpr int V = gemv_vec<T>::N, STEP = 32 * V, U = GEMV_LOADS / R;
-  const int lane = threadIdx.x & 31;
-  const int row0 = (blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5)) * R;
-  if (row0 >= out_dim) return;
-  const T *wr[R];   /* rows past out_dim read the last row again and are not stored */
+  }
 #pragma unroll
-  for (int r = 0; r < R; r++) wr[r] = w + (size_t)min(row0 + r, out_dim - 1) * in_dim;
-  float acc[R][GEMV_MAX_ROWS];
+  for (int t = 0; t < GEMV_MAX_ROWS; t++) {
+    if (t >= n) break;
+    float v = acc[t];
 #pragma unroll
-  for (int r = 0; r < R; r++)
-#pragma unroll
-    for (int t = 0; t < GEMV_MAX_ROWS; t++) acc[r][t] = 0.0f;
-  int c = lane * V;
-  for (; c + (U - 1) * STEP < in_dim; c += U * STEP) gemv_step<T, R, U>(acc, wr, x, c, n, in_dim);
-  for (; c < in_dim; c += STEP) gemv_step<T, R, 1>(acc, wr, x, c, n, in_dim);
-#pragma unroll
-  for (int r = 0; r < R; r++)
-#pragma unroll
-    for (int t = 0; t < GEMV_MAX_ROWS; t++) {
-      if (t >= n) break;
-      float v = acc[r][t];
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-      if (lane == 0 && row0 + r < out_dim) store_f(out + (size_t)t * out_dim + row0 + r, v);
-    }
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    if (lane == 0) store_f(out + (size_t)t * out_dim + row, v);
+  }
 }
 
 template <typename T>
 static void gemv(T *out, const T *x, const T *w, int n, int in_dim, int out_dim) {
-  if (n == 1) {
-    gemv_kernel<T, 1><<<(out_dim + GEMV_WARPS - 1) / GEMV_WARPS, GEMV_WARPS * 32, 0,
-                        cuda_ctx.stream>>>(out, x, w, n, in_dim, out_dim);
-  } else {
-    const int rows = GEMV_WARPS * 4;
-    gemv_kernel<T, 4><<<(out_dim + rows - 1) / rows, GEMV_WARPS * 32, 0, cuda_ctx.stream>>>(
-        out, x, w, n, in_dim, out_dim);
-  }
+  gemv_kernel<T><<<(out_dim + GEMV_WARPS - 1) / GEMV_WARPS, GEMV_WARPS * 32, 0,
+                   cuda_ctx.stream>>>(out, x, w, n, in_dim, out_dim);
   CUDA_LAUNCHED("gemv_kernel");
 }
 

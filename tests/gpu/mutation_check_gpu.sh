@@ -20,7 +20,7 @@ MUTATIONS=(
   'nvfp4_fused_rows_draws#kernels/cuda/cuda_nvfp4.cu#s/nv_quantize16<SR>(out, v, sc\[ROWS\], rows_seed, i0);/nv_quantize16<SR>(out, v, sc[ROWS], rows_seed, i0 + 4);/#the fused dY kernel draws the rows operand with the wrong counters'
   'decode_ignores_key_last#kernels/cuda/cuda_attention.cu#s/const int last = key_last ? key_last\[b\] : s.tk - 1;/const int last = s.tk - 1;/#decode attention reads the whole cache, past the current token'
   'decode_no_rescale#kernels/cuda/cuda_attention.cu#s/const float alpha = expf(m\[g\] - m_new);/const float alpha = 1.0f;/#decode attention keeps earlier tiles unscaled when the running max grows'
-  'gemv_drops_tail#kernels/cuda/cuda_linear.cu#s/for (; c < in_dim; c += STEP) gemv_step/for (; c + STEP < in_dim; c += STEP) gemv_step/#the GEMV leaves out the last partial stretch of a row'
+  'gemv_drops_tail#kernels/cuda/cuda_linear.cu#s/for (; c < in_dim; c += STEP) {/for (; c + STEP < in_dim; c += STEP) {/#the GEMV leaves out the last partial stretch of a row'
   'kv_append_wrong_row#kernels/cuda/cuda_elementwise.cu#s/const size_t to = (i \* seq_rows + (size_t)positions\[i\]) \* width + c;/const size_t to = (i * seq_rows + (size_t)i) * width + c;/#the KV append writes row i, not the token position'
   # only the bf16 mode's checks can catch these: the fp32 and tf32 modes never store bf16
   'bf16_store_truncates#kernels/cuda/cuda_dtype.cuh#s/{ \*p = __float2bfloat16_rn(v); }/{ *p = __float2bfloat16_rz(v); }/#bf16 activations stored rounded toward zero'
