@@ -10,6 +10,7 @@
 #include <pthread.h>
 #include <signal.h>
 #include <stdatomic.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -251,9 +252,26 @@ static struct {
   int keep_last;
 } save;
 
+/* Bytes the kernel can still give without swapping (/proc/meminfo's MemAvailable); SIZE_MAX
+ * where it does not say. */
+static size_t host_available(void) {
+  FILE *f = fopen("/proc/meminfo", "r");
+  char line[256];
+  unsigned long long kib = 0;
+  int found = 0;
+  while (f && !found && fgets(line, sizeof line, f))
+    found = sscanf(line, "MemAvailable: %llu kB", &kib) == 1;
+  if (f) fclose(f);
+  return found ? (size_t)kib * 1024 : SIZE_MAX;
+}
+
 /* Host memory from be's host_alloc (pinned on a GPU), or malloc where it has none; NULL when
- * out of memory. Called from the main thread and from the one allocating ahead. */
+ * out of memory. The buffer's pages are touched at once (the GPU backend pins them) or at the
+ * first save: more than the host has would end the process by the kernel's OOM killer, not by
+ * an error, so a buffer larger than what is available now counts as out of memory. Called from
+ * the main thread and from the one allocating ahead. */
 static void *staging_alloc(const struct backend *be, size_t bytes) {
+  if (bytes > host_available()) return NULL;
   return be->host_alloc ? be->host_alloc(bytes) : malloc(bytes);
 }
 
@@ -404,7 +422,9 @@ static void stage_begin(const struct worker *chunks, int n) {
     save.staging_be = be;
     if (!save.staging)
       die("checkpoint: out of host memory for the staging buffer of a save (%.2f GiB: the "
-          "weights and AdamW moments of this stage)", 3.0 * floats * sizeof(float) / (1 << 30));
+          "weights and AdamW moments of this stage; %.2f GiB available)",
+          3.0 * floats * sizeof(float) / (1 << 30),
+          host_available() == SIZE_MAX ? -1.0 : host_available() / 1073741824.0);
     save.capacity = 3 * floats;
   }
   save.tensors = xrealloc(save.tensors, (size_t)(tensors ? tensors : 1) * sizeof *save.tensors);

@@ -36,13 +36,19 @@ static const char USAGE[] =
 #define CUDA_CONTEXT_MIB 500
 
 /* CUDA when the job asks for it, or for AUTO when a GPU is found; the CPU otherwise. */
-static const struct backend *choose_backend(const Job *job, const struct comm *c) {
+static const struct backend *choose_backend(const Job *job, const struct qwen3_config *cfg,
+                                            const struct comm *c) {
 #ifdef QWEN3_HAVE_CUDA
   int gpus = cuda_device_count();
   if (job->backend == QWEN3__BACKEND__CUDA && gpus == 0)
     die("backend: CUDA, but no GPU is visible to rank %d (check CUDA_VISIBLE_DEVICES and the "
         "driver); use backend: CPU or AUTO", c->rank);
   if (job->backend == QWEN3__BACKEND__CPU || gpus == 0) return &backend_cpu;
+  int group = cfg->num_heads / cfg->num_kv_heads;
+  if (job->eval->n_prompts > 0 && job->eval->max_new_tokens > 0 && group > CUDA_DECODE_MAX_GROUP)
+    die("model: %d query heads per kv head; the CUDA backend generates text with at most %d, "
+        "and eval.prompts would fail at the first evaluation: run this job with backend: CPU, "
+        "or without eval.prompts", group, CUDA_DECODE_MAX_GROUP);
   if (c->rank == 0) {
     char name[256] = "?";
     cuda_device_name(0, name, sizeof name);
@@ -51,7 +57,7 @@ static const struct backend *choose_backend(const Job *job, const struct comm *c
   }
   return &backend_cuda;
 #else
-  (void)c;
+  (void)c, (void)cfg;
   if (job->backend == QWEN3__BACKEND__CUDA)
     die("backend: CUDA, but this build has no CUDA backend (nvcc was not found at build time)");
   return &backend_cpu;
@@ -238,7 +244,7 @@ int main(int argc, char **argv) {
     comm_finalize(&c);
     return 0;
   }
-  const struct backend *be = choose_backend(job, &c);
+  const struct backend *be = choose_backend(job, &cfg, &c);
   be->init(c.local_rank, c.local_size);
   if (be->device_memory) comm_set_device_copy(&c, be->to_host, be->to_device);
   /* NCCL for tensors when every rank drives a GPU of its own; collective, so every rank calls */

@@ -61,6 +61,7 @@
 #include <type_traits>
 
 #include "kernels/cuda/cuda.h"
+#include "kernels/cuda/cuda_device.h"
 #include "kernels/cuda/cuda_dtype.cuh"
 
 namespace {
@@ -1000,6 +1001,7 @@ void launch_decode(T *ctx, float *lse, const T *q, const T *k, const T *v, const
 #define DECODE_LAUNCH(G)                                                                      \
   attn_decode_kernel<T, G><<<grid, DEC_NT, smem, cuda_ctx.stream>>>(                          \
       ctx, lse, q, k, v, d, keys_per_split, a->doc_start, a->key_last, part_o, part_ml)
+  static_assert(CUDA_DECODE_MAX_GROUP == 16, "the instantiations below end at 16");
   if (d.group <= 4) DECODE_LAUNCH(4);
   else if (d.group <= 8) DECODE_LAUNCH(8);
   else if (d.group <= 16) DECODE_LAUNCH(16);

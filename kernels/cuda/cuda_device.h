@@ -6,6 +6,9 @@
 #ifdef __cplusplus
 extern "C" {
 #endif
+/* The most query heads per kv head the decoding attention serves (one block holds a group):
+ * every Qwen3 model has 16 or fewer. A job with eval.prompts is refused at its start beyond. */
+#define CUDA_DECODE_MAX_GROUP 16
 /* Number of usable CUDA devices; 0 without driver or device. */
 int cuda_device_count(void);
 /* "NVIDIA H100 80GB HBM3 (sm_90, 79 GiB)"; 0 on success. */
