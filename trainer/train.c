@@ -120,8 +120,9 @@ void print_layout(const Job *job, const struct qwen3_config *cfg, const struct c
     if (stage > staging) staging = stage;
   }
   printf("checkpoint saves: each rank of replica 0 stages its stage's weights and AdamW moments "
-         "in host memory (pinned on a GPU), up to %.1f MiB, held from the start of the run\n",
-         staging / 1048576.0);
+         "in host memory (pinned on a GPU), up to %.1f MiB, held from %s\n", staging / 1048576.0,
+         job->checkpoint->every >= 0 ? "the start of the run"
+                                     : "a stop signal's save (checkpoint.every -1) on");
 }
 
 /* ---- the step log ---------------------------------------------------------------------------- */
@@ -404,7 +405,9 @@ void train_run(const Job *job, const struct qwen3_config *cfg, struct comm *c,
     for (int m = 0; m < r.n_mb; m++) ch->live_of[m] = -1;
     ch->live_busy = xcalloc((size_t)plan.n_live, sizeof(int));
   }
-  checkpoint_stage_ahead(c, r.w, r.v);   /* a stop signal's save then finds it ready */
+  /* a stop signal's save then finds it ready; a run that saves only on a signal
+   * (checkpoint.every -1) does not hold it for nothing: such a save allocates it then */
+  if (job->checkpoint->every >= 0) checkpoint_stage_ahead(c, r.w, r.v);
   init_weights(job, r.w, r.v);
   struct train_state st = {0};
   int resumed = checkpoint_resume(job, c, r.w, r.v, &st);

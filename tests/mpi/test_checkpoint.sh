@@ -158,8 +158,10 @@ result $ok "the save in flight at the signal resumes bit for bit (steps $((n + 1
 # QWEN3_CKPT_STAGING_DELAY=2: the thread that allocates it sleeps 2 s first, as pinning a large
 # model's takes longer (about 20 s for Qwen3-4B). A save at step 1 waits for that thread (training
 # pauses >= 1 s), takes its buffer rather than allocating another, and resumes bit for bit; each
-# saving rank logs the buffer ready once. A run that never saves waits for the thread at exit
-# (its line still comes) and exits 0; only replica 0, which saves, allocates.
+# saving rank logs the buffer ready once. A run that has no step left to train (resumed at its
+# last step) never saves: it waits for the thread at exit (its line still comes) and exits 0;
+# only replica 0, which saves, allocates. A run that saves only on a stop signal
+# (checkpoint.every -1) allocates nothing ahead.
 ready='checkpoint: [0-9.]* MiB of host staging ready for saves (allocated in [0-9.]* s, in the background)'
 out=$work/ahead
 QWEN3_CKPT_STAGING_DELAY=2 run "$out" --set train.steps=3 --set checkpoint.every=1 \
@@ -181,12 +183,18 @@ ok=0
   ok=1
 result $ok "the save at step 1 into the buffer allocated ahead resumes bit for bit (steps 2-3)" \
   "exit $rc"
-QWEN3_CKPT_STAGING_DELAY=2 run "$work/ahead-nosave" --set train.steps=2 --set checkpoint.every=-1 \
-  --set parallel.pipeline_stages=1
+QWEN3_CKPT_STAGING_DELAY=2 run "$work/ahead-nosave" --set train.steps=3 \
+  --set checkpoint.resume="$out/checkpoints/step_00000003" --set parallel.pipeline_stages=1
 ok=0
 [ $rc = 0 ] && [ "$(grep -c "$ready" "$log")" = 1 ] && grep -q "rank 0/2\] $ready" "$log" &&
   [ -z "$(ls -d "$work/ahead-nosave/checkpoints/step_"* 2>/dev/null)" ] && ok=1
-result $ok "a run that never saves (2 replicas): exit 0 once replica 0's allocation is joined" \
+result $ok "a run with no step left (2 replicas): exit 0 once replica 0's allocation is joined" \
+  "exit $rc"
+QWEN3_CKPT_STAGING_DELAY=2 run "$work/ahead-signal-only" --set train.steps=2 \
+  --set checkpoint.every=-1
+ok=0
+[ $rc = 0 ] && ! grep -q "$ready" "$log" && ok=1
+result $ok "a run that saves only on a stop signal (checkpoint.every -1) allocates nothing ahead" \
   "exit $rc"
 
 # --- one rank's disk is slow: the commit waits for it, training goes on meanwhile ------------
