@@ -8,6 +8,7 @@ RESULTS=$OUT/results.txt
 export GPU_BENCH_RESULTS=$RESULTS
 mkdir -p "$OUT" "$WORK"
 : > "$RESULTS"
+rm -f "$WORK/ctest_summary"   # gpu_label's, from an earlier call
 start=$(date +%s)
 
 # seconds left for parts (TOTAL_S less what has run and the reserve)
@@ -30,3 +31,17 @@ within() {
   if [ "$b" = 0 ]; then echo "SKIPPED $1 (time)"; return 124; fi
   timeout -k 5 "$b" "$@"
 }
+
+# gpu_label WANT: the `gpu` CTest label under `within WANT`, its log in $WORK/ctest.txt (tail
+# printed) and its summary line, with how many tests skipped (a skipped test is not a pass), in
+# $WORK/ctest_summary; gpu_label_summary prints that line, or "not run".
+gpu_label() {
+  (cd build && within "$1" ctest -L gpu --output-on-failure) > "$WORK/ctest.txt" 2>&1
+  tail -n 30 "$WORK/ctest.txt"
+  local line skipped
+  line=$(grep -E "tests passed|tests failed" "$WORK/ctest.txt" | tail -n 1)
+  skipped=$(grep -c '\*\*\*Skipped' "$WORK/ctest.txt")
+  [ "$skipped" -gt 0 ] && line="$line ($skipped of them skipped)"
+  echo "${line:-no summary line}" > "$WORK/ctest_summary"
+}
+gpu_label_summary() { cat "$WORK/ctest_summary" 2>/dev/null || echo "not run"; }

@@ -22,9 +22,7 @@ main() {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   if [ "${DECODE_CTEST:-0}" = 1 ]; then
     section "ctest -L gpu"
-    (cd build && within 220 ctest -L gpu --output-on-failure) > "$WORK/ctest.txt" 2>&1
-    tail -n 30 "$WORK/ctest.txt"
-    grep -E "tests passed|tests failed" "$WORK/ctest.txt" | tail -n 1 > "$WORK/ctest_summary"
+    gpu_label 220
   fi
   section "token shard (the job names one; an evaluation reads none)"
   timeout -k 5 60 python3 bench/ours_train_bench.py shard --out "$WORK/random_2m.h5"
@@ -42,10 +40,9 @@ main() {
   within 60 python3 bench/decode_bench.py ours --hf-dir "$WORK/hf4b" --batches 1 --timing
 }
 
-rm -f "$WORK/ctest_summary"
 main 2>&1 | tee "$OUT/decode.txt"
 echo
-echo "gpu label: $(cat "$WORK/ctest_summary" 2>/dev/null || echo not run)" | tee -a "$OUT/decode.txt"
+echo "gpu label: $(gpu_label_summary)" | tee -a "$OUT/decode.txt"
 python3 - "$RESULTS" <<'PY' | tee -a "$OUT/decode.txt"
 import sys
 rows = [dict(kv.split("=", 1) for kv in l.split()[1:] if "=" in kv) for l in open(sys.argv[1])

@@ -22,9 +22,7 @@ main() {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 
   section "ctest -L gpu"
-  (cd build && within "${NVFP4_CTEST_S:-150}" ctest -L gpu --output-on-failure) > "$WORK/ctest.txt" 2>&1
-  tail -n 30 "$WORK/ctest.txt"
-  grep -E "tests passed|tests failed" "$WORK/ctest.txt" | tail -n 1 > "$WORK/ctest_summary"
+  gpu_label "${NVFP4_CTEST_S:-150}"
 
   section "NVFP4 kernels (build/bench/nvfp4_bench)"
   within 40 build/bench/nvfp4_bench | tee "$WORK/kernels.txt"
@@ -55,10 +53,9 @@ main() {
   fi
 }
 
-rm -f "$WORK/ctest_summary"
 main 2>&1 | tee "$OUT/bench.txt"
 echo
-echo "gpu label: $(cat "$WORK/ctest_summary" 2>/dev/null || echo not run)" | tee -a "$OUT/bench.txt"
+echo "gpu label: $(gpu_label_summary)" | tee -a "$OUT/bench.txt"
 python3 - "$RESULTS" <<'PY' | tee -a "$OUT/bench.txt"
 import sys
 rows = [dict(kv.split("=", 1) for kv in l.split()[1:] if "=" in kv) for l in open(sys.argv[1])

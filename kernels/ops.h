@@ -78,9 +78,9 @@ struct backend {
   void (*copy)(void *dst, const void *src, size_t bytes);
   void (*zero)(void *p, size_t bytes);
   void (*synchronize)(void);
-  /* Host memory the backend copies to and from fastest (pinned on a GPU), for large staging
-   * buffers; NULL where plain malloc is that (the CPU). host_alloc returns NULL when out of
-   * memory. */
+  /* Host memory the backend copies to and from fastest (pinned on a GPU, malloc's on the CPU),
+   * for large staging buffers; host_alloc returns NULL when out of memory, host_free takes
+   * NULL. */
   void *(*host_alloc)(size_t bytes);
   void (*host_free)(void *p);
   /* Bytes held now and at most so far (NULL where the backend does not count them). */

@@ -38,6 +38,24 @@ static inline void test_program(char *path, size_t len, const char *name) {
   snprintf(strrchr(path, '/'), 64, "/../%s", name);
 }
 
+/* A test's scratch directory, /tmp/PREFIX-XXXXXX, made now; checks_report_in removes it. */
+static char checks_scratch[128];
+
+static inline const char *checks_dir(const char *prefix) {
+  snprintf(checks_scratch, sizeof checks_scratch, "/tmp/%s-XXXXXX", prefix);
+  if (!mkdtemp(checks_scratch)) die("cannot make the scratch directory %s", checks_scratch);
+  return checks_scratch;
+}
+
+/* checks_scratch/name, in one of 8 buffers used in turn (one call may take several). */
+static inline const char *in_dir(const char *name) {
+  static char buf[8][512];
+  static int k;
+  char *p = buf[k++ % 8];
+  snprintf(p, sizeof buf[0], "%s/%s", checks_scratch, name);
+  return p;
+}
+
 /* checks_report, and the scratch directory dir removed when every check passed (kept, and
  * named, for a look when one failed). */
 static inline int checks_report_in(const char *dir) {

@@ -265,19 +265,17 @@ static size_t host_available(void) {
   return found ? (size_t)kib * 1024 : SIZE_MAX;
 }
 
-/* Host memory from be's host_alloc (pinned on a GPU), or malloc where it has none; NULL when
- * out of memory. The buffer's pages are touched at once (the GPU backend pins them) or at the
- * first save: more than the host has would end the process by the kernel's OOM killer, not by
- * an error, so a buffer larger than what is available now counts as out of memory. Called from
- * the main thread and from the one allocating ahead. */
+/* be's host_alloc (pinned on a GPU); NULL when out of memory. The buffer's pages are touched
+ * at once (the GPU backend pins them) or at the first save: more than the host has would end
+ * the process by the kernel's OOM killer, not by an error, so a buffer larger than what is
+ * available now counts as out of memory. Called from the main thread and from the one
+ * allocating ahead. */
 static void *staging_alloc(const struct backend *be, size_t bytes) {
-  if (bytes > host_available()) return NULL;
-  return be->host_alloc ? be->host_alloc(bytes) : malloc(bytes);
+  return bytes > host_available() ? NULL : be->host_alloc(bytes);
 }
 
 static void staging_free(const struct backend *be, void *p) {
-  if (be && be->host_free) be->host_free(p);
-  else free(p);
+  if (p) be->host_free(p);
 }
 
 static void free_staging(void) {
@@ -334,7 +332,7 @@ static void *allocate_ahead(void *unused) {
   double t0 = now_seconds();
   sleep_seconds(ahead.delay);
   ahead.buf = staging_alloc(ahead.be, ahead.bytes);
-  const char *pinned = ahead.be->host_alloc ? "pinned " : "";
+  const char *pinned = ahead.be->device_memory ? "pinned " : "";
   int gib = ahead.bytes >= (1u << 30);   /* a test's model holds less than a GiB */
   double size = ahead.bytes / (gib ? 1073741824.0 : 1048576.0);
   if (ahead.buf && (gib || now_seconds() - t0 >= 1))
@@ -420,11 +418,13 @@ static void stage_begin(const struct worker *chunks, int n) {
     const struct backend *be = chunks[0].be;
     save.staging = staging_alloc(be, planned);
     save.staging_be = be;
-    if (!save.staging)
+    if (!save.staging) {
+      size_t available = host_available();
       die("checkpoint: out of host memory for the staging buffer of a save (%.2f GiB: the "
           "weights and AdamW moments of this stage; %.2f GiB available)",
           3.0 * floats * sizeof(float) / (1 << 30),
-          host_available() == SIZE_MAX ? -1.0 : host_available() / 1073741824.0);
+          available == SIZE_MAX ? -1.0 : available / 1073741824.0);
+    }
     save.capacity = 3 * floats;
   }
   save.tensors = xrealloc(save.tensors, (size_t)(tensors ? tensors : 1) * sizeof *save.tensors);

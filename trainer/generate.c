@@ -14,7 +14,6 @@
 
 struct sequence {
   int32_t *ids;          /* prompt then completion */
-  int32_t *positions;    /* positions[t] = t */
   int len, prompt_len;
   int done;
   double first_token;    /* when its first new token was appended */
@@ -44,19 +43,6 @@ static void stage_forward(struct worker *chunks, int n_chunks, struct comm *c,
     worker_infer(&chunks[k], tokens, positions, n, kv ? &kv[k] : NULL, seq, logits);
     pipeline_send_output(c, &chunks[k], k, n_chunks, bytes, tag);
   }
-}
-
-/* Host memory the backend copies into fastest (pinned on a GPU): a decoding step's logits of
- * every sequence come back there, 19 MB at 32 sequences of Qwen3's vocabulary. */
-static void *logits_alloc(const struct backend *be, size_t bytes) {
-  void *p = be->host_alloc ? be->host_alloc(bytes) : xmalloc(bytes);
-  if (!p) die("generation: out of host memory for the logits (%zu bytes)", bytes);
-  return p;
-}
-
-static void logits_free(const struct backend *be, void *p) {
-  if (be->host_free) be->host_free(p);
-  else free(p);
 }
 
 /* Appends a token; returns whether the sequence is now finished. */
@@ -93,13 +79,13 @@ void generate(struct worker *chunks, int n_chunks, struct comm *c, const struct 
   for (int k = 0; k < n_chunks; k++)
     worker_reshape(&chunks[k], 1, max_len > n_prompts ? max_len : n_prompts, 1);
 
+  int32_t *positions = xmalloc((size_t)max_len * sizeof(int32_t));   /* of every sequence */
+  for (int t = 0; t < max_len; t++) positions[t] = t;
   struct sequence *seq = xcalloc((size_t)n_prompts, sizeof *seq);
   for (int p = 0; p < n_prompts; p++) {
     struct sequence *s = &seq[p];
     s->ids = xmalloc((size_t)max_len * sizeof(int32_t));
-    s->positions = xmalloc((size_t)max_len * sizeof(int32_t));
     memcpy(s->ids, prompts[p], (size_t)prompt_len[p] * sizeof(int32_t));
-    for (int t = 0; t < max_len; t++) s->positions[t] = t;
     s->len = s->prompt_len = prompt_len[p];
     out[p].ids = xmalloc((size_t)g->max_new_tokens * sizeof(int32_t));
     if (g->check_kv && last) out[p].step_diff = xcalloc((size_t)g->max_new_tokens, sizeof(float));
@@ -111,7 +97,12 @@ void generate(struct worker *chunks, int n_chunks, struct comm *c, const struct 
     kv = xcalloc((size_t)n_chunks, sizeof *kv);
     for (int k = 0; k < n_chunks; k++) kv_cache_init(&kv[k], &chunks[k], max_len, n_prompts);
   }
-  float *logits = last ? logits_alloc(w->be, (size_t)n_prompts * vocab * sizeof(float)) : NULL;
+  /* a decoding step's logits of every sequence come back into host memory the backend copies
+   * into fastest (pinned on a GPU): 19 MB a step at 32 sequences of Qwen3's vocabulary */
+  size_t logit_bytes = (size_t)n_prompts * vocab * sizeof(float);
+  float *logits = last ? w->be->host_alloc(logit_bytes) : NULL;
+  if (last && !logits)
+    die("generation: out of host memory for the logits (%zu bytes)", logit_bytes);
   float *replay = last && g->check_kv ? xmalloc((size_t)vocab * sizeof(float)) : NULL;
   void *scratch = last ? xmalloc(sampler_scratch_bytes(vocab)) : NULL;
   int32_t *tok = xmalloc((size_t)n_prompts * sizeof(int32_t));
@@ -133,7 +124,7 @@ void generate(struct worker *chunks, int n_chunks, struct comm *c, const struct 
       for (int p = 0; p < n_prompts; p++) {
         struct sequence *s = &seq[p];
         if (s->done) continue;
-        stage_forward(chunks, n_chunks, c, s->ids, s->positions, s->len, kv, g->use_kv ? p : 0,
+        stage_forward(chunks, n_chunks, c, s->ids, positions, s->len, kv, g->use_kv ? p : 0,
                       p, last ? logits + (size_t)p * vocab : NULL);
       }
     } else {
@@ -147,7 +138,7 @@ void generate(struct worker *chunks, int n_chunks, struct comm *c, const struct 
       struct sequence *s = &seq[p];
       if (s->done) continue;
       const float *row = last ? logits + (size_t)p * vocab : NULL;
-      if (g->check_kv) stage_forward(chunks, n_chunks, c, s->ids, s->positions, s->len, NULL, 0,
+      if (g->check_kv) stage_forward(chunks, n_chunks, c, s->ids, positions, s->len, NULL, 0,
                                      p, replay);
       if (!last) continue;
       tok[p] = sampler_next(&g->sampler, row, vocab, (uint32_t)p, (uint32_t)round, scratch);
@@ -177,12 +168,10 @@ void generate(struct worker *chunks, int n_chunks, struct comm *c, const struct 
     for (int k = 0; k < n_chunks; k++) kv_cache_free(&kv[k], &chunks[k]);
     free(kv);
   }
-  for (int p = 0; p < n_prompts; p++) {
-    free(seq[p].ids);
-    free(seq[p].positions);
-  }
+  for (int p = 0; p < n_prompts; p++) free(seq[p].ids);
   free(seq);
-  if (logits) logits_free(w->be, logits);
+  free(positions);
+  w->be->host_free(logits);
   free(replay);
   free(scratch);
   free(tok);

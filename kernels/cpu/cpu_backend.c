@@ -16,6 +16,7 @@
 /* A zero-byte request still gets a real pointer: NULL means out of memory. */
 static void *cpu_alloc(size_t bytes) { return calloc(1, bytes ? bytes : 1); }
 static void cpu_free(void *p) { free(p); }
+static void *cpu_host_alloc(size_t bytes) { return malloc(bytes ? bytes : 1); }
 static void cpu_copy(void *dst, const void *src, size_t bytes) { memcpy(dst, src, bytes); }
 static void cpu_zero(void *p, size_t bytes) { memset(p, 0, bytes); }
 static void cpu_synchronize(void) {}
@@ -46,6 +47,8 @@ const struct backend backend_cpu = {
   .init = cpu_init,
   .alloc = cpu_alloc,
   .free = cpu_free,
+  .host_alloc = cpu_host_alloc,
+  .host_free = cpu_free,
   .to_device = cpu_copy,
   .to_host = cpu_copy,
   .copy = cpu_copy,

@@ -926,6 +926,42 @@ bool make_dims(Shape *d, const struct attn_shape *a, const char *what) {
 // Blocks of the forward grid that keep the GPU busy without splitting the keys.
 constexpr int FWD_BUSY_BLOCKS_PER_SM = 4;
 
+// Key splits for a forward of `blocks` blocks: enough for about busy_per_sm blocks per SM, at
+// most max_split and 64, fewer while the partials of the rows (head_dim + 2 floats each per
+// split) would take more than half the scratch arena; 1 when there is nothing to split.
+int key_splits(size_t blocks, int busy_per_sm, int max_split, size_t rows, int head_dim) {
+  const size_t busy = (size_t)busy_per_sm * (cuda_ctx.sm_count > 0 ? cuda_ctx.sm_count : 1);
+  int n_split = blocks < busy ? (int)((busy + blocks - 1) / blocks) : 1;
+  if (n_split > max_split) n_split = max_split;
+  if (n_split > 64) n_split = 64;
+  while (n_split > 1 &&
+         (size_t)n_split * rows * (head_dim + 2) * sizeof(float) > cuda_ctx.scratch_bytes / 2)
+    n_split--;
+  return n_split < 1 ? 1 : n_split;
+}
+
+// The unnormalized partials (O, and m with l) of n_split > 1 key splits, in the scratch arena;
+// then merged into ctx and lse by attn_fwd_combine_kernel.
+void split_partials(int n_split, size_t rows, int head_dim, float **part_o, float **part_ml,
+                    const char *what) {
+  *part_o = *part_ml = nullptr;
+  if (n_split == 1) return;
+  void *a, *b;
+  cuda_scratch2(&a, (size_t)n_split * rows * head_dim * sizeof(float), &b,
+                (size_t)n_split * rows * 2 * sizeof(float), what);
+  *part_o = (float *)a, *part_ml = (float *)b;
+}
+
+template <typename T>
+void combine_splits(T *ctx, float *lse, const float *part_o, const float *part_ml, const Dims &d,
+                    int n_split) {
+  if (n_split == 1) return;
+  const size_t n = (size_t)d.batch * d.tq * d.heads * d.head_dim;
+  attn_fwd_combine_kernel<T><<<(unsigned)((n + NT - 1) / NT), NT, 0, cuda_ctx.stream>>>(
+      ctx, lse, part_o, part_ml, d, n_split);
+  CUDA_LAUNCHED("attn_fwd_combine_kernel");
+}
+
 template <typename T, int DM, int BQ, int BK>
 void launch_fwd(T *ctx, float *lse, const T *q, const T *k, const T *v, const Shape &d) {
   constexpr size_t smem = Fwd<DM, BQ, BK>::smem;
@@ -938,36 +974,16 @@ void launch_fwd(T *ctx, float *lse, const T *q, const T *k, const T *v, const Sh
   // Few query tiles (decoding, a short prefill against a long cache): the keys are split among
   // several blocks per tile, each leaving an unnormalized partial that a second kernel merges
   // in a fixed order. At least 2 key tiles per split.
-  const size_t blocks = (size_t)n_qt * d.heads * d.batch;
   const size_t rows = (size_t)d.batch * d.tq * d.heads;
-  int n_split = 1;
-  const size_t busy = (size_t)FWD_BUSY_BLOCKS_PER_SM * (cuda_ctx.sm_count > 0 ? cuda_ctx.sm_count : 1);
-  if (blocks < busy) {
-    n_split = (int)((busy + blocks - 1) / blocks);
-    if (n_split > n_kt / 2) n_split = n_kt / 2;
-    if (n_split > 64) n_split = 64;
-    while (n_split > 1 && (size_t)n_split * rows * (d.head_dim + 2) * sizeof(float) >
-                              cuda_ctx.scratch_bytes / 2)
-      n_split--;
-    if (n_split < 1) n_split = 1;
-  }
-  float *part_o = nullptr, *part_ml = nullptr;
-  if (n_split > 1) {
-    void *a, *b;
-    cuda_scratch2(&a, (size_t)n_split * rows * d.head_dim * sizeof(float), &b,
-                  (size_t)n_split * rows * 2 * sizeof(float), "attention forward key splits");
-    part_o = (float *)a, part_ml = (float *)b;
-  }
+  const int n_split = key_splits((size_t)n_qt * d.heads * d.batch, FWD_BUSY_BLOCKS_PER_SM,
+                                 n_kt / 2, rows, d.head_dim);
+  float *part_o, *part_ml;
+  split_partials(n_split, rows, d.head_dim, &part_o, &part_ml, "attention forward key splits");
   dim3 grid(n_qt * n_split, d.heads, d.batch);
   kernel<<<grid, NT, smem, cuda_ctx.stream>>>(ctx, lse, q, k, v, d, n_split, part_o, part_ml,
                                               d.doc);
   CUDA_LAUNCHED("attn_fwd_kernel");
-  if (n_split > 1) {
-    const size_t n = rows * d.head_dim;
-    attn_fwd_combine_kernel<T><<<(unsigned)((n + NT - 1) / NT), NT, 0, cuda_ctx.stream>>>(
-        ctx, lse, part_o, part_ml, d, n_split);
-    CUDA_LAUNCHED("attn_fwd_combine_kernel");
-  }
+  combine_splits(ctx, lse, part_o, part_ml, d, n_split);
 }
 
 template <typename T>
@@ -975,23 +991,12 @@ void launch_decode(T *ctx, float *lse, const T *q, const T *k, const T *v, const
                    const struct attn_shape *a) {
   // Key splits until the GPU has about two blocks per SM, each at least one tile of keys.
   const int tiles = (d.tk + DEC_NT - 1) / DEC_NT;
-  const size_t blocks = (size_t)d.kv_heads * d.batch, rows = (size_t)d.batch * d.heads;
-  const size_t busy = 2 * (size_t)(cuda_ctx.sm_count > 0 ? cuda_ctx.sm_count : 1);
-  int n_split = blocks < busy ? (int)((busy + blocks - 1) / blocks) : 1;
-  if (n_split > tiles) n_split = tiles;
-  if (n_split > 64) n_split = 64;
-  while (n_split > 1 &&
-         (size_t)n_split * rows * (d.head_dim + 2) * sizeof(float) > cuda_ctx.scratch_bytes / 2)
-    n_split--;
+  const size_t rows = (size_t)d.batch * d.heads;
+  int n_split = key_splits((size_t)d.kv_heads * d.batch, 2, tiles, rows, d.head_dim);
   const int keys_per_split = (tiles + n_split - 1) / n_split * DEC_NT;
   n_split = (d.tk + keys_per_split - 1) / keys_per_split;
-  float *part_o = nullptr, *part_ml = nullptr;
-  if (n_split > 1) {
-    void *po, *pml;
-    cuda_scratch2(&po, (size_t)n_split * rows * d.head_dim * sizeof(float), &pml,
-                  (size_t)n_split * rows * 2 * sizeof(float), "attention decode key splits");
-    part_o = (float *)po, part_ml = (float *)pml;
-  }
+  float *part_o, *part_ml;
+  split_partials(n_split, rows, d.head_dim, &part_o, &part_ml, "attention decode key splits");
   // queries, probabilities and the reductions; then, reused, the warps' partial P V
   const size_t tile = (size_t)d.group * (d.head_dim + DEC_NT + DEC_NW);
   const size_t sums = (size_t)DEC_NW * d.group * d.head_dim;
@@ -1008,12 +1013,7 @@ void launch_decode(T *ctx, float *lse, const T *q, const T *k, const T *v, const
   else refuse("cuda_attention_forward", a, "more than 16 query heads per kv head");
 #undef DECODE_LAUNCH
   CUDA_LAUNCHED("attn_decode_kernel");
-  if (n_split > 1) {
-    const size_t n = rows * d.head_dim;
-    attn_fwd_combine_kernel<T><<<(unsigned)((n + NT - 1) / NT), NT, 0, cuda_ctx.stream>>>(
-        ctx, lse, part_o, part_ml, d, n_split);
-    CUDA_LAUNCHED("attn_fwd_combine_kernel");
-  }
+  combine_splits(ctx, lse, part_o, part_ml, d, n_split);
 }
 
 template <typename T, int DM, int BK, int BQ>

@@ -20,16 +20,9 @@
 #include "data/safetensors.h"
 #include "tests/check.h"
 
-static char g_dir[64];
+static const char *g_dir;   /* checks_dir's */
 static char err[2048];
 
-static const char *in_dir(const char *name) {
-  static char buf[8][512];
-  static int k;
-  char *p = buf[k++ % 8];
-  snprintf(p, 512, "%s/%s", g_dir, name);
-  return p;
-}
 
 /* ---- a synthetic two-stage checkpoint ------------------------------------------------------ */
 
@@ -547,8 +540,7 @@ static void test_convert(void) {
 }
 
 int main(void) {
-  snprintf(g_dir, sizeof g_dir, "/tmp/qwen3-ckpt-XXXXXX");
-  if (!mkdtemp(g_dir)) die("mkdtemp failed");
+  g_dir = checks_dir("qwen3-ckpt");
   test_program(g_convert, sizeof g_convert, "qwen3-convert");
   test_round_trip_and_commit();
   test_chunks_as_hdf5_writes_them();

@@ -16,16 +16,8 @@
 #include "data/tokenizer.h"
 #include "tests/check.h"
 
-static char dir[] = "/tmp/test_file_readers_XXXXXX";
 static char err[1024];
 
-static const char *in_dir(const char *name) {
-  static char path[4][512];
-  static int k;
-  char *p = path[k++ & 3];
-  snprintf(p, sizeof path[0], "%s/%s", dir, name);
-  return p;
-}
 
 static int has(const char *s, const char *a, const char *b) {
   return strstr(s, a) && (!b || strstr(s, b));
@@ -413,19 +405,11 @@ static void test_dumps(void) {
 }
 
 int main(void) {
-  if (!mkdtemp(dir)) die("mkdtemp failed");
+  const char *dir = checks_dir("test_file_readers");
   H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
   test_shards();
   test_checkpoints();
   test_tokenizer_files();
   test_dumps();
-  int rc = checks_report();
-  if (rc == 0) {
-    char cmd[600];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
-    if (system(cmd) != 0) return 1;
-  } else {
-    printf("kept %s\n", dir);
-  }
-  return rc;
+  return checks_report_in(dir);
 }

@@ -22,15 +22,9 @@
 #include "kernels/nvfp4.h"
 #include "tests/check.h"
 
-static char g_dir[64], g_convert[4096], err[2048];
+static const char *g_dir;   /* checks_dir's */
+static char g_convert[4096], err[2048];
 
-static const char *in_dir(const char *name) {
-  static char buf[8][512];
-  static int k;
-  char *p = buf[k++ % 8];
-  snprintf(p, 512, "%s/%s", g_dir, name);
-  return p;
-}
 
 /* hidden 32, q 2x16, kv 1x16, intermediate 48: every linear's rows and columns divide by 16 */
 static const struct qwen3_config CFG = {.hidden_size = 32, .num_layers = 2, .num_heads = 2,
@@ -362,8 +356,7 @@ static void test_refusals(void) {
 }
 
 int main(void) {
-  snprintf(g_dir, sizeof g_dir, "/tmp/qwen3-nvfp4x-XXXXXX");
-  if (!mkdtemp(g_dir)) die("mkdtemp failed");
+  g_dir = checks_dir("qwen3-nvfp4x");
   test_program(g_convert, sizeof g_convert, "qwen3-convert");
   test_recorded_job();
   test_no_record_sharded();
