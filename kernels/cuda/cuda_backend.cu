@@ -248,12 +248,12 @@ static void cuda_copy(void *dst, const void *src, size_t bytes) {
  * GPU 0. */
 static void *cuda_host_alloc(size_t bytes) {
   const size_t page = 4096;
-  size_t size = bytes ? (bytes + page - 1) / page * page : page;
-  void *p = aligned_alloc(page, size);
+  size_t size = (bytes + page - 1) / page * page;
+  void *p = aligned_alloc(page, size ? size : page);
   if (!p) return NULL;
   memset(p, 0, size);
   if (cudaSetDevice(cuda_ctx.device) != cudaSuccess ||
-      cudaHostRegister(p, size, cudaHostRegisterDefault) != cudaSuccess) {
+      cudaHostRegister(p, size ? size : page, cudaHostRegisterDefault) != cudaSuccess) {
     cudaGetLastError();   /* clear the error: the caller reports what ran out */
     free(p);
     return NULL;
