@@ -132,7 +132,7 @@ def ours_mode(args, log):
         tokens = sum(len(r["completion_ids"]) - 1 for r in rows)
         prefill = sum(r["prefill_tokens_per_s"] for r in rows) / len(rows)
         system = "ours" + (f"-{args.layers}layers" if args.layers else "") + \
-            ("-timing" if args.timing else "")
+            ("-timing" if args.timing else "") + args.tag
         result(system=system, batch=B, prefill_tok_s=prefill,
                decode_tok_s=tokens / window, ms_per_token=1e3 * window / tokens * B)
 
@@ -145,6 +145,7 @@ def main():
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--timing", action="store_true", help="ours: per-stage times (slower)")
     ap.add_argument("--layers", type=int, default=0, help="ours: this many layers, random init")
+    ap.add_argument("--tag", default="", help="ours: appended to the system's name")
     ap.add_argument("--budget", type=float, default=300)
     ap.add_argument("--work", default="/tmp/qwen3_bench")
     ap.add_argument("--shard", default="/tmp/qwen3_bench/random_2m.h5")

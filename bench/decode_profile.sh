@@ -3,7 +3,8 @@
 #   device run, carry [".deb"]:  bash bench/decode_profile.sh
 #  1. build; with PROFILE_CTEST=1 the `gpu` CTest label first;
 #  2. ours, PROFILE_LAYERS (default 4) decoder layers of Qwen3-4B's width from the job's random
-#     init, batch 1: the recorded step's time, as bench/decode_bench.py reports it;
+#     init, batch 1: the recorded step's time, as bench/decode_bench.py reports it; again with
+#     QWEN3_CUDA_PDL=0 (every kernel waits for the whole one before it);
 #  3. the same run under ncu: every kernel of PROFILE_KERNELS launches after the first
 #     PROFILE_SKIP (decoding steps by then), its own time and DRAM bytes; bench/ncu_summary.py
 #     sums them per kernel and per step, beside the step's time: what is left is gaps between
@@ -28,6 +29,9 @@ main() {
   timeout -k 5 60 python3 bench/ours_train_bench.py shard --out "$WORK/random_2m.h5"
   section "ours, $LAYERS layers, batch 1"
   within 90 python3 bench/decode_bench.py ours --layers "$LAYERS" --batches 1
+  section "ours, $LAYERS layers, batch 1, kernels launched without overlap (QWEN3_CUDA_PDL=0)"
+  (export QWEN3_CUDA_PDL=0
+   within 90 python3 bench/decode_bench.py ours --layers "$LAYERS" --batches 1 --tag -nopdl)
   section "ours, $LAYERS layers, batch 1, under ncu"
   local ncu
   ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -n 1)

@@ -36,11 +36,11 @@ def main():
         k = per[short(row["Kernel Name"]) + " " + row["Grid Size"]]   # gemv: one per shape
         unit, value = row["Metric Unit"], float(row["Metric Value"].replace(",", ""))
         if row["Metric Name"] == "gpu__time_duration.sum":
-            k["us"] += value * {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3}[unit]
+            k["us"] += value * {"nsecond": 1e-3, "ns": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3, "ms": 1e3}[unit]
             k["n"] += 1
             ids.add(row["ID"])
         else:
-            k["mb"] += value * {"byte": 1e-6, "Kbyte": 1e-3, "Mbyte": 1.0, "Gbyte": 1e3}[unit]
+            k["mb"] += value * {"byte": 1e-6, "Kbyte": 1e-3, "Mbyte": 1.0, "Gbyte": 1e3, "B": 1e-6, "KB": 1e-3, "MB": 1.0, "GB": 1e3}[unit]
     attn = sum(v["n"] for k, v in per.items() if "decode" in k and "attn" in k)
     steps = attn / args.layers if attn else 1
     print(f"{len(ids)} kernels profiled, {steps:.2f} decoding steps ({args.layers} layers)")

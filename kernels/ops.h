@@ -126,9 +126,12 @@ struct backend {
   void (*swiglu_backward)(void *dg, void *du, const void *dout, const void *g, const void *u,
                           size_t n);
 
-  /* out[n, out_dim] = x[n, in_dim] · w[out_dim, in_dim]ᵀ; w is the weight copy */
-  void (*linear_forward)(void *out, const void *x, const void *w, int n, int in_dim,
-                         int out_dim);
+  /* The linear layers of one input (q|k|v, gate|up, or one): for j < count (at most 3),
+   * outs[j][n, out_dims[j]] = x[n, in_dim] · ws[j][out_dims[j], in_dim]ᵀ; ws are weight copies.
+   * One call, so a backend may run them as one product (decoding streams q, k and v in one
+   * launch). */
+  void (*linear_forward)(void *const *outs, const void *x, const void *const *ws,
+                         const int *out_dims, int count, int n, int in_dim);
   /* dx += dout · w ; dw += doutᵀ · x   (dx or dw may be NULL) */
   void (*linear_backward)(void *dx, float *dw, const void *dout, const void *x, const void *w,
                           int n, int in_dim, int out_dim);

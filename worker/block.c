@@ -145,17 +145,24 @@ static void stage_forward(struct worker *w, int i, void **a, int live, int layer
     be->rmsnorm_forward(a[s->out[0]], a[s->in[0]], param_w(w, layer, s->params[0]), n,
                         (int)slot_width(c, s->in[0]), eps);
     break;
-  case OP_LINEAR:
+  case OP_LINEAR: {
+    int in = (int)slot_width(c, s->in[0]), outs[3];
+    void *y[3];
+    const void *wa[3];
     for (int k = 0; k < s->n_params; k++) {
-      int in = (int)slot_width(c, s->in[0]), out = (int)slot_width(c, s->out[k]);
-      if (nvfp4_layer(w, layer))
-        nvfp4_linear_forward(w, layer, s->params[k], s->params[0], a[s->out[k]], a[s->in[0]],
-                             n, in, out);
-      else
-        be->linear_forward(a[s->out[k]], a[s->in[0]], param_wa(w, layer, s->params[k]), n, in,
-                           out);
+      y[k] = a[s->out[k]];
+      wa[k] = param_wa(w, layer, s->params[k]);
+      outs[k] = (int)slot_width(c, s->out[k]);
     }
+    if (!nvfp4_layer(w, layer)) {   /* the stage's layers in one call (one input) */
+      be->linear_forward(y, a[s->in[0]], wa, outs, s->n_params, n, in);
+      break;
+    }
+    for (int k = 0; k < s->n_params; k++)
+      nvfp4_linear_forward(w, layer, s->params[k], s->params[0], y[k], a[s->in[0]], n, in,
+                           outs[k]);
     break;
+  }
   case OP_QK_NORM_ROPE:
     for (int k = 0; k < s->n_params; k++)
       be->qk_norm_rope_forward(a[s->out[k]], a[s->in[k]], param_w(w, layer, s->params[k]), pos,

@@ -594,7 +594,8 @@ static void infer_ops(struct worker *w, int n, int each, float *logits) {
   void *out = logits + (size_t)rows * vocab;
   be->rmsnorm_forward(last, (char *)worker_output(w, 0) + (size_t)(n - rows) * d * act,
                       w->weights + norm->offset, rows, d, (float)p->cfg.rms_norm_eps);
-  be->linear_forward(out, last, worker_weight_act(w, w->head_param), rows, d, vocab);
+  const void *head = worker_weight_act(w, w->head_param);
+  be->linear_forward(&out, last, &head, &vocab, 1, rows, d);
   be->convert(logits, DT_F32, out, p->act, (size_t)rows * vocab);
 }
 

@@ -39,8 +39,8 @@ void cpu_attention_backward(void *dq, void *dk, void *dv, const void *dctx, cons
                             const struct attn_shape *s);
 
 /* cpu_linear.c */
-void cpu_linear_forward(void *out, const void *x, const void *w, int n, int in_dim,
-                        int out_dim);
+void cpu_linear_forward(void *const *outs, const void *x, const void *const *ws,
+                        const int *out_dims, int count, int n, int in_dim);
 void cpu_linear_backward(void *dx, float *dw, const void *dout, const void *x, const void *w,
                          int n, int in_dim, int out_dim);
 

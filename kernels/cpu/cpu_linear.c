@@ -3,14 +3,12 @@
 
 #include "kernels/cpu/cpu.h"
 
-void cpu_linear_forward(void *out_, const void *x_, const void *w_, int n, int in_dim,
-                        int out_dim) {
-  float *out = out_;
-  const float *x = x_;
-  const float *w = w_;
+void cpu_linear_forward(void *const *outs, const void *x, const void *const *ws,
+                        const int *out_dims, int count, int n, int in_dim) {
   if (n == 0) return;
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, out_dim, in_dim, 1.0f, x, in_dim, w,
-              in_dim, 0.0f, out, out_dim);
+  for (int j = 0; j < count; j++)
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, out_dims[j], in_dim, 1.0f, x, in_dim,
+                ws[j], in_dim, 0.0f, outs[j], out_dims[j]);
 }
 
 void cpu_linear_backward(void *dx_, float *dw, const void *dout_, const void *x_, const void *w_,

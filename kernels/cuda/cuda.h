@@ -67,6 +67,7 @@ struct cuda_context {
   int tf32;                    /* 1: GEMMs on fp32 operands may use TF32 (modes bf16, tf32) */
   int debug;                   /* 1: synchronize and check after every launch */
   int capturing;               /* between capture_begin and capture_end: ops are recorded */
+  int pdl;                     /* 1: cuda_launch_pdl lets a kernel start before the last ends */
   double *host_result;         /* pinned host memory for the results returned to the host */
 };
 extern struct cuda_context cuda_ctx;
@@ -165,8 +166,8 @@ int cuda_attention_bf16_backward(void *dq, void *dk, void *dv, const void *dctx,
                                  const struct attn_shape *s);
 
 /* ---- cuda_linear.cu */
-void cuda_linear_forward(void *out, const void *x, const void *w, int n, int in_dim,
-                         int out_dim);
+void cuda_linear_forward(void *const *outs, const void *x, const void *const *ws,
+                         const int *out_dims, int count, int n, int in_dim);
 void cuda_linear_backward(void *dx, float *dw, const void *dout, const void *x, const void *w,
                           int n, int in_dim, int out_dim);
 void cuda_lm_head_loss(float *nll, void *dx, float *dw, const void *x, const void *w,
@@ -233,5 +234,51 @@ static inline void cuda_allow_smem(K kernel, size_t bytes, bool *done) {
                                     (int)bytes));
   *done = true;
 }
+
+/* Programmatic dependent launch (Hopper on). Decoding one token is a chain of ~500 small
+ * kernels, each a few microseconds; launched through cuda_launch_pdl, a kernel's blocks are
+ * scheduled while the kernel before it on the stream is still running (once every block of that
+ * one has called pdl_release) and wait in pdl_wait until it has finished and its writes are
+ * visible, so the gap between kernels shrinks and a GEMV can load its weights (which nothing in
+ * the chain writes) before it waits. The rule for a kernel launched so: pdl_wait() comes first,
+ * before every read or write of memory that another op writes or reads, and before any thread
+ * returns; pdl_release() after it. Kernels launched with <<< >>> wait for the whole kernel before
+ * them as usual; in both launches these instructions cost nothing. QWEN3_CUDA_PDL=0 turns it
+ * off (cuda_ctx.pdl), for measuring it. */
+#ifdef __CUDACC__
+static __device__ __forceinline__ void pdl_wait() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+static __device__ __forceinline__ void pdl_release() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+#endif
+
+template <typename... Params, typename... Args>
+static inline void cuda_launch_pdl(const char *name, const char *file, int line,
+                                   void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
+                                   Args... args) {
+  cudaLaunchAttribute attr;
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = cuda_ctx.pdl;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = cuda_ctx.stream;
+  cfg.attrs = &attr;
+  cfg.numAttrs = 1;
+  cudaError_t e = cudaLaunchKernelEx(&cfg, kernel, args...);
+  if (e != cudaSuccess) cuda_fail(name, cudaGetErrorString(e), file, line);
+  cuda_check_launch(name, file, line);
+}
+/* CUDA_LAUNCH_PDL("name", kernel, grid, block, smem, args...): a kernel whose template
+ * arguments hold commas goes in as a variable (auto *k = kernel<T, 4>;). */
+#define CUDA_LAUNCH_PDL(name, kernel, grid, block, smem, ...) \
+  cuda_launch_pdl(name, __FILE__, __LINE__, kernel, grid, block, smem, __VA_ARGS__)
 #endif
 #endif

@@ -372,6 +372,8 @@ __global__ void __launch_bounds__(NT)
     attn_fwd_combine_kernel(T *__restrict__ ctx, float *__restrict__ lse,
                             const float *__restrict__ part_o, const float *__restrict__ part_ml,
                             Dims s, int n_split) {
+  pdl_wait();
+  pdl_release();
   const size_t rows = (size_t)s.batch * s.tq * s.heads;
   const size_t idx = (size_t)blockIdx.x * NT + threadIdx.x;
   if (idx >= rows * s.head_dim) return;
@@ -412,6 +414,7 @@ __global__ void __launch_bounds__(NT)
  * partials that attn_fwd_combine_kernel merges in split order, as for the forward above. */
 
 constexpr int DEC_NT = 128;               // keys per tile, threads per block
+constexpr int DEC_SPLIT_KEYS = 32;        // keys per split at least, and their multiple
 constexpr int DEC_NW = DEC_NT / 32;       // warps
 constexpr int DEC_DPL = 4;                // head dims per lane in P V (head_dim <= 128)
 constexpr int DEC_LOADS = 8;              // 16-byte loads of a key row in flight per thread
@@ -490,6 +493,8 @@ __global__ void __launch_bounds__(DEC_NT)
                        const int32_t *__restrict__ key_last, float *__restrict__ part_o,
                        float *__restrict__ part_ml) {
   extern __shared__ float dec_smem[];
+  pdl_wait();
+  pdl_release();
   const int kh = blockIdx.x, split = blockIdx.y, b = blockIdx.z, n_split = gridDim.y;
   const int t = threadIdx.x, lane = t & 31, warp = t >> 5, hd = s.head_dim, group = s.group;
   float *sq = dec_smem;                 // [group][hd] the group's queries, scaled
@@ -957,9 +962,9 @@ void combine_splits(T *ctx, float *lse, const float *part_o, const float *part_m
                     int n_split) {
   if (n_split == 1) return;
   const size_t n = (size_t)d.batch * d.tq * d.heads * d.head_dim;
-  attn_fwd_combine_kernel<T><<<(unsigned)((n + NT - 1) / NT), NT, 0, cuda_ctx.stream>>>(
-      ctx, lse, part_o, part_ml, d, n_split);
-  CUDA_LAUNCHED("attn_fwd_combine_kernel");
+  CUDA_LAUNCH_PDL("attn_fwd_combine_kernel", attn_fwd_combine_kernel<T>,
+                  dim3((unsigned)((n + NT - 1) / NT)), dim3(NT), 0, ctx, lse, part_o, part_ml,
+                  (Dims)d, n_split);
 }
 
 template <typename T, int DM, int BQ, int BK>
@@ -989,11 +994,14 @@ void launch_fwd(T *ctx, float *lse, const T *q, const T *k, const T *v, const Sh
 template <typename T>
 void launch_decode(T *ctx, float *lse, const T *q, const T *k, const T *v, const Shape &d,
                    const struct attn_shape *a) {
-  // Key splits until the GPU has about two blocks per SM, each at least one tile of keys.
-  const int tiles = (d.tk + DEC_NT - 1) / DEC_NT;
+  // Key splits until the GPU has about two blocks per SM, each of at least DEC_SPLIT_KEYS keys:
+  // a block's time is mostly latency, which a split of fewer keys shortens (one sequence of a
+  // 192-key cache: 6 splits of 32 keys on 48 blocks, not 2 of 128 on 16).
+  const int chunks = (d.tk + DEC_SPLIT_KEYS - 1) / DEC_SPLIT_KEYS;
   const size_t rows = (size_t)d.batch * d.heads;
-  int n_split = key_splits((size_t)d.kv_heads * d.batch, 2, tiles, rows, d.head_dim);
-  const int keys_per_split = (tiles + n_split - 1) / n_split * DEC_NT;
+  int n_split = key_splits((size_t)d.kv_heads * d.batch, 2, chunks, rows, d.head_dim);
+  const int keys_per_split =
+      ((d.tk + n_split - 1) / n_split + DEC_SPLIT_KEYS - 1) / DEC_SPLIT_KEYS * DEC_SPLIT_KEYS;
   n_split = (d.tk + keys_per_split - 1) / keys_per_split;
   float *part_o, *part_ml;
   split_partials(n_split, rows, d.head_dim, &part_o, &part_ml, "attention decode key splits");
@@ -1003,16 +1011,13 @@ void launch_decode(T *ctx, float *lse, const T *q, const T *k, const T *v, const
   const size_t smem = sizeof(float) * (tile > sums ? tile : sums);
   dim3 grid(d.kv_heads, n_split, d.batch);
   // the group's per-head registers sized to the next of 4, 8, 16 query heads
-#define DECODE_LAUNCH(G)                                                                      \
-  attn_decode_kernel<T, G><<<grid, DEC_NT, smem, cuda_ctx.stream>>>(                          \
-      ctx, lse, q, k, v, d, keys_per_split, a->doc_start, a->key_last, part_o, part_ml)
   static_assert(CUDA_DECODE_MAX_GROUP == 16, "the instantiations below end at 16");
-  if (d.group <= 4) DECODE_LAUNCH(4);
-  else if (d.group <= 8) DECODE_LAUNCH(8);
-  else if (d.group <= 16) DECODE_LAUNCH(16);
-  else refuse("cuda_attention_forward", a, "more than 16 query heads per kv head");
-#undef DECODE_LAUNCH
-  CUDA_LAUNCHED("attn_decode_kernel");
+  auto *kernel = d.group <= 4 ? attn_decode_kernel<T, 4>
+                 : d.group <= 8 ? attn_decode_kernel<T, 8>
+                 : d.group <= 16 ? attn_decode_kernel<T, 16> : nullptr;
+  if (!kernel) refuse("cuda_attention_forward", a, "more than 16 query heads per kv head");
+  CUDA_LAUNCH_PDL("attn_decode_kernel", kernel, grid, dim3(DEC_NT), smem, ctx, lse, q, k, v,
+                  (Dims)d, keys_per_split, a->doc_start, a->key_last, part_o, part_ml);
   combine_splits(ctx, lse, part_o, part_ml, d, n_split);
 }
 

@@ -75,6 +75,9 @@ static void cuda_init(int local_rank, int local_size) {
   cuda_ctx.stream = cuda_ctx.main_stream;
   CUBLAS_CHECK(cublasLtCreate(&cuda_ctx.lt));
   cuda_ctx.debug = env_flag("QWEN3_CUDA_DEBUG", 0);
+  int major = 0;
+  CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, cuda_ctx.device));
+  cuda_ctx.pdl = major >= 9 && env_flag("QWEN3_CUDA_PDL", 1);
   cuda_ctx.lt_workspace_bytes = LT_WORKSPACE_BYTES;
   cuda_ctx.scratch_bytes = scratch_bytes();
   CUDA_CHECK(cudaMalloc(&cuda_ctx.lt_workspace, cuda_ctx.lt_workspace_bytes));

@@ -203,6 +203,8 @@ static __device__ __forceinline__ float swiglu_fwd1(float g, float u) {
 template <typename T, bool VEC>
 static __global__ void swiglu_forward_kernel(T *__restrict__ out, const T *__restrict__ g,
                                              const T *__restrict__ u, size_t n) {
+  pdl_wait();
+  pdl_release();
   const size_t tid = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
   const size_t stride = (size_t)gridDim.x * blockDim.x;
   size_t start = 0;
@@ -224,14 +226,10 @@ static __global__ void swiglu_forward_kernel(T *__restrict__ out, const T *__res
 
 template <typename T>
 static void swiglu_forward_launch(T *out, const T *g, const T *u, size_t n) {
-  if (vec4_aligned<T>(out) && vec4_aligned<T>(g) && vec4_aligned<T>(u)) {
-    swiglu_forward_kernel<T, true><<<cuda_blocks(n / 4), CUDA_THREADS, 0, cuda_ctx.stream>>>(
-        out, g, u, n);
-  } else {
-    swiglu_forward_kernel<T, false><<<cuda_blocks(n), CUDA_THREADS, 0, cuda_ctx.stream>>>(out, g,
-                                                                                          u, n);
-  }
-  CUDA_LAUNCHED("swiglu_forward_kernel");
+  const bool vec = vec4_aligned<T>(out) && vec4_aligned<T>(g) && vec4_aligned<T>(u);
+  auto *kernel = vec ? swiglu_forward_kernel<T, true> : swiglu_forward_kernel<T, false>;
+  CUDA_LAUNCH_PDL("swiglu_forward_kernel", kernel, dim3(cuda_blocks(vec ? n / 4 : n)),
+                  dim3(CUDA_THREADS), 0, out, g, u, n);
 }
 
 extern "C" void cuda_swiglu_forward(void *out, const void *g, const void *u, size_t n) {
@@ -316,6 +314,8 @@ extern "C" void cuda_swiglu_backward(void *dg, void *du, const void *dout, const
  * __restrict__ on out and a). */
 template <typename T, bool VEC>
 static __global__ void add_kernel(T *out, const T *a, const T *__restrict__ b, size_t n) {
+  pdl_wait();
+  pdl_release();
   const size_t tid = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
   const size_t stride = (size_t)gridDim.x * blockDim.x;
   size_t start = 0;
@@ -337,12 +337,10 @@ static __global__ void add_kernel(T *out, const T *a, const T *__restrict__ b, s
 
 template <typename T>
 static void add_launch(T *out, const T *a, const T *b, size_t n) {
-  if (vec4_aligned<T>(out) && vec4_aligned<T>(a) && vec4_aligned<T>(b)) {
-    add_kernel<T, true><<<cuda_blocks(n / 4), CUDA_THREADS, 0, cuda_ctx.stream>>>(out, a, b, n);
-  } else {
-    add_kernel<T, false><<<cuda_blocks(n), CUDA_THREADS, 0, cuda_ctx.stream>>>(out, a, b, n);
-  }
-  CUDA_LAUNCHED("add_kernel");
+  const bool vec = vec4_aligned<T>(out) && vec4_aligned<T>(a) && vec4_aligned<T>(b);
+  auto *kernel = vec ? add_kernel<T, true> : add_kernel<T, false>;
+  CUDA_LAUNCH_PDL("add_kernel", kernel, dim3(cuda_blocks(vec ? n / 4 : n)), dim3(CUDA_THREADS), 0,
+                  out, a, b, n);
 }
 
 /* t, not cuda_ctx.act: the engine also adds fp32 parameter gradients (a tied embedding's). */
@@ -362,6 +360,8 @@ static __global__ void kv_append_kernel(T *__restrict__ k_cache, T *__restrict__
                                         const T *__restrict__ k, const T *__restrict__ v,
                                         const int32_t *__restrict__ positions, int width,
                                         size_t seq_rows) {
+  pdl_wait();
+  pdl_release();
   const int i = blockIdx.y, c = blockIdx.x * blockDim.x + threadIdx.x;
   if (c >= width) return;
   const size_t to = (i * seq_rows + (size_t)positions[i]) * width + c;
@@ -379,10 +379,10 @@ extern "C" void cuda_kv_append(void *k_cache, void *v_cache, const void *k, cons
     const char *ki = (const char *)k + i * row, *vi = (const char *)v + i * row;
     char *kc = (char *)k_cache + (size_t)i * seq_rows * row;   /* token i's sequence */
     char *vc = (char *)v_cache + (size_t)i * seq_rows * row;
-    CUDA_ACT_DISPATCH(T, kv_append_kernel<T><<<grid, CUDA_THREADS, 0, cuda_ctx.stream>>>(
-                             (T *)kc, (T *)vc, (const T *)ki, (const T *)vi, positions + i,
-                             width, (size_t)seq_rows));
-    CUDA_LAUNCHED("kv_append_kernel");
+    CUDA_ACT_DISPATCH(T, CUDA_LAUNCH_PDL("kv_append_kernel", kv_append_kernel<T>, grid,
+                                         dim3(CUDA_THREADS), 0, (T *)kc, (T *)vc, (const T *)ki,
+                                         (const T *)vi, positions + i, width,
+                                         (size_t)seq_rows));
   }
 }
 

@@ -34,19 +34,26 @@
 
 /* ---------------------------------------------------------------- linear */
 
-/* Decode's linear layers: a few token rows against a whole weight matrix. cuBLASLt's GEMM
+/* Decode's linear layers: a few token rows against whole weight matrices. cuBLASLt's GEMM
  * tiles give such a product one block per 128 output rows or so, too few to keep the memory
  * busy (measured on the H200 at Qwen3-4B's shapes, one token: 0.6 TB/s of its 4.3 for the
- * q/k/v weights); here one warp reads one weight row with 16-byte loads, GEMV_UNROLL of them in
- * flight per lane, so every SM streams weights, and each row's n dot products come out of it.
- * Per row the lanes sum strided slices in fp32 and combine them by a fixed butterfly: the same
- * bits every run. Each more token costs the kernel about 30% of its one-token time (its x
- * loads, conversions and FMAs), so it is taken for n <= GEMV_MAX_ROWS (measured per layer with
- * synchronizations, bench/NOTES.md: q/k/v 30 us at one token against cuBLASLt's 54; 90 us at
- * eight against cuBLASLt's 59 at 32), when in_dim is a multiple of a 16-byte vector and x and
- * w are 16-byte aligned; cuBLASLt otherwise. */
+ * q/k/v weights); here warps stream weight rows with 16-byte loads, GEMV_UNROLL of them in
+ * flight per lane, and each row's n dot products come out of it.
+ *  - The matrices of one call (q|k|v, gate|up: up to GEMV_MAX_MATS, one input) are one launch:
+ *    their rows are numbered on, so k's and v's 1024 rows do not run as launches of their own
+ *    (ncu at 4B's shape: 0.7 TB/s each, bench/NOTES.md).
+ *  - A row is read by GEMV_WPR warps (1, 2, 4 or 8, from the shape: enough warps to fill every
+ *    SM, each with at least GEMV_UNROLL loads to issue), each taking every GEMV_WPR-th 16-byte
+ *    column group; o and down (2560 rows at 4B) had too few warps at one a row (2.3 TB/s).
+ *  - The first loads of weights are issued before pdl_wait: nothing in a step writes weights.
+ * Per row the lanes sum strided slices in fp32 and combine them by a fixed butterfly, then the
+ * row's warps in warp order through shared memory: the same bits every run. Each more token
+ * costs the kernel about 30% of its one-token time (its x loads, conversions and FMAs), so it
+ * is taken for n <= GEMV_MAX_ROWS, when in_dim is a multiple of a 16-byte vector and x and the
+ * weights are 16-byte aligned; cuBLASLt otherwise. */
 #define GEMV_MAX_ROWS 4
-#define GEMV_WARPS 8   /* output rows per block */
+#define GEMV_MAX_MATS 3
+#define GEMV_WARPS 8   /* warps per block */
 #define GEMV_UNROLL 4
 
 template <typename T>
@@ -61,74 +68,128 @@ struct gemv_vec {   /* 16 bytes of T, unpacked to fp32 */
   }
 };
 
+/* The matrices of one launch; row r of the launch is row r - end[j-1] of matrix j, the first j
+ * with r < end[j]. */
 template <typename T>
+struct gemv_mats {
+  const T *w[GEMV_MAX_MATS];
+  T *out[GEMV_MAX_MATS];
+  int end[GEMV_MAX_MATS];
+  int count;
+};
+
+template <typename T, int WPR>
 static __global__ void __launch_bounds__(GEMV_WARPS * 32)
-    gemv_kernel(T *__restrict__ out, const T *__restrict__ x, const T *__restrict__ w, int n,
-                int in_dim, int out_dim) {
-  constexpr int V = gemv_vec<T>::N, STEP = 32 * V;
-  const int lane = threadIdx.x & 31;
-  const int row = blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5);
-  if (row >= out_dim) return;
-  const T *wr = w + (size_t)row * in_dim;
+    gemv_kernel(gemv_mats<T> m, const T *__restrict__ x, int n, int in_dim) {
+  constexpr int V = gemv_vec<T>::N, STRIDE = WPR * 32 * V;
+  __shared__ float warp_sums[GEMV_WARPS][GEMV_MAX_ROWS];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, part = warp % WPR;
+  const int row = blockIdx.x * (GEMV_WARPS / WPR) + warp / WPR;
+  const bool live = row < m.end[m.count - 1];
+  int j = 0;
+  while (j + 1 < m.count && row >= m.end[j]) j++;
+  const int first = j ? m.end[j - 1] : 0, r = row - first, out_dim = m.end[j] - first;
+  const T *wr = m.w[j] + (size_t)r * in_dim;
+  int c = (part * 32 + lane) * V;
+  gemv_vec<T> wv[GEMV_UNROLL];
+  if (live)
+#pragma unroll
+    for (int u = 0; u < GEMV_UNROLL; u++)
+      if (c + u * STRIDE < in_dim) wv[u].load(wr + c + u * STRIDE);
+  pdl_wait();
+  pdl_release();
   float acc[GEMV_MAX_ROWS];
 #pragma unroll
   for (int t = 0; t < GEMV_MAX_ROWS; t++) acc[t] = 0.0f;
-  int c = lane * V;
-  for (; c + (GEMV_UNROLL - 1) * STEP < in_dim; c += GEMV_UNROLL * STEP) {
-    gemv_vec<T> wv[GEMV_UNROLL];   /* every load issued before the first is used */
+  while (live) {
 #pragma unroll
-    for (int u = 0; u < GEMV_UNROLL; u++) wv[u].load(wr + c + u * STEP);
-#pragma unroll
-    for (int u = 0; u < GEMV_UNROLL; u++)
+    for (int u = 0; u < GEMV_UNROLL; u++) {
+      const int cu = c + u * STRIDE;
+      if (cu >= in_dim) break;
 #pragma unroll
       for (int t = 0; t < GEMV_MAX_ROWS; t++) {
         if (t >= n) break;
         gemv_vec<T> xv;
-        xv.load(x + (size_t)t * in_dim + c + u * STEP);
+        xv.load(x + (size_t)t * in_dim + cu);
 #pragma unroll
         for (int i = 0; i < V; i++) acc[t] = fmaf(wv[u].f[i], xv.f[i], acc[t]);
       }
-  }
-  for (; c < in_dim; c += STEP) {
-    gemv_vec<T> wv;
-    wv.load(wr + c);
-#pragma unroll
-    for (int t = 0; t < GEMV_MAX_ROWS; t++) {
-      if (t >= n) break;
-      gemv_vec<T> xv;
-      xv.load(x + (size_t)t * in_dim + c);
-#pragma unroll
-      for (int i = 0; i < V; i++) acc[t] = fmaf(wv.f[i], xv.f[i], acc[t]);
     }
+    c += GEMV_UNROLL * STRIDE;
+    if (c >= in_dim) break;
+#pragma unroll
+    for (int u = 0; u < GEMV_UNROLL; u++)   /* every load issued before the first is used */
+      if (c + u * STRIDE < in_dim) wv[u].load(wr + c + u * STRIDE);
   }
 #pragma unroll
   for (int t = 0; t < GEMV_MAX_ROWS; t++) {
     if (t >= n) break;
-    float v = acc[t];
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    if (lane == 0) store_f(out + (size_t)t * out_dim + row, v);
+    for (int o = 16; o > 0; o >>= 1) acc[t] += __shfl_xor_sync(0xffffffffu, acc[t], o);
   }
+  if (WPR == 1) {
+    if (live && lane == 0)
+      for (int t = 0; t < n; t++) store_f(m.out[j] + (size_t)t * out_dim + r, acc[t]);
+    return;
+  }
+  if (lane == 0)
+#pragma unroll
+    for (int t = 0; t < GEMV_MAX_ROWS; t++) warp_sums[warp][t] = acc[t];
+  __syncthreads();
+  if (live && part == 0 && lane < n) {
+    float v = warp_sums[warp][lane];
+#pragma unroll
+    for (int p = 1; p < WPR; p++) v += warp_sums[warp + p][lane];
+    store_f(m.out[j] + (size_t)lane * out_dim + r, v);
+  }
+}
+
+/* Warps per weight row: doubled from 1 while the launch has fewer warps than fill every SM
+ * (64 each) and each warp keeps at least GEMV_UNROLL 16-byte loads of its row. A function of
+ * the shape and the GPU only, so the sums' order is too. */
+static int gemv_warps_per_row(int rows, int in_dim, int vec) {
+  const int groups = in_dim / (32 * vec);   /* 16-byte loads of a row per lane, at one warp */
+  int wpr = 1;
+  while (wpr < GEMV_WARPS && (long)rows * wpr < 64L * cuda_ctx.sm_count &&
+         groups / (2 * wpr) >= GEMV_UNROLL)
+    wpr *= 2;
+  return wpr;
 }
 
 template <typename T>
-static void gemv(T *out, const T *x, const T *w, int n, int in_dim, int out_dim) {
-  gemv_kernel<T><<<(out_dim + GEMV_WARPS - 1) / GEMV_WARPS, GEMV_WARPS * 32, 0,
-                   cuda_ctx.stream>>>(out, x, w, n, in_dim, out_dim);
-  CUDA_LAUNCHED("gemv_kernel");
+static void gemv(void *const *outs, const T *x, const void *const *ws, const int *out_dims,
+                 int count, int n, int in_dim) {
+  gemv_mats<T> m = {};
+  int rows = 0;
+  for (int j = 0; j < count; j++) {
+    m.w[j] = (const T *)ws[j];
+    m.out[j] = (T *)outs[j];
+    m.end[j] = rows += out_dims[j];
+  }
+  m.count = count;
+  const int wpr = gemv_warps_per_row(rows, in_dim, gemv_vec<T>::N);
+  const dim3 grid((unsigned)((rows * wpr + GEMV_WARPS - 1) / GEMV_WARPS));
+  void (*kernel)(gemv_mats<T>, const T *, int, int) =
+      wpr == 1 ? gemv_kernel<T, 1> : wpr == 2 ? gemv_kernel<T, 2>
+                                   : wpr == 4 ? gemv_kernel<T, 4> : gemv_kernel<T, 8>;
+  CUDA_LAUNCH_PDL("gemv_kernel", kernel, grid, dim3(GEMV_WARPS * 32), 0, m, x, n, in_dim);
 }
 
-extern "C" void cuda_linear_forward(void *out, const void *x, const void *w, int n, int in_dim,
-                                    int out_dim) {
+extern "C" void cuda_linear_forward(void *const *outs, const void *x, const void *const *ws,
+                                    const int *out_dims, int count, int n, int in_dim) {
   if (n == 0) return;
   enum dtype act = cuda_ctx.act;
-  /* out [n, out_dim] = x [n, in_dim] · w [out_dim, in_dim]ᵀ */
-  if (n <= GEMV_MAX_ROWS && in_dim % (int)(16 / dtype_bytes(act)) == 0 && cuda_aligned16(x) &&
-      cuda_aligned16(w)) {
-    CUDA_ACT_DISPATCH(T, gemv<T>((T *)out, (const T *)x, (const T *)w, n, in_dim, out_dim));
+  /* outs[j] [n, out_dims[j]] = x [n, in_dim] · ws[j] [out_dims[j], in_dim]ᵀ */
+  int fits = n <= GEMV_MAX_ROWS && count <= GEMV_MAX_MATS &&
+             in_dim % (int)(16 / dtype_bytes(act)) == 0 && cuda_aligned16(x);
+  for (int j = 0; j < count; j++) fits = fits && cuda_aligned16(ws[j]) && out_dims[j] > 0;
+  if (fits) {
+    CUDA_ACT_DISPATCH(T, gemv<T>(outs, (const T *)x, ws, out_dims, count, n, in_dim));
     return;
   }
-  cuda_gemm(0, 1, n, out_dim, in_dim, 1.0f, x, in_dim, w, in_dim, 0.0f, out, out_dim, act, act);
+  for (int j = 0; j < count; j++)
+    cuda_gemm(0, 1, n, out_dims[j], in_dim, 1.0f, x, in_dim, ws[j], in_dim, 0.0f, outs[j],
+              out_dims[j], act, act);
 }
 
 extern "C" void cuda_linear_backward(void *dx, float *dw, const void *dout, const void *x,

@@ -114,6 +114,8 @@ static __global__ void rmsnorm_forward_kernel(T *__restrict__ out, const T *__re
                                               const float *__restrict__ w, int n, int dim,
                                               float eps) {
   __shared__ double sh[32];
+  pdl_wait();
+  pdl_release();
   for (int i = blockIdx.x; i < n; i += gridDim.x) {
     const T *xi = x + (size_t)i * dim;
     T *oi = out + (size_t)i * dim;
@@ -138,14 +140,11 @@ static __global__ void rmsnorm_forward_kernel(T *__restrict__ out, const T *__re
 template <typename T>
 static void rmsnorm_forward_launch(T *out, const T *x, const float *w, int n, int dim, float eps) {
   const int threads = row_threads(dim), grid = n < 65535 * 16 ? n : 65535 * 16;
-  if (dim % 4 == 0 && vec4_aligned<T>(out) && vec4_aligned<T>(x) && cuda_aligned16(w)) {
-    rmsnorm_forward_kernel<T, true><<<grid, threads, 0, cuda_ctx.stream>>>(out, x, w, n, dim,
-                                                                           eps);
-  } else {
-    rmsnorm_forward_kernel<T, false><<<grid, threads, 0, cuda_ctx.stream>>>(out, x, w, n, dim,
-                                                                            eps);
-  }
-  CUDA_LAUNCHED("rmsnorm_forward_kernel");
+  auto *kernel = dim % 4 == 0 && vec4_aligned<T>(out) && vec4_aligned<T>(x) && cuda_aligned16(w)
+                     ? rmsnorm_forward_kernel<T, true>
+                     : rmsnorm_forward_kernel<T, false>;
+  CUDA_LAUNCH_PDL("rmsnorm_forward_kernel", kernel, dim3(grid), dim3(threads), 0, out, x, w, n,
+                  dim, eps);
 }
 
 extern "C" void cuda_rmsnorm_forward(void *out, const void *x, const float *w, int n, int dim,
@@ -281,8 +280,16 @@ static int rope_setup(struct inv_freq_table *inv, int head_dim, double theta) {
   return half;
 }
 
-/* cos_t / sin_t [n, half]: angle = (float)positions[i] * inv_freq[j] in fp32, cos and sin of it
- * in double, rounded to float. */
+/* The rotation of RoPE at a position: angle = (float)position * inv_freq[j] in fp32, cos and sin
+ * of it in double, rounded to float. */
+static __device__ __forceinline__ void rope_angle(float *c, float *s, int32_t position, float inv) {
+  double sd, cd;
+  sincos((double)__fmul_rn((float)position, inv), &sd, &cd);
+  *c = (float)cd;
+  *s = (float)sd;
+}
+
+/* cos_t / sin_t [n, half]: rope_angle of positions[i] and inv_freq[j]. */
 static __global__ void rope_tables_kernel(float *__restrict__ cos_t, float *__restrict__ sin_t,
                                    const int32_t *__restrict__ positions, int n, int half,
                                    inv_freq_table inv) {
@@ -291,11 +298,7 @@ static __global__ void rope_tables_kernel(float *__restrict__ cos_t, float *__re
        k += (size_t)gridDim.x * blockDim.x) {
     const size_t i = k / half;
     const int j = (int)(k - i * half);
-    const float angle = __fmul_rn((float)positions[i], inv.v[j]);
-    double s, c;
-    sincos((double)angle, &s, &c);
-    cos_t[k] = (float)c;
-    sin_t[k] = (float)s;
+    rope_angle(&cos_t[k], &sin_t[k], positions[i], inv.v[j]);
   }
 }
 
@@ -321,14 +324,20 @@ static __device__ __forceinline__ size_t token_of(size_t row, int heads) {
 }
 
 /* One warp per group of R consecutive (token, head) rows. Lane l holds the pairs p = l + 32k
- * (k < PAIRS, p < half), i.e. elements p and p + half, which is all rotate-half needs: no shared
- * memory. PAIRS: half <= 32 * PAIRS. All loads of the group are issued before any arithmetic. */
+ * (k < PAIRS, p < half), i.e. elements p and p + half, which is all rotate-half needs. PAIRS:
+ * half <= 32 * PAIRS. All loads of the group are issued before any arithmetic. The rotations of
+ * the block's tokens (at most one a row) are computed first into shared memory: no table kernel
+ * before it (decoding launches this for q and for k of every layer). */
 template <typename T, int PAIRS, int R>
 static __global__ void __launch_bounds__(QK_WARPS * 32)
     qk_norm_rope_forward_kernel(T *__restrict__ out, const T *__restrict__ x,
-                                const float *__restrict__ w, const float *__restrict__ cos_t,
-                                const float *__restrict__ sin_t, size_t rows, int heads,
-                                int head_dim, float eps) {
+                                const float *__restrict__ w, const int32_t *__restrict__ positions,
+                                inv_freq_table inv, size_t rows, int heads, int head_dim,
+                                float eps) {
+  constexpr int BLOCK_ROWS = QK_WARPS * R;
+  __shared__ float s_cos[BLOCK_ROWS * ROPE_MAX_HALF], s_sin[BLOCK_ROWS * ROPE_MAX_HALF];
+  pdl_wait();
+  pdl_release();
   const int lane = threadIdx.x & 31, half = head_dim / 2;
   float wa[PAIRS], wb[PAIRS];
 #pragma unroll
@@ -339,23 +348,30 @@ static __global__ void __launch_bounds__(QK_WARPS * 32)
       wb[k] = w[p + half];
     }
   }
-  for (size_t row0 = ((size_t)blockIdx.x * QK_WARPS + (threadIdx.x >> 5)) * R; row0 < rows;
-       row0 += (size_t)gridDim.x * QK_WARPS * R) {
+  for (size_t base = (size_t)blockIdx.x * BLOCK_ROWS; base < rows;
+       base += (size_t)gridDim.x * BLOCK_ROWS) {
+    const size_t t0 = token_of(base, heads);
+    const size_t end = base + BLOCK_ROWS < rows ? base + BLOCK_ROWS : rows;
+    const int tokens = (int)(token_of(end - 1, heads) - t0) + 1;
+    for (int k = threadIdx.x; k < tokens * half; k += blockDim.x)
+      rope_angle(&s_cos[k], &s_sin[k], positions[t0 + k / half], inv.v[k % half]);
+    __syncthreads();
+    const size_t row0 = base + (size_t)(threadIdx.x >> 5) * R;
     float xa[R][PAIRS], xb[R][PAIRS], cv[R][PAIRS], sv[R][PAIRS];
 #pragma unroll
     for (int q = 0; q < R; q++) {
       const size_t row = row0 + q;
       if (row < rows) {
         const T *xh = x + row * head_dim;
-        const size_t t = token_of(row, heads) * half;
+        const int t = (int)(token_of(row, heads) - t0) * half;
 #pragma unroll
         for (int k = 0; k < PAIRS; k++) {
           const int p = lane + 32 * k;
           if (p < half) {
             xa[q][k] = load_f(xh + p);
             xb[q][k] = load_f(xh + p + half);
-            cv[q][k] = cos_t[t + p];
-            sv[q][k] = sin_t[t + p];
+            cv[q][k] = s_cos[t + p];
+            sv[q][k] = s_sin[t + p];
           }
         }
       }
@@ -385,42 +401,31 @@ static __global__ void __launch_bounds__(QK_WARPS * 32)
         }
       }
     }
+    __syncthreads();   /* the next rows' rotations overwrite these */
   }
 }
 
 template <typename T>
-static void qk_norm_rope_forward_launch(T *out, const T *x, const float *w, const float *cos_t,
-                                        const float *sin_t, size_t rows, int heads, int head_dim,
-                                        float eps) {
+static void qk_norm_rope_forward_launch(T *out, const T *x, const float *w,
+                                        const int32_t *positions, const inv_freq_table &inv,
+                                        size_t rows, int heads, int head_dim, float eps) {
   const int half = head_dim / 2;
   const int r = half <= 64 ? QK_FWD_ROWS : (QK_FWD_ROWS + 1) / 2;
   size_t blocks = (rows + (size_t)QK_WARPS * r - 1) / ((size_t)QK_WARPS * r);
   if (blocks > 65535u * 16) blocks = 65535u * 16;
-  if (half <= 64) {
-    qk_norm_rope_forward_kernel<T, 2, QK_FWD_ROWS>
-        <<<(int)blocks, QK_WARPS * 32, 0, cuda_ctx.stream>>>(out, x, w, cos_t, sin_t, rows, heads,
-                                                             head_dim, eps);
-  } else {
-    qk_norm_rope_forward_kernel<T, 4, (QK_FWD_ROWS + 1) / 2>
-        <<<(int)blocks, QK_WARPS * 32, 0, cuda_ctx.stream>>>(out, x, w, cos_t, sin_t, rows, heads,
-                                                             head_dim, eps);
-  }
-  CUDA_LAUNCHED("qk_norm_rope_forward_kernel");
+  auto *kernel = half <= 64 ? qk_norm_rope_forward_kernel<T, 2, QK_FWD_ROWS>
+                            : qk_norm_rope_forward_kernel<T, 4, (QK_FWD_ROWS + 1) / 2>;
+  CUDA_LAUNCH_PDL("qk_norm_rope_forward_kernel", kernel, dim3((unsigned)blocks),
+                  dim3(QK_WARPS * 32), 0, out, x, w, positions, inv, rows, heads, head_dim, eps);
 }
 
 extern "C" void cuda_qk_norm_rope_forward(void *out, const void *x, const float *w,
                                           const int32_t *positions, int n, int heads,
                                           int head_dim, float eps, double theta) {
-  if (head_dim % 2 || head_dim <= 0 || head_dim > 2 * ROPE_MAX_HALF)
-    cuda_fail("qk_norm_rope_forward", "head_dim must be even and at most 256", __FILE__,
-              __LINE__);
+  struct inv_freq_table inv;
+  rope_setup(&inv, head_dim, theta);   /* dies on a head_dim it cannot take */
   if (n <= 0 || heads <= 0) return;
-  const size_t table = (size_t)n * (head_dim / 2) * sizeof(float);
-  void *a, *b;
-  cuda_scratch2(&a, table, &b, table, "qk_norm_rope_forward");
-  float *cos_t = (float *)a, *sin_t = (float *)b;
-  rope_tables(cos_t, sin_t, positions, n, head_dim, theta);
-  CUDA_ACT_DISPATCH(T, qk_norm_rope_forward_launch((T *)out, (const T *)x, w, cos_t, sin_t,
+  CUDA_ACT_DISPATCH(T, qk_norm_rope_forward_launch((T *)out, (const T *)x, w, positions, inv,
                                                    (size_t)n * heads, heads, head_dim, eps));
 }
 

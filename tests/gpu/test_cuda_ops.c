@@ -729,9 +729,12 @@ static void test_sum_into(const float *x, size_t n) {
 static void test_linear(int n, int in, int out_dim) {
   size_t nx = (size_t)n * in, nw = (size_t)out_dim * in, ny = (size_t)n * out_dim;
   float *x = rand_act(nx, -1, 1), *w = rand_act(nw, -0.1, 0.1), *y = xmalloc(ny * 4);
-  cpu->linear_forward(y, x, w, n, in, out_dim);
+  void *y_cpu[] = {y};
+  const void *w_cpu[] = {w};
+  cpu->linear_forward(y_cpu, x, w_cpu, &out_dim, 1, n, in);
   void *d_x = up_act(x, nx), *d_w = up_act(w, nw), *d_y = poisoned_act(ny);
-  gpu->linear_forward(d_y, d_x, d_w, n, in, out_dim);
+  const void *w_gpu[] = {d_w};
+  gpu->linear_forward(&d_y, d_x, w_gpu, &out_dim, 1, n, in);
   char name[112];
   snprintf(name, sizeof name, "linear forward %d x %d -> %d", n, in, out_dim);
   expect_act(name, d_y, y, ny, tol);
@@ -775,15 +778,56 @@ static void test_decode_attention(void) {
   test_kv_append(0, 1024, 10);
 }
 
+/* The linear layers of one input in one call (q|k|v, gate|up): each output against the CPU's,
+ * every one poisoned first. */
+static void test_linear_group(int n, int in, int count, const int *out_dims) {
+  size_t nx = (size_t)n * in;
+  float *x = rand_act(nx, -1, 1), *w[3], *y[3];
+  void *d_w[3], *d_y[3];
+  void *d_x = up_act(x, nx);
+  for (int j = 0; j < count; j++) {
+    size_t nw = (size_t)out_dims[j] * in, ny = (size_t)n * out_dims[j];
+    w[j] = rand_act(nw, -0.1, 0.1);
+    y[j] = xmalloc(ny * 4);
+    d_w[j] = up_act(w[j], nw);
+    d_y[j] = poisoned_act(ny);
+  }
+  cpu->linear_forward((void *const *)y, x, (const void *const *)w, out_dims, count, n, in);
+  gpu->linear_forward(d_y, d_x, (const void *const *)d_w, out_dims, count, n, in);
+  for (int j = 0; j < count; j++) {
+    char name[112];
+    snprintf(name, sizeof name, "linear forward %d x %d -> %d, output %d of %d", n, in,
+             out_dims[j], j + 1, count);
+    expect_act(name, d_y[j], y[j], (size_t)n * out_dims[j], tol);
+    gpu->free(d_w[j]); gpu->free(d_y[j]);
+    free(w[j]); free(y[j]);
+  }
+  gpu->free(d_x);
+  free(x);
+}
+
 /* Decode's few token rows: the GEMV kernel's one and three rows, a row length that ends inside
  * a lane's vector loop; eight rows, past its limit, take cuBLASLt, as does a row of 100 bf16
- * values, no multiple of a 16-byte vector (100 fp32 values are: the GEMV). */
+ * values, no multiple of a 16-byte vector (100 fp32 values are: the GEMV). Then the GEMV's
+ * warps per weight row, which it picks from the shape on a GPU of 132 SMs (the H200): 2 for
+ * Qwen3-4B's q|k|v, 1 for its gate|up, 4 for its o and down, 8 for 100 rows of 16392 values
+ * (not a multiple of the 8 warps' stride); on another GPU the same shapes still check the
+ * sums. Five rows of q|k|v go to cuBLASLt, one GEMM each. */
 static void test_linear_decode(void) {
   test_linear(1, 2560, 1024);
   test_linear(8, 1024, 520);
   test_linear(3, 2600, 37);
   test_linear(3, 100, 37);
   test_linear(1, 9728, 64);
+  const int qkv[] = {4096, 1024, 1024}, gate_up[] = {9728, 9728}, o[] = {2560},
+            wide[] = {60, 40};
+  test_linear_group(1, 2560, 3, qkv);
+  test_linear_group(4, 2560, 3, qkv);
+  test_linear_group(5, 2560, 3, qkv);
+  test_linear_group(2, 2560, 2, gate_up);
+  test_linear_group(4, 4096, 1, o);
+  test_linear_group(1, 9728, 1, o);
+  test_linear_group(3, 16392, 2, wide);
 }
 
 /* nll is device memory: poisoned, then copied down. With bad_target, an evaluation in which one
@@ -1316,6 +1360,7 @@ int main(void) {
   test_rmsnorm(37, 64);
   test_qk_norm_rope(130, 4, 128, 5e6, 40000);
   test_qk_norm_rope(77, 6, 16, 1e4, 300);
+  test_qk_norm_rope(3, 32, 128, 5e6, 40000);   /* decoding's few tokens, 2 blocks a token */
   test_attention(2, 77, 77, 77, 4, 2, 16, NULL);
   test_attention(1, 64, 64, 64, 6, 3, 8, NULL);
   test_attention(1, 300, 300, 300, 8, 2, 128, NULL);
@@ -1360,6 +1405,7 @@ int main(void) {
   test_rmsnorm(37, 64);
   test_qk_norm_rope(130, 4, 128, 5e6, 40000);
   test_qk_norm_rope(77, 6, 16, 1e4, 300);
+  test_qk_norm_rope(3, 32, 128, 5e6, 40000);   /* decoding's few tokens, 2 blocks a token */
   /* the bf16 tensor-core attention: head_dim 64 and 128, 16 queries or more; GQA, batch 2,
    * T not a multiple of 16 or 64 */
   test_attention(2, 80, 80, 80, 8, 2, 64, NULL);

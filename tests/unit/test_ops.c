@@ -523,7 +523,9 @@ static void test_linear(void) {
   float *x = rand_floats(x_n, -1, 1), *w = rand_floats(w_n, -1, 1);
   float *out = rand_floats(out_n, -1, 1);
   double *in[] = {to_double(x, x_n), to_double(w, w_n)}, *ref = new_doubles(out_n);
-  be->linear_forward(out, x, w, s.n, s.in_dim, s.out_dim);
+  void *outs[] = {out};
+  const void *ws[] = {w};
+  be->linear_forward(outs, x, ws, &s.out_dim, 1, s.n, s.in_dim);
   ref_linear(&s, in, ref);
   check_forward("linear forward", out, ref, out_n);
 
