@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Where one decoding step goes, kernel by kernel, in one device call (bench/NOTES.md, "Decode"):
 #   device run, carry [".deb"]:  bash bench/decode_profile.sh
-#  1. build; with PROFILE_CTEST=1 the `gpu` CTest label first;
+#  1. build; with PROFILE_CTEST=1 the `gpu` CTest label first, with PROFILE_MUTATIONS="NAME..."
+#     those mutations of tests/gpu/mutation_check_gpu.sh;
 #  2. ours, PROFILE_LAYERS (default 4) decoder layers of Qwen3-4B's width from the job's random
 #     init, batch 1: the recorded step's time, as bench/decode_bench.py reports it; again with
 #     QWEN3_CUDA_PDL=0 (every kernel waits for the whole one before it);
@@ -25,13 +26,17 @@ main() {
     section "ctest -L gpu"
     gpu_label 220
   fi
+  if [ -n "${PROFILE_MUTATIONS:-}" ]; then   # names from tests/gpu/mutation_check_gpu.sh
+    section "mutations: $PROFILE_MUTATIONS"
+    within 200 bash tests/gpu/mutation_check_gpu.sh build $PROFILE_MUTATIONS
+  fi
   section "token shard (the job names one; an evaluation reads none)"
   timeout -k 5 60 python3 bench/ours_train_bench.py shard --out "$WORK/random_2m.h5"
   section "ours, $LAYERS layers, batch 1"
   within 90 python3 bench/decode_bench.py ours --layers "$LAYERS" --batches 1
   section "ours, $LAYERS layers, batch 1, kernels launched without overlap (QWEN3_CUDA_PDL=0)"
   (export QWEN3_CUDA_PDL=0
-   within 90 python3 bench/decode_bench.py ours --layers "$LAYERS" --batches 1 --tag -nopdl)
+   within 90 python3 bench/decode_bench.py ours --layers "$LAYERS" --batches 1 --tag=-nopdl)
   section "ours, $LAYERS layers, batch 1, under ncu"
   local ncu
   ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -n 1)

@@ -56,17 +56,41 @@
 #define GEMV_WARPS 8   /* warps per block */
 #define GEMV_UNROLL 4
 
+/* 16 bytes of T: the raw load (the read-only path: nothing in the op writes w or x), then its
+ * values in fp32 */
+static __device__ __forceinline__ uint4 gemv_load(const void *p) { return __ldg((const uint4 *)p); }
+
 template <typename T>
-struct gemv_vec {   /* 16 bytes of T, unpacked to fp32 */
+struct gemv_vec {
   static constexpr int N = 16 / sizeof(T);
   float f[N];
-  __device__ __forceinline__ void load(const T *p) {
-    const uint4 u = *(const uint4 *)p;
+  __device__ __forceinline__ gemv_vec(uint4 u) {
     const T *t = (const T *)&u;
 #pragma unroll
     for (int i = 0; i < N; i++) f[i] = load_f(&t[i]);
   }
 };
+
+/* acc[t] += the U 16-byte groups of weights in w (at columns c, c + stride, ...) times x's
+ * same columns of token row t, for t < n (n >= 1). A row's U loads of x are issued together. */
+template <typename T, int U>
+static __device__ __forceinline__ void gemv_fma(float (&acc)[GEMV_MAX_ROWS], const uint4 (&w)[U],
+                                                const T *__restrict__ x, int c, int stride, int n,
+                                                int in_dim) {
+#pragma unroll
+  for (int t = 0; t < GEMV_MAX_ROWS; t++) {
+    if (t > 0 && t >= n) break;
+    uint4 xr[U];
+#pragma unroll
+    for (int u = 0; u < U; u++) xr[u] = gemv_load(x + (size_t)t * in_dim + c + u * stride);
+#pragma unroll
+    for (int u = 0; u < U; u++) {
+      const gemv_vec<T> wv(w[u]), xv(xr[u]);
+#pragma unroll
+      for (int i = 0; i < gemv_vec<T>::N; i++) acc[t] = fmaf(wv.f[i], xv.f[i], acc[t]);
+    }
+  }
+}
 
 /* The matrices of one launch; row r of the launch is row r - end[j-1] of matrix j, the first j
  * with r < end[j]. */
@@ -78,48 +102,57 @@ struct gemv_mats {
   int count;
 };
 
+/* Each warp holds two batches of GEMV_UNROLL weight loads: the next batch is issued before the
+ * current one is used, so a lane keeps up to 2 x GEMV_UNROLL loads in flight. The matrix of a
+ * row is picked with constant indices (a variable index would copy the parameters to local
+ * memory). */
 template <typename T, int WPR>
 static __global__ void __launch_bounds__(GEMV_WARPS * 32)
     gemv_kernel(gemv_mats<T> m, const T *__restrict__ x, int n, int in_dim) {
-  constexpr int V = gemv_vec<T>::N, STRIDE = WPR * 32 * V;
+  constexpr int U = GEMV_UNROLL, STRIDE = WPR * 32 * gemv_vec<T>::N;
   __shared__ float warp_sums[GEMV_WARPS][GEMV_MAX_ROWS];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, part = warp % WPR;
   const int row = blockIdx.x * (GEMV_WARPS / WPR) + warp / WPR;
-  const bool live = row < m.end[m.count - 1];
-  int j = 0;
-  while (j + 1 < m.count && row >= m.end[j]) j++;
-  const int first = j ? m.end[j - 1] : 0, r = row - first, out_dim = m.end[j] - first;
-  const T *wr = m.w[j] + (size_t)r * in_dim;
-  int c = (part * 32 + lane) * V;
-  gemv_vec<T> wv[GEMV_UNROLL];
-  if (live)
+  const T *w = m.w[0];
+  T *out = m.out[0];
+  int first = 0, last_end = m.end[0];
 #pragma unroll
-    for (int u = 0; u < GEMV_UNROLL; u++)
-      if (c + u * STRIDE < in_dim) wv[u].load(wr + c + u * STRIDE);
+  for (int k = 1; k < GEMV_MAX_MATS; k++)
+    if (k < m.count && row >= m.end[k - 1]) {
+      w = m.w[k], out = m.out[k], first = m.end[k - 1];
+      last_end = m.end[k];
+    }
+  const bool live = row < last_end;
+  const int r = row - first, out_dim = last_end - first;
+  const T *wr = w + (size_t)r * in_dim;
+  int c = (part * 32 + lane) * gemv_vec<T>::N;
+  uint4 next[U];
+  const bool batches = live && c + (U - 1) * STRIDE < in_dim;
+  if (batches)
+#pragma unroll
+    for (int u = 0; u < U; u++) next[u] = gemv_load(wr + c + u * STRIDE);
   pdl_wait();
   pdl_release();
   float acc[GEMV_MAX_ROWS];
 #pragma unroll
   for (int t = 0; t < GEMV_MAX_ROWS; t++) acc[t] = 0.0f;
-  while (live) {
+  if (batches)
+    for (;;) {
+      uint4 cur[U];
 #pragma unroll
-    for (int u = 0; u < GEMV_UNROLL; u++) {
-      const int cu = c + u * STRIDE;
-      if (cu >= in_dim) break;
+      for (int u = 0; u < U; u++) cur[u] = next[u];
+      const int cn = c + U * STRIDE;
+      const bool more = cn + (U - 1) * STRIDE < in_dim;
+      if (more)
 #pragma unroll
-      for (int t = 0; t < GEMV_MAX_ROWS; t++) {
-        if (t >= n) break;
-        gemv_vec<T> xv;
-        xv.load(x + (size_t)t * in_dim + cu);
-#pragma unroll
-        for (int i = 0; i < V; i++) acc[t] = fmaf(wv[u].f[i], xv.f[i], acc[t]);
-      }
+        for (int u = 0; u < U; u++) next[u] = gemv_load(wr + cn + u * STRIDE);
+      gemv_fma<T, U>(acc, cur, x, c, STRIDE, n, in_dim);
+      c = cn;
+      if (!more) break;
     }
-    c += GEMV_UNROLL * STRIDE;
-    if (c >= in_dim) break;
-#pragma unroll
-    for (int u = 0; u < GEMV_UNROLL; u++)   /* every load issued before the first is used */
-      if (c + u * STRIDE < in_dim) wv[u].load(wr + c + u * STRIDE);
+  for (; live && c < in_dim; c += STRIDE) {   /* the last groups, fewer than a batch */
+    const uint4 one[1] = {gemv_load(wr + c)};
+    gemv_fma<T, 1>(acc, one, x, c, STRIDE, n, in_dim);
   }
 #pragma unroll
   for (int t = 0; t < GEMV_MAX_ROWS; t++) {
@@ -129,7 +162,11 @@ static __global__ void __launch_bounds__(GEMV_WARPS * 32)
   }
   if (WPR == 1) {
     if (live && lane == 0)
-      for (int t = 0; t < n; t++) store_f(m.out[j] + (size_t)t * out_dim + r, acc[t]);
+#pragma unroll
+      for (int t = 0; t < GEMV_MAX_ROWS; t++) {
+        if (t >= n) break;
+        store_f(out + (size_t)t * out_dim + r, acc[t]);
+      }
     return;
   }
   if (lane == 0)
@@ -140,7 +177,7 @@ static __global__ void __launch_bounds__(GEMV_WARPS * 32)
     float v = warp_sums[warp][lane];
 #pragma unroll
     for (int p = 1; p < WPR; p++) v += warp_sums[warp + p][lane];
-    store_f(m.out[j] + (size_t)lane * out_dim + r, v);
+    store_f(out + (size_t)lane * out_dim + r, v);
   }
 }
 

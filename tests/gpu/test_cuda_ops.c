@@ -798,8 +798,8 @@ static void test_linear_group(int n, int in, int count, const int *out_dims) {
     char name[112];
     snprintf(name, sizeof name, "linear forward %d x %d -> %d, output %d of %d", n, in,
              out_dims[j], j + 1, count);
-    expect_act(name, d_y[j], y[j], (size_t)n * out_dims[j], tol);
-    gpu->free(d_w[j]); gpu->free(d_y[j]);
+    expect_act(name, d_y[j], y[j], (size_t)n * out_dims[j], tol);   /* frees d_y[j] */
+    gpu->free(d_w[j]);
     free(w[j]); free(y[j]);
   }
   gpu->free(d_x);
