@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Decode at Qwen3-4B's shape in one device call (bench/NOTES.md, "Decode"):
 #   device run, carry [".deb"]:  bash bench/decode.sh
-#  1. build (bench/device_build.sh); with DECODE_CTEST=1 the `gpu` CTest label first;
+#  1. build (bench/device_build.sh); with DECODE_CTEST=1 the `gpu` CTest label first, with
+#     DECODE_MUTATIONS="NAME..." those mutations of tests/gpu/mutation_check_gpu.sh;
 #  2. PyTorch (bench/decode_bench.py torch): random-init weights and prompts saved for ours,
 #     transformers' generate, eager; with DECODE_COMPILE=1 also its static cache under
 #     torch.compile(mode="reduce-overhead");
-#  3. ours on the same weights and prompts, then batch 1 again with --timing (per-stage times).
+#  3. ours on the same weights and prompts; batch 1 again with QWEN3_CUDA_PDL=0 (no programmatic
+#     dependent launch) and with --timing (per-stage times).
 # DECODE_BATCHES (default 1,8) are the batch sizes. Everything goes to $OUT/decode.txt; the
 # table is printed last.
 set -u
@@ -24,6 +26,10 @@ main() {
     section "ctest -L gpu"
     gpu_label 220
   fi
+  if [ -n "${DECODE_MUTATIONS:-}" ]; then   # names from tests/gpu/mutation_check_gpu.sh
+    section "mutations: $DECODE_MUTATIONS"
+    within 150 bash tests/gpu/mutation_check_gpu.sh build $DECODE_MUTATIONS
+  fi
   section "token shard (the job names one; an evaluation reads none)"
   timeout -k 5 60 python3 bench/ours_train_bench.py shard --out "$WORK/random_2m.h5"
 
@@ -36,6 +42,9 @@ main() {
 
   section "ours"
   within 120 python3 bench/decode_bench.py ours --hf-dir "$WORK/hf4b" --batches "$BATCHES"
+  section "ours, batch 1, every kernel waiting for the whole one before it (QWEN3_CUDA_PDL=0)"
+  (export QWEN3_CUDA_PDL=0
+   within 60 python3 bench/decode_bench.py ours --hf-dir "$WORK/hf4b" --batches 1 --tag=-nopdl)
   section "ours, batch 1, --timing"
   within 60 python3 bench/decode_bench.py ours --hf-dir "$WORK/hf4b" --batches 1 --timing
 }

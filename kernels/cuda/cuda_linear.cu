@@ -72,20 +72,18 @@ struct gemv_vec {
 };
 
 /* acc[t] += the U 16-byte groups of weights in w (at columns c, c + stride, ...) times x's
- * same columns of token row t, for t < n (n >= 1). A row's U loads of x are issued together. */
+ * same columns of token row t, for t < n */
 template <typename T, int U>
 static __device__ __forceinline__ void gemv_fma(float (&acc)[GEMV_MAX_ROWS], const uint4 (&w)[U],
                                                 const T *__restrict__ x, int c, int stride, int n,
                                                 int in_dim) {
 #pragma unroll
-  for (int t = 0; t < GEMV_MAX_ROWS; t++) {
-    if (t > 0 && t >= n) break;
-    uint4 xr[U];
+  for (int u = 0; u < U; u++) {
+    const gemv_vec<T> wv(w[u]);
 #pragma unroll
-    for (int u = 0; u < U; u++) xr[u] = gemv_load(x + (size_t)t * in_dim + c + u * stride);
-#pragma unroll
-    for (int u = 0; u < U; u++) {
-      const gemv_vec<T> wv(w[u]), xv(xr[u]);
+    for (int t = 0; t < GEMV_MAX_ROWS; t++) {
+      if (t >= n) break;
+      const gemv_vec<T> xv(gemv_load(x + (size_t)t * in_dim + c + u * stride));
 #pragma unroll
       for (int i = 0; i < gemv_vec<T>::N; i++) acc[t] = fmaf(wv.f[i], xv.f[i], acc[t]);
     }
@@ -102,10 +100,11 @@ struct gemv_mats {
   int count;
 };
 
-/* Each warp holds two batches of GEMV_UNROLL weight loads: the next batch is issued before the
- * current one is used, so a lane keeps up to 2 x GEMV_UNROLL loads in flight. The matrix of a
- * row is picked with constant indices (a variable index would copy the parameters to local
- * memory). */
+/* A lane issues a batch of GEMV_UNROLL weight loads, then uses them; its first batch before
+ * pdl_wait. (Holding a second batch in flight while using the first took 84 registers against
+ * 46 and streamed slower under ncu: bench/NOTES.md.) The matrix of a row is picked with
+ * constant indices: a variable index copies the parameters to local memory, and the weight
+ * loads through those pointers then left the read-only path and serialized. */
 template <typename T, int WPR>
 static __global__ void __launch_bounds__(GEMV_WARPS * 32)
     gemv_kernel(gemv_mats<T> m, const T *__restrict__ x, int n, int in_dim) {
@@ -125,31 +124,23 @@ static __global__ void __launch_bounds__(GEMV_WARPS * 32)
   const bool live = row < last_end;
   const int r = row - first, out_dim = last_end - first;
   const T *wr = w + (size_t)r * in_dim;
-  int c = (part * 32 + lane) * gemv_vec<T>::N;
-  uint4 next[U];
-  const bool batches = live && c + (U - 1) * STRIDE < in_dim;
-  if (batches)
+  const int c0 = (part * 32 + lane) * gemv_vec<T>::N;
+  uint4 wb[U];
+  if (live && c0 + (U - 1) * STRIDE < in_dim)
 #pragma unroll
-    for (int u = 0; u < U; u++) next[u] = gemv_load(wr + c + u * STRIDE);
+    for (int u = 0; u < U; u++) wb[u] = gemv_load(wr + c0 + u * STRIDE);
   pdl_wait();
   pdl_release();
   float acc[GEMV_MAX_ROWS];
 #pragma unroll
   for (int t = 0; t < GEMV_MAX_ROWS; t++) acc[t] = 0.0f;
-  if (batches)
-    for (;;) {
-      uint4 cur[U];
+  int c = c0;
+  for (; live && c + (U - 1) * STRIDE < in_dim; c += U * STRIDE) {
+    if (c != c0)
 #pragma unroll
-      for (int u = 0; u < U; u++) cur[u] = next[u];
-      const int cn = c + U * STRIDE;
-      const bool more = cn + (U - 1) * STRIDE < in_dim;
-      if (more)
-#pragma unroll
-        for (int u = 0; u < U; u++) next[u] = gemv_load(wr + cn + u * STRIDE);
-      gemv_fma<T, U>(acc, cur, x, c, STRIDE, n, in_dim);
-      c = cn;
-      if (!more) break;
-    }
+      for (int u = 0; u < U; u++) wb[u] = gemv_load(wr + c + u * STRIDE);
+    gemv_fma<T, U>(acc, wb, x, c, STRIDE, n, in_dim);
+  }
   for (; live && c < in_dim; c += STRIDE) {   /* the last groups, fewer than a batch */
     const uint4 one[1] = {gemv_load(wr + c)};
     gemv_fma<T, 1>(acc, one, x, c, STRIDE, n, in_dim);

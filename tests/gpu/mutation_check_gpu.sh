@@ -22,7 +22,7 @@ MUTATIONS=(
   'decode_no_rescale#kernels/cuda/cuda_attention.cu#s/const float alpha = expf(m\[g\] - m_new);/const float alpha = 1.0f;/#decode attention keeps earlier tiles unscaled when the running max grows'
   'gemv_drops_tail#kernels/cuda/cuda_linear.cu#s/if (cu >= in_dim) break;/if (cu + STRIDE >= in_dim) break;/#the GEMV leaves out the last stretch of each row'
   'gemv_drops_last_warp#kernels/cuda/cuda_linear.cu#s/for (int p = 1; p < WPR; p++) v += warp_sums/for (int p = 1; p < WPR - 1; p++) v += warp_sums/#the GEMV leaves out the last of the warps that share a weight row'
-  'gemv_wrong_matrix#kernels/cuda/cuda_linear.cu#s/while (j + 1 < m.count \&\& row >= m.end\[j\]) j++;/while (j + 1 < m.count \&\& row > m.end[j]) j++;/#the GEMV gives the first row of k (or up) to q (or gate)'
+  'gemv_wrong_matrix#kernels/cuda/cuda_linear.cu#s/if (k < m.count \&\& row >= m.end\[k - 1\]) {/if (k < m.count \&\& row > m.end[k - 1]) {/#the GEMV gives the first row of k (or up) to q (or gate)'
   'rope_first_token_angle#kernels/cuda/cuda_norm.cu#s|positions\[t0 + k / half\], inv.v\[k % half\]|positions[t0], inv.v[k % half]|#the q/k-norm + RoPE forward rotates every token of a block by its first token'"'"'s angle'
   'decode_drops_last_split#kernels/cuda/cuda_attention.cu#s|  n_split = (d.tk + keys_per_split - 1) / keys_per_split;|  n_split = d.tk / keys_per_split;|#decode attention leaves out a last split shorter than the others'
   'kv_append_wrong_row#kernels/cuda/cuda_elementwise.cu#s/const size_t to = (i \* seq_rows + (size_t)positions\[i\]) \* width + c;/const size_t to = (i * seq_rows + (size_t)i) * width + c;/#the KV append writes row i, not the token position'

@@ -107,6 +107,19 @@ static void test_greedy(void) {
   CHECK(sampler_next(&hot, c, 3, 0, 5, NULL) == 0, "sampling over all -inf falls back to 0");
   struct sampler topk_greedy = {0, 2, 0.3f, 99};
   CHECK(sampler_next(&topk_greedy, a, 4, 3, 9, NULL) == 1, "temperature 0 ignores top-k/top-p");
+  /* past the short vectors above: the vector pass over 16 running maxima, then the tail */
+  enum { LONG = 1003 };
+  float d[LONG];
+  for (int i = 0; i < LONG; i++) d[i] = (float)((i * 37) % 101) / 101.0f;
+  d[17] = d[998] = NAN;
+  d[700] = d[500] = d[1001] = 2.0f;   /* a tie: the lowest id, not the one in the tail */
+  CHECK(sampler_next(&g, d, LONG, 0, 0, NULL) == 500, "greedy tie over 1003 logits");
+  d[1002] = 3.0f;                      /* the maximum in the tail past the last 16 */
+  CHECK(sampler_next(&g, d, LONG, 0, 0, NULL) == 1002, "greedy maximum in the tail");
+  d[1002] = NAN, d[40] = INFINITY;
+  CHECK(sampler_next(&g, d, LONG, 0, 0, NULL) == 40, "greedy +inf among NaN");
+  for (int i = 0; i < LONG; i++) d[i] = NAN;
+  CHECK(sampler_next(&g, d, LONG, 0, 0, NULL) == 0, "greedy over all NaN gives 0");
 }
 
 static void test_temperature(void) {
