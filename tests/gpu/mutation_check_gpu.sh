@@ -20,7 +20,7 @@ MUTATIONS=(
   'nvfp4_fused_rows_draws#kernels/cuda/cuda_nvfp4.cu#s/nv_quantize16<SR>(out, v, sc\[ROWS\], rows_seed, i0);/nv_quantize16<SR>(out, v, sc[ROWS], rows_seed, i0 + 4);/#the fused dY kernel draws the rows operand with the wrong counters'
   'decode_ignores_key_last#kernels/cuda/cuda_attention.cu#s/const int last = key_last ? key_last\[b\] : s.tk - 1;/const int last = s.tk - 1;/#decode attention reads the whole cache, past the current token'
   'decode_no_rescale#kernels/cuda/cuda_attention.cu#s/const float alpha = expf(m\[g\] - m_new);/const float alpha = 1.0f;/#decode attention keeps earlier tiles unscaled when the running max grows'
-  'gemv_drops_tail#kernels/cuda/cuda_linear.cu#s/if (cu >= in_dim) break;/if (cu + STRIDE >= in_dim) break;/#the GEMV leaves out the last stretch of each row'
+  'gemv_drops_tail#kernels/cuda/cuda_linear.cu#s/for (; live \&\& c < in_dim; c += STRIDE) {/for (; live \&\& c + STRIDE < in_dim; c += STRIDE) {/#the GEMV leaves out the last 16-byte group of a row past its batches'
   'gemv_drops_last_warp#kernels/cuda/cuda_linear.cu#s/for (int p = 1; p < WPR; p++) v += warp_sums/for (int p = 1; p < WPR - 1; p++) v += warp_sums/#the GEMV leaves out the last of the warps that share a weight row'
   'gemv_wrong_matrix#kernels/cuda/cuda_linear.cu#s/if (k < m.count \&\& row >= m.end\[k - 1\]) {/if (k < m.count \&\& row > m.end[k - 1]) {/#the GEMV gives the first row of k (or up) to q (or gate)'
   'rope_first_token_angle#kernels/cuda/cuda_norm.cu#s|positions\[t0 + k / half\], inv.v\[k % half\]|positions[t0], inv.v[k % half]|#the q/k-norm + RoPE forward rotates every token of a block by its first token'"'"'s angle'
