@@ -32,6 +32,8 @@ void *xrealloc(void *p, size_t bytes);
 char *xstrdup(const char *s);
 
 double now_seconds(void);             /* monotonic clock */
+/* "42s", "3m05s" or "2h10m": an estimate for a progress line */
+void format_duration(char *out, size_t len, double seconds);
 
 /* splitmix64: a tiny, well-mixed generator; the same state gives the same numbers on every
  * rank and in every resumed run (data order, seeded init). */

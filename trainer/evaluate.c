@@ -18,6 +18,10 @@
 
 static void write_json_line(struct output *f, json_t *o) { output_json_line(f, o, 10); }
 
+/* A validation longer than this prints where it is, this often (from rank 0: the first stage
+ * sends every window, so its pace is the pipeline's). */
+#define VALID_PROGRESS_S 10.0
+
 /* ---- validation: loss, perplexity, per-document scores -------------------------------------- */
 
 static void validate(const Job *job, struct comm *c, struct worker *chunks, int n, int step,
@@ -42,6 +46,7 @@ static void validate(const Job *job, struct comm *c, struct worker *chunks, int 
   int32_t *tok = xmalloc(tokens * sizeof(int32_t)), *tgt = xmalloc(tokens * sizeof(int32_t));
   int32_t *pos = xmalloc(tokens * sizeof(int32_t));
   float *nll = xmalloc(tokens * sizeof(float));
+  double start = now_seconds(), shown = start;
   for (uint64_t first = 0; first < n_windows; first += (uint64_t)mbs) {
     for (int i = 0; i < mbs; i++) {
       if (first + i < n_windows) {
@@ -61,6 +66,16 @@ static void validate(const Job *job, struct comm *c, struct worker *chunks, int 
       pipeline_recv_input(c, &chunks[k], k, bytes, 0);
       worker_forward(&chunks[k], 0, &mb, 0.0f, last && k == n - 1 ? nll : NULL);
       pipeline_send_output(c, &chunks[k], k, n, bytes, 0);
+    }
+    double now = now_seconds();
+    uint64_t done = first + (uint64_t)mbs < n_windows ? first + (uint64_t)mbs : n_windows;
+    if (c->rank == 0 && now - shown >= VALID_PROGRESS_S && done < n_windows) {
+      char eta[32];
+      format_duration(eta, sizeof eta, (now - start) / (double)done * (double)(n_windows - done));
+      info("validation at step %d: %llu of %llu windows, %.0f tok/s, eta %s", step,
+           (unsigned long long)done, (unsigned long long)n_windows,
+           (double)done * seq / (now - start), eta);
+      shown = now;
     }
     if (!last) continue;
     for (int i = 0; i < mbs && first + i < n_windows; i++) {
@@ -93,13 +108,17 @@ static void validate(const Job *job, struct comm *c, struct worker *chunks, int 
                                      "nll_mean", s[1] > 0 ? s[0] / s[1] : 0.0));
       }
     output_close(f);
+    /* the windows' every position went through the model, scored or not */
+    double seconds = now_seconds() - start;
     summary->has_valid = 1;
     summary->valid_tokens = count;
     summary->valid_loss = count > 0 ? total / count : NAN;
     summary->valid_ppl = exp(summary->valid_loss);
+    summary->valid_tokens_per_s = seconds > 0 ? (double)n_windows * seq / seconds : 0;
     info("validation at step %d: loss %.4f, perplexity %.3f over %.0f tokens of %llu documents "
-         "(scores in %s/scores.jsonl)", step, summary->valid_loss, summary->valid_ppl, count,
-         (unsigned long long)n_docs, job->output_dir);
+         "in %.1f s, %.0f tok/s (scores in %s/scores.jsonl)", step, summary->valid_loss,
+         summary->valid_ppl, count, (unsigned long long)n_docs, seconds,
+         summary->valid_tokens_per_s, job->output_dir);
   }
   free(tok);
   free(tgt);

@@ -11,6 +11,7 @@ struct eval_summary {
   int has_valid;
   double valid_loss, valid_ppl;
   double valid_tokens;
+  double valid_tokens_per_s;   /* positions through the model a second, scored or not */
 };
 
 /* Collective. Replica 0 evaluates, through the rank's n chunks (parallel.virtual_stages; one

@@ -137,12 +137,6 @@ static double resident_mib(void) {
   return kib / 1024.0;
 }
 
-static void format_duration(char *out, size_t len, double s) {
-  if (s < 60) snprintf(out, len, "%.0fs", s);
-  else if (s < 3600) snprintf(out, len, "%dm%02ds", (int)s / 60, (int)s % 60);
-  else snprintf(out, len, "%dh%02dm", (int)s / 3600, ((int)s % 3600) / 60);
-}
-
 /* A run resumed at `step` drops the lines a killed run logged after that step's checkpoint, so
  * that every step appears once. */
 static void trim_metrics(const char *path, int step) {
@@ -229,8 +223,9 @@ static void print_stage_times(void) {
 }
 
 static void log_validation(struct output *metrics, int step, const struct eval_summary *ev) {
-  json_t *o = json_pack("{s:i, s:f, s:f, s:f}", "step", step, "val_loss", ev->valid_loss,
-                        "val_ppl", ev->valid_ppl, "val_tokens", ev->valid_tokens);
+  json_t *o = json_pack("{s:i, s:f, s:f, s:f, s:f}", "step", step, "val_loss", ev->valid_loss,
+                        "val_ppl", ev->valid_ppl, "val_tokens", ev->valid_tokens,
+                        "val_tokens_per_s", ev->valid_tokens_per_s);
   output_json_line(metrics, o, 9);
 }
 

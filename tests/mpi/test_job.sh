@@ -84,6 +84,14 @@ if timeout 300 "$train" "$job" --set train.steps=10 --set eval.every=5 --set tra
 else
   result 0 "eval.every during training"
 fi
+# ... each with its speed, in the log line and in metrics.jsonl
+speeds=$(grep -o '"val_tokens_per_s":[0-9.e+]*' "$work/ev/metrics.jsonl" | cut -d: -f2)
+if [ "$(echo "$speeds" | awk '$1 > 0' | wc -l)" = 2 ] &&
+    [ "$(grep -c 'validation at step .* in [0-9.]* s, [0-9]* tok/s' "$log")" = 2 ]; then
+  pass "validation speed: $(echo $speeds) tok/s in metrics.jsonl and the log"
+else
+  result 0 "validation speed: '$(echo $speeds)' in metrics.jsonl, $(grep -c 'validation at step' "$log") log lines"
+fi
 # ... and the evaluation leaves training alone: every step's loss as without it
 train_losses() { grep -v val_loss "$1/metrics.jsonl" | grep -o '"loss":[^,}]*'; }
 if timeout 300 "$train" "$job" --set train.steps=10 --set train.log_every=1 \
