@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Evaluation scoring at Qwen3-4B's shape in one device call (bench/NOTES.md, "Scoring"):
+#   device run, carry [".deb"]:  bash bench/score.sh
+#  1. build (bench/device_build.sh); with SCORE_CTEST=1 the `gpu` CTest label first;
+#  2. PyTorch (bench/score_bench.py torch): random-init weights saved for ours, then its scoring
+#     (forward and per-token NLL, bf16, SDPA, inference mode) at each SCORE_MBS (default 1,4);
+#  3. ours: an evaluation run over the random token shard from the same weights, each mb.
+# Everything goes to $OUT/score.txt; the table (tok/s and forward MFU) is printed last.
+set -u
+TOTAL_S=${SCORE_TOTAL_S:-420}
+RESERVE_S=10
+OUT=${OUT:-/tmp/score_out}
+source bench/bench_lib.sh
+MBS=${SCORE_MBS:-1,4}
+
+main() {
+  section "build"
+  source bench/device_build.sh || true
+  [ -x build/qwen3-train ] || { echo "build FAILED"; return 1; }
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  if [ "${SCORE_CTEST:-0}" = 1 ]; then
+    section "ctest -L gpu"
+    gpu_label 220
+  fi
+  section "token shard"
+  timeout -k 5 60 python3 bench/ours_train_bench.py shard --out "$WORK/random_2m.h5"
+  section "PyTorch: weights, scoring"
+  rm -rf "$WORK/hf4b_score"
+  within 200 python3 bench/score_bench.py torch --hf-dir "$WORK/hf4b_score" --mbs "$MBS"
+  section "ours"
+  within 200 python3 bench/score_bench.py ours --hf-dir "$WORK/hf4b_score" --mbs "$MBS"
+}
+
+main 2>&1 | tee "$OUT/score.txt"
+echo
+echo "gpu label: $(gpu_label_summary)" | tee -a "$OUT/score.txt"
+python3 - "$RESULTS" <<'PY' | tee -a "$OUT/score.txt"
+import sys
+rows = [dict(kv.split("=", 1) for kv in l.split()[1:] if "=" in kv) for l in open(sys.argv[1])
+        if l.startswith("RESULT ")]
+print("\n| system | mb | T | tok/s | forward MFU |")
+print("|---|---|---|---|---|")
+for r in rows:
+    if "tok_s" not in r:
+        print(f"| {r.get('system')} | {r.get('mb')} | {r.get('T')} | {r.get('status', '?')} | |")
+        continue
+    print(f"| {r['system']} | {r['mb']} | {r['T']} | {float(r['tok_s']):.0f} "
+          f"| {100 * float(r['fwd_mfu']):.1f}% |")
+PY
