@@ -132,6 +132,43 @@ static void validate(const Job *job, struct comm *c, struct worker *chunks, int 
 
 /* ---- generation for eval.prompts ------------------------------------------------------------- */
 
+int eval_prompt_ids(const Qwen3__Prompt *q, const struct tokenizer *tok, int32_t **ids,
+                    size_t *n, char *err, size_t errlen) {
+  if (q->n_ids) {
+    *n = q->n_ids;
+    *ids = xmalloc(q->n_ids * sizeof(int32_t));
+    memcpy(*ids, q->ids, q->n_ids * sizeof(int32_t));
+    return 0;
+  }
+  struct chat_message msgs[2];
+  size_t m = 0;
+  if (q->system) msgs[m++] = (struct chat_message){"system", q->system, strlen(q->system)};
+  msgs[m++] = (struct chat_message){"user", q->user, strlen(q->user)};
+  uint8_t *mask;
+  if (chat_encode(tok, msgs, m, 1, ids, &mask, n, err, errlen) != 0) return -1;
+  free(mask);
+  return 0;
+}
+
+int eval_longest_prompt(const Job *job) {
+  const Qwen3__Eval *e = job->eval;
+  char err[1024];
+  struct tokenizer *tok = NULL;
+  if (job->tokenizer && !(tok = tokenizer_load(job->tokenizer, err, sizeof err)))
+    die("tokenizer: %s", err);
+  size_t longest = 0;
+  for (size_t p = 0; p < e->n_prompts; p++) {
+    int32_t *ids;
+    size_t n;
+    if (eval_prompt_ids(e->prompts[p], tok, &ids, &n, err, sizeof err) != 0)
+      die("eval.prompts[%zu]: %s", p, err);
+    free(ids);
+    if (n > longest) longest = n;
+  }
+  tokenizer_free(tok);
+  return (int)longest;
+}
+
 /* Rank 0 turns every prompt into ids (the chat template, or the ids given) and finds the stop
  * tokens; both go to every stage of the pipeline. */
 static int prepare_prompts(const Job *job, struct comm *c, struct tokenizer **tok,
@@ -154,22 +191,9 @@ static int prepare_prompts(const Job *job, struct comm *c, struct tokenizer **to
     for (size_t i = 0; i < e->n_stop_ids && *n_stop < 63; i++) header[1 + (*n_stop)++] = e->stop_ids[i];
     header[0] = *n_stop;
     for (int p = 0; p < n; p++) {
-      const Qwen3__Prompt *q = e->prompts[p];
-      if (q->n_ids) {
-        (*lens)[p] = (int)q->n_ids;
-        (*prompts)[p] = xmalloc(q->n_ids * sizeof(int32_t));
-        memcpy((*prompts)[p], q->ids, q->n_ids * sizeof(int32_t));
-        continue;
-      }
-      struct chat_message msgs[2];
-      size_t m = 0;
-      if (q->system) msgs[m++] = (struct chat_message){"system", q->system, strlen(q->system)};
-      msgs[m++] = (struct chat_message){"user", q->user, strlen(q->user)};
       size_t n_ids;
-      uint8_t *mask;
-      if (chat_encode(*tok, msgs, m, 1, &(*prompts)[p], &mask, &n_ids, err, sizeof err) != 0)
+      if (eval_prompt_ids(e->prompts[p], *tok, &(*prompts)[p], &n_ids, err, sizeof err) != 0)
         die("eval.prompts[%d]: %s", p, err);
-      free(mask);
       (*lens)[p] = (int)n_ids;
     }
   }

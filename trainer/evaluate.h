@@ -22,4 +22,13 @@ struct eval_summary {
 void evaluate(const Job *job, struct comm *c, struct worker *chunks, int n, int step,
               struct eval_summary *summary);
 
+struct tokenizer;
+/* The ids of one of eval.prompts: its ids as given, or its text through the chat template with
+ * the generation prompt (tok loaded). *ids malloc'd, *n of them; 0, or -1 with err. */
+int eval_prompt_ids(const Qwen3__Prompt *q, const struct tokenizer *tok, int32_t **ids,
+                    size_t *n, char *err, size_t errlen);
+/* The length in tokens of the longest of eval.prompts, the job's tokenizer loaded for text ones
+ * (the job is valid: dies on what job_validate refuses). */
+int eval_longest_prompt(const Job *job);
+
 #endif

@@ -18,7 +18,6 @@
 #include <unistd.h>
 
 #include "common/util.h"
-#include "data/chat.h"
 #include "data/ckpt_file.h"
 #include "data/hf_config.h"
 #include "data/loader.h"
@@ -26,6 +25,7 @@
 #include "data/shard.h"
 #include "data/tokenizer.h"
 #include "trainer/checkpoint.h"
+#include "trainer/evaluate.h"
 #include "trainer/job.h"
 #include "trainer/schedule.h"
 #include "trainer/layout.h"
@@ -562,21 +562,15 @@ static void check_tokenizer(const Job *job, const struct qwen3_config *c) {
   for (size_t p = 0; p < e->n_prompts; p++) {
     const Qwen3__Prompt *q = e->prompts[p];
     if (!q->user) continue;
-    struct chat_message msgs[2];
-    size_t m = 0;
-    if (q->system) msgs[m++] = (struct chat_message){"system", q->system, strlen(q->system)};
-    msgs[m++] = (struct chat_message){"user", q->user, strlen(q->user)};
     int32_t *ids = NULL;
-    uint8_t *mask = NULL;
     size_t n = 0;
-    if (chat_encode(tok, msgs, m, 1, &ids, &mask, &n, err, sizeof err) != 0)
+    if (eval_prompt_ids(q, tok, &ids, &n, err, sizeof err) != 0)
       complain("eval.prompts[%zu]: %s", p, err);
     else
       NEED((long long)n + e->max_new_tokens <= c->max_seq_len,
            "eval.prompts[%zu]: %zu prompt tokens + eval.max_new_tokens %d is more than "
            "model.max_seq_len %d", p, n, e->max_new_tokens, c->max_seq_len);
     free(ids);
-    free(mask);
   }
   tokenizer_free(tok);
 }

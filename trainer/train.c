@@ -62,6 +62,33 @@ int nvfp4_bf16_last_layers(const Qwen3__Precision *prec, int num_layers) {
   return prec->bf16_last_layers >= 0 ? prec->bf16_last_layers : (num_layers * 15 + 99) / 100;
 }
 
+/* What eval.prompts' generation takes on top of the table: every prompt decodes together, so
+ * the KV cache holds all of them at the longest one's length (worker.c kv_cache_bytes). */
+static void print_generation_memory(const Job *job, const struct qwen3_config *cfg,
+                                    const struct comm *c, enum dtype act) {
+  const Qwen3__Eval *e = job->eval;
+  if (e->n_prompts == 0 || e->max_new_tokens <= 0) return;
+  int n = (int)e->n_prompts, prompt = eval_longest_prompt(job), len = prompt + e->max_new_tokens;
+  if (!e->kv_cache) {
+    printf("generation (eval.prompts): %d sequences of up to %d tokens, no KV cache "
+           "(eval.kv_cache false: every token replays its whole sequence)\n", n, len);
+    return;
+  }
+  size_t most = 0;
+  for (int s = 0; s < c->pp; s++) {   /* replica 0 generates */
+    size_t bytes = 0;
+    for (int k = 0; k < job->parallel->virtual_stages; k++) {
+      struct worker_plan p;
+      stage_plan(&p, job, cfg, c->pp, s, k, act);
+      bytes += kv_cache_bytes(&p, len, n);
+    }
+    if (bytes > most) most = bytes;
+  }
+  printf("generation (eval.prompts): %d sequences of up to %d tokens (the longest prompt, %d "
+         "tokens, and eval.max_new_tokens) decode together: their KV cache and a step's logits "
+         "take up to %.1f MiB more on a rank of replica 0\n", n, len, prompt, most / 1048576.0);
+}
+
 void print_layout(const Job *job, const struct qwen3_config *cfg, const struct comm *c,
                   enum dtype act) {
   if (c->rank != 0) return;
@@ -123,6 +150,7 @@ void print_layout(const Job *job, const struct qwen3_config *cfg, const struct c
          "in host memory (pinned on a GPU), up to %.1f MiB, held from %s\n", staging / 1048576.0,
          job->checkpoint->every >= 0 ? "the start of the run"
                                      : "a stop signal's save (checkpoint.every -1) on");
+  print_generation_memory(job, cfg, c, act);
 }
 
 /* ---- the step log ---------------------------------------------------------------------------- */

@@ -558,17 +558,28 @@ void worker_backward(struct worker *w, int live, const struct layer_hook *hook) 
 
 /* ---- inference ------------------------------------------------------------------------------ */
 
+static size_t kv_data_bytes(const struct worker_plan *p, int max_len, int n_seq) {
+  return 2 * (size_t)p->n_layers * n_seq * max_len * slot_width(&p->cfg, S_K) * dtype_bytes(p->act);
+}
+
+/* a decoding step's logits of every sequence, fp32 and as the activations */
+static size_t kv_logit_bytes(const struct worker_plan *p, int n_seq) {
+  return p->has_head ? (size_t)n_seq * p->cfg.vocab_size * (sizeof(float) + dtype_bytes(p->act))
+                     : 0;
+}
+
+size_t kv_cache_bytes(const struct worker_plan *p, int max_len, int n_seq) {
+  return kv_data_bytes(p, max_len, n_seq) + kv_logit_bytes(p, n_seq);
+}
+
 void kv_cache_init(struct kv_cache *kv, const struct worker *w, int max_len, int n_seq) {
   const struct worker_plan *p = &w->plan;
   memset(kv, 0, sizeof *kv);
-  size_t values = 2 * (size_t)p->n_layers * n_seq * max_len * slot_width(&p->cfg, S_K);
-  kv->data = must_alloc(w->be, values * dtype_bytes(p->act), "KV cache");
+  kv->data = must_alloc(w->be, kv_data_bytes(p, max_len, n_seq), "KV cache");
   kv->max_len = max_len;
   kv->n_seq = n_seq;
   kv->len = xcalloc((size_t)n_seq, sizeof(int));
-  if (p->has_head)
-    kv->logits = must_alloc(w->be, (size_t)n_seq * p->cfg.vocab_size *
-                                       (sizeof(float) + dtype_bytes(p->act)), "decoding logits");
+  if (p->has_head) kv->logits = must_alloc(w->be, kv_logit_bytes(p, n_seq), "decoding logits");
 }
 
 void kv_cache_free(struct kv_cache *kv, const struct worker *w) {

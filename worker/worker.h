@@ -222,6 +222,9 @@ void worker_zero_grads(struct worker *w);
 /* After the micro-batches of a step: adds the LM head's share of a tied embedding's gradient. */
 void worker_gather_tied_grads(struct worker *w);
 
+/* Backend bytes kv_cache_init takes: the keys and values of n_seq sequences of max_len tokens
+ * in the plan's layers, and on the last stage a decoding step's logits (for --dry-run). */
+size_t kv_cache_bytes(const struct worker_plan *p, int max_len, int n_seq);
 void kv_cache_init(struct kv_cache *kv, const struct worker *w, int max_len, int n_seq);
 void kv_cache_free(struct kv_cache *kv, const struct worker *w);
 /* Inference through the stage (live slot 0, after worker_reshape(w, 1, T, 1) with T at least

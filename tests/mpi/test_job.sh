@@ -57,6 +57,22 @@ grep -q "lr: 0.001" "$log" && grep -q "beta2: 0.95" "$log" && grep -q "schedule:
 "$train" "$job" --dry-run --set model.num_layers=4 >"$log" 2>&1
 grep -q "^0 .*0-3 .*MiB.*embedding final-norm lm-head loss" "$log" && grep -q "global batch: 16 sequences" "$log" \
   && pass "--dry-run prints the layout and memory" || result 0 "--dry-run"
+# eval.prompts' generation: every prompt decodes together, so --dry-run counts the KV cache of all
+# of them at the longest one's length, and the last stage's logits of a step (fp32 twice on the
+# CPU): 3 prompts, the longest 9 ids, 1015 new tokens: 2 (K, V) x 2 layers x 3 x 1024 x 32 x 4
+# bytes + 3 x 256 x 8 = 1.51 MiB
+printf 'eval { prompts { ids: [1, 2, 3, 4, 5] } prompts { ids: [1, 2, 3, 4, 5, 6, 7, 8, 9] } prompts { ids: [7, 7] } max_new_tokens: 1015 }\n' |
+  protoc --encode=qwen3.Job -Iproto proto/job.proto >"$work/prompts.pb" &&
+  cat "$job" "$work/prompts.pb" >"$work/gen.pb"
+"$train" "$work/gen.pb" --dry-run --set model.max_seq_len=4096 >"$log" 2>&1
+want=$(awk 'BEGIN { printf "%.1f", (2 * 2 * 3 * 1024 * 32 * 4 + 3 * 256 * 8) / 1048576 }')
+grep -q "generation (eval.prompts): 3 sequences of up to 1024 tokens (the longest prompt, 9 tokens.* $want MiB" "$log" \
+  && pass "--dry-run counts generation's KV cache and logits ($want MiB)" \
+  || result 0 "--dry-run generation memory: expected $want MiB, got: $(grep generation "$log")"
+"$train" "$work/gen.pb" --dry-run --set model.max_seq_len=4096 --set eval.kv_cache=false >"$log" 2>&1
+grep -q "generation (eval.prompts): 3 sequences of up to 1024 tokens, no KV cache" "$log" \
+  && pass "--dry-run: no KV cache with eval.kv_cache false" \
+  || result 0 "--dry-run generation without a KV cache: $(grep generation "$log")"
 # a save stages the weights and both moments in fp32: 12 bytes per parameter of the stage
 staging=$(awk '/^0 / { printf "%.1f", 12 * $5 / 1048576 }' "$log")
 grep -q "checkpoint saves: .* up to $staging MiB, held from the start of the run" "$log" \
