@@ -2,6 +2,7 @@
 #include "util.h"
 
 #include <errno.h>
+#include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -96,6 +97,20 @@ void format_duration(char *out, size_t len, double s) {
   if (s < 60) snprintf(out, len, "%.0fs", s);
   else if (s < 3600) snprintf(out, len, "%dm%02ds", (int)s / 60, (int)s % 60);
   else snprintf(out, len, "%dh%02dm", (int)s / 3600, ((int)s % 3600) / 60);
+}
+
+double progress_seconds(void) {
+  static double seconds = -1;
+  if (seconds >= 0) return seconds;
+  const char *v = getenv("QWEN3_PROGRESS_SECONDS");
+  seconds = 10;
+  if (v && *v) {
+    char *end;
+    seconds = strtod(v, &end);
+    if (*end || !(seconds >= 0) || !isfinite(seconds))
+      die("QWEN3_PROGRESS_SECONDS=%s: expected a number of seconds >= 0", v);
+  }
+  return seconds;
 }
 
 char *read_file(const char *path, size_t *len) {

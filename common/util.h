@@ -34,6 +34,9 @@ char *xstrdup(const char *s);
 double now_seconds(void);             /* monotonic clock */
 /* "42s", "3m05s" or "2h10m": an estimate for a progress line */
 void format_duration(char *out, size_t len, double seconds);
+/* How often long work (a validation, a generation) prints where it is: QWEN3_PROGRESS_SECONDS,
+ * 10 by default; dies naming the variable on a value that is not a number >= 0. */
+double progress_seconds(void);
 
 /* splitmix64: a tiny, well-mixed generator; the same state gives the same numbers on every
  * rank and in every resumed run (data order, seeded init). */

@@ -18,9 +18,6 @@
 
 static void write_json_line(struct output *f, json_t *o) { output_json_line(f, o, 10); }
 
-/* A validation longer than this prints where it is, this often (from rank 0: the first stage
- * sends every window, so its pace is the pipeline's). */
-#define VALID_PROGRESS_S 10.0
 
 /* ---- validation: loss, perplexity, per-document scores -------------------------------------- */
 
@@ -69,7 +66,9 @@ static void validate(const Job *job, struct comm *c, struct worker *chunks, int 
     }
     double now = now_seconds();
     uint64_t done = first + (uint64_t)mbs < n_windows ? first + (uint64_t)mbs : n_windows;
-    if (c->rank == 0 && now - shown >= VALID_PROGRESS_S && done < n_windows) {
+    /* from the last stage, where a window is done (the first runs ahead, as far as its sends
+     * are buffered) */
+    if (last && now - shown >= progress_seconds() && done < n_windows) {
       char eta[32];
       format_duration(eta, sizeof eta, (now - start) / (double)done * (double)(n_windows - done));
       info("validation at step %d: %llu of %llu windows, %.0f tok/s, eta %s", step,

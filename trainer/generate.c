@@ -115,7 +115,7 @@ void generate(struct worker *chunks, int n_chunks, struct comm *c, const struct 
    * sends them to the other stages in one message. */
   long long prompt_tokens = 0;
   for (int p = 0; p < n_prompts; p++) prompt_tokens += prompt_len[p];
-  double round0 = now_seconds();
+  double round0 = now_seconds(), shown = round0;
   for (int round = 0;; round++) {
     int busy = 0;
     for (int p = 0; p < n_prompts; p++) busy |= !seq[p].done;
@@ -160,6 +160,20 @@ void generate(struct worker *chunks, int n_chunks, struct comm *c, const struct 
       if (round == 0)
         out[p].prefill_s = (now_seconds() - round0) * prompt_len[p] / (double)prompt_tokens;
       if (!seq[p].done) append(&seq[p], &out[p], g, tok[p]);
+    }
+    double now = now_seconds();
+    if (c->rank == 0 && now - shown >= progress_seconds()) {   /* a long generation */
+      int finished = 0;
+      long long made = 0;
+      for (int p = 0; p < n_prompts; p++) {
+        finished += seq[p].done;
+        made += out[p].n;
+      }
+      char eta[32];
+      format_duration(eta, sizeof eta, (now - round0) / (round + 1) * (g->max_new_tokens - round - 1));
+      info("generation: %lld tokens of %d sequences (%d finished), %.0f tok/s, at most %s left",
+           made, n_prompts, finished, (double)made / (now - round0), eta);
+      shown = now;
     }
   }
   comm_wait_sends(c);

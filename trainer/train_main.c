@@ -197,6 +197,7 @@ int main(int argc, char **argv) {
     }
   }
   if (!job_path) usage_error(&c, "no job file given");
+  progress_seconds();   /* a bad QWEN3_PROGRESS_SECONDS stops the job before any work */
   if (plan && dry_run) usage_error(&c, "give --plan or --dry-run, not both");
   if (plan_gib > 0 && !plan) usage_error(&c, "--plan-memory is for --plan N");
 

@@ -108,6 +108,20 @@ if [ "$(echo "$speeds" | awk '$1 > 0' | wc -l)" = 2 ] &&
 else
   result 0 "validation speed: '$(echo $speeds)' in metrics.jsonl, $(grep -c 'validation at step' "$log") log lines"
 fi
+# long work shows where it is: with QWEN3_PROGRESS_SECONDS=0, every micro-batch of a validation
+# but the last (3 micro-batches of 8 windows) and every round of a generation (8 tokens)
+if QWEN3_PROGRESS_SECONDS=0 timeout 300 "$train" "$work/gen.pb" --set train.steps=0 \
+    --set eval.max_new_tokens=8 --set data.train="$build/data/tiny.h5" \
+    --set data.valid="$build/data/tiny.h5" --set eval.valid_batches=3 \
+    --set output_dir="$work/progress" >"$log" 2>&1 &&
+    [ "$(grep -c 'validation at step 0: \(8\|16\) of 24 windows, [0-9]* tok/s, eta' "$log")" = 2 ] &&
+    [ "$(grep -c 'generation: [0-9]* tokens of 3 sequences ([0-9] finished), [0-9]* tok/s, at most' "$log")" -ge 7 ]; then
+  pass "progress lines of a validation and a generation"
+else
+  result 0 "progress lines: $(grep -c 'validation at step 0: ' "$log") of validation, $(grep -c 'generation: ' "$log") of generation"
+fi
+QWEN3_PROGRESS_SECONDS=soon refused "bad QWEN3_PROGRESS_SECONDS" \
+  "QWEN3_PROGRESS_SECONDS=soon: expected a number of seconds >= 0" "$job"
 # ... and the evaluation leaves training alone: every step's loss as without it
 train_losses() { grep -v val_loss "$1/metrics.jsonl" | grep -o '"loss":[^,}]*'; }
 if timeout 300 "$train" "$job" --set train.steps=10 --set train.log_every=1 \
