@@ -31,6 +31,13 @@ def result(**kv):
             f.write(line + "\n")
 
 
+def read_results(path):
+    """The RESULT lines of a results file, each as a dict of its k=v fields."""
+    with open(path) as f:
+        return [dict(kv.split("=", 1) for kv in line.split()[1:] if "=" in kv)
+                for line in f if line.startswith("RESULT ")]
+
+
 def flops_per_token(n_params, layers, T, heads, head_dim):
     """6 N + 6 L T heads head_dim: the issue's convention (causal attention counted once)."""
     return 6.0 * n_params + 6.0 * layers * T * heads * head_dim

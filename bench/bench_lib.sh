@@ -45,3 +45,29 @@ gpu_label() {
   echo "${line:-no summary line}" > "$WORK/ctest_summary"
 }
 gpu_label_summary() { cat "$WORK/ctest_summary" 2>/dev/null || echo "not run"; }
+
+# build_and_check CTEST MUTATIONS: the build (bench/device_build.sh, whose exports stay) and the
+# card's name; with CTEST 1 the `gpu` label, with MUTATIONS ("NAME ...", from
+# tests/gpu/mutation_check_gpu.sh) those mutations. Returns 1 when the build failed.
+build_and_check() {
+  section "build"
+  source bench/device_build.sh || true
+  [ -x build/qwen3-train ] || { echo "build FAILED"; return 1; }
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  if [ "${1:-0}" = 1 ]; then
+    section "ctest -L gpu"
+    gpu_label 220
+  fi
+  if [ -n "${2:-}" ]; then
+    section "mutations: $2"
+    # shellcheck disable=SC2086
+    within 200 bash tests/gpu/mutation_check_gpu.sh build $2
+  fi
+}
+
+# token_shard: $WORK/random_2m.h5, the random tokens every 4B job names (an evaluation of
+# prompts reads none, but the job must name a shard that exists)
+token_shard() {
+  section "token shard"
+  timeout -k 5 60 python3 bench/ours_train_bench.py shard --out "$WORK/random_2m.h5"
+}

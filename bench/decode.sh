@@ -18,20 +18,8 @@ source bench/bench_lib.sh
 BATCHES=${DECODE_BATCHES:-1,8}
 
 main() {
-  section "build"
-  source bench/device_build.sh || true
-  [ -x build/qwen3-train ] || { echo "build FAILED"; return 1; }
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  if [ "${DECODE_CTEST:-0}" = 1 ]; then
-    section "ctest -L gpu"
-    gpu_label 220
-  fi
-  if [ -n "${DECODE_MUTATIONS:-}" ]; then   # names from tests/gpu/mutation_check_gpu.sh
-    section "mutations: $DECODE_MUTATIONS"
-    within 150 bash tests/gpu/mutation_check_gpu.sh build $DECODE_MUTATIONS
-  fi
-  section "token shard (the job names one; an evaluation reads none)"
-  timeout -k 5 60 python3 bench/ours_train_bench.py shard --out "$WORK/random_2m.h5"
+  build_and_check "${DECODE_CTEST:-0}" "${DECODE_MUTATIONS:-}" || return 1
+  token_shard
 
   section "PyTorch: weights, prompts, generate"
   rm -rf "$WORK/hf4b"
@@ -54,8 +42,9 @@ echo
 echo "gpu label: $(gpu_label_summary)" | tee -a "$OUT/decode.txt"
 python3 - "$RESULTS" <<'PY' | tee -a "$OUT/decode.txt"
 import sys
-rows = [dict(kv.split("=", 1) for kv in l.split()[1:] if "=" in kv) for l in open(sys.argv[1])
-        if l.startswith("RESULT ")]
+sys.path.insert(0, "bench")
+from bench_common import read_results
+rows = read_results(sys.argv[1])
 print("\n| system | batch | prefill tok/s | decode tok/s | ms per token step |")
 print("|---|---|---|---|---|")
 for r in rows:

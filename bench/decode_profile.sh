@@ -18,20 +18,8 @@ source bench/bench_lib.sh
 LAYERS=${PROFILE_LAYERS:-4}
 
 main() {
-  section "build"
-  source bench/device_build.sh || true
-  [ -x build/qwen3-train ] || { echo "build FAILED"; return 1; }
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  if [ "${PROFILE_CTEST:-0}" = 1 ]; then
-    section "ctest -L gpu"
-    gpu_label 220
-  fi
-  if [ -n "${PROFILE_MUTATIONS:-}" ]; then   # names from tests/gpu/mutation_check_gpu.sh
-    section "mutations: $PROFILE_MUTATIONS"
-    within 200 bash tests/gpu/mutation_check_gpu.sh build $PROFILE_MUTATIONS
-  fi
-  section "token shard (the job names one; an evaluation reads none)"
-  timeout -k 5 60 python3 bench/ours_train_bench.py shard --out "$WORK/random_2m.h5"
+  build_and_check "${PROFILE_CTEST:-0}" "${PROFILE_MUTATIONS:-}" || return 1
+  token_shard
   section "ours, $LAYERS layers, batch 1"
   within 90 python3 bench/decode_bench.py ours --layers "$LAYERS" --batches 1
   section "ours, $LAYERS layers, batch 1, kernels launched without overlap (QWEN3_CUDA_PDL=0)"

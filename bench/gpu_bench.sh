@@ -184,10 +184,9 @@ main() {
   fi
   python3 - "$RESULTS" <<'PY'
 import sys
-rows = []
-for line in open(sys.argv[1]):
-    if line.startswith("RESULT "):
-        rows.append(dict(kv.split("=", 1) for kv in line.split()[1:] if "=" in kv))
+sys.path.insert(0, "bench")
+from bench_common import read_results
+rows = read_results(sys.argv[1])
 attn = [r for r in rows if "accum" not in r]
 train = sorted((r for r in rows if "accum" in r),   # one batch's systems side by side
                key=lambda r: (int(r["T"]), int(r["accum"]), int(r["mb"])))

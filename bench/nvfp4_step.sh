@@ -58,8 +58,9 @@ echo
 echo "gpu label: $(gpu_label_summary)" | tee -a "$OUT/bench.txt"
 python3 - "$RESULTS" <<'PY' | tee -a "$OUT/bench.txt"
 import sys
-rows = [dict(kv.split("=", 1) for kv in l.split()[1:] if "=" in kv) for l in open(sys.argv[1])
-        if l.startswith("RESULT ")]
+sys.path.insert(0, "bench")
+from bench_common import read_results
+rows = read_results(sys.argv[1])
 quant = [r for r in rows if r.get("op") == "quantize"]
 gemm = [r for r in rows if r.get("op") == "gemm"]
 train = [r for r in rows if "mb" in r]

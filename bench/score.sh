@@ -14,16 +14,8 @@ source bench/bench_lib.sh
 MBS=${SCORE_MBS:-1,4}
 
 main() {
-  section "build"
-  source bench/device_build.sh || true
-  [ -x build/qwen3-train ] || { echo "build FAILED"; return 1; }
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  if [ "${SCORE_CTEST:-0}" = 1 ]; then
-    section "ctest -L gpu"
-    gpu_label 220
-  fi
-  section "token shard"
-  timeout -k 5 60 python3 bench/ours_train_bench.py shard --out "$WORK/random_2m.h5"
+  build_and_check "${SCORE_CTEST:-0}" "" || return 1
+  token_shard
   section "PyTorch: weights, scoring"
   rm -rf "$WORK/hf4b_score"
   within 200 python3 bench/score_bench.py torch --hf-dir "$WORK/hf4b_score" --mbs "$MBS"
@@ -36,8 +28,9 @@ echo
 echo "gpu label: $(gpu_label_summary)" | tee -a "$OUT/score.txt"
 python3 - "$RESULTS" <<'PY' | tee -a "$OUT/score.txt"
 import sys
-rows = [dict(kv.split("=", 1) for kv in l.split()[1:] if "=" in kv) for l in open(sys.argv[1])
-        if l.startswith("RESULT ")]
+sys.path.insert(0, "bench")
+from bench_common import read_results
+rows = read_results(sys.argv[1])
 print("\n| system | mb | T | tok/s | forward MFU |")
 print("|---|---|---|---|---|")
 for r in rows:
