@@ -73,7 +73,7 @@ static void bench_one(const struct backend *be, int T, double seconds) {
   /* one untimed pass, which also tells how many repeats the budget allows */
   double t0 = now();
   be->attention_forward(ctx, lse, q, k, v, &s);
-  be->attention_backward(dq, dk, dv, dctx, q, k, v, ctx, lse, &s);
+  be->attention_backward(dq, dk, dv, dctx, q, k, v, ctx, lse, &s, 0);
   be->synchronize();
   double first = now() - t0;
   int repeats = first > 0 ? (int)(seconds / 2 / first) : MAX_REPEATS;
@@ -84,7 +84,7 @@ static void bench_one(const struct backend *be, int T, double seconds) {
     be->attention_forward(ctx, lse, q, k, v, &s);
     be->synchronize();
     double b = now();
-    be->attention_backward(dq, dk, dv, dctx, q, k, v, ctx, lse, &s);   /* accumulates: fine */
+    be->attention_backward(dq, dk, dv, dctx, q, k, v, ctx, lse, &s, 0);   /* as training's */
     be->synchronize();
     double c = now();
     fwd[r] = b - a;

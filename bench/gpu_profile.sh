@@ -6,7 +6,8 @@
 # block table: each stage's own time, the sum slightly pessimistic; the first step left out)
 # from the job's seeded init.
 # Also prints, with bench/hf_fixture_bf16.py, how far PyTorch's own bf16 is from the fp32
-# reference on the Hugging Face fixtures. Output: $OUT/profile.txt.
+# reference on the Hugging Face fixtures (PROFILE_FIXTURES=0 leaves that out). Output:
+# $OUT/profile.txt.
 set -u
 OUT=${OUT:-/tmp/gpu_profile_out}
 WORK=/tmp/qwen3_bench
@@ -15,8 +16,10 @@ mkdir -p "$OUT" "$WORK"
 {
   source bench/device_build.sh || true
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  echo "== PyTorch bf16 against the fp32 fixtures"
-  timeout -k 5 120 python3 bench/hf_fixture_bf16.py
+  if [ "${PROFILE_FIXTURES:-1}" = 1 ]; then
+    echo "== PyTorch bf16 against the fp32 fixtures"
+    timeout -k 5 120 python3 bench/hf_fixture_bf16.py
+  fi
   echo "== token shard"
   timeout -k 5 60 python3 bench/ours_train_bench.py shard --out "$WORK/random_2m.h5"
   echo "== ours, mb 1, T 2048, --timing, $STEPS steps"

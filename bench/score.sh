@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Evaluation scoring at Qwen3-4B's shape in one device call (bench/NOTES.md, "Scoring"):
 #   device run, carry [".deb"]:  bash bench/score.sh
-#  1. build (bench/device_build.sh); with SCORE_CTEST=1 the `gpu` CTest label first;
+#  1. build (bench/device_build.sh); with SCORE_CTEST=1 the `gpu` CTest label first, and the
+#     GPU mutations named in SCORE_MUTATIONS ("NAME ...", tests/gpu/mutation_check_gpu.sh);
 #  2. PyTorch (bench/score_bench.py torch): random-init weights saved for ours, then its scoring
 #     (forward and per-token NLL, bf16, SDPA, inference mode) at each SCORE_MBS (default 1,4);
 #  3. ours: an evaluation run over the random token shard from the same weights, each mb.
@@ -14,7 +15,7 @@ source bench/bench_lib.sh
 MBS=${SCORE_MBS:-1,4}
 
 main() {
-  build_and_check "${SCORE_CTEST:-0}" "" || return 1
+  build_and_check "${SCORE_CTEST:-0}" "${SCORE_MUTATIONS:-}" || return 1
   token_shard
   section "PyTorch: weights, scoring"
   rm -rf "$WORK/hf4b_score"

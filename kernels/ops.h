@@ -12,9 +12,11 @@
  *    on the GPU unless its fp32/tf32 test modes are chosen); arithmetic inside every op is fp32.
  *    Every `float *` is fp32 whatever the mode: master weights (norm weights are read from
  *    them), parameter gradients, AdamW state, the log-sum-exp, the per-token NLL.
- *  - Every backward ACCUMULATES (+=) into its input gradients and parameter gradients, so that
- *    a slot read by two stages (a residual) and a weight used by several micro-batches sum
- *    their gradients without extra code. A NULL input-gradient pointer means "not needed".
+ *  - Every backward op takes `acc`, which says what it adds to (+=) rather than overwrites:
+ *    ACC_DX its input gradients, ACC_DW its parameter gradients. A slot read by two stages (a
+ *    residual) and a weight used by several micro-batches sum their gradients by accumulating
+ *    after the first write; a gradient an op overwrites is not read, so nothing zeroes it
+ *    first (what cuBLAS's beta = 0 does). A NULL input-gradient pointer means "not needed".
  *  - Results stay in backend memory: the NLL and the sums of sum_into are read by the engine
  *    once per step, so a step synchronizes with the host only for its log line.
  */
@@ -27,6 +29,9 @@
 #ifdef __cplusplus
 extern "C" {   /* the CUDA backend's .cu files define the table */
 #endif
+
+/* The `acc` bits of the backward ops (see the top of this file). */
+enum { ACC_DX = 1, ACC_DW = 2 };
 
 /* Storage types of tensors. */
 enum dtype { DT_F32, DT_BF16 };
@@ -101,7 +106,7 @@ struct backend {
   /* out = x * rsqrt(mean(x²) + eps) * w, per row of dim (HF Qwen3RMSNorm) */
   void (*rmsnorm_forward)(void *out, const void *x, const float *w, int n, int dim, float eps);
   void (*rmsnorm_backward)(void *dx, float *dw, const void *dout, const void *x, const float *w,
-                           int n, int dim, float eps);
+                           int n, int dim, float eps, int acc);
 
   /* Per head of head_dim: RMSNorm with weight w (shared by all heads), then rotate-half RoPE at
    * positions[i] with inv_freq[j] = theta^(-2j/head_dim). x and out are [n, heads, head_dim]. */
@@ -110,7 +115,7 @@ struct backend {
                                float eps, double theta);
   void (*qk_norm_rope_backward)(void *dx, float *dw, const void *dout, const void *x,
                                 const float *w, const int32_t *positions, int n, int heads,
-                                int head_dim, float eps, double theta);
+                                int head_dim, float eps, double theta, int acc);
 
   /* Causal grouped-query attention, scale head_dim^-0.5, softmax in fp32. ctx is
    * [batch*tq, heads, head_dim]; lse [batch, heads, tq] receives each row's log-sum-exp, which
@@ -119,12 +124,12 @@ struct backend {
                             const struct attn_shape *s);
   void (*attention_backward)(void *dq, void *dk, void *dv, const void *dctx, const void *q,
                              const void *k, const void *v, const void *ctx, const float *lse,
-                             const struct attn_shape *s);
+                             const struct attn_shape *s, int acc);
 
   /* out = silu(g) * u, elementwise over n values */
   void (*swiglu_forward)(void *out, const void *g, const void *u, size_t n);
   void (*swiglu_backward)(void *dg, void *du, const void *dout, const void *g, const void *u,
-                          size_t n);
+                          size_t n, int acc);
 
   /* The linear layers of one input (q|k|v, gate|up, or one): for j < count (at most 3),
    * outs[j][n, out_dims[j]] = x[n, in_dim] · ws[j][out_dims[j], in_dim]ᵀ; ws are weight copies.
@@ -132,9 +137,9 @@ struct backend {
    * launch). */
   void (*linear_forward)(void *const *outs, const void *x, const void *const *ws,
                          const int *out_dims, int count, int n, int in_dim);
-  /* dx += dout · w ; dw += doutᵀ · x   (dx or dw may be NULL) */
+  /* dx (+)= dout · w ; dw (+)= doutᵀ · x   (dx or dw may be NULL) */
   void (*linear_backward)(void *dx, float *dw, const void *dout, const void *x, const void *w,
-                          int n, int in_dim, int out_dim);
+                          int n, int in_dim, int out_dim, int acc);
 
   /* out[i] = a[i] + b[i], all of dtype t (activations, their gradients, or fp32 parameter
    * gradients); out may be a (an accumulation) */
@@ -202,11 +207,11 @@ struct backend {
    * clipped gradient g = fp32(g * grad_scale) (what torch's clip_grad_norm_ leaves):
    *   m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g²
    *   p -= lr * (m/(1-b1^t) / (sqrt(v/(1-b2^t)) + eps) + wd * p)
-   * In the same pass: p_act, when not NULL, receives the new p in the activation dtype (the
-   * weight copy; NULL on a backend whose copy is the masters themselves), and zero_grad leaves
-   * g zero for the next step's accumulation. */
-  void (*adamw_update)(float *p, void *p_act, float *g, float *m, float *v, size_t n,
-                       const struct adamw_step *s, int zero_grad);
+   * In the same pass p_act, when not NULL, receives the new p in the activation dtype (the
+   * weight copy; NULL on a backend whose copy is the masters themselves). g is left as it is:
+   * the next step's first backward overwrites it (see ACC_DW). */
+  void (*adamw_update)(float *p, void *p_act, const float *g, float *m, float *v, size_t n,
+                       const struct adamw_step *s);
 
   /* Overlap of the optimizer with the next step's forward; NULL where a backend runs every op
    * in order (the CPU). side_stream(1): the ops that follow run on a second stream, which

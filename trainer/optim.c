@@ -91,25 +91,20 @@ static void for_group_runs(struct worker *w, int g, run_fn fn, const void *arg) 
   if (to > from) fn(w, arg, from, to, decay);
 }
 
-struct adamw_args {
-  const struct adamw_step *st;
-  int zero_grad;
-};
-
 /* AdamW on parameters [from, to) clipped to the shard, decayed or not; the weight copy in the
  * same pass unless ZeRO's all-gather of the masters comes after */
 static void adamw_run(struct worker *w, const void *arg, size_t from, size_t to, int decay) {
-  const struct adamw_args *a = arg;
+  const struct adamw_step *st = arg;
   size_t b = w->plan.shard_begin, e = w->plan.shard_end;
   if (from < b) from = b;
   if (to > e) to = e;
   if (from >= to) return;
-  struct adamw_step s = *a->st;
+  struct adamw_step s = *st;
   if (!decay) s.weight_decay = 0;
   void *copy = w->weights_act != w->weights && w->plan.shards == 1
                    ? (char *)w->weights_act + from * dtype_bytes(w->plan.act) : NULL;
   w->be->adamw_update(w->weights + from, copy, w->grads + from, w->adam_m + (from - b),
-                      w->adam_v + (from - b), to - from, &s, a->zero_grad);
+                      w->adam_v + (from - b), to - from, &s);
 }
 
 /* Starts the sum over the replicas of gradients [from, to) */
@@ -156,19 +151,16 @@ static void update_chunk(struct worker *w, struct comm *c, const struct adamw_st
    * waits for each group's mark just before it reads the group (worker.c), so the update of
    * the later layers overlaps the forward of the first ones. With several chunks a later
    * chunk's mark g replaces an earlier one's, which then waits for more than it needs, never
-   * less. The same pass leaves the gradients zero and writes the weight copy. ZeRO's
-   * all-gather needs every shard updated first: it stays in order, and the gradients are
-   * zeroed by the next step. */
+   * less. The same pass writes the weight copy. ZeRO's all-gather needs every shard updated
+   * first: it stays in order. */
   int overlap = !zero && be->side_stream;
   if (overlap) be->side_stream(1);
-  struct adamw_args args = {st, !zero};
   for (int g = 0; g < worker_weight_groups(w); g++) {
-    for_group_runs(w, g, adamw_run, &args);
+    for_group_runs(w, g, adamw_run, st);
     if (be->mark) be->mark(g);
   }
   if (overlap) be->side_stream(0);
   w->weights_act_fresh = w->weights_act != w->weights && !zero;
-  w->grads_zero = !zero;
   if (zero) comm_allgather_float(c, GROUP_DP, w->weights, p->param_floats, p->shard_stride);
 }
 

@@ -200,6 +200,14 @@ void block_forward(struct worker *w, int live, int layer) {
   }
 }
 
+/* The stages whose backward writes the gradient of slot s: those that read s. */
+static int slot_readers(enum slot s) {
+  int n = 0;
+  for (int i = 0; i < QWEN3_BLOCK_STAGES; i++)
+    for (int k = 0; k < 3; k++) n += QWEN3_BLOCK[i].in[k] == s;
+  return n;
+}
+
 /* The stage whose forward writes slot s; -1 for the layer's input. */
 static int producer(enum slot s) {
   for (int i = 0; i < QWEN3_BLOCK_STAGES; i++)
@@ -225,16 +233,17 @@ void block_backward(struct worker *w, int live, int layer, const void *dy, void 
   float eps = (float)c->rms_norm_eps;
   struct attn_shape shape = attention_shape(w, live);
 
-  /* every backward op accumulates, so each gradient slot starts at zero */
+  /* No gradient slot is zeroed: the first stage (in reverse order) that writes d[s] overwrites
+   * it, the later ones add (ACC_DX once written[s]). The weights' gradients are overwritten by
+   * the step's first backward (ACC_DW after it). */
   size_t act = dtype_bytes(w->plan.act);
   void *d[N_SLOTS];
-  for (int s = 0; s < N_SLOTS; s++) {
-    d[s] = w->dslot[s];
-    if (d[s]) be->zero(d[s], (size_t)n * slot_width(c, (enum slot)s) * act);
-  }
+  int written[N_SLOTS] = {0};
+  for (int s = 0; s < N_SLOTS; s++) d[s] = w->dslot[s];
   d[S_Y] = (void *)dy;
   d[S_X] = dx;
-  be->zero(dx, (size_t)n * c->hidden_size * act);
+  written[S_Y] = 1;
+  const int dw_acc = w->grads_fresh ? 0 : ACC_DW;
 
   for (int i = QWEN3_BLOCK_STAGES - 1; i >= 0; i--) {
     const struct stage *s = &QWEN3_BLOCK[i];
@@ -243,11 +252,14 @@ void block_backward(struct worker *w, int live, int layer, const void *dy, void 
     for (int k = 0; k < 3; k++)
       if (s->in[k] != S_NONE && slot_recomputed(&w->plan, s->in[k]))
         stage_forward(w, producer(s->in[k]), a, live, layer, n);
+    int acc[3];   /* each input's: add to its gradient once something wrote it */
+    for (int k = 0; k < 3; k++)
+      acc[k] = (s->in[k] != S_NONE && written[s->in[k]] ? ACC_DX : 0) | dw_acc;
     switch (s->op) {
     case OP_RMSNORM:
       be->rmsnorm_backward(d[s->in[0]], param_g(w, layer, s->params[0]), d[s->out[0]],
                            a[s->in[0]], param_w(w, layer, s->params[0]), n,
-                           (int)slot_width(c, s->in[0]), eps);
+                           (int)slot_width(c, s->in[0]), eps, acc[0]);
       break;
     case OP_LINEAR:
       for (int k = 0; k < s->n_params; k++) {
@@ -255,10 +267,12 @@ void block_backward(struct worker *w, int live, int layer, const void *dy, void 
         if (nvfp4_layer(w, layer))
           nvfp4_linear_backward(w, live, layer, s->params[k], s->params[0], d[s->in[0]],
                                 param_g(w, layer, s->params[k]), d[s->out[k]], a[s->in[0]], n,
-                                in, out);
+                                in, out, acc[0]);
         else
           be->linear_backward(d[s->in[0]], param_g(w, layer, s->params[k]), d[s->out[k]],
-                              a[s->in[0]], param_wa(w, layer, s->params[k]), n, in, out);
+                              a[s->in[0]], param_wa(w, layer, s->params[k]), n, in, out,
+                              acc[0]);
+        acc[0] |= ACC_DX;   /* the stage's next layer adds to the input's gradient */
       }
       break;
     case OP_QK_NORM_ROPE:
@@ -266,23 +280,32 @@ void block_backward(struct worker *w, int live, int layer, const void *dy, void 
         be->qk_norm_rope_backward(d[s->in[k]], param_g(w, layer, s->params[k]), d[s->out[k]],
                                   a[s->in[k]], param_w(w, layer, s->params[k]), pos, n,
                                   (int)(slot_width(c, s->in[k]) / c->head_dim), c->head_dim,
-                                  eps, c->rope_theta);
+                                  eps, c->rope_theta, acc[k]);
       break;
-    case OP_ATTENTION:
+    case OP_ATTENTION:   /* q, k and v are first written together or not at all */
       be->attention_backward(d[s->in[0]], d[s->in[1]], d[s->in[2]], d[s->out[0]], a[s->in[0]],
-                             a[s->in[1]], a[s->in[2]], a[s->out[0]], a[s->out[1]], &shape);
+                             a[s->in[1]], a[s->in[2]], a[s->out[0]], a[s->out[1]], &shape,
+                             acc[0]);
       break;
-    case OP_ADD: {
-      size_t len = (size_t)n * slot_width(c, s->out[0]);
-      be->add(d[s->in[0]], d[s->in[0]], d[s->out[0]], len, w->plan.act);
-      be->add(d[s->in[1]], d[s->in[1]], d[s->out[0]], len, w->plan.act);
+    case OP_ADD:   /* the output's gradient flows unchanged to both inputs */
+      for (int k = 0; k < 2; k++) {
+        enum slot in = s->in[k];
+        size_t bytes = (size_t)n * slot_width(c, in) * act;
+        if (written[in])
+          be->add(d[in], d[in], d[s->out[0]], bytes / act, w->plan.act);
+        else if (slot_readers(in) == 1)   /* nothing else writes it: read the output's in place */
+          d[in] = d[s->out[0]];
+        else   /* a later stage adds to it: a copy of its own */
+          be->copy(d[in], d[s->out[0]], bytes);
+      }
       break;
-    }
     case OP_SWIGLU:
       be->swiglu_backward(d[s->in[0]], d[s->in[1]], d[s->out[0]], a[s->in[0]], a[s->in[1]],
-                          (size_t)n * slot_width(c, s->out[0]));
+                          (size_t)n * slot_width(c, s->out[0]), acc[0]);
       break;
     }
+    for (int k = 0; k < 3; k++)
+      if (s->in[k] != S_NONE) written[s->in[k]] = 1;
     if (block_timing) block_stage_seconds[i][PHASE_BACKWARD] += stage_clock(w) - t0;
   }
 }

@@ -175,9 +175,10 @@ void nvfp4_linear_forward(struct worker *w, int layer, enum layer_param which,
 
 void nvfp4_linear_backward(struct worker *w, int live, int layer, enum layer_param which,
                            enum layer_param x_of, void *dx, float *dw, const void *dout,
-                           const void *x, int n, int in_dim, int out_dim) {
+                           const void *x, int n, int in_dim, int out_dim, int acc) {
   const struct backend *be = w->be;
   const struct nvfp4_policy *pol = &w->plan.nvfp4;
+  float dx_beta = acc & ACC_DX ? 1.0f : 0.0f, dw_beta = acc & ACC_DW ? 1.0f : 0.0f;
   enum dtype act = w->plan.act;
   int i = w->layer_param[layer][which];
   void *a = span(w, SPAN_A, n), *b = span(w, SPAN_B, n), *c = span(w, SPAN_C, n);
@@ -189,16 +190,16 @@ void nvfp4_linear_backward(struct worker *w, int live, int layer, enum layer_par
                                operand_seed(w, live, layer, which, 1), dout, n, out_dim,
                                pol->stochastic, signs);
 
-  /* Dgrad: dX += dY(1x16, SR) · W, W read as [out, in] = [k, n] (16x16) or its 1x16 Wᵀ copy */
+  /* Dgrad: dX (+)= dY(1x16, SR) · W, W read as [out, in] = [k, n] (16x16) or its 1x16 Wᵀ copy */
   if (pol->weight_2d)
     be->nvfp4_gemm(dx, act, a, dec_dy, wq_of(w, i, 0), dec(w, layer, which, DEC_W), 1, n, in_dim,
-                   out_dim, 1.0f);
+                   out_dim, dx_beta);
   else
     be->nvfp4_gemm(dx, act, a, dec_dy, wq_of(w, i, 1), dec(w, layer, which, DEC_WT), 0, n,
-                   in_dim, out_dim, 1.0f);
+                   in_dim, out_dim, dx_beta);
 
-  /* Wgrad: dW += RHT(dYᵀ)(SR) · RHT(Xᵀ)(RN)ᵀ, the transform running along the tokens */
+  /* Wgrad: dW (+)= RHT(dYᵀ)(SR) · RHT(Xᵀ)(RN)ᵀ, the transform running along the tokens */
   float *dec_c = dec(w, layer, x_of, DEC_XT);
   if (which == x_of) be->nvfp4_quantize(c, dec_c, x, act, n, in_dim, NVFP4_COLS, 0, 0, signs);
-  be->nvfp4_gemm(dw, DT_F32, b, dec_b, c, dec_c, 0, out_dim, in_dim, n, 1.0f);
+  be->nvfp4_gemm(dw, DT_F32, b, dec_b, c, dec_c, 0, out_dim, in_dim, n, dw_beta);
 }

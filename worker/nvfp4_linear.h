@@ -25,10 +25,10 @@ int nvfp4_nonfinite_operand(struct worker *w, char *msg, size_t len);
 void nvfp4_linear_forward(struct worker *w, int layer, enum layer_param which,
                           enum layer_param x_of, void *out, const void *x, int n, int in_dim,
                           int out_dim);
-/* dx += Dgrad, dw += Wgrad, with the recipe's rounding of each operand; x_of as above, for
- * Wgrad's operand from x. */
+/* dx (+)= Dgrad, dw (+)= Wgrad (added as acc's ACC_DX and ACC_DW say, ops.h), with the
+ * recipe's rounding of each operand; x_of as above, for Wgrad's operand from x. */
 void nvfp4_linear_backward(struct worker *w, int live, int layer, enum layer_param which,
                            enum layer_param x_of, void *dx, float *dw, const void *dout,
-                           const void *x, int n, int in_dim, int out_dim);
+                           const void *x, int n, int in_dim, int out_dim, int acc);
 
 #endif

@@ -338,7 +338,6 @@ void worker_init(struct worker *w, const struct backend *be, const struct worker
   size_t pbytes = p->param_floats * sizeof(float);
   w->weights = must_alloc(be, pbytes, "weights");
   w->grads = must_alloc(be, pbytes, "gradients");
-  w->grads_zero = 1;   /* alloc zeroes */
   /* AdamW moments of this rank's shard only: adam_m[i] is parameter shard_begin + i */
   size_t sbytes = (p->shard_end - p->shard_begin) * sizeof(float);
   w->adam_m = must_alloc(be, sbytes ? sbytes : sizeof(float), "AdamW first moments");
@@ -403,11 +402,18 @@ void worker_init_weights(struct worker *w, uint64_t seed, float std) {
 }
 
 void worker_zero_grads(struct worker *w) {
-  if (!w->grads_zero) w->be->zero(w->grads, w->plan.param_floats * sizeof(float));
-  w->grads_zero = 0;
-  if (w->tied_head_grads)
-    w->be->zero(w->tied_head_grads,
-                (size_t)w->plan.cfg.vocab_size * w->plan.cfg.hidden_size * sizeof(float));
+  w->grads_fresh = 1;
+  w->zero_pending = ZERO_EMBED_GRAD | ZERO_HEAD_GRAD;
+}
+
+/* The gradient of `which` (ZERO_EMBED_GRAD or ZERO_HEAD_GRAD), which ops only add to, is zeroed
+ * just before the step's first op adds to it, not when the step starts: until the forward has
+ * waited for its weight group, the last step's update may still be reading it on the side
+ * stream (optim.c). */
+static void zero_before_first_add(struct worker *w, int which, float *grad) {
+  if (!(w->zero_pending & which)) return;
+  w->zero_pending &= ~which;
+  w->be->zero(grad, (size_t)w->plan.cfg.vocab_size * w->plan.cfg.hidden_size * sizeof(float));
 }
 
 void worker_gather_tied_grads(struct worker *w) {
@@ -516,6 +522,7 @@ void worker_forward(struct worker *w, int live, const struct micro_batch *mb, fl
   int train = grad_scale > 0;
   if (train) be->zero(w->head_grad[live], worker_boundary_bytes(w));
   float *dhead = w->tied_head_grads ? w->tied_head_grads : w->grads + head->offset;
+  if (train) zero_before_first_add(w, ZERO_HEAD_GRAD, dhead);   /* forward_layers waited */
   be->lm_head_loss(w->nll, train ? w->head_grad[live] : NULL, train ? dhead : NULL,
                    w->final_normed[live], worker_weight_act(w, w->head_param), w->targets + at,
                    n, d, p->cfg.vocab_size, grad_scale);
@@ -537,12 +544,11 @@ void worker_backward(struct worker *w, int live, const struct layer_hook *hook) 
   const struct worker_plan *p = &w->plan;
   int n = p->batch * p->seq, d = p->cfg.hidden_size;
   const void *dy = w->grad_in;
-  if (p->has_head) {
+  if (p->has_head) {   /* grad_tmp is overwritten (no ACC_DX) */
     const struct param *norm = &w->params[w->final_norm_param];
-    be->zero(w->grad_tmp, worker_boundary_bytes(w));
     be->rmsnorm_backward(w->grad_tmp, w->grads + norm->offset, w->head_grad[live],
                          worker_output(w, live), w->weights + norm->offset, n, d,
-                         (float)p->cfg.rms_norm_eps);
+                         (float)p->cfg.rms_norm_eps, w->grads_fresh ? 0 : ACC_DW);
     dy = w->grad_tmp;
   }
   for (int l = p->n_layers - 1; l >= 0; l--) {
@@ -551,9 +557,12 @@ void worker_backward(struct worker *w, int live, const struct layer_hook *hook) 
     if (hook) hook->done(hook->ctx, l);
     dy = dx;
   }
-  if (p->has_embedding)
-    be->embedding_backward(w->grads + w->params[w->embed_param].offset, w->grad_out,
-                           w->tokens + (size_t)live * n, n, d);
+  if (p->has_embedding) {
+    float *dtable = w->grads + w->params[w->embed_param].offset;
+    zero_before_first_add(w, ZERO_EMBED_GRAD, dtable);
+    be->embedding_backward(dtable, w->grad_out, w->tokens + (size_t)live * n, n, d);
+  }
+  w->grads_fresh = 0;
 }
 
 /* ---- inference ------------------------------------------------------------------------------ */

@@ -82,7 +82,10 @@ struct worker {
    * activations are fp32. Norm weights are read from the masters. */
   void *weights_act;
   int weights_act_fresh;       /* the optimizer wrote the copy with the masters: no pass needed */
-  int grads_zero;              /* the gradients are all zero (fresh, or the optimizer left them so) */
+  /* No backward has run since worker_zero_grads: the next one overwrites the gradients of the
+   * layers and the final norm (ops without ACC_DW) instead of adding to them. */
+  int grads_fresh;
+  int zero_pending;            /* ZERO_*_GRAD: gradients still to zero before their first add */
   int (*layer_param)[N_LAYER_PARAMS];     /* [local layer][which] -> index into params */
   int *param_group;                       /* [n_params] -> weight group (WEIGHTS_*) */
   int embed_param, final_norm_param, head_param;   /* indices into params, -1 when absent */
@@ -215,9 +218,15 @@ struct layer_hook {
   void *ctx;
 };
 /* Backward of one micro-batch: from w->grad_in (received) or, on the last stage, from the loss.
- * Accumulates parameter gradients; leaves the input gradient in w->grad_out. hook may be NULL. */
+ * Accumulates parameter gradients (the step's first backward writes them); leaves the input
+ * gradient in w->grad_out. hook may be NULL. */
 void worker_backward(struct worker *w, int live, const struct layer_hook *hook);
 
+/* Starts a step's gradients: the first backward overwrites those of the layers and the final
+ * norm, and the ones ops only add to (the embedding's rows, summed by scatter-adds, and the LM
+ * head's, by lm_head_loss) are zeroed before their first add; so no pass over every gradient
+ * (4 bytes a parameter) is spent on zeroing them. */
+enum { ZERO_EMBED_GRAD = 1, ZERO_HEAD_GRAD = 2 };
 void worker_zero_grads(struct worker *w);
 /* After the micro-batches of a step: adds the LM head's share of a tied embedding's gradient. */
 void worker_gather_tied_grads(struct worker *w);

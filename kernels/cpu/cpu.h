@@ -15,7 +15,7 @@ void cpu_kv_append(void *k_cache, void *v_cache, const void *k, const void *v,
                    const int32_t *positions, int n, int width, int seq_rows);
 void cpu_swiglu_forward(void *out, const void *g, const void *u, size_t n);
 void cpu_swiglu_backward(void *dg, void *du, const void *dout, const void *g, const void *u,
-                         size_t n);
+                         size_t n, int acc);
 void cpu_add(void *out, const void *a, const void *b, size_t n, enum dtype t);
 void cpu_scale(float *a, float s, size_t n);
 void cpu_sum_into(double *acc, const float *x, size_t n, int squares);
@@ -23,26 +23,26 @@ void cpu_sum_into(double *acc, const float *x, size_t n, int squares);
 /* cpu_norm.c */
 void cpu_rmsnorm_forward(void *out, const void *x, const float *w, int n, int dim, float eps);
 void cpu_rmsnorm_backward(void *dx, float *dw, const void *dout, const void *x, const float *w,
-                          int n, int dim, float eps);
+                          int n, int dim, float eps, int acc);
 void cpu_qk_norm_rope_forward(void *out, const void *x, const float *w,
                               const int32_t *positions, int n, int heads, int head_dim, float eps,
                               double theta);
 void cpu_qk_norm_rope_backward(void *dx, float *dw, const void *dout, const void *x,
                                const float *w, const int32_t *positions, int n, int heads,
-                               int head_dim, float eps, double theta);
+                               int head_dim, float eps, double theta, int acc);
 
 /* cpu_attention.c */
 void cpu_attention_forward(void *ctx, float *lse, const void *q, const void *k, const void *v,
                            const struct attn_shape *s);
 void cpu_attention_backward(void *dq, void *dk, void *dv, const void *dctx, const void *q,
                             const void *k, const void *v, const void *ctx, const float *lse,
-                            const struct attn_shape *s);
+                            const struct attn_shape *s, int acc);
 
 /* cpu_linear.c */
 void cpu_linear_forward(void *const *outs, const void *x, const void *const *ws,
                         const int *out_dims, int count, int n, int in_dim);
 void cpu_linear_backward(void *dx, float *dw, const void *dout, const void *x, const void *w,
-                         int n, int in_dim, int out_dim);
+                         int n, int in_dim, int out_dim, int acc);
 
 /* cpu_loss.c */
 void cpu_lm_head_loss(float *nll, void *dx, float *dw, const void *x, const void *w,
@@ -61,7 +61,7 @@ void cpu_nvfp4_gemm(void *c, enum dtype c_type, const void *a, const float *dec_
                     float beta);
 
 /* cpu_adamw.c */
-void cpu_adamw_update(float *p, void *p_act, float *g, float *m, float *v, size_t n,
-                      const struct adamw_step *s, int zero_grad);
+void cpu_adamw_update(float *p, void *p_act, const float *g, float *m, float *v, size_t n,
+                      const struct adamw_step *s);
 
 #endif

@@ -13,8 +13,8 @@ static float torch_lerp(float self, float end, float weight) {
 }
 
 /* The CPU's weight copy is the masters themselves: p_act must be NULL or p. */
-void cpu_adamw_update(float *p, void *p_act, float *g, float *m, float *v, size_t n,
-                      const struct adamw_step *s, int zero_grad) {
+void cpu_adamw_update(float *p, void *p_act, const float *g, float *m, float *v, size_t n,
+                      const struct adamw_step *s) {
   if (p_act && p_act != p) die("internal: the CPU backend has no separate weight copy");
   float decay = (float)(1.0 - (double)s->lr * s->weight_decay);
   float m_weight = (float)(1.0 - s->beta1);   /* exp_avg.lerp_(grad, 1 - beta1) */
@@ -32,6 +32,5 @@ void cpu_adamw_update(float *p, void *p_act, float *g, float *m, float *v, size_
     p[i] = pi + (-step_size) * mi / denom;
     m[i] = mi;
     v[i] = vi;
-    if (zero_grad) g[i] = 0.0f;
   }
 }

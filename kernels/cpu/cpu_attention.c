@@ -113,10 +113,11 @@ void cpu_attention_forward(void *ctx_, float *lse, const void *q_, const void *k
 /* With P = softmax(S), dP = dO Vᵀ and D_i = dO_i · O_i (= Σ_j P_ij dP_ij):
  * dS = P ∘ (dP - D), dQ = scale · dS K, dK = scale · dSᵀ Q, dV = Pᵀ dO.
  * Heads run one after another, so the query heads of a group add into their shared dK and dV
- * rows through the GEMMs' beta = 1 without any race. */
+ * rows through the GEMMs' beta = 1 without any race; without ACC_DX the group's first head
+ * writes them (beta = 0). */
 void cpu_attention_backward(void *dq_, void *dk_, void *dv_, const void *dctx_, const void *q_,
                             const void *k_, const void *v_, const void *ctx_, const float *lse,
-                            const struct attn_shape *s) {
+                            const struct attn_shape *s, int acc) {
   float *dq = dq_;
   float *dk = dk_;
   float *dv = dv_;
@@ -135,6 +136,8 @@ void cpu_attention_backward(void *dq_, void *dk_, void *dv_, const void *dctx_, 
     for (int h = 0; h < s->heads; h++) {
       int kh = h / (s->heads / s->kv_heads);
       size_t qo = q_offset(s, b, h), ko = k_offset(s, b, kh);
+      float beta_q = acc & ACC_DX ? 1.0f : 0.0f;
+      float beta_kv = (acc & ACC_DX) || h % (s->heads / s->kv_heads) ? 1.0f : 0.0f;
       head_scores(P, q, k, s, b, h);
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, tq, tk, hd, 1.0f, dctx + qo, qld,
                   v + ko, kld, 0.0f, dS, tk); /* dP */
@@ -154,13 +157,13 @@ void cpu_attention_backward(void *dq_, void *dk_, void *dv_, const void *dctx_, 
       }
       if (dq)
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, tq, hd, tk, scale, dS, tk,
-                    k + ko, kld, 1.0f, dq + qo, qld);
+                    k + ko, kld, beta_q, dq + qo, qld);
       if (dk)
         cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, tk, hd, tq, scale, dS, tk, q + qo,
-                    qld, 1.0f, dk + ko, kld);
+                    qld, beta_kv, dk + ko, kld);
       if (dv)
         cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, tk, hd, tq, 1.0f, P, tk, dctx + qo,
-                    qld, 1.0f, dv + ko, kld);
+                    qld, beta_kv, dv + ko, kld);
     }
   free(P);
   free(dS);

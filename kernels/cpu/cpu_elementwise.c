@@ -36,7 +36,7 @@ void cpu_swiglu_forward(void *out_, const void *g_, const void *u_, size_t n) {
 }
 
 void cpu_swiglu_backward(void *dg_, void *du_, const void *dout_, const void *g_, const void *u_,
-                         size_t n) {
+                         size_t n, int acc) {
   float *dg = dg_;
   float *du = du_;
   const float *dout = dout_;
@@ -46,8 +46,9 @@ void cpu_swiglu_backward(void *dg_, void *du_, const void *dout_, const void *g_
   for (size_t i = 0; i < n; i++) {
     float sig = 1.0f / (1.0f + expf(-g[i]));
     float silu = g[i] * sig;
-    if (dg) dg[i] += dout[i] * u[i] * sig * (1.0f + g[i] * (1.0f - sig));
-    if (du) du[i] += dout[i] * silu;
+    float dgi = dout[i] * u[i] * sig * (1.0f + g[i] * (1.0f - sig)), dui = dout[i] * silu;
+    if (dg) dg[i] = acc & ACC_DX ? dg[i] + dgi : dgi;
+    if (du) du[i] = acc & ACC_DX ? du[i] + dui : dui;
   }
 }
 

@@ -15,12 +15,21 @@ static float row_rstd(const float *x, int dim, float eps) {
 }
 
 /* Backward of y = x * r * w for one row given g = dy * w:
- * dx_j = r g_j - x_j r³ / dim · Σ_k g_k x_k. Accumulates into dx. */
-static void row_norm_backward(float *dx, const float *g, const float *x, float r, int dim) {
+ * dx_j = r g_j - x_j r³ / dim · Σ_k g_k x_k, added to dx when acc has ACC_DX. */
+static void row_norm_backward(float *dx, const float *g, const float *x, float r, int dim,
+                              int acc) {
   double gx = 0.0;
   for (int j = 0; j < dim; j++) gx += (double)g[j] * x[j];
   double c = gx * r * r * r / dim;
-  for (int j = 0; j < dim; j++) dx[j] += (float)(r * (double)g[j] - c * x[j]);
+  for (int j = 0; j < dim; j++) {
+    float d = (float)(r * (double)g[j] - c * x[j]);
+    dx[j] = acc & ACC_DX ? dx[j] + d : d;
+  }
+}
+
+/* a weight gradient's column sum into dw[j] */
+static void dw_store(float *dw, int j, double sum, int acc) {
+  dw[j] = acc & ACC_DW ? dw[j] + (float)sum : (float)sum;
 }
 
 void cpu_rmsnorm_forward(void *out_, const void *x_, const float *w, int n, int dim, float eps) {
@@ -36,7 +45,7 @@ void cpu_rmsnorm_forward(void *out_, const void *x_, const float *w, int n, int 
 }
 
 void cpu_rmsnorm_backward(void *dx_, float *dw, const void *dout_, const void *x_, const float *w,
-                          int n, int dim, float eps) {
+                          int n, int dim, float eps, int acc) {
   float *dx = dx_;
   const float *dout = dout_;
   const float *x = x_;
@@ -50,16 +59,16 @@ void cpu_rmsnorm_backward(void *dx_, float *dw, const void *dout_, const void *x
       rstd[i] = row_rstd(xi, dim, eps);
       if (!dx) continue;
       for (int j = 0; j < dim; j++) g[j] = di[j] * w[j];
-      row_norm_backward(dx + (size_t)i * dim, g, xi, rstd[i], dim);
+      row_norm_backward(dx + (size_t)i * dim, g, xi, rstd[i], dim, acc);
     }
     free(g);
   }
 #pragma omp parallel for
   for (int j = 0; j < dim; j++) {
-    double acc = 0.0;
+    double sum = 0.0;
     for (int i = 0; i < n; i++)
-      acc += (double)dout[(size_t)i * dim + j] * (x[(size_t)i * dim + j] * rstd[i]);
-    dw[j] += (float)acc;
+      sum += (double)dout[(size_t)i * dim + j] * (x[(size_t)i * dim + j] * rstd[i]);
+    dw_store(dw, j, sum, acc);
   }
   free(rstd);
 }
@@ -126,7 +135,7 @@ static float rope_backward_at(const float *dout, const float *c, const float *s,
 
 void cpu_qk_norm_rope_backward(void *dx_, float *dw, const void *dout_, const void *x_,
                                const float *w, const int32_t *positions, int n, int heads,
-                               int head_dim, float eps, double theta) {
+                               int head_dim, float eps, double theta, int acc) {
   float *dx = dx_;
   const float *dout = dout_;
   const float *x = x_;
@@ -148,19 +157,19 @@ void cpu_qk_norm_rope_backward(void *dx_, float *dw, const void *dout_, const vo
         if (!dx) continue;
         for (int j = 0; j < head_dim; j++)
           g[j] = rope_backward_at(dout + base, c, s, j, half) * w[j];
-        row_norm_backward(dx + base, g, x + base, rstd[row], head_dim);
+        row_norm_backward(dx + base, g, x + base, rstd[row], head_dim, acc);
       }
     free(g);
   }
 #pragma omp parallel for
   for (int j = 0; j < head_dim; j++) {
-    double acc = 0.0;
+    double sum = 0.0;
     for (size_t row = 0; row < rows; row++) {
       size_t i = row / heads, base = row * head_dim;
       float dxn = rope_backward_at(dout + base, cos_t + i * half, sin_t + i * half, j, half);
-      acc += (double)dxn * (x[base + j] * rstd[row]);
+      sum += (double)dxn * (x[base + j] * rstd[row]);
     }
-    dw[j] += (float)acc;
+    dw_store(dw, j, sum, acc);
   }
   free(cos_t);
   free(sin_t);

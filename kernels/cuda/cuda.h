@@ -126,7 +126,7 @@ void cuda_embedding_backward(float *dtable, const void *dout, const int32_t *tok
                              int dim);
 void cuda_swiglu_forward(void *out, const void *g, const void *u, size_t n);
 void cuda_swiglu_backward(void *dg, void *du, const void *dout, const void *g, const void *u,
-                          size_t n);
+                          size_t n, int acc);
 void cuda_add(void *out, const void *a, const void *b, size_t n, enum dtype t);
 void cuda_kv_append(void *k_cache, void *v_cache, const void *k, const void *v,
                     const int32_t *positions, int n, int width, int seq_rows);
@@ -136,13 +136,13 @@ void cuda_sum_into(double *acc, const float *x, size_t n, int squares);
 /* ---- cuda_norm.cu */
 void cuda_rmsnorm_forward(void *out, const void *x, const float *w, int n, int dim, float eps);
 void cuda_rmsnorm_backward(void *dx, float *dw, const void *dout, const void *x, const float *w,
-                           int n, int dim, float eps);
+                           int n, int dim, float eps, int acc);
 void cuda_qk_norm_rope_forward(void *out, const void *x, const float *w,
                                const int32_t *positions, int n, int heads, int head_dim,
                                float eps, double theta);
 void cuda_qk_norm_rope_backward(void *dx, float *dw, const void *dout, const void *x,
                                 const float *w, const int32_t *positions, int n, int heads,
-                                int head_dim, float eps, double theta);
+                                int head_dim, float eps, double theta, int acc);
 
 /* ---- cuda_attention.cu: the dispatcher, and the fp32-arithmetic flash kernels that take any
  * shape (decode's tq = 1 included) and either storage type */
@@ -150,7 +150,7 @@ void cuda_attention_forward(void *ctx, float *lse, const void *q, const void *k,
                             const struct attn_shape *s);
 void cuda_attention_backward(void *dq, void *dk, void *dv, const void *dctx, const void *q,
                              const void *k, const void *v, const void *ctx, const float *lse,
-                             const struct attn_shape *s);
+                             const struct attn_shape *s, int acc);
 
 /* ---- cuda_attention_bf16.cu: the bf16 tensor-core attention (mma.sync m16n8k16, fp32
  * accumulation) used in the bf16 mode; tensors are __nv_bfloat16, lse and D fp32. Same
@@ -163,19 +163,19 @@ int cuda_attention_bf16_forward(void *ctx, float *lse, const void *q, const void
                                 const void *v, const struct attn_shape *s);
 int cuda_attention_bf16_backward(void *dq, void *dk, void *dv, const void *dctx, const void *q,
                                  const void *k, const void *v, const float *lse, const float *D,
-                                 const struct attn_shape *s);
+                                 const struct attn_shape *s, int acc);
 
 /* ---- cuda_linear.cu */
 void cuda_linear_forward(void *const *outs, const void *x, const void *const *ws,
                          const int *out_dims, int count, int n, int in_dim);
 void cuda_linear_backward(void *dx, float *dw, const void *dout, const void *x, const void *w,
-                          int n, int in_dim, int out_dim);
+                          int n, int in_dim, int out_dim, int acc);
 void cuda_lm_head_loss(float *nll, void *dx, float *dw, const void *x, const void *w,
                        const int32_t *targets, int n, int dim, int vocab, float grad_scale);
 
 /* ---- cuda_adamw.cu */
-void cuda_adamw_update(float *p, void *p_act, float *g, float *m, float *v, size_t n,
-                       const struct adamw_step *s, int zero_grad);
+void cuda_adamw_update(float *p, void *p_act, const float *g, float *m, float *v, size_t n,
+                       const struct adamw_step *s);
 
 /* ---- cuda_nvfp4.cu: x of dtype x_type (fp32 or bf16), xq of dtype cuda_ctx.act; dec, dec_a
  * and dec_b are device memory */

@@ -41,10 +41,10 @@ static __device__ __forceinline__ void adamw1(float &p, float g_raw, float &m, f
   v = vi;
 }
 
-/* A: the weight copy's storage type; copy NULL: no copy. ZERO: leave g zero. */
-template <typename A, bool VEC, bool ZERO>
+/* A: the weight copy's storage type; copy NULL: no copy. */
+template <typename A, bool VEC>
 static __global__ void adamw_kernel(float *__restrict__ p, A *__restrict__ copy,
-                                    float *__restrict__ g, float *__restrict__ m,
+                                    const float *__restrict__ g, float *__restrict__ m,
                                     float *__restrict__ v, size_t n, adamw_scalars s) {
   const size_t tid = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
   const size_t stride = (size_t)gridDim.x * blockDim.x;
@@ -61,7 +61,6 @@ static __global__ void adamw_kernel(float *__restrict__ p, A *__restrict__ copy,
       ((float4 *)p)[i] = pv;
       ((float4 *)m)[i] = mv;
       ((float4 *)v)[i] = vv;
-      if (ZERO) ((float4 *)g)[i] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
       if (copy) {
         const float f[4] = {pv.x, pv.y, pv.z, pv.w};
         store4(copy, i, f);
@@ -75,27 +74,26 @@ static __global__ void adamw_kernel(float *__restrict__ p, A *__restrict__ copy,
     p[i] = pi;
     m[i] = mi;
     v[i] = vi;
-    if (ZERO) g[i] = 0.0f;
     if (copy) store_f(&copy[i], pi);
   }
 }
 
-template <typename A, bool ZERO>
-static void launch_adamw(float *p, A *copy, float *g, float *m, float *v, size_t n,
+template <typename A>
+static void launch_adamw(float *p, A *copy, const float *g, float *m, float *v, size_t n,
                          const adamw_scalars &s) {
   if (cuda_aligned16(p) && cuda_aligned16(g) && cuda_aligned16(m) && cuda_aligned16(v) &&
       vec4_aligned<A>(copy))
-    adamw_kernel<A, true, ZERO><<<cuda_blocks(n / 4), CUDA_THREADS, 0, cuda_ctx.stream>>>(
+    adamw_kernel<A, true><<<cuda_blocks(n / 4), CUDA_THREADS, 0, cuda_ctx.stream>>>(
         p, copy, g, m, v, n, s);
   else
-    adamw_kernel<A, false, ZERO><<<cuda_blocks(n), CUDA_THREADS, 0, cuda_ctx.stream>>>(
+    adamw_kernel<A, false><<<cuda_blocks(n), CUDA_THREADS, 0, cuda_ctx.stream>>>(
         p, copy, g, m, v, n, s);
   CUDA_LAUNCHED("adamw_kernel");
 }
 
 
-extern "C" void cuda_adamw_update(float *p, void *p_act, float *g, float *m, float *v,
-                                  size_t n, const struct adamw_step *st, int zero_grad) {
+extern "C" void cuda_adamw_update(float *p, void *p_act, const float *g, float *m, float *v,
+                                  size_t n, const struct adamw_step *st) {
   if (n == 0) return;
   /* the CPU's expressions, term for term */
   adamw_scalars s;
@@ -107,8 +105,5 @@ extern "C" void cuda_adamw_update(float *p, void *p_act, float *g, float *m, flo
   s.step_size = (float)((double)st->lr / (1.0 - pow((double)st->beta1, (double)st->t)));
   s.bc2_sqrt = (float)sqrt(1.0 - pow((double)st->beta2, (double)st->t));
   s.eps = st->eps;
-  if (zero_grad)
-    CUDA_ACT_DISPATCH(A, launch_adamw<A, true>(p, (A *)p_act, g, m, v, n, s));
-  else
-    CUDA_ACT_DISPATCH(A, launch_adamw<A, false>(p, (A *)p_act, g, m, v, n, s));
+  CUDA_ACT_DISPATCH(A, launch_adamw<A>(p, (A *)p_act, g, m, v, n, s));
 }

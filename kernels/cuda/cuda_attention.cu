@@ -73,6 +73,7 @@ struct Dims {
   int batch, tq, tk, k_stride, heads, kv_heads, head_dim, group;
   float scale;
   bool vec4;  // head_dim % 4 == 0 and every tensor 16-byte aligned: float4 loads of fp32 storage
+  bool acc;   // the backward adds into dq, dk, dv (ACC_DX) rather than overwriting them
 };
 
 // The host's view: Dims and attn_shape.doc_start, which goes to the kernels as an argument of
@@ -764,8 +765,11 @@ __global__ void __launch_bounds__(NT)
       for (int e = 0; e < CC::VEC; e++) {
         const int d = CC::col(tx, ch, e);
         if (d >= hd) continue;
-        if (dk) store_f(dk + row + d, load_f(dk + row + d) + s.scale * adk[r][ch * CC::VEC + e]);
-        if (dv) store_f(dv + row + d, load_f(dv + row + d) + adv[r][ch * CC::VEC + e]);
+        if (dk)
+          store_f(dk + row + d,
+                  (s.acc ? load_f(dk + row + d) : 0.0f) + s.scale * adk[r][ch * CC::VEC + e]);
+        if (dv)
+          store_f(dv + row + d, (s.acc ? load_f(dv + row + d) : 0.0f) + adv[r][ch * CC::VEC + e]);
       }
   }
 }
@@ -891,7 +895,8 @@ __global__ void __launch_bounds__(NT, 2)  // <= 128 registers: two blocks per SM
 #pragma unroll
       for (int e = 0; e < CC::VEC; e++) {
         const int d = CC::col(tx, ch, e);
-        if (d < hd) store_f(out + d, load_f(out + d) + s.scale * acc[r][ch * CC::VEC + e]);
+        if (d < hd)
+          store_f(out + d, (s.acc ? load_f(out + d) : 0.0f) + s.scale * acc[r][ch * CC::VEC + e]);
       }
   }
 }
@@ -924,6 +929,7 @@ bool make_dims(Shape *d, const struct attn_shape *a, const char *what) {
   d->group = a->heads / a->kv_heads;
   d->scale = (float)(1.0 / sqrt((double)a->head_dim));  // as the CPU backend
   d->vec4 = a->head_dim % 4 == 0;
+  d->acc = true;  // the backward sets it from its acc argument
   d->doc = a->doc_start;
   return true;
 }
@@ -1139,10 +1145,11 @@ extern "C" void cuda_attention_forward(void *ctx, float *lse, const void *q, con
 extern "C" void cuda_attention_backward(void *dq, void *dk, void *dv, const void *dctx,
                                         const void *q, const void *k, const void *v,
                                         const void *ctx, const float *lse,
-                                        const struct attn_shape *s) {
+                                        const struct attn_shape *s, int acc) {
   Shape d;
   if (s->key_last) refuse("cuda_attention_backward", s, "key_last is for decoding only");
   if (!make_dims(&d, s, "cuda_attention_backward")) return;
+  d.acc = (acc & ACC_DX) != 0;
   d.vec4 = d.vec4 && cuda_aligned16(q) && cuda_aligned16(k) && cuda_aligned16(v) &&
            cuda_aligned16(dctx);
   if (!dq && !dk && !dv) return;
@@ -1154,7 +1161,7 @@ extern "C" void cuda_attention_backward(void *dq, void *dk, void *dv, const void
   CUDA_LAUNCHED("attn_bwd_dot_kernel");
   // The mode's tensor-core kernel where it takes the shape; the generic kernels for the rest.
   if (cuda_ctx.act == DT_BF16 &&
-      cuda_attention_bf16_backward(dq, dk, dv, dctx, q, k, v, lse, D, s))
+      cuda_attention_bf16_backward(dq, dk, dv, dctx, q, k, v, lse, D, s, acc))
     return;
   CUDA_ACT_DISPATCH(T, generic_backward<T>((T *)dq, (T *)dk, (T *)dv, (const T *)dctx,
                                            (const T *)q, (const T *)k, (const T *)v, lse, D, d,

@@ -3,8 +3,9 @@
  * shared memory); everything else stays on the generic kernels of cuda_attention.cu. Same
  * semantics as those (kernels/ops.h): q/ctx [batch*tq, heads, hd], k/v rows of sequence b from
  * b*k_stride, queries the last tq of tk keys, GQA read in place (no expanded K/V), lse
- * [batch, heads, tq] = natural log-sum-exp of the scaled scores, the backward ACCUMULATES into
- * dq/dk/dv (any may be NULL), D = rowsum(dctx * ctx) from the caller. Tensors are bf16, lse and
+ * [batch, heads, tq] = natural log-sum-exp of the scaled scores, the backward adds into dq/dk/dv
+ * with ACC_DX and overwrites them without (any may be NULL), D = rowsum(dctx * ctx) from the
+ * caller. Tensors are bf16, lse and
  * D fp32.
  *
  * Documents (attn_shape.doc_start, packed sequences): query row i also masks the keys before
@@ -21,7 +22,8 @@
  * mma.sync.m16n8k16.row.col.f32.bf16.bf16.f32: bf16 operands, fp32 accumulation. Scores,
  * softmax statistics (running max and sum), exp and dS = P (dP - D) are fp32; P and dS are
  * rounded to bf16 only where they feed the next product (P V, P^T dO, dS K, dS^T Q). The
- * accumulating outputs read the old bf16 value, add the fp32 increment and round once.
+ * accumulating outputs read the old bf16 value, add the fp32 increment and round once (or, not
+ * accumulating, round the increment).
  *
  * Fragments (PTX ISA "Matrix Fragments for mma.m16n8k16", .bf16), g = lane / 4, t = lane % 4;
  * each register holds two consecutive bf16 along k (low half first):
@@ -146,10 +148,10 @@ __device__ __forceinline__ float quad_sum(float x) {
   return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 
-// *p (two bf16) += (x, y), rounded once
-__device__ __forceinline__ void add_bf16x2(bf16 *p, float x, float y) {
+// *p (two bf16) += (x, y), rounded once; *p = (x, y) when not acc (0 + x is x exactly)
+__device__ __forceinline__ void add_bf16x2(bf16 *p, float x, float y, bool acc) {
   __nv_bfloat162 *q = reinterpret_cast<__nv_bfloat162 *>(p);
-  const float2 old = __bfloat1622float2(*q);
+  const float2 old = acc ? __bfloat1622float2(*q) : make_float2(0.0f, 0.0f);
   *q = __floats2bfloat162_rn(old.x + x, old.y + y);
 }
 
@@ -166,6 +168,7 @@ struct Dims {
   int batch, tq, tk, k_stride, heads, kv_heads, group;
   float scale;       // head_dim^-0.5
   float scale_log2;  // head_dim^-0.5 * log2(e)
+  bool acc;          // the backward adds into dq, dk, dv (ACC_DX) rather than overwriting them
 };
 
 // The host's view: Dims and attn_shape.doc_start, which goes to the kernels as an argument of
@@ -616,8 +619,8 @@ __global__ void __launch_bounds__(256, MINB)
         sv[c] = av[n][e] + red[((kw * ND + n) * 8 + 4 + e) * 32 + lane];
       }
       if (nsplit == 1) {  // the whole group: add straight into dk, dv
-        if (dk) add_bf16x2(dk + row + 8 * n, s.scale * sk[0], s.scale * sk[1]);
-        if (dv) add_bf16x2(dv + row + 8 * n, sv[0], sv[1]);
+        if (dk) add_bf16x2(dk + row + 8 * n, s.scale * sk[0], s.scale * sk[1], s.acc);
+        if (dv) add_bf16x2(dv + row + 8 * n, sv[0], sv[1], s.acc);
       } else {  // one plane of the group's sum, reduced by attn_bf16_dkdv_reduce
         *reinterpret_cast<float2 *>(pk + 8 * n) = make_float2(sk[0], sk[1]);
         *reinterpret_cast<float2 *>(pk + nsplit * plane + 8 * n) = make_float2(sv[0], sv[1]);
@@ -650,12 +653,12 @@ __global__ void attn_bf16_dkdv_reduce(bf16 *__restrict__ dk, bf16 *__restrict__ 
     }
     const size_t dst = (((size_t)b * s.k_stride + key) * s.kv_heads + kh) * hd + d;
     if (dk) {
-      add_bf16x2(dk + dst, s.scale * sk.x, s.scale * sk.y);
-      add_bf16x2(dk + dst + 2, s.scale * sk.z, s.scale * sk.w);
+      add_bf16x2(dk + dst, s.scale * sk.x, s.scale * sk.y, s.acc);
+      add_bf16x2(dk + dst + 2, s.scale * sk.z, s.scale * sk.w, s.acc);
     }
     if (dv) {
-      add_bf16x2(dv + dst, sv.x, sv.y);
-      add_bf16x2(dv + dst + 2, sv.z, sv.w);
+      add_bf16x2(dv + dst, sv.x, sv.y, s.acc);
+      add_bf16x2(dv + dst + 2, sv.z, sv.w, s.acc);
     }
   }
 }
@@ -804,7 +807,7 @@ __global__ void __launch_bounds__(32 * NW, MINB)
     bf16 *out = dq + q_base + (size_t)row * q_ld + 2 * t;
 #pragma unroll
     for (int n = 0; n < ND; n++)
-      add_bf16x2(out + 8 * n, s.scale * acc[n][2 * i], s.scale * acc[n][2 * i + 1]);
+      add_bf16x2(out + 8 * n, s.scale * acc[n][2 * i], s.scale * acc[n][2 * i + 1], s.acc);
   }
 }
 
@@ -846,6 +849,7 @@ static bool make_dims(Shape *d, const struct attn_shape *a) {
   d->scale = (float)(1.0 / sqrt((double)a->head_dim));  // as the CPU backend
   d->scale_log2 = (float)(1.4426950408889634 / sqrt((double)a->head_dim));
   d->doc = a->doc_start;
+  d->acc = true;  // the backward sets it from its acc argument
   return true;
 }
 
@@ -973,10 +977,11 @@ extern "C" int cuda_attention_bf16_forward(void *ctx, float *lse, const void *q,
 extern "C" int cuda_attention_bf16_backward(void *dq, void *dk, void *dv, const void *dctx,
                                             const void *q, const void *k, const void *v,
                                             const float *lse, const float *D,
-                                            const struct attn_shape *s) {
+                                            const struct attn_shape *s, int acc) {
   using namespace attn_bf16;
   Shape d;
   if (!make_dims(&d, s)) return 0;
+  d.acc = (acc & ACC_DX) != 0;
   if (!cuda_aligned16(q) || !cuda_aligned16(k) || !cuda_aligned16(v) || !cuda_aligned16(dctx) ||
       (dq && !cuda_aligned16(dq)) || (dk && !cuda_aligned16(dk)) || (dv && !cuda_aligned16(dv)))
     return 0;

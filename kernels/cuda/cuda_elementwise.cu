@@ -238,7 +238,8 @@ extern "C" void cuda_swiglu_forward(void *out, const void *g, const void *u, siz
 }
 
 /* sig = 1/(1+exp(-g)); dg += dout*u*sig*(1 + g*(1-sig)); du += dout*silu(g), in the CPU's order.
- * dg / du may be NULL (ops.h: "not needed"): HAS_DG / HAS_DU say which are written. */
+ * dg / du may be NULL (ops.h: "not needed"): HAS_DG / HAS_DU say which are written. Without
+ * ACC_DX the kernel starts them from zero instead of reading them (0 + x is x exactly). */
 template <bool HAS_DG, bool HAS_DU>
 static __device__ __forceinline__ void swiglu_bwd1(float &dg, float &du, float d, float g, float u) {
   float sig = __fdiv_rn(1.0f, __fadd_rn(1.0f, expf(-g)));
@@ -253,7 +254,7 @@ static __device__ __forceinline__ void swiglu_bwd1(float &dg, float &du, float d
 template <typename T, bool VEC, bool HAS_DG, bool HAS_DU>
 static __global__ void swiglu_backward_kernel(T *__restrict__ dg, T *__restrict__ du,
                                               const T *__restrict__ dout, const T *__restrict__ g,
-                                              const T *__restrict__ u, size_t n) {
+                                              const T *__restrict__ u, size_t n, bool acc) {
   const size_t tid = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
   const size_t stride = (size_t)gridDim.x * blockDim.x;
   size_t start = 0;
@@ -264,8 +265,8 @@ static __global__ void swiglu_backward_kernel(T *__restrict__ dg, T *__restrict_
       load4(dv, dout, i);
       load4(gv, g, i);
       load4(uv, u, i);
-      if (HAS_DG) load4(dgv, dg, i);
-      if (HAS_DU) load4(duv, du, i);
+      if (HAS_DG && acc) load4(dgv, dg, i);
+      if (HAS_DU && acc) load4(duv, du, i);
 #pragma unroll
       for (int k = 0; k < 4; k++) swiglu_bwd1<HAS_DG, HAS_DU>(dgv[k], duv[k], dv[k], gv[k], uv[k]);
       if (HAS_DG) store4(dg, i, dgv);
@@ -274,7 +275,7 @@ static __global__ void swiglu_backward_kernel(T *__restrict__ dg, T *__restrict_
     start = n4 * 4;
   }
   for (size_t i = start + tid; i < n; i += stride) {
-    float dgs = HAS_DG ? load_f(dg + i) : 0.f, dus = HAS_DU ? load_f(du + i) : 0.f;
+    float dgs = HAS_DG && acc ? load_f(dg + i) : 0.f, dus = HAS_DU && acc ? load_f(du + i) : 0.f;
     swiglu_bwd1<HAS_DG, HAS_DU>(dgs, dus, load_f(dout + i), load_f(g + i), load_f(u + i));
     if (HAS_DG) store_f(dg + i, dgs);
     if (HAS_DU) store_f(du + i, dus);
@@ -282,30 +283,32 @@ static __global__ void swiglu_backward_kernel(T *__restrict__ dg, T *__restrict_
 }
 
 template <typename T, bool HAS_DG, bool HAS_DU>
-static void swiglu_backward_launch(T *dg, T *du, const T *dout, const T *g, const T *u, size_t n) {
+static void swiglu_backward_launch(T *dg, T *du, const T *dout, const T *g, const T *u, size_t n,
+                                   bool acc) {
   if (vec4_aligned<T>(dg) && vec4_aligned<T>(du) && vec4_aligned<T>(dout) &&
       vec4_aligned<T>(g) && vec4_aligned<T>(u)) {
     swiglu_backward_kernel<T, true, HAS_DG, HAS_DU>
-        <<<cuda_blocks(n / 4), CUDA_THREADS, 0, cuda_ctx.stream>>>(dg, du, dout, g, u, n);
+        <<<cuda_blocks(n / 4), CUDA_THREADS, 0, cuda_ctx.stream>>>(dg, du, dout, g, u, n, acc);
   } else {
     swiglu_backward_kernel<T, false, HAS_DG, HAS_DU>
-        <<<cuda_blocks(n), CUDA_THREADS, 0, cuda_ctx.stream>>>(dg, du, dout, g, u, n);
+        <<<cuda_blocks(n), CUDA_THREADS, 0, cuda_ctx.stream>>>(dg, du, dout, g, u, n, acc);
   }
   CUDA_LAUNCHED("swiglu_backward_kernel");
 }
 
 template <typename T>
-static void swiglu_backward_any(T *dg, T *du, const T *dout, const T *g, const T *u, size_t n) {
-  if (dg && du) swiglu_backward_launch<T, true, true>(dg, du, dout, g, u, n);
-  else if (dg) swiglu_backward_launch<T, true, false>(dg, du, dout, g, u, n);
-  else if (du) swiglu_backward_launch<T, false, true>(dg, du, dout, g, u, n);
+static void swiglu_backward_any(T *dg, T *du, const T *dout, const T *g, const T *u, size_t n,
+                                bool acc) {
+  if (dg && du) swiglu_backward_launch<T, true, true>(dg, du, dout, g, u, n, acc);
+  else if (dg) swiglu_backward_launch<T, true, false>(dg, du, dout, g, u, n, acc);
+  else if (du) swiglu_backward_launch<T, false, true>(dg, du, dout, g, u, n, acc);
 }
 
 extern "C" void cuda_swiglu_backward(void *dg, void *du, const void *dout, const void *g,
-                                     const void *u, size_t n) {
+                                     const void *u, size_t n, int acc) {
   if (n == 0) return;
   CUDA_ACT_DISPATCH(T, swiglu_backward_any((T *)dg, (T *)du, (const T *)dout, (const T *)g,
-                                           (const T *)u, n));
+                                           (const T *)u, n, (acc & ACC_DX) != 0));
 }
 
 /* ---- add, scale ----------------------------------------------------------------------------- */

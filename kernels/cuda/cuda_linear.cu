@@ -221,17 +221,17 @@ extern "C" void cuda_linear_forward(void *const *outs, const void *x, const void
 }
 
 extern "C" void cuda_linear_backward(void *dx, float *dw, const void *dout, const void *x,
-                                     const void *w, int n, int in_dim, int out_dim) {
-  if (n == 0) return;
+                                     const void *w, int n, int in_dim, int out_dim, int acc) {
+  /* no early return for n == 0: an overwritten dw is then zero (cuda_gemm's k == 0 case) */
   enum dtype act = cuda_ctx.act;
-  /* dx [n, in_dim] += dout [n, out_dim] · w [out_dim, in_dim] */
+  /* dx [n, in_dim] (+)= dout [n, out_dim] · w [out_dim, in_dim] */
   if (dx)
-    cuda_gemm(0, 0, n, in_dim, out_dim, 1.0f, dout, out_dim, w, in_dim, 1.0f, dx, in_dim, act,
-              act);
-  /* dw [out_dim, in_dim] += dout [n, out_dim]ᵀ · x [n, in_dim], accumulated in fp32 */
+    cuda_gemm(0, 0, n, in_dim, out_dim, 1.0f, dout, out_dim, w, in_dim,
+              acc & ACC_DX ? 1.0f : 0.0f, dx, in_dim, act, act);
+  /* dw [out_dim, in_dim] (+)= dout [n, out_dim]ᵀ · x [n, in_dim], accumulated in fp32 */
   if (dw)
-    cuda_gemm(1, 0, out_dim, in_dim, n, 1.0f, dout, out_dim, x, in_dim, 1.0f, dw, in_dim, act,
-              DT_F32);
+    cuda_gemm(1, 0, out_dim, in_dim, n, 1.0f, dout, out_dim, x, in_dim,
+              acc & ACC_DW ? 1.0f : 0.0f, dw, in_dim, act, DT_F32);
 }
 
 /* ---------------------------------------------------------------- lm_head_loss */

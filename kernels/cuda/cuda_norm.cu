@@ -69,20 +69,20 @@ static int dw_threads(int cols) {
   return t > 256 ? 256 : t;
 }
 
-/* dw[j] += (float)Σ_c partial[c, j], chunks in order */
+/* dw[j] (+)= (float)Σ_c partial[c, j], chunks in order; acc: add to dw rather than overwrite */
 static __global__ void dw_finalize_kernel(float *__restrict__ dw, const double *__restrict__ partial,
-                                   int chunks, int dim) {
+                                   int chunks, int dim, bool acc) {
   const int j = blockIdx.x * blockDim.x + threadIdx.x;
   if (j >= dim) return;
-  double acc = 0.0;
-  for (int c = 0; c < chunks; c++) acc += partial[(size_t)c * dim + j];
-  dw[j] = __fadd_rn(dw[j], (float)acc);
+  double sum = 0.0;
+  for (int c = 0; c < chunks; c++) sum += partial[(size_t)c * dim + j];
+  dw[j] = acc ? __fadd_rn(dw[j], (float)sum) : (float)sum;
 }
 
-static void dw_finalize(float *dw, const double *partial, int chunks, int dim) {
+static void dw_finalize(float *dw, const double *partial, int chunks, int dim, bool acc) {
   int threads = dw_threads(dim);
   dw_finalize_kernel<<<(dim + threads - 1) / threads, threads, 0, cuda_ctx.stream>>>(
-      dw, partial, chunks, dim);
+      dw, partial, chunks, dim, acc);
   CUDA_LAUNCHED("dw_finalize_kernel");
 }
 
@@ -154,13 +154,13 @@ extern "C" void cuda_rmsnorm_forward(void *out, const void *x, const float *w, i
 }
 
 /* One block per row: rstd[i]; when dx != NULL, with g = dout * w,
- * dx += (float)(r g - x r³ Σ(g x) / dim). */
+ * dx (+)= (float)(r g - x r³ Σ(g x) / dim), added when acc (0 + t is t exactly). */
 template <typename T, bool VEC>
 static __global__ void rmsnorm_backward_rows_kernel(T *__restrict__ dx, float *__restrict__ rstd,
                                                     const T *__restrict__ dout,
                                                     const T *__restrict__ x,
                                                     const float *__restrict__ w, int n, int dim,
-                                                    float eps) {
+                                                    float eps, bool acc) {
   __shared__ double sh[32];
   for (int i = blockIdx.x; i < n; i += gridDim.x) {
     const T *xi = x + (size_t)i * dim, *di = dout + (size_t)i * dim;
@@ -187,10 +187,10 @@ static __global__ void rmsnorm_backward_rows_kernel(T *__restrict__ dx, float *_
     T *dxi = dx + (size_t)i * dim;
     if (VEC) {
       for (int v = threadIdx.x; v < dim / 4; v += blockDim.x) {
-        float a[4], d[4], o[4];
+        float a[4], d[4], o[4] = {0.f, 0.f, 0.f, 0.f};
         load4(a, xi, v);
         load4(d, di, v);
-        load4(o, dxi, v);
+        if (acc) load4(o, dxi, v);
         const float4 wv = ((const float4 *)w)[v];
         const float wk[4] = {wv.x, wv.y, wv.z, wv.w};
 #pragma unroll
@@ -200,7 +200,7 @@ static __global__ void rmsnorm_backward_rows_kernel(T *__restrict__ dx, float *_
       }
     } else {
       for (int j = threadIdx.x; j < dim; j += blockDim.x)
-        store_f(dxi + j, __fadd_rn(load_f(dxi + j),
+        store_f(dxi + j, __fadd_rn(acc ? load_f(dxi + j) : 0.0f,
                                    dx_term(r, __fmul_rn(load_f(di + j), w[j]), c, load_f(xi + j))));
     }
   }
@@ -227,7 +227,7 @@ static __global__ void rmsnorm_dw_partial_kernel(double *__restrict__ partial,
 
 template <typename T>
 static void rmsnorm_backward_launch(T *dx, float *dw, const T *dout, const T *x, const float *w,
-                                    int n, int dim, float eps) {
+                                    int n, int dim, float eps, int acc) {
   size_t rpc;
   const int chunks = dw_chunks((size_t)n, dim, &rpc);
   void *a, *b;
@@ -240,10 +240,10 @@ static void rmsnorm_backward_launch(T *dx, float *dw, const T *dout, const T *x,
   if (dim % 4 == 0 && vec4_aligned<T>(dx) && vec4_aligned<T>(dout) && vec4_aligned<T>(x) &&
       cuda_aligned16(w)) {
     rmsnorm_backward_rows_kernel<T, true><<<grid, threads, 0, cuda_ctx.stream>>>(
-        dx, rstd, dout, x, w, n, dim, eps);
+        dx, rstd, dout, x, w, n, dim, eps, (acc & ACC_DX) != 0);
   } else {
     rmsnorm_backward_rows_kernel<T, false><<<grid, threads, 0, cuda_ctx.stream>>>(
-        dx, rstd, dout, x, w, n, dim, eps);
+        dx, rstd, dout, x, w, n, dim, eps, (acc & ACC_DX) != 0);
   }
   CUDA_LAUNCHED("rmsnorm_backward_rows_kernel");
 
@@ -252,14 +252,20 @@ static void rmsnorm_backward_launch(T *dx, float *dw, const T *dout, const T *x,
   rmsnorm_dw_partial_kernel<T><<<dgrid, dwt, 0, cuda_ctx.stream>>>(partial, dout, x, rstd, n,
                                                                    dim, (int)rpc);
   CUDA_LAUNCHED("rmsnorm_dw_partial_kernel");
-  dw_finalize(dw, partial, chunks, dim);
+  dw_finalize(dw, partial, chunks, dim, (acc & ACC_DW) != 0);
+}
+
+/* With no rows an overwritten dw is zero, as the CPU's empty sums leave it. */
+static void zero_dw_of_no_rows(float *dw, int dim, int acc) {
+  if (dim > 0 && !(acc & ACC_DW))
+    CUDA_CHECK(cudaMemsetAsync(dw, 0, (size_t)dim * sizeof(float), cuda_ctx.stream));
 }
 
 extern "C" void cuda_rmsnorm_backward(void *dx, float *dw, const void *dout, const void *x,
-                                      const float *w, int n, int dim, float eps) {
-  if (n <= 0 || dim <= 0) return;
+                                      const float *w, int n, int dim, float eps, int acc) {
+  if (n <= 0 || dim <= 0) return zero_dw_of_no_rows(dw, dim, acc);
   CUDA_ACT_DISPATCH(T, rmsnorm_backward_launch((T *)dx, dw, (const T *)dout, (const T *)x, w, n,
-                                               dim, eps));
+                                               dim, eps, acc));
 }
 
 /* ---- q/k norm + RoPE ------------------------------------------------------------------------ */
@@ -439,7 +445,7 @@ static size_t qk_rows_per_warp(size_t rows) {
 /* Warp w takes the rows [w rpw, (w+1) rpw) in order, R at a time (all their loads first). Per
  * row: r = rstd; rope_backward rotates dout by -angle (j < half: dout[j] c_j + dout[j+half] s_j;
  * j + half: dout[j+half] c_j - dout[j] s_j), giving dxn; when dx != NULL, g = dxn * w and
- * dx += (float)(r g - x r³ Σ(g x) / head_dim). Each lane owns the columns p and p + half of its
+ * dx (+)= (float)(r g - x r³ Σ(g x) / head_dim). Each lane owns the columns p and p + half of its
  * pairs, so it also sums the weight gradient (double)dxn_j * (x_j * r) of its columns over the
  * warp's rows, in row order, in registers; the warp's sums go to partial[w, head_dim]. */
 template <typename T, int PAIRS, int R>
@@ -448,7 +454,7 @@ static __global__ void __launch_bounds__(QK_WARPS * 32)
                                  const T *__restrict__ dout, const T *__restrict__ x,
                                  const float *__restrict__ w, const float *__restrict__ cos_t,
                                  const float *__restrict__ sin_t, size_t rows, size_t rpw,
-                                 int heads, int head_dim, float eps) {
+                                 int heads, int head_dim, float eps, bool acc) {
   const int lane = threadIdx.x & 31, half = head_dim / 2;
   const size_t warp = (size_t)blockIdx.x * QK_WARPS + (threadIdx.x >> 5);
   const size_t r0 = warp * rpw;
@@ -483,10 +489,8 @@ static __global__ void __launch_bounds__(QK_WARPS * 32)
             const float cp = cos_t[t + p], sp = sin_t[t + p];
             na[q][k] = __fadd_rn(__fmul_rn(da, cp), __fmul_rn(db, sp));
             nb[q][k] = __fsub_rn(__fmul_rn(db, cp), __fmul_rn(da, sp));
-            if (dx) {
-              oa[q][k] = load_f(dx + base + p);
-              ob[q][k] = load_f(dx + base + p + half);
-            }
+            oa[q][k] = dx && acc ? load_f(dx + base + p) : 0.0f;
+            ob[q][k] = dx && acc ? load_f(dx + base + p + half) : 0.0f;
           }
         }
       }
@@ -546,40 +550,41 @@ static __global__ void __launch_bounds__(QK_WARPS * 32)
   }
 }
 
-/* dw[j] += (float)Σ_c partial[c, j]: one block per column, a fixed tree over the chunks */
+/* dw[j] (+)= (float)Σ_c partial[c, j]: one block per column, a fixed tree over the chunks */
 static __global__ void dw_colsum_kernel(float *__restrict__ dw, const double *__restrict__ partial,
-                                        int chunks, int dim) {
+                                        int chunks, int dim, bool acc) {
   __shared__ double sh[32];
   const int j = blockIdx.x;
-  double acc = 0.0;
-  for (int c = threadIdx.x; c < chunks; c += blockDim.x) acc += partial[(size_t)c * dim + j];
-  const double t = block_sum_double(acc, sh);
-  if (threadIdx.x == 0) dw[j] = __fadd_rn(dw[j], (float)t);
+  double sum = 0.0;
+  for (int c = threadIdx.x; c < chunks; c += blockDim.x) sum += partial[(size_t)c * dim + j];
+  const double t = block_sum_double(sum, sh);
+  if (threadIdx.x == 0) dw[j] = acc ? __fadd_rn(dw[j], (float)t) : (float)t;
 }
 
 template <typename T>
 static void qk_norm_rope_backward_launch(T *dx, double *partial, const T *dout, const T *x,
                                          const float *w, const float *cos_t, const float *sin_t,
                                          size_t rows, size_t rpw, size_t warps, int heads,
-                                         int head_dim, float eps) {
+                                         int head_dim, float eps, bool acc) {
   const int blocks = (int)((warps + QK_WARPS - 1) / QK_WARPS);
   if (head_dim / 2 <= 64) {
     qk_norm_rope_backward_kernel<T, 2, QK_BWD_ROWS><<<blocks, QK_WARPS * 32, 0, cuda_ctx.stream>>>(
-        dx, partial, dout, x, w, cos_t, sin_t, rows, rpw, heads, head_dim, eps);
+        dx, partial, dout, x, w, cos_t, sin_t, rows, rpw, heads, head_dim, eps, acc);
   } else {
     qk_norm_rope_backward_kernel<T, 4, QK_BWD_ROWS><<<blocks, QK_WARPS * 32, 0, cuda_ctx.stream>>>(
-        dx, partial, dout, x, w, cos_t, sin_t, rows, rpw, heads, head_dim, eps);
+        dx, partial, dout, x, w, cos_t, sin_t, rows, rpw, heads, head_dim, eps, acc);
   }
   CUDA_LAUNCHED("qk_norm_rope_backward_kernel");
 }
 
 extern "C" void cuda_qk_norm_rope_backward(void *dx, float *dw, const void *dout, const void *x,
                                            const float *w, const int32_t *positions, int n,
-                                           int heads, int head_dim, float eps, double theta) {
+                                           int heads, int head_dim, float eps, double theta,
+                                           int acc) {
   if (head_dim % 2 || head_dim <= 0 || head_dim > 2 * ROPE_MAX_HALF)
     cuda_fail("qk_norm_rope_backward", "head_dim must be even and at most 256", __FILE__,
               __LINE__);
-  if (n <= 0 || heads <= 0) return;
+  if (n <= 0 || heads <= 0) return zero_dw_of_no_rows(dw, head_dim, acc);
   const int half = head_dim / 2;
   const size_t rows = (size_t)n * heads;
   const size_t rpw = qk_rows_per_warp(rows), warps = (rows + rpw - 1) / rpw;
@@ -594,7 +599,9 @@ extern "C" void cuda_qk_norm_rope_backward(void *dx, float *dw, const void *dout
   rope_tables(cos_t, sin_t, positions, n, head_dim, theta);
   CUDA_ACT_DISPATCH(T, qk_norm_rope_backward_launch((T *)dx, partial, (const T *)dout,
                                                     (const T *)x, w, cos_t, sin_t, rows, rpw,
-                                                    warps, heads, head_dim, eps));
-  dw_colsum_kernel<<<head_dim, 256, 0, cuda_ctx.stream>>>(dw, partial, (int)warps, head_dim);
+                                                    warps, heads, head_dim, eps,
+                                                    (acc & ACC_DX) != 0));
+  dw_colsum_kernel<<<head_dim, 256, 0, cuda_ctx.stream>>>(dw, partial, (int)warps, head_dim,
+                                                          (acc & ACC_DW) != 0);
   CUDA_LAUNCHED("dw_colsum_kernel");
 }

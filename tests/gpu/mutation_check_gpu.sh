@@ -25,12 +25,15 @@ MUTATIONS=(
   'gemv_wrong_matrix#kernels/cuda/cuda_linear.cu#s/if (k < m.count \&\& row >= m.end\[k - 1\]) {/if (k < m.count \&\& row > m.end[k - 1]) {/#the GEMV gives the first row of k (or up) to q (or gate)'
   'rope_first_token_angle#kernels/cuda/cuda_norm.cu#s|positions\[t0 + k / half\], inv.v\[k % half\]|positions[t0], inv.v[k % half]|#the q/k-norm + RoPE forward rotates every token of a block by its first token'"'"'s angle'
   'decode_drops_last_split#kernels/cuda/cuda_attention.cu#s|  n_split = (d.tk + keys_per_split - 1) / keys_per_split;|  n_split = d.tk / keys_per_split;|#decode attention leaves out a last split shorter than the others'
+  'rmsnorm_reads_when_overwriting#kernels/cuda/cuda_norm.cu#s/        if (acc) load4(o, dxi, v);/        load4(o, dxi, v);/#RMSNorm backward adds to dx when told to overwrite it'
+  'wgrad_always_accumulates#kernels/cuda/cuda_linear.cu#s/acc \& ACC_DW ? 1.0f : 0.0f, dw, in_dim, act, DT_F32/1.0f, dw, in_dim, act, DT_F32/#the weight gradient GEMM adds to dw when told to overwrite it (beta 1)'
   'kv_append_wrong_row#kernels/cuda/cuda_elementwise.cu#s/const size_t to = (i \* seq_rows + (size_t)positions\[i\]) \* width + c;/const size_t to = (i * seq_rows + (size_t)i) * width + c;/#the KV append writes row i, not the token position'
   # only the bf16 mode's checks can catch these: the fp32 and tf32 modes never store bf16
   'bf16_store_truncates#kernels/cuda/cuda_dtype.cuh#s/{ \*p = __float2bfloat16_rn(v); }/{ *p = __float2bfloat16_rz(v); }/#bf16 activations stored rounded toward zero'
   'bf16_tc_causal_off_by_one#kernels/cuda/cuda_attention_bf16.cu#s/lim\[i\] = min(off + q0 + warp \* 16 + g + 8 \* i, s.tk - 1);/lim[i] = min(off + q0 + warp * 16 + g + 8 * i + 1, s.tk - 1);/#bf16 tensor-core forward: causal limit one key late'
   'bf16_tc_forward_docs_leak#kernels/cuda/cuda_attention_bf16.cu#s/(DOC \&\& key < sFirst\[warp \* 16 + g + 8 \* (e >> 1)\]))/(DOC \&\& key + 1 < sFirst[warp * 16 + g + 8 * (e >> 1)]))/#bf16 tensor-core forward: each row also sees the last key of the document before its own'
-  'bf16_tc_dk_unscaled#kernels/cuda/cuda_attention_bf16.cu#s/if (dk) add_bf16x2(dk + row + 8 \* n, s.scale \* sk\[0\], s.scale \* sk\[1\]);/if (dk) add_bf16x2(dk + row + 8 * n, sk[0], sk[1]);/#bf16 tensor-core backward: dK without the softmax scale (group summed in the block)'
+  'bf16_tc_dk_unscaled#kernels/cuda/cuda_attention_bf16.cu#s/if (dk) add_bf16x2(dk + row + 8 \* n, s.scale \* sk\[0\], s.scale \* sk\[1\], s.acc);/if (dk) add_bf16x2(dk + row + 8 * n, sk[0], sk[1], s.acc);/#bf16 tensor-core backward: dK without the softmax scale (group summed in the block)'
+  'bf16_tc_reads_when_overwriting#kernels/cuda/cuda_attention_bf16.cu#s/const float2 old = acc ? __bfloat1622float2(\*q) : make_float2(0.0f, 0.0f);/const float2 old = __bfloat1622float2(*q);/#bf16 tensor-core backward adds to dq, dk, dv when told to overwrite them'
 )
 backup=$(mktemp)
 restore() { [ -n "${file:-}" ] && [ -s "$backup" ] && cp "$backup" "$file"; rm -f "$backup"; }

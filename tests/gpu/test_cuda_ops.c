@@ -259,23 +259,42 @@ static void expect_act(const char *what, void *dev, const float *ref, size_t n, 
   expect_as(what, dev, act, ref, NULL, n, tol);
 }
 
-/* An accumulating output of n values of dtype t: the values both sides start from and the
- * CPU's totals. acc_init, then the CPU op adds into a->ref, then acc_done; the GPU starts from
+/* A gradient output of n values of dtype t: the values both sides start from and the CPU's
+ * totals. acc_init, then the CPU op adds into a->ref, then acc_done; the GPU starts from
  * acc_up(a). In fp32 the start is uniform in [-1, 1] and the CPU adds into it. In bf16 the start
  * has the size of what the op adds (the CPU first adds into zeros; the start is then drawn with
  * the increment's RMS, rounded to bf16, and added to it on the host): starting values much
  * larger than the increment would round it away in bf16's 8 bits, much smaller ones would not
  * catch a kernel that overwrites instead of adding. acc_ref2 between acc_init and acc_done adds a
- * second reference, ref2, into which another computation adds as the CPU op does into ref. */
+ * second reference, ref2, into which another computation adds as the CPU op does into ref.
+ * overwrite: an output the op is called to overwrite (no ACC_DX / ACC_DW): both sides start
+ * from NaN, which a kernel that reads the output instead of writing it cannot hide. */
 struct acc {
   size_t n;
   enum dtype t;
+  int overwrite;
   float *start, *ref, *ref2;
 };
 
-static void acc_init(struct acc *a, size_t n, enum dtype t) {
-  a->n = n, a->t = t, a->ref2 = NULL;
-  if (t == DT_F32) {
+/* The acc argument (ops.h) of a backward test's calls: the tests alternate between overwriting
+ * their gradients and adding to them, one test after another. */
+static int next_acc(void) {
+  static int k;
+  return k++ % 2 ? ACC_DX | ACC_DW : 0;
+}
+
+static float *nan_floats(size_t n) {
+  float *a = xmalloc((n ? n : 1) * sizeof(float));
+  for (size_t i = 0; i < n; i++) a[i] = NAN;
+  return a;
+}
+
+static void acc_init(struct acc *a, size_t n, enum dtype t, int overwrite) {
+  a->n = n, a->t = t, a->ref2 = NULL, a->overwrite = overwrite;
+  if (overwrite) {
+    a->start = nan_floats(n);
+    a->ref = nan_floats(n);
+  } else if (t == DT_F32) {
     a->start = rand_floats(n, -1, 1);
     a->ref = clone(a->start, n);
   } else {
@@ -285,11 +304,12 @@ static void acc_init(struct acc *a, size_t n, enum dtype t) {
 }
 
 static void acc_ref2(struct acc *a) {
-  a->ref2 = a->t == DT_F32 ? clone(a->start, a->n) : xcalloc(a->n ? a->n : 1, sizeof(float));
+  a->ref2 = a->t == DT_F32 && !a->overwrite ? clone(a->start, a->n)
+                                            : xcalloc(a->n ? a->n : 1, sizeof(float));
 }
 
 static void acc_done(struct acc *a) {
-  if (a->t == DT_F32) return;
+  if (a->t == DT_F32 || a->overwrite) return;
   double ss = 0;
   for (size_t i = 0; i < a->n; i++) ss += (double)a->ref[i] * a->ref[i];
   double rms = a->n ? sqrt(ss / (double)a->n) : 0;
@@ -306,7 +326,7 @@ static void *acc_up(const struct acc *a) { return up_as(a->start, a->n, a->t); }
 
 /* compares, frees the device buffer and the host arrays */
 static void acc_expect(const char *what, void *dev, struct acc *a, double tol) {
-  expect_as2(what, dev, a->t, a->ref, a->ref2, a->start, a->n, tol);
+  expect_as2(what, dev, a->t, a->ref, a->ref2, a->overwrite ? NULL : a->start, a->n, tol);
   free(a->start);
   free(a->ref);
   free(a->ref2);
@@ -331,7 +351,7 @@ static void test_embedding(int n, int dim, int vocab) {
    * is exact arithmetic on the same values, hence TOL in every mode */
   float *dout = rand_act(nx, -1, 1);
   struct acc dtab;
-  acc_init(&dtab, nt, DT_F32);
+  acc_init(&dtab, nt, DT_F32, 0);
   cpu->embedding_backward(dtab.ref, dout, tok, n, dim);
   acc_done(&dtab);
   void *d_dtab = acc_up(&dtab), *d_dout = up_act(dout, nx);
@@ -358,16 +378,17 @@ static void test_rmsnorm(int n, int dim) {
 
   float *dout = rand_act(sz, -1, 1);
   struct acc dx, dw;
-  acc_init(&dx, sz, act);
-  acc_init(&dw, dim, DT_F32);
-  cpu->rmsnorm_backward(dx.ref, dw.ref, dout, x, w, n, dim, eps);
+  int ac = next_acc();
+  acc_init(&dx, sz, act, !ac);
+  acc_init(&dw, dim, DT_F32, !ac);
+  cpu->rmsnorm_backward(dx.ref, dw.ref, dout, x, w, n, dim, eps, ac);
   acc_done(&dx);
   acc_done(&dw);
   void *d_dout = up_act(dout, sz), *d_dx = acc_up(&dx), *d_dw = acc_up(&dw);
-  gpu->rmsnorm_backward(d_dx, d_dw, d_dout, d_x, d_w, n, dim, eps);
-  snprintf(name, sizeof name, "rmsnorm backward dx n=%d dim=%d", n, dim);
+  gpu->rmsnorm_backward(d_dx, d_dw, d_dout, d_x, d_w, n, dim, eps, ac);
+  snprintf(name, sizeof name, "rmsnorm backward dx n=%d dim=%d acc=%d", n, dim, ac);
   acc_expect(name, d_dx, &dx, tol);
-  snprintf(name, sizeof name, "rmsnorm backward dw n=%d dim=%d", n, dim);
+  snprintf(name, sizeof name, "rmsnorm backward dw n=%d dim=%d acc=%d", n, dim, ac);
   acc_expect(name, d_dw, &dw, tol);
   gpu->free(d_x); gpu->free(d_w); gpu->free(d_dout);
   free(x); free(w); free(out); free(dout);
@@ -389,16 +410,17 @@ static void test_qk_norm_rope(int n, int heads, int hd, double theta, int max_po
 
   float *dout = rand_act(sz, -1, 1);
   struct acc dx, dw;
-  acc_init(&dx, sz, act);
-  acc_init(&dw, hd, DT_F32);
-  cpu->qk_norm_rope_backward(dx.ref, dw.ref, dout, x, w, pos, n, heads, hd, eps, theta);
+  int ac = next_acc();
+  acc_init(&dx, sz, act, !ac);
+  acc_init(&dw, hd, DT_F32, !ac);
+  cpu->qk_norm_rope_backward(dx.ref, dw.ref, dout, x, w, pos, n, heads, hd, eps, theta, ac);
   acc_done(&dx);
   acc_done(&dw);
   void *d_dout = up_act(dout, sz), *d_dx = acc_up(&dx), *d_dw = acc_up(&dw);
-  gpu->qk_norm_rope_backward(d_dx, d_dw, d_dout, d_x, d_w, d_pos, n, heads, hd, eps, theta);
-  snprintf(name, sizeof name, "qk_norm_rope backward dx hd=%d", hd);
+  gpu->qk_norm_rope_backward(d_dx, d_dw, d_dout, d_x, d_w, d_pos, n, heads, hd, eps, theta, ac);
+  snprintf(name, sizeof name, "qk_norm_rope backward dx hd=%d acc=%d", hd, ac);
   acc_expect(name, d_dx, &dx, tol);
-  snprintf(name, sizeof name, "qk_norm_rope backward dw hd=%d", hd);
+  snprintf(name, sizeof name, "qk_norm_rope backward dw hd=%d acc=%d", hd, ac);
   acc_expect(name, d_dw, &dw, tol);
   gpu->free(d_x); gpu->free(d_w); gpu->free(d_pos); gpu->free(d_dout);
   free(x); free(w); free(out); free(pos); free(dout);
@@ -459,7 +481,7 @@ static void attention_per_document(float *ctx, float *lse, float *dq, float *dk,
         for (int h = 0; h < s->heads; h++)
           memcpy(l + (size_t)h * len, row_lse + (size_t)h * s->tq, len * sizeof(float));
         cpu->attention_backward(dq ? dq + qo : NULL, dk ? dk + ko : NULL, dv ? dv + ko : NULL,
-                                dctx + qo, q + qo, k + ko, v + ko, ctx + qo, l, &one);
+                                dctx + qo, q + qo, k + ko, v + ko, ctx + qo, l, &one, ACC_DX);
       }
     }
   free(l);
@@ -571,11 +593,16 @@ static void test_attention(int batch, int tq, int tk, int k_stride, int heads, i
     /* the forward results the backward is given: the 2nd reference's with documents */
     float *fctx = docs ? ctx2 : ctx, *flse = docs ? lse2 : lse;
     struct acc dq, dk, dv;
-    acc_init(&dq, nq, act);
-    acc_init(&dk, nk, act);
-    acc_init(&dv, nk, act);
+    int ac = next_acc();
+    acc_init(&dq, nq, act, !ac);
+    acc_init(&dk, nk, act, !ac);
+    acc_init(&dv, nk, act, !ac);
+    /* key rows past tk (k_stride > tk) are no key's: nothing writes them, both sides keep 0 */
+    for (int b = 0; !ac && b < batch; b++)
+      for (size_t i = ((size_t)b * k_stride + tk) * kv * hd; i < (size_t)(b + 1) * k_stride * kv * hd; i++)
+        dk.start[i] = dk.ref[i] = dv.start[i] = dv.ref[i] = 0.0f;
     round_act(fctx, nq);   /* the backward reads ctx as the forward stored it */
-    cpu->attention_backward(dq.ref, dk.ref, dv.ref, dctx, q, k, v, fctx, flse, &s);
+    cpu->attention_backward(dq.ref, dk.ref, dv.ref, dctx, q, k, v, fctx, flse, &s, ac);
     if (docs) {
       acc_ref2(&dq);
       acc_ref2(&dk);
@@ -591,10 +618,10 @@ static void test_attention(int batch, int tq, int tk, int k_stride, int heads, i
     /* a second run from the same start: determinism; then dq alone and dk, dv alone */
     void *d_dq2 = acc_up(&dq), *d_dk2 = acc_up(&dk), *d_dv2 = acc_up(&dv);
     void *d_dq3 = acc_up(&dq), *d_dk3 = acc_up(&dk), *d_dv3 = acc_up(&dv);
-    gpu->attention_backward(d_dq, d_dk, d_dv, d_dctx, d_q, d_k, d_v, d_ctx2, d_lse2, &gs);
-    gpu->attention_backward(d_dq2, d_dk2, d_dv2, d_dctx, d_q, d_k, d_v, d_ctx2, d_lse2, &gs);
-    gpu->attention_backward(d_dq3, NULL, NULL, d_dctx, d_q, d_k, d_v, d_ctx2, d_lse2, &gs);
-    gpu->attention_backward(NULL, d_dk3, d_dv3, d_dctx, d_q, d_k, d_v, d_ctx2, d_lse2, &gs);
+    gpu->attention_backward(d_dq, d_dk, d_dv, d_dctx, d_q, d_k, d_v, d_ctx2, d_lse2, &gs, ac);
+    gpu->attention_backward(d_dq2, d_dk2, d_dv2, d_dctx, d_q, d_k, d_v, d_ctx2, d_lse2, &gs, ac);
+    gpu->attention_backward(d_dq3, NULL, NULL, d_dctx, d_q, d_k, d_v, d_ctx2, d_lse2, &gs, ac);
+    gpu->attention_backward(NULL, d_dk3, d_dv3, d_dctx, d_q, d_k, d_v, d_ctx2, d_lse2, &gs, ac);
     CHECK(same_bits(d_dq, d_dq2, nq * eb) && same_bits(d_dk, d_dk2, nk * eb) &&
               same_bits(d_dv, d_dv2, nk * eb),
           "%s mode: attention backward is not deterministic (tq=%d hd=%d%s)", mode, tq, hd, tag);
@@ -629,22 +656,23 @@ static void test_swiglu(size_t n) {
   expect_act("swiglu forward", d_out, out, n, tol);
   float *dout = rand_act(n, -1, 1);
   struct acc dg, du;
-  acc_init(&dg, n, act);
-  acc_init(&du, n, act);
-  cpu->swiglu_backward(dg.ref, du.ref, dout, g, u, n);
+  int ac = next_acc();
+  acc_init(&dg, n, act, !ac);
+  acc_init(&du, n, act, !ac);
+  cpu->swiglu_backward(dg.ref, du.ref, dout, g, u, n, ac);
   acc_done(&dg);
   acc_done(&du);
   void *d_dout = up_act(dout, n), *d_dg = acc_up(&dg), *d_du = acc_up(&du);
   void *d_dg2 = acc_up(&dg), *d_du2 = acc_up(&du);
-  gpu->swiglu_backward(d_dg, d_du, d_dout, d_g, d_u, n);
-  gpu->swiglu_backward(d_dg2, NULL, d_dout, d_g, d_u, n);   /* one gradient only */
-  gpu->swiglu_backward(NULL, d_du2, d_dout, d_g, d_u, n);
+  gpu->swiglu_backward(d_dg, d_du, d_dout, d_g, d_u, n, ac);
+  gpu->swiglu_backward(d_dg2, NULL, d_dout, d_g, d_u, n, ac);   /* one gradient only */
+  gpu->swiglu_backward(NULL, d_du2, d_dout, d_g, d_u, n, ac);
   size_t eb = dtype_bytes(act);
   CHECK(same_bits(d_dg, d_dg2, n * eb) && same_bits(d_du, d_du2, n * eb),
         "%s mode: swiglu backward of one gradient (NULL for the other) differs", mode);
   gpu->free(d_dg2); gpu->free(d_du2);
-  acc_expect("swiglu backward dg", d_dg, &dg, tol);
-  acc_expect("swiglu backward du", d_du, &du, tol);
+  acc_expect(ac ? "swiglu backward dg, adding" : "swiglu backward dg, overwriting", d_dg, &dg, tol);
+  acc_expect(ac ? "swiglu backward du, adding" : "swiglu backward du, overwriting", d_du, &du, tol);
   gpu->free(d_g); gpu->free(d_u); gpu->free(d_dout);
   free(g); free(u); free(out); free(dout);
 }
@@ -740,22 +768,23 @@ static void test_linear(int n, int in, int out_dim) {
   expect_act(name, d_y, y, ny, tol);
   float *dy = rand_act(ny, -1, 1);
   struct acc dx, dw;
-  acc_init(&dx, nx, act);
-  acc_init(&dw, nw, DT_F32);
-  cpu->linear_backward(dx.ref, dw.ref, dy, x, w, n, in, out_dim);
+  int ac = next_acc();
+  acc_init(&dx, nx, act, !ac);
+  acc_init(&dw, nw, DT_F32, !ac);
+  cpu->linear_backward(dx.ref, dw.ref, dy, x, w, n, in, out_dim, ac);
   acc_done(&dx);
   acc_done(&dw);
   void *d_dy = up_act(dy, ny), *d_dx = acc_up(&dx), *d_dw = acc_up(&dw);
   void *d_dx2 = acc_up(&dx), *d_dw2 = acc_up(&dw);
-  gpu->linear_backward(d_dx, d_dw, d_dy, d_x, d_w, n, in, out_dim);
-  gpu->linear_backward(d_dx2, NULL, d_dy, d_x, d_w, n, in, out_dim);   /* one gradient only */
-  gpu->linear_backward(NULL, d_dw2, d_dy, d_x, d_w, n, in, out_dim);
+  gpu->linear_backward(d_dx, d_dw, d_dy, d_x, d_w, n, in, out_dim, ac);
+  gpu->linear_backward(d_dx2, NULL, d_dy, d_x, d_w, n, in, out_dim, ac);   /* one only */
+  gpu->linear_backward(NULL, d_dw2, d_dy, d_x, d_w, n, in, out_dim, ac);
   CHECK(same_bits(d_dx, d_dx2, nx * dtype_bytes(act)) && same_bits(d_dw, d_dw2, nw * 4),
         "%s mode: linear backward of one gradient (NULL for the other) differs", mode);
   gpu->free(d_dx2); gpu->free(d_dw2);
-  snprintf(name, sizeof name, "linear backward dx %d x %d -> %d", n, in, out_dim);
+  snprintf(name, sizeof name, "linear backward dx %d x %d -> %d acc=%d", n, in, out_dim, ac);
   acc_expect(name, d_dx, &dx, tol);
-  snprintf(name, sizeof name, "linear backward dw %d x %d -> %d", n, in, out_dim);
+  snprintf(name, sizeof name, "linear backward dw %d x %d -> %d acc=%d", n, in, out_dim, ac);
   acc_expect(name, d_dw, &dw, tol);
   gpu->free(d_x); gpu->free(d_w); gpu->free(d_dy);
   free(x); free(w); free(y); free(dy);
@@ -839,8 +868,8 @@ static void test_lm_head(int n, int dim, int vocab, int bad_target) {
   for (int i = 0; i < n; i += 7) tgt[i] = -1;   /* masked rows: no loss, no gradient */
   float *nll = xmalloc(n * 4);
   struct acc dx, dw;
-  acc_init(&dx, nx, act);
-  acc_init(&dw, nw, DT_F32);
+  acc_init(&dx, nx, act, 0);
+  acc_init(&dw, nw, DT_F32, 0);
   float scale = 1.0f / n;
   cpu->lm_head_loss(nll, dx.ref, dw.ref, x, w, tgt, n, dim, vocab, scale);
   acc_done(&dx);
@@ -896,14 +925,12 @@ static void test_adamw(size_t n, int copy) {
     gpu->free(d_nan);
     free(nan);
   }
-  /* clipped (the update sees fp32(g * scale)); the GPU also leaves its gradient zero */
+  /* clipped (the update sees fp32(g * scale)); the gradient is left as it is */
   struct adamw_step st = {3e-4f, 0.9f, 0.95f, 1e-8f, 0.1f, 0.625f, 7};
-  cpu->adamw_update(p, NULL, g, m, v, n, &st, 0);
-  gpu->adamw_update(d_p, d_copy, d_g, d_m, d_v, n, &st, 1);
+  cpu->adamw_update(p, NULL, g, m, v, n, &st);
+  gpu->adamw_update(d_p, d_copy, d_g, d_m, d_v, n, &st);
   float *g_left = down(d_g, n);
-  double left = 0;
-  for (size_t i = 0; i < n; i++) left += fabs(g_left[i]);
-  CHECK(left == 0, "%s mode: adamw with zero_grad left a gradient of L1 norm %g", mode, left);
+  CHECK(!memcmp(g_left, g, n * sizeof(float)), "%s mode: adamw changed the gradient", mode);
   free(g_left);
   if (copy) {
     gpu->convert(d_want, act, d_p, DT_F32, n);
@@ -1089,7 +1116,7 @@ static void check_nvfp4_gemm(int b_kn, enum dtype c_type, float beta, int m, int
     free(c);
   } else {
     struct acc c;
-    acc_init(&c, nc, c_type);
+    acc_init(&c, nc, c_type, 0);
     cpu->nvfp4_gemm(c.ref, DT_F32, aq, &dec_a, bq, &dec_b, b_kn, m, n, k, beta);
     acc_done(&c);
     void *d_c = acc_up(&c);

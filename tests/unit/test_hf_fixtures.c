@@ -110,11 +110,17 @@ static void check_case(const char *name) {
   int targets = batch * (seq - 1);
   float *nll = xmalloc(tokens * sizeof(float));
   struct micro_batch mb = {tok, tgt, pos, 0};
-  worker_zero_grads(&w);
-  worker_forward(&w, 0, &mb, 1.0f / targets, nll);
-  double sum = worker_take_loss(&w);
-  worker_backward(&w, 0, NULL);
-  worker_gather_tied_grads(&w);
+  /* Twice, as two steps of the same weights, and the second checked: it starts from the first
+   * one's gradients, of which worker_zero_grads and the overwriting first backward of a step
+   * must leave no trace. */
+  double sum = 0;
+  for (int step = 0; step < 2; step++) {
+    worker_zero_grads(&w);
+    worker_forward(&w, 0, &mb, 1.0f / targets, nll);
+    sum = worker_take_loss(&w);
+    worker_backward(&w, 0, NULL);
+    worker_gather_tied_grads(&w);
+  }
 
   double worst = 0;
   for (int b = 0; b < batch; b++)

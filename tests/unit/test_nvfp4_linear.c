@@ -100,8 +100,11 @@ static void run_case(struct reader *r) {
 
   float *y = xcalloc((size_t)n * out, sizeof(float)), *dx = xcalloc((size_t)n * in, sizeof(float));
   float *dw = xcalloc((size_t)out * in, sizeof(float));
+  /* poisoned: without ACC_DX and ACC_DW the backward overwrites both and reads neither */
+  for (size_t i = 0; i < (size_t)n * in; i++) dx[i] = NAN;
+  for (size_t i = 0; i < (size_t)out * in; i++) dw[i] = NAN;
   nvfp4_linear_forward(&w, 0, P_GATE, P_GATE, y, x, n, in, out);
-  nvfp4_linear_backward(&w, 0, 0, P_GATE, P_GATE, dx, dw, dy, x, n, in, out);
+  nvfp4_linear_backward(&w, 0, 0, P_GATE, P_GATE, dx, dw, dy, x, n, in, out, 0);
   compare("Fprop", name, y, y_ref, (size_t)n * out);
   compare("Dgrad", name, dx, dx_ref, (size_t)n * in);
   compare("Wgrad", name, dw, dw_ref, (size_t)out * in);
@@ -134,10 +137,10 @@ static void test_nonfinite(void) {
   for (int i = 0; i < N * OUT; i++) dy[i] = 0.1f * (float)(i % 5);
   char msg[512] = "";
   nvfp4_linear_forward(&w, 0, P_GATE, P_GATE, y, x, N, IN, OUT);
-  nvfp4_linear_backward(&w, 0, 0, P_GATE, P_GATE, dx, dw, dy, x, N, IN, OUT);
+  nvfp4_linear_backward(&w, 0, 0, P_GATE, P_GATE, dx, dw, dy, x, N, IN, OUT, ACC_DX | ACC_DW);
   CHECK(!nvfp4_nonfinite_operand(&w, msg, sizeof msg), "finite operands reported: %s", msg);
   dy[5] = INFINITY;
-  nvfp4_linear_backward(&w, 0, 0, P_GATE, P_GATE, dx, dw, dy, x, N, IN, OUT);
+  nvfp4_linear_backward(&w, 0, 0, P_GATE, P_GATE, dx, dw, dy, x, N, IN, OUT, ACC_DX | ACC_DW);
   int named = nvfp4_nonfinite_operand(&w, msg, sizeof msg);
   printf("an Inf in dY: %s\n", named ? msg : "(nothing named)");
   CHECK(named && strstr(msg, "gate_proj") && strstr(msg, "output gradient (Dgrad)"),
@@ -147,7 +150,7 @@ static void test_nonfinite(void) {
   CHECK(isnan(y[0]) && isnan(y[N * OUT - 1]), "a NaN input spreads through the whole product");
   x[3] = 1.0f, dy[5] = 0.0f;   /* finite operands again clear their scales */
   nvfp4_linear_forward(&w, 0, P_GATE, P_GATE, y, x, N, IN, OUT);
-  nvfp4_linear_backward(&w, 0, 0, P_GATE, P_GATE, dx, dw, dy, x, N, IN, OUT);
+  nvfp4_linear_backward(&w, 0, 0, P_GATE, P_GATE, dx, dw, dy, x, N, IN, OUT, ACC_DX | ACC_DW);
   CHECK(!nvfp4_nonfinite_operand(&w, msg, sizeof msg), "finite again, yet reported: %s", msg);
   w.weights[w.params[w.layer_param[0][P_DOWN]].offset] = NAN;
   worker_prepare_step(&w, 2);
