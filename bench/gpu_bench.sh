@@ -106,26 +106,30 @@ main() {
     [ -f "$WORK/hf4b/model.safetensors" ] ||
       echo "note: no $WORK/hf4b/model.safetensors: our runs use the job's random init (1-2 min of host time each)"
   fi
-  local cfg mb acc want
-  for cfg in "1 1 $OURS_MB1_S" "1 16 $OURS_SEQ16_S" "4 1 $OURS_MB4_S"; do
-    read -r mb acc want <<< "$cfg"
-    section "ours: mb $mb, $acc micro-batch(es) per step, T $T"
+  # GPU_BENCH_AB="VAR=VALUE": mb 1 with one micro-batch a step once more under that setting
+  # (labelled ours-...+VAR=VALUE), beside the default run of the same call
+  local cfg mb acc want env label
+  for cfg in "1 1 $OURS_MB1_S" "1 16 $OURS_SEQ16_S" "4 1 $OURS_MB4_S" \
+             ${GPU_BENCH_AB:+"1 1 $OURS_MB1_S $GPU_BENCH_AB"}; do
+    read -r mb acc want env <<< "$cfg"
+    label=$ours_label${env:++$env}
+    section "ours: mb $mb, $acc micro-batch(es) per step, T $T${env:+, $env}"
     b=$(budget "$want" 25)
     if [ "$built" = 0 ]; then
       skip "ours mb=$mb accum=$acc (no build)"
-      mark "$ours_label" "$mb" "$acc" no-build
+      mark "$label" "$mb" "$acc" no-build
       continue
     elif [ "$b" = 0 ]; then
-      skip "ours mb=$mb accum=$acc (time)"
-      mark "$ours_label" "$mb" "$acc" skipped
+      skip "ours mb=$mb accum=$acc${env:+ $env} (time)"
+      mark "$label" "$mb" "$acc" skipped
       continue
     fi
-    timeout -k 10 "$b" python3 bench/ours_train_bench.py train --mb "$mb" --accum "$acc" --T "$T" \
-      --budget $(( b - 10 )) --init-hf "$WORK/hf4b" --shard "$WORK/random_2m.h5" --work "$WORK" \
-      --label "$ours_label"
+    env ${env:-} timeout -k 10 "$b" python3 bench/ours_train_bench.py train --mb "$mb" \
+      --accum "$acc" --T "$T" --budget $(( b - 10 )) --init-hf "$WORK/hf4b" \
+      --shard "$WORK/random_2m.h5" --work "$WORK" --label "$label"
     rc=$?
     echo "exit $rc"
-    mark "$ours_label" "$mb" "$acc" "exit-$rc"
+    mark "$label" "$mb" "$acc" "exit-$rc"
     reap_gpu
   done
 

@@ -215,8 +215,8 @@ struct backend {
 
   /* Overlap of the optimizer with the next step's forward; NULL where a backend runs every op
    * in order (the CPU). side_stream(1): the ops that follow run on a second stream, which
-   * first waits for all the work issued so far; side_stream(0): back to the main stream. Ops
-   * on the side stream must not take temporary memory (AdamW and convert take none).
+   * first waits for all the work issued so far; side_stream(0): back to the main stream. Of
+   * the ops, only adamw_update, convert and sum_into may run on the side stream.
    * mark(i) records mark i (0 <= i < 4096) on the current stream; wait_mark(i) makes the
    * current stream wait for the work before the latest mark(i) (nothing, if never marked).
    * to_host, synchronize, alloc and free wait for the side stream too. */

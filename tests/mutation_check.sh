@@ -47,6 +47,8 @@ MUTATIONS=(
   'slot_aliased_though_added#worker/block.c#s/else if (slot_readers(in) == 1)/else if (slot_readers(in) >= 1)/#^test_hf_fixtures$#a residual input read in place although a later stage adds to its gradient'
   'qkv_dx_overwritten#worker/block.c#s/        acc\[0\] |= ACC_DX;/        (void)0;/#^test_hf_fixtures$#k and v overwrite the input gradient q wrote'
   'linear_dw_beta_ignored#kernels/cpu/cpu_linear.c#s/acc \& ACC_DW ? 1.0f : 0.0f, dw, in_dim/1.0f, dw, in_dim/#^test_ops$#linear backward adds to dw when told to overwrite it'
+  'norm_layers_twice#trainer/optim.c#s/l < p->n_layers \&\& !layers_normed/l < p->n_layers/#^mpi_#the layers summed for the norm in backward are summed again at the step'"'"'s end'
+  'norm_layer_early_hook#trainer/train.c#s/r->by_layer \&\& i == k->last_bwd/r->by_layer \&\& i != k->last_bwd/#^mpi_#the norm'"'"'s squares of a layer taken after its other backwards of the step, not its last'
   'recompute_not_rebuilt#worker/block.c#s/        stage_forward(w, producer(s->in\[k\]), a, live, layer, n);/        (void)0;/#^mpi_test_pipeline$#backward reads norm outputs and SwiGLU products it did not rebuild'
   'doc_mask_dropped#kernels/cpu/cpu_attention.c#s/^  if (!s->doc_start) return 0;/  return 0;/#^test_ops$|^test_pack$#packed documents attend to each other (CPU attention)'
   'pack_positions_continue#data/loader.c#s/^      positions\[t\] = j;/      positions[t] = t;/#^test_pack$#positions do not restart with each packed document'

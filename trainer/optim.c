@@ -34,25 +34,37 @@ static void param_sum_squares(struct worker *w, int g, int i) {
   shard_sum_squares(w, g, t->offset, t->offset + (size_t)t->rows * t->cols);
 }
 
+/* The squared norms of local layer l's gradients into its group's device sum (worker_zero_grads
+ * zeroed the sums), tensor by tensor in table order. */
+static void layer_sum_squares(struct worker *w, int l) {
+  for (int k = 0; k < N_LAYER_PARAMS; k++)
+    param_sum_squares(w, 1 + w->plan.first_layer + l, w->layer_param[l][k]);
+}
+
+void optimizer_norm_layer(struct worker *w, int layer) {
+  const struct backend *be = w->be;
+  if (be->side_stream) be->side_stream(1);
+  layer_sum_squares(w, layer);
+  if (be->side_stream) be->side_stream(0);
+}
+
 /* The squared gradient norm, summed per tensor and grouped by global layer (embedding first,
- * final norm and head last) in a fixed order, so every pipeline layout gets the same bits. The
+ * final norm and head last) in a fixed order, so every pipeline layout gets the same bits (and
+ * so does a layer summed early by optimizer_norm_layer: the same sums in the same order). The
  * sums run on the device and come back in one copy per chunk; every group lives in one chunk of
  * one stage, so adding the chunks' groups and then the stages' only adds zeros.
  * ZeRO-1: each replica holds the summed gradient of its shard only; a tensor's sum of squares
  * is then the sum over replicas (MPI's order over GROUP_DP) of its pieces' sums, each group the
  * sum of its tensors' in table order, and the groups are added in the same fixed order: within
  * rounding (not bitwise) of the unsharded norm. */
-static double grad_norm_squared(struct worker *chunks, int n, struct comm *c) {
+static double grad_norm_squared(struct worker *chunks, int n, struct comm *c, int layers_normed) {
   int groups = chunks[0].plan.cfg.num_layers + 2;
   double *sq = xcalloc((size_t)groups, sizeof(double));
   double *part = xmalloc((size_t)groups * sizeof(double));
   for (int i = 0; i < n; i++) {
     struct worker *w = &chunks[i];
     const struct worker_plan *p = &w->plan;
-    w->be->zero(w->sums + SUM_NORM, (size_t)groups * sizeof(double));
-    for (int l = 0; l < p->n_layers; l++)
-      for (int k = 0; k < N_LAYER_PARAMS; k++)
-        param_sum_squares(w, 1 + p->first_layer + l, w->layer_param[l][k]);
+    for (int l = 0; l < p->n_layers && !layers_normed; l++) layer_sum_squares(w, l);
     /* the tied embedding counts once: the last stage leaves its copy out */
     if (p->has_embedding) param_sum_squares(w, 0, w->embed_param);
     if (p->has_head) {
@@ -172,10 +184,11 @@ void stop_if_nonfinite(struct worker *chunks, int n, int step, const char *what,
 }
 
 double optimizer_step(struct worker *chunks, int n, struct comm *c, const Qwen3__Optim *o,
-                      double lr, int t, int layers_reduced) {
+                      double lr, int t, enum by_layer by_layer) {
+  int layers_reduced = by_layer == BY_LAYER_REDUCED;
   for (int i = 0; i < n; i++) sum_chunk_grads(&chunks[i], c, layers_reduced);
   if (layers_reduced) comm_wait_reductions(c);
-  double norm = sqrt(grad_norm_squared(chunks, n, c));
+  double norm = sqrt(grad_norm_squared(chunks, n, c, by_layer == BY_LAYER_NORMED));
   stop_if_nonfinite(chunks, n, t, "gradient norm", norm);   /* before the update: nothing lost */
   struct adamw_step st = {
     .lr = (float)lr, .beta1 = (float)o->beta1, .beta2 = (float)o->beta2, .eps = (float)o->eps,

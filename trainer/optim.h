@@ -17,6 +17,16 @@ double lr_schedule(const Qwen3__Optim *o, int total_steps, int step);
  * in the step, then optimizer_step with layers_reduced 1. */
 void optimizer_reduce_layer(struct worker *w, struct comm *c, int layer);
 
+/* Without replicas, where a layer's gradients are final once the step's last backward has
+ * passed it: adds the squares of local layer `layer`'s gradients into the step's norm sums,
+ * on the backend's side stream, so that they run beside the rest of the backward rather than
+ * between it and the update. Call it for every layer of every chunk in the step, then
+ * optimizer_step with BY_LAYER_NORMED. */
+void optimizer_norm_layer(struct worker *w, int layer);
+
+/* What the step's last backward started for every layer (optimizer_step's by_layer). */
+enum by_layer { BY_LAYER_NOTHING, BY_LAYER_REDUCED, BY_LAYER_NORMED };
+
 /* Stops the run when value (the step's `what`) is not finite, naming the NVFP4 operand that met
  * a non-finite value when one of the n chunks has one. */
 void stop_if_nonfinite(struct worker *chunks, int n, int step, const char *what, double value);
@@ -25,9 +35,10 @@ void stop_if_nonfinite(struct worker *chunks, int n, int step, const char *what,
  * order): sums tied-embedding gradients between the chunk with the embedding and the one with
  * the head, sums gradients over replicas (the rest of them, and waits for all, when
  * optimizer_reduce_layer started every layer's), clips to optim.grad_clip by the global L2
- * norm and applies AdamW (step t, 1-based); a non-finite norm stops the run before any update.
- * Returns the global gradient norm before clipping. */
+ * norm (the layers' squares already summed when optimizer_norm_layer did) and applies AdamW
+ * (step t, 1-based); a non-finite norm stops the run before any update. Returns the global
+ * gradient norm before clipping. */
 double optimizer_step(struct worker *chunks, int n, struct comm *c, const Qwen3__Optim *o,
-                      double lr, int t, int layers_reduced);
+                      double lr, int t, enum by_layer by_layer);
 
 #endif

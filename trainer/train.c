@@ -282,7 +282,9 @@ struct run {
   int n_mb, tokens_per_mb;
   int32_t *tokens, *targets, *positions;   /* host, [n_mb][tokens_per_mb] */
   uint64_t stream_base;                     /* samples seen before this step */
-  int overlap;    /* parallel.overlap_reduction applies: replicas, no ZeRO */
+  /* What the last backward of a step starts for each layer: the sum over the replicas
+   * (parallel.overlap_reduction: replicas, no ZeRO), or, without replicas, the norm's squares */
+  enum by_layer by_layer;
 };
 
 /* Global sample index of sequence i of micro-batch m of this replica, the run having consumed
@@ -323,10 +325,16 @@ static void release_live(struct chunk *k, int mb) {
   k->live_of[mb] = -1;
 }
 
-/* layer_hook of the chunk's last backward: the layer's gradients are final, sum them now */
+/* layer_hooks of the chunk's last backward: the layer's gradients are final; sum them over the
+ * replicas now, or, without replicas, their squares for the norm */
 static void reduce_layer(void *ctx, int layer) {
   struct chunk *k = ctx;
   optimizer_reduce_layer(k->w, k->c, layer);
+}
+
+static void norm_layer(void *ctx, int layer) {
+  struct chunk *k = ctx;
+  optimizer_norm_layer(k->w, layer);
 }
 
 /* Runs this rank's action list, each action on its chunk's worker; returns the summed NLL of
@@ -357,8 +365,8 @@ static double run_schedule(struct run *r, float grad_scale) {
       comm_recv_tensor(c, w->grad_in, act_bytes, peer, tag);
       break;
     case ACT_BWD: {
-      struct layer_hook reduce = {reduce_layer, k};
-      worker_backward(w, live, r->overlap && i == k->last_bwd ? &reduce : NULL);
+      struct layer_hook hook = {r->by_layer == BY_LAYER_REDUCED ? reduce_layer : norm_layer, k};
+      worker_backward(w, live, r->by_layer && i == k->last_bwd ? &hook : NULL);
       if (k->first) release_live(k, a->mb);
       break;
     }
@@ -437,7 +445,9 @@ void train_run(const Job *job, const struct qwen3_config *cfg, struct comm *c,
   schedule_build(&r.sched, schedule_kind_of(job), c->pp, r.v, r.n_mb, c->stage);
   for (int i = 0; i < r.sched.n; i++)
     if (r.sched.actions[i].kind == ACT_BWD) r.chunk[r.sched.actions[i].chunk].last_bwd = i;
-  r.overlap = c->dp > 1 && r.w[0].plan.shards == 1 && job->parallel->overlap_reduction;
+  r.by_layer = c->dp == 1 ? BY_LAYER_NORMED
+               : r.w[0].plan.shards == 1 && job->parallel->overlap_reduction ? BY_LAYER_REDUCED
+                                                                             : BY_LAYER_NOTHING;
   loader_open(&r.train, job->data->train, (int)job->data->n_train, job->data->seq_len,
               job->data->seed, cfg->vocab_size, "data.train",
               LOADER_TRAINING | (job->data->pack ? LOADER_PACK : 0));
@@ -484,7 +494,7 @@ void train_run(const Job *job, const struct qwen3_config *cfg, struct comm *c,
     double t3 = part_clock(be, opt->timing);
     /* no synchronize: the optimizer's update may still run on the backend's side stream while
      * the next step's forward starts (optim.c); that step's time includes what it waited for */
-    double grad_norm = optimizer_step(r.w, r.v, c, job->optim, lr, step, r.overlap);
+    double grad_norm = optimizer_step(r.w, r.v, c, job->optim, lr, step, r.by_layer);
     if (opt->timing) {
       part_seconds[0] += t2 - t1;
       part_seconds[1] += t3 - t2;

@@ -404,6 +404,8 @@ void worker_init_weights(struct worker *w, uint64_t seed, float std) {
 void worker_zero_grads(struct worker *w) {
   w->grads_fresh = 1;
   w->zero_pending = ZERO_EMBED_GRAD | ZERO_HEAD_GRAD;
+  /* the squared-norm sums, which a layer may start adding to in this step's backward */
+  w->be->zero(w->sums + SUM_NORM, ((size_t)w->plan.cfg.num_layers + 2) * sizeof(double));
 }
 
 /* The gradient of `which` (ZERO_EMBED_GRAD or ZERO_HEAD_GRAD), which ops only add to, is zeroed

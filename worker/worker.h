@@ -225,7 +225,7 @@ void worker_backward(struct worker *w, int live, const struct layer_hook *hook);
 /* Starts a step's gradients: the first backward overwrites those of the layers and the final
  * norm, and the ones ops only add to (the embedding's rows, summed by scatter-adds, and the LM
  * head's, by lm_head_loss) are zeroed before their first add; so no pass over every gradient
- * (4 bytes a parameter) is spent on zeroing them. */
+ * (4 bytes a parameter) is spent on zeroing them. Zeroes the step's squared-norm sums. */
 enum { ZERO_EMBED_GRAD = 1, ZERO_HEAD_GRAD = 2 };
 void worker_zero_grads(struct worker *w);
 /* After the micro-batches of a step: adds the LM head's share of a tied embedding's gradient. */

@@ -62,6 +62,7 @@ struct cuda_context {
   void *lt_workspace;          /* cuBLASLt's workspace */
   size_t lt_workspace_bytes;
   char *scratch;               /* the arena ops take temporary memory from */
+  char *side_scratch;          /* the side stream's (cuda_scratch) */
   size_t scratch_bytes;
   enum dtype act;              /* storage of activations: DT_BF16 (mode bf16) or DT_F32 */
   int tf32;                    /* 1: GEMMs on fp32 operands may use TF32 (modes bf16, tf32) */
@@ -72,9 +73,10 @@ struct cuda_context {
 };
 extern struct cuda_context cuda_ctx;
 
-/* A temporary buffer of at least `bytes` from the arena, 256-byte aligned. It is valid until
- * the calling op returns (ops never overlap: they run in order on one stream). Dies naming
- * `what` when the arena is too small (the arena's size is QWEN3_CUDA_SCRATCH_MB). */
+/* A temporary buffer of at least `bytes` from the current stream's arena (the side stream has
+ * a small one of its own), 256-byte aligned. It is valid until the calling op returns (a
+ * stream's ops never overlap: they run in order). Dies naming `what` when the arena is too
+ * small (the main arena's size is QWEN3_CUDA_SCRATCH_MB). */
 void *cuda_scratch(size_t bytes, const char *what);
 /* The same arena cut in two: the second buffer follows the first. */
 void cuda_scratch2(void **a, size_t a_bytes, void **b, size_t b_bytes, const char *what);

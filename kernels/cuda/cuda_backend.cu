@@ -57,7 +57,12 @@ static int env_flag(const char *name, int fallback) {
  * enough to run near the GEMM rate. */
 static size_t scratch_bytes(void) { return env_size("QWEN3_CUDA_SCRATCH_MB", 512) << 20; }
 
-extern "C" size_t cuda_workspace_bytes(void) { return LT_WORKSPACE_BYTES + scratch_bytes(); }
+/* The side stream's own arena: its ops (AdamW, the norm's sums) take only sum_into's partials. */
+#define SIDE_SCRATCH_BYTES ((size_t)64 << 10)
+
+extern "C" size_t cuda_workspace_bytes(void) {
+  return LT_WORKSPACE_BYTES + scratch_bytes() + SIDE_SCRATCH_BYTES;
+}
 
 static void cuda_init(int local_rank, int local_size) {
   cuda_precision(&cuda_ctx.act, &cuda_ctx.tf32);   /* first: a mistyped mode fails before any GPU work */
@@ -69,8 +74,17 @@ static void cuda_init(int local_rank, int local_size) {
   CUDA_CHECK(cudaSetDevice(cuda_ctx.device));
   CUDA_CHECK(cudaDeviceGetAttribute(&cuda_ctx.sm_count, cudaDevAttrMultiProcessorCount,
                                     cuda_ctx.device));
-  CUDA_CHECK(cudaStreamCreateWithFlags(&cuda_ctx.main_stream, cudaStreamNonBlocking));
-  CUDA_CHECK(cudaStreamCreateWithFlags(&cuda_ctx.side_stream, cudaStreamNonBlocking));
+  /* The main stream above the side stream: when an SM frees up, the step's kernels get it
+   * before the optimizer's update of the last step (optim.c), which fills the SMs they leave
+   * idle instead of holding the forward behind its blocks. comm's NCCL streams are above both
+   * (comm_nccl.c). QWEN3_CUDA_OVERLAP_PRIORITY=0 gives the two streams the same priority. */
+  int least = 0, greatest = 0;
+  CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
+  const int main_priority =
+      env_flag("QWEN3_CUDA_OVERLAP_PRIORITY", 1) && greatest < least ? greatest + 1 : least;
+  CUDA_CHECK(cudaStreamCreateWithPriority(&cuda_ctx.main_stream, cudaStreamNonBlocking,
+                                          main_priority));
+  CUDA_CHECK(cudaStreamCreateWithPriority(&cuda_ctx.side_stream, cudaStreamNonBlocking, least));
   CUDA_CHECK(cudaEventCreateWithFlags(&cuda_ctx.side_tail, cudaEventDisableTiming));
   cuda_ctx.stream = cuda_ctx.main_stream;
   CUBLAS_CHECK(cublasLtCreate(&cuda_ctx.lt));
@@ -82,8 +96,9 @@ static void cuda_init(int local_rank, int local_size) {
   cuda_ctx.scratch_bytes = scratch_bytes();
   CUDA_CHECK(cudaMalloc(&cuda_ctx.lt_workspace, cuda_ctx.lt_workspace_bytes));
   CUDA_CHECK(cudaMalloc((void **)&cuda_ctx.scratch, cuda_ctx.scratch_bytes));
+  CUDA_CHECK(cudaMalloc((void **)&cuda_ctx.side_scratch, SIDE_SCRATCH_BYTES));
   CUDA_CHECK(cudaMallocHost((void **)&cuda_ctx.host_result, 4096));
-  bytes_in_use = bytes_peak = cuda_ctx.lt_workspace_bytes + cuda_ctx.scratch_bytes;
+  bytes_in_use = bytes_peak = cuda_workspace_bytes();
   if (local_size > count && local_rank == 0)
     info("backend CUDA: %d processes share %d GPU(s) on this machine", local_size, count);
 }
@@ -97,9 +112,14 @@ extern "C" int cuda_smem_optin(void) {
 }
 
 extern "C" void *cuda_scratch(size_t bytes, const char *what) {
-  /* the arena is the main stream's: a side-stream op would race the next step's ops for it */
-  if (cuda_ctx.stream == cuda_ctx.side_stream)
-    die("internal: %s takes scratch memory on the side stream", what);
+  /* the side stream has an arena of its own: with the main one it would race the main
+   * stream's ops, which run at the same time */
+  if (cuda_ctx.stream == cuda_ctx.side_stream) {
+    if (bytes > SIDE_SCRATCH_BYTES)
+      die("internal: %s takes %zu bytes of scratch memory on the side stream (%zu there)", what,
+          bytes, SIDE_SCRATCH_BYTES);
+    return cuda_ctx.side_scratch;
+  }
   if (bytes > cuda_ctx.scratch_bytes)
     die("CUDA scratch arena too small: %s needs %.1f MiB of %.1f MiB (set QWEN3_CUDA_SCRATCH_MB)",
         what, bytes / 1048576.0, cuda_ctx.scratch_bytes / 1048576.0);

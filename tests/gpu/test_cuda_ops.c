@@ -598,8 +598,10 @@ static void test_attention(int batch, int tq, int tk, int k_stride, int heads, i
     acc_init(&dk, nk, act, !ac);
     acc_init(&dv, nk, act, !ac);
     /* key rows past tk (k_stride > tk) are no key's: nothing writes them, both sides keep 0 */
+    const size_t k_row = (size_t)kv * hd;
     for (int b = 0; !ac && b < batch; b++)
-      for (size_t i = ((size_t)b * k_stride + tk) * kv * hd; i < (size_t)(b + 1) * k_stride * kv * hd; i++)
+      for (size_t i = ((size_t)b * k_stride + tk) * k_row; i < (size_t)(b + 1) * k_stride * k_row;
+           i++)
         dk.start[i] = dk.ref[i] = dv.start[i] = dv.ref[i] = 0.0f;
     round_act(fctx, nq);   /* the backward reads ctx as the forward stored it */
     cpu->attention_backward(dq.ref, dk.ref, dv.ref, dctx, q, k, v, fctx, flse, &s, ac);

@@ -174,7 +174,7 @@ static void replay(struct worker *w, const struct layout *l, const char *run,
     float *g = flat(key, l->total);
     scatter(w, l, w->grads, g);
     free(g);
-    double norm = optimizer_step(w, 1, &c, &o, lr, step, 0);
+    double norm = optimizer_step(w, 1, &c, &o, lr, step, BY_LAYER_NOTHING);
     double e = fabs(norm - norm_ref[step - 1]) / norm_ref[step - 1];
     CHECK(e <= 1e-6, "%s step %d: gradient norm %.9g, torch %.9g", run, step, norm,
           norm_ref[step - 1]);
