@@ -5,24 +5,32 @@
  * rstd is (float)(1 / sqrt(ss/dim + eps)) computed in double; the elementwise products use the
  * round-to-nearest intrinsics so nvcc does not contract them into FMAs the CPU (built without
  * FMA) does not have. RoPE: inv_freq is computed on the host by the CPU's very expression (glibc
- * pow), angle = (float)pos * inv_freq in fp32, cos/sin evaluated in double and rounded, into
- * [n, head_dim/2] tables in cuda_scratch, exactly the CPU's tables up to CUDA's double cos/sin
- * (<= 2 ulp of double, invisible after rounding to float).
+ * pow), angle = (float)pos * inv_freq in fp32, cos/sin evaluated in double and rounded: exactly
+ * the CPU's tables up to CUDA's double cos/sin (<= 2 ulp of double, invisible after rounding to
+ * float). Each block evaluates them for the tokens it works on, into shared memory, so no table
+ * kernel runs before either direction.
  *
  * Types: x, out, dout and dx are activations of the storage type T (float or bf16,
  * cuda_dtype.cuh), read and written through load_f / store_f; all arithmetic is the fp32 and
  * double arithmetic above, so the fp32 instantiations are the fp32 kernels exactly. The weight w
  * (a master weight) and its gradient dw are fp32 in every mode.
  *
- * Determinism: no atomics. A row's sums go through a fixed reduction tree (an xor butterfly,
- * which leaves every lane with the bitwise same value, then the warp sums in warp order). The
- * weight gradient is a sum over rows: the rows are cut into chunks fixed by the shape alone (never
- * by the GPU's SM count), each column's sum over a chunk is taken in row order, in double, into
- * partials [chunks, dim] in cuda_scratch, and a second kernel sums a column's partials in a fixed
- * order (chunk order for RMSNorm, a fixed tree for q/k norm) and adds the float result to dw, as
- * the CPU adds its double row-order sum. RMSNorm takes the chunk sums in a separate pass, one
- * thread per column; the q/k norm backward takes them in the row kernel itself, one warp per
- * chunk, each lane summing the columns it already holds. */
+ * Memory traffic: each op reads its inputs once and writes its outputs once (the backward also
+ * its small dw partials), so at the training shapes it is bound by memory bandwidth. A thread
+ * keeps its share of a row in registers from the load to the store: RMSNorm spreads a row over
+ * one block (8 or 16 values a thread, so dim <= 8192), the q/k norm gives a (token, head) row to
+ * a team of lanes of a warp. Loads and stores move 16 bytes where the row length and the
+ * pointers' alignment allow, one value otherwise, and all of a step's loads are issued before its
+ * arithmetic.
+ *
+ * Determinism: no atomics. A row's sums go through a fixed reduction tree (xor butterflies,
+ * which leave every lane with the bitwise same value, then the warp sums in warp order). The
+ * weight gradient is a sum over rows: every block of a backward owns a chunk of consecutive
+ * rows fixed by the shape alone (never by the GPU's SM count); its threads add the terms of their
+ * columns over the chunk in row order, in double, in registers, the block combines them in a
+ * fixed order into partials [blocks, dim] in cuda_scratch, and dw_finalize_kernel adds a
+ * column's partials in a fixed tree and adds the float result to dw, as the CPU adds its double
+ * row-order sum. */
 #include <math.h>
 #include <stdint.h>
 
@@ -42,107 +50,224 @@ static __device__ __forceinline__ float dx_term(float r, float g, double c, floa
   return (float)__dsub_rn(__dmul_rn((double)r, (double)g), __dmul_rn(c, (double)x));
 }
 
-/* Threads for one row of dim: one group of 4 values (or one value) per thread and pass, at most
- * 256. */
-static int row_threads(int dim) {
-  int per = (dim + 3) / 4;
-  int t = (per + 31) / 32 * 32;
-  return t < 32 ? 32 : t > 256 ? 256 : t;
+/* ---- vectors and sums ----------------------------------------------------------------------- */
+
+/* V consecutive values of T moved as one load or store: 16 bytes (V = VEC_OF(T)) on the vector
+ * paths, one value (V = 1) on the scalar paths, taken when a row's length is not a multiple of
+ * VEC_OF(T) or a pointer is not 16-byte aligned. Kernels keep what they load in this form (bf16
+ * takes half the registers of fp32) and convert a value where they use it. */
+#define VEC_OF(T) ((int)(16 / sizeof(T)))
+
+template <typename T, int V>
+struct alignas(V * sizeof(T)) vecn {
+  T v[V];
+};
+
+/* Vector i of p, or zeros when !live (past a row's end, a row past the block's, an accumulation
+ * not asked for: p is not read then). */
+template <typename T, int V>
+static __device__ __forceinline__ vecn<T, V> load_vec(const T *p, size_t i, bool live) {
+  vecn<T, V> q;
+  if (live) {
+    q = ((const vecn<T, V> *)p)[i];
+  } else {
+#pragma unroll
+    for (int e = 0; e < V; e++) store_f(&q.v[e], 0.0f);
+  }
+  return q;
 }
 
-/* ---- the weight-gradient reduction over rows ------------------------------------------------ */
-
-/* Row chunks for a [rows, cols] column sum: about 160k threads in all, at least 16 rows per
- * chunk, at most 1024 chunks; a function of the shape only, so a run repeats bit for bit. */
-static int dw_chunks(size_t rows, int cols, size_t *rows_per_chunk) {
-  size_t target = (size_t)160 * 1024 / (size_t)cols;
-  if (target < 1) target = 1;
-  if (target > 1024) target = 1024;
-  size_t rpc = (rows + target - 1) / target;
-  if (rpc < 16) rpc = 16;
-  *rows_per_chunk = rpc;
-  return (int)((rows + rpc - 1) / rpc);
+template <typename T, int V>
+static __device__ __forceinline__ void store_vec(T *p, size_t i, const float *f) {
+  vecn<T, V> q;
+#pragma unroll
+  for (int e = 0; e < V; e++) store_f(&q.v[e], f[e]);
+  ((vecn<T, V> *)p)[i] = q;
 }
 
-static int dw_threads(int cols) {
-  int t = (cols + 31) / 32 * 32;
-  return t > 256 ? 256 : t;
+/* The vector path: rows of len values, every pointer given (NULL counts as aligned) 16-byte
+ * aligned. */
+template <typename T>
+static bool vec_path(int len, const void *a, const void *b, const void *c = NULL) {
+  return len % VEC_OF(T) == 0 && cuda_aligned16(a) && cuda_aligned16(b) && cuda_aligned16(c);
 }
 
-/* dw[j] (+)= (float)Σ_c partial[c, j], chunks in order; acc: add to dw rather than overwrite */
-static __global__ void dw_finalize_kernel(float *__restrict__ dw, const double *__restrict__ partial,
-                                   int chunks, int dim, bool acc) {
-  const int j = blockIdx.x * blockDim.x + threadIdx.x;
-  if (j >= dim) return;
+/* v[0..N-1] each summed over the block, the same values in every thread: block_sum_double's
+ * tree (the warps' xor butterflies, then their sums in warp order) for N sums at once, which
+ * shuffle side by side. sh holds 32 N doubles. */
+template <int N>
+static __device__ __forceinline__ void block_sums_double(double *v, double *sh) {
+#pragma unroll
+  for (int k = 0; k < N; k++) v[k] = warp_sum_double(v[k]);
+  __syncthreads();  /* sh may still be read by the previous step */
+  if ((threadIdx.x & 31) == 0) {
+#pragma unroll
+    for (int k = 0; k < N; k++) sh[(threadIdx.x >> 5) * N + k] = v[k];
+  }
+  __syncthreads();
+#pragma unroll
+  for (int k = 0; k < N; k++) v[k] = 0.0;
+  for (int w = 0; w < (int)(blockDim.x >> 5); w++) {
+#pragma unroll
+    for (int k = 0; k < N; k++) v[k] += sh[w * N + k];
+  }
+}
+
+/* ---- the weight gradient's partials --------------------------------------------------------- */
+
+#define DW_SLICES 32
+
+/* dw[j] (+)= (float)Σ_b partial[b, j] over the `parts` partials; acc: add to dw rather than
+ * overwrite. A block takes 32 columns with 32 slices of threads: slice s adds the partials s,
+ * s + 32, ... in order, then the slices' sums are added pairwise (a fixed tree). */
+static __global__ void __launch_bounds__(32 * DW_SLICES)
+    dw_finalize_kernel(float *__restrict__ dw, const double *__restrict__ partial, int parts,
+                       int dim, bool acc) {
+  __shared__ double sh[DW_SLICES][32];
+  pdl_wait();
+  pdl_release();
+  const int c = threadIdx.x & 31, s = threadIdx.x >> 5, j = blockIdx.x * 32 + c;
   double sum = 0.0;
-  for (int c = 0; c < chunks; c++) sum += partial[(size_t)c * dim + j];
-  dw[j] = acc ? __fadd_rn(dw[j], (float)sum) : (float)sum;
+  if (j < dim) {
+#pragma unroll 4
+    for (int b = s; b < parts; b += DW_SLICES) sum += partial[(size_t)b * dim + j];
+  }
+  sh[s][c] = sum;
+  for (int h = DW_SLICES / 2; h > 0; h >>= 1) {
+    __syncthreads();
+    if (s < h) sh[s][c] += sh[s + h][c];
+  }
+  if (s == 0 && j < dim) dw[j] = acc ? __fadd_rn(dw[j], (float)sh[0][c]) : (float)sh[0][c];
 }
 
-static void dw_finalize(float *dw, const double *partial, int chunks, int dim, bool acc) {
-  int threads = dw_threads(dim);
-  dw_finalize_kernel<<<(dim + threads - 1) / threads, threads, 0, cuda_ctx.stream>>>(
-      dw, partial, chunks, dim, acc);
-  CUDA_LAUNCHED("dw_finalize_kernel");
+static void dw_finalize(float *dw, const double *partial, int parts, int dim, int acc) {
+  CUDA_LAUNCH_PDL("dw_finalize_kernel", dw_finalize_kernel, dim3((dim + 31) / 32),
+                  dim3(32 * DW_SLICES), 0, dw, partial, parts, dim, (acc & ACC_DW) != 0);
+}
+
+/* With no rows an overwritten dw is zero, as the CPU's empty sums leave it. */
+static void zero_dw_of_no_rows(float *dw, int dim, int acc) {
+  if (dim > 0 && !(acc & ACC_DW))
+    CUDA_CHECK(cudaMemsetAsync(dw, 0, (size_t)dim * sizeof(float), cuda_ctx.stream));
 }
 
 /* ---- RMSNorm -------------------------------------------------------------------------------- */
 
-/* Σ x² of row xi in double: each thread its own values in order, then the block's fixed tree */
-template <typename T, bool VEC>
-static __device__ __forceinline__ double row_sum_squares(const T *xi, int dim, double *sh) {
-  double ss = 0.0;
-  if (VEC) {
-    for (int v = threadIdx.x; v < dim / 4; v += blockDim.x) {
-      float a[4];
-      load4(a, xi, v);
+/* A block takes R rows at a time (a step): their loads are in flight together and their sums
+ * are reduced together. Each thread holds RMS_STEP_VALUES values of each tensor a step reads,
+ * C = 16 / R of each row: thread t the values t C .. t C + C-1, as PER = C / V vectors. R = 2 up
+ * to dim 4096, else 1, so a block has at most 512 threads and dim is at most 8192 (a row lives
+ * in one block's registers). R = 2 keeps twice the bytes in flight for the registers a thread
+ * holds (not yet measured against R = 1). */
+#define RMS_STEP_VALUES 16
+#define RMS_MAX_THREADS 512
+/* Registers of a backward thread: 96 where bf16 training shapes run (the vector path, two rows a
+ * step), so that two blocks of up to 320 threads (dim 2560) share an SM; 128, what a block of
+ * 512 threads may have, elsewhere. No backward kernel spills at these (nvcc 13.0, sm_90); the
+ * weight is read from shared memory, which leaves the registers to the rows and dw. */
+#define RMS_BWD_REGS(V, R) ((V) > 1 && (R) == 2 ? 96 : 128)
+/* Blocks of the backward: each owns rms_rows_per_block consecutive rows (see there); 256, about
+ * two an SM of an H200, each writing dim partials (5 MB at dim 2560), not yet measured. */
+#define RMS_BWD_BLOCKS 256
+
+static int rms_rows_at_once(int dim) {
+  if (dim > RMS_STEP_VALUES * RMS_MAX_THREADS)
+    cuda_fail("rmsnorm", "dim must be at most 8192 (a row lives in one block's registers)",
+              __FILE__, __LINE__);
+  return dim <= RMS_STEP_VALUES / 2 * RMS_MAX_THREADS ? 2 : 1;
+}
+
+static int rms_threads(int dim, int r) {
+  const int per_warp = 32 * RMS_STEP_VALUES / r;
+  return (dim + per_warp - 1) / per_warp * 32;
+}
+
+/* The thread's vectors of row i of p, zeros past the row's end or everywhere when !live */
+template <typename T, int V, int PER>
+static __device__ __forceinline__ void load_row(vecn<T, V> *f, const T *p, size_t i, int dim,
+                                                bool live) {
 #pragma unroll
-      for (int k = 0; k < 4; k++) ss += (double)a[k] * a[k];
+  for (int k = 0; k < PER; k++) {
+    const int v = threadIdx.x * PER + k;
+    f[k] = load_vec<T, V>(p, i * (dim / V) + v, live && v < dim / V);
+  }
+}
+
+/* The thread's weights, zeros past the row's end */
+template <int V, int PER>
+static __device__ __forceinline__ void load_row_weights(float (*f)[V], const float *w, int dim) {
+#pragma unroll
+  for (int k = 0; k < PER; k++) {
+#pragma unroll
+    for (int e = 0; e < V; e++) {
+      const int j = (threadIdx.x * PER + k) * V + e;
+      f[k][e] = j < dim ? w[j] : 0.0f;
     }
-  } else {
-    for (int j = threadIdx.x; j < dim; j += blockDim.x) {
-      const float a = load_f(xi + j);
+  }
+}
+
+/* Σ x² of the thread's values of a row, in column order (both directions take it, so they
+ * compute the same rstd) */
+template <typename T, int V, int PER>
+static __device__ __forceinline__ double row_sum_squares(const vecn<T, V> *x) {
+  double ss = 0.0;
+#pragma unroll
+  for (int k = 0; k < PER; k++) {
+#pragma unroll
+    for (int e = 0; e < V; e++) {
+      const float a = load_f(&x[k].v[e]);
       ss += (double)a * a;
     }
   }
-  return block_sum_double(ss, sh);
+  return ss;
 }
 
-/* One block per row (blocks stride over rows). */
-template <typename T, bool VEC>
-static __global__ void rmsnorm_forward_kernel(T *__restrict__ out, const T *__restrict__ x,
-                                              const float *__restrict__ w, int n, int dim,
-                                              float eps) {
-  __shared__ double sh[32];
+/* Blocks stride over steps. */
+template <typename T, int V, int R>
+static __global__ void __launch_bounds__(RMS_MAX_THREADS)
+    rmsnorm_forward_kernel(T *__restrict__ out, const T *__restrict__ x,
+                           const float *__restrict__ w, int n, int dim, float eps) {
+  constexpr int PER = RMS_STEP_VALUES / R / V;
+  __shared__ double sh[32 * R];
   pdl_wait();
   pdl_release();
-  for (int i = blockIdx.x; i < n; i += gridDim.x) {
-    const T *xi = x + (size_t)i * dim;
-    T *oi = out + (size_t)i * dim;
-    const float r = rstd_of(row_sum_squares<T, VEC>(xi, dim, sh), dim, eps);
-    if (VEC) {
-      for (int v = threadIdx.x; v < dim / 4; v += blockDim.x) {
-        float a[4], o[4];
-        load4(a, xi, v);
-        const float4 wv = ((const float4 *)w)[v];
-        const float wk[4] = {wv.x, wv.y, wv.z, wv.w};
+  float wv[PER][V];
+  load_row_weights<V, PER>(wv, w, dim);
+  for (int i0 = blockIdx.x * R; i0 < n; i0 += gridDim.x * R) {
+    vecn<T, V> xr[R][PER];
+    double ss[R];
 #pragma unroll
-        for (int k = 0; k < 4; k++) o[k] = __fmul_rn(__fmul_rn(a[k], r), wk[k]);
-        store4(oi, v, o);
+    for (int q = 0; q < R; q++) load_row<T, V, PER>(xr[q], x, (size_t)(i0 + q), dim, i0 + q < n);
+#pragma unroll
+    for (int q = 0; q < R; q++) ss[q] = row_sum_squares<T, V, PER>(xr[q]);
+    block_sums_double<R>(ss, sh);
+#pragma unroll
+    for (int q = 0; q < R; q++) {
+      if (i0 + q >= n) break;  /* uniform over the block */
+      const float r = rstd_of(ss[q], dim, eps);
+#pragma unroll
+      for (int k = 0; k < PER; k++) {
+        const int v = threadIdx.x * PER + k;
+        if (v >= dim / V) break;  /* so are the rest */
+        float o[V];
+#pragma unroll
+        for (int e = 0; e < V; e++)
+          o[e] = __fmul_rn(__fmul_rn(load_f(&xr[q][k].v[e]), r), wv[k][e]);
+        store_vec<T, V>(out, (size_t)(i0 + q) * (dim / V) + v, o);
       }
-    } else {
-      for (int j = threadIdx.x; j < dim; j += blockDim.x)
-        store_f(oi + j, __fmul_rn(__fmul_rn(load_f(xi + j), r), w[j]));
     }
   }
 }
 
 template <typename T>
 static void rmsnorm_forward_launch(T *out, const T *x, const float *w, int n, int dim, float eps) {
-  const int threads = row_threads(dim), grid = n < 65535 * 16 ? n : 65535 * 16;
-  auto *kernel = dim % 4 == 0 && vec4_aligned<T>(out) && vec4_aligned<T>(x) && cuda_aligned16(w)
-                     ? rmsnorm_forward_kernel<T, true>
-                     : rmsnorm_forward_kernel<T, false>;
+  constexpr int VW = VEC_OF(T);
+  const int r = rms_rows_at_once(dim), threads = rms_threads(dim, r);
+  const int grid = (n + r - 1) / r < 65535 * 16 ? (n + r - 1) / r : 65535 * 16;
+  auto *kernel =
+      vec_path<T>(dim, out, x)
+          ? (r == 2 ? rmsnorm_forward_kernel<T, VW, 2> : rmsnorm_forward_kernel<T, VW, 1>)
+          : (r == 2 ? rmsnorm_forward_kernel<T, 1, 2> : rmsnorm_forward_kernel<T, 1, 1>);
   CUDA_LAUNCH_PDL("rmsnorm_forward_kernel", kernel, dim3(grid), dim3(threads), 0, out, x, w, n,
                   dim, eps);
 }
@@ -153,112 +278,107 @@ extern "C" void cuda_rmsnorm_forward(void *out, const void *x, const float *w, i
   CUDA_ACT_DISPATCH(T, rmsnorm_forward_launch((T *)out, (const T *)x, w, n, dim, eps));
 }
 
-/* One block per row: rstd[i]; when dx != NULL, with g = dout * w,
- * dx (+)= (float)(r g - x r³ Σ(g x) / dim), added when acc (0 + t is t exactly). */
-template <typename T, bool VEC>
-static __global__ void rmsnorm_backward_rows_kernel(T *__restrict__ dx, float *__restrict__ rstd,
-                                                    const T *__restrict__ dout,
-                                                    const T *__restrict__ x,
-                                                    const float *__restrict__ w, int n, int dim,
-                                                    float eps, bool acc) {
-  __shared__ double sh[32];
-  for (int i = blockIdx.x; i < n; i += gridDim.x) {
-    const T *xi = x + (size_t)i * dim, *di = dout + (size_t)i * dim;
-    const float r = rstd_of(row_sum_squares<T, VEC>(xi, dim, sh), dim, eps);
-    if (threadIdx.x == 0) rstd[i] = r;
-    if (!dx) continue;
-    double gx = 0.0;
-    if (VEC) {
-      for (int v = threadIdx.x; v < dim / 4; v += blockDim.x) {
-        float a[4], d[4];
-        load4(a, xi, v);
-        load4(d, di, v);
-        const float4 wv = ((const float4 *)w)[v];
-        const float wk[4] = {wv.x, wv.y, wv.z, wv.w};
-#pragma unroll
-        for (int k = 0; k < 4; k++) gx += (double)__fmul_rn(d[k], wk[k]) * a[k];
-      }
-    } else {
-      for (int j = threadIdx.x; j < dim; j += blockDim.x)
-        gx += (double)__fmul_rn(load_f(di + j), w[j]) * load_f(xi + j);
-    }
-    gx = block_sum_double(gx, sh);
-    const double c = gx * r * r * r / dim;
-    T *dxi = dx + (size_t)i * dim;
-    if (VEC) {
-      for (int v = threadIdx.x; v < dim / 4; v += blockDim.x) {
-        float a[4], d[4], o[4] = {0.f, 0.f, 0.f, 0.f};
-        load4(a, xi, v);
-        load4(d, di, v);
-        if (acc) load4(o, dxi, v);
-        const float4 wv = ((const float4 *)w)[v];
-        const float wk[4] = {wv.x, wv.y, wv.z, wv.w};
-#pragma unroll
-        for (int k = 0; k < 4; k++)
-          o[k] = __fadd_rn(o[k], dx_term(r, __fmul_rn(d[k], wk[k]), c, a[k]));
-        store4(dxi, v, o);
-      }
-    } else {
-      for (int j = threadIdx.x; j < dim; j += blockDim.x)
-        store_f(dxi + j, __fadd_rn(acc ? load_f(dxi + j) : 0.0f,
-                                   dx_term(r, __fmul_rn(load_f(di + j), w[j]), c, load_f(xi + j))));
-    }
-  }
+/* Rows per block of the backward: about RMS_BWD_BLOCKS blocks, an even number of rows (R divides
+ * it). A function of the shape only: the chunks are the weight gradient's summation tree. */
+static int rms_rows_per_block(int n) {
+  const int r = (n + RMS_BWD_BLOCKS - 1) / RMS_BWD_BLOCKS;
+  return (r + 1) & ~1;
 }
 
-/* partial[chunk, j] = Σ_{i in chunk, in order} (double)dout[i,j] * (x[i,j] * rstd[i]) */
-template <typename T>
-static __global__ void rmsnorm_dw_partial_kernel(double *__restrict__ partial,
-                                                 const T *__restrict__ dout,
-                                                 const T *__restrict__ x,
-                                                 const float *__restrict__ rstd, int n, int dim,
-                                                 int rows_per_chunk) {
-  const int j = blockIdx.x * blockDim.x + threadIdx.x;
-  if (j >= dim) return;
-  const int chunk = blockIdx.y;
-  const int i0 = chunk * rows_per_chunk, i1 = min(n, i0 + rows_per_chunk);
-  double acc = 0.0;
-  for (int i = i0; i < i1; i++) {
-    const size_t k = (size_t)i * dim + j;
-    acc += (double)load_f(dout + k) * (double)__fmul_rn(load_f(x + k), rstd[i]);
+/* Block b takes the rows [b rpb, (b+1) rpb), a step at a time. Per row: r = rstd, g = dout * w,
+ * dx (+)= (float)(r g - x r³ Σ(g x) / dim) when dx != NULL (acc: added, else dx is not read; 0
+ * + t is t exactly); each thread adds (double)dout_j * (x_j * r) of its columns over the rows in
+ * order, and the block's sums go to partial[b, dim]. */
+template <typename T, int V, int R>
+static __global__ void __maxnreg__(RMS_BWD_REGS(V, R))
+    rmsnorm_backward_kernel(T *__restrict__ dx, double *__restrict__ partial,
+                            const T *__restrict__ dout, const T *__restrict__ x,
+                            const float *__restrict__ w, int n, int dim, int rpb, float eps,
+                            bool acc) {
+  constexpr int PER = RMS_STEP_VALUES / R / V;
+  __shared__ double sh[32 * 2 * R];
+  extern __shared__ __align__(16) float s_w[];  /* w, zeros past dim: blockDim.x C values */
+  pdl_wait();
+  pdl_release();
+  double dw[PER][V];
+  for (int j = threadIdx.x; j < (int)blockDim.x * PER * V; j += blockDim.x)
+    s_w[j] = j < dim ? w[j] : 0.0f;
+  __syncthreads();
+#pragma unroll
+  for (int k = 0; k < PER; k++) {
+#pragma unroll
+    for (int e = 0; e < V; e++) dw[k][e] = 0.0;
   }
-  partial[(size_t)chunk * dim + j] = acc;
+  const int first = blockIdx.x * rpb, end = first + min(rpb, n - first);
+  for (int i0 = first; i0 < end; i0 += R) {
+    vecn<T, V> xr[R][PER], dr[R][PER], orow[R][PER];
+    double s[2 * R];  /* s[q] = Σ x², s[R + q] = Σ g x of row i0 + q */
+#pragma unroll
+    for (int q = 0; q < R; q++) {
+      const bool live = i0 + q < end;
+      load_row<T, V, PER>(xr[q], x, (size_t)(i0 + q), dim, live);
+      load_row<T, V, PER>(dr[q], dout, (size_t)(i0 + q), dim, live);
+      load_row<T, V, PER>(orow[q], dx, (size_t)(i0 + q), dim, live && acc);
+    }
+#pragma unroll
+    for (int q = 0; q < R; q++) {
+      s[q] = row_sum_squares<T, V, PER>(xr[q]);
+      s[R + q] = 0.0;
+#pragma unroll
+      for (int k = 0; k < PER; k++) {
+        const vecn<float, V> wk = load_vec<float, V>(s_w, threadIdx.x * PER + k, true);
+#pragma unroll
+        for (int e = 0; e < V; e++)
+          s[R + q] += (double)__fmul_rn(load_f(&dr[q][k].v[e]), wk.v[e]) * load_f(&xr[q][k].v[e]);
+      }
+    }
+    block_sums_double<2 * R>(s, sh);
+#pragma unroll
+    for (int q = 0; q < R; q++) {
+      if (i0 + q >= end) break;  /* uniform over the block */
+      const float r = rstd_of(s[q], dim, eps);
+      const double c = s[R + q] * r * r * r / dim;
+#pragma unroll
+      for (int k = 0; k < PER; k++) {
+        const int v = threadIdx.x * PER + k;
+        float o[V];
+        const vecn<float, V> wk = load_vec<float, V>(s_w, threadIdx.x * PER + k, true);
+#pragma unroll
+        for (int e = 0; e < V; e++) {
+          const float a = load_f(&xr[q][k].v[e]), d = load_f(&dr[q][k].v[e]);
+          dw[k][e] += (double)d * (double)__fmul_rn(a, r);
+          o[e] = __fadd_rn(load_f(&orow[q][k].v[e]), dx_term(r, __fmul_rn(d, wk.v[e]), c, a));
+        }
+        if (dx && v < dim / V) store_vec<T, V>(dx, (size_t)(i0 + q) * (dim / V) + v, o);
+      }
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < PER; k++) {
+#pragma unroll
+    for (int e = 0; e < V; e++) {
+      const int j = (threadIdx.x * PER + k) * V + e;
+      if (j < dim) partial[(size_t)blockIdx.x * dim + j] = dw[k][e];
+    }
+  }
 }
 
 template <typename T>
 static void rmsnorm_backward_launch(T *dx, float *dw, const T *dout, const T *x, const float *w,
                                     int n, int dim, float eps, int acc) {
-  size_t rpc;
-  const int chunks = dw_chunks((size_t)n, dim, &rpc);
-  void *a, *b;
-  cuda_scratch2(&a, (size_t)n * sizeof(float), &b, (size_t)chunks * dim * sizeof(double),
-                "rmsnorm_backward");
-  float *rstd = (float *)a;
-  double *partial = (double *)b;
-
-  const int threads = row_threads(dim), grid = n < 65535 * 16 ? n : 65535 * 16;
-  if (dim % 4 == 0 && vec4_aligned<T>(dx) && vec4_aligned<T>(dout) && vec4_aligned<T>(x) &&
-      cuda_aligned16(w)) {
-    rmsnorm_backward_rows_kernel<T, true><<<grid, threads, 0, cuda_ctx.stream>>>(
-        dx, rstd, dout, x, w, n, dim, eps, (acc & ACC_DX) != 0);
-  } else {
-    rmsnorm_backward_rows_kernel<T, false><<<grid, threads, 0, cuda_ctx.stream>>>(
-        dx, rstd, dout, x, w, n, dim, eps, (acc & ACC_DX) != 0);
-  }
-  CUDA_LAUNCHED("rmsnorm_backward_rows_kernel");
-
-  const int dwt = dw_threads(dim);
-  dim3 dgrid((dim + dwt - 1) / dwt, chunks);
-  rmsnorm_dw_partial_kernel<T><<<dgrid, dwt, 0, cuda_ctx.stream>>>(partial, dout, x, rstd, n,
-                                                                   dim, (int)rpc);
-  CUDA_LAUNCHED("rmsnorm_dw_partial_kernel");
-  dw_finalize(dw, partial, chunks, dim, (acc & ACC_DW) != 0);
-}
-
-/* With no rows an overwritten dw is zero, as the CPU's empty sums leave it. */
-static void zero_dw_of_no_rows(float *dw, int dim, int acc) {
-  if (dim > 0 && !(acc & ACC_DW))
-    CUDA_CHECK(cudaMemsetAsync(dw, 0, (size_t)dim * sizeof(float), cuda_ctx.stream));
+  constexpr int VW = VEC_OF(T);
+  const int r = rms_rows_at_once(dim), threads = rms_threads(dim, r);
+  const int rpb = rms_rows_per_block(n), blocks = (n + rpb - 1) / rpb;
+  double *partial = (double *)cuda_scratch((size_t)blocks * dim * sizeof(double),
+                                           "rmsnorm_backward");
+  auto *kernel =
+      vec_path<T>(dim, dx, dout, x)
+          ? (r == 2 ? rmsnorm_backward_kernel<T, VW, 2> : rmsnorm_backward_kernel<T, VW, 1>)
+          : (r == 2 ? rmsnorm_backward_kernel<T, 1, 2> : rmsnorm_backward_kernel<T, 1, 1>);
+  CUDA_LAUNCH_PDL("rmsnorm_backward_kernel", kernel, dim3(blocks), dim3(threads),
+                  (size_t)threads * RMS_STEP_VALUES / r * sizeof(float), dx,
+                  partial, dout, x, w, n, dim, rpb, eps, dx != NULL && (acc & ACC_DX) != 0);
+  dw_finalize(dw, partial, blocks, dim, acc);
 }
 
 extern "C" void cuda_rmsnorm_backward(void *dx, float *dw, const void *dout, const void *x,
@@ -295,119 +415,173 @@ static __device__ __forceinline__ void rope_angle(float *c, float *s, int32_t po
   *s = (float)sd;
 }
 
-/* cos_t / sin_t [n, half]: rope_angle of positions[i] and inv_freq[j]. */
-static __global__ void rope_tables_kernel(float *__restrict__ cos_t, float *__restrict__ sin_t,
-                                   const int32_t *__restrict__ positions, int n, int half,
-                                   inv_freq_table inv) {
-  const size_t total = (size_t)n * half;
-  for (size_t k = (size_t)blockIdx.x * blockDim.x + threadIdx.x; k < total;
-       k += (size_t)gridDim.x * blockDim.x) {
-    const size_t i = k / half;
-    const int j = (int)(k - i * half);
-    rope_angle(&cos_t[k], &sin_t[k], positions[i], inv.v[j]);
-  }
-}
-
-static void rope_tables(float *cos_t, float *sin_t, const int32_t *positions, int n, int head_dim,
-                        double theta) {
-  struct inv_freq_table inv;
-  const int half = rope_setup(&inv, head_dim, theta);
-  rope_tables_kernel<<<cuda_blocks((size_t)n * half), CUDA_THREADS, 0, cuda_ctx.stream>>>(
-      cos_t, sin_t, positions, n, half, inv);
-  CUDA_LAUNCHED("rope_tables_kernel");
-}
-
 #define QK_WARPS 8  /* warps per block */
-/* Rows (token, head) a warp of the forward loads before it computes any, for more bytes in
- * flight (measured on an H200 at 8192 tokens x 32 heads x 128: 1 row 119 us, 2 rows 113 us, 4 rows
- * 116 us). The backward, which holds more per row, is fastest at 1 (235 us vs 330 us at 2 or 4). */
-#define QK_FWD_ROWS 2
-#define QK_BWD_ROWS 1
+/* Blocks of the backward: each owns qk_rows_per_block consecutive rows (see there); 256, about
+ * two an SM of an H200 (two fit at its 128 registers a thread), not yet measured. */
+#define QK_BWD_BLOCKS 256
 
 /* The token of a (token, head) row: a 32-bit division where it suffices. */
 static __device__ __forceinline__ size_t token_of(size_t row, int heads) {
   return row <= 0xffffffffu ? (size_t)((unsigned)row / (unsigned)heads) : row / (size_t)heads;
 }
 
-/* One warp per group of R consecutive (token, head) rows. Lane l holds the pairs p = l + 32k
- * (k < PAIRS, p < half), i.e. elements p and p + half, which is all rotate-half needs. PAIRS:
- * half <= 32 * PAIRS. All loads of the group are issued before any arithmetic. The rotations of
- * the block's tokens (at most one a row) are computed first into shared memory: no table kernel
- * before it (decoding launches this for q and for k of every layer). */
-template <typename T, int PAIRS, int R>
+/* How a block covers (token, head) rows of head_dim = 2 half values. The pairs (j, j + half)
+ * come in groups of V consecutive ones; a team of 2^team_log2 lanes (the fewest, up to a warp,
+ * that take a group each) takes a row, lane t of it the groups g = t + 2^team_log2 k (k < PAIRS,
+ * g < half / V), i.e. the values V g .. V g + V-1 and their partners half + V g .., which is all
+ * rotate-half needs. At head_dim 128 in bf16: teams of 8 lanes, 4 rows a warp, 16-byte loads. A
+ * block takes QK_WARPS 32 / 2^team_log2 consecutive rows at a time (a step); the cos/sin of the
+ * step's tokens go to shared memory after the step's loads are issued, so that their latencies
+ * overlap. (Not yet measured against the layout of one warp a row and 2-byte loads it replaces,
+ * whose forward took 113 us at 8192 tokens x 32 heads x 128 on an H200.) */
+struct qk_layout {
+  bool vec;            /* V = VEC_OF(T), else 1 */
+  int team_log2;       /* teams of 2^team_log2 lanes */
+  int pairs;           /* PAIRS: 1 or 4 */
+  int step;            /* rows a block takes at once */
+  size_t rope_bytes;   /* the cos/sin tables of a step's tokens */
+};
+
+template <typename T>
+static qk_layout qk_layout_of(int head_dim, int heads, bool vec) {
+  qk_layout l;
+  const int half = head_dim / 2, groups = half / (vec ? VEC_OF(T) : 1);
+  l.vec = vec;
+  l.team_log2 = 0;
+  while ((1 << l.team_log2) < groups && l.team_log2 < 5) l.team_log2++;
+  l.pairs = groups <= 32 ? 1 : 4;   /* groups <= 128 = ROPE_MAX_HALF */
+  l.step = QK_WARPS * (32 >> l.team_log2);
+  const int tokens = (l.step - 1) / heads + 2 < l.step ? (l.step - 1) / heads + 2 : l.step;
+  l.rope_bytes = 2 * (size_t)tokens * half * sizeof(float);
+  return l;
+}
+
+/* The step's cos/sin tables, [tokens, half] each, from token t0 on; the caller syncs. */
+static __device__ __forceinline__ void rope_step_tables(float *s_cos, float *s_sin,
+                                                        const int32_t *positions,
+                                                        const inv_freq_table &inv, size_t t0,
+                                                        int tokens, int half) {
+  for (int k = threadIdx.x; k < tokens * half; k += blockDim.x)
+    rope_angle(&s_cos[k], &s_sin[k], positions[t0 + k / half], inv.v[k % half]);
+}
+
+/* The lane's vectors of a row: group g's values (V g ..) into a[k], their partners
+ * (half + V g ..) into b[k]; zeros for groups past the row's end, or everywhere when !live */
+template <typename T, int V, int PAIRS>
+static __device__ __forceinline__ void load_pairs(vecn<T, V> *a, vecn<T, V> *b, const T *p,
+                                                  size_t row, int head_dim, int t, int team,
+                                                  bool live) {
+  const int half = head_dim / 2;
+#pragma unroll
+  for (int k = 0; k < PAIRS; k++) {
+    const int g = t + team * k;
+    const size_t i = row * (head_dim / V) + g;
+    a[k] = load_vec<T, V>(p, i, live && g < half / V);
+    b[k] = load_vec<T, V>(p, i + half / V, live && g < half / V);
+  }
+}
+
+/* The lane's weights w[V g + e] and w[half + V g + e] (zeros for groups past the row's end):
+ * one value at a time, as the weight's alignment is not known. */
+template <int V, int PAIRS>
+static __device__ __forceinline__ void load_pair_weights(float (*a)[V], float (*b)[V],
+                                                         const float *w, int head_dim, int t,
+                                                         int team) {
+  const int half = head_dim / 2;
+#pragma unroll
+  for (int k = 0; k < PAIRS; k++) {
+    const int g = t + team * k;
+#pragma unroll
+    for (int e = 0; e < V; e++) {
+      a[k][e] = g < half / V ? w[V * g + e] : 0.0f;
+      b[k][e] = g < half / V ? w[half + V * g + e] : 0.0f;
+    }
+  }
+}
+
+/* Σ x² of the lane's values of a row, a then b of each value in turn (both directions take it,
+ * so they compute the same rstd) */
+template <typename T, int V, int PAIRS>
+static __device__ __forceinline__ double pair_sum_squares(const vecn<T, V> *a,
+                                                          const vecn<T, V> *b) {
+  double ss = 0.0;
+#pragma unroll
+  for (int k = 0; k < PAIRS; k++) {
+#pragma unroll
+    for (int e = 0; e < V; e++) {
+      const float xa = load_f(&a[k].v[e]), xb = load_f(&b[k].v[e]);
+      ss += (double)xa * xa;
+      ss += (double)xb * xb;
+    }
+  }
+  return ss;
+}
+
+/* Sum over a team of 2^team_log2 lanes: its xor butterfly, the same value in every lane of it */
+static __device__ __forceinline__ double team_sum_double(double v, int team_log2) {
+#pragma unroll
+  for (int m = 16; m > 0; m >>= 1)
+    if (m < (1 << team_log2)) v += __shfl_xor_sync(0xffffffffu, v, m);
+  return v;
+}
+
+/* The gradient reaching the normed values at j and j + half from dout there: the rotation by
+ * -angle (the CPU's rope_backward_at) */
+static __device__ __forceinline__ void rope_backward(float *na, float *nb, float da, float db,
+                                                     float c, float s) {
+  *na = __fadd_rn(__fmul_rn(da, c), __fmul_rn(db, s));
+  *nb = __fsub_rn(__fmul_rn(db, c), __fmul_rn(da, s));
+}
+
+/* The forward: blocks stride over steps (see qk_layout). Per row: r = rstd, xn = x * r * w,
+ * out = xn cos + rotate_half(xn) sin. */
+template <typename T, int V, int PAIRS>
 static __global__ void __launch_bounds__(QK_WARPS * 32)
     qk_norm_rope_forward_kernel(T *__restrict__ out, const T *__restrict__ x,
                                 const float *__restrict__ w, const int32_t *__restrict__ positions,
                                 inv_freq_table inv, size_t rows, int heads, int head_dim,
-                                float eps) {
-  constexpr int BLOCK_ROWS = QK_WARPS * R;
-  __shared__ float s_cos[BLOCK_ROWS * ROPE_MAX_HALF], s_sin[BLOCK_ROWS * ROPE_MAX_HALF];
+                                int team_log2, float eps) {
+  extern __shared__ __align__(16) float s_rope[];   /* cos, then sin, of the step's tokens */
   pdl_wait();
   pdl_release();
-  const int lane = threadIdx.x & 31, half = head_dim / 2;
-  float wa[PAIRS], wb[PAIRS];
-#pragma unroll
-  for (int k = 0; k < PAIRS; k++) {
-    const int p = lane + 32 * k;
-    if (p < half) {
-      wa[k] = w[p];
-      wb[k] = w[p + half];
-    }
-  }
-  for (size_t base = (size_t)blockIdx.x * BLOCK_ROWS; base < rows;
-       base += (size_t)gridDim.x * BLOCK_ROWS) {
+  const int half = head_dim / 2, team = 1 << team_log2, t = threadIdx.x & (team - 1);
+  const int step = QK_WARPS * 32 >> team_log2, mine = threadIdx.x >> team_log2;
+  float wa[PAIRS][V], wb[PAIRS][V];
+  load_pair_weights<V, PAIRS>(wa, wb, w, head_dim, t, team);
+  for (size_t base = (size_t)blockIdx.x * step; base < rows; base += (size_t)gridDim.x * step) {
+    const size_t row = base + mine, end = base + step < rows ? base + step : rows;
+    vecn<T, V> xa[PAIRS], xb[PAIRS];
+    load_pairs<T, V, PAIRS>(xa, xb, x, row, head_dim, t, team, row < rows);
     const size_t t0 = token_of(base, heads);
-    const size_t end = base + BLOCK_ROWS < rows ? base + BLOCK_ROWS : rows;
     const int tokens = (int)(token_of(end - 1, heads) - t0) + 1;
-    for (int k = threadIdx.x; k < tokens * half; k += blockDim.x)
-      rope_angle(&s_cos[k], &s_sin[k], positions[t0 + k / half], inv.v[k % half]);
+    float *s_cos = s_rope, *s_sin = s_rope + tokens * half;
+    rope_step_tables(s_cos, s_sin, positions, inv, t0, tokens, half);
     __syncthreads();
-    const size_t row0 = base + (size_t)(threadIdx.x >> 5) * R;
-    float xa[R][PAIRS], xb[R][PAIRS], cv[R][PAIRS], sv[R][PAIRS];
-#pragma unroll
-    for (int q = 0; q < R; q++) {
-      const size_t row = row0 + q;
-      if (row < rows) {
-        const T *xh = x + row * head_dim;
-        const int t = (int)(token_of(row, heads) - t0) * half;
-#pragma unroll
-        for (int k = 0; k < PAIRS; k++) {
-          const int p = lane + 32 * k;
-          if (p < half) {
-            xa[q][k] = load_f(xh + p);
-            xb[q][k] = load_f(xh + p + half);
-            cv[q][k] = s_cos[t + p];
-            sv[q][k] = s_sin[t + p];
-          }
-        }
-      }
-    }
-#pragma unroll
-    for (int q = 0; q < R; q++) {
-      const size_t row = row0 + q;
-      if (row >= rows) break;  /* uniform over the warp */
-      /* row_rstd adds j = 0..head_dim-1 in order; here each lane's terms, then the tree */
-      double ss = 0.0;
-#pragma unroll
-      for (int k = 0; k < PAIRS; k++)
-        if (lane + 32 * k < half) ss += (double)xa[q][k] * xa[q][k];
-#pragma unroll
-      for (int k = 0; k < PAIRS; k++)
-        if (lane + 32 * k < half) ss += (double)xb[q][k] * xb[q][k];
-      const float r = rstd_of(warp_sum_double(ss), head_dim, eps);
-      T *oh = out + row * head_dim;
+    /* row_rstd adds j = 0..head_dim-1 in order; here each lane's terms, then the tree */
+    const float r = rstd_of(team_sum_double(pair_sum_squares<T, V, PAIRS>(xa, xb), team_log2),
+                            head_dim, eps);
+    if (row < rows) {
+      const int tk = (int)(token_of(row, heads) - t0) * half;
 #pragma unroll
       for (int k = 0; k < PAIRS; k++) {
-        const int p = lane + 32 * k;
-        if (p < half) {
-          const float na = __fmul_rn(__fmul_rn(xa[q][k], r), wa[k]);
-          const float nb = __fmul_rn(__fmul_rn(xb[q][k], r), wb[k]);
-          store_f(oh + p, __fadd_rn(__fmul_rn(na, cv[q][k]), __fmul_rn(-nb, sv[q][k])));
-          store_f(oh + p + half, __fadd_rn(__fmul_rn(nb, cv[q][k]), __fmul_rn(na, sv[q][k])));
+        const int g = t + team * k;
+        if (g >= half / V) break;  /* so are the rest */
+        const vecn<float, V> c = load_vec<float, V>(s_cos + tk, g, true);
+        const vecn<float, V> s = load_vec<float, V>(s_sin + tk, g, true);
+        float oa[V], ob[V];
+#pragma unroll
+        for (int e = 0; e < V; e++) {
+          const float na = __fmul_rn(__fmul_rn(load_f(&xa[k].v[e]), r), wa[k][e]);
+          const float nb = __fmul_rn(__fmul_rn(load_f(&xb[k].v[e]), r), wb[k][e]);
+          oa[e] = __fadd_rn(__fmul_rn(na, c.v[e]), __fmul_rn(-nb, s.v[e]));
+          ob[e] = __fadd_rn(__fmul_rn(nb, c.v[e]), __fmul_rn(na, s.v[e]));
         }
+        const size_t i = row * (head_dim / V) + g;
+        store_vec<T, V>(out, i, oa);
+        store_vec<T, V>(out, i + half / V, ob);
       }
     }
-    __syncthreads();   /* the next rows' rotations overwrite these */
+    __syncthreads();   /* the next step's rotations overwrite these */
   }
 }
 
@@ -415,14 +589,16 @@ template <typename T>
 static void qk_norm_rope_forward_launch(T *out, const T *x, const float *w,
                                         const int32_t *positions, const inv_freq_table &inv,
                                         size_t rows, int heads, int head_dim, float eps) {
-  const int half = head_dim / 2;
-  const int r = half <= 64 ? QK_FWD_ROWS : (QK_FWD_ROWS + 1) / 2;
-  size_t blocks = (rows + (size_t)QK_WARPS * r - 1) / ((size_t)QK_WARPS * r);
+  constexpr int VW = VEC_OF(T);
+  const qk_layout l = qk_layout_of<T>(head_dim, heads, vec_path<T>(head_dim / 2, out, x));
+  size_t blocks = (rows + l.step - 1) / l.step;
   if (blocks > 65535u * 16) blocks = 65535u * 16;
-  auto *kernel = half <= 64 ? qk_norm_rope_forward_kernel<T, 2, QK_FWD_ROWS>
-                            : qk_norm_rope_forward_kernel<T, 4, (QK_FWD_ROWS + 1) / 2>;
+  auto *kernel = l.vec           ? qk_norm_rope_forward_kernel<T, VW, 1>
+                 : l.pairs == 1 ? qk_norm_rope_forward_kernel<T, 1, 1>
+                                : qk_norm_rope_forward_kernel<T, 1, 4>;
   CUDA_LAUNCH_PDL("qk_norm_rope_forward_kernel", kernel, dim3((unsigned)blocks),
-                  dim3(QK_WARPS * 32), 0, out, x, w, positions, inv, rows, heads, head_dim, eps);
+                  dim3(QK_WARPS * 32), l.rope_bytes, out, x, w, positions, inv, rows, heads,
+                  head_dim, l.team_log2, eps);
 }
 
 extern "C" void cuda_qk_norm_rope_forward(void *out, const void *x, const float *w,
@@ -435,173 +611,166 @@ extern "C" void cuda_qk_norm_rope_forward(void *out, const void *x, const float 
                                                    (size_t)n * heads, heads, head_dim, eps));
 }
 
-/* Rows per warp of the backward: a function of the shape only (the weight gradient's summation
- * order depends on it), at least 16 rows per warp and at most 4096 warps. */
-static size_t qk_rows_per_warp(size_t rows) {
-  size_t rpw = (rows + 4095) / 4096;
-  return rpw < 16 ? 16 : rpw;
+/* Rows per block of the backward: about QK_BWD_BLOCKS blocks, a multiple of 32 rows (a step of
+ * head_dim 128 in bf16). A function of the shape only: the chunks are the weight gradient's
+ * summation tree. */
+static size_t qk_rows_per_block(size_t rows) {
+  const size_t r = (rows + QK_BWD_BLOCKS - 1) / QK_BWD_BLOCKS;
+  return (r + 31) / 32 * 32;
 }
 
-/* Warp w takes the rows [w rpw, (w+1) rpw) in order, R at a time (all their loads first). Per
- * row: r = rstd; rope_backward rotates dout by -angle (j < half: dout[j] c_j + dout[j+half] s_j;
- * j + half: dout[j+half] c_j - dout[j] s_j), giving dxn; when dx != NULL, g = dxn * w and
- * dx (+)= (float)(r g - x r³ Σ(g x) / head_dim). Each lane owns the columns p and p + half of its
- * pairs, so it also sums the weight gradient (double)dxn_j * (x_j * r) of its columns over the
- * warp's rows, in row order, in registers; the warp's sums go to partial[w, head_dim]. */
-template <typename T, int PAIRS, int R>
+/* The backward: block b takes the rows [b rpb, (b+1) rpb), a step at a time. Per row: r = rstd;
+ * rope_backward turns dout into dxn; when dx != NULL, g = dxn * w and
+ * dx (+)= (float)(r g - x r³ Σ(g x) / head_dim) (acc: added, else dx is not read). Each lane adds
+ * the weight gradient's terms (double)dxn_j * (x_j * r) of its columns over its rows in order;
+ * then a butterfly adds the teams' sums, and the block the warps' in warp order, into
+ * partial[b, head_dim]. dxn is computed twice, for Σ(g x) and after it, rather than held in
+ * registers across the sum. */
+template <typename T, int V, int PAIRS>
 static __global__ void __launch_bounds__(QK_WARPS * 32)
     qk_norm_rope_backward_kernel(T *__restrict__ dx, double *__restrict__ partial,
                                  const T *__restrict__ dout, const T *__restrict__ x,
-                                 const float *__restrict__ w, const float *__restrict__ cos_t,
-                                 const float *__restrict__ sin_t, size_t rows, size_t rpw,
-                                 int heads, int head_dim, float eps, bool acc) {
-  const int lane = threadIdx.x & 31, half = head_dim / 2;
-  const size_t warp = (size_t)blockIdx.x * QK_WARPS + (threadIdx.x >> 5);
-  const size_t r0 = warp * rpw;
-  if (r0 >= rows) return;
-  const size_t r1 = r0 + rpw < rows ? r0 + rpw : rows;
-  float wa[PAIRS], wb[PAIRS];
-  double dwa[PAIRS], dwb[PAIRS];
+                                 const float *__restrict__ w,
+                                 const int32_t *__restrict__ positions, inv_freq_table inv,
+                                 size_t rows, size_t rpb, int heads, int head_dim, int team_log2,
+                                 float eps, bool acc) {
+  /* the warps' dw sums [QK_WARPS, head_dim], then the cos and sin of the step's tokens */
+  extern __shared__ __align__(16) double s_dw[];
+  pdl_wait();
+  pdl_release();
+  const int half = head_dim / 2, team = 1 << team_log2, t = threadIdx.x & (team - 1);
+  const int step = QK_WARPS * 32 >> team_log2, mine = threadIdx.x >> team_log2;
+  float *s_rope = (float *)(s_dw + QK_WARPS * head_dim);
+  float wa[PAIRS][V], wb[PAIRS][V];
+  double dwa[PAIRS][V], dwb[PAIRS][V];
+  load_pair_weights<V, PAIRS>(wa, wb, w, head_dim, t, team);
 #pragma unroll
   for (int k = 0; k < PAIRS; k++) {
-    const int p = lane + 32 * k;
-    dwa[k] = dwb[k] = 0.0;
-    if (p < half) {
-      wa[k] = w[p];
-      wb[k] = w[p + half];
-    }
+#pragma unroll
+    for (int e = 0; e < V; e++) dwa[k][e] = dwb[k][e] = 0.0;
   }
-  for (size_t row0 = r0; row0 < r1; row0 += R) {
-    float xa[R][PAIRS], xb[R][PAIRS], na[R][PAIRS], nb[R][PAIRS], oa[R][PAIRS], ob[R][PAIRS];
+  const size_t first = (size_t)blockIdx.x * rpb, end = first + rpb < rows ? first + rpb : rows;
+  for (size_t base = first; base < end; base += step) {
+    const size_t row = base + mine, last = base + step < end ? base + step : end;
+    const bool live = row < end;
+    vecn<T, V> xa[PAIRS], xb[PAIRS], da[PAIRS], db[PAIRS], oa[PAIRS], ob[PAIRS];
+    load_pairs<T, V, PAIRS>(xa, xb, x, row, head_dim, t, team, live);
+    load_pairs<T, V, PAIRS>(da, db, dout, row, head_dim, t, team, live);
+    load_pairs<T, V, PAIRS>(oa, ob, dx, row, head_dim, t, team, live && acc);
+    const size_t t0 = token_of(base, heads);
+    const int tokens = (int)(token_of(last - 1, heads) - t0) + 1;
+    float *s_cos = s_rope, *s_sin = s_rope + tokens * half;
+    rope_step_tables(s_cos, s_sin, positions, inv, t0, tokens, half);
+    __syncthreads();
+    const int tk = live ? (int)(token_of(row, heads) - t0) * half : 0;
+    double gx = 0.0;
 #pragma unroll
-    for (int q = 0; q < R; q++) {
-      const size_t row = row0 + q;
-      if (row < r1) {
-        const size_t base = row * head_dim, t = token_of(row, heads) * half;
-        const T *xh = x + base, *dh = dout + base;
+    for (int k = 0; k < PAIRS; k++) {
+      const int g = t + team * k;
+      if (g >= half / V) break;  /* so are the rest */
+      const vecn<float, V> c = load_vec<float, V>(s_cos + tk, g, true);
+      const vecn<float, V> s = load_vec<float, V>(s_sin + tk, g, true);
 #pragma unroll
-        for (int k = 0; k < PAIRS; k++) {
-          const int p = lane + 32 * k;
-          if (p < half) {
-            xa[q][k] = load_f(xh + p);
-            xb[q][k] = load_f(xh + p + half);
-            const float da = load_f(dh + p), db = load_f(dh + p + half);
-            const float cp = cos_t[t + p], sp = sin_t[t + p];
-            na[q][k] = __fadd_rn(__fmul_rn(da, cp), __fmul_rn(db, sp));
-            nb[q][k] = __fsub_rn(__fmul_rn(db, cp), __fmul_rn(da, sp));
-            oa[q][k] = dx && acc ? load_f(dx + base + p) : 0.0f;
-            ob[q][k] = dx && acc ? load_f(dx + base + p + half) : 0.0f;
-          }
-        }
+      for (int e = 0; e < V; e++) {
+        float na, nb;
+        rope_backward(&na, &nb, load_f(&da[k].v[e]), load_f(&db[k].v[e]), c.v[e], s.v[e]);
+        gx += (double)__fmul_rn(na, wa[k][e]) * load_f(&xa[k].v[e]);
+        gx += (double)__fmul_rn(nb, wb[k][e]) * load_f(&xb[k].v[e]);
       }
     }
-#pragma unroll
-    for (int q = 0; q < R; q++) {
-      const size_t row = row0 + q;
-      if (row >= r1) break;  /* uniform over the warp */
-      double ss = 0.0;
-#pragma unroll
-      for (int k = 0; k < PAIRS; k++)
-        if (lane + 32 * k < half) ss += (double)xa[q][k] * xa[q][k];
-#pragma unroll
-      for (int k = 0; k < PAIRS; k++)
-        if (lane + 32 * k < half) ss += (double)xb[q][k] * xb[q][k];
-      const float r = rstd_of(warp_sum_double(ss), head_dim, eps);
-#pragma unroll
-      for (int k = 0; k < PAIRS; k++) {
-        if (lane + 32 * k < half) {
-          dwa[k] += (double)na[q][k] * (double)__fmul_rn(xa[q][k], r);
-          dwb[k] += (double)nb[q][k] * (double)__fmul_rn(xb[q][k], r);
-        }
-      }
-      if (!dx) continue;
-      double gx = 0.0;
-      float ga[PAIRS], gb[PAIRS];
-#pragma unroll
-      for (int k = 0; k < PAIRS; k++) {
-        if (lane + 32 * k < half) {
-          ga[k] = __fmul_rn(na[q][k], wa[k]);
-          gb[k] = __fmul_rn(nb[q][k], wb[k]);
-          gx += (double)ga[k] * xa[q][k];
-          gx += (double)gb[k] * xb[q][k];
-        }
-      }
-      gx = warp_sum_double(gx);
+    const float r = rstd_of(team_sum_double(pair_sum_squares<T, V, PAIRS>(xa, xb), team_log2),
+                            head_dim, eps);
+    gx = team_sum_double(gx, team_log2);
+    if (live) {
       const double cc = gx * r * r * r / head_dim;
-      T *dxh = dx + row * head_dim;
 #pragma unroll
       for (int k = 0; k < PAIRS; k++) {
-        const int p = lane + 32 * k;
-        if (p < half) {
-          store_f(dxh + p, __fadd_rn(oa[q][k], dx_term(r, ga[k], cc, xa[q][k])));
-          store_f(dxh + p + half, __fadd_rn(ob[q][k], dx_term(r, gb[k], cc, xb[q][k])));
+        const int g = t + team * k;
+        if (g >= half / V) break;
+        const vecn<float, V> c = load_vec<float, V>(s_cos + tk, g, true);
+        const vecn<float, V> s = load_vec<float, V>(s_sin + tk, g, true);
+        float ga[V], gb[V];
+#pragma unroll
+        for (int e = 0; e < V; e++) {
+          const float xva = load_f(&xa[k].v[e]), xvb = load_f(&xb[k].v[e]);
+          float na, nb;
+          rope_backward(&na, &nb, load_f(&da[k].v[e]), load_f(&db[k].v[e]), c.v[e], s.v[e]);
+          dwa[k][e] += (double)na * (double)__fmul_rn(xva, r);
+          dwb[k][e] += (double)nb * (double)__fmul_rn(xvb, r);
+          ga[e] = __fadd_rn(load_f(&oa[k].v[e]), dx_term(r, __fmul_rn(na, wa[k][e]), cc, xva));
+          gb[e] = __fadd_rn(load_f(&ob[k].v[e]), dx_term(r, __fmul_rn(nb, wb[k][e]), cc, xvb));
+        }
+        if (dx) {
+          const size_t i = row * (head_dim / V) + g;
+          store_vec<T, V>(dx, i, ga);
+          store_vec<T, V>(dx, i + half / V, gb);
         }
       }
     }
+    __syncthreads();   /* the next step's rotations overwrite these */
   }
-  double *pw = partial + warp * head_dim;
+  /* the warp's teams hold the same columns: a butterfly over the team bits of the lane */
 #pragma unroll
-  for (int k = 0; k < PAIRS; k++) {
-    const int p = lane + 32 * k;
-    if (p < half) {
-      pw[p] = dwa[k];
-      pw[p + half] = dwb[k];
+  for (int m = 1; m < 32; m <<= 1) {
+    if (m < team) continue;
+#pragma unroll
+    for (int k = 0; k < PAIRS; k++) {
+#pragma unroll
+      for (int e = 0; e < V; e++) {
+        dwa[k][e] += __shfl_xor_sync(0xffffffffu, dwa[k][e], m);
+        dwb[k][e] += __shfl_xor_sync(0xffffffffu, dwb[k][e], m);
+      }
     }
   }
-}
-
-/* dw[j] (+)= (float)Σ_c partial[c, j]: one block per column, a fixed tree over the chunks */
-static __global__ void dw_colsum_kernel(float *__restrict__ dw, const double *__restrict__ partial,
-                                        int chunks, int dim, bool acc) {
-  __shared__ double sh[32];
-  const int j = blockIdx.x;
-  double sum = 0.0;
-  for (int c = threadIdx.x; c < chunks; c += blockDim.x) sum += partial[(size_t)c * dim + j];
-  const double t = block_sum_double(sum, sh);
-  if (threadIdx.x == 0) dw[j] = acc ? __fadd_rn(dw[j], (float)t) : (float)t;
+  double *sw = s_dw + (threadIdx.x >> 5) * head_dim;
+  if ((threadIdx.x & 31) < team) {
+#pragma unroll
+    for (int k = 0; k < PAIRS; k++) {
+      const int g = t + team * k;
+      if (g >= half / V) break;
+#pragma unroll
+      for (int e = 0; e < V; e++) {
+        sw[V * g + e] = dwa[k][e];
+        sw[half + V * g + e] = dwb[k][e];
+      }
+    }
+  }
+  __syncthreads();
+  for (int j = threadIdx.x; j < head_dim; j += blockDim.x) {
+    double sum = 0.0;
+    for (int wp = 0; wp < QK_WARPS; wp++) sum += s_dw[wp * head_dim + j];
+    partial[(size_t)blockIdx.x * head_dim + j] = sum;
+  }
 }
 
 template <typename T>
-static void qk_norm_rope_backward_launch(T *dx, double *partial, const T *dout, const T *x,
-                                         const float *w, const float *cos_t, const float *sin_t,
-                                         size_t rows, size_t rpw, size_t warps, int heads,
-                                         int head_dim, float eps, bool acc) {
-  const int blocks = (int)((warps + QK_WARPS - 1) / QK_WARPS);
-  if (head_dim / 2 <= 64) {
-    qk_norm_rope_backward_kernel<T, 2, QK_BWD_ROWS><<<blocks, QK_WARPS * 32, 0, cuda_ctx.stream>>>(
-        dx, partial, dout, x, w, cos_t, sin_t, rows, rpw, heads, head_dim, eps, acc);
-  } else {
-    qk_norm_rope_backward_kernel<T, 4, QK_BWD_ROWS><<<blocks, QK_WARPS * 32, 0, cuda_ctx.stream>>>(
-        dx, partial, dout, x, w, cos_t, sin_t, rows, rpw, heads, head_dim, eps, acc);
-  }
-  CUDA_LAUNCHED("qk_norm_rope_backward_kernel");
+static void qk_norm_rope_backward_launch(T *dx, float *dw, const T *dout, const T *x,
+                                         const float *w, const int32_t *positions,
+                                         const inv_freq_table &inv, size_t rows, int heads,
+                                         int head_dim, float eps, int acc) {
+  constexpr int VW = VEC_OF(T);
+  const qk_layout l = qk_layout_of<T>(head_dim, heads, vec_path<T>(head_dim / 2, dx, dout, x));
+  const size_t rpb = qk_rows_per_block(rows), blocks = (rows + rpb - 1) / rpb;
+  double *partial = (double *)cuda_scratch(blocks * head_dim * sizeof(double),
+                                           "qk_norm_rope_backward");
+  auto *kernel = l.vec           ? qk_norm_rope_backward_kernel<T, VW, 1>
+                 : l.pairs == 1 ? qk_norm_rope_backward_kernel<T, 1, 1>
+                                : qk_norm_rope_backward_kernel<T, 1, 4>;
+  CUDA_LAUNCH_PDL("qk_norm_rope_backward_kernel", kernel, dim3((unsigned)blocks),
+                  dim3(QK_WARPS * 32), QK_WARPS * head_dim * sizeof(double) + l.rope_bytes, dx,
+                  partial, dout, x, w, positions, inv, rows, rpb, heads, head_dim, l.team_log2,
+                  eps, dx != NULL && (acc & ACC_DX) != 0);
+  dw_finalize(dw, partial, (int)blocks, head_dim, acc);
 }
 
 extern "C" void cuda_qk_norm_rope_backward(void *dx, float *dw, const void *dout, const void *x,
                                            const float *w, const int32_t *positions, int n,
                                            int heads, int head_dim, float eps, double theta,
                                            int acc) {
-  if (head_dim % 2 || head_dim <= 0 || head_dim > 2 * ROPE_MAX_HALF)
-    cuda_fail("qk_norm_rope_backward", "head_dim must be even and at most 256", __FILE__,
-              __LINE__);
+  struct inv_freq_table inv;
+  rope_setup(&inv, head_dim, theta);   /* dies on a head_dim it cannot take */
   if (n <= 0 || heads <= 0) return zero_dw_of_no_rows(dw, head_dim, acc);
-  const int half = head_dim / 2;
-  const size_t rows = (size_t)n * heads;
-  const size_t rpw = qk_rows_per_warp(rows), warps = (rows + rpw - 1) / rpw;
-
-  /* one arena cut three ways, each piece 256-byte aligned */
-  const size_t table = ((size_t)n * half * sizeof(float) + 255) & ~(size_t)255;
-  char *arena = (char *)cuda_scratch(2 * table + warps * head_dim * sizeof(double),
-                                     "qk_norm_rope_backward");
-  float *cos_t = (float *)arena, *sin_t = (float *)(arena + table);
-  double *partial = (double *)(arena + 2 * table);
-
-  rope_tables(cos_t, sin_t, positions, n, head_dim, theta);
-  CUDA_ACT_DISPATCH(T, qk_norm_rope_backward_launch((T *)dx, partial, (const T *)dout,
-                                                    (const T *)x, w, cos_t, sin_t, rows, rpw,
-                                                    warps, heads, head_dim, eps,
-                                                    (acc & ACC_DX) != 0));
-  dw_colsum_kernel<<<head_dim, 256, 0, cuda_ctx.stream>>>(dw, partial, (int)warps, head_dim,
-                                                          (acc & ACC_DW) != 0);
-  CUDA_LAUNCHED("dw_colsum_kernel");
+  CUDA_ACT_DISPATCH(T, qk_norm_rope_backward_launch((T *)dx, dw, (const T *)dout, (const T *)x,
+                                                    w, positions, inv, (size_t)n * heads, heads,
+                                                    head_dim, eps, acc));
 }

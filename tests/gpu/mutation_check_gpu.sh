@@ -25,7 +25,8 @@ MUTATIONS=(
   'gemv_wrong_matrix#kernels/cuda/cuda_linear.cu#s/if (k < m.count \&\& row >= m.end\[k - 1\]) {/if (k < m.count \&\& row > m.end[k - 1]) {/#the GEMV gives the first row of k (or up) to q (or gate)'
   'rope_first_token_angle#kernels/cuda/cuda_norm.cu#s|positions\[t0 + k / half\], inv.v\[k % half\]|positions[t0], inv.v[k % half]|#the q/k-norm + RoPE forward rotates every token of a block by its first token'"'"'s angle'
   'decode_drops_last_split#kernels/cuda/cuda_attention.cu#s|  n_split = (d.tk + keys_per_split - 1) / keys_per_split;|  n_split = d.tk / keys_per_split;|#decode attention leaves out a last split shorter than the others'
-  'rmsnorm_reads_when_overwriting#kernels/cuda/cuda_norm.cu#s/        if (acc) load4(o, dxi, v);/        load4(o, dxi, v);/#RMSNorm backward adds to dx when told to overwrite it'
+  'rmsnorm_reads_when_overwriting#kernels/cuda/cuda_norm.cu#s/load_row<T, V, PER>(orow\[q\], dx, (size_t)(i0 + q), dim, live \&\& acc);/load_row<T, V, PER>(orow[q], dx, (size_t)(i0 + q), dim, live);/#RMSNorm backward adds to dx when told to overwrite it'
+  'qk_bwd_dw_rows_skipped#kernels/cuda/cuda_norm.cu#s/dw_finalize(dw, partial, (int)blocks, head_dim, acc);/dw_finalize(dw, partial, (int)blocks - 1, head_dim, acc);/#the q\/k norm weight gradient leaves out the last block'"'"'s rows'
   'wgrad_always_accumulates#kernels/cuda/cuda_linear.cu#s/acc \& ACC_DW ? 1.0f : 0.0f, dw, in_dim, act, DT_F32/1.0f, dw, in_dim, act, DT_F32/#the weight gradient GEMM adds to dw when told to overwrite it (beta 1)'
   'kv_append_wrong_row#kernels/cuda/cuda_elementwise.cu#s/const size_t to = (i \* seq_rows + (size_t)positions\[i\]) \* width + c;/const size_t to = (i * seq_rows + (size_t)i) * width + c;/#the KV append writes row i, not the token position'
   # only the bf16 mode's checks can catch these: the fp32 and tf32 modes never store bf16

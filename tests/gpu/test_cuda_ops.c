@@ -1387,9 +1387,11 @@ int main(void) {
   test_embedding(300, 96, 500);
   test_rmsnorm(200, 2560);
   test_rmsnorm(37, 64);
+  test_rmsnorm(29, 70);                        /* rows not a multiple of 4: one value a load */
   test_qk_norm_rope(130, 4, 128, 5e6, 40000);
   test_qk_norm_rope(77, 6, 16, 1e4, 300);
-  test_qk_norm_rope(3, 32, 128, 5e6, 40000);   /* decoding's few tokens, 2 blocks a token */
+  test_qk_norm_rope(3, 32, 128, 5e6, 40000);   /* decoding's few tokens */
+  test_qk_norm_rope(9, 3, 18, 1e4, 300);       /* head_dim not a multiple of 4 */
   test_attention(2, 77, 77, 77, 4, 2, 16, NULL);
   test_attention(1, 64, 64, 64, 6, 3, 8, NULL);
   test_attention(1, 300, 300, 300, 8, 2, 128, NULL);
@@ -1432,9 +1434,11 @@ int main(void) {
   test_embedding(77, 50, 300);                  /* rows not a multiple of 4: the scalar copy */
   test_rmsnorm(200, 2560);
   test_rmsnorm(37, 64);
+  test_rmsnorm(29, 100);                       /* rows not a multiple of 8: one value a load */
   test_qk_norm_rope(130, 4, 128, 5e6, 40000);
   test_qk_norm_rope(77, 6, 16, 1e4, 300);
-  test_qk_norm_rope(3, 32, 128, 5e6, 40000);   /* decoding's few tokens, 2 blocks a token */
+  test_qk_norm_rope(3, 32, 128, 5e6, 40000);   /* decoding's few tokens */
+  test_qk_norm_rope(9, 3, 20, 1e4, 300);       /* head_dim not a multiple of 8 */
   /* the bf16 tensor-core attention: head_dim 64 and 128, 16 queries or more; GQA, batch 2,
    * T not a multiple of 16 or 64 */
   test_attention(2, 80, 80, 80, 8, 2, 64, NULL);
