@@ -12,7 +12,9 @@ build/qwen3-prep build --format chat --tokenizer third_party/qwen3-tokenizer/tok
 
 echo
 echo "== training on 2 processes (2 pipeline stages); the answers come at the end"
-$MPIRUN -np 2 build/qwen3-train build/jobs/demo.pb --set checkpoint.resume=NEVER
+# from scratch each time, replacing the checkpoints of an earlier demo
+$MPIRUN -np 2 build/qwen3-train build/jobs/demo.pb --set checkpoint.resume=NEVER \
+  --set checkpoint.overwrite=true
 
 echo
 echo "== a checkpoint evaluation run: the model from out/demo/checkpoints/latest"
