@@ -40,7 +40,8 @@
  *    accumulates dV += P^T dO and dK += dS^T Q in registers, added once to dk, dv at the end;
  *    (2) one block per (query tile, head, sequence) walks its key tiles, rebuilds dS the same
  *    way and accumulates dQ += dS K, added once to dq. No T x T matrix ever exists in memory.
- *    Both kernels recompute P; K and V are never expanded per query head.
+ *    Both kernels recompute P; K and V are never expanded per query head. "Added" is
+ *    "written" when the call has no ACC_DX (ops.h): the old value is then not read.
  *
  * Deterministic: every output element is owned by exactly one thread of one block, which sums
  * its terms in a fixed order (d, key and query loops run in index order; grouped query heads in
