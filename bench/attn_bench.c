@@ -14,14 +14,13 @@
  * $GPU_BENCH_RESULTS when set), or a line saying why nothing ran: a build without CUDA, or one
  * whose CUDA library has no backend table yet (kernels/cuda/cuda_backend.cu, checked at compile
  * time so that this program links whatever state the backend is in). */
-#define _POSIX_C_SOURCE 200809L
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #include "bench/bench_result.h"
+#include "common/util.h"
 #include "kernels/ops.h"
 
 #if defined(QWEN3_HAVE_CUDA) && defined(__has_include)
@@ -38,21 +37,6 @@ extern const struct backend attn_bench_backend_cuda __asm__("backend_cuda");
 #define HEAD_DIM 128
 
 #ifdef ATTN_BENCH_CUDA
-static double now(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
-static int cmp_double(const void *a, const void *b) {
-  double x = *(const double *)a, y = *(const double *)b;
-  return x < y ? -1 : x > y;
-}
-
-static double median(double *v, int n) {
-  qsort(v, (size_t)n, sizeof *v, cmp_double);
-  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
 
 #define MAX_REPEATS 10
 
@@ -71,27 +55,28 @@ static void bench_one(const struct backend *be, int T, double seconds) {
     exit(1);
   }
   /* one untimed pass, which also tells how many repeats the budget allows */
-  double t0 = now();
+  double t0 = now_seconds();
   be->attention_forward(ctx, lse, q, k, v, &s);
   be->attention_backward(dq, dk, dv, dctx, q, k, v, ctx, lse, &s, 0);
   be->synchronize();
-  double first = now() - t0;
+  double first = now_seconds() - t0;
   int repeats = first > 0 ? (int)(seconds / 2 / first) : MAX_REPEATS;
   repeats = repeats < 1 ? 1 : repeats > MAX_REPEATS ? MAX_REPEATS : repeats;
   double fwd[MAX_REPEATS], bwd[MAX_REPEATS], both[MAX_REPEATS];
   for (int r = 0; r < repeats; r++) {
-    double a = now();
+    double a = now_seconds();
     be->attention_forward(ctx, lse, q, k, v, &s);
     be->synchronize();
-    double b = now();
+    double b = now_seconds();
     be->attention_backward(dq, dk, dv, dctx, q, k, v, ctx, lse, &s, 0);   /* as training's */
     be->synchronize();
-    double c = now();
+    double c = now_seconds();
     fwd[r] = b - a;
     bwd[r] = c - b;
     both[r] = c - a;
   }
-  double tf = median(fwd, repeats), tb = median(bwd, repeats), tfb = median(both, repeats);
+  double tf = bench_median(fwd, repeats), tb = bench_median(bwd, repeats),
+         tfb = bench_median(both, repeats);
   double fwd_flops = 4.0 * T * (double)T * HEADS * HEAD_DIM / 2;
   char line[512];
   snprintf(line, sizeof line,
@@ -134,9 +119,9 @@ int main(int argc, char **argv) {
   printf("attn_bench: backend %s, B=1, %d q / %d kv heads, head_dim %d, causal; budget %.0f s\n",
          be->name, HEADS, KV_HEADS, HEAD_DIM, budget);
   fflush(stdout);
-  double start = now();
+  double start = now_seconds();
   for (int i = 0; i < n; i++) {
-    double left = budget - (now() - start);
+    double left = budget - (now_seconds() - start);
     if (left <= 0) {
       char line[128];
       snprintf(line, sizeof line, "RESULT system=ours-attn T=%d status=skipped", ts[i]);

@@ -38,6 +38,26 @@ def read_results(path):
                 for line in f if line.startswith("RESULT ")]
 
 
+def print_table(rows, cols, measured):
+    """A markdown table of RESULT rows. cols are (title, key, fmt): fmt None prints the field as
+    it is (the row's name), else fmt(float(field)). A row without the field `measured` (a part
+    that did not run) shows its status in the first measured column, the rest blank."""
+    print("\n| " + " | ".join(title for title, _, _ in cols) + " |")
+    print("|" + "---|" * len(cols))
+    for r in rows:
+        status = r.get("status", "?")
+        cells = []
+        for _, key, fmt in cols:
+            if fmt is None:
+                cells.append(r.get(key, ""))
+            elif measured in r:
+                cells.append(fmt(float(r[key])))
+            else:
+                cells.append(status)
+                status = ""
+        print("| " + " | ".join(cells) + " |")
+
+
 def flops_per_token(n_params, layers, T, heads, head_dim):
     """6 N + 6 L T heads head_dim: the issue's convention (causal attention counted once)."""
     return 6.0 * n_params + 6.0 * layers * T * heads * head_dim

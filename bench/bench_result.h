@@ -1,6 +1,6 @@
 /* What the benchmark programs share: their RESULT lines, printed and appended to
  * $GPU_BENCH_RESULTS when set (bench/gpu_bench.sh collects every part's there for its table),
- * and their random inputs in backend memory. */
+ * their random inputs in backend memory, and the median of repeated timings. */
 #ifndef QWEN3_BENCH_RESULT_H
 #define QWEN3_BENCH_RESULT_H
 
@@ -19,6 +19,17 @@ static inline void result_line(const char *line) {
     fprintf(f, "%s\n", line);
     fclose(f);
   }
+}
+
+static inline int bench_cmp_double(const void *a, const void *b) {
+  double x = *(const double *)a, y = *(const double *)b;
+  return x < y ? -1 : x > y;
+}
+
+/* the median of v[0 .. n-1] (n >= 1), which it sorts */
+static inline double bench_median(double *v, int n) {
+  qsort(v, (size_t)n, sizeof *v, bench_cmp_double);
+  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
 }
 
 /* `bytes` of backend memory, or the program ends saying so */

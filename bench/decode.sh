@@ -43,14 +43,10 @@ echo "gpu label: $(gpu_label_summary)" | tee -a "$OUT/decode.txt"
 python3 - "$RESULTS" <<'PY' | tee -a "$OUT/decode.txt"
 import sys
 sys.path.insert(0, "bench")
-from bench_common import read_results
-rows = read_results(sys.argv[1])
-print("\n| system | batch | prefill tok/s | decode tok/s | ms per token step |")
-print("|---|---|---|---|---|")
-for r in rows:
-    if "decode_tok_s" not in r:
-        print(f"| {r.get('system')} | {r.get('batch')} | {r.get('status', '?')} | | |")
-        continue
-    print(f"| {r['system']} | {r['batch']} | {float(r['prefill_tok_s']):.0f} "
-          f"| {float(r['decode_tok_s']):.1f} | {float(r['ms_per_token']):.2f} |")
+from bench_common import print_table, read_results
+print_table(read_results(sys.argv[1]),
+            [("system", "system", None), ("batch", "batch", None),
+             ("prefill tok/s", "prefill_tok_s", "{:.0f}".format),
+             ("decode tok/s", "decode_tok_s", "{:.1f}".format),
+             ("ms per token step", "ms_per_token", "{:.2f}".format)], "decode_tok_s")
 PY

@@ -15,14 +15,13 @@
  *
  * Prints a table and a `RESULT system=ours-norm op=... us=... gbps=... of_copy=...` line per op
  * (also appended to $GPU_BENCH_RESULTS when set), or why nothing ran (as attn_bench.c). */
-#define _POSIX_C_SOURCE 200809L
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #include "bench/bench_result.h"
+#include "common/util.h"
 #include "kernels/ops.h"
 
 #if defined(QWEN3_HAVE_CUDA) && defined(__has_include)
@@ -52,17 +51,6 @@ struct bufs {
   float *w, *dw, *qw, *qdw;
   int32_t *pos;
 };
-
-static double now(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
-static int cmp_double(const void *a, const void *b) {
-  double x = *(const double *)a, y = *(const double *)b;
-  return x < y ? -1 : x > y;
-}
 
 static void run(const struct backend *be, const struct bufs *b, int op) {
   const size_t copy_bytes = (size_t)TOKENS * HEADS * HEAD_DIM * dtype_bytes(be->act_dtype());
@@ -111,15 +99,14 @@ static double time_op(const struct backend *be, const struct bufs *b, int op, in
   int n = 0;
   run(be, b, op);   /* untimed: the first call of an op sets things up */
   be->synchronize();
-  const double start = now();
+  const double start = now_seconds();
   do {
-    const double a = now();
+    const double a = now_seconds();
     for (int i = 0; i < calls; i++) run(be, b, op);
     be->synchronize();
-    t[n++] = (now() - a) / calls;
-  } while (n < MAX_REPEATS && (n < 3 || now() - start < seconds));
-  qsort(t, (size_t)n, sizeof *t, cmp_double);
-  return n % 2 ? t[n / 2] : 0.5 * (t[n / 2 - 1] + t[n / 2]);
+    t[n++] = (now_seconds() - a) / calls;
+  } while (n < MAX_REPEATS && (n < 3 || now_seconds() - start < seconds));
+  return bench_median(t, n);
 }
 
 static void bench(const struct backend *be, double budget, int calls) {

@@ -30,14 +30,9 @@ echo "gpu label: $(gpu_label_summary)" | tee -a "$OUT/score.txt"
 python3 - "$RESULTS" <<'PY' | tee -a "$OUT/score.txt"
 import sys
 sys.path.insert(0, "bench")
-from bench_common import read_results
-rows = read_results(sys.argv[1])
-print("\n| system | mb | T | tok/s | forward MFU |")
-print("|---|---|---|---|---|")
-for r in rows:
-    if "tok_s" not in r:
-        print(f"| {r.get('system')} | {r.get('mb')} | {r.get('T')} | {r.get('status', '?')} | |")
-        continue
-    print(f"| {r['system']} | {r['mb']} | {r['T']} | {float(r['tok_s']):.0f} "
-          f"| {100 * float(r['fwd_mfu']):.1f}% |")
+from bench_common import print_table, read_results
+print_table(read_results(sys.argv[1]),
+            [("system", "system", None), ("mb", "mb", None), ("T", "T", None),
+             ("tok/s", "tok_s", "{:.0f}".format),
+             ("forward MFU", "fwd_mfu", lambda v: f"{100 * v:.1f}%")], "tok_s")
 PY
