@@ -10,7 +10,8 @@
  * 2 FLOPs per multiply-add), backward = 2.5 × forward. Each time is the median of repeats,
  * bracketed by the backend's synchronize; the repeats shrink when one call is slow.
  *
- * Prints one `RESULT system=ours-attn T=... fwd_ms=... ...` line per T (also appended to
+ * Prints one `RESULT system=ours-attn T=... fwd_ms=... ...` line per T (ours-attn-mma-sync under
+ * QWEN3_CUDA_WGMMA=0, the mma.sync kernels where Hopper's wgmma ones would run) (also appended to
  * $GPU_BENCH_RESULTS when set), or a line saying why nothing ran: a build without CUDA, or one
  * whose CUDA library has no backend table yet (kernels/cuda/cuda_backend.cu, checked at compile
  * time so that this program links whatever state the backend is in). */
@@ -37,6 +38,11 @@ extern const struct backend attn_bench_backend_cuda __asm__("backend_cuda");
 #define HEAD_DIM 128
 
 #ifdef ATTN_BENCH_CUDA
+/* QWEN3_CUDA_WGMMA=0 keeps an H100/H200 on the mma.sync kernels: named apart in the results */
+static const char *attn_system(void) {
+  const char *e = getenv("QWEN3_CUDA_WGMMA");
+  return e && !strcmp(e, "0") ? "ours-attn-mma-sync" : "ours-attn";
+}
 
 #define MAX_REPEATS 10
 
@@ -80,10 +86,10 @@ static void bench_one(const struct backend *be, int T, double seconds) {
   double fwd_flops = 4.0 * T * (double)T * HEADS * HEAD_DIM / 2;
   char line[512];
   snprintf(line, sizeof line,
-           "RESULT system=ours-attn T=%d heads=%d kv_heads=%d head_dim=%d fwd_ms=%.4g "
+           "RESULT system=%s T=%d heads=%d kv_heads=%d head_dim=%d fwd_ms=%.4g "
            "bwd_ms=%.4g fwdbwd_ms=%.4g fwd_tflops=%.4g bwd_tflops=%.4g fwdbwd_tflops=%.4g "
            "repeats=%d dtype=%s",
-           T, HEADS, KV_HEADS, HEAD_DIM, tf * 1e3, tb * 1e3, tfb * 1e3, fwd_flops / tf / 1e12,
+           attn_system(), T, HEADS, KV_HEADS, HEAD_DIM, tf * 1e3, tb * 1e3, tfb * 1e3, fwd_flops / tf / 1e12,
            2.5 * fwd_flops / tb / 1e12, 3.5 * fwd_flops / tfb / 1e12, repeats,
            be->act_dtype() == DT_BF16 ? "bf16" : "fp32");
   result_line(line);
@@ -124,7 +130,7 @@ int main(int argc, char **argv) {
     double left = budget - (now_seconds() - start);
     if (left <= 0) {
       char line[128];
-      snprintf(line, sizeof line, "RESULT system=ours-attn T=%d status=skipped", ts[i]);
+      snprintf(line, sizeof line, "RESULT system=%s T=%d status=skipped", attn_system(), ts[i]);
       result_line(line);
       continue;
     }

@@ -12,7 +12,7 @@ export PATH="$prefix/usr/bin:$PATH"
 export LD_LIBRARY_PATH="$prefix/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}"
 export PKG_CONFIG_PATH="$prefix/usr/lib/x86_64-linux-gnu/pkgconfig:${PKG_CONFIG_PATH:-}"
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
-cmake -S . -B build -DCMAKE_BUILD_TYPE=Release -DQWEN3_CUDA_ARCHS=${QWEN3_CUDA_ARCHS:-90} | grep "qwen3:" || true
+cmake -S . -B build -DCMAKE_BUILD_TYPE=Release -DQWEN3_CUDA_ARCHS=${QWEN3_CUDA_ARCHS:-90a} | grep "qwen3:" || true
 cmake --build build -j"$(nproc)" 2>&1 | grep -E "error|warning" || true
 ls build/qwen3-train build/bench/ckpt_bench >/dev/null
 set +e +u +o pipefail

@@ -69,6 +69,7 @@ struct cuda_context {
   int debug;                   /* 1: synchronize and check after every launch */
   int capturing;               /* between capture_begin and capture_end: ops are recorded */
   int pdl;                     /* 1: cuda_launch_pdl lets a kernel start before the last ends */
+  int wgmma;                   /* 1: attention on Hopper's wgmma kernels (cuda_attention_wgmma.cu) */
   double *host_result;         /* pinned host memory for the results returned to the host */
 };
 extern struct cuda_context cuda_ctx;
@@ -155,7 +156,8 @@ void cuda_attention_backward(void *dq, void *dk, void *dv, const void *dctx, con
                              const struct attn_shape *s, int acc);
 
 /* ---- cuda_attention_bf16.cu: the bf16 tensor-core attention (mma.sync m16n8k16, fp32
- * accumulation) used in the bf16 mode; tensors are __nv_bfloat16, lse and D fp32. Same
+ * accumulation; on an H100/H200, Hopper's wgmma kernels of cuda_attention_wgmma.cu first, where
+ * they take the shape and cuda_ctx.wgmma) used in the bf16 mode; tensors are __nv_bfloat16, lse and D fp32. Same
  * semantics as cuda_attention_forward/backward; return 1 when they did the work, 0 (nothing
  * launched) for a shape or GPU they do not handle (the caller then runs the generic kernels).
  * The backward takes D [batch, heads, tq] = rowsum(dctx * ctx) in fp32, computed once by the

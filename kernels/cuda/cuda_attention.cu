@@ -17,7 +17,8 @@
  * q, k, v, ctx and their gradients; lse and D are fp32 always. Tiles are converted to fp32 as
  * they are staged in shared memory and results rounded to T only when written, so the arithmetic
  * is the same for both types, and the float instantiation is the "fp32 mode" tested against the
- * CPU backend. The dispatcher runs the bf16 mode's tensor-core kernels (cuda_attention_bf16.cu)
+ * CPU backend. The dispatcher runs the bf16 mode's tensor-core kernels (cuda_attention_bf16.cu,
+ * which runs Hopper's wgmma ones of cuda_attention_wgmma.cu first where they take the shape)
  * where they take the shape, and these kernels for everything else (the fp32 and tf32 modes
  * included: TF32 applies to GEMMs only).
  *

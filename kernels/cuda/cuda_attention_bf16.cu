@@ -73,109 +73,15 @@
  * heads in index order, the two query halves of dK/dV and the scratch planes in a fixed order,
  * the mma's own order fixed by the hardware); row max/sum use a fixed xor-shuffle over the 4
  * lanes of a row; no atomics; nothing depends on block scheduling. */
-#include <cuda_bf16.h>
-#include <cuda_runtime.h>
 #include <limits.h>
-#include <math.h>
-#include <stdint.h>
 
-#include "kernels/cuda/cuda.h"
-#include "kernels/cuda/cuda_dtype.cuh"
+#include "kernels/cuda/cuda_attention_bf16.cuh"
 
-/* ---- device primitives (inline PTX, sm_80+) ---------------------------------------------- */
-namespace attn_bf16 {
-
-__device__ __forceinline__ unsigned char *smem_base() {
-  extern __shared__ float4 attn_bf16_smem[];
-  return reinterpret_cast<unsigned char *>(attn_bf16_smem);
-}
-
-__device__ __forceinline__ uint32_t smem_u32(const void *p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// Four 8x8 b16 matrices; lane i addresses row i%8 of matrix i/8 (see the file comment)
-__device__ __forceinline__ void ldsm4(uint32_t (&r)[4], const bf16 *p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_u32(p)));
-}
-// The same, each matrix transposed: lane 4g+t receives elements (2t, g) and (2t+1, g)
-__device__ __forceinline__ void ldsm4_t(uint32_t (&r)[4], const bf16 *p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_u32(p)));
-}
-
-// d += A B, one m16n8k16 bf16 product with fp32 accumulators
-__device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
-                                    uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-      "{%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-// two floats -> one register of two bf16 (round to nearest even), lo in the low half
-__device__ __forceinline__ uint32_t pack(float lo, float hi) {
-  __nv_bfloat162 x = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<uint32_t *>(&x);
-}
-
-// 16 bytes global -> shared; valid == false writes 16 zero bytes and reads nothing
-__device__ __forceinline__ void cp_async16(void *dst, const void *src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src),
-               "r"(valid ? 16 : 0));
-}
-// 4 bytes global -> shared; valid == false writes a zero
-__device__ __forceinline__ void cp_async4(void *dst, const void *src, bool valid) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_u32(dst)), "l"(src),
-               "r"(valid ? 4 : 0));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-// everything this thread committed has landed and is visible to it
-__device__ __forceinline__ void cp_async_wait_all() {
-  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
-}
-
-__device__ __forceinline__ float quad_max(float x) {
-  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
-  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
-}
-__device__ __forceinline__ float quad_sum(float x) {
-  x += __shfl_xor_sync(0xffffffffu, x, 1);
-  return x + __shfl_xor_sync(0xffffffffu, x, 2);
-}
-
-// *p (two bf16) += (x, y), rounded once; *p = (x, y) when not acc (0 + x is x exactly)
-__device__ __forceinline__ void add_bf16x2(bf16 *p, float x, float y, bool acc) {
-  __nv_bfloat162 *q = reinterpret_cast<__nv_bfloat162 *>(p);
-  const float2 old = acc ? __bfloat1622float2(*q) : make_float2(0.0f, 0.0f);
-  *q = __floats2bfloat162_rn(old.x + x, old.y + y);
-}
-
-}  // namespace attn_bf16
 
 /* ---- kernels ------------------------------------------------------------------------------ */
 namespace attn_bf16 {
 
 constexpr int PAD = 8;  // bf16 of padding per shared row: stride = 4 (mod 32) words
-constexpr float LOG2E = 1.4426950408889634f;
-constexpr float LN2 = 0.6931471805599453f;
-
-struct Dims {
-  int batch, tq, tk, k_stride, heads, kv_heads, group;
-  float scale;       // head_dim^-0.5
-  float scale_log2;  // head_dim^-0.5 * log2(e)
-  bool acc;          // the backward adds into dq, dk, dv (ACC_DX) rather than overwriting them
-};
-
-// The host's view: Dims and attn_shape.doc_start, which goes to the kernels as an argument of
-// its own (read only by their DOC instantiations).
-struct Shape : Dims {
-  const int32_t *doc;
-};
 
 // Document masking: the smallest (MAX: the largest) of x over the block's NT threads, in every
 // thread, through NT / 32 ints of shared memory `part`. One barrier; part is read after it, so
@@ -264,14 +170,8 @@ __global__ void __launch_bounds__(32 * NW, MINB)
   bf16 *sQ = reinterpret_cast<bf16 *>(smem_base());
   bf16 *sKV = sQ + BQ * LDS;  // stage st: K at sKV + st * 2 * BK * LDS, V right after
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  const int h = blockIdx.x, b = blockIdx.z;
-  const int q0 = (gridDim.y - 1 - blockIdx.y) * BQ;  // the longest rows first
-  const int nq = min(BQ, s.tq - q0);
-  const int kh = h / s.group, off = s.tk - s.tq;
-  const size_t q_ld = (size_t)s.heads * D, k_ld = (size_t)s.kv_heads * D;
-  const size_t q_base = ((size_t)b * s.tq + q0) * q_ld + (size_t)h * D;
-  const size_t k_base = (size_t)b * s.k_stride * k_ld + (size_t)kh * D;
-  const int n_kt = (off + q0 + nq - 1) / BK + 1;  // up to the last key of the last row
+  const QueryTile qt = query_tile<D>(s, BQ, BK);
+  const auto [h, b, q0, nq, kh, off, n_kt, q_ld, k_ld, q_base, k_base] = qt;
   const int32_t *doc_q = DOC ? doc + (size_t)b * s.tq + q0 : nullptr;  // the rows' first keys
 
   load_tile<NT, BQ, D>(sQ, q + q_base, q_ld, nq);
@@ -281,15 +181,8 @@ __global__ void __launch_bounds__(32 * NW, MINB)
       k_ld, s.tk);
 
   float o[ND][4], m[2], l[2];
-  int lim[2];  // last key rows g, g+8 see (clamped to tk - 1 for padding rows)
-#pragma unroll
-  for (int i = 0; i < 2; i++) {
-    m[i] = -INFINITY;
-    l[i] = 0.0f;
-    lim[i] = min(off + q0 + warp * 16 + g + 8 * i, s.tk - 1);
-  }
-#pragma unroll
-  for (int n = 0; n < ND; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+  int lim[2];  // last key rows g, g+8 see
+  fwd_rows(o, m, l, lim, qt, warp * 16, s.tk);
   const int warp_lo = off + q0 + warp * 16;          // the smallest limit of this warp's rows
   const int warp_hi = min(warp_lo + 15, s.tk - 1);   // the largest
   uint32_t qa[KS][4];  // this warp's 16 rows of Q as A fragments, loaded once
@@ -347,29 +240,7 @@ __global__ void __launch_bounds__(32 * NW, MINB)
                        ? -INFINITY
                        : x;
       }
-    // online softmax. Without documents every row sees key 0, so m is finite from the first
-    // tile on; with them a row may see no key of a tile before its document's (m_new = -inf),
-    // and then stays empty: m_use = 0 keeps exp2(-inf - -inf) = NaN out.
-#pragma unroll
-    for (int i = 0; i < 2; i++) {
-      float mx = -INFINITY;
-#pragma unroll
-      for (int j = 0; j < NN; j++) mx = fmaxf(mx, fmaxf(sc[j][2 * i], sc[j][2 * i + 1]));
-      const float m_new = fmaxf(m[i], quad_max(mx));
-      const float m_use = DOC && m_new == -INFINITY ? 0.0f : m_new;
-      const float alpha = exp2f(m[i] - m_use);  // 0 on the first tile (m = -inf)
-      float sum = 0.0f;
-#pragma unroll
-      for (int j = 0; j < NN; j++) {
-        sc[j][2 * i] = exp2f(sc[j][2 * i] - m_use);  // masked: exp2(-inf) = 0
-        sc[j][2 * i + 1] = exp2f(sc[j][2 * i + 1] - m_use);
-        sum += sc[j][2 * i] + sc[j][2 * i + 1];
-      }
-      l[i] = l[i] * alpha + sum;  // this lane's share; the quad is summed at the end
-      m[i] = m_new;
-#pragma unroll
-      for (int n = 0; n < ND; n++) o[n][2 * i] *= alpha, o[n][2 * i + 1] *= alpha;
-    }
+    online_softmax<DOC>(sc, o, m, l);
     // O += P V over 16 keys at a time, P in bf16 straight from the accumulators
 #pragma unroll
     for (int kk = 0; kk < BK / 16; kk++) {
@@ -387,20 +258,7 @@ __global__ void __launch_bounds__(32 * NW, MINB)
     }
   }
 
-#pragma unroll
-  for (int i = 0; i < 2; i++) {
-    const float L = quad_sum(l[i]);
-    const int row = warp * 16 + g + 8 * i;
-    if (row < nq) {
-      const float inv = 1.0f / L;
-      bf16 *out = ctx + q_base + (size_t)row * q_ld + 2 * t;
-#pragma unroll
-      for (int n = 0; n < ND; n++)
-        *reinterpret_cast<__nv_bfloat162 *>(out + 8 * n) =
-            __floats2bfloat162_rn(o[n][2 * i] * inv, o[n][2 * i + 1] * inv);
-      if (t == 0) lse[((size_t)b * s.heads + h) * s.tq + q0 + row] = (m[i] + log2f(L)) * LN2;
-    }
-  }
+  store_ctx(ctx, lse, o, m, l, qt, warp * 16, s);
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -431,18 +289,10 @@ __global__ void __launch_bounds__(256, MINB)
   unsigned char *sm = smem_base();
   bf16 *sK = reinterpret_cast<bf16 *>(sm), *sV = sK + BK * LDS;
   unsigned char *stages = sm + C::KV_BYTES;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2;
   const int kw = warp & 3, qh = warp >> 2;  // keys 16kw.., queries 32qh.. of each query tile
-  const int kh = blockIdx.x / nsplit, split = blockIdx.x % nsplit;
-  const int hpb = s.group / nsplit, h0 = kh * s.group + split * hpb;  // this block's heads
-  const int b = blockIdx.z;
-  const int k0 = blockIdx.y * BK;  // blockIdx.y is the slow axis: the longest blocks first
-  const int nk = min(BK, s.tk - k0);
-  const int off = s.tk - s.tq;
-  const size_t q_ld = (size_t)s.heads * D, k_ld = (size_t)s.kv_heads * D;
-  const size_t k_base = ((size_t)b * s.k_stride + k0) * k_ld + (size_t)kh * D;
-  // query i sees key j when j <= off + i: the first query tile that sees key k0
-  const int qt_begin = max(0, k0 - off) / BQ, n_qt = (s.tq + BQ - 1) / BQ;
+  const KvTile kv = kv_tile<D>(s, nsplit, BK, BQ);  // the lambda below reads it
+  const auto [kh, split, hpb, h0, b, k0, nk, off, qt_begin, n_qt, q_ld, k_ld, k_base] = kv;
   const int32_t *doc_b = DOC ? doc + (size_t)b * s.tq : nullptr;  // first keys of the rows
   // DOC: the query tiles past the last row whose document starts at or before this tile's
   // last key see none of its keys (rows are scanned: doc_start need not be monotonic)
@@ -459,14 +309,14 @@ __global__ void __launch_bounds__(256, MINB)
 
   // query tile `it` (head h0 + it / per_head, tile qt_begin + it % per_head) -> stage
   auto issue_q = [&](int it, unsigned char *st) {
-    const int h = h0 + it / per_head, q0 = (qt_begin + it % per_head) * BQ;
+    const int h = kv.h0 + it / per_head, q0 = (kv.qt_begin + it % per_head) * BQ;
     const int nq = min(BQ, s.tq - q0);
-    const size_t q_base = ((size_t)b * s.tq + q0) * q_ld + (size_t)h * D;
+    const size_t q_base = ((size_t)kv.b * s.tq + q0) * kv.q_ld + (size_t)h * D;
     bf16 *sq = reinterpret_cast<bf16 *>(st);
-    load_tile<NT, BQ, D>(sq, q + q_base, q_ld, nq);
-    load_tile<NT, BQ, D>(sq + BQ * LDS, dctx + q_base, q_ld, nq);
+    load_tile<NT, BQ, D>(sq, q + q_base, kv.q_ld, nq);
+    load_tile<NT, BQ, D>(sq + BQ * LDS, dctx + q_base, kv.q_ld, nq);
     float *sf = reinterpret_cast<float *>(st + sizeof(bf16) * 2 * BQ * LDS);
-    const size_t r = ((size_t)b * s.heads + h) * s.tq + q0;
+    const size_t r = ((size_t)kv.b * s.heads + h) * s.tq + q0;
     if (threadIdx.x < 2 * BQ) {
       const int i = threadIdx.x, ii = i % BQ;
       const bool ok = ii < nq;
@@ -476,7 +326,7 @@ __global__ void __launch_bounds__(256, MINB)
       static_assert(3 * BQ <= NT, "one thread per first key");
       const int i = (int)threadIdx.x - 2 * BQ;
       if (i >= 0 && i < BQ)
-        cp_async4(sf + 2 * BQ + i, doc + (size_t)b * s.tq + (i < nq ? q0 + i : 0), i < nq);
+        cp_async4(sf + 2 * BQ + i, doc + (size_t)kv.b * s.tq + (i < nq ? q0 + i : 0), i < nq);
     }
   };
 
@@ -545,22 +395,7 @@ __global__ void __launch_bounds__(256, MINB)
 
     // P^T = exp(S^T - lse), dS^T = P^T (dP^T - D); element (key row, query column)
     const bool mask = k0 + BK - 1 > off + q0 || q0 + BQ > s.tq || (DOC && first_hi > key_lo);
-#pragma unroll
-    for (int j = 0; j < 4; j++) {
-      const int ql = 32 * qh + 8 * j + 2 * t;  // columns ql, ql + 1
-      const float2 L = *reinterpret_cast<const float2 *>(sL + ql);
-      const float2 Dd = *reinterpret_cast<const float2 *>(sD + ql);
-#pragma unroll
-      for (int e = 0; e < 4; e++) {
-        const int key = key_lo + g + 8 * (e >> 1), qc = ql + (e & 1);
-        const float p =
-            exp2f(sT[j][e] * s.scale_log2 - ((e & 1) ? L.y : L.x) * LOG2E);
-        const bool seen = !mask || (qc < nq && key <= off + q0 + qc &&
-                                    (!DOC || key >= sF[qc]));
-        sT[j][e] = seen ? p : 0.0f;
-        dpT[j][e] = seen ? p * (dpT[j][e] - ((e & 1) ? Dd.y : Dd.x)) : 0.0f;
-      }
-    }
+    dkdv_scores<DOC>(sT, dpT, sL, sD, sF, 32 * qh, key_lo + g, mask, nq, off + q0, s.scale_log2);
 
     // dV += P^T dO, dK += dS^T Q over 16 queries at a time
 #pragma unroll
@@ -601,31 +436,15 @@ __global__ void __launch_bounds__(256, MINB)
   }
   __syncthreads();
   if (qh != 0) return;
-  const size_t plane = (size_t)s.batch * s.tk * s.kv_heads * D;
 #pragma unroll
   for (int i = 0; i < 2; i++) {
     const int j = 16 * kw + g + 8 * i;
     if (j >= nk) continue;
-    const size_t row = k_base + (size_t)j * k_ld + 2 * t;
-    float *pk = part + ((((size_t)split * s.batch + b) * s.tk + k0 + j) * s.kv_heads + kh) * D +
-                2 * t;
-#pragma unroll
-    for (int n = 0; n < ND; n++) {
-      float sk[2], sv[2];
-#pragma unroll
-      for (int c = 0; c < 2; c++) {
-        const int e = 2 * i + c;
-        sk[c] = ak[n][e] + red[((kw * ND + n) * 8 + e) * 32 + lane];
-        sv[c] = av[n][e] + red[((kw * ND + n) * 8 + 4 + e) * 32 + lane];
-      }
-      if (nsplit == 1) {  // the whole group: add straight into dk, dv
-        if (dk) add_bf16x2(dk + row + 8 * n, s.scale * sk[0], s.scale * sk[1], s.acc);
-        if (dv) add_bf16x2(dv + row + 8 * n, sv[0], sv[1], s.acc);
-      } else {  // one plane of the group's sum, reduced by attn_bf16_dkdv_reduce
-        *reinterpret_cast<float2 *>(pk + 8 * n) = make_float2(sk[0], sk[1]);
-        *reinterpret_cast<float2 *>(pk + nsplit * plane + 8 * n) = make_float2(sv[0], sv[1]);
-      }
-    }
+    // this warp's sums and those warp kw + 4 handed over, element e = 2i + c of n tile n
+    auto sk = [&](int n, int c) { return ak[n][2 * i + c] + red[((kw * ND + n) * 8 + 2 * i + c) * 32 + lane]; };
+    auto sv = [&](int n, int c) { return av[n][2 * i + c] + red[((kw * ND + n) * 8 + 4 + 2 * i + c) * 32 + lane]; };
+    store_dkdv<D>(dk, dv, part, s, nsplit, split, b, kh, k0 + j, k_base + (size_t)j * k_ld, sk,
+                  sv);
   }
 }
 
@@ -685,15 +504,9 @@ __global__ void __launch_bounds__(32 * NW, MINB)
   constexpr int LDS = C::LDS, KS = D / 16, NN = BK / 8, ND = D / 8, NT = C::NT, BQ = C::BQ;
   bf16 *sQ = reinterpret_cast<bf16 *>(smem_base());
   bf16 *sdO = sQ + BQ * LDS, *sKV = sdO + BQ * LDS;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  const int h = blockIdx.x, b = blockIdx.z;
-  const int q0 = (gridDim.y - 1 - blockIdx.y) * BQ;  // the longest rows first
-  const int nq = min(BQ, s.tq - q0);
-  const int kh = h / s.group, off = s.tk - s.tq;
-  const size_t q_ld = (size_t)s.heads * D, k_ld = (size_t)s.kv_heads * D;
-  const size_t q_base = ((size_t)b * s.tq + q0) * q_ld + (size_t)h * D;
-  const size_t k_base = (size_t)b * s.k_stride * k_ld + (size_t)kh * D;
-  const int n_kt = (off + q0 + nq - 1) / BK + 1;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2;
+  const QueryTile qt = query_tile<D>(s, BQ, BK);
+  const auto [h, b, q0, nq, kh, off, n_kt, q_ld, k_ld, q_base, k_base] = qt;
   const int32_t *doc_q = DOC ? doc + (size_t)b * s.tq + q0 : nullptr;  // the rows' first keys
 
   load_tile<NT, BQ, D>(sQ, q + q_base, q_ld, nq);
@@ -705,14 +518,7 @@ __global__ void __launch_bounds__(32 * NW, MINB)
 
   float l2[2], Dr[2];
   int lim[2];  // last key rows g, g+8 see; -1 for padding rows
-#pragma unroll
-  for (int i = 0; i < 2; i++) {
-    const int r = warp * 16 + g + 8 * i;
-    const size_t ri = ((size_t)b * s.heads + h) * s.tq + q0 + r;
-    l2[i] = r < nq ? lse[ri] * LOG2E : 0.0f;
-    Dr[i] = r < nq ? Dsum[ri] : 0.0f;
-    lim[i] = r < nq ? off + q0 + r : -1;
-  }
+  dq_rows(l2, Dr, lim, lse, Dsum, qt, warp * 16, s);
   // the largest key this warp's rows see; below every key when its rows are all padding
   const int warp_hi = 16 * warp < nq ? off + q0 + min(16 * warp + 15, nq - 1) : -1;
   const int warp_lo = off + q0 + 16 * warp;
@@ -771,17 +577,8 @@ __global__ void __launch_bounds__(32 * NW, MINB)
     // dS = P (dP - D), P = exp(S - lse)
     bool mask = k0 + BK - 1 > warp_lo || 16 * warp + 16 > nq;
     if constexpr (DOC) mask = mask || doc_mask;
-#pragma unroll
-    for (int j = 0; j < NN; j++)
-#pragma unroll
-      for (int e = 0; e < 4; e++) {
-        const int i = e >> 1;
-        const float p = exp2f(sc[j][e] * s.scale_log2 - l2[i]);
-        bool seen = !mask || k0 + 8 * j + 2 * t + (e & 1) <= lim[i];
-        if constexpr (DOC)
-          seen = seen && (!mask || k0 + 8 * j + 2 * t + (e & 1) >= sFirst[warp * 16 + g + 8 * i]);
-        dp[j][e] = seen ? p * (dp[j][e] - Dr[i]) : 0.0f;
-      }
+    dq_scores<DOC>(sc, dp, l2, Dr, lim, DOC ? sFirst + warp * 16 + g : nullptr, k0, mask,
+                   s.scale_log2);
 
     // dQ += dS K over 16 keys at a time
 #pragma unroll
@@ -800,15 +597,7 @@ __global__ void __launch_bounds__(32 * NW, MINB)
     }
   }
 
-#pragma unroll
-  for (int i = 0; i < 2; i++) {
-    const int row = warp * 16 + g + 8 * i;
-    if (row >= nq) continue;
-    bf16 *out = dq + q_base + (size_t)row * q_ld + 2 * t;
-#pragma unroll
-    for (int n = 0; n < ND; n++)
-      add_bf16x2(out + 8 * n, s.scale * acc[n][2 * i], s.scale * acc[n][2 * i + 1], s.acc);
-  }
+  store_dq(dq, acc, qt, warp * 16, s);
 }
 
 }  // namespace attn_bf16
@@ -838,21 +627,6 @@ struct Plan<128> {
   static constexpr int DKV_MINB = 1;
 };
 
-// The shapes this file handles; false: the caller uses the generic kernels.
-static bool make_dims(Shape *d, const struct attn_shape *a) {
-  if (a->head_dim != 64 && a->head_dim != 128) return false;
-  if (a->tq < 16 || a->batch <= 0 || a->heads <= 0 || a->kv_heads <= 0) return false;
-  if (a->heads % a->kv_heads || a->tq > a->tk || a->tk > a->k_stride) return false;
-  if (a->batch > 65535 || (a->tk + 15) / 16 > 65535) return false;  // grid y and z
-  d->batch = a->batch, d->tq = a->tq, d->tk = a->tk, d->k_stride = a->k_stride;
-  d->heads = a->heads, d->kv_heads = a->kv_heads, d->group = a->heads / a->kv_heads;
-  d->scale = (float)(1.0 / sqrt((double)a->head_dim));  // as the CPU backend
-  d->scale_log2 = (float)(1.4426950408889634 / sqrt((double)a->head_dim));
-  d->doc = a->doc_start;
-  d->acc = true;  // the backward sets it from its acc argument
-  return true;
-}
-
 template <int D, int NW, int BK, int MINB>
 static void launch_fwd(bf16 *ctx, float *lse, const bf16 *q, const bf16 *k, const bf16 *v,
                        const Shape &d) {
@@ -868,6 +642,30 @@ static void launch_fwd(bf16 *ctx, float *lse, const bf16 *q, const bf16 *k, cons
   CUDA_LAUNCHED("attn_bf16_fwd_kernel");
 }
 
+int dkdv_parts(const Shape &d, int hd, long blocks, long slots, const float *Dsum,
+               float **part) {
+  int nsplit = 1;
+  while (nsplit < d.group && blocks * nsplit < slots) {
+    nsplit++;
+    while (d.group % nsplit) nsplit++;
+  }
+  *part = nullptr;
+  if (nsplit == 1) return 1;
+  // the planes go past D, which the caller may keep in the arena; in place when they do not fit
+  const size_t plane = (size_t)d.batch * d.tk * d.kv_heads * hd;
+  const size_t rows = (size_t)d.batch * d.heads * d.tq;
+  *part = (float *)cuda_scratch_after(Dsum + rows, 2 * (size_t)nsplit * plane * sizeof(float));
+  return *part ? nsplit : 1;
+}
+
+void dkdv_reduce(bf16 *dk, bf16 *dv, const float *part, const Dims &d, int hd, int nsplit) {
+  const size_t n4 = (size_t)d.batch * d.tk * d.kv_heads * hd / 4;
+  const size_t cap = (size_t)cuda_ctx.sm_count * 16;
+  const int blocks = (int)((n4 + 255) / 256 < cap ? (n4 + 255) / 256 : cap);
+  attn_bf16_dkdv_reduce<<<blocks, 256, 0, cuda_ctx.stream>>>(dk, dv, part, d, hd, nsplit);
+  CUDA_LAUNCHED("attn_bf16_dkdv_reduce");
+}
+
 template <int D, int MINB, bool DOC>
 static void launch_dkdv(bf16 *dk, bf16 *dv, const bf16 *dctx, const bf16 *q, const bf16 *k,
                         const bf16 *v, const float *lse, const float *Dsum, const Shape &d) {
@@ -876,22 +674,10 @@ static void launch_dkdv(bf16 *dk, bf16 *dv, const bf16 *dctx, const bf16 *q, con
   // as many blocks as resident slots (SMs x MINB): the longest blocks go first and the shorter
   // ones fill in behind them (measured at T 2048, 32/8 heads, hd 128, 256 blocks on 132 SMs:
   // 0.32 ms in place against 0.35 ms cut in 4 with the planes). With fewer blocks (short or
-  // few sequences) the group is cut into the fewest parts that fill the slots, each part
-  // writing its fp32 sums to a scratch plane (when the scratch holds them).
-  const size_t plane = (size_t)d.batch * d.tk * d.kv_heads * D;
+  // few sequences) the group is cut into the fewest parts that fill the slots.
   const long blocks = (long)d.kv_heads * ((d.tk + C::BK - 1) / C::BK) * d.batch;
-  const long slots = (long)cuda_ctx.sm_count * MINB;
-  int nsplit = 1;
-  while (nsplit < d.group && blocks * nsplit < slots) {
-    nsplit++;
-    while (d.group % nsplit) nsplit++;
-  }
-  // the planes go past D, which the caller may keep in the arena; in place when they do not fit
-  const size_t rows = (size_t)d.batch * d.heads * d.tq;
-  float *part = nsplit > 1 ? (float *)cuda_scratch_after(Dsum + rows,
-                                                         2 * (size_t)nsplit * plane * sizeof(float))
-                           : nullptr;
-  if (!part) nsplit = 1;
+  float *part;
+  const int nsplit = dkdv_parts(d, D, blocks, (long)cuda_ctx.sm_count * MINB, Dsum, &part);
   static bool done = false;
   cuda_allow_smem(attn_bf16_dkdv_kernel<D, MINB, DOC>, C::smem, &done);
   dim3 grid(d.kv_heads * nsplit, (d.tk + C::BK - 1) / C::BK, d.batch);
@@ -899,14 +685,7 @@ static void launch_dkdv(bf16 *dk, bf16 *dv, const bf16 *dctx, const bf16 *q, con
       <<<grid, C::NT, C::smem, cuda_ctx.stream>>>(dk, dv, part, dctx, q, k, v, lse, Dsum, d,
                                                    nsplit, d.doc);
   CUDA_LAUNCHED("attn_bf16_dkdv_kernel");
-  if (nsplit > 1) {
-    const size_t n4 = plane / 4;
-    const int blocks = (int)((n4 + 255) / 256 < (size_t)cuda_ctx.sm_count * 16
-                                 ? (n4 + 255) / 256
-                                 : (size_t)cuda_ctx.sm_count * 16);
-    attn_bf16_dkdv_reduce<<<blocks, 256, 0, cuda_ctx.stream>>>(dk, dv, part, d, D, nsplit);
-    CUDA_LAUNCHED("attn_bf16_dkdv_reduce");
-  }
+  if (nsplit > 1) dkdv_reduce(dk, dv, part, d, D, nsplit);
 }
 
 template <int D, int NW, int BK, int MINB>
@@ -961,16 +740,16 @@ extern "C" int cuda_attention_bf16_forward(void *ctx, float *lse, const void *q,
                                            const void *v, const struct attn_shape *s) {
   using namespace attn_bf16;
   Shape d;
-  if (!make_dims(&d, s)) return 0;
-  if (!cuda_aligned16(ctx) || !cuda_aligned16(q) || !cuda_aligned16(k) || !cuda_aligned16(v))
-    return 0;
-  const size_t optin = (size_t)cuda_smem_optin();
   const bool doc = s->doc_start != NULL;
-  if (optin < (s->head_dim == 64 ? fwd_smem<64>(doc) : fwd_smem<128>(doc))) return 0;
-  if (s->head_dim == 64)
-    forward<64>((bf16 *)ctx, lse, (const bf16 *)q, (const bf16 *)k, (const bf16 *)v, d);
-  else
-    forward<128>((bf16 *)ctx, lse, (const bf16 *)q, (const bf16 *)k, (const bf16 *)v, d);
+  if (!make_dims(&d, s) || !aligned16_all(ctx, q, k, v)) return 0;
+  if (attn_wg::forward((bf16 *)ctx, lse, (const bf16 *)q, (const bf16 *)k, (const bf16 *)v, d,
+                       s->head_dim))
+    return 1;
+  if ((size_t)cuda_smem_optin() < (s->head_dim == 64 ? fwd_smem<64>(doc) : fwd_smem<128>(doc)))
+    return 0;
+  with_head_dim(s->head_dim, [&](auto hd) {
+    forward<hd.value>((bf16 *)ctx, lse, (const bf16 *)q, (const bf16 *)k, (const bf16 *)v, d);
+  });
   return 1;
 }
 
@@ -980,20 +759,18 @@ extern "C" int cuda_attention_bf16_backward(void *dq, void *dk, void *dv, const 
                                             const struct attn_shape *s, int acc) {
   using namespace attn_bf16;
   Shape d;
-  if (!make_dims(&d, s)) return 0;
-  d.acc = (acc & ACC_DX) != 0;
-  if (!cuda_aligned16(q) || !cuda_aligned16(k) || !cuda_aligned16(v) || !cuda_aligned16(dctx) ||
-      (dq && !cuda_aligned16(dq)) || (dk && !cuda_aligned16(dk)) || (dv && !cuda_aligned16(dv)))
-    return 0;
-  const size_t optin = (size_t)cuda_smem_optin();
   const bool doc = s->doc_start != NULL;
-  if (optin < (s->head_dim == 64 ? bwd_smem<64>(doc) : bwd_smem<128>(doc))) return 0;
+  if (!make_dims(&d, s) || !aligned16_all(q, k, v, dctx, dq, dk, dv)) return 0;
+  d.acc = (acc & ACC_DX) != 0;
   if (!dq && !dk && !dv) return 1;
-  const bf16 *q_ = (const bf16 *)q, *k_ = (const bf16 *)k, *v_ = (const bf16 *)v;
-  if (s->head_dim == 64)
-    backward<64>((bf16 *)dq, (bf16 *)dk, (bf16 *)dv, (const bf16 *)dctx, q_, k_, v_, lse, D, d);
-  else
-    backward<128>((bf16 *)dq, (bf16 *)dk, (bf16 *)dv, (const bf16 *)dctx, q_, k_, v_, lse, D,
-                  d);
+  if (attn_wg::backward((bf16 *)dq, (bf16 *)dk, (bf16 *)dv, (const bf16 *)dctx, (const bf16 *)q,
+                        (const bf16 *)k, (const bf16 *)v, lse, D, d, s->head_dim))
+    return 1;
+  if ((size_t)cuda_smem_optin() < (s->head_dim == 64 ? bwd_smem<64>(doc) : bwd_smem<128>(doc)))
+    return 0;
+  with_head_dim(s->head_dim, [&](auto hd) {
+    backward<hd.value>((bf16 *)dq, (bf16 *)dk, (bf16 *)dv, (const bf16 *)dctx, (const bf16 *)q,
+                       (const bf16 *)k, (const bf16 *)v, lse, D, d);
+  });
   return 1;
 }

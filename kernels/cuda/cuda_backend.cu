@@ -89,9 +89,17 @@ static void cuda_init(int local_rank, int local_size) {
   cuda_ctx.stream = cuda_ctx.main_stream;
   CUBLAS_CHECK(cublasLtCreate(&cuda_ctx.lt));
   cuda_ctx.debug = env_flag("QWEN3_CUDA_DEBUG", 0);
-  int major = 0;
+  int major = 0, minor = 0;
   CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, cuda_ctx.device));
+  CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, cuda_ctx.device));
   cuda_ctx.pdl = major >= 9 && env_flag("QWEN3_CUDA_PDL", 1);
+  /* wgmma exists on sm_90 only, in code built for sm_90a; QWEN3_CUDA_WGMMA=0 keeps attention on
+   * the mma.sync kernels (to compare the two) */
+#ifdef QWEN3_CUDA_SM90A
+  cuda_ctx.wgmma = major == 9 && minor == 0 && env_flag("QWEN3_CUDA_WGMMA", 1);
+#else
+  cuda_ctx.wgmma = 0;
+#endif
   cuda_ctx.lt_workspace_bytes = LT_WORKSPACE_BYTES;
   cuda_ctx.scratch_bytes = scratch_bytes();
   CUDA_CHECK(cudaMalloc(&cuda_ctx.lt_workspace, cuda_ctx.lt_workspace_bytes));

@@ -31,10 +31,15 @@ MUTATIONS=(
   'kv_append_wrong_row#kernels/cuda/cuda_elementwise.cu#s/const size_t to = (i \* seq_rows + (size_t)positions\[i\]) \* width + c;/const size_t to = (i * seq_rows + (size_t)i) * width + c;/#the KV append writes row i, not the token position'
   # only the bf16 mode's checks can catch these: the fp32 and tf32 modes never store bf16
   'bf16_store_truncates#kernels/cuda/cuda_dtype.cuh#s/{ \*p = __float2bfloat16_rn(v); }/{ *p = __float2bfloat16_rz(v); }/#bf16 activations stored rounded toward zero'
-  'bf16_tc_causal_off_by_one#kernels/cuda/cuda_attention_bf16.cu#s/lim\[i\] = min(off + q0 + warp \* 16 + g + 8 \* i, s.tk - 1);/lim[i] = min(off + q0 + warp * 16 + g + 8 * i + 1, s.tk - 1);/#bf16 tensor-core forward: causal limit one key late'
   'bf16_tc_forward_docs_leak#kernels/cuda/cuda_attention_bf16.cu#s/(DOC \&\& key < sFirst\[warp \* 16 + g + 8 \* (e >> 1)\]))/(DOC \&\& key + 1 < sFirst[warp * 16 + g + 8 * (e >> 1)]))/#bf16 tensor-core forward: each row also sees the last key of the document before its own'
-  'bf16_tc_dk_unscaled#kernels/cuda/cuda_attention_bf16.cu#s/if (dk) add_bf16x2(dk + row + 8 \* n, s.scale \* sk\[0\], s.scale \* sk\[1\], s.acc);/if (dk) add_bf16x2(dk + row + 8 * n, sk[0], sk[1], s.acc);/#bf16 tensor-core backward: dK without the softmax scale (group summed in the block)'
-  'bf16_tc_reads_when_overwriting#kernels/cuda/cuda_attention_bf16.cu#s/const float2 old = acc ? __bfloat1622float2(\*q) : make_float2(0.0f, 0.0f);/const float2 old = __bfloat1622float2(*q);/#bf16 tensor-core backward adds to dq, dk, dv when told to overwrite them'
+  'bf16_tc_reads_when_overwriting#kernels/cuda/cuda_attention_bf16.cuh#s/const float2 old = acc ? __bfloat1622float2(\*q) : make_float2(0.0f, 0.0f);/const float2 old = __bfloat1622float2(*q);/#bf16 tensor-core backward adds to dq, dk, dv when told to overwrite them'
+  # the bf16 tensor-core attention's shared pieces (cuda_attention_bf16.cuh: both the mma.sync
+  # and the wgmma kernels run them)
+  'attn_tc_causal_off_by_one#kernels/cuda/cuda_attention_bf16.cuh#s/lim\[i\] = min(qt.off + qt.q0 + row0 + g + 8 \* i, tk - 1);/lim[i] = min(qt.off + qt.q0 + row0 + g + 8 * i + 1, tk - 1);/#bf16 tensor-core forward: causal limit one key late'
+  'attn_tc_dkdv_mask_off_by_one#kernels/cuda/cuda_attention_bf16.cuh#s/(qc < nq \&\& key <= lim0 + qc \&\&/(qc < nq \&\& key <= lim0 + qc + 1 \&\&/#bf16 tensor-core dK\/dV: each query also sees the next key'
+  'attn_tc_dk_unscaled#kernels/cuda/cuda_attention_bf16.cuh#s/add_bf16x2(dk + k_row + 2 \* t + 8 \* n, s.scale \* k0, s.scale \* k1, s.acc)/add_bf16x2(dk + k_row + 2 * t + 8 * n, k0, k1, s.acc)/#bf16 tensor-core dK\/dV: dK without the softmax scale (group summed in the block)'
+  # Hopper's wgmma attention (cuda_attention_wgmma.cu; only an sm_90 GPU runs it)
+  'wg_tiles_unswizzled#kernels/cuda/cuda_attention_wgmma.cu#s/r \* 64 + ((c % 8) ^ (r \& 7)) \* 8,/r * 64 + (c % 8) * 8,/#wgmma attention: tiles stored without the swizzle their descriptors say'
 )
 backup=$(mktemp)
 restore() { [ -n "${file:-}" ] && [ -s "$backup" ] && cp "$backup" "$file"; rm -f "$backup"; }
@@ -50,7 +55,9 @@ for m in "${MUTATIONS[@]}"; do
   fi
   if ! cmake --build "$build" --target test_cuda_ops -j"$(nproc)" >/dev/null 2>&1; then
     echo "BUILD?   $name: the mutant does not compile"; survived=$((survived + 1))
-  elif "$build/tests/test_cuda_ops" >"$backup.log" 2>&1; then
+  # both attention paths of an sm_90 GPU: the default (wgmma) and the mma.sync kernels
+  elif "$build/tests/test_cuda_ops" >"$backup.log" 2>&1 &&
+       QWEN3_CUDA_WGMMA=0 "$build/tests/test_cuda_ops" >>"$backup.log" 2>&1; then
     echo "SURVIVED $name ($what)"; survived=$((survived + 1))
   else
     echo "KILLED   $name ($what): $(grep -c '^FAIL' "$backup.log") failing checks, first: $(grep -m1 '^FAIL' "$backup.log")"

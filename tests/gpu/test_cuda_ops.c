@@ -1440,7 +1440,20 @@ int main(void) {
   test_qk_norm_rope(3, 32, 128, 5e6, 40000);   /* decoding's few tokens */
   test_qk_norm_rope(9, 3, 20, 1e4, 300);       /* head_dim not a multiple of 8 */
   /* the bf16 tensor-core attention: head_dim 64 and 128, 16 queries or more; GQA, batch 2,
-   * T not a multiple of 16 or 64 */
+   * T not a multiple of 16 or 64. On an sm_90 GPU with a build for sm_90a these are the wgmma
+   * kernels, else (and with QWEN3_CUDA_WGMMA=0: the test's second run) the mma.sync ones. */
+  printf("     attention on the %s kernels\n", cuda_ctx.wgmma ? "wgmma" : "mma.sync");
+#ifdef QWEN3_CUDA_SM90A
+  {
+    int major = 0, minor = 0;
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, cuda_ctx.device);
+    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, cuda_ctx.device);
+    const char *env = getenv("QWEN3_CUDA_WGMMA");
+    int want = major == 9 && minor == 0 && !(env && !strcmp(env, "0"));
+    CHECK(cuda_ctx.wgmma == want, "sm_%d%d, QWEN3_CUDA_WGMMA=%s: wgmma attention %s", major,
+          minor, env ? env : "(unset)", cuda_ctx.wgmma ? "on" : "off");
+  }
+#endif
   test_attention(2, 80, 80, 80, 8, 2, 64, NULL);
   test_attention(1, 200, 200, 200, 8, 2, 128, NULL);
   test_attention(2, 130, 130, 130, 4, 4, 64, NULL);
