@@ -7,16 +7,16 @@
  * they feed the next product, every output summed by one thread in a fixed order, no atomics.
  *
  * Why a second set of kernels: mma.sync takes both operands from registers, so each product
- * first copies its tiles out of shared memory with ldmatrix, and at head_dim 128 those kernels
- * are bound by shared memory's bandwidth (about 0.6 ldmatrix.x4 per m16n8k16). wgmma reads B,
- * and A where it is a tile, from shared memory itself, for 64 rows of a warpgroup at once.
+ * first copies its tiles out of shared memory with ldmatrix; at head_dim 128 that is about 0.6
+ * ldmatrix.x4 per m16n8k16, which by our count makes shared memory's bandwidth, not the tensor
+ * cores, their bound (bench/NOTES.md, session 8). wgmma reads B, and A where it is a tile, from
+ * shared memory itself, for 64 rows of a warpgroup at once.
  *
  * Shared memory tiles are [64 rows][D] bf16 in the descriptors' 128-byte-swizzle layout (PTX
- * ISA, "Shared Memory Matrix Layout"; the layout without swizzle ran 1.5x slower than the mma.sync
- * kernels on an H200):
- * panels of 64 columns, each [64 rows][128 bytes], the 16-byte chunk c of row r stored at chunk
- * c ^ (r % 8) of its row, every tile 1024-byte aligned (the XOR is taken from address bits
- * 7-9). One tile serves both ways:
+ * ISA, "Shared Memory Matrix Layout"; the layout without swizzle, tried first, ran 1.3x slower
+ * than the mma.sync kernels on an H200): panels of 64 columns, each [64 rows][128 bytes], the
+ * 16-byte chunk c of row r stored at chunk c ^ (r % 8) of its row, every tile 1024-byte aligned
+ * (the XOR is taken from address bits 7-9). One tile serves both ways:
  *   - K-major, K along the columns (Q, K, V, dO in Q K^T, dO V^T, K Q^T, V dO^T): 8-row groups
  *     1024 bytes apart (SBO); a k16 step moves 32 bytes inside a panel row;
  *   - MN-major, K along the rows (V in P V, K in dS K, dO in P^T dO, Q in dS^T Q): panels 8 KB
