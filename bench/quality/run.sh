@@ -18,6 +18,15 @@
 # Everything printed goes to $OUT/quality.txt; the CSV and plot to $OUT (copy them into
 # bench/results/); trainer logs, metrics and the corpus manifest to $OUT/logs.tgz.
 #
+# One call per precision, for more tokens than two runs sharing one call can reach: the same
+# QUALITY_STEPS (and corpus settings) in two calls, QUALITY_ONLY=BF16 in one and
+# QUALITY_ONLY=NVFP4 in the other; each call's logs.tgz holds its run (bf16/ or nvfp4/), and the
+# report comes from both, here (the two corpus.json must be the same file: cmp them first):
+#   mkdir -p /tmp/q/a /tmp/q/b && tar -xzf CALL_A/logs.tgz -C /tmp/q/a && tar -xzf CALL_B/logs.tgz -C /tmp/q/b
+#   cmp /tmp/q/a/corpus/corpus.json /tmp/q/b/corpus/corpus.json
+#   python3 bench/quality/report.py --bf16 /tmp/q/a/bf16 --nvfp4 /tmp/q/b/nvfp4 --out-dir bench/results \
+#     --name quality_0p6b --card h200 --corpus /tmp/q/a/corpus/corpus.json
+#
 # A tiny run of the whole pipeline on a CPU (a couple of minutes on 2 cores; build the CPU engine
 # first, see QUALITY_PRESET below):
 #   QUALITY_PRESET=cpu-tiny QUALITY_BUILD_DIR=build-h3 OUT=/tmp/quality_out bash bench/quality/run.sh
@@ -49,6 +58,7 @@ VALID_MB=${QUALITY_VALID_MB:-1}          # MB of .py text to validate on (~0.3M 
 VALID_FRACTION=${QUALITY_VALID_FRACTION:-0.02}
 EVALS=${QUALITY_EVALS:-8}                # evaluations per run, the last at the last step
 STEPS=${QUALITY_STEPS:-}                 # fixed steps per run; empty: from the calibration
+ONLY=${QUALITY_ONLY:-}                   # BF16 or NVFP4: that run alone (needs QUALITY_STEPS)
 SECONDS_PER_RUN=${QUALITY_SECONDS_PER_RUN:-}   # a cap for each run; empty: the two share what is left
 WARMUP_FRAC=${QUALITY_WARMUP_FRAC:-0.1}
 CALIB_STEPS=${QUALITY_CALIB_STEPS:-6}
@@ -78,6 +88,14 @@ run_train() {
 
 main() {
   echo "# $NAME: BF16 vs NVFP4 validation loss, $(date -u '+%Y-%m-%d %H:%M UTC'); budget $TOTAL_S s"
+  case "$ONLY" in
+    "" | BF16 | NVFP4) ;;
+    *) echo "FAILED: QUALITY_ONLY=$ONLY: expected BF16 or NVFP4 (or unset for both)"; return 1 ;;
+  esac
+  if [ -n "$ONLY" ] && [ -z "$STEPS" ]; then
+    echo "FAILED: QUALITY_ONLY=$ONLY needs QUALITY_STEPS: the other precision's call must train the same steps"
+    return 1
+  fi
   echo "settings: seq $SEQ, mb $MB, corpus $TRAIN_MB MB train / $VALID_MB MB valid, $EVALS evaluations," \
        "steps ${STEPS:-from calibration}, seconds per run ${SECONDS_PER_RUN:-what is left, shared}," \
        "extra sets: ${SETS:-none}"
@@ -131,6 +149,14 @@ main() {
   local sets=(train.steps="$steps" optim.warmup_steps="$warmup" eval.every="$every"
               train.log_every="$log_every" eval.valid_batches=0)
 
+  if [ -n "$ONLY" ]; then   # one precision, the whole call's time
+    section "$ONLY alone: $steps steps, evaluation every $every (deadline $(left) s)"
+    ECHO_EVERY=$every run_train "${ONLY,,}" "$(budget "$(left)" 10)" "$ONLY" "${sets[@]}"
+    tar -czf "$OUT/logs.tgz" -C "$WORK" --exclude='*.h5' --exclude='checkpoints' --exclude='*.pb' . 2>/dev/null
+    echo "run finished at $(( $(date +%s) - start )) s of $TOTAL_S; the report needs the other"
+    echo "precision's call too (the top of bench/quality/run.sh says how)"
+    return 0
+  fi
   # BF16 first, with its predicted time and a fifth more (or its share of what is left); the
   # NVFP4 run then has whatever is left
   local bf16_s=${pred_bf16:+$(( pred_bf16 * 6 / 5 + 10 ))}
