@@ -18,7 +18,6 @@
 
 static void write_json_line(struct output *f, json_t *o) { output_json_line(f, o, 10); }
 
-
 /* ---- validation: loss, perplexity, per-document scores -------------------------------------- */
 
 static void validate(const Job *job, struct comm *c, struct worker *chunks, int n, int step,
