@@ -1,9 +1,10 @@
 # Sourced by the device scripts of bench/ (gpu_bench.sh, multi_gpu.sh, headline.sh) after they
 # set TOTAL_S (seconds for the whole call) and RESERVE_S (kept back for the table and the logs):
 # OUT and WORK made, RESULTS emptied and exported for the Python halves (GPU_BENCH_RESULTS), and
-# the clock every part's budget comes from.
+# the clock every part's budget comes from. BENCH_WORK names another WORK, for a second script
+# running beside this one on another GPU of the machine (CUDA_VISIBLE_DEVICES).
 OUT=${OUT:-/tmp/gpu_bench_out}
-WORK=/tmp/qwen3_bench
+WORK=${BENCH_WORK:-/tmp/qwen3_bench}
 RESULTS=$OUT/results.txt
 export GPU_BENCH_RESULTS=$RESULTS
 mkdir -p "$OUT" "$WORK"

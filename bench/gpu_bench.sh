@@ -34,9 +34,12 @@ mark() {
 
 # A part cut short may leave a process of ours on the GPU (a trainer rank whose harness was
 # killed hard, a test's rank): end those, by id, so that the next part has the GPU to itself.
+# Only on this run's GPUs (CUDA_VISIBLE_DEVICES, as indices, with CUDA_DEVICE_ORDER=PCI_BUS_ID
+# so that CUDA and nvidia-smi count alike): another GPU of the machine may be running other work.
 reap_gpu() {
   local pid name
-  nvidia-smi --query-compute-apps=pid,process_name --format=csv,noheader 2>/dev/null |
+  nvidia-smi ${CUDA_VISIBLE_DEVICES:+-i "$CUDA_VISIBLE_DEVICES"} \
+    --query-compute-apps=pid,process_name --format=csv,noheader 2>/dev/null |
     while IFS=', ' read -r pid name; do
       case "$name" in
         *qwen3-train* | "$PWD"/build/*) echo "ending leftover GPU process $pid ($name)"; kill -9 "$pid" 2>/dev/null;;

@@ -18,6 +18,8 @@
 # Everything printed goes to $OUT/quality.txt; the CSV and plot to $OUT (copy them into
 # bench/results/); trainer logs, metrics and the corpus manifest to $OUT/logs.tgz.
 #
+# Two GPUs (nvidia-h200-x2): QUALITY_RANKS=2 trains each run data-parallel on both, twice the
+# tokens a call; the global batch is then RANKS x MB sequences.
 # One call per precision, for more tokens than two runs sharing one call can reach: the same
 # QUALITY_STEPS (and corpus settings) in two calls, QUALITY_ONLY=BF16 in one and
 # QUALITY_ONLY=NVFP4 in the other; each call's logs.tgz holds its run (bf16/ or nvfp4/), and the
@@ -53,6 +55,8 @@ NAME=${QUALITY_NAME:-quality_0p6b}
 SETS=${QUALITY_SETS:-}                   # more "field=value ..." for both runs (shape, backend, lr)
 SEQ=${QUALITY_SEQ:-2048}                 # data.seq_len
 MB=${QUALITY_MB:-8}                      # data.micro_batch_size (one micro-batch per step)
+RANKS=${QUALITY_RANKS:-1}                # data-parallel replicas (mpirun -np), one a GPU: a step
+                                         # is RANKS x MB sequences
 TRAIN_MB=${QUALITY_TRAIN_MB:-80}         # MB of .py text to train on (~23M tokens)
 VALID_MB=${QUALITY_VALID_MB:-1}          # MB of .py text to validate on (~0.3M tokens)
 VALID_FRACTION=${QUALITY_VALID_FRACTION:-0.02}
@@ -79,7 +83,7 @@ run_train() {
   local args=() kv
   for kv in $SETS "$@"; do args+=(--set "$kv"); done
   python3 bench/quality/train_run.py run --label "$label" --job "$WORK/job.pb" --out "$WORK/$label" \
-    --budget "$budget" --build "$BUILD_DIR" --echo-every "${ECHO_EVERY:-10}" -- \
+    --budget "$budget" --build "$BUILD_DIR" --ranks "$RANKS" --echo-every "${ECHO_EVERY:-10}" -- \
     --set data.train="$TRAIN_SHARDS" --set data.valid="$CORPUS/valid.h5" \
     --set data.seq_len="$SEQ" --set data.micro_batch_size="$MB" --set parallel.micro_batches=1 \
     --set checkpoint.every=-1 --set checkpoint.resume=NEVER --set checkpoint.dir="$WORK/$label/checkpoints" \
@@ -96,7 +100,7 @@ main() {
     echo "FAILED: QUALITY_ONLY=$ONLY needs QUALITY_STEPS: the other precision's call must train the same steps"
     return 1
   fi
-  echo "settings: seq $SEQ, mb $MB, corpus $TRAIN_MB MB train / $VALID_MB MB valid, $EVALS evaluations," \
+  echo "settings: seq $SEQ, mb $MB, ranks $RANKS, corpus $TRAIN_MB MB train / $VALID_MB MB valid, $EVALS evaluations," \
        "steps ${STEPS:-from calibration}, seconds per run ${SECONDS_PER_RUN:-what is left, shared}," \
        "extra sets: ${SETS:-none}"
 
@@ -141,7 +145,8 @@ main() {
     plan=$(python3 bench/quality/train_run.py plan --calib "$WORK/calib_bf16/summary.json" \
       --calib "$WORK/calib_nvfp4/summary.json" --corpus "$CORPUS/corpus.json" \
       --seconds "$(( $(left) - 5 ))" --per-run "${SECONDS_PER_RUN:-0}" --evals "$EVALS" \
-      --calib-valid-batches "$CALIB_VALID_BATCHES" --mb "$MB" --seq "$SEQ" --warmup-frac "$WARMUP_FRAC") ||
+      --calib-valid-batches "$CALIB_VALID_BATCHES" --mb "$MB" --seq "$SEQ" --ranks "$RANKS" \
+      --warmup-frac "$WARMUP_FRAC") ||
       return 1
     read -r steps warmup every log_every predicted <<< "$plan"
     pred_bf16=$(tr ' ' '\n' <<< "$predicted" | sed -n 's/^calib_bf16=//p')

@@ -2,12 +2,13 @@
 """One training run of the quality comparison, watched, with a hard deadline; and the plan.
 
     python3 bench/quality/train_run.py run --label bf16 --job JOB.pb --out DIR --budget S
-            [--build build] [--echo-every N] -- --set field=value ...
+            [--build build] [--ranks N] [--echo-every N] -- --set field=value ...
     python3 bench/quality/train_run.py plan --calib DIR1/summary.json --calib DIR2/summary.json
             --corpus CORPUS/corpus.json --seconds S [--per-run S] --evals E
-            --calib-valid-batches B --mb M --accum A --seq T
+            --calib-valid-batches B --mb M --accum A --seq T [--ranks N]
 
-run: `mpirun -np 1 BUILD/qwen3-train JOB.pb --set output_dir=DIR ...`, the trainer's output in
+run: `mpirun -np N BUILD/qwen3-train JOB.pb --set output_dir=DIR ...` (N 1 by default; with one
+pipeline stage, N ranks are N data-parallel replicas, one a GPU), the trainer's output in
 DIR/trainer.log; its step lines (every --echo-every steps), validation lines and errors are
 printed as they come, with the seconds since the start. Past --budget seconds the run is ended
 with SIGKILL, by process id (SIGTERM would make every rank save a checkpoint first), and what it
@@ -52,7 +53,7 @@ def run(args):
     for name in ("metrics.jsonl", "summary.json", "scores.jsonl"):   # an earlier run's
         if os.path.exists(os.path.join(args.out, name)):
             os.remove(os.path.join(args.out, name))
-    cmd = ["mpirun", "--allow-run-as-root", "--bind-to", "none", "-np", "1",
+    cmd = ["mpirun", "--allow-run-as-root", "--bind-to", "none", "-np", str(args.ranks),
            os.path.join(ROOT, args.build, "qwen3-train"), args.job, "--set", f"output_dir={args.out}"]
     cmd += [a for a in args.extra if a != "--"]
     log(" ".join(cmd))
@@ -134,7 +135,8 @@ def run(args):
 def plan(args):
     with open(args.corpus) as f:
         corpus = json.load(f)
-    # the evaluation scores windows of seq tokens of one document, mb at a time
+    # the evaluation scores windows of seq tokens of one document, mb at a time (the first
+    # replica alone: the others wait)
     full_batches = math.ceil(math.ceil((corpus["valid"]["tokens"] - 1) / args.seq) / args.mb)
     runs = []   # (label, start-up s, step s, one whole evaluation s)
     for path in args.calib:
@@ -159,7 +161,7 @@ def plan(args):
                  f"{full_batches} batches per evaluation): give more time or fewer evaluations")
     steps = every * args.evals
     warmup = max(1, round(steps * args.warmup_frac))
-    tokens = steps * args.mb * args.accum * args.seq
+    tokens = steps * args.mb * args.accum * args.ranks * args.seq
     predicted = {l: st + steps * s + args.evals * ev for l, st, s, ev in runs}
     print(f"plan: {steps} steps ({tokens} tokens, {tokens / corpus['train']['tokens']:.2f} epochs of "
           f"the training shards), an evaluation every {every} steps ({full_batches} batches), warm-up "
@@ -179,6 +181,7 @@ def main():
     r.add_argument("--out", required=True, help="output_dir of the run")
     r.add_argument("--budget", type=float, required=True, help="seconds from now to the kill")
     r.add_argument("--build", default="build")
+    r.add_argument("--ranks", type=int, default=1, help="mpirun -np: data-parallel replicas")
     r.add_argument("--echo-every", type=int, default=10, help="print every Nth step line")
     r.add_argument("extra", nargs=argparse.REMAINDER, help="-- then the trainer's --set arguments")
     p = sub.add_parser("plan")
@@ -192,6 +195,7 @@ def main():
     p.add_argument("--mb", type=int, required=True)
     p.add_argument("--accum", type=int, default=1)
     p.add_argument("--seq", type=int, required=True)
+    p.add_argument("--ranks", type=int, default=1, help="as the runs had")
     p.add_argument("--warmup-frac", type=float, default=0.1)
     args = ap.parse_args()
     return run(args) if args.cmd == "run" else plan(args)

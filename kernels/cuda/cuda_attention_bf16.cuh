@@ -72,6 +72,17 @@ __device__ __forceinline__ void cp_async_wait_all() {
   asm volatile("cp.async.wait_group 0;\n" ::: "memory");
 }
 
+// 2^x as PTX's ex2.approx.ftz.f32. exp2f compiles to ex2.approx.f32, which keeps subnormal
+// inputs and results and pays instructions for it around the special-function unit's own, on
+// every score of kernels whose issue slots are half busy; the .ftz form made them 3-5% faster
+// (bench/NOTES.md, session 9). A result under 2^-126 is 0 here: a probability that small adds
+// nothing to a row whose largest is 1; -inf still gives 0, NaN still NaN.
+__device__ __forceinline__ float exp2_ftz(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
 __device__ __forceinline__ float quad_max(float x) {
   x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
   return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
@@ -199,12 +210,12 @@ __device__ __forceinline__ void online_softmax(float (&sc)[NN][4], float (&o)[ND
     for (int j = 0; j < NN; j++) mx = fmaxf(mx, fmaxf(sc[j][2 * i], sc[j][2 * i + 1]));
     const float m_new = fmaxf(m[i], quad_max(mx));
     const float m_use = DOC && m_new == -INFINITY ? 0.0f : m_new;
-    const float alpha = exp2f(m[i] - m_use);  // 0 on the first tile (m = -inf)
+    const float alpha = exp2_ftz(m[i] - m_use);  // 0 on the first tile (m = -inf)
     float sum = 0.0f;
 #pragma unroll
     for (int j = 0; j < NN; j++) {
-      sc[j][2 * i] = exp2f(sc[j][2 * i] - m_use);  // masked: exp2(-inf) = 0
-      sc[j][2 * i + 1] = exp2f(sc[j][2 * i + 1] - m_use);
+      sc[j][2 * i] = exp2_ftz(sc[j][2 * i] - m_use);  // masked: exp2(-inf) = 0
+      sc[j][2 * i + 1] = exp2_ftz(sc[j][2 * i + 1] - m_use);
       sum += sc[j][2 * i] + sc[j][2 * i + 1];
     }
     l[i] = l[i] * alpha + sum;
@@ -267,7 +278,7 @@ __device__ __forceinline__ void dq_scores(const float (&sc)[NN][4], float (&dp)[
 #pragma unroll
     for (int e = 0; e < 4; e++) {
       const int i = e >> 1, key = k0 + 8 * j + 2 * t + (e & 1);
-      const float p = exp2f(sc[j][e] * scale_log2 - l2[i]);
+      const float p = exp2_ftz(sc[j][e] * scale_log2 - l2[i]);
       bool seen = !mask || key <= lim[i];
       if constexpr (DOC) seen = seen && (!mask || key >= first[8 * i]);
       dp[j][e] = seen ? p * (dp[j][e] - Dr[i]) : 0.0f;
@@ -309,7 +320,7 @@ __device__ __forceinline__ void dkdv_scores(float (&sT)[NJ][4], float (&dpT)[NJ]
 #pragma unroll
     for (int e = 0; e < 4; e++) {
       const int key = key_g + 8 * (e >> 1), qc = ql + (e & 1);
-      const float p = exp2f(sT[j][e] * scale_log2 - ((e & 1) ? L.y : L.x) * LOG2E);
+      const float p = exp2_ftz(sT[j][e] * scale_log2 - ((e & 1) ? L.y : L.x) * LOG2E);
       const bool seen =
           !mask || (qc < nq && key <= lim0 + qc && (!DOC || key >= sF[qc]));
       sT[j][e] = seen ? p : 0.0f;
