@@ -37,6 +37,8 @@ enum { ACC_DX = 1, ACC_DW = 2 };
 enum dtype { DT_F32, DT_BF16 };
 /* Layouts of an NVFP4 operand (nvfp4_quantize). */
 enum nvfp4_layout { NVFP4_ROWS, NVFP4_TILES, NVFP4_COLS };
+/* The most token rows nvfp4_gemv_packed takes (a decoding step's). */
+#define NVFP4_GEMV_MAX_ROWS 4
 static inline size_t dtype_bytes(enum dtype t) { return t == DT_BF16 ? 2 : 4; }
 
 /* Attention shape. Queries are the last tq of tk key positions of each sequence (tq == tk in
@@ -202,6 +204,23 @@ struct backend {
   void (*nvfp4_gemm)(void *c, enum dtype c_type, const void *a, const float *dec_a,
                      const void *b, const float *dec_b, int b_kn, int m, int n, int k,
                      float beta);
+  /* Decoding from packed NVFP4 weights, the layout qwen3-convert h52hf --nvfp4 writes
+   * (ModelOpt's); NULL where a backend has neither op (decoding then runs on nvfp4_gemm's
+   * operands). nvfp4_pack writes w [rows, cols] (fp32: the masters) as codes [rows, cols/2]
+   * (two E2M1 codes a byte, element 2i in the low nibble), E4M3 scales [rows, cols/16] (one per
+   * 16 consecutive values of a row; NVFP4_TILES: each of a 16x16 tile's rows carries the tile's
+   * scale) and *dec = S_dec, for layout NVFP4_ROWS or NVFP4_TILES: code * scale is exactly the
+   * q * s_b nvfp4_quantize writes for that layout, *dec its S_dec (NaN for a non-finite w, the
+   * codes and scales then not to be used). codes, scales and dec are backend memory.
+   * nvfp4_gemv_packed: out [n, out_dim] (activation dtype) = (*dec_x * *dec_w) * xq · Wᵀ, xq
+   * [n, in_dim] an NVFP4_ROWS operand (activation dtype), W [out_dim, in_dim] the code * scale
+   * values of a packed weight, fp32 accumulation, n <= NVFP4_GEMV_MAX_ROWS: nvfp4_gemm's Fprop
+   * reading the weight at 4.5 bits a value instead of 16. */
+  void (*nvfp4_pack)(uint8_t *codes, uint8_t *scales, float *dec, const float *w, int rows,
+                     int cols, enum nvfp4_layout layout);
+  void (*nvfp4_gemv_packed)(void *out, const void *xq, const float *dec_x, const uint8_t *codes,
+                            const uint8_t *scales, const float *dec_w, int n, int in_dim,
+                            int out_dim);
 
   /* AdamW with decoupled weight decay (torch.optim.AdamW), step t counted from 1, on the
    * clipped gradient g = fp32(g * grad_scale) (what torch's clip_grad_norm_ leaves):

@@ -63,9 +63,11 @@ int nvfp4_bf16_last_layers(const Qwen3__Precision *prec, int num_layers) {
 }
 
 /* What eval.prompts' generation takes on top of the table: every prompt decodes together, so
- * the KV cache holds all of them at the longest one's length (worker.c kv_cache_bytes). */
+ * the KV cache holds all of them at the longest one's length, and NVFP4 layers their weights
+ * packed for decoding where the backend decodes from them (worker.c kv_cache_bytes). */
 static void print_generation_memory(const Job *job, const struct qwen3_config *cfg,
-                                    const struct comm *c, enum dtype act) {
+                                    const struct comm *c, enum dtype act,
+                                    const struct backend *be) {
   const Qwen3__Eval *e = job->eval;
   if (e->n_prompts == 0 || e->max_new_tokens <= 0) return;
   int n = (int)e->n_prompts, prompt = eval_longest_prompt(job), len = prompt + e->max_new_tokens;
@@ -75,22 +77,26 @@ static void print_generation_memory(const Job *job, const struct qwen3_config *c
     return;
   }
   size_t most = 0;
+  int packed = 0;
   for (int s = 0; s < c->pp; s++) {   /* replica 0 generates */
     size_t bytes = 0;
     for (int k = 0; k < job->parallel->virtual_stages; k++) {
       struct worker_plan p;
       stage_plan(&p, job, cfg, c->pp, s, k, act);
-      bytes += kv_cache_bytes(&p, len, n);
+      bytes += kv_cache_bytes(&p, len, n, be->nvfp4_gemv_packed != NULL);
+      packed |= be->nvfp4_gemv_packed && p.fp4_bytes;
     }
     if (bytes > most) most = bytes;
   }
   printf("generation (eval.prompts): %d sequences of up to %d tokens (the longest prompt, %d "
-         "tokens, and eval.max_new_tokens) decode together: their KV cache and a step's logits "
-         "take up to %.1f MiB more on a rank of replica 0\n", n, len, prompt, most / 1048576.0);
+         "tokens, and eval.max_new_tokens) decode together: their KV cache and a step's logits%s "
+         "take up to %.1f MiB more on a rank of replica 0\n", n, len, prompt,
+         packed ? " (and the NVFP4 layers' weights, packed for decoding)" : "",
+         most / 1048576.0);
 }
 
 void print_layout(const Job *job, const struct qwen3_config *cfg, const struct comm *c,
-                  enum dtype act) {
+                  enum dtype act, const struct backend *be) {
   if (c->rank != 0) return;
   char chunks[64] = "";
   if (job->parallel->virtual_stages > 1)
@@ -150,7 +156,7 @@ void print_layout(const Job *job, const struct qwen3_config *cfg, const struct c
          "in host memory (pinned on a GPU), up to %.1f MiB, held from %s\n", staging / 1048576.0,
          job->checkpoint->every >= 0 ? "the start of the run"
                                      : "a stop signal's save (checkpoint.every -1) on");
-  print_generation_memory(job, cfg, c, act);
+  print_generation_memory(job, cfg, c, act, be);
 }
 
 /* ---- the step log ---------------------------------------------------------------------------- */

@@ -22,9 +22,10 @@ void stage_plan(struct worker_plan *p, const Job *job, const struct qwen3_config
 /* precision.bf16_last_layers resolved: -1 means the last 15% of blocks, rounded up. */
 int nvfp4_bf16_last_layers(const Qwen3__Precision *prec, int num_layers);
 
-/* --dry-run: the rank layout with parameters and memory per rank, printed by rank 0. */
+/* --dry-run: the rank layout with parameters and memory per rank, printed by rank 0. `be`: the
+ * backend the job would run on (not initialized: its table says what it has). */
 void print_layout(const Job *job, const struct qwen3_config *cfg, const struct comm *c,
-                  enum dtype act);
+                  enum dtype act, const struct backend *be);
 
 /* SIGTERM, SIGUSR1 and SIGUSR2 make every rank finish its step, checkpoint, and exit 0.
  * Through Open MPI 4.1's mpirun:

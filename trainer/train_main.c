@@ -233,7 +233,12 @@ int main(int argc, char **argv) {
   comm_set_layout(&c, job->parallel->pipeline_stages);
   if (dry_run) {
     int on_gpu;
-    print_layout(job, &cfg, &c, estimate_act_dtype(job, &on_gpu));
+    enum dtype act = estimate_act_dtype(job, &on_gpu);
+    const struct backend *be = &backend_cpu;
+#ifdef QWEN3_HAVE_CUDA
+    if (on_gpu) be = &backend_cuda;
+#endif
+    print_layout(job, &cfg, &c, act, be);
 #ifdef QWEN3_HAVE_CUDA
     /* what a GPU process holds besides the table's two columns */
     if (c.rank == 0 && on_gpu)

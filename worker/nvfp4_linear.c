@@ -52,11 +52,62 @@ static size_t dec_bytes(const struct worker_plan *p) {
  * quantized X (then Dgrad's dY), and Wgrad's two transposed operands. */
 enum { SPAN_A, SPAN_B, SPAN_C, N_SPANS };
 
-void nvfp4_plan_sizes(struct worker_plan *p, size_t nvfp4_matrix_values) {
+void nvfp4_plan_sizes(struct worker_plan *p, size_t nvfp4_matrix_values, size_t packed_bytes) {
   size_t tokens = (size_t)p->batch * p->seq, bytes = dtype_bytes(p->act);
   size_t copies = p->nvfp4.weight_2d ? 1 : 2;
   p->wq_bytes = nvfp4_matrix_values ? dec_bytes(p) + copies * nvfp4_matrix_values * bytes : 0;
   p->q_scratch_bytes = nvfp4_matrix_values ? N_SPANS * tokens * widest(&p->cfg) * bytes : 0;
+  p->fp4_bytes = packed_bytes ? dec_bytes(p) + packed_bytes : 0;
+}
+
+/* ---- decoding from packed weights ----------------------------------------------------------
+ * A KV cache's fp4 buffer: the tensor scales S_dec as in q_dec (one float per layer, parameter
+ * and operand slot; only DEC_W is used), then every NVFP4 matrix in parameter order, its codes
+ * then its scales, each 256-byte aligned (the GPU's loads are 16 bytes wide). */
+
+static size_t round256(size_t n) { return (n + 255) / 256 * 256; }
+
+size_t nvfp4_packed_matrix_bytes(int rows, int cols) {
+  return round256((size_t)rows * cols / 2) + round256((size_t)rows * cols / 16);
+}
+
+/* the codes of local layer `layer`'s matrix `which` in fp4, its scales after them */
+static uint8_t *packed_of(const struct worker *w, void *fp4, int layer, enum layer_param which) {
+  size_t at = dec_bytes(&w->plan);
+  for (int l = 0; l < w->plan.n_layers; l++) {
+    if (!nvfp4_layer(w, l)) continue;
+    for (int k = 0; k < N_LAYER_PARAMS; k++) {
+      const struct param *p = &w->params[w->layer_param[l][k]];
+      if (!is_matrix(p)) continue;
+      if (l == layer && k == (int)which) return (uint8_t *)fp4 + at;
+      at += nvfp4_packed_matrix_bytes(p->rows, p->cols);
+    }
+  }
+  die("internal: layer %d parameter %d has no packed NVFP4 weight", layer, (int)which);
+}
+
+/* the scales of a [rows, cols] matrix whose codes are at `codes` */
+static uint8_t *packed_scales(uint8_t *codes, int rows, int cols) {
+  return codes + round256((size_t)rows * cols / 2);
+}
+
+static float *packed_dec(const struct worker *w, void *fp4, int layer, enum layer_param which) {
+  return (float *)fp4 + ((size_t)layer * N_LAYER_PARAMS + which) * N_DECS + DEC_W;
+}
+
+void nvfp4_pack_weights(const struct worker *w, void *fp4) {
+  enum nvfp4_layout layout = w->plan.nvfp4.weight_2d ? NVFP4_TILES : NVFP4_ROWS;
+  for (int l = 0; l < w->plan.n_layers; l++) {
+    if (!nvfp4_layer(w, l)) continue;
+    for (int k = 0; k < N_LAYER_PARAMS; k++) {
+      const struct param *p = &w->params[w->layer_param[l][k]];
+      if (!is_matrix(p)) continue;
+      uint8_t *codes = packed_of(w, fp4, l, (enum layer_param)k);
+      w->be->nvfp4_pack(codes, packed_scales(codes, p->rows, p->cols),
+                        packed_dec(w, fp4, l, (enum layer_param)k), w->weights + p->offset,
+                        p->rows, p->cols, layout);
+    }
+  }
 }
 
 static void *span(struct worker *w, int which, int n) {
@@ -169,6 +220,13 @@ void nvfp4_linear_forward(struct worker *w, int layer, enum layer_param which,
   float *dec_x = dec(w, layer, x_of, DEC_X);
   if (w->wq_stale[layer]) quantize_layer_weights(w, layer);
   if (which == x_of) be->nvfp4_quantize(xq, dec_x, x, act, n, in_dim, NVFP4_ROWS, 0, 0, -1);
+  void *fp4 = w->kv ? w->kv->fp4 : NULL;
+  if (fp4 && n <= NVFP4_GEMV_MAX_ROWS) {
+    uint8_t *codes = packed_of(w, fp4, layer, which);
+    be->nvfp4_gemv_packed(out, xq, dec_x, codes, packed_scales(codes, out_dim, in_dim),
+                          packed_dec(w, fp4, layer, which), n, in_dim, out_dim);
+    return;
+  }
   be->nvfp4_gemm(out, act, xq, dec_x, wq_of(w, w->layer_param[layer][which], 0),
                  dec(w, layer, which, DEC_W), 0, n, out_dim, in_dim, 0.0f);
 }

@@ -6,8 +6,14 @@
 
 /* Whether local layer `layer` trains its linears in NVFP4. */
 int nvfp4_layer(const struct worker *w, int layer);
-/* Fills the plan's NVFP4 buffer sizes given the values of its NVFP4 matrices. */
-void nvfp4_plan_sizes(struct worker_plan *p, size_t nvfp4_matrix_values);
+/* Fills the plan's NVFP4 buffer sizes given the values of its NVFP4 matrices and the sum of
+ * nvfp4_packed_matrix_bytes over them. */
+void nvfp4_plan_sizes(struct worker_plan *p, size_t nvfp4_matrix_values, size_t packed_bytes);
+/* Bytes of one [rows, cols] matrix packed for decoding: its codes, then its scales. */
+size_t nvfp4_packed_matrix_bytes(int rows, int cols);
+/* Packs the stage's NVFP4 matrices from the fp32 masters into fp4 (plan.fp4_bytes of backend
+ * memory; a KV cache's, kv_cache_init), in the layout nvfp4_linear_forward reads. */
+void nvfp4_pack_weights(const struct worker *w, void *fp4);
 void nvfp4_worker_init(struct worker *w);
 void nvfp4_worker_free(struct worker *w);
 /* The fp32 master weights changed: each NVFP4 layer's matrices are quantized again by the
@@ -19,6 +25,8 @@ int nvfp4_nonfinite_operand(struct worker *w, char *msg, size_t len);
 
 /* out [n, out_dim] = the NVFP4 GEMM of x and the layer's quantized weight `which`. x, out, dx
  * and dout are of the activation dtype, and so are the recipe's operands (exact in bf16).
+ * Inside worker_infer with a KV cache holding packed weights, n <= NVFP4_GEMV_MAX_ROWS rows
+ * read the packed weight instead (nvfp4_gemv_packed: the same values, 4.5 bits each).
  * x_of: the linear of the same stage whose call quantized this same x (round to nearest, so its
  * operand is the same for all of them): x is quantized once per stage, by the call with
  * which == x_of, and the stage's other linears, called after it, reuse it. */

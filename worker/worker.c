@@ -173,17 +173,19 @@ void worker_plan_shard(struct worker_plan *p, int shards, int index) {
 
 void worker_plan_nvfp4(struct worker_plan *p, const struct nvfp4_policy *policy) {
   p->nvfp4 = *policy;
-  size_t values = 0;
+  size_t values = 0, packed = 0;
   for (int l = 0; l < p->n_layers; l++) {
     int g = p->first_layer + l;
     if (g < policy->first_layer || g >= policy->end_layer) continue;
     for (int k = 0; k < N_LAYER_PARAMS; k++) {
       int rows, cols;
       layer_param_shape(&p->cfg, (enum layer_param)k, &rows, &cols);
-      if (LAYER_PARAM_NAMES[k].is_matrix) values += (size_t)rows * cols;
+      if (!LAYER_PARAM_NAMES[k].is_matrix) continue;
+      values += (size_t)rows * cols;
+      packed += nvfp4_packed_matrix_bytes(rows, cols);
     }
   }
-  nvfp4_plan_sizes(p, values);
+  nvfp4_plan_sizes(p, values, packed);
 }
 
 size_t worker_plan_state_bytes(const struct worker_plan *p) {
@@ -579,8 +581,9 @@ static size_t kv_logit_bytes(const struct worker_plan *p, int n_seq) {
                      : 0;
 }
 
-size_t kv_cache_bytes(const struct worker_plan *p, int max_len, int n_seq) {
-  return kv_data_bytes(p, max_len, n_seq) + kv_logit_bytes(p, n_seq);
+size_t kv_cache_bytes(const struct worker_plan *p, int max_len, int n_seq, int packed) {
+  return kv_data_bytes(p, max_len, n_seq) + kv_logit_bytes(p, n_seq) +
+         (packed ? p->fp4_bytes : 0);
 }
 
 void kv_cache_init(struct kv_cache *kv, const struct worker *w, int max_len, int n_seq) {
@@ -591,12 +594,17 @@ void kv_cache_init(struct kv_cache *kv, const struct worker *w, int max_len, int
   kv->n_seq = n_seq;
   kv->len = xcalloc((size_t)n_seq, sizeof(int));
   if (p->has_head) kv->logits = must_alloc(w->be, kv_logit_bytes(p, n_seq), "decoding logits");
+  if (p->fp4_bytes && w->be->nvfp4_gemv_packed) {
+    kv->fp4 = must_alloc(w->be, p->fp4_bytes, "NVFP4 weights packed for decoding");
+    nvfp4_pack_weights(w, kv->fp4);
+  }
 }
 
 void kv_cache_free(struct kv_cache *kv, const struct worker *w) {
   if (kv->decode_step) w->be->replay_free(kv->decode_step);
   w->be->free(kv->data);
   if (kv->logits) w->be->free(kv->logits);
+  if (kv->fp4) w->be->free(kv->fp4);
   free(kv->len);
   memset(kv, 0, sizeof *kv);
 }

@@ -62,6 +62,7 @@ struct worker_plan {
   struct nvfp4_policy nvfp4;
   size_t wq_bytes;     /* NVFP4 tensor scales, then the quantized weights (activation dtype) */
   size_t q_scratch_bytes;              /* quantized activations and gradients */
+  size_t fp4_bytes;    /* the NVFP4 matrices packed for decoding (a KV cache's, nvfp4_linear.c) */
   /* ZeRO-1: this rank's shard [shard_begin, shard_end) of the flat parameter buffer, the one
    * whose AdamW moments it holds and updates; shard_stride is every shard's length but maybe
    * the last's (a multiple of 64 floats, 256 bytes), shards the number of shards. Without
@@ -146,6 +147,10 @@ struct kv_cache {
   float *logits;               /* last stage: [n_seq][vocab] fp32, then the GEMM's act-typed
                                 * output (backend memory): a decoding step's logits */
   void *decode_step;           /* the recorded ops of a decoding step (backend capture_begin) */
+  /* The stage's NVFP4 matrices packed (ops.h nvfp4_pack) from the masters as they were when
+   * the cache was made, which its decoding steps of at most NVFP4_GEMV_MAX_ROWS tokens read;
+   * NULL without NVFP4 layers or where the backend has no packed ops. */
+  void *fp4;
 };
 
 /* worker_infer's seq for a decoding step: one new token of each sequence of the cache */
@@ -232,8 +237,9 @@ void worker_zero_grads(struct worker *w);
 void worker_gather_tied_grads(struct worker *w);
 
 /* Backend bytes kv_cache_init takes: the keys and values of n_seq sequences of max_len tokens
- * in the plan's layers, and on the last stage a decoding step's logits (for --dry-run). */
-size_t kv_cache_bytes(const struct worker_plan *p, int max_len, int n_seq);
+ * in the plan's layers, on the last stage a decoding step's logits, and with `packed` (a
+ * backend with nvfp4_gemv_packed) the NVFP4 matrices packed (for --dry-run). */
+size_t kv_cache_bytes(const struct worker_plan *p, int max_len, int n_seq, int packed);
 void kv_cache_init(struct kv_cache *kv, const struct worker *w, int max_len, int n_seq);
 void kv_cache_free(struct kv_cache *kv, const struct worker *w);
 /* Inference through the stage (live slot 0, after worker_reshape(w, 1, T, 1) with T at least

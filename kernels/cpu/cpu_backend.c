@@ -76,5 +76,7 @@ const struct backend backend_cpu = {
   .nvfp4_quantize = cpu_nvfp4_quantize,
   .nvfp4_quantize_rows_cols = cpu_nvfp4_quantize_rows_cols,
   .nvfp4_gemm = cpu_nvfp4_gemm,
+  .nvfp4_pack = cpu_nvfp4_pack,
+  .nvfp4_gemv_packed = cpu_nvfp4_gemv_packed,
   .adamw_update = cpu_adamw_update,
 };

@@ -2,6 +2,7 @@
  * signatures. The CPU stores everything in fp32, so x_type is fp32 and the dec pointers are
  * host memory. */
 #include <math.h>
+#include <string.h>
 
 #include "common/util.h"
 #include "kernels/cpu/cpu.h"
@@ -56,4 +57,53 @@ void cpu_nvfp4_gemm(void *c, enum dtype c_type, const void *a, const float *dec_
                     float beta) {
   if (c_type != DT_F32) die("cpu_nvfp4_gemm: the CPU backend stores every tensor in fp32");
   nvfp4_gemm(c, a, *dec_a, b, *dec_b, b_kn, m, n, k, beta);
+}
+
+/* 1x16 scales as they are; 16x16 tiles quantized into the first rows/16 rows of `scales`, then
+ * each tile row's scales copied to its 16 rows, from the last row up: row r reads tile row
+ * r/16 <= r, which no row above it has overwritten yet. */
+void cpu_nvfp4_pack(uint8_t *codes, uint8_t *scales, float *dec, const float *w, int rows,
+                    int cols, enum nvfp4_layout layout) {
+  int tiles = layout == NVFP4_TILES;
+  if ((layout != NVFP4_ROWS && !tiles) || rows < 0 || cols < 0 || cols % 16 ||
+      (tiles && rows % 16))
+    die("cpu_nvfp4_pack: layout %d, shape [%d, %d] refused: NVFP4_ROWS or NVFP4_TILES, cols "
+        "(and rows for tiles) non-negative multiples of 16", (int)layout, rows, cols);
+  struct nvfp4_tensor_scale ts;
+  int rc = nvfp4_quantize(codes, scales, &ts, w, rows, cols,
+                          tiles ? NVFP4_BLOCK_16X16 : NVFP4_BLOCK_1X16, NVFP4_ROUND_NEAREST, 0);
+  size_t nb = (size_t)cols / 16;
+  if (rc == NVFP4_OK && tiles)
+    for (int r = rows - 1; r > 0; r--) memmove(scales + r * nb, scales + (size_t)(r / 16) * nb, nb);
+  *dec = rc == NVFP4_OK ? ts.dec : NAN;
+}
+
+/* Row o of the weight, 16 values at a time: code * scale (exact in fp32), into each token's sum
+ * in order of the columns. */
+void cpu_nvfp4_gemv_packed(void *out_, const void *xq_, const float *dec_x, const uint8_t *codes,
+                           const uint8_t *scales, const float *dec_w, int n, int in_dim,
+                           int out_dim) {
+  float *out = out_;
+  const float *xq = xq_;
+  if (n < 1 || n > NVFP4_GEMV_MAX_ROWS || in_dim < 16 || in_dim % 16 || out_dim < 1)
+    die("cpu_nvfp4_gemv_packed: %d rows of [%d] against [%d, %d] refused: 1 to %d rows, in_dim "
+        "a multiple of 16", n, in_dim, out_dim, in_dim, NVFP4_GEMV_MAX_ROWS);
+  float e2m1[16];
+  for (int c = 0; c < 16; c++) e2m1[c] = nvfp4_e2m1_decode((uint8_t)c);
+  const float alpha = *dec_x * *dec_w;
+  const size_t nb = (size_t)in_dim / 16;
+#pragma omp parallel for if ((long)out_dim * in_dim > 65536)
+  for (int o = 0; o < out_dim; o++) {
+    float acc[NVFP4_GEMV_MAX_ROWS] = {0};
+    const uint8_t *code = codes + (size_t)o * in_dim / 2;
+    for (size_t b = 0; b < nb; b++) {
+      const float s = nvfp4_e4m3_decode(scales[(size_t)o * nb + b]);
+      for (int i = 0; i < 16; i++) {
+        const size_t c = b * 16 + i;
+        const float wv = e2m1[(code[c / 2] >> (4 * (c & 1))) & 15] * s;
+        for (int t = 0; t < n; t++) acc[t] += xq[(size_t)t * in_dim + c] * wv;
+      }
+    }
+    for (int t = 0; t < n; t++) out[(size_t)t * out_dim + o] = alpha * acc[t];
+  }
 }

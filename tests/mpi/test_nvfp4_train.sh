@@ -85,6 +85,33 @@ else
   result 0 "qwen3-nvfp4 on the checkpoint"
 fi
 
+# Decoding from packed NVFP4 weights (a KV cache packs the layers' matrices; ops.h nvfp4_pack
+# and nvfp4_gemv_packed), checked against eval.check_kv's full replay, which runs the GEMM on the
+# same quantized values: the prefill of a 2-token prompt reads the packed weights (at most
+# NVFP4_GEMV_MAX_ROWS rows) and must give the replay's logits to fp32 rounding; the later steps
+# quantize one token's activations where the replay quantizes the whole sequence's (a tensor
+# scale of their own), so they differ by NVFP4 rounding (eval.kv_tolerance raised for that), and
+# the greedy tokens must agree.
+timeout 120 $MPIRUN -np 1 "$build/qwen3-train" "$build/jobs/tiny.pb" "${common[@]}" \
+  --set precision.linear=NVFP4 --set train.steps=0 --set eval.prompts.ids=72,101 \
+  --set eval.max_new_tokens=8 --set eval.temperature=0 --set eval.check_kv=true \
+  --set eval.kv_tolerance=0.5 --set output_dir="$out/decode" >"$log" 2>&1
+rc=$?
+verdict=$(python3 - "$out/decode/eval.jsonl" <<'PY' 2>&1
+import json, sys
+r = json.loads(open(sys.argv[1]).readline())
+d = r["kv_logit_diff_per_step"]
+ok = len(d) == 8 and d[0] <= 1e-5 and r["kv_first_mismatch"] == -1
+print(("ok" if ok else "bad") + f" prefill logits within {d[0]:.1e} of the replay's, later steps "
+      f"up to {max(d[1:]):.3f}, first mismatch {r['kv_first_mismatch']}")
+PY
+)
+if [ "$rc" = 0 ] && [ "${verdict%% *}" = ok ]; then
+  pass "decoding from packed NVFP4 weights: ${verdict#ok }"
+else
+  fail "decoding from packed NVFP4 weights (exit $rc): $verdict"; tail -n 5 "$log"
+fi
+
 # the precision policy is visible before any work
 if "$build/qwen3-train" "$build/jobs/tiny.pb" --set precision.linear=NVFP4 --print-job |
     grep -q "linear: NVFP4"; then

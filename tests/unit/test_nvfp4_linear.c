@@ -13,6 +13,7 @@
 
 #include "common/util.h"
 #include "tests/check.h"
+#include "kernels/nvfp4.h"
 #include "worker/nvfp4_linear.h"
 #include "worker/worker.h"
 
@@ -163,6 +164,87 @@ static void test_nonfinite(void) {
   free(x), free(y), free(dy), free(dx), free(dw);
 }
 
+/* Decoding from packed weights (ops.h nvfp4_pack, nvfp4_gemv_packed): a KV cache packs the
+ * stage's NVFP4 matrices; their codes times their scales are the quantized weight's values bit
+ * for bit, and a linear of 1 to NVFP4_GEMV_MAX_ROWS rows inside that cache's decoding reads them
+ * (counted through a backend whose gemv is wrapped) and gives the GEMM path's result within the
+ * fp32 accumulation's difference; more rows, or no cache, take the GEMM. Both weight layouts. */
+static int gemv_calls;
+static void counted_gemv(void *out, const void *xq, const float *dec_x, const uint8_t *codes,
+                         const uint8_t *scales, const float *dec_w, int n, int in_dim,
+                         int out_dim) {
+  gemv_calls++;
+  backend_cpu.nvfp4_gemv_packed(out, xq, dec_x, codes, scales, dec_w, n, in_dim, out_dim);
+}
+
+static void test_packed_decode(int weight_2d) {
+  enum { T = 8, IN = 64, OUT = 96, MAX_LEN = 16 };
+  struct qwen3_config cfg = {.hidden_size = IN, .num_layers = 1, .num_heads = 2,
+                             .num_kv_heads = 1, .head_dim = IN / 2, .intermediate_size = OUT,
+                             .vocab_size = 32, .rope_theta = 1e6, .rms_norm_eps = 1e-6,
+                             .max_seq_len = MAX_LEN};
+  struct nvfp4_policy pol = {.first_layer = 0, .end_layer = 1, .rht = 1, .stochastic = 1,
+                             .weight_2d = weight_2d, .seed = 7};
+  struct backend be = backend_cpu;
+  be.nvfp4_gemv_packed = counted_gemv;
+  struct worker_plan plan;
+  worker_plan_make(&plan, &cfg, 0, 1, 1, 1, 1, T, 1, 0, DT_F32);
+  worker_plan_nvfp4(&plan, &pol);
+  CHECK(plan.fp4_bytes > 0, "an NVFP4 stage plans packed weights for decoding");
+  struct worker w;
+  worker_init(&w, &be, &plan);
+  uint64_t rng = 12345;
+  for (size_t i = 0; i < plan.param_floats; i++) {   /* heavy-tailed, signed, some zero */
+    rng = rng * 6364136223846793005ull + 1442695040888963407ull;
+    float u = (float)((rng >> 40) & 0xffffff) / 16777216.0f - 0.5f;
+    w.weights[i] = i % 97 == 0 ? 0.0f : u * u * u * 8.0f;
+  }
+  worker_prepare_step(&w, 1);
+  const struct param *gate = &w.params[w.layer_param[0][P_GATE]];
+
+  /* the packed matrix against the quantizer's values for the same layout, and its S_dec */
+  uint8_t *codes = xmalloc((size_t)OUT * IN / 2), *scales = xmalloc((size_t)OUT * IN / 16);
+  float *wq = xmalloc((size_t)OUT * IN * sizeof(float));
+  float *back = xmalloc((size_t)OUT * IN * sizeof(float)), dec_p, dec_q;
+  enum nvfp4_layout layout = weight_2d ? NVFP4_TILES : NVFP4_ROWS;
+  be.nvfp4_pack(codes, scales, &dec_p, w.weights + gate->offset, OUT, IN, layout);
+  be.nvfp4_quantize(wq, &dec_q, w.weights + gate->offset, DT_F32, OUT, IN, layout, 0, 0, -1);
+  nvfp4_dequantize(back, codes, scales, 1.0f, OUT, IN, NVFP4_BLOCK_1X16);
+  CHECK(dec_p == dec_q && memcmp(back, wq, (size_t)OUT * IN * sizeof(float)) == 0,
+        "%s: packed codes x scales equal the quantizer's q * s_b bit for bit, S_dec %g (%g)",
+        weight_2d ? "16x16" : "1x16", dec_p, dec_q);
+  float keep = w.weights[gate->offset + 5];
+  w.weights[gate->offset + 5] = INFINITY;
+  be.nvfp4_pack(codes, scales, &dec_p, w.weights + gate->offset, OUT, IN, layout);
+  CHECK(isnan(dec_p), "a non-finite weight packs to a NaN S_dec");
+  w.weights[gate->offset + 5] = keep;
+
+  /* the linear through the engine: without a cache (the GEMM), then within one (packed) */
+  float *x = xcalloc((size_t)T * IN, sizeof(float));
+  float *ref = xcalloc((size_t)T * OUT, sizeof(float)), *got = xcalloc((size_t)T * OUT, sizeof(float));
+  for (int i = 0; i < T * IN; i++) x[i] = (float)((i * 37) % 23) / 7.0f - 1.5f;
+  struct kv_cache kv;
+  kv_cache_init(&kv, &w, MAX_LEN, 1);
+  CHECK(kv.fp4 != NULL, "a KV cache of an NVFP4 stage holds its packed weights");
+  for (int n = 1; n <= NVFP4_GEMV_MAX_ROWS + 1; n++) {
+    w.kv = NULL;
+    nvfp4_linear_forward(&w, 0, P_GATE, P_GATE, ref, x, n, IN, OUT);
+    for (int i = 0; i < n * OUT; i++) got[i] = NAN;
+    int before = gemv_calls;
+    w.kv = &kv;
+    nvfp4_linear_forward(&w, 0, P_GATE, P_GATE, got, x, n, IN, OUT);
+    w.kv = NULL;
+    int packed = gemv_calls - before, want = n <= NVFP4_GEMV_MAX_ROWS;
+    CHECK(packed == want, "%d rows in a decoding step: %s path taken (%d packed calls)", n,
+          want ? "the packed" : "the GEMM", packed);
+    compare(weight_2d ? "packed decode, 16x16" : "packed decode, 1x16", "y", got, ref,
+            (size_t)n * OUT);
+  }
+  kv_cache_free(&kv, &w);
+  worker_free(&w);
+  free(codes), free(scales), free(wq), free(back), free(x), free(ref), free(got);
+}
+
 int main(void) {
   size_t len;
   char *buf = read_file(FIXTURE, &len);
@@ -175,5 +257,7 @@ int main(void) {
   CHECK(count >= 2 && r.p == r.end, "%s: %u cases, read to the end", FIXTURE, count);
   free(buf);
   test_nonfinite();
+  test_packed_decode(1);
+  test_packed_decode(0);
   return checks_report();
 }
