@@ -7,7 +7,9 @@
 #     transformers' generate, eager; with DECODE_COMPILE=1 also its static cache under
 #     torch.compile(mode="reduce-overhead");
 #  3. ours on the same weights and prompts; batch 1 again with QWEN3_CUDA_PDL=0 (no programmatic
-#     dependent launch) and with --timing (per-stage times).
+#     dependent launch) and with --timing (per-stage times); with DECODE_NVFP4=1 also the job's
+#     NVFP4 recipe (precision.linear NVFP4: its layers decode from packed weights where the
+#     backend has them, ops.h nvfp4_gemv_packed), labelled ours-nvfp4.
 # DECODE_BATCHES (default 1,8) are the batch sizes. Everything goes to $OUT/decode.txt; the
 # table is printed last.
 set -u
@@ -35,6 +37,11 @@ main() {
    within 60 python3 bench/decode_bench.py ours --hf-dir "$WORK/hf4b" --batches 1 --tag=-nopdl)
   section "ours, batch 1, --timing"
   within 60 python3 bench/decode_bench.py ours --hf-dir "$WORK/hf4b" --batches 1 --timing
+  if [ "${DECODE_NVFP4:-0}" = 1 ]; then
+    section "ours, NVFP4 linears"
+    within 120 python3 bench/decode_bench.py ours --hf-dir "$WORK/hf4b" --batches "$BATCHES" \
+      --set precision.linear=NVFP4 --tag=-nvfp4
+  fi
 }
 
 main 2>&1 | tee "$OUT/decode.txt"

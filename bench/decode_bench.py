@@ -114,7 +114,7 @@ def ours_mode(args, log):
         cmd = ["mpirun", "--allow-run-as-root", "--bind-to", "none", "-np", "1",
                os.path.join(ROOT, "build/qwen3-train"), job, "--set", "train.steps=0",
                "--set", f"output_dir={out}", "--set", f"data.train={args.shard}"] + weights + \
-              (["--timing"] if args.timing else [])
+              [a for kv in args.set for a in ("--set", kv)] + (["--timing"] if args.timing else [])
         t0 = time.perf_counter()
         p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         log(f"batch {B}: exit {p.returncode} in {time.perf_counter() - t0:.1f} s")
@@ -146,6 +146,8 @@ def main():
     ap.add_argument("--timing", action="store_true", help="ours: per-stage times (slower)")
     ap.add_argument("--layers", type=int, default=0, help="ours: this many layers, random init")
     ap.add_argument("--tag", default="", help="ours: appended to the system's name")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="ours: one more --set for the job (repeatable)")
     ap.add_argument("--budget", type=float, default=300)
     ap.add_argument("--work", default="/tmp/qwen3_bench")
     ap.add_argument("--shard", default="/tmp/qwen3_bench/random_2m.h5")
