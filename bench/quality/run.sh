@@ -29,6 +29,14 @@
 #   python3 bench/quality/report.py --bf16 /tmp/q/a/bf16 --nvfp4 /tmp/q/b/nvfp4 --out-dir bench/results \
 #     --name quality_0p6b --card h200 --corpus /tmp/q/a/corpus/corpus.json
 #
+# A variant of one precision against a run already made (one call instead of two): session 9's
+# runs (QUALITY_RANKS=2 QUALITY_STEPS=1650 QUALITY_TRAIN_MB=220 on nvidia-h200-x2) are kept in
+# bench/results/quality_0p6b_h200_2026-11-30_runs/ (summary.json, metrics.jsonl.gz, corpus.json):
+# gunzip a copy and pass its bf16/ (or nvfp4/) to report.py as above, after checking that the
+# new call's corpus.json is the same file. E.g. NVFP4 with its first two layers in BF16:
+#   QUALITY_RANKS=2 QUALITY_STEPS=1650 QUALITY_TRAIN_MB=220 QUALITY_ONLY=NVFP4 \
+#     QUALITY_SETS="precision.bf16_first_layers=2" QUALITY_NAME=quality_0p6b_first2 bash bench/quality/run.sh
+#
 # A tiny run of the whole pipeline on a CPU (a couple of minutes on 2 cores; build the CPU engine
 # first, see QUALITY_PRESET below):
 #   QUALITY_PRESET=cpu-tiny QUALITY_BUILD_DIR=build-h3 OUT=/tmp/quality_out bash bench/quality/run.sh
