@@ -357,6 +357,12 @@ static void check_precision(const Job *job, const struct qwen3_config *c) {
   NEED(p->bf16_last_layers >= -1 && p->bf16_last_layers <= c->num_layers,
        "precision.bf16_last_layers must be -1 (the last 15%%) or in [0, num_layers=%d] (is %d)",
        c->num_layers, p->bf16_last_layers);
+  NEED(p->bf16_final_fraction >= 0 && p->bf16_final_fraction <= 1,
+       "precision.bf16_final_fraction must be in [0, 1] (is %g)", p->bf16_final_fraction);
+  NEED(p->bf16_final_fraction == 0 || p->linear == QWEN3__LINEAR_PRECISION__NVFP4,
+       "precision.bf16_final_fraction (%g) switches NVFP4 linears to BF16 late in training; "
+       "precision.linear is not NVFP4, so there is nothing to switch: leave it 0",
+       p->bf16_final_fraction);
   if (p->linear != QWEN3__LINEAR_PRECISION__NVFP4) return;
   /* NVFP4 blocks are 16 wide along every GEMM's reduction dimension, and Wgrad reduces over
    * the tokens of a micro-batch */

@@ -481,6 +481,8 @@ void train_run(const Job *job, const struct qwen3_config *cfg, struct comm *c,
   int steps = job->train->steps;
   uint64_t global_batch = (uint64_t)job->data->micro_batch_size * r.n_mb * c->dp;
   int first_step = st.step + 1;
+  /* precision.bf16_final_fraction: steps after bf16_from run every linear in BF16 */
+  int bf16_from = steps - (int)lround(job->precision->bf16_final_fraction * steps);
   for (int step = first_step; step <= steps; step++) {
     checkpoint_poll();   /* commits the last save once every rank has written its file */
     if (opt->fail_step == step && opt->fail_rank == c->rank)
@@ -490,7 +492,11 @@ void train_run(const Job *job, const struct qwen3_config *cfg, struct comm *c,
     double targets = load_step_batch(&r, st.samples_seen);
     if (targets <= 0) die("step %d: the global batch has no target token (all masked)", step);
     double t1 = part_clock(be, opt->timing);
+    if (step > bf16_from && (step == first_step || step == bf16_from + 1))
+      info("step %d: every linear in BF16 from here to step %d (precision.bf16_final_fraction "
+           "%g)", step, steps, job->precision->bf16_final_fraction);
     for (int k = 0; k < r.v; k++) {
+      r.w[k].nvfp4_paused = step > bf16_from;
       worker_zero_grads(&r.w[k]);
       worker_prepare_step(&r.w[k], step);
     }

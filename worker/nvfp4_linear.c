@@ -22,9 +22,14 @@
 
 static int is_matrix(const struct param *p) { return p->cols > 1; }
 
-int nvfp4_layer(const struct worker *w, int layer) {
+/* Whether the plan gives local layer `layer` NVFP4 buffers (paused or not). */
+static int planned(const struct worker *w, int layer) {
   int g = w->plan.first_layer + layer;
   return g >= w->plan.nvfp4.first_layer && g < w->plan.nvfp4.end_layer;
+}
+
+int nvfp4_layer(const struct worker *w, int layer) {
+  return !w->nvfp4_paused && planned(w, layer);
 }
 
 /* The largest row width any linear of the block reads or writes. */
@@ -75,7 +80,7 @@ size_t nvfp4_packed_matrix_bytes(int rows, int cols) {
 static uint8_t *packed_of(const struct worker *w, void *fp4, int layer, enum layer_param which) {
   size_t at = dec_bytes(&w->plan);
   for (int l = 0; l < w->plan.n_layers; l++) {
-    if (!nvfp4_layer(w, l)) continue;
+    if (!planned(w, l)) continue;
     for (int k = 0; k < N_LAYER_PARAMS; k++) {
       const struct param *p = &w->params[w->layer_param[l][k]];
       if (!is_matrix(p)) continue;
@@ -98,7 +103,7 @@ static float *packed_dec(const struct worker *w, void *fp4, int layer, enum laye
 void nvfp4_pack_weights(const struct worker *w, void *fp4) {
   enum nvfp4_layout layout = w->plan.nvfp4.weight_2d ? NVFP4_TILES : NVFP4_ROWS;
   for (int l = 0; l < w->plan.n_layers; l++) {
-    if (!nvfp4_layer(w, l)) continue;
+    if (!planned(w, l)) continue;
     for (int k = 0; k < N_LAYER_PARAMS; k++) {
       const struct param *p = &w->params[w->layer_param[l][k]];
       if (!is_matrix(p)) continue;
@@ -155,7 +160,7 @@ void nvfp4_worker_init(struct worker *w) {
   size_t at = 0, copies = p->nvfp4.weight_2d ? 1 : 2;
   for (int i = 0; i < w->n_params; i++) w->wq_offset[i] = SIZE_MAX;
   for (int l = 0; l < p->n_layers; l++) {
-    if (!nvfp4_layer(w, l)) continue;
+    if (!planned(w, l)) continue;
     for (int k = 0; k < N_LAYER_PARAMS; k++) {
       int i = w->layer_param[l][k];
       if (!is_matrix(&w->params[i])) continue;

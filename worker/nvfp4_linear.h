@@ -4,7 +4,7 @@
 
 #include "worker/worker.h"
 
-/* Whether local layer `layer` trains its linears in NVFP4. */
+/* Whether local layer `layer` runs its linears in NVFP4 now (not while w->nvfp4_paused). */
 int nvfp4_layer(const struct worker *w, int layer);
 /* Fills the plan's NVFP4 buffer sizes given the values of its NVFP4 matrices and the sum of
  * nvfp4_packed_matrix_bytes over them. */

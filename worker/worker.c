@@ -594,7 +594,7 @@ void kv_cache_init(struct kv_cache *kv, const struct worker *w, int max_len, int
   kv->n_seq = n_seq;
   kv->len = xcalloc((size_t)n_seq, sizeof(int));
   if (p->has_head) kv->logits = must_alloc(w->be, kv_logit_bytes(p, n_seq), "decoding logits");
-  if (p->fp4_bytes && w->be->nvfp4_gemv_packed) {
+  if (p->fp4_bytes && w->be->nvfp4_gemv_packed && !w->nvfp4_paused) {
     kv->fp4 = must_alloc(w->be, p->fp4_bytes, "NVFP4 weights packed for decoding");
     /* packing reads the masters: the optimizer's update of every layer first */
     for (int g = 0; g < worker_weight_groups(w); g++) wait_weights(w, g);

@@ -124,6 +124,8 @@ struct worker {
   void *wq;
   void *q_scratch;
   uint16_t rht_signs;
+  int nvfp4_paused;            /* 1: every linear runs in high precision now, NVFP4 layers too
+                                  (precision.bf16_final_fraction); their buffers stay */
   int step;
   uint64_t *stream;            /* [live]: the micro-batch's random stream */
 

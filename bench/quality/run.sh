@@ -36,6 +36,7 @@
 # new call's corpus.json is the same file. E.g. NVFP4 with its first two layers in BF16:
 #   QUALITY_RANKS=2 QUALITY_STEPS=1650 QUALITY_TRAIN_MB=220 QUALITY_ONLY=NVFP4 \
 #     QUALITY_SETS="precision.bf16_first_layers=2" QUALITY_NAME=quality_0p6b_first2 bash bench/quality/run.sh
+# or the paper's switch to BF16 for the last part of training: QUALITY_SETS="precision.bf16_final_fraction=0.18"
 #
 # A tiny run of the whole pipeline on a CPU (a couple of minutes on 2 cores; build the CPU engine
 # first, see QUALITY_PRESET below):

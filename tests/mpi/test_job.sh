@@ -38,6 +38,10 @@ refused "layers_per_stage not summing" "parallel.layers_per_stage sums to 3" \
 refused "unknown field" "'qwen3.Optim' has no field 'learning_rate'" "$job" --set optim.learning_rate=1
 refused "bad enum" "allowed values are GPIPE|ONE_F_ONE_B" "$job" --set parallel.schedule=ZERO_BUBBLE
 refused "bad number" "expected a finite number" "$job" --set optim.lr=fast
+refused "BF16 switch of a BF16 job" "precision.linear is not NVFP4, so there is nothing to switch" \
+  "$job" --set precision.bf16_final_fraction=0.2
+refused "BF16 switch past the end" "precision.bf16_final_fraction must be in [0, 1] (is 1.5)" \
+  "$job" --set precision.linear=NVFP4 --set precision.bf16_final_fraction=1.5
 refused "NVFP4 widths" "precision.linear NVFP4 needs model.hidden_size (72) to be a multiple of 16" \
   "$job" --set precision.linear=NVFP4 --set model.hidden_size=72
 refused "nothing to evaluate" "neither data.valid nor eval.prompts" "$job" --set train.steps=0

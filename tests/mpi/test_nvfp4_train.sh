@@ -19,10 +19,10 @@ common=(--set model.num_layers=4 --set train.steps=60 --set train.log_every=1
         --set checkpoint.every=1000000 --set precision.bf16_last_layers=0
         --set init.seed=3 --set data.seed=3)
 
-# run NAME NP PRECISION
+# run NAME NP PRECISION [ARGS...]
 run() {
   if timeout 600 $MPIRUN -np "$2" "$build/qwen3-train" "$build/jobs/tiny.pb" "${common[@]}" \
-      --set precision.linear="$3" --set parallel.pipeline_stages="$2" \
+      --set precision.linear="$3" --set parallel.pipeline_stages="$2" "${@:4}" \
       --set output_dir="$out/$1" >"$out/$1.log" 2>&1; then
     pass "$1: ran on $2 process(es)"
   else
@@ -34,6 +34,10 @@ losses() { grep -o '"loss":[^,}]*' "$out/$1/metrics.jsonl" | cut -d: -f2; }
 run bf16 1 BF16
 run nvfp4 1 NVFP4
 run nvfp4_pp2 2 NVFP4
+# precision.bf16_final_fraction: the whole run (1) is the BF16 run; half of it (0.5) is the
+# NVFP4 run for 30 steps, then leaves it
+run nvfp4_final_all 1 NVFP4 --set precision.bf16_final_fraction=1
+run nvfp4_final_half 1 NVFP4 --set precision.bf16_final_fraction=0.5
 
 for name in bf16 nvfp4; do
   first=$(losses $name | head -n 1) last=$(losses $name | tail -n 1)
@@ -55,6 +59,18 @@ case $verdict in
   *) fail "NVFP4 - BF16 loss:${verdict#bad}" ;;
 esac
 
+if [ "$(losses nvfp4_final_all)" = "$(losses bf16)" ] && [ "$(losses bf16 | wc -l)" = 60 ]; then
+  pass "NVFP4 with precision.bf16_final_fraction 1 trains exactly as BF16 (60 losses equal)"
+else
+  fail "NVFP4 with precision.bf16_final_fraction 1 differs from BF16"
+fi
+if [ "$(losses nvfp4_final_half | head -n 30)" = "$(losses nvfp4 | head -n 30)" ] &&
+    [ "$(losses nvfp4_final_half | sed -n 31p)" != "$(losses nvfp4 | sed -n 31p)" ] &&
+    grep -q "step 31: every linear in BF16 from here to step 60" "$out/nvfp4_final_half.log"; then
+  pass "precision.bf16_final_fraction 0.5: steps 1-30 are the NVFP4 run's, BF16 from step 31 on"
+else
+  fail "precision.bf16_final_fraction 0.5: not NVFP4 for steps 1-30 and BF16 from 31"
+fi
 verdict=$(paste <(losses nvfp4) <(losses nvfp4_pp2) | awk '
   { n++; d = $1 - $2; if (d < 0) d = -d; r = d / $1; if (r > worst) worst = r }
   END { if (n != 60) print "steps " n; else if (worst > 1e-5) print "worst " worst; else print "ok " worst + 0 }')
