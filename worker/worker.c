@@ -435,13 +435,17 @@ int worker_weight_group(const struct worker *w, int param) { return w->param_gro
 static void wait_weights(const struct worker *w, int g) {
   if (w->be->wait_mark) w->be->wait_mark(g);
 }
+/* Before reading every master: the whole update is done. */
+static void wait_all_weights(const struct worker *w) {
+  for (int g = 0; g < worker_weight_groups(w); g++) wait_weights(w, g);
+}
 
 void worker_prepare_step(struct worker *w, int step) {
   w->step = step;
   /* anything but the optimizer that writes the masters (loading, init) leaves the flag clear */
   int stale = w->weights_act != w->weights && !w->weights_act_fresh;
   if (stale) {   /* the copy reads every master: the whole update first */
-    for (int g = 0; g < worker_weight_groups(w); g++) wait_weights(w, g);
+    wait_all_weights(w);
     w->be->convert(w->weights_act, w->plan.act, w->weights, DT_F32, w->plan.param_floats);
   }
   w->weights_act_fresh = 0;
@@ -596,8 +600,7 @@ void kv_cache_init(struct kv_cache *kv, const struct worker *w, int max_len, int
   if (p->has_head) kv->logits = must_alloc(w->be, kv_logit_bytes(p, n_seq), "decoding logits");
   if (p->fp4_bytes && w->be->nvfp4_gemv_packed && !w->nvfp4_paused) {
     kv->fp4 = must_alloc(w->be, p->fp4_bytes, "NVFP4 weights packed for decoding");
-    /* packing reads the masters: the optimizer's update of every layer first */
-    for (int g = 0; g < worker_weight_groups(w); g++) wait_weights(w, g);
+    wait_all_weights(w);   /* packing reads the masters */
     nvfp4_pack_weights(w, kv->fp4);
   }
 }

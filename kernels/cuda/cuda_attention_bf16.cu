@@ -309,19 +309,13 @@ __global__ void __launch_bounds__(256, MINB)
 
   // query tile `it` (head h0 + it / per_head, tile qt_begin + it % per_head) -> stage
   auto issue_q = [&](int it, unsigned char *st) {
-    const int h = kv.h0 + it / per_head, q0 = (kv.qt_begin + it % per_head) * BQ;
-    const int nq = min(BQ, s.tq - q0);
-    const size_t q_base = ((size_t)kv.b * s.tq + q0) * kv.q_ld + (size_t)h * D;
+    const QStage t = q_stage<D>(kv, s, it, per_head, BQ);
+    const int q0 = t.q0, nq = t.nq;
     bf16 *sq = reinterpret_cast<bf16 *>(st);
-    load_tile<NT, BQ, D>(sq, q + q_base, kv.q_ld, nq);
-    load_tile<NT, BQ, D>(sq + BQ * LDS, dctx + q_base, kv.q_ld, nq);
+    load_tile<NT, BQ, D>(sq, q + t.q_base, kv.q_ld, nq);
+    load_tile<NT, BQ, D>(sq + BQ * LDS, dctx + t.q_base, kv.q_ld, nq);
     float *sf = reinterpret_cast<float *>(st + sizeof(bf16) * 2 * BQ * LDS);
-    const size_t r = ((size_t)kv.b * s.heads + h) * s.tq + q0;
-    if (threadIdx.x < 2 * BQ) {
-      const int i = threadIdx.x, ii = i % BQ;
-      const bool ok = ii < nq;
-      cp_async4(sf + i, (i < BQ ? lse : Dsum) + (ok ? r + ii : 0), ok);
-    }
+    if (threadIdx.x < 2 * BQ) load_lse_d(sf, lse, Dsum, t, BQ);
     if constexpr (DOC) {
       static_assert(3 * BQ <= NT, "one thread per first key");
       const int i = (int)threadIdx.x - 2 * BQ;
@@ -349,7 +343,7 @@ __global__ void __launch_bounds__(256, MINB)
       issue_q(it + 1, stages + ((it + 1) & 1) * C::STAGE_BYTES);
       cp_async_commit();
     }
-    const int q0 = (qt_begin + it % per_head) * BQ, nq = min(BQ, s.tq - q0);
+    const auto [q0, nq, q_base, r] = q_stage<D>(kv, s, it, per_head, BQ);
     // skip when the warp's queries are all padding, or all precede its first key
     if (32 * qh >= nq || key_lo > off + q0 + min(32 * qh + 31, nq - 1)) continue;
     const unsigned char *st = stages + (it & 1) * C::STAGE_BYTES;

@@ -179,6 +179,28 @@ __device__ __forceinline__ KvTile kv_tile(const Dims &s, int nsplit, int bk, int
   return r;
 }
 
+// Query tile `it` of a dK/dV block's walk (head h0 + it / per_head, tile qt_begin + it %
+// per_head): its first row q0 and nq rows, its Q and dO rows at q_base, its lse and D at r.
+struct QStage {
+  int q0, nq;
+  size_t q_base, r;
+};
+template <int D>
+__device__ __forceinline__ QStage q_stage(const KvTile &kv, const Dims &s, int it, int per_head,
+                                          int bq) {
+  const int h = kv.h0 + it / per_head, q0 = (kv.qt_begin + it % per_head) * bq;
+  return {q0, min(bq, s.tq - q0), ((size_t)kv.b * s.tq + q0) * kv.q_ld + (size_t)h * D,
+          ((size_t)kv.b * s.heads + h) * s.tq + q0};
+}
+// lse, then D, of a query tile's bq rows into sf (2 bq floats), one value a thread for the
+// block's first 2 bq threads; rows past nq get 0
+__device__ __forceinline__ void load_lse_d(float *sf, const float *lse, const float *Dsum,
+                                           const QStage &t, int bq) {
+  const int i = threadIdx.x, ii = i % bq;
+  const bool ok = ii < t.nq;
+  cp_async4(sf + i, (i < bq ? lse : Dsum) + (ok ? t.r + ii : 0), ok);
+}
+
 // The forward's running state of rows row0 + g and row0 + g + 8: O = 0, m = -inf, l = 0, and
 // the last key each sees (clamped to tk - 1 for padding rows, which then stay finite)
 template <int ND>

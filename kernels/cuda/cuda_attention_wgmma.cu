@@ -79,6 +79,14 @@ __device__ __forceinline__ void wg_tie(float (&d)[N][4]) {
 #pragma unroll
     for (int e = 0; e < 4; e++) asm volatile("" : "+f"(d[j][e])::"memory");
 }
+// commit the products issued since the last commit, wait for all of them, and tie each
+// accumulator to that point
+template <typename... Acc>
+__device__ __forceinline__ void wg_finish(Acc &...acc) {
+  wg_commit();
+  wg_wait_all();
+  (wg_tie(acc), ...);
+}
 __device__ __forceinline__ void fence_async_proxy() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
@@ -155,10 +163,7 @@ __device__ __forceinline__ void wg_scores2(float (&s1)[8][4], const bf16 *a1, co
   wg_fence();
   wg_scores<D>(s1, a1, b1);
   wg_scores<D>(s2, a2, b2);
-  wg_commit();
-  wg_wait_all();
-  wg_tie(s1);
-  wg_tie(s2);
+  wg_finish(s1, s2);
 }
 
 // d += P B over 64 rows of B (a [64][D] tile read MN-major), P the 64 x 64 accumulators p
@@ -256,9 +261,7 @@ __global__ void __launch_bounds__(NT, 2)
 
     wg_fence();
     wg_scores<D>(sc, sQ, sK);
-    wg_commit();
-    wg_wait_all();
-    wg_tie(sc);
+    wg_finish(sc);
 
     const bool mask = k0 + BK - 1 > warp_lo || k0 + BK > s.tk;
 #pragma unroll
@@ -270,9 +273,7 @@ __global__ void __launch_bounds__(NT, 2)
       }
     online_softmax<false>(sc, o, m, l);
     wg_pb<D>(o, sc, sV);  // O += P V
-    wg_commit();
-    wg_wait_all();
-    wg_tie(o);
+    wg_finish(o);
   }
 
   store_ctx(ctx, lse, o, m, l, qt, warp * 16, s);
@@ -310,18 +311,13 @@ __global__ void __launch_bounds__(NT, 2)
   const int per_head = n_qt - qt_begin, n_it = hpb * per_head;
 
   // query tile `it` (head h0 + it / per_head, tile qt_begin + it % per_head) -> stage
+  static_assert(2 * BQ == NT, "every thread loads one lse or D");
   auto issue_q = [&](int it, unsigned char *st) {
-    const int h = kv.h0 + it / per_head, q0 = (kv.qt_begin + it % per_head) * BQ;
-    const int nq = min(BQ, s.tq - q0);
-    const size_t q_base = ((size_t)kv.b * s.tq + q0) * kv.q_ld + (size_t)h * D;
+    const QStage t = q_stage<D>(kv, s, it, per_head, BQ);
     bf16 *sq = reinterpret_cast<bf16 *>(st);
-    load_tile<D>(sq, q + q_base, kv.q_ld, nq);
-    load_tile<D>(sq + T, dctx + q_base, kv.q_ld, nq);
-    float *sf = reinterpret_cast<float *>(st + 2 * Tile<D>::BYTES);
-    const size_t r = ((size_t)kv.b * s.heads + h) * s.tq + q0;
-    const int i = threadIdx.x, ii = i % BQ;  // 2 BQ = NT: lse, then D
-    const bool ok = ii < nq;
-    cp_async4(sf + i, (i < BQ ? lse : Dsum) + (ok ? r + ii : 0), ok);
+    load_tile<D>(sq, q + t.q_base, kv.q_ld, t.nq);
+    load_tile<D>(sq + T, dctx + t.q_base, kv.q_ld, t.nq);
+    load_lse_d(reinterpret_cast<float *>(st + 2 * Tile<D>::BYTES), lse, Dsum, t, BQ);
   };
 
   load_tile<D>(sK, k + k_base, k_ld, nk);
@@ -343,7 +339,7 @@ __global__ void __launch_bounds__(NT, 2)
       issue_q(it + 1, stages + ((it + 1) & 1) * C::STAGE);
       cp_async_commit();
     }
-    const int q0 = (qt_begin + it % per_head) * BQ, nq = min(BQ, s.tq - q0);
+    const auto [q0, nq, q_base, r] = q_stage<D>(kv, s, it, per_head, BQ);
     const unsigned char *st = stages + (it & 1) * C::STAGE;
     const bf16 *sQ = reinterpret_cast<const bf16 *>(st), *sdO = sQ + T;
     const float *sL = reinterpret_cast<const float *>(st + 2 * Tile<D>::BYTES), *sD = sL + BQ;
@@ -357,10 +353,7 @@ __global__ void __launch_bounds__(NT, 2)
     // dV += P^T dO, dK += dS^T Q
     wg_pb<D>(av, sT, sdO);
     wg_pb<D>(ak, dpT, sQ);
-    wg_commit();
-    wg_wait_all();
-    wg_tie(av);
-    wg_tie(ak);
+    wg_finish(av, ak);
   }
   cp_async_wait_all();  // n_it == 0 leaves nothing in flight either
 
@@ -418,9 +411,7 @@ __global__ void __launch_bounds__(NT, 2)
     const bool mask = k0 + BK - 1 > warp_lo || pad;
     dq_scores<false>(sc, dp, l2, Dr, lim, nullptr, k0, mask, s.scale_log2);
     wg_pb<D>(acc, dp, sK);  // dQ += dS K
-    wg_commit();
-    wg_wait_all();
-    wg_tie(acc);
+    wg_finish(acc);
   }
 
   store_dq(dq, acc, qt, warp * 16, s);
