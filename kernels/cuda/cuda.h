@@ -176,6 +176,9 @@ void cuda_linear_backward(void *dx, float *dw, const void *dout, const void *x, 
                           int n, int in_dim, int out_dim, int acc);
 void cuda_lm_head_loss(float *nll, void *dx, float *dw, const void *x, const void *w,
                        const int32_t *targets, int n, int dim, int vocab, float grad_scale);
+void cuda_nvfp4_gemv_packed(void *out, const void *xq, const float *dec_x, const uint8_t *codes,
+                            const uint8_t *scales, const float *dec_w, int n, int in_dim,
+                            int out_dim);
 
 /* ---- cuda_adamw.cu */
 void cuda_adamw_update(float *p, void *p_act, const float *g, float *m, float *v, size_t n,
@@ -193,6 +196,8 @@ void cuda_nvfp4_quantize_rows_cols(void *rows_q, float *rows_dec, uint64_t rows_
 void cuda_nvfp4_gemm(void *c, enum dtype c_type, const void *a, const float *dec_a,
                      const void *b, const float *dec_b, int b_kn, int m, int n, int k,
                      float beta);
+void cuda_nvfp4_pack(uint8_t *codes, uint8_t *scales, float *dec, const float *w, int rows,
+                     int cols, enum nvfp4_layout layout);
 
 /* ---- cuda_fp4_gemm.cu: the native NVFP4 GEMM of Blackwell GPUs through cuBLASLt. Not used by
  * the trainer (which emulates NVFP4 on every GPU, cuda_nvfp4.cu); tested by

@@ -1,5 +1,6 @@
 /* The GEMM-based ops of the CUDA backend: linear forward/backward (the CPU backend's three
- * GEMMs, through cuda_gemm, on cuda_ctx.act operands) and the LM head fused with cross-entropy
+ * GEMMs, through cuda_gemm, on cuda_ctx.act operands; decoding's few rows through the GEMV
+ * below, which also serves nvfp4_gemv_packed) and the LM head fused with cross-entropy
  * (cuda_lm_head_loss), which works through the rows in chunks so the [n, vocab] logits never
  * exist whole.
  *
@@ -30,6 +31,7 @@
 
 #include "kernels/cuda/cuda.h"
 #include "kernels/cuda/cuda_dtype.cuh"
+#include "kernels/cuda/cuda_nvfp4.cuh"
 #include "kernels/cuda/cuda_reduce.cuh"
 
 /* ---------------------------------------------------------------- linear */
@@ -50,16 +52,20 @@
  * row's warps in warp order through shared memory: the same bits every run. Each more token
  * costs the kernel about 30% of its one-token time (its x loads, conversions and FMAs), so it
  * is taken for n <= GEMV_MAX_ROWS, when in_dim is a multiple of a 16-byte vector and x and the
- * weights are 16-byte aligned; cuBLASLt otherwise. */
+ * weights are 16-byte aligned; cuBLASLt otherwise.
+ * The kernel is a template over the weights' format (gemv_dense: the weight copy;
+ * gemv_nvfp4: nvfp4_pack's codes and scales, cuda_nvfp4_gemv_packed, which reads a weight at
+ * 4.5 bits a value instead of 16, so a 16-byte load is 32 values and a lane has 4x fewer loads
+ * a row). */
 #define GEMV_MAX_ROWS 4
 #define GEMV_MAX_MATS 3
 #define GEMV_WARPS 8   /* warps per block */
 #define GEMV_UNROLL 4
 
-/* 16 bytes of T: the raw load (the read-only path: nothing in the op writes w or x), then its
- * values in fp32 */
+/* 16 bytes: the raw load (the read-only path: nothing in the op writes w or x) */
 static __device__ __forceinline__ uint4 gemv_load(const void *p) { return __ldg((const uint4 *)p); }
 
+/* the values of 16 bytes of T in fp32 */
 template <typename T>
 struct gemv_vec {
   static constexpr int N = 16 / sizeof(T);
@@ -71,31 +77,171 @@ struct gemv_vec {
   }
 };
 
-/* acc[t] += the U 16-byte groups of weights in w (at columns c, c + stride, ...) times x's
- * same columns of token row t, for t < n */
-template <typename T, int U>
-static __device__ __forceinline__ void gemv_fma(float (&acc)[GEMV_MAX_ROWS], const uint4 (&w)[U],
-                                                const T *__restrict__ x, int c, int stride, int n,
-                                                int in_dim) {
+/* f = the N values of T at p (16-byte aligned) in fp32, N * sizeof(T) / 16 loads */
+template <typename T, int N>
+static __device__ __forceinline__ void gemv_load_x(float (&f)[N], const T *__restrict__ p) {
+  constexpr int V = gemv_vec<T>::N;
+#pragma unroll
+  for (int i = 0; i < N / V; i++) {
+    const gemv_vec<T> v(gemv_load(p + i * V));
+#pragma unroll
+    for (int j = 0; j < V; j++) f[i * V + j] = v.f[j];
+  }
+}
+
+/* The weight formats the kernel reads, F: a lane's 16-byte load of a weight row holds F::N of
+ * its values (from a column c that is a multiple of N), x is of type F::act.
+ *   mat           one matrix: its pointers;
+ *   row           a row's pointers (row_of: row r; at: from column c on);
+ *   chunk         what a lane loads for one 16-byte group of a row (load: at column off of a
+ *                 row from at, off a constant, so the batch's addresses are one register's);
+ *   PART          the row's last batch is loaded at once, predicated (a row of a few chunks a
+ *                 lane: NVFP4's 2560 columns are 2.5 a lane, all in flight before pdl_wait),
+ *                 else its chunks one at a time (rows of many: the predicated batch took the
+ *                 dense kernels from 40-48 registers to 54-62);
+ *   weights       a chunk decoded to fp32, once for every token row;
+ *   dot           acc + those N weights · x's N values at p (one token row), fp32 arithmetic;
+ *   finish        a row's output from its sum.
+ * gemv_dense: the weight copy in the activation dtype T (linear_forward). */
+template <typename T>
+struct gemv_dense {
+  typedef T act;
+  static constexpr int N = 16 / sizeof(T);
+  static constexpr bool PART = false;
+  struct mat {
+    const T *w;
+  };
+  typedef const T *row;
+  static __device__ __forceinline__ row row_of(const mat &m, int in_dim, int r) {
+    return m.w + (size_t)r * in_dim;
+  }
+  typedef uint4 chunk;
+  static __device__ __forceinline__ row at(const row &w, int c) { return w + c; }
+  static __device__ __forceinline__ chunk load(const row &w, int off) {
+    return gemv_load(w + off);
+  }
+  typedef gemv_vec<T> weights;
+  static __device__ __forceinline__ float dot(const weights &w, const T *__restrict__ p,
+                                              float acc) {
+    float x[N];
+    gemv_load_x<T, N>(x, p);
+#pragma unroll
+    for (int i = 0; i < N; i++) acc = fmaf(w.f[i], x[i], acc);
+    return acc;
+  }
+  static __device__ __forceinline__ float finish(const mat &, float sum) { return sum; }
+};
+
+/* gemv_nvfp4: nvfp4_pack's weights (ops.h), codes [out_dim, in_dim/2] and E4M3 scales
+ * [out_dim, in_dim/16]: a 16-byte load is 32 codes, two blocks of 16, and goes with the 2
+ * bytes of their scales (one 2-byte load). The codes decode to E2M1 values times 2^-14 (exact,
+ * nv_e2m1x8_half2) and the scales to s_b times 2^14 (exact): each block's 16 products with x,
+ * exact for x of at most 21 significant bits (an NVFP4 operand's q * s_b has 6), are summed
+ * in fp32 and the sum multiplied into the row's by its scale (one FMA a block and token
+ * instead of one multiply a weight), and the row's sum, the exact dot product up to fp32
+ * roundings of the sums, by *dec_x * *dec_w at the end. */
+template <typename T>
+struct gemv_nvfp4 {
+  typedef T act;
+  static constexpr int N = 32;
+  static constexpr bool PART = true;
+  struct mat {
+    const uint8_t *codes, *scales;
+    const float *dec_x, *dec_w;
+  };
+  struct chunk {
+    uint4 q;
+    uint32_t s;
+  };
+  struct row {
+    const uint8_t *codes, *scales;
+  };
+  static __device__ __forceinline__ row row_of(const mat &m, int in_dim, int r) {
+    return {m.codes + (size_t)r * (in_dim / 2), m.scales + (size_t)r * (in_dim / 16)};
+  }
+  static __device__ __forceinline__ row at(const row &w, int c) {
+    return {w.codes + c / 2, w.scales + c / 16};
+  }
+  static __device__ __forceinline__ chunk load(const row &w, int off) {
+    chunk k;
+    k.q = gemv_load(w.codes + off / 2);
+    k.s = __ldg((const unsigned short *)(w.scales + off / 16));
+    return k;
+  }
+  struct weights {
+    float f[32];   /* E2M1 values * 2^-14, in column order */
+    float s[2];    /* the two blocks' scales * 2^14 */
+    __device__ __forceinline__ weights(const chunk &k) {
+      const uint32_t q[4] = {k.q.x, k.q.y, k.q.z, k.q.w};
+#pragma unroll
+      for (int i = 0; i < 4; i++) {
+        __half2 h[4];
+        nv_e2m1x8_half2(h, q[i]);
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+          const float2 v = __half22float2(h[j]);
+          f[8 * i + j] = v.x;
+          f[8 * i + j + 4] = v.y;
+        }
+      }
+#pragma unroll
+      for (int b = 0; b < 2; b++) s[b] = nv_e4m3_decode(k.s >> 8 * b & 0xffu) * 0x1p14f;
+    }
+  };
+  static __device__ __forceinline__ float dot(const weights &w, const T *__restrict__ p,
+                                              float acc) {
+    float x[N];
+    gemv_load_x<T, N>(x, p);
+#pragma unroll
+    for (int b = 0; b < 2; b++) {
+      float sum = 0.0f;
+#pragma unroll
+      for (int i = 16 * b; i < 16 * b + 16; i++) sum = fmaf(w.f[i], x[i], sum);
+      acc = fmaf(sum, w.s[b], acc);
+    }
+    return acc;
+  }
+  static __device__ __forceinline__ float finish(const mat &m, float sum) {
+    return (*m.dec_x * *m.dec_w) * sum;
+  }
+};
+
+/* The lane's batch of chunks of row r at columns c, c + stride, ... (w: the row); PART: the
+ * row's last batch, maybe partial: only the chunks inside the row. */
+template <class F, bool PART, int U>
+static __device__ __forceinline__ void gemv_fetch(typename F::chunk (&wb)[U],
+                                                  const typename F::row &w, int c, int stride,
+                                                  int in_dim) {
+  const typename F::row p = F::at(w, c);
+#pragma unroll
+  for (int u = 0; u < U; u++)
+    if (!PART || c + u * stride < in_dim) wb[u] = F::load(p, u * stride);
+}
+
+/* acc[t] += the batch's weights times x's same columns of token row t, for t < n */
+template <class F, bool PART, int U>
+static __device__ __forceinline__ void gemv_fma(float (&acc)[GEMV_MAX_ROWS],
+                                                const typename F::chunk (&wb)[U],
+                                                const typename F::act *__restrict__ x, int c,
+                                                int stride, int n, int in_dim) {
 #pragma unroll
   for (int u = 0; u < U; u++) {
-    const gemv_vec<T> wv(w[u]);
+    if (PART && c + u * stride >= in_dim) break;
+    const typename F::weights wv(wb[u]);
 #pragma unroll
     for (int t = 0; t < GEMV_MAX_ROWS; t++) {
       if (t >= n) break;
-      const gemv_vec<T> xv(gemv_load(x + (size_t)t * in_dim + c + u * stride));
-#pragma unroll
-      for (int i = 0; i < gemv_vec<T>::N; i++) acc[t] = fmaf(wv.f[i], xv.f[i], acc[t]);
+      acc[t] = F::dot(wv, x + (size_t)t * in_dim + c + u * stride, acc[t]);
     }
   }
 }
 
 /* The matrices of one launch; row r of the launch is row r - end[j-1] of matrix j, the first j
  * with r < end[j]. */
-template <typename T>
+template <class F>
 struct gemv_mats {
-  const T *w[GEMV_MAX_MATS];
-  T *out[GEMV_MAX_MATS];
+  typename F::mat w[GEMV_MAX_MATS];
+  typename F::act *out[GEMV_MAX_MATS];
   int end[GEMV_MAX_MATS];
   int count;
 };
@@ -105,14 +251,15 @@ struct gemv_mats {
  * 46 and streamed slower under ncu: bench/NOTES.md.) The matrix of a row is picked with
  * constant indices: a variable index copies the parameters to local memory, and the weight
  * loads through those pointers then left the read-only path and serialized. */
-template <typename T, int WPR>
+template <class F, int WPR>
 static __global__ void __launch_bounds__(GEMV_WARPS * 32)
-    gemv_kernel(gemv_mats<T> m, const T *__restrict__ x, int n, int in_dim) {
-  constexpr int U = GEMV_UNROLL, STRIDE = WPR * 32 * gemv_vec<T>::N;
+    gemv_kernel(gemv_mats<F> m, const typename F::act *__restrict__ x, int n, int in_dim) {
+  typedef typename F::act T;
+  constexpr int U = GEMV_UNROLL, STRIDE = WPR * 32 * F::N;
   __shared__ float warp_sums[GEMV_WARPS][GEMV_MAX_ROWS];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, part = warp % WPR;
   const int row = blockIdx.x * (GEMV_WARPS / WPR) + warp / WPR;
-  const T *w = m.w[0];
+  typename F::mat w = m.w[0];
   T *out = m.out[0];
   int first = 0, last_end = m.end[0];
 #pragma unroll
@@ -123,12 +270,11 @@ static __global__ void __launch_bounds__(GEMV_WARPS * 32)
     }
   const bool live = row < last_end;
   const int r = row - first, out_dim = last_end - first;
-  const T *wr = w + (size_t)r * in_dim;
-  const int c0 = (part * 32 + lane) * gemv_vec<T>::N;
-  uint4 wb[U];
-  if (live && c0 + (U - 1) * STRIDE < in_dim)
-#pragma unroll
-    for (int u = 0; u < U; u++) wb[u] = gemv_load(wr + c0 + u * STRIDE);
+  const typename F::row wr = F::row_of(w, in_dim, r);
+  const int c0 = (part * 32 + lane) * F::N;
+  typename F::chunk wb[U];
+  if (live && (F::PART || c0 + (U - 1) * STRIDE < in_dim))
+    gemv_fetch<F, F::PART>(wb, wr, c0, STRIDE, in_dim);
   pdl_wait();
   pdl_release();
   float acc[GEMV_MAX_ROWS];
@@ -136,14 +282,20 @@ static __global__ void __launch_bounds__(GEMV_WARPS * 32)
   for (int t = 0; t < GEMV_MAX_ROWS; t++) acc[t] = 0.0f;
   int c = c0;
   for (; live && c + (U - 1) * STRIDE < in_dim; c += U * STRIDE) {
-    if (c != c0)
-#pragma unroll
-      for (int u = 0; u < U; u++) wb[u] = gemv_load(wr + c + u * STRIDE);
-    gemv_fma<T, U>(acc, wb, x, c, STRIDE, n, in_dim);
+    if (c != c0) gemv_fetch<F, false>(wb, wr, c, STRIDE, in_dim);
+    gemv_fma<F, false>(acc, wb, x, c, STRIDE, n, in_dim);
   }
-  for (; live && c < in_dim; c += STRIDE) {   /* the last groups, fewer than a batch */
-    const uint4 one[1] = {gemv_load(wr + c)};
-    gemv_fma<T, 1>(acc, one, x, c, STRIDE, n, in_dim);
+  if (F::PART) {
+    if (live && c < in_dim) {   /* the last batch, of fewer chunks */
+      if (c != c0) gemv_fetch<F, true>(wb, wr, c, STRIDE, in_dim);
+      gemv_fma<F, true>(acc, wb, x, c, STRIDE, n, in_dim);
+    }
+  } else {
+    for (; live && c < in_dim; c += STRIDE) {   /* the last groups, fewer than a batch */
+      typename F::chunk one[1];
+      gemv_fetch<F, false>(one, wr, c, STRIDE, in_dim);
+      gemv_fma<F, false>(acc, one, x, c, STRIDE, n, in_dim);
+    }
   }
 #pragma unroll
   for (int t = 0; t < GEMV_MAX_ROWS; t++) {
@@ -156,7 +308,7 @@ static __global__ void __launch_bounds__(GEMV_WARPS * 32)
 #pragma unroll
       for (int t = 0; t < GEMV_MAX_ROWS; t++) {
         if (t >= n) break;
-        store_f(out + (size_t)t * out_dim + r, acc[t]);
+        store_f(out + (size_t)t * out_dim + r, F::finish(w, acc[t]));
       }
     return;
   }
@@ -168,7 +320,7 @@ static __global__ void __launch_bounds__(GEMV_WARPS * 32)
     float v = warp_sums[warp][lane];
 #pragma unroll
     for (int p = 1; p < WPR; p++) v += warp_sums[warp + p][lane];
-    store_f(out + (size_t)lane * out_dim + r, v);
+    store_f(out + (size_t)lane * out_dim + r, F::finish(w, v));
   }
 }
 
@@ -184,23 +336,29 @@ static int gemv_warps_per_row(int rows, int in_dim, int vec) {
   return wpr;
 }
 
+template <class F>
+static void gemv_launch(const gemv_mats<F> &m, const typename F::act *x, int n, int in_dim) {
+  const int rows = m.end[m.count - 1];
+  const int wpr = gemv_warps_per_row(rows, in_dim, F::N);
+  const dim3 grid((unsigned)((rows * wpr + GEMV_WARPS - 1) / GEMV_WARPS));
+  void (*kernel)(gemv_mats<F>, const typename F::act *, int, int) =
+      wpr == 1 ? gemv_kernel<F, 1> : wpr == 2 ? gemv_kernel<F, 2>
+                                   : wpr == 4 ? gemv_kernel<F, 4> : gemv_kernel<F, 8>;
+  CUDA_LAUNCH_PDL("gemv_kernel", kernel, grid, dim3(GEMV_WARPS * 32), 0, m, x, n, in_dim);
+}
+
 template <typename T>
 static void gemv(void *const *outs, const T *x, const void *const *ws, const int *out_dims,
                  int count, int n, int in_dim) {
-  gemv_mats<T> m = {};
+  gemv_mats<gemv_dense<T>> m = {};
   int rows = 0;
   for (int j = 0; j < count; j++) {
-    m.w[j] = (const T *)ws[j];
+    m.w[j].w = (const T *)ws[j];
     m.out[j] = (T *)outs[j];
     m.end[j] = rows += out_dims[j];
   }
   m.count = count;
-  const int wpr = gemv_warps_per_row(rows, in_dim, gemv_vec<T>::N);
-  const dim3 grid((unsigned)((rows * wpr + GEMV_WARPS - 1) / GEMV_WARPS));
-  void (*kernel)(gemv_mats<T>, const T *, int, int) =
-      wpr == 1 ? gemv_kernel<T, 1> : wpr == 2 ? gemv_kernel<T, 2>
-                                   : wpr == 4 ? gemv_kernel<T, 4> : gemv_kernel<T, 8>;
-  CUDA_LAUNCH_PDL("gemv_kernel", kernel, grid, dim3(GEMV_WARPS * 32), 0, m, x, n, in_dim);
+  gemv_launch(m, x, n, in_dim);
 }
 
 extern "C" void cuda_linear_forward(void *const *outs, const void *x, const void *const *ws,
@@ -232,6 +390,38 @@ extern "C" void cuda_linear_backward(void *dx, float *dw, const void *dout, cons
   if (dw)
     cuda_gemm(1, 0, out_dim, in_dim, n, 1.0f, dout, out_dim, x, in_dim,
               acc & ACC_DW ? 1.0f : 0.0f, dw, in_dim, act, DT_F32);
+}
+
+/* out [n, out_dim] = (*dec_x * *dec_w) * xq · Wᵀ from nvfp4_pack's codes and scales: the GEMV
+ * kernel on gemv_nvfp4, one launch, nothing allocated or synchronized (graph capture records it
+ * as any kernel). */
+extern "C" void cuda_nvfp4_gemv_packed(void *out, const void *xq, const float *dec_x,
+                                       const uint8_t *codes, const uint8_t *scales,
+                                       const float *dec_w, int n, int in_dim, int out_dim) {
+  static_assert(GEMV_MAX_ROWS == NVFP4_GEMV_MAX_ROWS, "the GEMV's rows are the op's");
+  char detail[256];
+  if (n < 0 || n > NVFP4_GEMV_MAX_ROWS || in_dim < 0 || in_dim % 32 || out_dim < 0) {
+    snprintf(detail, sizeof detail,
+             "shape n %d, in_dim %d, out_dim %d refused: n at most %d, in_dim a non-negative "
+             "multiple of 32 (a 16-byte load of codes), out_dim non-negative",
+             n, in_dim, out_dim, NVFP4_GEMV_MAX_ROWS);
+    cuda_fail("cuda_nvfp4_gemv_packed", detail, __FILE__, __LINE__);
+  }
+  if (!cuda_aligned16(codes) || !cuda_aligned16(xq) || ((uintptr_t)scales & 1)) {
+    snprintf(detail, sizeof detail,
+             "codes %p and xq %p must be 16-byte aligned, scales %p 2-byte aligned", codes, xq,
+             scales);
+    cuda_fail("cuda_nvfp4_gemv_packed", detail, __FILE__, __LINE__);
+  }
+  if (n == 0 || out_dim == 0) return;
+  CUDA_ACT_DISPATCH(T, {
+    gemv_mats<gemv_nvfp4<T>> m = {};
+    m.w[0] = {codes, scales, dec_x, dec_w};
+    m.out[0] = (T *)out;
+    m.end[0] = out_dim;
+    m.count = 1;
+    gemv_launch(m, (const T *)xq, n, in_dim);
+  });
 }
 
 /* ---------------------------------------------------------------- lm_head_loss */

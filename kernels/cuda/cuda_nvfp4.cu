@@ -2,6 +2,9 @@
  *  - cuda_nvfp4_quantize: xq = q * s_b in the activation dtype, byte-identical to the CPU's
  *    cpu_nvfp4_quantize on the fp32 values of x, and S_dec written to device memory;
  *  - cuda_nvfp4_quantize_rows_cols: its NVFP4_ROWS and NVFP4_COLS calls on one x, fused;
+ *  - cuda_nvfp4_pack: the same quantization of fp32 weights (NVFP4_ROWS or NVFP4_TILES, round
+ *    to nearest) written as packed E2M1 codes and E4M3 scale bytes, the bytes of the CPU's
+ *    nvfp4_quantize, for cuda_nvfp4_gemv_packed (cuda_linear.cu);
  *  - cuda_nvfp4_gemm: the emulated NVFP4 GEMM, alpha = S_dec,a * S_dec,b read by cuBLASLt from
  *    device memory, so no call waits for the host.
  *
@@ -47,42 +50,9 @@
 
 #include "kernels/cuda/cuda.h"
 #include "kernels/cuda/cuda_dtype.cuh"
+#include "kernels/cuda/cuda_nvfp4.cuh"
 
-/* ---- exact scalar arithmetic, the same on host and device ----------------------------------- */
-
-#ifdef __CUDA_ARCH__
-#define NV_UNROLL _Pragma("unroll")
-#define NV_MUL(a, b) __fmul_rn((a), (b))
-#define NV_DIV(a, b) __fdiv_rn((a), (b))
-#define NV_ADD(a, b) __fadd_rn((a), (b))
-#define NV_SUB(a, b) __fsub_rn((a), (b))
-#else
-#define NV_UNROLL
-#define NV_MUL(a, b) ((a) * (b))
-#define NV_DIV(a, b) ((a) / (b))
-#define NV_ADD(a, b) ((a) + (b))
-#define NV_SUB(a, b) ((a) - (b))
-#endif
-
-__host__ __device__ static inline uint32_t nv_f2u(float x) {
-#ifdef __CUDA_ARCH__
-  return __float_as_uint(x);
-#else
-  uint32_t u;
-  memcpy(&u, &x, 4);
-  return u;
-#endif
-}
-
-__host__ __device__ static inline float nv_u2f(uint32_t u) {
-#ifdef __CUDA_ARCH__
-  return __uint_as_float(u);
-#else
-  float x;
-  memcpy(&x, &u, 4);
-  return x;
-#endif
-}
+/* ---- exact scalar arithmetic, the same on host and device (more in cuda_nvfp4.cuh) ---------- */
 
 /* nvfp4_tensor_scale: S_enc = min(448*6 / amax, FLT_MAX), 1 when amax = 0 or S_enc = 0. */
 struct nv_tensor_scale {
@@ -107,14 +77,6 @@ __host__ __device__ static inline uint32_t nv_e4m3_encode(float x) {
   if (e < -6) e = -6;                     /* below 2^-6: the E4M3 subnormal binade */
   const float n = rintf(NV_MUL(a, nv_u2f((uint32_t)(127 + 3 - e) << 23)));
   return sign | (uint32_t)((e + 6) * 8 + (int)n);
-}
-
-/* nvfp4_e4m3_decode, built from bits (the host's ldexpf values are exact). */
-__host__ __device__ static inline float nv_e4m3_decode(uint32_t byte) {
-  const uint32_t e = byte >> 3 & 15, m = byte & 7;
-  if (e == 15 && m == 7) return nv_u2f(0x7fc00000u);
-  const float v = e ? nv_u2f((e + 120) << 23 | m << 20) : NV_MUL((float)m, 0x1p-9f);
-  return byte & 0x80 ? -v : v;
 }
 
 /* The E2M1 grid's step around a (0.5 below 2, 1 below 4, 2 above) as k = 1 / step and the
@@ -179,28 +141,52 @@ NV_UNROLL
   out[0] = c0, out[1] = c1, out[2] = c2, out[3] = c3;
 }
 
-/* A block's scale from its amax, as nvfp4_quantize: s_b = E4M3(amax_b * enc_over_6) (returned
- * as its value) and the element factor enc_b = min(1 / (s_b * S_dec), FLT_MAX). */
-__host__ __device__ static inline float nv_block_scale(float amax_b, float enc_over_6, float dec,
-                                                      float *enc_b) {
-  const float s = nv_e4m3_decode(nv_e4m3_encode(NV_MUL(amax_b, enc_over_6)));
-  *enc_b = fminf(NV_DIV(1.0f, NV_MUL(s, dec)), FLT_MAX);
-  return s;
+/* nvfp4_e2m1_encode_rn's code of an E2M1 value q (nv_e2m1_rn's or nv_e2m1_sr's; -0.0, a
+ * negative value rounded to zero, is code 8): the sign bit, then the index of |q| in 0, .5, 1,
+ * 1.5, 2, 3, 4, 6, which is 2|q| below 2, |q| + 2 below 4 and |q|/2 + 4 above (exact). */
+__host__ __device__ static inline uint32_t nv_e2m1_code(float q) {
+  const float a = fabsf(q);
+  const float i = a < 2.0f ? a * 2.0f : a < 4.0f ? a + 2.0f : a * 0.5f + 4.0f;
+  return (nv_f2u(q) >> 28 & 8u) | (uint32_t)i;
 }
 
-/* q * s_b of the 4 elements with flat indices 4*quad .. 4*quad+3 (one Philox draw serves them). */
-__host__ __device__ static inline void nv_quantize4(float out[4], const float v[4], float s,
-                                                    float enc_b, int stochastic, uint64_t seed,
-                                                    uint64_t quad) {
+/* A block's scale, as nvfp4_quantize derives it from the block's amax: byte = E4M3(amax_b *
+ * enc_over_6), s its value s_b, and the element factor enc_b = min(1 / (s_b * S_dec), FLT_MAX). */
+struct nv_block {
+  float s, enc_b;
+  uint32_t byte;
+};
+__host__ __device__ static inline struct nv_block nv_block_scale(float amax_b, float enc_over_6,
+                                                                 float dec) {
+  struct nv_block b;
+  b.byte = nv_e4m3_encode(NV_MUL(amax_b, enc_over_6));
+  b.s = nv_e4m3_decode(b.byte);
+  b.enc_b = fminf(NV_DIV(1.0f, NV_MUL(b.s, dec)), FLT_MAX);
+  return b;
+}
+
+/* The E2M1 values q of the 4 elements v * enc_b with flat indices 4*quad .. 4*quad+3 (one
+ * Philox draw serves them). */
+__host__ __device__ static inline void nv_e2m1_4(float q[4], const float v[4], float enc_b,
+                                                 int stochastic, uint64_t seed, uint64_t quad) {
   if (stochastic) {
     uint32_t u[4];
     nv_philox(u, quad, seed);
 NV_UNROLL
-    for (int j = 0; j < 4; j++) out[j] = NV_MUL(nv_e2m1_sr(NV_MUL(v[j], enc_b), u[j]), s);
+    for (int j = 0; j < 4; j++) q[j] = nv_e2m1_sr(NV_MUL(v[j], enc_b), u[j]);
   } else {
 NV_UNROLL
-    for (int j = 0; j < 4; j++) out[j] = NV_MUL(nv_e2m1_rn(NV_MUL(v[j], enc_b)), s);
+    for (int j = 0; j < 4; j++) q[j] = nv_e2m1_rn(NV_MUL(v[j], enc_b));
   }
+}
+
+/* q * s_b of those 4 elements in block b */
+__host__ __device__ static inline void nv_quantize4(float out[4], const float v[4],
+                                                    const struct nv_block &b, int stochastic,
+                                                    uint64_t seed, uint64_t quad) {
+  nv_e2m1_4(out, v, b.enc_b, stochastic, seed, quad);
+NV_UNROLL
+  for (int j = 0; j < 4; j++) out[j] = NV_MUL(out[j], b.s);
 }
 
 /* max of the bits of |v| over N values */
@@ -292,6 +278,36 @@ NV_UNROLL
     for (int j = 0; j < N; j++) store_f(p + j, v[j]);
   }
 }
+
+/* What the rows and tiles kernels write for the N elements from flat index i0 of x (i0 % 4 ==
+ * 0, all in one block b), given their E2M1 values q: */
+/* nvfp4_quantize: xq = q * s_b in Tout, with vector stores when VEC (xq aligned to them) */
+template <typename Tout, bool VEC>
+struct nv_write_act {
+  Tout *xq;
+  template <int N>
+  __device__ __forceinline__ void put(size_t i0, const float q[N], const nv_block &b) const {
+    float out[N];
+NV_UNROLL
+    for (int j = 0; j < N; j++) out[j] = NV_MUL(q[j], b.s);
+    nv_store<VEC, N>(xq + i0, out);
+  }
+};
+
+/* nvfp4_pack: the codes, two a byte (element 2i in the low nibble), and the E4M3 byte of each
+ * 1x16 block of x's rows, from the thread holding its first element (a block starts at a flat
+ * index i0 % 16 == 0, as cols % 16 == 0; in a 16x16 tile each row's block is the tile's). Byte
+ * stores: no alignment asked of codes or scales (pack runs once a weight, when loading). */
+struct nv_write_packed {
+  uint8_t *codes, *scales;
+  template <int N>
+  __device__ __forceinline__ void put(size_t i0, const float q[N], const nv_block &b) const {
+NV_UNROLL
+    for (int j = 0; j < N; j += 2)
+      codes[i0 / 2 + j / 2] = (uint8_t)(nv_e2m1_code(q[j]) | nv_e2m1_code(q[j + 1]) << 4);
+    if (i0 % 16 == 0) scales[i0 / 16] = (uint8_t)b.byte;
+  }
+};
 
 /* C adjacent values of x, moved by one load of C * sizeof(T) bytes */
 template <typename T, int C>
@@ -389,10 +405,9 @@ NV_UNROLL
 template <bool SR>
 __device__ __forceinline__ void nv_quantize16(float out[16], const float v[16],
                                               const nv_scale &sc, uint64_t seed, size_t i0) {
-  float enc_b;
-  const float s = nv_block_scale(nv_u2f(nv_absmax<16>(v)), sc.enc_over_6, sc.dec, &enc_b);
+  const nv_block b = nv_block_scale(nv_u2f(nv_absmax<16>(v)), sc.enc_over_6, sc.dec);
 NV_UNROLL
-  for (int j = 0; j < 4; j++) nv_quantize4(out + 4 * j, v + 4 * j, s, enc_b, SR, seed, i0 / 4 + j);
+  for (int j = 0; j < 4; j++) nv_quantize4(out + 4 * j, v + 4 * j, b, SR, seed, i0 / 4 + j);
 }
 
 /* ---- kernels -------------------------------------------------------------------------------- */
@@ -464,10 +479,10 @@ NV_UNROLL
  * thread takes NV_ROWS_UNROLL groups a grid stride apart. ngroups % (16 / N) == 0 and the
  * stride is a multiple of 32, so a block's lanes are in or out of range together. In place
  * (xq == x, same dtype) is safe: a thread reads its elements before it writes them, and no
- * other thread touches them. */
-template <typename Tin, typename Tout, bool VEC, bool SR>
+ * other thread touches them. out writes the group's elements (nv_write_act or _packed). */
+template <typename Tin, class Out, bool VEC, bool SR>
 __global__ void __launch_bounds__(NV_THREADS)
-    nvfp4_rows_kernel(Tout *xq, float *dec, const Tin *x, size_t ngroups, nv_parts parts,
+    nvfp4_rows_kernel(Out out, float *dec, const Tin *x, size_t ngroups, nv_parts parts,
                       uint64_t seed) {
   constexpr int N = 16 / sizeof(Tin), LANES = 16 / N;
   nv_scale sc[1];
@@ -490,12 +505,12 @@ NV_UNROLL
       uint32_t m = nv_absmax<N>(v[u]);
 NV_UNROLL
       for (int o = 1; o < LANES; o *= 2) m = max(m, __shfl_xor_sync(mask, m, o));
-      float out[N], enc_b;
-      const float s = nv_block_scale(nv_u2f(m), sc[0].enc_over_6, sc[0].dec, &enc_b);
+      float q[N];
+      const nv_block b = nv_block_scale(nv_u2f(m), sc[0].enc_over_6, sc[0].dec);
 NV_UNROLL
       for (int j = 0; j < N / 4; j++)
-        nv_quantize4(out + 4 * j, v[u] + 4 * j, s, enc_b, SR, seed, g * (N / 4) + j);
-      nv_store<VEC, N>(xq + g * N, out);
+        nv_e2m1_4(q + 4 * j, v[u] + 4 * j, b.enc_b, SR, seed, g * (N / 4) + j);
+      out.template put<N>(g * N, q, b);
     }
   }
 }
@@ -506,10 +521,11 @@ NV_UNROLL
  * stride apart and loads them all before it quantizes any: a single tile (1 KB of fp32 per
  * warp, then the reduction, the scale's division and the stores before the next load) kept
  * too little in flight once the grid became one resident wave. tiles < 2^28 (fewer than 2^32
- * blocks of 16, checked by the caller), so t never wraps. */
-template <typename Tin, typename Tout, bool VEC, bool SR>
+ * blocks of 16, checked by the caller), so t never wraps. out writes each quad (nv_write_act or
+ * _packed). */
+template <typename Tin, class Out, bool VEC, bool SR>
 __global__ void __launch_bounds__(NV_THREADS)
-    nvfp4_tiles_kernel(Tout *xq, float *dec, const Tin *x, uint32_t cols, uint32_t tiles,
+    nvfp4_tiles_kernel(Out out, float *dec, const Tin *x, uint32_t cols, uint32_t tiles,
                        nv_parts parts, uint64_t seed) {
   nv_scale sc[1];
   float *const decs[1] = {dec};
@@ -534,14 +550,14 @@ NV_UNROLL
 NV_UNROLL
     for (int u = 0; u < NV_ROWS_UNROLL; u++) {
       if (t0 + u * warps >= tiles) break;
-      float out[4], enc_b;
       uint32_t m = max(nv_absmax<4>(v[u][0]), nv_absmax<4>(v[u][1]));
       m = __reduce_max_sync(0xffffffffu, m);
-      const float s = nv_block_scale(nv_u2f(m), sc[0].enc_over_6, sc[0].dec, &enc_b);
+      const nv_block b = nv_block_scale(nv_u2f(m), sc[0].enc_over_6, sc[0].dec);
 NV_UNROLL
       for (int h = 0; h < 2; h++) {
-        nv_quantize4(out, v[u][h], s, enc_b, SR, seed, i0[u] / 4 + 2 * h);
-        nv_store<VEC, 4>(xq + i0[u] + 8 * h, out);
+        float q[4];
+        nv_e2m1_4(q, v[u][h], b.enc_b, SR, seed, i0[u] / 4 + 2 * h);
+        out.template put<4>(i0[u] + 8 * h, q, b);
       }
     }
   }
@@ -665,8 +681,10 @@ struct nv_args {
   uint64_t rows_seed;
 };
 
-/* The quantize kernels, one struct per layout: vec says whether the vector paths may be taken,
- * launch runs the instantiation for input Tin, output Tout. */
+/* The quantize kernels, one struct per layout: vec says whether the vector paths may be taken
+ * (a NULL xq, nvfp4_pack's, counts as aligned), launch runs the instantiation for input Tin,
+ * output Tout; the rows and tiles kernels' run takes what they write (nv_write_act for
+ * nvfp4_quantize, nv_write_packed for nvfp4_pack). */
 struct nv_rows {
   template <typename Tin, typename Tout>
   static bool vec(const nv_args &a) {
@@ -674,12 +692,16 @@ struct nv_rows {
   }
   template <typename Tin, typename Tout, bool VEC, bool SR>
   static void launch(const nv_args &a) {
+    run<Tin, VEC, SR>(a, nv_write_act<Tout, VEC>{(Tout *)a.xq});
+  }
+  template <typename Tin, bool VEC, bool SR, class Out>
+  static void run(const nv_args &a, Out out) {
     static int per_sm;
     const size_t ngroups = (size_t)a.rows * (size_t)a.cols / (16 / sizeof(Tin));
-    auto kernel = nvfp4_rows_kernel<Tin, Tout, VEC, SR>;
+    auto kernel = nvfp4_rows_kernel<Tin, Out, VEC, SR>;
     const int blocks = nv_grid(kernel, &per_sm, (ngroups + NV_ROWS_UNROLL - 1) / NV_ROWS_UNROLL);
-    kernel<<<blocks, NV_THREADS, 0, cuda_ctx.stream>>>((Tout *)a.xq, a.dec, (const Tin *)a.x,
-                                                       ngroups, a.parts, a.seed);
+    kernel<<<blocks, NV_THREADS, 0, cuda_ctx.stream>>>(out, a.dec, (const Tin *)a.x, ngroups,
+                                                       a.parts, a.seed);
     CUDA_LAUNCHED("nvfp4_rows_kernel");
   }
 };
@@ -691,12 +713,15 @@ struct nv_tiles {
   }
   template <typename Tin, typename Tout, bool VEC, bool SR>
   static void launch(const nv_args &a) {
+    run<Tin, VEC, SR>(a, nv_write_act<Tout, VEC>{(Tout *)a.xq});
+  }
+  template <typename Tin, bool VEC, bool SR, class Out>
+  static void run(const nv_args &a, Out out) {
     static int per_sm;
     const size_t tiles = (size_t)a.rows * (size_t)a.cols / 256;
-    auto kernel = nvfp4_tiles_kernel<Tin, Tout, VEC, SR>;
+    auto kernel = nvfp4_tiles_kernel<Tin, Out, VEC, SR>;
     kernel<<<nv_grid(kernel, &per_sm, tiles * 32), NV_THREADS, 0, cuda_ctx.stream>>>(
-        (Tout *)a.xq, a.dec, (const Tin *)a.x, (uint32_t)a.cols, (uint32_t)tiles, a.parts,
-        a.seed);
+        out, a.dec, (const Tin *)a.x, (uint32_t)a.cols, (uint32_t)tiles, a.parts, a.seed);
     CUDA_LAUNCHED("nvfp4_tiles_kernel");
   }
 };
@@ -819,32 +844,39 @@ static void nv_check_denormals(void) {
   checked = 1;
 }
 
+static const char *const nv_layout_names[] = {"NVFP4_ROWS", "NVFP4_TILES", "NVFP4_COLS"};
+
+/* The CPU's shape rule for a known layout, stopping op otherwise; 2^32 blocks of 16 keep the
+ * kernels' 32-bit tile and item indices. */
+static void nv_check_shape(const char *op, int rows, int cols, enum nvfp4_layout layout) {
+  if (rows < 0 || cols < 0 || cols % 16 || (layout != NVFP4_ROWS && rows % 16) ||
+      (size_t)rows * (size_t)cols / 16 > UINT32_MAX) {
+    char detail[256];
+    snprintf(detail, sizeof detail,
+             "shape [%d, %d] refused for %s: cols (and rows but for NVFP4_ROWS) must be "
+             "non-negative multiples of 16, with fewer than 2^32 blocks of 16",
+             rows, cols, nv_layout_names[layout]);
+    cuda_fail(op, detail, __FILE__, __LINE__);
+  }
+}
+
 /* ---- ops ------------------------------------------------------------------------------------ */
 
 extern "C" void cuda_nvfp4_quantize(void *xq, float *dec, const void *x, enum dtype x_type,
                                     int rows, int cols, enum nvfp4_layout layout, int stochastic,
                                     uint64_t seed, int rht_signs) {
-  static const char *const names[] = {"NVFP4_ROWS", "NVFP4_TILES", "NVFP4_COLS"};
   char detail[256];
   if ((unsigned)layout > NVFP4_COLS || (x_type != DT_F32 && x_type != DT_BF16)) {
     snprintf(detail, sizeof detail, "unknown layout %d or x_type %d", (int)layout, (int)x_type);
     cuda_fail("cuda_nvfp4_quantize", detail, __FILE__, __LINE__);
   }
-  /* the CPU's shape rule; 2^32 blocks of 16 keep the kernels' 32-bit tile and item indices */
-  if (rows < 0 || cols < 0 || cols % 16 || (layout != NVFP4_ROWS && rows % 16) ||
-      (size_t)rows * (size_t)cols / 16 > UINT32_MAX) {
-    snprintf(detail, sizeof detail,
-             "shape [%d, %d] refused for %s: cols (and rows but for NVFP4_ROWS) must be "
-             "non-negative multiples of 16, with fewer than 2^32 blocks of 16",
-             rows, cols, names[layout]);
-    cuda_fail("cuda_nvfp4_quantize", detail, __FILE__, __LINE__);
-  }
+  nv_check_shape("cuda_nvfp4_quantize", rows, cols, layout);
   /* in place, each thread reads its own elements before writing them, at the same offsets */
   if (xq == x && (layout == NVFP4_COLS || x_type != cuda_ctx.act)) {
     snprintf(detail, sizeof detail,
              "in place (xq == x) for %s with x %s and xq %s: only NVFP4_ROWS and NVFP4_TILES "
              "with x in the activation dtype may alias",
-             names[layout], x_type == DT_BF16 ? "bf16" : "fp32",
+             nv_layout_names[layout], x_type == DT_BF16 ? "bf16" : "fp32",
              cuda_ctx.act == DT_BF16 ? "bf16" : "fp32");
     cuda_fail("cuda_nvfp4_quantize", detail, __FILE__, __LINE__);
   }
@@ -858,6 +890,32 @@ extern "C" void cuda_nvfp4_quantize(void *xq, float *dec, const void *x, enum dt
   if (layout == NVFP4_ROWS) nv_launch<nv_rows>(a, x_type, sr);
   else if (layout == NVFP4_TILES) nv_launch<nv_tiles>(a, x_type, sr);
   else nv_launch<nv_cols<false>>(a, x_type, sr);
+}
+
+/* nvfp4_quantize's two passes over w (fp32, round to nearest) with the rows or tiles kernel
+ * writing the codes and scale bytes of q * s_b instead of the values: the same arithmetic, so
+ * the same bytes as the CPU's nvfp4_quantize (a tile's scale byte goes to each of its rows). */
+template <class K>
+static void nv_pack_launch(const nv_args &a, nv_write_packed out) {
+  if (K::template vec<float, float>(a)) K::template run<float, true, false>(a, out);
+  else K::template run<float, false, false>(a, out);
+}
+
+extern "C" void cuda_nvfp4_pack(uint8_t *codes, uint8_t *scales, float *dec, const float *w,
+                                int rows, int cols, enum nvfp4_layout layout) {
+  if (layout != NVFP4_ROWS && layout != NVFP4_TILES) {
+    char detail[128];
+    snprintf(detail, sizeof detail, "layout %d refused: NVFP4_ROWS or NVFP4_TILES", (int)layout);
+    cuda_fail("cuda_nvfp4_pack", detail, __FILE__, __LINE__);
+  }
+  nv_check_shape("cuda_nvfp4_pack", rows, cols, layout);
+  nv_check_denormals();
+  nv_args a = {};
+  a.dec = dec, a.x = w, a.rows = rows, a.cols = cols, a.rht_signs = -1;
+  a.parts = nv_amax(w, DT_F32, rows, cols, -1, false);
+  const nv_write_packed out = {codes, scales};
+  if (layout == NVFP4_ROWS) nv_pack_launch<nv_rows>(a, out);
+  else nv_pack_launch<nv_tiles>(a, out);
 }
 
 /* Two passes over x for both operands: the amax pass (one kernel: the plain max for the rows

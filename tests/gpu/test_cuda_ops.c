@@ -3,8 +3,9 @@
  *  - fp32 (activations fp32, TF32 off), the exact mode: every op within 1e-5 relative
  *    (whole-tensor L2); embedding forward, add and scale exact; NVFP4 quantization
  *    (every layout, the transform included, and the fused rows + cols pair of an output
- *    gradient) byte for byte, its S_dec bit for bit; sum_into
- *    within 1e-12;
+ *    gradient) byte for byte, its S_dec bit for bit; nvfp4_pack's codes, scales and S_dec
+ *    those of the host quantizer (kernels/nvfp4.h) byte for byte, and the GEMV on them
+ *    (nvfp4_gemv_packed) within 1e-5 of a double sum; sum_into within 1e-12;
  *  - tf32 (activations fp32, TF32 on): the linear GEMMs, 3e-3: TF32 rounds operands to 10
  *    mantissa bits;
  *  - bf16 (activations bf16, TF32 on), the default: every op that takes activations, with bf16
@@ -14,7 +15,7 @@
  *    embedding forward and add bit for bit with the CPU's fp32 results rounded to bf16,
  *    the embedding backward (fp32 additions of bf16 values, in the CPU's order) within 1e-5;
  *    convert bit for bit with a host round-to-nearest-even; NVFP4 quantization of bf16 and
- *    fp32 inputs into bf16 byte for byte (q * s_b is exact in bf16).
+ *    fp32 inputs into bf16 byte for byte (q * s_b is exact in bf16), the packed GEMV 1e-2.
  * Pure outputs are poisoned with NaN (bf16 NaN 0x7FC0 in bf16 tensors) before each GPU run, so an
  * element the kernel never wrote fails the check; accumulating outputs (every backward adds into
  * its gradients) start from the same values on both sides and what is compared is what each
@@ -34,6 +35,7 @@
 #include <unistd.h>
 
 #include "common/util.h"
+#include "kernels/nvfp4.h"
 #include "kernels/ops.h"
 #include "tests/check.h"
 
@@ -1129,6 +1131,135 @@ static void check_nvfp4_gemm(int b_kn, enum dtype c_type, float beta, int m, int
   free(a); free(b); free(aq); free(bq);
 }
 
+/* nvfp4_pack of w [rows, cols] (fp32, `offset` elements into its buffer; codes and scales
+ * `offset` bytes into theirs) against the host's nvfp4_quantize, round to nearest, 1x16 blocks
+ * for NVFP4_ROWS and 16x16 tiles for NVFP4_TILES, whose scales [rows/16, cols/16] are given
+ * to each of a tile's 16 rows: the codes and the scale bytes byte for byte (both buffers
+ * poisoned with 0xA5 first, which must stay around them), S_dec bit for bit (poisoned with -7);
+ * a non-finite w: S_dec NaN (the bytes are then not to be used). */
+static void check_pack(const char *label, const float *w, int rows, int cols,
+                       enum nvfp4_layout layout, int offset) {
+  size_t n = (size_t)rows * cols, nc = n / 2, ns = n / 16, per_row = (size_t)cols / 16;
+  char what[160];
+  snprintf(what, sizeof what, "nvfp4 pack %s %dx%d%s %s", layout == NVFP4_TILES ? "tiles" : "rows",
+           rows, cols, offset ? " unaligned" : "", label);
+  uint8_t *codes = xmalloc(nc + 1), *block_scales = xmalloc(ns + 1), *scales = xmalloc(ns + 1);
+  struct nvfp4_tensor_scale ts;
+  int st = nvfp4_quantize(codes, block_scales, &ts, w, rows, cols,
+                          layout == NVFP4_TILES ? NVFP4_BLOCK_16X16 : NVFP4_BLOCK_1X16,
+                          NVFP4_ROUND_NEAREST, 0);
+  CHECK(st == NVFP4_OK || st == NVFP4_ERR_NONFINITE, "%s: host nvfp4_quantize returned %d", what,
+        st);
+  int nonfinite = st == NVFP4_ERR_NONFINITE;
+  for (size_t i = 0; i < ns; i++)
+    scales[i] = layout == NVFP4_TILES ? block_scales[i / per_row / 16 * per_row + i % per_row]
+                                      : block_scales[i];
+
+  float *w_buf = xcalloc(n + offset + 1, 4), poison = -7.0f, g_dec;
+  memcpy(w_buf + offset, w, n * 4);
+  uint8_t *fill = xmalloc(nc + offset + 1);
+  memset(fill, 0xA5, nc + offset + 1);
+  float *d_wbuf = up(w_buf, (n + offset + 1) * 4), *d_dec = up(&poison, 4);
+  uint8_t *d_codes = up(fill, nc + offset + 1), *d_scales = up(fill, ns + offset + 1);
+  gpu->nvfp4_pack(d_codes + offset, d_scales + offset, d_dec, d_wbuf + offset, rows, cols, layout);
+  gpu->to_host(&g_dec, d_dec, 4);
+  uint8_t *g_codes = down_raw(d_codes, nc + offset + 1);
+  uint8_t *g_scales = down_raw(d_scales, ns + offset + 1);
+  int same_dec = nonfinite ? isnan(g_dec) : bits_of_f32(g_dec) == bits_of_f32(ts.dec);
+  int around = 1;   /* the poison before and after each output */
+  for (int k = 0; k < offset; k++) around &= g_codes[k] == 0xA5 && g_scales[k] == 0xA5;
+  around &= g_codes[nc + offset] == 0xA5 && g_scales[ns + offset] == 0xA5;
+  int same = nonfinite || (!memcmp(g_codes + offset, codes, nc) &&
+                           !memcmp(g_scales + offset, scales, ns));
+  printf("%-4s %-62s %s\n", mode, what, same_dec && same && around ? "identical" : "DIFFERENT");
+  CHECK(same_dec, "%s mode, %s: S_dec %g (0x%08x), the host's %g (0x%08x)", mode, what, g_dec,
+        bits_of_f32(g_dec), ts.dec, bits_of_f32(ts.dec));
+  CHECK(same, "%s mode, %s: codes or scales differ from the host's", mode, what);
+  CHECK(around, "%s mode, %s: written outside the codes or scales", mode, what);
+  gpu->free(d_wbuf); gpu->free(d_dec); gpu->free(d_codes); gpu->free(d_scales);
+  free(codes); free(block_scales); free(scales); free(w_buf); free(fill); free(g_codes);
+  free(g_scales);
+}
+
+/* Both layouts of nvfp4_pack on one input. */
+static void check_pack_all(const char *label, const float *w, int rows, int cols) {
+  check_pack(label, w, rows, cols, NVFP4_ROWS, 0);
+  check_pack(label, w, rows, cols, NVFP4_TILES, 0);
+}
+
+/* nvfp4_gemv_packed of n = n_lo .. n_hi token rows through a weight w [out_dim, in_dim] the GPU
+ * packed (NVFP4_ROWS: its bytes are the host's, check_pack), against the host: W = q * s_b
+ * (nvfp4_dequantize with S_dec 1), xq = the CPU's NVFP4_ROWS quantization of x (the mode's
+ * activations, S_dec dec_x), out = (dec_x * dec_w) * xq · Wᵀ with the sum in double. xq goes to
+ * the GPU twice: the host's values (exact in bf16) with the host's dec_x, and the GPU's own
+ * nvfp4_quantize of x. Each output, poisoned first, within the tolerance of fp32 accumulation
+ * (1e-5; the bf16 output's rounding in the bf16 mode); a second run gives the same bits. Every
+ * fifth weight is scaled by 10^[-6, 1], so blocks take scales of every size. */
+static void check_gemv_packed(int in_dim, int out_dim, int n_lo, int n_hi) {
+  size_t nw = (size_t)out_dim * in_dim;
+  float *w = rand_floats(nw, -1, 1);
+  for (size_t i = 0; i < nw; i += 5) w[i] *= powf(10.0f, (float)uniform(-6, 1));
+  uint8_t *codes = xmalloc(nw / 2 + 1), *scales = xmalloc(nw / 16 + 1);
+  struct nvfp4_tensor_scale tw;
+  int st = nvfp4_quantize(codes, scales, &tw, w, out_dim, in_dim, NVFP4_BLOCK_1X16,
+                          NVFP4_ROUND_NEAREST, 0);
+  CHECK(st == NVFP4_OK, "host nvfp4_quantize of a %dx%d weight returned %d", out_dim, in_dim, st);
+  float *wq = xmalloc(nw * 4 + 4);
+  nvfp4_dequantize(wq, codes, scales, 1.0f, out_dim, in_dim, NVFP4_BLOCK_1X16);
+  float *d_w = up(w, nw * 4), *d_dec_w = gpu->alloc(4);
+  uint8_t *d_codes = gpu->alloc(nw / 2), *d_scales = gpu->alloc(nw / 16);
+  gpu->nvfp4_pack(d_codes, d_scales, d_dec_w, d_w, out_dim, in_dim, NVFP4_ROWS);
+  for (int n = n_lo; n <= n_hi; n++) {
+    size_t nx = (size_t)n * in_dim, ny = (size_t)n * out_dim, yb = ny * dtype_bytes(act);
+    float *x = rand_act(nx, -3, 3), *xq = xmalloc(nx * 4), dec_x, *ref = xmalloc(ny * 4);
+    cpu->nvfp4_quantize(xq, &dec_x, x, DT_F32, n, in_dim, NVFP4_ROWS, 0, 0, -1);
+    const float alpha = dec_x * tw.dec;
+    for (int t = 0; t < n; t++)
+      for (int o = 0; o < out_dim; o++) {
+        const float *a = xq + (size_t)t * in_dim, *b = wq + (size_t)o * in_dim;
+        double sum = 0;
+        for (int k = 0; k < in_dim; k++) sum += (double)a[k] * b[k];
+        ref[(size_t)t * out_dim + o] = (float)(alpha * sum);
+      }
+    void *d_xq[2] = {up_act(xq, nx), gpu->alloc(nx * dtype_bytes(act))}, *d_x = up_act(x, nx);
+    float *d_dec_x[2] = {up(&dec_x, 4), gpu->alloc(4)};
+    gpu->nvfp4_quantize(d_xq[1], d_dec_x[1], d_x, act, n, in_dim, NVFP4_ROWS, 0, 0, -1);
+    for (int k = 0; k < 2; k++) {
+      void *d_y = poisoned_act(ny), *d_y2 = poisoned_act(ny);
+      gpu->nvfp4_gemv_packed(d_y, d_xq[k], d_dec_x[k], d_codes, d_scales, d_dec_w, n, in_dim,
+                             out_dim);
+      gpu->nvfp4_gemv_packed(d_y2, d_xq[k], d_dec_x[k], d_codes, d_scales, d_dec_w, n, in_dim,
+                             out_dim);
+      CHECK(same_bits(d_y, d_y2, yb), "%s mode: nvfp4_gemv_packed %d x %d -> %d differs "
+            "between two runs", mode, n, in_dim, out_dim);
+      char name[112];
+      snprintf(name, sizeof name, "nvfp4 gemv packed %d x %d -> %d, xq of the %s", n, in_dim,
+               out_dim, k ? "GPU" : "CPU");
+      expect_act(name, d_y, ref, ny, act == DT_BF16 ? BF16_TOL : TOL);   /* frees d_y */
+      gpu->free(d_y2); gpu->free(d_xq[k]); gpu->free(d_dec_x[k]);
+    }
+    gpu->free(d_x);
+    free(x); free(xq); free(ref);
+  }
+  gpu->free(d_w); gpu->free(d_dec_w); gpu->free(d_codes); gpu->free(d_scales);
+  free(w); free(codes); free(scales); free(wq);
+}
+
+/* Decoding from packed weights: Qwen3-4B's q|k|v input (2560 columns, 2.5 16-byte loads of
+ * codes a lane) and its down projection (9728: two warps a row on an H200) for 1 to 4 token
+ * rows; odd output counts; one load a row; 4 and 8 warps a row (16384 and 32800 columns, the
+ * latter not a multiple of the warps' stride). */
+static void test_gemv_packed(void) {
+  check_gemv_packed(2560, 1024, 1, NVFP4_GEMV_MAX_ROWS);
+  check_gemv_packed(9728, 2560, 1, NVFP4_GEMV_MAX_ROWS);
+  check_gemv_packed(4096, 1, 2, 2);
+  check_gemv_packed(4096, 37, 3, 3);
+  check_gemv_packed(4096, 1001, 4, 4);
+  check_gemv_packed(32, 5, 1, 1);
+  check_gemv_packed(16384, 100, 2, 2);
+  check_gemv_packed(32800, 40, 3, 3);
+}
+
 static void test_nvfp4(void) {
   int rows = 96, cols = 160;
   size_t n = (size_t)rows * cols;
@@ -1139,36 +1270,53 @@ static void test_nvfp4(void) {
     enum dtype xt = types[ti];
     /* nvfp4_quantize_rows_cols takes activations only: the first pass of the loop */
     int fused = xt == act;
+    /* nvfp4_pack takes fp32 weights: once a mode, in its pass with fp32 x */
+    int pack = xt == DT_F32;
     check_quantize_all("random", x, xt, rows, cols, 0x1234);
     if (fused) check_rows_cols_all("random", x, rows, cols, 0x1234);
+    if (pack) check_pack_all("random", x, rows, cols);
     /* heavy tails: blocks whose scales underflow to E4M3 subnormals and zero */
     for (size_t i = 0; i < n; i++) y[i] = x[i] * powf(10.0f, (float)uniform(-12, 4));
     check_quantize_all("heavy-tailed", y, xt, rows, cols, 5);
     if (fused) check_rows_cols_all("heavy-tailed", y, rows, cols, 5);
+    if (pack) check_pack_all("heavy-tailed", y, rows, cols);
     /* exact ties of the element rounding, and zeros of both signs */
     static const float ties[] = {0.25f, 0.75f, 1.25f, 1.75f, 2.5f, 3.5f, 5.0f, 6.0f, 0.0f, -0.0f};
     for (size_t i = 0; i < n; i++) y[i] = ties[i % 10] * ((i / 16) % 2 ? -1.0f : 1.0f);
     check_quantize_all("exact ties", y, xt, rows, cols, 6);
     if (fused) check_rows_cols_all("exact ties", y, rows, cols, 6);
+    if (pack) check_pack_all("exact ties", y, rows, cols);
     for (size_t i = 0; i < n; i++) y[i] = x[i] * 1e30f;
     check_quantize_all("near 1e30", y, xt, rows, cols, 99);
+    if (pack) check_pack_all("near 1e30", y, rows, cols);
     /* near FLT_MAX: the RHT's sums overflow, which must give a NaN S_dec as on the CPU */
     for (size_t i = 0; i < n; i++) y[i] = x[i] > 0 ? 3e38f : -3e38f;
     check_quantize_all("near FLT_MAX", y, xt, rows, cols, 7);
     if (fused) check_rows_cols_all("near FLT_MAX", y, rows, cols, 7);
+    if (pack) check_pack_all("near FLT_MAX", y, rows, cols);
     memset(y, 0, n * 4);
     check_quantize_all("zeros", y, xt, rows, cols, 8);
     if (fused) check_rows_cols_all("zeros", y, rows, cols, 8);
+    if (pack) check_pack_all("zeros", y, rows, cols);
+    /* zero blocks (scale 0, codes 0) among others: one 1x16 block of row 5 and the 16x16 tile
+     * of rows 16-31, columns 32-47 */
+    memcpy(y, x, n * 4);
+    memset(y + (size_t)5 * cols + 48, 0, 16 * 4);
+    for (int r = 16; r < 32; r++) memset(y + (size_t)r * cols + 32, 0, 16 * 4);
+    if (pack) check_pack_all("zero blocks", y, rows, cols);
     memcpy(y, x, n * 4);
     y[n / 2 + 5] = NAN;
     check_quantize_all("one NaN", y, xt, rows, cols, 9);
     if (fused) check_rows_cols_all("one NaN", y, rows, cols, 9);
+    if (pack) check_pack_all("one NaN", y, rows, cols);
     y[n / 2 + 5] = -INFINITY;
+    if (pack) check_pack("one -inf", y, rows, cols, NVFP4_TILES, 0);
     check_quantize("one -inf", y, xt, rows, cols, NVFP4_COLS, 0xa5c3, 0, 0, 0);
     if (fused) check_rows_cols("one -inf", y, rows, cols, 0xa5c3, 1, 0, 0);
     /* right after a non-finite call: no maximum of it may linger (the amax partials are
      * rewritten by every call, never cleared) */
     check_quantize("after -inf", x, xt, rows, cols, NVFP4_ROWS, -1, 0, 0, 0);
+    if (pack) check_pack("after -inf", x, rows, cols, NVFP4_ROWS, 0);
     if (fused) check_rows_cols("after -inf", x, rows, cols, 0xa5c3, 0, 0, 0);
     /* other shapes: rows not a multiple of 16 (1x16 rows), a wide and a tall transposed case
      * (a swapped index fails one of them), and the scalar paths of unaligned buffers */
@@ -1180,6 +1328,16 @@ static void test_nvfp4(void) {
     check_quantize("random", x, xt, rows, cols, NVFP4_TILES, -1, 1, 15, 1);
     check_quantize("random", x, xt, rows, cols, NVFP4_COLS, 0xa5c3, 1, 16, 1);
     check_quantize("empty", x, xt, 0, 32, NVFP4_COLS, 0xa5c3, 0, 17, 0);
+    if (pack) {
+      /* rows not a multiple of 16 (1x16 rows), a wide tiled case, the scalar path of an
+       * unaligned w with codes and scales at odd addresses, an empty w */
+      check_pack("random", x, 37, 48, NVFP4_ROWS, 0);
+      check_pack("random", x, 1, 16, NVFP4_ROWS, 0);
+      check_pack("random", x, 48, 304, NVFP4_TILES, 0);
+      check_pack("random", x, rows, cols, NVFP4_ROWS, 1);
+      check_pack("random", x, rows, cols, NVFP4_TILES, 1);
+      check_pack("empty", x, 0, 32, NVFP4_TILES, 0);
+    }
     if (fused) {
       /* a wide and a tall case (cols % 32 == 16: a warp's two half-warps in different
        * tiles), the scalar path, an empty x, and a large x for the grid-stride loops and the
@@ -1212,6 +1370,7 @@ static void test_nvfp4(void) {
       for (int beta = 0; beta < 2; beta++)
         check_nvfp4_gemm(b_kn, c_types[ci], (float)beta, 64, 48, 160);
   check_nvfp4_gemm(0, DT_F32, 0.5f, 32, 16, 0);
+  test_gemv_packed();
 }
 
 /* ---- convert ------------------------------------------------------------------------------ */
