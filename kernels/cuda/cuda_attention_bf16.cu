@@ -233,14 +233,11 @@ __global__ void __launch_bounds__(32 * NW, MINB)
     for (int j = 0; j < NN; j++)
 #pragma unroll
       for (int e = 0; e < 4; e++) {
-        const float x = sc[j][e] * s.scale_log2;
         const int key = k0 + 8 * j + 2 * t + (e & 1);
-        sc[j][e] = mask && (key > lim[e >> 1] ||
-                            (DOC && key < sFirst[warp * 16 + g + 8 * (e >> 1)]))
-                       ? -INFINITY
-                       : x;
+        if (mask && (key > lim[e >> 1] || (DOC && key < sFirst[warp * 16 + g + 8 * (e >> 1)])))
+          sc[j][e] = -INFINITY;
       }
-    online_softmax<DOC>(sc, o, m, l);
+    online_softmax<DOC>(sc, o, m, l, s.scale_log2);
     // O += P V over 16 keys at a time, P in bf16 straight from the accumulators
 #pragma unroll
     for (int kk = 0; kk < BK / 16; kk++) {

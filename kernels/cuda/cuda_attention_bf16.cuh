@@ -217,14 +217,16 @@ __device__ __forceinline__ void fwd_rows(float (&o)[ND][4], float (&m)[2], float
   for (int n = 0; n < ND; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
 }
 
-// One key tile of the online softmax for rows g and g+8: the scores sc (log2 domain, -inf where
-// masked) become P = exp2(sc - m_new) in place, and m, l (this lane's share; the quad is summed
-// at the end) and the accumulators o follow. Without documents every row sees key 0, so m is
-// finite from the first tile on; with them a row may see no key of a tile before its
-// document's (m_new = -inf), and then stays empty: m_use = 0 keeps exp2(-inf - -inf) = NaN out.
+// One key tile of the online softmax for rows g and g+8: the raw scores sc (Q K^T, -inf where
+// masked) become P = exp2((sc - m_new) * scale_log2) in place, one FFMA and the exponent a
+// score (the scale folded into the FFMA rather than a multiply of its own), and m (a raw score),
+// l (this lane's share; the quad is summed at the end) and the accumulators o follow. Without
+// documents every row sees key 0, so m is finite from the first tile on; with them a row may
+// see no key of a tile before its document's (m_new = -inf), and then stays empty: m_use = 0
+// keeps exp2(-inf - -inf) = NaN out.
 template <bool DOC, int NN, int ND>
 __device__ __forceinline__ void online_softmax(float (&sc)[NN][4], float (&o)[ND][4],
-                                               float (&m)[2], float (&l)[2]) {
+                                               float (&m)[2], float (&l)[2], float scale_log2) {
 #pragma unroll
   for (int i = 0; i < 2; i++) {
     float mx = -INFINITY;
@@ -232,12 +234,13 @@ __device__ __forceinline__ void online_softmax(float (&sc)[NN][4], float (&o)[ND
     for (int j = 0; j < NN; j++) mx = fmaxf(mx, fmaxf(sc[j][2 * i], sc[j][2 * i + 1]));
     const float m_new = fmaxf(m[i], quad_max(mx));
     const float m_use = DOC && m_new == -INFINITY ? 0.0f : m_new;
-    const float alpha = exp2_ftz(m[i] - m_use);  // 0 on the first tile (m = -inf)
+    const float alpha = exp2_ftz((m[i] - m_use) * scale_log2);  // 0 on the first tile (m = -inf)
+    const float shift = -m_use * scale_log2;
     float sum = 0.0f;
 #pragma unroll
-    for (int j = 0; j < NN; j++) {
-      sc[j][2 * i] = exp2_ftz(sc[j][2 * i] - m_use);  // masked: exp2(-inf) = 0
-      sc[j][2 * i + 1] = exp2_ftz(sc[j][2 * i + 1] - m_use);
+    for (int j = 0; j < NN; j++) {   // masked: exp2(-inf) = 0
+      sc[j][2 * i] = exp2_ftz(fmaf(sc[j][2 * i], scale_log2, shift));
+      sc[j][2 * i + 1] = exp2_ftz(fmaf(sc[j][2 * i + 1], scale_log2, shift));
       sum += sc[j][2 * i] + sc[j][2 * i + 1];
     }
     l[i] = l[i] * alpha + sum;
@@ -247,7 +250,7 @@ __device__ __forceinline__ void online_softmax(float (&sc)[NN][4], float (&o)[ND
   }
 }
 
-// ctx = O / l and lse = (m + log2 l) ln 2 for rows row0 + g and row0 + g + 8 of the tile
+// ctx = O / l and lse = (m scale_log2 + log2 l) ln 2 for rows row0 + g and row0 + g + 8 of the tile
 // (padding rows are not written)
 template <int ND>
 __device__ __forceinline__ void store_ctx(bf16 *ctx, float *lse, const float (&o)[ND][4],
@@ -266,7 +269,8 @@ __device__ __forceinline__ void store_ctx(bf16 *ctx, float *lse, const float (&o
         *reinterpret_cast<__nv_bfloat162 *>(out + 8 * n) =
             __floats2bfloat162_rn(o[n][2 * i] * inv, o[n][2 * i + 1] * inv);
       if (t == 0)
-        lse[((size_t)qt.b * s.heads + qt.h) * s.tq + qt.q0 + row] = (m[i] + log2f(L)) * LN2;
+        lse[((size_t)qt.b * s.heads + qt.h) * s.tq + qt.q0 + row] =
+            (m[i] * s.scale_log2 + log2f(L)) * LN2;
     }
   }
 }

@@ -269,9 +269,9 @@ __global__ void __launch_bounds__(NT, 2)
 #pragma unroll
       for (int e = 0; e < 4; e++) {
         const int key = k0 + 8 * j + 2 * t + (e & 1);
-        sc[j][e] = mask && key > lim[e >> 1] ? -INFINITY : sc[j][e] * s.scale_log2;
+        if (mask && key > lim[e >> 1]) sc[j][e] = -INFINITY;
       }
-    online_softmax<false>(sc, o, m, l);
+    online_softmax<false>(sc, o, m, l, s.scale_log2);
     wg_pb<D>(o, sc, sV);  // O += P V
     wg_finish(o);
   }
