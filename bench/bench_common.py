@@ -3,6 +3,8 @@ Qwen3-4B shape, the MFU convention and the RESULT lines that bench/gpu_bench.sh 
 import os
 import time
 
+# the scripts' work folder (bench_lib.sh's WORK: BENCH_WORK for a second script beside another)
+WORK = os.environ.get("BENCH_WORK", "/tmp/qwen3_bench")
 PEAK_FLOPS = 989e12   # dense bf16, H100 and H200 alike (REFERENCE.md)
 SHAPE = dict(layers=36, hidden=2560, heads=32, kv_heads=8, head_dim=128, ffn=9728, vocab=151936,
              theta=5e6, eps=1e-6)

@@ -30,7 +30,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import SHAPE, make_log, result  # noqa: E402
+from bench_common import SHAPE, WORK, make_log, result  # noqa: E402
 
 PROMPT_LEN, NEW = 64, 128
 
@@ -140,7 +140,7 @@ def ours_mode(args, log):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("mode", choices=["torch", "ours"])
-    ap.add_argument("--hf-dir", default="/tmp/qwen3_bench/hf4b")
+    ap.add_argument("--hf-dir", default=os.path.join(WORK, "hf4b"))
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--timing", action="store_true", help="ours: per-stage times (slower)")
@@ -149,8 +149,8 @@ def main():
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="ours: one more --set for the job (repeatable)")
     ap.add_argument("--budget", type=float, default=300)
-    ap.add_argument("--work", default="/tmp/qwen3_bench")
-    ap.add_argument("--shard", default="/tmp/qwen3_bench/random_2m.h5")
+    ap.add_argument("--work", default=WORK)
+    ap.add_argument("--shard", default=os.path.join(WORK, "random_2m.h5"))
     args = ap.parse_args()
     args.batches = [int(b) for b in args.batches.split(",")]
     log = make_log("torch" if args.mode == "torch" else "ours ")

@@ -29,7 +29,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import PEAK_FLOPS, SHAPE, make_log, result  # noqa: E402
+from bench_common import PEAK_FLOPS, SHAPE, WORK, make_log, result  # noqa: E402
 
 N_PARAMS = 4_022_468_096   # Qwen3-4B's shape with tied embeddings (ours_train_bench.py)
 
@@ -96,12 +96,12 @@ def ours_mode(args, log):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("mode", choices=["torch", "ours"])
-    ap.add_argument("--hf-dir", default="/tmp/qwen3_bench/hf4b_score")
+    ap.add_argument("--hf-dir", default=os.path.join(WORK, "hf4b_score"))
     ap.add_argument("--mbs", default="1,4")
     ap.add_argument("--T", type=int, default=2048)
     ap.add_argument("--batches", type=int, default=32)
-    ap.add_argument("--work", default="/tmp/qwen3_bench")
-    ap.add_argument("--shard", default="/tmp/qwen3_bench/random_2m.h5")
+    ap.add_argument("--work", default=WORK)
+    ap.add_argument("--shard", default=os.path.join(WORK, "random_2m.h5"))
     args = ap.parse_args()
     args.mbs = [int(b) for b in args.mbs.split(",")]
     log = make_log(args.mode)

@@ -121,10 +121,12 @@ def state_bytes(model, opt):
 # ---- training -------------------------------------------------------------------------------
 
 def train_configs(args, torch):
-    configs = [(args.mb, args.accum)]
+    configs = [(args.mb, args.accum, False)]
     for spec in filter(None, (args.also or "").split(",")):
         mb, acc = spec.split(":")
-        configs.append((int(mb), int(acc)))
+        configs.append((int(mb), int(acc), False))
+    if args.clip_too:   # each once more with clip_grad_norm_(1.0), as our trainer's default
+        configs += [(mb, acc, True) for mb, acc, _ in configs]
     deadline = T0 + args.budget
     log(f"building the model ({args.layers} layers) on {torch.cuda.get_device_name(0)}")
     model, config, major = build_model(torch, args.layers, args.T, args.seed)
@@ -144,24 +146,26 @@ def train_configs(args, torch):
     system = "torch-" + args.mode
     fwd = model
     if args.mode == "compile":
-        fwd = torch.compile(model)
+        fwd = torch.compile(model, dynamic=False)   # static shapes: one graph per micro-batch
     elif args.mode == "compile-layers":
         for layer in model.model.layers:
             layer.compile()
     V, T = SHAPE["vocab"], args.T
     fpt = flops_per_token(n_params, args.layers, T, SHAPE["heads"], SHAPE["head_dim"])
 
-    def step(mb, accum):
+    def step(mb, accum, clip):
         for _ in range(accum):
             x = torch.randint(0, V, (mb, T), device="cuda")
             out = fwd(input_ids=x, labels=x, use_cache=False)
             (out.loss / accum).backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     per_seq = 0.0
-    for mb, accum in configs:
-        tag = dict(system=system, mb=mb, T=T, accum=accum)
+    for mb, accum, clip in configs:
+        tag = dict(system=system + ("+clip" if clip else ""), mb=mb, T=T, accum=accum)
         warm_n = args.warmup if args.warmup is not None else (3 if accum == 1 else 1)
         timed_n = args.steps if args.steps is not None else (5 if accum == 1 else 2)
         left = deadline - time.perf_counter()
@@ -177,7 +181,7 @@ def train_configs(args, torch):
             warm = []
             for _ in range(warm_n):
                 t = time.perf_counter()
-                step(mb, accum)
+                step(mb, accum, clip)
                 torch.cuda.synchronize()
                 warm.append(time.perf_counter() - t)
                 log(f"  warm-up step {len(warm)}: {warm[-1]:.3f} s")
@@ -193,7 +197,7 @@ def train_configs(args, torch):
                     log(f"  out of budget after {len(times)} timed steps")
                     break
                 t = time.perf_counter()
-                step(mb, accum)
+                step(mb, accum, clip)
                 torch.cuda.synchronize()
                 times.append(time.perf_counter() - t)
             partial = 0
@@ -292,6 +296,8 @@ def main():
     ap.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step")
     ap.add_argument("--T", type=int, default=2048, help="tokens per sequence")
     ap.add_argument("--also", default="", help="more MB:ACCUM configurations, same process")
+    ap.add_argument("--clip-too", action="store_true",
+                    help="each configuration again with clip_grad_norm_(1.0) before the step")
     ap.add_argument("--warmup", type=int, default=None, help="default 3 (accum 1) or 1")
     ap.add_argument("--steps", type=int, default=None, help="timed steps, default 5 (accum 1) or 2")
     ap.add_argument("--budget", type=float, default=300, help="seconds for the whole run")

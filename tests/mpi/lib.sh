@@ -36,6 +36,12 @@ require_gpus() {
     echo "$2: this build has no CUDA backend; skipped"; exit 77
   fi
   gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
+  # CUDA_VISIBLE_DEVICES narrows what a rank can use (a job beside another on the machine)
+  if [ -n "${CUDA_VISIBLE_DEVICES+set}" ]; then
+    local visible
+    visible=$(tr ',' '\n' <<< "$CUDA_VISIBLE_DEVICES" | grep -c .)
+    [ "$visible" -lt "$gpus" ] && gpus=$visible
+  fi
   if [ "$gpus" -lt "$1" ]; then echo "$2: $gpus GPU(s), needs $1; skipped"; exit 77; fi
 }
 
