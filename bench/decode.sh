@@ -9,7 +9,8 @@
 #  3. ours on the same weights and prompts; batch 1 again with QWEN3_CUDA_PDL=0 (no programmatic
 #     dependent launch) and with --timing (per-stage times); with DECODE_NVFP4=1 also the job's
 #     NVFP4 recipe (precision.linear NVFP4: its layers decode from packed weights where the
-#     backend has them, ops.h nvfp4_gemv_packed), labelled ours-nvfp4.
+#     backend has them, ops.h nvfp4_gemv_packed), labelled ours-nvfp4, and the same from the
+#     training's bf16 operands (eval.packed_nvfp4 false), ours-nvfp4-unpacked.
 # DECODE_BATCHES (default 1,8) are the batch sizes. Everything goes to $OUT/decode.txt; the
 # table is printed last.
 set -u
@@ -41,6 +42,9 @@ main() {
     section "ours, NVFP4 linears"
     within 120 python3 bench/decode_bench.py ours --hf-dir "$WORK/hf4b" --batches "$BATCHES" \
       --set precision.linear=NVFP4 --tag=-nvfp4
+    section "ours, NVFP4 linears decoded from the training's bf16 operands (eval.packed_nvfp4 false)"
+    within 120 python3 bench/decode_bench.py ours --hf-dir "$WORK/hf4b" --batches "$BATCHES" \
+      --set precision.linear=NVFP4 --set eval.packed_nvfp4=false --tag=-nvfp4-unpacked
   fi
 }
 

@@ -51,7 +51,7 @@ void stage_plan(struct worker_plan *p, const Job *job, const struct qwen3_config
       .first_layer = prec->bf16_first_layers,
       .end_layer = cfg->num_layers - nvfp4_bf16_last_layers(prec, cfg->num_layers),
       .rht = prec->rht, .stochastic = prec->stochastic_rounding, .weight_2d = prec->weight_2d,
-      .seed = job->init->seed,
+      .seed = job->init->seed, .packed_decode = job->eval->packed_nvfp4,
     };
     worker_plan_nvfp4(p, &policy);
   }

@@ -182,7 +182,7 @@ void worker_plan_nvfp4(struct worker_plan *p, const struct nvfp4_policy *policy)
       layer_param_shape(&p->cfg, (enum layer_param)k, &rows, &cols);
       if (!LAYER_PARAM_NAMES[k].is_matrix) continue;
       values += (size_t)rows * cols;
-      packed += nvfp4_packed_matrix_bytes(rows, cols);
+      if (policy->packed_decode) packed += nvfp4_packed_matrix_bytes(rows, cols);
     }
   }
   nvfp4_plan_sizes(p, values, packed);

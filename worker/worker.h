@@ -37,6 +37,7 @@ struct nvfp4_policy {
   int stochastic;               /* stochastic rounding of the gradient operands */
   int weight_2d;                /* 16x16 weight tiles (one quantization for Fprop and Dgrad) */
   uint64_t seed;                /* the run's RHT signs and rounding draws */
+  int packed_decode;            /* a KV cache packs the matrices for decoding (eval.packed_nvfp4) */
 };
 
 /* What backward recomputes rather than keeps from the forward: every slot but each layer's

@@ -128,6 +128,19 @@ else
   fail "decoding from packed NVFP4 weights (exit $rc): $verdict"; tail -n 5 "$log"
 fi
 
+# the job reaches the plan: by default (eval.packed_nvfp4) a generation packs the NVFP4 layers'
+# weights for decoding, and --dry-run counts them; eval.packed_nvfp4 false leaves them out (the
+# check above passes on either path: it cannot tell them apart)
+for packed in true false; do
+  "$build/qwen3-train" "$build/jobs/tiny.pb" "${common[@]}" --set precision.linear=NVFP4 \
+    --set train.steps=0 --set eval.prompts.ids=72,101 --set eval.max_new_tokens=8 \
+    --set eval.packed_nvfp4=$packed --dry-run >"$log" 2>&1
+  if grep -q "packed for decoding" "$log"; then got=true; else got=false; fi
+  result "$([ $got = $packed ] && echo 1 || echo 0)" \
+    "eval.packed_nvfp4 $packed: --dry-run $([ $packed = true ] && echo counts || echo "leaves out") packed weights" \
+    "$(grep generation "$log")"
+done
+
 # the precision policy is visible before any work
 if "$build/qwen3-train" "$build/jobs/tiny.pb" --set precision.linear=NVFP4 --print-job |
     grep -q "linear: NVFP4"; then

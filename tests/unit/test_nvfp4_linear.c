@@ -184,10 +184,14 @@ static void test_packed_decode(int weight_2d) {
                              .vocab_size = 32, .rope_theta = 1e6, .rms_norm_eps = 1e-6,
                              .max_seq_len = MAX_LEN};
   struct nvfp4_policy pol = {.first_layer = 0, .end_layer = 1, .rht = 1, .stochastic = 1,
-                             .weight_2d = weight_2d, .seed = 7};
+                             .weight_2d = weight_2d, .seed = 7, .packed_decode = 0};
   struct backend be = backend_cpu;
   be.nvfp4_gemv_packed = counted_gemv;
   struct worker_plan plan;
+  worker_plan_make(&plan, &cfg, 0, 1, 1, 1, 1, T, 1, 0, DT_F32);
+  worker_plan_nvfp4(&plan, &pol);
+  CHECK(plan.fp4_bytes == 0, "eval.packed_nvfp4 false: no packed weights planned");
+  pol.packed_decode = 1;
   worker_plan_make(&plan, &cfg, 0, 1, 1, 1, 1, T, 1, 0, DT_F32);
   worker_plan_nvfp4(&plan, &pol);
   CHECK(plan.fp4_bytes > 0, "an NVFP4 stage plans packed weights for decoding");
