@@ -57,7 +57,7 @@ build_and_check() {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   if [ "${1:-0}" = 1 ]; then
     section "ctest -L gpu"
-    gpu_label 220
+    gpu_label 300
   fi
   if [ -n "${2:-}" ]; then
     section "mutations: $2"

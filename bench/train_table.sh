@@ -7,9 +7,11 @@
 # TABLE_TORCH_MBS may name fewer; in the order given, the last one is cut when time runs out) and
 # writes the initial weights our runs load; then ours at each micro-batch, and once more with
 # each job setting of TABLE_OURS_SETS ("LABEL:KEY=VALUE[,KEY=VALUE]" separated by spaces, e.g.
-# "noclip:optim.grad_clip=0"; torch's runs do not clip, ours clips at 1.0 by default), and
-# TABLE_TORCH_CLIP=1 adds torch's clip_grad_norm_(1.0) runs. TABLE_CTEST=1 runs the `gpu` label
-# first. Everything goes to $OUT/train_table.txt; the table is printed last.
+# "noclip:optim.grad_clip=0"; torch's runs do not clip, ours clips at 1.0 by default) on the
+# configurations of TABLE_VARIANT_CONFIGS ("MB:ACCUM ...", default all), and TABLE_TORCH_CLIP=1
+# adds torch's clip_grad_norm_(1.0) runs. TABLE_EXTRA ("MB:ACCUM ...") adds configurations of
+# other step sizes to both systems (e.g. "1:1", one micro-batch a step). TABLE_CTEST=1 runs the
+# `gpu` label first. Everything goes to $OUT/train_table.txt; the table is printed last.
 set -u
 TOTAL_S=${TABLE_TOTAL_S:-570}
 RESERVE_S=10
@@ -30,8 +32,11 @@ main() {
   done
   for mb in "${MBS[@]}"; do configs+=("$mb:$(( TOKENS / (mb * T) ))"); done
   for mb in "${TORCH_MBS[@]}"; do torch_configs+=("$mb:$(( TOKENS / (mb * T) ))"); done
+  configs+=(${TABLE_EXTRA:-}) torch_configs+=(${TABLE_EXTRA:-})
   spec=$(IFS=,; echo "${torch_configs[*]:1}")
-  local n_ours=$(( ${#MBS[@]} * (1 + $(wc -w <<< "${TABLE_OURS_SETS:-}")) ))
+  local n_var=${#configs[@]}
+  [ -n "${TABLE_VARIANT_CONFIGS:-}" ] && n_var=$(wc -w <<< "$TABLE_VARIANT_CONFIGS")
+  local n_ours=$(( ${#configs[@]} + n_var * $(wc -w <<< "${TABLE_OURS_SETS:-}") ))
 
   section "torch.compile (static shapes), ${torch_configs[*]} (MB:ACCUM), T $T; initial weights"
   rm -rf "$WORK/hf4b"
@@ -41,6 +46,10 @@ main() {
     --mb "${torch_configs[0]%%:*}" --accum "${torch_configs[0]##*:}" ${spec:+--also "$spec"} --T "$T" \
     --save-hf "$WORK/hf4b" --budget $(( $(left) - n_ours * OURS_S - 10 )) "${clip[@]}"
   echo "exit $?"
+  for spec in "${torch_configs[@]}"; do   # a row for each configuration that printed none
+    grep -q "^RESULT system=torch-compile mb=${spec%%:*} T=$T accum=${spec##*:} " "$RESULTS" ||
+      echo "RESULT system=torch-compile mb=${spec%%:*} T=$T accum=${spec##*:} status=no-time" >> "$RESULTS"
+  done
 
   local variant label sets
   for variant in "ours-bf16:" ${TABLE_OURS_SETS:-}; do
@@ -48,6 +57,8 @@ main() {
     sets=()
     [ -n "${variant#*:}" ] && { label=ours-bf16+$label; IFS=, read -r -a sets <<< "${variant#*:}"; }
     for spec in "${configs[@]}"; do
+      [ "$label" != ours-bf16 ] && [ -n "${TABLE_VARIANT_CONFIGS:-}" ] &&
+        [[ " $TABLE_VARIANT_CONFIGS " != *" $spec "* ]] && continue
       section "$label: mb ${spec%%:*}, ${spec##*:} micro-batches a step, T $T"
       local extra=()
       for kv in "${sets[@]}"; do extra+=(--set "$kv"); done
