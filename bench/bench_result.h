@@ -1,6 +1,6 @@
 /* What the benchmark programs share: their RESULT lines, printed and appended to
  * $GPU_BENCH_RESULTS when set (bench/gpu_bench.sh collects every part's there for its table),
- * their random inputs in backend memory, and the median of repeated timings. */
+ * their random inputs in backend memory, and the median of repeated timings of an op. */
 #ifndef QWEN3_BENCH_RESULT_H
 #define QWEN3_BENCH_RESULT_H
 
@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 
+#include "common/util.h"
 #include "kernels/ops.h"
 
 static inline void result_line(const char *line) {
@@ -63,6 +64,27 @@ static inline void *bench_random(const struct backend *be, size_t n, enum dtype 
   be->convert(dev, t, f32, DT_F32, n);
   be->free(f32);
   return dev;
+}
+
+/* Seconds of one call of fn(be, arg, op): one untimed call (an op's first call sets things up),
+ * then batches of `calls` calls between two synchronizes, at least 3 and at most
+ * BENCH_MAX_REPEATS of them, until `seconds` have passed; the median batch over `calls`. */
+#define BENCH_MAX_REPEATS 50
+typedef void (*bench_op)(const struct backend *be, const void *arg, int op);
+static inline double bench_time(const struct backend *be, bench_op fn, const void *arg, int op,
+                                int calls, double seconds) {
+  double t[BENCH_MAX_REPEATS];
+  int n = 0;
+  fn(be, arg, op);
+  be->synchronize();
+  const double start = now_seconds();
+  do {
+    const double a = now_seconds();
+    for (int i = 0; i < calls; i++) fn(be, arg, op);
+    be->synchronize();
+    t[n++] = (now_seconds() - a) / calls;
+  } while (n < BENCH_MAX_REPEATS && (n < 3 || now_seconds() - start < seconds));
+  return bench_median(t, n);
 }
 
 #endif

@@ -52,7 +52,8 @@ struct bufs {
   int32_t *pos;
 };
 
-static void run(const struct backend *be, const struct bufs *b, int op) {
+static void run(const struct backend *be, const void *arg, int op) {
+  const struct bufs *b = arg;
   const size_t copy_bytes = (size_t)TOKENS * HEADS * HEAD_DIM * dtype_bytes(be->act_dtype());
   switch (op) {
   case RMS_FWD: be->rmsnorm_forward(b->out, b->x, b->w, TOKENS, DIM, EPS); break;
@@ -90,25 +91,6 @@ static double op_bytes(int op, size_t act) {
   }
 }
 
-#define MAX_REPEATS 50
-
-/* seconds of one call: the median over repeats of a batch of `calls` */
-static double time_op(const struct backend *be, const struct bufs *b, int op, int calls,
-                      double seconds) {
-  double t[MAX_REPEATS];
-  int n = 0;
-  run(be, b, op);   /* untimed: the first call of an op sets things up */
-  be->synchronize();
-  const double start = now_seconds();
-  do {
-    const double a = now_seconds();
-    for (int i = 0; i < calls; i++) run(be, b, op);
-    be->synchronize();
-    t[n++] = (now_seconds() - a) / calls;
-  } while (n < MAX_REPEATS && (n < 3 || now_seconds() - start < seconds));
-  return bench_median(t, n);
-}
-
 static void bench(const struct backend *be, double budget, int calls) {
   const enum dtype act = be->act_dtype();
   const size_t nr = (size_t)TOKENS * DIM, nq = (size_t)TOKENS * HEADS * HEAD_DIM;
@@ -126,7 +108,7 @@ static void bench(const struct backend *be, double budget, int calls) {
 
   double us[OPS], gbps[OPS];
   for (int op = 0; op < OPS; op++) {
-    const double t = time_op(be, &b, op, calls, budget / OPS);
+    const double t = bench_time(be, run, &b, op, calls, budget / OPS);
     us[op] = t * 1e6;
     gbps[op] = op_bytes(op, dtype_bytes(act)) / t / 1e9;
   }
