@@ -19,6 +19,7 @@
 #include "trainer/plan.h"
 #include "trainer/schedule.h"
 #include "worker/block.h"
+#include "worker/nvfp4_linear.h"
 
 static enum schedule_kind schedule_kind_of(const Job *job) {
   return job->parallel->schedule == QWEN3__PIPELINE_SCHEDULE__GPIPE ? SCHEDULE_GPIPE
@@ -64,7 +65,8 @@ int nvfp4_bf16_last_layers(const Qwen3__Precision *prec, int num_layers) {
 
 /* What eval.prompts' generation takes on top of the table: every prompt decodes together, so
  * the KV cache holds all of them at the longest one's length, and NVFP4 layers their weights
- * packed for decoding where the backend decodes from them (worker.c kv_cache_bytes). */
+ * packed for decoding where the backend decodes from them, for a generation of at most
+ * NVFP4_PACKED_DECODE_ROWS prompts (worker.c kv_cache_bytes). */
 static void print_generation_memory(const Job *job, const struct qwen3_config *cfg,
                                     const struct comm *c, enum dtype act,
                                     const struct backend *be) {
@@ -84,7 +86,7 @@ static void print_generation_memory(const Job *job, const struct qwen3_config *c
       struct worker_plan p;
       stage_plan(&p, job, cfg, c->pp, s, k, act);
       bytes += kv_cache_bytes(&p, len, n, be->nvfp4_gemv_packed != NULL);
-      packed |= be->nvfp4_gemv_packed && p.fp4_bytes;
+      packed |= be->nvfp4_gemv_packed && p.fp4_bytes && n <= NVFP4_PACKED_DECODE_ROWS;
     }
     if (bytes > most) most = bytes;
   }

@@ -226,7 +226,7 @@ void nvfp4_linear_forward(struct worker *w, int layer, enum layer_param which,
   if (w->wq_stale[layer]) quantize_layer_weights(w, layer);
   if (which == x_of) be->nvfp4_quantize(xq, dec_x, x, act, n, in_dim, NVFP4_ROWS, 0, 0, -1);
   void *fp4 = w->kv ? w->kv->fp4 : NULL;
-  if (fp4 && n <= NVFP4_GEMV_MAX_ROWS) {
+  if (fp4 && n <= NVFP4_PACKED_DECODE_ROWS) {
     uint8_t *codes = packed_of(w, fp4, layer, which);
     be->nvfp4_gemv_packed(out, xq, dec_x, codes, packed_scales(codes, out_dim, in_dim),
                           packed_dec(w, fp4, layer, which), n, in_dim, out_dim);

@@ -23,10 +23,17 @@ void nvfp4_weights_changed(struct worker *w);
  * NVFP4 operand whose tensor scale is NaN (the operand held a non-finite value), else 0. */
 int nvfp4_nonfinite_operand(struct worker *w, char *msg, size_t len);
 
+/* Decoding steps of at most this many sequences read packed weights; more take the GEMM on the
+ * training's operands, and a KV cache for more does not pack them. Measured on the H200 at
+ * Qwen3-4B (bench/NOTES.md, session 10): packed 224 tok/s against 184 for one sequence, 493
+ * against 673 for four (the packed GEMV's cost per token row, its x loads and conversions,
+ * grows faster than the GEMM's). At most NVFP4_GEMV_MAX_ROWS, what the op takes. */
+#define NVFP4_PACKED_DECODE_ROWS 1
+
 /* out [n, out_dim] = the NVFP4 GEMM of x and the layer's quantized weight `which`. x, out, dx
  * and dout are of the activation dtype, and so are the recipe's operands (exact in bf16).
- * Inside worker_infer with a KV cache holding packed weights, n <= NVFP4_GEMV_MAX_ROWS rows
- * read the packed weight instead (nvfp4_gemv_packed: the same values, 4.5 bits each).
+ * Inside worker_infer with a KV cache holding packed weights, n <= NVFP4_PACKED_DECODE_ROWS
+ * rows read the packed weight instead (nvfp4_gemv_packed: the same values, 4.5 bits each).
  * x_of: the linear of the same stage whose call quantized this same x (round to nearest, so its
  * operand is the same for all of them): x is quantized once per stage, by the call with
  * which == x_of, and the stage's other linears, called after it, reuse it. */

@@ -151,8 +151,9 @@ struct kv_cache {
                                 * output (backend memory): a decoding step's logits */
   void *decode_step;           /* the recorded ops of a decoding step (backend capture_begin) */
   /* The stage's NVFP4 matrices packed (ops.h nvfp4_pack) from the masters as they were when
-   * the cache was made, which its decoding steps of at most NVFP4_GEMV_MAX_ROWS tokens read;
-   * NULL without NVFP4 layers or where the backend has no packed ops. */
+   * the cache was made, which its decoding steps of at most NVFP4_PACKED_DECODE_ROWS tokens
+   * read; NULL without NVFP4 layers, for more sequences, or where the backend has no packed
+   * ops. */
   void *fp4;
 };
 

@@ -103,13 +103,13 @@ fi
 
 # Decoding from packed NVFP4 weights (a KV cache packs the layers' matrices; ops.h nvfp4_pack
 # and nvfp4_gemv_packed), checked against eval.check_kv's full replay, which runs the GEMM on the
-# same quantized values: the prefill of a 2-token prompt reads the packed weights (at most
-# NVFP4_GEMV_MAX_ROWS rows) and must give the replay's logits to fp32 rounding; the later steps
-# quantize one token's activations where the replay quantizes the whole sequence's (a tensor
-# scale of their own), so they differ by NVFP4 rounding (eval.kv_tolerance raised for that), and
-# the greedy tokens must agree.
+# same quantized values: the prefill of a 1-token prompt reads the packed weights (at most
+# NVFP4_PACKED_DECODE_ROWS rows) and must give the replay's logits to fp32 rounding; the later
+# steps quantize one token's activations where the replay quantizes the whole sequence's (a
+# tensor scale of their own), so they differ by NVFP4 rounding (eval.kv_tolerance raised for
+# that), and the greedy tokens must agree.
 timeout 120 $MPIRUN -np 1 "$build/qwen3-train" "$build/jobs/tiny.pb" "${common[@]}" \
-  --set precision.linear=NVFP4 --set train.steps=0 --set eval.prompts.ids=72,101 \
+  --set precision.linear=NVFP4 --set train.steps=0 --set eval.prompts.ids=72 \
   --set eval.max_new_tokens=8 --set eval.temperature=0 --set eval.check_kv=true \
   --set eval.kv_tolerance=0.5 --set output_dir="$out/decode" >"$log" 2>&1
 rc=$?

@@ -166,9 +166,10 @@ static void test_nonfinite(void) {
 
 /* Decoding from packed weights (ops.h nvfp4_pack, nvfp4_gemv_packed): a KV cache packs the
  * stage's NVFP4 matrices; their codes times their scales are the quantized weight's values bit
- * for bit, and a linear of 1 to NVFP4_GEMV_MAX_ROWS rows inside that cache's decoding reads them
- * (counted through a backend whose gemv is wrapped) and gives the GEMM path's result within the
- * fp32 accumulation's difference; more rows, or no cache, take the GEMM. Both weight layouts. */
+ * for bit, and a linear of at most NVFP4_PACKED_DECODE_ROWS rows inside that cache's decoding
+ * reads them (counted through a backend whose gemv is wrapped) and gives the GEMM path's result
+ * within the fp32 accumulation's difference; more rows, or no cache, take the GEMM, and a cache
+ * for more sequences packs nothing. Both weight layouts. */
 static int gemv_calls;
 static void counted_gemv(void *out, const void *xq, const float *dec_x, const uint8_t *codes,
                          const uint8_t *scales, const float *dec_w, int n, int in_dim,
@@ -230,7 +231,7 @@ static void test_packed_decode(int weight_2d) {
   struct kv_cache kv;
   kv_cache_init(&kv, &w, MAX_LEN, 1);
   CHECK(kv.fp4 != NULL, "a KV cache of an NVFP4 stage holds its packed weights");
-  for (int n = 1; n <= NVFP4_GEMV_MAX_ROWS + 1; n++) {
+  for (int n = 1; n <= NVFP4_PACKED_DECODE_ROWS + 1; n++) {
     w.kv = NULL;
     nvfp4_linear_forward(&w, 0, P_GATE, P_GATE, ref, x, n, IN, OUT);
     for (int i = 0; i < n * OUT; i++) got[i] = NAN;
@@ -238,12 +239,16 @@ static void test_packed_decode(int weight_2d) {
     w.kv = &kv;
     nvfp4_linear_forward(&w, 0, P_GATE, P_GATE, got, x, n, IN, OUT);
     w.kv = NULL;
-    int packed = gemv_calls - before, want = n <= NVFP4_GEMV_MAX_ROWS;
+    int packed = gemv_calls - before, want = n <= NVFP4_PACKED_DECODE_ROWS;
     CHECK(packed == want, "%d rows in a decoding step: %s path taken (%d packed calls)", n,
           want ? "the packed" : "the GEMM", packed);
     compare(weight_2d ? "packed decode, 16x16" : "packed decode, 1x16", "y", got, ref,
             (size_t)n * OUT);
   }
+  kv_cache_free(&kv, &w);
+  kv_cache_init(&kv, &w, MAX_LEN, NVFP4_PACKED_DECODE_ROWS + 1);
+  CHECK(kv.fp4 == NULL, "a KV cache of %d sequences does not pack the weights",
+        NVFP4_PACKED_DECODE_ROWS + 1);
   kv_cache_free(&kv, &w);
   worker_free(&w);
   free(codes), free(scales), free(wq), free(back), free(x), free(ref), free(got);
