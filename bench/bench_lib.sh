@@ -33,6 +33,13 @@ within() {
   timeout -k 5 "$b" "$@"
 }
 
+# mark SYSTEM MB ACCUM STATUS: a table row for a training configuration at the script's T that
+# printed no RESULT line
+mark() {
+  grep -q "^RESULT system=$1 mb=$2 T=$T accum=$3 " "$RESULTS" ||
+    echo "RESULT system=$1 mb=$2 T=$T accum=$3 status=$4" >> "$RESULTS"
+}
+
 # gpu_label WANT: the `gpu` CTest label under `within WANT`, its log in $WORK/ctest.txt (tail
 # printed) and its summary line, with how many tests skipped (a skipped test is not a pass), in
 # $WORK/ctest_summary; gpu_label_summary prints that line, or "not run".

@@ -7,16 +7,15 @@
 set -euo pipefail
 prefix=/tmp/qwen3-deps
 mkdir -p "$prefix"
-if [ "${BENCH_BUILT:-0}" != 1 ]; then
-  for f in .deb/*.deb; do dpkg -x "$f" "$prefix"; done
-  sed -i "s|^prefix=/usr|prefix=$prefix/usr|" "$prefix"/usr/lib/x86_64-linux-gnu/pkgconfig/*.pc
-fi
 export PATH="$prefix/usr/bin:$PATH"
 export LD_LIBRARY_PATH="$prefix/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}"
 export PKG_CONFIG_PATH="$prefix/usr/lib/x86_64-linux-gnu/pkgconfig:${PKG_CONFIG_PATH:-}"
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
-[ "${BENCH_BUILT:-0}" = 1 ] ||
+if [ "${BENCH_BUILT:-0}" != 1 ]; then
+  for f in .deb/*.deb; do dpkg -x "$f" "$prefix"; done
+  sed -i "s|^prefix=/usr|prefix=$prefix/usr|" "$prefix"/usr/lib/x86_64-linux-gnu/pkgconfig/*.pc
   cmake -S . -B build -DCMAKE_BUILD_TYPE=Release -DQWEN3_CUDA_ARCHS=${QWEN3_CUDA_ARCHS:-90a} | grep "qwen3:" || true
-[ "${BENCH_BUILT:-0}" = 1 ] || cmake --build build -j"$(nproc)" 2>&1 | grep -E "error|warning" || true
+  cmake --build build -j"$(nproc)" 2>&1 | grep -E "error|warning" || true
+fi
 ls build/qwen3-train build/bench/ckpt_bench >/dev/null
 set +e +u +o pipefail

@@ -26,11 +26,6 @@ T=${GPU_BENCH_T:-2048}
 source bench/bench_lib.sh
 skipped=()
 skip() { skipped+=("$1"); echo "SKIPPED $1"; }
-# mark SYSTEM MB ACCUM STATUS: a table row for a configuration that printed no RESULT line
-mark() {
-  grep -q "^RESULT system=$1 mb=$2 T=$T accum=$3 " "$RESULTS" ||
-    echo "RESULT system=$1 mb=$2 T=$T accum=$3 status=$4" >> "$RESULTS"
-}
 
 # A part cut short may leave a process of ours on the GPU (a trainer rank whose harness was
 # killed hard, a test's rank): end those, by id, so that the next part has the GPU to itself.

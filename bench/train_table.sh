@@ -46,10 +46,7 @@ main() {
     --mb "${torch_configs[0]%%:*}" --accum "${torch_configs[0]##*:}" ${spec:+--also "$spec"} --T "$T" \
     --save-hf "$WORK/hf4b" --budget $(( $(left) - n_ours * OURS_S - 10 )) "${clip[@]}"
   echo "exit $?"
-  for spec in "${torch_configs[@]}"; do   # a row for each configuration that printed none
-    grep -q "^RESULT system=torch-compile mb=${spec%%:*} T=$T accum=${spec##*:} " "$RESULTS" ||
-      echo "RESULT system=torch-compile mb=${spec%%:*} T=$T accum=${spec##*:} status=no-time" >> "$RESULTS"
-  done
+  for spec in "${torch_configs[@]}"; do mark torch-compile "${spec%%:*}" "${spec##*:}" no-time; done
 
   local variant label sets
   for variant in "ours-bf16:" ${TABLE_OURS_SETS:-}; do

@@ -19,7 +19,6 @@
 #include "trainer/plan.h"
 #include "trainer/schedule.h"
 #include "worker/block.h"
-#include "worker/nvfp4_linear.h"
 
 static enum schedule_kind schedule_kind_of(const Job *job) {
   return job->parallel->schedule == QWEN3__PIPELINE_SCHEDULE__GPIPE ? SCHEDULE_GPIPE
@@ -85,8 +84,8 @@ static void print_generation_memory(const Job *job, const struct qwen3_config *c
     for (int k = 0; k < job->parallel->virtual_stages; k++) {
       struct worker_plan p;
       stage_plan(&p, job, cfg, c->pp, s, k, act);
-      bytes += kv_cache_bytes(&p, len, n, be->nvfp4_gemv_packed != NULL);
-      packed |= be->nvfp4_gemv_packed && p.fp4_bytes && n <= NVFP4_PACKED_DECODE_ROWS;
+      bytes += kv_cache_bytes(&p, len, n, be);
+      packed |= kv_packed_bytes(&p, n, be) > 0;
     }
     if (bytes > most) most = bytes;
   }

@@ -585,9 +585,14 @@ static size_t kv_logit_bytes(const struct worker_plan *p, int n_seq) {
                      : 0;
 }
 
-size_t kv_cache_bytes(const struct worker_plan *p, int max_len, int n_seq, int packed) {
+size_t kv_packed_bytes(const struct worker_plan *p, int n_seq, const struct backend *be) {
+  return be->nvfp4_gemv_packed && n_seq <= NVFP4_PACKED_DECODE_ROWS ? p->fp4_bytes : 0;
+}
+
+size_t kv_cache_bytes(const struct worker_plan *p, int max_len, int n_seq,
+                      const struct backend *be) {
   return kv_data_bytes(p, max_len, n_seq) + kv_logit_bytes(p, n_seq) +
-         (packed && n_seq <= NVFP4_PACKED_DECODE_ROWS ? p->fp4_bytes : 0);
+         kv_packed_bytes(p, n_seq, be);
 }
 
 void kv_cache_init(struct kv_cache *kv, const struct worker *w, int max_len, int n_seq) {
@@ -598,9 +603,9 @@ void kv_cache_init(struct kv_cache *kv, const struct worker *w, int max_len, int
   kv->n_seq = n_seq;
   kv->len = xcalloc((size_t)n_seq, sizeof(int));
   if (p->has_head) kv->logits = must_alloc(w->be, kv_logit_bytes(p, n_seq), "decoding logits");
-  if (p->fp4_bytes && w->be->nvfp4_gemv_packed && !w->nvfp4_paused &&
-      n_seq <= NVFP4_PACKED_DECODE_ROWS) {
-    kv->fp4 = must_alloc(w->be, p->fp4_bytes, "NVFP4 weights packed for decoding");
+  size_t fp4_bytes = w->nvfp4_paused ? 0 : kv_packed_bytes(p, n_seq, w->be);
+  if (fp4_bytes) {
+    kv->fp4 = must_alloc(w->be, fp4_bytes, "NVFP4 weights packed for decoding");
     wait_all_weights(w);   /* packing reads the masters */
     nvfp4_pack_weights(w, kv->fp4);
   }

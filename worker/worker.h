@@ -240,10 +240,15 @@ void worker_zero_grads(struct worker *w);
 /* After the micro-batches of a step: adds the LM head's share of a tied embedding's gradient. */
 void worker_gather_tied_grads(struct worker *w);
 
-/* Backend bytes kv_cache_init takes: the keys and values of n_seq sequences of max_len tokens
- * in the plan's layers, on the last stage a decoding step's logits, and with `packed` (a
- * backend with nvfp4_gemv_packed) the NVFP4 matrices packed (for --dry-run). */
-size_t kv_cache_bytes(const struct worker_plan *p, int max_len, int n_seq, int packed);
+/* Bytes of the NVFP4 matrices a KV cache of n_seq sequences packs for decoding on backend be:
+ * the plan's, when be decodes from packed weights and n_seq <= NVFP4_PACKED_DECODE_ROWS (the
+ * decoding steps that read them); else 0. */
+size_t kv_packed_bytes(const struct worker_plan *p, int n_seq, const struct backend *be);
+/* Backend bytes kv_cache_init takes on be: the keys and values of n_seq sequences of max_len
+ * tokens in the plan's layers, on the last stage a decoding step's logits, and kv_packed_bytes
+ * (for --dry-run). */
+size_t kv_cache_bytes(const struct worker_plan *p, int max_len, int n_seq,
+                      const struct backend *be);
 void kv_cache_init(struct kv_cache *kv, const struct worker *w, int max_len, int n_seq);
 void kv_cache_free(struct kv_cache *kv, const struct worker *w);
 /* Inference through the stage (live slot 0, after worker_reshape(w, 1, T, 1) with T at least
