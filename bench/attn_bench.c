@@ -121,7 +121,7 @@ int main(int argc, char **argv) {
   }
 #ifdef ATTN_BENCH_CUDA
   const struct backend *be = &attn_bench_backend_cuda;
-  be->init(0, 1);
+  be->init(0, 1, 0);
   printf("attn_bench: backend %s, B=1, %d q / %d kv heads, head_dim %d, causal; budget %.0f s\n",
          be->name, HEADS, KV_HEADS, HEAD_DIM, budget);
   fflush(stdout);

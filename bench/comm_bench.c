@@ -317,7 +317,7 @@ int main(int argc, char **argv) {
     return refuse(c, 1, "a rank sees no GPU; needs one GPU per rank and a NCCL build");
   comm_set_layout(c, p2p ? c->world : 1);
   b.be = &backend_cuda;
-  b.be->init(c->local_rank, c->local_size);
+  b.be->init(c->local_rank, c->local_size, 0);
   comm_set_device_copy(c, b.be->to_host, b.be->to_device);
   if (!comm_nccl_enable(c, b.be->native_stream()))
     return refuse(c, 1, "our transport did not switch NCCL on (see above); needs one GPU per "

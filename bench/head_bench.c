@@ -7,7 +7,8 @@
  * QWEN3_CUDA_PRECISION says otherwise), gradients of the table fp32. Per N:
  *   loss       lm_head_loss with both gradients: dx, and dw added to (what a training forward
  *              runs); it works through the rows in chunks the scratch arena holds
- *              (QWEN3_CUDA_SCRATCH_MB, default 512: the chunk is printed);
+ *              (sized as the trainer sizes it for a micro-batch of the largest N, or
+ *              QWEN3_CUDA_SCRATCH_MB: the chunk is printed);
  *   loss_fwd   lm_head_loss without gradients (an evaluation);
  *   gemms      the op's three GEMMs alone at its shapes, each whole: logits = x·wᵀ (into an
  *              activation buffer), dx = dlogits·w, dw += dlogitsᵀ·x (fp32): what the op would
@@ -36,6 +37,7 @@
 #define HEAD_BENCH_CUDA 1
 /* bound to the symbol backend_cuda under a name of our own, as attn_bench.c does */
 extern const struct backend head_bench_backend_cuda __asm__("backend_cuda");
+#include "kernels/cuda/cuda_device.h"
 #endif
 #endif
 
@@ -91,13 +93,7 @@ static double op_work(int op, int n, size_t act) {
 
 static int is_gemm(int op) { return op == LOSS || op == LOSS_FWD || op == GEMMS; }
 
-/* the backend's scratch arena in MiB, as cuda_backend.cu reads it */
-static const char *scratch_mb(void) {
-  const char *v = getenv("QWEN3_CUDA_SCRATCH_MB");
-  return v && *v ? v : "512";
-}
-
-static void bench(const struct backend *be, int n, double budget) {
+static void bench(const struct backend *be, int n, double budget, int scratch_mib) {
   const enum dtype act = be->act_dtype();
   const size_t table = (size_t)VOCAB * DIM;
   struct bufs b = {.n = n,
@@ -124,8 +120,8 @@ static void bench(const struct backend *be, int n, double budget) {
     printf("%-10s %6d %10.3f %12.1f\n", op_name[op], n, ms[op], rate);
     char line[256];
     snprintf(line, sizeof line,
-             "RESULT system=ours-head op=%s n=%d ms=%.4f %s=%.1f scratch_mb=%s dtype=%s",
-             op_name[op], n, ms[op], is_gemm(op) ? "tflops" : "gbps", rate, scratch_mb(),
+             "RESULT system=ours-head op=%s n=%d ms=%.4f %s=%.1f scratch_mb=%d dtype=%s",
+             op_name[op], n, ms[op], is_gemm(op) ? "tflops" : "gbps", rate, scratch_mib,
              act == DT_BF16 ? "bf16" : "fp32");
     result_line(line);
   }
@@ -154,14 +150,17 @@ int main(int argc, char **argv) {
   if (!count) ns[count++] = 2048, ns[count++] = 16384;
 #ifdef HEAD_BENCH_CUDA
   const struct backend *be = &head_bench_backend_cuda;
-  be->init(0, 1);
+  int largest = 0;
+  for (int i = 0; i < count; i++) largest = ns[i] > largest ? ns[i] : largest;
+  be->init(0, 1, largest);
   const size_t act = dtype_bytes(be->act_dtype());
-  const double scratch = atof(scratch_mb());
-  printf("head_bench: backend %s, dim %d, vocab %d; scratch %.0f MiB: lm_head_loss chunks of "
-         "about %.0f rows; budget %.0f s\n",
-         be->name, DIM, VOCAB, scratch, scratch * 1048576 / ((double)VOCAB * (4 + act)), budget);
+  const double scratch = (double)cuda_scratch_bytes(largest);
+  printf("head_bench: backend %s, dim %d, vocab %d; scratch %.0f MiB (for %d rows): lm_head_loss "
+         "chunks of at most %.0f rows; budget %.0f s\n",
+         be->name, DIM, VOCAB, scratch / 1048576, largest, scratch / ((double)VOCAB * (4 + act)),
+         budget);
   fflush(stdout);
-  for (int i = 0; i < count; i++) bench(be, ns[i], budget / count);
+  for (int i = 0; i < count; i++) bench(be, ns[i], budget / count, (int)(scratch / 1048576));
   return 0;
 #else
 #ifdef QWEN3_HAVE_CUDA

@@ -149,7 +149,7 @@ int main(int argc, char **argv) {
   }
 #ifdef NORM_BENCH_CUDA
   const struct backend *be = &norm_bench_backend_cuda;
-  be->init(0, 1);
+  be->init(0, 1, 0);
   printf("norm_bench: backend %s, %d tokens: rmsnorm dim %d, q/k norm + RoPE %d / %d heads of "
          "%d; %d calls a batch, budget %.0f s\n",
          be->name, TOKENS, DIM, HEADS, KV_HEADS, HEAD_DIM, calls, budget);

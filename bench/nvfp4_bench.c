@@ -344,7 +344,7 @@ static void bench_lt_modes(const char *pass, int m, int n, int k, enum dtype c_t
 }
 
 static void run_all(int tokens, int repeats) {
-  be->init(0, 1);
+  be->init(0, 1, 0);
   enum dtype act = be->act_dtype();
   printf("nvfp4_bench: backend %s, activations %s, %d tokens, hidden %d, intermediate %d, "
          "%d repeats\n", be->name, dtype_name(act), tokens, HIDDEN, INTER, repeats);

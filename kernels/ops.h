@@ -74,8 +74,10 @@ struct backend {
   int device_memory;
 
   /* Binds this process to its share of the machine, local_rank of local_size processes on it:
-   * CPU threads, or the GPU to use. Call once before any other op. */
-  void (*init)(int local_rank, int local_size);
+   * CPU threads, or the GPU to use. rows: the most token rows one op call will carry (a
+   * micro-batch, micro_batch_size x seq_len; 0 when not known), by which a GPU sizes its
+   * scratch memory. Call once before any other op. */
+  void (*init)(int local_rank, int local_size, int rows);
 
   /* memory: alloc returns zeroed memory or NULL */
   void *(*alloc)(size_t bytes);

@@ -32,8 +32,14 @@ static const char USAGE[] =
     "  --fail-at RANK:STEP         make RANK fail at STEP (for failure tests)\n";
 
 /* What a GPU process holds besides its plan's memory: the CUDA context (about this much) and
- * cuda_workspace_bytes() */
+ * cuda_workspace_bytes(job_rows(job)) */
 #define CUDA_CONTEXT_MIB 500
+
+/* The token rows of one micro-batch: what the backend sizes its scratch memory by. */
+static int job_rows(const Job *job) {
+  long rows = (long)job->data->micro_batch_size * job->data->seq_len;
+  return rows > 0 && rows <= INT32_MAX ? (int)rows : 0;
+}
 
 /* CUDA when the job asks for it, or for AUTO when a GPU is found; the CPU otherwise. */
 static const struct backend *choose_backend(const Job *job, const struct qwen3_config *cfg,
@@ -86,7 +92,7 @@ static struct plan_device plan_device(const Job *job, double limit_gib) {
   int on_gpu;
   struct plan_device d = {.act = estimate_act_dtype(job, &on_gpu)};
 #ifdef QWEN3_HAVE_CUDA
-  if (on_gpu) d.overhead = cuda_workspace_bytes() + CUDA_CONTEXT_MIB * 1048576.0;
+  if (on_gpu) d.overhead = cuda_workspace_bytes(job_rows(job)) + CUDA_CONTEXT_MIB * 1048576.0;
   if (on_gpu && cuda_device_count() > 0) {
     d.limit = (double)cuda_device_memory(0);
     d.limit_from = "the memory of GPU 0";
@@ -244,14 +250,14 @@ int main(int argc, char **argv) {
     if (c.rank == 0 && on_gpu)
       printf("on the GPU each process also holds %.1f MiB of CUDA workspace (scratch arena, "
              "cuBLASLt) and the CUDA context (about %d MiB)\n",
-             cuda_workspace_bytes() / 1048576.0, CUDA_CONTEXT_MIB);
+             cuda_workspace_bytes(job_rows(job)) / 1048576.0, CUDA_CONTEXT_MIB);
 #endif
     if (c.rank == 0) info("dry run: the job is valid; nothing was run");
     comm_finalize(&c);
     return 0;
   }
   const struct backend *be = choose_backend(job, &cfg, &c);
-  be->init(c.local_rank, c.local_size);
+  be->init(c.local_rank, c.local_size, job_rows(job));
   if (be->device_memory) comm_set_device_copy(&c, be->to_host, be->to_device);
   /* NCCL for tensors when every rank drives a GPU of its own; collective, so every rank calls */
   comm_nccl_enable(&c, be->native_stream ? be->native_stream() : NULL);

@@ -32,7 +32,8 @@ static void cpu_convert(void *dst, enum dtype dst_type, const void *src, enum dt
 
 /* Each rank on the machine gets an equal share of the cores for OpenMP and OpenBLAS, unless the
  * user set OMP_NUM_THREADS / OPENBLAS_NUM_THREADS: more threads than cores only thrash. */
-static void cpu_init(int local_rank, int local_size) {
+static void cpu_init(int local_rank, int local_size, int rows) {
+  (void)rows;   /* the CPU backend has no arena to size */
   long cores = sysconf(_SC_NPROCESSORS_ONLN);
   int share = (int)(cores / (local_size > 0 ? local_size : 1));
   if (share < 1) share = 1;

@@ -52,19 +52,33 @@ static int env_flag(const char *name, int fallback) {
 #define LT_WORKSPACE_BYTES ((size_t)32 << 20)
 
 /* The arena holds the LM head's chunk of logits (rows x vocab floats) and the reductions'
- * partial sums; 512 MiB lets a 151936-word vocabulary run in chunks of ~590 rows in the bf16
- * mode (fp32 logits and bf16 dlogits, 6 bytes a word) and ~880 in fp32, each GEMM still large
- * enough to run near the GEMM rate. */
-static size_t scratch_bytes(void) { return env_size("QWEN3_CUDA_SCRATCH_MB", 512) << 20; }
+ * partial sums. At least 512 MiB: a 151936-word vocabulary then runs in chunks of ~590 rows in
+ * the bf16 mode (fp32 logits and bf16 dlogits, 6 bytes a word) and ~880 in fp32, each GEMM still
+ * near the GEMM rate. Larger micro-batches get 128 KiB more per row of theirs, up to 2 GiB (a
+ * seventh of the rows a chunk at that vocabulary): every chunk adds its dlogitsᵀ·x into the fp32
+ * dw with beta 1, a read and a write of the whole [vocab, dim] gradient (3.1 GB at Qwen3-4B,
+ * ~0.7 ms), so the chunks' count, not their size, is what costs (bench/head_bench: 16384 rows
+ * 91 ms in chunks of 589, 72 in chunks of 2356). Micro-batches of up to 4096 rows keep 512 MiB:
+ * their activation memory stays small. QWEN3_CUDA_SCRATCH_MB sets the size outright. */
+#define SCRATCH_MIN_BYTES ((size_t)512 << 20)
+#define SCRATCH_MAX_BYTES ((size_t)2048 << 20)
+#define SCRATCH_BYTES_PER_ROW ((size_t)128 << 10)
+
+extern "C" size_t cuda_scratch_bytes(int rows) {
+  size_t bytes = rows > 0 ? (size_t)rows * SCRATCH_BYTES_PER_ROW : 0;
+  if (bytes < SCRATCH_MIN_BYTES) bytes = SCRATCH_MIN_BYTES;
+  if (bytes > SCRATCH_MAX_BYTES) bytes = SCRATCH_MAX_BYTES;
+  return env_size("QWEN3_CUDA_SCRATCH_MB", bytes >> 20) << 20;
+}
 
 /* The side stream's own arena: its ops (AdamW, the norm's sums) take only sum_into's partials. */
 #define SIDE_SCRATCH_BYTES ((size_t)64 << 10)
 
-extern "C" size_t cuda_workspace_bytes(void) {
-  return LT_WORKSPACE_BYTES + scratch_bytes() + SIDE_SCRATCH_BYTES;
+extern "C" size_t cuda_workspace_bytes(int rows) {
+  return LT_WORKSPACE_BYTES + cuda_scratch_bytes(rows) + SIDE_SCRATCH_BYTES;
 }
 
-static void cuda_init(int local_rank, int local_size) {
+static void cuda_init(int local_rank, int local_size, int rows) {
   cuda_precision(&cuda_ctx.act, &cuda_ctx.tf32);   /* first: a mistyped mode fails before any GPU work */
   int count = 0;
   cudaError_t e = cudaGetDeviceCount(&count);
@@ -101,12 +115,12 @@ static void cuda_init(int local_rank, int local_size) {
   cuda_ctx.wgmma = 0;
 #endif
   cuda_ctx.lt_workspace_bytes = LT_WORKSPACE_BYTES;
-  cuda_ctx.scratch_bytes = scratch_bytes();
+  cuda_ctx.scratch_bytes = cuda_scratch_bytes(rows);
   CUDA_CHECK(cudaMalloc(&cuda_ctx.lt_workspace, cuda_ctx.lt_workspace_bytes));
   CUDA_CHECK(cudaMalloc((void **)&cuda_ctx.scratch, cuda_ctx.scratch_bytes));
   CUDA_CHECK(cudaMalloc((void **)&cuda_ctx.side_scratch, SIDE_SCRATCH_BYTES));
   CUDA_CHECK(cudaMallocHost((void **)&cuda_ctx.host_result, 4096));
-  bytes_in_use = bytes_peak = cuda_workspace_bytes();
+  bytes_in_use = bytes_peak = cuda_workspace_bytes(rows);
   if (local_size > count && local_rank == 0)
     info("backend CUDA: %d processes share %d GPU(s) on this machine", local_size, count);
 }

@@ -16,8 +16,10 @@ int cuda_device_name(int device, char *name, int len);
 /* Total memory of the device in bytes; 0 when it cannot be read. For --plan's default limit. */
 size_t cuda_device_memory(int device);
 /* Bytes the CUDA backend allocates for itself in every process (scratch arena + cuBLASLt
- * workspace), as init will with the current environment; for --dry-run's estimate. */
-size_t cuda_workspace_bytes(void);
+ * workspace), as init(.., rows) will with the current environment; for --dry-run's estimate. */
+size_t cuda_workspace_bytes(int rows);
+/* Its scratch arena alone, for micro-batches of `rows` token rows (0: not known). */
+size_t cuda_scratch_bytes(int rows);
 /* The mode QWEN3_CUDA_PRECISION selects (bf16 when unset): the activation dtype and whether
  * GEMMs on fp32 operands may use TF32. Dies naming the variable on a value it does not know. */
 void cuda_precision(enum dtype *act, int *tf32);

@@ -503,19 +503,22 @@ static __global__ void lm_loss_rows_kernel(const float *logits, T *dlogits, floa
   }
 }
 
-/* Rows per chunk: as many rows of `row_bytes` as the scratch arena holds (less some alignment
- * slack), at most LOSS_MAX_CHUNK_ROWS and at most n, rounded down to a multiple of 64 when that
- * still leaves at least 64 and the chunk does not take every row. At least 1 (if even one row
- * does not fit, cuda_scratch2 dies naming the op). */
+/* Rows per chunk: the chunks as few as the scratch arena allows (it holds `fit` rows of
+ * `row_bytes`, less some alignment slack, and a chunk takes at most LOSS_MAX_CHUNK_ROWS), and of
+ * equal size (a last chunk of a few rows would cost a pass over dw like a full one), rounded up
+ * to a multiple of 64 where that still fits. At least 1 (if even one row does not fit,
+ * cuda_scratch2 dies naming the op). */
 static int loss_chunk_rows(int n, size_t row_bytes) {
   size_t slack = 1024;
   size_t avail = cuda_ctx.scratch_bytes > slack ? cuda_ctx.scratch_bytes - slack : 0;
-  size_t rows = avail / row_bytes;
-  if (rows > LOSS_MAX_CHUNK_ROWS) rows = LOSS_MAX_CHUNK_ROWS;
-  if (rows > (size_t)n) rows = (size_t)n;
-  if (rows >= 64 && rows < (size_t)n) rows -= rows % 64;
-  if (rows < 1) rows = 1;
-  return (int)rows;
+  size_t fit = avail / row_bytes;
+  if (fit > LOSS_MAX_CHUNK_ROWS) fit = LOSS_MAX_CHUNK_ROWS;
+  if (fit < 1) return 1;
+  if (fit >= (size_t)n) return n;
+  size_t chunks = ((size_t)n + fit - 1) / fit;
+  size_t rows = ((size_t)n + chunks - 1) / chunks;
+  size_t rounded = (rows + 63) / 64 * 64;
+  return (int)(rounded <= fit ? rounded : rows);
 }
 
 extern "C" void cuda_lm_head_loss(float *nll, void *dx, float *dw, const void *x, const void *w,

@@ -1522,6 +1522,24 @@ static void test_precision_env(void) {
   printf("%-4s %-62s checked\n", "", "QWEN3_CUDA_PRECISION modes, QWEN3_CUDA_TF32 refused");
 }
 
+/* The scratch arena's size from a micro-batch's rows: 512 MiB up to 4096 rows, 128 KiB a row
+ * above, 2 GiB at most; QWEN3_CUDA_SCRATCH_MB overrides it (host-only: init is not called). */
+static void test_scratch_sizing(void) {
+  static const struct { int rows; size_t mib; } cases[] = {
+      {0, 512}, {2048, 512}, {4096, 512}, {8192, 1024}, {12288, 1536}, {16384, 2048},
+      {1 << 20, 2048}};
+  unsetenv("QWEN3_CUDA_SCRATCH_MB");
+  for (size_t i = 0; i < sizeof cases / sizeof *cases; i++)
+    CHECK(cuda_scratch_bytes(cases[i].rows) == cases[i].mib << 20,
+          "scratch for %d rows: %zu MiB, expected %zu", cases[i].rows,
+          cuda_scratch_bytes(cases[i].rows) >> 20, cases[i].mib);
+  setenv("QWEN3_CUDA_SCRATCH_MB", "100", 1);
+  CHECK(cuda_scratch_bytes(16384) == (size_t)100 << 20,
+        "QWEN3_CUDA_SCRATCH_MB=100 for 16384 rows gave %zu MiB", cuda_scratch_bytes(16384) >> 20);
+  unsetenv("QWEN3_CUDA_SCRATCH_MB");
+  printf("%-4s %-62s checked\n", "", "the scratch arena sized from a micro-batch's rows");
+}
+
 /* Packed documents for test_attention: uneven lengths, one-token documents, documents across the
  * 64- and 128-row tiles of the kernels and across the end of a sequence (into the next one). */
 static const int DOCS[] = {1, 37, 100, 90, 5, 1, 40, 0};
@@ -1532,12 +1550,13 @@ int main(void) {
     return 77;
   }
   test_precision_env();
+  test_scratch_sizing();
   unsetenv("QWEN3_CUDA_TF32");
   setenv("QWEN3_CUDA_PRECISION", "fp32", 1);   /* the exact fp32 mode */
   setenv("QWEN3_CUDA_SCRATCH_MB", "64", 1);    /* small arena: the LM head runs in several chunks */
   gpu = &backend_cuda;
-  gpu->init(0, 1);
-  cpu->init(0, 1);
+  gpu->init(0, 1, 0);
+  cpu->init(0, 1, 0);
   CHECK(cuda_ctx.act == DT_F32 && cuda_ctx.tf32 == 0,
         "QWEN3_CUDA_PRECISION=fp32 gave activations %d, tf32 %d", (int)cuda_ctx.act,
         cuda_ctx.tf32);

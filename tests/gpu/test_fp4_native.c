@@ -244,7 +244,7 @@ int main(void) {
            "and cuBLASLt's NVFP4 kernels); skipped\n", name);
     return 77;
   }
-  backend_cuda.init(0, 1);
+  backend_cuda.init(0, 1, 0);
 
   /* documented-friendly shapes: m, n multiples of 16 (not of 128), k multiple of 32 */
   test_shape(144, 80, 96, 1);   /* k 96: one full and one half 128x4 scale tile along k */

@@ -191,7 +191,7 @@ int main(int argc, char **argv) {
     return 77;
 #endif
   }
-  be->init(0, 1);
+  be->init(0, 1, 0);
   DIR *d = opendir(FIXTURES);
   CHECK(d != NULL, "no fixtures at " FIXTURES ": run tests/hf_fixtures.py where transformers is "
                    "installed and commit its output");
