@@ -238,6 +238,19 @@ enum { NV_THREADS = CUDA_THREADS, NV_WARPS = NV_THREADS / 32 };
  * row, where single values gave it 64 or 128 with twice the load instructions). */
 #define NV_COLS_RUN 2
 
+/* NV_AMAX_BACKWARDS: the amax kernels walk x from its end to its start, the quantize kernels
+ * from its start (grid-stride trips in both). The quantize pass then first rereads what the
+ * amax pass read last, and the L2 (50 MB on the H200) still holds up to about half of it (x's
+ * lines are evicted oldest first while xq's are written): of a 40 MB x, ~15-20 MB of the
+ * second read comes from L2, not HBM. It also starts the amax pass on x's end, the part its
+ * producer (written start to end) left in L2 last. Maxima are order-independent: no bit moves.
+ *
+ * Both kernels of a call are launched as programmatic dependents (cuda_launch_pdl): the amax
+ * kernel's blocks are scheduled while the op before it finishes, and the quantize kernel's
+ * while the amax kernel's last blocks run, so neither pays a whole launch gap; each waits in
+ * pdl_wait (its first statement) for the kernel before it to finish, which makes the partial
+ * maxima (and, through the amax kernel's own wait, x) visible to it. */
+
 /* N consecutive values at p in fp32: loads of up to 16 bytes when VEC (p aligned to them) */
 template <bool VEC, int N, typename T>
 __device__ __forceinline__ void nv_load(float v[N], const T *p) {
@@ -419,24 +432,27 @@ __global__ void nvfp4_denormal_probe_kernel(uint32_t *out, float probe) {
 }
 
 /* part[blockIdx.x] = the block's max of the bits of |x|, x a flat run of ngroups groups of
- * N = 16 / sizeof(T) values (one 16-byte load each); grid-stride with 4 loads in flight. */
+ * N = 16 / sizeof(T) values (one 16-byte load each); grid-stride with 4 loads in flight.
+ * Backwards, group ngroups - 1 first (see NV_AMAX_BACKWARDS). */
 template <typename T, bool VEC>
 __global__ void __launch_bounds__(NV_THREADS)
     nvfp4_amax_kernel(uint32_t *part, const T *x, size_t ngroups) {
   constexpr int N = 16 / sizeof(T);
+  pdl_wait();
+  pdl_release();
   uint32_t m[1] = {0};
   const size_t stride = (size_t)gridDim.x * blockDim.x;
-  size_t g = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-  for (; g + 3 * stride < ngroups; g += 4 * stride) {
+  size_t r = (size_t)blockIdx.x * blockDim.x + threadIdx.x;   /* group ngroups - 1 - r */
+  for (; r + 3 * stride < ngroups; r += 4 * stride) {
     float v[4][N];
 NV_UNROLL
-    for (int j = 0; j < 4; j++) nv_load<VEC, N>(v[j], x + (g + j * stride) * N);
+    for (int j = 0; j < 4; j++) nv_load<VEC, N>(v[j], x + (ngroups - 1 - r - j * stride) * N);
 NV_UNROLL
     for (int j = 0; j < 4; j++) m[0] = max(m[0], nv_absmax<N>(v[j]));
   }
-  for (; g < ngroups; g += stride) {
+  for (; r < ngroups; r += stride) {
     float v[N];
-    nv_load<VEC, N>(v, x + g * N);
+    nv_load<VEC, N>(v, x + (ngroups - 1 - r) * N);
     m[0] = max(m[0], nv_absmax<N>(v));
   }
   nv_block_amax<1>(part, m);
@@ -446,7 +462,7 @@ NV_UNROLL
  * columns c .. c + C - 1 of x, c = C (t % (cols / C)), and tile g = t / (cols / C), each
  * column transformed exactly as nvfp4_cols_kernel does; K = 2 also takes the plain max of |x|
  * (the rows operand of nvfp4_quantize_rows_cols) from the same loads, into
- * part[gridDim.x + blockIdx.x]. */
+ * part[gridDim.x + blockIdx.x]. Backwards, item items - 1 first (NV_AMAX_BACKWARDS). */
 template <typename T, int K, int C>
 __global__ void __launch_bounds__(NV_THREADS)
     nvfp4_amax_cols_kernel(uint32_t *part, const T *x, uint32_t cols, size_t items,
@@ -454,9 +470,12 @@ __global__ void __launch_bounds__(NV_THREADS)
   uint32_t m[K];
 NV_UNROLL
   for (int k = 0; k < K; k++) m[k] = 0;
+  pdl_wait();
+  pdl_release();
   const uint32_t runs = cols / C;
   const size_t stride = (size_t)gridDim.x * blockDim.x;
-  for (size_t t = (size_t)blockIdx.x * blockDim.x + threadIdx.x; t < items; t += stride) {
+  for (size_t r = (size_t)blockIdx.x * blockDim.x + threadIdx.x; r < items; r += stride) {
+    const size_t t = items - 1 - r;   /* backwards (NV_AMAX_BACKWARDS) */
     const uint32_t g = (uint32_t)t / runs, c = C * ((uint32_t)t - g * runs);
     nv_run<T, C> run[16];
     nv_load_cols<C>(run, x, cols, c, g);
@@ -485,6 +504,8 @@ __global__ void __launch_bounds__(NV_THREADS)
     nvfp4_rows_kernel(Out out, float *dec, const Tin *x, size_t ngroups, nv_parts parts,
                       uint64_t seed) {
   constexpr int N = 16 / sizeof(Tin), LANES = 16 / N;
+  pdl_wait();
+  pdl_release();
   nv_scale sc[1];
   float *const decs[1] = {dec};
   nv_read_scales<1>(sc, parts, decs);
@@ -527,6 +548,8 @@ template <typename Tin, class Out, bool VEC, bool SR>
 __global__ void __launch_bounds__(NV_THREADS)
     nvfp4_tiles_kernel(Out out, float *dec, const Tin *x, uint32_t cols, uint32_t tiles,
                        nv_parts parts, uint64_t seed) {
+  pdl_wait();
+  pdl_release();
   nv_scale sc[1];
   float *const decs[1] = {dec};
   nv_read_scales<1>(sc, parts, decs);
@@ -590,6 +613,8 @@ __global__ void __launch_bounds__(NV_THREADS)
                       uint64_t rows_seed, int rht_signs) {
   constexpr int C = VEC ? NV_COLS_RUN : 1, G = 16 / C, BLOCK = 32 * 17 + 1;
   __shared__ float tile[ROWS ? NV_WARPS : 1][ROWS ? C * BLOCK : 1];
+  pdl_wait();
+  pdl_release();
   nv_scale sc[1 + ROWS];
   float *const decs[2] = {dec, rows_dec};
   nv_read_scales<1 + ROWS>(sc, parts, decs);
@@ -700,9 +725,8 @@ struct nv_rows {
     const size_t ngroups = (size_t)a.rows * (size_t)a.cols / (16 / sizeof(Tin));
     auto kernel = nvfp4_rows_kernel<Tin, Out, VEC, SR>;
     const int blocks = nv_grid(kernel, &per_sm, (ngroups + NV_ROWS_UNROLL - 1) / NV_ROWS_UNROLL);
-    kernel<<<blocks, NV_THREADS, 0, cuda_ctx.stream>>>(out, a.dec, (const Tin *)a.x, ngroups,
-                                                       a.parts, a.seed);
-    CUDA_LAUNCHED("nvfp4_rows_kernel");
+    CUDA_LAUNCH_PDL("nvfp4_rows_kernel", kernel, dim3(blocks), dim3(NV_THREADS), 0, out, a.dec,
+                    (const Tin *)a.x, ngroups, a.parts, a.seed);
   }
 };
 
@@ -720,9 +744,9 @@ struct nv_tiles {
     static int per_sm;
     const size_t tiles = (size_t)a.rows * (size_t)a.cols / 256;
     auto kernel = nvfp4_tiles_kernel<Tin, Out, VEC, SR>;
-    kernel<<<nv_grid(kernel, &per_sm, tiles * 32), NV_THREADS, 0, cuda_ctx.stream>>>(
-        out, a.dec, (const Tin *)a.x, (uint32_t)a.cols, (uint32_t)tiles, a.parts, a.seed);
-    CUDA_LAUNCHED("nvfp4_tiles_kernel");
+    CUDA_LAUNCH_PDL("nvfp4_tiles_kernel", kernel, dim3(nv_grid(kernel, &per_sm, tiles * 32)),
+                    dim3(NV_THREADS), 0, out, a.dec, (const Tin *)a.x, (uint32_t)a.cols,
+                    (uint32_t)tiles, a.parts, a.seed);
   }
 };
 
@@ -747,10 +771,10 @@ struct nv_cols {
     static int per_sm;
     const size_t items = (size_t)(a.cols / (VEC ? NV_COLS_RUN : 1)) * (size_t)(a.rows / 16);
     auto kernel = nvfp4_cols_kernel<Tin, Tout, VEC, SR, ROWS>;
-    kernel<<<nv_grid(kernel, &per_sm, items), NV_THREADS, 0, cuda_ctx.stream>>>(
-        (Tout *)a.xq, a.dec, (Tout *)a.rows_q, a.rows_dec, (const Tin *)a.x, (uint32_t)a.rows,
-        (uint32_t)a.cols, items, a.parts, a.seed, a.rows_seed, a.rht_signs);
-    CUDA_LAUNCHED(ROWS ? "nvfp4_cols_kernel (rows and cols)" : "nvfp4_cols_kernel");
+    CUDA_LAUNCH_PDL(ROWS ? "nvfp4_cols_kernel (rows and cols)" : "nvfp4_cols_kernel", kernel,
+                    dim3(nv_grid(kernel, &per_sm, items)), dim3(NV_THREADS), 0, (Tout *)a.xq,
+                    a.dec, (Tout *)a.rows_q, a.rows_dec, (const Tin *)a.x, (uint32_t)a.rows,
+                    (uint32_t)a.cols, items, a.parts, a.seed, a.rows_seed, a.rht_signs);
   }
 };
 
@@ -796,9 +820,8 @@ static nv_parts nv_amax_t(const void *x, int rows, int cols, int rht_signs, bool
                       : both ? nvfp4_amax_cols_kernel<T, 2, 1> : nvfp4_amax_cols_kernel<T, 1, 1>;
     const int blocks = nv_grid(kernel, &per_sm[run][both], items);
     part = (uint32_t *)cuda_scratch(2 * (size_t)blocks * sizeof(uint32_t), "nvfp4 amax partials");
-    kernel<<<blocks, NV_THREADS, 0, cuda_ctx.stream>>>(part, (const T *)x, (uint32_t)cols, items,
-                                                       rht_signs);
-    CUDA_LAUNCHED("nvfp4_amax_cols_kernel");
+    CUDA_LAUNCH_PDL("nvfp4_amax_cols_kernel", kernel, dim3(blocks), dim3(NV_THREADS), 0, part,
+                    (const T *)x, (uint32_t)cols, items, rht_signs);
     p.max[0] = part;
     p.max[1] = both ? part + blocks : part;
     p.n = (uint32_t)blocks;
@@ -810,8 +833,8 @@ static nv_parts nv_amax_t(const void *x, int rows, int cols, int rht_signs, bool
   auto kernel = vec ? nvfp4_amax_kernel<T, true> : nvfp4_amax_kernel<T, false>;
   const int blocks = nv_grid(kernel, &per_sm[vec], (ngroups + 3) / 4);
   part = (uint32_t *)cuda_scratch((size_t)blocks * sizeof(uint32_t), "nvfp4 amax partials");
-  kernel<<<blocks, NV_THREADS, 0, cuda_ctx.stream>>>(part, (const T *)x, ngroups);
-  CUDA_LAUNCHED("nvfp4_amax_kernel");
+  CUDA_LAUNCH_PDL("nvfp4_amax_kernel", kernel, dim3(blocks), dim3(NV_THREADS), 0, part,
+                  (const T *)x, ngroups);
   p.max[0] = p.max[1] = part;
   p.n = (uint32_t)blocks;
   return p;
