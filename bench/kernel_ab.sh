@@ -7,7 +7,7 @@
 #            writes the baseline's kernels/cuda files that differ from this tree into .ab_base/
 #   device:  bash bench/kernel_ab.sh run [TARGET [ARGS...]]      carry [".deb", ".ab_base"]
 #            TARGET a benchmark of build/bench (default attn_bench), ARGS its arguments
-#            (default: --budget 8 2048 4096 8192); AB_ROUNDS pairs (default 2)
+#            (default: none; attn_bench's --budget 8 2048 4096 8192); AB_ROUNDS pairs (default 2)
 #
 # Prints the `gpu` label's summary first when AB_CTEST=1 (the new tree's), then each run's
 # RESULT lines under "== new" or "== old". .ab_base/ is ignored by git and travels only when a
@@ -33,7 +33,8 @@ case "${1:-}" in
     target=${1:-attn_bench}
     [ $# -gt 0 ] && shift
     args=("$@")
-    [ ${#args[@]} -gt 0 ] || args=(--budget 8 2048 4096 8192)
+    # attn_bench's arguments only for attn_bench: another target given them prints nothing
+    [ ${#args[@]} -gt 0 ] || [ "$target" != attn_bench ] || args=(--budget 8 2048 4096 8192)
     nvidia-smi -L 2>/dev/null || { echo "no GPU here: run it on the device machine"; exit 2; }
     source bench/device_build.sh >/tmp/ab_build.txt 2>&1 || { tail -n 20 /tmp/ab_build.txt; exit 1; }
     base=/tmp/kernel_ab
