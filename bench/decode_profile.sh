@@ -10,21 +10,25 @@
 #     PROFILE_SKIP (decoding steps by then), its own time and DRAM bytes; bench/ncu_summary.py
 #     sums them per kernel and per step, beside the step's time: what is left is gaps between
 #     the recorded launches.
+# PROFILE_SETS="FIELD=VALUE ..." sets job fields in every run, e.g. "precision.linear=NVFP4" (its
+# layers then decode from packed weights: the NVFP4 decoding step kernel by kernel).
 set -u
 TOTAL_S=${PROFILE_TOTAL_S:-420}
 RESERVE_S=10
 OUT=${OUT:-/tmp/decode_profile_out}
 source bench/bench_lib.sh
 LAYERS=${PROFILE_LAYERS:-4}
+SETS=()
+for kv in ${PROFILE_SETS:-}; do SETS+=(--set "$kv"); done
 
 main() {
   build_and_check "${PROFILE_CTEST:-0}" "${PROFILE_MUTATIONS:-}" || return 1
   token_shard
   section "ours, $LAYERS layers, batch 1"
-  within 90 python3 bench/decode_bench.py ours --layers "$LAYERS" --batches 1
+  within 90 python3 bench/decode_bench.py ours --layers "$LAYERS" --batches 1 "${SETS[@]}"
   section "ours, $LAYERS layers, batch 1, kernels launched without overlap (QWEN3_CUDA_PDL=0)"
   (export QWEN3_CUDA_PDL=0
-   within 90 python3 bench/decode_bench.py ours --layers "$LAYERS" --batches 1 --tag=-nopdl)
+   within 90 python3 bench/decode_bench.py ours --layers "$LAYERS" --batches 1 --tag=-nopdl "${SETS[@]}")
   section "ours, $LAYERS layers, batch 1, under ncu"
   local ncu
   ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -n 1)
@@ -33,7 +37,7 @@ main() {
     within 150 "$ncu" --target-processes all --launch-skip "$skip" \
       --launch-count "${PROFILE_KERNELS:-400}" \
       --metrics gpu__time_duration.sum,dram__bytes_read.sum --csv --log-file "$OUT/ncu.csv" \
-      python3 bench/decode_bench.py ours --layers "$LAYERS" --batches 1 > "$WORK/ncu_run.txt" 2>&1
+      python3 bench/decode_bench.py ours --layers "$LAYERS" --batches 1 "${SETS[@]}" > "$WORK/ncu_run.txt" 2>&1
     tail -n 5 "$WORK/ncu_run.txt"
     python3 bench/ncu_summary.py "$OUT/ncu.csv" --layers "$LAYERS" && break
   done
