@@ -54,8 +54,8 @@ static int env_flag(const char *name, int fallback) {
 /* The arena holds the LM head's chunk of logits (rows x vocab floats) and the reductions'
  * partial sums. At least 512 MiB: a 151936-word vocabulary then runs in chunks of ~590 rows in
  * the bf16 mode (fp32 logits and bf16 dlogits, 6 bytes a word) and ~880 in fp32, each GEMM still
- * near the GEMM rate. Larger micro-batches get 128 KiB more per row of theirs, up to 2 GiB (a
- * seventh of the rows a chunk at that vocabulary): every chunk adds its dlogitsᵀ·x into the fp32
+ * near the GEMM rate. Larger micro-batches get 128 KiB per row of theirs, up to 2 GiB (about a
+ * seventh of their rows a chunk at that vocabulary): every chunk adds its dlogitsᵀ·x into the fp32
  * dw with beta 1, a read and a write of the whole [vocab, dim] gradient (3.1 GB at Qwen3-4B,
  * ~0.7 ms), so the chunks' count, not their size, is what costs (bench/head_bench: 16384 rows
  * 91 ms in chunks of 589, 72 in chunks of 2356). Micro-batches of up to 4096 rows keep 512 MiB:
