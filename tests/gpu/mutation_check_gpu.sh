@@ -31,6 +31,8 @@ MUTATIONS=(
   'kv_append_wrong_row#kernels/cuda/cuda_elementwise.cu#s/const size_t to = (i \* seq_rows + (size_t)positions\[i\]) \* width + c;/const size_t to = (i * seq_rows + (size_t)i) * width + c;/#the KV append writes row i, not the token position'
   'scratch_per_row_halved#kernels/cuda/cuda_backend.cu#s/SCRATCH_BYTES_PER_ROW ((size_t)128 << 10)/SCRATCH_BYTES_PER_ROW ((size_t)64 << 10)/#the scratch arena grows 64 KiB a micro-batch row, not 128'
   'loss_chunk_past_arena#kernels/cuda/cuda_linear.cu#s/return (int)(rounded <= fit ? rounded : rows);/return (int)rounded;/#the LM head'"'"'s chunk rounded up to 64 rows past what the arena holds'
+  'nvfp4_amax_backwards_stride#kernels/cuda/cuda_nvfp4.cu#s/x + (ngroups - 1 - r - j \* stride) \* N)/x + (ngroups - 1 - r - j) * N)/#the amax pass'"'"'s unrolled loads step one group back, not a grid stride (groups left out of the tensor scale)'
+  'nvfp4_parts_ahead_last_dropped#kernels/cuda/cuda_nvfp4.cu#s/p\[k\]\[j\] = i < parts.n ? parts.max\[k\]\[i\] : 0;/p[k][j] = i < parts.n \&\& j < 3 ? parts.max[k][i] : 0;/#the quantize blocks leave out every fourth batch of amax partials'
   # only the bf16 mode's checks can catch these: the fp32 and tf32 modes never store bf16
   'bf16_store_truncates#kernels/cuda/cuda_dtype.cuh#s/{ \*p = __float2bfloat16_rn(v); }/{ *p = __float2bfloat16_rz(v); }/#bf16 activations stored rounded toward zero'
   'bf16_tc_forward_docs_leak#kernels/cuda/cuda_attention_bf16.cu#s/(DOC \&\& key < sFirst\[warp \* 16 + g + 8 \* (e >> 1)\]))/(DOC \&\& key + 1 < sFirst[warp * 16 + g + 8 * (e >> 1)]))/#bf16 tensor-core forward: each row also sees the last key of the document before its own'
