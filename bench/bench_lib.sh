@@ -56,7 +56,8 @@ gpu_label_summary() { cat "$WORK/ctest_summary" 2>/dev/null || echo "not run"; }
 
 # build_and_check CTEST MUTATIONS: the build (bench/device_build.sh, whose exports stay) and the
 # card's name; with CTEST 1 the `gpu` label, with MUTATIONS ("NAME ...", from
-# tests/gpu/mutation_check_gpu.sh) those mutations. Returns 1 when the build failed.
+# tests/gpu/mutation_check_gpu.sh) those mutations, within MUTATIONS_S seconds (default 200).
+# Returns 1 when the build failed.
 build_and_check() {
   section "build"
   source bench/device_build.sh || true
@@ -69,7 +70,7 @@ build_and_check() {
   if [ -n "${2:-}" ]; then
     section "mutations: $2"
     # shellcheck disable=SC2086
-    within 200 bash tests/gpu/mutation_check_gpu.sh build $2
+    within "${MUTATIONS_S:-200}" bash tests/gpu/mutation_check_gpu.sh build $2
   fi
 }
 

@@ -7,6 +7,7 @@
 #  3. the Qwen3-4B training step, T 2048, BF16 against NVFP4 (the job's default recipe: every
 #     layer but the last 15%), the same weights (written by PyTorch, whose eager step is the
 #     baseline), one micro-batch per step and 8 per step; the issue bounds NVFP4 / BF16 by 1.15;
+#     NVFP4_ACCUMS (default "1 8") are the micro-batches per step measured;
 #  4. with NVFP4_MUTATIONS="name ...", those GPU mutations (tests/gpu/mutation_check_gpu.sh).
 # Everything goes to $OUT/bench.txt; the table is printed last.
 set -u
@@ -34,7 +35,7 @@ main() {
   timeout -k 5 60 python3 bench/ours_train_bench.py shard --out "$WORK/random_2m.h5"
 
   local linear accum b
-  for accum in 1 8; do
+  for accum in ${NVFP4_ACCUMS:-1 8}; do
     for linear in BF16 NVFP4; do
       section "ours: $linear, mb 1, $accum micro-batch(es) per step"
       b=$(budget 75 30)
