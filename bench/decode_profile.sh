@@ -12,6 +12,8 @@
 #     the recorded launches.
 # PROFILE_SETS="FIELD=VALUE ..." sets job fields in every run, e.g. "precision.linear=NVFP4" (its
 # layers then decode from packed weights: the NVFP4 decoding step kernel by kernel).
+# PROFILE_NCU_S (default 150) bounds each ncu run: the NVFP4 run needs more (session 12: two
+# tries of 150 s and 40 s profiled nothing).
 set -u
 TOTAL_S=${PROFILE_TOTAL_S:-420}
 RESERVE_S=10
@@ -34,7 +36,7 @@ main() {
   ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -n 1)
   local skip
   for skip in "${PROFILE_SKIP:-3000}" 300; do   # 300: if the run had fewer launches than that
-    within 150 "$ncu" --target-processes all --launch-skip "$skip" \
+    within "${PROFILE_NCU_S:-150}" "$ncu" --target-processes all --launch-skip "$skip" \
       --launch-count "${PROFILE_KERNELS:-400}" \
       --metrics gpu__time_duration.sum,dram__bytes_read.sum --csv --log-file "$OUT/ncu.csv" \
       python3 bench/decode_bench.py ours --layers "$LAYERS" --batches 1 "${SETS[@]}" > "$WORK/ncu_run.txt" 2>&1
