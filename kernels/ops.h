@@ -37,8 +37,9 @@ enum { ACC_DX = 1, ACC_DW = 2 };
 enum dtype { DT_F32, DT_BF16 };
 /* Layouts of an NVFP4 operand (nvfp4_quantize). */
 enum nvfp4_layout { NVFP4_ROWS, NVFP4_TILES, NVFP4_COLS };
-/* The most token rows nvfp4_gemv_packed takes (a decoding step's). */
+/* The most token rows nvfp4_gemv_packed takes (a decoding step's), and the most matrices. */
 #define NVFP4_GEMV_MAX_ROWS 4
+#define NVFP4_GEMV_MAX_MATS 3
 static inline size_t dtype_bytes(enum dtype t) { return t == DT_BF16 ? 2 : 4; }
 
 /* Attention shape. Queries are the last tq of tk key positions of each sequence (tq == tk in
@@ -214,15 +215,19 @@ struct backend {
    * scale) and *dec = S_dec, for layout NVFP4_ROWS or NVFP4_TILES: code * scale is exactly the
    * q * s_b nvfp4_quantize writes for that layout, *dec its S_dec (NaN for a non-finite w, the
    * codes and scales then not to be used). codes, scales and dec are backend memory.
-   * nvfp4_gemv_packed: out [n, out_dim] (activation dtype) = (*dec_x * *dec_w) * xq · Wᵀ, xq
-   * [n, in_dim] an NVFP4_ROWS operand (activation dtype), W [out_dim, in_dim] the code * scale
-   * values of a packed weight, fp32 accumulation, n <= NVFP4_GEMV_MAX_ROWS: nvfp4_gemm's Fprop
-   * reading the weight at 4.5 bits a value instead of 16. */
+   * nvfp4_gemv_packed: the packed weights of one input (q|k|v, gate|up, or one), as
+   * linear_forward's: for j < count (1 to NVFP4_GEMV_MAX_MATS),
+   *   outs[j] [n, out_dims[j]] (activation dtype) = (*dec_x * *dec_w[j]) * xq · W_jᵀ
+   * xq [n, in_dim] an NVFP4_ROWS operand (activation dtype), W_j [out_dims[j], in_dim] the
+   * code * scale values of the packed weight codes[j], scales[j], fp32 accumulation,
+   * n <= NVFP4_GEMV_MAX_ROWS: nvfp4_gemm's Fprop reading each weight at 4.5 bits a value
+   * instead of 16, in one call, so a backend may stream all the matrices in one launch. */
   void (*nvfp4_pack)(uint8_t *codes, uint8_t *scales, float *dec, const float *w, int rows,
                      int cols, enum nvfp4_layout layout);
-  void (*nvfp4_gemv_packed)(void *out, const void *xq, const float *dec_x, const uint8_t *codes,
-                            const uint8_t *scales, const float *dec_w, int n, int in_dim,
-                            int out_dim);
+  void (*nvfp4_gemv_packed)(void *const *outs, const void *xq, const float *dec_x,
+                            const uint8_t *const *codes, const uint8_t *const *scales,
+                            const float *const *dec_w, const int *out_dims, int count, int n,
+                            int in_dim);
 
   /* AdamW with decoupled weight decay (torch.optim.AdamW), step t counted from 1, on the
    * clipped gradient g = fp32(g * grad_scale) (what torch's clip_grad_norm_ leaves):

@@ -154,13 +154,11 @@ static void stage_forward(struct worker *w, int i, void **a, int live, int layer
       wa[k] = param_wa(w, layer, s->params[k]);
       outs[k] = (int)slot_width(c, s->out[k]);
     }
-    if (!nvfp4_layer(w, layer)) {   /* the stage's layers in one call (one input) */
+    /* the stage's layers in one call (one input) */
+    if (nvfp4_layer(w, layer))
+      nvfp4_linear_forward(w, layer, s->params, y, outs, s->n_params, a[s->in[0]], n, in);
+    else
       be->linear_forward(y, a[s->in[0]], wa, outs, s->n_params, n, in);
-      break;
-    }
-    for (int k = 0; k < s->n_params; k++)
-      nvfp4_linear_forward(w, layer, s->params[k], s->params[0], y[k], a[s->in[0]], n, in,
-                           outs[k]);
     break;
   }
   case OP_QK_NORM_ROPE:

@@ -216,24 +216,33 @@ static uint64_t operand_seed(const struct worker *w, int live, int layer, int pa
   return x;
 }
 
-void nvfp4_linear_forward(struct worker *w, int layer, enum layer_param which,
-                          enum layer_param x_of, void *out, const void *x, int n, int in_dim,
-                          int out_dim) {
+void nvfp4_linear_forward(struct worker *w, int layer, const enum layer_param *which,
+                          void *const *outs, const int *out_dims, int count, const void *x,
+                          int n, int in_dim) {
   const struct backend *be = w->be;
   enum dtype act = w->plan.act;
   void *xq = span(w, SPAN_A, n);
-  float *dec_x = dec(w, layer, x_of, DEC_X);
+  float *dec_x = dec(w, layer, which[0], DEC_X);
+  if (count < 1 || count > NVFP4_GEMV_MAX_MATS)
+    die("internal: a linear stage of %d matrices", count);
   if (w->wq_stale[layer]) quantize_layer_weights(w, layer);
-  if (which == x_of) be->nvfp4_quantize(xq, dec_x, x, act, n, in_dim, NVFP4_ROWS, 0, 0, -1);
+  be->nvfp4_quantize(xq, dec_x, x, act, n, in_dim, NVFP4_ROWS, 0, 0, -1);
   void *fp4 = w->kv ? w->kv->fp4 : NULL;
-  if (fp4 && n <= NVFP4_PACKED_DECODE_ROWS) {
-    uint8_t *codes = packed_of(w, fp4, layer, which);
-    be->nvfp4_gemv_packed(out, xq, dec_x, codes, packed_scales(codes, out_dim, in_dim),
-                          packed_dec(w, fp4, layer, which), n, in_dim, out_dim);
+  if (fp4 && n <= NVFP4_PACKED_DECODE_ROWS) {   /* one call for the stage's matrices */
+    const uint8_t *codes[NVFP4_GEMV_MAX_MATS], *scales[NVFP4_GEMV_MAX_MATS];
+    const float *dec_w[NVFP4_GEMV_MAX_MATS];
+    for (int k = 0; k < count; k++) {
+      uint8_t *c = packed_of(w, fp4, layer, which[k]);
+      codes[k] = c;
+      scales[k] = packed_scales(c, out_dims[k], in_dim);
+      dec_w[k] = packed_dec(w, fp4, layer, which[k]);
+    }
+    be->nvfp4_gemv_packed(outs, xq, dec_x, codes, scales, dec_w, out_dims, count, n, in_dim);
     return;
   }
-  be->nvfp4_gemm(out, act, xq, dec_x, wq_of(w, w->layer_param[layer][which], 0),
-                 dec(w, layer, which, DEC_W), 0, n, out_dim, in_dim, 0.0f);
+  for (int k = 0; k < count; k++)
+    be->nvfp4_gemm(outs[k], act, xq, dec_x, wq_of(w, w->layer_param[layer][which[k]], 0),
+                   dec(w, layer, which[k], DEC_W), 0, n, out_dims[k], in_dim, 0.0f);
 }
 
 void nvfp4_linear_backward(struct worker *w, int live, int layer, enum layer_param which,

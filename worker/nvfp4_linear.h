@@ -30,18 +30,21 @@ int nvfp4_nonfinite_operand(struct worker *w, char *msg, size_t len);
  * grows faster than the GEMM's). At most NVFP4_GEMV_MAX_ROWS, what the op takes. */
 #define NVFP4_PACKED_DECODE_ROWS 1
 
-/* out [n, out_dim] = the NVFP4 GEMM of x and the layer's quantized weight `which`. x, out, dx
- * and dout are of the activation dtype, and so are the recipe's operands (exact in bf16).
- * Inside worker_infer with a KV cache holding packed weights, n <= NVFP4_PACKED_DECODE_ROWS
- * rows read the packed weight instead (nvfp4_gemv_packed: the same values, 4.5 bits each).
- * x_of: the linear of the same stage whose call quantized this same x (round to nearest, so its
- * operand is the same for all of them): x is quantized once per stage, by the call with
- * which == x_of, and the stage's other linears, called after it, reuse it. */
-void nvfp4_linear_forward(struct worker *w, int layer, enum layer_param which,
-                          enum layer_param x_of, void *out, const void *x, int n, int in_dim,
-                          int out_dim);
+/* The NVFP4 forward of a linear stage: the count (1 to NVFP4_GEMV_MAX_MATS) matrices which[k]
+ * of local layer `layer` that read the same x [n, in_dim], as linear_forward's: outs[k]
+ * [n, out_dims[k]] = the NVFP4 GEMM of x and the layer's quantized weight which[k]. x is
+ * quantized once for all of them (round to nearest, so its operand is the same for each; its
+ * tensor scale is kept in which[0]'s slot). x, outs, dx and dout are of the activation dtype,
+ * and so are the recipe's operands (exact in bf16). Inside worker_infer with a KV cache holding
+ * packed weights, n <= NVFP4_PACKED_DECODE_ROWS rows read the packed weights instead, all the
+ * stage's matrices in one nvfp4_gemv_packed call (the same values, 4.5 bits each). */
+void nvfp4_linear_forward(struct worker *w, int layer, const enum layer_param *which,
+                          void *const *outs, const int *out_dims, int count, const void *x,
+                          int n, int in_dim);
 /* dx (+)= Dgrad, dw (+)= Wgrad (added as acc's ACC_DX and ACC_DW say, ops.h), with the
- * recipe's rounding of each operand; x_of as above, for Wgrad's operand from x. */
+ * recipe's rounding of each operand. x_of: the linear of the same stage whose call quantizes
+ * Wgrad's operand from x (round to nearest, so the same for all of them): the call with
+ * which == x_of quantizes it, and the stage's other linears, called after it, reuse it. */
 void nvfp4_linear_backward(struct worker *w, int live, int layer, enum layer_param which,
                            enum layer_param x_of, void *dx, float *dw, const void *dout,
                            const void *x, int n, int in_dim, int out_dim, int acc);

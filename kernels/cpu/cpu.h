@@ -61,9 +61,10 @@ void cpu_nvfp4_gemm(void *c, enum dtype c_type, const void *a, const float *dec_
                     float beta);
 void cpu_nvfp4_pack(uint8_t *codes, uint8_t *scales, float *dec, const float *w, int rows,
                     int cols, enum nvfp4_layout layout);
-void cpu_nvfp4_gemv_packed(void *out, const void *xq, const float *dec_x, const uint8_t *codes,
-                           const uint8_t *scales, const float *dec_w, int n, int in_dim,
-                           int out_dim);
+void cpu_nvfp4_gemv_packed(void *const *outs, const void *xq, const float *dec_x,
+                           const uint8_t *const *codes, const uint8_t *const *scales,
+                           const float *const *dec_w, const int *out_dims, int count, int n,
+                           int in_dim);
 
 /* cpu_adamw.c */
 void cpu_adamw_update(float *p, void *p_act, const float *g, float *m, float *v, size_t n,

@@ -78,19 +78,12 @@ void cpu_nvfp4_pack(uint8_t *codes, uint8_t *scales, float *dec, const float *w,
   *dec = rc == NVFP4_OK ? ts.dec : NAN;
 }
 
-/* Row o of the weight, 16 values at a time: code * scale (exact in fp32), into each token's sum
- * in order of the columns. */
-void cpu_nvfp4_gemv_packed(void *out_, const void *xq_, const float *dec_x, const uint8_t *codes,
-                           const uint8_t *scales, const float *dec_w, int n, int in_dim,
-                           int out_dim) {
-  float *out = out_;
-  const float *xq = xq_;
-  if (n < 1 || n > NVFP4_GEMV_MAX_ROWS || in_dim < 16 || in_dim % 16 || out_dim < 1)
-    die("cpu_nvfp4_gemv_packed: %d rows of [%d] against [%d, %d] refused: 1 to %d rows, in_dim "
-        "a multiple of 16", n, in_dim, out_dim, in_dim, NVFP4_GEMV_MAX_ROWS);
+/* out [n, out_dim] = alpha * xq · Wᵀ: row o of the weight, 16 values at a time, code * scale
+ * (exact in fp32), into each token's sum in order of the columns. */
+static void gemv_packed(float *out, const float *xq, float alpha, const uint8_t *codes,
+                        const uint8_t *scales, int n, int in_dim, int out_dim) {
   float e2m1[16];
   for (int c = 0; c < 16; c++) e2m1[c] = nvfp4_e2m1_decode((uint8_t)c);
-  const float alpha = *dec_x * *dec_w;
   const size_t nb = (size_t)in_dim / 16;
 #pragma omp parallel for if ((long)out_dim * in_dim > 65536)
   for (int o = 0; o < out_dim; o++) {
@@ -106,4 +99,22 @@ void cpu_nvfp4_gemv_packed(void *out_, const void *xq_, const float *dec_x, cons
     }
     for (int t = 0; t < n; t++) out[(size_t)t * out_dim + o] = alpha * acc[t];
   }
+}
+
+/* Every shape is checked before any product runs: a refused call writes nothing. */
+void cpu_nvfp4_gemv_packed(void *const *outs, const void *xq, const float *dec_x,
+                           const uint8_t *const *codes, const uint8_t *const *scales,
+                           const float *const *dec_w, const int *out_dims, int count, int n,
+                           int in_dim) {
+  if (count < 1 || count > NVFP4_GEMV_MAX_MATS || n < 1 || n > NVFP4_GEMV_MAX_ROWS ||
+      in_dim < 16 || in_dim % 16)
+    die("cpu_nvfp4_gemv_packed: %d rows of [%d] against %d matrices refused: 1 to %d rows, "
+        "in_dim a multiple of 16, 1 to %d matrices", n, in_dim, count, NVFP4_GEMV_MAX_ROWS,
+        NVFP4_GEMV_MAX_MATS);
+  for (int j = 0; j < count; j++)
+    if (out_dims[j] < 1)
+      die("cpu_nvfp4_gemv_packed: matrix %d of %d is [%d, %d]: at least one row", j, count,
+          out_dims[j], in_dim);
+  for (int j = 0; j < count; j++)
+    gemv_packed(outs[j], xq, *dec_x * *dec_w[j], codes[j], scales[j], n, in_dim, out_dims[j]);
 }

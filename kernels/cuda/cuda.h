@@ -176,9 +176,10 @@ void cuda_linear_backward(void *dx, float *dw, const void *dout, const void *x, 
                           int n, int in_dim, int out_dim, int acc);
 void cuda_lm_head_loss(float *nll, void *dx, float *dw, const void *x, const void *w,
                        const int32_t *targets, int n, int dim, int vocab, float grad_scale);
-void cuda_nvfp4_gemv_packed(void *out, const void *xq, const float *dec_x, const uint8_t *codes,
-                            const uint8_t *scales, const float *dec_w, int n, int in_dim,
-                            int out_dim);
+void cuda_nvfp4_gemv_packed(void *const *outs, const void *xq, const float *dec_x,
+                            const uint8_t *const *codes, const uint8_t *const *scales,
+                            const float *const *dec_w, const int *out_dims, int count, int n,
+                            int in_dim);
 
 /* ---- cuda_adamw.cu */
 void cuda_adamw_update(float *p, void *p_act, const float *g, float *m, float *v, size_t n,
@@ -198,6 +199,10 @@ void cuda_nvfp4_gemm(void *c, enum dtype c_type, const void *a, const float *dec
                      float beta);
 void cuda_nvfp4_pack(uint8_t *codes, uint8_t *scales, float *dec, const float *w, int rows,
                      int cols, enum nvfp4_layout layout);
+/* cuda_nvfp4_quantize of an NVFP4_ROWS x of at most this many values (rows * cols) is one
+ * kernel of one block, its own amax pass included (cuda_nvfp4.cu says why); larger x take the
+ * amax and rows kernels. */
+#define CUDA_NVFP4_SMALL_VALUES 65536
 
 /* ---- cuda_fp4_gemm.cu: the native NVFP4 GEMM of Blackwell GPUs through cuBLASLt. Not used by
  * the trainer (which emulates NVFP4 on every GPU, cuda_nvfp4.cu); tested by

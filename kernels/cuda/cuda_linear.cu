@@ -336,9 +336,18 @@ static int gemv_warps_per_row(int rows, int in_dim, int vec) {
   return wpr;
 }
 
+/* One launch for the count matrices w[j] of one input, outs[j] [n, out_dims[j]]. */
 template <class F>
-static void gemv_launch(const gemv_mats<F> &m, const typename F::act *x, int n, int in_dim) {
-  const int rows = m.end[m.count - 1];
+static void gemv_launch(const typename F::mat *w, void *const *outs, const int *out_dims,
+                        int count, const typename F::act *x, int n, int in_dim) {
+  gemv_mats<F> m = {};
+  int rows = 0;
+  for (int j = 0; j < count; j++) {
+    m.w[j] = w[j];
+    m.out[j] = (typename F::act *)outs[j];
+    m.end[j] = rows += out_dims[j];
+  }
+  m.count = count;
   const int wpr = gemv_warps_per_row(rows, in_dim, F::N);
   const dim3 grid((unsigned)((rows * wpr + GEMV_WARPS - 1) / GEMV_WARPS));
   void (*kernel)(gemv_mats<F>, const typename F::act *, int, int) =
@@ -350,15 +359,9 @@ static void gemv_launch(const gemv_mats<F> &m, const typename F::act *x, int n, 
 template <typename T>
 static void gemv(void *const *outs, const T *x, const void *const *ws, const int *out_dims,
                  int count, int n, int in_dim) {
-  gemv_mats<gemv_dense<T>> m = {};
-  int rows = 0;
-  for (int j = 0; j < count; j++) {
-    m.w[j].w = (const T *)ws[j];
-    m.out[j] = (T *)outs[j];
-    m.end[j] = rows += out_dims[j];
-  }
-  m.count = count;
-  gemv_launch(m, x, n, in_dim);
+  typename gemv_dense<T>::mat w[GEMV_MAX_MATS];
+  for (int j = 0; j < count; j++) w[j].w = (const T *)ws[j];
+  gemv_launch<gemv_dense<T>>(w, outs, out_dims, count, x, n, in_dim);
 }
 
 extern "C" void cuda_linear_forward(void *const *outs, const void *x, const void *const *ws,
@@ -392,35 +395,40 @@ extern "C" void cuda_linear_backward(void *dx, float *dw, const void *dout, cons
               acc & ACC_DW ? 1.0f : 0.0f, dw, in_dim, act, DT_F32);
 }
 
-/* out [n, out_dim] = (*dec_x * *dec_w) * xq · Wᵀ from nvfp4_pack's codes and scales: the GEMV
- * kernel on gemv_nvfp4, one launch, nothing allocated or synchronized (graph capture records it
- * as any kernel). */
-extern "C" void cuda_nvfp4_gemv_packed(void *out, const void *xq, const float *dec_x,
-                                       const uint8_t *codes, const uint8_t *scales,
-                                       const float *dec_w, int n, int in_dim, int out_dim) {
+/* outs[j] [n, out_dims[j]] = (*dec_x * *dec_w[j]) * xq · W_jᵀ from nvfp4_pack's codes and
+ * scales: the GEMV kernel on gemv_nvfp4, the count matrices in one launch (rows numbered on,
+ * as linear_forward's), nothing allocated or synchronized (graph capture records it as any
+ * kernel). Every matrix is checked before anything runs. */
+extern "C" void cuda_nvfp4_gemv_packed(void *const *outs, const void *xq, const float *dec_x,
+                                       const uint8_t *const *codes,
+                                       const uint8_t *const *scales, const float *const *dec_w,
+                                       const int *out_dims, int count, int n, int in_dim) {
   static_assert(GEMV_MAX_ROWS == NVFP4_GEMV_MAX_ROWS, "the GEMV's rows are the op's");
+  static_assert(GEMV_MAX_MATS == NVFP4_GEMV_MAX_MATS, "the GEMV's matrices are the op's");
   char detail[256];
-  if (n < 0 || n > NVFP4_GEMV_MAX_ROWS || in_dim < 0 || in_dim % 32 || out_dim < 0) {
+  if (count < 1 || count > NVFP4_GEMV_MAX_MATS || n < 0 || n > NVFP4_GEMV_MAX_ROWS ||
+      in_dim < 0 || in_dim % 32 || !cuda_aligned16(xq)) {
     snprintf(detail, sizeof detail,
-             "shape n %d, in_dim %d, out_dim %d refused: n at most %d, in_dim a non-negative "
-             "multiple of 32 (a 16-byte load of codes), out_dim non-negative",
-             n, in_dim, out_dim, NVFP4_GEMV_MAX_ROWS);
+             "%d matrices, n %d, in_dim %d, xq %p refused: 1 to %d matrices, n at most %d, "
+             "in_dim a non-negative multiple of 32 (a 16-byte load of codes), xq 16-byte aligned",
+             count, n, in_dim, xq, NVFP4_GEMV_MAX_MATS, NVFP4_GEMV_MAX_ROWS);
     cuda_fail("cuda_nvfp4_gemv_packed", detail, __FILE__, __LINE__);
   }
-  if (!cuda_aligned16(codes) || !cuda_aligned16(xq) || ((uintptr_t)scales & 1)) {
-    snprintf(detail, sizeof detail,
-             "codes %p and xq %p must be 16-byte aligned, scales %p 2-byte aligned", codes, xq,
-             scales);
-    cuda_fail("cuda_nvfp4_gemv_packed", detail, __FILE__, __LINE__);
+  int rows = 0;
+  for (int j = 0; j < count; j++) {
+    if (out_dims[j] < 0 || !cuda_aligned16(codes[j]) || ((uintptr_t)scales[j] & 1)) {
+      snprintf(detail, sizeof detail,
+               "matrix %d: out_dim %d, codes %p, scales %p refused: out_dim non-negative, codes "
+               "16-byte aligned, scales 2-byte aligned", j, out_dims[j], codes[j], scales[j]);
+      cuda_fail("cuda_nvfp4_gemv_packed", detail, __FILE__, __LINE__);
+    }
+    rows += out_dims[j];
   }
-  if (n == 0 || out_dim == 0) return;
+  if (n == 0 || rows == 0) return;
   CUDA_ACT_DISPATCH(T, {
-    gemv_mats<gemv_nvfp4<T>> m = {};
-    m.w[0] = {codes, scales, dec_x, dec_w};
-    m.out[0] = (T *)out;
-    m.end[0] = out_dim;
-    m.count = 1;
-    gemv_launch(m, (const T *)xq, n, in_dim);
+    typename gemv_nvfp4<T>::mat w[GEMV_MAX_MATS];
+    for (int j = 0; j < count; j++) w[j] = {codes[j], scales[j], dec_x, dec_w[j]};
+    gemv_launch<gemv_nvfp4<T>>(w, outs, out_dims, count, (const T *)xq, n, in_dim);
   });
 }
 

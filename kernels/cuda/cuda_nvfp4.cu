@@ -38,6 +38,8 @@
  *      its block 0 / thread 0 writes *dec: S_dec, or NaN when the amax is non-finite, and then
  *      no thread writes xq.
  * Bytes moved: the amax kernel reads x, the quantize kernel reads x again and writes xq.
+ * A small NVFP4_ROWS x (decoding's few token rows, CUDA_NVFP4_SMALL_VALUES) takes one kernel
+ * of one block instead, which does both passes and the reduction between them itself.
  * cuda_nvfp4_quantize_rows_cols does the same for an output gradient's two operands: one amax
  * kernel takes both maxima from one read of x, one quantize kernel writes both operands from
  * another (reads 2 |x|, writes 2 |x| in the activation dtype, where two calls read 4 |x|).
@@ -228,6 +230,23 @@ NV_UNROLL
 
 enum { NV_THREADS = CUDA_THREADS, NV_WARPS = NV_THREADS / 32 };
 
+/* An NVFP4_ROWS x of at most CUDA_NVFP4_SMALL_VALUES values (cuda.h) is quantized by one
+ * kernel of one block (nvfp4_rows_small_kernel), not by the amax and rows kernels. Decoding's
+ * inputs are such (1 to 4 token rows of at most 9728 values: 38912 for Qwen3-4B's down
+ * projection at 4 rows); for them the two kernels ran grids of 1 to 5 blocks each, and the
+ * second launch, its wait for the first and its read of the partial maxima cost more than
+ * either kernel's work (bench/NOTES.md: ~1 us a launch even with PDL; a decoding layer ran 4
+ * such pairs). The bound, 65536 values: a thread of the block (1024 of them, rounding to
+ * nearest) then has at most 8 groups of bf16 (16 of fp32) a pass, 2 (4) trips of
+ * NV_ROWS_UNROLL loads, where the two kernels' threads had 1 (2) each at that size, and x, at
+ * most 128 KB in bf16, stays in the SM's L1 (256 KB on the H100/H200) for the second pass.
+ * Above it the one SM's serial trips keep growing while the two kernels' grids spread over the
+ * GPU. (A bound reasoned from those counts, not a measured crossover.)
+ * Threads: 1024, or 512 for stochastic rounding, whose Philox draws take the rows kernel to
+ * 94-98 registers: a thread of 1024 may have 64, and ptxas spilled up to 184 bytes there.
+ * (Decoding rounds to nearest: 57-63 registers.) */
+__host__ __device__ constexpr int nv_small_threads(bool sr) { return sr ? 512 : 1024; }
+
 /* Groups each thread of the 1x16 kernel takes (and tiles each warp of the 16x16 kernel), all
  * loaded before any is quantized: one load per thread per trip of a grid-stride loop would
  * leave too few bytes in flight to reach the memory's rate. */
@@ -355,10 +374,12 @@ struct nv_parts {
   uint32_t n;
 };
 
-/* part[k * gridDim.x + blockIdx.x] = the largest m[k] of the block (every thread calls this) */
-template <int K>
-__device__ __forceinline__ void nv_block_amax(uint32_t *part, uint32_t m[K]) {
-  __shared__ uint32_t warp_max[K][NV_WARPS];
+/* m[k] = the largest m[k] of the block's WARPS warps, in every thread (every thread calls this,
+ * at most once a kernel: a second call would rewrite the shared words others may still read) */
+template <int K, int WARPS>
+__device__ __forceinline__ void nv_block_max(uint32_t m[K]) {
+  static_assert(WARPS <= 32, "one warp reduces the warps' maxima");
+  __shared__ uint32_t warp_max[K][WARPS];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 NV_UNROLL
   for (int k = 0; k < K; k++) {
@@ -366,11 +387,18 @@ NV_UNROLL
     if (lane == 0) warp_max[k][warp] = m[k];
   }
   __syncthreads();
-  if (warp < K) {
-    uint32_t b = lane < NV_WARPS ? warp_max[warp][lane] : 0;
-    b = __reduce_max_sync(0xffffffffu, b);
-    if (lane == 0) part[warp * gridDim.x + blockIdx.x] = b;
-  }
+NV_UNROLL
+  for (int k = 0; k < K; k++)
+    m[k] = __reduce_max_sync(0xffffffffu, lane < WARPS ? warp_max[k][lane] : 0u);
+}
+
+/* part[k * gridDim.x + blockIdx.x] = the largest m[k] of the block (every thread calls this) */
+template <int K>
+__device__ __forceinline__ void nv_block_amax(uint32_t *part, uint32_t m[K]) {
+  nv_block_max<K, NV_WARPS>(m);
+  if (threadIdx.x == 0)
+NV_UNROLL
+    for (int k = 0; k < K; k++) part[k * gridDim.x + blockIdx.x] = m[k];
 }
 
 /* One operand's tensor scale, as nvfp4_quantize derives it from the amax. */
@@ -379,14 +407,25 @@ struct nv_scale {
   bool finite;   /* false: the amax is non-finite and the operand is not written */
 };
 
+/* The tensor scale of an operand whose amax has the bits `amax` (those of a non-finite one:
+ * 0x7f800000 and up); block 0 / thread 0 writes *dec: S_dec, or NaN for a non-finite amax. */
+__device__ __forceinline__ nv_scale nv_scale_of(uint32_t amax, float *dec) {
+  const bool finite = amax < 0x7f800000u;
+  const struct nv_tensor_scale ts = nv_tensor_scale(nv_u2f(finite ? amax : 0u));
+  if (blockIdx.x == 0 && threadIdx.x == 0) *dec = finite ? ts.dec : nv_u2f(0x7fc00000u);
+  nv_scale sc;
+  sc.enc_over_6 = __fmul_rn(ts.enc, 1.0f / 6.0f);
+  sc.dec = ts.dec;
+  sc.finite = finite;
+  return sc;
+}
+
 /* The K tensor scales of a quantize kernel from parts.max[k] (every thread calls this, before
- * any returns); block 0 / thread 0 writes *dec[k]: S_dec, or NaN for a non-finite amax. Each
- * block reads the n partial maxima (a few KB, from L2) once: the grids are one resident wave. */
+ * any returns; nv_scale_of writes *dec[k]). Each block reads the n partial maxima (a few KB,
+ * from L2) once: the grids are one resident wave. */
 template <int K>
 __device__ __forceinline__ void nv_read_scales(nv_scale sc[K], const nv_parts &parts,
                                                float *const dec[K]) {
-  __shared__ uint32_t warp_max[K][NV_WARPS];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   uint32_t m[K];
 NV_UNROLL
   for (int k = 0; k < K; k++) m[k] = 0;
@@ -408,24 +447,17 @@ NV_UNROLL
 NV_UNROLL
       for (int k = 0; k < K; k++) m[k] = max(m[k], p[k][j]);
   }
+  nv_block_max<K, NV_WARPS>(m);
 NV_UNROLL
-  for (int k = 0; k < K; k++) {
-    m[k] = __reduce_max_sync(0xffffffffu, m[k]);
-    if (lane == 0) warp_max[k][warp] = m[k];
-  }
-  __syncthreads();
-NV_UNROLL
-  for (int k = 0; k < K; k++) {
-    uint32_t amax = 0;
-NV_UNROLL
-    for (int w = 0; w < NV_WARPS; w++) amax = max(amax, warp_max[k][w]);
-    const bool finite = amax < 0x7f800000u;
-    const struct nv_tensor_scale ts = nv_tensor_scale(nv_u2f(finite ? amax : 0u));
-    if (blockIdx.x == 0 && threadIdx.x == 0) *dec[k] = finite ? ts.dec : nv_u2f(0x7fc00000u);
-    sc[k].enc_over_6 = __fmul_rn(ts.enc, 1.0f / 6.0f);
-    sc[k].dec = ts.dec;
-    sc[k].finite = finite;
-  }
+  for (int k = 0; k < K; k++) sc[k] = nv_scale_of(m[k], dec[k]);
+}
+
+/* nv_read_scales of one operand */
+__device__ __forceinline__ nv_scale nv_read_scale(const nv_parts &parts, float *dec) {
+  nv_scale sc[1];
+  float *const decs[1] = {dec};
+  nv_read_scales<1>(sc, parts, decs);
+  return sc[0];
 }
 
 /* The 16 values of one 1x16 block (flat index i0 of its first, i0 % 16 == 0) quantized with
@@ -446,16 +478,13 @@ __global__ void nvfp4_denormal_probe_kernel(uint32_t *out, float probe) {
   *out = nv_f2u(__fmul_rn(probe, 0.5f));
 }
 
-/* part[blockIdx.x] = the block's max of the bits of |x|, x a flat run of ngroups groups of
+/* The thread's max of the bits of |x| over its groups of x, a flat run of ngroups groups of
  * N = 16 / sizeof(T) values (one 16-byte load each); grid-stride with 4 loads in flight.
  * Backwards, group ngroups - 1 first (see NV_AMAX_BACKWARDS). */
 template <typename T, bool VEC>
-__global__ void __launch_bounds__(NV_THREADS)
-    nvfp4_amax_kernel(uint32_t *part, const T *x, size_t ngroups) {
+__device__ __forceinline__ uint32_t nv_amax_groups(const T *x, size_t ngroups) {
   constexpr int N = 16 / sizeof(T);
-  pdl_wait();
-  pdl_release();
-  uint32_t m[1] = {0};
+  uint32_t m = 0;
   const size_t stride = (size_t)gridDim.x * blockDim.x;
   size_t r = (size_t)blockIdx.x * blockDim.x + threadIdx.x;   /* group ngroups - 1 - r */
   for (; r + 3 * stride < ngroups; r += 4 * stride) {
@@ -463,13 +492,23 @@ __global__ void __launch_bounds__(NV_THREADS)
 NV_UNROLL
     for (int j = 0; j < 4; j++) nv_load<VEC, N>(v[j], x + (ngroups - 1 - r - j * stride) * N);
 NV_UNROLL
-    for (int j = 0; j < 4; j++) m[0] = max(m[0], nv_absmax<N>(v[j]));
+    for (int j = 0; j < 4; j++) m = max(m, nv_absmax<N>(v[j]));
   }
   for (; r < ngroups; r += stride) {
     float v[N];
     nv_load<VEC, N>(v, x + (ngroups - 1 - r) * N);
-    m[0] = max(m[0], nv_absmax<N>(v));
+    m = max(m, nv_absmax<N>(v));
   }
+  return m;
+}
+
+/* part[blockIdx.x] = the block's max of the bits of |x| (nv_amax_groups). */
+template <typename T, bool VEC>
+__global__ void __launch_bounds__(NV_THREADS)
+    nvfp4_amax_kernel(uint32_t *part, const T *x, size_t ngroups) {
+  pdl_wait();
+  pdl_release();
+  uint32_t m[1] = {nv_amax_groups<T, VEC>(x, ngroups)};
   nv_block_amax<1>(part, m);
 }
 
@@ -513,18 +552,12 @@ NV_UNROLL
  * thread takes NV_ROWS_UNROLL groups a grid stride apart. ngroups % (16 / N) == 0 and the
  * stride is a multiple of 32, so a block's lanes are in or out of range together. In place
  * (xq == x, same dtype) is safe: a thread reads its elements before it writes them, and no
- * other thread touches them. out writes the group's elements (nv_write_act or _packed). */
+ * other thread touches them. out writes the group's elements (nv_write_act or _packed), sc is
+ * the tensor scale (finite). */
 template <typename Tin, class Out, bool VEC, bool SR>
-__global__ void __launch_bounds__(NV_THREADS)
-    nvfp4_rows_kernel(Out out, float *dec, const Tin *x, size_t ngroups, nv_parts parts,
-                      uint64_t seed) {
+__device__ __forceinline__ void nv_rows_groups(const Out &out, const Tin *x, size_t ngroups,
+                                               const nv_scale &sc, uint64_t seed) {
   constexpr int N = 16 / sizeof(Tin), LANES = 16 / N;
-  pdl_wait();
-  pdl_release();
-  nv_scale sc[1];
-  float *const decs[1] = {dec};
-  nv_read_scales<1>(sc, parts, decs);
-  if (!sc[0].finite) return;
   const uint32_t lane = threadIdx.x & 31;
   const uint32_t mask = ((1u << LANES) - 1) << (lane & ~(uint32_t)(LANES - 1));
   const size_t stride = (size_t)gridDim.x * blockDim.x;
@@ -542,13 +575,44 @@ NV_UNROLL
 NV_UNROLL
       for (int o = 1; o < LANES; o *= 2) m = max(m, __shfl_xor_sync(mask, m, o));
       float q[N];
-      const nv_block b = nv_block_scale(nv_u2f(m), sc[0].enc_over_6, sc[0].dec);
+      const nv_block b = nv_block_scale(nv_u2f(m), sc.enc_over_6, sc.dec);
 NV_UNROLL
       for (int j = 0; j < N / 4; j++)
         nv_e2m1_4(q + 4 * j, v[u] + 4 * j, b.enc_b, SR, seed, g * (N / 4) + j);
       out.template put<N>(g * N, q, b);
     }
   }
+}
+
+/* NVFP4_ROWS after the amax kernel: the tensor scale from its partial maxima, then the groups
+ * (nv_rows_groups) over the grid. */
+template <typename Tin, class Out, bool VEC, bool SR>
+__global__ void __launch_bounds__(NV_THREADS)
+    nvfp4_rows_kernel(Out out, float *dec, const Tin *x, size_t ngroups, nv_parts parts,
+                      uint64_t seed) {
+  pdl_wait();
+  pdl_release();
+  const nv_scale sc = nv_read_scale(parts, dec);
+  if (!sc.finite) return;
+  nv_rows_groups<Tin, Out, VEC, SR>(out, x, ngroups, sc, seed);
+}
+
+/* NVFP4_ROWS of a small x (at most CUDA_NVFP4_SMALL_VALUES values, see nv_small_threads) in
+ * one kernel of one block: the amax over x (nv_amax_groups), reduced in the block, the tensor
+ * scale (*dec written as nvfp4_rows_kernel writes it), then the groups (nv_rows_groups): the
+ * two-kernel path's arithmetic, so its bytes, and the same Philox counters (flat group
+ * indices). The quantize pass reads x again, mostly from this SM's L1. In place is safe as
+ * there: every read of the amax pass comes before the block's barrier (nv_block_max). */
+template <typename Tin, class Out, bool VEC, bool SR>
+__global__ void __launch_bounds__(nv_small_threads(SR))
+    nvfp4_rows_small_kernel(Out out, float *dec, const Tin *x, size_t ngroups, uint64_t seed) {
+  pdl_wait();
+  pdl_release();
+  uint32_t m[1] = {nv_amax_groups<Tin, VEC>(x, ngroups)};
+  nv_block_max<1, nv_small_threads(SR) / 32>(m);
+  const nv_scale sc = nv_scale_of(m[0], dec);
+  if (!sc.finite) return;
+  nv_rows_groups<Tin, Out, VEC, SR>(out, x, ngroups, sc, seed);
 }
 
 /* NVFP4_TILES: one warp per 16x16 tile (warp-uniform loop). Lane l holds row l/2 of the tile as
@@ -565,10 +629,8 @@ __global__ void __launch_bounds__(NV_THREADS)
                        nv_parts parts, uint64_t seed) {
   pdl_wait();
   pdl_release();
-  nv_scale sc[1];
-  float *const decs[1] = {dec};
-  nv_read_scales<1>(sc, parts, decs);
-  if (!sc[0].finite) return;
+  const nv_scale sc = nv_read_scale(parts, dec);
+  if (!sc.finite) return;
   const uint32_t lane = threadIdx.x & 31, tiles_per_row = cols / 16;
   const uint32_t warps = gridDim.x * NV_WARPS;
   for (uint32_t t0 = blockIdx.x * NV_WARPS + (threadIdx.x >> 5); t0 < tiles;
@@ -590,7 +652,7 @@ NV_UNROLL
       if (t0 + u * warps >= tiles) break;
       uint32_t m = max(nv_absmax<4>(v[u][0]), nv_absmax<4>(v[u][1]));
       m = __reduce_max_sync(0xffffffffu, m);
-      const nv_block b = nv_block_scale(nv_u2f(m), sc[0].enc_over_6, sc[0].dec);
+      const nv_block b = nv_block_scale(nv_u2f(m), sc.enc_over_6, sc.dec);
 NV_UNROLL
       for (int h = 0; h < 2; h++) {
         float q[4];
@@ -734,14 +796,30 @@ struct nv_rows {
   static void launch(const nv_args &a) {
     run<Tin, VEC, SR>(a, nv_write_act<Tout, VEC>{(Tout *)a.xq});
   }
+  template <typename Tin>
+  static size_t groups(const nv_args &a) {
+    return (size_t)a.rows * (size_t)a.cols / (16 / sizeof(Tin));
+  }
   template <typename Tin, bool VEC, bool SR, class Out>
   static void run(const nv_args &a, Out out) {
     static int per_sm;
-    const size_t ngroups = (size_t)a.rows * (size_t)a.cols / (16 / sizeof(Tin));
+    const size_t ngroups = groups<Tin>(a);
     auto kernel = nvfp4_rows_kernel<Tin, Out, VEC, SR>;
     const int blocks = nv_grid(kernel, &per_sm, (ngroups + NV_ROWS_UNROLL - 1) / NV_ROWS_UNROLL);
     CUDA_LAUNCH_PDL("nvfp4_rows_kernel", kernel, dim3(blocks), dim3(NV_THREADS), 0, out, a.dec,
                     (const Tin *)a.x, ngroups, a.parts, a.seed);
+  }
+};
+
+/* NVFP4_ROWS of at most CUDA_NVFP4_SMALL_VALUES values: the one-block kernel, no amax pass
+ * (a.parts unused); vec as nv_rows'. */
+struct nv_rows_small : nv_rows {
+  template <typename Tin, typename Tout, bool VEC, bool SR>
+  static void launch(const nv_args &a) {
+    auto kernel = nvfp4_rows_small_kernel<Tin, nv_write_act<Tout, VEC>, VEC, SR>;
+    CUDA_LAUNCH_PDL("nvfp4_rows_small_kernel", kernel, dim3(1), dim3(nv_small_threads(SR)), 0,
+                    nv_write_act<Tout, VEC>{(Tout *)a.xq}, a.dec, (const Tin *)a.x,
+                    groups<Tin>(a), a.seed);
   }
 };
 
@@ -923,8 +1001,12 @@ extern "C" void cuda_nvfp4_quantize(void *xq, float *dec, const void *x, enum dt
   nv_args a = {};
   a.xq = xq, a.dec = dec, a.x = x, a.rows = rows, a.cols = cols, a.seed = seed;
   a.rht_signs = rht;
-  a.parts = nv_amax(x, x_type, rows, cols, rht, false);
   const bool sr = stochastic != 0;
+  if (layout == NVFP4_ROWS && (size_t)rows * (size_t)cols <= CUDA_NVFP4_SMALL_VALUES) {
+    nv_launch<nv_rows_small>(a, x_type, sr);
+    return;
+  }
+  a.parts = nv_amax(x, x_type, rows, cols, rht, false);
   if (layout == NVFP4_ROWS) nv_launch<nv_rows>(a, x_type, sr);
   else if (layout == NVFP4_TILES) nv_launch<nv_tiles>(a, x_type, sr);
   else nv_launch<nv_cols<false>>(a, x_type, sr);

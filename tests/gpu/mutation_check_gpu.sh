@@ -32,6 +32,11 @@ MUTATIONS=(
   'scratch_per_row_halved#kernels/cuda/cuda_backend.cu#s/SCRATCH_BYTES_PER_ROW ((size_t)128 << 10)/SCRATCH_BYTES_PER_ROW ((size_t)64 << 10)/#the scratch arena grows 64 KiB a micro-batch row, not 128'
   'loss_chunk_past_arena#kernels/cuda/cuda_linear.cu#s/return (int)(rounded <= fit ? rounded : rows);/return (int)rounded;/#the LM head'"'"'s chunk rounded up to 64 rows past what the arena holds'
   'nvfp4_amax_backwards_stride#kernels/cuda/cuda_nvfp4.cu#s/x + (ngroups - 1 - r - j \* stride) \* N)/x + (ngroups - 1 - r - j) * N)/#the amax pass'"'"'s unrolled loads step one group back, not a grid stride (groups left out of the tensor scale)'
+  'nvfp4_small_amax_drops_last_group#kernels/cuda/cuda_nvfp4.cu#s/{nv_amax_groups<Tin, VEC>(x, ngroups)}/{nv_amax_groups<Tin, VEC>(x, ngroups - 1)}/#the one-block quantizer of a small x leaves x'"'"'s last group out of the tensor amax'
+  'nvfp4_small_half_the_warps#kernels/cuda/cuda_nvfp4.cu#s|nv_block_max<1, nv_small_threads(SR) / 32>(m);|nv_block_max<1, nv_small_threads(SR) / 64>(m);|#the one-block quantizer reduces the maxima of only its first half of warps'
+  'nvfp4_small_writes_nonfinite#kernels/cuda/cuda_nvfp4.cu#s/const nv_scale sc = nv_scale_of(m\[0\], dec);/nv_scale sc = nv_scale_of(m[0], dec); sc.finite = true;/#the one-block quantizer writes xq although x is not finite'
+  'gemv_packed_first_dec_w#kernels/cuda/cuda_linear.cu#s/w\[j\] = {codes\[j\], scales\[j\], dec_x, dec_w\[j\]};/w[j] = {codes[j], scales[j], dec_x, dec_w[0]};/#the grouped packed GEMV scales every matrix by the first one'"'"'s S_dec'
+  'gemv_packed_first_scales#kernels/cuda/cuda_linear.cu#s/w\[j\] = {codes\[j\], scales\[j\], dec_x, dec_w\[j\]};/w[j] = {codes[j], scales[0], dec_x, dec_w[j]};/#the grouped packed GEMV reads every matrix'"'"'s block scales from the first one'
   'nvfp4_parts_ahead_last_dropped#kernels/cuda/cuda_nvfp4.cu#s/p\[k\]\[j\] = i < parts.n ? parts.max\[k\]\[i\] : 0;/p[k][j] = i < parts.n \&\& j < 3 ? parts.max[k][i] : 0;/#the quantize blocks leave out every fourth batch of amax partials'
   # only the bf16 mode's checks can catch these: the fp32 and tf32 modes never store bf16
   'bf16_store_truncates#kernels/cuda/cuda_dtype.cuh#s/{ \*p = __float2bfloat16_rn(v); }/{ *p = __float2bfloat16_rz(v); }/#bf16 activations stored rounded toward zero'

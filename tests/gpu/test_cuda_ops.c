@@ -5,7 +5,8 @@
  *    (every layout, the transform included, and the fused rows + cols pair of an output
  *    gradient) byte for byte, its S_dec bit for bit; nvfp4_pack's codes, scales and S_dec
  *    those of the host quantizer (kernels/nvfp4.h) byte for byte, and the GEMV on them
- *    (nvfp4_gemv_packed) within 1e-5 of a double sum; sum_into within 1e-12;
+ *    (nvfp4_gemv_packed, 1 to 3 matrices a call) within 1e-5 of the CPU op and of a double
+ *    sum; sum_into within 1e-12;
  *  - tf32 (activations fp32, TF32 on): the linear GEMMs, 3e-3: TF32 rounds operands to 10
  *    mantissa bits;
  *  - bf16 (activations bf16, TF32 on), the default: every op that takes activations, with bf16
@@ -1079,6 +1080,47 @@ static void check_rows_cols_all(const char *label, const float *x, int rows, int
   }
 }
 
+/* NVFP4_ROWS through the one-block kernel of a small x (at most CUDA_NVFP4_SMALL_VALUES values,
+ * cuda.h) against the CPU, x of x_type: decoding's inputs (one token of 2560 values, four of
+ * 9728), three rows of 160, the bound itself, and just above it (rows or columns) the amax and
+ * rows kernels again; both roundings, aligned and not (the scalar paths), in place
+ * (check_quantize). Then x's largest value, a NaN and a -inf in its last or first group, which
+ * the amax must see on both paths (the amax walks x backwards: its last group is the one thread
+ * 0 reads first). Every seventh value scaled by 10^[-8, 3]. */
+static void check_quantize_small(enum dtype x_type) {
+  const int bound = CUDA_NVFP4_SMALL_VALUES;
+  const int shapes[][2] = {{1, 2560}, {4, 9728}, {3, 160}, {bound / 16, 16},
+                           {bound / 16 + 1, 16}, {1, bound + 16}, {5, 13120}};
+  const int nshapes = (int)(sizeof shapes / sizeof *shapes);
+  size_t nx = (size_t)bound + 4096;
+  float *x = rand_floats(nx, -3, 3), *y = xmalloc(nx * 4);
+  for (size_t i = 0; i < nx; i += 7) x[i] *= powf(10.0f, (float)uniform(-8, 3));
+  for (int k = 0; k < nshapes; k++)
+    for (int sr = 0; sr < 2; sr++)
+      for (int offset = 0; offset < 2; offset++)
+        check_quantize("small", x, x_type, shapes[k][0], shapes[k][1], NVFP4_ROWS, -1, sr,
+                       40 + k, offset);
+  const int edges[] = {0, 1, 4};   /* 1 x 2560, 4 x 9728, and above the bound */
+  for (int e = 0; e < 3; e++) {
+    const int rows = shapes[edges[e]][0], cols = shapes[edges[e]][1];
+    size_t n = (size_t)rows * cols;
+    memcpy(y, x, n * 4);
+    y[n - 1] = 1e4f;
+    check_quantize("largest last", y, x_type, rows, cols, NVFP4_ROWS, -1, 0, 50, 0);
+    check_quantize("largest last", y, x_type, rows, cols, NVFP4_ROWS, -1, 1, 51, 1);
+    y[n - 1] = NAN;
+    check_quantize("NaN last", y, x_type, rows, cols, NVFP4_ROWS, -1, 0, 52, 0);
+    y[n - 1] = x[n - 1];
+    y[0] = -1e4f;
+    check_quantize("largest first", y, x_type, rows, cols, NVFP4_ROWS, -1, 1, 53, 0);
+    y[0] = -INFINITY;
+    check_quantize("-inf first", y, x_type, rows, cols, NVFP4_ROWS, -1, 1, 54, 1);
+    /* right after a non-finite call nothing of it lingers */
+    check_quantize("after -inf", x, x_type, rows, cols, NVFP4_ROWS, -1, 0, 55, 0);
+  }
+  free(x); free(y);
+}
+
 /* Every layout (the transposing one with and without the RHT), both roundings, for x of
  * x_type, on one input. */
 static void check_quantize_all(const char *label, const float *x, enum dtype x_type, int rows,
@@ -1187,77 +1229,115 @@ static void check_pack_all(const char *label, const float *w, int rows, int cols
   check_pack(label, w, rows, cols, NVFP4_TILES, 0);
 }
 
-/* nvfp4_gemv_packed of n = n_lo .. n_hi token rows through a weight w [out_dim, in_dim] the GPU
- * packed (NVFP4_ROWS: its bytes are the host's, check_pack), against the host: W = q * s_b
- * (nvfp4_dequantize with S_dec 1), xq = the CPU's NVFP4_ROWS quantization of x (the mode's
- * activations, S_dec dec_x), out = (dec_x * dec_w) * xq · Wᵀ with the sum in double. xq goes to
+/* nvfp4_gemv_packed of n = n_lo .. n_hi token rows through count weights w_j [out_dims[j],
+ * in_dim] in one call, each packed by the GPU (NVFP4_ROWS: its bytes are the host's,
+ * check_pack) and scaled by 8^j, so that every matrix has its own S_dec. Against two
+ * references: the CPU op on the host's codes, scales and S_dec, and a double sum on the host,
+ * out_j = (dec_x * dec_w_j) * xq · W_jᵀ with W_j = q * s_b (nvfp4_dequantize with S_dec 1); xq
+ * = the CPU's NVFP4_ROWS quantization of x (the mode's activations), S_dec dec_x. xq goes to
  * the GPU twice: the host's values (exact in bf16) with the host's dec_x, and the GPU's own
  * nvfp4_quantize of x. Each output, poisoned first, within the tolerance of fp32 accumulation
  * (1e-5; the bf16 output's rounding in the bf16 mode); a second run gives the same bits. Every
  * fifth weight is scaled by 10^[-6, 1], so blocks take scales of every size. */
-static void check_gemv_packed(int in_dim, int out_dim, int n_lo, int n_hi) {
-  size_t nw = (size_t)out_dim * in_dim;
-  float *w = rand_floats(nw, -1, 1);
-  for (size_t i = 0; i < nw; i += 5) w[i] *= powf(10.0f, (float)uniform(-6, 1));
-  uint8_t *codes = xmalloc(nw / 2 + 1), *scales = xmalloc(nw / 16 + 1);
-  struct nvfp4_tensor_scale tw;
-  int st = nvfp4_quantize(codes, scales, &tw, w, out_dim, in_dim, NVFP4_BLOCK_1X16,
-                          NVFP4_ROUND_NEAREST, 0);
-  CHECK(st == NVFP4_OK, "host nvfp4_quantize of a %dx%d weight returned %d", out_dim, in_dim, st);
-  float *wq = xmalloc(nw * 4 + 4);
-  nvfp4_dequantize(wq, codes, scales, 1.0f, out_dim, in_dim, NVFP4_BLOCK_1X16);
-  float *d_w = up(w, nw * 4), *d_dec_w = gpu->alloc(4);
-  uint8_t *d_codes = gpu->alloc(nw / 2), *d_scales = gpu->alloc(nw / 16);
-  gpu->nvfp4_pack(d_codes, d_scales, d_dec_w, d_w, out_dim, in_dim, NVFP4_ROWS);
+static void check_gemv_packed(int in_dim, int count, const int *out_dims, int n_lo, int n_hi) {
+  uint8_t *codes[3], *scales[3], *d_codes[3], *d_scales[3];
+  float *wq[3], dec_w[3], *d_dec_w[3];
+  const float *dec_w_of[3];
+  for (int j = 0; j < count; j++) {
+    size_t nw = (size_t)out_dims[j] * in_dim;
+    float *w = rand_floats(nw, -1, 1);
+    for (size_t i = 0; i < nw; i += 5) w[i] *= powf(10.0f, (float)uniform(-6, 1));
+    for (size_t i = 0; i < nw; i++) w[i] = ldexpf(w[i], 3 * j);
+    codes[j] = xmalloc(nw / 2 + 1), scales[j] = xmalloc(nw / 16 + 1);
+    struct nvfp4_tensor_scale tw;
+    int st = nvfp4_quantize(codes[j], scales[j], &tw, w, out_dims[j], in_dim, NVFP4_BLOCK_1X16,
+                            NVFP4_ROUND_NEAREST, 0);
+    CHECK(st == NVFP4_OK, "host nvfp4_quantize of a %dx%d weight returned %d", out_dims[j],
+          in_dim, st);
+    dec_w[j] = tw.dec;
+    dec_w_of[j] = &dec_w[j];
+    wq[j] = xmalloc(nw * 4 + 4);
+    nvfp4_dequantize(wq[j], codes[j], scales[j], 1.0f, out_dims[j], in_dim, NVFP4_BLOCK_1X16);
+    float *d_w = up(w, nw * 4);
+    d_dec_w[j] = gpu->alloc(4), d_codes[j] = gpu->alloc(nw / 2), d_scales[j] = gpu->alloc(nw / 16);
+    gpu->nvfp4_pack(d_codes[j], d_scales[j], d_dec_w[j], d_w, out_dims[j], in_dim, NVFP4_ROWS);
+    gpu->free(d_w);
+    free(w);
+  }
   for (int n = n_lo; n <= n_hi; n++) {
-    size_t nx = (size_t)n * in_dim, ny = (size_t)n * out_dim, yb = ny * dtype_bytes(act);
-    float *x = rand_act(nx, -3, 3), *xq = xmalloc(nx * 4), dec_x, *ref = xmalloc(ny * 4);
+    size_t nx = (size_t)n * in_dim;
+    float *x = rand_act(nx, -3, 3), *xq = xmalloc(nx * 4), dec_x;
+    void *ref[3];
+    float *sum[3];
     cpu->nvfp4_quantize(xq, &dec_x, x, DT_F32, n, in_dim, NVFP4_ROWS, 0, 0, -1);
-    const float alpha = dec_x * tw.dec;
-    for (int t = 0; t < n; t++)
-      for (int o = 0; o < out_dim; o++) {
-        const float *a = xq + (size_t)t * in_dim, *b = wq + (size_t)o * in_dim;
-        double sum = 0;
-        for (int k = 0; k < in_dim; k++) sum += (double)a[k] * b[k];
-        ref[(size_t)t * out_dim + o] = (float)(alpha * sum);
-      }
+    for (int j = 0; j < count; j++) {
+      ref[j] = xmalloc((size_t)n * out_dims[j] * 4);
+      sum[j] = xmalloc((size_t)n * out_dims[j] * 4);
+      const float alpha = dec_x * dec_w[j];
+      for (int t = 0; t < n; t++)
+        for (int o = 0; o < out_dims[j]; o++) {
+          const float *a = xq + (size_t)t * in_dim, *b = wq[j] + (size_t)o * in_dim;
+          double acc = 0;
+          for (int k = 0; k < in_dim; k++) acc += (double)a[k] * b[k];
+          sum[j][(size_t)t * out_dims[j] + o] = (float)(alpha * acc);
+        }
+    }
+    cpu->nvfp4_gemv_packed(ref, xq, &dec_x, (const uint8_t *const *)codes,
+                           (const uint8_t *const *)scales, dec_w_of, out_dims, count, n, in_dim);
     void *d_xq[2] = {up_act(xq, nx), gpu->alloc(nx * dtype_bytes(act))}, *d_x = up_act(x, nx);
     float *d_dec_x[2] = {up(&dec_x, 4), gpu->alloc(4)};
     gpu->nvfp4_quantize(d_xq[1], d_dec_x[1], d_x, act, n, in_dim, NVFP4_ROWS, 0, 0, -1);
     for (int k = 0; k < 2; k++) {
-      void *d_y = poisoned_act(ny), *d_y2 = poisoned_act(ny);
-      gpu->nvfp4_gemv_packed(d_y, d_xq[k], d_dec_x[k], d_codes, d_scales, d_dec_w, n, in_dim,
-                             out_dim);
-      gpu->nvfp4_gemv_packed(d_y2, d_xq[k], d_dec_x[k], d_codes, d_scales, d_dec_w, n, in_dim,
-                             out_dim);
-      CHECK(same_bits(d_y, d_y2, yb), "%s mode: nvfp4_gemv_packed %d x %d -> %d differs "
-            "between two runs", mode, n, in_dim, out_dim);
-      char name[112];
-      snprintf(name, sizeof name, "nvfp4 gemv packed %d x %d -> %d, xq of the %s", n, in_dim,
-               out_dim, k ? "GPU" : "CPU");
-      expect_act(name, d_y, ref, ny, act == DT_BF16 ? BF16_TOL : TOL);   /* frees d_y */
-      gpu->free(d_y2); gpu->free(d_xq[k]); gpu->free(d_dec_x[k]);
+      void *d_y[3], *d_y2[3];
+      for (int j = 0; j < count; j++) {
+        d_y[j] = poisoned_act((size_t)n * out_dims[j]);
+        d_y2[j] = poisoned_act((size_t)n * out_dims[j]);
+      }
+      for (int run = 0; run < 2; run++)
+        gpu->nvfp4_gemv_packed(run ? d_y2 : d_y, d_xq[k], d_dec_x[k],
+                               (const uint8_t *const *)d_codes, (const uint8_t *const *)d_scales,
+                               (const float *const *)d_dec_w, out_dims, count, n, in_dim);
+      for (int j = 0; j < count; j++) {
+        size_t ny = (size_t)n * out_dims[j];
+        char name[112];
+        snprintf(name, sizeof name, "nvfp4 gemv packed %d x %d -> %d (%d of %d), xq of the %s",
+                 n, in_dim, out_dims[j], j + 1, count, k ? "GPU" : "CPU");
+        CHECK(same_bits(d_y[j], d_y2[j], ny * dtype_bytes(act)),
+              "%s mode, %s: differs between two runs", mode, name);
+        expect_as2(name, d_y[j], act, ref[j], sum[j], NULL, ny,
+                   act == DT_BF16 ? BF16_TOL : TOL);   /* frees d_y[j] */
+        gpu->free(d_y2[j]);
+      }
+      gpu->free(d_xq[k]); gpu->free(d_dec_x[k]);
     }
+    for (int j = 0; j < count; j++) free(ref[j]), free(sum[j]);
     gpu->free(d_x);
-    free(x); free(xq); free(ref);
+    free(x); free(xq);
   }
-  gpu->free(d_w); gpu->free(d_dec_w); gpu->free(d_codes); gpu->free(d_scales);
-  free(w); free(codes); free(scales); free(wq);
+  for (int j = 0; j < count; j++) {
+    gpu->free(d_dec_w[j]); gpu->free(d_codes[j]); gpu->free(d_scales[j]);
+    free(codes[j]); free(scales[j]); free(wq[j]);
+  }
 }
 
-/* Decoding from packed weights: Qwen3-4B's q|k|v input (2560 columns, 2.5 16-byte loads of
- * codes a lane) and its down projection (9728: two warps a row on an H200) for 1 to 4 token
- * rows; odd output counts; one load a row; 4 and 8 warps a row (16384 and 32800 columns, the
- * latter not a multiple of the warps' stride). */
+/* Decoding from packed weights: Qwen3-4B's q|k|v (4096, 1024 and 1024 rows of 2560 columns,
+ * 2.5 16-byte loads of codes a lane, in one launch), gate|up (two of 9728 rows) and its down
+ * projection (9728 columns: two warps a row on an H200) for 1 to 4 token rows; odd output
+ * counts, in groups whose matrices end inside a block of the launch; one load a row; 4 and 8
+ * warps a row (16384 and 32800 columns, the latter not a multiple of the warps' stride). */
 static void test_gemv_packed(void) {
-  check_gemv_packed(2560, 1024, 1, NVFP4_GEMV_MAX_ROWS);
-  check_gemv_packed(9728, 2560, 1, NVFP4_GEMV_MAX_ROWS);
-  check_gemv_packed(4096, 1, 2, 2);
-  check_gemv_packed(4096, 37, 3, 3);
-  check_gemv_packed(4096, 1001, 4, 4);
-  check_gemv_packed(32, 5, 1, 1);
-  check_gemv_packed(16384, 100, 2, 2);
-  check_gemv_packed(32800, 40, 3, 3);
+  const int qkv[] = {4096, 1024, 1024}, gate_up[] = {9728, 9728}, down[] = {2560},
+            kv[] = {1024}, one[] = {1}, odd[] = {37, 1001, 5}, pair[] = {5, 37},
+            wide[] = {100}, wider[] = {40, 3};
+  check_gemv_packed(2560, 3, qkv, 1, NVFP4_GEMV_MAX_ROWS);
+  check_gemv_packed(2560, 2, gate_up, 1, 1);
+  check_gemv_packed(2560, 1, kv, 1, NVFP4_GEMV_MAX_ROWS);
+  check_gemv_packed(9728, 1, down, 1, NVFP4_GEMV_MAX_ROWS);
+  check_gemv_packed(4096, 1, one, 2, 2);
+  check_gemv_packed(4096, 3, odd, 3, 4);
+  check_gemv_packed(32, 2, pair, 1, 1);
+  check_gemv_packed(16384, 1, wide, 2, 2);
+  check_gemv_packed(32800, 2, wider, 3, 3);
 }
 
 static void test_nvfp4(void) {
@@ -1328,6 +1408,8 @@ static void test_nvfp4(void) {
     check_quantize("random", x, xt, rows, cols, NVFP4_TILES, -1, 1, 15, 1);
     check_quantize("random", x, xt, rows, cols, NVFP4_COLS, 0xa5c3, 1, 16, 1);
     check_quantize("empty", x, xt, 0, 32, NVFP4_COLS, 0xa5c3, 0, 17, 0);
+    check_quantize("empty", x, xt, 0, 32, NVFP4_ROWS, -1, 0, 17, 0);
+    check_quantize_small(xt);
     if (pack) {
       /* rows not a multiple of 16 (1x16 rows), a wide tiled case, the scalar path of an
        * unaligned w with codes and scales at odd addresses, an empty w */

@@ -14,6 +14,7 @@
 #include "common/util.h"
 #include "tests/check.h"
 #include "kernels/nvfp4.h"
+#include "worker/block.h"
 #include "worker/nvfp4_linear.h"
 #include "worker/worker.h"
 
@@ -65,6 +66,13 @@ static void compare(const char *what, const char *name, const float *got, const 
         "%.2e of max|ref| (tol %.0e)", name, what, rel, elem, TOL);
 }
 
+/* The forward of the fixtures' linear, gate_proj, as a stage of its own. */
+static void gate_forward(struct worker *w, float *y, const float *x, int n, int in, int out) {
+  const enum layer_param gate = P_GATE;
+  void *outs[1] = {y};
+  nvfp4_linear_forward(w, 0, &gate, outs, &out, 1, x, n, in);
+}
+
 static void run_case(struct reader *r) {
   char name[33] = {0};
   memcpy(name, take(r, 32), 32);
@@ -104,7 +112,7 @@ static void run_case(struct reader *r) {
   /* poisoned: without ACC_DX and ACC_DW the backward overwrites both and reads neither */
   for (size_t i = 0; i < (size_t)n * in; i++) dx[i] = NAN;
   for (size_t i = 0; i < (size_t)out * in; i++) dw[i] = NAN;
-  nvfp4_linear_forward(&w, 0, P_GATE, P_GATE, y, x, n, in, out);
+  gate_forward(&w, y, x, n, in, out);
   nvfp4_linear_backward(&w, 0, 0, P_GATE, P_GATE, dx, dw, dy, x, n, in, out, 0);
   compare("Fprop", name, y, y_ref, (size_t)n * out);
   compare("Dgrad", name, dx, dx_ref, (size_t)n * in);
@@ -137,7 +145,7 @@ static void test_nonfinite(void) {
   for (int i = 0; i < N * IN; i++) x[i] = (float)(i % 7) - 3.0f;
   for (int i = 0; i < N * OUT; i++) dy[i] = 0.1f * (float)(i % 5);
   char msg[512] = "";
-  nvfp4_linear_forward(&w, 0, P_GATE, P_GATE, y, x, N, IN, OUT);
+  gate_forward(&w, y, x, N, IN, OUT);
   nvfp4_linear_backward(&w, 0, 0, P_GATE, P_GATE, dx, dw, dy, x, N, IN, OUT, ACC_DX | ACC_DW);
   CHECK(!nvfp4_nonfinite_operand(&w, msg, sizeof msg), "finite operands reported: %s", msg);
   dy[5] = INFINITY;
@@ -147,15 +155,15 @@ static void test_nonfinite(void) {
   CHECK(named && strstr(msg, "gate_proj") && strstr(msg, "output gradient (Dgrad)"),
         "an Inf in dY is named as gate_proj's Dgrad output gradient: \"%s\"", msg);
   x[3] = NAN;
-  nvfp4_linear_forward(&w, 0, P_GATE, P_GATE, y, x, N, IN, OUT);
+  gate_forward(&w, y, x, N, IN, OUT);
   CHECK(isnan(y[0]) && isnan(y[N * OUT - 1]), "a NaN input spreads through the whole product");
   x[3] = 1.0f, dy[5] = 0.0f;   /* finite operands again clear their scales */
-  nvfp4_linear_forward(&w, 0, P_GATE, P_GATE, y, x, N, IN, OUT);
+  gate_forward(&w, y, x, N, IN, OUT);
   nvfp4_linear_backward(&w, 0, 0, P_GATE, P_GATE, dx, dw, dy, x, N, IN, OUT, ACC_DX | ACC_DW);
   CHECK(!nvfp4_nonfinite_operand(&w, msg, sizeof msg), "finite again, yet reported: %s", msg);
   w.weights[w.params[w.layer_param[0][P_DOWN]].offset] = NAN;
   worker_prepare_step(&w, 2);
-  nvfp4_linear_forward(&w, 0, P_GATE, P_GATE, y, x, N, IN, OUT);   /* quantizes the layer */
+  gate_forward(&w, y, x, N, IN, OUT);   /* quantizes the layer */
   named = nvfp4_nonfinite_operand(&w, msg, sizeof msg);
   printf("a NaN weight: %s\n", named ? msg : "(nothing named)");
   CHECK(named && strstr(msg, "down_proj") && strstr(msg, "'s weight"),
@@ -166,16 +174,73 @@ static void test_nonfinite(void) {
 
 /* Decoding from packed weights (ops.h nvfp4_pack, nvfp4_gemv_packed): a KV cache packs the
  * stage's NVFP4 matrices; their codes times their scales are the quantized weight's values bit
- * for bit, and a linear of at most NVFP4_PACKED_DECODE_ROWS rows inside that cache's decoding
- * reads them (counted through a backend whose gemv is wrapped) and gives the GEMM path's result
- * within the fp32 accumulation's difference; more rows, or no cache, take the GEMM, and a cache
- * for more sequences packs nothing. Both weight layouts. */
-static int gemv_calls;
-static void counted_gemv(void *out, const void *xq, const float *dec_x, const uint8_t *codes,
-                         const uint8_t *scales, const float *dec_w, int n, int in_dim,
-                         int out_dim) {
-  gemv_calls++;
-  backend_cpu.nvfp4_gemv_packed(out, xq, dec_x, codes, scales, dec_w, n, in_dim, out_dim);
+ * for bit, and each linear stage of the block (q|k|v: 3 matrices of 64, 32 and 32 rows; o;
+ * gate|up; down) of at most NVFP4_PACKED_DECODE_ROWS rows inside that cache's decoding makes
+ * one packed call for all its matrices (counted through a backend whose op is wrapped) and
+ * gives the GEMM path's result within the fp32 accumulation's difference; more rows, or no
+ * cache, take the GEMM, and a cache for more sequences packs nothing. A decoding step through
+ * the block (worker_infer) makes one packed call per linear stage. The wrapper also runs
+ * each matrix of a call alone (count 1), which must give the grouped call's bits. Both weight
+ * layouts. */
+static int packed_calls, packed_count, packed_matrices;
+static void counted_gemv(void *const *outs, const void *xq, const float *dec_x,
+                         const uint8_t *const *codes, const uint8_t *const *scales,
+                         const float *const *dec_w, const int *out_dims, int count, int n,
+                         int in_dim) {
+  packed_calls++;
+  packed_count = count;
+  packed_matrices += count;
+  backend_cpu.nvfp4_gemv_packed(outs, xq, dec_x, codes, scales, dec_w, out_dims, count, n, in_dim);
+  for (int j = 0; j < count; j++) {
+    size_t bytes = (size_t)n * out_dims[j] * sizeof(float);
+    void *alone = xmalloc(bytes);
+    backend_cpu.nvfp4_gemv_packed(&alone, xq, dec_x, &codes[j], &scales[j], &dec_w[j],
+                                  &out_dims[j], 1, n, in_dim);
+    CHECK(memcmp(alone, outs[j], bytes) == 0,
+          "nvfp4_gemv_packed: matrix %d of %d ([%d, %d]) alone gives the grouped call's bits", j,
+          count, out_dims[j], in_dim);
+    free(alone);
+  }
+}
+
+/* The block's linear stages on x (as wide as the widest input) through the GEMM (no cache) and
+ * within the cache kv: one packed call per stage, of all its matrices, for few enough rows. */
+static void check_packed_stages(struct worker *w, struct kv_cache *kv, const float *x,
+                                int weight_2d) {
+  enum { ROWS = NVFP4_PACKED_DECODE_ROWS + 1 };
+  const struct qwen3_config *c = &w->plan.cfg;
+  for (int i = 0; i < QWEN3_BLOCK_STAGES; i++) {
+    const struct stage *s = &QWEN3_BLOCK[i];
+    if (s->op != OP_LINEAR) continue;
+    int in = (int)slot_width(c, s->in[0]), outs[3];
+    float *ref[3], *got[3];
+    for (int k = 0; k < s->n_params; k++) {
+      outs[k] = (int)slot_width(c, s->out[k]);
+      ref[k] = xcalloc((size_t)ROWS * outs[k], sizeof(float));
+      got[k] = xcalloc((size_t)ROWS * outs[k], sizeof(float));
+    }
+    for (int n = 1; n <= ROWS; n++) {
+      w->kv = NULL;
+      nvfp4_linear_forward(w, 0, s->params, (void **)ref, outs, s->n_params, x, n, in);
+      for (int k = 0; k < s->n_params; k++)
+        for (int j = 0; j < n * outs[k]; j++) got[k][j] = NAN;
+      int before = packed_calls;
+      w->kv = kv;
+      nvfp4_linear_forward(w, 0, s->params, (void **)got, outs, s->n_params, x, n, in);
+      w->kv = NULL;
+      int calls = packed_calls - before, want = n <= NVFP4_PACKED_DECODE_ROWS;
+      CHECK(calls == want && (!want || packed_count == s->n_params),
+            "%s, %d rows in a decoding step: %s path taken (%d packed calls of %d matrices)",
+            s->name, n, want ? "the packed" : "the GEMM", calls, packed_count);
+      for (int k = 0; k < s->n_params; k++) {
+        char what[64];
+        snprintf(what, sizeof what, "%s %s[%d] n%d", weight_2d ? "16x16" : "1x16", s->name, k,
+                 n);
+        compare(what, "packed", got[k], ref[k], (size_t)n * outs[k]);
+      }
+    }
+    for (int k = 0; k < s->n_params; k++) free(ref[k]), free(got[k]);
+  }
 }
 
 static void test_packed_decode(int weight_2d) {
@@ -224,34 +289,36 @@ static void test_packed_decode(int weight_2d) {
   CHECK(isnan(dec_p), "a non-finite weight packs to a NaN S_dec");
   w.weights[gate->offset + 5] = keep;
 
-  /* the linear through the engine: without a cache (the GEMM), then within one (packed) */
-  float *x = xcalloc((size_t)T * IN, sizeof(float));
-  float *ref = xcalloc((size_t)T * OUT, sizeof(float)), *got = xcalloc((size_t)T * OUT, sizeof(float));
-  for (int i = 0; i < T * IN; i++) x[i] = (float)((i * 37) % 23) / 7.0f - 1.5f;
+  /* the block's linear stages through the engine: without a cache (the GEMM), then within
+   * one (packed) */
+  float *x = xcalloc((size_t)T * OUT, sizeof(float));
+  for (int i = 0; i < T * OUT; i++) x[i] = (float)((i * 37) % 23) / 7.0f - 1.5f;
   struct kv_cache kv;
   kv_cache_init(&kv, &w, MAX_LEN, 1);
   CHECK(kv.fp4 != NULL, "a KV cache of an NVFP4 stage holds its packed weights");
-  for (int n = 1; n <= NVFP4_PACKED_DECODE_ROWS + 1; n++) {
-    w.kv = NULL;
-    nvfp4_linear_forward(&w, 0, P_GATE, P_GATE, ref, x, n, IN, OUT);
-    for (int i = 0; i < n * OUT; i++) got[i] = NAN;
-    int before = gemv_calls;
-    w.kv = &kv;
-    nvfp4_linear_forward(&w, 0, P_GATE, P_GATE, got, x, n, IN, OUT);
-    w.kv = NULL;
-    int packed = gemv_calls - before, want = n <= NVFP4_PACKED_DECODE_ROWS;
-    CHECK(packed == want, "%d rows in a decoding step: %s path taken (%d packed calls)", n,
-          want ? "the packed" : "the GEMM", packed);
-    compare(weight_2d ? "packed decode, 16x16" : "packed decode, 1x16", "y", got, ref,
-            (size_t)n * OUT);
-  }
+  check_packed_stages(&w, &kv, x, weight_2d);
+
+  /* a prompt of 3 tokens, then a decoding step of one: one packed call per linear stage */
+  int stages = 0, matrices = 0;
+  for (int i = 0; i < QWEN3_BLOCK_STAGES; i++)
+    if (QWEN3_BLOCK[i].op == OP_LINEAR) stages++, matrices += QWEN3_BLOCK[i].n_params;
+  const int32_t tokens[4] = {1, 5, 7, 2}, positions[4] = {0, 1, 2, 3};
+  float *logits = xmalloc((size_t)cfg.vocab_size * sizeof(float));
+  worker_infer(&w, tokens, positions, 3, &kv, 0, logits);
+  int calls = packed_calls;
+  packed_matrices = 0;
+  worker_infer(&w, tokens + 3, positions + 3, 1, &kv, INFER_EACH, logits);
+  CHECK(packed_calls - calls == stages && packed_matrices == matrices,
+        "a decoding step: %d packed calls of %d matrices (the block's %d linear stages of %d)",
+        packed_calls - calls, packed_matrices, stages, matrices);
+  free(logits);
   kv_cache_free(&kv, &w);
   kv_cache_init(&kv, &w, MAX_LEN, NVFP4_PACKED_DECODE_ROWS + 1);
   CHECK(kv.fp4 == NULL, "a KV cache of %d sequences does not pack the weights",
         NVFP4_PACKED_DECODE_ROWS + 1);
   kv_cache_free(&kv, &w);
   worker_free(&w);
-  free(codes), free(scales), free(wq), free(back), free(x), free(ref), free(got);
+  free(codes), free(scales), free(wq), free(back), free(x);
 }
 
 int main(void) {
