@@ -95,11 +95,13 @@ static __device__ __forceinline__ void gemv_load_x(float (&f)[N], const T *__res
  *   row           a row's pointers (row_of: row r; at: from column c on);
  *   chunk         what a lane loads for one 16-byte group of a row (load: at column off of a
  *                 row from at, off a constant, so the batch's addresses are one register's);
+ *   ONE_ROW       one token row (a decoding step's) has an instantiation of its own (gemv_kernel's
+ *                 R);
  *   PART          the row's last batch is loaded at once, predicated (a row of a few chunks a
  *                 lane: NVFP4's 2560 columns are 2.5 a lane, all in flight before pdl_wait),
  *                 else its chunks one at a time (rows of many: the predicated batch took the
  *                 dense kernels from 40-48 registers to 54-62);
- *   weights       a chunk decoded to fp32, once for every token row;
+ *   weights       a chunk made ready for dot, once for every token row (gemv_dense: in fp32);
  *   dot           acc + those N weights · x's N values at p (one token row), fp32 arithmetic;
  *   finish        a row's output from its sum.
  * gemv_dense: the weight copy in the activation dtype T (linear_forward). */
@@ -108,6 +110,7 @@ struct gemv_dense {
   typedef T act;
   static constexpr int N = 16 / sizeof(T);
   static constexpr bool PART = false;
+  static constexpr bool ONE_ROW = false;
   struct mat {
     const T *w;
   };
@@ -145,6 +148,7 @@ struct gemv_nvfp4 {
   typedef T act;
   static constexpr int N = 32;
   static constexpr bool PART = true;
+  static constexpr bool ONE_ROW = true;
   struct mat {
     const uint8_t *codes, *scales;
     const float *dec_x, *dec_w;
@@ -168,35 +172,34 @@ struct gemv_nvfp4 {
     k.s = __ldg((const unsigned short *)(w.scales + off / 16));
     return k;
   }
+  /* The codes stay packed until dot decodes them a word (8 values) at a time, beside the 8
+   * values of x they meet: holding a chunk's 32 decoded values and 32 of x took the kernel to
+   * 98-102 registers (two blocks an SM, against the dense kernels' five), and a decoding step
+   * reads packed weights for one token row, so nothing is decoded twice. */
   struct weights {
-    float f[32];   /* E2M1 values * 2^-14, in column order */
-    float s[2];    /* the two blocks' scales * 2^14 */
-    __device__ __forceinline__ weights(const chunk &k) {
-      const uint32_t q[4] = {k.q.x, k.q.y, k.q.z, k.q.w};
-#pragma unroll
-      for (int i = 0; i < 4; i++) {
-        __half2 h[4];
-        nv_e2m1x8_half2(h, q[i]);
-#pragma unroll
-        for (int j = 0; j < 4; j++) {
-          const float2 v = __half22float2(h[j]);
-          f[8 * i + j] = v.x;
-          f[8 * i + j + 4] = v.y;
-        }
-      }
+    uint32_t q[4];   /* the 32 codes, 8 a word, in column order */
+    float s[2];      /* the two blocks' scales * 2^14 */
+    __device__ __forceinline__ weights(const chunk &k) : q{k.q.x, k.q.y, k.q.z, k.q.w} {
 #pragma unroll
       for (int b = 0; b < 2; b++) s[b] = nv_e4m3_decode(k.s >> 8 * b & 0xffu) * 0x1p14f;
     }
   };
   static __device__ __forceinline__ float dot(const weights &w, const T *__restrict__ p,
                                               float acc) {
-    float x[N];
-    gemv_load_x<T, N>(x, p);
 #pragma unroll
     for (int b = 0; b < 2; b++) {
       float sum = 0.0f;
 #pragma unroll
-      for (int i = 16 * b; i < 16 * b + 16; i++) sum = fmaf(w.f[i], x[i], sum);
+      for (int i = 2 * b; i < 2 * b + 2; i++) {   /* columns 8i .. 8i + 7, in order */
+        float x[8];
+        gemv_load_x<T, 8>(x, p + 8 * i);
+        __half2 h[4];   /* E2M1 values * 2^-14 of columns (j, j + 4) */
+        nv_e2m1x8_half2(h, w.q[i]);
+#pragma unroll
+        for (int j = 0; j < 4; j++) sum = fmaf(__low2float(h[j]), x[j], sum);
+#pragma unroll
+        for (int j = 0; j < 4; j++) sum = fmaf(__high2float(h[j]), x[j + 4], sum);
+      }
       acc = fmaf(sum, w.s[b], acc);
     }
     return acc;
@@ -218,9 +221,9 @@ static __device__ __forceinline__ void gemv_fetch(typename F::chunk (&wb)[U],
     if (!PART || c + u * stride < in_dim) wb[u] = F::load(p, u * stride);
 }
 
-/* acc[t] += the batch's weights times x's same columns of token row t, for t < n */
-template <class F, bool PART, int U>
-static __device__ __forceinline__ void gemv_fma(float (&acc)[GEMV_MAX_ROWS],
+/* acc[t] += the batch's weights times x's same columns of token row t, for t < n <= R */
+template <class F, bool PART, int U, int R>
+static __device__ __forceinline__ void gemv_fma(float (&acc)[R],
                                                 const typename F::chunk (&wb)[U],
                                                 const typename F::act *__restrict__ x, int c,
                                                 int stride, int n, int in_dim) {
@@ -229,7 +232,7 @@ static __device__ __forceinline__ void gemv_fma(float (&acc)[GEMV_MAX_ROWS],
     if (PART && c + u * stride >= in_dim) break;
     const typename F::weights wv(wb[u]);
 #pragma unroll
-    for (int t = 0; t < GEMV_MAX_ROWS; t++) {
+    for (int t = 0; t < R; t++) {
       if (t >= n) break;
       acc[t] = F::dot(wv, x + (size_t)t * in_dim + c + u * stride, acc[t]);
     }
@@ -250,13 +253,17 @@ struct gemv_mats {
  * pdl_wait. (Holding a second batch in flight while using the first took 84 registers against
  * 46 and streamed slower under ncu: bench/NOTES.md.) The matrix of a row is picked with
  * constant indices: a variable index copies the parameters to local memory, and the weight
- * loads through those pointers then left the read-only path and serialized. */
-template <class F, int WPR>
+ * loads through those pointers then left the read-only path and serialized. R: the most token
+ * rows the instantiation takes (1 for F::ONE_ROW at n = 1, else GEMV_MAX_ROWS): at R = 1 the
+ * rows loop is gone, and with it the x loads the compiler hoisted for rows that do not exist
+ * (the NVFP4 kernel: 63-64 registers, four blocks an SM, against 100-108 and two at R = 4; the
+ * dense kernels gain little there, 48 to 40, and stay at R = 4). */
+template <class F, int WPR, int R>
 static __global__ void __launch_bounds__(GEMV_WARPS * 32)
     gemv_kernel(gemv_mats<F> m, const typename F::act *__restrict__ x, int n, int in_dim) {
   typedef typename F::act T;
   constexpr int U = GEMV_UNROLL, STRIDE = WPR * 32 * F::N;
-  __shared__ float warp_sums[GEMV_WARPS][GEMV_MAX_ROWS];
+  __shared__ float warp_sums[GEMV_WARPS][R];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, part = warp % WPR;
   const int row = blockIdx.x * (GEMV_WARPS / WPR) + warp / WPR;
   typename F::mat w = m.w[0];
@@ -277,28 +284,28 @@ static __global__ void __launch_bounds__(GEMV_WARPS * 32)
     gemv_fetch<F, F::PART>(wb, wr, c0, STRIDE, in_dim);
   pdl_wait();
   pdl_release();
-  float acc[GEMV_MAX_ROWS];
+  float acc[R];
 #pragma unroll
-  for (int t = 0; t < GEMV_MAX_ROWS; t++) acc[t] = 0.0f;
+  for (int t = 0; t < R; t++) acc[t] = 0.0f;
   int c = c0;
   for (; live && c + (U - 1) * STRIDE < in_dim; c += U * STRIDE) {
     if (c != c0) gemv_fetch<F, false>(wb, wr, c, STRIDE, in_dim);
-    gemv_fma<F, false>(acc, wb, x, c, STRIDE, n, in_dim);
+    gemv_fma<F, false, U, R>(acc, wb, x, c, STRIDE, n, in_dim);
   }
   if (F::PART) {
     if (live && c < in_dim) {   /* the last batch, of fewer chunks */
       if (c != c0) gemv_fetch<F, true>(wb, wr, c, STRIDE, in_dim);
-      gemv_fma<F, true>(acc, wb, x, c, STRIDE, n, in_dim);
+      gemv_fma<F, true, U, R>(acc, wb, x, c, STRIDE, n, in_dim);
     }
   } else {
     for (; live && c < in_dim; c += STRIDE) {   /* the last groups, fewer than a batch */
       typename F::chunk one[1];
       gemv_fetch<F, false>(one, wr, c, STRIDE, in_dim);
-      gemv_fma<F, false>(acc, one, x, c, STRIDE, n, in_dim);
+      gemv_fma<F, false, 1, R>(acc, one, x, c, STRIDE, n, in_dim);
     }
   }
 #pragma unroll
-  for (int t = 0; t < GEMV_MAX_ROWS; t++) {
+  for (int t = 0; t < R; t++) {
     if (t >= n) break;
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) acc[t] += __shfl_xor_sync(0xffffffffu, acc[t], o);
@@ -306,7 +313,7 @@ static __global__ void __launch_bounds__(GEMV_WARPS * 32)
   if (WPR == 1) {
     if (live && lane == 0)
 #pragma unroll
-      for (int t = 0; t < GEMV_MAX_ROWS; t++) {
+      for (int t = 0; t < R; t++) {
         if (t >= n) break;
         store_f(out + (size_t)t * out_dim + r, F::finish(w, acc[t]));
       }
@@ -314,7 +321,7 @@ static __global__ void __launch_bounds__(GEMV_WARPS * 32)
   }
   if (lane == 0)
 #pragma unroll
-    for (int t = 0; t < GEMV_MAX_ROWS; t++) warp_sums[warp][t] = acc[t];
+    for (int t = 0; t < R; t++) warp_sums[warp][t] = acc[t];
   __syncthreads();
   if (live && part == 0 && lane < n) {
     float v = warp_sums[warp][lane];
@@ -336,6 +343,13 @@ static int gemv_warps_per_row(int rows, int in_dim, int vec) {
   return wpr;
 }
 
+/* The instantiation of gemv_kernel for wpr warps a row and at most R token rows */
+template <class F, int R>
+static void (*gemv_pick(int wpr))(gemv_mats<F>, const typename F::act *, int, int) {
+  return wpr == 1 ? gemv_kernel<F, 1, R> : wpr == 2 ? gemv_kernel<F, 2, R>
+                                        : wpr == 4 ? gemv_kernel<F, 4, R> : gemv_kernel<F, 8, R>;
+}
+
 /* One launch for the count matrices w[j] of one input, outs[j] [n, out_dims[j]]. */
 template <class F>
 static void gemv_launch(const typename F::mat *w, void *const *outs, const int *out_dims,
@@ -351,8 +365,9 @@ static void gemv_launch(const typename F::mat *w, void *const *outs, const int *
   const int wpr = gemv_warps_per_row(rows, in_dim, F::N);
   const dim3 grid((unsigned)((rows * wpr + GEMV_WARPS - 1) / GEMV_WARPS));
   void (*kernel)(gemv_mats<F>, const typename F::act *, int, int) =
-      wpr == 1 ? gemv_kernel<F, 1> : wpr == 2 ? gemv_kernel<F, 2>
-                                   : wpr == 4 ? gemv_kernel<F, 4> : gemv_kernel<F, 8>;
+      gemv_pick<F, GEMV_MAX_ROWS>(wpr);
+  if constexpr (F::ONE_ROW)
+    if (n == 1) kernel = gemv_pick<F, 1>(wpr);
   CUDA_LAUNCH_PDL("gemv_kernel", kernel, grid, dim3(GEMV_WARPS * 32), 0, m, x, n, in_dim);
 }
 

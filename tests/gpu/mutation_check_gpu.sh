@@ -37,6 +37,8 @@ MUTATIONS=(
   'nvfp4_small_writes_nonfinite#kernels/cuda/cuda_nvfp4.cu#s/const nv_scale sc = nv_scale_of(m\[0\], dec);/nv_scale sc = nv_scale_of(m[0], dec); sc.finite = true;/#the one-block quantizer writes xq although x is not finite'
   'gemv_packed_first_dec_w#kernels/cuda/cuda_linear.cu#s/w\[j\] = {codes\[j\], scales\[j\], dec_x, dec_w\[j\]};/w[j] = {codes[j], scales[j], dec_x, dec_w[0]};/#the grouped packed GEMV scales every matrix by the first one'"'"'s S_dec'
   'gemv_packed_first_scales#kernels/cuda/cuda_linear.cu#s/w\[j\] = {codes\[j\], scales\[j\], dec_x, dec_w\[j\]};/w[j] = {codes[j], scales[0], dec_x, dec_w[j]};/#the grouped packed GEMV reads every matrix'"'"'s block scales from the first one'
+  'gemv_packed_high_half_x#kernels/cuda/cuda_linear.cu#s/sum = fmaf(__high2float(h\[j\]), x\[j + 4\], sum);/sum = fmaf(__high2float(h[j]), x[j], sum);/#the packed GEMV multiplies the high code of each pair by the low one'"'"'s x'
+  'gemv_one_row_kernel_for_two#kernels/cuda/cuda_linear.cu#s/    if (n == 1) kernel = gemv_pick<F, 1>(wpr);/    if (n <= 2) kernel = gemv_pick<F, 1>(wpr);/#the packed GEMV runs its one-row kernel for two token rows'
   'nvfp4_parts_ahead_last_dropped#kernels/cuda/cuda_nvfp4.cu#s/p\[k\]\[j\] = i < parts.n ? parts.max\[k\]\[i\] : 0;/p[k][j] = i < parts.n \&\& j < 3 ? parts.max[k][i] : 0;/#the quantize blocks leave out every fourth batch of amax partials'
   # only the bf16 mode's checks can catch these: the fp32 and tf32 modes never store bf16
   'bf16_store_truncates#kernels/cuda/cuda_dtype.cuh#s/{ \*p = __float2bfloat16_rn(v); }/{ *p = __float2bfloat16_rz(v); }/#bf16 activations stored rounded toward zero'
