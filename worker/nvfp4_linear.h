@@ -25,9 +25,10 @@ int nvfp4_nonfinite_operand(struct worker *w, char *msg, size_t len);
 
 /* Decoding steps of at most this many sequences read packed weights; more take the GEMM on the
  * training's operands, and a KV cache for more does not pack them. Measured on the H200 at
- * Qwen3-4B (bench/NOTES.md, session 10): packed 224 tok/s against 184 for one sequence, 493
- * against 673 for four (the packed GEMV's cost per token row, its x loads and conversions,
- * grows faster than the GEMM's). At most NVFP4_GEMV_MAX_ROWS, what the op takes. */
+ * Qwen3-4B (bench/NOTES.md): for one sequence packed 280 tok/s against 190 (session 12, the
+ * packed GEMV's one-row kernel), for four 493 against 673 (session 10: the packed GEMV's cost
+ * per token row, its x loads and conversions, grows faster than the GEMM's). At most
+ * NVFP4_GEMV_MAX_ROWS, what the op takes. */
 #define NVFP4_PACKED_DECODE_ROWS 1
 
 /* The NVFP4 forward of a linear stage: the count (1 to NVFP4_GEMV_MAX_MATS) matrices which[k]
