@@ -39,7 +39,7 @@ MUTATIONS=(
   'norm_skips_final_norm#trainer/optim.c#s/param_sum_squares(w, groups - 1, w->final_norm_param);/(void)0;/#^test_optim$#final norm left out of the gradient norm'
   'zero_shard_off_by_a_block#worker/worker.c#s/size_t b = (size_t)index \* stride, e = b + stride;/size_t b = (size_t)index * stride + (index ? SHARD_ALIGN : 0), e = b + stride;/#^mpi_test_zero$#ZeRO-1 shards after the first start one block late'
   'zero_decay_on_vectors#trainer/optim.c#s/if (!decay) s.weight_decay = 0;/if (!decay \&\& w->plan.shards == 1) s.weight_decay = 0;/#^mpi_test_zero$#ZeRO-1 decays the vector part of its shard'
-  'zero_norm_of_own_shard#trainer/optim.c#s/if (p->shards > 1) comm_allreduce_sum_double(c, GROUP_DP/if (0) comm_allreduce_sum_double(c, GROUP_DP/#^mpi_test_zero$#ZeRO-1 clips by the norm of its own shard'
+  'zero_norm_of_own_shard#trainer/optim.c#s/if (chunks\[0\].plan.shards > 1) comm_allreduce_sum_double(c, GROUP_DP/if (0) comm_allreduce_sum_double(c, GROUP_DP/#^mpi_test_zero$#ZeRO-1 clips by the norm of its own shard'
   'zero_load_moments_unshifted#trainer/checkpoint.c#s/host + (from - p->offset)/host/#^mpi_test_zero$#ZeRO-1 loads a tensor'"'"'s moments from its start, not from the shard'"'"'s'
   'adamw_clip_ignored#kernels/cpu/cpu_adamw.c#s/float gi = g\[i\] \* scale;/float gi = g[i];/#^test_ops$|^test_optim$#AdamW ignores the clipping factor'
   'grads_never_fresh#worker/worker.c#s/^  w->grads_fresh = 1;/  w->grads_fresh = 0;/#^test_hf_fixtures$#a step'"'"'s first backward adds to the last step'"'"'s gradients'
