@@ -1627,6 +1627,9 @@ static void test_scratch_sizing(void) {
 static const int DOCS[] = {1, 37, 100, 90, 5, 1, 40, 0};
 
 int main(void) {
+  /* a line at a time: a check that dies (a CUDA error, a crash) leaves every line before it in
+   * ctest's log, where a full buffer lost the last few KB (bench/NOTES.md, session 12) */
+  setvbuf(stdout, NULL, _IOLBF, 0);
   if (cuda_device_count() == 0) {
     printf("test_cuda_ops: no GPU; skipped\n");
     return 77;
