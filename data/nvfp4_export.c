@@ -14,7 +14,7 @@
 #include "data/hf_config.h"
 #include "data/hf_shards.h"
 #include "kernels/nvfp4.h"
-#include "trainer/train.h"   /* nvfp4_bf16_last_layers: the recipe's default range */
+#include "trainer/train.h"   /* the recipe's default range, as its job stored it */
 
 enum { BLOCK = 16, MAX_GROUP = 3 };
 
@@ -75,7 +75,7 @@ static int recorded_policy(const struct ckpt_state *s, struct nvfp4_export_repor
   if (!job) return errorf(err, errlen, "%s: the stored job.pb does not decode", dir);
   const Qwen3__Precision *p = job->precision;
   if (p && p->linear == QWEN3__LINEAR_PRECISION__NVFP4) {
-    r->first_layer = p->bf16_first_layers;
+    r->first_layer = nvfp4_stored_first_layers(p, L);
     r->end_layer = L - nvfp4_bf16_last_layers(p, L);
     r->weight_2d = p->weight_2d;
     r->recorded = 1;

@@ -20,6 +20,7 @@
 
 #include "common/util.h"
 #include "data/ckpt_file.h"
+#include "trainer/train.h"
 
 void checkpoint_root(const Job *job, char *out, size_t len) {
   const char *dir = job->checkpoint->dir;
@@ -599,9 +600,17 @@ void checkpoint_save(const Job *job, struct comm *c, struct worker *chunks, int 
     start_writer();
   }
   if (c->rank == 0) {
-    save.state.job_len = qwen3__job__get_packed_size(job);
+    /* the job as it ran, with the number of BF16 first layers written out: a stored -1 would
+     * mean whatever a later version's default is, and an absent field means 0 (the default
+     * before -1, nvfp4_stored_first_layers) */
+    Job stored = *job;
+    Qwen3__Precision prec = *job->precision;
+    prec.has_bf16_first_layers = 1;
+    prec.bf16_first_layers = nvfp4_bf16_first_layers(job->precision, save.state.config.num_layers);
+    stored.precision = &prec;
+    save.state.job_len = qwen3__job__get_packed_size(&stored);
     save.job = xmalloc(save.state.job_len);
-    qwen3__job__pack(job, save.job);
+    qwen3__job__pack(&stored, save.job);
     save.state.job = save.job;
     save.keep_last = job->checkpoint->keep_last;
   }
@@ -685,9 +694,26 @@ static void load_stage(struct ckpt *ck, struct worker *chunks, int n, int moment
   check_config(ckpt_dir(ck), &ckpt_get_state(ck)->config, &chunks[0].plan.cfg);
 }
 
-/* The sample stream of a resumed run continues only if the data section did not change: the
- * checkpoint keeps the job that wrote it, so say what differs (the user may mean it). */
-static void compare_data(const char *dir, const struct ckpt_state *st, const Job *job) {
+/* What a job's precision trains, in words: "BF16 linears", or its NVFP4 layers [first, end)
+ * and the fields that give them, first as resolve_first reads it (a running job's or a stored
+ * one's); *range = first * (L + 1) + end, equal for equal precisions. */
+static void describe_precision(char *out, size_t len, const Qwen3__Precision *p, int L,
+                               int (*resolve_first)(const Qwen3__Precision *, int), int *range) {
+  *range = 0;
+  if (p->linear != QWEN3__LINEAR_PRECISION__NVFP4) {
+    snprintf(out, len, "BF16 linears");
+    return;
+  }
+  const int first = resolve_first(p, L), end = L - nvfp4_bf16_last_layers(p, L);
+  *range = first * (L + 1) + end;
+  snprintf(out, len, "NVFP4 linears in layers [%d, %d) of %d (precision.bf16_first_layers %d, "
+           "bf16_last_layers %d)", first, end, L, first, L - end);
+}
+
+/* A resumed run continues the one it resumes only if the data section and the NVFP4 layers did
+ * not change: the checkpoint keeps the job that wrote it, so say what differs (the user may
+ * mean it; a checkpoint from before bf16_first_layers' default of 2 blocks is one such). */
+static void compare_job(const char *dir, const struct ckpt_state *st, const Job *job) {
   if (!st->job) return;   /* a converted model: no run to continue */
   Job *old = qwen3__job__unpack(NULL, st->job_len, st->job);
   if (!old || !old->data) {
@@ -702,6 +728,17 @@ static void compare_data(const char *dir, const struct ckpt_state *st, const Job
            "has %llu, %d and %zu%s: the resumed run draws a different sample stream", dir,
            (unsigned long long)a->seed, a->seq_len, a->n_train, (unsigned long long)b->seed,
            b->seq_len, b->n_train, same_files ? "" : " (other files)");
+  }
+  if (old && old->precision) {
+    char was[160], now[160];
+    int a, b;
+    describe_precision(was, sizeof was, old->precision, st->config.num_layers,
+                       nvfp4_stored_first_layers, &a);
+    describe_precision(now, sizeof now, job->precision, st->config.num_layers,
+                       nvfp4_bf16_first_layers, &b);
+    if (a != b)
+      warn("%s was trained with %s; this job trains %s: the resumed run's linears change "
+           "precision", dir, was, now);
   }
   if (old) qwen3__job__free_unpacked(old, NULL);
 }
@@ -735,7 +772,7 @@ int checkpoint_resume(const Job *job, struct comm *c, struct worker *chunks, int
   s->samples_seen = st->samples_seen;
   s->tokens_seen = st->tokens_seen;
   if (c->rank == 0) {
-    if (job->train->steps > 0) compare_data(dir, st, job);
+    if (job->train->steps > 0) compare_job(dir, st, job);
     info("checkpoint: %s %s (step %d, written by %d stage%s)",
          job->train->steps > 0 ? "resuming from" : "loading", dir, s->step, st->n_stages,
          st->n_stages == 1 ? "" : "s");

@@ -351,9 +351,9 @@ static void check_parallel(const Job *job, const struct qwen3_config *c, int wor
 
 static void check_precision(const Job *job, const struct qwen3_config *c) {
   const Qwen3__Precision *p = job->precision;
-  NEED(p->bf16_first_layers >= 0 && p->bf16_first_layers <= c->num_layers,
-       "precision.bf16_first_layers must be in [0, num_layers=%d] (is %d)", c->num_layers,
-       p->bf16_first_layers);
+  NEED(p->bf16_first_layers >= -1 && p->bf16_first_layers <= c->num_layers,
+       "precision.bf16_first_layers must be -1 (the first 2 blocks) or in [0, num_layers=%d] "
+       "(is %d)", c->num_layers, p->bf16_first_layers);
   NEED(p->bf16_last_layers >= -1 && p->bf16_last_layers <= c->num_layers,
        "precision.bf16_last_layers must be -1 (the last 15%%) or in [0, num_layers=%d] (is %d)",
        c->num_layers, p->bf16_last_layers);

@@ -48,13 +48,24 @@ void stage_plan(struct worker_plan *p, const Job *job, const struct qwen3_config
   const Qwen3__Precision *prec = job->precision;
   if (prec->linear == QWEN3__LINEAR_PRECISION__NVFP4) {
     struct nvfp4_policy policy = {
-      .first_layer = prec->bf16_first_layers,
+      .first_layer = nvfp4_bf16_first_layers(prec, cfg->num_layers),
       .end_layer = cfg->num_layers - nvfp4_bf16_last_layers(prec, cfg->num_layers),
       .rht = prec->rht, .stochastic = prec->stochastic_rounding, .weight_2d = prec->weight_2d,
       .seed = job->init->seed, .packed_decode = job->eval->packed_nvfp4,
     };
     worker_plan_nvfp4(p, &policy);
   }
+}
+
+int nvfp4_bf16_first_layers(const Qwen3__Precision *prec, int num_layers) {
+  /* the recipe's optional first 1-2 blocks in high precision: 2, and one per 8 blocks in small
+   * models, where two would be a large share (models under 8 blocks, the tests', keep none) */
+  if (prec->bf16_first_layers >= 0) return prec->bf16_first_layers;
+  return num_layers / 8 < 2 ? num_layers / 8 : 2;
+}
+
+int nvfp4_stored_first_layers(const Qwen3__Precision *prec, int num_layers) {
+  return prec->has_bf16_first_layers ? nvfp4_bf16_first_layers(prec, num_layers) : 0;
 }
 
 int nvfp4_bf16_last_layers(const Qwen3__Precision *prec, int num_layers) {

@@ -19,6 +19,14 @@ struct run_options {
 void stage_plan(struct worker_plan *p, const Job *job, const struct qwen3_config *cfg, int pp,
                 int stage, int chunk, enum dtype act);
 
+/* precision.bf16_first_layers resolved: -1 means the first 2 blocks, one per 8 blocks in a
+ * model of fewer than 16. */
+int nvfp4_bf16_first_layers(const Qwen3__Precision *prec, int num_layers);
+
+/* The same for the precision of a job stored in a checkpoint: checkpoints record the resolved
+ * number (checkpoint_save); a stored job without it was written when the default was 0. */
+int nvfp4_stored_first_layers(const Qwen3__Precision *prec, int num_layers);
+
 /* precision.bf16_last_layers resolved: -1 means the last 15% of blocks, rounded up. */
 int nvfp4_bf16_last_layers(const Qwen3__Precision *prec, int num_layers);
 

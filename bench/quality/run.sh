@@ -33,9 +33,10 @@
 # runs (QUALITY_RANKS=2 QUALITY_STEPS=1650 QUALITY_TRAIN_MB=220 on nvidia-h200-x2) are kept in
 # bench/results/quality_0p6b_h200_2026-11-30_runs/ (summary.json, metrics.jsonl.gz, corpus.json):
 # gunzip a copy and pass its bf16/ (or nvfp4/) to report.py as above, after checking that the
-# new call's corpus.json is the same file. E.g. NVFP4 with its first two layers in BF16:
+# new call's corpus.json is the same file. E.g. NVFP4 with the base recipe (only the last 15% of
+# blocks in BF16, not the default first 2 as well):
 #   QUALITY_RANKS=2 QUALITY_STEPS=1650 QUALITY_TRAIN_MB=220 QUALITY_ONLY=NVFP4 \
-#     QUALITY_SETS="precision.bf16_first_layers=2" QUALITY_NAME=quality_0p6b_first2 bash bench/quality/run.sh
+#     QUALITY_SETS="precision.bf16_first_layers=0" QUALITY_NAME=quality_0p6b_base bash bench/quality/run.sh
 # or the paper's switch to BF16 for the last part of training: QUALITY_SETS="precision.bf16_final_fraction=0.18"
 #
 # A tiny run of the whole pipeline on a CPU (a couple of minutes on 2 cores; build the CPU engine

@@ -148,4 +148,26 @@ if "$build/qwen3-train" "$build/jobs/tiny.pb" --set precision.linear=NVFP4 --pri
 else
   fail "--print-job does not show precision.linear"
 fi
+
+# A checkpoint records the first BF16 layers its run used as a number: the default (-1) is 1
+# block at 8 layers (2 from 16 on), and a job stored without the field was written when the
+# default was 0. A resumed run names a change of its NVFP4 layers against the checkpoint's; the
+# same layers, written out or by default, say nothing.
+eight() {   # NAME STEPS ARGS...
+  timeout 120 $MPIRUN -np 1 "$build/qwen3-train" "$build/jobs/tiny.pb" "${common[@]}" \
+    --set model.num_layers=8 --set precision.linear=NVFP4 --set train.steps="$2" "${@:3}" \
+    --set output_dir="$out/$1" >"$out/$1.log" 2>&1
+}
+from=(--set checkpoint.resume="$out/eight/checkpoints/step_00000002")
+changed="was trained with NVFP4 linears in layers \[1, 8) of 8 (precision.bf16_first_layers 1, bf16_last_layers 0); this job trains NVFP4 linears in layers \[0, 8) of 8 (precision.bf16_first_layers 0, bf16_last_layers 0): the resumed run's linears change precision"
+if eight eight 2 && eight resume_default 3 "${from[@]}" && eight resume_one 3 "${from[@]}" \
+      --set precision.bf16_first_layers=1 && eight resume_zero 3 "${from[@]}" \
+      --set precision.bf16_first_layers=0 &&
+    ! grep -q "change precision" "$out/resume_default.log" "$out/resume_one.log" &&
+    grep -q "$changed" "$out/resume_zero.log"; then
+  pass "8 layers: the checkpoint records 1 first BF16 layer by default; resuming with 0 says so"
+else
+  fail "8 layers: the first BF16 layers are not recorded, or a change is not named"
+  tail -n 3 "$out"/eight.log "$out"/resume_*.log
+fi
 finish

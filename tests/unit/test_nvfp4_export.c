@@ -21,6 +21,7 @@
 #include "job.pb-c.h"
 #include "kernels/nvfp4.h"
 #include "tests/check.h"
+#include "trainer/train.h"
 
 static const char *g_dir;   /* checks_dir's */
 static char g_convert[4096], err[2048];
@@ -330,6 +331,39 @@ static void test_no_record_sharded(void) {
   check_json(hf, 0);
 }
 
+/* precision.bf16_first_layers -1 is the first 2 blocks (one per 8 below 16); a stored job
+ * without the field was written when the default was 0 (checkpoint_save writes it now), so it
+ * reads as 0, not as the default. */
+static void test_first_layers(void) {
+  static const int L[] = {2, 7, 8, 15, 16, 28, 36}, WANT[] = {0, 0, 1, 1, 2, 2, 2};
+  Qwen3__Precision p = QWEN3__PRECISION__INIT;
+  for (size_t i = 0; i < sizeof L / sizeof L[0]; i++)
+    CHECK(nvfp4_bf16_first_layers(&p, L[i]) == WANT[i], "default at %d layers: %d (want %d)",
+          L[i], nvfp4_bf16_first_layers(&p, L[i]), WANT[i]);
+  p.has_bf16_first_layers = 1, p.bf16_first_layers = 0;
+  CHECK(nvfp4_bf16_first_layers(&p, 36) == 0, "an explicit 0 is kept");
+  p.bf16_first_layers = 5;
+  CHECK(nvfp4_bf16_first_layers(&p, 36) == 5, "an explicit 5 is kept");
+
+  for (int set = 0; set < 2; set++) {
+    Qwen3__Job job = QWEN3__JOB__INIT;
+    Qwen3__Precision q = QWEN3__PRECISION__INIT;
+    q.has_linear = 1, q.linear = QWEN3__LINEAR_PRECISION__NVFP4;
+    q.has_bf16_first_layers = set, q.bf16_first_layers = set ? 1 : -1;
+    job.precision = &q;
+    uint8_t bytes[64];
+    size_t n = qwen3__job__pack(&job, bytes);
+    Qwen3__Job *back = qwen3__job__unpack(NULL, n, bytes);
+    CHECK(back && back->precision, "the stored job unpacks");
+    if (!back || !back->precision) continue;
+    const int stored = nvfp4_stored_first_layers(back->precision, 28);
+    CHECK(stored == (set ? 1 : 0) && nvfp4_bf16_first_layers(back->precision, 28) == (set ? 1 : 2),
+          "a stored job %s the field reads as %d first BF16 layers (want %d)",
+          set ? "with 1 in" : "without", stored, set ? 1 : 0);
+    qwen3__job__free_unpacked(back, NULL);
+  }
+}
+
 static void test_refusals(void) {
   /* in_features 24: not a multiple of 16 */
   struct qwen3_config c = CFG;
@@ -361,5 +395,6 @@ int main(void) {
   test_recorded_job();
   test_no_record_sharded();
   test_refusals();
+  test_first_layers();
   return checks_report_in(g_dir);
 }
