@@ -125,24 +125,6 @@ __host__ __device__ static inline float nv_e2m1_sr(float y, uint32_t u) {
   return y < 0.0f ? -v : v;
 }
 
-/* nvfp4_philox4x32_10 with counter {ctr lo, ctr hi, 0, 0} and key {seed lo, seed hi}. */
-__host__ __device__ static inline void nv_philox(uint32_t out[4], uint64_t ctr, uint64_t seed) {
-  uint32_t c0 = (uint32_t)ctr, c1 = (uint32_t)(ctr >> 32), c2 = 0, c3 = 0;
-  uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
-NV_UNROLL
-  for (int round = 0; round < 10; round++) {
-    if (round > 0) {
-      k0 += 0x9E3779B9u;
-      k1 += 0xBB67AE85u;
-    }
-    const uint64_t p0 = (uint64_t)0xD2511F53u * c0, p1 = (uint64_t)0xCD9E8D57u * c2;
-    const uint32_t n0 = (uint32_t)(p1 >> 32) ^ c1 ^ k0, n1 = (uint32_t)p1;
-    const uint32_t n2 = (uint32_t)(p0 >> 32) ^ c3 ^ k1, n3 = (uint32_t)p0;
-    c0 = n0, c1 = n1, c2 = n2, c3 = n3;
-  }
-  out[0] = c0, out[1] = c1, out[2] = c2, out[3] = c3;
-}
-
 /* nvfp4_e2m1_encode_rn's code of an E2M1 value q (nv_e2m1_rn's or nv_e2m1_sr's; -0.0, a
  * negative value rounded to zero, is code 8): the sign bit, then the index of |q| in 0, .5, 1,
  * 1.5, 2, 3, 4, 6, which is 2|q| below 2, |q| + 2 below 4 and |q|/2 + 4 above (exact). */

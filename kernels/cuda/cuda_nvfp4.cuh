@@ -46,6 +46,36 @@ __host__ __device__ static inline float nv_u2f(uint32_t u) {
 #endif
 }
 
+/* The high and low words of the 64-bit product a * b. On the device as two 32-bit products,
+ * which ptxas pairs into one IMAD.WIDE.U32 when both are used (the 64-bit product written as
+ * such, (uint64_t)a * b and a shift, left an extra IADD3 of a zero uniform register on about half
+ * of the Philox rounds: 4 per draw, 1 instruction per element of stochastic rounding). */
+__host__ __device__ static inline uint32_t nv_mulhi(uint32_t a, uint32_t b) {
+#ifdef __CUDA_ARCH__
+  return __umulhi(a, b);
+#else
+  return (uint32_t)((uint64_t)a * b >> 32);
+#endif
+}
+
+/* nvfp4_philox4x32_10 with counter {ctr lo, ctr hi, 0, 0} and key {seed lo, seed hi}, the
+ * same words (tests/unit/test_cuda_nvfp4_scalars.cu compares them). */
+__host__ __device__ static inline void nv_philox(uint32_t out[4], uint64_t ctr, uint64_t seed) {
+  uint32_t c0 = (uint32_t)ctr, c1 = (uint32_t)(ctr >> 32), c2 = 0, c3 = 0;
+  uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
+NV_UNROLL
+  for (int round = 0; round < 10; round++) {
+    if (round > 0) {
+      k0 += 0x9E3779B9u;
+      k1 += 0xBB67AE85u;
+    }
+    const uint32_t n0 = nv_mulhi(0xCD9E8D57u, c2) ^ c1 ^ k0, n1 = 0xCD9E8D57u * c2;
+    const uint32_t n2 = nv_mulhi(0xD2511F53u, c0) ^ c3 ^ k1, n3 = 0xD2511F53u * c0;
+    c0 = n0, c1 = n1, c2 = n2, c3 = n3;
+  }
+  out[0] = c0, out[1] = c1, out[2] = c2, out[3] = c3;
+}
+
 /* nvfp4_e4m3_decode, built from bits (the host's ldexpf values are exact). */
 __host__ __device__ static inline float nv_e4m3_decode(uint32_t byte) {
   const uint32_t e = byte >> 3 & 15, m = byte & 7;

@@ -31,6 +31,7 @@ MUTATIONS=(
   'kv_append_wrong_row#kernels/cuda/cuda_elementwise.cu#s/const size_t to = (i \* seq_rows + (size_t)positions\[i\]) \* width + c;/const size_t to = (i * seq_rows + (size_t)i) * width + c;/#the KV append writes row i, not the token position'
   'scratch_per_row_halved#kernels/cuda/cuda_backend.cu#s/SCRATCH_BYTES_PER_ROW ((size_t)128 << 10)/SCRATCH_BYTES_PER_ROW ((size_t)64 << 10)/#the scratch arena grows 64 KiB a micro-batch row, not 128'
   'loss_chunk_past_arena#kernels/cuda/cuda_linear.cu#s/return (int)(rounded <= fit ? rounded : rows);/return (int)rounded;/#the LM head'"'"'s chunk rounded up to 64 rows past what the arena holds'
+  'nvfp4_philox_mulhi#kernels/cuda/cuda_nvfp4.cuh#s/return __umulhi(a, b);/return __umulhi(a, b) ^ 1u;/#the device Philox takes wrong high product words (stochastic rounding draws off the CPU'"'"'s)'
   'nvfp4_amax_backwards_stride#kernels/cuda/cuda_nvfp4.cu#s/x + (ngroups - 1 - r - j \* stride) \* N)/x + (ngroups - 1 - r - j) * N)/#the amax pass'"'"'s unrolled loads step one group back, not a grid stride (groups left out of the tensor scale)'
   'nvfp4_small_amax_drops_last_group#kernels/cuda/cuda_nvfp4.cu#s/{nv_amax_groups<Tin, VEC>(x, ngroups)}/{nv_amax_groups<Tin, VEC>(x, ngroups - 1)}/#the one-block quantizer of a small x leaves x'"'"'s last group out of the tensor amax'
   'nvfp4_small_half_the_warps#kernels/cuda/cuda_nvfp4.cu#s|nv_block_max<1, nv_small_threads(SR) / 32>(m);|nv_block_max<1, nv_small_threads(SR) / 64>(m);|#the one-block quantizer reduces the maxima of only its first half of warps'
