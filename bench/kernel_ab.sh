@@ -3,11 +3,15 @@
 # from this tree with the CUDA kernel files of a baseline commit, both built in the call, run
 # alternately (new, old, new, old), so that the machine's drift between calls does not decide.
 #
-#   here:    bash bench/kernel_ab.sh prepare REF     (REF: the baseline commit, e.g. HEAD)
-#            writes the baseline's kernels/cuda files that differ from this tree into .ab_base/
+#   here:    bash bench/kernel_ab.sh prepare REF [PATH...]  (REF: the baseline commit, e.g. HEAD)
+#            writes the baseline's files under PATH (default kernels/cuda) that differ from this
+#            tree into .ab_base/
 #   device:  bash bench/kernel_ab.sh run [TARGET [ARGS...]]      carry [".deb", ".ab_base"]
 #            TARGET a benchmark of build/bench (default attn_bench), ARGS its arguments
 #            (default: none; attn_bench's --budget 8 2048 4096 8192); AB_ROUNDS pairs (default 2)
+#            With AB_CMD="COMMAND" the baseline tree builds everything into its build/ and each
+#            round runs COMMAND in each tree's root instead (a driver such as
+#            bench/decode_bench.py, which runs its own tree's build/qwen3-train); TARGET unused.
 #
 # Prints the `gpu` label's summary first when AB_CTEST=1 (the new tree's), then each run's
 # RESULT lines under "== new" or "== old". .ab_base/ is ignored by git and travels only when a
@@ -15,16 +19,18 @@
 set -u
 case "${1:-}" in
   prepare)
-    ref=${2:?usage: bash $0 prepare REF}
+    ref=${2:?usage: bash $0 prepare REF [PATH...]}
+    shift 2
+    paths=("${@:-kernels/cuda}")
     rm -rf .ab_base && mkdir -p .ab_base
     n=0
-    for f in $(git diff --name-only "$ref" -- kernels/cuda); do
+    for f in $(git diff --name-only "$ref" -- "${paths[@]}"); do
       mkdir -p ".ab_base/$(dirname "$f")"
       git show "$ref:$f" > ".ab_base/$f" 2>/dev/null || { rm -f ".ab_base/$f"; continue; }
       n=$((n + 1))
     done
     echo "$ref" > .ab_base/REF
-    echo "prepared .ab_base/ from $ref: $n file(s) of kernels/cuda differ from this tree"
+    echo "prepared .ab_base/ from $ref: $n file(s) of ${paths[*]} differ from this tree"
     [ "$n" -gt 0 ] || echo "warning: nothing differs: the two builds will be the same"
     ;;
   run)
@@ -41,8 +47,10 @@ case "${1:-}" in
     rm -rf "$base" && mkdir -p "$base"
     tar --exclude=./build --exclude=./.git --exclude=./.ab_base -cf - . | tar -C "$base" -xf -
     (cd .ab_base && find . -type f ! -name REF) | while read -r f; do cp ".ab_base/$f" "$base/$f"; done
-    ( cd "$base" && cmake -S . -B b -DCMAKE_BUILD_TYPE=Release -DQWEN3_CUDA_ARCHS=90a >/dev/null &&
-      cmake --build b --target "$target" -j"$(nproc)" >/dev/null 2>&1 ) &
+    build_dir=b build_target=(--target "$target")
+    [ -n "${AB_CMD:-}" ] && build_dir=build build_target=()
+    ( cd "$base" && cmake -S . -B "$build_dir" -DCMAKE_BUILD_TYPE=Release -DQWEN3_CUDA_ARCHS=90a \
+        >/dev/null && cmake --build "$build_dir" "${build_target[@]}" -j"$(nproc)" >/dev/null 2>&1 ) &
     builder=$!
     if [ "${AB_CTEST:-0}" = 1 ]; then
       (cd build && timeout 200 ctest -L gpu --output-on-failure) > /tmp/ab_ctest.txt 2>&1
@@ -52,9 +60,15 @@ case "${1:-}" in
     echo "baseline: $(cat .ab_base/REF)"
     for _ in $(seq "${AB_ROUNDS:-2}"); do
       for side in new old; do
+        echo "== $side"
+        if [ -n "${AB_CMD:-}" ]; then
+          root=.
+          [ "$side" = old ] && root=$base
+          (cd "$root" && bash -c "$AB_CMD") 2>&1 | grep -E "^RESULT" || echo "(no RESULT line)"
+          continue
+        fi
         bin=build/bench/$target
         [ "$side" = old ] && bin=$base/b/bench/$target
-        echo "== $side"
         "$bin" "${args[@]}" 2>&1 | grep -E "^RESULT" || echo "(no RESULT line)"
       done
     done
