@@ -52,7 +52,8 @@ __device__ __forceinline__ unsigned char *smem_tiles() {
 }
 
 constexpr int NT = 128, BQ = 64, BK = 64;  // a warpgroup; query and key tiles of 64 rows
-constexpr int PANEL = 64 * 64;  // elements of a 64-column panel of a 64-row tile (8 KB)
+// elements of a 64-column panel of a 64-row tile (8 KB); unused where no kernel is compiled
+[[maybe_unused]] constexpr int PANEL = 64 * 64;
 
 template <int D>
 struct Tile {
