@@ -645,6 +645,52 @@ NV_UNROLL
   }
 }
 
+/* Whole-sector stores of the 1x16 blocks a warp's lanes quantized, one block a lane, each to a
+ * row of its own (the transposing kernel's xq [cols, rows] and the rows operand it writes
+ * beside). Stored by its lane, a bf16 block is two 16-byte stores, so each warp store
+ * instruction touched 32 sectors and wrote half of each: ncu put nvfp4_cols_kernel at 65% of
+ * the L2's throughput and 25% of DRAM's (bench/NOTES.md, session 13). With STAGE (bf16 out, the
+ * vector path) a lane puts its block in the warp's shared stage (64 pieces of 16 bytes) and
+ * nv_flush_blocks then moves whole blocks an instruction: in store s, lane L writes piece
+ * 32 s + L, half L % 2 of lane 16 s + L / 2's block (16 whole 32-byte sectors an instruction).
+ * The bytes are the lanes' own: nothing is recomputed. Without STAGE the lane stores its block. */
+template <bool STAGE, bool VEC, typename Tout>
+__device__ __forceinline__ void nv_put_block(Tout *dst, const float out[16], uint4 *stage) {
+  if constexpr (STAGE) {
+    static_assert(sizeof(Tout) == 2, "a staged block is 32 bytes");
+    const uint32_t lane = threadIdx.x & 31;
+    uint4 half[2];
+    Tout *h = reinterpret_cast<Tout *>(half);
+NV_UNROLL
+    for (int j = 0; j < 16; j++) store_f(&h[j], out[j]);
+    /* lanes 4-7 of each 8 write their second half first: the 8 lanes of a shared-memory phase
+     * then hit 8 distinct groups of 4 banks (a 2-way conflict otherwise) */
+    const uint32_t first = lane >> 2 & 1;
+    stage[2 * lane + first] = first ? half[1] : half[0];
+    stage[2 * lane + (first ^ 1)] = first ? half[0] : half[1];
+  } else {
+    nv_store<VEC, 16>(dst, out);
+  }
+}
+
+/* With STAGE, the staged blocks to their rows (dst: the lane's block's first element, NULL when
+ * it put none). Warp-collective: every lane calls it, after its nv_put_block if any. */
+template <bool STAGE, typename Tout>
+__device__ __forceinline__ void nv_flush_blocks(Tout *dst, const uint4 *stage) {
+  if constexpr (STAGE) {
+    const uint32_t lane = threadIdx.x & 31;
+    __syncwarp();
+NV_UNROLL
+    for (int s = 0; s < 2; s++) {
+      const uint32_t piece = 32 * s + lane;
+      Tout *d = reinterpret_cast<Tout *>(
+          __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(dst), piece / 2));
+      if (d) reinterpret_cast<uint4 *>(d)[piece % 2] = stage[piece];
+    }
+    __syncwarp();   /* the next block rewrites the stage */
+  }
+}
+
 /* NVFP4_COLS: xq [cols, rows] = xᵀ, RHT-transformed (rht_signs >= 0) and quantized 1x16 along
  * its rows. Item t (one thread) is C adjacent columns c .. c + C - 1 of x, c = C (t % runs)
  * with runs = cols / C, and tile g = t / runs of 16 rows: it loads x[16g .. 16g+15][c .. c+C-1]
@@ -664,14 +710,19 @@ NV_UNROLL
  * For h < C, lane L then quantizes row L of block h, row L % 16 of tile q = 2h + L / 16, one
  * whole 1x16 block, and stores it as one contiguous run, as the rows kernel would; the tile's
  * g_q and first column come from its first item, base + G q. Its scale is sc[1]
- * (parts.max[1]), the cols operand's sc[0]. */
+ * (parts.max[1]), the cols operand's sc[0].
+ * Both operands' blocks go out through nv_put_block and nv_flush_blocks: with bf16 out on the
+ * vector path (STAGE) the warp stores whole sectors, so every lane runs the column and row
+ * loops (one without a block flushes NULL). */
 template <typename Tin, typename Tout, bool VEC, bool SR, bool ROWS>
 __global__ void __launch_bounds__(NV_THREADS)
     nvfp4_cols_kernel(Tout *xq, float *dec, Tout *rows_q, float *rows_dec, const Tin *x,
                       uint32_t rows, uint32_t cols, size_t items, nv_parts parts, uint64_t seed,
                       uint64_t rows_seed, int rht_signs) {
   constexpr int C = VEC ? NV_COLS_RUN : 1, G = 16 / C, BLOCK = 32 * 17 + 1;
+  constexpr bool STAGE = VEC && sizeof(Tout) == 2;
   __shared__ float tile[ROWS ? NV_WARPS : 1][ROWS ? C * BLOCK : 1];
+  __shared__ uint4 stage_all[STAGE ? NV_WARPS : 1][STAGE ? 64 : 1];
   pdl_wait();
   pdl_release();
   nv_scale sc[1 + ROWS];
@@ -679,6 +730,7 @@ __global__ void __launch_bounds__(NV_THREADS)
   nv_read_scales<1 + ROWS>(sc, parts, decs);
   if (!sc[0].finite && !(ROWS && sc[ROWS].finite)) return;
   const uint32_t lane = threadIdx.x & 31, warp = threadIdx.x >> 5, runs = cols / C;
+  uint4 *const stage = stage_all[STAGE ? warp : 0];
   const size_t stride = (size_t)gridDim.x * blockDim.x;
   /* warp-uniform loop (the __syncwarp calls); t < items is uniform over each group of G lanes */
   for (size_t base = (size_t)blockIdx.x * blockDim.x + (threadIdx.x & ~31u); base < items;
@@ -701,24 +753,30 @@ NV_UNROLL
     }
     /* one column at a time, not unrolled: two columns' RHT and rounding interleaved took
      * 120-130 registers (2 blocks per SM); the next column moves into slot 0 instead */
-    if (valid && sc[0].finite)
+    if (sc[0].finite)   /* uniform */
 #pragma unroll 1
       for (int k = 0; k < C; k++) {
-        float v[16], out[16];
-        nv_col16<C>(v, run, 0);
+        Tout *dst = nullptr;
+        if (valid) {
+          float v[16], out[16];
+          nv_col16<C>(v, run, 0);
 NV_UNROLL
-        for (int r = 0; r < 16; r++)
+          for (int r = 0; r < 16; r++)
 NV_UNROLL
-          for (int j = 0; j + 1 < C; j++) run[r].v[j] = run[r].v[j + 1];
-        if (rht_signs >= 0) nv_rht16(v, (uint32_t)rht_signs & 0xffffu);   /* as (uint16_t) */
-        const size_t i0 = (size_t)(c + k) * rows + (size_t)16 * g;   /* xq's element (c + k, 16g) */
-        nv_quantize16<SR>(out, v, sc[0], seed, i0);
-        nv_store<VEC, 16>(xq + i0, out);
+            for (int j = 0; j + 1 < C; j++) run[r].v[j] = run[r].v[j + 1];
+          if (rht_signs >= 0) nv_rht16(v, (uint32_t)rht_signs & 0xffffu);   /* as (uint16_t) */
+          const size_t i0 = (size_t)(c + k) * rows + (size_t)16 * g;   /* xq's (c + k, 16g) */
+          nv_quantize16<SR>(out, v, sc[0], seed, i0);
+          dst = xq + i0;
+          nv_put_block<STAGE, VEC>(dst, out, stage);
+        }
+        nv_flush_blocks<STAGE>(dst, stage);
       }
     if (ROWS) {
 #pragma unroll 1
       for (int h = 0; h < C; h++) {
         const size_t tq = base + (2 * h + lane / 16) * G;   /* tile q's first item */
+        Tout *dst = nullptr;
         if (tq < items && sc[ROWS].finite) {
           const uint32_t gq = (uint32_t)tq / runs, cq = C * ((uint32_t)tq - gq * runs);
           float v[16], out[16];
@@ -727,8 +785,10 @@ NV_UNROLL
           /* x's element (16 g_q + L % 16, c_q): the first of the lane's block */
           const size_t i0 = ((size_t)16 * gq + (lane & 15)) * cols + cq;
           nv_quantize16<SR>(out, v, sc[ROWS], rows_seed, i0);
-          nv_store<VEC, 16>(rows_q + i0, out);
+          dst = rows_q + i0;
+          nv_put_block<STAGE, VEC>(dst, out, stage);
         }
+        nv_flush_blocks<STAGE>(dst, stage);
       }
       __syncwarp();   /* the next iteration rewrites the tile */
     }
