@@ -646,8 +646,7 @@ NV_UNROLL
 }
 
 /* Whole-sector stores of the 1x16 blocks a warp's lanes quantized, one block a lane, each to a
- * row of its own (the transposing kernel's xq [cols, rows] and the rows operand it writes
- * beside). Stored by its lane, a bf16 block is two 16-byte stores, so each warp store
+ * row of its own (the transposing kernel's xq [cols, rows]). Stored by its lane, a bf16 block is two 16-byte stores, so each warp store
  * instruction touched 32 sectors and wrote half of each: ncu put nvfp4_cols_kernel at 65% of
  * the L2's throughput and 25% of DRAM's (bench/NOTES.md, session 13). With STAGE (bf16 out, the
  * vector path) a lane puts its block in the warp's shared stage (64 pieces of 16 bytes) and
@@ -711,16 +710,20 @@ NV_UNROLL
  * whole 1x16 block, and stores it as one contiguous run, as the rows kernel would; the tile's
  * g_q and first column come from its first item, base + G q. Its scale is sc[1]
  * (parts.max[1]), the cols operand's sc[0].
- * Both operands' blocks go out through nv_put_block and nv_flush_blocks: with bf16 out on the
- * vector path (STAGE) the warp stores whole sectors, so every lane runs the column and row
- * loops (one without a block flushes NULL). */
+ * The cols operand's blocks go out through nv_put_block and nv_flush_blocks: with STAGE (bf16
+ * out on the vector path, round to nearest, no ROWS) the warp stores whole sectors, so every
+ * lane runs the column loop (one without a block flushes NULL). */
 template <typename Tin, typename Tout, bool VEC, bool SR, bool ROWS>
 __global__ void __launch_bounds__(NV_THREADS)
     nvfp4_cols_kernel(Tout *xq, float *dec, Tout *rows_q, float *rows_dec, const Tin *x,
                       uint32_t rows, uint32_t cols, size_t items, nv_parts parts, uint64_t seed,
                       uint64_t rows_seed, int rht_signs) {
   constexpr int C = VEC ? NV_COLS_RUN : 1, G = 16 / C, BLOCK = 32 * 17 + 1;
-  constexpr bool STAGE = VEC && sizeof(Tout) == 2;
+  /* whole-sector stores only where they paid (session 13, alternately against direct stores, at
+   * 2048 x 2560 / 2048 x 9728): round to nearest without ROWS 10% / 16% faster; with stochastic
+   * rounding, or ROWS (the rows operand staged too), 2-9% slower: the Philox draws or the second
+   * operand bind those before the L2 does, and the warp's two barriers a block cost more */
+  constexpr bool STAGE = VEC && sizeof(Tout) == 2 && !SR && !ROWS;
   __shared__ float tile[ROWS ? NV_WARPS : 1][ROWS ? C * BLOCK : 1];
   __shared__ uint4 stage_all[STAGE ? NV_WARPS : 1][STAGE ? 64 : 1];
   pdl_wait();
@@ -776,7 +779,6 @@ NV_UNROLL
 #pragma unroll 1
       for (int h = 0; h < C; h++) {
         const size_t tq = base + (2 * h + lane / 16) * G;   /* tile q's first item */
-        Tout *dst = nullptr;
         if (tq < items && sc[ROWS].finite) {
           const uint32_t gq = (uint32_t)tq / runs, cq = C * ((uint32_t)tq - gq * runs);
           float v[16], out[16];
@@ -785,10 +787,8 @@ NV_UNROLL
           /* x's element (16 g_q + L % 16, c_q): the first of the lane's block */
           const size_t i0 = ((size_t)16 * gq + (lane & 15)) * cols + cq;
           nv_quantize16<SR>(out, v, sc[ROWS], rows_seed, i0);
-          dst = rows_q + i0;
-          nv_put_block<STAGE, VEC>(dst, out, stage);
+          nv_store<VEC, 16>(rows_q + i0, out);
         }
-        nv_flush_blocks<STAGE>(dst, stage);
       }
       __syncwarp();   /* the next iteration rewrites the tile */
     }
