@@ -10,25 +10,7 @@
 #include <unistd.h>
 
 #include "common/util.h"
-
-static int checks_passed, checks_failed;
-
-#define CHECK(cond, ...)                                   \
-  do {                                                     \
-    if (cond) {                                            \
-      checks_passed++;                                     \
-    } else {                                               \
-      checks_failed++;                                     \
-      printf("FAIL %s:%d: ", __FILE__, __LINE__);          \
-      printf(__VA_ARGS__);                                 \
-      printf("\n");                                        \
-    }                                                      \
-  } while (0)
-
-static inline int checks_report(void) {
-  printf("%d passed, %d failed\n", checks_passed, checks_failed);
-  return checks_failed ? 1 : 0;
-}
+#include "tests/check_core.h"
 
 /* path (of len bytes) = the build's program `name`, beside the tests' folder (build/tests/..). */
 static inline void test_program(char *path, size_t len, const char *name) {

@@ -3,25 +3,13 @@
  * run the same source on the device, where tests/gpu/test_cuda_ops.c compares whole tensors. */
 #include <stdint.h>
 #include <stdio.h>
+#include <string.h>
 
 #include "kernels/cuda/cuda_nvfp4.cuh"
+#include "tests/check_core.h"
 extern "C" {
 #include "kernels/nvfp4.h"
 }
-
-/* tests/check.h's CHECK and closing line (check.h itself pulls in C11's _Noreturn, not C++) */
-static int checks_passed, checks_failed;
-#define CHECK(cond, ...)                             \
-  do {                                               \
-    if (cond) {                                      \
-      checks_passed++;                               \
-    } else {                                         \
-      checks_failed++;                               \
-      printf("FAIL %s:%d: ", __FILE__, __LINE__);    \
-      printf(__VA_ARGS__);                           \
-      printf("\n");                                  \
-    }                                                \
-  } while (0)
 
 static uint64_t splitmix(uint64_t *s) {
   uint64_t z = (*s += 0x9E3779B97F4A7C15ull);
@@ -54,6 +42,5 @@ static void test_philox(void) {
 
 int main(void) {
   test_philox();
-  printf("%d passed, %d failed\n", checks_passed, checks_failed);
-  return checks_failed ? 1 : 0;
+  return checks_report();
 }
