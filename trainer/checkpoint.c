@@ -711,14 +711,16 @@ static void describe_precision(char *out, size_t len, const Qwen3__Precision *p,
 }
 
 /* A resumed run continues the one it resumes only if the data section and the NVFP4 layers did
- * not change: the checkpoint keeps the job that wrote it, so say what differs (the user may
- * mean it; a checkpoint from before bf16_first_layers' default of 2 blocks is one such). */
+ * not change, and an evaluation (train.steps 0) runs the weights as they trained only with the
+ * same NVFP4 layers: the checkpoint keeps the job that wrote it, so say what differs (the user
+ * may mean it; a checkpoint from before bf16_first_layers' default of 2 blocks is one such). */
 static void compare_job(const char *dir, const struct ckpt_state *st, const Job *job) {
   if (!st->job) return;   /* a converted model: no run to continue */
+  const int training = job->train->steps > 0;
   Job *old = qwen3__job__unpack(NULL, st->job_len, st->job);
-  if (!old || !old->data) {
+  if (training && (!old || !old->data)) {
     warn("%s: the stored job does not decode; the data stream is not checked", dir);
-  } else {
+  } else if (training) {   /* an evaluation has no sample stream to continue */
     const Qwen3__Data *a = old->data, *b = job->data;
     int same_files = a->n_train == b->n_train;
     for (size_t i = 0; same_files && i < a->n_train; i++)
@@ -737,8 +739,10 @@ static void compare_job(const char *dir, const struct ckpt_state *st, const Job 
     describe_precision(now, sizeof now, job->precision, st->config.num_layers,
                        nvfp4_bf16_first_layers, &b);
     if (a != b)
-      warn("%s was trained with %s; this job trains %s: the resumed run's linears change "
-           "precision", dir, was, now);
+      warn("%s was trained with %s; this job %s %s: %s", dir, was,
+           training ? "trains" : "evaluates with", now,
+           training ? "the resumed run's linears change precision"
+                    : "its linears run in another precision than they trained in");
   }
   if (old) qwen3__job__free_unpacked(old, NULL);
 }
@@ -772,7 +776,7 @@ int checkpoint_resume(const Job *job, struct comm *c, struct worker *chunks, int
   s->samples_seen = st->samples_seen;
   s->tokens_seen = st->tokens_seen;
   if (c->rank == 0) {
-    if (job->train->steps > 0) compare_job(dir, st, job);
+    compare_job(dir, st, job);
     info("checkpoint: %s %s (step %d, written by %d stage%s)",
          job->train->steps > 0 ? "resuming from" : "loading", dir, s->step, st->n_stages,
          st->n_stages == 1 ? "" : "s");

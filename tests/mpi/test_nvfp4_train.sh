@@ -159,15 +159,19 @@ eight() {   # NAME STEPS ARGS...
     --set output_dir="$out/$1" >"$out/$1.log" 2>&1
 }
 from=(--set checkpoint.resume="$out/eight/checkpoints/step_00000002")
+prompt=(--set eval.prompts.ids=72 --set eval.max_new_tokens=2)   # what an evaluation evaluates
 changed="was trained with NVFP4 linears in layers \[1, 8) of 8 (precision.bf16_first_layers 1, bf16_last_layers 0); this job trains NVFP4 linears in layers \[0, 8) of 8 (precision.bf16_first_layers 0, bf16_last_layers 0): the resumed run's linears change precision"
+evaluated="was trained with NVFP4 linears in layers \[1, 8) of 8 (precision.bf16_first_layers 1, bf16_last_layers 0); this job evaluates with NVFP4 linears in layers \[0, 8) of 8 (precision.bf16_first_layers 0, bf16_last_layers 0): its linears run in another precision than they trained in"
 if eight eight 2 && eight resume_default 3 "${from[@]}" && eight resume_one 3 "${from[@]}" \
       --set precision.bf16_first_layers=1 && eight resume_zero 3 "${from[@]}" \
-      --set precision.bf16_first_layers=0 &&
-    ! grep -q "change precision" "$out/resume_default.log" "$out/resume_one.log" &&
-    grep -q "$changed" "$out/resume_zero.log"; then
-  pass "8 layers: the checkpoint records 1 first BF16 layer by default; resuming with 0 says so"
+      --set precision.bf16_first_layers=0 && eight eval_default 0 "${from[@]}" "${prompt[@]}" &&
+    eight eval_zero 0 "${from[@]}" "${prompt[@]}" --set precision.bf16_first_layers=0 &&
+    ! grep -q "another precision\|change precision" "$out/resume_default.log" \
+      "$out/resume_one.log" "$out/eval_default.log" &&
+    grep -q "$changed" "$out/resume_zero.log" && grep -q "$evaluated" "$out/eval_zero.log"; then
+  pass "8 layers: the checkpoint records 1 first BF16 layer by default; resuming or evaluating with 0 says so"
 else
   fail "8 layers: the first BF16 layers are not recorded, or a change is not named"
-  tail -n 3 "$out"/eight.log "$out"/resume_*.log
+  tail -n 3 "$out"/eight.log "$out"/resume_*.log "$out"/eval_*.log
 fi
 finish
