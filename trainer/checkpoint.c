@@ -694,18 +694,16 @@ static void load_stage(struct ckpt *ck, struct worker *chunks, int n, int moment
   check_config(ckpt_dir(ck), &ckpt_get_state(ck)->config, &chunks[0].plan.cfg);
 }
 
-/* What a job's precision trains, in words: "BF16 linears", or its NVFP4 layers [first, end)
- * and the fields that give them, first as resolve_first reads it (a running job's or a stored
- * one's); *range = first * (L + 1) + end, equal for equal precisions. */
+/* What a job's precision trains, in words (equal words, equal precisions): "BF16 linears", or
+ * its NVFP4 layers [first, end) and the fields that give them, first as resolve_first reads it
+ * (a running job's or a stored one's). */
 static void describe_precision(char *out, size_t len, const Qwen3__Precision *p, int L,
-                               int (*resolve_first)(const Qwen3__Precision *, int), int *range) {
-  *range = 0;
+                               int (*resolve_first)(const Qwen3__Precision *, int)) {
   if (p->linear != QWEN3__LINEAR_PRECISION__NVFP4) {
     snprintf(out, len, "BF16 linears");
     return;
   }
   const int first = resolve_first(p, L), end = L - nvfp4_bf16_last_layers(p, L);
-  *range = first * (L + 1) + end;
   snprintf(out, len, "NVFP4 linears in layers [%d, %d) of %d (precision.bf16_first_layers %d, "
            "bf16_last_layers %d)", first, end, L, first, L - end);
 }
@@ -733,12 +731,11 @@ static void compare_job(const char *dir, const struct ckpt_state *st, const Job 
   }
   if (old && old->precision) {
     char was[160], now[160];
-    int a, b;
     describe_precision(was, sizeof was, old->precision, st->config.num_layers,
-                       nvfp4_stored_first_layers, &a);
+                       nvfp4_stored_first_layers);
     describe_precision(now, sizeof now, job->precision, st->config.num_layers,
-                       nvfp4_bf16_first_layers, &b);
-    if (a != b)
+                       nvfp4_bf16_first_layers);
+    if (strcmp(was, now))
       warn("%s was trained with %s; this job %s %s: %s", dir, was,
            training ? "trains" : "evaluates with", now,
            training ? "the resumed run's linears change precision"

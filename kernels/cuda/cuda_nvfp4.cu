@@ -646,10 +646,11 @@ NV_UNROLL
 }
 
 /* Whole-sector stores of the 1x16 blocks a warp's lanes quantized, one block a lane, each to a
- * row of its own (the transposing kernel's xq [cols, rows]). Stored by its lane, a bf16 block is two 16-byte stores, so each warp store
- * instruction touched 32 sectors and wrote half of each: ncu put nvfp4_cols_kernel at 65% of
- * the L2's throughput and 25% of DRAM's (bench/NOTES.md, session 13). With STAGE (bf16 out, the
- * vector path) a lane puts its block in the warp's shared stage (64 pieces of 16 bytes) and
+ * row of its own (the transposing kernel's xq [cols, rows]). Stored by its lane, a bf16 block
+ * is two 16-byte stores, so each warp store instruction touched 32 sectors and wrote half of
+ * each: ncu put nvfp4_cols_kernel at 65% of the L2's throughput and 25% of DRAM's
+ * (bench/NOTES.md, session 13). With STAGE (bf16 out; nvfp4_cols_kernel says where it is on)
+ * a lane puts its block in the warp's shared stage (64 pieces of 16 bytes) and
  * nv_flush_blocks then moves whole blocks an instruction: in store s, lane L writes piece
  * 32 s + L, half L % 2 of lane 16 s + L / 2's block (16 whole 32-byte sectors an instruction).
  * The bytes are the lanes' own: nothing is recomputed. Without STAGE the lane stores its block. */
