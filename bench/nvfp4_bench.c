@@ -18,8 +18,8 @@
  *    shape, operands and types, for Fprop (x · Wᵀ), Dgrad (dY · W, W as [k, n]) and Wgrad
  *    (dYᵀ · X over the tokens, into fp32): they should cost the same.
  *  - Fprop's and Wgrad's GEMM through cuBLASLt directly with alpha/beta on the host, in
- *    device memory, and alpha as a device vector with beta on the host, each with the
- *    algorithm the heuristic picked (op=gemm_scalars).
+ *    device memory, and alpha as a device vector with beta on the host, each with every
+ *    algorithm of the heuristic's first LT_CANDIDATES (rank 0 is cuda_gemm's; op=gemm_scalars).
  * Each time is the mean of R back-to-back calls between two CUDA events on the backend's
  * stream, after one untimed call. Tensors are in the backend's activation dtype (bf16 unless
  * QWEN3_CUDA_PRECISION says otherwise).
@@ -237,12 +237,16 @@ static long long lt_config(const cublasLtMatmulAlgo_t *algo, cublasLtMatmulAlgoC
   return (long long)v;
 }
 
+/* the heuristic's candidates timed for each pointer mode (rank 0: the one cuda_gemm takes) */
+#define LT_CANDIDATES 8
+
 /* c [m, n] = alpha a [m, k] · bᵀ + beta c through cuBLASLt directly (cuda_gemm's row-major
  * mapping: Lt A = b, transposed; Lt B = a; Lt D = c as [n, m] column-major), alpha = 0.25 and
  * beta given (a) both on the host, (b) both in device memory, (c) alpha a device vector of
- * Lt D's n rows, beta on the host; with the algorithm the heuristic picks for each (its id,
- * tile, split-K, stages and reduction scheme), so a slower mode shows whether it got another
- * algorithm. "unsupported" when the heuristic has none or the call fails. */
+ * Lt D's n rows, beta on the host; each mode with each of the heuristic's first LT_CANDIDATES
+ * algorithms (its id, tile, split-K, stages and reduction scheme), so a slower mode shows
+ * whether another algorithm would serve it. "unsupported" when the heuristic has none or the
+ * call fails. */
 static void bench_lt_modes(const char *pass, int m, int n, int k, enum dtype c_type, float beta,
                            int repeats) {
   static const struct {
@@ -289,48 +293,54 @@ static void bench_lt_modes(const char *pass, int m, int n, int k, enum dtype c_t
     uint64_t ws = (uint64_t)cuda_ctx.lt_workspace_bytes;
     CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
         pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws));
-    cublasLtMatmulHeuristicResult_t result;
-    memset(&result, 0, sizeof result);
+    cublasLtMatmulHeuristicResult_t results[LT_CANDIDATES];
+    memset(results, 0, sizeof results);
     int found = 0;
     cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(cuda_ctx.lt, l.desc, l.la, l.lb, l.lc,
-                                                       l.lc, pref, 1, &result, &found);
+                                                       l.lc, pref, LT_CANDIDATES, results, &found);
     CUBLAS_CHECK(cublasLtMatmulPreferenceDestroy(pref));
-    char line[640];
-    int ok = st == CUBLAS_STATUS_SUCCESS && found > 0 && result.state == CUBLAS_STATUS_SUCCESS;
-    if (ok) {
-      int host = modes[i].mode == CUBLASLT_POINTER_MODE_HOST;
-      l.algo = result.algo;
-      l.alpha = modes[i].mode == CUBLASLT_POINTER_MODE_ALPHA_DEVICE_VECTOR_BETA_HOST
-                    ? (const void *)d_alpha_vec
-                    : host ? (const void *)&host_scalars[0] : (const void *)d_scalars;
-      l.beta = modes[i].mode == CUBLASLT_POINTER_MODE_DEVICE ? (const void *)(d_scalars + 1)
-                                                             : (const void *)&host_scalars[1];
-      l.a = a, l.b = b, l.c = c;
-      ok = lt_matmul(&l) == CUBLAS_STATUS_SUCCESS;   /* the untimed first call, checked */
+    if (st != CUBLAS_STATUS_SUCCESS) found = 0;
+    for (int r = 0; r < (found > 0 ? found : 1); r++) {
+      const cublasLtMatmulHeuristicResult_t *result = &results[r];
+      char line[640];
+      int ok = found > 0 && result->state == CUBLAS_STATUS_SUCCESS;
+      if (ok) {
+        int host = modes[i].mode == CUBLASLT_POINTER_MODE_HOST;
+        l.algo = result->algo;
+        l.alpha = modes[i].mode == CUBLASLT_POINTER_MODE_ALPHA_DEVICE_VECTOR_BETA_HOST
+                      ? (const void *)d_alpha_vec
+                      : host ? (const void *)&host_scalars[0] : (const void *)d_scalars;
+        l.beta = modes[i].mode == CUBLASLT_POINTER_MODE_DEVICE ? (const void *)(d_scalars + 1)
+                                                               : (const void *)&host_scalars[1];
+        l.a = a, l.b = b, l.c = c;
+        ok = lt_matmul(&l) == CUBLAS_STATUS_SUCCESS;   /* the untimed first call, checked */
+      }
+      if (ok) {
+        double t = time_calls(run_lt, &l, repeats);
+        snprintf(line, sizeof line,
+                 "RESULT system=ours-nvfp4 op=gemm_scalars pass=%s mode=%s m=%d n=%d k=%d ab=%s "
+                 "c=%s beta=%g rank=%d us=%.2f tflops=%.1f algo=%lld tile=%lld splitk=%lld "
+                 "stages=%lld reduction=%lld workspace=%zu",
+                 pass, modes[i].name, m, n, k, dtype_name(act), dtype_name(c_type), beta, r,
+                 t * 1e6, 2.0 * m * (double)n * k / t / 1e12,
+                 lt_config(&l.algo, CUBLASLT_ALGO_CONFIG_ID),
+                 lt_config(&l.algo, CUBLASLT_ALGO_CONFIG_TILE_ID),
+                 lt_config(&l.algo, CUBLASLT_ALGO_CONFIG_SPLITK_NUM),
+                 lt_config(&l.algo, CUBLASLT_ALGO_CONFIG_STAGES_ID),
+                 lt_config(&l.algo, CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME),
+                 result->workspaceSize);
+      } else {
+        snprintf(line, sizeof line,
+                 "RESULT system=ours-nvfp4 op=gemm_scalars pass=%s mode=%s m=%d n=%d k=%d ab=%s "
+                 "c=%s beta=%g rank=%d unsupported (%s)",
+                 pass, modes[i].name, m, n, k, dtype_name(act), dtype_name(c_type), beta, r,
+                 st != CUBLAS_STATUS_SUCCESS ? cublasGetStatusString(st)
+                 : found < 1                ? "no algorithm found"
+                                            : "the call failed");
+        cudaGetLastError();   /* a failed call leaves no sticky error for the next one */
+      }
+      result_line(line);
     }
-    if (ok) {
-      double t = time_calls(run_lt, &l, repeats);
-      snprintf(line, sizeof line,
-               "RESULT system=ours-nvfp4 op=gemm_scalars pass=%s mode=%s m=%d n=%d k=%d ab=%s "
-               "c=%s beta=%g us=%.2f tflops=%.1f algo=%lld tile=%lld splitk=%lld stages=%lld "
-               "reduction=%lld workspace=%zu",
-               pass, modes[i].name, m, n, k, dtype_name(act), dtype_name(c_type), beta, t * 1e6,
-               2.0 * m * (double)n * k / t / 1e12, lt_config(&l.algo, CUBLASLT_ALGO_CONFIG_ID),
-               lt_config(&l.algo, CUBLASLT_ALGO_CONFIG_TILE_ID),
-               lt_config(&l.algo, CUBLASLT_ALGO_CONFIG_SPLITK_NUM),
-               lt_config(&l.algo, CUBLASLT_ALGO_CONFIG_STAGES_ID),
-               lt_config(&l.algo, CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME), result.workspaceSize);
-    } else {
-      snprintf(line, sizeof line,
-               "RESULT system=ours-nvfp4 op=gemm_scalars pass=%s mode=%s m=%d n=%d k=%d ab=%s "
-               "c=%s beta=%g unsupported (%s)",
-               pass, modes[i].name, m, n, k, dtype_name(act), dtype_name(c_type), beta,
-               st != CUBLAS_STATUS_SUCCESS ? cublasGetStatusString(st)
-               : found < 1                ? "no algorithm found"
-                                          : "the call failed");
-      cudaGetLastError();   /* a failed call leaves no sticky error for the next mode */
-    }
-    result_line(line);
     CUBLAS_CHECK(cublasLtMatrixLayoutDestroy(l.la));
     CUBLAS_CHECK(cublasLtMatrixLayoutDestroy(l.lb));
     CUBLAS_CHECK(cublasLtMatrixLayoutDestroy(l.lc));
@@ -386,6 +396,12 @@ static void run_all(int tokens, int repeats) {
   /* why device scalars cost Wgrad more: the same GEMMs in cuBLASLt's three pointer modes */
   bench_lt_modes("fprop", tokens, INTER, HIDDEN, act, 0.0f, repeats);
   bench_lt_modes("wgrad", INTER, HIDDEN, tokens, DT_F32, 1.0f, repeats);
+  const struct cuda_gemm_tuning t = cuda_gemm_tuning();
+  char line[160];
+  snprintf(line, sizeof line,
+           "RESULT system=ours-nvfp4 op=gemm_tuning shapes=%ld switched=%ld other_bits=%ld",
+           t.shapes, t.switched, t.other_bits);
+  result_line(line);
   be->free(dec);
 }
 #endif

@@ -9,7 +9,8 @@
 #     step is the baseline), one micro-batch per step and 8 per step; the issue bounds NVFP4 /
 #     BF16 by 1.15; NVFP4_ACCUMS (default "1 8") are the micro-batches per step measured, and
 #     NVFP4_RUNS (default "BF16 NVFP4") the precisions: NVFP4-base is NVFP4 with
-#     bf16_first_layers 0 (the base recipe, the default before session 13);
+#     bf16_first_layers 0 (the base recipe, the default before session 13), a -untuned suffix
+#     runs with QWEN3_CUDA_GEMM_TUNE=0 (cuBLASLt's first algorithm for every GEMM shape);
 #  4. with NVFP4_MUTATIONS="name ...", those GPU mutations (tests/gpu/mutation_check_gpu.sh).
 # Everything goes to $OUT/bench.txt; the table is printed last.
 set -u
@@ -42,9 +43,11 @@ main() {
       section "ours: $run, mb 1, $accum micro-batch(es) per step"
       b=$(budget 75 30)
       [ "$b" = 0 ] && { echo "SKIPPED (time)"; continue; }
-      sets=(--set precision.linear="${run%-base}")
-      [ "$run" = NVFP4-base ] && sets+=(--set precision.bf16_first_layers=0)
-      timeout -k 5 "$b" python3 bench/ours_train_bench.py train --mb 1 --accum "$accum" \
+      sets=(--set precision.linear="${run%%-*}")
+      case $run in *-base*) sets+=(--set precision.bf16_first_layers=0) ;; esac
+      tune=1
+      case $run in *-untuned*) tune=0 ;; esac
+      QWEN3_CUDA_GEMM_TUNE=$tune timeout -k 5 "$b" python3 bench/ours_train_bench.py train --mb 1 --accum "$accum" \
         --budget $((b - 5)) --init-hf "$WORK/hf4b" --shard "$WORK/random_2m.h5" \
         --work "$WORK" --label "ours-$run" -- "${sets[@]}"
     done
@@ -84,11 +87,12 @@ if fused:
               f"| {float(r['two_calls_us']):.1f} | {float(r['of_copy']):.2f} |")
 modes = [r for r in rows if r.get("op") == "gemm_scalars"]
 if modes:
-    print("\n| GEMM scalars | pass | us | cuBLASLt algo / tile / split-K |")
-    print("|---|---|---|---|")
+    print("\n| GEMM scalars | pass | heuristic's rank | us | cuBLASLt algo / tile / split-K / stages |")
+    print("|---|---|---|---|---|")
     for r in modes:
         got = f"{float(r['us']):.1f}" if "us" in r else "unsupported"
-        print(f"| {r['mode']} | {r['pass']} | {got} | {r.get('algo', '')} / {r.get('tile', '')} / {r.get('splitk', '')} |")
+        print(f"| {r['mode']} | {r['pass']} | {r.get('rank', 0)} | {got} | {r.get('algo', '')} / "
+              f"{r.get('tile', '')} / {r.get('splitk', '')} / {r.get('stages', '')} |")
 if gemm:
     print("\n| GEMM | m n k | c | NVFP4 us | plain bf16 us | ratio |")
     print("|---|---|---|---|---|---|")
@@ -106,8 +110,10 @@ for r in train:
           f"{100 * float(r['mfu']):.1f}% | {float(r['step_s']):.3f} | "
           f"{float(r.get('over_state_alloc_gib', 'nan')):.1f} |")
 for accum in sorted({k[1] for k in step}, key=int):
-    for nv in ("NVFP4", "NVFP4-base"):
-        a, b = step.get(("ours-BF16", accum)), step.get((f"ours-{nv}", accum))
+    for system in sorted({k[0] for k in step if k[0].startswith("ours-NVFP4")}):
+        nv = system[len("ours-"):]
+        bf16 = "BF16" + nv[len("NVFP4"):].replace("-base", "")
+        a, b = step.get((f"ours-{bf16}", accum)), step.get((system, accum))
         if a and b:
-            print(f"{nv} / BF16 step time, {accum} micro-batch(es) per step: {b / a:.3f}x (goal <= 1.15x)")
+            print(f"{nv} / {bf16} step time, {accum} micro-batch(es) per step: {b / a:.3f}x (goal <= 1.15x)")
 PY

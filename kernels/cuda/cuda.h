@@ -70,6 +70,7 @@ struct cuda_context {
   int capturing;               /* between capture_begin and capture_end: ops are recorded */
   int pdl;                     /* 1: cuda_launch_pdl lets a kernel start before the last ends */
   int wgmma;                   /* 1: attention on Hopper's wgmma kernels (cuda_attention_wgmma.cu) */
+  int gemm_tune;               /* 1: a GEMM shape's first call times cuBLASLt's candidates */
   double *host_result;         /* pinned host memory for the results returned to the host */
 };
 extern struct cuda_context cuda_ctx;
@@ -103,17 +104,26 @@ static inline int cuda_blocks(size_t n) {
  * accumulation. A and B are of dtype ab, C of dtype c (ab fp32: c fp32, TF32 inputs when
  * cuda_ctx.tf32; ab bf16: c bf16 or fp32). op(A) is [m,k]: A is [m,k] with leading dimension
  * lda when !trans_a, [k,m] when trans_a; likewise op(B) is [k,n] from B [k,n] or, when trans_b,
- * B [n,k]. The algorithm is chosen once per shape and types and cached, so a run repeats bit
- * for bit. */
+ * B [n,k]. The algorithm is chosen once per shape and types (the fastest of cuBLASLt's
+ * candidates that give its first one's bits; cuda_gemm.cu) and cached, so a run repeats bit for
+ * bit. */
 void cuda_gemm(int trans_a, int trans_b, int m, int n, int k, float alpha, const void *a,
                int lda, const void *b, int ldb, float beta, void *c, int ldc, enum dtype ab,
                enum dtype c_type);
+/* What the GEMM shapes' first calls chose so far: shapes tuned, shapes that kept another
+ * candidate than the heuristic's first, candidates left out because their bits differed from
+ * the first's (what a test and a benchmark report). cuda_gemm_forget empties the cache of
+ * chosen algorithms (a test compares the choices with QWEN3_CUDA_GEMM_TUNE on and off). */
+struct cuda_gemm_tuning {
+  long shapes, switched, other_bits;
+};
+struct cuda_gemm_tuning cuda_gemm_tuning(void);
+void cuda_gemm_forget(void);
 /* The same GEMM with alpha = *scale_a * *scale_b, two floats of device memory read when it
  * runs (cuBLASLt's device pointer mode, the product formed by a one-thread kernel), so scales
  * computed on the GPU reach it without a host synchronization. On the H200 a bf16 x bf16 ->
- * fp32, beta 1 GEMM (NVFP4's Wgrad) runs 1.3x slower in this mode than the same algorithm with
- * host scalars; cuBLASLt has neither a device alpha with a host beta nor operand scale pointers
- * for bf16 (bench/NOTES.md). */
+ * fp32, beta 1 GEMM (NVFP4's Wgrad) runs 1.3x slower in this mode than with host scalars on
+ * the heuristic's first algorithm, not on the one the tuning keeps (bench/NOTES.md). */
 /* {*scale_a * *scale_b, beta} in the scratch arena, written on the stream: the alpha and beta
  * of a GEMM in cuBLASLt's device pointer mode. */
 const float *cuda_gemm_device_scalars(const float *scale_a, const float *scale_b, float beta);

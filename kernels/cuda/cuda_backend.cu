@@ -107,6 +107,8 @@ static void cuda_init(int local_rank, int local_size, int rows) {
   CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, cuda_ctx.device));
   CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, cuda_ctx.device));
   cuda_ctx.pdl = major >= 9 && env_flag("QWEN3_CUDA_PDL", 1);
+  /* QWEN3_CUDA_GEMM_TUNE=0 keeps cuBLASLt's first algorithm for every shape (cuda_gemm.cu) */
+  cuda_ctx.gemm_tune = env_flag("QWEN3_CUDA_GEMM_TUNE", 1);
   /* wgmma exists on sm_90 only, in code built for sm_90a; QWEN3_CUDA_WGMMA=0 keeps attention on
    * the mma.sync kernels (to compare the two) */
 #ifdef QWEN3_CUDA_SM90A

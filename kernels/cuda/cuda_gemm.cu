@@ -1,9 +1,20 @@
 /* cuda_gemm: the CUDA backend's one dense GEMM, row-major through cuBLASLt (declared and
  * documented in kernels/cuda/cuda.h), and cuda_gemm_scaled, the same GEMM scaled by two factors
- * in device memory. The matmul descriptor, the three matrix layouts and the algorithm
- * cublasLtMatmulAlgoGetHeuristic picks are built once per shape and types and kept in a small
- * static table, so a run repeats bit for bit and no call creates descriptors after the
- * first of its shape.
+ * in device memory. The matmul descriptor, the three matrix layouts and the algorithm are
+ * chosen once per shape and types and kept in a small static table, so no call creates
+ * descriptors after the first of its shape.
+ *
+ * Algorithm. cublasLtMatmulAlgoGetHeuristic's first pick is often not the fastest of its own
+ * list: on the H200, NVFP4's Wgrad (bf16 -> fp32, beta 1, 9728 x 2560 x 2048, scalars in device
+ * memory) took 218 us with its first and 152 us with its seventh, and a bf16 Fprop 140 against
+ * 130 (bench/NOTES.md, session 14). So the first call of a shape times the heuristic's first
+ * GEMM_CANDIDATES on operands of its own (random, the same size and types; the call's buffers
+ * are never written) and keeps the fastest, but only among the candidates whose result equals
+ * the first candidate's bit for bit there (a hash of D; split-K ones do not): the choice may
+ * differ between processes, the bits may not, so a run still repeats bit for bit and a resumed
+ * run or another pipeline layout still matches (tests/gpu/test_gpu_train.sh). Not tuned (the
+ * first candidate kept): while the stream is being recorded, when the operands would need more
+ * than GEMM_TUNE_MAX_BYTES, when they cannot be allocated, or with QWEN3_CUDA_GEMM_TUNE=0.
  *
  * Types. A and B share one dtype (cuBLASLt has no fp32 x bf16 product). fp32 A/B give fp32 C,
  * computed in CUBLAS_COMPUTE_32F, or CUBLAS_COMPUTE_32F_FAST_TF32 when cuda_ctx.tf32; bf16 A/B
@@ -50,6 +61,9 @@
 #include "kernels/cuda/cuda_dtype.cuh"
 
 #define CACHE_SIZE 256
+#define GEMM_CANDIDATES 8                        /* the heuristic's first ones, timed */
+#define GEMM_TUNE_MAX_BYTES ((size_t)1 << 30)   /* the tuning operands' memory, at most */
+#define GEMM_TUNE_RUNS 3                         /* timed calls of each candidate */
 
 struct gemm_key {
   int trans_a, trans_b;
@@ -71,6 +85,7 @@ struct gemm_entry {
 };
 
 static struct gemm_entry g_cache[CACHE_SIZE];
+static struct cuda_gemm_tuning g_tuning;
 static int g_last = -1; /* index of the last hit */
 static int g_next = 0;  /* next slot to fill or evict */
 
@@ -95,6 +110,153 @@ static void entry_destroy(struct gemm_entry *e) {
   CUBLAS_CHECK(cublasLtMatrixLayoutDestroy(e->lt_c));
   CUBLAS_CHECK(cublasLtMatmulDescDestroy(e->desc));
   e->used = 0;
+}
+
+/* ---- Tuning: which of the heuristic's candidates a shape keeps (the top of this file) */
+
+static size_t dtype_size(int t) { return t == DT_BF16 ? 2 : 4; }
+
+/* x[i] = a value in [-1, 1) from a hash of i and seed */
+template <typename T>
+static __global__ void gemm_tune_fill_kernel(T *x, size_t n, uint32_t seed) {
+  for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+       i += (size_t)gridDim.x * blockDim.x) {
+    uint32_t h = ((uint32_t)i ^ (uint32_t)(i >> 32) * 0x27d4eb2fu) * 0x9e3779b1u ^ seed;
+    h ^= h >> 16;
+    h *= 0x85ebca6bu;
+    h ^= h >> 13;
+    h *= 0xc2b2ae35u;
+    h ^= h >> 16;
+    store_f(&x[i], (float)(h >> 8) * (1.0f / 8388608.0f) - 1.0f);
+  }
+}
+
+/* *hash += the sum over d's m x n values (leading dimension ld) of a 64-bit mix of each value's
+ * bits and index: a sum, so the order the threads add in does not matter */
+template <typename T>
+static __global__ void gemm_tune_hash_kernel(unsigned long long *hash, const T *d, int m, int n,
+                                             int ld) {
+  unsigned long long h = 0;
+  const size_t total = (size_t)m * (size_t)n;
+  for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
+       i += (size_t)gridDim.x * blockDim.x) {
+    uint32_t bits = 0;
+    memcpy(&bits, &d[i / (size_t)n * (size_t)ld + i % (size_t)n], sizeof(T));
+    unsigned long long x = bits + i * 0x9e3779b97f4a7c15ull;
+    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+    x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+    h += x ^ (x >> 31);
+  }
+  for (int off = 16; off > 0; off >>= 1) h += __shfl_down_sync(0xffffffffu, h, off);
+  if ((threadIdx.x & 31) == 0) atomicAdd(hash, h);
+}
+
+template <typename T>
+static void tune_fill(void *x, size_t n, uint32_t seed) {
+  gemm_tune_fill_kernel<<<cuda_blocks(n), CUDA_THREADS, 0, cuda_ctx.stream>>>((T *)x, n, seed);
+  CUDA_LAUNCHED("gemm_tune_fill_kernel");
+}
+
+/* The operands a candidate runs on: our a, our b, C (read when beta is not 0) and D, and the
+ * hashes and device scalars, in one allocation; NULL when it is too large or not available. */
+struct tune_buffers {
+  char *base;
+  void *a, *b, *c, *d;
+  unsigned long long *hash;   /* GEMM_CANDIDATES */
+  float *scalars;             /* alpha 1, beta 1 for the device pointer mode */
+};
+
+static int tune_alloc(struct tune_buffers *t, const struct gemm_key *key) {
+  const size_t ab = dtype_size(key->ab), cb = dtype_size(key->c_type);
+  const size_t a_bytes = (size_t)(key->trans_a ? key->k : key->m) * (size_t)key->lda * ab;
+  const size_t b_bytes = (size_t)(key->trans_b ? key->n : key->k) * (size_t)key->ldb * ab;
+  const size_t c_bytes = (size_t)key->m * (size_t)key->ldc * cb;
+  const size_t at_b = (a_bytes + 255) / 256 * 256, at_c = at_b + (b_bytes + 255) / 256 * 256,
+               at_d = at_c + (c_bytes + 255) / 256 * 256,
+               at_hash = at_d + (c_bytes + 255) / 256 * 256,
+               total = at_hash + GEMM_CANDIDATES * sizeof(unsigned long long) + 2 * sizeof(float);
+  if (total > GEMM_TUNE_MAX_BYTES) return 0;
+  if (cudaMallocAsync((void **)&t->base, total, cuda_ctx.stream) != cudaSuccess) {
+    cudaGetLastError();   /* out of memory is no error here: the first candidate is kept */
+    return 0;
+  }
+  t->a = t->base, t->b = t->base + at_b, t->c = t->base + at_c, t->d = t->base + at_d;
+  t->hash = (unsigned long long *)(t->base + at_hash);
+  t->scalars = (float *)(t->hash + GEMM_CANDIDATES);
+  static const float ones[2] = {1.0f, 1.0f};
+  CUDA_CHECK(cudaMemcpyAsync(t->scalars, ones, sizeof ones, cudaMemcpyHostToDevice,
+                             cuda_ctx.stream));
+  CUDA_CHECK(cudaMemsetAsync(t->hash, 0, GEMM_CANDIDATES * sizeof(unsigned long long),
+                             cuda_ctx.stream));
+  if (key->ab == DT_BF16) {
+    tune_fill<bf16>(t->a, a_bytes / ab, 0x51u);
+    tune_fill<bf16>(t->b, b_bytes / ab, 0x52u);
+  } else {
+    tune_fill<float>(t->a, a_bytes / ab, 0x51u);
+    tune_fill<float>(t->b, b_bytes / ab, 0x52u);
+  }
+  if (key->c_type == DT_BF16) tune_fill<bf16>(t->c, c_bytes / cb, 0x53u);
+  else tune_fill<float>(t->c, c_bytes / cb, 0x53u);
+  return 1;
+}
+
+/* The index of the candidate the entry keeps: 0 (the heuristic's first), or the fastest of
+ * those that reproduce candidate 0's bits on the tuning operands (a candidate that splits K
+ * sums in another order: its bits differ, and it is left out). */
+static int tune_pick(const struct gemm_entry *e, const cublasLtMatmulHeuristicResult_t *results,
+                     int found) {
+  const struct gemm_key *key = &e->key;
+  struct tune_buffers t;
+  if (found < 2 || !cuda_ctx.gemm_tune || cuda_ctx.capturing || !tune_alloc(&t, key)) return 0;
+  const float alpha = 1.0f, beta = key->beta_zero ? 0.0f : 1.0f;
+  const void *alpha_p = key->device_scalars ? (const void *)t.scalars : &alpha;
+  const void *beta_p = key->device_scalars ? (const void *)(t.scalars + 1) : &beta;
+  cudaEvent_t ev[GEMM_CANDIDATES][2];
+  int ran[GEMM_CANDIDATES] = {0};
+  for (int r = 0; r < found; r++) {
+    for (int i = 0; i < 2; i++) CUDA_CHECK(cudaEventCreate(&ev[r][i]));
+    if (results[r].state != CUBLAS_STATUS_SUCCESS) continue;
+    ran[r] = 1;
+    for (int run = 0; run <= GEMM_TUNE_RUNS && ran[r]; run++) {
+      if (run == 1) CUDA_CHECK(cudaEventRecord(ev[r][0], cuda_ctx.stream));
+      ran[r] = cublasLtMatmul(cuda_ctx.lt, e->desc, alpha_p, t.b, e->lt_a, t.a, e->lt_b, beta_p,
+                              t.c, e->lt_c, t.d, e->lt_c, &results[r].algo,
+                              cuda_ctx.lt_workspace, cuda_ctx.lt_workspace_bytes,
+                              cuda_ctx.stream) == CUBLAS_STATUS_SUCCESS;
+      if (run == 0 && ran[r]) {   /* the untimed first call's result, hashed */
+        if (key->c_type == DT_BF16)
+          gemm_tune_hash_kernel<<<cuda_blocks((size_t)key->m * key->n), CUDA_THREADS, 0,
+                                  cuda_ctx.stream>>>(t.hash + r, (const bf16 *)t.d, key->m,
+                                                     key->n, key->ldc);
+        else
+          gemm_tune_hash_kernel<<<cuda_blocks((size_t)key->m * key->n), CUDA_THREADS, 0,
+                                  cuda_ctx.stream>>>(t.hash + r, (const float *)t.d, key->m,
+                                                     key->n, key->ldc);
+        CUDA_LAUNCHED("gemm_tune_hash_kernel");
+      }
+    }
+    if (ran[r]) CUDA_CHECK(cudaEventRecord(ev[r][1], cuda_ctx.stream));
+    cudaGetLastError();   /* a candidate that failed to launch leaves no sticky error */
+  }
+  unsigned long long hash[GEMM_CANDIDATES];
+  CUDA_CHECK(cudaMemcpyAsync(hash, t.hash, sizeof hash, cudaMemcpyDeviceToHost, cuda_ctx.stream));
+  CUDA_CHECK(cudaStreamSynchronize(cuda_ctx.stream));
+  int best = 0;
+  float best_ms = 0.0f;
+  for (int r = 0; r < found && ran[0]; r++) {
+    if (!ran[r]) continue;
+    float ms = 0.0f;
+    CUDA_CHECK(cudaEventElapsedTime(&ms, ev[r][0], ev[r][1]));
+    if (hash[r] != hash[0]) g_tuning.other_bits++;
+    else if (r == 0 || ms < best_ms) best = r, best_ms = ms;
+  }
+  g_tuning.shapes++;
+  g_tuning.switched += best != 0;
+  for (int r = 0; r < found; r++)
+    for (int i = 0; i < 2; i++) CUDA_CHECK(cudaEventDestroy(ev[r][i]));
+  CUDA_CHECK(cudaFreeAsync(t.base, cuda_ctx.stream));
+  CUDA_CHECK(cudaStreamSynchronize(cuda_ctx.stream));   /* the pool gives the memory back */
+  return best;
 }
 
 static void entry_build(struct gemm_entry *e, const struct gemm_key *key) {
@@ -141,14 +303,15 @@ static void entry_build(struct gemm_entry *e, const struct gemm_key *key) {
   CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
       pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &al_c, sizeof al_c));
 
-  cublasLtMatmulHeuristicResult_t result;
+  cublasLtMatmulHeuristicResult_t results[GEMM_CANDIDATES];
   int found = 0;
-  memset(&result, 0, sizeof result);
+  memset(results, 0, sizeof results);
   cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(cuda_ctx.lt, e->desc, e->lt_a, e->lt_b,
-                                                     e->lt_c, e->lt_c, pref, 1, &result, &found);
+                                                     e->lt_c, e->lt_c, pref, GEMM_CANDIDATES,
+                                                     results, &found);
   CUBLAS_CHECK(cublasLtMatmulPreferenceDestroy(pref));
   e->used = 1;
-  if (st != CUBLAS_STATUS_SUCCESS || found < 1 || result.state != CUBLAS_STATUS_SUCCESS) {
+  if (st != CUBLAS_STATUS_SUCCESS || found < 1 || results[0].state != CUBLAS_STATUS_SUCCESS) {
     char detail[352];
     snprintf(detail, sizeof detail,
              "no cuBLASLt algorithm (%s) for trans_a %d trans_b %d m %d n %d k %d lda %d ldb %d "
@@ -159,7 +322,7 @@ static void entry_build(struct gemm_entry *e, const struct gemm_key *key) {
              key->align_a, key->align_b, key->align_c, cuda_ctx.lt_workspace_bytes);
     cuda_fail("cublasLtMatmulAlgoGetHeuristic", detail, __FILE__, __LINE__);
   }
-  e->algo = result.algo;
+  e->algo = results[tune_pick(e, results, found)].algo;
 }
 
 static struct gemm_entry *cache_get(const struct gemm_key *key) {
@@ -256,6 +419,14 @@ static void gemm(int trans_a, int trans_b, int m, int n, int k, float alpha, flo
   CUBLAS_CHECK(cublasLtMatmul(cuda_ctx.lt, e->desc, alpha_p, b, e->lt_a, a, e->lt_b, beta_p, c,
                               e->lt_c, c, e->lt_c, &e->algo, cuda_ctx.lt_workspace,
                               cuda_ctx.lt_workspace_bytes, cuda_ctx.stream));
+}
+
+extern "C" struct cuda_gemm_tuning cuda_gemm_tuning(void) { return g_tuning; }
+
+extern "C" void cuda_gemm_forget(void) {
+  for (int i = 0; i < CACHE_SIZE; i++) entry_destroy(&g_cache[i]);
+  g_last = -1;
+  g_next = 0;
 }
 
 extern "C" void cuda_gemm(int trans_a, int trans_b, int m, int n, int k, float alpha,

@@ -795,6 +795,64 @@ static void test_linear(int n, int in, int out_dim) {
   free(x); free(w); free(y); free(dy);
 }
 
+/* The GEMM's tuning (cuda_gemm.cu): each shape from an empty cache with QWEN3_CUDA_GEMM_TUNE off
+ * (cuBLASLt's first algorithm) and on (the fastest candidate with its bits) gives the same bits,
+ * for a linear layer's three GEMMs at a fifth of Qwen3-4B's MLP (Dgrad and Wgrad in the device
+ * pointer mode NVFP4 uses, Wgrad with host scalars as BF16's) and a shape whose candidates split
+ * K (their other bits must be left out), bf16 operands. */
+static void test_gemm_tuning(void) {
+  static const struct {
+    int ta, tb, m, n, k;
+    enum dtype c;
+    float beta;
+    int scaled;
+  } g[] = {
+      {0, 1, 2048, 1952, 512, DT_BF16, 0.0f, 0},   /* Fprop x · Wᵀ */
+      {0, 0, 2048, 512, 1952, DT_BF16, 1.0f, 1},   /* Dgrad dy · W */
+      {1, 0, 1952, 512, 2048, DT_F32, 1.0f, 1},    /* Wgrad dyᵀ · x into fp32 */
+      {1, 0, 1952, 512, 2048, DT_F32, 1.0f, 0},
+      {0, 1, 64, 64, 16384, DT_F32, 0.0f, 0},      /* a small output over a long sum: split K */
+  };
+  const int tune_was = cuda_ctx.gemm_tune;
+  const struct cuda_gemm_tuning before = cuda_gemm_tuning();
+  float *scales = rand_floats(2, 0.5, 2);
+  float *d_scales = up(scales, 2 * sizeof(float));
+  for (size_t i = 0; i < sizeof g / sizeof *g; i++) {
+    const int m = g[i].m, n = g[i].n, k = g[i].k;
+    const size_t na = (size_t)m * k, nb = (size_t)k * n, nc = (size_t)m * n;
+    float *a = rand_floats(na, -1, 1), *b = rand_floats(nb, -1, 1), *c = rand_floats(nc, -1, 1);
+    void *d_a = up_as(a, na, DT_BF16), *d_b = up_as(b, nb, DT_BF16), *out[2];
+    const int lda = g[i].ta ? m : k, ldb = g[i].tb ? k : n;
+    for (int tune = 0; tune < 2; tune++) {
+      cuda_ctx.gemm_tune = tune;
+      cuda_gemm_forget();
+      out[tune] = up_as(c, nc, g[i].c);
+      if (g[i].scaled)
+        cuda_gemm_scaled(g[i].ta, g[i].tb, m, n, k, d_scales, d_scales + 1, d_a, lda, d_b, ldb,
+                         g[i].beta, out[tune], n, DT_BF16, g[i].c);
+      else
+        cuda_gemm(g[i].ta, g[i].tb, m, n, k, 0.75f, d_a, lda, d_b, ldb, g[i].beta, out[tune], n,
+                  DT_BF16, g[i].c);
+    }
+    CHECK(same_bits(out[0], out[1], nc * dtype_bytes(g[i].c)),
+          "GEMM %d x %d x %d (trans %d %d, c %s, %s scalars): the tuned algorithm's bits differ "
+          "from cuBLASLt's first's", m, n, k, g[i].ta, g[i].tb,
+          g[i].c == DT_BF16 ? "bf16" : "fp32", g[i].scaled ? "device" : "host");
+    gpu->free(out[0]); gpu->free(out[1]); gpu->free(d_a); gpu->free(d_b);
+    free(a); free(b); free(c);
+  }
+  gpu->free(d_scales);
+  free(scales);
+  cuda_ctx.gemm_tune = tune_was;
+  const struct cuda_gemm_tuning after = cuda_gemm_tuning();
+  const long tuned = after.shapes - before.shapes;
+  CHECK(tuned == (long)(sizeof g / sizeof *g), "the GEMM tuning ran for %ld of %zu shapes", tuned,
+        sizeof g / sizeof *g);
+  printf("     GEMM tuning: %ld shapes, %ld kept another candidate than the first, %ld candidates "
+         "left out for their bits\n", tuned, after.switched - before.switched,
+         after.other_bits - before.other_bits);
+}
+
 /* A cache of a fixed size read up to each sequence's last key (one key, the middle, the end:
  * empty key splits after it), with documents, with 16 query heads per kv head; 40 sequences
  * fill the GPU without key splits, so one block walks several key tiles (the running max);
@@ -1693,6 +1751,7 @@ int main(void) {
   /* the default mode: bf16 activations and weight copy */
   set_mode("bf16", DT_BF16, 1, BF16_TOL);
   test_convert();
+  test_gemm_tuning();
   test_embedding(300, 96, 500);
   test_embedding(77, 50, 300);                  /* rows not a multiple of 4: the scalar copy */
   test_rmsnorm(200, 2560);
