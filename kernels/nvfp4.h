@@ -101,10 +101,11 @@ void nvfp4_dequantize(float *out, const uint8_t *codes, const uint8_t *scales, f
 
 /* The engine's emulation: quantizes x as nvfp4_quantize would and writes xq = q * s_b (fp32,
  * without S_dec) and the tensor scale (ts->dec is the GEMM's alpha factor). xq may alias x.
- * Same status codes as nvfp4_quantize. */
+ * amax: NULL, or max |x| known already (a non-finite one for an x that holds a NaN or Inf),
+ * which then stands for the pass over x. Same status codes as nvfp4_quantize. */
 int nvfp4_quantize_dequantize(float *xq, struct nvfp4_tensor_scale *ts, const float *x, int rows,
                               int cols, enum nvfp4_block block, enum nvfp4_rounding rounding,
-                              uint64_t seed);
+                              uint64_t seed, const float *amax);
 
 /* ---- transforms and GEMM ------------------------------------------------------------------- */
 

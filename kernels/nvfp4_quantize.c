@@ -62,13 +62,10 @@ static void encode_16(uint8_t *packed, const float *x, float enc_b, size_t i0,
   for (int j = 0; j < BLOCK / 2; j++) packed[j] = (uint8_t)(code[2 * j] | code[2 * j + 1] << 4);
 }
 
-int nvfp4_quantize(uint8_t *codes, uint8_t *scales, struct nvfp4_tensor_scale *ts, const float *x,
-                   int rows, int cols, enum nvfp4_block block, enum nvfp4_rounding rounding,
-                   uint64_t seed) {
-  if (!shape_ok(rows, cols, block)) return NVFP4_ERR_SHAPE;
-  float amax;
-  int status = tensor_amax(&amax, x, (size_t)rows * cols);
-  if (status != NVFP4_OK) return status;
+/* nvfp4_quantize once the shape is checked and the tensor's amax (finite) known */
+static void quantize_scaled(uint8_t *codes, uint8_t *scales, struct nvfp4_tensor_scale *ts,
+                            const float *x, int rows, int cols, enum nvfp4_block block,
+                            enum nvfp4_rounding rounding, uint64_t seed, float amax) {
   *ts = nvfp4_tensor_scale(amax);
   const float enc_over_6 = ts->enc * (1.0f / 6.0f), dec = ts->dec;
   const int br = block_rows(block), nbr = rows / br, nbc = cols / BLOCK;
@@ -89,7 +86,17 @@ int nvfp4_quantize(uint8_t *codes, uint8_t *scales, struct nvfp4_tensor_scale *t
         encode_16(codes + i0 / 2, x + i0, enc_b, i0, rounding, seed);
       }
     }
-  return NVFP4_OK;
+}
+
+int nvfp4_quantize(uint8_t *codes, uint8_t *scales, struct nvfp4_tensor_scale *ts, const float *x,
+                   int rows, int cols, enum nvfp4_block block, enum nvfp4_rounding rounding,
+                   uint64_t seed) {
+  if (!shape_ok(rows, cols, block)) return NVFP4_ERR_SHAPE;
+  float amax;
+  int status = tensor_amax(&amax, x, (size_t)rows * cols);
+  if (status == NVFP4_OK)
+    quantize_scaled(codes, scales, ts, x, rows, cols, block, rounding, seed, amax);
+  return status;
 }
 
 void nvfp4_dequantize(float *out, const uint8_t *codes, const uint8_t *scales, float s_dec,
@@ -105,14 +112,17 @@ void nvfp4_dequantize(float *out, const uint8_t *codes, const uint8_t *scales, f
 
 int nvfp4_quantize_dequantize(float *xq, struct nvfp4_tensor_scale *ts, const float *x, int rows,
                               int cols, enum nvfp4_block block, enum nvfp4_rounding rounding,
-                              uint64_t seed) {
+                              uint64_t seed, const float *amax) {
   if (!shape_ok(rows, cols, block)) return NVFP4_ERR_SHAPE;
   size_t n = (size_t)rows * cols;
+  float m = amax ? *amax : 0.0f;
+  int status = amax ? (isfinite(m) ? NVFP4_OK : NVFP4_ERR_NONFINITE) : tensor_amax(&m, x, n);
+  if (status != NVFP4_OK) return status;
   uint8_t *codes = xmalloc(n / 2 + 1);
   uint8_t *scales = xmalloc((size_t)nvfp4_num_scales(rows, cols, block) + 1);
-  int status = nvfp4_quantize(codes, scales, ts, x, rows, cols, block, rounding, seed);
-  if (status == NVFP4_OK) nvfp4_dequantize(xq, codes, scales, 1.0f, rows, cols, block);
+  quantize_scaled(codes, scales, ts, x, rows, cols, block, rounding, seed, m);
+  nvfp4_dequantize(xq, codes, scales, 1.0f, rows, cols, block);
   free(codes);
   free(scales);
-  return status;
+  return NVFP4_OK;
 }

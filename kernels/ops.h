@@ -37,6 +37,11 @@ enum { ACC_DX = 1, ACC_DW = 2 };
 enum dtype { DT_F32, DT_BF16 };
 /* Layouts of an NVFP4 operand (nvfp4_quantize). */
 enum nvfp4_layout { NVFP4_ROWS, NVFP4_TILES, NVFP4_COLS };
+/* adamw_update's amax parts: one per ADAMW_AMAX_CHUNK consecutive values of its p (64 KiB of
+ * fp32), the last part maybe over fewer. Large enough that the quantizer's blocks read few parts
+ * (1520 for a 9728 x 2560 matrix), small enough that a matrix has a block of the update for
+ * each SM or more (160 for a 1024 x 2560 one). */
+#define ADAMW_AMAX_CHUNK 16384
 /* The most token rows nvfp4_gemv_packed takes (a decoding step's), and the most matrices. */
 #define NVFP4_GEMV_MAX_ROWS 4
 #define NVFP4_GEMV_MAX_MATS 3
@@ -191,6 +196,15 @@ struct backend {
   void (*nvfp4_quantize)(void *xq, float *dec, const void *x, enum dtype x_type, int rows,
                          int cols, enum nvfp4_layout layout, int stochastic, uint64_t seed,
                          int rht_signs);
+  /* A weight's quantization whose amax AdamW already took: exactly
+   *   nvfp4_quantize(xq, dec, w, DT_F32, rows, cols, layout, 0, 0, -1)
+   * for layout NVFP4_ROWS, NVFP4_TILES or NVFP4_COLS (no transform), but the tensor amax is the
+   * largest of amax_parts[0 .. n_parts) (backend memory: adamw_update's over w, see there)
+   * instead of a pass over w, which is then read once, not twice. The parts must cover w: their
+   * maximum is then the bits of max |w|, a non-finite one's included. */
+  void (*nvfp4_quantize_weight)(void *xq, float *dec, const float *w, int rows, int cols,
+                                enum nvfp4_layout layout, const uint32_t *amax_parts,
+                                size_t n_parts);
   /* An output gradient's two operands from one read of x (the activation dtype): exactly
    *   nvfp4_quantize(rows_q, rows_dec, x, act, rows, cols, NVFP4_ROWS, stochastic, rows_seed, -1)
    *   nvfp4_quantize(cols_q, cols_dec, x, act, rows, cols, NVFP4_COLS, stochastic, cols_seed,
@@ -234,10 +248,15 @@ struct backend {
    *   m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g²
    *   p -= lr * (m/(1-b1^t) / (sqrt(v/(1-b2^t)) + eps) + wd * p)
    * In the same pass p_act, when not NULL, receives the new p in the activation dtype (the
-   * weight copy; NULL on a backend whose copy is the masters themselves). g is left as it is:
-   * the next step's first backward overwrites it (see ACC_DW). */
+   * weight copy; NULL on a backend whose copy is the masters themselves), and amax_parts, when
+   * not NULL (backend memory), the maxima nvfp4_quantize_weight reads: for each chunk
+   * i < ceil(n / ADAMW_AMAX_CHUNK), amax_parts[i] = the largest bit pattern of |new p| (fp32
+   * bits with the sign cleared, compared as unsigned integers: the order of the values, with
+   * every NaN and Inf, 0x7f800000 and up, above all finite ones) over p[i * ADAMW_AMAX_CHUNK,
+   * min((i + 1) * ADAMW_AMAX_CHUNK, n)). Each word is written once, nothing else: no clearing
+   * first. g is left as it is: the next step's first backward overwrites it (see ACC_DW). */
   void (*adamw_update)(float *p, void *p_act, const float *g, float *m, float *v, size_t n,
-                       const struct adamw_step *s);
+                       const struct adamw_step *s, uint32_t *amax_parts);
 
   /* Overlap of the optimizer with the next step's forward; NULL where a backend runs every op
    * in order (the CPU). side_stream(1): the ops that follow run on a second stream, which

@@ -58,6 +58,12 @@ MUTATIONS=(
   'stored_first_layers_default#trainer/train.c#s/return prec->has_bf16_first_layers ? nvfp4_bf16_first_layers(prec, num_layers) : 0;/return nvfp4_bf16_first_layers(prec, num_layers);/#^test_nvfp4_export$#a stored job without the field reads as the new default, not 0'
   'first_layers_one_per_4#trainer/train.c#s|num_layers / 8 < 2 ? num_layers / 8 : 2|num_layers / 4 < 2 ? num_layers / 4 : 2|#^test_nvfp4_export$|^mpi_test_nvfp4_train$#one first BF16 layer per 4 blocks, not per 8'
   'pack_prompt_trained#data/loader.c#s/targets\[t\] = !mask || mask\[j + 1\] ?/targets[t] = 1 ?/#^test_pack$#a packed chat document trains on its prompt'
+  'adamw_parts_last_chunk_dropped#kernels/cpu/cpu_adamw.c#s|size_t chunks = (n + ADAMW_AMAX_CHUNK - 1) / ADAMW_AMAX_CHUNK;|size_t chunks = n / ADAMW_AMAX_CHUNK;|#^test_ops$|^mpi_test_nvfp4_train$#AdamW writes no amax part for a short last chunk (a whole matrix of the tiny model)'
+  'adamw_parts_chunk_last_value#kernels/cpu/cpu_adamw.c#s/? n : (c + 1) \* ADAMW_AMAX_CHUNK;/? n : (c + 1) * ADAMW_AMAX_CHUNK - 1;/#^test_ops$#AdamW'"'"'s amax part of a whole chunk leaves out its last value'
+  'adamw_parts_sign_kept#kernels/cpu/cpu_adamw.c#s/      b \&= 0x7fffffffu;/      (void)0;/#^test_ops$#AdamW'"'"'s amax parts take the bits of p, not of |p|'
+  'weight_parts_ignored#kernels/cpu/cpu_nvfp4.c#s/quantize(xq, dec, w, rows, cols, layout, 0, 0, -1, \&amax);/quantize(xq, dec, w, rows, cols, layout, 0, 0, -1, NULL);/#^test_ops$#the weight quantization takes an amax pass of its own, not the parts (the equalities cannot tell)'
+  'amax_parts_valid_before_adamw#worker/nvfp4_linear.c#s/  w->amax_parts_valid = w->amax_parts_fresh;/  w->amax_parts_valid = w->amax_parts != NULL;/#^test_nvfp4_linear$|^mpi_test_nvfp4_train$#the weights quantize from amax parts AdamW has not written (after init, or a checkpoint load)'
+  'amax_parts_run_merged#trainer/optim.c#s/p->decay == decay \&\& !parts \&\& !own)/p->decay == decay)/#^mpi_test_nvfp4_train$#AdamW merges neighbouring NVFP4 matrices into one run, whose parts all go to the first'
 )
 
 echo "copying the working tree to $work/src"

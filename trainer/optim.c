@@ -83,29 +83,44 @@ static double grad_norm_squared(struct worker *chunks, int n, struct comm *c, in
   return total;
 }
 
-/* Calls fn(w, arg, from, to, decay) on the parameters of weight group g (worker.h: WEIGHTS_*),
- * neighbours in the flat buffer with the same decay merged into one run [from, to). */
-typedef void (*run_fn)(struct worker *w, const void *arg, size_t from, size_t to, int decay);
-static void for_group_runs(struct worker *w, int g, run_fn fn, const void *arg) {
+/* Where AdamW writes parameter i's amax parts for the NVFP4 quantizer: an NVFP4 matrix's, when
+ * this rank updates all of it. Under ZeRO-1 a shard may end inside a matrix, and each rank has
+ * the maxima of its own piece only: a MAX all-reduce of them over the data-parallel group would
+ * give the quantizer its amax; until then it keeps its own pass there. */
+static uint32_t *amax_parts_of(const struct worker *w, int i) {
+  return w->plan.shards == 1 ? nvfp4_amax_parts(w, i) : NULL;
+}
+
+/* Calls fn(w, arg, from, to, decay, amax_parts) on the parameters of weight group g (worker.h:
+ * WEIGHTS_*), neighbours in the flat buffer with the same decay merged into one run [from, to)
+ * with amax_parts NULL; with `amax`, a parameter with amax parts (amax_parts_of) is a run of
+ * its own, with them: the parts' chunks count from the parameter's first value. */
+typedef void (*run_fn)(struct worker *w, const void *arg, size_t from, size_t to, int decay,
+                       uint32_t *amax_parts);
+static void for_group_runs(struct worker *w, int g, int amax, run_fn fn, const void *arg) {
   size_t from = 0, to = 0;
   int decay = 0;
+  uint32_t *parts = NULL;   /* the run's */
   for (int i = 0; i < w->n_params; i++) {
     const struct param *p = &w->params[i];
     if (worker_weight_group(w, i) != g) continue;
     size_t end = p->offset + (size_t)p->rows * p->cols;
-    if (to > from && p->offset == to && p->decay == decay) {
+    uint32_t *own = amax ? amax_parts_of(w, i) : NULL;
+    if (to > from && p->offset == to && p->decay == decay && !parts && !own) {
       to = end;
       continue;
     }
-    if (to > from) fn(w, arg, from, to, decay);
-    from = p->offset, to = end, decay = p->decay;
+    if (to > from) fn(w, arg, from, to, decay, parts);
+    from = p->offset, to = end, decay = p->decay, parts = own;
   }
-  if (to > from) fn(w, arg, from, to, decay);
+  if (to > from) fn(w, arg, from, to, decay, parts);
 }
 
 /* AdamW on parameters [from, to) clipped to the shard, decayed or not; the weight copy in the
- * same pass unless ZeRO's all-gather of the masters comes after */
-static void adamw_run(struct worker *w, const void *arg, size_t from, size_t to, int decay) {
+ * same pass unless ZeRO's all-gather of the masters comes after, and the amax parts when given
+ * (one whole parameter's, never clipped: amax_parts_of) */
+static void adamw_run(struct worker *w, const void *arg, size_t from, size_t to, int decay,
+                      uint32_t *amax_parts) {
   const struct adamw_step *st = arg;
   size_t b = w->plan.shard_begin, e = w->plan.shard_end;
   if (from < b) from = b;
@@ -116,17 +131,18 @@ static void adamw_run(struct worker *w, const void *arg, size_t from, size_t to,
   void *copy = w->weights_act != w->weights && w->plan.shards == 1
                    ? (char *)w->weights_act + from * dtype_bytes(w->plan.act) : NULL;
   w->be->adamw_update(w->weights + from, copy, w->grads + from, w->adam_m + (from - b),
-                      w->adam_v + (from - b), to - from, &s);
+                      w->adam_v + (from - b), to - from, &s, amax_parts);
 }
 
 /* Starts the sum over the replicas of gradients [from, to) */
-static void start_sum_run(struct worker *w, const void *arg, size_t from, size_t to, int decay) {
-  (void)decay;
+static void start_sum_run(struct worker *w, const void *arg, size_t from, size_t to, int decay,
+                          uint32_t *amax_parts) {
+  (void)decay, (void)amax_parts;
   comm_allreduce_sum_float_start((struct comm *)arg, GROUP_DP, w->grads + from, to - from);
 }
 
 void optimizer_reduce_layer(struct worker *w, struct comm *c, int layer) {
-  for_group_runs(w, WEIGHTS_LAYER + layer, start_sum_run, c);
+  for_group_runs(w, WEIGHTS_LAYER + layer, 0, start_sum_run, c);
 }
 
 /* The gradient sums of one chunk before the norm: the tied embedding's between its two copies,
@@ -146,8 +162,8 @@ static void sum_chunk_grads(struct worker *w, struct comm *c, int layers_reduced
   if (zero) {   /* ZeRO-1: each replica sums its shard of the gradients only */
     comm_reduce_scatter_sum_float(c, GROUP_DP, w->grads, p->param_floats, p->shard_stride);
   } else if (layers_reduced) {   /* the rest: the embedding, the final norm, an untied head */
-    for_group_runs(w, WEIGHTS_EMBED, start_sum_run, c);
-    for_group_runs(w, WEIGHTS_LAYER + p->n_layers, start_sum_run, c);
+    for_group_runs(w, WEIGHTS_EMBED, 0, start_sum_run, c);
+    for_group_runs(w, WEIGHTS_LAYER + p->n_layers, 0, start_sum_run, c);
   } else if (c->dp > 1) {
     comm_allreduce_sum_float(c, GROUP_DP, w->grads, p->param_floats);
   }
@@ -163,16 +179,18 @@ static void update_chunk(struct worker *w, struct comm *c, const struct adamw_st
    * waits for each group's mark just before it reads the group (worker.c), so the update of
    * the later layers overlaps the forward of the first ones. With several chunks a later
    * chunk's mark g replaces an earlier one's, which then waits for more than it needs, never
-   * less. The same pass writes the weight copy. ZeRO's all-gather needs every shard updated
-   * first: it stays in order. */
+   * less. The same pass writes the weight copy, and the NVFP4 matrices' amax parts, which the
+   * next quantization of each (nvfp4_linear.c) reads instead of the masters once more. ZeRO's
+   * all-gather needs every shard updated first: it stays in order. */
   int overlap = !zero && be->side_stream;
   if (overlap) be->side_stream(1);
   for (int g = 0; g < worker_weight_groups(w); g++) {
-    for_group_runs(w, g, adamw_run, st);
+    for_group_runs(w, g, 1, adamw_run, st);
     if (be->mark) be->mark(g);
   }
   if (overlap) be->side_stream(0);
   w->weights_act_fresh = w->weights_act != w->weights && !zero;
+  w->amax_parts_fresh = w->amax_parts && !zero;
   if (zero) comm_allgather_float(c, GROUP_DP, w->weights, p->param_floats, p->shard_stride);
 }
 

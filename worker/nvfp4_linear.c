@@ -57,10 +57,17 @@ static size_t dec_bytes(const struct worker_plan *p) {
  * quantized X (then Dgrad's dY), and Wgrad's two transposed operands. */
 enum { SPAN_A, SPAN_B, SPAN_C, N_SPANS };
 
-void nvfp4_plan_sizes(struct worker_plan *p, size_t nvfp4_matrix_values, size_t packed_bytes) {
+size_t nvfp4_amax_part_count(int rows, int cols) {
+  return ((size_t)rows * cols + ADAMW_AMAX_CHUNK - 1) / ADAMW_AMAX_CHUNK;
+}
+
+void nvfp4_plan_sizes(struct worker_plan *p, size_t nvfp4_matrix_values, size_t amax_parts,
+                      size_t packed_bytes) {
   size_t tokens = (size_t)p->batch * p->seq, bytes = dtype_bytes(p->act);
   size_t copies = p->nvfp4.weight_2d ? 1 : 2;
-  p->wq_bytes = nvfp4_matrix_values ? dec_bytes(p) + copies * nvfp4_matrix_values * bytes : 0;
+  p->wq_bytes = nvfp4_matrix_values ? dec_bytes(p) + copies * nvfp4_matrix_values * bytes +
+                                          amax_parts * sizeof(uint32_t)
+                                    : 0;
   p->q_scratch_bytes = nvfp4_matrix_values ? N_SPANS * tokens * widest(&p->cfg) * bytes : 0;
   p->fp4_bytes = packed_bytes ? dec_bytes(p) + packed_bytes : 0;
 }
@@ -130,59 +137,101 @@ static void *wq_of(const struct worker *w, int i, int transposed) {
   return (char *)w->wq + at * dtype_bytes(w->plan.act);
 }
 
+/* The parts are valid when the optimizer wrote them since this was last called, as it does
+ * (optim.c) before the call of the next step's worker_prepare_step: whatever else writes the
+ * masters (init, loading a model or a checkpoint) leaves amax_parts_fresh clear, and so does
+ * an evaluation's worker_prepare_step between steps, which takes it (the next step then pays
+ * the amax passes once more, as the weight copy's conversion). */
 void nvfp4_weights_changed(struct worker *w) {
   memset(w->wq_stale, 1, (size_t)w->plan.n_layers);
+  w->amax_parts_valid = w->amax_parts_fresh;
+  w->amax_parts_fresh = 0;
+}
+
+uint32_t *nvfp4_amax_parts(const struct worker *w, int param) {
+  return w->amax_parts ? w->amax_parts[param] : NULL;
+}
+
+/* xq = parameter i's masters quantized in `layout` (no transform), S_dec into *dec: with the
+ * amax AdamW took of them when its parts are valid, else with a pass of the quantizer's own */
+static void quantize_weight(const struct worker *w, int i, void *xq, float *dec,
+                            enum nvfp4_layout layout) {
+  const struct param *p = &w->params[i];
+  const float *weight = w->weights + p->offset;
+  if (w->amax_parts_valid)
+    w->be->nvfp4_quantize_weight(xq, dec, weight, p->rows, p->cols, layout, w->amax_parts[i],
+                                 nvfp4_amax_part_count(p->rows, p->cols));
+  else
+    w->be->nvfp4_quantize(xq, dec, weight, DT_F32, p->rows, p->cols, layout, 0, 0, -1);
 }
 
 /* Local layer `layer`'s matrices quantized from the current fp32 masters: by its first NVFP4
  * forward after the masters changed, which runs after the optimizer's update of this layer
  * alone (worker.c waits for it), so the next step's forward overlaps the rest of the update. */
 static void quantize_layer_weights(struct worker *w, int layer) {
-  const struct backend *be = w->be;
   int tiles = w->plan.nvfp4.weight_2d;
   for (int k = 0; k < N_LAYER_PARAMS; k++) {
     int i = w->layer_param[layer][k];
-    const struct param *p = &w->params[i];
-    if (!is_matrix(p)) continue;
-    const float *weight = w->weights + p->offset;
-    be->nvfp4_quantize(wq_of(w, i, 0), dec(w, layer, k, DEC_W), weight, DT_F32, p->rows, p->cols,
-                       tiles ? NVFP4_TILES : NVFP4_ROWS, 0, 0, -1);
+    if (!is_matrix(&w->params[i])) continue;
+    quantize_weight(w, i, wq_of(w, i, 0), dec(w, layer, k, DEC_W),
+                    tiles ? NVFP4_TILES : NVFP4_ROWS);
     if (!tiles)   /* 1x16 along Dgrad's reduction dimension needs its own pass */
-      be->nvfp4_quantize(wq_of(w, i, 1), dec(w, layer, k, DEC_WT), weight, DT_F32, p->rows,
-                         p->cols, NVFP4_COLS, 0, 0, -1);
+      quantize_weight(w, i, wq_of(w, i, 1), dec(w, layer, k, DEC_WT), NVFP4_COLS);
   }
   w->wq_stale[layer] = 0;
+}
+
+/* Tests and measurements: QWEN3_NVFP4_WEIGHT_AMAX_PASS=1 makes every weight quantization take
+ * its own amax pass, as before AdamW took the maxima: the same numbers, one more read. */
+static int amax_pass_forced(void) {
+  const char *v = getenv("QWEN3_NVFP4_WEIGHT_AMAX_PASS");
+  return v && strcmp(v, "1") == 0;
 }
 
 void nvfp4_worker_init(struct worker *w) {
   const struct worker_plan *p = &w->plan;
   w->wq_offset = xmalloc((size_t)w->n_params * sizeof(size_t));
-  size_t at = 0, copies = p->nvfp4.weight_2d ? 1 : 2;
-  for (int i = 0; i < w->n_params; i++) w->wq_offset[i] = SIZE_MAX;
+  size_t *part_at = xmalloc((size_t)w->n_params * sizeof(size_t));
+  size_t at = 0, parts = 0, copies = p->nvfp4.weight_2d ? 1 : 2;
+  for (int i = 0; i < w->n_params; i++) w->wq_offset[i] = part_at[i] = SIZE_MAX;
   for (int l = 0; l < p->n_layers; l++) {
     if (!planned(w, l)) continue;
     for (int k = 0; k < N_LAYER_PARAMS; k++) {
       int i = w->layer_param[l][k];
-      if (!is_matrix(&w->params[i])) continue;
+      const struct param *m = &w->params[i];
+      if (!is_matrix(m)) continue;
       w->wq_offset[i] = at;
-      at += copies * (size_t)w->params[i].rows * w->params[i].cols;
+      at += copies * (size_t)m->rows * m->cols;
+      part_at[i] = parts;
+      parts += nvfp4_amax_part_count(m->rows, m->cols);
     }
   }
-  size_t bytes = at ? dec_bytes(p) + at * dtype_bytes(p->act) : 0;
+  size_t weights_end = dec_bytes(p) + at * dtype_bytes(p->act);
+  size_t bytes = at ? weights_end + parts * sizeof(uint32_t) : 0;
   if (bytes != p->wq_bytes) die("internal: NVFP4 weight plan %zu != %zu bytes", bytes, p->wq_bytes);
-  if (!bytes) return;
-  w->wq_stale = xmalloc((size_t)p->n_layers);
-  nvfp4_weights_changed(w);
-  if (!(w->q_dec = w->be->alloc(bytes)))
-    die("out of %s memory for NVFP4 weights (%.1f MiB)", w->be->name, bytes / 1048576.0);
-  w->wq = (char *)w->q_dec + dec_bytes(p);
-  w->rht_signs = nvfp4_rht_signs(p->nvfp4.seed);
+  if (bytes) {
+    w->wq_stale = xmalloc((size_t)p->n_layers);
+    nvfp4_weights_changed(w);
+    if (!(w->q_dec = w->be->alloc(bytes)))
+      die("out of %s memory for NVFP4 weights (%.1f MiB)", w->be->name, bytes / 1048576.0);
+    w->wq = (char *)w->q_dec + dec_bytes(p);
+    w->rht_signs = nvfp4_rht_signs(p->nvfp4.seed);
+  }
+  if (bytes && !amax_pass_forced()) {   /* after the weights, in the same allocation */
+    uint32_t *first = (uint32_t *)((char *)w->q_dec + weights_end);
+    w->amax_parts = xmalloc((size_t)w->n_params * sizeof *w->amax_parts);
+    for (int i = 0; i < w->n_params; i++)
+      w->amax_parts[i] = part_at[i] == SIZE_MAX ? NULL : first + part_at[i];
+  }
+  free(part_at);
 }
 
 void nvfp4_worker_free(struct worker *w) {
   if (w->q_dec) w->be->free(w->q_dec);
   free(w->wq_offset);
   free(w->wq_stale);
+  free(w->amax_parts);
+  w->amax_parts = NULL;
   w->wq_stale = NULL;
   w->q_dec = NULL;
   w->wq = NULL;

@@ -6,9 +6,12 @@
 
 /* Whether local layer `layer` runs its linears in NVFP4 now (not while w->nvfp4_paused). */
 int nvfp4_layer(const struct worker *w, int layer);
-/* Fills the plan's NVFP4 buffer sizes given the values of its NVFP4 matrices and the sum of
- * nvfp4_packed_matrix_bytes over them. */
-void nvfp4_plan_sizes(struct worker_plan *p, size_t nvfp4_matrix_values, size_t packed_bytes);
+/* Fills the plan's NVFP4 buffer sizes given the values of its NVFP4 matrices and the sums of
+ * nvfp4_amax_part_count and of nvfp4_packed_matrix_bytes over them. */
+void nvfp4_plan_sizes(struct worker_plan *p, size_t nvfp4_matrix_values, size_t amax_parts,
+                      size_t packed_bytes);
+/* AdamW's amax parts of one [rows, cols] matrix (ops.h adamw_update): ceil(values / chunk). */
+size_t nvfp4_amax_part_count(int rows, int cols);
 /* Bytes of one [rows, cols] matrix packed for decoding: its codes, then its scales. */
 size_t nvfp4_packed_matrix_bytes(int rows, int cols);
 /* Packs the stage's NVFP4 matrices from the fp32 masters into fp4 (plan.fp4_bytes of backend
@@ -17,8 +20,12 @@ void nvfp4_pack_weights(const struct worker *w, void *fp4);
 void nvfp4_worker_init(struct worker *w);
 void nvfp4_worker_free(struct worker *w);
 /* The fp32 master weights changed: each NVFP4 layer's matrices are quantized again by the
- * layer's next forward. */
+ * layer's next forward, with the amax AdamW took of them (nvfp4_amax_parts) when it wrote
+ * them (w->amax_parts_fresh), else with an amax pass of their own. */
 void nvfp4_weights_changed(struct worker *w);
+/* Where AdamW writes parameter `param`'s amax parts (backend memory, nvfp4_amax_part_count
+ * words): an NVFP4 matrix's, unless QWEN3_NVFP4_WEIGHT_AMAX_PASS=1 turns them off; else NULL. */
+uint32_t *nvfp4_amax_parts(const struct worker *w, int param);
 /* After a step whose loss or gradient norm is not finite: 1 and a message naming the first
  * NVFP4 operand whose tensor scale is NaN (the operand held a non-finite value), else 0. */
 int nvfp4_nonfinite_operand(struct worker *w, char *msg, size_t len);

@@ -173,7 +173,7 @@ void worker_plan_shard(struct worker_plan *p, int shards, int index) {
 
 void worker_plan_nvfp4(struct worker_plan *p, const struct nvfp4_policy *policy) {
   p->nvfp4 = *policy;
-  size_t values = 0, packed = 0;
+  size_t values = 0, parts = 0, packed = 0;
   for (int l = 0; l < p->n_layers; l++) {
     int g = p->first_layer + l;
     if (g < policy->first_layer || g >= policy->end_layer) continue;
@@ -182,10 +182,11 @@ void worker_plan_nvfp4(struct worker_plan *p, const struct nvfp4_policy *policy)
       layer_param_shape(&p->cfg, (enum layer_param)k, &rows, &cols);
       if (!LAYER_PARAM_NAMES[k].is_matrix) continue;
       values += (size_t)rows * cols;
+      parts += nvfp4_amax_part_count(rows, cols);
       if (policy->packed_decode) packed += nvfp4_packed_matrix_bytes(rows, cols);
     }
   }
-  nvfp4_plan_sizes(p, values, packed);
+  nvfp4_plan_sizes(p, values, parts, packed);
 }
 
 size_t worker_plan_state_bytes(const struct worker_plan *p) {

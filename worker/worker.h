@@ -61,7 +61,8 @@ struct worker_plan {
   size_t scratch_bytes;                /* backward gradients (+ recompute buffers) */
   size_t weight_copy_bytes;            /* the act-typed weight copy (0 when act is fp32) */
   struct nvfp4_policy nvfp4;
-  size_t wq_bytes;     /* NVFP4 tensor scales, then the quantized weights (activation dtype) */
+  size_t wq_bytes;     /* NVFP4 tensor scales, the quantized weights (activation dtype), then
+                          AdamW's amax parts of their masters (nvfp4_linear.c) */
   size_t q_scratch_bytes;              /* quantized activations and gradients */
   size_t fp4_bytes;    /* the NVFP4 matrices packed for decoding (a KV cache's, nvfp4_linear.c) */
   /* ZeRO-1: this rank's shard [shard_begin, shard_end) of the flat parameter buffer, the one
@@ -122,6 +123,12 @@ struct worker {
                                   SIZE_MAX: high precision */
   float *q_dec;                /* the NVFP4 tensor scales (nvfp4_linear.c), then wq */
   unsigned char *wq_stale;     /* [n_layers] 1: the layer's wq predates the masters */
+  /* [n_params]: where AdamW writes an NVFP4 matrix's amax parts (ops.h adamw_update; after wq
+   * in q_dec's allocation), NULL for the other parameters; the array itself is NULL without
+   * NVFP4 layers or with QWEN3_NVFP4_WEIGHT_AMAX_PASS=1 (nvfp4_linear.c) */
+  uint32_t **amax_parts;
+  int amax_parts_fresh;        /* the optimizer wrote the parts with the masters (optim.c) */
+  int amax_parts_valid;        /* the parts hold the maxima of the masters the layers quantize */
   void *wq;
   void *q_scratch;
   uint16_t rht_signs;

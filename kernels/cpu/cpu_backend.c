@@ -75,6 +75,7 @@ const struct backend backend_cpu = {
   .lm_head_loss = cpu_lm_head_loss,
   .sum_into = cpu_sum_into,
   .nvfp4_quantize = cpu_nvfp4_quantize,
+  .nvfp4_quantize_weight = cpu_nvfp4_quantize_weight,
   .nvfp4_quantize_rows_cols = cpu_nvfp4_quantize_rows_cols,
   .nvfp4_gemm = cpu_nvfp4_gemm,
   .nvfp4_pack = cpu_nvfp4_pack,

@@ -18,12 +18,10 @@ static void transpose(float *out, const float *x, int rows, int cols) {
           out[(size_t)c * rows + r] = x[(size_t)r * cols + c];
 }
 
-void cpu_nvfp4_quantize(void *xq_, float *dec, const void *x_, enum dtype x_type, int rows,
-                        int cols, enum nvfp4_layout layout, int stochastic, uint64_t seed,
-                        int rht_signs) {
-  float *xq = xq_;
-  const float *x = x_;
-  if (x_type != DT_F32) die("cpu_nvfp4_quantize: the CPU backend stores every tensor in fp32");
+/* cpu_nvfp4_quantize with the tensor amax given (amax: max |x|) or, for NULL, taken here */
+static void quantize(float *xq, float *dec, const float *x, int rows, int cols,
+                     enum nvfp4_layout layout, int stochastic, uint64_t seed, int rht_signs,
+                     const float *amax) {
   if (rows < 0 || cols < 0 || cols % 16 || (layout != NVFP4_ROWS && rows % 16))
     die("cpu_nvfp4_quantize: shape [%d, %d] refused: cols (and rows but for 1x16 rows) must be "
         "non-negative multiples of 16", rows, cols);
@@ -33,13 +31,37 @@ void cpu_nvfp4_quantize(void *xq_, float *dec, const void *x_, enum dtype x_type
   if (layout == NVFP4_COLS) {   /* xᵀ, transformed along its rows, quantized 1x16 in place */
     transpose(xq, x, rows, cols);
     if (rht_signs >= 0) nvfp4_rht(xq, xq, cols, rows, (uint16_t)rht_signs);
-    rc = nvfp4_quantize_dequantize(xq, &ts, xq, cols, rows, NVFP4_BLOCK_1X16, rounding, seed);
+    rc = nvfp4_quantize_dequantize(xq, &ts, xq, cols, rows, NVFP4_BLOCK_1X16, rounding, seed,
+                                   amax);
   } else {
     rc = nvfp4_quantize_dequantize(xq, &ts, x, rows, cols,
                                    layout == NVFP4_TILES ? NVFP4_BLOCK_16X16 : NVFP4_BLOCK_1X16,
-                                   rounding, seed);
+                                   rounding, seed, amax);
   }
   *dec = rc == NVFP4_OK ? ts.dec : NAN;
+}
+
+void cpu_nvfp4_quantize(void *xq, float *dec, const void *x, enum dtype x_type, int rows,
+                        int cols, enum nvfp4_layout layout, int stochastic, uint64_t seed,
+                        int rht_signs) {
+  if (x_type != DT_F32) die("cpu_nvfp4_quantize: the CPU backend stores every tensor in fp32");
+  quantize(xq, dec, x, rows, cols, layout, stochastic, seed, rht_signs, NULL);
+}
+
+/* The largest part is the bits of max |w| (a NaN's or Inf's: 0x7f800000 and up, not finite as a
+ * float either), which stands for the quantizer's own pass over w. */
+void cpu_nvfp4_quantize_weight(void *xq, float *dec, const float *w, int rows, int cols,
+                               enum nvfp4_layout layout, const uint32_t *amax_parts,
+                               size_t n_parts) {
+  if ((unsigned)layout > NVFP4_COLS || !amax_parts || !n_parts)
+    die("cpu_nvfp4_quantize_weight: layout %d with %zu amax parts refused: NVFP4_ROWS, "
+        "NVFP4_TILES or NVFP4_COLS, and at least one part", (int)layout, n_parts);
+  uint32_t bits = 0;
+  for (size_t i = 0; i < n_parts; i++)
+    if (amax_parts[i] > bits) bits = amax_parts[i];
+  float amax;
+  memcpy(&amax, &bits, sizeof amax);
+  quantize(xq, dec, w, rows, cols, layout, 0, 0, -1, &amax);
 }
 
 void cpu_nvfp4_quantize_rows_cols(void *rows_q, float *rows_dec, uint64_t rows_seed,

@@ -193,13 +193,16 @@ void cuda_nvfp4_gemv_packed(void *const *outs, const void *xq, const float *dec_
 
 /* ---- cuda_adamw.cu */
 void cuda_adamw_update(float *p, void *p_act, const float *g, float *m, float *v, size_t n,
-                       const struct adamw_step *s);
+                       const struct adamw_step *s, uint32_t *amax_parts);
 
 /* ---- cuda_nvfp4.cu: x of dtype x_type (fp32 or bf16), xq of dtype cuda_ctx.act; dec, dec_a
  * and dec_b are device memory */
 void cuda_nvfp4_quantize(void *xq, float *dec, const void *x, enum dtype x_type, int rows,
                          int cols, enum nvfp4_layout layout, int stochastic, uint64_t seed,
                          int rht_signs);
+void cuda_nvfp4_quantize_weight(void *xq, float *dec, const float *w, int rows, int cols,
+                                enum nvfp4_layout layout, const uint32_t *amax_parts,
+                                size_t n_parts);
 void cuda_nvfp4_quantize_rows_cols(void *rows_q, float *rows_dec, uint64_t rows_seed,
                                    void *cols_q, float *cols_dec, uint64_t cols_seed,
                                    const void *x, int rows, int cols, int stochastic,

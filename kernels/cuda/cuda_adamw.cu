@@ -4,10 +4,13 @@
  * them, and the per-element update uses the round-to-nearest intrinsics so that nvcc cannot
  * contract a multiply-add into an FMA the CPU (built without FMA) does not do. With IEEE sqrtf
  * and division (nvcc's defaults) a GPU step therefore matches a CPU step bit for bit.
- * Purely elementwise: no reductions, so nothing to order. The same pass writes the weight copy
- * (bf16 in the bf16 mode) when asked, so the copy costs no second read of the masters. */
+ * Elementwise, but for the amax parts, maxima (order-independent). The same pass writes the
+ * weight copy (bf16 in the bf16 mode) and the amax parts when asked, so neither costs a second
+ * read of the masters. */
+#include <limits.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdio.h>
 
 #include "kernels/cuda/cuda.h"
 #include "kernels/cuda/cuda_dtype.cuh"
@@ -41,59 +44,106 @@ static __device__ __forceinline__ void adamw1(float &p, float g_raw, float &m, f
   v = vi;
 }
 
-/* A: the weight copy's storage type; copy NULL: no copy. */
+/* the bits of |x|: their maxima order the values as the quantizer's amax does */
+static __device__ __forceinline__ uint32_t abs_bits(float x) {
+  return __float_as_uint(x) & 0x7fffffffu;
+}
+
+/* the largest m of the block, in thread 0 (every thread calls it, once a kernel) */
+static __device__ __forceinline__ uint32_t block_max(uint32_t m) {
+  __shared__ uint32_t warp_max[CUDA_THREADS / 32];
+  m = __reduce_max_sync(0xffffffffu, m);
+  if ((threadIdx.x & 31) == 0) warp_max[threadIdx.x >> 5] = m;
+  __syncthreads();
+  if (threadIdx.x < 32)
+    m = __reduce_max_sync(0xffffffffu,
+                          threadIdx.x < CUDA_THREADS / 32 ? warp_max[threadIdx.x] : 0u);
+  return m;
+}
+
+/* Float4 groups of each tensor a thread loads before it updates any. Block b updates chunk b
+ * of ADAMW_AMAX_CHUNK values (ops.h), so that its amax part has one writer: 4096 groups, 16 a
+ * thread. A matrix of 160 chunks (Qwen3-4B's k and v) runs fewer blocks than the GPU holds,
+ * whose threads, with one group in flight each, would leave the memory idle part of the time;
+ * two each: 59 registers (4 blocks an SM), four: 95 (2 blocks), for the same bytes in flight. */
+#define ADAMW_UNROLL 2
+
+/* A: the weight copy's storage type; copy NULL: no copy; amax_parts NULL: no parts. */
 template <typename A, bool VEC>
-static __global__ void adamw_kernel(float *__restrict__ p, A *__restrict__ copy,
-                                    const float *__restrict__ g, float *__restrict__ m,
-                                    float *__restrict__ v, size_t n, adamw_scalars s) {
-  const size_t tid = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-  const size_t stride = (size_t)gridDim.x * blockDim.x;
-  size_t start = 0;
-  if (VEC) {
-    const size_t n4 = n / 4;
-    for (size_t i = tid; i < n4; i += stride) {
-      float4 pv = ((float4 *)p)[i], gv = ((const float4 *)g)[i], mv = ((float4 *)m)[i],
-             vv = ((float4 *)v)[i];
-      adamw1(pv.x, gv.x, mv.x, vv.x, s);
-      adamw1(pv.y, gv.y, mv.y, vv.y, s);
-      adamw1(pv.z, gv.z, mv.z, vv.z, s);
-      adamw1(pv.w, gv.w, mv.w, vv.w, s);
-      ((float4 *)p)[i] = pv;
-      ((float4 *)m)[i] = mv;
-      ((float4 *)v)[i] = vv;
-      if (copy) {
-        const float f[4] = {pv.x, pv.y, pv.z, pv.w};
-        store4(copy, i, f);
-      }
+static __global__ void __launch_bounds__(CUDA_THREADS)
+    adamw_kernel(float *__restrict__ p, A *__restrict__ copy, const float *__restrict__ g,
+                 float *__restrict__ m, float *__restrict__ v, size_t n, adamw_scalars s,
+                 uint32_t *__restrict__ amax_parts) {
+  const size_t lo = (size_t)blockIdx.x * ADAMW_AMAX_CHUNK;
+  const size_t hi = n - lo < ADAMW_AMAX_CHUNK ? n : lo + ADAMW_AMAX_CHUNK;
+  /* groups [lo / 4, mid / 4) on the vector path (lo is a multiple of 4), then single values */
+  const size_t mid = VEC ? lo + (hi - lo) / 4 * 4 : lo;
+  uint32_t amax = 0;
+  for (size_t i0 = lo / 4 + threadIdx.x; i0 < mid / 4; i0 += ADAMW_UNROLL * CUDA_THREADS) {
+    float4 pv[ADAMW_UNROLL], gv[ADAMW_UNROLL], mv[ADAMW_UNROLL], vv[ADAMW_UNROLL];
+#pragma unroll
+    for (int u = 0; u < ADAMW_UNROLL; u++) {
+      const size_t i = i0 + u * CUDA_THREADS;
+      if (i >= mid / 4) break;
+      pv[u] = ((float4 *)p)[i];
+      gv[u] = ((const float4 *)g)[i];
+      mv[u] = ((float4 *)m)[i];
+      vv[u] = ((float4 *)v)[i];
     }
-    start = n4 * 4;
+#pragma unroll
+    for (int u = 0; u < ADAMW_UNROLL; u++) {
+      const size_t i = i0 + u * CUDA_THREADS;
+      if (i >= mid / 4) break;
+      adamw1(pv[u].x, gv[u].x, mv[u].x, vv[u].x, s);
+      adamw1(pv[u].y, gv[u].y, mv[u].y, vv[u].y, s);
+      adamw1(pv[u].z, gv[u].z, mv[u].z, vv[u].z, s);
+      adamw1(pv[u].w, gv[u].w, mv[u].w, vv[u].w, s);
+      ((float4 *)p)[i] = pv[u];
+      ((float4 *)m)[i] = mv[u];
+      ((float4 *)v)[i] = vv[u];
+      const float f[4] = {pv[u].x, pv[u].y, pv[u].z, pv[u].w};
+      if (copy) store4(copy, i, f);
+#pragma unroll
+      for (int k = 0; k < 4; k++) amax = max(amax, abs_bits(f[k]));
+    }
   }
-  for (size_t i = start + tid; i < n; i += stride) {
+  for (size_t i = mid + threadIdx.x; i < hi; i += CUDA_THREADS) {
     float pi = p[i], mi = m[i], vi = v[i];
     adamw1(pi, g[i], mi, vi, s);
     p[i] = pi;
     m[i] = mi;
     v[i] = vi;
     if (copy) store_f(&copy[i], pi);
+    amax = max(amax, abs_bits(pi));
+  }
+  if (amax_parts) {   /* the same in every thread of the block */
+    amax = block_max(amax);
+    if (threadIdx.x == 0) amax_parts[blockIdx.x] = amax;
   }
 }
 
 template <typename A>
 static void launch_adamw(float *p, A *copy, const float *g, float *m, float *v, size_t n,
-                         const adamw_scalars &s) {
+                         const adamw_scalars &s, uint32_t *amax_parts) {
+  const size_t chunks = (n + ADAMW_AMAX_CHUNK - 1) / ADAMW_AMAX_CHUNK;
+  if (chunks > INT_MAX) {   /* one block a chunk */
+    char detail[96];
+    snprintf(detail, sizeof detail, "%zu values: more than %d chunks", n, INT_MAX);
+    cuda_fail("cuda_adamw_update", detail, __FILE__, __LINE__);
+  }
   if (cuda_aligned16(p) && cuda_aligned16(g) && cuda_aligned16(m) && cuda_aligned16(v) &&
       vec4_aligned<A>(copy))
-    adamw_kernel<A, true><<<cuda_blocks(n / 4), CUDA_THREADS, 0, cuda_ctx.stream>>>(
-        p, copy, g, m, v, n, s);
+    adamw_kernel<A, true><<<(unsigned)chunks, CUDA_THREADS, 0, cuda_ctx.stream>>>(
+        p, copy, g, m, v, n, s, amax_parts);
   else
-    adamw_kernel<A, false><<<cuda_blocks(n), CUDA_THREADS, 0, cuda_ctx.stream>>>(
-        p, copy, g, m, v, n, s);
+    adamw_kernel<A, false><<<(unsigned)chunks, CUDA_THREADS, 0, cuda_ctx.stream>>>(
+        p, copy, g, m, v, n, s, amax_parts);
   CUDA_LAUNCHED("adamw_kernel");
 }
 
 
 extern "C" void cuda_adamw_update(float *p, void *p_act, const float *g, float *m, float *v,
-                                  size_t n, const struct adamw_step *st) {
+                                  size_t n, const struct adamw_step *st, uint32_t *amax_parts) {
   if (n == 0) return;
   /* the CPU's expressions, term for term */
   adamw_scalars s;
@@ -105,5 +155,5 @@ extern "C" void cuda_adamw_update(float *p, void *p_act, const float *g, float *
   s.step_size = (float)((double)st->lr / (1.0 - pow((double)st->beta1, (double)st->t)));
   s.bc2_sqrt = (float)sqrt(1.0 - pow((double)st->beta2, (double)st->t));
   s.eps = st->eps;
-  CUDA_ACT_DISPATCH(A, launch_adamw<A>(p, (A *)p_act, g, m, v, n, s));
+  CUDA_ACT_DISPATCH(A, launch_adamw<A>(p, (A *)p_act, g, m, v, n, s, amax_parts));
 }

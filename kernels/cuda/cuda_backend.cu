@@ -367,6 +367,7 @@ extern "C" const struct backend backend_cuda = {
   .lm_head_loss = cuda_lm_head_loss,
   .sum_into = cuda_sum_into,
   .nvfp4_quantize = cuda_nvfp4_quantize,
+  .nvfp4_quantize_weight = cuda_nvfp4_quantize_weight,
   .nvfp4_quantize_rows_cols = cuda_nvfp4_quantize_rows_cols,
   .nvfp4_gemm = cuda_nvfp4_gemm,
   .nvfp4_pack = cuda_nvfp4_pack,

@@ -43,6 +43,8 @@
  * cuda_nvfp4_quantize_rows_cols does the same for an output gradient's two operands: one amax
  * kernel takes both maxima from one read of x, one quantize kernel writes both operands from
  * another (reads 2 |x|, writes 2 |x| in the activation dtype, where two calls read 4 |x|).
+ * cuda_nvfp4_quantize_weight runs the quantize kernel alone, on the per-chunk maxima AdamW wrote
+ * with the masters (ops.h adamw_update) in place of the amax kernel's: w is read once.
  */
 #include <float.h>
 #include <math.h>
@@ -412,8 +414,9 @@ __device__ __forceinline__ void nv_read_scales(nv_scale sc[K], const nv_parts &p
 NV_UNROLL
   for (int k = 0; k < K; k++) m[k] = 0;
   /* NV_PARTS_AHEAD predicated loads a thread issues before it takes any maximum: n (the amax
-   * grid, at most 8 blocks an SM: 1056 on the H200) takes at most two L2 round trips before the
-   * block can start, where a loop of load-then-max waited for each load in turn (3-5 of them).
+   * grid, at most 8 blocks an SM: 1056 on the H200; or AdamW's parts, up to 1520 a Qwen3-4B
+   * matrix) takes at most two L2 round trips before the block can start, where a loop of
+   * load-then-max waited for each load in turn (3-5 of them).
    * 4, not 8: 8 took the bf16 rows kernel from 62 to 72 registers (4 blocks an SM to 3). */
   constexpr int NV_PARTS_AHEAD = 4;
   for (uint32_t i0 = threadIdx.x; i0 < parts.n; i0 += NV_PARTS_AHEAD * NV_THREADS) {
@@ -1019,6 +1022,14 @@ static void nv_check_shape(const char *op, int rows, int cols, enum nvfp4_layout
   }
 }
 
+/* The quantize kernel of the layout, after its amax (a.parts) */
+static void nv_quantize_layout(const nv_args &a, enum nvfp4_layout layout, enum dtype x_type,
+                               bool sr) {
+  if (layout == NVFP4_ROWS) nv_launch<nv_rows>(a, x_type, sr);
+  else if (layout == NVFP4_TILES) nv_launch<nv_tiles>(a, x_type, sr);
+  else nv_launch<nv_cols<false>>(a, x_type, sr);
+}
+
 /* ---- ops ------------------------------------------------------------------------------------ */
 
 extern "C" void cuda_nvfp4_quantize(void *xq, float *dec, const void *x, enum dtype x_type,
@@ -1050,9 +1061,31 @@ extern "C" void cuda_nvfp4_quantize(void *xq, float *dec, const void *x, enum dt
     return;
   }
   a.parts = nv_amax(x, x_type, rows, cols, rht, false);
-  if (layout == NVFP4_ROWS) nv_launch<nv_rows>(a, x_type, sr);
-  else if (layout == NVFP4_TILES) nv_launch<nv_tiles>(a, x_type, sr);
-  else nv_launch<nv_cols<false>>(a, x_type, sr);
+  nv_quantize_layout(a, layout, x_type, sr);
+}
+
+/* cuda_nvfp4_quantize's quantize kernel alone, the parts standing for its amax kernel's partial
+ * maxima (nv_read_scales reduces any number of them); the two-kernel path at every size, the
+ * NVFP4_ROWS of a small w too (the one-block kernel takes an amax of its own). */
+extern "C" void cuda_nvfp4_quantize_weight(void *xq, float *dec, const float *w, int rows,
+                                           int cols, enum nvfp4_layout layout,
+                                           const uint32_t *amax_parts, size_t n_parts) {
+  if ((unsigned)layout > NVFP4_COLS || !amax_parts || n_parts == 0 || n_parts > UINT32_MAX ||
+      xq == w) {
+    char detail[160];
+    snprintf(detail, sizeof detail,
+             "layout %d with %zu amax parts%s refused: NVFP4_ROWS, NVFP4_TILES or NVFP4_COLS, "
+             "1 to 2^32 - 1 parts, xq apart from w", (int)layout, n_parts,
+             xq == w ? ", in place," : "");
+    cuda_fail("cuda_nvfp4_quantize_weight", detail, __FILE__, __LINE__);
+  }
+  nv_check_shape("cuda_nvfp4_quantize_weight", rows, cols, layout);
+  nv_check_denormals();
+  nv_args a = {};
+  a.xq = xq, a.dec = dec, a.x = w, a.rows = rows, a.cols = cols, a.rht_signs = -1;
+  a.parts.max[0] = a.parts.max[1] = amax_parts;
+  a.parts.n = (uint32_t)n_parts;
+  nv_quantize_layout(a, layout, DT_F32, false);
 }
 
 /* nvfp4_quantize's two passes over w (fp32, round to nearest) with the rows or tiles kernel

@@ -972,12 +972,42 @@ static void test_lm_head(int n, int dim, int vocab, int bad_target) {
   free(x); free(w); free(tgt); free(nll);
 }
 
+/* n_parts amax parts (ops.h adamw_update) and the word after them, as the GPU left them, against
+ * the CPU's parts and the poison word after them: equal bit for bit, a NaN's part as a NaN's (a
+ * NaN's bits may differ between the two). Prints and checks one line. */
+static void expect_parts(const char *what, const uint32_t *d_parts, const uint32_t *parts,
+                         size_t n_parts) {
+  uint32_t *got = down_raw(d_parts, (n_parts + 1) * sizeof(uint32_t));
+  int same = got[n_parts] == 0xdeadbeefu;
+  for (size_t c = 0; c < n_parts; c++)
+    same &= got[c] == parts[c] || (got[c] > 0x7f800000u && parts[c] > 0x7f800000u);
+  printf("%-4s %-62s %s\n", mode, what, same ? "identical" : "DIFFERENT");
+  CHECK(same, "%s mode, %s: the parts differ from the CPU's or the word after them changed", mode,
+        what);
+  free(got);
+}
+
+/* device memory for n_parts amax parts and one more word, all 0xdeadbeef */
+static uint32_t *poisoned_parts(size_t n_parts) {
+  uint32_t *h = xmalloc((n_parts + 1) * sizeof(uint32_t));
+  for (size_t c = 0; c <= n_parts; c++) h[c] = 0xdeadbeefu;
+  uint32_t *d = up(h, (n_parts + 1) * sizeof(uint32_t));
+  free(h);
+  return d;
+}
+
 /* With `copy`, the update also writes the weight copy in the activation dtype, which must be
- * bit for bit the conversion of the updated masters. */
+ * bit for bit the conversion of the updated masters. The amax parts (ops.h adamw_update) must be
+ * the CPU's, the largest value of p the last one (for an n not a multiple of 4, in the scalar
+ * tail past the float4 groups). */
 static void test_adamw(size_t n, int copy) {
   float *p = rand_floats(n, -1, 1), *g = rand_floats(n, -1, 1), *m = rand_floats(n, -0.1, 0.1);
-  float *v = rand_floats(n, 0, 0.01), *p0 = clone(p, n);
+  float *v = rand_floats(n, 0, 0.01);
+  p[n - 1] = 3.0f;
+  float *p0 = clone(p, n);
   float *d_p = up(p, n * 4), *d_g = up(g, n * 4), *d_m = up(m, n * 4), *d_v = up(v, n * 4);
+  size_t n_parts = (n + ADAMW_AMAX_CHUNK - 1) / ADAMW_AMAX_CHUNK;
+  uint32_t *parts = xmalloc(n_parts * sizeof(uint32_t)), *d_parts = poisoned_parts(n_parts);
   size_t ab = dtype_bytes(act);
   void *d_copy = copy ? gpu->alloc(n * ab) : NULL, *d_want = copy ? gpu->alloc(n * ab) : NULL;
   if (copy) {   /* poisoned: NaN in either dtype */
@@ -990,8 +1020,11 @@ static void test_adamw(size_t n, int copy) {
   }
   /* clipped (the update sees fp32(g * scale)); the gradient is left as it is */
   struct adamw_step st = {3e-4f, 0.9f, 0.95f, 1e-8f, 0.1f, 0.625f, 7};
-  cpu->adamw_update(p, NULL, g, m, v, n, &st);
-  gpu->adamw_update(d_p, d_copy, d_g, d_m, d_v, n, &st);
+  cpu->adamw_update(p, NULL, g, m, v, n, &st, parts);
+  gpu->adamw_update(d_p, d_copy, d_g, d_m, d_v, n, &st, d_parts);
+  char what[96];
+  snprintf(what, sizeof what, "adamw amax parts n=%zu", n);
+  expect_parts(what, d_parts, parts, n_parts);
   float *g_left = down(d_g, n);
   CHECK(!memcmp(g_left, g, n * sizeof(float)), "%s mode: adamw changed the gradient", mode);
   free(g_left);
@@ -1013,8 +1046,8 @@ static void test_adamw(size_t n, int copy) {
   free(p0);
   expect("adamw first moments", d_m, m, n, 1e-6);
   expect("adamw second moments", d_v, v, n, 1e-6);
-  gpu->free(d_g);
-  free(p); free(g); free(m); free(v);
+  gpu->free(d_g); gpu->free(d_parts);
+  free(p); free(g); free(m); free(v); free(parts);
 }
 
 /* ---- NVFP4 ----------------------------------------------------------------------------------- */
@@ -1024,6 +1057,70 @@ static int same_floats(const float *a, const float *b, size_t n) {
   for (size_t i = 0; i < n; i++)
     if (isnan(a[i]) ? !isnan(b[i]) : bits_of_f32(a[i]) != bits_of_f32(b[i])) return 0;
   return 1;
+}
+
+/* A [rows, cols] weight's AdamW step with amax parts, `offset` floats into each buffer (1: the
+ * kernel's scalar path), against the CPU's: p bit for bit (a NaN as a NaN) and the parts as
+ * expect_parts says. Chunk 0's largest value is its last (negative), the weight's largest is in
+ * its last chunk; with_nan gives one value of chunk 1 (or 0) a NaN gradient. Then
+ * nvfp4_quantize_weight from the GPU's parts must write nvfp4_quantize's xq and S_dec in every
+ * layout, bit for bit (S_dec NaN and xq left as it was, poisoned, for the NaN); and without the
+ * last part another S_dec, which shows that it reads the parts. */
+static void test_weight_amax(int rows, int cols, int offset, int with_nan) {
+  static const char *const layouts[] = {"rows", "tiles", "cols"};
+  const size_t C = ADAMW_AMAX_CHUNK, n = (size_t)rows * cols, n_parts = (n + C - 1) / C;
+  float *h[4] = {rand_floats(n, -1, 1), rand_floats(n, -1, 1), rand_floats(n, -0.1, 0.1),
+                 rand_floats(n, 0, 0.01)};   /* p, g, m, v */
+  if (n > C) h[0][C - 1] = -3.0f;
+  h[0][n - 5] = 5.0f;
+  if (with_nan) h[1][n_parts > 1 ? C + 7 : 7] = NAN;
+  float *d_buf[4], *d[4];
+  for (int k = 0; k < 4; k++) {
+    d_buf[k] = gpu->alloc((n + offset) * sizeof(float));
+    if (!d_buf[k]) die("test: out of GPU memory");
+    d[k] = d_buf[k] + offset;
+    gpu->to_device(d[k], h[k], n * sizeof(float));
+  }
+  uint32_t *parts = xmalloc(n_parts * sizeof(uint32_t)), *d_parts = poisoned_parts(n_parts);
+  struct adamw_step st = {3e-4f, 0.9f, 0.95f, 1e-8f, 0.1f, 1.0f, 4};
+  cpu->adamw_update(h[0], NULL, h[1], h[2], h[3], n, &st, parts);
+  gpu->adamw_update(d[0], NULL, d[1], d[2], d[3], n, &st, d_parts);
+  char what[128];
+  snprintf(what, sizeof what, "adamw amax parts %dx%d%s%s", rows, cols,
+           offset ? " unaligned" : "", with_nan ? " NaN" : "");
+  expect_parts(what, d_parts, parts, n_parts);
+  float *g_p = down(d[0], n);
+  CHECK(same_floats(g_p, h[0], n), "%s mode, %s: the updated weight differs from the CPU's",
+        mode, what);
+  for (int layout = NVFP4_ROWS; layout <= NVFP4_COLS; layout++) {
+    float poison[3] = {-7.0f, -7.0f, -7.0f}, dec[3];
+    float *d_dec = up(poison, sizeof poison);
+    void *d_want = poisoned_act(n), *d_got = poisoned_act(n);
+    gpu->nvfp4_quantize(d_want, d_dec, d[0], DT_F32, rows, cols, layout, 0, 0, -1);
+    gpu->nvfp4_quantize_weight(d_got, d_dec + 1, d[0], rows, cols, layout, d_parts, n_parts);
+    int same_q = same_bits(d_want, d_got, n * dtype_bytes(act));
+    if (n_parts > 1)   /* into d_got again, compared already */
+      gpu->nvfp4_quantize_weight(d_got, d_dec + 2, d[0], rows, cols, layout, d_parts,
+                                 n_parts - 1);
+    gpu->to_host(dec, d_dec, sizeof dec);
+    int same = same_q && (with_nan ? isnan(dec[0]) && isnan(dec[1])
+                                   : bits_of_f32(dec[0]) == bits_of_f32(dec[1]));
+    snprintf(what, sizeof what, "nvfp4_quantize_weight %s %dx%d%s%s", layouts[layout], rows,
+             cols, offset ? " unaligned" : "", with_nan ? " NaN" : "");
+    printf("%-4s %-62s %s\n", mode, what, same ? "identical" : "DIFFERENT");
+    CHECK(same, "%s mode, %s: S_dec %g (0x%08x) or xq differ from nvfp4_quantize's, %g (0x%08x)",
+          mode, what, dec[1], bits_of_f32(dec[1]), dec[0], bits_of_f32(dec[0]));
+    CHECK(with_nan || n_parts == 1 || bits_of_f32(dec[2]) != bits_of_f32(dec[1]),
+          "%s mode, %s: the same S_dec without the last part: the parts are not what it reads",
+          mode, what);
+    gpu->free(d_dec); gpu->free(d_want); gpu->free(d_got);
+  }
+  for (int k = 0; k < 4; k++) {
+    gpu->free(d_buf[k]);
+    free(h[k]);
+  }
+  gpu->free(d_parts);
+  free(parts); free(g_p);
 }
 
 /* nvfp4_quantize of x [rows, cols] given to the GPU in x_type (bf16: x rounded to bf16 first,
@@ -1746,6 +1843,9 @@ int main(void) {
   test_lm_head(70, 64, 1000, 1);
   test_lm_head(300, 128, 151936, 0);   /* several chunks of the arena at the real vocabulary */
   test_adamw(100003, 0);
+  test_weight_amax(48, 784, 0, 0);     /* 3 chunks, the last short */
+  test_weight_amax(48, 784, 1, 1);
+  test_weight_amax(2560, 9728, 0, 0);  /* Qwen3-4B's down projection: 1520 parts */
   test_nvfp4();
 
   /* the default mode: bf16 activations and weight copy */
@@ -1820,6 +1920,8 @@ int main(void) {
   test_lm_head(300, 128, 151936, 0);
   test_adamw(100003, 1);
   test_adamw(1001, 1);                          /* odd length: the scalar tail */
+  test_weight_amax(48, 784, 0, 0);
+  test_weight_amax(2560, 9728, 0, 1);
   test_nvfp4();
 
   size_t in_use, peak;

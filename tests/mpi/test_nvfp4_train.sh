@@ -38,6 +38,11 @@ run nvfp4_pp2 2 NVFP4
 # NVFP4 run for 30 steps, then leaves it
 run nvfp4_final_all 1 NVFP4 --set precision.bf16_final_fraction=1
 run nvfp4_final_half 1 NVFP4 --set precision.bf16_final_fraction=0.5
+# the weights' amax from AdamW's parts (ops.h adamw_update) against the quantizer's own pass
+QWEN3_NVFP4_WEIGHT_AMAX_PASS=1 run nvfp4_amax_pass 1 NVFP4
+run nvfp4_1x16 1 NVFP4 --set precision.weight_2d=false --set train.steps=6
+QWEN3_NVFP4_WEIGHT_AMAX_PASS=1 run nvfp4_1x16_amax_pass 1 NVFP4 --set precision.weight_2d=false \
+  --set train.steps=6
 
 for name in bf16 nvfp4; do
   first=$(losses $name | head -n 1) last=$(losses $name | tail -n 1)
@@ -71,6 +76,20 @@ if [ "$(losses nvfp4_final_half | head -n 30)" = "$(losses nvfp4 | head -n 30)" 
 else
   fail "precision.bf16_final_fraction 0.5: not NVFP4 for steps 1-30 and BF16 from 31"
 fi
+# The same tensor scales, so the same run: every loss and gradient norm equal to the 9 digits
+# metrics.jsonl prints (one tensor scale off moves them far more), with the 16x16 weight recipe
+# and with the 1x16 one (two quantizations a matrix from the same parts), from step 2 on using
+# parts AdamW wrote (step 1 has none: its own pass).
+trace() { grep -o '"loss":[^,}]*\|"grad_norm":[^,}]*' "$out/$1/metrics.jsonl"; }
+for pair in "nvfp4 nvfp4_amax_pass 60" "nvfp4_1x16 nvfp4_1x16_amax_pass 6"; do
+  set -- $pair
+  if [ "$(trace $1)" = "$(trace $2)" ] && [ "$(losses $1 | wc -l)" = "$3" ]; then
+    pass "$1: the weights' amax from AdamW's parts gives its own pass's run ($3 steps equal)"
+  else
+    fail "$1: the weights' amax from AdamW's parts changes the run"
+    paste <(trace $1) <(trace $2) | head -n 6
+  fi
+done
 verdict=$(paste <(losses nvfp4) <(losses nvfp4_pp2) | awk '
   { n++; d = $1 - $2; if (d < 0) d = -d; r = d / $1; if (r > worst) worst = r }
   END { if (n != 60) print "steps " n; else if (worst > 1e-5) print "worst " worst; else print "ok " worst + 0 }')

@@ -186,7 +186,7 @@ static void test_fixture_tensors(void) {
     /* the engine's fused path must be the same numbers: xq = q * s_b, and xq * S_dec = x̂ */
     float *xq = xmalloc(4 * n), *xhat = xmalloc(4 * n);
     struct nvfp4_tensor_scale ts2;
-    status = nvfp4_quantize_dequantize(xq, &ts2, x, rows, cols, block, rounding, seed);
+    status = nvfp4_quantize_dequantize(xq, &ts2, x, rows, cols, block, rounding, seed, NULL);
     nvfp4_dequantize(xhat, want_codes, want_scales, want_ts[2], rows, cols, block);
     fused_same &= status == NVFP4_OK && same_bits(ts2.dec, want_ts[2]);
     for (size_t i = 0; i < n; i++) fused_same &= same_bits(xq[i] * ts2.dec, xhat[i]);
@@ -273,7 +273,7 @@ static void test_edge_tensors(void) {
     float xq[N];
     memset(xq, 0, sizeof xq);
     ok &= nvfp4_quantize_dequantize(xq, &ts, x, R, C, NVFP4_BLOCK_16X16, NVFP4_ROUND_STOCHASTIC,
-                                    0) == NVFP4_ERR_NONFINITE;
+                                    0, NULL) == NVFP4_ERR_NONFINITE;
     for (int i = 0; i < N; i++) ok &= xq[i] == 0;
   }
   check(ok, "NaN, +Inf, -Inf input: NVFP4_ERR_NONFINITE and nothing written");
@@ -393,8 +393,8 @@ static void test_gemm(void) {
   float *aq = xmalloc(sizeof(float) * M * K), *bq = xmalloc(sizeof(float) * N * K);
   float *c = xmalloc(sizeof(float) * M * N);
   struct nvfp4_tensor_scale ta, tb;
-  nvfp4_quantize_dequantize(aq, &ta, a, M, K, NVFP4_BLOCK_1X16, NVFP4_ROUND_NEAREST, 0);
-  nvfp4_quantize_dequantize(bq, &tb, b, N, K, NVFP4_BLOCK_16X16, NVFP4_ROUND_NEAREST, 0);
+  nvfp4_quantize_dequantize(aq, &ta, a, M, K, NVFP4_BLOCK_1X16, NVFP4_ROUND_NEAREST, 0, NULL);
+  nvfp4_quantize_dequantize(bq, &tb, b, N, K, NVFP4_BLOCK_16X16, NVFP4_ROUND_NEAREST, 0, NULL);
   nvfp4_gemm(c, aq, ta.dec, bq, tb.dec, 0, M, N, K, 0.0f);
   double worst = 0, quant_err = 0, quant_mag = 0;
   for (int i = 0; i < M; i++)

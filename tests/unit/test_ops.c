@@ -745,7 +745,7 @@ static void test_adamw(const char *label, float beta1) {
     float scale = t % 2 ? 1.0f : 0.375f, *gs = copy_floats(g, n), *g0 = copy_floats(g, n);
     for (size_t i = 0; i < n; i++) gs[i] = g[i] * scale;
     struct adamw_step st = {lr, beta1, beta2, eps, wd, scale, t};
-    be->adamw_update(p, NULL, g, m, v, n, &st);
+    be->adamw_update(p, NULL, g, m, v, n, &st, NULL);
     check("adamw leaves the gradient as it is", memcmp(g, g0, n * sizeof(float)) != 0, 0);
     free(g0);
     for (size_t i = 0; i < n; i++) {
@@ -776,6 +776,90 @@ static void test_adamw(const char *label, float beta1) {
   free(change), free(ref_change);
 }
 
+/* ---- AdamW's amax parts and the weight quantization from them -------------------------------- */
+
+static uint32_t abs_bits(float x) {
+  uint32_t b;
+  memcpy(&b, &x, sizeof b);
+  return b & 0x7fffffffu;
+}
+
+/* One AdamW step (the third, lr 1e-3) of n values in place, with amax parts into parts (NULL:
+ * none). */
+static void adamw_step_parts(float *p, const float *g, float *m, float *v, size_t n,
+                             uint32_t *parts) {
+  struct adamw_step st = {1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, 1.0f, 3};
+  be->adamw_update(p, NULL, g, m, v, n, &st, parts);
+}
+
+/* ops.h adamw_update's amax parts over 3 whole chunks and a short last one (an odd length):
+ * each the largest |new p| bits of its chunk, counted again here from the updated p. Chunk 0's
+ * maximum is its last value (negative), chunk 1 is all -0.0 (its part 0: the sign cleared),
+ * chunk 2 has a NaN gradient (its part a NaN's bits, the others finite), the last chunk's
+ * maximum is its last value. No word past the parts is written, and the update itself is the
+ * one without parts, bit for bit. */
+static void test_adamw_amax_parts(void) {
+  const size_t C = ADAMW_AMAX_CHUNK, n = 3 * C + 1003, chunks = 4;
+  float *p = rand_floats(n, -1, 1), *g = rand_floats(n, -1, 1), *m = rand_floats(n, -0.1, 0.1);
+  float *v = rand_floats(n, 0, 0.01);
+  p[C - 1] = -7.0f;
+  for (size_t i = C; i < 2 * C; i++) p[i] = -0.0f, g[i] = m[i] = v[i] = 0.0f;
+  g[2 * C + 5] = NAN;
+  p[n - 1] = 9.0f;
+  float *p2 = copy_floats(p, n), *m2 = copy_floats(m, n), *v2 = copy_floats(v, n);
+  uint32_t parts[5] = {1, 1, 1, 1, 0xdeadbeefu};
+  adamw_step_parts(p, g, m, v, n, parts);
+  adamw_step_parts(p2, g, m2, v2, n, NULL);
+  int same = !memcmp(p, p2, n * 4) && !memcmp(m, m2, n * 4) && !memcmp(v, v2, n * 4);
+  check("adamw with amax parts: the update is the one without", !same, 0);
+  int parts_ok = parts[4] == 0xdeadbeefu;
+  for (size_t c = 0; c < chunks; c++) {
+    uint32_t want = 0;
+    for (size_t i = c * C; i < n && i < (c + 1) * C; i++)
+      if (abs_bits(p[i]) > want) want = abs_bits(p[i]);
+    parts_ok &= parts[c] == want;
+  }
+  check("adamw amax parts: the chunks' maxima, no more words", !parts_ok, 0);
+  int special = parts[0] == abs_bits(p[C - 1]) && parts[1] == 0 && parts[2] > 0x7f800000u &&
+                parts[3] == abs_bits(p[n - 1]) && parts[0] < 0x7f800000u;
+  check("adamw amax parts: negative, -0.0, NaN and last-value maxima", !special, 0);
+  free(p), free(g), free(m), free(v), free(p2), free(m2), free(v2);
+}
+
+/* nvfp4_quantize_weight of a [rows, cols] weight from the parts its AdamW step wrote (3 chunks,
+ * the last short, holding the weight's largest value) against nvfp4_quantize of the same
+ * weight: xq (q * s_b, which gives the codes and scales) and S_dec bit for bit, in each layout;
+ * a NaN in the weight gives S_dec NaN in both. And the parts are what it reads: without the
+ * last one its S_dec is another. */
+static void test_quantize_weight(int with_nan) {
+  const int rows = 48, cols = 784;
+  const size_t n = (size_t)rows * cols, n_parts = (n + ADAMW_AMAX_CHUNK - 1) / ADAMW_AMAX_CHUNK;
+  float *p = rand_floats(n, -1, 1), *g = rand_floats(n, -1, 1), *m = rand_floats(n, -0.1, 0.1);
+  float *v = rand_floats(n, 0, 0.01);
+  p[n - 2] = 4.0f;
+  if (with_nan) g[n / 2] = NAN;
+  uint32_t *parts = xmalloc(n_parts * sizeof *parts);
+  adamw_step_parts(p, g, m, v, n, parts);
+  static const char *const names[] = {"rows", "tiles", "cols"};
+  float *want = xmalloc(n * 4), *got = xmalloc(n * 4);
+  for (int layout = NVFP4_ROWS; layout <= NVFP4_COLS; layout++) {
+    float dec_want, dec_got, dec_short;
+    be->nvfp4_quantize(want, &dec_want, p, DT_F32, rows, cols, layout, 0, 0, -1);
+    be->nvfp4_quantize_weight(got, &dec_got, p, rows, cols, layout, parts, n_parts);
+    int same = with_nan ? isnan(dec_want) && isnan(dec_got)
+                        : !memcmp(&dec_want, &dec_got, 4) && !memcmp(want, got, n * 4);
+    char name[96];
+    snprintf(name, sizeof name, "nvfp4_quantize_weight %s%s = nvfp4_quantize", names[layout],
+             with_nan ? " (NaN)" : "");
+    check(name, !same, 0);
+    if (with_nan) continue;
+    be->nvfp4_quantize_weight(got, &dec_short, p, rows, cols, layout, parts, n_parts - 1);
+    snprintf(name, sizeof name, "nvfp4_quantize_weight %s reads the parts", names[layout]);
+    check(name, dec_short == dec_got, 0);
+  }
+  free(p), free(g), free(m), free(v), free(parts), free(want), free(got);
+}
+
 int main(void) {
   double t0 = now_seconds();
   test_memory();
@@ -801,6 +885,9 @@ int main(void) {
   test_lm_head_loss_full_vocab();
   test_adamw("beta1 0.9", 0.9f);
   test_adamw("beta1 0.3", 0.3f);
+  test_adamw_amax_parts();
+  test_quantize_weight(0);
+  test_quantize_weight(1);
   printf("     total %.2f s\n", now_seconds() - t0);
   printf("%d passed, %d failed\n", passed, failed);
   return failed != 0;
