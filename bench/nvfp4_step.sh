@@ -10,7 +10,8 @@
 #     BF16 by 1.15; NVFP4_ACCUMS (default "1 8") are the micro-batches per step measured, and
 #     NVFP4_RUNS (default "BF16 NVFP4") the precisions: NVFP4-base is NVFP4 with
 #     bf16_first_layers 0 (the base recipe, the default before session 13), a -untuned suffix
-#     runs with QWEN3_CUDA_GEMM_TUNE=0 (cuBLASLt's first algorithm for every GEMM shape);
+#     runs with QWEN3_CUDA_GEMM_TUNE=0 (cuBLASLt's first algorithm for every GEMM shape), a
+#     -pass suffix (NVFP4 only) with QWEN3_NVFP4_WEIGHT_AMAX_PASS=1 (the weights' amax pass);
 #  4. with NVFP4_MUTATIONS="name ...", those GPU mutations (tests/gpu/mutation_check_gpu.sh).
 # Everything goes to $OUT/bench.txt; the table is printed last.
 set -u
@@ -45,9 +46,10 @@ main() {
       [ "$b" = 0 ] && { echo "SKIPPED (time)"; continue; }
       sets=(--set precision.linear="${run%%-*}")
       case $run in *-base*) sets+=(--set precision.bf16_first_layers=0) ;; esac
-      tune=1
+      tune=1 pass=0
       case $run in *-untuned*) tune=0 ;; esac
-      QWEN3_CUDA_GEMM_TUNE=$tune timeout -k 5 "$b" python3 bench/ours_train_bench.py train --mb 1 --accum "$accum" \
+      case $run in *-pass*) pass=1 ;; esac
+      QWEN3_CUDA_GEMM_TUNE=$tune QWEN3_NVFP4_WEIGHT_AMAX_PASS=$pass timeout -k 5 "$b" python3 bench/ours_train_bench.py train --mb 1 --accum "$accum" \
         --budget $((b - 5)) --init-hf "$WORK/hf4b" --shard "$WORK/random_2m.h5" \
         --work "$WORK" --label "ours-$run" -- "${sets[@]}"
     done
@@ -112,7 +114,7 @@ for r in train:
 for accum in sorted({k[1] for k in step}, key=int):
     for system in sorted({k[0] for k in step if k[0].startswith("ours-NVFP4")}):
         nv = system[len("ours-"):]
-        bf16 = "BF16" + nv[len("NVFP4"):].replace("-base", "")
+        bf16 = "BF16" + nv[len("NVFP4"):].replace("-base", "").replace("-pass", "")
         a, b = step.get((f"ours-{bf16}", accum)), step.get((system, accum))
         if a and b:
             print(f"{nv} / {bf16} step time, {accum} micro-batch(es) per step: {b / a:.3f}x (goal <= 1.15x)")
