@@ -59,6 +59,7 @@
 
 #include "kernels/cuda/cuda.h"
 #include "kernels/cuda/cuda_dtype.cuh"
+#include "kernels/cuda/cuda_gemm_pick.h"
 
 #define CACHE_SIZE 256
 #define GEMM_CANDIDATES 8                        /* the heuristic's first ones, timed */
@@ -200,9 +201,9 @@ static int tune_alloc(struct tune_buffers *t, const struct gemm_key *key) {
   return 1;
 }
 
-/* The index of the candidate the entry keeps: 0 (the heuristic's first), or the fastest of
- * those that reproduce candidate 0's bits on the tuning operands (a candidate that splits K
- * sums in another order: its bits differ, and it is left out). */
+/* The index of the candidate the entry keeps (gemm_pick: 0, the heuristic's first, or the
+ * fastest of those that reproduce candidate 0's bits on the tuning operands; a candidate that
+ * splits K sums in another order, so its bits differ and it is left out). */
 static int tune_pick(const struct gemm_entry *e, const cublasLtMatmulHeuristicResult_t *results,
                      int found) {
   const struct gemm_key *key = &e->key;
@@ -241,15 +242,10 @@ static int tune_pick(const struct gemm_entry *e, const cublasLtMatmulHeuristicRe
   unsigned long long hash[GEMM_CANDIDATES];
   CUDA_CHECK(cudaMemcpyAsync(hash, t.hash, sizeof hash, cudaMemcpyDeviceToHost, cuda_ctx.stream));
   CUDA_CHECK(cudaStreamSynchronize(cuda_ctx.stream));
-  int best = 0;
-  float best_ms = 0.0f;
-  for (int r = 0; r < found && ran[0]; r++) {
-    if (!ran[r]) continue;
-    float ms = 0.0f;
-    CUDA_CHECK(cudaEventElapsedTime(&ms, ev[r][0], ev[r][1]));
-    if (hash[r] != hash[0]) g_tuning.other_bits++;
-    else if (r == 0 || ms < best_ms) best = r, best_ms = ms;
-  }
+  float ms[GEMM_CANDIDATES] = {0};
+  for (int r = 0; r < found; r++)
+    if (ran[r]) CUDA_CHECK(cudaEventElapsedTime(&ms[r], ev[r][0], ev[r][1]));
+  const int best = gemm_pick(found, ran, hash, ms, &g_tuning.other_bits);
   g_tuning.shapes++;
   g_tuning.switched += best != 0;
   for (int r = 0; r < found; r++)

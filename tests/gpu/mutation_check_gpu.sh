@@ -32,7 +32,6 @@ MUTATIONS=(
   'scratch_per_row_halved#kernels/cuda/cuda_backend.cu#s/SCRATCH_BYTES_PER_ROW ((size_t)128 << 10)/SCRATCH_BYTES_PER_ROW ((size_t)64 << 10)/#the scratch arena grows 64 KiB a micro-batch row, not 128'
   'loss_chunk_past_arena#kernels/cuda/cuda_linear.cu#s/return (int)(rounded <= fit ? rounded : rows);/return (int)rounded;/#the LM head'"'"'s chunk rounded up to 64 rows past what the arena holds'
   'gemm_tune_never_runs#kernels/cuda/cuda_gemm.cu#s/if (found < 2 || !cuda_ctx.gemm_tune/if (found < 99 || !cuda_ctx.gemm_tune/#the GEMM tuning never runs (cuBLASLt'"'"'s first algorithm kept for every shape)'
-  'gemm_tune_ignores_bits#kernels/cuda/cuda_gemm.cu#s/if (hash\[r\] != hash\[0\]) g_tuning.other_bits++;/if (0) g_tuning.other_bits++;/#the GEMM tuning keeps the fastest candidate whatever its bits'
   'nvfp4_philox_mulhi#kernels/cuda/cuda_nvfp4.cuh#s/return __umulhi(a, b);/return __umulhi(a, b) ^ 1u;/#the device Philox takes wrong high product words (stochastic rounding draws off the CPU'"'"'s)'
   'nvfp4_staged_halves_swapped#kernels/cuda/cuda_nvfp4.cu#s/if (d) reinterpret_cast<uint4 \*>(d)\[piece % 2\] = stage\[piece\];/if (d) reinterpret_cast<uint4 *>(d)[(piece + 1) % 2] = stage[piece];/#the transposing quantizer'"'"'s whole-sector stores swap the two halves of each bf16 block'
   'nvfp4_amax_backwards_stride#kernels/cuda/cuda_nvfp4.cu#s/x + (ngroups - 1 - r - j \* stride) \* N)/x + (ngroups - 1 - r - j) * N)/#the amax pass'"'"'s unrolled loads step one group back, not a grid stride (groups left out of the tensor scale)'
