@@ -61,83 +61,104 @@ static __device__ __forceinline__ uint32_t block_max(uint32_t m) {
   return m;
 }
 
-/* Float4 groups of each tensor a thread loads before it updates any. Block b updates chunk b
- * of ADAMW_AMAX_CHUNK values (ops.h), so that its amax part has one writer: 4096 groups, 16 a
- * thread. A matrix of 160 chunks (Qwen3-4B's k and v) runs fewer blocks than the GPU holds,
- * whose threads, with one group in flight each, would leave the memory idle part of the time;
- * two each: 59 registers (4 blocks an SM), four: 95 (2 blocks), for the same bytes in flight. */
+/* Float4 groups of each tensor a thread loads before it updates any, with amax parts. Block b
+ * then updates chunk b of ADAMW_AMAX_CHUNK values (ops.h), so that its part has one writer:
+ * 4096 groups, 16 a thread. A matrix of 160 chunks (Qwen3-4B's k and v) runs fewer blocks than
+ * the GPU holds, whose threads, with one group in flight each, would leave the memory idle part
+ * of the time; two each: 59 registers (4 blocks an SM), four: 95 (2 blocks), for the same bytes
+ * in flight. */
 #define ADAMW_UNROLL 2
 
-/* A: the weight copy's storage type; copy NULL: no copy; amax_parts NULL: no parts. */
-template <typename A, bool VEC>
+/* A: the weight copy's storage type; copy NULL: no copy. PARTS: amax_parts[b] = the largest
+ * |p| of chunk b. Without parts (every parameter but the NVFP4 matrices) the grid strides over
+ * the whole range one group a thread: blocks of one group a thread end within microseconds, and
+ * the optimizer runs on a stream of lower priority beside the next step's forward, whose
+ * kernels take the SMs as the blocks end (a chunk's block holds them ~17 times as long). */
+template <typename A, bool VEC, bool PARTS>
 static __global__ void __launch_bounds__(CUDA_THREADS)
     adamw_kernel(float *__restrict__ p, A *__restrict__ copy, const float *__restrict__ g,
                  float *__restrict__ m, float *__restrict__ v, size_t n, adamw_scalars s,
                  uint32_t *__restrict__ amax_parts) {
-  const size_t lo = (size_t)blockIdx.x * ADAMW_AMAX_CHUNK;
-  const size_t hi = n - lo < ADAMW_AMAX_CHUNK ? n : lo + ADAMW_AMAX_CHUNK;
+  constexpr int U = PARTS ? ADAMW_UNROLL : 1;
+  const size_t lo = PARTS ? (size_t)blockIdx.x * ADAMW_AMAX_CHUNK : 0;
+  const size_t hi = !PARTS || n - lo < ADAMW_AMAX_CHUNK ? n : lo + ADAMW_AMAX_CHUNK;
+  const size_t first = PARTS ? threadIdx.x : (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  const size_t stride = PARTS ? blockDim.x : (size_t)gridDim.x * blockDim.x;
   /* groups [lo / 4, mid / 4) on the vector path (lo is a multiple of 4), then single values */
   const size_t mid = VEC ? lo + (hi - lo) / 4 * 4 : lo;
   uint32_t amax = 0;
-  for (size_t i0 = lo / 4 + threadIdx.x; i0 < mid / 4; i0 += ADAMW_UNROLL * CUDA_THREADS) {
-    float4 pv[ADAMW_UNROLL], gv[ADAMW_UNROLL], mv[ADAMW_UNROLL], vv[ADAMW_UNROLL];
+  if constexpr (VEC) {
+    for (size_t i0 = lo / 4 + first; i0 < mid / 4; i0 += U * stride) {
+      float4 pv[U], gv[U], mv[U], vv[U];
 #pragma unroll
-    for (int u = 0; u < ADAMW_UNROLL; u++) {
-      const size_t i = i0 + u * CUDA_THREADS;
-      if (i >= mid / 4) break;
-      pv[u] = ((float4 *)p)[i];
-      gv[u] = ((const float4 *)g)[i];
-      mv[u] = ((float4 *)m)[i];
-      vv[u] = ((float4 *)v)[i];
-    }
+      for (int u = 0; u < U; u++) {
+        const size_t i = i0 + u * stride;
+        if (i >= mid / 4) break;
+        pv[u] = ((float4 *)p)[i];
+        gv[u] = ((const float4 *)g)[i];
+        mv[u] = ((float4 *)m)[i];
+        vv[u] = ((float4 *)v)[i];
+      }
 #pragma unroll
-    for (int u = 0; u < ADAMW_UNROLL; u++) {
-      const size_t i = i0 + u * CUDA_THREADS;
-      if (i >= mid / 4) break;
-      adamw1(pv[u].x, gv[u].x, mv[u].x, vv[u].x, s);
-      adamw1(pv[u].y, gv[u].y, mv[u].y, vv[u].y, s);
-      adamw1(pv[u].z, gv[u].z, mv[u].z, vv[u].z, s);
-      adamw1(pv[u].w, gv[u].w, mv[u].w, vv[u].w, s);
-      ((float4 *)p)[i] = pv[u];
-      ((float4 *)m)[i] = mv[u];
-      ((float4 *)v)[i] = vv[u];
-      const float f[4] = {pv[u].x, pv[u].y, pv[u].z, pv[u].w};
-      if (copy) store4(copy, i, f);
+      for (int u = 0; u < U; u++) {
+        const size_t i = i0 + u * stride;
+        if (i >= mid / 4) break;
+        adamw1(pv[u].x, gv[u].x, mv[u].x, vv[u].x, s);
+        adamw1(pv[u].y, gv[u].y, mv[u].y, vv[u].y, s);
+        adamw1(pv[u].z, gv[u].z, mv[u].z, vv[u].z, s);
+        adamw1(pv[u].w, gv[u].w, mv[u].w, vv[u].w, s);
+        ((float4 *)p)[i] = pv[u];
+        ((float4 *)m)[i] = mv[u];
+        ((float4 *)v)[i] = vv[u];
+        const float f[4] = {pv[u].x, pv[u].y, pv[u].z, pv[u].w};
+        if (copy) store4(copy, i, f);
+        if (PARTS)
 #pragma unroll
-      for (int k = 0; k < 4; k++) amax = max(amax, abs_bits(f[k]));
+          for (int k = 0; k < 4; k++) amax = max(amax, abs_bits(f[k]));
+      }
     }
   }
-  for (size_t i = mid + threadIdx.x; i < hi; i += CUDA_THREADS) {
+  for (size_t i = mid + first; i < hi; i += stride) {
     float pi = p[i], mi = m[i], vi = v[i];
     adamw1(pi, g[i], mi, vi, s);
     p[i] = pi;
     m[i] = mi;
     v[i] = vi;
     if (copy) store_f(&copy[i], pi);
-    amax = max(amax, abs_bits(pi));
+    if (PARTS) amax = max(amax, abs_bits(pi));
   }
-  if (amax_parts) {   /* the same in every thread of the block */
+  if (PARTS) {   /* the same in every thread of the block */
     amax = block_max(amax);
     if (threadIdx.x == 0) amax_parts[blockIdx.x] = amax;
   }
 }
 
-template <typename A>
-static void launch_adamw(float *p, A *copy, const float *g, float *m, float *v, size_t n,
-                         const adamw_scalars &s, uint32_t *amax_parts) {
+template <typename A, bool VEC>
+static void launch_adamw_as(float *p, A *copy, const float *g, float *m, float *v, size_t n,
+                            const adamw_scalars &s, uint32_t *amax_parts) {
+  if (!amax_parts) {
+    adamw_kernel<A, VEC, false><<<cuda_blocks(VEC ? n / 4 : n), CUDA_THREADS, 0,
+                                  cuda_ctx.stream>>>(p, copy, g, m, v, n, s, NULL);
+    return;
+  }
   const size_t chunks = (n + ADAMW_AMAX_CHUNK - 1) / ADAMW_AMAX_CHUNK;
   if (chunks > INT_MAX) {   /* one block a chunk */
     char detail[96];
     snprintf(detail, sizeof detail, "%zu values: more than %d chunks", n, INT_MAX);
     cuda_fail("cuda_adamw_update", detail, __FILE__, __LINE__);
   }
+  adamw_kernel<A, VEC, true><<<(unsigned)chunks, CUDA_THREADS, 0, cuda_ctx.stream>>>(
+      p, copy, g, m, v, n, s, amax_parts);
+}
+
+template <typename A>
+static void launch_adamw(float *p, A *copy, const float *g, float *m, float *v, size_t n,
+                         const adamw_scalars &s, uint32_t *amax_parts) {
   if (cuda_aligned16(p) && cuda_aligned16(g) && cuda_aligned16(m) && cuda_aligned16(v) &&
       vec4_aligned<A>(copy))
-    adamw_kernel<A, true><<<(unsigned)chunks, CUDA_THREADS, 0, cuda_ctx.stream>>>(
-        p, copy, g, m, v, n, s, amax_parts);
+    launch_adamw_as<A, true>(p, copy, g, m, v, n, s, amax_parts);
   else
-    adamw_kernel<A, false><<<(unsigned)chunks, CUDA_THREADS, 0, cuda_ctx.stream>>>(
-        p, copy, g, m, v, n, s, amax_parts);
+    launch_adamw_as<A, false>(p, copy, g, m, v, n, s, amax_parts);
   CUDA_LAUNCHED("adamw_kernel");
 }
 
