@@ -70,7 +70,8 @@ struct cuda_context {
   int capturing;               /* between capture_begin and capture_end: ops are recorded */
   int pdl;                     /* 1: cuda_launch_pdl lets a kernel start before the last ends */
   int wgmma;                   /* 1: attention on Hopper's wgmma kernels (cuda_attention_wgmma.cu) */
-  int gemm_tune;               /* 1: a GEMM shape's first call times cuBLASLt's candidates */
+  int gemm_tune;               /* 1: a GEMM shape's first call times cuBLASLt's candidates
+                                  (QWEN3_CUDA_GEMM_TUNE=1; off by default) */
   double *host_result;         /* pinned host memory for the results returned to the host */
 };
 extern struct cuda_context cuda_ctx;
@@ -104,9 +105,9 @@ static inline int cuda_blocks(size_t n) {
  * accumulation. A and B are of dtype ab, C of dtype c (ab fp32: c fp32, TF32 inputs when
  * cuda_ctx.tf32; ab bf16: c bf16 or fp32). op(A) is [m,k]: A is [m,k] with leading dimension
  * lda when !trans_a, [k,m] when trans_a; likewise op(B) is [k,n] from B [k,n] or, when trans_b,
- * B [n,k]. The algorithm is chosen once per shape and types (the fastest of cuBLASLt's
- * candidates that give its first one's bits; cuda_gemm.cu) and cached, so a run repeats bit for
- * bit. */
+ * B [n,k]. The algorithm is chosen once per shape and types (cuBLASLt's first candidate, or
+ * with QWEN3_CUDA_GEMM_TUNE=1 the fastest of those that give its bits; cuda_gemm.cu) and
+ * cached, so a run repeats bit for bit. */
 void cuda_gemm(int trans_a, int trans_b, int m, int n, int k, float alpha, const void *a,
                int lda, const void *b, int ldb, float beta, void *c, int ldc, enum dtype ab,
                enum dtype c_type);
@@ -123,7 +124,7 @@ void cuda_gemm_forget(void);
  * runs (cuBLASLt's device pointer mode, the product formed by a one-thread kernel), so scales
  * computed on the GPU reach it without a host synchronization. On the H200 a bf16 x bf16 ->
  * fp32, beta 1 GEMM (NVFP4's Wgrad) runs 1.3x slower in this mode than with host scalars on
- * the heuristic's first algorithm, not on the one the tuning keeps (bench/NOTES.md). */
+ * the heuristic's first algorithm, 1.05x on the one the tuning keeps (bench/NOTES.md). */
 /* {*scale_a * *scale_b, beta} in the scratch arena, written on the stream: the alpha and beta
  * of a GEMM in cuBLASLt's device pointer mode. */
 const float *cuda_gemm_device_scalars(const float *scale_a, const float *scale_b, float beta);

@@ -12,9 +12,10 @@
  * are never written) and keeps the fastest, but only among the candidates whose result equals
  * the first candidate's bit for bit there (a hash of D; split-K ones do not): the choice may
  * differ between processes, the bits may not, so a run still repeats bit for bit and a resumed
- * run or another pipeline layout still matches (tests/gpu/test_gpu_train.sh). Not tuned (the
- * first candidate kept): while the stream is being recorded, when the operands would need more
- * than GEMM_TUNE_MAX_BYTES, when they cannot be allocated, or with QWEN3_CUDA_GEMM_TUNE=0.
+ * run or another pipeline layout still matches (tests/gpu/test_gpu_train.sh). Only with
+ * QWEN3_CUDA_GEMM_TUNE=1 (cuda_backend.cu says why it is off by default), and not while the
+ * stream is being recorded, when the operands would need more than GEMM_TUNE_MAX_BYTES or when
+ * they cannot be allocated: the first candidate is kept then.
  *
  * Types. A and B share one dtype (cuBLASLt has no fp32 x bf16 product). fp32 A/B give fp32 C,
  * computed in CUBLAS_COMPUTE_32F, or CUBLAS_COMPUTE_32F_FAST_TF32 when cuda_ctx.tf32; bf16 A/B
@@ -177,7 +178,9 @@ static int tune_alloc(struct tune_buffers *t, const struct gemm_key *key) {
                at_hash = at_d + (c_bytes + 255) / 256 * 256,
                total = at_hash + GEMM_CANDIDATES * sizeof(unsigned long long) + 2 * sizeof(float);
   if (total > GEMM_TUNE_MAX_BYTES) return 0;
-  if (cudaMallocAsync((void **)&t->base, total, cuda_ctx.stream) != cudaSuccess) {
+  /* cudaMalloc, once a shape: the only allocation of a step (the stream-ordered pool's
+   * cudaMallocAsync failed the same way, bench/NOTES.md, session 14) */
+  if (cudaMalloc((void **)&t->base, total) != cudaSuccess) {
     cudaGetLastError();   /* out of memory is no error here: the first candidate is kept */
     return 0;
   }
@@ -250,8 +253,7 @@ static int tune_pick(const struct gemm_entry *e, const cublasLtMatmulHeuristicRe
   g_tuning.switched += best != 0;
   for (int r = 0; r < found; r++)
     for (int i = 0; i < 2; i++) CUDA_CHECK(cudaEventDestroy(ev[r][i]));
-  CUDA_CHECK(cudaFreeAsync(t.base, cuda_ctx.stream));
-  CUDA_CHECK(cudaStreamSynchronize(cuda_ctx.stream));   /* the pool gives the memory back */
+  CUDA_CHECK(cudaFree(t.base));
   return best;
 }
 
