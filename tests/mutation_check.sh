@@ -59,6 +59,7 @@ MUTATIONS=(
   'first_layers_one_per_4#trainer/train.c#s|num_layers / 8 < 2 ? num_layers / 8 : 2|num_layers / 4 < 2 ? num_layers / 4 : 2|#^test_nvfp4_export$|^mpi_test_nvfp4_train$#one first BF16 layer per 4 blocks, not per 8'
   'pack_prompt_trained#data/loader.c#s/targets\[t\] = !mask || mask\[j + 1\] ?/targets[t] = 1 ?/#^test_pack$#a packed chat document trains on its prompt'
   'gemm_tune_ignores_bits#kernels/cuda/cuda_gemm_pick.h#s/if (hash\[r\] != hash\[0\]) (\*other_bits)++;/if (0) (*other_bits)++;/#^test_gemm_pick$#the GEMM tuning keeps the fastest candidate whatever its bits'
+  'amax_parts_under_zero#trainer/optim.c#s/return w->plan.shards == 1 ? nvfp4_amax_parts(w, i) : NULL;/return nvfp4_amax_parts(w, i);/;s/w->amax_parts_fresh = w->amax_parts \&\& !zero;/w->amax_parts_fresh = w->amax_parts != NULL;/#^mpi_test_nvfp4_train$#ZeRO-1 replicas quantize the weights with the amax parts of their own shards only'
   'adamw_parts_last_chunk_dropped#kernels/cpu/cpu_adamw.c#s|size_t chunks = (n + ADAMW_AMAX_CHUNK - 1) / ADAMW_AMAX_CHUNK;|size_t chunks = n / ADAMW_AMAX_CHUNK;|#^test_ops$|^mpi_test_nvfp4_train$#AdamW writes no amax part for a short last chunk (a whole matrix of the tiny model)'
   'adamw_parts_chunk_last_value#kernels/cpu/cpu_adamw.c#s/? n : (c + 1) \* ADAMW_AMAX_CHUNK;/? n : (c + 1) * ADAMW_AMAX_CHUNK - 1;/#^test_ops$#AdamW'"'"'s amax part of a whole chunk leaves out its last value'
   'adamw_parts_sign_kept#kernels/cpu/cpu_adamw.c#s/      b \&= 0x7fffffffu;/      (void)0;/#^test_ops$#AdamW'"'"'s amax parts take the bits of p, not of |p|'

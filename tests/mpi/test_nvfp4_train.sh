@@ -43,6 +43,10 @@ QWEN3_NVFP4_WEIGHT_AMAX_PASS=1 run nvfp4_amax_pass 1 NVFP4
 run nvfp4_1x16 1 NVFP4 --set precision.weight_2d=false --set train.steps=6
 QWEN3_NVFP4_WEIGHT_AMAX_PASS=1 run nvfp4_1x16_amax_pass 1 NVFP4 --set precision.weight_2d=false \
   --set train.steps=6
+# ZeRO-1 over 2 replicas: a shard may end inside a matrix, so the parts stay unused there
+zero=(--set parallel.pipeline_stages=1 --set parallel.zero=1 --set train.steps=6)
+run nvfp4_zero 2 NVFP4 "${zero[@]}"
+QWEN3_NVFP4_WEIGHT_AMAX_PASS=1 run nvfp4_zero_amax_pass 2 NVFP4 "${zero[@]}"
 
 for name in bf16 nvfp4; do
   first=$(losses $name | head -n 1) last=$(losses $name | tail -n 1)
@@ -79,9 +83,10 @@ fi
 # The same tensor scales, so the same run: every loss and gradient norm equal to the 9 digits
 # metrics.jsonl prints (one tensor scale off moves them far more), with the 16x16 weight recipe
 # and with the 1x16 one (two quantizations a matrix from the same parts), from step 2 on using
-# parts AdamW wrote (step 1 has none: its own pass).
+# parts AdamW wrote (step 1 has none: its own pass); and under ZeRO-1, which keeps the pass.
 trace() { grep -o '"loss":[^,}]*\|"grad_norm":[^,}]*' "$out/$1/metrics.jsonl"; }
-for pair in "nvfp4 nvfp4_amax_pass 60" "nvfp4_1x16 nvfp4_1x16_amax_pass 6"; do
+for pair in "nvfp4 nvfp4_amax_pass 60" "nvfp4_1x16 nvfp4_1x16_amax_pass 6" \
+    "nvfp4_zero nvfp4_zero_amax_pass 6"; do
   set -- $pair
   if [ "$(trace $1)" = "$(trace $2)" ] && [ "$(losses $1 | wc -l)" = "$3" ]; then
     pass "$1: the weights' amax from AdamW's parts gives its own pass's run ($3 steps equal)"
