@@ -116,8 +116,6 @@ static void entry_destroy(struct gemm_entry *e) {
 
 /* ---- Tuning: which of the heuristic's candidates a shape keeps (the top of this file) */
 
-static size_t dtype_size(int t) { return t == DT_BF16 ? 2 : 4; }
-
 /* x[i] = a value in [-1, 1) from a hash of i and seed */
 template <typename T>
 static __global__ void gemm_tune_fill_kernel(T *x, size_t n, uint32_t seed) {
@@ -153,14 +151,34 @@ static __global__ void gemm_tune_hash_kernel(unsigned long long *hash, const T *
   if ((threadIdx.x & 31) == 0) atomicAdd(hash, h);
 }
 
-template <typename T>
-static void tune_fill(void *x, size_t n, uint32_t seed) {
-  gemm_tune_fill_kernel<<<cuda_blocks(n), CUDA_THREADS, 0, cuda_ctx.stream>>>((T *)x, n, seed);
+/* bytes of x, of dtype t, filled by gemm_tune_fill_kernel */
+static void tune_fill(void *x, int t, size_t bytes, uint32_t seed) {
+  const size_t n = bytes / dtype_bytes((enum dtype)t);
+  const int blocks = cuda_blocks(n);
+  if (t == DT_BF16)
+    gemm_tune_fill_kernel<<<blocks, CUDA_THREADS, 0, cuda_ctx.stream>>>((bf16 *)x, n, seed);
+  else
+    gemm_tune_fill_kernel<<<blocks, CUDA_THREADS, 0, cuda_ctx.stream>>>((float *)x, n, seed);
   CUDA_LAUNCHED("gemm_tune_fill_kernel");
 }
 
+/* *hash += gemm_tune_hash_kernel's sum over the key's D */
+static void tune_hash(unsigned long long *hash, const void *d, const struct gemm_key *key) {
+  const int blocks = cuda_blocks((size_t)key->m * key->n);
+  if (key->c_type == DT_BF16)
+    gemm_tune_hash_kernel<<<blocks, CUDA_THREADS, 0, cuda_ctx.stream>>>(
+        hash, (const bf16 *)d, key->m, key->n, key->ldc);
+  else
+    gemm_tune_hash_kernel<<<blocks, CUDA_THREADS, 0, cuda_ctx.stream>>>(
+        hash, (const float *)d, key->m, key->n, key->ldc);
+  CUDA_LAUNCHED("gemm_tune_hash_kernel");
+}
+
+static size_t round256(size_t bytes) { return (bytes + 255) / 256 * 256; }
+
 /* The operands a candidate runs on: our a, our b, C (read when beta is not 0) and D, and the
- * hashes and device scalars, in one allocation; NULL when it is too large or not available. */
+ * hashes and device scalars, in one allocation; tune_alloc returns 0 when it is too large or
+ * not available. */
 struct tune_buffers {
   char *base;
   void *a, *b, *c, *d;
@@ -169,13 +187,12 @@ struct tune_buffers {
 };
 
 static int tune_alloc(struct tune_buffers *t, const struct gemm_key *key) {
-  const size_t ab = dtype_size(key->ab), cb = dtype_size(key->c_type);
+  const size_t ab = dtype_bytes((enum dtype)key->ab), cb = dtype_bytes((enum dtype)key->c_type);
   const size_t a_bytes = (size_t)(key->trans_a ? key->k : key->m) * (size_t)key->lda * ab;
   const size_t b_bytes = (size_t)(key->trans_b ? key->n : key->k) * (size_t)key->ldb * ab;
   const size_t c_bytes = (size_t)key->m * (size_t)key->ldc * cb;
-  const size_t at_b = (a_bytes + 255) / 256 * 256, at_c = at_b + (b_bytes + 255) / 256 * 256,
-               at_d = at_c + (c_bytes + 255) / 256 * 256,
-               at_hash = at_d + (c_bytes + 255) / 256 * 256,
+  const size_t at_b = round256(a_bytes), at_c = at_b + round256(b_bytes),
+               at_d = at_c + round256(c_bytes), at_hash = at_d + round256(c_bytes),
                total = at_hash + GEMM_CANDIDATES * sizeof(unsigned long long) + 2 * sizeof(float);
   if (total > GEMM_TUNE_MAX_BYTES) return 0;
   /* cudaMalloc, once a shape: the only allocation of a step (the stream-ordered pool's
@@ -192,15 +209,9 @@ static int tune_alloc(struct tune_buffers *t, const struct gemm_key *key) {
                              cuda_ctx.stream));
   CUDA_CHECK(cudaMemsetAsync(t->hash, 0, GEMM_CANDIDATES * sizeof(unsigned long long),
                              cuda_ctx.stream));
-  if (key->ab == DT_BF16) {
-    tune_fill<bf16>(t->a, a_bytes / ab, 0x51u);
-    tune_fill<bf16>(t->b, b_bytes / ab, 0x52u);
-  } else {
-    tune_fill<float>(t->a, a_bytes / ab, 0x51u);
-    tune_fill<float>(t->b, b_bytes / ab, 0x52u);
-  }
-  if (key->c_type == DT_BF16) tune_fill<bf16>(t->c, c_bytes / cb, 0x53u);
-  else tune_fill<float>(t->c, c_bytes / cb, 0x53u);
+  tune_fill(t->a, key->ab, a_bytes, 0x51u);
+  tune_fill(t->b, key->ab, b_bytes, 0x52u);
+  tune_fill(t->c, key->c_type, c_bytes, 0x53u);
   return 1;
 }
 
@@ -227,17 +238,7 @@ static int tune_pick(const struct gemm_entry *e, const cublasLtMatmulHeuristicRe
                               t.c, e->lt_c, t.d, e->lt_c, &results[r].algo,
                               cuda_ctx.lt_workspace, cuda_ctx.lt_workspace_bytes,
                               cuda_ctx.stream) == CUBLAS_STATUS_SUCCESS;
-      if (run == 0 && ran[r]) {   /* the untimed first call's result, hashed */
-        if (key->c_type == DT_BF16)
-          gemm_tune_hash_kernel<<<cuda_blocks((size_t)key->m * key->n), CUDA_THREADS, 0,
-                                  cuda_ctx.stream>>>(t.hash + r, (const bf16 *)t.d, key->m,
-                                                     key->n, key->ldc);
-        else
-          gemm_tune_hash_kernel<<<cuda_blocks((size_t)key->m * key->n), CUDA_THREADS, 0,
-                                  cuda_ctx.stream>>>(t.hash + r, (const float *)t.d, key->m,
-                                                     key->n, key->ldc);
-        CUDA_LAUNCHED("gemm_tune_hash_kernel");
-      }
+      if (run == 0 && ran[r]) tune_hash(t.hash + r, t.d, key);   /* the untimed first call's */
     }
     if (ran[r]) CUDA_CHECK(cudaEventRecord(ev[r][1], cuda_ctx.stream));
     cudaGetLastError();   /* a candidate that failed to launch leaves no sticky error */
