@@ -5,20 +5,52 @@
 # QWEN3_CUDA_GEMM_TUNE=1, 5 of 45 such runs exited 1 after their last step):
 #   device run, carry [".deb"], after a build:   N=15 QWEN3_CUDA_GEMM_TUNE=1 bash bench/stress_tiny.sh
 # STRESS_SETS adds --set options (e.g. "checkpoint.every=0"), each after its own --set.
+# STRESS_DIRECT=1: the process writes its standard output and error to a file itself (mpirun
+# starts a shell that redirects them), not through mpirun's forwarding; STRESS_STRACE=1: under
+# `strace -f` (its writes, exits and signals, in /tmp/stress_I.strace; the end of a failed run's
+# is printed), where strace is installed.
 set -u
 source scripts/env.sh
 n=${N:-12} bad=0 sets=""
 for kv in ${STRESS_SETS:-}; do sets="$sets --set $kv"; done
+# what standard output and error are for a process mpirun starts (pipe, terminal; blocking?)
+$MPIRUN -np 1 python3 -c 'import os, stat, fcntl
+for fd in (1, 2):
+    m = os.fstat(fd).st_mode
+    kind = "terminal" if os.isatty(fd) else "pipe" if stat.S_ISFIFO(m) else "file" if stat.S_ISREG(m) else "other"
+    print("fd", fd, kind, "non-blocking" if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NONBLOCK else "blocking", flush=True)' 2>&1
+strace=0
+if [ "${STRESS_STRACE:-0}" = 1 ]; then
+  command -v strace >/dev/null && strace=1 || echo "no strace here: the runs go without it"
+fi
 for i in $(seq "$n"); do
-  QWEN3_CUDA_PRECISION=fp32 timeout 120 $MPIRUN -np 1 build/qwen3-train build/jobs/tiny.pb \
-    --set data.train=build/data/tiny.h5 --set backend=CUDA --set output_dir="/tmp/stress_$i" \
-    --set train.steps=20 --set train.log_every=1 --set checkpoint.every=10 \
-    --set checkpoint.keep_last=0 --set model.num_layers=4 $sets > "/tmp/stress_$i.log" 2>&1
+  log=/tmp/stress_$i.log child=/tmp/stress_$i.child.log
+  rm -f "$child"
+  trace=()
+  [ $strace = 1 ] && trace=(strace -f -qq -e trace=write,writev,exit_group,tgkill,kill
+                            -o "/tmp/stress_$i.strace")
+  cmd=("${trace[@]}" build/qwen3-train build/jobs/tiny.pb
+    --set data.train=build/data/tiny.h5 --set backend=CUDA --set output_dir="/tmp/stress_$i"
+    --set train.steps=20 --set train.log_every=1 --set checkpoint.every=10
+    --set checkpoint.keep_last=0 --set model.num_layers=4 $sets)
+  if [ "${STRESS_DIRECT:-0}" = 1 ]; then
+    QWEN3_CUDA_PRECISION=fp32 timeout 120 $MPIRUN -np 1 bash -c 'exec "$@" > "$0" 2>&1' \
+      "$child" "${cmd[@]}" > "$log" 2>&1
+  else
+    QWEN3_CUDA_PRECISION=fp32 timeout 120 $MPIRUN -np 1 "${cmd[@]}" > "$log" 2>&1
+  fi
   rc=$?
   if [ $rc != 0 ]; then
     bad=$((bad + 1))
     echo "run $i: exit $rc"
-    grep -v "step \|checkpoint" "/tmp/stress_$i.log" | tail -n 12
+    for f in "$log" "$child"; do
+      [ -f "$f" ] && { echo "  -- $f"; grep -v "step \|checkpoint" "$f" | tail -n 12; }
+    done
+    [ -f "/tmp/stress_$i.strace" ] && { echo "  -- strace"; grep -v "write(1\|SIGCHLD" "/tmp/stress_$i.strace" | tail -n 15; }
   fi
 done
-echo "stress (QWEN3_CUDA_GEMM_TUNE=${QWEN3_CUDA_GEMM_TUNE:-0}${sets}): $bad of $n runs failed"
+how="QWEN3_CUDA_GEMM_TUNE=${QWEN3_CUDA_GEMM_TUNE:-0}${sets}"
+[ "${STRESS_DIRECT:-0}" = 1 ] && how="$how, direct"
+[ $strace = 1 ] && how="$how, strace"
+[ -n "${UCX_MEM_EVENTS:-}" ] && how="$how, UCX_MEM_EVENTS=$UCX_MEM_EVENTS"
+echo "stress ($how): $bad of $n runs failed"

@@ -12,6 +12,8 @@
 
 char g_log_tag[32];
 void (*g_abort_hook)(int code);
+/* errno of the first failed write of the console log (standard output), for log_finish */
+static int g_stdout_errno;
 
 static void vlog(FILE *f, const char *kind, const char *fmt, va_list ap) {
   char msg[4096];
@@ -20,7 +22,16 @@ static void vlog(FILE *f, const char *kind, const char *fmt, va_list ap) {
     fprintf(f, "qwen3 [%s] %s%s\n", g_log_tag, kind, msg);
   else
     fprintf(f, "qwen3: %s%s\n", kind, msg);
-  fflush(f);
+  if (fflush(f) != 0 && f == stdout && !g_stdout_errno) g_stdout_errno = errno ? errno : EIO;
+}
+
+int log_finish(void) {
+  if (fflush(stdout) != 0 && !g_stdout_errno) g_stdout_errno = errno ? errno : EIO;
+  if (!g_stdout_errno && !ferror(stdout)) return 0;
+  fprintf(stderr, "qwen3%s%s%s: error: the console log (standard output) is incomplete: a write "
+          "of it failed (%s)\n", g_log_tag[0] ? " [" : "", g_log_tag, g_log_tag[0] ? "]" : "",
+          g_stdout_errno ? strerror(g_stdout_errno) : "an earlier write");
+  return 1;
 }
 
 void die(const char *fmt, ...) {

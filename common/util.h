@@ -21,6 +21,9 @@ extern void (*g_abort_hook)(int code);
 _Noreturn void die(const char *fmt, ...) PRINTF_LIKE(1, 2);
 void warn(const char *fmt, ...) PRINTF_LIKE(1, 2);
 void info(const char *fmt, ...) PRINTF_LIKE(1, 2);
+/* At the end of a run: flushes standard output and returns 0, or prints on standard error that
+ * the console log is incomplete (the errno of its first failed write) and returns 1. */
+int log_finish(void);
 
 /* For functions that report errors to their caller: formats the message into err (naming the
  * file, field or tensor at fault) and returns -1. */

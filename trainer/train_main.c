@@ -265,6 +265,5 @@ int main(int argc, char **argv) {
   else eval_run(job, &cfg, &c, be, &opt);
   checkpoint_release();
   comm_finalize(&c);
-  if (fflush(stdout) != 0) return 1;   /* the console log is an output too */
-  return 0;
+  return log_finish();   /* the console log is an output too */
 }

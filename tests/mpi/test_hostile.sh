@@ -233,6 +233,13 @@ devfull() {   # devfull NAME FILE ARGS...: FILE in output_dir is /dev/full; the 
 devfull "full disk under metrics.jsonl" metrics.jsonl "${short[@]}" --set checkpoint.every=-1
 devfull "full disk under scores.jsonl" scores.jsonl --set train.steps=0 --set data.valid="$data" \
   --set eval.valid_batches=1 --set checkpoint.resume=NEVER
+# the console log is an output too: a full standard output fails the run, saying so on stderr
+rm -rf "$work/df"
+timeout $T "$train" "$job" "${base[@]}" "${short[@]}" --set output_dir="$work/df" \
+  --set checkpoint.every=-1 >/dev/full 2>"$log"
+rc=$?
+[ $rc -eq 1 ] && grep -qF "the console log (standard output) is incomplete: a write of it failed (No space left on device)" "$log" \
+  && pass "full standard output: exit 1 naming the console log" || result 0 "full standard output: exit $rc"
 devfull "full disk under eval.jsonl" eval.jsonl --set train.steps=0 --set eval.prompts.ids=1,2,3 \
   --set eval.max_new_tokens=4 --set checkpoint.resume=NEVER
 finish
