@@ -9,8 +9,8 @@
 #     step is the baseline), one micro-batch per step and 8 per step; the issue bounds NVFP4 /
 #     BF16 by 1.15; NVFP4_ACCUMS (default "1 8") are the micro-batches per step measured, and
 #     NVFP4_RUNS (default "BF16 NVFP4") the precisions: NVFP4-base is NVFP4 with
-#     bf16_first_layers 0 (the base recipe, the default before session 13), a -tuned suffix
-#     runs with QWEN3_CUDA_GEMM_TUNE=1 (the fastest of cuBLASLt's candidates a GEMM shape), a
+#     bf16_first_layers 0 (the base recipe, the default before session 13), an -untuned suffix
+#     runs with QWEN3_CUDA_GEMM_TUNE=0 (cuBLASLt's first candidate for every GEMM shape), a
 #     -pass suffix (NVFP4 only) with QWEN3_NVFP4_WEIGHT_AMAX_PASS=1 (the weights' amax pass);
 #  4. with NVFP4_MUTATIONS="name ...", those GPU mutations (tests/gpu/mutation_check_gpu.sh).
 # Everything goes to $OUT/bench.txt; the table is printed last.
@@ -46,8 +46,8 @@ main() {
       [ "$b" = 0 ] && { echo "SKIPPED (time)"; continue; }
       sets=(--set precision.linear="${run%%-*}")
       case $run in *-base*) sets+=(--set precision.bf16_first_layers=0) ;; esac
-      tune=0 pass=0
-      case $run in *-tuned*) tune=1 ;; esac
+      tune=1 pass=0
+      case $run in *-untuned*) tune=0 ;; esac
       case $run in *-pass*) pass=1 ;; esac
       QWEN3_CUDA_GEMM_TUNE=$tune QWEN3_NVFP4_WEIGHT_AMAX_PASS=$pass timeout -k 5 "$b" python3 bench/ours_train_bench.py train --mb 1 --accum "$accum" \
         --budget $((b - 5)) --init-hf "$WORK/hf4b" --shard "$WORK/random_2m.h5" \

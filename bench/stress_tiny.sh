@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
 # N one-process CUDA runs (fp32 mode) of the tiny job at 4 layers, 20 steps with checkpoints at
 # 10 and 20 (the run of tests/gpu/test_gpu_train.sh that died in session 14), counting the runs
-# that did not exit 0 and printing the end of each one's log (bench/NOTES.md, session 14: with
-# QWEN3_CUDA_GEMM_TUNE=1, 5 of 45 such runs exited 1 after their last step):
-#   device run, carry [".deb"], after a build:   N=15 QWEN3_CUDA_GEMM_TUNE=1 bash bench/stress_tiny.sh
+# that did not exit 0 and printing the end of each one's log (bench/NOTES.md, sessions 14-15):
+#   device run, carry [".deb"], after a build:   N=30 bash bench/stress_tiny.sh
+# Each call works in a directory of its own, so two at once (bench/pair.sh) do not collide.
 # STRESS_SETS adds --set options (e.g. "checkpoint.every=0"), each after its own --set.
 # STRESS_DIRECT=1: the process writes its standard output and error to a file itself (mpirun
 # starts a shell that redirects them), not through mpirun's forwarding; STRESS_STRACE=1: under
-# `strace -f` (its writes, exits and signals, in /tmp/stress_I.strace; the end of a failed run's
+# `strace -f` (its writes, exits and signals, in I.strace; the end of a failed run's
 # is printed), where strace is installed.
 set -u
 source scripts/env.sh
-n=${N:-12} bad=0 sets=""
+n=${N:-12} bad=0 sets="" tmp=$(mktemp -d /tmp/stress.XXXXXX)
 for kv in ${STRESS_SETS:-}; do sets="$sets --set $kv"; done
 # what standard output and error are for a process mpirun starts (pipe, terminal; blocking?)
 $MPIRUN -np 1 python3 -c 'import os, stat, fcntl
@@ -24,13 +24,13 @@ if [ "${STRESS_STRACE:-0}" = 1 ]; then
   command -v strace >/dev/null && strace=1 || echo "no strace here: the runs go without it"
 fi
 for i in $(seq "$n"); do
-  log=/tmp/stress_$i.log child=/tmp/stress_$i.child.log
+  log=$tmp/$i.log child=$tmp/$i.child.log
   rm -f "$child"
   trace=()
   [ $strace = 1 ] && trace=(strace -f -qq -e trace=write,writev,exit_group,tgkill,kill
-                            -o "/tmp/stress_$i.strace")
+                            -o "$tmp/$i.strace")
   cmd=("${trace[@]}" build/qwen3-train build/jobs/tiny.pb
-    --set data.train=build/data/tiny.h5 --set backend=CUDA --set output_dir="/tmp/stress_$i"
+    --set data.train=build/data/tiny.h5 --set backend=CUDA --set output_dir="$tmp/$i"
     --set train.steps=20 --set train.log_every=1 --set checkpoint.every=10
     --set checkpoint.keep_last=0 --set model.num_layers=4 $sets)
   if [ "${STRESS_DIRECT:-0}" = 1 ]; then
@@ -46,10 +46,10 @@ for i in $(seq "$n"); do
     for f in "$log" "$child"; do
       [ -f "$f" ] && { echo "  -- $f"; grep -v "step \|checkpoint" "$f" | tail -n 12; }
     done
-    [ -f "/tmp/stress_$i.strace" ] && { echo "  -- strace"; grep -v "write(1\|SIGCHLD" "/tmp/stress_$i.strace" | tail -n 15; }
+    [ -f "$tmp/$i.strace" ] && { echo "  -- strace"; grep -v "write(1\|SIGCHLD" "$tmp/$i.strace" | tail -n 15; }
   fi
 done
-how="QWEN3_CUDA_GEMM_TUNE=${QWEN3_CUDA_GEMM_TUNE:-0}${sets}"
+how="QWEN3_CUDA_GEMM_TUNE=${QWEN3_CUDA_GEMM_TUNE:-1 (default)}${sets}"
 [ "${STRESS_DIRECT:-0}" = 1 ] && how="$how, direct"
 [ $strace = 1 ] && how="$how, strace"
 [ -n "${UCX_MEM_EVENTS:-}" ] && how="$how, UCX_MEM_EVENTS=$UCX_MEM_EVENTS"

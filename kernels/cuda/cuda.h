@@ -71,7 +71,7 @@ struct cuda_context {
   int pdl;                     /* 1: cuda_launch_pdl lets a kernel start before the last ends */
   int wgmma;                   /* 1: attention on Hopper's wgmma kernels (cuda_attention_wgmma.cu) */
   int gemm_tune;               /* 1: a GEMM shape's first call times cuBLASLt's candidates
-                                  (QWEN3_CUDA_GEMM_TUNE=1; off by default) */
+                                  (on unless QWEN3_CUDA_GEMM_TUNE=0) */
   double *host_result;         /* pinned host memory for the results returned to the host */
 };
 extern struct cuda_context cuda_ctx;
@@ -105,8 +105,8 @@ static inline int cuda_blocks(size_t n) {
  * accumulation. A and B are of dtype ab, C of dtype c (ab fp32: c fp32, TF32 inputs when
  * cuda_ctx.tf32; ab bf16: c bf16 or fp32). op(A) is [m,k]: A is [m,k] with leading dimension
  * lda when !trans_a, [k,m] when trans_a; likewise op(B) is [k,n] from B [k,n] or, when trans_b,
- * B [n,k]. The algorithm is chosen once per shape and types (cuBLASLt's first candidate, or
- * with QWEN3_CUDA_GEMM_TUNE=1 the fastest of those that give its bits; cuda_gemm.cu) and
+ * B [n,k]. The algorithm is chosen once per shape and types (the fastest of cuBLASLt's
+ * candidates that give its first one's bits, or with QWEN3_CUDA_GEMM_TUNE=0 the first; cuda_gemm.cu) and
  * cached, so a run repeats bit for bit. */
 void cuda_gemm(int trans_a, int trans_b, int m, int n, int k, float alpha, const void *a,
                int lda, const void *b, int ldb, float beta, void *c, int ldc, enum dtype ab,

@@ -107,11 +107,9 @@ static void cuda_init(int local_rank, int local_size, int rows) {
   CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, cuda_ctx.device));
   CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, cuda_ctx.device));
   cuda_ctx.pdl = major >= 9 && env_flag("QWEN3_CUDA_PDL", 1);
-  /* QWEN3_CUDA_GEMM_TUNE=1 times cuBLASLt's candidates for each GEMM shape (cuda_gemm.cu).
-   * Off by default: with it on, 5 of 45 one-process runs of the tiny job exited 1 after their
-   * last step and one died in Open MPI's PMIx thread, none of 15 with it off (bench/NOTES.md,
-   * session 14); the cause is not known yet. */
-  cuda_ctx.gemm_tune = env_flag("QWEN3_CUDA_GEMM_TUNE", 0);
+  /* the first call of each GEMM shape times cuBLASLt's candidates (cuda_gemm.cu);
+   * QWEN3_CUDA_GEMM_TUNE=0 keeps the heuristic's first */
+  cuda_ctx.gemm_tune = env_flag("QWEN3_CUDA_GEMM_TUNE", 1);
   /* wgmma exists on sm_90 only, in code built for sm_90a; QWEN3_CUDA_WGMMA=0 keeps attention on
    * the mma.sync kernels (to compare the two) */
 #ifdef QWEN3_CUDA_SM90A

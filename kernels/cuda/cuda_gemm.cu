@@ -12,9 +12,8 @@
  * are never written) and keeps the fastest, but only among the candidates whose result equals
  * the first candidate's bit for bit there (a hash of D; split-K ones do not): the choice may
  * differ between processes, the bits may not, so a run still repeats bit for bit and a resumed
- * run or another pipeline layout still matches (tests/gpu/test_gpu_train.sh). Only with
- * QWEN3_CUDA_GEMM_TUNE=1 (cuda_backend.cu says why it is off by default), and not while the
- * stream is being recorded, when the operands would need more than GEMM_TUNE_MAX_BYTES or when
+ * run or another pipeline layout still matches (tests/gpu/test_gpu_train.sh). Not with
+ * QWEN3_CUDA_GEMM_TUNE=0, not while the stream is being recorded, when the operands would need more than GEMM_TUNE_MAX_BYTES or when
  * they cannot be allocated: the first candidate is kept then.
  *
  * Types. A and B share one dtype (cuBLASLt has no fp32 x bf16 product). fp32 A/B give fp32 C,
