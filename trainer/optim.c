@@ -118,7 +118,9 @@ static void for_group_runs(struct worker *w, int g, int amax, run_fn fn, const v
 
 /* AdamW on parameters [from, to) clipped to the shard, decayed or not; the weight copy in the
  * same pass unless ZeRO's all-gather of the masters comes after, and the amax parts when given
- * (one whole parameter's, never clipped: amax_parts_of) */
+ * (one whole parameter's, never clipped: amax_parts_of). An NVFP4 matrix (one with amax parts)
+ * of a layer in NVFP4 gets no copy: its GEMMs read its quantization, and the step that pauses
+ * NVFP4 converts the copies first (worker_prepare_step). */
 static void adamw_run(struct worker *w, const void *arg, size_t from, size_t to, int decay,
                       uint32_t *amax_parts) {
   const struct adamw_step *st = arg;
@@ -128,7 +130,9 @@ static void adamw_run(struct worker *w, const void *arg, size_t from, size_t to,
   if (from >= to) return;
   struct adamw_step s = *st;
   if (!decay) s.weight_decay = 0;
-  void *copy = w->weights_act != w->weights && w->plan.shards == 1
+  int skip_copy = amax_parts && !w->nvfp4_paused;
+  w->nvfp4_copies_stale |= skip_copy;
+  void *copy = w->weights_act != w->weights && w->plan.shards == 1 && !skip_copy
                    ? (char *)w->weights_act + from * dtype_bytes(w->plan.act) : NULL;
   w->be->adamw_update(w->weights + from, copy, w->grads + from, w->adam_m + (from - b),
                       w->adam_v + (from - b), to - from, &s, amax_parts);

@@ -443,11 +443,14 @@ static void wait_all_weights(const struct worker *w) {
 
 void worker_prepare_step(struct worker *w, int step) {
   w->step = step;
-  /* anything but the optimizer that writes the masters (loading, init) leaves the flag clear */
-  int stale = w->weights_act != w->weights && !w->weights_act_fresh;
+  /* anything but the optimizer that writes the masters (loading, init) leaves the flag clear;
+   * the NVFP4 layers' matrices in the copy are read only while their layers run in BF16 */
+  int stale = w->weights_act != w->weights &&
+              (!w->weights_act_fresh || (w->nvfp4_paused && w->nvfp4_copies_stale));
   if (stale) {   /* the copy reads every master: the whole update first */
     wait_all_weights(w);
     w->be->convert(w->weights_act, w->plan.act, w->weights, DT_F32, w->plan.param_floats);
+    w->nvfp4_copies_stale = 0;
   }
   w->weights_act_fresh = 0;
   if (w->plan.wq_bytes) nvfp4_weights_changed(w);

@@ -85,6 +85,8 @@ struct worker {
    * activations are fp32. Norm weights are read from the masters. */
   void *weights_act;
   int weights_act_fresh;       /* the optimizer wrote the copy with the masters: no pass needed */
+  int nvfp4_copies_stale;      /* ... but for the NVFP4 layers' matrices, which read their
+                                  quantized operands instead (until nvfp4_paused: optim.c) */
   /* No backward has run since worker_zero_grads: the next one overwrites the gradients of the
    * layers and the final norm (ops without ACC_DW) instead of adding to them. */
   int grads_fresh;

@@ -115,6 +115,20 @@ QWEN3_CUDA_PRECISION=bf16 run 1 "$work/bf16_nvfp4" CUDA --set precision.linear=N
 result $((rc == 0)) "CUDA bf16 mode, NVFP4: 20 steps" "exit $rc"
 compare "CUDA bf16 mode, NVFP4: every step's loss within 2% of the CPU's" \
   "$work/cpu_nvfp4" "$work/bf16_nvfp4" 2e-2
+# The optimizer leaves the bf16 copies of NVFP4 matrices stale while their layers run in NVFP4
+# (optim.c); steps 11-20 in BF16 (bf16_final_fraction) read them, converted at step 11: as a
+# resume from step 10, which converts every copy from the masters, bit for bit
+final=(--set precision.linear=NVFP4 --set precision.bf16_last_layers=0
+       --set precision.bf16_final_fraction=0.5)
+QWEN3_CUDA_PRECISION=bf16 run 1 "$work/bf16_final" CUDA "${final[@]}"
+result $((rc == 0)) "CUDA bf16 mode, NVFP4 then BF16 from step 11: 20 steps" "exit $rc"
+mkdir -p "$work/bf16_final_resumed/checkpoints"
+cp -r "$work/bf16_final/checkpoints/step_00000010" "$work/bf16_final_resumed/checkpoints/"
+ln -s step_00000010 "$work/bf16_final_resumed/checkpoints/latest"
+QWEN3_CUDA_PRECISION=bf16 run 1 "$work/bf16_final_resumed" CUDA "${final[@]}"
+result $((rc == 0)) "CUDA bf16 mode, NVFP4 then BF16: resume from step 10" "exit $rc"
+compare "CUDA bf16 mode, NVFP4 then BF16: steps 11-20 resumed equal the straight run, bit for bit" \
+  "$work/bf16_final" "$work/bf16_final_resumed" 0 10
 
 # Packed samples (data.pack): 150 documents of 3 to 60 tokens, several to a sequence, so the
 # attention masks documents (attn_shape.doc_start); head_dim 64 takes the bf16 tensor cores
