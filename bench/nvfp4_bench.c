@@ -10,8 +10,7 @@
  *    and writes xq. Beside each, a cudaMemcpyAsync device to device moving the same bytes
  *    (half of them read, half written), timed in the same run: of_copy is the quantizer's rate
  *    over the copy's (the goal: 0.7 or more). Tensors of a few MB stay in the 50 MB L2 between
- *    the two passes, as in training; the copy of the same size enjoys the same. Rows and cols
- *    twice: in one cooperative kernel (kernels=1, cuda_ctx.nvfp4_fused) and in two.
+ *    the two passes, as in training; the copy of the same size enjoys the same.
  *  - nvfp4_quantize_rows_cols of an output gradient [N, 2560] and [N, 9728] (the RHT on)
  *    against the two nvfp4_quantize calls it replaces; bytes: x read twice, both operands
  *    written (4 |x|), and of_copy against the copy of those bytes.
@@ -105,24 +104,17 @@ static void bench_quantize(const char *name, enum nvfp4_layout layout, int rows,
   size_t moved = 2 * n * dtype_bytes(x_type) + n * dtype_bytes(act);
   struct copy_call cc = {copy_b, copy_a, moved / 2};
   double t_copy = time_calls(run_copy, &cc, repeats);
-  const int fused_was = cuda_ctx.nvfp4_fused;
-  /* rows and cols in one kernel and in two (cuda_ctx.nvfp4_fused); tiles in two only */
-  for (int fused = layout != NVFP4_TILES; fused >= 0; fused--)
-    for (int sr = 0; sr < 2; sr++) {
-      cuda_ctx.nvfp4_fused = fused;
-      struct quantize_call qc = {xq, dec, x, x_type, rows, cols, sr, rht_signs, layout};
-      double t = time_calls(run_quantize, &qc, repeats);
-      char line[512];
-      snprintf(line, sizeof line,
-               "RESULT system=ours-nvfp4 op=quantize layout=%s rounding=%s kernels=%d rows=%d "
-               "cols=%d x=%s xq=%s us=%.2f bytes=%zu GBps=%.0f copy_us=%.2f copy_GBps=%.0f "
-               "of_copy=%.2f",
-               name, sr ? "sr" : "rn", fused ? 1 : 2, rows, cols, dtype_name(x_type),
-               dtype_name(act), t * 1e6, moved, moved / t / 1e9, t_copy * 1e6,
-               moved / t_copy / 1e9, t_copy / t);
-      result_line(line);
-    }
-  cuda_ctx.nvfp4_fused = fused_was;
+  for (int sr = 0; sr < 2; sr++) {
+    struct quantize_call qc = {xq, dec, x, x_type, rows, cols, sr, rht_signs, layout};
+    double t = time_calls(run_quantize, &qc, repeats);
+    char line[512];
+    snprintf(line, sizeof line,
+             "RESULT system=ours-nvfp4 op=quantize layout=%s rounding=%s rows=%d cols=%d x=%s "
+             "xq=%s us=%.2f bytes=%zu GBps=%.0f copy_us=%.2f copy_GBps=%.0f of_copy=%.2f",
+             name, sr ? "sr" : "rn", rows, cols, dtype_name(x_type), dtype_name(act), t * 1e6,
+             moved, moved / t / 1e9, t_copy * 1e6, moved / t_copy / 1e9, t_copy / t);
+    result_line(line);
+  }
   be->free(x);
 }
 
@@ -156,25 +148,21 @@ static void bench_rows_cols(int rows, int cols, int rht_signs, void *rows_q, voi
   void *x = bench_random(be, n, act, (uint64_t)rows * 37 + cols);
   struct copy_call cc = {copy_b, copy_a, moved / 2};
   double t_copy = time_calls(run_copy, &cc, repeats);
-  const int one_kernel_was = cuda_ctx.nvfp4_fused;
-  for (int one_kernel = 1; one_kernel >= 0; one_kernel--)
-    for (int sr = 0; sr < 2; sr++) {
-      cuda_ctx.nvfp4_fused = one_kernel;
-      struct rows_cols_call q = {rows_q, cols_q, dec, x, rows, cols, sr, rht_signs, 1};
-      double t_fused = time_calls(run_rows_cols, &q, repeats);
-      q.fused = 0;
-      double t_two = time_calls(run_rows_cols, &q, repeats);
-      char line[512];
-      snprintf(line, sizeof line,
-               "RESULT system=ours-nvfp4 op=quantize_rows_cols rht=%d rounding=%s kernels=%d "
-               "rows=%d cols=%d x=%s us=%.2f two_calls_us=%.2f speedup=%.2f bytes=%zu GBps=%.0f "
-               "copy_us=%.2f of_copy=%.2f",
-               rht_signs >= 0, sr ? "sr" : "rn", one_kernel ? 1 : 2, rows, cols,
-               dtype_name(act), t_fused * 1e6, t_two * 1e6, t_two / t_fused, moved,
-               moved / t_fused / 1e9, t_copy * 1e6, t_copy / t_fused);
-      result_line(line);
-    }
-  cuda_ctx.nvfp4_fused = one_kernel_was;
+  for (int sr = 0; sr < 2; sr++) {
+    struct rows_cols_call q = {rows_q, cols_q, dec, x, rows, cols, sr, rht_signs, 1};
+    double t_fused = time_calls(run_rows_cols, &q, repeats);
+    q.fused = 0;
+    double t_two = time_calls(run_rows_cols, &q, repeats);
+    char line[512];
+    snprintf(line, sizeof line,
+             "RESULT system=ours-nvfp4 op=quantize_rows_cols rht=%d rounding=%s rows=%d cols=%d "
+             "x=%s us=%.2f two_calls_us=%.2f speedup=%.2f bytes=%zu GBps=%.0f copy_us=%.2f "
+             "of_copy=%.2f",
+             rht_signs >= 0, sr ? "sr" : "rn", rows, cols, dtype_name(act), t_fused * 1e6,
+             t_two * 1e6, t_two / t_fused, moved, moved / t_fused / 1e9, t_copy * 1e6,
+             t_copy / t_fused);
+    result_line(line);
+  }
   be->free(x);
 }
 

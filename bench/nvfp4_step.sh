@@ -75,17 +75,17 @@ quant = [r for r in rows if r.get("op") == "quantize"]
 gemm = [r for r in rows if r.get("op") == "gemm"]
 train = [r for r in rows if "mb" in r]
 if quant:
-    print("\n| quantize | rounding | kernels | rows x cols | x -> xq | us | GB/s | of the copy's |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| quantize | rounding | rows x cols | x -> xq | us | GB/s | of the copy's |")
+    print("|---|---|---|---|---|---|---|")
     for r in quant:
-        print(f"| {r['layout']} | {r['rounding']} | {r.get('kernels', '2')} | {r['rows']} x {r['cols']} "
-              f"| {r['x']} -> {r['xq']} | {float(r['us']):.1f} | {float(r['GBps']):.0f} | {float(r['of_copy']):.2f} |")
+        print(f"| {r['layout']} | {r['rounding']} | {r['rows']} x {r['cols']} | {r['x']} -> {r['xq']} "
+              f"| {float(r['us']):.1f} | {float(r['GBps']):.0f} | {float(r['of_copy']):.2f} |")
 fused = [r for r in rows if r.get("op") == "quantize_rows_cols"]
 if fused:
-    print("\n| dY both ways (rows + cols, RHT) | rounding | kernels | rows x cols | us | two calls us | of the copy's |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| dY both ways (rows + cols, RHT) | rounding | rows x cols | us | two calls us | of the copy's |")
+    print("|---|---|---|---|---|---|")
     for r in fused:
-        print(f"| fused | {r['rounding']} | {r.get('kernels', '2')} | {r['rows']} x {r['cols']} | {float(r['us']):.1f} "
+        print(f"| fused | {r['rounding']} | {r['rows']} x {r['cols']} | {float(r['us']):.1f} "
               f"| {float(r['two_calls_us']):.1f} | {float(r['of_copy']):.2f} |")
 modes = [r for r in rows if r.get("op") == "gemm_scalars"]
 if modes:

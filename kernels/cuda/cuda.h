@@ -68,10 +68,8 @@ struct cuda_context {
   int tf32;                    /* 1: GEMMs on fp32 operands may use TF32 (modes bf16, tf32) */
   int debug;                   /* 1: synchronize and check after every launch */
   int capturing;               /* between capture_begin and capture_end: ops are recorded */
-  int pdl;                     /* 1: CUDA_LAUNCH_PDL lets a kernel start before the last ends */
+  int pdl;                     /* 1: cuda_launch_pdl lets a kernel start before the last ends */
   int wgmma;                   /* 1: attention on Hopper's wgmma kernels (cuda_attention_wgmma.cu) */
-  int nvfp4_fused;             /* 1: an activation's quantization in one cooperative kernel
-                                  (cuda_nvfp4.cu; QWEN3_CUDA_NVFP4_FUSED=0: two kernels) */
   int gemm_tune;               /* 1: a GEMM shape's first call times cuBLASLt's candidates
                                   (on unless QWEN3_CUDA_GEMM_TUNE=0) */
   double *host_result;         /* pinned host memory for the results returned to the host */
@@ -266,7 +264,7 @@ static inline void cuda_allow_smem(K kernel, size_t bytes, bool *done) {
 }
 
 /* Programmatic dependent launch (Hopper on). Decoding one token is a chain of ~500 small
- * kernels, each a few microseconds; launched through CUDA_LAUNCH_PDL, a kernel's blocks are
+ * kernels, each a few microseconds; launched through cuda_launch_pdl, a kernel's blocks are
  * scheduled while the kernel before it on the stream is still running (once every block of that
  * one has called pdl_release) and wait in pdl_wait until it has finished and its writes are
  * visible, so the gap between kernels shrinks and a GEMV can load its weights (which nothing in
@@ -288,21 +286,13 @@ static __device__ __forceinline__ void pdl_release() {
 }
 #endif
 
-/* cooperative 0: a launch that may start before the kernel before it ends (cuda_ctx.pdl);
- * 1: a cooperative launch, whose blocks are all resident at once, so that they may wait for
- * each other (cooperative_groups' grid sync) */
 template <typename... Params, typename... Args>
-static inline void cuda_launch_ex(const char *name, const char *file, int line, int cooperative,
-                                  void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
-                                  Args... args) {
+static inline void cuda_launch_pdl(const char *name, const char *file, int line,
+                                   void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
+                                   Args... args) {
   cudaLaunchAttribute attr;
-  if (cooperative) {
-    attr.id = cudaLaunchAttributeCooperative;
-    attr.val.cooperative = 1;
-  } else {
-    attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr.val.programmaticStreamSerializationAllowed = cuda_ctx.pdl;
-  }
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = cuda_ctx.pdl;
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid;
   cfg.blockDim = block;
@@ -317,9 +307,6 @@ static inline void cuda_launch_ex(const char *name, const char *file, int line, 
 /* CUDA_LAUNCH_PDL("name", kernel, grid, block, smem, args...): a kernel whose template
  * arguments hold commas goes in as a variable (auto *k = kernel<T, 4>;). */
 #define CUDA_LAUNCH_PDL(name, kernel, grid, block, smem, ...) \
-  cuda_launch_ex(name, __FILE__, __LINE__, 0, kernel, grid, block, smem, __VA_ARGS__)
-/* the same for a cooperative launch (grid: at most the blocks that fit on the GPU at once) */
-#define CUDA_LAUNCH_COOPERATIVE(name, kernel, grid, block, smem, ...) \
-  cuda_launch_ex(name, __FILE__, __LINE__, 1, kernel, grid, block, smem, __VA_ARGS__)
+  cuda_launch_pdl(name, __FILE__, __LINE__, kernel, grid, block, smem, __VA_ARGS__)
 #endif
 #endif

@@ -38,10 +38,6 @@
  *      its block 0 / thread 0 writes *dec: S_dec, or NaN when the amax is non-finite, and then
  *      no thread writes xq.
  * Bytes moved: the amax kernel reads x, the quantize kernel reads x again and writes xq.
- * For an activation (NVFP4_ROWS, NVFP4_COLS, and the pair below) the two passes run by default
- * as one cooperative kernel whose blocks wait for each other between them (a grid barrier,
- * cuda_ctx.nvfp4_fused; QWEN3_CUDA_NVFP4_FUSED=0 launches two): the same words and arithmetic,
- * so the same bytes, without the second kernel's launch and ramp.
  * A small NVFP4_ROWS x (decoding's few token rows, CUDA_NVFP4_SMALL_VALUES) takes one kernel
  * of one block instead, which does both passes and the reduction between them itself.
  * cuda_nvfp4_quantize_rows_cols does the same for an output gradient's two operands: one amax
@@ -55,8 +51,6 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
-
-#include <cooperative_groups.h>
 
 #include "kernels/cuda/cuda.h"
 #include "kernels/cuda/cuda_dtype.cuh"
@@ -254,7 +248,7 @@ __host__ __device__ constexpr int nv_small_threads(bool sr) { return sr ? 512 : 
  * second read comes from L2, not HBM. It also starts the amax pass on x's end, the part its
  * producer (written start to end) left in L2 last. Maxima are order-independent: no bit moves.
  *
- * Both kernels of a call are launched as programmatic dependents (CUDA_LAUNCH_PDL): the amax
+ * Both kernels of a call are launched as programmatic dependents (cuda_launch_pdl): the amax
  * kernel's blocks are scheduled while the op before it finishes, and the quantize kernel's
  * while the amax kernel's last blocks run, so neither pays a whole launch gap; each waits in
  * pdl_wait (its first statement) for the kernel before it to finish, which makes the partial
@@ -503,18 +497,20 @@ __global__ void __launch_bounds__(NV_THREADS)
   nv_block_amax<1>(part, m);
 }
 
-/* The same over the tiles of xᵀ as NVFP4_COLS reads them, RHT-transformed when rht_signs >= 0:
- * item t is columns c .. c + C - 1 of x, c = C (t % (cols / C)), and tile g = t / (cols / C),
- * each column transformed exactly as nvfp4_cols_kernel does; K = 2 also takes the plain max of
- * |x| (the rows operand of nvfp4_quantize_rows_cols) from the same loads, into
- * part[gridDim.x + blockIdx.x]. Backwards, item items - 1 first (NV_AMAX_BACKWARDS). The body
- * of nvfp4_amax_cols_kernel and of the fused kernels' first pass (after their pdl_wait). */
+/* The same over the RHT-transformed tiles of xᵀ (NVFP4_COLS with the transform): item t is
+ * columns c .. c + C - 1 of x, c = C (t % (cols / C)), and tile g = t / (cols / C), each
+ * column transformed exactly as nvfp4_cols_kernel does; K = 2 also takes the plain max of |x|
+ * (the rows operand of nvfp4_quantize_rows_cols) from the same loads, into
+ * part[gridDim.x + blockIdx.x]. Backwards, item items - 1 first (NV_AMAX_BACKWARDS). */
 template <typename T, int K, int C>
-__device__ __forceinline__ void nv_amax_cols(uint32_t *part, const T *x, uint32_t cols,
-                                             size_t items, int rht_signs) {
+__global__ void __launch_bounds__(NV_THREADS)
+    nvfp4_amax_cols_kernel(uint32_t *part, const T *x, uint32_t cols, size_t items,
+                           int rht_signs) {
   uint32_t m[K];
 NV_UNROLL
   for (int k = 0; k < K; k++) m[k] = 0;
+  pdl_wait();
+  pdl_release();
   const uint32_t runs = cols / C;
   const size_t stride = (size_t)gridDim.x * blockDim.x;
   for (size_t r = (size_t)blockIdx.x * blockDim.x + threadIdx.x; r < items; r += stride) {
@@ -527,20 +523,11 @@ NV_UNROLL
       float v[16];
       nv_col16<C>(v, run, k);
       if (K == 2) m[K - 1] = max(m[K - 1], nv_absmax<16>(v));
-      if (rht_signs >= 0) nv_rht16(v, (uint32_t)rht_signs & 0xffffu);   /* the host's (uint16_t) */
+      nv_rht16(v, (uint32_t)rht_signs & 0xffffu);   /* the host's (uint16_t) */
       m[0] = max(m[0], nv_absmax<16>(v));
     }
   }
   nv_block_amax<K>(part, m);
-}
-
-template <typename T, int K, int C>
-__global__ void __launch_bounds__(NV_THREADS)
-    nvfp4_amax_cols_kernel(uint32_t *part, const T *x, uint32_t cols, size_t items,
-                           int rht_signs) {
-  pdl_wait();
-  pdl_release();
-  nv_amax_cols<T, K, C>(part, x, cols, items, rht_signs);
 }
 
 /* NVFP4_ROWS: x is a flat run of 16-element blocks (cols % 16 == 0), read as groups of
@@ -589,38 +576,6 @@ __global__ void __launch_bounds__(NV_THREADS)
     nvfp4_rows_kernel(Out out, float *dec, const Tin *x, size_t ngroups, nv_parts parts,
                       uint64_t seed) {
   pdl_wait();
-  pdl_release();
-  const nv_scale sc = nv_read_scale(parts, dec);
-  if (!sc.finite) return;
-  nv_rows_groups<Tin, Out, VEC, SR>(out, x, ngroups, sc, seed);
-}
-
-/* The maxima a fused kernel's first pass wrote into part (K sets of gridDim.x words; the second
- * repeats the first when K = 1), for its second pass, after the grid's barrier: its sync also
- * orders every block's writes of part before every block's reads of them. */
-template <int K>
-__device__ __forceinline__ nv_parts nv_grid_parts(const uint32_t *part) {
-  cooperative_groups::this_grid().sync();
-  nv_parts parts;
-  parts.max[0] = part;
-  parts.max[1] = part + (K - 1) * gridDim.x;
-  parts.n = gridDim.x;
-  return parts;
-}
-
-/* NVFP4_ROWS in one cooperative kernel (CUDA_LAUNCH_COOPERATIVE): the amax kernel's pass, a
- * barrier of the whole grid, nvfp4_rows_kernel's pass. The same words and arithmetic as the
- * two kernels, so the same bytes; the second kernel's launch, its wait for the first's last
- * block and its ramp are left out. nv_block_max's shared words serve both passes: the grid's
- * barrier comes between the first's reads and the second's writes of them. */
-template <typename Tin, class Out, bool VEC, bool SR>
-__global__ void __launch_bounds__(NV_THREADS)
-    nvfp4_rows_fused_kernel(Out out, float *dec, const Tin *x, size_t ngroups, uint32_t *part,
-                            uint64_t seed) {
-  pdl_wait();
-  uint32_t m[1] = {nv_amax_groups<Tin, VEC>(x, ngroups)};
-  nv_block_amax<1>(part, m);
-  const nv_parts parts = nv_grid_parts<1>(part);
   pdl_release();
   const nv_scale sc = nv_read_scale(parts, dec);
   if (!sc.finite) return;
@@ -739,8 +694,7 @@ NV_UNROLL
   }
 }
 
-/* NVFP4_COLS (the pass of nvfp4_cols_kernel and of the fused kernel after its barrier):
- * xq [cols, rows] = xᵀ, RHT-transformed (rht_signs >= 0) and quantized 1x16 along
+/* NVFP4_COLS: xq [cols, rows] = xᵀ, RHT-transformed (rht_signs >= 0) and quantized 1x16 along
  * its rows. Item t (one thread) is C adjacent columns c .. c + C - 1 of x, c = C (t % runs)
  * with runs = cols / C, and tile g = t / runs of 16 rows: it loads x[16g .. 16g+15][c .. c+C-1]
  * (one C-value load per row, coalesced across the warp, which takes consecutive runs), and for
@@ -764,10 +718,10 @@ NV_UNROLL
  * out on the vector path, round to nearest, no ROWS) the warp stores whole sectors, so every
  * lane runs the column loop (one without a block flushes NULL). */
 template <typename Tin, typename Tout, bool VEC, bool SR, bool ROWS>
-__device__ __forceinline__ void nv_cols_pass(Tout *xq, float *dec, Tout *rows_q, float *rows_dec,
-                                             const Tin *x, uint32_t rows, uint32_t cols,
-                                             size_t items, const nv_parts &parts, uint64_t seed,
-                                             uint64_t rows_seed, int rht_signs) {
+__global__ void __launch_bounds__(NV_THREADS)
+    nvfp4_cols_kernel(Tout *xq, float *dec, Tout *rows_q, float *rows_dec, const Tin *x,
+                      uint32_t rows, uint32_t cols, size_t items, nv_parts parts, uint64_t seed,
+                      uint64_t rows_seed, int rht_signs) {
   constexpr int C = VEC ? NV_COLS_RUN : 1, G = 16 / C, BLOCK = 32 * 17 + 1;
   /* whole-sector stores only where they paid (session 13, alternately against direct stores, at
    * 2048 x 2560 / 2048 x 9728): round to nearest without ROWS 10% / 16% faster; with stochastic
@@ -776,6 +730,8 @@ __device__ __forceinline__ void nv_cols_pass(Tout *xq, float *dec, Tout *rows_q,
   constexpr bool STAGE = VEC && sizeof(Tout) == 2 && !SR && !ROWS;
   __shared__ float tile[ROWS ? NV_WARPS : 1][ROWS ? C * BLOCK : 1];
   __shared__ uint4 stage_all[STAGE ? NV_WARPS : 1][STAGE ? 64 : 1];
+  pdl_wait();
+  pdl_release();
   nv_scale sc[1 + ROWS];
   float *const decs[2] = {dec, rows_dec};
   nv_read_scales<1 + ROWS>(sc, parts, decs);
@@ -841,33 +797,6 @@ NV_UNROLL
       __syncwarp();   /* the next iteration rewrites the tile */
     }
   }
-}
-
-template <typename Tin, typename Tout, bool VEC, bool SR, bool ROWS>
-__global__ void __launch_bounds__(NV_THREADS)
-    nvfp4_cols_kernel(Tout *xq, float *dec, Tout *rows_q, float *rows_dec, const Tin *x,
-                      uint32_t rows, uint32_t cols, size_t items, nv_parts parts, uint64_t seed,
-                      uint64_t rows_seed, int rht_signs) {
-  pdl_wait();
-  pdl_release();
-  nv_cols_pass<Tin, Tout, VEC, SR, ROWS>(xq, dec, rows_q, rows_dec, x, rows, cols, items, parts,
-                                         seed, rows_seed, rht_signs);
-}
-
-/* nvfp4_amax_cols_kernel's pass and nvfp4_cols_kernel's in one cooperative kernel, as
- * nvfp4_rows_fused_kernel: NVFP4_COLS with or without the RHT, and with ROWS both operands of
- * nvfp4_quantize_rows_cols (the cols operand's maxima first, the rows operand's second). */
-template <typename Tin, typename Tout, bool VEC, bool SR, bool ROWS>
-__global__ void __launch_bounds__(NV_THREADS)
-    nvfp4_cols_fused_kernel(Tout *xq, float *dec, Tout *rows_q, float *rows_dec, const Tin *x,
-                            uint32_t rows, uint32_t cols, size_t items, uint32_t *part,
-                            uint64_t seed, uint64_t rows_seed, int rht_signs) {
-  pdl_wait();
-  nv_amax_cols<Tin, 1 + ROWS, VEC ? NV_COLS_RUN : 1>(part, x, cols, items, rht_signs);
-  const nv_parts parts = nv_grid_parts<1 + ROWS>(part);
-  pdl_release();
-  nv_cols_pass<Tin, Tout, VEC, SR, ROWS>(xq, dec, rows_q, rows_dec, x, rows, cols, items, parts,
-                                         seed, rows_seed, rht_signs);
 }
 
 /* ---- launches ------------------------------------------------------------------------------- */
@@ -940,26 +869,6 @@ struct nv_rows_small : nv_rows {
   }
 };
 
-/* Scratch for the K sets of maxima of a fused kernel of `blocks` blocks */
-static uint32_t *nv_part_scratch(int blocks, int k) {
-  return (uint32_t *)cuda_scratch((size_t)k * (size_t)blocks * sizeof(uint32_t),
-                                  "nvfp4 amax partials");
-}
-
-/* NVFP4_ROWS in one kernel (cuda_ctx.nvfp4_fused), its grid as nv_rows' */
-struct nv_rows_fused : nv_rows {
-  template <typename Tin, typename Tout, bool VEC, bool SR>
-  static void launch(const nv_args &a) {
-    static int per_sm;
-    const size_t ngroups = groups<Tin>(a);
-    auto kernel = nvfp4_rows_fused_kernel<Tin, nv_write_act<Tout, VEC>, VEC, SR>;
-    const int blocks = nv_grid(kernel, &per_sm, (ngroups + NV_ROWS_UNROLL - 1) / NV_ROWS_UNROLL);
-    CUDA_LAUNCH_COOPERATIVE("nvfp4_rows_fused_kernel", kernel, dim3(blocks), dim3(NV_THREADS), 0,
-                            nv_write_act<Tout, VEC>{(Tout *)a.xq}, a.dec, (const Tin *)a.x,
-                            ngroups, nv_part_scratch(blocks, 1), a.seed);
-  }
-};
-
 struct nv_tiles {
   template <typename Tin, typename Tout>
   static bool vec(const nv_args &a) {
@@ -986,9 +895,8 @@ static bool nv_runs_aligned(const void *x) {
   return ((uintptr_t)x & (NV_COLS_RUN * sizeof(T) - 1)) == 0;
 }
 
-/* NVFP4_COLS, and with ROWS the fused pair of nvfp4_quantize_rows_cols; with FUSED in one
- * kernel with its amax pass (cuda_ctx.nvfp4_fused), else after it (a.parts) */
-template <bool ROWS, bool FUSED>
+/* NVFP4_COLS, and with ROWS the fused pair of nvfp4_quantize_rows_cols */
+template <bool ROWS>
 struct nv_cols {
   template <typename Tin, typename Tout>
   static bool vec(const nv_args &a) {
@@ -1001,21 +909,11 @@ struct nv_cols {
   static void launch(const nv_args &a) {
     static int per_sm;
     const size_t items = (size_t)(a.cols / (VEC ? NV_COLS_RUN : 1)) * (size_t)(a.rows / 16);
-    if constexpr (FUSED) {
-      auto kernel = nvfp4_cols_fused_kernel<Tin, Tout, VEC, SR, ROWS>;
-      const int blocks = nv_grid(kernel, &per_sm, items);
-      CUDA_LAUNCH_COOPERATIVE(
-          ROWS ? "nvfp4_cols_fused_kernel (rows and cols)" : "nvfp4_cols_fused_kernel", kernel,
-          dim3(blocks), dim3(NV_THREADS), 0, (Tout *)a.xq, a.dec, (Tout *)a.rows_q, a.rows_dec,
-          (const Tin *)a.x, (uint32_t)a.rows, (uint32_t)a.cols, items,
-          nv_part_scratch(blocks, 1 + ROWS), a.seed, a.rows_seed, a.rht_signs);
-    } else {
-      auto kernel = nvfp4_cols_kernel<Tin, Tout, VEC, SR, ROWS>;
-      CUDA_LAUNCH_PDL(ROWS ? "nvfp4_cols_kernel (rows and cols)" : "nvfp4_cols_kernel", kernel,
-                      dim3(nv_grid(kernel, &per_sm, items)), dim3(NV_THREADS), 0, (Tout *)a.xq,
-                      a.dec, (Tout *)a.rows_q, a.rows_dec, (const Tin *)a.x, (uint32_t)a.rows,
-                      (uint32_t)a.cols, items, a.parts, a.seed, a.rows_seed, a.rht_signs);
-    }
+    auto kernel = nvfp4_cols_kernel<Tin, Tout, VEC, SR, ROWS>;
+    CUDA_LAUNCH_PDL(ROWS ? "nvfp4_cols_kernel (rows and cols)" : "nvfp4_cols_kernel", kernel,
+                    dim3(nv_grid(kernel, &per_sm, items)), dim3(NV_THREADS), 0, (Tout *)a.xq,
+                    a.dec, (Tout *)a.rows_q, a.rows_dec, (const Tin *)a.x, (uint32_t)a.rows,
+                    (uint32_t)a.cols, items, a.parts, a.seed, a.rows_seed, a.rht_signs);
   }
 };
 
@@ -1037,13 +935,6 @@ template <class K, typename Tin>
 static void nv_launch_out(const nv_args &a, bool sr) {
   if (cuda_ctx.act == DT_BF16) nv_launch_vec<K, Tin, bf16>(a, sr);
   else nv_launch_vec<K, Tin, float>(a, sr);
-}
-
-/* x and xq both in the activation dtype */
-template <class K>
-static void nv_launch_act(const nv_args &a, bool sr) {
-  if (cuda_ctx.act == DT_BF16) nv_launch_vec<K, bf16, bf16>(a, sr);
-  else nv_launch_vec<K, float, float>(a, sr);
 }
 
 template <class K>
@@ -1136,7 +1027,7 @@ static void nv_quantize_layout(const nv_args &a, enum nvfp4_layout layout, enum 
                                bool sr) {
   if (layout == NVFP4_ROWS) nv_launch<nv_rows>(a, x_type, sr);
   else if (layout == NVFP4_TILES) nv_launch<nv_tiles>(a, x_type, sr);
-  else nv_launch<nv_cols<false, false>>(a, x_type, sr);
+  else nv_launch<nv_cols<false>>(a, x_type, sr);
 }
 
 /* ---- ops ------------------------------------------------------------------------------------ */
@@ -1167,14 +1058,6 @@ extern "C" void cuda_nvfp4_quantize(void *xq, float *dec, const void *x, enum dt
   const bool sr = stochastic != 0;
   if (layout == NVFP4_ROWS && (size_t)rows * (size_t)cols <= CUDA_NVFP4_SMALL_VALUES) {
     nv_launch<nv_rows_small>(a, x_type, sr);
-    return;
-  }
-  if (cuda_ctx.nvfp4_fused && layout == NVFP4_ROWS) {
-    nv_launch<nv_rows_fused>(a, x_type, sr);
-    return;
-  }
-  if (cuda_ctx.nvfp4_fused && layout == NVFP4_COLS) {
-    nv_launch<nv_cols<false, true>>(a, x_type, sr);
     return;
   }
   a.parts = nv_amax(x, x_type, rows, cols, rht, false);
@@ -1254,13 +1137,10 @@ extern "C" void cuda_nvfp4_quantize_rows_cols(void *rows_q, float *rows_dec, uin
   a.xq = cols_q, a.dec = cols_dec, a.x = x, a.rows = rows, a.cols = cols, a.seed = cols_seed;
   a.rht_signs = rht_signs;
   a.rows_q = rows_q, a.rows_dec = rows_dec, a.rows_seed = rows_seed;
-  const bool sr = stochastic != 0;
-  if (cuda_ctx.nvfp4_fused) {
-    nv_launch_act<nv_cols<true, true>>(a, sr);
-    return;
-  }
   a.parts = nv_amax(x, cuda_ctx.act, rows, cols, rht_signs, true);
-  nv_launch_act<nv_cols<true, false>>(a, sr);
+  const bool sr = stochastic != 0;
+  if (cuda_ctx.act == DT_BF16) nv_launch_vec<nv_cols<true>, bf16, bf16>(a, sr);
+  else nv_launch_vec<nv_cols<true>, float, float>(a, sr);
 }
 
 extern "C" void cuda_nvfp4_gemm(void *c, enum dtype c_type, const void *a, const float *dec_a,

@@ -1611,19 +1611,6 @@ static void test_nvfp4(void) {
   test_gemv_packed();
 }
 
-/* test_nvfp4 with the quantizers of activations in one cooperative kernel and in two (amax,
- * then quantize: cuda_ctx.nvfp4_fused): the same bytes either way */
-static void test_nvfp4_paths(void) {
-  const int fused_was = cuda_ctx.nvfp4_fused;
-  for (int fused = 1; fused >= 0; fused--) {
-    cuda_ctx.nvfp4_fused = fused;
-    printf("     NVFP4 quantizers of activations in %s\n",
-           fused ? "one cooperative kernel" : "two kernels");
-    test_nvfp4();
-  }
-  cuda_ctx.nvfp4_fused = fused_was;
-}
-
 /* ---- convert ------------------------------------------------------------------------------ */
 
 /* f32 -> bf16 over n values from src element s0 into dst element d0 of a poisoned buffer of
@@ -1860,7 +1847,7 @@ int main(void) {
   test_weight_amax(48, 784, 0, 0);     /* 3 chunks, the last short */
   test_weight_amax(48, 784, 1, 1);
   test_weight_amax(2560, 9728, 0, 0);  /* Qwen3-4B's down projection: 1520 parts */
-  test_nvfp4_paths();
+  test_nvfp4();
 
   /* the default mode: bf16 activations and weight copy */
   set_mode("bf16", DT_BF16, 1, BF16_TOL);
@@ -1936,7 +1923,7 @@ int main(void) {
   test_adamw(1001, 1);                          /* odd length: the scalar tail */
   test_weight_amax(48, 784, 0, 0);
   test_weight_amax(2560, 9728, 0, 1);
-  test_nvfp4_paths();
+  test_nvfp4();
 
   size_t in_use, peak;
   gpu->memory(&in_use, &peak);
