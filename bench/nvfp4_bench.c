@@ -19,7 +19,8 @@
  *    (dYᵀ · X over the tokens, into fp32): they should cost the same.
  *  - Fprop's and Wgrad's GEMM through cuBLASLt directly with alpha/beta on the host, in
  *    device memory, and alpha as a device vector with beta on the host, each with every
- *    algorithm of the heuristic's first LT_CANDIDATES (rank 0 is cuda_gemm's; op=gemm_scalars).
+ *    algorithm of the heuristic's first LT_CANDIDATES (rank 0 is its first; cuda_gemm keeps the
+ *    fastest that gives rank 0's bits; op=gemm_scalars).
  * Each time is the mean of R back-to-back calls between two CUDA events on the backend's
  * stream, after one untimed call. Tensors are in the backend's activation dtype (bf16 unless
  * QWEN3_CUDA_PRECISION says otherwise).
@@ -237,7 +238,7 @@ static long long lt_config(const cublasLtMatmulAlgo_t *algo, cublasLtMatmulAlgoC
   return (long long)v;
 }
 
-/* the heuristic's candidates timed for each pointer mode (rank 0: the one cuda_gemm takes) */
+/* the heuristic's candidates timed for each pointer mode (rank 0: its first) */
 #define LT_CANDIDATES 8
 
 /* c [m, n] = alpha a [m, k] · bᵀ + beta c through cuBLASLt directly (cuda_gemm's row-major

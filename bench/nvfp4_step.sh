@@ -49,7 +49,8 @@ main() {
       tune=1 pass=0
       case $run in *-untuned*) tune=0 ;; esac
       case $run in *-pass*) pass=1 ;; esac
-      QWEN3_CUDA_GEMM_TUNE=$tune QWEN3_NVFP4_WEIGHT_AMAX_PASS=$pass timeout -k 5 "$b" python3 bench/ours_train_bench.py train --mb 1 --accum "$accum" \
+      QWEN3_CUDA_GEMM_TUNE=$tune QWEN3_NVFP4_WEIGHT_AMAX_PASS=$pass timeout -k 5 "$b" \
+        python3 bench/ours_train_bench.py train --mb 1 --accum "$accum" \
         --budget $((b - 5)) --init-hf "$WORK/hf4b" --shard "$WORK/random_2m.h5" \
         --work "$WORK" --label "ours-$run" -- "${sets[@]}"
     done

@@ -1,35 +1,19 @@
 #!/usr/bin/env bash
 # N one-process CUDA runs (fp32 mode) of the tiny job at 4 layers, 20 steps with checkpoints at
-# 10 and 20 (the run of tests/gpu/test_gpu_train.sh that died in session 14), counting the runs
-# that did not exit 0 and printing the end of each one's log (bench/NOTES.md, sessions 14-15):
+# 10 and 20 (the run of tests/gpu/test_gpu_train.sh), counting the runs that did not exit 0 and
+# printing the end of each one's log (bench/NOTES.md, sessions 14-15):
 #   device run, carry [".deb"], after a build:   N=30 bash bench/stress_tiny.sh
-# Each call works in a directory of its own, so two at once (bench/pair.sh) do not collide.
-# STRESS_SETS adds --set options (e.g. "checkpoint.every=0"), each after its own --set.
-# STRESS_DIRECT=1: the process writes its standard output and error to a file itself (mpirun
-# starts a shell that redirects them), not through mpirun's forwarding; STRESS_STRACE=1: under
-# `strace -f` (its writes, exits and signals, in I.strace; the end of a failed run's
-# is printed), where strace is installed.
+# Each call works in a directory of its own (removed when every run passed), so two at once
+# (bench/pair.sh) do not collide. STRESS_SETS adds --set options (e.g. "checkpoint.every=0"),
+# each after its own --set. STRESS_DIRECT=1: the process writes its standard output and error to
+# a file itself (mpirun starts a shell that redirects them), not through mpirun's forwarding.
 set -u
 source scripts/env.sh
 n=${N:-12} bad=0 sets="" tmp=$(mktemp -d /tmp/stress.XXXXXX)
 for kv in ${STRESS_SETS:-}; do sets="$sets --set $kv"; done
-# what standard output and error are for a process mpirun starts (pipe, terminal; blocking?)
-$MPIRUN -np 1 python3 -c 'import os, stat, fcntl
-for fd in (1, 2):
-    m = os.fstat(fd).st_mode
-    kind = "terminal" if os.isatty(fd) else "pipe" if stat.S_ISFIFO(m) else "file" if stat.S_ISREG(m) else "other"
-    print("fd", fd, kind, "non-blocking" if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NONBLOCK else "blocking", flush=True)' 2>&1
-strace=0
-if [ "${STRESS_STRACE:-0}" = 1 ]; then
-  command -v strace >/dev/null && strace=1 || echo "no strace here: the runs go without it"
-fi
 for i in $(seq "$n"); do
   log=$tmp/$i.log child=$tmp/$i.child.log
-  rm -f "$child"
-  trace=()
-  [ $strace = 1 ] && trace=(strace -f -qq -e trace=write,writev,exit_group,tgkill,kill
-                            -o "$tmp/$i.strace")
-  cmd=("${trace[@]}" build/qwen3-train build/jobs/tiny.pb
+  cmd=(build/qwen3-train build/jobs/tiny.pb
     --set data.train=build/data/tiny.h5 --set backend=CUDA --set output_dir="$tmp/$i"
     --set train.steps=20 --set train.log_every=1 --set checkpoint.every=10
     --set checkpoint.keep_last=0 --set model.num_layers=4 $sets)
@@ -46,11 +30,10 @@ for i in $(seq "$n"); do
     for f in "$log" "$child"; do
       [ -f "$f" ] && { echo "  -- $f"; grep -v "step \|checkpoint" "$f" | tail -n 12; }
     done
-    [ -f "$tmp/$i.strace" ] && { echo "  -- strace"; grep -v "write(1\|SIGCHLD" "$tmp/$i.strace" | tail -n 15; }
   fi
 done
 how="QWEN3_CUDA_GEMM_TUNE=${QWEN3_CUDA_GEMM_TUNE:-1 (default)}${sets}"
 [ "${STRESS_DIRECT:-0}" = 1 ] && how="$how, direct"
-[ $strace = 1 ] && how="$how, strace"
 [ -n "${UCX_MEM_EVENTS:-}" ] && how="$how, UCX_MEM_EVENTS=$UCX_MEM_EVENTS"
 echo "stress ($how): $bad of $n runs failed"
+[ $bad = 0 ] && rm -rf "$tmp"

@@ -106,8 +106,8 @@ static inline int cuda_blocks(size_t n) {
  * cuda_ctx.tf32; ab bf16: c bf16 or fp32). op(A) is [m,k]: A is [m,k] with leading dimension
  * lda when !trans_a, [k,m] when trans_a; likewise op(B) is [k,n] from B [k,n] or, when trans_b,
  * B [n,k]. The algorithm is chosen once per shape and types (the fastest of cuBLASLt's
- * candidates that give its first one's bits, or with QWEN3_CUDA_GEMM_TUNE=0 the first; cuda_gemm.cu) and
- * cached, so a run repeats bit for bit. */
+ * candidates that give its first one's bits, or with QWEN3_CUDA_GEMM_TUNE=0 the first;
+ * cuda_gemm.cu) and cached, so a run repeats bit for bit. */
 void cuda_gemm(int trans_a, int trans_b, int m, int n, int k, float alpha, const void *a,
                int lda, const void *b, int ldb, float beta, void *c, int ldc, enum dtype ab,
                enum dtype c_type);

@@ -13,8 +13,9 @@
  * the first candidate's bit for bit there (a hash of D; split-K ones do not): the choice may
  * differ between processes, the bits may not, so a run still repeats bit for bit and a resumed
  * run or another pipeline layout still matches (tests/gpu/test_gpu_train.sh). Not with
- * QWEN3_CUDA_GEMM_TUNE=0, not while the stream is being recorded, when the operands would need more than GEMM_TUNE_MAX_BYTES or when
- * they cannot be allocated: the first candidate is kept then.
+ * QWEN3_CUDA_GEMM_TUNE=0, not while the stream is being recorded, and not when the operands
+ * would need more than GEMM_TUNE_MAX_BYTES or cannot be allocated: the first candidate is kept
+ * then.
  *
  * Types. A and B share one dtype (cuBLASLt has no fp32 x bf16 product). fp32 A/B give fp32 C,
  * computed in CUBLAS_COMPUTE_32F, or CUBLAS_COMPUTE_32F_FAST_TF32 when cuda_ctx.tf32; bf16 A/B
@@ -194,8 +195,8 @@ static int tune_alloc(struct tune_buffers *t, const struct gemm_key *key) {
                at_d = at_c + round256(c_bytes), at_hash = at_d + round256(c_bytes),
                total = at_hash + GEMM_CANDIDATES * sizeof(unsigned long long) + 2 * sizeof(float);
   if (total > GEMM_TUNE_MAX_BYTES) return 0;
-  /* cudaMalloc, once a shape: the only allocation of a step (the stream-ordered pool's
-   * cudaMallocAsync failed the same way, bench/NOTES.md, session 14) */
+  /* once a shape, freed after the timing: the operands may outgrow the scratch arena, which
+   * may hold live data when a shape first runs */
   if (cudaMalloc((void **)&t->base, total) != cudaSuccess) {
     cudaGetLastError();   /* out of memory is no error here: the first candidate is kept */
     return 0;
