@@ -373,6 +373,7 @@ extern "C" const struct backend backend_cuda = {
   .nvfp4_gemm = cuda_nvfp4_gemm,
   .nvfp4_pack = cuda_nvfp4_pack,
   .nvfp4_gemv_packed = cuda_nvfp4_gemv_packed,
+  .nvfp4_decode_mlp = cuda_nvfp4_decode_mlp,
   .adamw_update = cuda_adamw_update,
   .side_stream = cuda_side_stream,
   .mark = cuda_mark,

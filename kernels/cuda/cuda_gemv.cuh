@@ -1,0 +1,306 @@
+/* The decoding GEMV's device side (cuda_linear.cu's gemv_kernel), shared with the fused decode
+ * kernels (cuda_nvfp4.cu), so that a weight row's dot product is summed in one order by both:
+ * the weight formats, the x loads, a warp's share of a row and the sum of a row's warps. */
+#ifndef QWEN3_CUDA_GEMV_CUH
+#define QWEN3_CUDA_GEMV_CUH
+
+#include <stdint.h>
+
+#include "kernels/cuda/cuda.h"
+#include "kernels/cuda/cuda_dtype.cuh"
+#include "kernels/cuda/cuda_nvfp4.cuh"
+
+/* Decode's linear layers: a few token rows against whole weight matrices. cuBLASLt's GEMM
+ * tiles give such a product one block per 128 output rows or so, too few to keep the memory
+ * busy (measured on the H200 at Qwen3-4B's shapes, one token: 0.6 TB/s of its 4.3 for the
+ * q/k/v weights); here warps stream weight rows with 16-byte loads, GEMV_UNROLL of them in
+ * flight per lane, and each row's n dot products come out of it.
+ *  - The matrices of one call (q|k|v, gate|up: up to GEMV_MAX_MATS, one input) are one launch:
+ *    their rows are numbered on, so k's and v's 1024 rows do not run as launches of their own
+ *    (ncu at 4B's shape: 0.7 TB/s each, bench/NOTES.md).
+ *  - A row is read by GEMV_WPR warps (1, 2, 4 or 8, from the shape: enough warps to fill every
+ *    SM, each with at least GEMV_UNROLL loads to issue), each taking every GEMV_WPR-th 16-byte
+ *    column group; o and down (2560 rows at 4B) had too few warps at one a row (2.3 TB/s).
+ *  - The first loads of weights are issued before pdl_wait: nothing in a step writes weights.
+ * Per row the lanes sum strided slices in fp32 and combine them by a fixed butterfly, then the
+ * row's warps in warp order through shared memory: the same bits every run. Each more token
+ * costs the kernel about 30% of its one-token time (its x loads, conversions and FMAs), so it
+ * is taken for n <= GEMV_MAX_ROWS, when in_dim is a multiple of a 16-byte vector and x and the
+ * weights are 16-byte aligned; cuBLASLt otherwise.
+ * The kernel is a template over the weights' format (gemv_dense: the weight copy;
+ * gemv_nvfp4: nvfp4_pack's codes and scales, cuda_nvfp4_gemv_packed, which reads a weight at
+ * 4.5 bits a value instead of 16, so a 16-byte load is 32 values and a lane has 4x fewer loads
+ * a row). */
+#define GEMV_MAX_ROWS 4
+#define GEMV_MAX_MATS 3
+#define GEMV_WARPS 8   /* warps per block */
+#define GEMV_UNROLL 4
+
+/* 16 bytes: the raw load (the read-only path: nothing in the op writes w or x) */
+static __device__ __forceinline__ uint4 gemv_load(const void *p) { return __ldg((const uint4 *)p); }
+
+/* Where the kernels read x from, X: global memory through the read-only path (gemv_kernel:
+ * nothing in its op writes x), or shared memory (the fused decode kernel's operands,
+ * cuda_nvfp4.cu), which the read-only path cannot address. The loaded bits are the same. */
+struct gemv_x_global {
+  static __device__ __forceinline__ uint4 load(const void *p) { return gemv_load(p); }
+};
+struct gemv_x_shared {
+  static __device__ __forceinline__ uint4 load(const void *p) { return *(const uint4 *)p; }
+};
+
+/* the values of 16 bytes of T in fp32 */
+template <typename T>
+struct gemv_vec {
+  static constexpr int N = 16 / sizeof(T);
+  float f[N];
+  __device__ __forceinline__ gemv_vec(uint4 u) {
+    const T *t = (const T *)&u;
+#pragma unroll
+    for (int i = 0; i < N; i++) f[i] = load_f(&t[i]);
+  }
+};
+
+/* f = the N values of T at p (16-byte aligned, read through X) in fp32, N * sizeof(T) / 16
+ * loads */
+template <class X, typename T, int N>
+static __device__ __forceinline__ void gemv_load_x(float (&f)[N], const T *__restrict__ p) {
+  constexpr int V = gemv_vec<T>::N;
+#pragma unroll
+  for (int i = 0; i < N / V; i++) {
+    const gemv_vec<T> v(X::load(p + i * V));
+#pragma unroll
+    for (int j = 0; j < V; j++) f[i * V + j] = v.f[j];
+  }
+}
+
+/* The weight formats the kernel reads, F: a lane's 16-byte load of a weight row holds F::N of
+ * its values (from a column c that is a multiple of N), x is of type F::act.
+ *   mat           one matrix: its pointers;
+ *   row           a row's pointers (row_of: row r; at: from column c on);
+ *   chunk         what a lane loads for one 16-byte group of a row (load: at column off of a
+ *                 row from at, off a constant, so the batch's addresses are one register's);
+ *   ONE_ROW       one token row (a decoding step's) has an instantiation of its own (gemv_kernel's
+ *                 R);
+ *   PART          the row's last batch is loaded at once, predicated (a row of a few chunks a
+ *                 lane: NVFP4's 2560 columns are 2.5 a lane, all in flight before pdl_wait),
+ *                 else its chunks one at a time (rows of many: the predicated batch took the
+ *                 dense kernels from 40-48 registers to 54-62);
+ *   weights       a chunk made ready for dot, once for every token row (gemv_dense: in fp32);
+ *   dot           acc + those N weights · x's N values at p (one token row, read through X),
+ *                 fp32 arithmetic;
+ *   finish        a row's output from its sum.
+ * gemv_dense: the weight copy in the activation dtype T (linear_forward). */
+template <typename T>
+struct gemv_dense {
+  typedef T act;
+  static constexpr int N = 16 / sizeof(T);
+  static constexpr bool PART = false;
+  static constexpr bool ONE_ROW = false;
+  struct mat {
+    const T *w;
+  };
+  typedef const T *row;
+  static __device__ __forceinline__ row row_of(const mat &m, int in_dim, int r) {
+    return m.w + (size_t)r * in_dim;
+  }
+  typedef uint4 chunk;
+  static __device__ __forceinline__ row at(const row &w, int c) { return w + c; }
+  static __device__ __forceinline__ chunk load(const row &w, int off) {
+    return gemv_load(w + off);
+  }
+  typedef gemv_vec<T> weights;
+  template <class X>
+  static __device__ __forceinline__ float dot(const weights &w, const T *__restrict__ p,
+                                              float acc) {
+    float x[N];
+    gemv_load_x<X, T, N>(x, p);
+#pragma unroll
+    for (int i = 0; i < N; i++) acc = fmaf(w.f[i], x[i], acc);
+    return acc;
+  }
+  static __device__ __forceinline__ float finish(const mat &, float sum) { return sum; }
+};
+
+/* gemv_nvfp4: nvfp4_pack's weights (ops.h), codes [out_dim, in_dim/2] and E4M3 scales
+ * [out_dim, in_dim/16]: a 16-byte load is 32 codes, two blocks of 16, and goes with the 2
+ * bytes of their scales (one 2-byte load). The codes decode to E2M1 values times 2^-14 (exact,
+ * nv_e2m1x8_half2) and the scales to s_b times 2^14 (exact): each block's 16 products with x,
+ * exact for x of at most 21 significant bits (an NVFP4 operand's q * s_b has 6), are summed
+ * in fp32 and the sum multiplied into the row's by its scale (one FMA a block and token
+ * instead of one multiply a weight), and the row's sum, the exact dot product up to fp32
+ * roundings of the sums, by *dec_x * *dec_w at the end. */
+template <typename T>
+struct gemv_nvfp4 {
+  typedef T act;
+  static constexpr int N = 32;
+  static constexpr bool PART = true;
+  static constexpr bool ONE_ROW = true;
+  struct mat {
+    const uint8_t *codes, *scales;
+    const float *dec_x, *dec_w;
+  };
+  struct chunk {
+    uint4 q;
+    uint32_t s;
+  };
+  struct row {
+    const uint8_t *codes, *scales;
+  };
+  static __device__ __forceinline__ row row_of(const mat &m, int in_dim, int r) {
+    return {m.codes + (size_t)r * (in_dim / 2), m.scales + (size_t)r * (in_dim / 16)};
+  }
+  static __device__ __forceinline__ row at(const row &w, int c) {
+    return {w.codes + c / 2, w.scales + c / 16};
+  }
+  static __device__ __forceinline__ chunk load(const row &w, int off) {
+    chunk k;
+    k.q = gemv_load(w.codes + off / 2);
+    k.s = __ldg((const unsigned short *)(w.scales + off / 16));
+    return k;
+  }
+  /* The codes stay packed until dot decodes them a word (8 values) at a time, beside the 8
+   * values of x they meet: holding a chunk's 32 decoded values and 32 of x took the kernel to
+   * 98-102 registers (two blocks an SM, against the dense kernels' five), and a decoding step
+   * reads packed weights for one token row, so nothing is decoded twice. */
+  struct weights {
+    uint32_t q[4];   /* the 32 codes, 8 a word, in column order */
+    float s[2];      /* the two blocks' scales * 2^14 */
+    __device__ __forceinline__ weights(const chunk &k) : q{k.q.x, k.q.y, k.q.z, k.q.w} {
+#pragma unroll
+      for (int b = 0; b < 2; b++) s[b] = nv_e4m3_decode(k.s >> 8 * b & 0xffu) * 0x1p14f;
+    }
+  };
+  template <class X>
+  static __device__ __forceinline__ float dot(const weights &w, const T *__restrict__ p,
+                                              float acc) {
+#pragma unroll
+    for (int b = 0; b < 2; b++) {
+      float sum = 0.0f;
+#pragma unroll
+      for (int i = 2 * b; i < 2 * b + 2; i++) {   /* columns 8i .. 8i + 7, in order */
+        float x[8];
+        gemv_load_x<X, T, 8>(x, p + 8 * i);
+        __half2 h[4];   /* E2M1 values * 2^-14 of columns (j, j + 4) */
+        nv_e2m1x8_half2(h, w.q[i]);
+#pragma unroll
+        for (int j = 0; j < 4; j++) sum = fmaf(__low2float(h[j]), x[j], sum);
+#pragma unroll
+        for (int j = 0; j < 4; j++) sum = fmaf(__high2float(h[j]), x[j + 4], sum);
+      }
+      acc = fmaf(sum, w.s[b], acc);
+    }
+    return acc;
+  }
+  static __device__ __forceinline__ float finish(const mat &m, float sum) {
+    return (*m.dec_x * *m.dec_w) * sum;
+  }
+};
+
+/* The lane's batch of chunks of row r at columns c, c + stride, ... (w: the row); PART: the
+ * row's last batch, maybe partial: only the chunks inside the row. */
+template <class F, bool PART, int U>
+static __device__ __forceinline__ void gemv_fetch(typename F::chunk (&wb)[U],
+                                                  const typename F::row &w, int c, int stride,
+                                                  int in_dim) {
+  const typename F::row p = F::at(w, c);
+#pragma unroll
+  for (int u = 0; u < U; u++)
+    if (!PART || c + u * stride < in_dim) wb[u] = F::load(p, u * stride);
+}
+
+/* acc[t] += the batch's weights times x's same columns of token row t, for t < n <= R */
+template <class F, class X, bool PART, int U, int R>
+static __device__ __forceinline__ void gemv_fma(float (&acc)[R],
+                                                const typename F::chunk (&wb)[U],
+                                                const typename F::act *__restrict__ x, int c,
+                                                int stride, int n, int in_dim) {
+#pragma unroll
+  for (int u = 0; u < U; u++) {
+    if (PART && c + u * stride >= in_dim) break;
+    const typename F::weights wv(wb[u]);
+#pragma unroll
+    for (int t = 0; t < R; t++) {
+      if (t >= n) break;
+      acc[t] = F::template dot<X>(wv, x + (size_t)t * in_dim + c + u * stride, acc[t]);
+    }
+  }
+}
+
+
+/* The first batch of a lane's chunks of row wr, from column c0 = (part * 32 + lane) * F::N
+ * with stride = WPR * 32 * F::N (gemv_kernel issues it before pdl_wait: nothing in a step
+ * writes weights). Nothing is loaded for a row that is not live. */
+template <class F>
+static __device__ __forceinline__ void gemv_row_prefetch(typename F::chunk (&wb)[GEMV_UNROLL],
+                                                         const typename F::row &wr, int c0,
+                                                         int stride, int in_dim, bool live) {
+  if (live && (F::PART || c0 + (GEMV_UNROLL - 1) * stride < in_dim))
+    gemv_fetch<F, F::PART>(wb, wr, c0, stride, in_dim);
+}
+
+/* acc[t] = the warp's share of row wr · token row t of x (t < n <= R), in every lane: each lane
+ * sums its strided slice from column c0 on (stride as gemv_row_prefetch's, wb its first batch)
+ * in fp32, then the lanes' sums go through a fixed butterfly. Warp-collective (live is uniform
+ * over the warp; a row not live sums to 0). The one summation order of a row for a given WPR:
+ * gemv_kernel and the fused decode kernel (cuda_nvfp4.cu) both call it, so their sums are the
+ * same bits. */
+template <class F, class X, int R>
+static __device__ __forceinline__ void gemv_row_warp(float (&acc)[R],
+                                                     typename F::chunk (&wb)[GEMV_UNROLL],
+                                                     const typename F::row &wr,
+                                                     const typename F::act *__restrict__ x,
+                                                     int c0, int stride, int n, int in_dim,
+                                                     bool live) {
+  constexpr int U = GEMV_UNROLL;
+#pragma unroll
+  for (int t = 0; t < R; t++) acc[t] = 0.0f;
+  int c = c0;
+  for (; live && c + (U - 1) * stride < in_dim; c += U * stride) {
+    if (c != c0) gemv_fetch<F, false>(wb, wr, c, stride, in_dim);
+    gemv_fma<F, X, false, U, R>(acc, wb, x, c, stride, n, in_dim);
+  }
+  if (F::PART) {
+    if (live && c < in_dim) {   /* the last batch, of fewer chunks */
+      if (c != c0) gemv_fetch<F, true>(wb, wr, c, stride, in_dim);
+      gemv_fma<F, X, true, U, R>(acc, wb, x, c, stride, n, in_dim);
+    }
+  } else {
+    for (; live && c < in_dim; c += stride) {   /* the last groups, fewer than a batch */
+      typename F::chunk one[1];
+      gemv_fetch<F, false>(one, wr, c, stride, in_dim);
+      gemv_fma<F, X, false, 1, R>(acc, one, x, c, stride, n, in_dim);
+    }
+  }
+#pragma unroll
+  for (int t = 0; t < R; t++) {
+    if (t >= n) break;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) acc[t] += __shfl_xor_sync(0xffffffffu, acc[t], o);
+  }
+}
+
+/* A row's sum for token row t from its wpr warps' gemv_row_warp sums (warp_sums[w][t], w from
+ * the row's first warp on), added in warp order. */
+template <int R>
+static __device__ __forceinline__ float gemv_parts_sum(const float (*warp_sums)[R], int warp,
+                                                       int t, int wpr) {
+  float v = warp_sums[warp][t];
+#pragma unroll
+  for (int p = 1; p < wpr; p++) v += warp_sums[warp + p][t];
+  return v;
+}
+
+/* Warps per weight row: doubled from 1 while the launch has fewer warps than fill every SM
+ * (64 each) and each warp keeps at least GEMV_UNROLL 16-byte loads of its row. A function of
+ * the shape and the GPU only, so the sums' order is too. */
+static inline int gemv_warps_per_row(int rows, int in_dim, int vec) {
+  const int groups = in_dim / (32 * vec);   /* 16-byte loads of a row per lane, at one warp */
+  int wpr = 1;
+  while (wpr < GEMV_WARPS && (long)rows * wpr < 64L * cuda_ctx.sm_count &&
+         groups / (2 * wpr) >= GEMV_UNROLL)
+    wpr *= 2;
+  return wpr;
+}
+
+#endif
