@@ -21,12 +21,14 @@
  *    device memory, and alpha as a device vector with beta on the host, each with every
  *    algorithm of the heuristic's first LT_CANDIDATES (rank 0 is its first; cuda_gemm keeps the
  *    fastest that gives rank 0's bits; op=gemm_scalars).
+ *  - nvfp4_decode_mlp, decoding's MLP half of a layer for one token from packed weights in one
+ *    cooperative kernel, against the 7-op chain it fuses (op=decode_mlp: fused_us, chain_us).
  * Each time is the mean of R back-to-back calls between two CUDA events on the backend's
  * stream, after one untimed call. Tensors are in the backend's activation dtype (bf16 unless
  * QWEN3_CUDA_PRECISION says otherwise).
  *
- * Prints `RESULT system=ours-nvfp4 op=quantize ...`, `op=quantize_rows_cols ...`, `op=gemm ...`
- * and `op=gemm_scalars ...` lines (also appended to
+ * Prints `RESULT system=ours-nvfp4 op=quantize ...`, `op=quantize_rows_cols ...`, `op=gemm ...`,
+ * `op=gemm_scalars ...` and `op=decode_mlp ...` lines (also appended to
  * $GPU_BENCH_RESULTS when set), or a line saying why nothing ran (no CUDA in the build, no
  * GPU), exiting 0. */
 #define _POSIX_C_SOURCE 200809L
@@ -354,6 +356,85 @@ static void bench_lt_modes(const char *pass, int m, int n, int k, enum dtype c_t
   be->free(d_alpha_vec);
 }
 
+/* Decoding's MLP half of a layer for one token from packed weights: nvfp4_decode_mlp (one
+ * cooperative kernel) against the 7-op chain it fuses (ops.h), on the same buffers; weights
+ * packed from random fp32 masters, the norm weight 1. Bytes: the packed weights (4.5 bits a
+ * value), what both read. */
+struct decode_mlp_call {
+  int fused;
+  void *y, *h, *hn, *xq, *g, *u, *m, *mq, *d;
+  float *norm_w, *dec;   /* dec[0], dec[1]: the two operands' S_dec */
+  uint8_t *codes[3], *scales[3];
+  float *dec_w[3];
+};
+
+static void run_decode_mlp(void *arg) {
+  struct decode_mlp_call *c = arg;
+  const uint8_t *const *codes = (const uint8_t *const *)c->codes;
+  const uint8_t *const *scales = (const uint8_t *const *)c->scales;
+  const float *const *dec_w = (const float *const *)c->dec_w;
+  const float eps = 1e-6f;
+  enum dtype act = be->act_dtype();
+  if (c->fused) {
+    be->nvfp4_decode_mlp(c->y, c->h, c->norm_w, eps, c->dec, c->dec + 1, codes, scales, dec_w, 1,
+                         HIDDEN, INTER);
+    return;
+  }
+  void *gu[2] = {c->g, c->u}, *d[1] = {c->d};
+  const int gu_dims[2] = {INTER, INTER}, d_dims[1] = {HIDDEN};
+  be->rmsnorm_forward(c->hn, c->h, c->norm_w, 1, HIDDEN, eps);
+  be->nvfp4_quantize(c->xq, c->dec, c->hn, act, 1, HIDDEN, NVFP4_ROWS, 0, 0, -1);
+  be->nvfp4_gemv_packed(gu, c->xq, c->dec, codes, scales, dec_w, gu_dims, 2, 1, HIDDEN);
+  be->swiglu_forward(c->m, c->g, c->u, INTER);
+  be->nvfp4_quantize(c->mq, c->dec + 1, c->m, act, 1, INTER, NVFP4_ROWS, 0, 0, -1);
+  be->nvfp4_gemv_packed(d, c->mq, c->dec + 1, codes + 2, scales + 2, dec_w + 2, d_dims, 1, 1,
+                        INTER);
+  be->add(c->y, c->h, c->d, HIDDEN, act);
+}
+
+static void bench_decode_mlp(int repeats) {
+  enum dtype act = be->act_dtype();
+  const size_t ab = dtype_bytes(act), nw = (size_t)HIDDEN * INTER;
+  struct decode_mlp_call c = {0};
+  const int rows[3] = {INTER, INTER, HIDDEN}, cols[3] = {HIDDEN, HIDDEN, INTER};
+  for (int j = 0; j < 3; j++) {
+    float *w = bench_random(be, nw, DT_F32, 11 + (uint64_t)j);
+    c.codes[j] = bench_alloc(be, nw / 2);
+    c.scales[j] = bench_alloc(be, nw / 16);
+    c.dec_w[j] = bench_alloc(be, sizeof(float));
+    be->nvfp4_pack(c.codes[j], c.scales[j], c.dec_w[j], w, rows[j], cols[j], NVFP4_ROWS);
+    be->free(w);
+  }
+  float *ones = malloc(HIDDEN * sizeof(float));
+  for (int i = 0; i < HIDDEN; i++) ones[i] = 1.0f;
+  c.norm_w = bench_alloc(be, HIDDEN * sizeof(float));
+  be->to_device(c.norm_w, ones, HIDDEN * sizeof(float));
+  free(ones);
+  c.h = bench_random(be, HIDDEN, act, 17);
+  void **act_bufs[] = {&c.y, &c.hn, &c.xq, &c.d};
+  for (size_t i = 0; i < sizeof act_bufs / sizeof *act_bufs; i++)
+    *act_bufs[i] = bench_alloc(be, HIDDEN * ab);
+  void **inter_bufs[] = {&c.g, &c.u, &c.m, &c.mq};
+  for (size_t i = 0; i < sizeof inter_bufs / sizeof *inter_bufs; i++)
+    *inter_bufs[i] = bench_alloc(be, INTER * ab);
+  c.dec = bench_alloc(be, 2 * sizeof(float));
+  c.fused = 1;
+  double t_fused = time_calls(run_decode_mlp, &c, repeats);
+  c.fused = 0;
+  double t_chain = time_calls(run_decode_mlp, &c, repeats);
+  const size_t bytes = 3 * (nw / 2 + nw / 16);
+  char line[320];
+  snprintf(line, sizeof line,
+           "RESULT system=ours-nvfp4 op=decode_mlp n=1 hidden=%d inter=%d act=%s fused_us=%.2f "
+           "chain_us=%.2f speedup=%.2f weight_bytes=%zu fused_GBps=%.0f chain_GBps=%.0f",
+           HIDDEN, INTER, dtype_name(act), t_fused * 1e6, t_chain * 1e6, t_chain / t_fused,
+           bytes, bytes / t_fused / 1e9, bytes / t_chain / 1e9);
+  result_line(line);
+  void *bufs[] = {c.y, c.h, c.hn, c.xq, c.g, c.u, c.m, c.mq, c.d, c.norm_w, c.dec};
+  for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) be->free(bufs[i]);
+  for (int j = 0; j < 3; j++) be->free(c.codes[j]), be->free(c.scales[j]), be->free(c.dec_w[j]);
+}
+
 static void run_all(int tokens, int repeats) {
   be->init(0, 1, 0);
   enum dtype act = be->act_dtype();
@@ -404,6 +485,7 @@ static void run_all(int tokens, int repeats) {
            t.shapes, t.switched, t.other_bits);
   result_line(line);
   be->free(dec);
+  bench_decode_mlp(repeats);
 }
 #endif
 

@@ -10,7 +10,7 @@ build=${1:?usage: bash $0 BUILD_DIR [NAME...]}
 shift
 # name # file # sed expression (must change the file) # what the bug is
 MUTATIONS=(
-  'rmsnorm_mean_over_dim_minus_1#kernels/cuda/cuda_norm.cu#s|return (float)(1.0 / sqrt(ss / dim + (double)eps));|return (float)(1.0 / sqrt(ss / (dim - 1) + (double)eps));|#RMSNorm mean over dim - 1'
+  'rmsnorm_mean_over_dim_minus_1#kernels/cuda/cuda_rmsnorm.cuh#s|return (float)(1.0 / sqrt(ss / dim + (double)eps));|return (float)(1.0 / sqrt(ss / (dim - 1) + (double)eps));|#RMSNorm mean over dim - 1'
   'causal_off_by_one#kernels/cuda/cuda_attention.cu#0,/off = s.tk - s.tq;/s/off = s.tk - s.tq;/off = s.tk - s.tq + 1;/#causal limit one key late (fp32 forward)'
   'silu_grad_sign#kernels/cuda/cuda_elementwise.cu#s/__fmul_rn(g, __fsub_rn(1.0f, sig))/__fmul_rn(g, __fsub_rn(sig, 1.0f))/#SiLU derivative with a wrong sign'
   'adamw_no_bias_correction#kernels/cuda/cuda_adamw.cu#s|(double)st->lr / (1.0 - pow((double)st->beta1, (double)st->t))|(double)st->lr|#AdamW first-moment bias correction dropped'
@@ -20,8 +20,8 @@ MUTATIONS=(
   'nvfp4_fused_rows_draws#kernels/cuda/cuda_nvfp4.cu#s/nv_quantize16<SR>(out, v, sc\[ROWS\], rows_seed, i0);/nv_quantize16<SR>(out, v, sc[ROWS], rows_seed, i0 + 4);/#the fused dY kernel draws the rows operand with the wrong counters'
   'decode_ignores_key_last#kernels/cuda/cuda_attention.cu#s/const int last = key_last ? key_last\[b\] : s.tk - 1;/const int last = s.tk - 1;/#decode attention reads the whole cache, past the current token'
   'decode_no_rescale#kernels/cuda/cuda_attention.cu#s/const float alpha = expf(m\[g\] - m_new);/const float alpha = 1.0f;/#decode attention keeps earlier tiles unscaled when the running max grows'
-  'gemv_drops_tail#kernels/cuda/cuda_linear.cu#s/for (; live \&\& c < in_dim; c += STRIDE) {/for (; live \&\& c + STRIDE < in_dim; c += STRIDE) {/#the GEMV leaves out the last 16-byte group of a row past its batches'
-  'gemv_drops_last_warp#kernels/cuda/cuda_linear.cu#s/for (int p = 1; p < WPR; p++) v += warp_sums/for (int p = 1; p < WPR - 1; p++) v += warp_sums/#the GEMV leaves out the last of the warps that share a weight row'
+  'gemv_drops_tail#kernels/cuda/cuda_gemv.cuh#s/for (; live \&\& c < in_dim; c += stride) {/for (; live \&\& c + stride < in_dim; c += stride) {/#the GEMV leaves out the last 16-byte group of a row past its batches'
+  'gemv_drops_last_warp#kernels/cuda/cuda_gemv.cuh#s/for (int p = 1; p < wpr; p++) v += warp_sums/for (int p = 1; p < wpr - 1; p++) v += warp_sums/#the GEMV leaves out the last of the warps that share a weight row'
   'gemv_wrong_matrix#kernels/cuda/cuda_linear.cu#s/if (k < m.count \&\& row >= m.end\[k - 1\]) {/if (k < m.count \&\& row > m.end[k - 1]) {/#the GEMV gives the first row of k (or up) to q (or gate)'
   'rope_first_token_angle#kernels/cuda/cuda_norm.cu#s|positions\[t0 + k / half\], inv.v\[k % half\]|positions[t0], inv.v[k % half]|#the q/k-norm + RoPE forward rotates every token of a block by its first token'"'"'s angle'
   'decode_drops_last_split#kernels/cuda/cuda_attention.cu#s|  n_split = (d.tk + keys_per_split - 1) / keys_per_split;|  n_split = d.tk / keys_per_split;|#decode attention leaves out a last split shorter than the others'
@@ -35,12 +35,12 @@ MUTATIONS=(
   'nvfp4_philox_mulhi#kernels/cuda/cuda_nvfp4.cuh#s/return __umulhi(a, b);/return __umulhi(a, b) ^ 1u;/#the device Philox takes wrong high product words (stochastic rounding draws off the CPU'"'"'s)'
   'nvfp4_staged_halves_swapped#kernels/cuda/cuda_nvfp4.cu#s/if (d) reinterpret_cast<uint4 \*>(d)\[piece % 2\] = stage\[piece\];/if (d) reinterpret_cast<uint4 *>(d)[(piece + 1) % 2] = stage[piece];/#the transposing quantizer'"'"'s whole-sector stores swap the two halves of each bf16 block'
   'nvfp4_amax_backwards_stride#kernels/cuda/cuda_nvfp4.cu#s/x + (ngroups - 1 - r - j \* stride) \* N)/x + (ngroups - 1 - r - j) * N)/#the amax pass'"'"'s unrolled loads step one group back, not a grid stride (groups left out of the tensor scale)'
-  'nvfp4_small_amax_drops_last_group#kernels/cuda/cuda_nvfp4.cu#s/{nv_amax_groups<Tin, VEC>(x, ngroups)}/{nv_amax_groups<Tin, VEC>(x, ngroups - 1)}/#the one-block quantizer of a small x leaves x'"'"'s last group out of the tensor amax'
+  'nvfp4_small_amax_drops_last_group#kernels/cuda/cuda_nvfp4.cu#s/{nv_amax_groups<Tin, VEC>(x, ngroups, nv_grid_first()/{nv_amax_groups<Tin, VEC>(x, ngroups - 1, nv_grid_first()/#the one-block quantizer of a small x leaves x'"'"'s last group out of the tensor amax'
   'nvfp4_small_half_the_warps#kernels/cuda/cuda_nvfp4.cu#s|nv_block_max<1, nv_small_threads(SR) / 32>(m);|nv_block_max<1, nv_small_threads(SR) / 64>(m);|#the one-block quantizer reduces the maxima of only its first half of warps'
   'nvfp4_small_writes_nonfinite#kernels/cuda/cuda_nvfp4.cu#s/const nv_scale sc = nv_scale_of(m\[0\], dec);/nv_scale sc = nv_scale_of(m[0], dec); sc.finite = true;/#the one-block quantizer writes xq although x is not finite'
   'gemv_packed_first_dec_w#kernels/cuda/cuda_linear.cu#s/w\[j\] = {codes\[j\], scales\[j\], dec_x, dec_w\[j\]};/w[j] = {codes[j], scales[j], dec_x, dec_w[0]};/#the grouped packed GEMV scales every matrix by the first one'"'"'s S_dec'
   'gemv_packed_first_scales#kernels/cuda/cuda_linear.cu#s/w\[j\] = {codes\[j\], scales\[j\], dec_x, dec_w\[j\]};/w[j] = {codes[j], scales[0], dec_x, dec_w[j]};/#the grouped packed GEMV reads every matrix'"'"'s block scales from the first one'
-  'gemv_packed_high_half_x#kernels/cuda/cuda_linear.cu#s/sum = fmaf(__high2float(h\[j\]), x\[j + 4\], sum);/sum = fmaf(__high2float(h[j]), x[j], sum);/#the packed GEMV multiplies the high code of each pair by the low one'"'"'s x'
+  'gemv_packed_high_half_x#kernels/cuda/cuda_gemv.cuh#s/sum = fmaf(__high2float(h\[j\]), x\[j + 4\], sum);/sum = fmaf(__high2float(h[j]), x[j], sum);/#the packed GEMV multiplies the high code of each pair by the low one'"'"'s x'
   'gemv_one_row_kernel_for_two#kernels/cuda/cuda_linear.cu#s/    if (n == 1) kernel = gemv_pick<F, 1>(wpr);/    if (n <= 2) kernel = gemv_pick<F, 1>(wpr);/#the packed GEMV runs its one-row kernel for two token rows'
   'adamw_parts_half_the_warps#kernels/cuda/cuda_adamw.cu#s|threadIdx.x < CUDA_THREADS / 32 ? warp_max\[threadIdx.x\] : 0u|threadIdx.x < CUDA_THREADS / 64 ? warp_max[threadIdx.x] : 0u|#AdamW'"'"'s amax part of a chunk leaves out the maxima of its second half of warps'
   'adamw_parts_next_chunk#kernels/cuda/cuda_adamw.cu#s/if (threadIdx.x == 0) amax_parts\[blockIdx.x\] = amax;/if (threadIdx.x == 0) amax_parts[blockIdx.x + 1] = amax;/#AdamW writes each chunk'"'"'s amax part into the next chunk'"'"'s word'
@@ -48,6 +48,8 @@ MUTATIONS=(
   'adamw_parts_w_left_out#kernels/cuda/cuda_adamw.cu#s/for (int k = 0; k < 4; k++) amax = max(amax, abs_bits(f\[k\]));/for (int k = 0; k < 3; k++) amax = max(amax, abs_bits(f[k]));/#AdamW'"'"'s amax parts leave out the fourth value of each float4 group'
   'nvfp4_weight_parts_ignored#kernels/cuda/cuda_nvfp4.cu#s/  a.parts.max\[0\] = a.parts.max\[1\] = amax_parts;/  a.parts = nv_amax(w, DT_F32, rows, cols, -1, false);/#the weight quantization runs the amax kernel, not the parts (the equalities cannot tell)'
   'nvfp4_parts_ahead_last_dropped#kernels/cuda/cuda_nvfp4.cu#s/p\[k\]\[j\] = i < parts.n ? parts.max\[k\]\[i\] : 0;/p[k][j] = i < parts.n \&\& j < 3 ? parts.max[k][i] : 0;/#the quantize blocks leave out every fourth batch of amax partials'
+  'decode_mlp_up_scaled_as_gate#kernels/cuda/cuda_nvfp4.cu#s/a.up = {codes\[1\], scales\[1\], NULL, dec_w\[1\]};/a.up = {codes[1], scales[1], NULL, dec_w[0]};/#the fused decode MLP scales up by gate'"'"'s S_dec'
+  'decode_mlp_product_amax_one_block#kernels/cuda/cuda_nvfp4.cu#s/    parts.n = gridDim.x;/    parts.n = 1;/#the fused decode MLP takes the product'"'"'s amax from block 0'"'"'s rows only'
   # only the bf16 mode's checks can catch these: the fp32 and tf32 modes never store bf16
   'bf16_store_truncates#kernels/cuda/cuda_dtype.cuh#s/{ \*p = __float2bfloat16_rn(v); }/{ *p = __float2bfloat16_rz(v); }/#bf16 activations stored rounded toward zero'
   'bf16_tc_forward_docs_leak#kernels/cuda/cuda_attention_bf16.cu#s/(DOC \&\& key < sFirst\[warp \* 16 + g + 8 \* (e >> 1)\]))/(DOC \&\& key + 1 < sFirst[warp * 16 + g + 8 * (e >> 1)]))/#bf16 tensor-core forward: each row also sees the last key of the document before its own'
