@@ -16,7 +16,8 @@
  *    embedding forward and add bit for bit with the CPU's fp32 results rounded to bf16,
  *    the embedding backward (fp32 additions of bf16 values, in the CPU's order) within 1e-5;
  *    convert bit for bit with a host round-to-nearest-even; NVFP4 quantization of bf16 and
- *    fp32 inputs into bf16 byte for byte (q * s_b is exact in bf16), the packed GEMV 1e-2.
+ *    fp32 inputs into bf16 byte for byte (q * s_b is exact in bf16), the packed GEMV 1e-2;
+ *    the fused decode MLP (nvfp4_decode_mlp) bit for bit with the 7 GPU ops it fuses.
  * Pure outputs are poisoned with NaN (bf16 NaN 0x7FC0 in bf16 tensors) before each GPU run, so an
  * element the kernel never wrote fails the check; accumulating outputs (every backward adds into
  * its gradients) start from the same values on both sides and what is compared is what each
