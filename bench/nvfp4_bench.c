@@ -22,7 +22,8 @@
  *    algorithm of the heuristic's first LT_CANDIDATES (rank 0 is its first; cuda_gemm keeps the
  *    fastest that gives rank 0's bits; op=gemm_scalars).
  *  - nvfp4_decode_mlp, decoding's MLP half of a layer for one token from packed weights in one
- *    cooperative kernel, against the 7-op chain it fuses (op=decode_mlp: fused_us, chain_us).
+ *    cooperative kernel, against the 7-op chain it fuses (op=decode_mlp: fused_us, chain_us, and
+ *    the chain's two GEMVs alone, gemv_gate_up_us and gemv_down_us).
  * Each time is the mean of R back-to-back calls between two CUDA events on the backend's
  * stream, after one untimed call. Tensors are in the backend's activation dtype (bf16 unless
  * QWEN3_CUDA_PRECISION says otherwise).
@@ -360,8 +361,10 @@ static void bench_lt_modes(const char *pass, int m, int n, int k, enum dtype c_t
  * cooperative kernel) against the 7-op chain it fuses (ops.h), on the same buffers; weights
  * packed from random fp32 masters, the norm weight 1. Bytes: the packed weights (4.5 bits a
  * value), what both read. */
+/* what run_decode_mlp runs: the fused op, the chain, or one of the chain's two GEMVs alone */
+enum decode_mlp_part { MLP_FUSED, MLP_CHAIN, MLP_GATE_UP, MLP_DOWN };
 struct decode_mlp_call {
-  int fused;
+  enum decode_mlp_part part;
   void *y, *h, *hn, *xq, *g, *u, *m, *mq, *d;
   float *norm_w, *dec;   /* dec[0], dec[1]: the two operands' S_dec */
   uint8_t *codes[3], *scales[3];
@@ -375,13 +378,21 @@ static void run_decode_mlp(void *arg) {
   const float *const *dec_w = (const float *const *)c->dec_w;
   const float eps = 1e-6f;
   enum dtype act = be->act_dtype();
-  if (c->fused) {
+  void *gu[2] = {c->g, c->u}, *d[1] = {c->d};
+  const int gu_dims[2] = {INTER, INTER}, d_dims[1] = {HIDDEN};
+  if (c->part == MLP_GATE_UP || c->part == MLP_DOWN) {
+    if (c->part == MLP_GATE_UP)
+      be->nvfp4_gemv_packed(gu, c->xq, c->dec, codes, scales, dec_w, gu_dims, 2, 1, HIDDEN);
+    else
+      be->nvfp4_gemv_packed(d, c->mq, c->dec + 1, codes + 2, scales + 2, dec_w + 2, d_dims, 1,
+                            1, INTER);
+    return;
+  }
+  if (c->part == MLP_FUSED) {
     be->nvfp4_decode_mlp(c->y, c->h, c->norm_w, eps, c->dec, c->dec + 1, codes, scales, dec_w, 1,
                          HIDDEN, INTER);
     return;
   }
-  void *gu[2] = {c->g, c->u}, *d[1] = {c->d};
-  const int gu_dims[2] = {INTER, INTER}, d_dims[1] = {HIDDEN};
   be->rmsnorm_forward(c->hn, c->h, c->norm_w, 1, HIDDEN, eps);
   be->nvfp4_quantize(c->xq, c->dec, c->hn, act, 1, HIDDEN, NVFP4_ROWS, 0, 0, -1);
   be->nvfp4_gemv_packed(gu, c->xq, c->dec, codes, scales, dec_w, gu_dims, 2, 1, HIDDEN);
@@ -418,17 +429,24 @@ static void bench_decode_mlp(int repeats) {
   for (size_t i = 0; i < sizeof inter_bufs / sizeof *inter_bufs; i++)
     *inter_bufs[i] = bench_alloc(be, INTER * ab);
   c.dec = bench_alloc(be, 2 * sizeof(float));
-  c.fused = 1;
+  c.part = MLP_FUSED;
   double t_fused = time_calls(run_decode_mlp, &c, repeats);
-  c.fused = 0;
+  c.part = MLP_CHAIN;
   double t_chain = time_calls(run_decode_mlp, &c, repeats);
+  /* the chain's GEMVs alone, on the operands its last run left */
+  c.part = MLP_GATE_UP;
+  double t_gate_up = time_calls(run_decode_mlp, &c, repeats);
+  c.part = MLP_DOWN;
+  double t_down = time_calls(run_decode_mlp, &c, repeats);
   const size_t bytes = 3 * (nw / 2 + nw / 16);
-  char line[320];
+  char line[480];
   snprintf(line, sizeof line,
            "RESULT system=ours-nvfp4 op=decode_mlp n=1 hidden=%d inter=%d act=%s fused_us=%.2f "
-           "chain_us=%.2f speedup=%.2f weight_bytes=%zu fused_GBps=%.0f chain_GBps=%.0f",
+           "chain_us=%.2f speedup=%.2f weight_bytes=%zu fused_GBps=%.0f chain_GBps=%.0f "
+           "gemv_gate_up_us=%.2f gemv_down_us=%.2f gemv_GBps=%.0f",
            HIDDEN, INTER, dtype_name(act), t_fused * 1e6, t_chain * 1e6, t_chain / t_fused,
-           bytes, bytes / t_fused / 1e9, bytes / t_chain / 1e9);
+           bytes, bytes / t_fused / 1e9, bytes / t_chain / 1e9, t_gate_up * 1e6, t_down * 1e6,
+           bytes / (t_gate_up + t_down) / 1e9);
   result_line(line);
   void *bufs[] = {c.y, c.h, c.hn, c.xq, c.g, c.u, c.m, c.mq, c.d, c.norm_w, c.dec};
   for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) be->free(bufs[i]);

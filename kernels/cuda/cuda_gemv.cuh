@@ -87,8 +87,10 @@ static __device__ __forceinline__ void gemv_load_x(float (&f)[N], const T *__res
  *                 else its chunks one at a time (rows of many: the predicated batch took the
  *                 dense kernels from 40-48 registers to 54-62);
  *   weights       a chunk made ready for dot, once for every token row (gemv_dense: in fp32);
- *   dot           acc + those N weights · x's N values at p (one token row, read through X),
- *                 fp32 arithmetic;
+ *   xin           the operand x as the format reads it (a pointer to x's values, or to
+ *                 gemv_nvfp4_i8's integers and scales);
+ *   dot           acc + those N weights · x's N values from flat column col (token row t at
+ *                 t * in_dim; read through X), fp32 arithmetic;
  *   finish        a row's output from its sum.
  * gemv_dense: the weight copy in the activation dtype T (linear_forward). */
 template <typename T>
@@ -110,13 +112,13 @@ struct gemv_dense {
     return gemv_load(w + off);
   }
   typedef gemv_vec<T> weights;
+  typedef const T *__restrict__ xin;
   template <class X>
-  static __device__ __forceinline__ float dot(const weights &w, const T *__restrict__ p,
-                                              float acc) {
-    float x[N];
-    gemv_load_x<X, T, N>(x, p);
+  static __device__ __forceinline__ float dot(const weights &w, xin x, size_t col, float acc) {
+    float v[N];
+    gemv_load_x<X, T, N>(v, x + col);
 #pragma unroll
-    for (int i = 0; i < N; i++) acc = fmaf(w.f[i], x[i], acc);
+    for (int i = 0; i < N; i++) acc = fmaf(w.f[i], v[i], acc);
     return acc;
   }
   static __device__ __forceinline__ float finish(const mat &, float sum) { return sum; }
@@ -171,9 +173,10 @@ struct gemv_nvfp4 {
       for (int b = 0; b < 2; b++) s[b] = nv_e4m3_decode(k.s >> 8 * b & 0xffu) * 0x1p14f;
     }
   };
+  typedef const T *__restrict__ xin;
   template <class X>
-  static __device__ __forceinline__ float dot(const weights &w, const T *__restrict__ p,
-                                              float acc) {
+  static __device__ __forceinline__ float dot(const weights &w, xin x, size_t col, float acc) {
+    const T *const p = x + col;
 #pragma unroll
     for (int b = 0; b < 2; b++) {
       float sum = 0.0f;
@@ -197,6 +200,66 @@ struct gemv_nvfp4 {
   }
 };
 
+/* 2q for the 8 E2M1 codes of a word (element j in bits 4j..4j+3) as 8 int8, element j in byte j
+ * of lo (j < 4) or hi: 2q is an integer of -12..12. Byte permutes from tables: the magnitude's
+ * 3 bits select from 2|q| and from -2|q|, the sign bit then picks one of the two. */
+static __device__ __forceinline__ void nv_e2m1x8_i8(uint32_t q, uint32_t &lo, uint32_t &hi) {
+  const uint32_t POS_LO = 0x03020100u, POS_HI = 0x0C080604u;   /* 0 1 2 3 | 4 6 8 12 */
+  const uint32_t NEG_LO = 0xFDFEFF00u, NEG_HI = 0xF4F8FAFCu;   /* their negatives */
+  const uint32_t mag = q & 0x77777777u;
+  const uint32_t pick = 0x32103210u | (q & 0x88888888u) >> 1;  /* byte j, or j + 4 if negative */
+  lo = __byte_perm(__byte_perm(POS_LO, POS_HI, mag), __byte_perm(NEG_LO, NEG_HI, mag), pick);
+  hi = __byte_perm(__byte_perm(POS_LO, POS_HI, mag >> 16), __byte_perm(NEG_LO, NEG_HI, mag >> 16),
+                   pick >> 16);
+}
+
+/* An NVFP4 operand as integers (gemv_nvfp4_i8's x): k[i] = 2q of value i (-12..12) and s[b] its
+ * block b's scale s_b in fp32, so that value i is k[i] * s[i / 16] / 2. */
+struct gemv_i8_operand {
+  int8_t *k;
+  float *s;
+};
+
+/* gemv_nvfp4 with an integer dot product: the weights' codes become 2q in int8 (nv_e2m1x8_i8,
+ * ~1.4 instructions a value) and meet x's k in __dp4a, 4 products a instruction, against the
+ * fp32 path's conversions and FMA a value, which at one token row bound the GEMV by its issue
+ * rate, not by its bytes. A block's integer sum of 2q_w * 2q_x is at most 16 * 144, exact; times
+ * s_w * s_x / 4 (E4M3 times E4M3: 8 significant bits) it is the block's exact dot product, as
+ * gemv_nvfp4's fp32 block sum is (bench/NOTES.md), so the one rounding a block, in the same
+ * order, gives the same bits. x one token row (R = 1), in shared memory (X gemv_x_shared). */
+template <typename T>
+struct gemv_nvfp4_i8 : gemv_nvfp4<T> {
+  typedef typename gemv_nvfp4<T>::chunk chunk;
+  struct weights {
+    uint32_t q[4];   /* the 32 codes, 8 a word, in column order */
+    float s[2];      /* the two blocks' scales / 4 */
+    __device__ __forceinline__ weights(const chunk &k) : q{k.q.x, k.q.y, k.q.z, k.q.w} {
+#pragma unroll
+      for (int b = 0; b < 2; b++) s[b] = nv_e4m3_decode(k.s >> 8 * b & 0xffu) * 0.25f;
+    }
+  };
+  typedef const gemv_i8_operand &xin;
+  template <class X>
+  static __device__ __forceinline__ float dot(const weights &w, xin x, size_t col, float acc) {
+    const uint4 k0 = X::load(x.k + col), k1 = X::load(x.k + col + 16);
+    const uint32_t xk[8] = {k0.x, k0.y, k0.z, k0.w, k1.x, k1.y, k1.z, k1.w};
+    const float2 xs = *reinterpret_cast<const float2 *>(x.s + col / 16);
+#pragma unroll
+    for (int b = 0; b < 2; b++) {
+      int sum = 0;
+#pragma unroll
+      for (int i = 2 * b; i < 2 * b + 2; i++) {   /* columns 8i .. 8i + 7 */
+        uint32_t lo, hi;
+        nv_e2m1x8_i8(w.q[i], lo, hi);
+        sum = __dp4a((int)lo, (int)xk[2 * i], sum);
+        sum = __dp4a((int)hi, (int)xk[2 * i + 1], sum);
+      }
+      acc = fmaf((float)sum, w.s[b] * (b ? xs.y : xs.x), acc);
+    }
+    return acc;
+  }
+};
+
 /* The lane's batch of chunks of row r at columns c, c + stride, ... (w: the row); PART: the
  * row's last batch, maybe partial: only the chunks inside the row. */
 template <class F, bool PART, int U>
@@ -213,8 +276,8 @@ static __device__ __forceinline__ void gemv_fetch(typename F::chunk (&wb)[U],
 template <class F, class X, bool PART, int U, int R>
 static __device__ __forceinline__ void gemv_fma(float (&acc)[R],
                                                 const typename F::chunk (&wb)[U],
-                                                const typename F::act *__restrict__ x, int c,
-                                                int stride, int n, int in_dim) {
+                                                typename F::xin x, int c, int stride, int n,
+                                                int in_dim) {
 #pragma unroll
   for (int u = 0; u < U; u++) {
     if (PART && c + u * stride >= in_dim) break;
@@ -222,7 +285,7 @@ static __device__ __forceinline__ void gemv_fma(float (&acc)[R],
 #pragma unroll
     for (int t = 0; t < R; t++) {
       if (t >= n) break;
-      acc[t] = F::template dot<X>(wv, x + (size_t)t * in_dim + c + u * stride, acc[t]);
+      acc[t] = F::template dot<X>(wv, x, (size_t)t * in_dim + c + u * stride, acc[t]);
     }
   }
 }
@@ -249,8 +312,8 @@ template <class F, class X, int R>
 static __device__ __forceinline__ void gemv_row_warp(float (&acc)[R],
                                                      typename F::chunk (&wb)[GEMV_UNROLL],
                                                      const typename F::row &wr,
-                                                     const typename F::act *__restrict__ x,
-                                                     int c0, int stride, int n, int in_dim,
+                                                     typename F::xin x, int c0, int stride,
+                                                     int n, int in_dim,
                                                      bool live) {
   constexpr int U = GEMV_UNROLL;
 #pragma unroll

@@ -336,6 +336,28 @@ NV_UNROLL
   }
 };
 
+/* The fused decode kernels' operand in shared memory as gemv_nvfp4_i8 reads it (cuda_gemv.cuh):
+ * 2q as int8, N values a thread in one store, and each block's s_b from the thread holding
+ * its first element. */
+struct nv_write_i8 {
+  gemv_i8_operand op;
+  template <int N>
+  __device__ __forceinline__ void put(size_t i0, const float q[N], const nv_block &b) const {
+    static_assert(N % 4 == 0, "whole words of int8");
+    uint32_t w[N / 4];
+NV_UNROLL
+    for (int j = 0; j < N / 4; j++) {
+      w[j] = 0;
+NV_UNROLL
+      for (int e = 0; e < 4; e++)
+        w[j] |= (uint32_t)(uint8_t)(int8_t)__float2int_rn(2.0f * q[4 * j + e]) << 8 * e;
+    }
+    if constexpr (N == 8) *reinterpret_cast<uint2 *>(op.k + i0) = make_uint2(w[0], w[1]);
+    else *reinterpret_cast<uint32_t *>(op.k + i0) = w[0];
+    if (i0 % 16 == 0) op.s[i0 / 16] = b.s;
+  }
+};
+
 /* C adjacent values of x, moved by one load of C * sizeof(T) bytes */
 template <typename T, int C>
 struct alignas(C * sizeof(T)) nv_run {
@@ -862,29 +884,59 @@ struct nv_mlp_rows {
   __device__ __forceinline__ int row(int base) const { return base + (threadIdx.x >> 5) / wpr; }
 };
 
+/* The fused kernel's shared memory (dynamic, bytes from its start): the integer operand's
+ * scales s (max(dim, inter) / 16 floats) first, then the normalized row xn (dim values of T),
+ * then the operand's integers k (max(dim, inter)), each 16-byte aligned. */
+struct nv_mlp_layout {
+  size_t xn, k, bytes;
+  __host__ __device__ nv_mlp_layout(int dim, int inter, size_t t_bytes) {
+    const size_t most = (size_t)(dim > inter ? dim : inter);
+    xn = (most / 16 * sizeof(float) + 15) / 16 * 16;
+    k = xn + (size_t)dim * t_bytes;
+    bytes = k + most;
+  }
+};
+
+/* NVFP4_ROWS of x [n] (shared or global, a block's whole row) into the integer operand by the
+ * block, as nvfp4_rows_small_kernel's groups (sc from its amax); a non-finite amax writes NaN
+ * scales, so every product is NaN, as the chain's GEMV is by its S_dec. */
+template <typename T>
+__device__ __forceinline__ void nv_mlp_quantize(const nv_write_i8 &out, const T *x, int n,
+                                                const nv_scale &sc) {
+  if (sc.finite)
+    nv_rows_groups<T, nv_write_i8, true, false>(out, x, n / (16 / sizeof(T)), sc, 0, threadIdx.x,
+                                                NV_MLP_THREADS);
+  else
+    for (int b = threadIdx.x; b < n / 16; b += NV_MLP_THREADS) out.op.s[b] = nv_u2f(0x7fffffffu);
+}
+
 /* The MLP half of a decoder layer for one token row, in one cooperative kernel (the grid all
  * resident), the 7-op chain's arithmetic step for step (ops.h nvfp4_decode_mlp):
  *  (a) each block normalizes h into shared memory as rmsnorm_forward_kernel does (R: its rows
  *      a step for dim, which fixes the thread's values and so the double sum's order), quantizes
- *      it there in place as nvfp4_rows_small_kernel does (S_dec to dec_x from block 0), then
- *      takes gate row r and up row r for its rows r, both through gemv_row_warp (the GEMV's
- *      order), each rounded to T as the GEMV stores them, their SwiGLU rounded to T into m[r],
+ *      it as nvfp4_rows_small_kernel does (S_dec to dec_x from block 0) into the integer
+ *      operand (gemv_nvfp4_i8's: the same values), then takes gate row r and up row r for its
+ *      rows r, both through gemv_row_warp (the GEMV's order and, block sum by block sum, its
+ *      bits), each rounded to T as the GEMV stores them, their SwiGLU rounded to T into m[r],
  *      and the block's max of the bits of |m| into parts[block];
  *  (b) the grid's barrier;
  *  (c) each block reduces the parts to the amax (nv_read_scale: S_dec to dec_m), quantizes m
- *      into shared memory as nvfp4_rows_small_kernel would, takes its down rows, each rounded
- *      to T, and writes y = h + that (add's rounding).
- * Shared memory: the operand, max(dim, inter) values of T (dynamic). A non-finite amax leaves
- * the operand unquantized and its S_dec NaN, which every product of the GEMV then carries, as
- * the chain's GEMV multiplies its unwritten operand by the NaN S_dec: y is NaN where the chain's
- * is. y may be h: each h value a block reads in (c) is its own row's, and the reads of (a)
- * come before the barrier. */
+ *      into the integer operand as nvfp4_rows_small_kernel would, takes its down rows, each
+ *      rounded to T, and writes y = h + that (add's rounding).
+ * Shared memory: nv_mlp_layout (dynamic). A non-finite amax gives NaN block scales, so every
+ * product of the GEMV is NaN, as the chain's GEMV multiplies its unwritten operand by the NaN
+ * S_dec: y is NaN where the chain's is. y may be h: each h value a block reads in (c) is its own
+ * row's, and the reads of (a) come before the barrier. */
 template <typename T, int R>
 __global__ void __launch_bounds__(NV_MLP_THREADS) nvfp4_decode_mlp_kernel(nv_mlp_args<T> a) {
-  typedef gemv_nvfp4<T> F;
+  typedef gemv_nvfp4_i8<T> F;
   constexpr int V = VEC_OF(T), PER = RMS_STEP_VALUES / R / V, G = 16 / sizeof(T);
-  extern __shared__ uint4 nv_mlp_operand[];
-  T *const xq = reinterpret_cast<T *>(nv_mlp_operand);
+  extern __shared__ uint4 nv_mlp_smem[];
+  const nv_mlp_layout L(a.dim, a.inter, sizeof(T));
+  T *const xn = reinterpret_cast<T *>(reinterpret_cast<char *>(nv_mlp_smem) + L.xn);
+  const gemv_i8_operand op = {reinterpret_cast<int8_t *>(nv_mlp_smem) + L.k,
+                              reinterpret_cast<float *>(nv_mlp_smem)};
+  const nv_write_i8 to_operand = {op};
   __shared__ double rms_sums[32];
   __shared__ float warp_sums[NV_MLP_WARPS][2];
   __shared__ float dec;   /* the operand's S_dec (nv_dec_value), which F::finish reads */
@@ -900,17 +952,14 @@ __global__ void __launch_bounds__(NV_MLP_THREADS) nvfp4_decode_mlp_kernel(nv_mlp
     load_row<T, V, PER>(xr, a.h, 0, a.dim, true);
     double ss = row_sum_squares<T, V, PER>(xr);
     block_sums_double<1>(&ss, rms_sums);
-    rms_row_store<T, V, PER>(xq, 0, xr, wv, rstd_of(ss, a.dim, a.eps), a.dim);
+    rms_row_store<T, V, PER>(xn, 0, xr, wv, rstd_of(ss, a.dim, a.eps), a.dim);
   }
   __syncthreads();
-  const nv_write_act<T, true> to_operand = {xq};
-  {   /* its quantization, as nvfp4_rows_small_kernel's, in place */
-    uint32_t m[1] = {nv_amax_groups<T, true>(xq, a.dim / G, threadIdx.x, NV_MLP_THREADS)};
+  {   /* its quantization, as nvfp4_rows_small_kernel's, into the integer operand */
+    uint32_t m[1] = {nv_amax_groups<T, true>(xn, a.dim / G, threadIdx.x, NV_MLP_THREADS)};
     nv_block_max<1, NV_MLP_WARPS>(m);
     const nv_scale sc = nv_scale_of(m[0], a.dec_x);
-    if (sc.finite)
-      nv_rows_groups<T, nv_write_act<T, true>, true, false>(to_operand, xq, a.dim / G, sc, 0,
-                                                          threadIdx.x, NV_MLP_THREADS);
+    nv_mlp_quantize<T>(to_operand, xn, a.dim, sc);
     if (threadIdx.x == 0) dec = nv_dec_value(sc);
   }
   __syncthreads();
@@ -929,8 +978,8 @@ __global__ void __launch_bounds__(NV_MLP_THREADS) nvfp4_decode_mlp_kernel(nv_mlp
       gemv_row_prefetch<F>(bg, wg, rows.c0, rows.stride, a.dim, live);
       gemv_row_prefetch<F>(bu, wu, rows.c0, rows.stride, a.dim, live);
       float sg[1], su[1];
-      gemv_row_warp<F, gemv_x_shared, 1>(sg, bg, wg, xq, rows.c0, rows.stride, 1, a.dim, live);
-      gemv_row_warp<F, gemv_x_shared, 1>(su, bu, wu, xq, rows.c0, rows.stride, 1, a.dim, live);
+      gemv_row_warp<F, gemv_x_shared, 1>(sg, bg, wg, op, rows.c0, rows.stride, 1, a.dim, live);
+      gemv_row_warp<F, gemv_x_shared, 1>(su, bu, wu, op, rows.c0, rows.stride, 1, a.dim, live);
       if (lane == 0) warp_sums[warp][0] = sg[0], warp_sums[warp][1] = su[0];
       __syncthreads();
       if (live && rows.part == 0 && lane == 0) {
@@ -958,9 +1007,7 @@ __global__ void __launch_bounds__(NV_MLP_THREADS) nvfp4_decode_mlp_kernel(nv_mlp
     parts.max[0] = parts.max[1] = a.parts;
     parts.n = gridDim.x;
     const nv_scale sc = nv_read_scale<NV_MLP_THREADS>(parts, a.dec_m);
-    if (sc.finite)
-      nv_rows_groups<T, nv_write_act<T, true>, true, false>(to_operand, a.m, a.inter / G, sc, 0,
-                                                          threadIdx.x, NV_MLP_THREADS);
+    nv_mlp_quantize<T>(to_operand, a.m, a.inter, sc);
     if (threadIdx.x == 0) dec = nv_dec_value(sc);
   }
   __syncthreads();
@@ -977,7 +1024,7 @@ __global__ void __launch_bounds__(NV_MLP_THREADS) nvfp4_decode_mlp_kernel(nv_mlp
       typename F::chunk bd[GEMV_UNROLL];
       gemv_row_prefetch<F>(bd, wd, rows.c0, rows.stride, a.inter, live);
       float sd[1];
-      gemv_row_warp<F, gemv_x_shared, 1>(sd, bd, wd, xq, rows.c0, rows.stride, 1, a.inter, live);
+      gemv_row_warp<F, gemv_x_shared, 1>(sd, bd, wd, op, rows.c0, rows.stride, 1, a.inter, live);
       if (lane == 0) warp_sums[warp][0] = sd[0];
       __syncthreads();
       if (live && rows.part == 0 && lane == 0) {
@@ -1379,14 +1426,14 @@ extern "C" void cuda_nvfp4_decode_mlp(void *y, const void *h, const float *norm_
                                       const uint8_t *const *scales, const float *const *dec_w,
                                       int n, int dim, int inter) {
   char detail[320];
-  const size_t smem = (size_t)(dim > inter ? dim : inter) * dtype_bytes(cuda_ctx.act);
+  const size_t smem = nv_mlp_layout(dim, inter, dtype_bytes(cuda_ctx.act)).bytes;
   if (n != 1 || dim <= 0 || inter <= 0 || dim % 32 || inter % 32 ||
       dim > RMS_STEP_VALUES * RMS_MAX_THREADS || !cuda_aligned16(h) || !cuda_aligned16(y) ||
       !dec_x || !dec_m || smem > (size_t)cuda_smem_optin()) {
     snprintf(detail, sizeof detail,
              "n %d, dim %d, inter %d, h %p, y %p refused: n must be 1, dim and inter positive "
              "multiples of 32 (a 16-byte load of codes), dim at most %d (a row in one block), "
-             "max(dim, inter) values within a block's shared memory (%d bytes), h and y 16-byte "
+             "the row and the operand within a block's shared memory (%d bytes), h and y 16-byte "
              "aligned, dec_x and dec_m given",
              n, dim, inter, h, y, RMS_STEP_VALUES * RMS_MAX_THREADS, cuda_smem_optin());
     cuda_fail("cuda_nvfp4_decode_mlp", detail, __FILE__, __LINE__);

@@ -50,6 +50,9 @@ MUTATIONS=(
   'nvfp4_parts_ahead_last_dropped#kernels/cuda/cuda_nvfp4.cu#s/p\[k\]\[j\] = i < parts.n ? parts.max\[k\]\[i\] : 0;/p[k][j] = i < parts.n \&\& j < 3 ? parts.max[k][i] : 0;/#the quantize blocks leave out every fourth batch of amax partials'
   'decode_mlp_up_scaled_as_gate#kernels/cuda/cuda_nvfp4.cu#s/a.up = {codes\[1\], scales\[1\], NULL, dec_w\[1\]};/a.up = {codes[1], scales[1], NULL, dec_w[0]};/#the fused decode MLP scales up by gate'"'"'s S_dec'
   'decode_mlp_product_amax_one_block#kernels/cuda/cuda_nvfp4.cu#s/    parts.n = gridDim.x;/    parts.n = 1;/#the fused decode MLP takes the product'"'"'s amax from block 0'"'"'s rows only'
+  'decode_mlp_i8_table_wrong#kernels/cuda/cuda_gemv.cuh#s/POS_HI = 0x0C080604u/POS_HI = 0x0C080605u/#the integer GEMV reads code 4 (E2M1 2.0) as 2.5'
+  'decode_mlp_i8_sign_ignored#kernels/cuda/cuda_gemv.cuh#s/0x32103210u | (q \& 0x88888888u) >> 1/0x32103210u/#the integer GEMV takes every weight code as positive'
+  'decode_mlp_i8_x_block_scale_swapped#kernels/cuda/cuda_gemv.cuh#s/w.s\[b\] \* (b ? xs.y : xs.x)/w.s[b] * (b ? xs.x : xs.y)/#the integer GEMV scales each block of x by its neighbour'"'"'s s_b'
   # only the bf16 mode's checks can catch these: the fp32 and tf32 modes never store bf16
   'bf16_store_truncates#kernels/cuda/cuda_dtype.cuh#s/{ \*p = __float2bfloat16_rn(v); }/{ *p = __float2bfloat16_rz(v); }/#bf16 activations stored rounded toward zero'
   'bf16_tc_forward_docs_leak#kernels/cuda/cuda_attention_bf16.cu#s/(DOC \&\& key < sFirst\[warp \* 16 + g + 8 \* (e >> 1)\]))/(DOC \&\& key + 1 < sFirst[warp * 16 + g + 8 * (e >> 1)]))/#bf16 tensor-core forward: each row also sees the last key of the document before its own'
