@@ -100,7 +100,8 @@ NV_UNROLL
     /* sign of code j (bit 4j + 3) to bit 15, its magnitude (bits 4j..4j+2) to bits 9..11 */
     const uint32_t sign = j < 3 ? q << (12 - 4 * j) : q, mag = j < 3 ? q << (9 - 4 * j) : q >> 3;
     const uint32_t bits = (sign & 0x80008000u) | (mag & 0x0E000E00u);
-    memcpy(&h[j], &bits, 4);
+    /* (void *): g++ warns of a memcpy onto __half2, whose assignment is user-written */
+    memcpy((void *)&h[j], &bits, 4);
   }
 }
 
