@@ -137,6 +137,15 @@ static void *wq_of(const struct worker *w, int i, int transposed) {
   return (char *)w->wq + at * dtype_bytes(w->plan.act);
 }
 
+/* Tests and measurements: QWEN3_NVFP4_WEIGHT_AMAX_PASS=1 makes every weight quantization take
+ * its own amax pass, as before AdamW took the maxima: the same numbers, one more read.
+ * AdamW still writes the parts, and still no weight copy of an NVFP4 layer's matrices
+ * (optim.c): the switch changes where the amax comes from and nothing else. */
+static int amax_pass_forced(void) {
+  const char *v = getenv("QWEN3_NVFP4_WEIGHT_AMAX_PASS");
+  return v && strcmp(v, "1") == 0;
+}
+
 /* The parts are valid when the optimizer wrote them since this was last called, as it does
  * (optim.c) before the call of the next step's worker_prepare_step: whatever else writes the
  * masters (init, loading a model or a checkpoint) leaves amax_parts_fresh clear, and so does
@@ -144,7 +153,7 @@ static void *wq_of(const struct worker *w, int i, int transposed) {
  * the amax passes once more, as the weight copy's conversion). */
 void nvfp4_weights_changed(struct worker *w) {
   memset(w->wq_stale, 1, (size_t)w->plan.n_layers);
-  w->amax_parts_valid = w->amax_parts_fresh;
+  w->amax_parts_valid = w->amax_parts_fresh && !amax_pass_forced();
   w->amax_parts_fresh = 0;
 }
 
@@ -181,13 +190,6 @@ static void quantize_layer_weights(struct worker *w, int layer) {
   w->wq_stale[layer] = 0;
 }
 
-/* Tests and measurements: QWEN3_NVFP4_WEIGHT_AMAX_PASS=1 makes every weight quantization take
- * its own amax pass, as before AdamW took the maxima: the same numbers, one more read. */
-static int amax_pass_forced(void) {
-  const char *v = getenv("QWEN3_NVFP4_WEIGHT_AMAX_PASS");
-  return v && strcmp(v, "1") == 0;
-}
-
 void nvfp4_worker_init(struct worker *w) {
   const struct worker_plan *p = &w->plan;
   w->wq_offset = xmalloc((size_t)w->n_params * sizeof(size_t));
@@ -217,7 +219,7 @@ void nvfp4_worker_init(struct worker *w) {
     w->wq = (char *)w->q_dec + dec_bytes(p);
     w->rht_signs = nvfp4_rht_signs(p->nvfp4.seed);
   }
-  if (bytes && !amax_pass_forced()) {   /* after the weights, in the same allocation */
+  if (bytes) {   /* after the weights, in the same allocation */
     uint32_t *first = (uint32_t *)((char *)w->q_dec + weights_end);
     w->amax_parts = xmalloc((size_t)w->n_params * sizeof *w->amax_parts);
     for (int i = 0; i < w->n_params; i++)

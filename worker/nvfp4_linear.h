@@ -21,10 +21,11 @@ void nvfp4_worker_init(struct worker *w);
 void nvfp4_worker_free(struct worker *w);
 /* The fp32 master weights changed: each NVFP4 layer's matrices are quantized again by the
  * layer's next forward, with the amax AdamW took of them (nvfp4_amax_parts) when it wrote
- * them (w->amax_parts_fresh), else with an amax pass of their own. */
+ * them (w->amax_parts_fresh) and QWEN3_NVFP4_WEIGHT_AMAX_PASS=1 is not set, else with an amax
+ * pass of their own. */
 void nvfp4_weights_changed(struct worker *w);
 /* Where AdamW writes parameter `param`'s amax parts (backend memory, nvfp4_amax_part_count
- * words): an NVFP4 matrix's, unless QWEN3_NVFP4_WEIGHT_AMAX_PASS=1 turns them off; else NULL. */
+ * words): an NVFP4 matrix's; else NULL. */
 uint32_t *nvfp4_amax_parts(const struct worker *w, int param);
 /* After a step whose loss or gradient norm is not finite: 1 and a message naming the first
  * NVFP4 operand whose tensor scale is NaN (the operand held a non-finite value), else 0. */

@@ -127,10 +127,11 @@ struct worker {
   unsigned char *wq_stale;     /* [n_layers] 1: the layer's wq predates the masters */
   /* [n_params]: where AdamW writes an NVFP4 matrix's amax parts (ops.h adamw_update; after wq
    * in q_dec's allocation), NULL for the other parameters; the array itself is NULL without
-   * NVFP4 layers or with QWEN3_NVFP4_WEIGHT_AMAX_PASS=1 (nvfp4_linear.c) */
+   * NVFP4 layers (nvfp4_linear.c) */
   uint32_t **amax_parts;
   int amax_parts_fresh;        /* the optimizer wrote the parts with the masters (optim.c) */
-  int amax_parts_valid;        /* the parts hold the maxima of the masters the layers quantize */
+  int amax_parts_valid;        /* the parts hold the maxima of the masters the layers quantize,
+                                  and the quantizer takes them (QWEN3_NVFP4_WEIGHT_AMAX_PASS) */
   void *wq;
   void *q_scratch;
   uint16_t rht_signs;

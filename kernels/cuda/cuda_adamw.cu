@@ -14,6 +14,7 @@
 
 #include "kernels/cuda/cuda.h"
 #include "kernels/cuda/cuda_dtype.cuh"
+#include "kernels/cuda/cuda_nvfp4.cuh"
 
 struct adamw_scalars {
   float grad_scale; /* the clipping factor: g * grad_scale rounds as torch's g.mul_(coef) */
@@ -44,23 +45,6 @@ static __device__ __forceinline__ void adamw1(float &p, float g_raw, float &m, f
   v = vi;
 }
 
-/* the bits of |x|: their maxima order the values as the quantizer's amax does */
-static __device__ __forceinline__ uint32_t abs_bits(float x) {
-  return __float_as_uint(x) & 0x7fffffffu;
-}
-
-/* the largest m of the block, in thread 0 (every thread calls it, once a kernel) */
-static __device__ __forceinline__ uint32_t block_max(uint32_t m) {
-  __shared__ uint32_t warp_max[CUDA_THREADS / 32];
-  m = __reduce_max_sync(0xffffffffu, m);
-  if ((threadIdx.x & 31) == 0) warp_max[threadIdx.x >> 5] = m;
-  __syncthreads();
-  if (threadIdx.x < 32)
-    m = __reduce_max_sync(0xffffffffu,
-                          threadIdx.x < CUDA_THREADS / 32 ? warp_max[threadIdx.x] : 0u);
-  return m;
-}
-
 /* Float4 groups of each tensor a thread loads before it updates any, with amax parts. Block b
  * then updates chunk b of ADAMW_AMAX_CHUNK values (ops.h), so that its part has one writer:
  * 4096 groups, 16 a thread. A matrix of 160 chunks (Qwen3-4B's k and v) runs fewer blocks than
@@ -70,7 +54,7 @@ static __device__ __forceinline__ uint32_t block_max(uint32_t m) {
 #define ADAMW_UNROLL 2
 
 /* A: the weight copy's storage type; copy NULL: no copy. PARTS: amax_parts[b] = the largest
- * |p| of chunk b. Without parts (every parameter but the NVFP4 matrices) the grid strides over
+ * |p| of chunk b, as bits, reduced with the quantizers' own maxima (cuda_nvfp4.cuh). Without parts (every parameter but the NVFP4 matrices) the grid strides over
  * the whole range one group a thread: blocks of one group a thread end within microseconds, and
  * the optimizer runs on a stream of lower priority beside the next step's forward, whose
  * kernels take the SMs as the blocks end (a chunk's block holds them ~17 times as long). */
@@ -112,9 +96,7 @@ static __global__ void __launch_bounds__(CUDA_THREADS)
         ((float4 *)v)[i] = vv[u];
         const float f[4] = {pv[u].x, pv[u].y, pv[u].z, pv[u].w};
         if (copy) store4(copy, i, f);
-        if (PARTS)
-#pragma unroll
-          for (int k = 0; k < 4; k++) amax = max(amax, abs_bits(f[k]));
+        if (PARTS) amax = max(amax, nv_absmax<4>(f));
       }
     }
   }
@@ -125,10 +107,10 @@ static __global__ void __launch_bounds__(CUDA_THREADS)
     m[i] = mi;
     v[i] = vi;
     if (copy) store_f(&copy[i], pi);
-    if (PARTS) amax = max(amax, abs_bits(pi));
+    if (PARTS) amax = max(amax, nv_absmax<1>(&pi));
   }
   if (PARTS) {   /* the same in every thread of the block */
-    amax = block_max(amax);
+    nv_block_max<1, CUDA_THREADS / 32>(&amax);
     if (threadIdx.x == 0) amax_parts[blockIdx.x] = amax;
   }
 }

@@ -181,18 +181,6 @@ NV_UNROLL
   for (int j = 0; j < 4; j++) out[j] = NV_MUL(out[j], b.s);
 }
 
-/* max of the bits of |v| over N values */
-template <int N>
-__host__ __device__ static inline uint32_t nv_absmax(const float *v) {
-  uint32_t m = 0;
-NV_UNROLL
-  for (int j = 0; j < N; j++) {
-    const uint32_t b = nv_f2u(v[j]) & 0x7fffffffu;
-    m = b > m ? b : m;
-  }
-  return m;
-}
-
 /* nvfp4_rht on one tile of 16 values: the signs (a flip of the sign bit, as the host's
  * negation), the 4 butterfly stages h = 1, 2, 4, 8 (each pair (j, j + h) becomes a + b, a - b,
  * one rounding each; the pairs of a stage are independent, so their order is free), then the
@@ -391,25 +379,6 @@ struct nv_parts {
   const uint32_t *max[2];
   uint32_t n;
 };
-
-/* m[k] = the largest m[k] of the block's WARPS warps, in every thread (every thread calls this;
- * a second call in a kernel must come after a __syncthreads that follows the first, which it
- * would otherwise rewrite the shared words of while others may still read them) */
-template <int K, int WARPS>
-__device__ __forceinline__ void nv_block_max(uint32_t m[K]) {
-  static_assert(WARPS <= 32, "one warp reduces the warps' maxima");
-  __shared__ uint32_t warp_max[K][WARPS];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-NV_UNROLL
-  for (int k = 0; k < K; k++) {
-    m[k] = __reduce_max_sync(0xffffffffu, m[k]);
-    if (lane == 0) warp_max[k][warp] = m[k];
-  }
-  __syncthreads();
-NV_UNROLL
-  for (int k = 0; k < K; k++)
-    m[k] = __reduce_max_sync(0xffffffffu, lane < WARPS ? warp_max[k][lane] : 0u);
-}
 
 /* part[k * gridDim.x + blockIdx.x] = the largest m[k] of the block of WARPS warps (every
  * thread calls this) */

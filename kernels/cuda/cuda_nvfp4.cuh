@@ -1,8 +1,9 @@
 /* NVFP4's scalar formats on the device (kernels/nvfp4.h has the numerics), shared by the
- * quantizers and nvfp4_pack (cuda_nvfp4.cu) and the packed-weight GEMV (cuda_linear.cu): the
- * exactly rounded fp32 operations the quantizers are written with, and the decoding of E4M3
- * scale bytes and of E2M1 codes. The scalar functions are __host__ __device__ so that a host
- * program can compare them with the CPU's byte for byte. */
+ * quantizers and nvfp4_pack (cuda_nvfp4.cu), the packed-weight GEMV (cuda_linear.cu) and
+ * AdamW's amax parts (cuda_adamw.cu): the exactly rounded fp32 operations the quantizers are
+ * written with, the decoding of E4M3 scale bytes and of E2M1 codes, and the maxima an amax is
+ * reduced with. The scalar functions are __host__ __device__ so that a host program can compare
+ * them with the CPU's byte for byte. */
 #ifndef QWEN3_CUDA_NVFP4_CUH
 #define QWEN3_CUDA_NVFP4_CUH
 
@@ -100,8 +101,44 @@ NV_UNROLL
     /* sign of code j (bit 4j + 3) to bit 15, its magnitude (bits 4j..4j+2) to bits 9..11 */
     const uint32_t sign = j < 3 ? q << (12 - 4 * j) : q, mag = j < 3 ? q << (9 - 4 * j) : q >> 3;
     const uint32_t bits = (sign & 0x80008000u) | (mag & 0x0E000E00u);
-    memcpy(&h[j], &bits, 4);
+    /* (void *): g++ warns of a memcpy onto __half2, whose assignment is user-written */
+    memcpy((void *)&h[j], &bits, 4);
   }
+}
+
+/* The maxima an amax is reduced with, on the bits of |x| (cuda_nvfp4.cu says why): one code for
+ * the quantizers' amax pass and the amax parts AdamW writes with the masters, which stand in
+ * for that pass's maxima. */
+
+/* max of the bits of |v| over N values */
+template <int N>
+__host__ __device__ static inline uint32_t nv_absmax(const float *v) {
+  uint32_t m = 0;
+NV_UNROLL
+  for (int j = 0; j < N; j++) {
+    const uint32_t b = nv_f2u(v[j]) & 0x7fffffffu;
+    m = b > m ? b : m;
+  }
+  return m;
+}
+
+/* m[k] = the largest m[k] of the block's WARPS warps, in every thread (every thread calls this;
+ * a second call in a kernel must come after a __syncthreads that follows the first, which it
+ * would otherwise rewrite the shared words of while others may still read them) */
+template <int K, int WARPS>
+__device__ __forceinline__ void nv_block_max(uint32_t m[K]) {
+  static_assert(WARPS <= 32, "one warp reduces the warps' maxima");
+  __shared__ uint32_t warp_max[K][WARPS];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+NV_UNROLL
+  for (int k = 0; k < K; k++) {
+    m[k] = __reduce_max_sync(0xffffffffu, m[k]);
+    if (lane == 0) warp_max[k][warp] = m[k];
+  }
+  __syncthreads();
+NV_UNROLL
+  for (int k = 0; k < K; k++)
+    m[k] = __reduce_max_sync(0xffffffffu, lane < WARPS ? warp_max[k][lane] : 0u);
 }
 
 #endif

@@ -1899,6 +1899,14 @@ int main(void) {
   CHECK(cuda_ctx.act == DT_F32 && cuda_ctx.tf32 == 0,
         "QWEN3_CUDA_PRECISION=fp32 gave activations %d, tf32 %d", (int)cuda_ctx.act,
         cuda_ctx.tf32);
+  {
+    /* the GEMM tuning is on unless QWEN3_CUDA_GEMM_TUNE=0 (test_gemm_tuning sets the flag
+     * itself, so only this sees the default init left) */
+    const char *env = getenv("QWEN3_CUDA_GEMM_TUNE");
+    const int want = !(env && !strcmp(env, "0"));
+    CHECK(cuda_ctx.gemm_tune == want, "QWEN3_CUDA_GEMM_TUNE=%s: the GEMM tuning %s",
+          env ? env : "(unset)", cuda_ctx.gemm_tune ? "on" : "off");
+  }
 
   set_mode("fp32", DT_F32, 0, TOL);
   test_embedding(300, 96, 500);
