@@ -257,7 +257,7 @@ struct backend {
    * nvfp4_pack's NVFP4_ROWS output; h and y [1, dim] (activation dtype; y may be h), norm_w
    * [dim] fp32; dec_x and dec_m (backend memory) receive the two operands' S_dec as the chain
    * writes them (NaN for a non-finite operand: y is then NaN, as the chain's). dim and inter
-   * are multiples of 256 (every Qwen3 size is), codes and scales 16-byte aligned. */
+   * are multiples of 32. */
   void (*nvfp4_decode_mlp)(void *y, const void *h, const float *norm_w, float eps, float *dec_x,
                            float *dec_m, const uint8_t *const *codes,
                            const uint8_t *const *scales, const float *const *dec_w, int n,

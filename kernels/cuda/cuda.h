@@ -256,16 +256,15 @@ int cuda_fp4_gemm(void *c, enum dtype c_type, const uint8_t *a, const uint8_t *a
 #ifdef __cplusplus
 }
 
-/* Raises a kernel's dynamic shared memory limit past the default 48 KB to `bytes` when that is
- * more than it was raised to before (*allowed, the kernel's own: 0 at first), so a launch of more
- * shared memory than an earlier one, a kernel whose bytes depend on the shape, still fits. */
+/* Raises a kernel's dynamic shared memory limit past the default 48 KB, once per kernel
+ * (`done` is the kernel's own flag). */
 template <typename K>
-static inline void cuda_allow_smem(K kernel, size_t bytes, size_t *allowed) {
-  if (bytes <= *allowed) return;
+static inline void cuda_allow_smem(K kernel, size_t bytes, bool *done) {
+  if (*done) return;
   if (bytes > 48 * 1024)
     CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                     (int)bytes));
-  *allowed = bytes;
+  *done = true;
 }
 
 /* Programmatic dependent launch (Hopper on). Decoding one token is a chain of ~500 small

@@ -981,8 +981,8 @@ void launch_fwd(T *ctx, float *lse, const T *q, const T *k, const T *v, const Sh
   // documents (doc_start) or plain causal: one instantiation each
   auto *kernel =
       d.doc ? attn_fwd_kernel<T, DM, BQ, BK, true> : attn_fwd_kernel<T, DM, BQ, BK, false>;
-  static size_t allowed[2] = {0, 0};
-  cuda_allow_smem(kernel, smem, &allowed[d.doc != nullptr]);
+  static bool done[2] = {false, false};
+  cuda_allow_smem(kernel, smem, &done[d.doc != nullptr]);
   const int n_qt = (d.tq + BQ - 1) / BQ, n_kt = (d.tk + BK - 1) / BK;
   // Few query tiles (decoding, a short prefill against a long cache): the keys are split among
   // several blocks per tile, each leaving an unnormalized partial that a second kernel merges
@@ -1035,8 +1035,8 @@ void launch_dkdv(T *dk, T *dv, const T *dctx, const T *q, const T *k, const T *v
   constexpr size_t smem = Dkv<DM, BK, BQ>::smem;
   auto *kernel = d.doc ? attn_bwd_dkdv_kernel<T, DM, BK, BQ, true>
                        : attn_bwd_dkdv_kernel<T, DM, BK, BQ, false>;
-  static size_t allowed[2] = {0, 0};
-  cuda_allow_smem(kernel, smem, &allowed[d.doc != nullptr]);
+  static bool done[2] = {false, false};
+  cuda_allow_smem(kernel, smem, &done[d.doc != nullptr]);
   dim3 grid((d.tk + BK - 1) / BK, d.kv_heads, d.batch);
   kernel<<<grid, NT, smem, cuda_ctx.stream>>>(dk, dv, dctx, q, k, v, lse, D, d, d.doc);
   CUDA_LAUNCHED("attn_bwd_dkdv_kernel");
@@ -1048,8 +1048,8 @@ void launch_dq(T *dq, const T *dctx, const T *q, const T *k, const T *v, const f
   constexpr size_t smem = Dq<DM, BQ, BK>::smem;
   auto *kernel =
       d.doc ? attn_bwd_dq_kernel<T, DM, BQ, BK, true> : attn_bwd_dq_kernel<T, DM, BQ, BK, false>;
-  static size_t allowed[2] = {0, 0};
-  cuda_allow_smem(kernel, smem, &allowed[d.doc != nullptr]);
+  static bool done[2] = {false, false};
+  cuda_allow_smem(kernel, smem, &done[d.doc != nullptr]);
   dim3 grid((d.tq + BQ - 1) / BQ, d.heads, d.batch);
   kernel<<<grid, NT, smem, cuda_ctx.stream>>>(dq, dctx, q, k, v, lse, D, d, d.doc);
   CUDA_LAUNCHED("attn_bwd_dq_kernel");

@@ -626,8 +626,8 @@ static void launch_fwd(bf16 *ctx, float *lse, const bf16 *q, const bf16 *k, cons
   auto *kernel = d.doc ? attn_bf16_fwd_kernel<D, NW, BK, MINB, true>
                        : attn_bf16_fwd_kernel<D, NW, BK, MINB, false>;
   const size_t smem = C::smem + (d.doc ? C::DOC_BYTES : 0);
-  static size_t allowed[2] = {0, 0};
-  cuda_allow_smem(kernel, smem, &allowed[d.doc != nullptr]);
+  static bool done[2] = {false, false};
+  cuda_allow_smem(kernel, smem, &done[d.doc != nullptr]);
   dim3 grid(d.heads, (d.tq + C::BQ - 1) / C::BQ, d.batch);
   kernel<<<grid, C::NT, smem, cuda_ctx.stream>>>(ctx, lse, q, k, v, d, d.doc);
   CUDA_LAUNCHED("attn_bf16_fwd_kernel");
@@ -669,8 +669,8 @@ static void launch_dkdv(bf16 *dk, bf16 *dv, const bf16 *dctx, const bf16 *q, con
   const long blocks = (long)d.kv_heads * ((d.tk + C::BK - 1) / C::BK) * d.batch;
   float *part;
   const int nsplit = dkdv_parts(d, D, blocks, (long)cuda_ctx.sm_count * MINB, Dsum, &part);
-  static size_t allowed = 0;
-  cuda_allow_smem(attn_bf16_dkdv_kernel<D, MINB, DOC>, C::smem, &allowed);
+  static bool done = false;
+  cuda_allow_smem(attn_bf16_dkdv_kernel<D, MINB, DOC>, C::smem, &done);
   dim3 grid(d.kv_heads * nsplit, (d.tk + C::BK - 1) / C::BK, d.batch);
   attn_bf16_dkdv_kernel<D, MINB, DOC>
       <<<grid, C::NT, C::smem, cuda_ctx.stream>>>(dk, dv, part, dctx, q, k, v, lse, Dsum, d,
@@ -686,8 +686,8 @@ static void launch_dq(bf16 *dq, const bf16 *dctx, const bf16 *q, const bf16 *k, 
   auto *kernel = d.doc ? attn_bf16_dq_kernel<D, NW, BK, MINB, true>
                        : attn_bf16_dq_kernel<D, NW, BK, MINB, false>;
   const size_t smem = C::smem + (d.doc ? C::DOC_BYTES : 0);
-  static size_t allowed[2] = {0, 0};
-  cuda_allow_smem(kernel, smem, &allowed[d.doc != nullptr]);
+  static bool done[2] = {false, false};
+  cuda_allow_smem(kernel, smem, &done[d.doc != nullptr]);
   dim3 grid(d.heads, (d.tq + C::BQ - 1) / C::BQ, d.batch);
   kernel<<<grid, C::NT, smem, cuda_ctx.stream>>>(dq, dctx, q, k, v, lse, Dsum, d, d.doc);
   CUDA_LAUNCHED("attn_bf16_dq_kernel");

@@ -13,7 +13,6 @@
 #include <type_traits>
 
 #include "kernels/cuda/cuda.h"
-#include "kernels/cuda/cuda_cp_async.cuh"
 #include "kernels/cuda/cuda_dtype.cuh"
 
 /* ---- device primitives (inline PTX, sm_80+) ---------------------------------------------- */
@@ -22,6 +21,10 @@ namespace attn_bf16 {
 __device__ __forceinline__ unsigned char *smem_base() {
   extern __shared__ float4 attn_bf16_smem[];
   return reinterpret_cast<unsigned char *>(attn_bf16_smem);
+}
+
+__device__ __forceinline__ uint32_t smem_u32(const void *p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
 // Four 8x8 b16 matrices; lane i addresses row i%8 of matrix i/8 (see the file comment)
@@ -53,6 +56,21 @@ __device__ __forceinline__ uint32_t pack(float lo, float hi) {
   return *reinterpret_cast<uint32_t *>(&x);
 }
 
+// 16 bytes global -> shared; valid == false writes 16 zero bytes and reads nothing
+__device__ __forceinline__ void cp_async16(void *dst, const void *src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src),
+               "r"(valid ? 16 : 0));
+}
+// 4 bytes global -> shared; valid == false writes a zero
+__device__ __forceinline__ void cp_async4(void *dst, const void *src, bool valid) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_u32(dst)), "l"(src),
+               "r"(valid ? 4 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+// everything this thread committed has landed and is visible to it
+__device__ __forceinline__ void cp_async_wait_all() {
+  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+}
 
 // 2^x as PTX's ex2.approx.ftz.f32. exp2f compiles to ex2.approx.f32, which keeps subnormal
 // inputs and results and pays instructions for it around the special-function unit's own, on

@@ -431,8 +431,8 @@ constexpr size_t bwd_smem() { return dq_smem<D>() > DkvCfg<D>::smem ? dq_smem<D>
 template <int D>
 static void launch_fwd(bf16 *ctx, float *lse, const bf16 *q, const bf16 *k, const bf16 *v,
                        const Dims &d) {
-  static size_t allowed = 0;
-  cuda_allow_smem(attn_wg_fwd_kernel<D>, fwd_smem<D>(), &allowed);
+  static bool done = false;
+  cuda_allow_smem(attn_wg_fwd_kernel<D>, fwd_smem<D>(), &done);
   dim3 grid(d.heads, (d.tq + BQ - 1) / BQ, d.batch);
   attn_wg_fwd_kernel<D><<<grid, NT, fwd_smem<D>(), cuda_ctx.stream>>>(ctx, lse, q, k, v, d);
   CUDA_LAUNCHED("attn_wg_fwd_kernel");
@@ -451,8 +451,8 @@ static void launch_bwd(bf16 *dq, bf16 *dk, bf16 *dv, const bf16 *dctx, const bf1
     const long blocks = (long)d.kv_heads * ((d.tk + BK - 1) / BK) * d.batch;
     float *part;
     const int nsplit = dkdv_parts(d, D, blocks, 3L * cuda_ctx.sm_count, Dsum, &part);
-    static size_t allowed = 0;
-    cuda_allow_smem(attn_wg_dkdv_kernel<D>, DkvCfg<D>::smem, &allowed);
+    static bool done = false;
+    cuda_allow_smem(attn_wg_dkdv_kernel<D>, DkvCfg<D>::smem, &done);
     dim3 grid(d.kv_heads * nsplit, (d.tk + BK - 1) / BK, d.batch);
     attn_wg_dkdv_kernel<D><<<grid, NT, DkvCfg<D>::smem, cuda_ctx.stream>>>(
         dk, dv, part, dctx, q, k, v, lse, Dsum, d, nsplit);
@@ -460,8 +460,8 @@ static void launch_bwd(bf16 *dq, bf16 *dk, bf16 *dv, const bf16 *dctx, const bf1
     if (nsplit > 1) dkdv_reduce(dk, dv, part, d, D, nsplit);
   }
   if (dq) {
-    static size_t allowed = 0;
-    cuda_allow_smem(attn_wg_dq_kernel<D>, dq_smem<D>(), &allowed);
+    static bool done = false;
+    cuda_allow_smem(attn_wg_dq_kernel<D>, dq_smem<D>(), &done);
     dim3 grid(d.heads, (d.tq + BQ - 1) / BQ, d.batch);
     attn_wg_dq_kernel<D><<<grid, NT, dq_smem<D>(), cuda_ctx.stream>>>(dq, dctx, q, k, v, lse,
                                                                       Dsum, d);

@@ -220,24 +220,16 @@ struct gemv_i8_operand {
   float *s;
 };
 
-/* gemv_nvfp4 with an integer dot product, weights and x in shared memory (the fused decode
- * kernels stage weight rows there): the weights' codes become 2q in int8 (nv_e2m1x8_i8, ~1.4
- * instructions a value) and meet x's k in __dp4a, 4 products an instruction, against the fp32
- * path's conversions and FMA a value, which at one token row bound the GEMV by its issue rate,
- * not by its bytes. A block's integer sum of 2q_w * 2q_x is at most 16 * 144, exact; times
+/* gemv_nvfp4 with an integer dot product: the weights' codes become 2q in int8 (nv_e2m1x8_i8,
+ * ~1.4 instructions a value) and meet x's k in __dp4a, 4 products a instruction, against the
+ * fp32 path's conversions and FMA a value, which at one token row bound the GEMV by its issue
+ * rate, not by its bytes. A block's integer sum of 2q_w * 2q_x is at most 16 * 144, exact; times
  * s_w * s_x / 4 (E4M3 times E4M3: 8 significant bits) it is the block's exact dot product, as
- * gemv_nvfp4's fp32 block sum is, so the one rounding a block, in the same order, gives the
- * same bits. x one token row (R = 1), read through X gemv_x_shared. */
+ * gemv_nvfp4's fp32 block sum is (bench/NOTES.md), so the one rounding a block, in the same
+ * order, gives the same bits. x one token row (R = 1), in shared memory (X gemv_x_shared). */
 template <typename T>
 struct gemv_nvfp4_i8 : gemv_nvfp4<T> {
   typedef typename gemv_nvfp4<T>::chunk chunk;
-  typedef typename gemv_nvfp4<T>::row row;
-  static __device__ __forceinline__ chunk load(const row &w, int off) {
-    chunk k;
-    k.q = *reinterpret_cast<const uint4 *>(w.codes + off / 2);
-    k.s = *reinterpret_cast<const unsigned short *>(w.scales + off / 16);
-    return k;
-  }
   struct weights {
     uint32_t q[4];   /* the 32 codes, 8 a word, in column order */
     float s[2];      /* the two blocks' scales / 4 */

@@ -55,7 +55,6 @@
 #include <cooperative_groups.h>
 
 #include "kernels/cuda/cuda.h"
-#include "kernels/cuda/cuda_cp_async.cuh"
 #include "kernels/cuda/cuda_dtype.cuh"
 #include "kernels/cuda/cuda_gemv.cuh"
 #include "kernels/cuda/cuda_nvfp4.cuh"
@@ -823,113 +822,47 @@ NV_UNROLL
 enum { NV_MLP_THREADS = RMS_MAX_THREADS, NV_MLP_WARPS = NV_MLP_THREADS / 32 };
 static_assert(NV_MLP_WARPS % GEMV_WARPS == 0, "a block's warps take whole weight rows");
 
-/* One phase's weights (gate and up, or down): mats matrices [rows, in_dim] of nvfp4_pack's
- * codes and scales, read wpr warps a row. */
-struct nv_mlp_phase {
-  const uint8_t *codes[2], *scales[2];
-  const float *dec_w[2];
-  int mats, rows, in_dim, wpr;
-};
-
 template <typename T>
 struct nv_mlp_args {
   T *y;
   const T *h;
   const float *norm_w;
   float eps;
-  float *dec_x, *dec_m;          /* the two operands' S_dec, written by block 0 */
-  nv_mlp_phase gate_up, down;    /* wpr: the GEMV's warps a row for the chain's two calls */
-  size_t stage_bytes;
-  int n_stages;
-  T *m;                          /* scratch: the SwiGLU product row [inter] */
-  uint32_t *parts;               /* scratch: each block's max of the bits of |m| */
-  int dim, inter;
+  float *dec_x, *dec_m;                  /* the two operands' S_dec, written by block 0 */
+  typename gemv_nvfp4<T>::mat gate, up, down;   /* dec_x unset: the kernel's own */
+  T *m;                                  /* scratch: the SwiGLU product row [inter] */
+  uint32_t *parts;                       /* scratch: each block's max of the bits of |m| */
+  int dim, inter, wpr_gate_up, wpr_down; /* the GEMV's warps a row for the chain's calls */
 };
 
-/* A phase's rows streamed through shared memory: a trip is per_block consecutive rows (the
- * block's warp w takes row w / wpr of it, part w % wpr, as gemv_kernel's warps do), the block's
- * trip k starts at row base(k), and n_stages trips (3, or 2 where 3 stages do not fit) are in
- * flight at once, each one group of cp.async copies (every thread's share of the trip's codes
- * and scales, matrix by matrix), so that at Qwen3-4B's shapes a block keeps ~2 x 45 KB of
- * weights on the way while it computes a third: one resident wave of blocks reading rows
- * straight into registers kept too few bytes in flight to stream (bench/NOTES.md, session 16). */
-enum { NV_MLP_MAX_STAGES = 3 };
-struct nv_mlp_stream {
-  nv_mlp_phase p;
-  uint8_t *stages;
-  size_t stage_bytes;
-  int n_stages, per_block;
-  __device__ __forceinline__ nv_mlp_stream(const nv_mlp_phase &p_, uint8_t *stages_,
-                                           size_t stage_bytes_, int n_stages_)
-      : p(p_), stages(stages_), stage_bytes(stage_bytes_), n_stages(n_stages_),
-        per_block(NV_MLP_WARPS / p_.wpr) {}
-  __device__ __forceinline__ int base(int k) const {
-    return (blockIdx.x + k * gridDim.x) * per_block;
+/* A weight's rows over the grid, wpr warps a row (format F): the block's trips start at
+ * first() and go on by step() (uniform over the block), the warp's row of trip `base` is
+ * row(base), its part of the row `part`, and its lanes' columns gemv_row_warp's c0 and stride,
+ * as gemv_kernel's warps have them. */
+template <class F>
+struct nv_mlp_rows {
+  int wpr, per_block, part, c0, stride;
+  __device__ __forceinline__ nv_mlp_rows(int wpr_) : wpr(wpr_), per_block(NV_MLP_WARPS / wpr_) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    part = warp % wpr;
+    c0 = (part * 32 + lane) * F::N;
+    stride = wpr * 32 * F::N;
   }
-  __device__ __forceinline__ uint8_t *stage(int k) const {
-    return stages + (size_t)(k % n_stages) * stage_bytes;
-  }
-  /* the trip's matrix m in its stage: codes [per_block, in_dim / 2], then every matrix's scales
-   * [per_block, in_dim / 16] */
-  __device__ __forceinline__ uint8_t *codes(int k, int m) const {
-    return stage(k) + (size_t)m * per_block * (p.in_dim / 2);
-  }
-  __device__ __forceinline__ uint8_t *scales(int k, int m) const {
-    return stage(k) + (size_t)per_block * (p.in_dim / 2) * p.mats +
-           (size_t)m * per_block * (p.in_dim / 16);
-  }
-  /* trip k's copies, one group (empty past the block's last trip): every thread calls it */
-  __device__ __forceinline__ void fetch(int k) const {
-    const int b = base(k);
-    if (b < p.rows) {
-      const int n = min(per_block, p.rows - b);
-#pragma unroll
-      for (int m = 0; m < 2; m++) {   /* constant indices: a variable one puts p in local memory */
-        if (m >= p.mats) break;
-        copy(codes(k, m), p.codes[m] + (size_t)b * (p.in_dim / 2), (size_t)n * (p.in_dim / 2));
-        copy(scales(k, m), p.scales[m] + (size_t)b * (p.in_dim / 16), (size_t)n * (p.in_dim / 16));
-      }
-    }
-    cp_async_commit();
-  }
-  static __device__ __forceinline__ void copy(uint8_t *dst, const uint8_t *src, size_t bytes) {
-    for (size_t i = (size_t)threadIdx.x * 16; i < bytes; i += (size_t)NV_MLP_THREADS * 16)
-      cp_async16(dst + i, src + i, true);
-  }
-  /* the first n_stages - 1 trips' copies; trip k's copies are then issued at trip
-   * k - n_stages + 1, into the stage the trip before it used */
-  __device__ __forceinline__ void prologue() const {
-    for (int k = 0; k < n_stages - 1; k++) fetch(k);
-  }
-  /* at the start of trip k: trip k + n_stages - 1's copies issued, trip k's landed and visible
-   * to the block */
-  __device__ __forceinline__ void advance(int k) const {
-    fetch(k + n_stages - 1);
-    static_assert(NV_MLP_MAX_STAGES == 3, "a wait for each number of stages");
-    if (n_stages == 3) cp_async_wait<2>();
-    else cp_async_wait<1>();
-    __syncthreads();
-  }
+  __device__ __forceinline__ int first() const { return blockIdx.x * per_block; }
+  __device__ __forceinline__ int step() const { return gridDim.x * per_block; }
+  __device__ __forceinline__ int row(int base) const { return base + (threadIdx.x >> 5) / wpr; }
 };
-
-/* The bytes of one stage: a trip's rows of every matrix of the larger phase */
-static inline size_t nv_mlp_stage_bytes(int per_block, int mats, int in_dim) {
-  return (size_t)per_block * mats * (size_t)(in_dim / 2 + in_dim / 16);
-}
 
 /* The fused kernel's shared memory (dynamic, bytes from its start): the integer operand's
  * scales s (max(dim, inter) / 16 floats) first, then the normalized row xn (dim values of T),
- * the operand's integers k (max(dim, inter)) and n_stages weight stages, each 16-byte
- * aligned. */
+ * then the operand's integers k (max(dim, inter)), each 16-byte aligned. */
 struct nv_mlp_layout {
-  size_t xn, k, stages, bytes;
-  __host__ __device__ nv_mlp_layout(int dim, int inter, size_t t_bytes, size_t stage_bytes,
-                                    int n_stages) {
+  size_t xn, k, bytes;
+  __host__ __device__ nv_mlp_layout(int dim, int inter, size_t t_bytes) {
     const size_t most = (size_t)(dim > inter ? dim : inter);
     xn = (most / 16 * sizeof(float) + 15) / 16 * 16;
-    k = xn + ((size_t)dim * t_bytes + 15) / 16 * 16;
-    stages = k + most;
-    bytes = stages + (size_t)n_stages * stage_bytes;
+    k = xn + (size_t)dim * t_bytes;
+    bytes = k + most;
   }
 };
 
@@ -968,18 +901,15 @@ __global__ void __launch_bounds__(NV_MLP_THREADS) nvfp4_decode_mlp_kernel(nv_mlp
   typedef gemv_nvfp4_i8<T> F;
   constexpr int V = VEC_OF(T), PER = RMS_STEP_VALUES / R / V, G = 16 / sizeof(T);
   extern __shared__ uint4 nv_mlp_smem[];
-  uint8_t *const smem = reinterpret_cast<uint8_t *>(nv_mlp_smem);
-  const nv_mlp_layout L(a.dim, a.inter, sizeof(T), a.stage_bytes, a.n_stages);
-  T *const xn = reinterpret_cast<T *>(smem + L.xn);
-  const gemv_i8_operand op = {reinterpret_cast<int8_t *>(smem + L.k),
-                              reinterpret_cast<float *>(smem)};
+  const nv_mlp_layout L(a.dim, a.inter, sizeof(T));
+  T *const xn = reinterpret_cast<T *>(reinterpret_cast<char *>(nv_mlp_smem) + L.xn);
+  const gemv_i8_operand op = {reinterpret_cast<int8_t *>(nv_mlp_smem) + L.k,
+                              reinterpret_cast<float *>(nv_mlp_smem)};
   const nv_write_i8 to_operand = {op};
   __shared__ double rms_sums[32];
   __shared__ float warp_sums[NV_MLP_WARPS][2];
   __shared__ float dec;   /* the operand's S_dec (nv_dec_value), which F::finish reads */
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const nv_mlp_stream gate_up(a.gate_up, smem + L.stages, a.stage_bytes, a.n_stages);
-  gate_up.prologue();   /* weights: nothing in a step writes them */
   pdl_wait();
   pdl_release();
 
@@ -1001,43 +931,37 @@ __global__ void __launch_bounds__(NV_MLP_THREADS) nvfp4_decode_mlp_kernel(nv_mlp
     nv_mlp_quantize<T>(to_operand, xn, a.dim, sc);
     if (threadIdx.x == 0) dec = nv_dec_value(sc);
   }
-  /* (the operand's writes are ordered before its reads by the barrier in advance) */
+  __syncthreads();
 
   /* gate and up, row r of both in the same warps, then SwiGLU */
-  const int wpr_gu = a.gate_up.wpr, part_gu = warp % wpr_gu;
-  const int c0_gu = (part_gu * 32 + lane) * F::N, stride_gu = wpr_gu * 32 * F::N;
   uint32_t m_max = 0;
-  for (int k = 0; gate_up.base(k) < a.inter; k++) {
-    gate_up.advance(k);
-    const int rl = warp / wpr_gu, r = gate_up.base(k) + rl;
-    const bool live = r < a.inter;
-    const typename F::mat gate = {gate_up.codes(k, 0), gate_up.scales(k, 0), &dec,
-                                  a.gate_up.dec_w[0]};
-    const typename F::mat up = {gate_up.codes(k, 1), gate_up.scales(k, 1), &dec,
-                                a.gate_up.dec_w[1]};
-    const typename F::row wg = F::row_of(gate, a.dim, rl), wu = F::row_of(up, a.dim, rl);
-    typename F::chunk bg[GEMV_UNROLL], bu[GEMV_UNROLL];
-    gemv_row_prefetch<F>(bg, wg, c0_gu, stride_gu, a.dim, live);
-    gemv_row_prefetch<F>(bu, wu, c0_gu, stride_gu, a.dim, live);
-    float sg[1], su[1];
-    gemv_row_warp<F, gemv_x_shared, 1>(sg, bg, wg, op, c0_gu, stride_gu, 1, a.dim, live);
-    gemv_row_warp<F, gemv_x_shared, 1>(su, bu, wu, op, c0_gu, stride_gu, 1, a.dim, live);
-    if (lane == 0) warp_sums[warp][0] = sg[0], warp_sums[warp][1] = su[0];
-    __syncthreads();
-    if (live && part_gu == 0 && lane == 0) {
-      T g, u, p;   /* the chain's S_G, S_U and S_M values */
-      store_f(&g, F::finish(gate, gemv_parts_sum<2>(warp_sums, warp, 0, wpr_gu)));
-      store_f(&u, F::finish(up, gemv_parts_sum<2>(warp_sums, warp, 1, wpr_gu)));
-      store_f(&p, swiglu_fwd1(load_f(&g), load_f(&u)));
-      a.m[r] = p;
-      m_max = max(m_max, nv_f2u(load_f(&p)) & 0x7fffffffu);
+  {
+    typename F::mat gate = a.gate, up = a.up;
+    gate.dec_x = up.dec_x = &dec;
+    const nv_mlp_rows<F> rows(a.wpr_gate_up);
+    for (int base = rows.first(); base < a.inter; base += rows.step()) {
+      const int r = rows.row(base);
+      const bool live = r < a.inter;
+      const typename F::row wg = F::row_of(gate, a.dim, r), wu = F::row_of(up, a.dim, r);
+      typename F::chunk bg[GEMV_UNROLL], bu[GEMV_UNROLL];
+      gemv_row_prefetch<F>(bg, wg, rows.c0, rows.stride, a.dim, live);
+      gemv_row_prefetch<F>(bu, wu, rows.c0, rows.stride, a.dim, live);
+      float sg[1], su[1];
+      gemv_row_warp<F, gemv_x_shared, 1>(sg, bg, wg, op, rows.c0, rows.stride, 1, a.dim, live);
+      gemv_row_warp<F, gemv_x_shared, 1>(su, bu, wu, op, rows.c0, rows.stride, 1, a.dim, live);
+      if (lane == 0) warp_sums[warp][0] = sg[0], warp_sums[warp][1] = su[0];
+      __syncthreads();
+      if (live && rows.part == 0 && lane == 0) {
+        T g, u, p;   /* the chain's S_G, S_U and S_M values */
+        store_f(&g, F::finish(gate, gemv_parts_sum<2>(warp_sums, warp, 0, rows.wpr)));
+        store_f(&u, F::finish(up, gemv_parts_sum<2>(warp_sums, warp, 1, rows.wpr)));
+        store_f(&p, swiglu_fwd1(load_f(&g), load_f(&u)));
+        a.m[r] = p;
+        m_max = max(m_max, nv_f2u(load_f(&p)) & 0x7fffffffu);
+      }
+      __syncthreads();   /* the next trip rewrites warp_sums */
     }
-    __syncthreads();   /* the next trip rewrites warp_sums and this trip's stage */
   }
-  /* down's first trips on their way while the grid gathers (the stages are free: every copy
-   * issued for gate and up past the block's last trip was empty) */
-  const nv_mlp_stream down(a.down, smem + L.stages, a.stage_bytes, a.n_stages);
-  down.prologue();
   {
     uint32_t m[1] = {m_max};
     nv_block_amax<1, NV_MLP_WARPS>(a.parts, m);
@@ -1055,30 +979,31 @@ __global__ void __launch_bounds__(NV_MLP_THREADS) nvfp4_decode_mlp_kernel(nv_mlp
     nv_mlp_quantize<T>(to_operand, a.m, a.inter, sc);
     if (threadIdx.x == 0) dec = nv_dec_value(sc);
   }
+  __syncthreads();
 
   /* down, and the residual */
-  const int wpr_d = a.down.wpr, part_d = warp % wpr_d;
-  const int c0_d = (part_d * 32 + lane) * F::N, stride_d = wpr_d * 32 * F::N;
-  for (int k = 0; down.base(k) < a.dim; k++) {
-    down.advance(k);
-    const int rl = warp / wpr_d, r = down.base(k) + rl;
-    const bool live = r < a.dim;
-    const typename F::mat dm = {down.codes(k, 0), down.scales(k, 0), &dec, a.down.dec_w[0]};
-    const typename F::row wd = F::row_of(dm, a.inter, rl);
-    typename F::chunk bd[GEMV_UNROLL];
-    gemv_row_prefetch<F>(bd, wd, c0_d, stride_d, a.inter, live);
-    float sd[1];
-    gemv_row_warp<F, gemv_x_shared, 1>(sd, bd, wd, op, c0_d, stride_d, 1, a.inter, live);
-    if (lane == 0) warp_sums[warp][0] = sd[0];
-    __syncthreads();
-    if (live && part_d == 0 && lane == 0) {
-      T d;   /* the chain's S_D value */
-      store_f(&d, F::finish(dm, gemv_parts_sum<2>(warp_sums, warp, 0, wpr_d)));
-      store_f(a.y + r, __fadd_rn(load_f(a.h + r), load_f(&d)));   /* add(S_Y, S_H, S_D) */
+  {
+    typename F::mat down = a.down;
+    down.dec_x = &dec;
+    const nv_mlp_rows<F> rows(a.wpr_down);
+    for (int base = rows.first(); base < a.dim; base += rows.step()) {
+      const int r = rows.row(base);
+      const bool live = r < a.dim;
+      const typename F::row wd = F::row_of(down, a.inter, r);
+      typename F::chunk bd[GEMV_UNROLL];
+      gemv_row_prefetch<F>(bd, wd, rows.c0, rows.stride, a.inter, live);
+      float sd[1];
+      gemv_row_warp<F, gemv_x_shared, 1>(sd, bd, wd, op, rows.c0, rows.stride, 1, a.inter, live);
+      if (lane == 0) warp_sums[warp][0] = sd[0];
+      __syncthreads();
+      if (live && rows.part == 0 && lane == 0) {
+        T d;   /* the chain's S_D value */
+        store_f(&d, F::finish(down, gemv_parts_sum<2>(warp_sums, warp, 0, rows.wpr)));
+        store_f(a.y + r, __fadd_rn(load_f(a.h + r), load_f(&d)));   /* add(S_Y, S_H, S_D) */
+      }
+      __syncthreads();
     }
-    __syncthreads();
   }
-  cp_async_wait_all();   /* the empty groups past the last trip */
 }
 
 /* ---- launches ------------------------------------------------------------------------------- */
@@ -1455,7 +1380,7 @@ template <typename T, int R>
 static void nv_mlp_launch(nv_mlp_args<T> a, size_t smem) {
   static int per_sm;
   static size_t per_sm_smem;
-  static size_t smem_allowed;
+  static bool smem_allowed;
   auto kernel = nvfp4_decode_mlp_kernel<T, R>;
   cuda_allow_smem(kernel, smem, &smem_allowed);
   const int blocks = nv_mlp_grid(kernel, smem, &per_sm, &per_sm_smem);
@@ -1469,48 +1394,40 @@ extern "C" void cuda_nvfp4_decode_mlp(void *y, const void *h, const float *norm_
                                       float *dec_x, float *dec_m, const uint8_t *const *codes,
                                       const uint8_t *const *scales, const float *const *dec_w,
                                       int n, int dim, int inter) {
-  char detail[400];
-  /* the warps a row of the chain's two nvfp4_gemv_packed calls: the sums' order */
-  constexpr int N = gemv_nvfp4<float>::N;   /* values a 16-byte load of codes holds */
-  const int wpr_gate_up = dim > 0 && inter > 0 ? gemv_warps_per_row(2 * inter, dim, N) : 1;
-  const int wpr_down = dim > 0 && inter > 0 ? gemv_warps_per_row(dim, inter, N) : 1;
-  const size_t gu_bytes = nv_mlp_stage_bytes(NV_MLP_WARPS / wpr_gate_up, 2, dim);
-  const size_t d_bytes = nv_mlp_stage_bytes(NV_MLP_WARPS / wpr_down, 1, inter);
-  const size_t stage_bytes = gu_bytes > d_bytes ? gu_bytes : d_bytes;
-  /* three stages where they fit (Qwen3-4B), else two (8B's 74 KB stages) */
-  int n_stages = NV_MLP_MAX_STAGES;
-  size_t smem = nv_mlp_layout(dim, inter, dtype_bytes(cuda_ctx.act), stage_bytes, n_stages).bytes;
-  if (smem > (size_t)cuda_smem_optin())
-    smem = nv_mlp_layout(dim, inter, dtype_bytes(cuda_ctx.act), stage_bytes, --n_stages).bytes;
-  if (n != 1 || dim <= 0 || inter <= 0 || dim % 256 || inter % 256 ||
+  char detail[320];
+  const size_t smem = nv_mlp_layout(dim, inter, dtype_bytes(cuda_ctx.act)).bytes;
+  if (n != 1 || dim <= 0 || inter <= 0 || dim % 32 || inter % 32 ||
       dim > RMS_STEP_VALUES * RMS_MAX_THREADS || !cuda_aligned16(h) || !cuda_aligned16(y) ||
       !dec_x || !dec_m || smem > (size_t)cuda_smem_optin()) {
     snprintf(detail, sizeof detail,
              "n %d, dim %d, inter %d, h %p, y %p refused: n must be 1, dim and inter positive "
-             "multiples of 256 (a row's scales whole 16-byte copies), dim at most %d (a row in "
-             "one block), the row, the operand and two stages of weight rows within a block's "
-             "shared memory (%zu of %d bytes), h and y 16-byte aligned, dec_x and dec_m given",
-             n, dim, inter, h, y, RMS_STEP_VALUES * RMS_MAX_THREADS, smem, cuda_smem_optin());
+             "multiples of 32 (a 16-byte load of codes), dim at most %d (a row in one block), "
+             "the row and the operand within a block's shared memory (%d bytes), h and y 16-byte "
+             "aligned, dec_x and dec_m given",
+             n, dim, inter, h, y, RMS_STEP_VALUES * RMS_MAX_THREADS, cuda_smem_optin());
     cuda_fail("cuda_nvfp4_decode_mlp", detail, __FILE__, __LINE__);
   }
   for (int j = 0; j < 3; j++)
-    if (!cuda_aligned16(codes[j]) || !cuda_aligned16(scales[j])) {
+    if (!cuda_aligned16(codes[j]) || ((uintptr_t)scales[j] & 1)) {
       snprintf(detail, sizeof detail,
-               "matrix %d (gate, up, down): codes %p, scales %p refused: both 16-byte aligned "
-               "(the kernel copies them 16 bytes at a time)", j, codes[j], scales[j]);
+               "matrix %d (gate, up, down): codes %p, scales %p refused: codes 16-byte aligned, "
+               "scales 2-byte aligned", j, codes[j], scales[j]);
       cuda_fail("cuda_nvfp4_decode_mlp", detail, __FILE__, __LINE__);
     }
   nv_check_denormals();
+  /* the warps a row of the chain's two nvfp4_gemv_packed calls: the sums' order */
+  constexpr int N = gemv_nvfp4<float>::N;   /* values a 16-byte load of codes holds */
+  const int wpr_gate_up = gemv_warps_per_row(2 * inter, dim, N);
+  const int wpr_down = gemv_warps_per_row(dim, inter, N);
   const bool two_rows = rms_rows_at_once(dim) == 2;
   CUDA_ACT_DISPATCH(T, {
     nv_mlp_args<T> a = {};
     a.y = (T *)y, a.h = (const T *)h, a.norm_w = norm_w, a.eps = eps;
     a.dec_x = dec_x, a.dec_m = dec_m;
-    a.gate_up = {{codes[0], codes[1]}, {scales[0], scales[1]}, {dec_w[0], dec_w[1]}, 2, inter,
-                 dim, wpr_gate_up};
-    a.down = {{codes[2], NULL}, {scales[2], NULL}, {dec_w[2], NULL}, 1, dim, inter, wpr_down};
-    a.stage_bytes = stage_bytes, a.n_stages = n_stages;
-    a.dim = dim, a.inter = inter;
+    a.gate = {codes[0], scales[0], NULL, dec_w[0]};
+    a.up = {codes[1], scales[1], NULL, dec_w[1]};
+    a.down = {codes[2], scales[2], NULL, dec_w[2]};
+    a.dim = dim, a.inter = inter, a.wpr_gate_up = wpr_gate_up, a.wpr_down = wpr_down;
     if (two_rows) nv_mlp_launch<T, 2>(a, smem);
     else nv_mlp_launch<T, 1>(a, smem);
   });

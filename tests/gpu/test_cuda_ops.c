@@ -2031,8 +2031,8 @@ int main(void) {
   test_weight_amax(2560, 9728, 0, 1);
   test_nvfp4();
   test_decode_mlp(2560, 9728, -1);   /* Qwen3-4B's MLP */
-  test_decode_mlp(256, 768, -1);     /* the smallest rows the op takes (multiples of 256) */
-  test_decode_mlp(4608, 256, -1);    /* dim past 4096: the norm's one-row layout; two stages */
+  test_decode_mlp(64, 192, -1);
+  test_decode_mlp(4608, 96, -1);     /* dim past 4096: the norm's one-row layout */
   test_decode_mlp(2560, 9728, 1000); /* a NaN in h */
 
   size_t in_use, peak;
