@@ -404,6 +404,10 @@ static void run_decode_mlp(void *arg) {
 }
 
 static void bench_decode_mlp(int repeats) {
+  if (!cuda_ctx.fused_decode) {   /* the op would decline every call */
+    printf("nvfp4_bench: op=decode_mlp skipped (QWEN3_CUDA_FUSED_DECODE=0)\n");
+    return;
+  }
   enum dtype act = be->act_dtype();
   const size_t ab = dtype_bytes(act), nw = (size_t)HIDDEN * INTER;
   struct decode_mlp_call c = {0};

@@ -257,11 +257,11 @@ struct backend {
    * nvfp4_pack's NVFP4_ROWS output; h and y [1, dim] (activation dtype; y may be h), norm_w
    * [dim] fp32; dec_x and dec_m (backend memory) receive the two operands' S_dec as the chain
    * writes them (NaN for a non-finite operand: y is then NaN, as the chain's). dim and inter
-   * are multiples of 32. */
-  void (*nvfp4_decode_mlp)(void *y, const void *h, const float *norm_w, float eps, float *dec_x,
-                           float *dec_m, const uint8_t *const *codes,
-                           const uint8_t *const *scales, const float *const *dec_w, int n,
-                           int dim, int inter);
+   * are multiples of 32. Returns 1; 0, having done nothing, where the backend was told not to
+   * fuse (the CUDA one's QWEN3_CUDA_FUSED_DECODE=0: the chain then runs, for comparing). */
+  int (*nvfp4_decode_mlp)(void *y, const void *h, const float *norm_w, float eps, float *dec_x,
+                          float *dec_m, const uint8_t *const *codes, const uint8_t *const *scales,
+                          const float *const *dec_w, int n, int dim, int inter);
 
   /* AdamW with decoupled weight decay (torch.optim.AdamW), step t counted from 1, on the
    * clipped gradient g = fp32(g * grad_scale) (what torch's clip_grad_norm_ leaves):

@@ -72,6 +72,8 @@ struct cuda_context {
   int wgmma;                   /* 1: attention on Hopper's wgmma kernels (cuda_attention_wgmma.cu) */
   int gemm_tune;               /* 1: a GEMM shape's first call times cuBLASLt's candidates
                                   (on unless QWEN3_CUDA_GEMM_TUNE=0) */
+  int fused_decode;            /* 1: nvfp4_decode_mlp runs its fused kernel (on unless
+                                  QWEN3_CUDA_FUSED_DECODE=0: the op chain instead) */
   double *host_result;         /* pinned host memory for the results returned to the host */
 };
 extern struct cuda_context cuda_ctx;
@@ -213,10 +215,9 @@ void cuda_nvfp4_gemm(void *c, enum dtype c_type, const void *a, const float *dec
                      float beta);
 void cuda_nvfp4_pack(uint8_t *codes, uint8_t *scales, float *dec, const float *w, int rows,
                      int cols, enum nvfp4_layout layout);
-void cuda_nvfp4_decode_mlp(void *y, const void *h, const float *norm_w, float eps,
-                           float *dec_x, float *dec_m, const uint8_t *const *codes,
-                           const uint8_t *const *scales, const float *const *dec_w, int n,
-                           int dim, int inter);
+int cuda_nvfp4_decode_mlp(void *y, const void *h, const float *norm_w, float eps, float *dec_x,
+                          float *dec_m, const uint8_t *const *codes, const uint8_t *const *scales,
+                          const float *const *dec_w, int n, int dim, int inter);
 /* cuda_nvfp4_quantize of an NVFP4_ROWS x of at most this many values (rows * cols) is one
  * kernel of one block, its own amax pass included (cuda_nvfp4.cu says why); larger x take the
  * amax and rows kernels. */

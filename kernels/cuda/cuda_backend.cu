@@ -110,6 +110,9 @@ static void cuda_init(int local_rank, int local_size, int rows) {
   /* the first call of each GEMM shape times cuBLASLt's candidates (cuda_gemm.cu);
    * QWEN3_CUDA_GEMM_TUNE=0 keeps the heuristic's first */
   cuda_ctx.gemm_tune = env_flag("QWEN3_CUDA_GEMM_TUNE", 1);
+  /* decoding's MLP half from packed NVFP4 weights as one kernel (cuda_nvfp4.cu);
+   * QWEN3_CUDA_FUSED_DECODE=0 runs its op chain (the same bits: to compare the two) */
+  cuda_ctx.fused_decode = env_flag("QWEN3_CUDA_FUSED_DECODE", 1);
   /* wgmma exists on sm_90 only, in code built for sm_90a; QWEN3_CUDA_WGMMA=0 keeps attention on
    * the mma.sync kernels (to compare the two) */
 #ifdef QWEN3_CUDA_SM90A

@@ -200,17 +200,25 @@ struct gemv_nvfp4 {
   }
 };
 
+/* PTX prmt: the bytes of {b, a} picked by the 4 selectors in c's low 16 bits. __byte_perm masks
+ * each selector to 3 bits (an AND a call), which the selectors here never need. */
+static __device__ __forceinline__ uint32_t gemv_prmt(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t d;
+  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
+}
+
 /* 2q for the 8 E2M1 codes of a word (element j in bits 4j..4j+3) as 8 int8, element j in byte j
  * of lo (j < 4) or hi: 2q is an integer of -12..12. Byte permutes from tables: the magnitude's
- * 3 bits select from 2|q| and from -2|q|, the sign bit then picks one of the two. */
+ * 3 bits select from 2|q| and from -2|q|, the sign bit then picks one of the two (every
+ * selector's top bit, prmt's sign-replicate mode, is 0). */
 static __device__ __forceinline__ void nv_e2m1x8_i8(uint32_t q, uint32_t &lo, uint32_t &hi) {
   const uint32_t POS_LO = 0x03020100u, POS_HI = 0x0C080604u;   /* 0 1 2 3 | 4 6 8 12 */
   const uint32_t NEG_LO = 0xFDFEFF00u, NEG_HI = 0xF4F8FAFCu;   /* their negatives */
-  const uint32_t mag = q & 0x77777777u;
+  const uint32_t mag = q & 0x77777777u, mag_hi = mag >> 16;
   const uint32_t pick = 0x32103210u | (q & 0x88888888u) >> 1;  /* byte j, or j + 4 if negative */
-  lo = __byte_perm(__byte_perm(POS_LO, POS_HI, mag), __byte_perm(NEG_LO, NEG_HI, mag), pick);
-  hi = __byte_perm(__byte_perm(POS_LO, POS_HI, mag >> 16), __byte_perm(NEG_LO, NEG_HI, mag >> 16),
-                   pick >> 16);
+  lo = gemv_prmt(gemv_prmt(POS_LO, POS_HI, mag), gemv_prmt(NEG_LO, NEG_HI, mag), pick);
+  hi = gemv_prmt(gemv_prmt(POS_LO, POS_HI, mag_hi), gemv_prmt(NEG_LO, NEG_HI, mag_hi), pick >> 16);
 }
 
 /* An NVFP4 operand as integers (gemv_nvfp4_i8's x): k[i] = 2q of value i (-12..12) and s[b] its

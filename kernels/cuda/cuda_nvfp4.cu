@@ -831,6 +831,7 @@ struct nv_mlp_args {
   float *dec_x, *dec_m;                  /* the two operands' S_dec, written by block 0 */
   typename gemv_nvfp4<T>::mat gate, up, down;   /* dec_x unset: the kernel's own */
   T *m;                                  /* scratch: the SwiGLU product row [inter] */
+  gemv_i8_operand mq;                    /* scratch: its quantization, k [inter], s [inter/16] */
   uint32_t *parts;                       /* scratch: each block's max of the bits of |m| */
   int dim, inter, wpr_gate_up, wpr_down; /* the GEMV's warps a row for the chain's calls */
 };
@@ -866,17 +867,18 @@ struct nv_mlp_layout {
   }
 };
 
-/* NVFP4_ROWS of x [n] (shared or global, a block's whole row) into the integer operand by the
- * block, as nvfp4_rows_small_kernel's groups (sc from its amax); a non-finite amax writes NaN
- * scales, so every product is NaN, as the chain's GEMV is by its S_dec. */
+/* NVFP4_ROWS of x [n] into the integer operand, as nvfp4_rows_small_kernel's groups (sc from
+ * its amax), the groups from `first` by `stride` (a block's threads, or the grid's); a
+ * non-finite amax writes NaN scales, so every product is NaN, as the chain's GEMV is by its
+ * S_dec. */
 template <typename T>
 __device__ __forceinline__ void nv_mlp_quantize(const nv_write_i8 &out, const T *x, int n,
-                                                const nv_scale &sc) {
+                                                const nv_scale &sc, int first, int stride) {
   if (sc.finite)
-    nv_rows_groups<T, nv_write_i8, true, false>(out, x, n / (16 / sizeof(T)), sc, 0, threadIdx.x,
-                                                NV_MLP_THREADS);
+    nv_rows_groups<T, nv_write_i8, true, false>(out, x, n / (16 / sizeof(T)), sc, 0, first,
+                                                stride);
   else
-    for (int b = threadIdx.x; b < n / 16; b += NV_MLP_THREADS) out.op.s[b] = nv_u2f(0x7fffffffu);
+    for (int b = first; b < n / 16; b += stride) out.op.s[b] = nv_u2f(0x7fffffffu);
 }
 
 /* The MLP half of a decoder layer for one token row, in one cooperative kernel (the grid all
@@ -889,9 +891,10 @@ __device__ __forceinline__ void nv_mlp_quantize(const nv_write_i8 &out, const T 
  *      bits), each rounded to T as the GEMV stores them, their SwiGLU rounded to T into m[r],
  *      and the block's max of the bits of |m| into parts[block];
  *  (b) the grid's barrier;
- *  (c) each block reduces the parts to the amax (nv_read_scale: S_dec to dec_m), quantizes m
- *      into the integer operand as nvfp4_rows_small_kernel would, takes its down rows, each
- *      rounded to T, and writes y = h + that (add's rounding).
+ *  (c) each block reduces the parts to the amax (nv_read_scale: S_dec to dec_m), the grid
+ *      quantizes m as nvfp4_rows_small_kernel would into the global integer operand mq, and
+ *      after a second barrier each block copies mq into shared memory, takes its down rows,
+ *      each rounded to T, and writes y = h + that (add's rounding).
  * Shared memory: nv_mlp_layout (dynamic). A non-finite amax gives NaN block scales, so every
  * product of the GEMV is NaN, as the chain's GEMV multiplies its unwritten operand by the NaN
  * S_dec: y is NaN where the chain's is. y may be h: each h value a block reads in (c) is its own
@@ -928,7 +931,7 @@ __global__ void __launch_bounds__(NV_MLP_THREADS) nvfp4_decode_mlp_kernel(nv_mlp
     uint32_t m[1] = {nv_amax_groups<T, true>(xn, a.dim / G, threadIdx.x, NV_MLP_THREADS)};
     nv_block_max<1, NV_MLP_WARPS>(m);
     const nv_scale sc = nv_scale_of(m[0], a.dec_x);
-    nv_mlp_quantize<T>(to_operand, xn, a.dim, sc);
+    nv_mlp_quantize<T>(to_operand, xn, a.dim, sc, threadIdx.x, NV_MLP_THREADS);
     if (threadIdx.x == 0) dec = nv_dec_value(sc);
   }
   __syncthreads();
@@ -970,14 +973,22 @@ __global__ void __launch_bounds__(NV_MLP_THREADS) nvfp4_decode_mlp_kernel(nv_mlp
   /* (b) every block's m and part written and visible */
   cooperative_groups::this_grid().sync();
 
-  /* (c) m's quantization, as nvfp4_rows_small_kernel's, from the parts */
+  /* (c) m's quantization, as nvfp4_rows_small_kernel's, from the parts, over the grid into the
+   * global operand mq (every block quantizing all of m was ~a quarter of the kernel's
+   * instructions: bench/NOTES.md, session 16), then each block's copy of it */
   {
     nv_parts parts;
     parts.max[0] = parts.max[1] = a.parts;
     parts.n = gridDim.x;
     const nv_scale sc = nv_read_scale<NV_MLP_THREADS>(parts, a.dec_m);
-    nv_mlp_quantize<T>(to_operand, a.m, a.inter, sc);
+    nv_mlp_quantize<T>({a.mq}, a.m, a.inter, sc, blockIdx.x * NV_MLP_THREADS + threadIdx.x,
+                       gridDim.x * NV_MLP_THREADS);
     if (threadIdx.x == 0) dec = nv_dec_value(sc);
+  }
+  cooperative_groups::this_grid().sync();
+  for (int i = threadIdx.x; i < a.inter / 16; i += NV_MLP_THREADS) {   /* L2: other blocks' */
+    reinterpret_cast<uint4 *>(op.k)[i] = __ldcg(reinterpret_cast<const uint4 *>(a.mq.k) + i);
+    op.s[i] = __ldcg(a.mq.s + i);
   }
   __syncthreads();
 
@@ -1384,16 +1395,23 @@ static void nv_mlp_launch(nv_mlp_args<T> a, size_t smem) {
   auto kernel = nvfp4_decode_mlp_kernel<T, R>;
   cuda_allow_smem(kernel, smem, &smem_allowed);
   const int blocks = nv_mlp_grid(kernel, smem, &per_sm, &per_sm_smem);
-  cuda_scratch2((void **)&a.m, (size_t)a.inter * sizeof(T), (void **)&a.parts,
-                (size_t)blocks * sizeof(uint32_t), "nvfp4 decode MLP product and maxima");
+  /* m, its integer operand (k, s) and the blocks' maxima */
+  const size_t m_bytes = ((size_t)a.inter * sizeof(T) + 15) / 16 * 16, k_bytes = a.inter;
+  uint8_t *base;
+  cuda_scratch2((void **)&base, m_bytes + k_bytes + (size_t)a.inter / 16 * sizeof(float),
+                (void **)&a.parts, (size_t)blocks * sizeof(uint32_t),
+                "nvfp4 decode MLP product, its operand and maxima");
+  a.m = (T *)base;
+  a.mq = {(int8_t *)(base + m_bytes), (float *)(base + m_bytes + k_bytes)};
   CUDA_LAUNCH_COOPERATIVE("nvfp4_decode_mlp_kernel", kernel, dim3(blocks), dim3(NV_MLP_THREADS),
                           smem, a);
 }
 
-extern "C" void cuda_nvfp4_decode_mlp(void *y, const void *h, const float *norm_w, float eps,
-                                      float *dec_x, float *dec_m, const uint8_t *const *codes,
-                                      const uint8_t *const *scales, const float *const *dec_w,
-                                      int n, int dim, int inter) {
+extern "C" int cuda_nvfp4_decode_mlp(void *y, const void *h, const float *norm_w, float eps,
+                                     float *dec_x, float *dec_m, const uint8_t *const *codes,
+                                     const uint8_t *const *scales, const float *const *dec_w,
+                                     int n, int dim, int inter) {
+  if (!cuda_ctx.fused_decode) return 0;
   char detail[320];
   const size_t smem = nv_mlp_layout(dim, inter, dtype_bytes(cuda_ctx.act)).bytes;
   if (n != 1 || dim <= 0 || inter <= 0 || dim % 32 || inter % 32 ||
@@ -1431,4 +1449,5 @@ extern "C" void cuda_nvfp4_decode_mlp(void *y, const void *h, const float *norm_
     if (two_rows) nv_mlp_launch<T, 2>(a, smem);
     else nv_mlp_launch<T, 1>(a, smem);
   });
+  return 1;
 }

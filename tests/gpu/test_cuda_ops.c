@@ -1567,15 +1567,18 @@ static void test_decode_mlp(int dim, int inter, int nan_at) {
 
   void *y[2] = {poisoned_act((size_t)dim), poisoned_act((size_t)dim)};
   float *dx[2] = {poisoned(1), poisoned(1)}, *dm[2] = {poisoned(1), poisoned(1)};
+  int ran = 1;
   for (int run = 0; run < 2; run++)
-    gpu->nvfp4_decode_mlp(y[run], d_h, d_w, eps, dx[run], dm[run], (const uint8_t *const *)codes,
-                          (const uint8_t *const *)scales, (const float *const *)dec_w, 1, dim,
-                          inter);
+    ran &= gpu->nvfp4_decode_mlp(y[run], d_h, d_w, eps, dx[run], dm[run],
+                                 (const uint8_t *const *)codes, (const uint8_t *const *)scales,
+                                 (const float *const *)dec_w, 1, dim, inter);
   void *in_place = up_act(h, (size_t)dim);
   float *dx3 = poisoned(1), *dm3 = poisoned(1);
-  gpu->nvfp4_decode_mlp(in_place, in_place, d_w, eps, dx3, dm3, (const uint8_t *const *)codes,
-                        (const uint8_t *const *)scales, (const float *const *)dec_w, 1, dim,
-                        inter);
+  ran &= gpu->nvfp4_decode_mlp(in_place, in_place, d_w, eps, dx3, dm3,
+                               (const uint8_t *const *)codes, (const uint8_t *const *)scales,
+                               (const float *const *)dec_w, 1, dim, inter);
+  CHECK(ran, "%s mode, %s: the op declined to run (QWEN3_CUDA_FUSED_DECODE set to 0?)", mode,
+        name);
   CHECK(same_bits(y[0], y_chain, (size_t)dim * ab), "%s mode, %s: y differs from the chain's",
         mode, name);
   CHECK(same_bits(dx[0], dec_x, 4) && same_bits(dm[0], dec_m, 4),
