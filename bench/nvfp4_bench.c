@@ -394,10 +394,10 @@ static void run_decode_mlp(void *arg) {
     return;
   }
   be->rmsnorm_forward(c->hn, c->h, c->norm_w, 1, HIDDEN, eps);
-  be->nvfp4_quantize(c->xq, c->dec, c->hn, act, 1, HIDDEN, NVFP4_ROWS, 0, 0, -1);
+  be->nvfp4_quantize(c->xq, c->dec, c->hn, act, 1, HIDDEN, NVFP4_ROWS_INT, 0, 0, -1);
   be->nvfp4_gemv_packed(gu, c->xq, c->dec, codes, scales, dec_w, gu_dims, 2, 1, HIDDEN);
   be->swiglu_forward(c->m, c->g, c->u, INTER);
-  be->nvfp4_quantize(c->mq, c->dec + 1, c->m, act, 1, INTER, NVFP4_ROWS, 0, 0, -1);
+  be->nvfp4_quantize(c->mq, c->dec + 1, c->m, act, 1, INTER, NVFP4_ROWS_INT, 0, 0, -1);
   be->nvfp4_gemv_packed(d, c->mq, c->dec + 1, codes + 2, scales + 2, dec_w + 2, d_dims, 1, 1,
                         INTER);
   be->add(c->y, c->h, c->d, HIDDEN, act);
@@ -426,12 +426,14 @@ static void bench_decode_mlp(int repeats) {
   be->to_device(c.norm_w, ones, HIDDEN * sizeof(float));
   free(ones);
   c.h = bench_random(be, HIDDEN, act, 17);
-  void **act_bufs[] = {&c.y, &c.hn, &c.xq, &c.d};
+  void **act_bufs[] = {&c.y, &c.hn, &c.d};
   for (size_t i = 0; i < sizeof act_bufs / sizeof *act_bufs; i++)
     *act_bufs[i] = bench_alloc(be, HIDDEN * ab);
-  void **inter_bufs[] = {&c.g, &c.u, &c.m, &c.mq};
+  void **inter_bufs[] = {&c.g, &c.u, &c.m};
   for (size_t i = 0; i < sizeof inter_bufs / sizeof *inter_bufs; i++)
     *inter_bufs[i] = bench_alloc(be, INTER * ab);
+  c.xq = bench_alloc(be, nvfp4_int_operand_bytes(1, HIDDEN));   /* the GEMVs' integer operands */
+  c.mq = bench_alloc(be, nvfp4_int_operand_bytes(1, INTER));
   c.dec = bench_alloc(be, 2 * sizeof(float));
   c.part = MLP_FUSED;
   double t_fused = time_calls(run_decode_mlp, &c, repeats);

@@ -24,13 +24,13 @@
  *  - The first loads of weights are issued before pdl_wait: nothing in a step writes weights.
  * Per row the lanes sum strided slices in fp32 and combine them by a fixed butterfly, then the
  * row's warps in warp order through shared memory: the same bits every run. Each more token
- * costs the kernel about 30% of its one-token time (its x loads, conversions and FMAs), so it
- * is taken for n <= GEMV_MAX_ROWS, when in_dim is a multiple of a 16-byte vector and x and the
- * weights are 16-byte aligned; cuBLASLt otherwise.
+ * costs the dense kernel about 30% of its one-token time (its x loads, conversions and FMAs),
+ * so it is taken for n <= GEMV_MAX_ROWS, when in_dim is a multiple of a 16-byte vector and x
+ * and the weights are 16-byte aligned; cuBLASLt otherwise.
  * The kernel is a template over the weights' format (gemv_dense: the weight copy;
- * gemv_nvfp4: nvfp4_pack's codes and scales, cuda_nvfp4_gemv_packed, which reads a weight at
- * 4.5 bits a value instead of 16, so a 16-byte load is 32 values and a lane has 4x fewer loads
- * a row). */
+ * gemv_nvfp4: nvfp4_pack's codes and scales against x as integers, cuda_nvfp4_gemv_packed,
+ * which reads a weight at 4.5 bits a value instead of 16, so a 16-byte load is 32 values and a
+ * lane has 4x fewer loads a row). */
 #define GEMV_MAX_ROWS 4
 #define GEMV_MAX_MATS 3
 #define GEMV_WARPS 8   /* warps per block */
@@ -40,13 +40,16 @@
 static __device__ __forceinline__ uint4 gemv_load(const void *p) { return __ldg((const uint4 *)p); }
 
 /* Where the kernels read x from, X: global memory through the read-only path (gemv_kernel:
- * nothing in its op writes x), or shared memory (the fused decode kernel's operands,
- * cuda_nvfp4.cu), which the read-only path cannot address. The loaded bits are the same. */
+ * nothing in its op writes x; at most GEMV_MAX_ROWS rows, which stay in L1), or shared memory
+ * (the fused decode kernel's operands, cuda_nvfp4.cu), which the read-only path cannot address.
+ * load: the V at p (uint4, or gemv_nvfp4's float2 of scales), the same bits from either. */
 struct gemv_x_global {
-  static __device__ __forceinline__ uint4 load(const void *p) { return gemv_load(p); }
+  template <typename V>
+  static __device__ __forceinline__ V load(const V *p) { return __ldg(p); }
 };
 struct gemv_x_shared {
-  static __device__ __forceinline__ uint4 load(const void *p) { return *(const uint4 *)p; }
+  template <typename V>
+  static __device__ __forceinline__ V load(const V *p) { return *p; }
 };
 
 /* the values of 16 bytes of T in fp32 */
@@ -68,14 +71,14 @@ static __device__ __forceinline__ void gemv_load_x(float (&f)[N], const T *__res
   constexpr int V = gemv_vec<T>::N;
 #pragma unroll
   for (int i = 0; i < N / V; i++) {
-    const gemv_vec<T> v(X::load(p + i * V));
+    const gemv_vec<T> v(X::load(reinterpret_cast<const uint4 *>(p + i * V)));
 #pragma unroll
     for (int j = 0; j < V; j++) f[i * V + j] = v.f[j];
   }
 }
 
 /* The weight formats the kernel reads, F: a lane's 16-byte load of a weight row holds F::N of
- * its values (from a column c that is a multiple of N), x is of type F::act.
+ * its values (from a column c that is a multiple of N), the outputs are of type F::act.
  *   mat           one matrix: its pointers;
  *   row           a row's pointers (row_of: row r; at: from column c on);
  *   chunk         what a lane loads for one 16-byte group of a row (load: at column off of a
@@ -87,8 +90,8 @@ static __device__ __forceinline__ void gemv_load_x(float (&f)[N], const T *__res
  *                 else its chunks one at a time (rows of many: the predicated batch took the
  *                 dense kernels from 40-48 registers to 54-62);
  *   weights       a chunk made ready for dot, once for every token row (gemv_dense: in fp32);
- *   xin           the operand x as the format reads it (a pointer to x's values, or to
- *                 gemv_nvfp4_i8's integers and scales);
+ *   xin           the operand x as the format reads it (gemv_dense: a pointer to x's values
+ *                 in F::act; gemv_nvfp4: the integer operand), passed by value;
  *   dot           acc + those N weights · x's N values from flat column col (token row t at
  *                 t * in_dim; read through X), fp32 arithmetic;
  *   finish        a row's output from its sum.
@@ -124,14 +127,54 @@ struct gemv_dense {
   static __device__ __forceinline__ float finish(const mat &, float sum) { return sum; }
 };
 
+/* PTX prmt: the bytes of {b, a} picked by the 4 selectors in c's low 16 bits. __byte_perm masks
+ * each selector to 3 bits (an AND a call), which the selectors here never need. */
+static __device__ __forceinline__ uint32_t gemv_prmt(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t d;
+  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
+}
+
+/* 2q for the 8 E2M1 codes of a word (element j in bits 4j..4j+3) as 8 int8, element j in byte j
+ * of lo (j < 4) or hi: 2q is an integer of -12..12. Byte permutes from tables: the magnitude's
+ * 3 bits select from 2|q| and from -2|q|, the sign bit then picks one of the two (every
+ * selector's top bit, prmt's sign-replicate mode, is 0). */
+static __device__ __forceinline__ void nv_e2m1x8_i8(uint32_t q, uint32_t &lo, uint32_t &hi) {
+  const uint32_t POS_LO = 0x03020100u, POS_HI = 0x0C080604u;   /* 0 1 2 3 | 4 6 8 12 */
+  const uint32_t NEG_LO = 0xFDFEFF00u, NEG_HI = 0xF4F8FAFCu;   /* their negatives */
+  const uint32_t mag = q & 0x77777777u, mag_hi = mag >> 16;
+  const uint32_t pick = 0x32103210u | (q & 0x88888888u) >> 1;  /* byte j, or j + 4 if negative */
+  lo = gemv_prmt(gemv_prmt(POS_LO, POS_HI, mag), gemv_prmt(NEG_LO, NEG_HI, mag), pick);
+  hi = gemv_prmt(gemv_prmt(POS_LO, POS_HI, mag_hi), gemv_prmt(NEG_LO, NEG_HI, mag_hi), pick >> 16);
+}
+
+/* An NVFP4 operand as integers (ops.h NVFP4_ROWS_INT, gemv_nvfp4's x): k[i] = 2q of value i
+ * (-12..12) and s[b] its block b's scale s_b in fp32, so that value i is k[i] * s[i / 16] / 2. */
+struct gemv_i8_operand {
+  int8_t *k;
+  float *s;
+};
+
+/* The NVFP4_ROWS_INT operand of x [rows, cols] at xq (ops.h: k, then s from
+ * nvfp4_int_scales_at) */
+static inline gemv_i8_operand gemv_i8_operand_at(void *xq, int rows, int cols) {
+  return {(int8_t *)xq, (float *)((char *)xq + nvfp4_int_scales_at(rows, cols))};
+}
+
 /* gemv_nvfp4: nvfp4_pack's weights (ops.h), codes [out_dim, in_dim/2] and E4M3 scales
- * [out_dim, in_dim/16]: a 16-byte load is 32 codes, two blocks of 16, and goes with the 2
- * bytes of their scales (one 2-byte load). The codes decode to E2M1 values times 2^-14 (exact,
- * nv_e2m1x8_half2) and the scales to s_b times 2^14 (exact): each block's 16 products with x,
- * exact for x of at most 21 significant bits (an NVFP4 operand's q * s_b has 6), are summed
- * in fp32 and the sum multiplied into the row's by its scale (one FMA a block and token
- * instead of one multiply a weight), and the row's sum, the exact dot product up to fp32
- * roundings of the sums, by *dec_x * *dec_w at the end. */
+ * [out_dim, in_dim/16], against x as integers (gemv_i8_operand): a 16-byte load is 32 codes,
+ * two blocks of 16, and goes with the 2 bytes of their scales (one 2-byte load). The codes
+ * become 2q in int8 (nv_e2m1x8_i8, ~1.4 instructions a value) and meet x's 2q in __dp4a, 4
+ * products an instruction. A block's integer sum of 2q_w * 2q_x is at most 16 * 144, exact;
+ * times s_w * s_x / 4 (E4M3 times E4M3: 8 significant bits, exact) it is the block's exact dot
+ * product, added into the row's sum by one FMA (one rounding a block and token), and the row's
+ * sum multiplied by *dec_x * *dec_w at the end. The fp32 dot this replaced summed the block's
+ * 16 products q_w * (q_x s_x) in fp32, also exactly, then took the sum times s_w into the row's
+ * by one FMA: the same exact value rounded once in the same order, so the same bits (-0.0, a
+ * value of x that the integers hold as +0, changes no sum: each block's starts at +0). It
+ * converted each code to half and to float and took an FMA a value, which at one token row
+ * bound the GEMV by its issue rate (~1.35 TB/s on the H200), not by its bytes. The same format
+ * serves the fused decode kernel (cuda_nvfp4.cu), its x in shared memory (X gemv_x_shared). */
 template <typename T>
 struct gemv_nvfp4 {
   typedef T act;
@@ -161,97 +204,26 @@ struct gemv_nvfp4 {
     k.s = __ldg((const unsigned short *)(w.scales + off / 16));
     return k;
   }
-  /* The codes stay packed until dot decodes them a word (8 values) at a time, beside the 8
-   * values of x they meet: holding a chunk's 32 decoded values and 32 of x took the kernel to
-   * 98-102 registers (two blocks an SM, against the dense kernels' five), and a decoding step
-   * reads packed weights for one token row, so nothing is decoded twice. */
-  struct weights {
-    uint32_t q[4];   /* the 32 codes, 8 a word, in column order */
-    float s[2];      /* the two blocks' scales * 2^14 */
-    __device__ __forceinline__ weights(const chunk &k) : q{k.q.x, k.q.y, k.q.z, k.q.w} {
-#pragma unroll
-      for (int b = 0; b < 2; b++) s[b] = nv_e4m3_decode(k.s >> 8 * b & 0xffu) * 0x1p14f;
-    }
-  };
-  typedef const T *__restrict__ xin;
-  template <class X>
-  static __device__ __forceinline__ float dot(const weights &w, xin x, size_t col, float acc) {
-    const T *const p = x + col;
-#pragma unroll
-    for (int b = 0; b < 2; b++) {
-      float sum = 0.0f;
-#pragma unroll
-      for (int i = 2 * b; i < 2 * b + 2; i++) {   /* columns 8i .. 8i + 7, in order */
-        float x[8];
-        gemv_load_x<X, T, 8>(x, p + 8 * i);
-        __half2 h[4];   /* E2M1 values * 2^-14 of columns (j, j + 4) */
-        nv_e2m1x8_half2(h, w.q[i]);
-#pragma unroll
-        for (int j = 0; j < 4; j++) sum = fmaf(__low2float(h[j]), x[j], sum);
-#pragma unroll
-        for (int j = 0; j < 4; j++) sum = fmaf(__high2float(h[j]), x[j + 4], sum);
-      }
-      acc = fmaf(sum, w.s[b], acc);
-    }
-    return acc;
-  }
-  static __device__ __forceinline__ float finish(const mat &m, float sum) {
-    return (*m.dec_x * *m.dec_w) * sum;
-  }
-};
-
-/* PTX prmt: the bytes of {b, a} picked by the 4 selectors in c's low 16 bits. __byte_perm masks
- * each selector to 3 bits (an AND a call), which the selectors here never need. */
-static __device__ __forceinline__ uint32_t gemv_prmt(uint32_t a, uint32_t b, uint32_t c) {
-  uint32_t d;
-  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
-  return d;
-}
-
-/* 2q for the 8 E2M1 codes of a word (element j in bits 4j..4j+3) as 8 int8, element j in byte j
- * of lo (j < 4) or hi: 2q is an integer of -12..12. Byte permutes from tables: the magnitude's
- * 3 bits select from 2|q| and from -2|q|, the sign bit then picks one of the two (every
- * selector's top bit, prmt's sign-replicate mode, is 0). */
-static __device__ __forceinline__ void nv_e2m1x8_i8(uint32_t q, uint32_t &lo, uint32_t &hi) {
-  const uint32_t POS_LO = 0x03020100u, POS_HI = 0x0C080604u;   /* 0 1 2 3 | 4 6 8 12 */
-  const uint32_t NEG_LO = 0xFDFEFF00u, NEG_HI = 0xF4F8FAFCu;   /* their negatives */
-  const uint32_t mag = q & 0x77777777u, mag_hi = mag >> 16;
-  const uint32_t pick = 0x32103210u | (q & 0x88888888u) >> 1;  /* byte j, or j + 4 if negative */
-  lo = gemv_prmt(gemv_prmt(POS_LO, POS_HI, mag), gemv_prmt(NEG_LO, NEG_HI, mag), pick);
-  hi = gemv_prmt(gemv_prmt(POS_LO, POS_HI, mag_hi), gemv_prmt(NEG_LO, NEG_HI, mag_hi), pick >> 16);
-}
-
-/* An NVFP4 operand as integers (gemv_nvfp4_i8's x): k[i] = 2q of value i (-12..12) and s[b] its
- * block b's scale s_b in fp32, so that value i is k[i] * s[i / 16] / 2. */
-struct gemv_i8_operand {
-  int8_t *k;
-  float *s;
-};
-
-/* gemv_nvfp4 with an integer dot product: the weights' codes become 2q in int8 (nv_e2m1x8_i8,
- * ~1.4 instructions a value) and meet x's k in __dp4a, 4 products a instruction, against the
- * fp32 path's conversions and FMA a value, which at one token row bound the GEMV by its issue
- * rate, not by its bytes. A block's integer sum of 2q_w * 2q_x is at most 16 * 144, exact; times
- * s_w * s_x / 4 (E4M3 times E4M3: 8 significant bits) it is the block's exact dot product, as
- * gemv_nvfp4's fp32 block sum is (bench/NOTES.md), so the one rounding a block, in the same
- * order, gives the same bits. x one token row (R = 1), in shared memory (X gemv_x_shared). */
-template <typename T>
-struct gemv_nvfp4_i8 : gemv_nvfp4<T> {
-  typedef typename gemv_nvfp4<T>::chunk chunk;
+  /* The codes stay packed until dot turns them into 2q a word (8 values) at a time, beside the
+   * x words they meet: a decoding step reads packed weights for one token row, so nothing is
+   * decoded twice there. Decoded here instead, once for every token row (8 words a chunk),
+   * they left the one-row kernels at ptxas's 64-register target with 8 bytes of spills, where
+   * this has none. */
   struct weights {
     uint32_t q[4];   /* the 32 codes, 8 a word, in column order */
     float s[2];      /* the two blocks' scales / 4 */
-    __device__ __forceinline__ weights(const chunk &k) : q{k.q.x, k.q.y, k.q.z, k.q.w} {
+    __device__ __forceinline__ weights(const chunk &c) : q{c.q.x, c.q.y, c.q.z, c.q.w} {
 #pragma unroll
-      for (int b = 0; b < 2; b++) s[b] = nv_e4m3_decode(k.s >> 8 * b & 0xffu) * 0.25f;
+      for (int b = 0; b < 2; b++) s[b] = nv_e4m3_decode(c.s >> 8 * b & 0xffu) * 0.25f;
     }
   };
-  typedef const gemv_i8_operand &xin;
+  typedef gemv_i8_operand xin;
   template <class X>
   static __device__ __forceinline__ float dot(const weights &w, xin x, size_t col, float acc) {
-    const uint4 k0 = X::load(x.k + col), k1 = X::load(x.k + col + 16);
+    const uint4 k0 = X::load(reinterpret_cast<const uint4 *>(x.k + col));
+    const uint4 k1 = X::load(reinterpret_cast<const uint4 *>(x.k + col + 16));
     const uint32_t xk[8] = {k0.x, k0.y, k0.z, k0.w, k1.x, k1.y, k1.z, k1.w};
-    const float2 xs = *reinterpret_cast<const float2 *>(x.s + col / 16);
+    const float2 xs = X::load(reinterpret_cast<const float2 *>(x.s + col / 16));
 #pragma unroll
     for (int b = 0; b < 2; b++) {
       int sum = 0;
@@ -265,6 +237,9 @@ struct gemv_nvfp4_i8 : gemv_nvfp4<T> {
       acc = fmaf((float)sum, w.s[b] * (b ? xs.y : xs.x), acc);
     }
     return acc;
+  }
+  static __device__ __forceinline__ float finish(const mat &m, float sum) {
+    return (*m.dec_x * *m.dec_w) * sum;
   }
 };
 

@@ -55,11 +55,12 @@ struct gemv_mats {
  * loads through those pointers then left the read-only path and serialized. R: the most token
  * rows the instantiation takes (1 for F::ONE_ROW at n = 1, else GEMV_MAX_ROWS): at R = 1 the
  * rows loop is gone, and with it the x loads the compiler hoisted for rows that do not exist
- * (the NVFP4 kernel: 63-64 registers, four blocks an SM, against 100-108 and two at R = 4; the
- * dense kernels gain little there, 48 to 40, and stay at R = 4). */
+ * (the NVFP4 kernel: 63 registers, four blocks an SM; at R = 4 ptxas holds it to 64 with 24-32
+ * bytes of spills, 74 at one warp a row; with its fp32 dot it took 100-108 there, two blocks;
+ * the dense kernels gain little, 48 to 40, and stay at R = 4). */
 template <class F, int WPR, int R>
 static __global__ void __launch_bounds__(GEMV_WARPS * 32)
-    gemv_kernel(gemv_mats<F> m, const typename F::act *__restrict__ x, int n, int in_dim) {
+    gemv_kernel(gemv_mats<F> m, typename F::xin x, int n, int in_dim) {
   typedef typename F::act T;
   constexpr int U = GEMV_UNROLL, STRIDE = WPR * 32 * F::N;
   __shared__ float warp_sums[GEMV_WARPS][R];
@@ -102,9 +103,14 @@ static __global__ void __launch_bounds__(GEMV_WARPS * 32)
             F::finish(w, gemv_parts_sum<R>(warp_sums, warp, lane, WPR)));
 }
 
+/* The type of format F's instantiations of gemv_kernel (taken from one: the host compiler keeps
+ * gemv_dense's __restrict__ x in a pointer type written out, not in the kernel's) */
+template <class F>
+using gemv_kernel_ptr = decltype(&gemv_kernel<F, 1, GEMV_MAX_ROWS>);
+
 /* The instantiation of gemv_kernel for wpr warps a row and at most R token rows */
 template <class F, int R>
-static void (*gemv_pick(int wpr))(gemv_mats<F>, const typename F::act *, int, int) {
+static gemv_kernel_ptr<F> gemv_pick(int wpr) {
   return wpr == 1 ? gemv_kernel<F, 1, R> : wpr == 2 ? gemv_kernel<F, 2, R>
                                         : wpr == 4 ? gemv_kernel<F, 4, R> : gemv_kernel<F, 8, R>;
 }
@@ -112,7 +118,7 @@ static void (*gemv_pick(int wpr))(gemv_mats<F>, const typename F::act *, int, in
 /* One launch for the count matrices w[j] of one input, outs[j] [n, out_dims[j]]. */
 template <class F>
 static void gemv_launch(const typename F::mat *w, void *const *outs, const int *out_dims,
-                        int count, const typename F::act *x, int n, int in_dim) {
+                        int count, typename F::xin x, int n, int in_dim) {
   gemv_mats<F> m = {};
   int rows = 0;
   for (int j = 0; j < count; j++) {
@@ -123,8 +129,7 @@ static void gemv_launch(const typename F::mat *w, void *const *outs, const int *
   m.count = count;
   const int wpr = gemv_warps_per_row(rows, in_dim, F::N);
   const dim3 grid((unsigned)((rows * wpr + GEMV_WARPS - 1) / GEMV_WARPS));
-  void (*kernel)(gemv_mats<F>, const typename F::act *, int, int) =
-      gemv_pick<F, GEMV_MAX_ROWS>(wpr);
+  gemv_kernel_ptr<F> kernel = gemv_pick<F, GEMV_MAX_ROWS>(wpr);
   if constexpr (F::ONE_ROW)
     if (n == 1) kernel = gemv_pick<F, 1>(wpr);
   CUDA_LAUNCH_PDL("gemv_kernel", kernel, grid, dim3(GEMV_WARPS * 32), 0, m, x, n, in_dim);
@@ -169,10 +174,13 @@ extern "C" void cuda_linear_backward(void *dx, float *dw, const void *dout, cons
               acc & ACC_DW ? 1.0f : 0.0f, dw, in_dim, act, DT_F32);
 }
 
-/* outs[j] [n, out_dims[j]] = (*dec_x * *dec_w[j]) * xq · W_jᵀ from nvfp4_pack's codes and
- * scales: the GEMV kernel on gemv_nvfp4, the count matrices in one launch (rows numbered on,
- * as linear_forward's), nothing allocated or synchronized (graph capture records it as any
- * kernel). Every matrix is checked before anything runs. */
+/* outs[j] [n, out_dims[j]] = (*dec_x * *dec_w[j]) * x · W_jᵀ from nvfp4_pack's codes and
+ * scales, x as NVFP4_ROWS_INT's integer operand xq: the GEMV kernel on gemv_nvfp4, the count
+ * matrices in one launch (rows numbered on, as linear_forward's), nothing allocated or
+ * synchronized (graph capture records it as any kernel). Every matrix is checked before
+ * anything runs. A 16-byte aligned xq and in_dim % 32 == 0 keep every load of x aligned: its
+ * integers' 16 bytes, and its scales' pairs (s starts 16-byte aligned, a row's scales 8 bytes a
+ * pair on from it). */
 extern "C" void cuda_nvfp4_gemv_packed(void *const *outs, const void *xq, const float *dec_x,
                                        const uint8_t *const *codes,
                                        const uint8_t *const *scales, const float *const *dec_w,
@@ -202,7 +210,9 @@ extern "C" void cuda_nvfp4_gemv_packed(void *const *outs, const void *xq, const 
   CUDA_ACT_DISPATCH(T, {
     typename gemv_nvfp4<T>::mat w[GEMV_MAX_MATS];
     for (int j = 0; j < count; j++) w[j] = {codes[j], scales[j], dec_x, dec_w[j]};
-    gemv_launch<gemv_nvfp4<T>>(w, outs, out_dims, count, (const T *)xq, n, in_dim);
+    /* read only: gemv_i8_operand is also what the quantizers write through */
+    gemv_launch<gemv_nvfp4<T>>(w, outs, out_dims, count,
+                               gemv_i8_operand_at(const_cast<void *>(xq), n, in_dim), n, in_dim);
   });
 }
 

@@ -41,7 +41,7 @@ MUTATIONS=(
   'nvfp4_small_writes_nonfinite#kernels/cuda/cuda_nvfp4.cu#s/const nv_scale sc = nv_scale_of(m\[0\], dec);/nv_scale sc = nv_scale_of(m[0], dec); sc.finite = true;/#the one-block quantizer writes xq although x is not finite'
   'gemv_packed_first_dec_w#kernels/cuda/cuda_linear.cu#s/w\[j\] = {codes\[j\], scales\[j\], dec_x, dec_w\[j\]};/w[j] = {codes[j], scales[j], dec_x, dec_w[0]};/#the grouped packed GEMV scales every matrix by the first one'"'"'s S_dec'
   'gemv_packed_first_scales#kernels/cuda/cuda_linear.cu#s/w\[j\] = {codes\[j\], scales\[j\], dec_x, dec_w\[j\]};/w[j] = {codes[j], scales[0], dec_x, dec_w[j]};/#the grouped packed GEMV reads every matrix'"'"'s block scales from the first one'
-  'gemv_packed_high_half_x#kernels/cuda/cuda_gemv.cuh#s/sum = fmaf(__high2float(h\[j\]), x\[j + 4\], sum);/sum = fmaf(__high2float(h[j]), x[j], sum);/#the packed GEMV multiplies the high code of each pair by the low one'"'"'s x'
+  'gemv_packed_high_half_x#kernels/cuda/cuda_gemv.cuh#s/sum = __dp4a((int)hi, (int)xk\[2 \* i + 1\], sum);/sum = __dp4a((int)hi, (int)xk[2 * i], sum);/#the packed GEMV multiplies the high 4 codes of each word by the low 4 values of x'
   'gemv_one_row_kernel_for_two#kernels/cuda/cuda_linear.cu#s/    if (n == 1) kernel = gemv_pick<F, 1>(wpr);/    if (n <= 2) kernel = gemv_pick<F, 1>(wpr);/#the packed GEMV runs its one-row kernel for two token rows'
   'adamw_parts_half_the_warps#kernels/cuda/cuda_adamw.cu#s|nv_block_max<1, CUDA_THREADS / 32>(&amax);|nv_block_max<1, CUDA_THREADS / 64>(\&amax);|#AdamW'"'"'s amax part of a chunk leaves out the maxima of its second half of warps'
   'adamw_parts_next_chunk#kernels/cuda/cuda_adamw.cu#s/if (threadIdx.x == 0) amax_parts\[blockIdx.x\] = amax;/if (threadIdx.x == 0) amax_parts[blockIdx.x + 1] = amax;/#AdamW writes each chunk'"'"'s amax part into the next chunk'"'"'s word'
@@ -53,6 +53,9 @@ MUTATIONS=(
   'decode_mlp_product_amax_one_block#kernels/cuda/cuda_nvfp4.cu#s/    parts.n = gridDim.x;/    parts.n = 1;/#the fused decode MLP takes the product'"'"'s amax from block 0'"'"'s rows only'
   'decode_mlp_i8_table_wrong#kernels/cuda/cuda_gemv.cuh#s/POS_HI = 0x0C080604u/POS_HI = 0x0C080605u/#the integer GEMV reads code 4 (E2M1 2.0) as 2.5'
   'decode_mlp_i8_sign_ignored#kernels/cuda/cuda_gemv.cuh#s/0x32103210u | (q \& 0x88888888u) >> 1/0x32103210u/#the integer GEMV takes every weight code as positive'
+  'nvfp4_int_k_is_q#kernels/cuda/cuda_nvfp4.cu#s/(int8_t)__float2int_rn(2.0f \* q\[4 \* j + e\])/(int8_t)__float2int_rn(q[4 * j + e])/#NVFP4_ROWS_INT'"'"'s integers are q rounded, not 2q'
+  'nvfp4_int_scales_past_k#kernels/cuda/cuda_gemv.cuh#s/(char \*)xq + nvfp4_int_scales_at(rows, cols))/(char *)xq + nvfp4_int_scales_at(rows, cols) + 16)/#the CUDA integer operand keeps its scales 16 bytes past where ops.h puts them'
+  'gemv_packed_int_scales_of_one_row#kernels/cuda/cuda_linear.cu#s/gemv_i8_operand_at(const_cast<void \*>(xq), n, in_dim)/gemv_i8_operand_at(const_cast<void *>(xq), 1, in_dim)/#the packed GEMV looks for x'"'"'s scales after one row of integers whatever n'
   'decode_mlp_i8_x_block_scale_swapped#kernels/cuda/cuda_gemv.cuh#s/w.s\[b\] \* (b ? xs.y : xs.x)/w.s[b] * (b ? xs.x : xs.y)/#the integer GEMV scales each block of x by its neighbour'"'"'s s_b'
   # only the bf16 mode's checks can catch these: the fp32 and tf32 modes never store bf16
   'bf16_store_truncates#kernels/cuda/cuda_dtype.cuh#s/{ \*p = __float2bfloat16_rn(v); }/{ *p = __float2bfloat16_rz(v); }/#bf16 activations stored rounded toward zero'
