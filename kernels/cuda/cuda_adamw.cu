@@ -54,10 +54,11 @@ static __device__ __forceinline__ void adamw1(float &p, float g_raw, float &m, f
 #define ADAMW_UNROLL 2
 
 /* A: the weight copy's storage type; copy NULL: no copy. PARTS: amax_parts[b] = the largest
- * |p| of chunk b, as bits, reduced with the quantizers' own maxima (cuda_nvfp4.cuh). Without parts (every parameter but the NVFP4 matrices) the grid strides over
- * the whole range one group a thread: blocks of one group a thread end within microseconds, and
- * the optimizer runs on a stream of lower priority beside the next step's forward, whose
- * kernels take the SMs as the blocks end (a chunk's block holds them ~17 times as long). */
+ * |p| of chunk b, as bits, reduced with the quantizers' own maxima (cuda_nvfp4.cuh). Without
+ * parts (every parameter but the NVFP4 matrices) the grid strides over the whole range one
+ * group a thread: blocks of one group a thread end within microseconds, and the optimizer runs
+ * on a stream of lower priority beside the next step's forward, whose kernels take the SMs as
+ * the blocks end (a chunk's block holds them ~17 times as long). */
 template <typename A, bool VEC, bool PARTS>
 static __global__ void __launch_bounds__(CUDA_THREADS)
     adamw_kernel(float *__restrict__ p, A *__restrict__ copy, const float *__restrict__ g,
