@@ -21,15 +21,15 @@
  *    device memory, and alpha as a device vector with beta on the host, each with every
  *    algorithm of the heuristic's first LT_CANDIDATES (rank 0 is its first; cuda_gemm keeps the
  *    fastest that gives rank 0's bits; op=gemm_scalars).
- *  - nvfp4_decode_mlp, decoding's MLP half of a layer for one token from packed weights in one
- *    cooperative kernel, against the 7-op chain it fuses (op=decode_mlp: fused_us, chain_us, and
- *    the chain's two GEMVs alone, gemv_gate_up_us and gemv_down_us).
+ *  - decoding's MLP half of a layer for one token from packed weights, the 7-op chain the
+ *    decode path runs (norm, quantize, GEMV, SwiGLU, quantize, GEMV, add: op=decode_mlp_chain,
+ *    chain_us), and its two nvfp4_gemv_packed calls alone (gemv_gate_up_us, gemv_down_us).
  * Each time is the mean of R back-to-back calls between two CUDA events on the backend's
  * stream, after one untimed call. Tensors are in the backend's activation dtype (bf16 unless
  * QWEN3_CUDA_PRECISION says otherwise).
  *
  * Prints `RESULT system=ours-nvfp4 op=quantize ...`, `op=quantize_rows_cols ...`, `op=gemm ...`,
- * `op=gemm_scalars ...` and `op=decode_mlp ...` lines (also appended to
+ * `op=gemm_scalars ...` and `op=decode_mlp_chain ...` lines (also appended to
  * $GPU_BENCH_RESULTS when set), or a line saying why nothing ran (no CUDA in the build, no
  * GPU), exiting 0. */
 #define _POSIX_C_SOURCE 200809L
@@ -357,12 +357,11 @@ static void bench_lt_modes(const char *pass, int m, int n, int k, enum dtype c_t
   be->free(d_alpha_vec);
 }
 
-/* Decoding's MLP half of a layer for one token from packed weights: nvfp4_decode_mlp (one
- * cooperative kernel) against the 7-op chain it fuses (ops.h), on the same buffers; weights
- * packed from random fp32 masters, the norm weight 1. Bytes: the packed weights (4.5 bits a
- * value), what both read. */
-/* what run_decode_mlp runs: the fused op, the chain, or one of the chain's two GEMVs alone */
-enum decode_mlp_part { MLP_FUSED, MLP_CHAIN, MLP_GATE_UP, MLP_DOWN };
+/* Decoding's MLP half of a layer for one token from packed weights: run_decode_mlp runs the 7
+ * ops the decode path runs (block_forward's stages post_norm .. mlp_residual), or one of its
+ * two GEMVs alone (part); weights packed from random fp32 masters, the norm weight 1. Bytes:
+ * the packed weights (4.5 bits a value), what the GEMVs read. */
+enum decode_mlp_part { MLP_CHAIN, MLP_GATE_UP, MLP_DOWN };
 struct decode_mlp_call {
   enum decode_mlp_part part;
   void *y, *h, *hn, *xq, *g, *u, *m, *mq, *d;
@@ -388,11 +387,6 @@ static void run_decode_mlp(void *arg) {
                             1, INTER);
     return;
   }
-  if (c->part == MLP_FUSED) {
-    be->nvfp4_decode_mlp(c->y, c->h, c->norm_w, eps, c->dec, c->dec + 1, codes, scales, dec_w, 1,
-                         HIDDEN, INTER);
-    return;
-  }
   be->rmsnorm_forward(c->hn, c->h, c->norm_w, 1, HIDDEN, eps);
   be->nvfp4_quantize(c->xq, c->dec, c->hn, act, 1, HIDDEN, NVFP4_ROWS_INT, 0, 0, -1);
   be->nvfp4_gemv_packed(gu, c->xq, c->dec, codes, scales, dec_w, gu_dims, 2, 1, HIDDEN);
@@ -404,10 +398,6 @@ static void run_decode_mlp(void *arg) {
 }
 
 static void bench_decode_mlp(int repeats) {
-  if (!cuda_ctx.fused_decode) {   /* the op would decline every call */
-    printf("nvfp4_bench: op=decode_mlp skipped (QWEN3_CUDA_FUSED_DECODE=0)\n");
-    return;
-  }
   enum dtype act = be->act_dtype();
   const size_t ab = dtype_bytes(act), nw = (size_t)HIDDEN * INTER;
   struct decode_mlp_call c = {0};
@@ -435,8 +425,6 @@ static void bench_decode_mlp(int repeats) {
   c.xq = bench_alloc(be, nvfp4_int_operand_bytes(1, HIDDEN));   /* the GEMVs' integer operands */
   c.mq = bench_alloc(be, nvfp4_int_operand_bytes(1, INTER));
   c.dec = bench_alloc(be, 2 * sizeof(float));
-  c.part = MLP_FUSED;
-  double t_fused = time_calls(run_decode_mlp, &c, repeats);
   c.part = MLP_CHAIN;
   double t_chain = time_calls(run_decode_mlp, &c, repeats);
   /* the chain's GEMVs alone, on the operands its last run left */
@@ -445,14 +433,13 @@ static void bench_decode_mlp(int repeats) {
   c.part = MLP_DOWN;
   double t_down = time_calls(run_decode_mlp, &c, repeats);
   const size_t bytes = 3 * (nw / 2 + nw / 16);
-  char line[480];
+  char line[384];
   snprintf(line, sizeof line,
-           "RESULT system=ours-nvfp4 op=decode_mlp n=1 hidden=%d inter=%d act=%s fused_us=%.2f "
-           "chain_us=%.2f speedup=%.2f weight_bytes=%zu fused_GBps=%.0f chain_GBps=%.0f "
-           "gemv_gate_up_us=%.2f gemv_down_us=%.2f gemv_GBps=%.0f",
-           HIDDEN, INTER, dtype_name(act), t_fused * 1e6, t_chain * 1e6, t_chain / t_fused,
-           bytes, bytes / t_fused / 1e9, bytes / t_chain / 1e9, t_gate_up * 1e6, t_down * 1e6,
-           bytes / (t_gate_up + t_down) / 1e9);
+           "RESULT system=ours-nvfp4 op=decode_mlp_chain n=1 hidden=%d inter=%d act=%s "
+           "chain_us=%.2f weight_bytes=%zu chain_GBps=%.0f gemv_gate_up_us=%.2f "
+           "gemv_down_us=%.2f gemv_GBps=%.0f",
+           HIDDEN, INTER, dtype_name(act), t_chain * 1e6, bytes, bytes / t_chain / 1e9,
+           t_gate_up * 1e6, t_down * 1e6, bytes / (t_gate_up + t_down) / 1e9);
   result_line(line);
   void *bufs[] = {c.y, c.h, c.hn, c.xq, c.g, c.u, c.m, c.mq, c.d, c.norm_w, c.dec};
   for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) be->free(bufs[i]);

@@ -263,26 +263,6 @@ struct backend {
                             const uint8_t *const *codes, const uint8_t *const *scales,
                             const float *const *dec_w, const int *out_dims, int count, int n,
                             int in_dim);
-  /* The MLP half of a decoder layer from packed weights, one token row (n must be 1,
-   * NVFP4_PACKED_DECODE_ROWS), fused; NULL where a backend has no such op (the CPU: decoding
-   * then runs the ops one by one). Exactly, bit for bit, with hn, xq, g, u, m, mq, d temporaries:
-   *   rmsnorm_forward(hn, h, norm_w, 1, dim, eps)
-   *   nvfp4_quantize(xq, dec_x, hn, act, 1, dim, NVFP4_ROWS_INT, 0, 0, -1)
-   *   nvfp4_gemv_packed({g, u}, xq, dec_x, codes[0..1], scales[0..1], dec_w[0..1],
-   *                     {inter, inter}, 2, 1, dim)
-   *   swiglu_forward(m, g, u, inter)
-   *   nvfp4_quantize(mq, dec_m, m, act, 1, inter, NVFP4_ROWS_INT, 0, 0, -1)
-   *   nvfp4_gemv_packed({d}, mq, dec_m, codes + 2, scales + 2, dec_w + 2, {dim}, 1, 1, inter)
-   *   add(y, h, d, dim, act)
-   * codes, scales and dec_w are gate [inter, dim], up [inter, dim] and down [dim, inter], each
-   * nvfp4_pack's NVFP4_ROWS output; h and y [1, dim] (activation dtype; y may be h), norm_w
-   * [dim] fp32; dec_x and dec_m (backend memory) receive the two operands' S_dec as the chain
-   * writes them (NaN for a non-finite operand: y is then NaN, as the chain's). dim and inter
-   * are multiples of 32. Returns 1; 0, having done nothing, where the backend was told not to
-   * fuse (the CUDA one's QWEN3_CUDA_FUSED_DECODE=0: the chain then runs, for comparing). */
-  int (*nvfp4_decode_mlp)(void *y, const void *h, const float *norm_w, float eps, float *dec_x,
-                          float *dec_m, const uint8_t *const *codes, const uint8_t *const *scales,
-                          const float *const *dec_w, int n, int dim, int inter);
 
   /* AdamW with decoupled weight decay (torch.optim.AdamW), step t counted from 1, on the
    * clipped gradient g = fp32(g * grad_scale) (what torch's clip_grad_norm_ leaves):

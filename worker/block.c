@@ -6,20 +6,18 @@
 /* The Qwen3 decoder block (REFERENCE.md "Forward"). q/k-norm + RoPE writes new slots (Q, K)
  * rather than overwriting QR, KR in place: its backward needs the values before the norm. */
 const struct stage QWEN3_BLOCK[] = {
-  /* name            op                 in                  out                 params, fuses */
-  { "input_norm",    OP_RMSNORM,        {S_X},              {S_XN},             {P_INPUT_NORM}, 1, 0 },
-  { "qkv_proj",      OP_LINEAR,         {S_XN},             {S_QR, S_KR, S_V},  {P_Q, P_K, P_V}, 3, 0 },
-  { "qk_norm_rope",  OP_QK_NORM_ROPE,   {S_QR, S_KR},       {S_Q, S_K},         {P_Q_NORM, P_K_NORM}, 2, 0 },
-  { "attention",     OP_ATTENTION,      {S_Q, S_K, S_V},    {S_CTX, S_LSE},     {0}, 0, 0 },
-  { "o_proj",        OP_LINEAR,         {S_CTX},            {S_AO},             {P_O}, 1, 0 },
-  { "attn_residual", OP_ADD,            {S_X, S_AO},        {S_H},              {0}, 0, 0 },
-  /* decoding from packed NVFP4 weights: the next five stages in one op (fuses 5) */
-  { "decode_mlp",    OP_DECODE_MLP,     {S_H},              {S_Y},              {P_POST_NORM, P_GATE, P_UP, P_DOWN}, 4, 5 },
-  { "post_norm",     OP_RMSNORM,        {S_H},              {S_HN},             {P_POST_NORM}, 1, 0 },
-  { "gate_up",       OP_LINEAR,         {S_HN},             {S_G, S_U},         {P_GATE, P_UP}, 2, 0 },
-  { "mlp_merge",     OP_SWIGLU,         {S_G, S_U},         {S_M},              {0}, 0, 0 },
-  { "down_proj",     OP_LINEAR,         {S_M},              {S_D},              {P_DOWN}, 1, 0 },
-  { "mlp_residual",  OP_ADD,            {S_H, S_D},         {S_Y},              {0}, 0, 0 },
+  /* name            op                 in                  out                 params */
+  { "input_norm",    OP_RMSNORM,        {S_X},              {S_XN},             {P_INPUT_NORM}, 1 },
+  { "qkv_proj",      OP_LINEAR,         {S_XN},             {S_QR, S_KR, S_V},  {P_Q, P_K, P_V}, 3 },
+  { "qk_norm_rope",  OP_QK_NORM_ROPE,   {S_QR, S_KR},       {S_Q, S_K},         {P_Q_NORM, P_K_NORM}, 2 },
+  { "attention",     OP_ATTENTION,      {S_Q, S_K, S_V},    {S_CTX, S_LSE},     {0}, 0 },
+  { "o_proj",        OP_LINEAR,         {S_CTX},            {S_AO},             {P_O}, 1 },
+  { "attn_residual", OP_ADD,            {S_X, S_AO},        {S_H},              {0}, 0 },
+  { "post_norm",     OP_RMSNORM,        {S_H},              {S_HN},             {P_POST_NORM}, 1 },
+  { "gate_up",       OP_LINEAR,         {S_HN},             {S_G, S_U},         {P_GATE, P_UP}, 2 },
+  { "mlp_merge",     OP_SWIGLU,         {S_G, S_U},         {S_M},              {0}, 0 },
+  { "down_proj",     OP_LINEAR,         {S_M},              {S_D},              {P_DOWN}, 1 },
+  { "mlp_residual",  OP_ADD,            {S_H, S_D},         {S_Y},              {0}, 0 },
 };
 const int QWEN3_BLOCK_STAGES = sizeof QWEN3_BLOCK / sizeof QWEN3_BLOCK[0];
 
@@ -51,8 +49,6 @@ int slot_needed_by_backward(enum slot s) {
   for (int i = 0; i < QWEN3_BLOCK_STAGES; i++) {
     const struct stage *st = &QWEN3_BLOCK[i];
     switch (st->op) {
-    case OP_DECODE_MLP:                         /* never in training */
-      break;
     case OP_RMSNORM: case OP_LINEAR:            /* dW and dx need the input */
       if (st->in[0] == s) return 1;
       break;
@@ -137,9 +133,8 @@ static double stage_clock(const struct worker *w) {
   return now_seconds();
 }
 
-/* The forward of stage i of local layer `layer` over n tokens, reading and writing slots a.
- * Returns 0, having done nothing, for a fused stage that does not apply here. */
-static int stage_forward(struct worker *w, int i, void **a, int live, int layer, int n) {
+/* The forward of stage i of local layer `layer` over n tokens, reading and writing slots a. */
+static void stage_forward(struct worker *w, int i, void **a, int live, int layer, int n) {
   const struct backend *be = w->be;
   const struct qwen3_config *c = &w->plan.cfg;
   const struct stage *s = &QWEN3_BLOCK[i];
@@ -188,11 +183,7 @@ static int stage_forward(struct worker *w, int i, void **a, int live, int layer,
     be->swiglu_forward(a[s->out[0]], a[s->in[0]], a[s->in[1]],
                        (size_t)n * slot_width(c, s->out[0]));
     break;
-  case OP_DECODE_MLP:
-    return nvfp4_decode_mlp(w, layer, a[s->out[0]], a[s->in[0]], param_w(w, layer, s->params[0]),
-                            n);
   }
-  return 1;
 }
 
 void block_forward(struct worker *w, int live, int layer) {
@@ -202,9 +193,8 @@ void block_forward(struct worker *w, int live, int layer) {
                      : (w->kv && w->kv_seq == INFER_EACH) ? PHASE_DECODE : PHASE_PREFILL;
   for (int i = 0; i < QWEN3_BLOCK_STAGES; i++) {
     double t0 = stage_clock(w);
-    if (!stage_forward(w, i, a, live, layer, n)) continue;   /* a fused stage that did not apply */
+    stage_forward(w, i, a, live, layer, n);
     if (block_timing) block_stage_seconds[i][phase] += stage_clock(w) - t0;
-    i += QWEN3_BLOCK[i].fuses;   /* the stages a fused one did */
   }
 }
 
@@ -212,7 +202,7 @@ void block_forward(struct worker *w, int live, int layer) {
 static int slot_readers(enum slot s) {
   int n = 0;
   for (int i = 0; i < QWEN3_BLOCK_STAGES; i++)
-    for (int k = 0; k < 3; k++) n += !QWEN3_BLOCK[i].fuses && QWEN3_BLOCK[i].in[k] == s;
+    for (int k = 0; k < 3; k++) n += QWEN3_BLOCK[i].in[k] == s;
   return n;
 }
 
@@ -220,7 +210,7 @@ static int slot_readers(enum slot s) {
 static int producer(enum slot s) {
   for (int i = 0; i < QWEN3_BLOCK_STAGES; i++)
     for (int k = 0; k < 3; k++)
-      if (!QWEN3_BLOCK[i].fuses && QWEN3_BLOCK[i].out[k] == s) return i;
+      if (QWEN3_BLOCK[i].out[k] == s) return i;
   return -1;
 }
 
@@ -255,7 +245,6 @@ void block_backward(struct worker *w, int live, int layer, const void *dy, void 
 
   for (int i = QWEN3_BLOCK_STAGES - 1; i >= 0; i--) {
     const struct stage *s = &QWEN3_BLOCK[i];
-    if (s->fuses) continue;   /* forward's, in decoding only */
     double t0 = stage_clock(w);
     /* an input this backward reads that was not kept is rebuilt from the kept slots first */
     for (int k = 0; k < 3; k++)
@@ -311,8 +300,6 @@ void block_backward(struct worker *w, int live, int layer, const void *dy, void 
     case OP_SWIGLU:
       be->swiglu_backward(d[s->in[0]], d[s->in[1]], d[s->out[0]], a[s->in[0]], a[s->in[1]],
                           (size_t)n * slot_width(c, s->out[0]), acc[0]);
-      break;
-    case OP_DECODE_MLP:   /* skipped above */
       break;
     }
     for (int k = 0; k < 3; k++)

@@ -5,22 +5,15 @@
 
 #include "worker/worker.h"
 
-enum op { OP_RMSNORM, OP_LINEAR, OP_QK_NORM_ROPE, OP_ATTENTION, OP_ADD, OP_SWIGLU,
-          OP_DECODE_MLP };
+enum op { OP_RMSNORM, OP_LINEAR, OP_QK_NORM_ROPE, OP_ATTENTION, OP_ADD, OP_SWIGLU };
 
-/* A stage reads slots in, writes slots out, with the layer's parameters params. A fused stage
- * (fuses > 0) computes what the next `fuses` stages do, in one op, where it applies (OP_DECODE_MLP:
- * a decoding token from packed NVFP4 weights); forward then skips those stages, and otherwise
- * skips the fused one. Training never runs a fused stage: backward and the slot bookkeeping
- * read the stages it stands for. */
 struct stage {
   const char *name;
   enum op op;
   enum slot in[3];
   enum slot out[3];
-  enum layer_param params[4];
+  enum layer_param params[3];
   int n_params;
-  int fuses;
 };
 
 extern const struct stage QWEN3_BLOCK[];

@@ -107,16 +107,6 @@ static float *packed_dec(const struct worker *w, void *fp4, int layer, enum laye
   return (float *)fp4 + ((size_t)layer * N_LAYER_PARAMS + which) * N_DECS + DEC_W;
 }
 
-/* a matrix's packed codes, scales and S_dec, as the packed GEMV reads them */
-static void packed_matrix(const struct worker *w, void *fp4, int layer, enum layer_param which,
-                          const uint8_t **codes, const uint8_t **scales, const float **dec_w) {
-  const struct param *p = &w->params[w->layer_param[layer][which]];
-  uint8_t *c = packed_of(w, fp4, layer, which);
-  *codes = c;
-  *scales = packed_scales(c, p->rows, p->cols);
-  *dec_w = packed_dec(w, fp4, layer, which);
-}
-
 void nvfp4_pack_weights(const struct worker *w, void *fp4) {
   enum nvfp4_layout layout = w->plan.nvfp4.weight_2d ? NVFP4_TILES : NVFP4_ROWS;
   for (int l = 0; l < w->plan.n_layers; l++) {
@@ -302,8 +292,12 @@ void nvfp4_linear_forward(struct worker *w, int layer, const enum layer_param *w
     be->nvfp4_quantize(xq, dec_x, x, act, n, in_dim, NVFP4_ROWS_INT, 0, 0, -1);
     const uint8_t *codes[NVFP4_GEMV_MAX_MATS], *scales[NVFP4_GEMV_MAX_MATS];
     const float *dec_w[NVFP4_GEMV_MAX_MATS];
-    for (int k = 0; k < count; k++)
-      packed_matrix(w, fp4, layer, which[k], &codes[k], &scales[k], &dec_w[k]);
+    for (int k = 0; k < count; k++) {
+      uint8_t *c = packed_of(w, fp4, layer, which[k]);
+      codes[k] = c;
+      scales[k] = packed_scales(c, out_dims[k], in_dim);
+      dec_w[k] = packed_dec(w, fp4, layer, which[k]);
+    }
     be->nvfp4_gemv_packed(outs, xq, dec_x, codes, scales, dec_w, out_dims, count, n, in_dim);
     return;
   }
@@ -311,25 +305,6 @@ void nvfp4_linear_forward(struct worker *w, int layer, const enum layer_param *w
   for (int k = 0; k < count; k++)
     be->nvfp4_gemm(outs[k], act, xq, dec_x, wq_of(w, w->layer_param[layer][which[k]], 0),
                    dec(w, layer, which[k], DEC_W), 0, n, out_dims[k], in_dim, 0.0f);
-}
-
-int nvfp4_decode_mlp(struct worker *w, int layer, void *y, const void *h, const float *norm_w,
-                     int n) {
-  const struct backend *be = w->be;
-  const struct qwen3_config *c = &w->plan.cfg;
-  void *fp4 = w->kv ? w->kv->fp4 : NULL;
-  if (!be->nvfp4_decode_mlp || !fp4 || n > NVFP4_PACKED_DECODE_ROWS || !nvfp4_layer(w, layer))
-    return 0;
-  if (w->wq_stale[layer]) quantize_layer_weights(w, layer);   /* as nvfp4_linear_forward */
-  static const enum layer_param which[3] = {P_GATE, P_UP, P_DOWN};
-  const uint8_t *codes[3], *scales[3];
-  const float *dec_w[3];
-  for (int k = 0; k < 3; k++)
-    packed_matrix(w, fp4, layer, which[k], &codes[k], &scales[k], &dec_w[k]);
-  /* the S_dec slots the chain's two quantizations write (nvfp4_linear_forward's which[0]) */
-  return be->nvfp4_decode_mlp(y, h, norm_w, (float)c->rms_norm_eps, dec(w, layer, P_GATE, DEC_X),
-                              dec(w, layer, P_DOWN, DEC_X), codes, scales, dec_w, n,
-                              c->hidden_size, c->intermediate_size);
 }
 
 void nvfp4_linear_backward(struct worker *w, int live, int layer, enum layer_param which,

@@ -50,13 +50,6 @@ int nvfp4_nonfinite_operand(struct worker *w, char *msg, size_t len);
 void nvfp4_linear_forward(struct worker *w, int layer, const enum layer_param *which,
                           void *const *outs, const int *out_dims, int count, const void *x,
                           int n, int in_dim);
-/* The MLP half of local layer `layer` for one decoding token from its packed weights in one
- * op (ops.h nvfp4_decode_mlp): y [n, hidden] = h + the MLP of h's post norm (norm_w), the
- * bits of the stages post_norm .. mlp_residual run one by one. Returns 0, having done nothing,
- * where it does not apply: a backend without the op (or told not to fuse), no packed weights,
- * more than NVFP4_PACKED_DECODE_ROWS tokens, or a layer not in NVFP4 now. */
-int nvfp4_decode_mlp(struct worker *w, int layer, void *y, const void *h, const float *norm_w,
-                     int n);
 /* dx (+)= Dgrad, dw (+)= Wgrad (added as acc's ACC_DX and ACC_DW say, ops.h), with the
  * recipe's rounding of each operand. x_of: the linear of the same stage whose call quantizes
  * Wgrad's operand from x (round to nearest, so the same for all of them): the call with

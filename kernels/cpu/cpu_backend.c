@@ -80,6 +80,5 @@ const struct backend backend_cpu = {
   .nvfp4_gemm = cpu_nvfp4_gemm,
   .nvfp4_pack = cpu_nvfp4_pack,
   .nvfp4_gemv_packed = cpu_nvfp4_gemv_packed,
-  .nvfp4_decode_mlp = NULL,   /* decoding runs the ops one by one (ops.h) */
   .adamw_update = cpu_adamw_update,
 };

@@ -68,12 +68,10 @@ struct cuda_context {
   int tf32;                    /* 1: GEMMs on fp32 operands may use TF32 (modes bf16, tf32) */
   int debug;                   /* 1: synchronize and check after every launch */
   int capturing;               /* between capture_begin and capture_end: ops are recorded */
-  int pdl;                     /* 1: CUDA_LAUNCH_PDL lets a kernel start before the last ends */
+  int pdl;                     /* 1: cuda_launch_pdl lets a kernel start before the last ends */
   int wgmma;                   /* 1: attention on Hopper's wgmma kernels (cuda_attention_wgmma.cu) */
   int gemm_tune;               /* 1: a GEMM shape's first call times cuBLASLt's candidates
                                   (on unless QWEN3_CUDA_GEMM_TUNE=0) */
-  int fused_decode;            /* 1: nvfp4_decode_mlp runs its fused kernel (on unless
-                                  QWEN3_CUDA_FUSED_DECODE=0: the op chain instead) */
   double *host_result;         /* pinned host memory for the results returned to the host */
 };
 extern struct cuda_context cuda_ctx;
@@ -215,9 +213,6 @@ void cuda_nvfp4_gemm(void *c, enum dtype c_type, const void *a, const float *dec
                      float beta);
 void cuda_nvfp4_pack(uint8_t *codes, uint8_t *scales, float *dec, const float *w, int rows,
                      int cols, enum nvfp4_layout layout);
-int cuda_nvfp4_decode_mlp(void *y, const void *h, const float *norm_w, float eps, float *dec_x,
-                          float *dec_m, const uint8_t *const *codes, const uint8_t *const *scales,
-                          const float *const *dec_w, int n, int dim, int inter);
 /* cuda_nvfp4_quantize of an NVFP4_ROWS x of at most this many values (rows * cols) is one
  * kernel of one block, its own amax pass included (cuda_nvfp4.cu says why); larger x take the
  * amax and rows kernels. */
@@ -269,7 +264,7 @@ static inline void cuda_allow_smem(K kernel, size_t bytes, bool *done) {
 }
 
 /* Programmatic dependent launch (Hopper on). Decoding one token is a chain of ~500 small
- * kernels, each a few microseconds; launched through CUDA_LAUNCH_PDL, a kernel's blocks are
+ * kernels, each a few microseconds; launched through cuda_launch_pdl, a kernel's blocks are
  * scheduled while the kernel before it on the stream is still running (once every block of that
  * one has called pdl_release) and wait in pdl_wait until it has finished and its writes are
  * visible, so the gap between kernels shrinks and a GEMV can load its weights (which nothing in
@@ -291,25 +286,13 @@ static __device__ __forceinline__ void pdl_release() {
 }
 #endif
 
-/* A launch through cudaLaunchKernelEx on cuda_ctx.stream, as a programmatic dependent
- * (cooperative 0: the rule above) or as a cooperative kernel (cooperative 1): every block of the grid
- * is resident at once, so the kernel may synchronize its whole grid
- * (cooperative_groups::this_grid().sync()); the grid must then fit on the GPU at once
- * (cudaOccupancyMaxActiveBlocksPerMultiprocessor x SMs), or the launch fails. A cooperative
- * kernel is not launched as a programmatic dependent: it starts once the kernel before it has
- * finished (its pdl_wait costs nothing). */
 template <typename... Params, typename... Args>
-static inline void cuda_launch_ex(const char *name, const char *file, int line, bool cooperative,
-                                  void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
-                                  Args... args) {
+static inline void cuda_launch_pdl(const char *name, const char *file, int line,
+                                   void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
+                                   Args... args) {
   cudaLaunchAttribute attr;
-  if (cooperative) {
-    attr.id = cudaLaunchAttributeCooperative;
-    attr.val.cooperative = 1;
-  } else {
-    attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr.val.programmaticStreamSerializationAllowed = cuda_ctx.pdl;
-  }
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = cuda_ctx.pdl;
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid;
   cfg.blockDim = block;
@@ -322,11 +305,8 @@ static inline void cuda_launch_ex(const char *name, const char *file, int line, 
   cuda_check_launch(name, file, line);
 }
 /* CUDA_LAUNCH_PDL("name", kernel, grid, block, smem, args...): a kernel whose template
- * arguments hold commas goes in as a variable (auto *k = kernel<T, 4>;). CUDA_LAUNCH_COOPERATIVE
- * likewise, for a kernel that synchronizes its grid. */
+ * arguments hold commas goes in as a variable (auto *k = kernel<T, 4>;). */
 #define CUDA_LAUNCH_PDL(name, kernel, grid, block, smem, ...) \
-  cuda_launch_ex(name, __FILE__, __LINE__, false, kernel, grid, block, smem, __VA_ARGS__)
-#define CUDA_LAUNCH_COOPERATIVE(name, kernel, grid, block, smem, ...) \
-  cuda_launch_ex(name, __FILE__, __LINE__, true, kernel, grid, block, smem, __VA_ARGS__)
+  cuda_launch_pdl(name, __FILE__, __LINE__, kernel, grid, block, smem, __VA_ARGS__)
 #endif
 #endif

@@ -110,9 +110,6 @@ static void cuda_init(int local_rank, int local_size, int rows) {
   /* the first call of each GEMM shape times cuBLASLt's candidates (cuda_gemm.cu);
    * QWEN3_CUDA_GEMM_TUNE=0 keeps the heuristic's first */
   cuda_ctx.gemm_tune = env_flag("QWEN3_CUDA_GEMM_TUNE", 1);
-  /* decoding's MLP half from packed NVFP4 weights as one kernel (cuda_nvfp4.cu);
-   * QWEN3_CUDA_FUSED_DECODE=0 runs its op chain (the same bits: to compare the two) */
-  cuda_ctx.fused_decode = env_flag("QWEN3_CUDA_FUSED_DECODE", 1);
   /* wgmma exists on sm_90 only, in code built for sm_90a; QWEN3_CUDA_WGMMA=0 keeps attention on
    * the mma.sync kernels (to compare the two) */
 #ifdef QWEN3_CUDA_SM90A
@@ -376,7 +373,6 @@ extern "C" const struct backend backend_cuda = {
   .nvfp4_gemm = cuda_nvfp4_gemm,
   .nvfp4_pack = cuda_nvfp4_pack,
   .nvfp4_gemv_packed = cuda_nvfp4_gemv_packed,
-  .nvfp4_decode_mlp = cuda_nvfp4_decode_mlp,
   .adamw_update = cuda_adamw_update,
   .side_stream = cuda_side_stream,
   .mark = cuda_mark,

@@ -25,7 +25,6 @@
 
 #include "kernels/cuda/cuda.h"
 #include "kernels/cuda/cuda_dtype.cuh"
-#include "kernels/cuda/cuda_swiglu.cuh"
 #include "kernels/cuda/cuda_reduce.cuh"
 
 /* ---- conversion ----------------------------------------------------------------------------- */
@@ -195,6 +194,11 @@ extern "C" void cuda_embedding_backward(float *dtable, const void *dout, const i
 }
 
 /* ---- SwiGLU --------------------------------------------------------------------------------- */
+
+/* silu(g) * u = g / (1 + exp(-g)) * u, as the CPU (and torch) evaluate it */
+static __device__ __forceinline__ float swiglu_fwd1(float g, float u) {
+  return __fmul_rn(__fdiv_rn(g, __fadd_rn(1.0f, expf(-g))), u);
+}
 
 template <typename T, bool VEC>
 static __global__ void swiglu_forward_kernel(T *__restrict__ out, const T *__restrict__ g,

@@ -1,6 +1,6 @@
-/* The decoding GEMV's device side (cuda_linear.cu's gemv_kernel), shared with the fused decode
- * kernels (cuda_nvfp4.cu), so that a weight row's dot product is summed in one order by both:
- * the weight formats, the x loads, a warp's share of a row and the sum of a row's warps. */
+/* The decoding GEMV's device side (cuda_linear.cu's gemv_kernel): the weight formats, the x
+ * loads, a warp's share of a row and the sum of a row's warps; and gemv_nvfp4's integer operand,
+ * which the NVFP4 quantizer writes (cuda_nvfp4.cu's NVFP4_ROWS_INT). */
 #ifndef QWEN3_CUDA_GEMV_CUH
 #define QWEN3_CUDA_GEMV_CUH
 
@@ -39,19 +39,6 @@
 /* 16 bytes: the raw load (the read-only path: nothing in the op writes w or x) */
 static __device__ __forceinline__ uint4 gemv_load(const void *p) { return __ldg((const uint4 *)p); }
 
-/* Where the kernels read x from, X: global memory through the read-only path (gemv_kernel:
- * nothing in its op writes x; at most GEMV_MAX_ROWS rows, which stay in L1), or shared memory
- * (the fused decode kernel's operands, cuda_nvfp4.cu), which the read-only path cannot address.
- * load: the V at p (uint4, or gemv_nvfp4's float2 of scales), the same bits from either. */
-struct gemv_x_global {
-  template <typename V>
-  static __device__ __forceinline__ V load(const V *p) { return __ldg(p); }
-};
-struct gemv_x_shared {
-  template <typename V>
-  static __device__ __forceinline__ V load(const V *p) { return *p; }
-};
-
 /* the values of 16 bytes of T in fp32 */
 template <typename T>
 struct gemv_vec {
@@ -64,14 +51,13 @@ struct gemv_vec {
   }
 };
 
-/* f = the N values of T at p (16-byte aligned, read through X) in fp32, N * sizeof(T) / 16
- * loads */
-template <class X, typename T, int N>
+/* f = the N values of T at p (16-byte aligned) in fp32, N * sizeof(T) / 16 loads */
+template <typename T, int N>
 static __device__ __forceinline__ void gemv_load_x(float (&f)[N], const T *__restrict__ p) {
   constexpr int V = gemv_vec<T>::N;
 #pragma unroll
   for (int i = 0; i < N / V; i++) {
-    const gemv_vec<T> v(X::load(reinterpret_cast<const uint4 *>(p + i * V)));
+    const gemv_vec<T> v(gemv_load(p + i * V));
 #pragma unroll
     for (int j = 0; j < V; j++) f[i * V + j] = v.f[j];
   }
@@ -93,7 +79,7 @@ static __device__ __forceinline__ void gemv_load_x(float (&f)[N], const T *__res
  *   xin           the operand x as the format reads it (gemv_dense: a pointer to x's values
  *                 in F::act; gemv_nvfp4: the integer operand), passed by value;
  *   dot           acc + those N weights · x's N values from flat column col (token row t at
- *                 t * in_dim; read through X), fp32 arithmetic;
+ *                 t * in_dim), fp32 arithmetic;
  *   finish        a row's output from its sum.
  * gemv_dense: the weight copy in the activation dtype T (linear_forward). */
 template <typename T>
@@ -116,10 +102,9 @@ struct gemv_dense {
   }
   typedef gemv_vec<T> weights;
   typedef const T *__restrict__ xin;
-  template <class X>
   static __device__ __forceinline__ float dot(const weights &w, xin x, size_t col, float acc) {
     float v[N];
-    gemv_load_x<X, T, N>(v, x + col);
+    gemv_load_x<T, N>(v, x + col);
 #pragma unroll
     for (int i = 0; i < N; i++) acc = fmaf(w.f[i], v[i], acc);
     return acc;
@@ -173,8 +158,7 @@ static inline gemv_i8_operand gemv_i8_operand_at(void *xq, int rows, int cols) {
  * by one FMA: the same exact value rounded once in the same order, so the same bits (-0.0, a
  * value of x that the integers hold as +0, changes no sum: each block's starts at +0). It
  * converted each code to half and to float and took an FMA a value, which at one token row
- * bound the GEMV by its issue rate (~1.35 TB/s on the H200), not by its bytes. The same format
- * serves the fused decode kernel (cuda_nvfp4.cu), its x in shared memory (X gemv_x_shared). */
+ * bound the GEMV by its issue rate (~1.35 TB/s on the H200), not by its bytes. */
 template <typename T>
 struct gemv_nvfp4 {
   typedef T act;
@@ -218,12 +202,10 @@ struct gemv_nvfp4 {
     }
   };
   typedef gemv_i8_operand xin;
-  template <class X>
   static __device__ __forceinline__ float dot(const weights &w, xin x, size_t col, float acc) {
-    const uint4 k0 = X::load(reinterpret_cast<const uint4 *>(x.k + col));
-    const uint4 k1 = X::load(reinterpret_cast<const uint4 *>(x.k + col + 16));
+    const uint4 k0 = gemv_load(x.k + col), k1 = gemv_load(x.k + col + 16);
     const uint32_t xk[8] = {k0.x, k0.y, k0.z, k0.w, k1.x, k1.y, k1.z, k1.w};
-    const float2 xs = X::load(reinterpret_cast<const float2 *>(x.s + col / 16));
+    const float2 xs = __ldg(reinterpret_cast<const float2 *>(x.s + col / 16));
 #pragma unroll
     for (int b = 0; b < 2; b++) {
       int sum = 0;
@@ -256,7 +238,7 @@ static __device__ __forceinline__ void gemv_fetch(typename F::chunk (&wb)[U],
 }
 
 /* acc[t] += the batch's weights times x's same columns of token row t, for t < n <= R */
-template <class F, class X, bool PART, int U, int R>
+template <class F, bool PART, int U, int R>
 static __device__ __forceinline__ void gemv_fma(float (&acc)[R],
                                                 const typename F::chunk (&wb)[U],
                                                 typename F::xin x, int c, int stride, int n,
@@ -268,11 +250,10 @@ static __device__ __forceinline__ void gemv_fma(float (&acc)[R],
 #pragma unroll
     for (int t = 0; t < R; t++) {
       if (t >= n) break;
-      acc[t] = F::template dot<X>(wv, x, (size_t)t * in_dim + c + u * stride, acc[t]);
+      acc[t] = F::dot(wv, x, (size_t)t * in_dim + c + u * stride, acc[t]);
     }
   }
 }
-
 
 /* The first batch of a lane's chunks of row wr, from column c0 = (part * 32 + lane) * F::N
  * with stride = WPR * 32 * F::N (gemv_kernel issues it before pdl_wait: nothing in a step
@@ -288,10 +269,8 @@ static __device__ __forceinline__ void gemv_row_prefetch(typename F::chunk (&wb)
 /* acc[t] = the warp's share of row wr · token row t of x (t < n <= R), in every lane: each lane
  * sums its strided slice from column c0 on (stride as gemv_row_prefetch's, wb its first batch)
  * in fp32, then the lanes' sums go through a fixed butterfly. Warp-collective (live is uniform
- * over the warp; a row not live sums to 0). The one summation order of a row for a given WPR:
- * gemv_kernel and the fused decode kernel (cuda_nvfp4.cu) both call it, so their sums are the
- * same bits. */
-template <class F, class X, int R>
+ * over the warp; a row not live sums to 0). */
+template <class F, int R>
 static __device__ __forceinline__ void gemv_row_warp(float (&acc)[R],
                                                      typename F::chunk (&wb)[GEMV_UNROLL],
                                                      const typename F::row &wr,
@@ -304,18 +283,18 @@ static __device__ __forceinline__ void gemv_row_warp(float (&acc)[R],
   int c = c0;
   for (; live && c + (U - 1) * stride < in_dim; c += U * stride) {
     if (c != c0) gemv_fetch<F, false>(wb, wr, c, stride, in_dim);
-    gemv_fma<F, X, false, U, R>(acc, wb, x, c, stride, n, in_dim);
+    gemv_fma<F, false, U, R>(acc, wb, x, c, stride, n, in_dim);
   }
   if (F::PART) {
     if (live && c < in_dim) {   /* the last batch, of fewer chunks */
       if (c != c0) gemv_fetch<F, true>(wb, wr, c, stride, in_dim);
-      gemv_fma<F, X, true, U, R>(acc, wb, x, c, stride, n, in_dim);
+      gemv_fma<F, true, U, R>(acc, wb, x, c, stride, n, in_dim);
     }
   } else {
     for (; live && c < in_dim; c += stride) {   /* the last groups, fewer than a batch */
       typename F::chunk one[1];
       gemv_fetch<F, false>(one, wr, c, stride, in_dim);
-      gemv_fma<F, X, false, 1, R>(acc, one, x, c, stride, n, in_dim);
+      gemv_fma<F, false, 1, R>(acc, one, x, c, stride, n, in_dim);
     }
   }
 #pragma unroll
@@ -335,18 +314,6 @@ static __device__ __forceinline__ float gemv_parts_sum(const float (*warp_sums)[
 #pragma unroll
   for (int p = 1; p < wpr; p++) v += warp_sums[warp + p][t];
   return v;
-}
-
-/* Warps per weight row: doubled from 1 while the launch has fewer warps than fill every SM
- * (64 each) and each warp keeps at least GEMV_UNROLL 16-byte loads of its row. A function of
- * the shape and the GPU only, so the sums' order is too. */
-static inline int gemv_warps_per_row(int rows, int in_dim, int vec) {
-  const int groups = in_dim / (32 * vec);   /* 16-byte loads of a row per lane, at one warp */
-  int wpr = 1;
-  while (wpr < GEMV_WARPS && (long)rows * wpr < 64L * cuda_ctx.sm_count &&
-         groups / (2 * wpr) >= GEMV_UNROLL)
-    wpr *= 2;
-  return wpr;
 }
 
 #endif

@@ -84,7 +84,7 @@ static __global__ void __launch_bounds__(GEMV_WARPS * 32)
   pdl_wait();
   pdl_release();
   float acc[R];
-  gemv_row_warp<F, gemv_x_global, R>(acc, wb, wr, x, c0, STRIDE, n, in_dim, live);
+  gemv_row_warp<F, R>(acc, wb, wr, x, c0, STRIDE, n, in_dim, live);
   if (WPR == 1) {
     if (live && lane == 0)
 #pragma unroll
@@ -101,6 +101,18 @@ static __global__ void __launch_bounds__(GEMV_WARPS * 32)
   if (live && part == 0 && lane < n)
     store_f(out + (size_t)lane * out_dim + r,
             F::finish(w, gemv_parts_sum<R>(warp_sums, warp, lane, WPR)));
+}
+
+/* Warps per weight row: doubled from 1 while the launch has fewer warps than fill every SM
+ * (64 each) and each warp keeps at least GEMV_UNROLL 16-byte loads of its row. A function of
+ * the shape and the GPU only, so the sums' order is too. */
+static int gemv_warps_per_row(int rows, int in_dim, int vec) {
+  const int groups = in_dim / (32 * vec);   /* 16-byte loads of a row per lane, at one warp */
+  int wpr = 1;
+  while (wpr < GEMV_WARPS && (long)rows * wpr < 64L * cuda_ctx.sm_count &&
+         groups / (2 * wpr) >= GEMV_UNROLL)
+    wpr *= 2;
+  return wpr;
 }
 
 /* The type of format F's instantiations of gemv_kernel (taken from one: the host compiler keeps

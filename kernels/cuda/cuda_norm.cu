@@ -37,9 +37,13 @@
 #include "kernels/cuda/cuda.h"
 #include "kernels/cuda/cuda_dtype.cuh"
 #include "kernels/cuda/cuda_reduce.cuh"
-#include "kernels/cuda/cuda_rmsnorm.cuh"
 
 #define ROPE_MAX_HALF 128  /* head_dim <= 256 */
+
+/* 1 / sqrt(mean(x²) + eps) from the row's sum of squares, as row_rstd does */
+static __device__ __forceinline__ float rstd_of(double ss, int dim, float eps) {
+  return (float)(1.0 / sqrt(ss / dim + (double)eps));
+}
 
 /* dx_j += (float)(r g_j - c x_j), c = Σ g x · r³ / dim, without contraction */
 static __device__ __forceinline__ float dx_term(float r, float g, double c, float x) {
@@ -48,11 +52,65 @@ static __device__ __forceinline__ float dx_term(float r, float g, double c, floa
 
 /* ---- vectors and sums ----------------------------------------------------------------------- */
 
+/* V consecutive values of T moved as one load or store: 16 bytes (V = VEC_OF(T)) on the vector
+ * paths, one value (V = 1) on the scalar paths, taken when a row's length is not a multiple of
+ * VEC_OF(T) or a pointer is not 16-byte aligned. Kernels keep what they load in this form (bf16
+ * takes half the registers of fp32) and convert a value where they use it. */
+#define VEC_OF(T) ((int)(16 / sizeof(T)))
+
+template <typename T, int V>
+struct alignas(V * sizeof(T)) vecn {
+  T v[V];
+};
+
+/* Vector i of p, or zeros when !live (past a row's end, a row past the block's, an accumulation
+ * not asked for: p is not read then). */
+template <typename T, int V>
+static __device__ __forceinline__ vecn<T, V> load_vec(const T *p, size_t i, bool live) {
+  vecn<T, V> q;
+  if (live) {
+    q = ((const vecn<T, V> *)p)[i];
+  } else {
+#pragma unroll
+    for (int e = 0; e < V; e++) store_f(&q.v[e], 0.0f);
+  }
+  return q;
+}
+
+template <typename T, int V>
+static __device__ __forceinline__ void store_vec(T *p, size_t i, const float *f) {
+  vecn<T, V> q;
+#pragma unroll
+  for (int e = 0; e < V; e++) store_f(&q.v[e], f[e]);
+  ((vecn<T, V> *)p)[i] = q;
+}
+
 /* The vector path: rows of len values, every pointer given (NULL counts as aligned) 16-byte
  * aligned. */
 template <typename T>
 static bool vec_path(int len, const void *a, const void *b, const void *c = NULL) {
   return len % VEC_OF(T) == 0 && cuda_aligned16(a) && cuda_aligned16(b) && cuda_aligned16(c);
+}
+
+/* v[0..N-1] each summed over the block, the same values in every thread: block_sum_double's
+ * tree (the warps' xor butterflies, then their sums in warp order) for N sums at once, which
+ * shuffle side by side. sh holds 32 N doubles. */
+template <int N>
+static __device__ __forceinline__ void block_sums_double(double *v, double *sh) {
+#pragma unroll
+  for (int k = 0; k < N; k++) v[k] = warp_sum_double(v[k]);
+  __syncthreads();  /* sh may still be read by the previous step */
+  if ((threadIdx.x & 31) == 0) {
+#pragma unroll
+    for (int k = 0; k < N; k++) sh[(threadIdx.x >> 5) * N + k] = v[k];
+  }
+  __syncthreads();
+#pragma unroll
+  for (int k = 0; k < N; k++) v[k] = 0.0;
+  for (int w = 0; w < (int)(blockDim.x >> 5); w++) {
+#pragma unroll
+    for (int k = 0; k < N; k++) v[k] += sh[w * N + k];
+  }
 }
 
 /* ---- the weight gradient's partials --------------------------------------------------------- */
@@ -95,7 +153,14 @@ static void zero_dw_of_no_rows(float *dw, int dim, int acc) {
 
 /* ---- RMSNorm -------------------------------------------------------------------------------- */
 
-/* A step's rows and a thread's values: cuda_rmsnorm.cuh (RMS_STEP_VALUES). */
+/* A block takes R rows at a time (a step): their loads are in flight together and their sums
+ * are reduced together. Each thread holds RMS_STEP_VALUES values of each tensor a step reads,
+ * C = 16 / R of each row: thread t the values t C .. t C + C-1, as PER = C / V vectors. R = 2 up
+ * to dim 4096, else 1, so a block has at most 512 threads and dim is at most 8192 (a row lives
+ * in one block's registers). R = 2 keeps twice the bytes in flight for the registers a thread
+ * holds (not measured against R = 1). */
+#define RMS_STEP_VALUES 16
+#define RMS_MAX_THREADS 512
 /* Registers of a backward thread: 96 where bf16 training shapes run (the vector path, two rows a
  * step), so that two blocks of up to 320 threads (dim 2560) share an SM; 128, what a block of
  * 512 threads may have, elsewhere. No backward kernel spills at these (nvcc 13.0, sm_90); the
@@ -107,9 +172,56 @@ static void zero_dw_of_no_rows(float *dw, int dim, int acc) {
  * this file had before took about 45 us); more blocks in flight is the next thing to try. */
 #define RMS_BWD_BLOCKS 256
 
+static int rms_rows_at_once(int dim) {
+  if (dim > RMS_STEP_VALUES * RMS_MAX_THREADS)
+    cuda_fail("rmsnorm", "dim must be at most 8192 (a row lives in one block's registers)",
+              __FILE__, __LINE__);
+  return dim <= RMS_STEP_VALUES / 2 * RMS_MAX_THREADS ? 2 : 1;
+}
+
 static int rms_threads(int dim, int r) {
   const int per_warp = 32 * RMS_STEP_VALUES / r;
   return (dim + per_warp - 1) / per_warp * 32;
+}
+
+/* The thread's vectors of row i of p, zeros past the row's end or everywhere when !live */
+template <typename T, int V, int PER>
+static __device__ __forceinline__ void load_row(vecn<T, V> *f, const T *p, size_t i, int dim,
+                                                bool live) {
+#pragma unroll
+  for (int k = 0; k < PER; k++) {
+    const int v = threadIdx.x * PER + k;
+    f[k] = load_vec<T, V>(p, i * (dim / V) + v, live && v < dim / V);
+  }
+}
+
+/* The thread's weights, zeros past the row's end */
+template <int V, int PER>
+static __device__ __forceinline__ void load_row_weights(float (*f)[V], const float *w, int dim) {
+#pragma unroll
+  for (int k = 0; k < PER; k++) {
+#pragma unroll
+    for (int e = 0; e < V; e++) {
+      const int j = (threadIdx.x * PER + k) * V + e;
+      f[k][e] = j < dim ? w[j] : 0.0f;
+    }
+  }
+}
+
+/* Σ x² of the thread's values of a row, in column order (both directions take it, so they
+ * compute the same rstd) */
+template <typename T, int V, int PER>
+static __device__ __forceinline__ double row_sum_squares(const vecn<T, V> *x) {
+  double ss = 0.0;
+#pragma unroll
+  for (int k = 0; k < PER; k++) {
+#pragma unroll
+    for (int e = 0; e < V; e++) {
+      const float a = load_f(&x[k].v[e]);
+      ss += (double)a * a;
+    }
+  }
+  return ss;
 }
 
 /* Blocks stride over steps. */
@@ -134,7 +246,17 @@ static __global__ void __launch_bounds__(RMS_MAX_THREADS)
 #pragma unroll
     for (int q = 0; q < R; q++) {
       if (i0 + q >= n) break;  /* uniform over the block */
-      rms_row_store<T, V, PER>(out, (size_t)(i0 + q), xr[q], wv, rstd_of(ss[q], dim, eps), dim);
+      const float r = rstd_of(ss[q], dim, eps);
+#pragma unroll
+      for (int k = 0; k < PER; k++) {
+        const int v = threadIdx.x * PER + k;
+        if (v >= dim / V) break;  /* so are the rest */
+        float o[V];
+#pragma unroll
+        for (int e = 0; e < V; e++)
+          o[e] = __fmul_rn(__fmul_rn(load_f(&xr[q][k].v[e]), r), wv[k][e]);
+        store_vec<T, V>(out, (size_t)(i0 + q) * (dim / V) + v, o);
+      }
     }
   }
 }

@@ -53,14 +53,10 @@
 #include <stdio.h>
 #include <string.h>
 
-#include <cooperative_groups.h>
-
 #include "kernels/cuda/cuda.h"
 #include "kernels/cuda/cuda_dtype.cuh"
 #include "kernels/cuda/cuda_gemv.cuh"
 #include "kernels/cuda/cuda_nvfp4.cuh"
-#include "kernels/cuda/cuda_rmsnorm.cuh"
-#include "kernels/cuda/cuda_swiglu.cuh"
 
 /* ---- exact scalar arithmetic, the same on host and device (more in cuda_nvfp4.cuh) ---------- */
 
@@ -242,17 +238,11 @@ __host__ __device__ constexpr int nv_small_threads(bool sr) { return sr ? 512 : 
  * second read comes from L2, not HBM. It also starts the amax pass on x's end, the part its
  * producer (written start to end) left in L2 last. Maxima are order-independent: no bit moves.
  *
- * Both kernels of a call are launched as programmatic dependents (CUDA_LAUNCH_PDL): the amax
+ * Both kernels of a call are launched as programmatic dependents (cuda_launch_pdl): the amax
  * kernel's blocks are scheduled while the op before it finishes, and the quantize kernel's
  * while the amax kernel's last blocks run, so neither pays a whole launch gap; each waits in
  * pdl_wait (its first statement) for the kernel before it to finish, which makes the partial
  * maxima (and, through the amax kernel's own wait, x) visible to it. */
-
-/* A grid-stride loop's first index (the thread's in the grid) and stride (the grid's threads) */
-__device__ __forceinline__ size_t nv_grid_first() {
-  return (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-}
-__device__ __forceinline__ size_t nv_grid_stride() { return (size_t)gridDim.x * blockDim.x; }
 
 /* N consecutive values at p in fp32: loads of up to 16 bytes when VEC (p aligned to them) */
 template <bool VEC, int N, typename T>
@@ -325,10 +315,9 @@ NV_UNROLL
   }
 };
 
-/* The integer operand as gemv_nvfp4 reads it (cuda_gemv.cuh; ops.h NVFP4_ROWS_INT), in global
- * memory (nvfp4_quantize, op.k 16-byte aligned) or in the fused decode kernel's shared memory:
- * 2q as int8, N values a thread in one store, and each block's s_b from the thread holding
- * its first element. */
+/* The integer operand as gemv_nvfp4 reads it (cuda_gemv.cuh; ops.h NVFP4_ROWS_INT; op.k 16-byte
+ * aligned): 2q as int8, N values a thread in one store, and each block's s_b from the thread
+ * holding its first element. */
 struct nv_write_i8 {
   gemv_i8_operand op;
   template <int N>
@@ -381,11 +370,10 @@ struct nv_parts {
   uint32_t n;
 };
 
-/* part[k * gridDim.x + blockIdx.x] = the largest m[k] of the block of WARPS warps (every
- * thread calls this) */
-template <int K, int WARPS = NV_WARPS>
+/* part[k * gridDim.x + blockIdx.x] = the largest m[k] of the block (every thread calls this) */
+template <int K>
 __device__ __forceinline__ void nv_block_amax(uint32_t *part, uint32_t m[K]) {
-  nv_block_max<K, WARPS>(m);
+  nv_block_max<K, NV_WARPS>(m);
   if (threadIdx.x == 0)
 NV_UNROLL
     for (int k = 0; k < K; k++) part[k * gridDim.x + blockIdx.x] = m[k];
@@ -397,28 +385,23 @@ struct nv_scale {
   bool finite;   /* false: the amax is non-finite and the operand is not written */
 };
 
-/* What *dec holds for an operand of scale sc: S_dec, or NaN for a non-finite amax. */
-__device__ __forceinline__ float nv_dec_value(const nv_scale &sc) {
-  return sc.finite ? sc.dec : nv_u2f(0x7fc00000u);
-}
-
 /* The tensor scale of an operand whose amax has the bits `amax` (those of a non-finite one:
- * 0x7f800000 and up); block 0 / thread 0 writes *dec (nv_dec_value). */
+ * 0x7f800000 and up); block 0 / thread 0 writes *dec: S_dec, or NaN for a non-finite amax. */
 __device__ __forceinline__ nv_scale nv_scale_of(uint32_t amax, float *dec) {
   const bool finite = amax < 0x7f800000u;
   const struct nv_tensor_scale ts = nv_tensor_scale(nv_u2f(finite ? amax : 0u));
+  if (blockIdx.x == 0 && threadIdx.x == 0) *dec = finite ? ts.dec : nv_u2f(0x7fc00000u);
   nv_scale sc;
   sc.enc_over_6 = __fmul_rn(ts.enc, 1.0f / 6.0f);
   sc.dec = ts.dec;
   sc.finite = finite;
-  if (blockIdx.x == 0 && threadIdx.x == 0) *dec = nv_dec_value(sc);
   return sc;
 }
 
-/* The K tensor scales of a quantize kernel from parts.max[k] (every thread of the block's
- * THREADS calls this, before any returns; nv_scale_of writes *dec[k]). Each block reads the n
- * partial maxima (a few KB, from L2) once: the grids are one resident wave. */
-template <int K, int THREADS = NV_THREADS>
+/* The K tensor scales of a quantize kernel from parts.max[k] (every thread calls this, before
+ * any returns; nv_scale_of writes *dec[k]). Each block reads the n partial maxima (a few KB,
+ * from L2) once: the grids are one resident wave. */
+template <int K>
 __device__ __forceinline__ void nv_read_scales(nv_scale sc[K], const nv_parts &parts,
                                                float *const dec[K]) {
   uint32_t m[K];
@@ -430,11 +413,11 @@ NV_UNROLL
    * load-then-max waited for each load in turn (3-5 of them).
    * 4, not 8: 8 took the bf16 rows kernel from 62 to 72 registers (4 blocks an SM to 3). */
   constexpr int NV_PARTS_AHEAD = 4;
-  for (uint32_t i0 = threadIdx.x; i0 < parts.n; i0 += NV_PARTS_AHEAD * THREADS) {
+  for (uint32_t i0 = threadIdx.x; i0 < parts.n; i0 += NV_PARTS_AHEAD * NV_THREADS) {
     uint32_t p[K][NV_PARTS_AHEAD];
 NV_UNROLL
     for (int j = 0; j < NV_PARTS_AHEAD; j++) {
-      const uint32_t i = i0 + j * THREADS;
+      const uint32_t i = i0 + j * NV_THREADS;
 NV_UNROLL
       for (int k = 0; k < K; k++) p[k][j] = i < parts.n ? parts.max[k][i] : 0;
     }
@@ -443,17 +426,16 @@ NV_UNROLL
 NV_UNROLL
       for (int k = 0; k < K; k++) m[k] = max(m[k], p[k][j]);
   }
-  nv_block_max<K, THREADS / 32>(m);
+  nv_block_max<K, NV_WARPS>(m);
 NV_UNROLL
   for (int k = 0; k < K; k++) sc[k] = nv_scale_of(m[k], dec[k]);
 }
 
 /* nv_read_scales of one operand */
-template <int THREADS = NV_THREADS>
 __device__ __forceinline__ nv_scale nv_read_scale(const nv_parts &parts, float *dec) {
   nv_scale sc[1];
   float *const decs[1] = {dec};
-  nv_read_scales<1, THREADS>(sc, parts, decs);
+  nv_read_scales<1>(sc, parts, decs);
   return sc[0];
 }
 
@@ -476,16 +458,14 @@ __global__ void nvfp4_denormal_probe_kernel(uint32_t *out, float probe) {
 }
 
 /* The thread's max of the bits of |x| over its groups of x, a flat run of ngroups groups of
- * N = 16 / sizeof(T) values (one 16-byte load each): the thread's first group is `first`, the
- * next ones `stride` apart (a grid-stride loop: the thread's index in the grid and the grid's
- * threads; a block doing the whole x alone: its thread index and size), 4 loads in flight.
+ * N = 16 / sizeof(T) values (one 16-byte load each); grid-stride with 4 loads in flight.
  * Backwards, group ngroups - 1 first (see NV_AMAX_BACKWARDS). */
 template <typename T, bool VEC>
-__device__ __forceinline__ uint32_t nv_amax_groups(const T *x, size_t ngroups, size_t first,
-                                                   size_t stride) {
+__device__ __forceinline__ uint32_t nv_amax_groups(const T *x, size_t ngroups) {
   constexpr int N = 16 / sizeof(T);
   uint32_t m = 0;
-  size_t r = first;   /* group ngroups - 1 - r */
+  const size_t stride = (size_t)gridDim.x * blockDim.x;
+  size_t r = (size_t)blockIdx.x * blockDim.x + threadIdx.x;   /* group ngroups - 1 - r */
   for (; r + 3 * stride < ngroups; r += 4 * stride) {
     float v[4][N];
 NV_UNROLL
@@ -507,7 +487,7 @@ __global__ void __launch_bounds__(NV_THREADS)
     nvfp4_amax_kernel(uint32_t *part, const T *x, size_t ngroups) {
   pdl_wait();
   pdl_release();
-  uint32_t m[1] = {nv_amax_groups<T, VEC>(x, ngroups, nv_grid_first(), nv_grid_stride())};
+  uint32_t m[1] = {nv_amax_groups<T, VEC>(x, ngroups)};
   nv_block_amax<1>(part, m);
 }
 
@@ -549,19 +529,18 @@ NV_UNROLL
  * N g .. N g + N - 1, and their N / 4 Philox counters) is held by one thread, and the
  * 16 / N groups of a block by aligned lanes, which reduce the block's amax by shuffles. A
  * thread takes NV_ROWS_UNROLL groups a grid stride apart. ngroups % (16 / N) == 0 and the
- * stride is a multiple of 32, so a block's lanes are in or out of range together. first and
- * stride as nv_amax_groups' (the stride a multiple of 32). In place
+ * stride is a multiple of 32, so a block's lanes are in or out of range together. In place
  * (xq == x, same dtype) is safe: a thread reads its elements before it writes them, and no
  * other thread touches them. out writes the group's elements (nv_write_act or _packed), sc is
  * the tensor scale (finite). */
 template <typename Tin, class Out, bool VEC, bool SR>
 __device__ __forceinline__ void nv_rows_groups(const Out &out, const Tin *x, size_t ngroups,
-                                               const nv_scale &sc, uint64_t seed, size_t first,
-                                               size_t stride) {
+                                               const nv_scale &sc, uint64_t seed) {
   constexpr int N = 16 / sizeof(Tin), LANES = 16 / N;
   const uint32_t lane = threadIdx.x & 31;
   const uint32_t mask = ((1u << LANES) - 1) << (lane & ~(uint32_t)(LANES - 1));
-  for (size_t g0 = first; g0 < ngroups;
+  const size_t stride = (size_t)gridDim.x * blockDim.x;
+  for (size_t g0 = (size_t)blockIdx.x * blockDim.x + threadIdx.x; g0 < ngroups;
        g0 += NV_ROWS_UNROLL * stride) {
     float v[NV_ROWS_UNROLL][N];
 NV_UNROLL
@@ -594,8 +573,7 @@ __global__ void __launch_bounds__(NV_THREADS)
   pdl_release();
   const nv_scale sc = nv_read_scale(parts, dec);
   if (!sc.finite) return;
-  nv_rows_groups<Tin, Out, VEC, SR>(out, x, ngroups, sc, seed, nv_grid_first(),
-                                    nv_grid_stride());
+  nv_rows_groups<Tin, Out, VEC, SR>(out, x, ngroups, sc, seed);
 }
 
 /* NVFP4_ROWS of a small x (at most CUDA_NVFP4_SMALL_VALUES values, see nv_small_threads) in
@@ -609,12 +587,11 @@ __global__ void __launch_bounds__(nv_small_threads(SR))
     nvfp4_rows_small_kernel(Out out, float *dec, const Tin *x, size_t ngroups, uint64_t seed) {
   pdl_wait();
   pdl_release();
-  uint32_t m[1] = {nv_amax_groups<Tin, VEC>(x, ngroups, nv_grid_first(), nv_grid_stride())};
+  uint32_t m[1] = {nv_amax_groups<Tin, VEC>(x, ngroups)};
   nv_block_max<1, nv_small_threads(SR) / 32>(m);
   const nv_scale sc = nv_scale_of(m[0], dec);
   if (!sc.finite) return;
-  nv_rows_groups<Tin, Out, VEC, SR>(out, x, ngroups, sc, seed, nv_grid_first(),
-                                    nv_grid_stride());
+  nv_rows_groups<Tin, Out, VEC, SR>(out, x, ngroups, sc, seed);
 }
 
 /* NVFP4_TILES: one warp per 16x16 tile (warp-uniform loop). Lane l holds row l/2 of the tile as
@@ -812,209 +789,6 @@ NV_UNROLL
         }
       }
       __syncwarp();   /* the next iteration rewrites the tile */
-    }
-  }
-}
-
-/* ---- the decode MLP in one kernel (cuda_nvfp4_decode_mlp) ---------------------------------- */
-
-/* A block of the fused kernel: RMS_MAX_THREADS, so that it holds a normalized row the way
- * rmsnorm_forward_kernel's block does (cuda_rmsnorm.cuh); its warps take weight rows as the
- * GEMV's blocks do (wpr warps a row, GEMV_WARPS at most). */
-enum { NV_MLP_THREADS = RMS_MAX_THREADS, NV_MLP_WARPS = NV_MLP_THREADS / 32 };
-static_assert(NV_MLP_WARPS % GEMV_WARPS == 0, "a block's warps take whole weight rows");
-
-template <typename T>
-struct nv_mlp_args {
-  T *y;
-  const T *h;
-  const float *norm_w;
-  float eps;
-  float *dec_x, *dec_m;                  /* the two operands' S_dec, written by block 0 */
-  typename gemv_nvfp4<T>::mat gate, up, down;   /* dec_x unset: the kernel's own */
-  T *m;                                  /* scratch: the SwiGLU product row [inter] */
-  gemv_i8_operand mq;                    /* scratch: its quantization, k [inter], s [inter/16] */
-  uint32_t *parts;                       /* scratch: each block's max of the bits of |m| */
-  int dim, inter, wpr_gate_up, wpr_down; /* the GEMV's warps a row for the chain's calls */
-};
-
-/* A weight's rows over the grid, wpr warps a row (format F): the block's trips start at
- * first() and go on by step() (uniform over the block), the warp's row of trip `base` is
- * row(base), its part of the row `part`, and its lanes' columns gemv_row_warp's c0 and stride,
- * as gemv_kernel's warps have them. */
-template <class F>
-struct nv_mlp_rows {
-  int wpr, per_block, part, c0, stride;
-  __device__ __forceinline__ nv_mlp_rows(int wpr_) : wpr(wpr_), per_block(NV_MLP_WARPS / wpr_) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    part = warp % wpr;
-    c0 = (part * 32 + lane) * F::N;
-    stride = wpr * 32 * F::N;
-  }
-  __device__ __forceinline__ int first() const { return blockIdx.x * per_block; }
-  __device__ __forceinline__ int step() const { return gridDim.x * per_block; }
-  __device__ __forceinline__ int row(int base) const { return base + (threadIdx.x >> 5) / wpr; }
-};
-
-/* The fused kernel's shared memory (dynamic, bytes from its start): the integer operand's
- * scales s (max(dim, inter) / 16 floats) first, then the normalized row xn (dim values of T),
- * then the operand's integers k (max(dim, inter)), each 16-byte aligned. */
-struct nv_mlp_layout {
-  size_t xn, k, bytes;
-  __host__ __device__ nv_mlp_layout(int dim, int inter, size_t t_bytes) {
-    const size_t most = (size_t)(dim > inter ? dim : inter);
-    xn = (most / 16 * sizeof(float) + 15) / 16 * 16;
-    k = xn + (size_t)dim * t_bytes;
-    bytes = k + most;
-  }
-};
-
-/* NVFP4_ROWS_INT of x [n] into the integer operand, as nvfp4_rows_small_kernel's groups (sc from
- * its amax), the groups from `first` by `stride` (a block's threads, or the grid's); a
- * non-finite amax writes NaN scales, so every product is NaN, as the chain's GEMV is by its
- * S_dec. */
-template <typename T>
-__device__ __forceinline__ void nv_mlp_quantize(const nv_write_i8 &out, const T *x, int n,
-                                                const nv_scale &sc, int first, int stride) {
-  if (sc.finite)
-    nv_rows_groups<T, nv_write_i8, true, false>(out, x, n / (16 / sizeof(T)), sc, 0, first,
-                                                stride);
-  else
-    for (int b = first; b < n / 16; b += stride) out.op.s[b] = nv_u2f(0x7fffffffu);
-}
-
-/* The MLP half of a decoder layer for one token row, in one cooperative kernel (the grid all
- * resident), the 7-op chain's arithmetic step for step (ops.h nvfp4_decode_mlp):
- *  (a) each block normalizes h into shared memory as rmsnorm_forward_kernel does (R: its rows
- *      a step for dim, which fixes the thread's values and so the double sum's order), quantizes
- *      it as nvfp4_rows_small_kernel does (S_dec to dec_x from block 0) into the integer
- *      operand (the chain's NVFP4_ROWS_INT bytes), then takes gate row r and up row r for its
- *      rows r, both through gemv_row_warp (the GEMV's order and, block sum by block sum, its
- *      bits), each rounded to T as the GEMV stores them, their SwiGLU rounded to T into m[r],
- *      and the block's max of the bits of |m| into parts[block];
- *  (b) the grid's barrier;
- *  (c) each block reduces the parts to the amax (nv_read_scale: S_dec to dec_m), the grid
- *      quantizes m as nvfp4_rows_small_kernel would into the global integer operand mq, and
- *      after a second barrier each block copies mq into shared memory, takes its down rows,
- *      each rounded to T, and writes y = h + that (add's rounding).
- * Shared memory: nv_mlp_layout (dynamic). A non-finite amax gives NaN block scales, so every
- * product of the GEMV is NaN, as the chain's GEMV multiplies its unwritten operand by the NaN
- * S_dec: y is NaN where the chain's is. y may be h: each h value a block reads in (c) is its own
- * row's, and the reads of (a) come before the barrier. */
-template <typename T, int R>
-__global__ void __launch_bounds__(NV_MLP_THREADS) nvfp4_decode_mlp_kernel(nv_mlp_args<T> a) {
-  typedef gemv_nvfp4<T> F;
-  constexpr int V = VEC_OF(T), PER = RMS_STEP_VALUES / R / V, G = 16 / sizeof(T);
-  extern __shared__ uint4 nv_mlp_smem[];
-  const nv_mlp_layout L(a.dim, a.inter, sizeof(T));
-  T *const xn = reinterpret_cast<T *>(reinterpret_cast<char *>(nv_mlp_smem) + L.xn);
-  const gemv_i8_operand op = {reinterpret_cast<int8_t *>(nv_mlp_smem) + L.k,
-                              reinterpret_cast<float *>(nv_mlp_smem)};
-  const nv_write_i8 to_operand = {op};
-  __shared__ double rms_sums[32];
-  __shared__ float warp_sums[NV_MLP_WARPS][2];
-  __shared__ float dec;   /* the operand's S_dec (nv_dec_value), which F::finish reads */
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  pdl_wait();
-  pdl_release();
-
-  /* (a) the post norm, as rmsnorm_forward_kernel's step for its row 0 */
-  {
-    float wv[PER][V];
-    load_row_weights<V, PER>(wv, a.norm_w, a.dim);
-    vecn<T, V> xr[PER];
-    load_row<T, V, PER>(xr, a.h, 0, a.dim, true);
-    double ss = row_sum_squares<T, V, PER>(xr);
-    block_sums_double<1>(&ss, rms_sums);
-    rms_row_store<T, V, PER>(xn, 0, xr, wv, rstd_of(ss, a.dim, a.eps), a.dim);
-  }
-  __syncthreads();
-  {   /* its quantization, as nvfp4_rows_small_kernel's, into the integer operand */
-    uint32_t m[1] = {nv_amax_groups<T, true>(xn, a.dim / G, threadIdx.x, NV_MLP_THREADS)};
-    nv_block_max<1, NV_MLP_WARPS>(m);
-    const nv_scale sc = nv_scale_of(m[0], a.dec_x);
-    nv_mlp_quantize<T>(to_operand, xn, a.dim, sc, threadIdx.x, NV_MLP_THREADS);
-    if (threadIdx.x == 0) dec = nv_dec_value(sc);
-  }
-  __syncthreads();
-
-  /* gate and up, row r of both in the same warps, then SwiGLU */
-  uint32_t m_max = 0;
-  {
-    typename F::mat gate = a.gate, up = a.up;
-    gate.dec_x = up.dec_x = &dec;
-    const nv_mlp_rows<F> rows(a.wpr_gate_up);
-    for (int base = rows.first(); base < a.inter; base += rows.step()) {
-      const int r = rows.row(base);
-      const bool live = r < a.inter;
-      const typename F::row wg = F::row_of(gate, a.dim, r), wu = F::row_of(up, a.dim, r);
-      typename F::chunk bg[GEMV_UNROLL], bu[GEMV_UNROLL];
-      gemv_row_prefetch<F>(bg, wg, rows.c0, rows.stride, a.dim, live);
-      gemv_row_prefetch<F>(bu, wu, rows.c0, rows.stride, a.dim, live);
-      float sg[1], su[1];
-      gemv_row_warp<F, gemv_x_shared, 1>(sg, bg, wg, op, rows.c0, rows.stride, 1, a.dim, live);
-      gemv_row_warp<F, gemv_x_shared, 1>(su, bu, wu, op, rows.c0, rows.stride, 1, a.dim, live);
-      if (lane == 0) warp_sums[warp][0] = sg[0], warp_sums[warp][1] = su[0];
-      __syncthreads();
-      if (live && rows.part == 0 && lane == 0) {
-        T g, u, p;   /* the chain's S_G, S_U and S_M values */
-        store_f(&g, F::finish(gate, gemv_parts_sum<2>(warp_sums, warp, 0, rows.wpr)));
-        store_f(&u, F::finish(up, gemv_parts_sum<2>(warp_sums, warp, 1, rows.wpr)));
-        store_f(&p, swiglu_fwd1(load_f(&g), load_f(&u)));
-        a.m[r] = p;
-        m_max = max(m_max, nv_f2u(load_f(&p)) & 0x7fffffffu);
-      }
-      __syncthreads();   /* the next trip rewrites warp_sums */
-    }
-  }
-  {
-    uint32_t m[1] = {m_max};
-    nv_block_amax<1, NV_MLP_WARPS>(a.parts, m);
-  }
-
-  /* (b) every block's m and part written and visible */
-  cooperative_groups::this_grid().sync();
-
-  /* (c) m's quantization, as nvfp4_rows_small_kernel's, from the parts, over the grid into the
-   * global operand mq (every block quantizing all of m was ~a quarter of the kernel's
-   * instructions: bench/NOTES.md, session 16), then each block's copy of it */
-  {
-    nv_parts parts;
-    parts.max[0] = parts.max[1] = a.parts;
-    parts.n = gridDim.x;
-    const nv_scale sc = nv_read_scale<NV_MLP_THREADS>(parts, a.dec_m);
-    nv_mlp_quantize<T>({a.mq}, a.m, a.inter, sc, blockIdx.x * NV_MLP_THREADS + threadIdx.x,
-                       gridDim.x * NV_MLP_THREADS);
-    if (threadIdx.x == 0) dec = nv_dec_value(sc);
-  }
-  cooperative_groups::this_grid().sync();
-  for (int i = threadIdx.x; i < a.inter / 16; i += NV_MLP_THREADS) {   /* L2: other blocks' */
-    reinterpret_cast<uint4 *>(op.k)[i] = __ldcg(reinterpret_cast<const uint4 *>(a.mq.k) + i);
-    op.s[i] = __ldcg(a.mq.s + i);
-  }
-  __syncthreads();
-
-  /* down, and the residual */
-  {
-    typename F::mat down = a.down;
-    down.dec_x = &dec;
-    const nv_mlp_rows<F> rows(a.wpr_down);
-    for (int base = rows.first(); base < a.dim; base += rows.step()) {
-      const int r = rows.row(base);
-      const bool live = r < a.dim;
-      const typename F::row wd = F::row_of(down, a.inter, r);
-      typename F::chunk bd[GEMV_UNROLL];
-      gemv_row_prefetch<F>(bd, wd, rows.c0, rows.stride, a.inter, live);
-      float sd[1];
-      gemv_row_warp<F, gemv_x_shared, 1>(sd, bd, wd, op, rows.c0, rows.stride, 1, a.inter, live);
-      if (lane == 0) warp_sums[warp][0] = sd[0];
-      __syncthreads();
-      if (live && rows.part == 0 && lane == 0) {
-        T d;   /* the chain's S_D value */
-        store_f(&d, F::finish(down, gemv_parts_sum<2>(warp_sums, warp, 0, rows.wpr)));
-        store_f(a.y + r, __fadd_rn(load_f(a.h + r), load_f(&d)));   /* add(S_Y, S_H, S_D) */
-      }
-      __syncthreads();
     }
   }
 }
@@ -1402,84 +1176,4 @@ extern "C" void cuda_nvfp4_gemm(void *c, enum dtype c_type, const void *a, const
   const int ldk = k > 1 ? k : 1, ldn = n > 1 ? n : 1;
   cuda_gemm_scaled(0, b_kn ? 0 : 1, m, n, k, dec_a, dec_b, a, ldk, b, b_kn ? ldn : ldk, beta, c,
                    ldn, cuda_ctx.act, c_type);
-}
-
-/* The fused kernel's grid: every block resident at once (a cooperative launch), as many as fit
- * (*per_sm: the instantiation's own, asked again when smem changes). */
-template <typename K>
-static int nv_mlp_grid(K kernel, size_t smem, int *per_sm, size_t *per_sm_smem) {
-  if (*per_sm == 0 || *per_sm_smem != smem) {
-    CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(per_sm, kernel, NV_MLP_THREADS,
-                                                             smem));
-    *per_sm_smem = smem;
-    if (*per_sm < 1)
-      cuda_fail("cuda_nvfp4_decode_mlp", "not one block of the fused kernel fits on an SM",
-                __FILE__, __LINE__);
-  }
-  return *per_sm * (cuda_ctx.sm_count > 0 ? cuda_ctx.sm_count : 1);
-}
-
-template <typename T, int R>
-static void nv_mlp_launch(nv_mlp_args<T> a, size_t smem) {
-  static int per_sm;
-  static size_t per_sm_smem;
-  static bool smem_allowed;
-  auto kernel = nvfp4_decode_mlp_kernel<T, R>;
-  cuda_allow_smem(kernel, smem, &smem_allowed);
-  const int blocks = nv_mlp_grid(kernel, smem, &per_sm, &per_sm_smem);
-  /* m, its integer operand (the chain's NVFP4_ROWS_INT layout) and the blocks' maxima */
-  const size_t m_bytes = ((size_t)a.inter * sizeof(T) + 15) / 16 * 16;
-  uint8_t *base;
-  cuda_scratch2((void **)&base, m_bytes + nvfp4_int_operand_bytes(1, a.inter),
-                (void **)&a.parts, (size_t)blocks * sizeof(uint32_t),
-                "nvfp4 decode MLP product, its operand and maxima");
-  a.m = (T *)base;
-  a.mq = gemv_i8_operand_at(base + m_bytes, 1, a.inter);
-  CUDA_LAUNCH_COOPERATIVE("nvfp4_decode_mlp_kernel", kernel, dim3(blocks), dim3(NV_MLP_THREADS),
-                          smem, a);
-}
-
-extern "C" int cuda_nvfp4_decode_mlp(void *y, const void *h, const float *norm_w, float eps,
-                                     float *dec_x, float *dec_m, const uint8_t *const *codes,
-                                     const uint8_t *const *scales, const float *const *dec_w,
-                                     int n, int dim, int inter) {
-  if (!cuda_ctx.fused_decode) return 0;
-  char detail[320];
-  const size_t smem = nv_mlp_layout(dim, inter, dtype_bytes(cuda_ctx.act)).bytes;
-  if (n != 1 || dim <= 0 || inter <= 0 || dim % 32 || inter % 32 ||
-      dim > RMS_STEP_VALUES * RMS_MAX_THREADS || !cuda_aligned16(h) || !cuda_aligned16(y) ||
-      !dec_x || !dec_m || smem > (size_t)cuda_smem_optin()) {
-    snprintf(detail, sizeof detail,
-             "n %d, dim %d, inter %d, h %p, y %p refused: n must be 1, dim and inter positive "
-             "multiples of 32 (a 16-byte load of codes), dim at most %d (a row in one block), "
-             "the row and the operand within a block's shared memory (%d bytes), h and y 16-byte "
-             "aligned, dec_x and dec_m given",
-             n, dim, inter, h, y, RMS_STEP_VALUES * RMS_MAX_THREADS, cuda_smem_optin());
-    cuda_fail("cuda_nvfp4_decode_mlp", detail, __FILE__, __LINE__);
-  }
-  for (int j = 0; j < 3; j++)
-    if (!cuda_aligned16(codes[j]) || ((uintptr_t)scales[j] & 1)) {
-      snprintf(detail, sizeof detail,
-               "matrix %d (gate, up, down): codes %p, scales %p refused: codes 16-byte aligned, "
-               "scales 2-byte aligned", j, codes[j], scales[j]);
-      cuda_fail("cuda_nvfp4_decode_mlp", detail, __FILE__, __LINE__);
-    }
-  nv_check_denormals();
-  /* the warps a row of the chain's two nvfp4_gemv_packed calls: the sums' order */
-  constexpr int N = gemv_nvfp4<float>::N;   /* values a 16-byte load of codes holds */
-  const int wpr_gate_up = gemv_warps_per_row(2 * inter, dim, N);
-  const int wpr_down = gemv_warps_per_row(dim, inter, N);
-  const bool two_rows = rms_rows_at_once(dim) == 2;
-  CUDA_ACT_DISPATCH(T, {
-    nv_mlp_args<T> a = {};
-    a.y = (T *)y, a.h = (const T *)h, a.norm_w = norm_w, a.eps = eps;
-    a.dec_x = dec_x, a.dec_m = dec_m;
-    a.gate = {codes[0], scales[0], NULL, dec_w[0]};
-    a.up = {codes[1], scales[1], NULL, dec_w[1]};
-    a.down = {codes[2], scales[2], NULL, dec_w[2]};
-    a.dim = dim, a.inter = inter, a.wpr_gate_up = wpr_gate_up, a.wpr_down = wpr_down;
-    if (two_rows) nv_mlp_launch<T, 2>(a, smem);
-    else nv_mlp_launch<T, 1>(a, smem);
-  });
-  return 1;
 }

@@ -100,9 +100,8 @@ NV_UNROLL
   return m;
 }
 
-/* m[k] = the largest m[k] of the block's WARPS warps, in every thread (every thread calls this;
- * a second call in a kernel must come after a __syncthreads that follows the first, which it
- * would otherwise rewrite the shared words of while others may still read them) */
+/* m[k] = the largest m[k] of the block's WARPS warps, in every thread (every thread calls this,
+ * at most once a kernel: a second call would rewrite the shared words others may still read) */
 template <int K, int WARPS>
 __device__ __forceinline__ void nv_block_max(uint32_t m[K]) {
   static_assert(WARPS <= 32, "one warp reduces the warps' maxima");

@@ -10,7 +10,7 @@ build=${1:?usage: bash $0 BUILD_DIR [NAME...]}
 shift
 # name # file # sed expression (must change the file) # what the bug is
 MUTATIONS=(
-  'rmsnorm_mean_over_dim_minus_1#kernels/cuda/cuda_rmsnorm.cuh#s|return (float)(1.0 / sqrt(ss / dim + (double)eps));|return (float)(1.0 / sqrt(ss / (dim - 1) + (double)eps));|#RMSNorm mean over dim - 1'
+  'rmsnorm_mean_over_dim_minus_1#kernels/cuda/cuda_norm.cu#s|return (float)(1.0 / sqrt(ss / dim + (double)eps));|return (float)(1.0 / sqrt(ss / (dim - 1) + (double)eps));|#RMSNorm mean over dim - 1'
   'causal_off_by_one#kernels/cuda/cuda_attention.cu#0,/off = s.tk - s.tq;/s/off = s.tk - s.tq;/off = s.tk - s.tq + 1;/#causal limit one key late (fp32 forward)'
   'silu_grad_sign#kernels/cuda/cuda_elementwise.cu#s/__fmul_rn(g, __fsub_rn(1.0f, sig))/__fmul_rn(g, __fsub_rn(sig, 1.0f))/#SiLU derivative with a wrong sign'
   'adamw_no_bias_correction#kernels/cuda/cuda_adamw.cu#s|(double)st->lr / (1.0 - pow((double)st->beta1, (double)st->t))|(double)st->lr|#AdamW first-moment bias correction dropped'
@@ -36,7 +36,7 @@ MUTATIONS=(
   'nvfp4_philox_mulhi#kernels/cuda/cuda_nvfp4.cuh#s/return __umulhi(a, b);/return __umulhi(a, b) ^ 1u;/#the device Philox takes wrong high product words (stochastic rounding draws off the CPU'"'"'s)'
   'nvfp4_staged_halves_swapped#kernels/cuda/cuda_nvfp4.cu#s/if (d) reinterpret_cast<uint4 \*>(d)\[piece % 2\] = stage\[piece\];/if (d) reinterpret_cast<uint4 *>(d)[(piece + 1) % 2] = stage[piece];/#the transposing quantizer'"'"'s whole-sector stores swap the two halves of each bf16 block'
   'nvfp4_amax_backwards_stride#kernels/cuda/cuda_nvfp4.cu#s/x + (ngroups - 1 - r - j \* stride) \* N)/x + (ngroups - 1 - r - j) * N)/#the amax pass'"'"'s unrolled loads step one group back, not a grid stride (groups left out of the tensor scale)'
-  'nvfp4_small_amax_drops_last_group#kernels/cuda/cuda_nvfp4.cu#s/{nv_amax_groups<Tin, VEC>(x, ngroups, nv_grid_first()/{nv_amax_groups<Tin, VEC>(x, ngroups - 1, nv_grid_first()/#the one-block quantizer of a small x leaves x'"'"'s last group out of the tensor amax'
+  'nvfp4_small_amax_drops_last_group#kernels/cuda/cuda_nvfp4.cu#s/{nv_amax_groups<Tin, VEC>(x, ngroups)}/{nv_amax_groups<Tin, VEC>(x, ngroups - 1)}/#the one-block quantizer of a small x leaves x'"'"'s last group out of the tensor amax'
   'nvfp4_small_half_the_warps#kernels/cuda/cuda_nvfp4.cu#s|nv_block_max<1, nv_small_threads(SR) / 32>(m);|nv_block_max<1, nv_small_threads(SR) / 64>(m);|#the one-block quantizer reduces the maxima of only its first half of warps'
   'nvfp4_small_writes_nonfinite#kernels/cuda/cuda_nvfp4.cu#s/const nv_scale sc = nv_scale_of(m\[0\], dec);/nv_scale sc = nv_scale_of(m[0], dec); sc.finite = true;/#the one-block quantizer writes xq although x is not finite'
   'gemv_packed_first_dec_w#kernels/cuda/cuda_linear.cu#s/w\[j\] = {codes\[j\], scales\[j\], dec_x, dec_w\[j\]};/w[j] = {codes[j], scales[j], dec_x, dec_w[0]};/#the grouped packed GEMV scales every matrix by the first one'"'"'s S_dec'
@@ -49,14 +49,12 @@ MUTATIONS=(
   'adamw_parts_w_left_out#kernels/cuda/cuda_adamw.cu#s/if (PARTS) amax = max(amax, nv_absmax<4>(f));/if (PARTS) amax = max(amax, nv_absmax<3>(f));/#AdamW'"'"'s amax parts leave out the fourth value of each float4 group'
   'nvfp4_weight_parts_ignored#kernels/cuda/cuda_nvfp4.cu#s/  a.parts.max\[0\] = a.parts.max\[1\] = amax_parts;/  a.parts = nv_amax(w, DT_F32, rows, cols, -1, false);/#the weight quantization runs the amax kernel, not the parts (the equalities cannot tell)'
   'nvfp4_parts_ahead_last_dropped#kernels/cuda/cuda_nvfp4.cu#s/p\[k\]\[j\] = i < parts.n ? parts.max\[k\]\[i\] : 0;/p[k][j] = i < parts.n \&\& j < 3 ? parts.max[k][i] : 0;/#the quantize blocks leave out every fourth batch of amax partials'
-  'decode_mlp_up_scaled_as_gate#kernels/cuda/cuda_nvfp4.cu#s/a.up = {codes\[1\], scales\[1\], NULL, dec_w\[1\]};/a.up = {codes[1], scales[1], NULL, dec_w[0]};/#the fused decode MLP scales up by gate'"'"'s S_dec'
-  'decode_mlp_product_amax_one_block#kernels/cuda/cuda_nvfp4.cu#s/    parts.n = gridDim.x;/    parts.n = 1;/#the fused decode MLP takes the product'"'"'s amax from block 0'"'"'s rows only'
-  'decode_mlp_i8_table_wrong#kernels/cuda/cuda_gemv.cuh#s/POS_HI = 0x0C080604u/POS_HI = 0x0C080605u/#the integer GEMV reads code 4 (E2M1 2.0) as 2.5'
-  'decode_mlp_i8_sign_ignored#kernels/cuda/cuda_gemv.cuh#s/0x32103210u | (q \& 0x88888888u) >> 1/0x32103210u/#the integer GEMV takes every weight code as positive'
+  'gemv_i8_table_wrong#kernels/cuda/cuda_gemv.cuh#s/POS_HI = 0x0C080604u/POS_HI = 0x0C080605u/#the integer GEMV reads code 4 (E2M1 2.0) as 2.5'
+  'gemv_i8_sign_ignored#kernels/cuda/cuda_gemv.cuh#s/0x32103210u | (q \& 0x88888888u) >> 1/0x32103210u/#the integer GEMV takes every weight code as positive'
   'nvfp4_int_k_is_q#kernels/cuda/cuda_nvfp4.cu#s/(int8_t)__float2int_rn(2.0f \* q\[4 \* j + e\])/(int8_t)__float2int_rn(q[4 * j + e])/#NVFP4_ROWS_INT'"'"'s integers are q rounded, not 2q'
   'nvfp4_int_scales_past_k#kernels/cuda/cuda_gemv.cuh#s/(char \*)xq + nvfp4_int_scales_at(rows, cols))/(char *)xq + nvfp4_int_scales_at(rows, cols) + 16)/#the CUDA integer operand keeps its scales 16 bytes past where ops.h puts them'
   'gemv_packed_int_scales_of_one_row#kernels/cuda/cuda_linear.cu#s/gemv_i8_operand_at(const_cast<void \*>(xq), n, in_dim)/gemv_i8_operand_at(const_cast<void *>(xq), 1, in_dim)/#the packed GEMV looks for x'"'"'s scales after one row of integers whatever n'
-  'decode_mlp_i8_x_block_scale_swapped#kernels/cuda/cuda_gemv.cuh#s/w.s\[b\] \* (b ? xs.y : xs.x)/w.s[b] * (b ? xs.x : xs.y)/#the integer GEMV scales each block of x by its neighbour'"'"'s s_b'
+  'gemv_i8_x_block_scale_swapped#kernels/cuda/cuda_gemv.cuh#s/w.s\[b\] \* (b ? xs.y : xs.x)/w.s[b] * (b ? xs.x : xs.y)/#the integer GEMV scales each block of x by its neighbour'"'"'s s_b'
   # only the bf16 mode's checks can catch these: the fp32 and tf32 modes never store bf16
   'bf16_store_truncates#kernels/cuda/cuda_dtype.cuh#s/{ \*p = __float2bfloat16_rn(v); }/{ *p = __float2bfloat16_rz(v); }/#bf16 activations stored rounded toward zero'
   'bf16_tc_forward_docs_leak#kernels/cuda/cuda_attention_bf16.cu#s/(DOC \&\& key < sFirst\[warp \* 16 + g + 8 \* (e >> 1)\]))/(DOC \&\& key + 1 < sFirst[warp * 16 + g + 8 * (e >> 1)]))/#bf16 tensor-core forward: each row also sees the last key of the document before its own'

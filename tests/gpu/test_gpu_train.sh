@@ -11,7 +11,6 @@
 #  - packed samples (document masking), head_dim 16 and 64: within 1e-4 (fp32) and 2% (bf16);
 #  - 1, 2 and 4 pipeline processes sharing the one GPU, and 2 with 2 chunks each (interleaved
 #    1F1B): identical losses (also in bf16, 1 and 2 processes);
-#  - decoding from packed NVFP4 weights with the fused MLP kernel gives its stages' bits;
 #  - a resumed GPU run equals the uninterrupted one bit for bit (fp32 and bf16);
 #  - a GPU checkpoint evaluated on the CPU, and a CPU checkpoint resumed on the GPU;
 #  - the Hugging Face evaluations (greedy continuations and scores, KV cache on and off) of
@@ -130,45 +129,6 @@ QWEN3_CUDA_PRECISION=bf16 run 1 "$work/bf16_final_resumed" CUDA "${final[@]}"
 result $((rc == 0)) "CUDA bf16 mode, NVFP4 then BF16: resume from step 10" "exit $rc"
 compare "CUDA bf16 mode, NVFP4 then BF16: steps 11-20 resumed equal the straight run, bit for bit" \
   "$work/bf16_final" "$work/bf16_final_resumed" 0 10
-
-# Decoding from packed NVFP4 weights runs each layer's MLP half as one kernel (the block's
-# fused stage decode_mlp, ops.h nvfp4_decode_mlp); QWEN3_CUDA_FUSED_DECODE=0 runs its five
-# stages instead. Both give the same bits, so the same 100-token completion; --timing shows
-# which ran. (Not eval.check_kv: it fails a run whose cached and replayed tokens differ, as
-# NVFP4's two paths, quantizing different activations, may: session 16.)
-decode_nvfp4() {   # MODE CHECKPOINT OUT FUSED
-  log="$3.log"
-  QWEN3_CUDA_PRECISION=$1 QWEN3_CUDA_FUSED_DECODE=$4 timeout 120 $MPIRUN -np 1 "$train" "$job" \
-    --set backend=CUDA --set data.train="$data" --set train.steps=0 --set init.checkpoint="$2" \
-    --set precision.linear=NVFP4 --set precision.bf16_last_layers=0 \
-    --set model.max_seq_len=128 --set eval.prompts.ids=10,20,30,40,50 \
-    --set eval.max_new_tokens=100 --set output_dir="$3" --timing >"$log" 2>&1
-  rc=$?
-}
-# decode_seconds LOG STAGE: the stage's decode seconds in --timing's table
-decode_seconds() { awk -v s="$2" '{ for (i = 1; i < NF; i++) if ($i == s) print $NF }' "$1"; }
-for mode in fp32 bf16; do
-  ckpt="$work/$([ $mode = fp32 ] && echo gpu_nvfp4 || echo bf16_nvfp4)/checkpoints/step_00000020"
-  decode_nvfp4 $mode "$ckpt" "$work/decode_fused_$mode" 1
-  rc_fused=$rc
-  decode_nvfp4 $mode "$ckpt" "$work/decode_chain_$mode" 0
-  result $((rc_fused == 0 && rc == 0)) "CUDA $mode mode, NVFP4 decoding, fused MLP and its stages" \
-    "exit $rc_fused and $rc"
-  fused_s=$(decode_seconds "$work/decode_fused_$mode.log" decode_mlp)
-  chain_s=$(decode_seconds "$work/decode_chain_$mode.log" gate_up)
-  ok=0
-  awk -v f="$fused_s" -v c="$chain_s" \
-    -v f0="$(decode_seconds "$work/decode_fused_$mode.log" gate_up)" \
-    -v c0="$(decode_seconds "$work/decode_chain_$mode.log" decode_mlp)" \
-    'BEGIN { exit !(f > 0 && c > 0 && f0 == 0 && c0 == 0) }' && ok=1
-  result $ok "CUDA $mode mode, NVFP4 decoding: the fused run decodes in decode_mlp (${fused_s}s), the other in the stages (gate_up ${chain_s}s)"
-  pick() { grep -o '"completion_ids":\[[^]]*\]' "$1/eval.jsonl"; }
-  ok=0
-  [ -n "$(pick "$work/decode_fused_$mode")" ] &&
-    [ "$(pick "$work/decode_fused_$mode")" = "$(pick "$work/decode_chain_$mode")" ] && ok=1
-  result $ok "CUDA $mode mode, NVFP4 decoding: the fused MLP's completion equals its stages'" \
-    "$(pick "$work/decode_fused_$mode" | head -c 160) against $(pick "$work/decode_chain_$mode" | head -c 160)"
-done
 
 # Packed samples (data.pack): 150 documents of 3 to 60 tokens, several to a sequence, so the
 # attention masks documents (attn_shape.doc_start); head_dim 64 takes the bf16 tensor cores
