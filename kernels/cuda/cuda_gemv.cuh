@@ -75,11 +75,12 @@ static __device__ __forceinline__ void gemv_load_x(float (&f)[N], const T *__res
  *                 lane: NVFP4's 2560 columns are 2.5 a lane, all in flight before pdl_wait),
  *                 else its chunks one at a time (rows of many: the predicated batch took the
  *                 dense kernels from 40-48 registers to 54-62);
- *   weights       a chunk made ready for dot, once for every token row (gemv_dense: in fp32);
+ *   weights       a chunk made ready for dot_rows, once for every token row (gemv_dense: in
+ *                 fp32);
  *   xin           the operand x as the format reads it (gemv_dense: a pointer to x's values
  *                 in F::act; gemv_nvfp4: the integer operand), passed by value;
- *   dot           acc + those N weights · x's N values from flat column col (token row t at
- *                 t * in_dim), fp32 arithmetic;
+ *   dot_rows      acc[t] += those N weights · token row t's N values of x from column col
+ *                 (row t at t * in_dim), for t < n <= R, fp32 arithmetic;
  *   finish        a row's output from its sum.
  * gemv_dense: the weight copy in the activation dtype T (linear_forward). */
 template <typename T>
@@ -102,12 +103,17 @@ struct gemv_dense {
   }
   typedef gemv_vec<T> weights;
   typedef const T *__restrict__ xin;
-  static __device__ __forceinline__ float dot(const weights &w, xin x, size_t col, float acc) {
-    float v[N];
-    gemv_load_x<T, N>(v, x + col);
+  template <int R>
+  static __device__ __forceinline__ void dot_rows(float (&acc)[R], const weights &w, xin x,
+                                                  int col, int in_dim, int n) {
 #pragma unroll
-    for (int i = 0; i < N; i++) acc = fmaf(w.f[i], v[i], acc);
-    return acc;
+    for (int t = 0; t < R; t++) {
+      if (t >= n) break;
+      float v[N];
+      gemv_load_x<T, N>(v, x + (size_t)t * in_dim + col);
+#pragma unroll
+      for (int i = 0; i < N; i++) acc[t] = fmaf(w.f[i], v[i], acc[t]);
+    }
   }
   static __device__ __forceinline__ float finish(const mat &, float sum) { return sum; }
 };
@@ -188,11 +194,10 @@ struct gemv_nvfp4 {
     k.s = __ldg((const unsigned short *)(w.scales + off / 16));
     return k;
   }
-  /* The codes stay packed until dot turns them into 2q a word (8 values) at a time, beside the
-   * x words they meet: a decoding step reads packed weights for one token row, so nothing is
-   * decoded twice there. Decoded here instead, once for every token row (8 words a chunk),
-   * they left the one-row kernels at ptxas's 64-register target with 8 bytes of spills, where
-   * this has none. */
+  /* The codes stay packed until dot_rows turns them into 2q, a block's two words at a time,
+   * once for all the token rows they meet: decoded in the constructor instead (8 words a chunk
+   * live at once) the one-row kernels went past ptxas's 64-register target (8 bytes of
+   * spills); decoded for each token row, four rows took 4x the byte permutes. */
   struct weights {
     uint32_t q[4];   /* the 32 codes, 8 a word, in column order */
     float s[2];      /* the two blocks' scales / 4 */
@@ -202,23 +207,31 @@ struct gemv_nvfp4 {
     }
   };
   typedef gemv_i8_operand xin;
-  static __device__ __forceinline__ float dot(const weights &w, xin x, size_t col, float acc) {
-    const uint4 k0 = gemv_load(x.k + col), k1 = gemv_load(x.k + col + 16);
-    const uint32_t xk[8] = {k0.x, k0.y, k0.z, k0.w, k1.x, k1.y, k1.z, k1.w};
-    const float2 xs = __ldg(reinterpret_cast<const float2 *>(x.s + col / 16));
+  template <int R>
+  static __device__ __forceinline__ void dot_rows(float (&acc)[R], const weights &w, xin x,
+                                                  int col, int in_dim, int n) {
+    float2 xs[R];   /* token row t's scales of the two blocks */
 #pragma unroll
-    for (int b = 0; b < 2; b++) {
-      int sum = 0;
+    for (int t = 0; t < R; t++)
+      if (t < n)
+        xs[t] = __ldg(reinterpret_cast<const float2 *>(x.s + ((size_t)t * in_dim + col) / 16));
 #pragma unroll
-      for (int i = 2 * b; i < 2 * b + 2; i++) {   /* columns 8i .. 8i + 7 */
-        uint32_t lo, hi;
-        nv_e2m1x8_i8(w.q[i], lo, hi);
-        sum = __dp4a((int)lo, (int)xk[2 * i], sum);
-        sum = __dp4a((int)hi, (int)xk[2 * i + 1], sum);
+    for (int b = 0; b < 2; b++) {   /* columns col + 16b .. col + 16b + 15 */
+      uint32_t k[4];
+      nv_e2m1x8_i8(w.q[2 * b], k[0], k[1]);
+      nv_e2m1x8_i8(w.q[2 * b + 1], k[2], k[3]);
+#pragma unroll
+      for (int t = 0; t < R; t++) {
+        if (t >= n) break;
+        const size_t at = (size_t)t * in_dim + col + 16 * b;
+        const uint4 xk = gemv_load(x.k + at);
+        int sum = __dp4a((int)k[0], (int)xk.x, 0);
+        sum = __dp4a((int)k[1], (int)xk.y, sum);
+        sum = __dp4a((int)k[2], (int)xk.z, sum);
+        sum = __dp4a((int)k[3], (int)xk.w, sum);
+        acc[t] = fmaf((float)sum, w.s[b] * (b ? xs[t].y : xs[t].x), acc[t]);
       }
-      acc = fmaf((float)sum, w.s[b] * (b ? xs.y : xs.x), acc);
     }
-    return acc;
   }
   static __device__ __forceinline__ float finish(const mat &m, float sum) {
     return (*m.dec_x * *m.dec_w) * sum;
@@ -247,11 +260,7 @@ static __device__ __forceinline__ void gemv_fma(float (&acc)[R],
   for (int u = 0; u < U; u++) {
     if (PART && c + u * stride >= in_dim) break;
     const typename F::weights wv(wb[u]);
-#pragma unroll
-    for (int t = 0; t < R; t++) {
-      if (t >= n) break;
-      acc[t] = F::dot(wv, x, (size_t)t * in_dim + c + u * stride, acc[t]);
-    }
+    F::template dot_rows<R>(acc, wv, x, c + u * stride, in_dim, n);
   }
 }
 

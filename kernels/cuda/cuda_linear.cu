@@ -55,9 +55,9 @@ struct gemv_mats {
  * loads through those pointers then left the read-only path and serialized. R: the most token
  * rows the instantiation takes (1 for F::ONE_ROW at n = 1, else GEMV_MAX_ROWS): at R = 1 the
  * rows loop is gone, and with it the x loads the compiler hoisted for rows that do not exist
- * (the NVFP4 kernel: 63 registers, four blocks an SM; at R = 4 ptxas holds it to 64 with 24-32
- * bytes of spills, 74 at one warp a row; with its fp32 dot it took 100-108 there, two blocks;
- * the dense kernels gain little, 48 to 40, and stay at R = 4). */
+ * (the NVFP4 kernel: 60 registers, four blocks an SM; 72 at R = 4, three, without spills, as
+ * its dot_rows decodes a word once for all the token rows; with its fp32 dot it took 100-108
+ * there, two blocks; the dense kernels gain little, 48 to 40, and stay at R = 4). */
 template <class F, int WPR, int R>
 static __global__ void __launch_bounds__(GEMV_WARPS * 32)
     gemv_kernel(gemv_mats<F> m, typename F::xin x, int n, int in_dim) {

@@ -41,7 +41,7 @@ MUTATIONS=(
   'nvfp4_small_writes_nonfinite#kernels/cuda/cuda_nvfp4.cu#s/const nv_scale sc = nv_scale_of(m\[0\], dec);/nv_scale sc = nv_scale_of(m[0], dec); sc.finite = true;/#the one-block quantizer writes xq although x is not finite'
   'gemv_packed_first_dec_w#kernels/cuda/cuda_linear.cu#s/w\[j\] = {codes\[j\], scales\[j\], dec_x, dec_w\[j\]};/w[j] = {codes[j], scales[j], dec_x, dec_w[0]};/#the grouped packed GEMV scales every matrix by the first one'"'"'s S_dec'
   'gemv_packed_first_scales#kernels/cuda/cuda_linear.cu#s/w\[j\] = {codes\[j\], scales\[j\], dec_x, dec_w\[j\]};/w[j] = {codes[j], scales[0], dec_x, dec_w[j]};/#the grouped packed GEMV reads every matrix'"'"'s block scales from the first one'
-  'gemv_packed_high_half_x#kernels/cuda/cuda_gemv.cuh#s/sum = __dp4a((int)hi, (int)xk\[2 \* i + 1\], sum);/sum = __dp4a((int)hi, (int)xk[2 * i], sum);/#the packed GEMV multiplies the high 4 codes of each word by the low 4 values of x'
+  'gemv_packed_high_half_x#kernels/cuda/cuda_gemv.cuh#s/sum = __dp4a((int)k\[1\], (int)xk.y, sum);/sum = __dp4a((int)k[1], (int)xk.x, sum);/#the packed GEMV multiplies the high 4 codes of each word by the low 4 values of x'
   'gemv_one_row_kernel_for_two#kernels/cuda/cuda_linear.cu#s/    if (n == 1) kernel = gemv_pick<F, 1>(wpr);/    if (n <= 2) kernel = gemv_pick<F, 1>(wpr);/#the packed GEMV runs its one-row kernel for two token rows'
   'adamw_parts_half_the_warps#kernels/cuda/cuda_adamw.cu#s|nv_block_max<1, CUDA_THREADS / 32>(&amax);|nv_block_max<1, CUDA_THREADS / 64>(\&amax);|#AdamW'"'"'s amax part of a chunk leaves out the maxima of its second half of warps'
   'adamw_parts_next_chunk#kernels/cuda/cuda_adamw.cu#s/if (threadIdx.x == 0) amax_parts\[blockIdx.x\] = amax;/if (threadIdx.x == 0) amax_parts[blockIdx.x + 1] = amax;/#AdamW writes each chunk'"'"'s amax part into the next chunk'"'"'s word'
@@ -54,7 +54,8 @@ MUTATIONS=(
   'nvfp4_int_k_is_q#kernels/cuda/cuda_nvfp4.cu#s/(int8_t)__float2int_rn(2.0f \* q\[4 \* j + e\])/(int8_t)__float2int_rn(q[4 * j + e])/#NVFP4_ROWS_INT'"'"'s integers are q rounded, not 2q'
   'nvfp4_int_scales_past_k#kernels/cuda/cuda_gemv.cuh#s/(char \*)xq + nvfp4_int_scales_at(rows, cols))/(char *)xq + nvfp4_int_scales_at(rows, cols) + 16)/#the CUDA integer operand keeps its scales 16 bytes past where ops.h puts them'
   'gemv_packed_int_scales_of_one_row#kernels/cuda/cuda_linear.cu#s/gemv_i8_operand_at(const_cast<void \*>(xq), n, in_dim)/gemv_i8_operand_at(const_cast<void *>(xq), 1, in_dim)/#the packed GEMV looks for x'"'"'s scales after one row of integers whatever n'
-  'gemv_i8_x_block_scale_swapped#kernels/cuda/cuda_gemv.cuh#s/w.s\[b\] \* (b ? xs.y : xs.x)/w.s[b] * (b ? xs.x : xs.y)/#the integer GEMV scales each block of x by its neighbour'"'"'s s_b'
+  'gemv_i8_x_block_scale_swapped#kernels/cuda/cuda_gemv.cuh#s/w.s\[b\] \* (b ? xs\[t\].y : xs\[t\].x)/w.s[b] * (b ? xs[t].x : xs[t].y)/#the integer GEMV scales each block of x by its neighbour'"'"'s s_b'
+  'gemv_i8_rows_share_scales#kernels/cuda/cuda_gemv.cuh#s/x.s + ((size_t)t \* in_dim + col) \/ 16/x.s + (size_t)col \/ 16/#the integer GEMV scales every token row by the first row'"'"'s block scales'
   # only the bf16 mode's checks can catch these: the fp32 and tf32 modes never store bf16
   'bf16_store_truncates#kernels/cuda/cuda_dtype.cuh#s/{ \*p = __float2bfloat16_rn(v); }/{ *p = __float2bfloat16_rz(v); }/#bf16 activations stored rounded toward zero'
   'bf16_tc_forward_docs_leak#kernels/cuda/cuda_attention_bf16.cu#s/(DOC \&\& key < sFirst\[warp \* 16 + g + 8 \* (e >> 1)\]))/(DOC \&\& key + 1 < sFirst[warp * 16 + g + 8 * (e >> 1)]))/#bf16 tensor-core forward: each row also sees the last key of the document before its own'
