@@ -21,12 +21,15 @@
  *    device memory, and alpha as a device vector with beta on the host, each with every
  *    algorithm of the heuristic's first LT_CANDIDATES (rank 0 is its first; cuda_gemm keeps the
  *    fastest that gives rank 0's bits; op=gemm_scalars).
+ *  - decoding's MLP half of a layer for one token from packed weights, the 7-op chain the
+ *    decode path runs (norm, quantize, GEMV, SwiGLU, quantize, GEMV, add: op=decode_mlp_chain,
+ *    chain_us), and its two nvfp4_gemv_packed calls alone (gemv_gate_up_us, gemv_down_us).
  * Each time is the mean of R back-to-back calls between two CUDA events on the backend's
  * stream, after one untimed call. Tensors are in the backend's activation dtype (bf16 unless
  * QWEN3_CUDA_PRECISION says otherwise).
  *
- * Prints `RESULT system=ours-nvfp4 op=quantize ...`, `op=quantize_rows_cols ...`, `op=gemm ...`
- * and `op=gemm_scalars ...` lines (also appended to
+ * Prints `RESULT system=ours-nvfp4 op=quantize ...`, `op=quantize_rows_cols ...`, `op=gemm ...`,
+ * `op=gemm_scalars ...` and `op=decode_mlp_chain ...` lines (also appended to
  * $GPU_BENCH_RESULTS when set), or a line saying why nothing ran (no CUDA in the build, no
  * GPU), exiting 0. */
 #define _POSIX_C_SOURCE 200809L
@@ -354,6 +357,95 @@ static void bench_lt_modes(const char *pass, int m, int n, int k, enum dtype c_t
   be->free(d_alpha_vec);
 }
 
+/* Decoding's MLP half of a layer for one token from packed weights: run_decode_mlp runs the 7
+ * ops the decode path runs (block_forward's stages post_norm .. mlp_residual), or one of its
+ * two GEMVs alone (part); weights packed from random fp32 masters, the norm weight 1. Bytes:
+ * the packed weights (4.5 bits a value), what the GEMVs read. */
+enum decode_mlp_part { MLP_CHAIN, MLP_GATE_UP, MLP_DOWN };
+struct decode_mlp_call {
+  enum decode_mlp_part part;
+  void *y, *h, *hn, *xq, *g, *u, *m, *mq, *d;
+  float *norm_w, *dec;   /* dec[0], dec[1]: the two operands' S_dec */
+  uint8_t *codes[3], *scales[3];
+  float *dec_w[3];
+};
+
+static void run_decode_mlp(void *arg) {
+  struct decode_mlp_call *c = arg;
+  const uint8_t *const *codes = (const uint8_t *const *)c->codes;
+  const uint8_t *const *scales = (const uint8_t *const *)c->scales;
+  const float *const *dec_w = (const float *const *)c->dec_w;
+  const float eps = 1e-6f;
+  enum dtype act = be->act_dtype();
+  void *gu[2] = {c->g, c->u}, *d[1] = {c->d};
+  const int gu_dims[2] = {INTER, INTER}, d_dims[1] = {HIDDEN};
+  if (c->part == MLP_GATE_UP || c->part == MLP_DOWN) {
+    if (c->part == MLP_GATE_UP)
+      be->nvfp4_gemv_packed(gu, c->xq, c->dec, codes, scales, dec_w, gu_dims, 2, 1, HIDDEN);
+    else
+      be->nvfp4_gemv_packed(d, c->mq, c->dec + 1, codes + 2, scales + 2, dec_w + 2, d_dims, 1,
+                            1, INTER);
+    return;
+  }
+  be->rmsnorm_forward(c->hn, c->h, c->norm_w, 1, HIDDEN, eps);
+  be->nvfp4_quantize(c->xq, c->dec, c->hn, act, 1, HIDDEN, NVFP4_ROWS_INT, 0, 0, -1);
+  be->nvfp4_gemv_packed(gu, c->xq, c->dec, codes, scales, dec_w, gu_dims, 2, 1, HIDDEN);
+  be->swiglu_forward(c->m, c->g, c->u, INTER);
+  be->nvfp4_quantize(c->mq, c->dec + 1, c->m, act, 1, INTER, NVFP4_ROWS_INT, 0, 0, -1);
+  be->nvfp4_gemv_packed(d, c->mq, c->dec + 1, codes + 2, scales + 2, dec_w + 2, d_dims, 1, 1,
+                        INTER);
+  be->add(c->y, c->h, c->d, HIDDEN, act);
+}
+
+static void bench_decode_mlp(int repeats) {
+  enum dtype act = be->act_dtype();
+  const size_t ab = dtype_bytes(act), nw = (size_t)HIDDEN * INTER;
+  struct decode_mlp_call c = {0};
+  const int rows[3] = {INTER, INTER, HIDDEN}, cols[3] = {HIDDEN, HIDDEN, INTER};
+  for (int j = 0; j < 3; j++) {
+    float *w = bench_random(be, nw, DT_F32, 11 + (uint64_t)j);
+    c.codes[j] = bench_alloc(be, nw / 2);
+    c.scales[j] = bench_alloc(be, nw / 16);
+    c.dec_w[j] = bench_alloc(be, sizeof(float));
+    be->nvfp4_pack(c.codes[j], c.scales[j], c.dec_w[j], w, rows[j], cols[j], NVFP4_ROWS);
+    be->free(w);
+  }
+  float *ones = malloc(HIDDEN * sizeof(float));
+  for (int i = 0; i < HIDDEN; i++) ones[i] = 1.0f;
+  c.norm_w = bench_alloc(be, HIDDEN * sizeof(float));
+  be->to_device(c.norm_w, ones, HIDDEN * sizeof(float));
+  free(ones);
+  c.h = bench_random(be, HIDDEN, act, 17);
+  void **act_bufs[] = {&c.y, &c.hn, &c.d};
+  for (size_t i = 0; i < sizeof act_bufs / sizeof *act_bufs; i++)
+    *act_bufs[i] = bench_alloc(be, HIDDEN * ab);
+  void **inter_bufs[] = {&c.g, &c.u, &c.m};
+  for (size_t i = 0; i < sizeof inter_bufs / sizeof *inter_bufs; i++)
+    *inter_bufs[i] = bench_alloc(be, INTER * ab);
+  c.xq = bench_alloc(be, nvfp4_int_operand_bytes(1, HIDDEN));   /* the GEMVs' integer operands */
+  c.mq = bench_alloc(be, nvfp4_int_operand_bytes(1, INTER));
+  c.dec = bench_alloc(be, 2 * sizeof(float));
+  c.part = MLP_CHAIN;
+  double t_chain = time_calls(run_decode_mlp, &c, repeats);
+  /* the chain's GEMVs alone, on the operands its last run left */
+  c.part = MLP_GATE_UP;
+  double t_gate_up = time_calls(run_decode_mlp, &c, repeats);
+  c.part = MLP_DOWN;
+  double t_down = time_calls(run_decode_mlp, &c, repeats);
+  const size_t bytes = 3 * (nw / 2 + nw / 16);
+  char line[384];
+  snprintf(line, sizeof line,
+           "RESULT system=ours-nvfp4 op=decode_mlp_chain n=1 hidden=%d inter=%d act=%s "
+           "chain_us=%.2f weight_bytes=%zu chain_GBps=%.0f gemv_gate_up_us=%.2f "
+           "gemv_down_us=%.2f gemv_GBps=%.0f",
+           HIDDEN, INTER, dtype_name(act), t_chain * 1e6, bytes, bytes / t_chain / 1e9,
+           t_gate_up * 1e6, t_down * 1e6, bytes / (t_gate_up + t_down) / 1e9);
+  result_line(line);
+  void *bufs[] = {c.y, c.h, c.hn, c.xq, c.g, c.u, c.m, c.mq, c.d, c.norm_w, c.dec};
+  for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) be->free(bufs[i]);
+  for (int j = 0; j < 3; j++) be->free(c.codes[j]), be->free(c.scales[j]), be->free(c.dec_w[j]);
+}
+
 static void run_all(int tokens, int repeats) {
   be->init(0, 1, 0);
   enum dtype act = be->act_dtype();
@@ -404,6 +496,7 @@ static void run_all(int tokens, int repeats) {
            t.shapes, t.switched, t.other_bits);
   result_line(line);
   be->free(dec);
+  bench_decode_mlp(repeats);
 }
 #endif
 

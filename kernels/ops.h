@@ -36,7 +36,20 @@ enum { ACC_DX = 1, ACC_DW = 2 };
 /* Storage types of tensors. */
 enum dtype { DT_F32, DT_BF16 };
 /* Layouts of an NVFP4 operand (nvfp4_quantize). */
-enum nvfp4_layout { NVFP4_ROWS, NVFP4_TILES, NVFP4_COLS };
+enum nvfp4_layout { NVFP4_ROWS, NVFP4_TILES, NVFP4_COLS, NVFP4_ROWS_INT };
+/* NVFP4_ROWS_INT's operand of x [rows, cols] (cols a multiple of 16), the bytes from xq on:
+ *   int8  k [rows * cols]   at 0: 2q of each value (an integer of -12..12), row-major;
+ *   fp32  s [rows * cols / 16]   at nvfp4_int_scales_at: the block scale s_b of each 1x16
+ *                           block, row-major (value i's is s[i / 16]), from the first 16-byte
+ *                           boundary after k (as k's size is a multiple of 16, right after it);
+ * nvfp4_int_operand_bytes in all. Value i is k[i] * s[i / 16] / 2 = q * s_b, exactly (a -0.0 of
+ * NVFP4_ROWS, a negative value rounded to zero, becomes +0: its k is 0). */
+static inline size_t nvfp4_int_scales_at(int rows, int cols) {
+  return ((size_t)rows * (size_t)cols + 15) / 16 * 16;
+}
+static inline size_t nvfp4_int_operand_bytes(int rows, int cols) {
+  return nvfp4_int_scales_at(rows, cols) + (size_t)rows * (size_t)cols / 16 * sizeof(float);
+}
 /* adamw_update's amax parts: one per ADAMW_AMAX_CHUNK consecutive values of its p (64 KiB of
  * fp32), the last part maybe over fewer. Large enough that the quantizer's blocks read few parts
  * (1520 for a 9728 x 2560 matrix), small enough that a matrix has a block of the update for
@@ -190,9 +203,13 @@ struct backend {
    *   NVFP4_COLS   [cols, rows] = xᵀ with its rows quantized 1x16, after the random Hadamard
    *                transform of every 16-wide tile of those rows when rht_signs >= 0 (the
    *                16-bit sign mask): Wgrad's operands, whose reduction runs over x's rows.
+   *   NVFP4_ROWS_INT  NVFP4_ROWS's quantization (its codes, scales and S_dec) written as
+   *                nvfp4_gemv_packed's integer operand (above: k then s, not in the activation
+   *                dtype), xq 16-byte aligned; round to nearest only (stochastic is refused:
+   *                decoding's operands round to nearest).
    * Shapes: cols a multiple of 16; rows too for NVFP4_TILES and NVFP4_COLS (the backend stops,
    * naming the shape, otherwise). stochastic: rounding seeded by seed, each draw indexed by its
-   * element of xq. xq may alias x but for NVFP4_COLS. */
+   * element of xq. xq may alias x for NVFP4_ROWS and NVFP4_TILES. */
   void (*nvfp4_quantize)(void *xq, float *dec, const void *x, enum dtype x_type, int rows,
                          int cols, enum nvfp4_layout layout, int stochastic, uint64_t seed,
                          int rht_signs);
@@ -231,11 +248,15 @@ struct backend {
    * codes and scales then not to be used). codes, scales and dec are backend memory.
    * nvfp4_gemv_packed: the packed weights of one input (q|k|v, gate|up, or one), as
    * linear_forward's: for j < count (1 to NVFP4_GEMV_MAX_MATS),
-   *   outs[j] [n, out_dims[j]] (activation dtype) = (*dec_x * *dec_w[j]) * xq · W_jᵀ
-   * xq [n, in_dim] an NVFP4_ROWS operand (activation dtype), W_j [out_dims[j], in_dim] the
-   * code * scale values of the packed weight codes[j], scales[j], fp32 accumulation,
-   * n <= NVFP4_GEMV_MAX_ROWS: nvfp4_gemm's Fprop reading each weight at 4.5 bits a value
-   * instead of 16, in one call, so a backend may stream all the matrices in one launch. */
+   *   outs[j] [n, out_dims[j]] (activation dtype) = (*dec_x * *dec_w[j]) * x · W_jᵀ
+   * xq the NVFP4_ROWS_INT operand of x [n, in_dim] (nvfp4_int_operand_bytes(n, in_dim) bytes:
+   * row t's integers at k + t * in_dim, its scales at s + t * in_dim / 16), so x's values are
+   * NVFP4_ROWS's q * s_b; W_j [out_dims[j], in_dim] the code * scale values of the packed
+   * weight codes[j], scales[j]; fp32 accumulation, n <= NVFP4_GEMV_MAX_ROWS: nvfp4_gemm's
+   * Fprop on the NVFP4_ROWS operand of the same x (the same sums, up to their fp32 order),
+   * reading each weight at 4.5 bits a value instead of 16, in one call, so a backend may stream
+   * all the matrices in one launch, and x as integers, so that the products of a 16-value block
+   * may be summed as integers (exact either way). */
   void (*nvfp4_pack)(uint8_t *codes, uint8_t *scales, float *dec, const float *w, int rows,
                      int cols, enum nvfp4_layout layout);
   void (*nvfp4_gemv_packed)(void *const *outs, const void *xq, const float *dec_x,

@@ -122,8 +122,13 @@ void nvfp4_pack_weights(const struct worker *w, void *fp4) {
   }
 }
 
+/* the bytes of one span of n rows */
+static size_t span_bytes(const struct worker *w, int n) {
+  return (size_t)n * widest(&w->plan.cfg) * dtype_bytes(w->plan.act);
+}
+
 static void *span(struct worker *w, int which, int n) {
-  return (char *)w->q_scratch + (size_t)which * n * widest(&w->plan.cfg) * dtype_bytes(w->plan.act);
+  return (char *)w->q_scratch + (size_t)which * span_bytes(w, n);
 }
 
 static float *dec(const struct worker *w, int layer, enum layer_param which, int slot) {
@@ -277,9 +282,14 @@ void nvfp4_linear_forward(struct worker *w, int layer, const enum layer_param *w
   if (count < 1 || count > NVFP4_GEMV_MAX_MATS)
     die("internal: a linear stage of %d matrices", count);
   if (w->wq_stale[layer]) quantize_layer_weights(w, layer);
-  be->nvfp4_quantize(xq, dec_x, x, act, n, in_dim, NVFP4_ROWS, 0, 0, -1);
   void *fp4 = w->kv ? w->kv->fp4 : NULL;
   if (fp4 && n <= NVFP4_PACKED_DECODE_ROWS) {   /* one call for the stage's matrices */
+    /* x as the packed GEMV's integer operand: 1.25 bytes a value, within span A's 2 (bf16) or
+     * 4 (fp32) a value of the widest row */
+    if (nvfp4_int_operand_bytes(n, in_dim) > span_bytes(w, n))
+      die("internal: the integer operand of %d x %d (%zu bytes) exceeds its span (%zu)", n,
+          in_dim, nvfp4_int_operand_bytes(n, in_dim), span_bytes(w, n));
+    be->nvfp4_quantize(xq, dec_x, x, act, n, in_dim, NVFP4_ROWS_INT, 0, 0, -1);
     const uint8_t *codes[NVFP4_GEMV_MAX_MATS], *scales[NVFP4_GEMV_MAX_MATS];
     const float *dec_w[NVFP4_GEMV_MAX_MATS];
     for (int k = 0; k < count; k++) {
@@ -291,6 +301,7 @@ void nvfp4_linear_forward(struct worker *w, int layer, const enum layer_param *w
     be->nvfp4_gemv_packed(outs, xq, dec_x, codes, scales, dec_w, out_dims, count, n, in_dim);
     return;
   }
+  be->nvfp4_quantize(xq, dec_x, x, act, n, in_dim, NVFP4_ROWS, 0, 0, -1);
   for (int k = 0; k < count; k++)
     be->nvfp4_gemm(outs[k], act, xq, dec_x, wq_of(w, w->layer_param[layer][which[k]], 0),
                    dec(w, layer, which[k], DEC_W), 0, n, out_dims[k], in_dim, 0.0f);

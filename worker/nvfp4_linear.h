@@ -32,12 +32,12 @@ uint32_t *nvfp4_amax_parts(const struct worker *w, int param);
 int nvfp4_nonfinite_operand(struct worker *w, char *msg, size_t len);
 
 /* Decoding steps of at most this many sequences read packed weights; more take the GEMM on the
- * training's operands, and a KV cache for more does not pack them. Measured on the H200 at
- * Qwen3-4B (bench/NOTES.md): for one sequence packed 280 tok/s against 190 (session 12, the
- * packed GEMV's one-row kernel), for four 493 against 673 (session 10: the packed GEMV's cost
- * per token row, its x loads and conversions, grows faster than the GEMM's). At most
- * NVFP4_GEMV_MAX_ROWS, what the op takes. */
-#define NVFP4_PACKED_DECODE_ROWS 1
+ * training's operands, and a KV cache for more does not pack them. Session 10 kept it at one
+ * (the packed GEMV converted each code to fp32 for every token row: four sequences decoded 493
+ * tok/s packed against 673); since session 17 the GEMV decodes a word of codes once for all its
+ * token rows and each row costs two __dp4a a word, so up to NVFP4_GEMV_MAX_ROWS, what the op
+ * takes (measured in bench/NOTES.md, session 17). */
+#define NVFP4_PACKED_DECODE_ROWS NVFP4_GEMV_MAX_ROWS
 
 /* The NVFP4 forward of a linear stage: the count (1 to NVFP4_GEMV_MAX_MATS) matrices which[k]
  * of local layer `layer` that read the same x [n, in_dim], as linear_forward's: outs[k]

@@ -2,6 +2,8 @@
  * signatures. The CPU stores everything in fp32, so x_type is fp32 and the dec pointers are
  * host memory. */
 #include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "common/util.h"
@@ -41,11 +43,43 @@ static void quantize(float *xq, float *dec, const float *x, int rows, int cols,
   *dec = rc == NVFP4_OK ? ts.dec : NAN;
 }
 
+/* NVFP4_ROWS_INT (ops.h): nvfp4_quantize's codes and scales of x, each code as 2q in int8 and
+ * each scale byte as s_b in fp32; nothing written for a non-finite x, as NVFP4_ROWS. */
+static void quantize_int(void *xq, float *dec, const float *x, int rows, int cols) {
+  if (rows < 0 || cols < 0 || cols % 16)
+    die("cpu_nvfp4_quantize: shape [%d, %d] refused for NVFP4_ROWS_INT: cols must be a "
+        "non-negative multiple of 16", rows, cols);
+  const size_t n = (size_t)rows * cols;
+  uint8_t *codes = xmalloc(n / 2 + 1), *scales = xmalloc(n / 16 + 1);
+  struct nvfp4_tensor_scale ts;
+  int rc = nvfp4_quantize(codes, scales, &ts, x, rows, cols, NVFP4_BLOCK_1X16,
+                          NVFP4_ROUND_NEAREST, 0);
+  if (rc == NVFP4_OK) {
+    int8_t *k = xq;
+    float *s = (float *)((char *)xq + nvfp4_int_scales_at(rows, cols));
+    for (size_t i = 0; i < n; i++)   /* -0.0 (code 8) gives 0 */
+      k[i] = (int8_t)(2.0f * nvfp4_e2m1_decode((uint8_t)(codes[i / 2] >> 4 * (i & 1))));
+    for (size_t b = 0; b < n / 16; b++) s[b] = nvfp4_e4m3_decode(scales[b]);
+  }
+  *dec = rc == NVFP4_OK ? ts.dec : NAN;
+  free(codes);
+  free(scales);
+}
+
 void cpu_nvfp4_quantize(void *xq, float *dec, const void *x, enum dtype x_type, int rows,
                         int cols, enum nvfp4_layout layout, int stochastic, uint64_t seed,
                         int rht_signs) {
   if (x_type != DT_F32) die("cpu_nvfp4_quantize: the CPU backend stores every tensor in fp32");
-  quantize(xq, dec, x, rows, cols, layout, stochastic, seed, rht_signs, NULL);
+  if ((unsigned)layout > NVFP4_ROWS_INT) die("cpu_nvfp4_quantize: unknown layout %d", (int)layout);
+  if (layout != NVFP4_ROWS_INT) {
+    quantize(xq, dec, x, rows, cols, layout, stochastic, seed, rht_signs, NULL);
+    return;
+  }
+  if (stochastic || xq == x || (uintptr_t)xq % 16)
+    die("cpu_nvfp4_quantize: NVFP4_ROWS_INT%s%s%s refused: it rounds to nearest, into a 16-byte "
+        "aligned xq apart from x", stochastic ? " with stochastic rounding" : "",
+        xq == x ? " in place" : "", (uintptr_t)xq % 16 ? " into an unaligned xq" : "");
+  quantize_int(xq, dec, x, rows, cols);
 }
 
 /* The largest part is the bits of max |w| (a NaN's or Inf's: 0x7f800000 and up, not finite as a
@@ -100,10 +134,13 @@ void cpu_nvfp4_pack(uint8_t *codes, uint8_t *scales, float *dec, const float *w,
   *dec = rc == NVFP4_OK ? ts.dec : NAN;
 }
 
-/* out [n, out_dim] = alpha * xq · Wᵀ: row o of the weight, 16 values at a time, code * scale
- * (exact in fp32), into each token's sum in order of the columns. */
-static void gemv_packed(float *out, const float *xq, float alpha, const uint8_t *codes,
-                        const uint8_t *scales, int n, int in_dim, int out_dim) {
+/* out [n, out_dim] = alpha * x · Wᵀ, x the integer operand xk, xs (ops.h NVFP4_ROWS_INT): row o
+ * of the weight, 16 values at a time, code * scale (exact in fp32), into each token's sum in
+ * order of the columns. x's value k * s / 2 is NVFP4_ROWS's q * s_b (exact), so the sums are
+ * those of nvfp4_gemm's Fprop on that operand. */
+static void gemv_packed(float *out, const int8_t *xk, const float *xs, float alpha,
+                        const uint8_t *codes, const uint8_t *scales, int n, int in_dim,
+                        int out_dim) {
   float e2m1[16];
   for (int c = 0; c < 16; c++) e2m1[c] = nvfp4_e2m1_decode((uint8_t)c);
   const size_t nb = (size_t)in_dim / 16;
@@ -116,7 +153,10 @@ static void gemv_packed(float *out, const float *xq, float alpha, const uint8_t 
       for (int i = 0; i < 16; i++) {
         const size_t c = b * 16 + i;
         const float wv = e2m1[(code[c / 2] >> (4 * (c & 1))) & 15] * s;
-        for (int t = 0; t < n; t++) acc[t] += xq[(size_t)t * in_dim + c] * wv;
+        for (int t = 0; t < n; t++) {
+          const size_t at = (size_t)t * in_dim + c;
+          acc[t] += (float)xk[at] * xs[at / 16] * 0.5f * wv;
+        }
       }
     }
     for (int t = 0; t < n; t++) out[(size_t)t * out_dim + o] = alpha * acc[t];
@@ -137,6 +177,9 @@ void cpu_nvfp4_gemv_packed(void *const *outs, const void *xq, const float *dec_x
     if (out_dims[j] < 1)
       die("cpu_nvfp4_gemv_packed: matrix %d of %d is [%d, %d]: at least one row", j, count,
           out_dims[j], in_dim);
+  const int8_t *xk = xq;
+  const float *xs = (const float *)((const char *)xq + nvfp4_int_scales_at(n, in_dim));
   for (int j = 0; j < count; j++)
-    gemv_packed(outs[j], xq, *dec_x * *dec_w[j], codes[j], scales[j], n, in_dim, out_dims[j]);
+    gemv_packed(outs[j], xk, xs, *dec_x * *dec_w[j], codes[j], scales[j], n, in_dim,
+                out_dims[j]);
 }

@@ -31,213 +31,12 @@
 
 #include "kernels/cuda/cuda.h"
 #include "kernels/cuda/cuda_dtype.cuh"
-#include "kernels/cuda/cuda_nvfp4.cuh"
+#include "kernels/cuda/cuda_gemv.cuh"
 #include "kernels/cuda/cuda_reduce.cuh"
 
 /* ---------------------------------------------------------------- linear */
 
-/* Decode's linear layers: a few token rows against whole weight matrices. cuBLASLt's GEMM
- * tiles give such a product one block per 128 output rows or so, too few to keep the memory
- * busy (measured on the H200 at Qwen3-4B's shapes, one token: 0.6 TB/s of its 4.3 for the
- * q/k/v weights); here warps stream weight rows with 16-byte loads, GEMV_UNROLL of them in
- * flight per lane, and each row's n dot products come out of it.
- *  - The matrices of one call (q|k|v, gate|up: up to GEMV_MAX_MATS, one input) are one launch:
- *    their rows are numbered on, so k's and v's 1024 rows do not run as launches of their own
- *    (ncu at 4B's shape: 0.7 TB/s each, bench/NOTES.md).
- *  - A row is read by GEMV_WPR warps (1, 2, 4 or 8, from the shape: enough warps to fill every
- *    SM, each with at least GEMV_UNROLL loads to issue), each taking every GEMV_WPR-th 16-byte
- *    column group; o and down (2560 rows at 4B) had too few warps at one a row (2.3 TB/s).
- *  - The first loads of weights are issued before pdl_wait: nothing in a step writes weights.
- * Per row the lanes sum strided slices in fp32 and combine them by a fixed butterfly, then the
- * row's warps in warp order through shared memory: the same bits every run. Each more token
- * costs the kernel about 30% of its one-token time (its x loads, conversions and FMAs), so it
- * is taken for n <= GEMV_MAX_ROWS, when in_dim is a multiple of a 16-byte vector and x and the
- * weights are 16-byte aligned; cuBLASLt otherwise.
- * The kernel is a template over the weights' format (gemv_dense: the weight copy;
- * gemv_nvfp4: nvfp4_pack's codes and scales, cuda_nvfp4_gemv_packed, which reads a weight at
- * 4.5 bits a value instead of 16, so a 16-byte load is 32 values and a lane has 4x fewer loads
- * a row). */
-#define GEMV_MAX_ROWS 4
-#define GEMV_MAX_MATS 3
-#define GEMV_WARPS 8   /* warps per block */
-#define GEMV_UNROLL 4
-
-/* 16 bytes: the raw load (the read-only path: nothing in the op writes w or x) */
-static __device__ __forceinline__ uint4 gemv_load(const void *p) { return __ldg((const uint4 *)p); }
-
-/* the values of 16 bytes of T in fp32 */
-template <typename T>
-struct gemv_vec {
-  static constexpr int N = 16 / sizeof(T);
-  float f[N];
-  __device__ __forceinline__ gemv_vec(uint4 u) {
-    const T *t = (const T *)&u;
-#pragma unroll
-    for (int i = 0; i < N; i++) f[i] = load_f(&t[i]);
-  }
-};
-
-/* f = the N values of T at p (16-byte aligned) in fp32, N * sizeof(T) / 16 loads */
-template <typename T, int N>
-static __device__ __forceinline__ void gemv_load_x(float (&f)[N], const T *__restrict__ p) {
-  constexpr int V = gemv_vec<T>::N;
-#pragma unroll
-  for (int i = 0; i < N / V; i++) {
-    const gemv_vec<T> v(gemv_load(p + i * V));
-#pragma unroll
-    for (int j = 0; j < V; j++) f[i * V + j] = v.f[j];
-  }
-}
-
-/* The weight formats the kernel reads, F: a lane's 16-byte load of a weight row holds F::N of
- * its values (from a column c that is a multiple of N), x is of type F::act.
- *   mat           one matrix: its pointers;
- *   row           a row's pointers (row_of: row r; at: from column c on);
- *   chunk         what a lane loads for one 16-byte group of a row (load: at column off of a
- *                 row from at, off a constant, so the batch's addresses are one register's);
- *   ONE_ROW       one token row (a decoding step's) has an instantiation of its own (gemv_kernel's
- *                 R);
- *   PART          the row's last batch is loaded at once, predicated (a row of a few chunks a
- *                 lane: NVFP4's 2560 columns are 2.5 a lane, all in flight before pdl_wait),
- *                 else its chunks one at a time (rows of many: the predicated batch took the
- *                 dense kernels from 40-48 registers to 54-62);
- *   weights       a chunk made ready for dot, once for every token row (gemv_dense: in fp32);
- *   dot           acc + those N weights · x's N values at p (one token row), fp32 arithmetic;
- *   finish        a row's output from its sum.
- * gemv_dense: the weight copy in the activation dtype T (linear_forward). */
-template <typename T>
-struct gemv_dense {
-  typedef T act;
-  static constexpr int N = 16 / sizeof(T);
-  static constexpr bool PART = false;
-  static constexpr bool ONE_ROW = false;
-  struct mat {
-    const T *w;
-  };
-  typedef const T *row;
-  static __device__ __forceinline__ row row_of(const mat &m, int in_dim, int r) {
-    return m.w + (size_t)r * in_dim;
-  }
-  typedef uint4 chunk;
-  static __device__ __forceinline__ row at(const row &w, int c) { return w + c; }
-  static __device__ __forceinline__ chunk load(const row &w, int off) {
-    return gemv_load(w + off);
-  }
-  typedef gemv_vec<T> weights;
-  static __device__ __forceinline__ float dot(const weights &w, const T *__restrict__ p,
-                                              float acc) {
-    float x[N];
-    gemv_load_x<T, N>(x, p);
-#pragma unroll
-    for (int i = 0; i < N; i++) acc = fmaf(w.f[i], x[i], acc);
-    return acc;
-  }
-  static __device__ __forceinline__ float finish(const mat &, float sum) { return sum; }
-};
-
-/* gemv_nvfp4: nvfp4_pack's weights (ops.h), codes [out_dim, in_dim/2] and E4M3 scales
- * [out_dim, in_dim/16]: a 16-byte load is 32 codes, two blocks of 16, and goes with the 2
- * bytes of their scales (one 2-byte load). The codes decode to E2M1 values times 2^-14 (exact,
- * nv_e2m1x8_half2) and the scales to s_b times 2^14 (exact): each block's 16 products with x,
- * exact for x of at most 21 significant bits (an NVFP4 operand's q * s_b has 6), are summed
- * in fp32 and the sum multiplied into the row's by its scale (one FMA a block and token
- * instead of one multiply a weight), and the row's sum, the exact dot product up to fp32
- * roundings of the sums, by *dec_x * *dec_w at the end. */
-template <typename T>
-struct gemv_nvfp4 {
-  typedef T act;
-  static constexpr int N = 32;
-  static constexpr bool PART = true;
-  static constexpr bool ONE_ROW = true;
-  struct mat {
-    const uint8_t *codes, *scales;
-    const float *dec_x, *dec_w;
-  };
-  struct chunk {
-    uint4 q;
-    uint32_t s;
-  };
-  struct row {
-    const uint8_t *codes, *scales;
-  };
-  static __device__ __forceinline__ row row_of(const mat &m, int in_dim, int r) {
-    return {m.codes + (size_t)r * (in_dim / 2), m.scales + (size_t)r * (in_dim / 16)};
-  }
-  static __device__ __forceinline__ row at(const row &w, int c) {
-    return {w.codes + c / 2, w.scales + c / 16};
-  }
-  static __device__ __forceinline__ chunk load(const row &w, int off) {
-    chunk k;
-    k.q = gemv_load(w.codes + off / 2);
-    k.s = __ldg((const unsigned short *)(w.scales + off / 16));
-    return k;
-  }
-  /* The codes stay packed until dot decodes them a word (8 values) at a time, beside the 8
-   * values of x they meet: holding a chunk's 32 decoded values and 32 of x took the kernel to
-   * 98-102 registers (two blocks an SM, against the dense kernels' five), and a decoding step
-   * reads packed weights for one token row, so nothing is decoded twice. */
-  struct weights {
-    uint32_t q[4];   /* the 32 codes, 8 a word, in column order */
-    float s[2];      /* the two blocks' scales * 2^14 */
-    __device__ __forceinline__ weights(const chunk &k) : q{k.q.x, k.q.y, k.q.z, k.q.w} {
-#pragma unroll
-      for (int b = 0; b < 2; b++) s[b] = nv_e4m3_decode(k.s >> 8 * b & 0xffu) * 0x1p14f;
-    }
-  };
-  static __device__ __forceinline__ float dot(const weights &w, const T *__restrict__ p,
-                                              float acc) {
-#pragma unroll
-    for (int b = 0; b < 2; b++) {
-      float sum = 0.0f;
-#pragma unroll
-      for (int i = 2 * b; i < 2 * b + 2; i++) {   /* columns 8i .. 8i + 7, in order */
-        float x[8];
-        gemv_load_x<T, 8>(x, p + 8 * i);
-        __half2 h[4];   /* E2M1 values * 2^-14 of columns (j, j + 4) */
-        nv_e2m1x8_half2(h, w.q[i]);
-#pragma unroll
-        for (int j = 0; j < 4; j++) sum = fmaf(__low2float(h[j]), x[j], sum);
-#pragma unroll
-        for (int j = 0; j < 4; j++) sum = fmaf(__high2float(h[j]), x[j + 4], sum);
-      }
-      acc = fmaf(sum, w.s[b], acc);
-    }
-    return acc;
-  }
-  static __device__ __forceinline__ float finish(const mat &m, float sum) {
-    return (*m.dec_x * *m.dec_w) * sum;
-  }
-};
-
-/* The lane's batch of chunks of row r at columns c, c + stride, ... (w: the row); PART: the
- * row's last batch, maybe partial: only the chunks inside the row. */
-template <class F, bool PART, int U>
-static __device__ __forceinline__ void gemv_fetch(typename F::chunk (&wb)[U],
-                                                  const typename F::row &w, int c, int stride,
-                                                  int in_dim) {
-  const typename F::row p = F::at(w, c);
-#pragma unroll
-  for (int u = 0; u < U; u++)
-    if (!PART || c + u * stride < in_dim) wb[u] = F::load(p, u * stride);
-}
-
-/* acc[t] += the batch's weights times x's same columns of token row t, for t < n <= R */
-template <class F, bool PART, int U, int R>
-static __device__ __forceinline__ void gemv_fma(float (&acc)[R],
-                                                const typename F::chunk (&wb)[U],
-                                                const typename F::act *__restrict__ x, int c,
-                                                int stride, int n, int in_dim) {
-#pragma unroll
-  for (int u = 0; u < U; u++) {
-    if (PART && c + u * stride >= in_dim) break;
-    const typename F::weights wv(wb[u]);
-#pragma unroll
-    for (int t = 0; t < R; t++) {
-      if (t >= n) break;
-      acc[t] = F::dot(wv, x + (size_t)t * in_dim + c + u * stride, acc[t]);
-    }
-  }
-}
+/* The decoding GEMV: its description, weight formats and per-row sums are in cuda_gemv.cuh. */
 
 /* The matrices of one launch; row r of the launch is row r - end[j-1] of matrix j, the first j
  * with r < end[j]. */
@@ -256,11 +55,12 @@ struct gemv_mats {
  * loads through those pointers then left the read-only path and serialized. R: the most token
  * rows the instantiation takes (1 for F::ONE_ROW at n = 1, else GEMV_MAX_ROWS): at R = 1 the
  * rows loop is gone, and with it the x loads the compiler hoisted for rows that do not exist
- * (the NVFP4 kernel: 63-64 registers, four blocks an SM, against 100-108 and two at R = 4; the
- * dense kernels gain little there, 48 to 40, and stay at R = 4). */
+ * (the NVFP4 kernel: 60 registers, four blocks an SM; 72 at R = 4, three, without spills, as
+ * its dot_rows decodes a word once for all the token rows; with its fp32 dot it took 100-108
+ * there, two blocks; the dense kernels gain little, 48 to 40, and stay at R = 4). */
 template <class F, int WPR, int R>
 static __global__ void __launch_bounds__(GEMV_WARPS * 32)
-    gemv_kernel(gemv_mats<F> m, const typename F::act *__restrict__ x, int n, int in_dim) {
+    gemv_kernel(gemv_mats<F> m, typename F::xin x, int n, int in_dim) {
   typedef typename F::act T;
   constexpr int U = GEMV_UNROLL, STRIDE = WPR * 32 * F::N;
   __shared__ float warp_sums[GEMV_WARPS][R];
@@ -280,36 +80,11 @@ static __global__ void __launch_bounds__(GEMV_WARPS * 32)
   const typename F::row wr = F::row_of(w, in_dim, r);
   const int c0 = (part * 32 + lane) * F::N;
   typename F::chunk wb[U];
-  if (live && (F::PART || c0 + (U - 1) * STRIDE < in_dim))
-    gemv_fetch<F, F::PART>(wb, wr, c0, STRIDE, in_dim);
+  gemv_row_prefetch<F>(wb, wr, c0, STRIDE, in_dim, live);
   pdl_wait();
   pdl_release();
   float acc[R];
-#pragma unroll
-  for (int t = 0; t < R; t++) acc[t] = 0.0f;
-  int c = c0;
-  for (; live && c + (U - 1) * STRIDE < in_dim; c += U * STRIDE) {
-    if (c != c0) gemv_fetch<F, false>(wb, wr, c, STRIDE, in_dim);
-    gemv_fma<F, false, U, R>(acc, wb, x, c, STRIDE, n, in_dim);
-  }
-  if (F::PART) {
-    if (live && c < in_dim) {   /* the last batch, of fewer chunks */
-      if (c != c0) gemv_fetch<F, true>(wb, wr, c, STRIDE, in_dim);
-      gemv_fma<F, true, U, R>(acc, wb, x, c, STRIDE, n, in_dim);
-    }
-  } else {
-    for (; live && c < in_dim; c += STRIDE) {   /* the last groups, fewer than a batch */
-      typename F::chunk one[1];
-      gemv_fetch<F, false>(one, wr, c, STRIDE, in_dim);
-      gemv_fma<F, false, 1, R>(acc, one, x, c, STRIDE, n, in_dim);
-    }
-  }
-#pragma unroll
-  for (int t = 0; t < R; t++) {
-    if (t >= n) break;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) acc[t] += __shfl_xor_sync(0xffffffffu, acc[t], o);
-  }
+  gemv_row_warp<F, R>(acc, wb, wr, x, c0, STRIDE, n, in_dim, live);
   if (WPR == 1) {
     if (live && lane == 0)
 #pragma unroll
@@ -323,12 +98,9 @@ static __global__ void __launch_bounds__(GEMV_WARPS * 32)
 #pragma unroll
     for (int t = 0; t < R; t++) warp_sums[warp][t] = acc[t];
   __syncthreads();
-  if (live && part == 0 && lane < n) {
-    float v = warp_sums[warp][lane];
-#pragma unroll
-    for (int p = 1; p < WPR; p++) v += warp_sums[warp + p][lane];
-    store_f(out + (size_t)lane * out_dim + r, F::finish(w, v));
-  }
+  if (live && part == 0 && lane < n)
+    store_f(out + (size_t)lane * out_dim + r,
+            F::finish(w, gemv_parts_sum<R>(warp_sums, warp, lane, WPR)));
 }
 
 /* Warps per weight row: doubled from 1 while the launch has fewer warps than fill every SM
@@ -343,9 +115,14 @@ static int gemv_warps_per_row(int rows, int in_dim, int vec) {
   return wpr;
 }
 
+/* The type of format F's instantiations of gemv_kernel (taken from one: the host compiler keeps
+ * gemv_dense's __restrict__ x in a pointer type written out, not in the kernel's) */
+template <class F>
+using gemv_kernel_ptr = decltype(&gemv_kernel<F, 1, GEMV_MAX_ROWS>);
+
 /* The instantiation of gemv_kernel for wpr warps a row and at most R token rows */
 template <class F, int R>
-static void (*gemv_pick(int wpr))(gemv_mats<F>, const typename F::act *, int, int) {
+static gemv_kernel_ptr<F> gemv_pick(int wpr) {
   return wpr == 1 ? gemv_kernel<F, 1, R> : wpr == 2 ? gemv_kernel<F, 2, R>
                                         : wpr == 4 ? gemv_kernel<F, 4, R> : gemv_kernel<F, 8, R>;
 }
@@ -353,7 +130,7 @@ static void (*gemv_pick(int wpr))(gemv_mats<F>, const typename F::act *, int, in
 /* One launch for the count matrices w[j] of one input, outs[j] [n, out_dims[j]]. */
 template <class F>
 static void gemv_launch(const typename F::mat *w, void *const *outs, const int *out_dims,
-                        int count, const typename F::act *x, int n, int in_dim) {
+                        int count, typename F::xin x, int n, int in_dim) {
   gemv_mats<F> m = {};
   int rows = 0;
   for (int j = 0; j < count; j++) {
@@ -364,8 +141,7 @@ static void gemv_launch(const typename F::mat *w, void *const *outs, const int *
   m.count = count;
   const int wpr = gemv_warps_per_row(rows, in_dim, F::N);
   const dim3 grid((unsigned)((rows * wpr + GEMV_WARPS - 1) / GEMV_WARPS));
-  void (*kernel)(gemv_mats<F>, const typename F::act *, int, int) =
-      gemv_pick<F, GEMV_MAX_ROWS>(wpr);
+  gemv_kernel_ptr<F> kernel = gemv_pick<F, GEMV_MAX_ROWS>(wpr);
   if constexpr (F::ONE_ROW)
     if (n == 1) kernel = gemv_pick<F, 1>(wpr);
   CUDA_LAUNCH_PDL("gemv_kernel", kernel, grid, dim3(GEMV_WARPS * 32), 0, m, x, n, in_dim);
@@ -410,10 +186,13 @@ extern "C" void cuda_linear_backward(void *dx, float *dw, const void *dout, cons
               acc & ACC_DW ? 1.0f : 0.0f, dw, in_dim, act, DT_F32);
 }
 
-/* outs[j] [n, out_dims[j]] = (*dec_x * *dec_w[j]) * xq · W_jᵀ from nvfp4_pack's codes and
- * scales: the GEMV kernel on gemv_nvfp4, the count matrices in one launch (rows numbered on,
- * as linear_forward's), nothing allocated or synchronized (graph capture records it as any
- * kernel). Every matrix is checked before anything runs. */
+/* outs[j] [n, out_dims[j]] = (*dec_x * *dec_w[j]) * x · W_jᵀ from nvfp4_pack's codes and
+ * scales, x as NVFP4_ROWS_INT's integer operand xq: the GEMV kernel on gemv_nvfp4, the count
+ * matrices in one launch (rows numbered on, as linear_forward's), nothing allocated or
+ * synchronized (graph capture records it as any kernel). Every matrix is checked before
+ * anything runs. A 16-byte aligned xq and in_dim % 32 == 0 keep every load of x aligned: its
+ * integers' 16 bytes, and its scales' pairs (s starts 16-byte aligned, a row's scales 8 bytes a
+ * pair on from it). */
 extern "C" void cuda_nvfp4_gemv_packed(void *const *outs, const void *xq, const float *dec_x,
                                        const uint8_t *const *codes,
                                        const uint8_t *const *scales, const float *const *dec_w,
@@ -443,7 +222,9 @@ extern "C" void cuda_nvfp4_gemv_packed(void *const *outs, const void *xq, const 
   CUDA_ACT_DISPATCH(T, {
     typename gemv_nvfp4<T>::mat w[GEMV_MAX_MATS];
     for (int j = 0; j < count; j++) w[j] = {codes[j], scales[j], dec_x, dec_w[j]};
-    gemv_launch<gemv_nvfp4<T>>(w, outs, out_dims, count, (const T *)xq, n, in_dim);
+    /* read only: gemv_i8_operand is also what the quantizers write through */
+    gemv_launch<gemv_nvfp4<T>>(w, outs, out_dims, count,
+                               gemv_i8_operand_at(const_cast<void *>(xq), n, in_dim), n, in_dim);
   });
 }
 

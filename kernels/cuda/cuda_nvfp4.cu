@@ -1,6 +1,7 @@
 /* The CUDA backend's NVFP4 ops (kernels/ops.h; numerics in kernels/nvfp4.h):
- *  - cuda_nvfp4_quantize: xq = q * s_b in the activation dtype, byte-identical to the CPU's
- *    cpu_nvfp4_quantize on the fp32 values of x, and S_dec written to device memory;
+ *  - cuda_nvfp4_quantize: xq = q * s_b in the activation dtype (NVFP4_ROWS_INT: the integer
+ *    operand of cuda_nvfp4_gemv_packed), byte-identical to the CPU's cpu_nvfp4_quantize on the
+ *    fp32 values of x, and S_dec written to device memory;
  *  - cuda_nvfp4_quantize_rows_cols: its NVFP4_ROWS and NVFP4_COLS calls on one x, fused;
  *  - cuda_nvfp4_pack: the same quantization of fp32 weights (NVFP4_ROWS or NVFP4_TILES, round
  *    to nearest) written as packed E2M1 codes and E4M3 scale bytes, the bytes of the CPU's
@@ -54,6 +55,7 @@
 
 #include "kernels/cuda/cuda.h"
 #include "kernels/cuda/cuda_dtype.cuh"
+#include "kernels/cuda/cuda_gemv.cuh"
 #include "kernels/cuda/cuda_nvfp4.cuh"
 
 /* ---- exact scalar arithmetic, the same on host and device (more in cuda_nvfp4.cuh) ---------- */
@@ -310,6 +312,28 @@ NV_UNROLL
     for (int j = 0; j < N; j += 2)
       codes[i0 / 2 + j / 2] = (uint8_t)(nv_e2m1_code(q[j]) | nv_e2m1_code(q[j + 1]) << 4);
     if (i0 % 16 == 0) scales[i0 / 16] = (uint8_t)b.byte;
+  }
+};
+
+/* The integer operand as gemv_nvfp4 reads it (cuda_gemv.cuh; ops.h NVFP4_ROWS_INT; op.k 16-byte
+ * aligned): 2q as int8, N values a thread in one store, and each block's s_b from the thread
+ * holding its first element. */
+struct nv_write_i8 {
+  gemv_i8_operand op;
+  template <int N>
+  __device__ __forceinline__ void put(size_t i0, const float q[N], const nv_block &b) const {
+    static_assert(N % 4 == 0, "whole words of int8");
+    uint32_t w[N / 4];
+NV_UNROLL
+    for (int j = 0; j < N / 4; j++) {
+      w[j] = 0;
+NV_UNROLL
+      for (int e = 0; e < 4; e++)
+        w[j] |= (uint32_t)(uint8_t)(int8_t)__float2int_rn(2.0f * q[4 * j + e]) << 8 * e;
+    }
+    if constexpr (N == 8) *reinterpret_cast<uint2 *>(op.k + i0) = make_uint2(w[0], w[1]);
+    else *reinterpret_cast<uint32_t *>(op.k + i0) = w[0];
+    if (i0 % 16 == 0) op.s[i0 / 16] = b.s;
   }
 };
 
@@ -832,10 +856,13 @@ struct nv_rows {
 struct nv_rows_small : nv_rows {
   template <typename Tin, typename Tout, bool VEC, bool SR>
   static void launch(const nv_args &a) {
-    auto kernel = nvfp4_rows_small_kernel<Tin, nv_write_act<Tout, VEC>, VEC, SR>;
+    run<Tin, VEC, SR>(a, nv_write_act<Tout, VEC>{(Tout *)a.xq});
+  }
+  template <typename Tin, bool VEC, bool SR, class Out>
+  static void run(const nv_args &a, Out out) {
+    auto kernel = nvfp4_rows_small_kernel<Tin, Out, VEC, SR>;
     CUDA_LAUNCH_PDL("nvfp4_rows_small_kernel", kernel, dim3(1), dim3(nv_small_threads(SR)), 0,
-                    nv_write_act<Tout, VEC>{(Tout *)a.xq}, a.dec, (const Tin *)a.x,
-                    groups<Tin>(a), a.seed);
+                    out, a.dec, (const Tin *)a.x, groups<Tin>(a), a.seed);
   }
 };
 
@@ -913,6 +940,28 @@ static void nv_launch(const nv_args &a, enum dtype x_type, bool sr) {
   else nv_launch_out<K, float>(a, sr);
 }
 
+/* Kernel K for x of Tin writing through out (nv_write_packed, nv_write_i8), rounding to
+ * nearest: its vector path when K::vec allows (xq NULL or aligned). */
+template <class K, typename Tin, class Out>
+static void nv_run_rn(const nv_args &a, Out out) {
+  if (K::template vec<Tin, Tin>(a)) K::template run<Tin, true, false>(a, out);
+  else K::template run<Tin, false, false>(a, out);
+}
+
+/* NVFP4_ROWS or NVFP4_ROWS_INT through the rows kernel K (nv_rows after the amax kernel, or
+ * nv_rows_small); NVFP4_ROWS_INT rounds to nearest (cuda_nvfp4_quantize refuses sr for it). */
+template <class K>
+static void nv_rows_launch(const nv_args &a, enum nvfp4_layout layout, enum dtype x_type,
+                           bool sr) {
+  if (layout == NVFP4_ROWS) {
+    nv_launch<K>(a, x_type, sr);
+    return;
+  }
+  const nv_write_i8 out = {gemv_i8_operand_at(a.xq, a.rows, a.cols)};
+  if (x_type == DT_BF16) nv_run_rn<K, bf16>(a, out);
+  else nv_run_rn<K, float>(a, out);
+}
+
 /* The amax pass over the values the layout quantizes, into per-block maxima in scratch (no
  * memset, no atomics): of x for rht_signs < 0 (max[1] then repeats max[0]), else of the
  * transformed tiles of xᵀ, and with both also of x (max[1]), from the same loads. */
@@ -976,17 +1025,19 @@ static void nv_check_denormals(void) {
   checked = 1;
 }
 
-static const char *const nv_layout_names[] = {"NVFP4_ROWS", "NVFP4_TILES", "NVFP4_COLS"};
+static const char *const nv_layout_names[] = {"NVFP4_ROWS", "NVFP4_TILES", "NVFP4_COLS",
+                                              "NVFP4_ROWS_INT"};
 
 /* The CPU's shape rule for a known layout, stopping op otherwise; 2^32 blocks of 16 keep the
  * kernels' 32-bit tile and item indices. */
 static void nv_check_shape(const char *op, int rows, int cols, enum nvfp4_layout layout) {
-  if (rows < 0 || cols < 0 || cols % 16 || (layout != NVFP4_ROWS && rows % 16) ||
+  const bool tiled = layout == NVFP4_TILES || layout == NVFP4_COLS;
+  if (rows < 0 || cols < 0 || cols % 16 || (tiled && rows % 16) ||
       (size_t)rows * (size_t)cols / 16 > UINT32_MAX) {
     char detail[256];
     snprintf(detail, sizeof detail,
-             "shape [%d, %d] refused for %s: cols (and rows but for NVFP4_ROWS) must be "
-             "non-negative multiples of 16, with fewer than 2^32 blocks of 16",
+             "shape [%d, %d] refused for %s: cols (and rows for NVFP4_TILES and NVFP4_COLS) "
+             "must be non-negative multiples of 16, with fewer than 2^32 blocks of 16",
              rows, cols, nv_layout_names[layout]);
     cuda_fail(op, detail, __FILE__, __LINE__);
   }
@@ -995,7 +1046,8 @@ static void nv_check_shape(const char *op, int rows, int cols, enum nvfp4_layout
 /* The quantize kernel of the layout, after its amax (a.parts) */
 static void nv_quantize_layout(const nv_args &a, enum nvfp4_layout layout, enum dtype x_type,
                                bool sr) {
-  if (layout == NVFP4_ROWS) nv_launch<nv_rows>(a, x_type, sr);
+  if (layout == NVFP4_ROWS || layout == NVFP4_ROWS_INT)
+    nv_rows_launch<nv_rows>(a, layout, x_type, sr);
   else if (layout == NVFP4_TILES) nv_launch<nv_tiles>(a, x_type, sr);
   else nv_launch<nv_cols<false>>(a, x_type, sr);
 }
@@ -1006,11 +1058,18 @@ extern "C" void cuda_nvfp4_quantize(void *xq, float *dec, const void *x, enum dt
                                     int rows, int cols, enum nvfp4_layout layout, int stochastic,
                                     uint64_t seed, int rht_signs) {
   char detail[256];
-  if ((unsigned)layout > NVFP4_COLS || (x_type != DT_F32 && x_type != DT_BF16)) {
+  if ((unsigned)layout > NVFP4_ROWS_INT || (x_type != DT_F32 && x_type != DT_BF16)) {
     snprintf(detail, sizeof detail, "unknown layout %d or x_type %d", (int)layout, (int)x_type);
     cuda_fail("cuda_nvfp4_quantize", detail, __FILE__, __LINE__);
   }
   nv_check_shape("cuda_nvfp4_quantize", rows, cols, layout);
+  if (layout == NVFP4_ROWS_INT && (stochastic || xq == x || !cuda_aligned16(xq))) {
+    snprintf(detail, sizeof detail,
+             "NVFP4_ROWS_INT%s%s%s refused: it rounds to nearest, into a 16-byte aligned xq "
+             "apart from x", stochastic ? " with stochastic rounding" : "",
+             xq == x ? " in place" : "", cuda_aligned16(xq) ? "" : " into an unaligned xq");
+    cuda_fail("cuda_nvfp4_quantize", detail, __FILE__, __LINE__);
+  }
   /* in place, each thread reads its own elements before writing them, at the same offsets */
   if (xq == x && (layout == NVFP4_COLS || x_type != cuda_ctx.act)) {
     snprintf(detail, sizeof detail,
@@ -1026,8 +1085,9 @@ extern "C" void cuda_nvfp4_quantize(void *xq, float *dec, const void *x, enum dt
   a.xq = xq, a.dec = dec, a.x = x, a.rows = rows, a.cols = cols, a.seed = seed;
   a.rht_signs = rht;
   const bool sr = stochastic != 0;
-  if (layout == NVFP4_ROWS && (size_t)rows * (size_t)cols <= CUDA_NVFP4_SMALL_VALUES) {
-    nv_launch<nv_rows_small>(a, x_type, sr);
+  if ((layout == NVFP4_ROWS || layout == NVFP4_ROWS_INT) &&
+      (size_t)rows * (size_t)cols <= CUDA_NVFP4_SMALL_VALUES) {
+    nv_rows_launch<nv_rows_small>(a, layout, x_type, sr);
     return;
   }
   a.parts = nv_amax(x, x_type, rows, cols, rht, false);
@@ -1061,12 +1121,6 @@ extern "C" void cuda_nvfp4_quantize_weight(void *xq, float *dec, const float *w,
 /* nvfp4_quantize's two passes over w (fp32, round to nearest) with the rows or tiles kernel
  * writing the codes and scale bytes of q * s_b instead of the values: the same arithmetic, so
  * the same bytes as the CPU's nvfp4_quantize (a tile's scale byte goes to each of its rows). */
-template <class K>
-static void nv_pack_launch(const nv_args &a, nv_write_packed out) {
-  if (K::template vec<float, float>(a)) K::template run<float, true, false>(a, out);
-  else K::template run<float, false, false>(a, out);
-}
-
 extern "C" void cuda_nvfp4_pack(uint8_t *codes, uint8_t *scales, float *dec, const float *w,
                                 int rows, int cols, enum nvfp4_layout layout) {
   if (layout != NVFP4_ROWS && layout != NVFP4_TILES) {
@@ -1080,8 +1134,8 @@ extern "C" void cuda_nvfp4_pack(uint8_t *codes, uint8_t *scales, float *dec, con
   a.dec = dec, a.x = w, a.rows = rows, a.cols = cols, a.rht_signs = -1;
   a.parts = nv_amax(w, DT_F32, rows, cols, -1, false);
   const nv_write_packed out = {codes, scales};
-  if (layout == NVFP4_ROWS) nv_pack_launch<nv_rows>(a, out);
-  else nv_pack_launch<nv_tiles>(a, out);
+  if (layout == NVFP4_ROWS) nv_run_rn<nv_rows, float>(a, out);
+  else nv_run_rn<nv_tiles, float>(a, out);
 }
 
 /* Two passes over x for both operands: the amax pass (one kernel: the plain max for the rows

@@ -1,13 +1,12 @@
 /* NVFP4's scalar formats on the device (kernels/nvfp4.h has the numerics), shared by the
- * quantizers and nvfp4_pack (cuda_nvfp4.cu), the packed-weight GEMV (cuda_linear.cu) and
+ * quantizers and nvfp4_pack (cuda_nvfp4.cu), the packed-weight GEMV (cuda_gemv.cuh) and
  * AdamW's amax parts (cuda_adamw.cu): the exactly rounded fp32 operations the quantizers are
- * written with, the decoding of E4M3 scale bytes and of E2M1 codes, and the maxima an amax is
- * reduced with. The scalar functions are __host__ __device__ so that a host program can compare
- * them with the CPU's byte for byte. */
+ * written with, the decoding of E4M3 scale bytes, and the maxima an amax is reduced with. The
+ * scalar functions are __host__ __device__ so that a host program can compare them with the
+ * CPU's byte for byte. */
 #ifndef QWEN3_CUDA_NVFP4_CUH
 #define QWEN3_CUDA_NVFP4_CUH
 
-#include <cuda_fp16.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -83,27 +82,6 @@ __host__ __device__ static inline float nv_e4m3_decode(uint32_t byte) {
   if (e == 15 && m == 7) return nv_u2f(0x7fc00000u);
   const float v = e ? nv_u2f((e + 120) << 23 | m << 20) : NV_MUL((float)m, 0x1p-9f);
   return byte & 0x80 ? -v : v;
-}
-
-/* The E2M1 values of the 8 codes of a 32-bit word of packed codes (element j in bits 4j..4j+3)
- * times 2^-14, exactly, as 4 pairs of halves: h[j] = {element j, element j + 4}. A code's bits
- * s e1 e0 m placed as a half's sign (bit 15) and its exponent's two low bits and mantissa's top
- * bit (bits 11..9) make the half 2^(e-15) (1 + m/2) for e > 0 and the subnormal (m/2) 2^-14 for
- * e = 0: the E2M1 value 2^(e-1) (1 + m/2), or m/2, times 2^-14 (both formats have subnormals
- * where the exponent field is 0, so one bit move serves every code; -0 for code 8, as
- * nvfp4_e2m1_decode gives it). Codes j and j + 4, 16 bits apart, land in the two halves of
- * one 32-bit word with the same two shifts and masks, a few integer instructions a pair (a table
- * indexed per value would be a shared-memory load a value). The caller converts the halves to
- * fp32 (exact) and multiplies by its scale times 2^14. */
-__host__ __device__ static inline void nv_e2m1x8_half2(__half2 h[4], uint32_t q) {
-NV_UNROLL
-  for (int j = 0; j < 4; j++) {
-    /* sign of code j (bit 4j + 3) to bit 15, its magnitude (bits 4j..4j+2) to bits 9..11 */
-    const uint32_t sign = j < 3 ? q << (12 - 4 * j) : q, mag = j < 3 ? q << (9 - 4 * j) : q >> 3;
-    const uint32_t bits = (sign & 0x80008000u) | (mag & 0x0E000E00u);
-    /* (void *): g++ warns of a memcpy onto __half2, whose assignment is user-written */
-    memcpy((void *)&h[j], &bits, 4);
-  }
 }
 
 /* The maxima an amax is reduced with, on the bits of |x| (cuda_nvfp4.cu says why): one code for

@@ -2,11 +2,11 @@
  * three modes (the test switches cuda_ctx.act and cuda_ctx.tf32 between ops):
  *  - fp32 (activations fp32, TF32 off), the exact mode: every op within 1e-5 relative
  *    (whole-tensor L2); embedding forward, add and scale exact; NVFP4 quantization
- *    (every layout, the transform included, and the fused rows + cols pair of an output
- *    gradient) byte for byte, its S_dec bit for bit; nvfp4_pack's codes, scales and S_dec
- *    those of the host quantizer (kernels/nvfp4.h) byte for byte, and the GEMV on them
- *    (nvfp4_gemv_packed, 1 to 3 matrices a call) within 1e-5 of the CPU op and of a double
- *    sum; sum_into within 1e-12;
+ *    (every layout, the transform included, NVFP4_ROWS_INT's integer operand, and the fused
+ *    rows + cols pair of an output gradient) byte for byte, its S_dec bit for bit;
+ *    nvfp4_pack's codes, scales and S_dec those of the host quantizer (kernels/nvfp4.h) byte
+ *    for byte, and the GEMV on them (nvfp4_gemv_packed on the integer operand, 1 to 3
+ *    matrices a call) within 1e-5 of the CPU op and of a double sum; sum_into within 1e-12;
  *  - tf32 (activations fp32, TF32 on): the linear GEMMs, 3e-3: TF32 rounds operands to 10
  *    mantissa bits;
  *  - bf16 (activations bf16, TF32 on), the default: every op that takes activations, with bf16
@@ -1124,13 +1124,46 @@ static void test_weight_amax(int rows, int cols, int offset, int with_nan) {
   free(parts); free(g_p);
 }
 
+/* NVFP4_ROWS_INT of x [rows, cols] (x_h: its fp32 values, as the CPU quantizes them; d_x: the
+ * GPU's copy, of x_type, maybe unaligned), into an aligned xq (the layout asks for one): the
+ * operand's bytes (ops.h: k, then s) the CPU's byte for byte, S_dec (poisoned with -7) the
+ * CPU's, and nothing written past nvfp4_int_operand_bytes (poisoned guard bytes), nor at all
+ * for a non-finite x (S_dec NaN). */
+static void check_rows_int(const char *label, const float *x_h, const void *d_x,
+                           enum dtype x_type, int rows, int cols, int offset) {
+  enum { GUARD = 64 };
+  const size_t bytes = nvfp4_int_operand_bytes(rows, cols);
+  char what[160];
+  snprintf(what, sizeof what, "nvfp4 rows int x:%s %dx%d%s %s", x_type == DT_BF16 ? "bf16" : "f32",
+           rows, cols, offset ? " unaligned" : "", label);
+  uint8_t *want = xmalloc(bytes + GUARD);
+  memset(want, 0x5a, bytes + GUARD);
+  float dec, g_dec, poison = -7.0f;
+  void *d_op = up(want, bytes + GUARD);   /* the poison, before the CPU writes want */
+  cpu->nvfp4_quantize(want, &dec, x_h, DT_F32, rows, cols, NVFP4_ROWS_INT, 0, 0, -1);
+  float *d_dec = up(&poison, 4);
+  gpu->nvfp4_quantize(d_op, d_dec, d_x, x_type, rows, cols, NVFP4_ROWS_INT, 0, 0, -1);
+  gpu->to_host(&g_dec, d_dec, 4);
+  uint8_t *got = down_raw(d_op, bytes + GUARD);
+  int same_dec = isnan(dec) ? isnan(g_dec) : bits_of_f32(g_dec) == bits_of_f32(dec);
+  int same_op = !memcmp(got, want, bytes + GUARD);   /* a non-finite x: both the poison */
+  printf("%-4s %-62s %s\n", mode, what, same_dec && same_op ? "identical" : "DIFFERENT");
+  CHECK(same_dec, "%s mode, %s: S_dec %g (0x%08x), the CPU's %g (0x%08x)", mode, what, g_dec,
+        bits_of_f32(g_dec), dec, bits_of_f32(dec));
+  CHECK(same_op, "%s mode, %s: the operand %s", mode, what,
+        isnan(dec) ? "written although the input is not finite" : "differs from the CPU's");
+  gpu->free(d_op); gpu->free(d_dec);
+  free(want); free(got);
+}
+
 /* nvfp4_quantize of x [rows, cols] given to the GPU in x_type (bf16: x rounded to bf16 first,
  * and the CPU quantizes those fp32 values), from an element `offset` into its buffer into one
  * `offset` into xq's (1: the scalar load/store paths). The GPU's xq, in the mode's activation
  * dtype and read back as fp32, must be the CPU's byte for byte, and its *dec (device memory,
  * poisoned with -7) the CPU's. A non-finite x gives a NaN dec and leaves xq as it was
  * (poisoned). In place (xq == x; not for NVFP4_COLS, and only with x in the activation dtype)
- * gives the same bytes, or for a NaN dec leaves x as it was. */
+ * gives the same bytes, or for a NaN dec leaves x as it was. Every NVFP4_ROWS case that
+ * rounds to nearest checks NVFP4_ROWS_INT on the same x too (check_rows_int). */
 static void check_quantize(const char *label, const float *x_in, enum dtype x_type, int rows,
                            int cols, enum nvfp4_layout layout, int rht, int sr, uint64_t seed,
                            int offset) {
@@ -1164,6 +1197,7 @@ static void check_quantize(const char *label, const float *x_in, enum dtype x_ty
         bits_of_f32(g_dec), dec, bits_of_f32(dec));
   CHECK(same_q, "%s mode, %s: xq %s", mode, what,
         nonfinite ? "written although the input is not finite" : "differs from the CPU's");
+  if (layout == NVFP4_ROWS && !sr) check_rows_int(label, x, d_x, x_type, rows, cols, offset);
 
   if (layout != NVFP4_COLS && x_type == act) {
     gpu->to_device(d_dec, &poison, 4);
@@ -1390,9 +1424,10 @@ static void check_pack_all(const char *label, const float *w, int rows, int cols
  * check_pack) and scaled by 8^j, so that every matrix has its own S_dec. Against two
  * references: the CPU op on the host's codes, scales and S_dec, and a double sum on the host,
  * out_j = (dec_x * dec_w_j) * xq · W_jᵀ with W_j = q * s_b (nvfp4_dequantize with S_dec 1); xq
- * = the CPU's NVFP4_ROWS quantization of x (the mode's activations), S_dec dec_x. xq goes to
- * the GPU twice: the host's values (exact in bf16) with the host's dec_x, and the GPU's own
- * nvfp4_quantize of x. Each output, poisoned first, within the tolerance of fp32 accumulation
+ * = the CPU's NVFP4_ROWS quantization of x (the mode's activations), S_dec dec_x, whose values
+ * the op's operand, x's NVFP4_ROWS_INT quantization, holds. The operand goes to the GPU twice:
+ * the host's bytes with the host's dec_x, and the GPU's own nvfp4_quantize of x (its bytes the
+ * host's: check_rows_int). Each output, poisoned first, within the tolerance of fp32 accumulation
  * (1e-5; the bf16 output's rounding in the bf16 mode); a second run gives the same bits. Every
  * fifth weight is scaled by 10^[-6, 1], so blocks take scales of every size. */
 static void check_gemv_packed(int in_dim, int count, const int *out_dims, int n_lo, int n_hi) {
@@ -1422,10 +1457,14 @@ static void check_gemv_packed(int in_dim, int count, const int *out_dims, int n_
   }
   for (int n = n_lo; n <= n_hi; n++) {
     size_t nx = (size_t)n * in_dim;
-    float *x = rand_act(nx, -3, 3), *xq = xmalloc(nx * 4), dec_x;
-    void *ref[3];
+    const size_t ob = nvfp4_int_operand_bytes(n, in_dim);
+    float *x = rand_act(nx, -3, 3), *xq = xmalloc(nx * 4), dec_x, dec_xi;
+    void *ref[3], *op = xmalloc(ob);
     float *sum[3];
     cpu->nvfp4_quantize(xq, &dec_x, x, DT_F32, n, in_dim, NVFP4_ROWS, 0, 0, -1);
+    cpu->nvfp4_quantize(op, &dec_xi, x, DT_F32, n, in_dim, NVFP4_ROWS_INT, 0, 0, -1);
+    CHECK(bits_of_f32(dec_xi) == bits_of_f32(dec_x), "host NVFP4_ROWS_INT S_dec %g, NVFP4_ROWS' %g",
+          dec_xi, dec_x);
     for (int j = 0; j < count; j++) {
       ref[j] = xmalloc((size_t)n * out_dims[j] * 4);
       sum[j] = xmalloc((size_t)n * out_dims[j] * 4);
@@ -1438,11 +1477,11 @@ static void check_gemv_packed(int in_dim, int count, const int *out_dims, int n_
           sum[j][(size_t)t * out_dims[j] + o] = (float)(alpha * acc);
         }
     }
-    cpu->nvfp4_gemv_packed(ref, xq, &dec_x, (const uint8_t *const *)codes,
+    cpu->nvfp4_gemv_packed(ref, op, &dec_x, (const uint8_t *const *)codes,
                            (const uint8_t *const *)scales, dec_w_of, out_dims, count, n, in_dim);
-    void *d_xq[2] = {up_act(xq, nx), gpu->alloc(nx * dtype_bytes(act))}, *d_x = up_act(x, nx);
+    void *d_xq[2] = {up(op, ob), gpu->alloc(ob)}, *d_x = up_act(x, nx);
     float *d_dec_x[2] = {up(&dec_x, 4), gpu->alloc(4)};
-    gpu->nvfp4_quantize(d_xq[1], d_dec_x[1], d_x, act, n, in_dim, NVFP4_ROWS, 0, 0, -1);
+    gpu->nvfp4_quantize(d_xq[1], d_dec_x[1], d_x, act, n, in_dim, NVFP4_ROWS_INT, 0, 0, -1);
     for (int k = 0; k < 2; k++) {
       void *d_y[3], *d_y2[3];
       for (int j = 0; j < count; j++) {
@@ -1468,7 +1507,7 @@ static void check_gemv_packed(int in_dim, int count, const int *out_dims, int n_
     }
     for (int j = 0; j < count; j++) free(ref[j]), free(sum[j]);
     gpu->free(d_x);
-    free(x); free(xq);
+    free(x); free(xq); free(op);
   }
   for (int j = 0; j < count; j++) {
     gpu->free(d_dec_w[j]); gpu->free(d_codes[j]); gpu->free(d_scales[j]);

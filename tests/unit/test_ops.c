@@ -10,6 +10,7 @@
 #include <string.h>
 
 #include "common/util.h"
+#include "kernels/nvfp4.h"
 #include "kernels/ops.h"
 
 static const struct backend *be = &backend_cpu;
@@ -860,6 +861,122 @@ static void test_quantize_weight(int with_nan) {
   free(p), free(g), free(m), free(v), free(parts), free(want), free(got);
 }
 
+static uint32_t f32_bits(float f) {
+  uint32_t b;
+  memcpy(&b, &f, 4);
+  return b;
+}
+
+/* NVFP4_ROWS_INT (ops.h) against NVFP4_ROWS on x [rows, cols]: the same S_dec; k = 2q of
+ * nvfp4_quantize's code and s = its scale byte's value, so that each k * s / 2 is NVFP4_ROWS's
+ * q * s_b bit for bit (its -0.0, a negative value rounded to zero, as +0); nothing written
+ * past nvfp4_int_operand_bytes. A non-finite x: S_dec NaN and nothing written. */
+static void check_int_operand(const char *label, const float *x, int rows, int cols) {
+  const size_t n = (size_t)rows * cols, bytes = nvfp4_int_operand_bytes(rows, cols);
+  enum { GUARD = 64 };
+  float *q = xmalloc(n * 4 + 4), dec_q, dec_i;
+  uint8_t *op = xmalloc(bytes + GUARD), *codes = xmalloc(n / 2 + 1), *scales = xmalloc(n / 16 + 1);
+  memset(op, 0x5a, bytes + GUARD);
+  be->nvfp4_quantize(q, &dec_q, x, DT_F32, rows, cols, NVFP4_ROWS, 0, 0, -1);
+  be->nvfp4_quantize(op, &dec_i, x, DT_F32, rows, cols, NVFP4_ROWS_INT, 0, 0, -1);
+  struct nvfp4_tensor_scale ts;
+  int finite = nvfp4_quantize(codes, scales, &ts, x, rows, cols, NVFP4_BLOCK_1X16,
+                              NVFP4_ROUND_NEAREST, 0) == NVFP4_OK;
+  const int8_t *k = (const int8_t *)op;
+  const float *s = (const float *)(op + nvfp4_int_scales_at(rows, cols));
+  int same = finite ? f32_bits(dec_i) == f32_bits(dec_q) : isnan(dec_i) && isnan(dec_q);
+  for (size_t i = 0; finite && i < n; i++) {
+    const float v = k[i] * s[i / 16] / 2;
+    same &= k[i] == (int)(2.0f * nvfp4_e2m1_decode((uint8_t)(codes[i / 2] >> 4 * (i & 1))));
+    same &= f32_bits(s[i / 16]) == f32_bits(nvfp4_e4m3_decode(scales[i / 16]));
+    same &= f32_bits(v) == f32_bits(q[i]) || (f32_bits(q[i]) == 0x80000000u && f32_bits(v) == 0);
+  }
+  for (size_t i = finite ? bytes : 0; i < bytes + GUARD; i++) same &= op[i] == 0x5a;
+  char name[96];
+  snprintf(name, sizeof name, "nvfp4 rows int %dx%d %s = rows", rows, cols, label);
+  check(name, !same, 0);
+  free(q), free(op), free(codes), free(scales);
+}
+
+/* nvfp4_gemv_packed on the NVFP4_ROWS_INT operand of x [n, in_dim] against the op's sums on
+ * NVFP4_ROWS's values, written here in its order (a row's columns in order, each product
+ * x * (code * scale)): bit for bit, since k * s / 2 is that value exactly. Two matrices, n = 1
+ * to NVFP4_GEMV_MAX_ROWS, x and the weights heavy-tailed (zero blocks, negative values rounded
+ * to -0.0). */
+static void test_gemv_packed_int(void) {
+  enum { IN = 320, MATS = 2 };
+  const int out_dims[MATS] = {24, 40};
+  uint8_t *codes[MATS], *scales[MATS];
+  float dec_w[MATS];
+  const float *dec_w_of[MATS] = {&dec_w[0], &dec_w[1]};
+  for (int j = 0; j < MATS; j++) {
+    const size_t nw = (size_t)out_dims[j] * IN;
+    float *w = rand_floats(nw, -1, 1);
+    for (size_t i = 0; i < nw; i += 5) w[i] *= powf(10.0f, (float)uniform(-6, 1));
+    codes[j] = xmalloc(nw / 2), scales[j] = xmalloc(nw / 16);
+    be->nvfp4_pack(codes[j], scales[j], &dec_w[j], w, out_dims[j], IN, NVFP4_ROWS);
+    free(w);
+  }
+  for (int n = 1; n <= NVFP4_GEMV_MAX_ROWS; n++) {
+    const size_t nx = (size_t)n * IN;
+    float *x = rand_floats(nx, -3, 3), *xq = xmalloc(nx * 4), dec_x, dec_xi;
+    for (size_t i = 0; i < nx; i += 3) x[i] *= powf(10.0f, (float)uniform(-8, 2));
+    for (size_t i = 32; i < 48; i++) x[i] = 0.0f;
+    void *op = xmalloc(nvfp4_int_operand_bytes(n, (int)IN));
+    be->nvfp4_quantize(xq, &dec_x, x, DT_F32, n, IN, NVFP4_ROWS, 0, 0, -1);
+    be->nvfp4_quantize(op, &dec_xi, x, DT_F32, n, IN, NVFP4_ROWS_INT, 0, 0, -1);
+    int same = f32_bits(dec_x) == f32_bits(dec_xi);
+    for (int j = 0; j < MATS; j++) {
+      float *got = xmalloc((size_t)n * out_dims[j] * 4);
+      void *outs[1] = {got};
+      be->nvfp4_gemv_packed(outs, op, &dec_xi, (const uint8_t *const *)&codes[j],
+                            (const uint8_t *const *)&scales[j], &dec_w_of[j], &out_dims[j], 1,
+                            n, IN);
+      for (int o = 0; o < out_dims[j]; o++) {
+        float acc[NVFP4_GEMV_MAX_ROWS] = {0};
+        for (int c = 0; c < IN; c++) {
+          const size_t at = (size_t)o * IN + c;
+          const float wv = nvfp4_e2m1_decode((uint8_t)(codes[j][at / 2] >> 4 * (at & 1))) *
+                           nvfp4_e4m3_decode(scales[j][at / 16]);
+          for (int t = 0; t < n; t++) acc[t] += xq[(size_t)t * IN + c] * wv;
+        }
+        for (int t = 0; t < n; t++)
+          same &= f32_bits(got[(size_t)t * out_dims[j] + o]) ==
+                  f32_bits(dec_x * dec_w[j] * acc[t]);
+      }
+      free(got);
+    }
+    char name[96];
+    snprintf(name, sizeof name, "nvfp4_gemv_packed int x, %d rows = rows' sums", n);
+    check(name, !same, 0);
+    free(x), free(xq), free(op);
+  }
+  for (int j = 0; j < MATS; j++) free(codes[j]), free(scales[j]);
+}
+
+/* check_int_operand on heavy tails (E4M3 subnormal and zero scales, whose codes saturate), rows
+ * not a multiple of 16, exact ties and signed zeros, a zero x, a NaN, an empty x; then the
+ * packed GEMV on that operand. */
+static void test_nvfp4_int_operand(void) {
+  const int rows = 37, cols = 160;
+  const size_t n = (size_t)rows * cols;
+  float *x = rand_floats(n, -3, 3), *y = xmalloc(n * 4);
+  for (size_t i = 0; i < n; i++) y[i] = x[i] * powf(10.0f, (float)uniform(-12, 4));
+  check_int_operand("heavy-tailed", y, rows, cols);
+  static const float ties[] = {0.25f, 0.75f, 1.25f, 1.75f, 2.5f, 3.5f, 5.0f, 6.0f, 0.0f, -0.0f};
+  for (size_t i = 0; i < n; i++) y[i] = ties[i % 10] * ((i / 16) % 2 ? -1.0f : 1.0f);
+  y[7] = -1e-3f;   /* rounds to -0.0 */
+  check_int_operand("exact ties", y, rows, cols);
+  memset(y, 0, n * 4);
+  check_int_operand("zeros", y, 2, 32);
+  memcpy(y, x, n * 4);
+  y[n / 2] = NAN;
+  check_int_operand("one NaN", y, rows, cols);
+  check_int_operand("empty", x, 0, 32);
+  free(x), free(y);
+  test_gemv_packed_int();
+}
+
 int main(void) {
   double t0 = now_seconds();
   test_memory();
@@ -888,6 +1005,7 @@ int main(void) {
   test_adamw_amax_parts();
   test_quantize_weight(0);
   test_quantize_weight(1);
+  test_nvfp4_int_operand();
   printf("     total %.2f s\n", now_seconds() - t0);
   printf("%d passed, %d failed\n", passed, failed);
   return failed != 0;
