@@ -33,6 +33,7 @@ MUTATIONS=(
   'int_operand_k_is_q#kernels/cpu/cpu_nvfp4.c#s/k\[i\] = (int8_t)(2.0f \* nvfp4_e2m1_decode(/k[i] = (int8_t)(nvfp4_e2m1_decode(/#^test_ops$|^test_nvfp4_linear$#NVFP4_ROWS_INT'"'"'s integers are q (truncated), not 2q'
   'packed_gemv_int_x_doubled#kernels/cpu/cpu_nvfp4.c#s|xs\[at / 16\] \* 0.5f \* wv;|xs[at / 16] * wv;|#^test_ops$|^test_nvfp4_linear$#the packed GEMV takes x as k * s, twice its value'
   'packed_path_rows_operand#worker/nvfp4_linear.c#s/n, in_dim, NVFP4_ROWS_INT, 0, 0, -1);/n, in_dim, NVFP4_ROWS, 0, 0, -1);/#^test_nvfp4_linear$#the packed path gives the GEMV NVFP4_ROWS values, not its integer operand'
+  'packed_gemv_rows_share_x#kernels/cpu/cpu_nvfp4.c#s/          const size_t at = (size_t)t \* in_dim + c;/          const size_t at = c;/#^mpi_test_nvfp4_train$#the packed GEMV multiplies every token row'"'"'s sum by the first row'"'"'s x (decoding several sequences, or a prompt of a few tokens)'
   'dgrad_draws#worker/nvfp4_linear.c#s/operand_seed(w, live, layer, which, 0)/operand_seed(w, live, layer, which, 1)/#^test_nvfp4_linear$#Dgrad draws the numbers of the Wgrad operand'
   'betas_swapped#trainer/optim.c#s/.beta1 = (float)o->beta1, .beta2 = (float)o->beta2/.beta1 = (float)o->beta2, .beta2 = (float)o->beta1/#^test_optim$#beta1 and beta2 swapped'
   'bias_correction_t+1#trainer/optim.c#s/.grad_scale = 1.0f, .t = t,/.grad_scale = 1.0f, .t = t + 1,/#^test_optim$#bias correction one step ahead'

@@ -54,7 +54,8 @@ static size_t dec_bytes(const struct worker_plan *p) {
 }
 
 /* Spans of q_scratch, each tokens x widest values of the activation dtype: the forward's
- * quantized X (then Dgrad's dY), and Wgrad's two transposed operands. */
+ * quantized X (then Dgrad's dY; in decoding from packed weights, X's integer operand), and
+ * Wgrad's two transposed operands. */
 enum { SPAN_A, SPAN_B, SPAN_C, N_SPANS };
 
 size_t nvfp4_amax_part_count(int rows, int cols) {

@@ -196,8 +196,8 @@ void cuda_nvfp4_gemv_packed(void *const *outs, const void *xq, const float *dec_
 void cuda_adamw_update(float *p, void *p_act, const float *g, float *m, float *v, size_t n,
                        const struct adamw_step *s, uint32_t *amax_parts);
 
-/* ---- cuda_nvfp4.cu: x of dtype x_type (fp32 or bf16), xq of dtype cuda_ctx.act; dec, dec_a
- * and dec_b are device memory */
+/* ---- cuda_nvfp4.cu: x of dtype x_type (fp32 or bf16), xq of dtype cuda_ctx.act (NVFP4_ROWS_INT:
+ * ops.h's integer operand); dec, dec_a and dec_b are device memory */
 void cuda_nvfp4_quantize(void *xq, float *dec, const void *x, enum dtype x_type, int rows,
                          int cols, enum nvfp4_layout layout, int stochastic, uint64_t seed,
                          int rht_signs);
@@ -213,9 +213,9 @@ void cuda_nvfp4_gemm(void *c, enum dtype c_type, const void *a, const float *dec
                      float beta);
 void cuda_nvfp4_pack(uint8_t *codes, uint8_t *scales, float *dec, const float *w, int rows,
                      int cols, enum nvfp4_layout layout);
-/* cuda_nvfp4_quantize of an NVFP4_ROWS x of at most this many values (rows * cols) is one
- * kernel of one block, its own amax pass included (cuda_nvfp4.cu says why); larger x take the
- * amax and rows kernels. */
+/* cuda_nvfp4_quantize of an NVFP4_ROWS (or NVFP4_ROWS_INT) x of at most this many values
+ * (rows * cols) is one kernel of one block, its own amax pass included (cuda_nvfp4.cu says why);
+ * larger x take the amax and rows kernels. */
 #define CUDA_NVFP4_SMALL_VALUES 65536
 
 /* ---- cuda_fp4_gemm.cu: the native NVFP4 GEMM of Blackwell GPUs through cuBLASLt. Not used by

@@ -69,8 +69,8 @@ static __device__ __forceinline__ void gemv_load_x(float (&f)[N], const T *__res
  *   row           a row's pointers (row_of: row r; at: from column c on);
  *   chunk         what a lane loads for one 16-byte group of a row (load: at column off of a
  *                 row from at, off a constant, so the batch's addresses are one register's);
- *   ONE_ROW       one token row (a decoding step's) has an instantiation of its own (gemv_kernel's
- *                 R);
+ *   ONE_ROW       one token row (a decoding step of one sequence) has an instantiation of its
+ *                 own (gemv_kernel's R);
  *   PART          the row's last batch is loaded at once, predicated (a row of a few chunks a
  *                 lane: NVFP4's 2560 columns are 2.5 a lane, all in flight before pdl_wait),
  *                 else its chunks one at a time (rows of many: the predicated batch took the
@@ -80,7 +80,8 @@ static __device__ __forceinline__ void gemv_load_x(float (&f)[N], const T *__res
  *   xin           the operand x as the format reads it (gemv_dense: a pointer to x's values
  *                 in F::act; gemv_nvfp4: the integer operand), passed by value;
  *   dot_rows      acc[t] += those N weights · token row t's N values of x from column col
- *                 (row t at t * in_dim), for t < n <= R, fp32 arithmetic;
+ *                 (row t at t * in_dim), for t < n <= R, fp32 accumulation (gemv_nvfp4: exact
+ *                 integer sums of a block, then one fp32 FMA);
  *   finish        a row's output from its sum.
  * gemv_dense: the weight copy in the activation dtype T (linear_forward). */
 template <typename T>

@@ -39,7 +39,8 @@
  *      its block 0 / thread 0 writes *dec: S_dec, or NaN when the amax is non-finite, and then
  *      no thread writes xq.
  * Bytes moved: the amax kernel reads x, the quantize kernel reads x again and writes xq.
- * A small NVFP4_ROWS x (decoding's few token rows, CUDA_NVFP4_SMALL_VALUES) takes one kernel
+ * A small NVFP4_ROWS or NVFP4_ROWS_INT x (decoding's few token rows, CUDA_NVFP4_SMALL_VALUES)
+ * takes one kernel
  * of one block instead, which does both passes and the reduction between them itself.
  * cuda_nvfp4_quantize_rows_cols does the same for an output gradient's two operands: one amax
  * kernel takes both maxima from one read of x, one quantize kernel writes both operands from
@@ -204,10 +205,11 @@ NV_UNROLL
 
 enum { NV_THREADS = CUDA_THREADS, NV_WARPS = NV_THREADS / 32 };
 
-/* An NVFP4_ROWS x of at most CUDA_NVFP4_SMALL_VALUES values (cuda.h) is quantized by one
- * kernel of one block (nvfp4_rows_small_kernel), not by the amax and rows kernels. Decoding's
- * inputs are such (1 to 4 token rows of at most 9728 values: 38912 for Qwen3-4B's down
- * projection at 4 rows); for them the two kernels ran grids of 1 to 5 blocks each, and the
+/* An NVFP4_ROWS (or NVFP4_ROWS_INT) x of at most CUDA_NVFP4_SMALL_VALUES values (cuda.h) is
+ * quantized by one kernel of one block (nvfp4_rows_small_kernel), not by the amax and rows
+ * kernels. Decoding's inputs are such at Qwen3-4B and 8B's widths (1 to 4 token rows of at most
+ * 12288 values: 49152 for 8B's down projection at 4 rows; 14B's at 4 rows and 32B's at 3 or 4
+ * take the two kernels); for them the two kernels ran grids of 1 to 5 blocks each, and the
  * second launch, its wait for the first and its read of the partial maxima cost more than
  * either kernel's work (bench/NOTES.md: ~1 us a launch even with PDL; a decoding layer ran 4
  * such pairs). The bound, 65536 values: a thread of the block (1024 of them, rounding to
@@ -531,7 +533,7 @@ NV_UNROLL
  * thread takes NV_ROWS_UNROLL groups a grid stride apart. ngroups % (16 / N) == 0 and the
  * stride is a multiple of 32, so a block's lanes are in or out of range together. In place
  * (xq == x, same dtype) is safe: a thread reads its elements before it writes them, and no
- * other thread touches them. out writes the group's elements (nv_write_act or _packed), sc is
+ * other thread touches them. out writes the group's elements (nv_write_act, _packed or _i8), sc is
  * the tensor scale (finite). */
 template <typename Tin, class Out, bool VEC, bool SR>
 __device__ __forceinline__ void nv_rows_groups(const Out &out, const Tin *x, size_t ngroups,
@@ -826,7 +828,7 @@ struct nv_args {
 /* The quantize kernels, one struct per layout: vec says whether the vector paths may be taken
  * (a NULL xq, nvfp4_pack's, counts as aligned), launch runs the instantiation for input Tin,
  * output Tout; the rows and tiles kernels' run takes what they write (nv_write_act for
- * nvfp4_quantize, nv_write_packed for nvfp4_pack). */
+ * nvfp4_quantize, nv_write_i8 for its NVFP4_ROWS_INT, nv_write_packed for nvfp4_pack). */
 struct nv_rows {
   template <typename Tin, typename Tout>
   static bool vec(const nv_args &a) {

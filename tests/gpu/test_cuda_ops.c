@@ -1517,7 +1517,8 @@ static void check_gemv_packed(int in_dim, int count, const int *out_dims, int n_
 
 /* Decoding from packed weights: Qwen3-4B's q|k|v (4096, 1024 and 1024 rows of 2560 columns,
  * 2.5 16-byte loads of codes a lane, in one launch), gate|up (two of 9728 rows) and its down
- * projection (9728 columns: two warps a row on an H200) for 1 to 4 token rows; odd output
+ * projection (9728 columns: two warps a row on an H200) for 1 to 4 token rows (gate|up for
+ * one: the same kernel as q|k|v's at one warp a row, a larger grid); odd output
  * counts, in groups whose matrices end inside a block of the launch; one load a row; 4 and 8
  * warps a row (16384 and 32800 columns, the latter not a multiple of the warps' stride). */
 static void test_gemv_packed(void) {

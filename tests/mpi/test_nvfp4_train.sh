@@ -152,6 +152,34 @@ else
   fail "decoding from packed NVFP4 weights (exit $rc): $verdict"; tail -n 5 "$log"
 fi
 
+# The same for three prompts decoding together (1, 2 and 3 ids): each prefill and every decoding
+# step of the three, at most NVFP4_PACKED_DECODE_ROWS token rows, reads the packed weights.
+printf 'eval { prompts { ids: [72] } prompts { ids: [101, 7] } prompts { ids: [5, 9, 33] } }\n' |
+  protoc --encode=qwen3.Job -Iproto proto/job.proto >"$out/three_prompts.pb" || fail "protoc"
+cat "$build/jobs/tiny.pb" "$out/three_prompts.pb" >"$out/three.pb"
+timeout 120 $MPIRUN -np 1 "$build/qwen3-train" "$out/three.pb" "${common[@]}" \
+  --set precision.linear=NVFP4 --set train.steps=0 --set eval.max_new_tokens=8 \
+  --set eval.temperature=0 --set eval.check_kv=true --set eval.kv_tolerance=0.5 \
+  --set output_dir="$out/decode3" >"$log" 2>&1
+rc=$?
+verdict=$(python3 - "$out/decode3/eval.jsonl" <<'PY' 2>&1
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if "kv_logit_diff_per_step" in l]
+ok = len(rows) == 3 and all(len(r["kv_logit_diff_per_step"]) == 8 and
+                            r["kv_logit_diff_per_step"][0] <= 1e-5 and
+                            r["kv_first_mismatch"] == -1 for r in rows)
+print(("ok" if ok else "bad") + " prefill logits within " +
+      ", ".join(f"{r['kv_logit_diff_per_step'][0]:.1e}" for r in rows) +
+      f" of the replays', first mismatches {[r['kv_first_mismatch'] for r in rows]}")
+PY
+)
+if [ "$rc" = 0 ] && [ "${verdict%% *}" = ok ]; then
+  pass "three prompts decoding together from packed NVFP4 weights: ${verdict#ok }"
+else
+  fail "three prompts decoding together from packed NVFP4 weights (exit $rc): $verdict"
+  tail -n 5 "$log"
+fi
+
 # the job reaches the plan: by default (eval.packed_nvfp4) a generation packs the NVFP4 layers'
 # weights for decoding, and --dry-run counts them; eval.packed_nvfp4 false leaves them out (the
 # check above passes on either path: it cannot tell them apart)
