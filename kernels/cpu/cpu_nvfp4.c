@@ -134,13 +134,11 @@ void cpu_nvfp4_pack(uint8_t *codes, uint8_t *scales, float *dec, const float *w,
   *dec = rc == NVFP4_OK ? ts.dec : NAN;
 }
 
-/* out [n, out_dim] = alpha * x · Wᵀ, x the integer operand xk, xs (ops.h NVFP4_ROWS_INT): row o
- * of the weight, 16 values at a time, code * scale (exact in fp32), into each token's sum in
- * order of the columns. x's value k * s / 2 is NVFP4_ROWS's q * s_b (exact), so the sums are
- * those of nvfp4_gemm's Fprop on that operand. */
-static void gemv_packed(float *out, const int8_t *xk, const float *xs, float alpha,
-                        const uint8_t *codes, const uint8_t *scales, int n, int in_dim,
-                        int out_dim) {
+/* out [n, out_dim] = alpha * x · Wᵀ, x [n, in_dim] the integer operand's values: row o of the
+ * weight, 16 values at a time, code * scale (exact in fp32), into each token's sum in order of
+ * the columns: the sums of nvfp4_gemm's Fprop on the NVFP4_ROWS operand of the same x. */
+static void gemv_packed(float *out, const float *x, float alpha, const uint8_t *codes,
+                        const uint8_t *scales, int n, int in_dim, int out_dim) {
   float e2m1[16];
   for (int c = 0; c < 16; c++) e2m1[c] = nvfp4_e2m1_decode((uint8_t)c);
   const size_t nb = (size_t)in_dim / 16;
@@ -153,10 +151,7 @@ static void gemv_packed(float *out, const int8_t *xk, const float *xs, float alp
       for (int i = 0; i < 16; i++) {
         const size_t c = b * 16 + i;
         const float wv = e2m1[(code[c / 2] >> (4 * (c & 1))) & 15] * s;
-        for (int t = 0; t < n; t++) {
-          const size_t at = (size_t)t * in_dim + c;
-          acc[t] += (float)xk[at] * xs[at / 16] * 0.5f * wv;
-        }
+        for (int t = 0; t < n; t++) acc[t] += x[(size_t)t * in_dim + c] * wv;
       }
     }
     for (int t = 0; t < n; t++) out[(size_t)t * out_dim + o] = alpha * acc[t];
@@ -177,9 +172,13 @@ void cpu_nvfp4_gemv_packed(void *const *outs, const void *xq, const float *dec_x
     if (out_dims[j] < 1)
       die("cpu_nvfp4_gemv_packed: matrix %d of %d is [%d, %d]: at least one row", j, count,
           out_dims[j], in_dim);
-  const int8_t *xk = xq;
-  const float *xs = (const float *)((const char *)xq + nvfp4_int_scales_at(n, in_dim));
+  /* x's values k * s / 2, NVFP4_ROWS's q * s_b exactly, once for every matrix and weight row */
+  const size_t nx = (size_t)n * in_dim;
+  const int8_t *k = xq;
+  const float *s = (const float *)((const char *)xq + nvfp4_int_scales_at(n, in_dim));
+  float *x = xmalloc(nx * sizeof *x);
+  for (size_t i = 0; i < nx; i++) x[i] = (float)k[i] * s[i / 16] * 0.5f;
   for (int j = 0; j < count; j++)
-    gemv_packed(outs[j], xk, xs, *dec_x * *dec_w[j], codes[j], scales[j], n, in_dim,
-                out_dims[j]);
+    gemv_packed(outs[j], x, *dec_x * *dec_w[j], codes[j], scales[j], n, in_dim, out_dims[j]);
+  free(x);
 }

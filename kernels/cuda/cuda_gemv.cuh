@@ -1,6 +1,6 @@
-/* The decoding GEMV's device side (cuda_linear.cu's gemv_kernel): the weight formats, the x
- * loads, a warp's share of a row and the sum of a row's warps; and gemv_nvfp4's integer operand,
- * which the NVFP4 quantizer writes (cuda_nvfp4.cu's NVFP4_ROWS_INT). */
+/* The decoding GEMV's weight formats and loads (cuda_linear.cu's gemv_kernel runs them), and
+ * gemv_nvfp4's integer operand, which the NVFP4 quantizer writes (cuda_nvfp4.cu's
+ * NVFP4_ROWS_INT). */
 #ifndef QWEN3_CUDA_GEMV_CUH
 #define QWEN3_CUDA_GEMV_CUH
 
@@ -263,67 +263,6 @@ static __device__ __forceinline__ void gemv_fma(float (&acc)[R],
     const typename F::weights wv(wb[u]);
     F::template dot_rows<R>(acc, wv, x, c + u * stride, in_dim, n);
   }
-}
-
-/* The first batch of a lane's chunks of row wr, from column c0 = (part * 32 + lane) * F::N
- * with stride = WPR * 32 * F::N (gemv_kernel issues it before pdl_wait: nothing in a step
- * writes weights). Nothing is loaded for a row that is not live. */
-template <class F>
-static __device__ __forceinline__ void gemv_row_prefetch(typename F::chunk (&wb)[GEMV_UNROLL],
-                                                         const typename F::row &wr, int c0,
-                                                         int stride, int in_dim, bool live) {
-  if (live && (F::PART || c0 + (GEMV_UNROLL - 1) * stride < in_dim))
-    gemv_fetch<F, F::PART>(wb, wr, c0, stride, in_dim);
-}
-
-/* acc[t] = the warp's share of row wr · token row t of x (t < n <= R), in every lane: each lane
- * sums its strided slice from column c0 on (stride as gemv_row_prefetch's, wb its first batch)
- * in fp32, then the lanes' sums go through a fixed butterfly. Warp-collective (live is uniform
- * over the warp; a row not live sums to 0). */
-template <class F, int R>
-static __device__ __forceinline__ void gemv_row_warp(float (&acc)[R],
-                                                     typename F::chunk (&wb)[GEMV_UNROLL],
-                                                     const typename F::row &wr,
-                                                     typename F::xin x, int c0, int stride,
-                                                     int n, int in_dim,
-                                                     bool live) {
-  constexpr int U = GEMV_UNROLL;
-#pragma unroll
-  for (int t = 0; t < R; t++) acc[t] = 0.0f;
-  int c = c0;
-  for (; live && c + (U - 1) * stride < in_dim; c += U * stride) {
-    if (c != c0) gemv_fetch<F, false>(wb, wr, c, stride, in_dim);
-    gemv_fma<F, false, U, R>(acc, wb, x, c, stride, n, in_dim);
-  }
-  if (F::PART) {
-    if (live && c < in_dim) {   /* the last batch, of fewer chunks */
-      if (c != c0) gemv_fetch<F, true>(wb, wr, c, stride, in_dim);
-      gemv_fma<F, true, U, R>(acc, wb, x, c, stride, n, in_dim);
-    }
-  } else {
-    for (; live && c < in_dim; c += stride) {   /* the last groups, fewer than a batch */
-      typename F::chunk one[1];
-      gemv_fetch<F, false>(one, wr, c, stride, in_dim);
-      gemv_fma<F, false, 1, R>(acc, one, x, c, stride, n, in_dim);
-    }
-  }
-#pragma unroll
-  for (int t = 0; t < R; t++) {
-    if (t >= n) break;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) acc[t] += __shfl_xor_sync(0xffffffffu, acc[t], o);
-  }
-}
-
-/* A row's sum for token row t from its wpr warps' gemv_row_warp sums (warp_sums[w][t], w from
- * the row's first warp on), added in warp order. */
-template <int R>
-static __device__ __forceinline__ float gemv_parts_sum(const float (*warp_sums)[R], int warp,
-                                                       int t, int wpr) {
-  float v = warp_sums[warp][t];
-#pragma unroll
-  for (int p = 1; p < wpr; p++) v += warp_sums[warp + p][t];
-  return v;
 }
 
 #endif

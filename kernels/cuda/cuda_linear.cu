@@ -36,7 +36,7 @@
 
 /* ---------------------------------------------------------------- linear */
 
-/* The decoding GEMV: its description, weight formats and per-row sums are in cuda_gemv.cuh. */
+/* The decoding GEMV: its description and weight formats are in cuda_gemv.cuh. */
 
 /* The matrices of one launch; row r of the launch is row r - end[j-1] of matrix j, the first j
  * with r < end[j]. */
@@ -80,11 +80,36 @@ static __global__ void __launch_bounds__(GEMV_WARPS * 32)
   const typename F::row wr = F::row_of(w, in_dim, r);
   const int c0 = (part * 32 + lane) * F::N;
   typename F::chunk wb[U];
-  gemv_row_prefetch<F>(wb, wr, c0, STRIDE, in_dim, live);
+  if (live && (F::PART || c0 + (U - 1) * STRIDE < in_dim))
+    gemv_fetch<F, F::PART>(wb, wr, c0, STRIDE, in_dim);
   pdl_wait();
   pdl_release();
   float acc[R];
-  gemv_row_warp<F, R>(acc, wb, wr, x, c0, STRIDE, n, in_dim, live);
+#pragma unroll
+  for (int t = 0; t < R; t++) acc[t] = 0.0f;
+  int c = c0;
+  for (; live && c + (U - 1) * STRIDE < in_dim; c += U * STRIDE) {
+    if (c != c0) gemv_fetch<F, false>(wb, wr, c, STRIDE, in_dim);
+    gemv_fma<F, false, U, R>(acc, wb, x, c, STRIDE, n, in_dim);
+  }
+  if (F::PART) {
+    if (live && c < in_dim) {   /* the last batch, of fewer chunks */
+      if (c != c0) gemv_fetch<F, true>(wb, wr, c, STRIDE, in_dim);
+      gemv_fma<F, true, U, R>(acc, wb, x, c, STRIDE, n, in_dim);
+    }
+  } else {
+    for (; live && c < in_dim; c += STRIDE) {   /* the last groups, fewer than a batch */
+      typename F::chunk one[1];
+      gemv_fetch<F, false>(one, wr, c, STRIDE, in_dim);
+      gemv_fma<F, false, 1, R>(acc, one, x, c, STRIDE, n, in_dim);
+    }
+  }
+#pragma unroll
+  for (int t = 0; t < R; t++) {
+    if (t >= n) break;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) acc[t] += __shfl_xor_sync(0xffffffffu, acc[t], o);
+  }
   if (WPR == 1) {
     if (live && lane == 0)
 #pragma unroll
@@ -98,9 +123,13 @@ static __global__ void __launch_bounds__(GEMV_WARPS * 32)
 #pragma unroll
     for (int t = 0; t < R; t++) warp_sums[warp][t] = acc[t];
   __syncthreads();
-  if (live && part == 0 && lane < n)
-    store_f(out + (size_t)lane * out_dim + r,
-            F::finish(w, gemv_parts_sum<R>(warp_sums, warp, lane, WPR)));
+  if (live && part == 0 && lane < n) {
+    T *const y = out + (size_t)lane * out_dim + r;
+    float v = warp_sums[warp][lane];
+#pragma unroll
+    for (int p = 1; p < WPR; p++) v += warp_sums[warp + p][lane];
+    store_f(y, F::finish(w, v));
+  }
 }
 
 /* Warps per weight row: doubled from 1 while the launch has fewer warps than fill every SM

@@ -40,8 +40,8 @@
  *      no thread writes xq.
  * Bytes moved: the amax kernel reads x, the quantize kernel reads x again and writes xq.
  * A small NVFP4_ROWS or NVFP4_ROWS_INT x (decoding's few token rows, CUDA_NVFP4_SMALL_VALUES)
- * takes one kernel
- * of one block instead, which does both passes and the reduction between them itself.
+ * takes one kernel of one block instead, which does both passes and the reduction between them
+ * itself.
  * cuda_nvfp4_quantize_rows_cols does the same for an output gradient's two operands: one amax
  * kernel takes both maxima from one read of x, one quantize kernel writes both operands from
  * another (reads 2 |x|, writes 2 |x| in the activation dtype, where two calls read 4 |x|).
@@ -324,7 +324,7 @@ struct nv_write_i8 {
   gemv_i8_operand op;
   template <int N>
   __device__ __forceinline__ void put(size_t i0, const float q[N], const nv_block &b) const {
-    static_assert(N % 4 == 0, "whole words of int8");
+    static_assert(N == 4 || N == 8, "one or two words of int8, one store");
     uint32_t w[N / 4];
 NV_UNROLL
     for (int j = 0; j < N / 4; j++) {
