@@ -382,9 +382,12 @@ __global__ void __launch_bounds__(NT)
   if (idx >= rows * s.head_dim) return;
   const size_t row = idx / s.head_dim;  // (b * tq + i) * heads + h
   const int d = (int)(idx % s.head_dim);
+  // unrolled so that several splits' loads are in flight: the loops are latency, not bytes
   float M = -INFINITY;
+#pragma unroll 8
   for (int sp = 0; sp < n_split; sp++) M = fmaxf(M, part_ml[2 * (sp * rows + row)]);
   float L = 0.0f, acc = 0.0f;
+#pragma unroll 8
   for (int sp = 0; sp < n_split; sp++) {
     const size_t pr = sp * rows + row;
     const float w = expf(part_ml[2 * pr] - M);  // 0 for an empty split (m = -inf)
@@ -405,198 +408,210 @@ __global__ void __launch_bounds__(NT)
 /* decode: one query per sequence (tq == 1) against a KV cache
  *
  * One block per (kv head, key split, sequence) serves every query head of the group, so each
- * cached key and value is read once per group, not once per query head. A block walks its
- * keys in tiles of DEC_NT. Scores: thread t scores key t of the tile against the group's
- * queries (held in shared memory), reading the key's row with DEC_LOADS 16-byte loads in
- * flight; the tile's max and sum per head come from a fixed shuffle tree. P V: warp w takes
- * keys w, w + 4, ... of the tile and lane l head dims l, l + 32, ...; the four warps' sums are
- * added in warp order at the end. Both phases keep several loads in flight per thread: a
- * decoding step is a few hundred keys per block, so latency, not bandwidth, bounds it. The
- * keys end at attn_shape.key_last[b] when set (a cache of a fixed size, read up to the current
- * token: the same launch at every step) and start at doc_start[b]. Splits leave unnormalized
- * partials that attn_fwd_combine_kernel merges in split order, as for the forward above. */
+ * cached key and value is read once per group, not once per query head. A decoding step gives a
+ * block a few dozen to a few hundred keys: its time is a chain of latencies, not bytes. With one
+ * warp per scheduler the chain was every instruction's (session 18: ~7 us a block for 32 keys,
+ * 6 cycles an instruction), so the block has DEC_NT = 512 threads that split each step of a
+ * tile of DEC_TILE keys among them, a few instructions each:
+ *  - stage: the tile's K and V rows, loaded 16 bytes at a time while the block still works on the
+ *    previous tile, into shared memory as fp32 (K's rows padded by 4 floats, so that the 32
+ *    lanes reading 32 rows 16 bytes each hit every bank once per quarter warp);
+ *  - scores: warp w takes query head h = w / S and the S-th slice sl = w % S of the head dims
+ *    (S = 16 / group, a power of 2), lane j the partial dot of key j over that slice;
+ *  - softmax: warp h adds key j's S partials in slice order, and keeps the head's running max
+ *    m and sum l (a fixed shuffle tree, the same bits in every lane);
+ *  - P V: thread t owns outputs (head, dim) t, t + DEC_NT, ..., rescales them by the tile's
+ *    alpha and adds the tile's keys in key order.
+ * The keys end at attn_shape.key_last[b] when set (a cache of a fixed size, read up to the
+ * current token: the same launch at every step) and start at doc_start[b]. Splits leave
+ * unnormalized partials that attn_fwd_combine_kernel merges in split order, as for the forward
+ * above. */
 
-constexpr int DEC_NT = 128;               // keys per tile, threads per block
-constexpr int DEC_SPLIT_KEYS = 32;        // keys per split at least, and their multiple
-constexpr int DEC_NW = DEC_NT / 32;       // warps
-constexpr int DEC_DPL = 4;                // head dims per lane in P V (head_dim <= 128)
-constexpr int DEC_LOADS = 8;              // 16-byte loads of a key row in flight per thread
+constexpr int DEC_NT = 512;                       // threads per block
+constexpr int DEC_NW = DEC_NT / 32;               // warps: the group's heads x slices
+constexpr int DEC_TILE = 32;                      // keys per tile: a lane each
+constexpr int DEC_SPLIT_KEYS = DEC_TILE;          // keys per split at least, and their multiple
+constexpr int DEC_OUTS = CUDA_DECODE_MAX_GROUP * 128 / DEC_NT;   // outputs a thread owns
+static_assert(DEC_NW == CUDA_DECODE_MAX_GROUP, "a warp for each query head of a full group");
 
-// x[g] for g < group over the block, max or sum, the same bits in every thread.
-template <int G>
-__device__ __forceinline__ void dec_block_reduce(float (&x)[G], float *red, int group,
-                                                 bool max) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-#pragma unroll
-  for (int g = 0; g < G; g++) {
-    if (g >= group) break;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-      const float y = __shfl_xor_sync(0xffffffffu, x[g], o);
-      x[g] = max ? fmaxf(x[g], y) : x[g] + y;
-    }
-    if (lane == 0) red[g * DEC_NW + warp] = x[g];
-  }
-  __syncthreads();
-#pragma unroll
-  for (int g = 0; g < G; g++) {
-    if (g >= group) break;
-    float r = red[g * DEC_NW];
-#pragma unroll
-    for (int w = 1; w < DEC_NW; w++)
-      r = max ? fmaxf(r, red[g * DEC_NW + w]) : r + red[g * DEC_NW + w];
-    x[g] = r;
-  }
-  __syncthreads();   // red is reused by the next reduction
-}
+// A tile's K and V rows j0 .. j0 + n - 1 in flight: every load issued before any is used.
+template <typename T>
+struct DecTile {
+  static constexpr int V = 16 / sizeof(T);                      // values a 16-byte load
+  static constexpr int LOADS = 2 * DEC_TILE * 128 / V / DEC_NT;   // a thread's, head_dim 128
+  uint4 raw[LOADS];
 
-// sc[g] += sum over e < hd of q[g][e] * key[e] (q: the group's scaled queries in shared memory)
-template <typename T, int G>
-__device__ __forceinline__ void dec_scores(float (&sc)[G], const float *sq, const T *key,
-                                           int hd, int group, bool vec) {
-  constexpr int V = 16 / sizeof(T), CHUNK = DEC_LOADS * V;
-  if (!vec) {
-    for (int e = 0; e < hd; e++) {
-      const float kf = load_f(key + e);
+  // chunk c of the tile: V values of K (c < n * hd / V) or of V, row r, from column e
+  __device__ __forceinline__ void load(const T *kb, const T *vb, size_t ld, int j0, int n,
+                                       int hd) {
+    const int per_row = hd / V, half = n * per_row;
 #pragma unroll
-      for (int g = 0; g < G; g++)
-        if (g < group) sc[g] = fmaf(sq[g * hd + e], kf, sc[g]);
-    }
-    return;
-  }
-  for (int e0 = 0; e0 < hd; e0 += CHUNK) {
-    float kf[DEC_LOADS][V];
-#pragma unroll
-    for (int u = 0; u < DEC_LOADS; u++) {   // every load before the first product
-      if (e0 + u * V < hd) {
-        const uint4 raw = *reinterpret_cast<const uint4 *>(key + e0 + u * V);
-        const T *tv = reinterpret_cast<const T *>(&raw);
-#pragma unroll
-        for (int i = 0; i < V; i++) kf[u][i] = load_f(&tv[i]);
+    for (int u = 0; u < LOADS; u++) {
+      const int c = threadIdx.x + u * DEC_NT;
+      if (c < 2 * half) {
+        const int cc = c < half ? c : c - half, r = cc / per_row, e = cc % per_row * V;
+        raw[u] = *reinterpret_cast<const uint4 *>((c < half ? kb : vb) + (j0 + r) * ld + e);
       }
     }
+  }
+  // the V values of a load in fp32 (bf16: the upper half of a float's bits, exactly)
+  static __device__ __forceinline__ void unpack(float *dst, const uint4 &r, const float *) {
+    *reinterpret_cast<uint4 *>(dst) = r;
+  }
+  static __device__ __forceinline__ void unpack(float *dst, const uint4 &r, const bf16 *) {
+    reinterpret_cast<float4 *>(dst)[0] =
+        make_float4(__uint_as_float(r.x << 16), __uint_as_float(r.x & 0xffff0000u),
+                    __uint_as_float(r.y << 16), __uint_as_float(r.y & 0xffff0000u));
+    reinterpret_cast<float4 *>(dst)[1] =
+        make_float4(__uint_as_float(r.z << 16), __uint_as_float(r.z & 0xffff0000u),
+                    __uint_as_float(r.w << 16), __uint_as_float(r.w & 0xffff0000u));
+  }
+  // ... then stored in fp32: sk [DEC_TILE][kld], sv [DEC_TILE][hd]
+  __device__ __forceinline__ void stage(float *sk, float *sv, int kld, int n, int hd) const {
+    const int per_row = hd / V, half = n * per_row;
 #pragma unroll
-    for (int u = 0; u < DEC_LOADS; u++)
-#pragma unroll
-      for (int i = 0; i < V; i++) {
-        const int e = e0 + u * V + i;
-        if (e >= hd) break;
-#pragma unroll
-        for (int g = 0; g < G; g++)
-          if (g < group) sc[g] = fmaf(sq[g * hd + e], kf[u][i], sc[g]);
+    for (int u = 0; u < LOADS; u++) {
+      const int c = threadIdx.x + u * DEC_NT;
+      if (c < 2 * half) {
+        const int cc = c < half ? c : c - half, r = cc / per_row, e = cc % per_row * V;
+        unpack(c < half ? sk + r * kld + e : sv + r * hd + e, raw[u], (const T *)nullptr);
       }
+    }
+  }
+};
+
+// The same tile a value at a time, where rows are not 16-byte aligned or head_dim is not a
+// multiple of a load (the tests' odd shapes; no prefetch); K's columns hd .. kld - 5 are zeros.
+template <typename T>
+__device__ __forceinline__ void dec_stage_scalar(float *sk, float *sv, int kld, const T *kb,
+                                                 const T *vb, size_t ld, int j0, int n, int hd) {
+  const int kw = kld - 4;   // K's columns, head_dim rounded up to 4
+  for (int c = threadIdx.x; c < n * (kw + hd); c += DEC_NT) {
+    const int r = c / (kw + hd), e = c % (kw + hd);
+    if (e < kw) sk[r * kld + e] = e < hd ? load_f(kb + (j0 + r) * ld + e) : 0.0f;
+    else sv[r * hd + e - kw] = load_f(vb + (j0 + r) * ld + e - kw);
   }
 }
 
-template <typename T, int G>
-__global__ void __launch_bounds__(DEC_NT)
+__device__ __forceinline__ float dec_warp_max(float x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+  return x;
+}
+__device__ __forceinline__ float dec_warp_sum(float x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(DEC_NT, 1)   // (without the 1, ptxas keeps 64 registers)
     attn_decode_kernel(T *__restrict__ ctx, float *__restrict__ lse, const T *__restrict__ q,
                        const T *__restrict__ k, const T *__restrict__ v, Dims s,
-                       int keys_per_split, const int32_t *__restrict__ doc_start,
+                       int keys_per_split, int slices, const int32_t *__restrict__ doc_start,
                        const int32_t *__restrict__ key_last, float *__restrict__ part_o,
                        float *__restrict__ part_ml) {
-  extern __shared__ float dec_smem[];
+  extern __shared__ float4 dec_smem4[];
   pdl_wait();
   pdl_release();
   const int kh = blockIdx.x, split = blockIdx.y, b = blockIdx.z, n_split = gridDim.y;
   const int t = threadIdx.x, lane = t & 31, warp = t >> 5, hd = s.head_dim, group = s.group;
-  float *sq = dec_smem;                 // [group][hd] the group's queries, scaled
-  float *sp = sq + group * hd;          // [group][DEC_NT] the tile's probabilities
-  float *red = sp + group * DEC_NT;     // [group][DEC_NW]
+  const int hd4 = (hd + 3) & ~3, kld = hd4 + 4;   // q's and K's rows, zero-padded
+  float *sq = reinterpret_cast<float *>(dec_smem4);   // [group][hd4] the queries, scaled
+  float *sk = sq + group * hd4;                       // [DEC_TILE][kld]
+  float *sv = sk + DEC_TILE * kld;                    // [DEC_TILE][hd]
+  float *sps = sv + DEC_TILE * hd;                    // [slices][group][DEC_TILE] partial scores
+  float *sp = sps + slices * group * DEC_TILE;        // [group][DEC_TILE] probabilities
+  float *sa = sp + group * DEC_TILE;   // [group] the tile's rescale; at the end [group][2] m, l
+  const size_t q_row = ((size_t)b * s.heads + (size_t)kh * group) * hd;
+  for (int i = t; i < group * hd4; i += DEC_NT) {
+    const int h = i / hd4, e = i % hd4;
+    sq[i] = e < hd ? s.scale * load_f(q + q_row + (size_t)h * hd + e) : 0.0f;
+  }
   const int first = doc_start ? doc_start[b] : 0;
   const int last = key_last ? key_last[b] : s.tk - 1;
   const int k0 = max(first, split * keys_per_split);
   const int k1 = min(last + 1, (split + 1) * keys_per_split);
-  const size_t q_row = ((size_t)b * s.heads + (size_t)kh * group) * hd;
-  for (int i = t; i < group * hd; i += DEC_NT) sq[i] = s.scale * load_f(q + q_row + i);
   const size_t ld = (size_t)s.kv_heads * hd;
   const T *kb = k + (size_t)b * s.k_stride * ld + (size_t)kh * hd;
   const T *vb = v + (size_t)b * s.k_stride * ld + (size_t)kh * hd;
-  const bool vec = s.vec4 && hd % (16 / (int)sizeof(T)) == 0;
-  float m[G], l[G], o[G][DEC_DPL];
+  const bool vec = s.vec4 && hd % DecTile<T>::V == 0;
+  DecTile<T> tile;
+  if (vec && k0 < k1) tile.load(kb, vb, ld, k0, min(DEC_TILE, k1 - k0), hd);
+  // scores: warp w, head w / slices, dims [e0, e1) of its slice (a multiple of 4 wide)
+  const int sh = warp / slices, sl = warp % slices;
+  const int sw = ((hd4 + slices - 1) / slices + 3) & ~3;
+  const int e0 = min(hd4, sl * sw), e1 = min(hd4, e0 + sw);
+  float m = -INFINITY, l = 0.0f, o[DEC_OUTS];   // m, l: warp h < group's, of head h
 #pragma unroll
-  for (int g = 0; g < G; g++) {
-    m[g] = -INFINITY, l[g] = 0.0f;
-#pragma unroll
-    for (int c = 0; c < DEC_DPL; c++) o[g][c] = 0.0f;
-  }
-  __syncthreads();
-  for (int j0 = k0; j0 < k1; j0 += DEC_NT) {
-    const int j = j0 + t;
-    float sc[G];
-#pragma unroll
-    for (int g = 0; g < G; g++) sc[g] = j < k1 ? 0.0f : -INFINITY;
-    if (j < k1) dec_scores<T, G>(sc, sq, kb + (size_t)j * ld, hd, group, vec);
-    float mt[G];
-#pragma unroll
-    for (int g = 0; g < G; g++) mt[g] = sc[g];
-    dec_block_reduce<G>(mt, red, group, true);
-    float pt[G];
-#pragma unroll
-    for (int g = 0; g < G; g++) {
-      if (g >= group) break;
-      const float m_new = fmaxf(m[g], mt[g]);   // finite: the tile has a key
-      const float alpha = expf(m[g] - m_new);   // 0 while m = -inf
-      m[g] = m_new;
-      pt[g] = expf(sc[g] - m_new);              // 0 past the last key
-      sp[g * DEC_NT + t] = pt[g];
-      l[g] *= alpha;
-#pragma unroll
-      for (int c = 0; c < DEC_DPL; c++) o[g][c] *= alpha;
+  for (int i = 0; i < DEC_OUTS; i++) o[i] = 0.0f;
+  for (int j0 = k0; j0 < k1; j0 += DEC_TILE) {
+    const int n = min(DEC_TILE, k1 - j0);
+    if (vec) {
+      tile.stage(sk, sv, kld, n, hd);
+      __syncthreads();   // the tile (and, the first time, the queries) published
+      const int next = j0 + DEC_TILE;   // its loads in flight while this tile is worked on
+      if (next < k1) tile.load(kb, vb, ld, next, min(DEC_TILE, k1 - next), hd);
+    } else {
+      dec_stage_scalar(sk, sv, kld, kb, vb, ld, j0, n, hd);
+      __syncthreads();
     }
-    dec_block_reduce<G>(pt, red, group, false);   // its barriers publish sp too
-#pragma unroll
-    for (int g = 0; g < G; g++)
-      if (g < group) l[g] += pt[g];
-    const int n = min(DEC_NT, k1 - j0);
-#pragma unroll 4
-    for (int i = warp; i < n; i += DEC_NW) {
-      const T *vr = vb + (size_t)(j0 + i) * ld;
-      float vf[DEC_DPL];
-#pragma unroll
-      for (int c = 0; c < DEC_DPL; c++) {
-        const int d = lane + 32 * c;
-        vf[c] = d < hd ? load_f(vr + d) : 0.0f;
+    if (sh < group && lane < n) {
+      const float4 *qr = reinterpret_cast<const float4 *>(sq + sh * hd4);
+      const float4 *kr = reinterpret_cast<const float4 *>(sk + lane * kld);
+      float acc = 0.0f;
+#pragma unroll 8
+      for (int e = e0 / 4; e < e1 / 4; e++) {
+        const float4 a = qr[e], c = kr[e];
+        acc = fmaf(a.x, c.x, acc), acc = fmaf(a.y, c.y, acc);
+        acc = fmaf(a.z, c.z, acc), acc = fmaf(a.w, c.w, acc);
       }
-#pragma unroll
-      for (int g = 0; g < G; g++) {
-        if (g >= group) break;
-        const float p = sp[g * DEC_NT + i];
-#pragma unroll
-        for (int c = 0; c < DEC_DPL; c++) o[g][c] = fmaf(p, vf[c], o[g][c]);
+      sps[(sl * group + sh) * DEC_TILE + lane] = acc;
+    }
+    __syncthreads();
+    if (warp < group) {
+      float sc = -INFINITY;
+      if (lane < n) {
+        sc = sps[warp * DEC_TILE + lane];
+        for (int x = 1; x < slices; x++) sc += sps[(x * group + warp) * DEC_TILE + lane];
       }
+      const float m_new = fmaxf(m, dec_warp_max(sc));   // finite: the tile has a key
+      const float alpha = expf(m - m_new);               // 0 while m = -inf
+      const float p = lane < n ? expf(sc - m_new) : 0.0f;
+      m = m_new;
+      l = l * alpha + dec_warp_sum(p);
+      sp[warp * DEC_TILE + lane] = p;
+      if (lane == 0) sa[warp] = alpha;
     }
-    __syncthreads();   // sp is rewritten by the next tile
-  }
-  // the warps' partial P V, added in warp order (the shared memory reused: [warp][group][hd])
-  float *sum = dec_smem;
+    __syncthreads();
 #pragma unroll
-  for (int g = 0; g < G; g++) {
-    if (g >= group) break;
-#pragma unroll
-    for (int c = 0; c < DEC_DPL; c++) {
-      const int d = lane + 32 * c;
-      if (d < hd) sum[((size_t)warp * group + g) * hd + d] = o[g][c];
+    for (int i = 0; i < DEC_OUTS; i++) {
+      const int idx = t + i * DEC_NT, h = idx / hd, d = idx % hd;
+      if (h >= group) continue;   // (not break: that spills o to the stack)
+      const float *ph = sp + h * DEC_TILE;
+      float acc = o[i] * sa[h];
+#pragma unroll 8
+      for (int j = 0; j < n; j++) acc = fmaf(ph[j], sv[j * hd + d], acc);
+      o[i] = acc;
     }
+    __syncthreads();   // every tile's shared memory is rewritten by the next
   }
-  __syncthreads();
+  // the heads' m and l, from their warps to every thread
   const size_t rows = (size_t)s.batch * s.heads;
+  const size_t row0 = (size_t)b * s.heads + (size_t)kh * group;
+  if (warp < group && lane == 0) {
+    const size_t row = row0 + warp, pr = split * rows + row;
+    sa[2 * warp] = m, sa[2 * warp + 1] = l;
+    if (n_split == 1) lse[row] = m + logf(l);
+    else part_ml[2 * pr] = m, part_ml[2 * pr + 1] = l;
+  }
+  __syncthreads();
 #pragma unroll
-  for (int g = 0; g < G; g++) {
-    if (g >= group) break;
-    const size_t row = (size_t)b * s.heads + (size_t)kh * group + g;
-    if (t < hd) {
-      float acc = sum[(size_t)g * hd + t];
-#pragma unroll
-      for (int w = 1; w < DEC_NW; w++) acc += sum[((size_t)w * group + g) * hd + t];
-      if (n_split == 1) store_f(ctx + row * hd + t, acc / l[g]);
-      else part_o[((size_t)split * rows + row) * hd + t] = acc;
-    }
-    if (t == 0 && n_split == 1) lse[row] = m[g] + logf(l[g]);
-    if (t == 0 && n_split > 1) {
-      part_ml[2 * ((size_t)split * rows + row)] = m[g];
-      part_ml[2 * ((size_t)split * rows + row) + 1] = l[g];
-    }
+  for (int i = 0; i < DEC_OUTS; i++) {
+    const int idx = t + i * DEC_NT, h = idx / hd;
+    if (h >= group) continue;
+    if (n_split == 1) store_f(ctx + row0 * hd + idx, o[i] / sa[2 * h + 1]);
+    else part_o[(split * rows + row0) * hd + idx] = o[i];
   }
 }
 
@@ -1002,30 +1017,29 @@ void launch_fwd(T *ctx, float *lse, const T *q, const T *k, const T *v, const Sh
 template <typename T>
 void launch_decode(T *ctx, float *lse, const T *q, const T *k, const T *v, const Shape &d,
                    const struct attn_shape *a) {
-  // Key splits until the GPU has about two blocks per SM, each of at least DEC_SPLIT_KEYS keys:
-  // a block's time is mostly latency, which a split of fewer keys shortens (one sequence of a
-  // 192-key cache: 6 splits of 32 keys on 48 blocks, not 2 of 128 on 16).
+  // Key splits until the GPU has about a block per SM (one fits an SM), each of at least
+  // DEC_SPLIT_KEYS keys: a block's time is mostly latency, which a split of fewer keys shortens
+  // (one sequence of a 192-key cache: 6 splits of 32 keys on 48 blocks, not 2 of 128 on 16).
   const int chunks = (d.tk + DEC_SPLIT_KEYS - 1) / DEC_SPLIT_KEYS;
   const size_t rows = (size_t)d.batch * d.heads;
-  int n_split = key_splits((size_t)d.kv_heads * d.batch, 2, chunks, rows, d.head_dim);
+  int n_split = key_splits((size_t)d.kv_heads * d.batch, 1, chunks, rows, d.head_dim);
   const int keys_per_split =
       ((d.tk + n_split - 1) / n_split + DEC_SPLIT_KEYS - 1) / DEC_SPLIT_KEYS * DEC_SPLIT_KEYS;
   n_split = (d.tk + keys_per_split - 1) / keys_per_split;
   float *part_o, *part_ml;
   split_partials(n_split, rows, d.head_dim, &part_o, &part_ml, "attention decode key splits");
-  // queries, probabilities and the reductions; then, reused, the warps' partial P V
-  const size_t tile = (size_t)d.group * (d.head_dim + DEC_NT + DEC_NW);
-  const size_t sums = (size_t)DEC_NW * d.group * d.head_dim;
-  const size_t smem = sizeof(float) * (tile > sums ? tile : sums);
+  if (d.group > CUDA_DECODE_MAX_GROUP)
+    refuse("cuda_attention_forward", a, "more than 16 query heads per kv head");
+  int slices = 1;   // of the head dims, a warp each: the most that DEC_NW warps cover
+  while (2 * slices * d.group <= DEC_NW) slices *= 2;
+  // the queries, a tile's K (padded rows) and V, partial scores, probabilities, m and l
+  const size_t hd4 = (d.head_dim + 3) & ~3;
+  const size_t smem = sizeof(float) * (d.group * hd4 + DEC_TILE * (hd4 + 4 + d.head_dim) +
+                                       (size_t)(slices + 1) * d.group * DEC_TILE + 2 * d.group);
   dim3 grid(d.kv_heads, n_split, d.batch);
-  // the group's per-head registers sized to the next of 4, 8, 16 query heads
-  static_assert(CUDA_DECODE_MAX_GROUP == 16, "the instantiations below end at 16");
-  auto *kernel = d.group <= 4 ? attn_decode_kernel<T, 4>
-                 : d.group <= 8 ? attn_decode_kernel<T, 8>
-                 : d.group <= 16 ? attn_decode_kernel<T, 16> : nullptr;
-  if (!kernel) refuse("cuda_attention_forward", a, "more than 16 query heads per kv head");
-  CUDA_LAUNCH_PDL("attn_decode_kernel", kernel, grid, dim3(DEC_NT), smem, ctx, lse, q, k, v,
-                  (Dims)d, keys_per_split, a->doc_start, a->key_last, part_o, part_ml);
+  CUDA_LAUNCH_PDL("attn_decode_kernel", attn_decode_kernel<T>, grid, dim3(DEC_NT), smem, ctx,
+                  lse, q, k, v, (Dims)d, keys_per_split, slices, a->doc_start, a->key_last,
+                  part_o, part_ml);
   combine_splits(ctx, lse, part_o, part_ml, d, n_split);
 }
 
