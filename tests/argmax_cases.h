@@ -7,9 +7,10 @@
 
 /* Row k of x [ARGMAX_KINDS, n], which holds random values, becomes kind k: ties at the first, a
  * middle and the last index; a tie in the middle and at the end; the maximum only at the end
- * (past the 16 lanes of the host's argmax when n is not a multiple of 16); NaN over the first
- * half (every lane of the host's argmax starts with one) and at the last index; every value NaN; every value -inf; -inf among NaN; -0.0 tying
- * +0.0 among negative values; +inf among NaN; and the random values as they are. */
+ * (past the 16 lanes of the host's argmax when n is not a multiple of 16); NaN at the first
+ * index and over the second half (after the maximum in every lane of the host's argmax); every
+ * value NaN; every value -inf; -inf among NaN; -0.0 tying +0.0 among negative values; +inf
+ * among NaN; and the random values as they are. */
 #define ARGMAX_KINDS 10
 static inline void argmax_cases(float *x, int n) {
   int mid = n / 2;
@@ -20,8 +21,8 @@ static inline void argmax_cases(float *x, int n) {
     case 1: r[mid] = r[n - 1] = 7; break;
     case 2: r[n - 1] = 7; break;
     case 3:
-      for (int i = 0; i < mid; i++) r[i] = NAN;
-      r[n - 1] = NAN;
+      for (int i = mid; i < n; i++) r[i] = NAN;
+      r[0] = NAN;
       break;
     case 4: for (int i = 0; i < n; i++) r[i] = NAN; break;
     case 5: for (int i = 0; i < n; i++) r[i] = -INFINITY; break;
