@@ -175,6 +175,14 @@ struct backend {
                     const int32_t *positions, int n, int width, int seq_rows);
   /* a[i] *= s */
   void (*scale)(float *a, float s, size_t n);
+  /* Greedy decoding's token, picked where the logits are: dst[r] (int32) = the first index of
+   * the largest value of row r of x [rows, n] (fp32) that is not NaN, 0 when every value is NaN
+   * (ties to the lowest index; a row of -inf gives 0): kernels/argmax.h's argmax_first, which
+   * the sampler runs on the host, so both pick the same token, whatever order a backend visits
+   * the values in. A decoding step then copies `rows` ids to the host instead of rows x vocab
+   * logits (608 KB a sequence at Qwen3's vocabulary). No copy, synchronization or allocation:
+   * a recorded decoding step (capture_begin) ends with it. */
+  void (*argmax_rows)(int32_t *dst, const float *x, int rows, int n);
 
   /* The LM head and cross-entropy, fused and chunked so the [n, vocab] logits never exist
    * whole. For each row i with targets[i] >= 0: nll[i] = logsumexp(logits_i) - logits_i[t].

@@ -70,6 +70,11 @@ MUTATIONS=(
   'weight_parts_ignored#kernels/cpu/cpu_nvfp4.c#s/quantize(xq, dec, w, rows, cols, layout, 0, 0, -1, \&amax);/quantize(xq, dec, w, rows, cols, layout, 0, 0, -1, NULL);/#^test_ops$#the weight quantization takes an amax pass of its own, not the parts (the equalities cannot tell)'
   'amax_parts_valid_before_adamw#worker/nvfp4_linear.c#s/  w->amax_parts_valid = w->amax_parts_fresh \&\& !amax_pass_forced();/  w->amax_parts_valid = w->amax_parts != NULL \&\& !amax_pass_forced();/#^test_nvfp4_linear$|^mpi_test_nvfp4_train$#the weights quantize from amax parts AdamW has not written (after init, or a checkpoint load)'
   'amax_parts_run_merged#trainer/optim.c#s/p->decay == decay \&\& !parts \&\& !own)/p->decay == decay)/#^mpi_test_nvfp4_train$#AdamW merges neighbouring NVFP4 matrices into one run, whose parts all go to the first'
+  'argmax_ties_to_last#kernels/argmax.c#s/  for (i = 0; i < n; i++)/  for (i = n - 1; i > 0; i--)/#^test_ops$|^test_sampler$#the greedy argmax breaks ties to the last index'
+  'argmax_nan_wins#kernels/argmax.c#s/lane_max\[k\] = x\[i + k\] > lane_max\[k\]/lane_max[k] = !(x[i + k] <= lane_max[k])/#^test_ops$|^test_sampler$#a NaN wins a lane of the greedy argmax'
+  'argmax_tail_dropped#kernels/argmax.c#s/  for (; i < n; i++) top = x\[i\] > top ? x\[i\] : top;/  (void)0;/#^test_ops$|^test_sampler$#the greedy argmax leaves out the values past its last 16 lanes'
+  'device_pick_first_sequence#worker/worker.c#s/be->argmax_rows(greedy, logits, rows, vocab);/be->argmax_rows(greedy, logits, 1, vocab);/#^mpi_test_hf_eval$#a decoding step picks only its first sequence'"'"'s token on the device (the others keep stale ids)'
+  'device_pick_when_sampling#trainer/generate.c#s/int device_pick = last \&\& sampler_greedy(\&g->sampler) \&\& !g->check_kv;/int device_pick = last \&\& !g->check_kv;/#^mpi_test_hf_eval$#sampling with a temperature takes the backend'"'"'s greedy token'
 )
 
 echo "copying the working tree to $work/src"

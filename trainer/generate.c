@@ -33,16 +33,24 @@ void pipeline_send_output(struct comm *c, struct worker *chunk, int k, int n, si
 /* One forward through this stage's chunks, moving activations between stages: n tokens of
  * sequence seq (INFER_EACH: one token of each cached sequence) with the caches kv, one per
  * chunk, or without (NULL: the n tokens are the whole sequence). On the last stage the logits
- * land in `logits`. */
+ * land in `logits`, or, with ids, only the greedy tokens the backend picked from them
+ * (worker_infer). */
 static void stage_forward(struct worker *chunks, int n_chunks, struct comm *c,
                           const int32_t *tokens, const int32_t *positions, int n,
-                          struct kv_cache *kv, int seq, int tag, float *logits) {
+                          struct kv_cache *kv, int seq, int tag, float *logits, int32_t *ids) {
   size_t bytes = (size_t)n * chunks[0].plan.cfg.hidden_size * dtype_bytes(chunks[0].plan.act);
   for (int k = 0; k < n_chunks; k++) {
     pipeline_recv_input(c, &chunks[k], k, bytes, tag);
-    worker_infer(&chunks[k], tokens, positions, n, kv ? &kv[k] : NULL, seq, logits);
+    worker_infer(&chunks[k], tokens, positions, n, kv ? &kv[k] : NULL, seq, logits, ids);
     pipeline_send_output(c, &chunks[k], k, n_chunks, bytes, tag);
   }
+}
+
+/* Host memory the backend copies into fastest (pinned on a GPU). */
+static void *host_buffer(const struct backend *be, size_t bytes, const char *what) {
+  void *p = be->host_alloc(bytes);
+  if (!p) die("generation: out of host memory for %s (%zu bytes)", what, bytes);
+  return p;
 }
 
 /* Appends a token; returns whether the sequence is now finished. */
@@ -97,22 +105,26 @@ void generate(struct worker *chunks, int n_chunks, struct comm *c, const struct 
     kv = xcalloc((size_t)n_chunks, sizeof *kv);
     for (int k = 0; k < n_chunks; k++) kv_cache_init(&kv[k], &chunks[k], max_len, n_prompts);
   }
-  /* a decoding step's logits of every sequence come back into host memory the backend copies
-   * into fastest (pinned on a GPU): 19 MB a step at 32 sequences of Qwen3's vocabulary */
-  size_t logit_bytes = (size_t)n_prompts * vocab * sizeof(float);
-  float *logits = last ? w->be->host_alloc(logit_bytes) : NULL;
-  if (last && !logits)
-    die("generation: out of host memory for the logits (%zu bytes)", logit_bytes);
+  /* Greedy decoding picks its tokens where the logits are (ops.h argmax_rows) and a round
+   * copies back an id a sequence. Sampling, and the KV check, which compares the logits, copy
+   * them all back instead: 19 MB a step at 32 sequences of Qwen3's vocabulary. */
+  int device_pick = last && sampler_greedy(&g->sampler) && !g->check_kv;
+  float *logits = last && !device_pick
+                      ? host_buffer(w->be, (size_t)n_prompts * vocab * sizeof(float), "the logits")
+                      : NULL;
+  int32_t *picked = device_pick
+                        ? host_buffer(w->be, (size_t)n_prompts * sizeof(int32_t), "the tokens")
+                        : NULL;
   float *replay = last && g->check_kv ? xmalloc((size_t)vocab * sizeof(float)) : NULL;
-  void *scratch = last ? xmalloc(sampler_scratch_bytes(vocab)) : NULL;
+  void *scratch = logits ? xmalloc(sampler_scratch_bytes(vocab)) : NULL;
   int32_t *tok = xmalloc((size_t)n_prompts * sizeof(int32_t));
   int32_t *pos = xmalloc((size_t)n_prompts * sizeof(int32_t));
 
   /* Every stage walks the rounds alike. Round 0 runs each prompt (the prefill); later rounds
    * one decoding step of every sequence at once, the finished ones included (their tokens are
    * dropped; their rows of the cache run on past them, never beyond max_len), or without a
-   * cache each unfinished sequence in full. The last stage samples the round's tokens and
-   * sends them to the other stages in one message. */
+   * cache each unfinished sequence in full. The last stage samples the round's tokens (or
+   * takes the backend's greedy picks) and sends them to the other stages in one message. */
   long long prompt_tokens = 0;
   for (int p = 0; p < n_prompts; p++) prompt_tokens += prompt_len[p];
   double round0 = now_seconds(), shown = round0;
@@ -125,23 +137,26 @@ void generate(struct worker *chunks, int n_chunks, struct comm *c, const struct 
         struct sequence *s = &seq[p];
         if (s->done) continue;
         stage_forward(chunks, n_chunks, c, s->ids, positions, s->len, kv, g->use_kv ? p : 0,
-                      p, last ? logits + (size_t)p * vocab : NULL);
+                      p, logits ? logits + (size_t)p * vocab : NULL, picked ? picked + p : NULL);
       }
     } else {
       for (int p = 0; p < n_prompts; p++) {
         pos[p] = kv[0].len[p];
         tok[p] = seq[p].ids[seq[p].len - 1];
       }
-      stage_forward(chunks, n_chunks, c, tok, pos, n_prompts, kv, INFER_EACH, STEP_TAG, logits);
+      stage_forward(chunks, n_chunks, c, tok, pos, n_prompts, kv, INFER_EACH, STEP_TAG, logits,
+                    picked);
     }
     for (int p = 0; p < n_prompts; p++) {
       struct sequence *s = &seq[p];
       if (s->done) continue;
-      const float *row = last ? logits + (size_t)p * vocab : NULL;
+      const float *row = logits ? logits + (size_t)p * vocab : NULL;
       if (g->check_kv) stage_forward(chunks, n_chunks, c, s->ids, positions, s->len, NULL, 0,
-                                     p, replay);
+                                     p, replay, NULL);
       if (!last) continue;
-      tok[p] = sampler_next(&g->sampler, row, vocab, (uint32_t)p, (uint32_t)round, scratch);
+      tok[p] = picked ? picked[p]
+                      : sampler_next(&g->sampler, row, vocab, (uint32_t)p, (uint32_t)round,
+                                     scratch);
       if (g->check_kv) {
         float *diff = &out[p].step_diff[out[p].n];
         for (int v = 0; v < vocab; v++) *diff = fmaxf(*diff, fabsf(row[v] - replay[v]));
@@ -186,6 +201,7 @@ void generate(struct worker *chunks, int n_chunks, struct comm *c, const struct 
   free(seq);
   free(positions);
   w->be->host_free(logits);
+  w->be->host_free(picked);
   free(replay);
   free(scratch);
   free(tok);

@@ -2,7 +2,7 @@
  * sequence's logits (host fp32, vocab entries) to one token id.
  *
  * Order, as Hugging Face's logits processors: temperature, then top-k, then top-p, then the draw.
- *  - temperature <= 0: greedy, the argmax; ties go to the lowest id.
+ *  - temperature <= 0: greedy, the argmax (kernels/argmax.h); ties go to the lowest id.
  *  - top_k > 0: keep the k highest logits (exactly k; ties at the k-th value go to the lower ids,
  *    where HF would keep every tied token). 0 is off.
  *  - top_p < 1: keep the smallest set of most probable tokens whose probability sums to >= top_p:
@@ -34,6 +34,10 @@ struct sampler {
   float top_p;         /* 1: off; in (0, 1] */
   uint64_t seed;
 };
+
+/* 1 when s picks the argmax (temperature <= 0): what a backend can pick on its own (ops.h
+ * argmax_rows, the same function on the CPU), so that only the token comes back to the host. */
+int sampler_greedy(const struct sampler *s);
 
 /* Bytes of scratch sampler_next needs for a vocabulary of that size. */
 size_t sampler_scratch_bytes(int vocab);

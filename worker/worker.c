@@ -274,9 +274,11 @@ static void alloc_activations(struct worker *w) {
   w->nll = must_alloc(be, tokens * sizeof(float), "per-token losses");
   w->stream = xcalloc((size_t)p->n_live, sizeof(uint64_t));
   if (p->q_scratch_bytes) w->q_scratch = must_alloc(be, p->q_scratch_bytes, "NVFP4 operands");
-  if (p->has_head)   /* fp32 logits, then the GEMM's output in the activation dtype */
+  if (p->has_head) {   /* fp32 logits, then the GEMM's output in the activation dtype */
     w->logits = must_alloc(be, (size_t)p->cfg.vocab_size * (sizeof(float) + dtype_bytes(p->act)),
                            "logits");
+    w->greedy = must_alloc(be, sizeof(int32_t), "greedy token");
+  }
 }
 
 
@@ -293,11 +295,13 @@ static void free_activations(struct worker *w) {
   be->free(w->nll);
   if (w->q_scratch) be->free(w->q_scratch);
   if (w->logits) be->free(w->logits);
+  if (w->greedy) be->free(w->greedy);
   free(w->slot);
   free(w->final_normed);
   free(w->head_grad);
   free(w->stream);
   w->q_scratch = w->logits = NULL;
+  w->greedy = NULL;
 }
 
 void worker_reshape(struct worker *w, int batch, int seq, int n_live) {
@@ -589,6 +593,11 @@ static size_t kv_logit_bytes(const struct worker_plan *p, int n_seq) {
                      : 0;
 }
 
+/* their greedy tokens (argmax_rows) */
+static size_t kv_greedy_bytes(const struct worker_plan *p, int n_seq) {
+  return p->has_head ? (size_t)n_seq * sizeof(int32_t) : 0;
+}
+
 size_t kv_packed_bytes(const struct worker_plan *p, int n_seq, const struct backend *be) {
   return be->nvfp4_gemv_packed && n_seq <= NVFP4_PACKED_DECODE_ROWS ? p->fp4_bytes : 0;
 }
@@ -596,7 +605,7 @@ size_t kv_packed_bytes(const struct worker_plan *p, int n_seq, const struct back
 size_t kv_cache_bytes(const struct worker_plan *p, int max_len, int n_seq,
                       const struct backend *be) {
   return kv_data_bytes(p, max_len, n_seq) + kv_logit_bytes(p, n_seq) +
-         kv_packed_bytes(p, n_seq, be);
+         kv_greedy_bytes(p, n_seq) + kv_packed_bytes(p, n_seq, be);
 }
 
 void kv_cache_init(struct kv_cache *kv, const struct worker *w, int max_len, int n_seq) {
@@ -606,7 +615,10 @@ void kv_cache_init(struct kv_cache *kv, const struct worker *w, int max_len, int
   kv->max_len = max_len;
   kv->n_seq = n_seq;
   kv->len = xcalloc((size_t)n_seq, sizeof(int));
-  if (p->has_head) kv->logits = must_alloc(w->be, kv_logit_bytes(p, n_seq), "decoding logits");
+  if (p->has_head) {
+    kv->logits = must_alloc(w->be, kv_logit_bytes(p, n_seq), "decoding logits");
+    kv->greedy = must_alloc(w->be, kv_greedy_bytes(p, n_seq), "decoding tokens");
+  }
   size_t fp4_bytes = w->nvfp4_paused ? 0 : kv_packed_bytes(p, n_seq, w->be);
   if (fp4_bytes) {
     kv->fp4 = must_alloc(w->be, fp4_bytes, "NVFP4 weights packed for decoding");
@@ -619,6 +631,7 @@ void kv_cache_free(struct kv_cache *kv, const struct worker *w) {
   if (kv->decode_step) w->be->replay_free(kv->decode_step);
   w->be->free(kv->data);
   if (kv->logits) w->be->free(kv->logits);
+  if (kv->greedy) w->be->free(kv->greedy);
   if (kv->fp4) w->be->free(kv->fp4);
   free(kv->len);
   memset(kv, 0, sizeof *kv);
@@ -626,8 +639,8 @@ void kv_cache_free(struct kv_cache *kv, const struct worker *w) {
 
 /* The device work of worker_infer: the layers, and on the last stage the fp32 logits of the
  * last token, or of each of the n (INFER_EACH), into `logits` (then their act-typed GEMM
- * output). */
-static void infer_ops(struct worker *w, int n, int each, float *logits) {
+ * output), and when greedy is not NULL the token of each of those rows into it. */
+static void infer_ops(struct worker *w, int n, int each, float *logits, int32_t *greedy) {
   const struct backend *be = w->be;
   const struct worker_plan *p = &w->plan;
   int d = p->cfg.hidden_size, vocab = p->cfg.vocab_size, rows = each ? n : 1;
@@ -642,10 +655,11 @@ static void infer_ops(struct worker *w, int n, int each, float *logits) {
   const void *head = worker_weight_act(w, w->head_param);
   be->linear_forward(&out, last, &head, &vocab, 1, rows, d);
   be->convert(logits, DT_F32, out, p->act, (size_t)rows * vocab);
+  if (greedy) be->argmax_rows(greedy, logits, rows, vocab);
 }
 
 void worker_infer(struct worker *w, const int32_t *tokens, const int32_t *positions, int n,
-                  struct kv_cache *kv, int seq, float *logits) {
+                  struct kv_cache *kv, int seq, float *logits, int32_t *ids) {
   const struct backend *be = w->be;
   const struct worker_plan *p = &w->plan;
   int each = seq == INFER_EACH;
@@ -667,23 +681,28 @@ void worker_infer(struct worker *w, const int32_t *tokens, const int32_t *positi
   be->to_device(w->positions, positions, (size_t)n * sizeof(int32_t));
   if (p->has_embedding) be->to_device(live_tokens(w, 0), tokens, (size_t)n * sizeof(int32_t));
   float *dev_logits = each ? kv->logits : w->logits;
+  int32_t *dev_ids = !ids ? NULL : each ? kv->greedy : w->greedy;
   /* A decoding step runs the same ops at every step (they read the positions and the tokens
    * from device memory), hundreds of small launches: recorded once per cache, then replayed.
    * Not under --timing, which synchronizes around every stage. */
   int record = each && be->capture_begin && !block_timing;
+  if (record && kv->decode_step && kv->decode_greedy != (ids != NULL))
+    die("internal: worker_infer: a cache's decoding steps all pick their tokens or none does");
   if (record && kv->decode_step) {
     be->replay(kv->decode_step);
   } else if (record) {
     be->capture_begin();
-    infer_ops(w, n, each, dev_logits);
+    infer_ops(w, n, each, dev_logits, dev_ids);
     kv->decode_step = be->capture_end();
+    kv->decode_greedy = ids != NULL;
     be->replay(kv->decode_step);
   } else {
-    infer_ops(w, n, each, dev_logits);
+    infer_ops(w, n, each, dev_logits, dev_ids);
   }
   for (int i = 0; kv && i < n; i++) kv->len[each ? i : seq]++;
   w->seq_now = 0;
   w->kv = NULL;
-  if (p->has_head)
-    be->to_host(logits, dev_logits, (size_t)(each ? n : 1) * p->cfg.vocab_size * sizeof(float));
+  size_t rows = each ? (size_t)n : 1;
+  if (p->has_head && ids) be->to_host(ids, dev_ids, rows * sizeof(int32_t));
+  else if (p->has_head) be->to_host(logits, dev_logits, rows * p->cfg.vocab_size * sizeof(float));
 }

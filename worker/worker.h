@@ -146,6 +146,7 @@ struct worker {
   struct kv_cache *kv;
   int kv_seq;
   float *logits;               /* [vocab] fp32, last stage, then the GEMM's act-typed output */
+  int32_t *greedy;             /* last stage: argmax_rows' token of logits (backend memory) */
 };
 
 enum { SUM_LOSS, SUM_NORM };
@@ -159,7 +160,10 @@ struct kv_cache {
   int *len;                    /* [n_seq], host */
   float *logits;               /* last stage: [n_seq][vocab] fp32, then the GEMM's act-typed
                                 * output (backend memory): a decoding step's logits */
+  int32_t *greedy;             /* last stage: [n_seq] argmax_rows' token of each sequence's
+                                * logits (backend memory) */
   void *decode_step;           /* the recorded ops of a decoding step (backend capture_begin) */
+  int decode_greedy;           /* 1: decode_step ends with argmax_rows into greedy */
   /* The stage's NVFP4 matrices packed (ops.h nvfp4_pack) from the masters as they were when
    * the cache was made, which its decoding steps of at most NVFP4_PACKED_DECODE_ROWS tokens
    * read; NULL without NVFP4 layers, for more sequences, or where the backend has no packed
@@ -255,8 +259,8 @@ void worker_gather_tied_grads(struct worker *w);
  * decoding steps that read them); else 0. */
 size_t kv_packed_bytes(const struct worker_plan *p, int n_seq, const struct backend *be);
 /* Backend bytes kv_cache_init takes on be: the keys and values of n_seq sequences of max_len
- * tokens in the plan's layers, on the last stage a decoding step's logits, and kv_packed_bytes
- * (for --dry-run). */
+ * tokens in the plan's layers, on the last stage a decoding step's logits and greedy tokens, and
+ * kv_packed_bytes (for --dry-run). */
 size_t kv_cache_bytes(const struct worker_plan *p, int max_len, int n_seq,
                       const struct backend *be);
 void kv_cache_init(struct kv_cache *kv, const struct worker *w, int max_len, int n_seq);
@@ -268,9 +272,13 @@ void kv_cache_free(struct kv_cache *kv, const struct worker *w);
  * each of the cache's n = kv->n_seq sequences (a decoding step). Attention sees the cached
  * tokens too, and the new keys and values are appended. The first stage embeds tokens; the
  * others read worker_input(w, 0). The last stage writes to the host array `logits` the logits
- * of the sequence's last token, or of each token ([n][vocab]) for INFER_EACH. */
+ * of the sequence's last token, or of each token ([n][vocab]) for INFER_EACH; or, when ids is
+ * not NULL (greedy decoding), the backend picks the token of each of those rows (ops.h
+ * argmax_rows) and only the ids come back, to ids ([1], or [n] for INFER_EACH), and logits is
+ * not written. A cache's decoding steps all pick their tokens or none does (the recorded step
+ * ends with the pick or not). */
 void worker_infer(struct worker *w, const int32_t *tokens, const int32_t *positions, int n,
-                  struct kv_cache *kv, int seq, float *logits);
+                  struct kv_cache *kv, int seq, float *logits, int32_t *ids);
 /* Before the micro-batches of optimizer step `step`, and before any forward after the weights
  * changed (loading, evaluation): makes the act-typed weight copy and quantizes the NVFP4
  * weights. */

@@ -18,6 +18,7 @@ void cpu_swiglu_backward(void *dg, void *du, const void *dout, const void *g, co
                          size_t n, int acc);
 void cpu_add(void *out, const void *a, const void *b, size_t n, enum dtype t);
 void cpu_scale(float *a, float s, size_t n);
+void cpu_argmax_rows(int32_t *dst, const float *x, int rows, int n);
 void cpu_sum_into(double *acc, const float *x, size_t n, int squares);
 
 /* cpu_norm.c */

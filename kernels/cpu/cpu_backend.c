@@ -72,6 +72,7 @@ const struct backend backend_cpu = {
   .linear_backward = cpu_linear_backward,
   .add = cpu_add,
   .scale = cpu_scale,
+  .argmax_rows = cpu_argmax_rows,
   .lm_head_loss = cpu_lm_head_loss,
   .sum_into = cpu_sum_into,
   .nvfp4_quantize = cpu_nvfp4_quantize,

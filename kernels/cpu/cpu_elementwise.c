@@ -1,9 +1,10 @@
-/* The memory-bound ops: embedding, SwiGLU, residual add, the KV cache's append, scaling and the
- * sums. */
+/* The memory-bound ops: embedding, SwiGLU, residual add, the KV cache's append, scaling, greedy
+ * decoding's argmax and the sums. */
 #include <math.h>
 #include <string.h>
 
 #include "common/util.h"
+#include "kernels/argmax.h"
 #include "kernels/cpu/cpu.h"
 
 void cpu_embedding_forward(void *out_, const int32_t *tokens, const void *table_, int n, int dim) {
@@ -74,6 +75,10 @@ void cpu_kv_append(void *k_cache, void *v_cache, const void *k, const void *v,
 void cpu_scale(float *a, float s, size_t n) {
 #pragma omp parallel for
   for (size_t i = 0; i < n; i++) a[i] *= s;
+}
+
+void cpu_argmax_rows(int32_t *dst, const float *x, int rows, int n) {
+  for (int r = 0; r < rows; r++) dst[r] = argmax_first(x + (size_t)r * n, n);
 }
 
 /* Serial: the sum's order must depend on n alone, not on the thread count. */

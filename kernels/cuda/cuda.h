@@ -147,6 +147,9 @@ void cuda_kv_append(void *k_cache, void *v_cache, const void *k, const void *v,
 void cuda_scale(float *a, float s, size_t n);
 void cuda_sum_into(double *acc, const float *x, size_t n, int squares);
 
+/* ---- cuda_argmax.cu */
+void cuda_argmax_rows(int32_t *dst, const float *x, int rows, int n);
+
 /* ---- cuda_norm.cu */
 void cuda_rmsnorm_forward(void *out, const void *x, const float *w, int n, int dim, float eps);
 void cuda_rmsnorm_backward(void *dx, float *dw, const void *dout, const void *x, const float *w,

@@ -365,6 +365,7 @@ extern "C" const struct backend backend_cuda = {
   .add = cuda_add,
   .kv_append = cuda_kv_append,
   .scale = cuda_scale,
+  .argmax_rows = cuda_argmax_rows,
   .lm_head_loss = cuda_lm_head_loss,
   .sum_into = cuda_sum_into,
   .nvfp4_quantize = cuda_nvfp4_quantize,

@@ -60,6 +60,11 @@ MUTATIONS=(
   'gemv_packed_int_scales_of_one_row#kernels/cuda/cuda_linear.cu#s/gemv_i8_operand_at(const_cast<void \*>(xq), n, in_dim)/gemv_i8_operand_at(const_cast<void *>(xq), 1, in_dim)/#the packed GEMV looks for x'"'"'s scales after one row of integers whatever n'
   'gemv_i8_x_block_scale_swapped#kernels/cuda/cuda_gemv.cuh#s/w.s\[b\] \* (b ? xs\[t\].y : xs\[t\].x)/w.s[b] * (b ? xs[t].x : xs[t].y)/#the integer GEMV scales each block of x by its neighbour'"'"'s s_b'
   'gemv_i8_rows_share_scales#kernels/cuda/cuda_gemv.cuh#s/x.s + ((size_t)t \* in_dim + col) \/ 16/x.s + (size_t)col \/ 16/#the integer GEMV scales every token row by the first row'"'"'s block scales'
+  'argmax_ties_to_last#kernels/cuda/cuda_argmax.cu#s/(ov == v \&\& oi < i)/(ov == v \&\& oi > i)/#the device argmax breaks ties to the highest index'
+  'argmax_nan_wins#kernels/cuda/cuda_argmax.cu#s/if (ov > v || (ov == v/if (!(ov <= v) || (ov == v/#a NaN wins the device argmax'
+  'argmax_butterfly_short#kernels/cuda/cuda_argmax.cu#0,/for (int m = 16; m > 0; m >>= 1)/s//for (int m = 16; m > 1; m >>= 1)/#the device argmax'"'"'s warp reduction leaves out the odd lanes'
+  'argmax_vec_odd_n#kernels/cuda/cuda_argmax.cu#s/const bool vec = n % 4 == 0 \&\& cuda_aligned16(x);/const bool vec = cuda_aligned16(x);/#the device argmax reads float4 groups of a row whose length is not a multiple of 4'
+  'argmax_all_nan_not_zero#kernels/cuda/cuda_argmax.cu#s/dst\[blockIdx.x\] = i == NO_INDEX ? 0 : i;/dst[blockIdx.x] = i;/#the device argmax of a row of NaN is not 0'
   # only the bf16 mode's checks can catch these: the fp32 and tf32 modes never store bf16
   'bf16_decode_unpack_swapped#kernels/cuda/cuda_attention.cu#s/make_float4(__uint_as_float(r.x << 16), __uint_as_float(r.x \& 0xffff0000u),/make_float4(__uint_as_float(r.x \& 0xffff0000u), __uint_as_float(r.x << 16),/#decode attention swaps the first two bf16 values of every 16-byte load of K and V'
   'bf16_store_truncates#kernels/cuda/cuda_dtype.cuh#s/{ \*p = __float2bfloat16_rn(v); }/{ *p = __float2bfloat16_rz(v); }/#bf16 activations stored rounded toward zero'

@@ -7,6 +7,7 @@
  *    nvfp4_pack's codes, scales and S_dec those of the host quantizer (kernels/nvfp4.h) byte
  *    for byte, and the GEMV on them (nvfp4_gemv_packed on the integer operand, 1 to 3
  *    matrices a call) within 1e-5 of the CPU op and of a double sum; sum_into within 1e-12;
+ *    argmax_rows exactly (tests/argmax_cases.h's ties, NaN and infinities too), recorded too;
  *  - tf32 (activations fp32, TF32 on): the linear GEMMs, 3e-3: TF32 rounds operands to 10
  *    mantissa bits;
  *  - bf16 (activations bf16, TF32 on), the default: every op that takes activations, with bf16
@@ -38,6 +39,7 @@
 #include "common/util.h"
 #include "kernels/nvfp4.h"
 #include "kernels/ops.h"
+#include "tests/argmax_cases.h"
 #include "tests/check.h"
 
 #ifndef QWEN3_HAVE_CUDA
@@ -546,6 +548,59 @@ static void test_kv_append(int rows, int width, int seq_rows) {
   expect_act(name, d_vc, vc, nc, 0);
   gpu->free(d_k); gpu->free(d_v); gpu->free(d_pos);
   free(kc); free(vc); free(k); free(v);
+}
+
+/* argmax_rows: the CPU's token of every row, exactly, on the rows of tests/argmax_cases.h.
+ * Every kind goes through calls of 1, 2, 3 and 4 rows (a decoding step's few sequences) and one
+ * of all the kinds; dst is poisoned with -7, and its word past the rows must stay so. offset
+ * moves the rows one float off 16-byte alignment (with n odd or offset 1: the scalar loads).
+ * Then the op recorded (capture_begin), as a decoding step records it, and replayed on other
+ * values. */
+static void test_argmax_rows(int n, int offset) {
+  const int kinds = ARGMAX_KINDS;
+  size_t total = (size_t)kinds * n;
+  float *x = rand_floats(total + offset, -3, 3);
+  argmax_cases(x + offset, n);
+  float *d_x = up(x, (total + offset) * sizeof(float));
+  int32_t want[ARGMAX_KINDS], got[ARGMAX_KINDS + 1], poison[ARGMAX_KINDS + 1];
+  for (int k = 0; k <= kinds; k++) poison[k] = -7;
+  int32_t *d_dst = up(poison, sizeof poison);
+  cpu->argmax_rows(want, x + offset, kinds, n);
+  const int row_counts[] = {1, 2, 3, 4, kinds};
+  int wrong = 0, calls = 0;
+  for (int c = 0; c < 5; c++)
+    for (int rows = row_counts[c], k0 = 0; k0 + rows <= kinds; k0 += rows, calls++) {
+      gpu->to_device(d_dst, poison, sizeof poison);
+      gpu->argmax_rows(d_dst, d_x + offset + (size_t)k0 * n, rows, n);
+      gpu->to_host(got, d_dst, sizeof got);
+      for (int r = 0; r < rows; r++) wrong += got[r] != want[k0 + r];
+      wrong += got[rows] != -7;
+    }
+  char name[112];
+  snprintf(name, sizeof name, "argmax_rows of %d rows of %d%s in %d calls, exact", kinds, n,
+           offset ? " (unaligned)" : "", calls);
+  printf("%-4s %-62s %s\n", mode, name, wrong ? "DIFFERENT" : "exact");
+  CHECK(!wrong, "%s: %d rows wrong", name, wrong);
+
+  gpu->capture_begin();
+  gpu->argmax_rows(d_dst, d_x + offset, kinds, n);
+  void *recording = gpu->capture_end();
+  for (size_t i = 0; i < total; i++) x[offset + i] = (float)uniform(-3, 3);
+  cpu->argmax_rows(want, x + offset, kinds, n);
+  gpu->to_device(d_x, x, (total + offset) * sizeof(float));
+  gpu->to_device(d_dst, poison, sizeof poison);
+  gpu->replay(recording);
+  gpu->to_host(got, d_dst, sizeof got);
+  gpu->replay_free(recording);
+  wrong = got[kinds] != -7;
+  for (int k = 0; k < kinds; k++) wrong += got[k] != want[k];
+  snprintf(name, sizeof name, "argmax_rows of %d rows of %d%s recorded, replayed on new values",
+           kinds, n, offset ? " (unaligned)" : "");
+  printf("%-4s %-62s %s\n", mode, name, wrong ? "DIFFERENT" : "exact");
+  CHECK(!wrong, "%s: %d rows wrong", name, wrong);
+  gpu->free(d_x);
+  gpu->free(d_dst);
+  free(x);
 }
 
 /* tq == tk: training (forward and backward); tq < tk: decoding against a cache of k_stride.
@@ -1886,6 +1941,11 @@ int main(void) {
   float *x = rand_floats(ne, -4, 4);
   test_sum_into(x, ne);
   free(x);
+  test_argmax_rows(151936, 0);   /* Qwen3's vocabulary: the float4 loads */
+  test_argmax_rows(151936, 1);   /* one float off alignment: the scalar loads */
+  test_argmax_rows(37, 0);       /* fewer values than threads, n odd */
+  test_argmax_rows(1000, 0);
+  test_argmax_rows(1, 0);
   test_linear(100, 96, 160);
   test_linear(256, 2560, 1024);
   test_linear_decode();

@@ -4,7 +4,10 @@
 # greedy continuations equal transformers' token for token, and the per-document scores equal
 # transformers' NLL within 1e-5. Then several prompts of different lengths decoding together
 # (one token of each per step) give the completions each gets alone without a cache, every
-# step's logits checked against that replay (eval.check_kv).
+# step's logits checked against that replay (eval.check_kv); and without the check, where greedy
+# decoding takes its tokens from the backend's argmax (ops.h argmax_rows, the prefill's and every
+# recorded decoding step's) instead of the host's over the logits, the same completions; while
+# sampling (temperature 1) still draws from the logits on the host, with the check or without.
 # QWEN3_TEST_BACKEND=CUDA runs the same evaluations on the GPU (tests/gpu/test_gpu_train.sh).
 # Usage: bash tests/mpi/test_hf_eval.sh BUILD_DIR
 set -u
@@ -59,13 +62,20 @@ for dir in "${cases[@]}"; do
     "$prompt" "$short" "$long" |
     protoc --encode=qwen3.Job -Iproto proto/job.proto >"$out/$name.prompts.pb" || fail "protoc"
   cat "$build/jobs/eval_hf.pb" "$out/$name.prompts.pb" >"$out/$name.batch.pb"   # merged: 4 prompts
-  for run in np1.kv=true np2.kv=true np1.kv=false; do
-    np=${run:2:1} kv=${run#*kv=}
+  # npN.pick: the KV cache without eval.check_kv, the tokens picked by the backend; np1.draw*:
+  # temperature 1, without the check and with it
+  for run in np1.kv=true np2.kv=true np1.kv=false np1.pick np2.pick np1.draw np1.draw_check; do
+    np=${run:2:1} kv=true check=true temperature=0
+    case $run in
+      *kv=false) kv=false ;; *pick) check=false ;;
+      *draw) check=false temperature=1 ;; *draw_check) temperature=1 ;;
+    esac
     o="$out/$name.batch.$run"
     if ! timeout 300 $MPIRUN -np "$np" "$build/qwen3-train" "$out/$name.batch.pb" \
         --set model.hf_config="$dir/config.json" --set init.hf_dir="$dir" \
         --set data.valid="$out/$name.h5" --set parallel.pipeline_stages="$np" \
-        --set eval.kv_cache="$kv" --set output_dir="$o" \
+        --set eval.kv_cache="$kv" --set eval.check_kv="$check" \
+        --set eval.temperature=$temperature --set output_dir="$o" \
         --set backend="${QWEN3_TEST_BACKEND:-CPU}" >"$o.log" 2>&1; then
       fail "$name batch $run: the evaluation run failed"; tail -n 15 "$o.log"; continue
     fi
@@ -78,12 +88,19 @@ for dir in "${cases[@]}"; do
   else
     fail "$name batch: the greedy prompt's completion among 4 differs from transformers'"
   fi
-  for run in np1.kv=true np2.kv=true; do
+  for run in np1.kv=true np2.kv=true np1.pick np2.pick; do
     if [ "$(completions $run)" = "$ref" ]; then
       pass "$name batch $run: 4 prompts decoded together give each one's replay completion"
     else
       fail "$name batch $run: batched completions differ"; paste <(completions $run) <(echo "$ref")
     fi
   done
+  draws=$(completions np1.draw)
+  if [ "$draws" = "$(completions np1.draw_check)" ] && [ "$draws" != "$ref" ]; then
+    pass "$name batch: temperature 1 draws alike with eval.check_kv and without, not greedy's"
+  else
+    fail "$name batch: temperature 1 without eval.check_kv draws other tokens, or greedy's"
+    paste <(echo "$draws") <(completions np1.draw_check) <(echo "$ref")
+  fi
 done
 finish

@@ -304,10 +304,10 @@ static void test_packed_decode(int weight_2d) {
     if (QWEN3_BLOCK[i].op == OP_LINEAR) stages++, matrices += QWEN3_BLOCK[i].n_params;
   const int32_t tokens[4] = {1, 5, 7, 2}, positions[4] = {0, 1, 2, 3};
   float *logits = xmalloc((size_t)cfg.vocab_size * sizeof(float));
-  worker_infer(&w, tokens, positions, 3, &kv, 0, logits);
+  worker_infer(&w, tokens, positions, 3, &kv, 0, logits, NULL);
   int calls = packed_calls;
   packed_matrices = 0;
-  worker_infer(&w, tokens + 3, positions + 3, 1, &kv, INFER_EACH, logits);
+  worker_infer(&w, tokens + 3, positions + 3, 1, &kv, INFER_EACH, logits, NULL);
   CHECK(packed_calls - calls == stages && packed_matrices == matrices,
         "a decoding step: %d packed calls of %d matrices (the block's %d linear stages of %d)",
         packed_calls - calls, packed_matrices, stages, matrices);

@@ -12,6 +12,7 @@
 #include "common/util.h"
 #include "kernels/nvfp4.h"
 #include "kernels/ops.h"
+#include "tests/argmax_cases.h"
 
 static const struct backend *be = &backend_cpu;
 static int passed, failed;
@@ -584,6 +585,35 @@ static void test_reductions_and_updates(void) {
   free(a), free(b), free(ref);
 }
 
+/* ---- greedy decoding's argmax ---------------------------------------------------------------- */
+
+/* The definition, literally: the first index of the largest value that is not NaN, else 0. */
+static int argmax_reference(const float *x, int n) {
+  int best = -1;
+  for (int i = 0; i < n; i++)
+    if (!isnan(x[i]) && (best < 0 || x[i] > x[best])) best = i;
+  return best < 0 ? 0 : best;
+}
+
+/* argmax_rows over every kind of tests/argmax_cases.h at once (rows > 1: each row's answer its
+ * own), dst poisoned with -7, against the definition and the kinds' known answers. */
+static void test_argmax_rows(int n) {
+  float *x = rand_floats((size_t)ARGMAX_KINDS * n, -3, 3);
+  argmax_cases(x, n);
+  int32_t dst[ARGMAX_KINDS];
+  for (int k = 0; k < ARGMAX_KINDS; k++) dst[k] = -7;
+  be->argmax_rows(dst, x, ARGMAX_KINDS, n);
+  int wrong = 0;
+  for (int k = 0; k < ARGMAX_KINDS; k++) {
+    int known = argmax_case_answer(k, n);
+    wrong += dst[k] != argmax_reference(x + (size_t)k * n, n) || (known >= 0 && dst[k] != known);
+  }
+  char name[64];
+  snprintf(name, sizeof name, "argmax_rows %dx%d: rows wrong", ARGMAX_KINDS, n);
+  check(name, wrong, 0);
+  free(x);
+}
+
 /* ---- LM head + cross-entropy ----------------------------------------------------------------- */
 
 struct loss_shape {
@@ -997,6 +1027,10 @@ int main(void) {
   test_swiglu();
   test_linear();
   test_reductions_and_updates();
+  test_argmax_rows(37);       /* lanes of 16 and a tail */
+  test_argmax_rows(48);       /* no tail */
+  test_argmax_rows(1);
+  test_argmax_rows(151936);   /* Qwen3's vocabulary */
   test_lm_head_loss("small", 9, 6, 23);
   test_lm_head_loss("chunked", 150, 5, 17);
   test_lm_head_loss_full_vocab();
