@@ -441,18 +441,25 @@ struct DecTile {
   static constexpr int LOADS = 2 * DEC_TILE * 128 / V / DEC_NT;   // a thread's, head_dim 128
   uint4 raw[LOADS];
 
-  // chunk c of the tile: V values of K (c < n * hd / V) or of V, row r, from column e
-  __device__ __forceinline__ void load(const T *kb, const T *vb, size_t ld, int j0, int n,
-                                       int hd) {
+  // f(u, is_k, r, e) for each chunk c = threadIdx.x + u * DEC_NT of the tile this thread has:
+  // V values of K (c < n * hd / V) or of V, row r, from column e
+  template <class F>
+  static __device__ __forceinline__ void chunks(int n, int hd, F f) {
     const int per_row = hd / V, half = n * per_row;
 #pragma unroll
     for (int u = 0; u < LOADS; u++) {
       const int c = threadIdx.x + u * DEC_NT;
       if (c < 2 * half) {
-        const int cc = c < half ? c : c - half, r = cc / per_row, e = cc % per_row * V;
-        raw[u] = *reinterpret_cast<const uint4 *>((c < half ? kb : vb) + (j0 + r) * ld + e);
+        const int cc = c < half ? c : c - half;
+        f(u, c < half, cc / per_row, cc % per_row * V);
       }
     }
+  }
+  __device__ __forceinline__ void load(const T *kb, const T *vb, size_t ld, int j0, int n,
+                                       int hd) {
+    chunks(n, hd, [&](int u, bool is_k, int r, int e) {
+      raw[u] = *reinterpret_cast<const uint4 *>((is_k ? kb : vb) + (j0 + r) * ld + e);
+    });
   }
   // the V values of a load in fp32 (bf16: the upper half of a float's bits, exactly)
   static __device__ __forceinline__ void unpack(float *dst, const uint4 &r, const float *) {
@@ -468,15 +475,9 @@ struct DecTile {
   }
   // ... then stored in fp32: sk [DEC_TILE][kld], sv [DEC_TILE][hd]
   __device__ __forceinline__ void stage(float *sk, float *sv, int kld, int n, int hd) const {
-    const int per_row = hd / V, half = n * per_row;
-#pragma unroll
-    for (int u = 0; u < LOADS; u++) {
-      const int c = threadIdx.x + u * DEC_NT;
-      if (c < 2 * half) {
-        const int cc = c < half ? c : c - half, r = cc / per_row, e = cc % per_row * V;
-        unpack(c < half ? sk + r * kld + e : sv + r * hd + e, raw[u], (const T *)nullptr);
-      }
-    }
+    chunks(n, hd, [&](int u, bool is_k, int r, int e) {
+      unpack(is_k ? sk + r * kld + e : sv + r * hd + e, raw[u], (const T *)nullptr);
+    });
   }
 };
 

@@ -21,7 +21,7 @@ MUTATIONS=(
   'decode_ignores_key_last#kernels/cuda/cuda_attention.cu#s/const int last = key_last ? key_last\[b\] : s.tk - 1;/const int last = s.tk - 1;/#decode attention reads the whole cache, past the current token'
   'decode_no_rescale#kernels/cuda/cuda_attention.cu#s/const float alpha = expf(m - m_new); /const float alpha = 1.0f; /#decode attention keeps earlier tiles unscaled when the running max grows'
   'decode_prefetch_same_tile#kernels/cuda/cuda_attention.cu#s/if (next < k1) tile.load(kb, vb, ld, next,/if (next < k1) tile.load(kb, vb, ld, j0,/#decode attention prefetches its current tile again, not the next one'
-  'decode_k_rows_unpadded#kernels/cuda/cuda_attention.cu#s/unpack(c < half ? sk + r \* kld + e/unpack(c < half ? sk + r * hd + e/#decode attention stages K rows unpadded where the scores read them padded'
+  'decode_k_rows_unpadded#kernels/cuda/cuda_attention.cu#s/unpack(is_k ? sk + r \* kld + e/unpack(is_k ? sk + r * hd + e/#decode attention stages K rows unpadded where the scores read them padded'
   'decode_scores_wrong_head#kernels/cuda/cuda_attention.cu#s/reinterpret_cast<const float4 \*>(sq + sh \* hd4)/reinterpret_cast<const float4 *>(sq + (group - 1 - sh) * hd4)/#decode attention scores each query head with another head'"'"'s query'
   'decode_slices_last_dropped#kernels/cuda/cuda_attention.cu#s/for (int x = 1; x < slices; x++) sc +=/for (int x = 1; x < slices - 1; x++) sc +=/#decode attention leaves the last slice of the head dims out of each score'
   'gemv_drops_tail#kernels/cuda/cuda_linear.cu#s/for (; live \&\& c < in_dim; c += STRIDE) {/for (; live \&\& c + STRIDE < in_dim; c += STRIDE) {/#the GEMV leaves out the last 16-byte group of a row past its batches'
