@@ -11,7 +11,7 @@
  * 2 FLOPs per multiply-add), backward = 2.5 × forward. Each time is the median of repeats,
  * bracketed by the backend's synchronize; the repeats shrink when one call is slow.
  *
- * --decode times decoding's attention instead: one query per kv group against a cache of
+ * --decode times decoding's attention instead: one sequence's 32 queries against a cache of
  * MAX_LEN rows of which the first K are read (attn_shape.key_last = K - 1, the shape a recorded
  * decoding step uses), as chains of DEC_LINKS calls recorded into one replay (capture_begin),
  * the way a decoding step of 36 layers runs them: the KV append alone, the attention alone, both,

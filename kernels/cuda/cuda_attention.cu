@@ -45,7 +45,8 @@
  *    "written" when the call has no ACC_DX (ops.h): the old value is then not read.
  *
  * Deterministic: every output element is owned by exactly one thread of one block, which sums
- * its terms in a fixed order (d, key and query loops run in index order; grouped query heads in
+ * its terms in a fixed order (d, key and query loops run in index order, but for decoding's
+ * scores: each slice of the head dims in order, then the slices in order; grouped query heads in
  * head order; key splits merged in split order); row max and row sum use a fixed xor-shuffle
  * tree whose result is the same in every lane; there are no atomics and nothing depends on block
  * scheduling. Same inputs on the same GPU model, same bits (the number of key splits follows the
@@ -414,10 +415,11 @@ __global__ void __launch_bounds__(NT)
  * 6 cycles an instruction), so the block has DEC_NT = 512 threads that split each step of a
  * tile of DEC_TILE keys among them, a few instructions each:
  *  - stage: the tile's K and V rows, loaded 16 bytes at a time while the block still works on the
- *    previous tile, into shared memory as fp32 (K's rows padded by 4 floats, so that the 32
- *    lanes reading 32 rows 16 bytes each hit every bank once per quarter warp);
+ *    previous tile, into shared memory as fp32 (K's rows padded by 4 floats, so that at head_dim
+ *    64 or 128 the 32 lanes reading 32 rows 16 bytes each hit every bank once per quarter warp);
  *  - scores: warp w takes query head h = w / S and the S-th slice sl = w % S of the head dims
- *    (S = 16 / group, a power of 2), lane j the partial dot of key j over that slice;
+ *    (S the largest power of 2 with S x group <= 16), lane j the partial dot of key j over that
+ *    slice;
  *  - softmax: warp h adds key j's S partials in slice order, and keeps the head's running max
  *    m and sum l (a fixed shuffle tree, the same bits in every lane);
  *  - P V: thread t owns outputs (head, dim) t, t + DEC_NT, ..., rescales them by the tile's
@@ -1146,7 +1148,7 @@ extern "C" void cuda_attention_forward(void *ctx, float *lse, const void *q, con
   Shape d;
   if (!make_dims(&d, s, "cuda_attention_forward")) return;
   if (s->tq == 1) {   // decoding
-    d.vec4 = d.vec4 && cuda_aligned16(k);   // 16-byte loads of key rows
+    d.vec4 = d.vec4 && cuda_aligned16(k) && cuda_aligned16(v);   // 16-byte loads of K, V rows
     CUDA_ACT_DISPATCH(T, launch_decode<T>((T *)ctx, lse, (const T *)q, (const T *)k,
                                           (const T *)v, d, s));
     return;

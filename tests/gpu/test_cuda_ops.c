@@ -915,12 +915,23 @@ static void test_gemm_tuning(void) {
  * the append. */
 static void test_decode_attention(void) {
   static const int32_t last[] = {0, 150, 299}, first[] = {0, 20, 299}, one[] = {77};
-  int32_t many[40];
-  for (int b = 0; b < 40; b++) many[b] = (b * 37 + 5) % 300;
+  int32_t many[40], many_first[40];
+  for (int b = 0; b < 40; b++) many[b] = (b * 37 + 5) % 300, many_first[b] = many[b] / 3;
   test_attention_key_last(3, 300, 320, 32, 8, 128, last, NULL);
   test_attention_key_last(3, 300, 300, 8, 2, 64, last, first);
   test_attention_key_last(1, 1000, 1000, 16, 1, 16, one, NULL);
   test_attention_key_last(40, 300, 300, 16, 8, 64, many, NULL);
+  /* documents in blocks of several tiles: a first key inside a tile, the next tile prefetched */
+  test_attention_key_last(40, 300, 300, 16, 8, 64, many, many_first);
+  /* Qwen3-14B's group of 5 (idle warps), 32B's of 8, one kv head for 16 at head_dim 128 (the
+   * most shared memory), one query head a kv head (16 slices, most empty at head_dim 16) */
+  test_attention_key_last(3, 300, 300, 40, 8, 128, last, NULL);
+  test_attention_key_last(3, 300, 300, 64, 8, 128, last, NULL);
+  test_attention_key_last(3, 300, 300, 16, 1, 128, last, NULL);
+  test_attention_key_last(3, 300, 300, 8, 8, 16, last, NULL);
+  /* the value-at-a-time staging: head_dim 18 (not a multiple of 4), 20 (bf16: not of 8) */
+  test_attention_key_last(3, 300, 300, 8, 2, 18, last, NULL);
+  test_attention_key_last(3, 300, 300, 8, 2, 20, last, first);
   test_kv_append(10, 1024, 0);
   test_kv_append(9, 37, 0);
   test_kv_append(0, 1024, 10);
