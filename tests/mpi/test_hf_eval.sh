@@ -62,9 +62,10 @@ for dir in "${cases[@]}"; do
     "$prompt" "$short" "$long" |
     protoc --encode=qwen3.Job -Iproto proto/job.proto >"$out/$name.prompts.pb" || fail "protoc"
   cat "$build/jobs/eval_hf.pb" "$out/$name.prompts.pb" >"$out/$name.batch.pb"   # merged: 4 prompts
-  # npN.pick: the KV cache without eval.check_kv, the tokens picked by the backend; np1.draw*:
-  # temperature 1, without the check and with it
-  for run in np1.kv=true np2.kv=true np1.kv=false np1.pick np2.pick np1.draw np1.draw_check; do
+  # npN.pick: the KV cache without eval.check_kv, the tokens picked by the backend; npN.draw*:
+  # temperature 1, without the check and with it (the last stage's sampler sends its draws)
+  for run in np1.kv=true np2.kv=true np1.kv=false np1.pick np2.pick np1.draw np2.draw \
+             np1.draw_check; do
     np=${run:2:1} kv=true check=true temperature=0
     case $run in
       *kv=false) kv=false ;; *pick) check=false ;;
@@ -96,11 +97,12 @@ for dir in "${cases[@]}"; do
     fi
   done
   draws=$(completions np1.draw)
-  if [ "$draws" = "$(completions np1.draw_check)" ] && [ "$draws" != "$ref" ]; then
-    pass "$name batch: temperature 1 draws alike with eval.check_kv and without, not greedy's"
+  if [ "$draws" = "$(completions np1.draw_check)" ] && [ "$draws" = "$(completions np2.draw)" ] &&
+     [ "$draws" != "$ref" ]; then
+    pass "$name batch: temperature 1 draws alike with the check, without, on 2 stages; not greedy's"
   else
-    fail "$name batch: temperature 1 without eval.check_kv draws other tokens, or greedy's"
-    paste <(echo "$draws") <(completions np1.draw_check) <(echo "$ref")
+    fail "$name batch: temperature 1 draws differ without the check or on 2 stages, or are greedy's"
+    paste <(echo "$draws") <(completions np1.draw_check) <(completions np2.draw) <(echo "$ref")
   fi
 done
 finish
