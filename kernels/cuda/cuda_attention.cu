@@ -1020,6 +1020,8 @@ void launch_fwd(T *ctx, float *lse, const T *q, const T *k, const T *v, const Sh
 template <typename T>
 void launch_decode(T *ctx, float *lse, const T *q, const T *k, const T *v, const Shape &d,
                    const struct attn_shape *a) {
+  if (d.group > CUDA_DECODE_MAX_GROUP)
+    refuse("cuda_attention_forward", a, "more than 16 query heads per kv head");
   // Key splits until the GPU has about a block per SM (one fits an SM), each of at least
   // DEC_SPLIT_KEYS keys: a block's time is mostly latency, which a split of fewer keys shortens
   // (one sequence of a 192-key cache: 6 splits of 32 keys on 48 blocks, not 2 of 128 on 16).
@@ -1031,8 +1033,6 @@ void launch_decode(T *ctx, float *lse, const T *q, const T *k, const T *v, const
   n_split = (d.tk + keys_per_split - 1) / keys_per_split;
   float *part_o, *part_ml;
   split_partials(n_split, rows, d.head_dim, &part_o, &part_ml, "attention decode key splits");
-  if (d.group > CUDA_DECODE_MAX_GROUP)
-    refuse("cuda_attention_forward", a, "more than 16 query heads per kv head");
   int slices = 1;   // of the head dims, a warp each: the most that DEC_NW warps cover
   while (2 * slices * d.group <= DEC_NW) slices *= 2;
   // the queries, a tile's K (padded rows) and V, partial scores, probabilities, m and l
