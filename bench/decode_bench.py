@@ -7,17 +7,30 @@
 
 torch: a random-init Qwen3ForCausalLM (torch_train_bench.build_model, seed 1) in bf16 with SDPA,
 saved to DIR/model.safetensors for ours, and the prompts (PROMPT_LEN random ids each, seed 1) to
-DIR/prompts.json. Then `generate` (greedy, exactly NEW tokens: min_new_tokens, no EOS) for each
-batch size: transformers' dynamic KV cache in eager mode, and with --compile its static cache
-with the forward under torch.compile(mode="reduce-overhead") (CUDA graphs: the strongest way to
-run transformers' decode), compile time reported apart.
+DIR/prompts.json. Then `generate` (greedy, exactly n new tokens: min_new_tokens, no EOS) for each
+batch size: transformers' dynamic KV cache in eager mode (hf-eager), and with --compile
+(hf-static-compile) its static cache, generation_config.cache_implementation "static", with the
+decoding steps under torch.compile(mode="reduce-overhead", fullgraph=True) (CUDA graphs: the
+strongest way to run transformers' decode; transformers' "Optimizing inference" guide, llm_optims):
+generate's own compilation through generation_config.compile_config (a CompileConfig; the prefill
+stays eager) where transformers has CompileConfig, else model.forward compiled. Warm-ups before
+the timed calls: NEW then 4 new tokens, once eager, twice compiled (every shape compiled, its CUDA
+graphs recorded); compile_s is the compiled warm-up's seconds.
 ours: an evaluation run (train.steps 0) of jobs/bench_4b.txtpb with init.hf_dir DIR and the
 same prompts, greedy, NEW tokens, the KV cache on; tok/s from its eval.jsonl. With --layers N
 instead: N decoder layers of that width from the job's own random init, and prompts of random
 ids (seed 1): a quick profile (--timing) without PyTorch.
 
-  prefill tok/s = B * PROMPT_LEN / prefill seconds (torch: one forward of the batch's prompts)
+  torch: t_n = one timed generate of n new tokens (the prefill, n - 1 decoding steps, setup)
+  decode tok/s  = B * (NEW - 4) / (t_NEW - t_4): the prefill and generate's setup cancel
+  prefill tok/s = B * PROMPT_LEN / (t_4 - 3 steps): an approximation (generate's setup inside)
+  ours:
+  prefill tok/s = B * PROMPT_LEN / prefill seconds
   decode tok/s  = B * (NEW - 1) / seconds after the first new token (aggregate over the batch)
+A torch row without a rate has status=: lengths_not_apart (t_NEW <= t_4 or t_4 > t_NEW / 2),
+timed_not_warm (a timed call 1.5x its last warm-up: a shape compiled inside it), not_compiled
+(--compile, yet dynamo made no graph), compile_failed (it raised; the first line is logged),
+skipped (--budget seconds spent before the batch's compiled run).
 Every result is one `RESULT system=... batch=B ...` line (bench_common.result).
 """
 import argparse
@@ -37,56 +50,101 @@ PROMPT_LEN, NEW = 64, 128
 
 def torch_mode(args, log):
     import torch
+    import transformers
     from torch_train_bench import build_model, save_safetensors
     model, config, _ = build_model(torch, SHAPE["layers"], 4096, seed=1)
     model.eval()
+    # build_model's config is a training one (use_cache=False) and generation_config copied it when
+    # the model was made: generate then kept no KV cache at all and called cache_implementation
+    # "not valid" (session 18)
     model.config.use_cache = True
+    model.generation_config.use_cache = True
     model.generation_config.pad_token_id = 0
     save_safetensors(torch, model, config, args.hf_dir)
     g = torch.Generator().manual_seed(1)
     prompts = torch.randint(0, SHAPE["vocab"], (max(args.batches), PROMPT_LEN), generator=g)
     with open(os.path.join(args.hf_dir, "prompts.json"), "w") as f:
         json.dump(prompts.tolist(), f)
-    log(f"weights and prompts in {args.hf_dir}")
+    log(f"weights and prompts in {args.hf_dir}; torch {torch.__version__}, "
+        f"transformers {transformers.__version__}")
 
-    def run(label, B, **kw):
+    def generate(B, new):
         ids = prompts[:B].cuda()
-        mask = torch.ones_like(ids)
-        gen = dict(max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, eos_token_id=None,
-                   attention_mask=mask, **kw)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
         with torch.no_grad():
-            t0 = time.perf_counter()
-            model.generate(ids, **dict(gen, max_new_tokens=4, min_new_tokens=4))   # warm-up
-            torch.cuda.synchronize()
-            warm = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            model(ids, attention_mask=mask)
-            torch.cuda.synchronize()
-            prefill = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            out = model.generate(ids, **gen)
-            torch.cuda.synchronize()
-            total = time.perf_counter() - t0
-        assert out.shape[1] == PROMPT_LEN + NEW, out.shape
-        log(f"{label} batch {B}: warm-up {warm:.1f} s, prefill {prefill * 1e3:.1f} ms, "
-            f"{NEW} tokens in {total:.2f} s")
-        if total <= 2 * prefill:   # the lone forward compiled a new shape (session 18: 46.7 s)
-            result(system=label, batch=B, status="prefill_not_warm")
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
+                                 min_new_tokens=new, do_sample=False, eos_token_id=None)
+        torch.cuda.synchronize()
+        assert out.shape[1] == PROMPT_LEN + new, out.shape
+        return time.perf_counter() - t0
+
+    def dynamo_graphs():
+        try:
+            from torch._dynamo.utils import counters
+            return counters["stats"]["unique_graphs"]
+        except Exception:   # a private counter: None where this torch lacks it
+            return None
+
+    def run(label, B, rounds):
+        torch.cuda.reset_peak_memory_stats()
+        # NEW first: a static cache made for NEW tokens serves the 4-token calls too, where a longer
+        # call after a shorter one would make a new cache and compile again
+        t0 = time.perf_counter()
+        warm = {}
+        for _ in range(rounds):
+            for new in (NEW, 4):
+                warm[new] = generate(B, new)
+        warm_s = time.perf_counter() - t0
+        t4, tn = generate(B, 4), generate(B, NEW)
+        log(f"{label} batch {B}: warm-up {warm_s:.1f} s (last: 4 tokens {warm[4]:.2f} s, {NEW} "
+            f"{warm[NEW]:.2f} s), timed: 4 tokens {t4:.2f} s, {NEW} {tn:.2f} s")
+        extra = {"compile_s": warm_s} if rounds > 1 else {}
+        status = None
+        if tn <= t4 or t4 > 0.5 * tn:   # the lengths' difference is not decoding
+            status = "lengths_not_apart"
+        elif t4 > 1.5 * warm[4] or tn > 1.5 * warm[NEW]:   # a shape compiled inside a timed call
+            status = "timed_not_warm"
+        elif rounds > 1 and dynamo_graphs() == 0:   # generate ran the static cache eager
+            status = "not_compiled"
+        if status:
+            result(system=label, batch=B, status=status, **extra)
             return
-        decode = B * (NEW - 1) / (total - prefill)
-        result(system=label, batch=B, prefill_tok_s=B * PROMPT_LEN / prefill,
-               decode_tok_s=decode, ms_per_token=1e3 * B / decode,
-               peak_gib=torch.cuda.max_memory_allocated() / 2**30)
+        step = (tn - t4) / (NEW - 4)
+        prefill = t4 - 3 * step   # the 4-token call less its 3 decoding steps
+        if prefill > 0:
+            extra["prefill_tok_s"] = B * PROMPT_LEN / prefill
+        result(system=label, batch=B, decode_tok_s=B / step, ms_per_token=1e3 * step,
+               peak_gib=torch.cuda.max_memory_allocated() / 2**30, **extra)
 
     for B in args.batches:
-        run("hf-eager", B)
-    if args.compile:
+        run("hf-eager", B, rounds=1)
+    if not args.compile:
+        return
+    model.generation_config.cache_implementation = "static"
+    try:
+        # generate compiles the decoding steps itself when the cache is static (the prefill stays
+        # eager); wrapping model.forward too would compile it twice
+        from transformers import CompileConfig
+        model.generation_config.compile_config = CompileConfig(fullgraph=True,
+                                                               mode="reduce-overhead")
+        log("compile: generate's own, generation_config.compile_config "
+            "(fullgraph, reduce-overhead)")
+    except ImportError:
         model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
-        for B in args.batches:
-            if time.perf_counter() - START > args.budget:
-                result(system="hf-static-compile", batch=B, status="skipped")
-                continue
-            run("hf-static-compile", B, cache_implementation="static")
+        log("compile: model.forward under torch.compile (fullgraph, reduce-overhead); "
+            "this transformers has no CompileConfig")
+    for B in args.batches:
+        if time.perf_counter() - START > args.budget:
+            result(system="hf-static-compile", batch=B, status="skipped")
+            continue
+        try:
+            run("hf-static-compile", B, rounds=2)
+        except Exception as e:   # the eager rows stand; so does the next batch size
+            first = (str(e).strip().splitlines() or [""])[0]
+            log(f"hf-static-compile batch {B}: {type(e).__name__}: {first}")
+            result(system="hf-static-compile", batch=B, status="compile_failed")
+        log(f"dynamo graphs so far: {dynamo_graphs()}")
 
 
 def ours_mode(args, log):
@@ -154,7 +212,8 @@ def main():
     ap.add_argument("--tag", default="", help="ours: appended to the system's name")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="ours: one more --set for the job (repeatable)")
-    ap.add_argument("--budget", type=float, default=300)
+    ap.add_argument("--budget", type=float, default=300,
+                    help="torch --compile: seconds after which a batch's compiled run is skipped")
     ap.add_argument("--work", default=WORK)
     ap.add_argument("--shard", default=os.path.join(WORK, "random_2m.h5"))
     args = ap.parse_args()
