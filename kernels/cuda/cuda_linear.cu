@@ -55,11 +55,15 @@ struct gemv_mats {
  * loads through those pointers then left the read-only path and serialized. R: the most token
  * rows the instantiation takes (1 for F::ONE_ROW at n = 1, else GEMV_MAX_ROWS): at R = 1 the
  * rows loop is gone, and with it the x loads the compiler hoisted for rows that do not exist
- * (the NVFP4 kernel: 60 registers, four blocks an SM; 72 at R = 4, three, without spills, as
- * its dot_rows decodes a word once for all the token rows; with its fp32 dot it took 100-108
- * there, two blocks; the dense kernels gain little, 48 to 40, and stay at R = 4). */
+ * (the NVFP4 kernel: 58 registers, four blocks an SM; 76 at R = 4, three, as its dot_rows
+ * decodes a word once for all the token rows; with its fp32 dot it took 100-108 there, two
+ * blocks; the dense kernels gain little, 48 to 40, and stay at R = 4). The NVFP4 kernel at
+ * R = 4 asks for three blocks an SM: left to itself ptxas held some of its instantiations at
+ * 64 registers with 24-32 bytes of spills. Every other instantiation has no minimum (0): any
+ * minimum, even 1, let ptxas take 52-56 registers for the dense kernels, and BF16 decoding
+ * was 3% slower with them (bench/NOTES.md, session 19). */
 template <class F, int WPR, int R>
-static __global__ void __launch_bounds__(GEMV_WARPS * 32)
+static __global__ void __launch_bounds__(GEMV_WARPS * 32, F::ONE_ROW && R > 1 ? 3 : 0)
     gemv_kernel(gemv_mats<F> m, typename F::xin x, int n, int in_dim) {
   typedef typename F::act T;
   constexpr int U = GEMV_UNROLL, STRIDE = WPR * 32 * F::N;

@@ -54,6 +54,7 @@ MUTATIONS=(
   'nvfp4_weight_parts_ignored#kernels/cuda/cuda_nvfp4.cu#s/  a.parts.max\[0\] = a.parts.max\[1\] = amax_parts;/  a.parts = nv_amax(w, DT_F32, rows, cols, -1, false);/#the weight quantization runs the amax kernel, not the parts (the equalities cannot tell)'
   'nvfp4_parts_ahead_last_dropped#kernels/cuda/cuda_nvfp4.cu#s/p\[k\]\[j\] = i < parts.n ? parts.max\[k\]\[i\] : 0;/p[k][j] = i < parts.n \&\& j < 3 ? parts.max[k][i] : 0;/#the quantize blocks leave out every fourth batch of amax partials'
   'gemv_i8_table_wrong#kernels/cuda/cuda_gemv.cuh#s/POS_HI = 0x0C080604u/POS_HI = 0x0C080605u/#the integer GEMV reads code 4 (E2M1 2.0) as 2.5'
+  'gemv_w_scales_swapped#kernels/cuda/cuda_gemv.cuh#s/s\[0\] = f.x \* 0.25f, s\[1\] = f.y \* 0.25f;/s[0] = f.y * 0.25f, s[1] = f.x * 0.25f;/#the packed GEMV scales each block of 16 weights by the other block'"'"'s E4M3 scale'
   'gemv_i8_sign_ignored#kernels/cuda/cuda_gemv.cuh#s/0x32103210u | (q \& 0x88888888u) >> 1/0x32103210u/#the integer GEMV takes every weight code as positive'
   'nvfp4_int_k_is_q#kernels/cuda/cuda_nvfp4.cu#s/(int8_t)__float2int_rn(2.0f \* q\[4 \* j + e\])/(int8_t)__float2int_rn(q[4 * j + e])/#NVFP4_ROWS_INT'"'"'s integers are q rounded, not 2q'
   'nvfp4_int_scales_past_k#kernels/cuda/cuda_gemv.cuh#s/(char \*)xq + nvfp4_int_scales_at(rows, cols))/(char *)xq + nvfp4_int_scales_at(rows, cols) + 16)/#the CUDA integer operand keeps its scales 16 bytes past where ops.h puts them'
