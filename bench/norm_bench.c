@@ -4,7 +4,8 @@
  *   build/bench/norm_bench [--budget SECONDS] [--calls N]     (default 10 s, 50 calls a batch)
  *
  * One micro-batch of 2048 tokens: rmsnorm over [2048, 2560], q/k norm + RoPE over
- * [2048, 32, 128] (q) and [2048, 8, 128] (k), through backend_cuda's ops, activations in the
+ * [2048, 32, 128] (q) and [2048, 8, 128] (k), each alone and both in one call (qk_fwd_qk, as
+ * worker/block.c calls it), through backend_cuda's ops, activations in the
  * backend's dtype (bf16 unless QWEN3_CUDA_PRECISION says otherwise), weights and their gradients
  * fp32. The rmsnorm backward runs with acc 0 and with ACC_DX | ACC_DW (a residual's gradient, as
  * training runs it); the q/k backward with ACC_DW (a micro-batch after the first). An op's time
@@ -41,14 +42,18 @@ extern const struct backend norm_bench_backend_cuda __asm__("backend_cuda");
 #define THETA 1e6
 
 #ifdef NORM_BENCH_CUDA
-enum { RMS_FWD, RMS_BWD, RMS_BWD_ACC, QK_FWD_Q, QK_FWD_K, QK_BWD_Q, QK_BWD_K, COPY, OPS };
+enum {
+  RMS_FWD, RMS_BWD, RMS_BWD_ACC, QK_FWD_Q, QK_FWD_K, QK_FWD_QK, QK_BWD_Q, QK_BWD_K, COPY, OPS
+};
 static const char *const op_name[OPS] = {"rms_fwd",  "rms_bwd",  "rms_bwd_acc", "qk_fwd_q",
-                                         "qk_fwd_k", "qk_bwd_q", "qk_bwd_k",    "copy"};
+                                         "qk_fwd_k", "qk_fwd_qk", "qk_bwd_q",  "qk_bwd_k",
+                                         "copy"};
 
 struct bufs {
   void *x, *dout, *out, *dx;       /* [TOKENS, DIM] */
   void *qx, *qdout, *qout, *qdx;   /* [TOKENS, HEADS, HEAD_DIM]; k takes [TOKENS, KV_HEADS, ..] */
-  float *w, *dw, *qw, *qdw;
+  void *kx, *kout;                 /* [TOKENS, KV_HEADS, HEAD_DIM]: k beside q in qk_fwd_qk */
+  float *w, *dw, *qw, *kw, *qdw;
   int32_t *pos;
 };
 
@@ -63,9 +68,15 @@ static void run(const struct backend *be, const void *arg, int op) {
     break;
   case QK_FWD_Q:
   case QK_FWD_K:
-    be->qk_norm_rope_forward(b->qout, b->qx, b->qw, b->pos, TOKENS,
-                             op == QK_FWD_Q ? HEADS : KV_HEADS, HEAD_DIM, EPS, THETA);
+  case QK_FWD_QK: {
+    void *out[] = {b->qout, b->kout};
+    const void *x[] = {b->qx, b->kx};
+    const float *w[] = {b->qw, b->kw};
+    const int heads[] = {op == QK_FWD_K ? KV_HEADS : HEADS, KV_HEADS};
+    be->qk_norm_rope_forward(out, x, w, heads, op == QK_FWD_QK ? 2 : 1, b->pos, TOKENS, HEAD_DIM,
+                             EPS, THETA);
     break;
+  }
   case QK_BWD_Q:
   case QK_BWD_K:
     be->qk_norm_rope_backward(b->qdx, b->qdw, b->qdout, b->qx, b->qw, b->pos, TOKENS,
@@ -85,6 +96,7 @@ static double op_bytes(int op, size_t act) {
   case RMS_BWD_ACC: return 4 * rows + 3 * w;       /* dx and dw read too */
   case QK_FWD_Q: return 2 * qk * HEADS + qw + pos;
   case QK_FWD_K: return 2 * qk * KV_HEADS + qw + pos;
+  case QK_FWD_QK: return 2 * qk * (HEADS + KV_HEADS) + 2 * qw + pos;
   case QK_BWD_Q: return 3 * qk * HEADS + 3 * qw + pos;   /* dw read and written */
   case QK_BWD_K: return 3 * qk * KV_HEADS + 3 * qw + pos;
   default: return 2 * qk * HEADS;                  /* the copy: read and written */
@@ -94,13 +106,16 @@ static double op_bytes(int op, size_t act) {
 static void bench(const struct backend *be, double budget, int calls) {
   const enum dtype act = be->act_dtype();
   const size_t nr = (size_t)TOKENS * DIM, nq = (size_t)TOKENS * HEADS * HEAD_DIM;
+  const size_t nk = (size_t)TOKENS * KV_HEADS * HEAD_DIM;
   struct bufs b = {
       .x = bench_random(be, nr, act, 1), .dout = bench_random(be, nr, act, 2),
       .out = bench_alloc(be, nr * dtype_bytes(act)), .dx = bench_random(be, nr, act, 3),
       .qx = bench_random(be, nq, act, 4), .qdout = bench_random(be, nq, act, 5),
       .qout = bench_alloc(be, nq * dtype_bytes(act)), .qdx = bench_alloc(be, nq * dtype_bytes(act)),
+      .kx = bench_random(be, nk, act, 8), .kout = bench_alloc(be, nk * dtype_bytes(act)),
       .w = bench_random(be, DIM, DT_F32, 6), .dw = bench_alloc(be, DIM * sizeof(float)),
-      .qw = bench_random(be, HEAD_DIM, DT_F32, 7), .qdw = bench_alloc(be, HEAD_DIM * sizeof(float)),
+      .qw = bench_random(be, HEAD_DIM, DT_F32, 7), .kw = bench_random(be, HEAD_DIM, DT_F32, 9),
+      .qdw = bench_alloc(be, HEAD_DIM * sizeof(float)),
       .pos = bench_alloc(be, TOKENS * sizeof(int32_t))};
   int32_t pos[TOKENS];
   for (int i = 0; i < TOKENS; i++) pos[i] = i;
@@ -125,8 +140,8 @@ static void bench(const struct backend *be, double budget, int calls) {
              op_bytes(op, dtype_bytes(act)) / 1e6, calls, act == DT_BF16 ? "bf16" : "fp32");
     result_line(line);
   }
-  void *all[] = {b.x, b.dout, b.out, b.dx, b.qx, b.qdout, b.qout, b.qdx, b.w, b.dw, b.qw, b.qdw,
-                 b.pos};
+  void *all[] = {b.x, b.dout, b.out, b.dx, b.qx, b.qdout, b.qout, b.qdx, b.kx, b.kout, b.w, b.dw,
+                 b.qw, b.kw, b.qdw, b.pos};
   for (size_t i = 0; i < sizeof all / sizeof *all; i++) be->free(all[i]);
 }
 #endif

@@ -132,10 +132,15 @@ struct backend {
                            int n, int dim, float eps, int acc);
 
   /* Per head of head_dim: RMSNorm with weight w (shared by all heads), then rotate-half RoPE at
-   * positions[i] with inv_freq[j] = theta^(-2j/head_dim). x and out are [n, heads, head_dim]. */
-  void (*qk_norm_rope_forward)(void *out, const void *x, const float *w,
-                               const int32_t *positions, int n, int heads, int head_dim,
-                               float eps, double theta);
+   * positions[i] with inv_freq[j] = theta^(-2j/head_dim). x and out are [n, heads, head_dim].
+   * The forward takes count (1 or 2) tensors of the same tokens: for c < count,
+   * out[c] [n, heads[c], head_dim] = that of x[c] with weight w[c]. One call for q and k, so a
+   * backend may run them as one launch, with one evaluation of a token's cos/sin for both
+   * (decoding's q/k stage is then one link of the chain, not two); each tensor's values are
+   * those of a call of its own. */
+  void (*qk_norm_rope_forward)(void *const *out, const void *const *x, const float *const *w,
+                               const int *heads, int count, const int32_t *positions, int n,
+                               int head_dim, float eps, double theta);
   void (*qk_norm_rope_backward)(void *dx, float *dw, const void *dout, const void *x,
                                 const float *w, const int32_t *positions, int n, int heads,
                                 int head_dim, float eps, double theta, int acc);

@@ -51,6 +51,7 @@ MUTATIONS=(
   'accumulated_grads_kept#worker/worker.c#s/  if (!(w->zero_pending \& which)) return;/  return;/#^test_hf_fixtures$#the embedding'"'"'s and the LM head'"'"'s gradients (only added to) are not zeroed between steps'
   'slot_aliased_though_added#worker/block.c#s/else if (slot_readers(in) == 1)/else if (slot_readers(in) >= 1)/#^test_hf_fixtures$#a residual input read in place although a later stage adds to its gradient'
   'qkv_dx_overwritten#worker/block.c#s/        acc\[0\] |= ACC_DX;/        (void)0;/#^test_hf_fixtures$#k and v overwrite the input gradient q wrote'
+  'qk_fwd_k_takes_q_weight#kernels/cpu/cpu_norm.c#s/const float \*x_t = x\[t\], \*w_t = w\[t\];/const float *x_t = x[t], *w_t = w[0];/#^test_ops$|^test_hf_fixtures$#the q/k-norm + RoPE forward of q and k in one call norms k with q'"'"'s weight'
   'linear_dw_beta_ignored#kernels/cpu/cpu_linear.c#s/acc \& ACC_DW ? 1.0f : 0.0f, dw, in_dim/1.0f, dw, in_dim/#^test_ops$#linear backward adds to dw when told to overwrite it'
   'norm_layers_twice#trainer/optim.c#s/l < p->n_layers \&\& !layers_normed/l < p->n_layers/#^mpi_#the layers summed for the norm in backward are summed again at the step'"'"'s end'
   'norm_layer_early_hook#trainer/train.c#s/r->by_layer \&\& i == k->last_bwd/r->by_layer \&\& i != k->last_bwd/#^mpi_#the norm'"'"'s squares of a layer taken after its other backwards of the step, not its last'

@@ -161,12 +161,22 @@ static void stage_forward(struct worker *w, int i, void **a, int live, int layer
       be->linear_forward(y, a[s->in[0]], wa, outs, s->n_params, n, in);
     break;
   }
-  case OP_QK_NORM_ROPE:
-    for (int k = 0; k < s->n_params; k++)
-      be->qk_norm_rope_forward(a[s->out[k]], a[s->in[k]], param_w(w, layer, s->params[k]), pos,
-                               n, (int)(slot_width(c, s->in[k]) / c->head_dim), c->head_dim, eps,
-                               c->rope_theta);
+  case OP_QK_NORM_ROPE: {
+    void *y[2];
+    const void *x[2];
+    const float *nw[2];
+    int heads[2];
+    for (int k = 0; k < s->n_params; k++) {
+      y[k] = a[s->out[k]];
+      x[k] = a[s->in[k]];
+      nw[k] = param_w(w, layer, s->params[k]);
+      heads[k] = (int)(slot_width(c, s->in[k]) / c->head_dim);
+    }
+    /* q and k in one call (one launch on the GPU) */
+    be->qk_norm_rope_forward(y, x, nw, heads, s->n_params, pos, n, c->head_dim, eps,
+                             c->rope_theta);
     break;
+  }
   case OP_ATTENTION: {
     struct attn_shape shape = attention_shape(w, live);
     const void *k = a[s->in[1]], *v = a[s->in[2]];

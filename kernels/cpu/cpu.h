@@ -25,9 +25,9 @@ void cpu_sum_into(double *acc, const float *x, size_t n, int squares);
 void cpu_rmsnorm_forward(void *out, const void *x, const float *w, int n, int dim, float eps);
 void cpu_rmsnorm_backward(void *dx, float *dw, const void *dout, const void *x, const float *w,
                           int n, int dim, float eps, int acc);
-void cpu_qk_norm_rope_forward(void *out, const void *x, const float *w,
-                              const int32_t *positions, int n, int heads, int head_dim, float eps,
-                              double theta);
+void cpu_qk_norm_rope_forward(void *const *out, const void *const *x, const float *const *w,
+                              const int *heads, int count, const int32_t *positions, int n,
+                              int head_dim, float eps, double theta);
 void cpu_qk_norm_rope_backward(void *dx, float *dw, const void *dout, const void *x,
                                const float *w, const int32_t *positions, int n, int heads,
                                int head_dim, float eps, double theta, int acc);

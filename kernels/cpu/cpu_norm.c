@@ -94,11 +94,10 @@ static void rope_tables(float *cos_t, float *sin_t, const int32_t *positions, in
   free(inv_freq);
 }
 
-void cpu_qk_norm_rope_forward(void *out_, const void *x_, const float *w,
-                              const int32_t *positions, int n, int heads, int head_dim, float eps,
-                              double theta) {
-  float *out = out_;
-  const float *x = x_;
+/* The tensors share the tokens, so one cos/sin table serves them all. */
+void cpu_qk_norm_rope_forward(void *const *out, const void *const *x, const float *const *w,
+                              const int *heads, int count, const int32_t *positions, int n,
+                              int head_dim, float eps, double theta) {
   if (head_dim % 2) die("qk_norm_rope: head_dim %d is odd", head_dim);
   int half = head_dim / 2;
   size_t table = (size_t)(n > 0 ? n : 1) * half;
@@ -107,19 +106,25 @@ void cpu_qk_norm_rope_forward(void *out_, const void *x_, const float *w,
 #pragma omp parallel
   {
     float *xn = xmalloc((size_t)head_dim * sizeof(float));
+    for (int t = 0; t < count; t++) {
+      const float *x_t = x[t], *w_t = w[t];
+      float *out_t = out[t];
+      const int heads_t = heads[t];
 #pragma omp for collapse(2)
-    for (int i = 0; i < n; i++)
-      for (int h = 0; h < heads; h++) {
-        size_t base = ((size_t)i * heads + h) * head_dim;
-        const float *xh = x + base, *c = cos_t + (size_t)i * half, *s = sin_t + (size_t)i * half;
-        float *oh = out + base;
-        float r = row_rstd(xh, head_dim, eps);
-        for (int j = 0; j < head_dim; j++) xn[j] = xh[j] * r * w[j];
-        for (int j = 0; j < half; j++) {
-          oh[j] = xn[j] * c[j] + (-xn[j + half]) * s[j];
-          oh[j + half] = xn[j + half] * c[j] + xn[j] * s[j];
+      for (int i = 0; i < n; i++)
+        for (int h = 0; h < heads_t; h++) {
+          size_t base = ((size_t)i * heads_t + h) * head_dim;
+          const float *xh = x_t + base, *c = cos_t + (size_t)i * half;
+          const float *s = sin_t + (size_t)i * half;
+          float *oh = out_t + base;
+          float r = row_rstd(xh, head_dim, eps);
+          for (int j = 0; j < head_dim; j++) xn[j] = xh[j] * r * w_t[j];
+          for (int j = 0; j < half; j++) {
+            oh[j] = xn[j] * c[j] + (-xn[j + half]) * s[j];
+            oh[j + half] = xn[j + half] * c[j] + xn[j] * s[j];
+          }
         }
-      }
+    }
     free(xn);
   }
   free(cos_t);

@@ -154,9 +154,9 @@ void cuda_argmax_rows(int32_t *dst, const float *x, int rows, int n);
 void cuda_rmsnorm_forward(void *out, const void *x, const float *w, int n, int dim, float eps);
 void cuda_rmsnorm_backward(void *dx, float *dw, const void *dout, const void *x, const float *w,
                            int n, int dim, float eps, int acc);
-void cuda_qk_norm_rope_forward(void *out, const void *x, const float *w,
-                               const int32_t *positions, int n, int heads, int head_dim,
-                               float eps, double theta);
+void cuda_qk_norm_rope_forward(void *const *out, const void *const *x, const float *const *w,
+                               const int *heads, int count, const int32_t *positions, int n,
+                               int head_dim, float eps, double theta);
 void cuda_qk_norm_rope_backward(void *dx, float *dw, const void *dout, const void *x,
                                 const float *w, const int32_t *positions, int n, int heads,
                                 int head_dim, float eps, double theta, int acc);

@@ -538,82 +538,178 @@ static __device__ __forceinline__ void rope_backward(float *na, float *nb, float
   *nb = __fsub_rn(__fmul_rn(db, c), __fmul_rn(da, s));
 }
 
-/* The forward: blocks stride over steps (see qk_layout). Per row: r = rstd, xn = x * r * w,
- * out = xn cos + rotate_half(xn) sin. */
+/* The forward's tensors (q and k, or one alone: heads[1] = 0, its pointers never read), picked
+ * with constant indices (an array indexed by a variable goes to local memory). */
+template <typename T>
+struct qk_tensors {
+  T *out[2];
+  const T *x[2];
+  const float *w[2];
+  int heads[2];
+};
+
+/* A row of a forward launch. The launch numbers its rows token by token, heads = heads[0] +
+ * heads[1] a token: tensor 0's heads, then tensor 1's. So a token's q and k rows are neighbours,
+ * and a step that holds rows of both evaluates the token's cos/sin once for them (where q's
+ * launch and k's each evaluated it). row: the row in its own tensor. */
+template <typename T>
+struct qk_row {
+  T *out;
+  const T *x;
+  bool second;
+  size_t token, row;
+};
+
+template <typename T>
+static __device__ __forceinline__ qk_row<T> qk_row_of(const qk_tensors<T> &qk, size_t row,
+                                                      int heads) {
+  const size_t token = token_of(row, heads);
+  const int h = (int)(row - token * heads);
+  const bool second = h >= qk.heads[0];
+  return {second ? qk.out[1] : qk.out[0], second ? qk.x[1] : qk.x[0], second, token,
+          token * (second ? qk.heads[1] : qk.heads[0]) + (second ? h - qk.heads[0] : h)};
+}
+
+/* The most norm weight values a thread of the forward stages: both tensors' head_dim <= 256 */
+#define QK_W_PER_THREAD (2 * 2 * ROPE_MAX_HALF / (QK_WARPS * 32))
+
+/* The forward: blocks stride over steps (see qk_layout) of the launch's rows (qk_row_of). Per
+ * row: r = rstd, xn = x * r * w, out = xn cos + rotate_half(xn) sin. A row's arithmetic is that
+ * of a launch of its tensor alone (its lanes, its sums' order, its token's cos/sin, the same
+ * fp32 weights), so each tensor's bits are too.
+ * The block's norm weights, both tensors', go to shared memory: a lane's row may be of either
+ * tensor, and the row's weights in registers, loaded each step, took 79 registers a thread
+ * against 64 in bf16 (four blocks an SM down to three). They are loaded before pdl_wait
+ * (nothing in a step writes weights), at most QK_W_PER_THREAD a thread, and stored once the
+ * first step's x and position loads are issued and its table evaluated (a store waits for its
+ * value: before those loads it would hold them up when the wait is short). The tensors'
+ * pointers come as __restrict__ parameters, so x and w are read through the read-only path
+ * (ld.global.nc) as the one-tensor kernel's were; taken from a struct parameter they were not. */
 template <typename T, int V, int PAIRS>
 static __global__ void __launch_bounds__(QK_WARPS * 32)
-    qk_norm_rope_forward_kernel(T *__restrict__ out, const T *__restrict__ x,
-                                const float *__restrict__ w, const int32_t *__restrict__ positions,
-                                inv_freq_table inv, size_t rows, int heads, int head_dim,
-                                int team_log2, float eps) {
-  extern __shared__ __align__(16) float s_rope[];   /* cos, then sin, of the step's tokens */
-  pdl_wait();
-  pdl_release();
+    qk_norm_rope_forward_kernel(T *__restrict__ out0, T *__restrict__ out1,
+                                const T *__restrict__ x0, const T *__restrict__ x1,
+                                const float *__restrict__ w0, const float *__restrict__ w1,
+                                int heads0, int heads1, const int32_t *__restrict__ positions,
+                                inv_freq_table inv, size_t rows, int head_dim, int team_log2,
+                                float eps) {
+  /* the weights [2, head_dim], then the cos and sin of the step's tokens */
+  extern __shared__ __align__(16) float s_w[];
+  const qk_tensors<T> qk = {{out0, out1}, {x0, x1}, {w0, w1}, {heads0, heads1}};
+  const int heads = heads0 + heads1;
   const int half = head_dim / 2, team = 1 << team_log2, t = threadIdx.x & (team - 1);
   const int step = QK_WARPS * 32 >> team_log2, mine = threadIdx.x >> team_log2;
-  float wa[PAIRS][V], wb[PAIRS][V];
-  load_pair_weights<V, PAIRS>(wa, wb, w, head_dim, t, team);
-  for (size_t base = (size_t)blockIdx.x * step; base < rows; base += (size_t)gridDim.x * step) {
-    const size_t row = base + mine, end = base + step < rows ? base + step : rows;
+  float *s_rope = s_w + 2 * head_dim;
+  float wv[QK_W_PER_THREAD];
+#pragma unroll
+  for (int k = 0; k < QK_W_PER_THREAD; k++) {
+    const int i = threadIdx.x + k * QK_WARPS * 32;
+    wv[k] = i < head_dim && heads0 > 0                        ? w0[i]
+            : i >= head_dim && i < 2 * head_dim && heads1 > 0 ? w1[i - head_dim]
+                                                              : 0.0f;
+  }
+  pdl_wait();
+  pdl_release();
+  const size_t first = (size_t)blockIdx.x * step;
+  for (size_t base = first; base < rows; base += (size_t)gridDim.x * step) {
+    const qk_row<T> r = qk_row_of(qk, base + mine, heads);
+    const bool live = base + mine < rows;
+    const size_t end = base + step < rows ? base + step : rows;
     vecn<T, V> xa[PAIRS], xb[PAIRS];
-    load_pairs<T, V, PAIRS>(xa, xb, x, row, head_dim, t, team, row < rows);
+    load_pairs<T, V, PAIRS>(xa, xb, r.x, r.row, head_dim, t, team, live);
     const size_t t0 = token_of(base, heads);
     const int tokens = (int)(token_of(end - 1, heads) - t0) + 1;
     float *s_cos = s_rope, *s_sin = s_rope + tokens * half;
     rope_step_tables(s_cos, s_sin, positions, inv, t0, tokens, half);
+    if (base == first) {   /* published by this step's barrier, never written again */
+#pragma unroll
+      for (int k = 0; k < QK_W_PER_THREAD; k++) {
+        const int i = threadIdx.x + k * QK_WARPS * 32;
+        if (i < 2 * head_dim) s_w[i] = wv[k];
+      }
+    }
     __syncthreads();
     /* row_rstd adds j = 0..head_dim-1 in order; here each lane's terms, then the tree */
-    const float r = rstd_of(team_sum_double(pair_sum_squares<T, V, PAIRS>(xa, xb), team_log2),
-                            head_dim, eps);
-    if (row < rows) {
-      const int tk = (int)(token_of(row, heads) - t0) * half;
+    const float rs = rstd_of(team_sum_double(pair_sum_squares<T, V, PAIRS>(xa, xb), team_log2),
+                             head_dim, eps);
+    if (live) {
+      const int tk = (int)(r.token - t0) * half;
+      const float *sw = s_w + (r.second ? head_dim : 0);
 #pragma unroll
       for (int k = 0; k < PAIRS; k++) {
         const int g = t + team * k;
         if (g >= half / V) break;  /* so are the rest */
         const vecn<float, V> c = load_vec<float, V>(s_cos + tk, g, true);
         const vecn<float, V> s = load_vec<float, V>(s_sin + tk, g, true);
+        const vecn<float, V> wa = load_vec<float, V>(sw, g, true);
+        const vecn<float, V> wb = load_vec<float, V>(sw + half, g, true);
         float oa[V], ob[V];
 #pragma unroll
         for (int e = 0; e < V; e++) {
-          const float na = __fmul_rn(__fmul_rn(load_f(&xa[k].v[e]), r), wa[k][e]);
-          const float nb = __fmul_rn(__fmul_rn(load_f(&xb[k].v[e]), r), wb[k][e]);
+          const float na = __fmul_rn(__fmul_rn(load_f(&xa[k].v[e]), rs), wa.v[e]);
+          const float nb = __fmul_rn(__fmul_rn(load_f(&xb[k].v[e]), rs), wb.v[e]);
           oa[e] = __fadd_rn(__fmul_rn(na, c.v[e]), __fmul_rn(-nb, s.v[e]));
           ob[e] = __fadd_rn(__fmul_rn(nb, c.v[e]), __fmul_rn(na, s.v[e]));
         }
-        const size_t i = row * (head_dim / V) + g;
-        store_vec<T, V>(out, i, oa);
-        store_vec<T, V>(out, i + half / V, ob);
+        const size_t i = r.row * (head_dim / V) + g;
+        store_vec<T, V>(r.out, i, oa);
+        store_vec<T, V>(r.out, i + half / V, ob);
       }
     }
     __syncthreads();   /* the next step's rotations overwrite these */
   }
 }
 
+/* One launch for the tensors (see qk_row_of). The layout (qk_layout_of) follows head_dim and
+ * the vector path alone, and so does a row's arithmetic; two tensors that would take different
+ * paths (one not 16-byte aligned), whose sums of squares would then group differently, get a
+ * launch each. At decoding's shapes (1-4 tokens of 32 + 8 heads of 128, bf16: steps of 32 rows)
+ * that is 40-160 rows, 2-5 blocks of one step each (one token: q's 32 rows, then k's 8). */
 template <typename T>
-static void qk_norm_rope_forward_launch(T *out, const T *x, const float *w,
+static void qk_norm_rope_forward_launch(void *const *out, const void *const *x,
+                                        const float *const *w, const int *heads, int count,
                                         const int32_t *positions, const inv_freq_table &inv,
-                                        size_t rows, int heads, int head_dim, float eps) {
+                                        int n, int head_dim, float eps) {
   constexpr int VW = VEC_OF(T);
-  const qk_layout l = qk_layout_of<T>(head_dim, heads, vec_path<T>(head_dim / 2, out, x));
+  const int half = head_dim / 2;
+  const bool vec = vec_path<T>(half, out[0], x[0]);
+  if (count == 2 && vec != vec_path<T>(half, out[1], x[1])) {
+    for (int c = 0; c < 2; c++)
+      qk_norm_rope_forward_launch<T>(out + c, x + c, w + c, heads + c, 1, positions, inv, n,
+                                     head_dim, eps);
+    return;
+  }
+  qk_tensors<T> qk = {};
+  for (int c = 0; c < count; c++) {
+    qk.out[c] = (T *)out[c], qk.x[c] = (const T *)x[c], qk.w[c] = w[c];
+    qk.heads[c] = heads[c] > 0 ? heads[c] : 0;   /* none: no rows, its pointers never read */
+  }
+  const int all = qk.heads[0] + qk.heads[1];
+  if (all == 0) return;
+  const qk_layout l = qk_layout_of<T>(head_dim, all, vec);
+  const size_t rows = (size_t)n * all;
   size_t blocks = (rows + l.step - 1) / l.step;
   if (blocks > 65535u * 16) blocks = 65535u * 16;
   auto *kernel = l.vec           ? qk_norm_rope_forward_kernel<T, VW, 1>
                  : l.pairs == 1 ? qk_norm_rope_forward_kernel<T, 1, 1>
                                 : qk_norm_rope_forward_kernel<T, 1, 4>;
   CUDA_LAUNCH_PDL("qk_norm_rope_forward_kernel", kernel, dim3((unsigned)blocks),
-                  dim3(QK_WARPS * 32), l.rope_bytes, out, x, w, positions, inv, rows, heads,
-                  head_dim, l.team_log2, eps);
+                  dim3(QK_WARPS * 32), 2 * head_dim * sizeof(float) + l.rope_bytes, qk.out[0],
+                  qk.out[1], qk.x[0], qk.x[1], qk.w[0], qk.w[1], qk.heads[0], qk.heads[1],
+                  positions, inv, rows, head_dim, l.team_log2, eps);
 }
 
-extern "C" void cuda_qk_norm_rope_forward(void *out, const void *x, const float *w,
-                                          const int32_t *positions, int n, int heads,
-                                          int head_dim, float eps, double theta) {
+extern "C" void cuda_qk_norm_rope_forward(void *const *out, const void *const *x,
+                                          const float *const *w, const int *heads, int count,
+                                          const int32_t *positions, int n, int head_dim,
+                                          float eps, double theta) {
   struct inv_freq_table inv;
   rope_setup(&inv, head_dim, theta);   /* dies on a head_dim it cannot take */
-  if (n <= 0 || heads <= 0) return;
-  CUDA_ACT_DISPATCH(T, qk_norm_rope_forward_launch((T *)out, (const T *)x, w, positions, inv,
-                                                   (size_t)n * heads, heads, head_dim, eps));
+  if (count < 1 || count > 2)
+    cuda_fail("qk_norm_rope", "1 or 2 tensors a call", __FILE__, __LINE__);
+  if (n <= 0) return;
+  CUDA_ACT_DISPATCH(T, qk_norm_rope_forward_launch<T>(out, x, w, heads, count, positions, inv, n,
+                                                      head_dim, eps));
 }
 
 /* Rows per block of the backward: about QK_BWD_BLOCKS blocks, a multiple of 32 rows (a step of

@@ -404,11 +404,21 @@ static void test_qk_norm_rope(int n, int heads, int hd, double theta, int max_po
   size_t sz = (size_t)n * heads * hd;
   float *x = rand_act(sz, -2, 2), *w = rand_floats(hd, 0.5, 1.5), *out = xmalloc(sz * 4);
   int32_t *pos = rand_ints(n, 0, max_pos);
-  cpu->qk_norm_rope_forward(out, x, w, pos, n, heads, hd, eps, theta);
+  {
+    void *o[] = {out};
+    const void *i[] = {x};
+    const float *nw[] = {w};
+    cpu->qk_norm_rope_forward(o, i, nw, &heads, 1, pos, n, hd, eps, theta);
+  }
   void *d_x = up_act(x, sz), *d_out = poisoned_act(sz);
   float *d_w = up(w, hd * 4);
   int32_t *d_pos = up(pos, n * 4);
-  gpu->qk_norm_rope_forward(d_out, d_x, d_w, d_pos, n, heads, hd, eps, theta);
+  {
+    void *o[] = {d_out};
+    const void *i[] = {d_x};
+    const float *nw[] = {d_w};
+    gpu->qk_norm_rope_forward(o, i, nw, &heads, 1, d_pos, n, hd, eps, theta);
+  }
   char name[112];
   snprintf(name, sizeof name, "qk_norm_rope forward n=%d h=%d hd=%d pos<%d", n, heads, hd, max_pos);
   expect_act(name, d_out, out, sz, tol);
@@ -429,6 +439,58 @@ static void test_qk_norm_rope(int n, int heads, int hd, double theta, int max_po
   acc_expect(name, d_dw, &dw, tol);
   gpu->free(d_x); gpu->free(d_w); gpu->free(d_pos); gpu->free(d_dout);
   free(x); free(w); free(out); free(pos); free(dout);
+}
+
+/* q and k in one call (the decoding stage's: one launch, a token's cos/sin shared by its q and
+ * k rows), into poisoned outputs: each tensor within tol of the CPU's forward of it alone, and
+ * the bits of the GPU's call of it alone (a row's arithmetic must not depend on the other
+ * tensor's rows beside it). k_offset: k's x and out start one value into their buffers, so k
+ * takes the scalar path and q the vector path (a launch each). */
+static void test_qk_norm_rope_pair(int n, int q_heads, int k_heads, int hd, double theta,
+                                   int max_pos, int k_offset) {
+  const float eps = 1e-6f;
+  const int heads[] = {q_heads, k_heads};
+  const size_t eb = dtype_bytes(act), off[] = {0, (size_t)k_offset};
+  int32_t *pos = rand_ints(n, 0, max_pos), *d_pos = up(pos, n * 4);
+  size_t sz[2];
+  float *x[2], *w[2], *ref[2], *d_w[2];
+  void *d_x[2], *d_alone[2], *d_both[2], *alone[2], *both[2];
+  const void *xs[2];
+  for (int c = 0; c < 2; c++) {
+    sz[c] = (size_t)n * heads[c] * hd;
+    x[c] = rand_act(off[c] + sz[c], -2, 2);
+    w[c] = rand_floats(hd, 0.5, 1.5);
+    ref[c] = xmalloc(sz[c] * sizeof(float));
+    void *o[] = {ref[c]};
+    const void *i[] = {x[c] + off[c]};
+    const float *nw[] = {w[c]};
+    cpu->qk_norm_rope_forward(o, i, nw, &heads[c], 1, pos, n, hd, eps, theta);
+    d_x[c] = up_act(x[c], off[c] + sz[c]);
+    d_w[c] = up(w[c], hd * sizeof(float));
+    d_alone[c] = poisoned_act(off[c] + sz[c]);
+    d_both[c] = poisoned_act(off[c] + sz[c]);
+    xs[c] = (char *)d_x[c] + off[c] * eb;
+    alone[c] = (char *)d_alone[c] + off[c] * eb;
+    both[c] = (char *)d_both[c] + off[c] * eb;
+  }
+  const float *ws[] = {d_w[0], d_w[1]};
+  for (int c = 0; c < 2; c++)
+    gpu->qk_norm_rope_forward(&alone[c], &xs[c], &ws[c], &heads[c], 1, d_pos, n, hd, eps, theta);
+  gpu->qk_norm_rope_forward(both, xs, ws, heads, 2, d_pos, n, hd, eps, theta);
+  for (int c = 0; c < 2; c++) {
+    char name[112];
+    snprintf(name, sizeof name, "qk_norm_rope forward of q and k: %s n=%d h=%d+%d hd=%d%s",
+             c ? "k" : "q", n, q_heads, k_heads, hd, k_offset ? " k unaligned" : "");
+    float *h = down_as(d_both[c], off[c] + sz[c], act);
+    compare_as(name, h + off[c], act, ref[c], NULL, sz[c], tol);
+    CHECK(same_bits(d_both[c], d_alone[c], (off[c] + sz[c]) * eb),
+          "%s mode, %s: not the bits of the call of it alone", mode, name);
+    free(h);
+    gpu->free(d_x[c]); gpu->free(d_w[c]); gpu->free(d_alone[c]); gpu->free(d_both[c]);
+    free(x[c]); free(w[c]); free(ref[c]);
+  }
+  gpu->free(d_pos);
+  free(pos);
 }
 
 /* ---- packed documents (attn_shape.doc_start) */
@@ -1925,6 +1987,12 @@ int main(void) {
   test_qk_norm_rope(77, 6, 16, 1e4, 300);
   test_qk_norm_rope(3, 32, 128, 5e6, 40000);   /* decoding's few tokens */
   test_qk_norm_rope(9, 3, 18, 1e4, 300);       /* head_dim not a multiple of 4 */
+  test_qk_norm_rope_pair(1, 32, 8, 128, 5e6, 40000, 0);   /* decoding one token: 2 blocks */
+  test_qk_norm_rope_pair(4, 32, 8, 128, 5e6, 40000, 0);   /* steps of q and k rows of a token */
+  test_qk_norm_rope_pair(3, 5, 3, 128, 1e4, 300, 0);
+  test_qk_norm_rope_pair(3, 5, 3, 64, 1e4, 300, 0);
+  test_qk_norm_rope_pair(3, 5, 3, 64, 1e4, 300, 1);
+  test_qk_norm_rope_pair(9, 3, 1, 18, 1e4, 300, 0);       /* both on the scalar path */
   test_attention(2, 77, 77, 77, 4, 2, 16, NULL);
   test_attention(1, 64, 64, 64, 6, 3, 8, NULL);
   test_attention(1, 300, 300, 300, 8, 2, 128, NULL);
@@ -1981,6 +2049,12 @@ int main(void) {
   test_qk_norm_rope(77, 6, 16, 1e4, 300);
   test_qk_norm_rope(3, 32, 128, 5e6, 40000);   /* decoding's few tokens */
   test_qk_norm_rope(9, 3, 20, 1e4, 300);       /* head_dim not a multiple of 8 */
+  test_qk_norm_rope_pair(1, 32, 8, 128, 5e6, 40000, 0);   /* decoding one token: 2 blocks */
+  test_qk_norm_rope_pair(4, 32, 8, 128, 5e6, 40000, 0);   /* steps of q and k rows of a token */
+  test_qk_norm_rope_pair(3, 5, 3, 128, 1e4, 300, 0);
+  test_qk_norm_rope_pair(3, 5, 3, 64, 1e4, 300, 0);
+  test_qk_norm_rope_pair(3, 5, 3, 64, 1e4, 300, 1);
+  test_qk_norm_rope_pair(9, 3, 1, 20, 1e4, 300, 0);       /* both on the scalar path */
   /* the bf16 tensor-core attention: head_dim 64 and 128, 16 queries or more; GQA, batch 2,
    * T not a multiple of 16 or 64. On an sm_90 GPU with a build for sm_90a these are the wgmma
    * kernels, else (and with QWEN3_CUDA_WGMMA=0: the test's second run) the mma.sync ones. */

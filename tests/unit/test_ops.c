@@ -292,10 +292,33 @@ static void test_qk_norm_rope(void) {
   float *x = rand_floats(n, -2, 2), *w = rand_floats(s.head_dim, 0.5, 1.5);
   float *out = rand_floats(n, -1, 1);
   double *in[] = {to_double(x, n), to_double(w, s.head_dim)}, *ref = new_doubles(n);
-  be->qk_norm_rope_forward(out, x, w, positions, s.n, s.heads, s.head_dim, (float)s.eps,
-                           s.theta);
+  {
+    void *o[] = {out};
+    const void *i[] = {x};
+    const float *nw[] = {w};
+    be->qk_norm_rope_forward(o, i, nw, &s.heads, 1, positions, s.n, s.head_dim, (float)s.eps,
+                             s.theta);
+  }
   ref_qk_norm_rope(&s, in, ref);
   check_forward("qk_norm_rope forward", out, ref, n);
+  {
+    /* q and k in one call (k: fewer heads, its own weight): each tensor the bits of a call of
+     * its own, so k's rows are normed with k's weight and laid out by k's head count */
+    const int kh = 2, both_heads[] = {s.heads, kh};
+    size_t kn = (size_t)s.n * kh * s.head_dim;
+    float *kx = rand_floats(kn, -2, 2), *kw = rand_floats(s.head_dim, 0.5, 1.5);
+    float *kout = rand_floats(kn, -1, 1), *q2 = rand_floats(n, -1, 1), *k2 = rand_floats(kn, -1, 1);
+    void *ko[] = {kout}, *both_o[] = {q2, k2};
+    const void *kxs[] = {kx}, *both_x[] = {x, kx};
+    const float *kws[] = {kw}, *both_w[] = {w, kw};
+    be->qk_norm_rope_forward(ko, kxs, kws, &kh, 1, positions, s.n, s.head_dim, (float)s.eps,
+                             s.theta);
+    be->qk_norm_rope_forward(both_o, both_x, both_w, both_heads, 2, positions, s.n, s.head_dim,
+                             (float)s.eps, s.theta);
+    int same = !memcmp(q2, out, n * sizeof(float)) && !memcmp(k2, kout, kn * sizeof(float));
+    check("qk_norm_rope forward of q and k in one call, bit for bit", same ? 0.0 : 1.0, 0.0);
+    free(kx), free(kw), free(kout), free(q2), free(k2);
+  }
 
   float *dout = rand_floats(n, -1, 1);
   double *r = to_double(dout, n);
