@@ -27,10 +27,11 @@ ids (seed 1): a quick profile (--timing) without PyTorch.
   ours:
   prefill tok/s = B * PROMPT_LEN / prefill seconds
   decode tok/s  = B * (NEW - 1) / seconds after the first new token (aggregate over the batch)
-A torch row without a rate has status=: lengths_not_apart (t_NEW <= t_4 or t_4 > t_NEW / 2),
-timed_not_warm (a timed call 1.5x its last warm-up: a shape compiled inside it), not_compiled
-(--compile, yet dynamo made no graph), compile_failed (it raised; the first line is logged),
-skipped (--budget seconds spent before the batch's compiled run).
+A torch row without a rate has status=: timed_not_warm (a timed call 1.5x its last warm-up: a
+shape compiled inside it), lengths_not_apart (t_NEW <= t_4 or t_4 > t_NEW / 2), not_compiled
+(--compile, yet dynamo has made no graph), out_of_memory, compile_failed (it
+raised; the first line is logged), skipped (--budget seconds spent before the batch's compiled
+run).
 Every result is one `RESULT system=... batch=B ...` line (bench_common.result).
 """
 import argparse
@@ -82,9 +83,9 @@ def torch_mode(args, log):
     def dynamo_graphs():
         try:
             from torch._dynamo.utils import counters
-            return counters["stats"]["unique_graphs"]
-        except Exception:   # a private counter: None where this torch lacks it
+        except ImportError:   # a private module: None where this torch lacks it
             return None
+        return counters["stats"].get("unique_graphs")   # a defaultdict: .get, not [], for None
 
     def run(label, B, rounds):
         torch.cuda.reset_peak_memory_stats()
@@ -101,12 +102,12 @@ def torch_mode(args, log):
             f"{warm[NEW]:.2f} s), timed: 4 tokens {t4:.2f} s, {NEW} {tn:.2f} s")
         extra = {"compile_s": warm_s} if rounds > 1 else {}
         status = None
-        if tn <= t4 or t4 > 0.5 * tn:   # the lengths' difference is not decoding
-            status = "lengths_not_apart"
-        elif t4 > 1.5 * warm[4] or tn > 1.5 * warm[NEW]:   # a shape compiled inside a timed call
+        if t4 > 1.5 * warm[4] or tn > 1.5 * warm[NEW]:   # a shape compiled inside a timed call
             status = "timed_not_warm"
-        elif rounds > 1 and dynamo_graphs() == 0:   # generate ran the static cache eager
-            status = "not_compiled"
+        elif tn <= t4 or t4 > 0.5 * tn:   # the lengths' difference is not decoding
+            status = "lengths_not_apart"
+        elif rounds > 1 and dynamo_graphs() == 0:   # no graph yet (a later batch may reuse
+            status = "not_compiled"                  # one): generate ran the static cache eager
         if status:
             result(system=label, batch=B, status=status, **extra)
             return
@@ -140,6 +141,9 @@ def torch_mode(args, log):
             continue
         try:
             run("hf-static-compile", B, rounds=2)
+        except torch.cuda.OutOfMemoryError:
+            log(f"hf-static-compile batch {B}: out of GPU memory")
+            result(system="hf-static-compile", batch=B, status="out_of_memory")
         except Exception as e:   # the eager rows stand; so does the next batch size
             first = (str(e).strip().splitlines() or [""])[0]
             log(f"hf-static-compile batch {B}: {type(e).__name__}: {first}")

@@ -99,6 +99,7 @@ void cpu_qk_norm_rope_forward(void *const *out, const void *const *x, const floa
                               const int *heads, int count, const int32_t *positions, int n,
                               int head_dim, float eps, double theta) {
   if (head_dim % 2) die("qk_norm_rope: head_dim %d is odd", head_dim);
+  if (count < 1 || count > 2) die("qk_norm_rope: %d tensors a call; 1 or 2 are allowed", count);
   int half = head_dim / 2;
   size_t table = (size_t)(n > 0 ? n : 1) * half;
   float *cos_t = xmalloc(table * sizeof(float)), *sin_t = xmalloc(table * sizeof(float));

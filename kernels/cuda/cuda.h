@@ -273,9 +273,13 @@ static inline void cuda_allow_smem(K kernel, size_t bytes, bool *done) {
  * visible, so the gap between kernels shrinks and a GEMV can load its weights (which nothing in
  * the chain writes) before it waits. The rule for a kernel launched so: pdl_wait() comes first,
  * before every read or write of memory that another op writes or reads, and before any thread
- * returns; pdl_release() after it. Kernels launched with <<< >>> wait for the whole kernel before
- * them as usual; in both launches these instructions cost nothing. QWEN3_CUDA_PDL=0 turns it
- * off (cuda_ctx.pdl), for measuring it. */
+ * returns; pdl_release() after it. The one exception, loads issued before the wait: memory the
+ * kernel just before it on the stream does not write (every kernel here waits before it
+ * releases, so when this one starts, all the kernels before that one have finished). Weights
+ * qualify: only AdamW writes them, at the end of a step, never right before a kernel that reads
+ * them early (a GEMV; the q/k-norm + RoPE, after the q|k|v projection). Kernels launched with
+ * <<< >>> wait for the whole kernel before them as usual; in both launches these instructions
+ * cost nothing. QWEN3_CUDA_PDL=0 turns it off (cuda_ctx.pdl), for measuring it. */
 #ifdef __CUDACC__
 static __device__ __forceinline__ void pdl_wait() {
 #if __CUDA_ARCH__ >= 900

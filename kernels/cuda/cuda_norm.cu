@@ -572,6 +572,8 @@ static __device__ __forceinline__ qk_row<T> qk_row_of(const qk_tensors<T> &qk, s
 
 /* The most norm weight values a thread of the forward stages: both tensors' head_dim <= 256 */
 #define QK_W_PER_THREAD (2 * 2 * ROPE_MAX_HALF / (QK_WARPS * 32))
+static_assert(QK_W_PER_THREAD * QK_WARPS * 32 >= 2 * 2 * ROPE_MAX_HALF,
+              "a block's threads stage both tensors' weights at the largest head_dim");
 
 /* The forward: blocks stride over steps (see qk_layout) of the launch's rows (qk_row_of). Per
  * row: r = rstd, xn = x * r * w, out = xn cos + rotate_half(xn) sin. A row's arithmetic is that
@@ -580,9 +582,10 @@ static __device__ __forceinline__ qk_row<T> qk_row_of(const qk_tensors<T> &qk, s
  * The block's norm weights, both tensors', go to shared memory: a lane's row may be of either
  * tensor, and the row's weights in registers, loaded each step, took 79 registers a thread
  * against 64 in bf16 (four blocks an SM down to three). They are loaded before pdl_wait
- * (nothing in a step writes weights), at most QK_W_PER_THREAD a thread, and stored once the
- * first step's x and position loads are issued and its table evaluated (a store waits for its
- * value: before those loads it would hold them up when the wait is short). The tensors'
+ * (cuda.h's exception: AdamW, which writes them, never runs just before), at most
+ * QK_W_PER_THREAD a thread, and stored once the first step's x and position loads are issued
+ * and its table evaluated (a store waits for its value: before those loads it would hold them
+ * up when the wait is short). The tensors'
  * pointers come as __restrict__ parameters, so x and w are read through the read-only path
  * (ld.global.nc) as the one-tensor kernel's were; taken from a struct parameter they were not. */
 template <typename T, int V, int PAIRS>

@@ -1557,7 +1557,8 @@ static void check_pack_all(const char *label, const float *w, int rows, int cols
  * the host's bytes with the host's dec_x, and the GPU's own nvfp4_quantize of x (its bytes the
  * host's: check_rows_int). Each output, poisoned first, within the tolerance of fp32 accumulation
  * (1e-5; the bf16 output's rounding in the bf16 mode); a second run gives the same bits. Every
- * fifth weight is scaled by 10^[-6, 1], so blocks take scales of every size. */
+ * fifth weight is scaled by 10^[-6, 1], so blocks take scales of every size, and every
+ * seventh block of 16 as a whole by 10^[-12, 1], so some E4M3 scales are subnormal or zero. */
 static void check_gemv_packed(int in_dim, int count, const int *out_dims, int n_lo, int n_hi) {
   uint8_t *codes[3], *scales[3], *d_codes[3], *d_scales[3];
   float *wq[3], dec_w[3], *d_dec_w[3];
@@ -1566,6 +1567,10 @@ static void check_gemv_packed(int in_dim, int count, const int *out_dims, int n_
     size_t nw = (size_t)out_dims[j] * in_dim;
     float *w = rand_floats(nw, -1, 1);
     for (size_t i = 0; i < nw; i += 5) w[i] *= powf(10.0f, (float)uniform(-6, 1));
+    for (size_t b = 3; b < nw / 16; b += 7) {   /* whole blocks: subnormal and zero scales */
+      const float f = powf(10.0f, (float)uniform(-12, 1));
+      for (int i = 0; i < 16; i++) w[b * 16 + i] *= f;
+    }
     for (size_t i = 0; i < nw; i++) w[i] = ldexpf(w[i], 3 * j);
     codes[j] = xmalloc(nw / 2 + 1), scales[j] = xmalloc(nw / 16 + 1);
     struct nvfp4_tensor_scale tw;
@@ -1987,12 +1992,15 @@ int main(void) {
   test_qk_norm_rope(77, 6, 16, 1e4, 300);
   test_qk_norm_rope(3, 32, 128, 5e6, 40000);   /* decoding's few tokens */
   test_qk_norm_rope(9, 3, 18, 1e4, 300);       /* head_dim not a multiple of 4 */
-  test_qk_norm_rope_pair(1, 32, 8, 128, 5e6, 40000, 0);   /* decoding one token: 2 blocks */
+  test_qk_norm_rope_pair(1, 32, 8, 128, 5e6, 40000, 0);   /* decoding one token: 3 blocks */
   test_qk_norm_rope_pair(4, 32, 8, 128, 5e6, 40000, 0);   /* steps of q and k rows of a token */
   test_qk_norm_rope_pair(3, 5, 3, 128, 1e4, 300, 0);
   test_qk_norm_rope_pair(3, 5, 3, 64, 1e4, 300, 0);
   test_qk_norm_rope_pair(3, 5, 3, 64, 1e4, 300, 1);
   test_qk_norm_rope_pair(9, 3, 1, 18, 1e4, 300, 0);       /* both on the scalar path */
+  test_qk_norm_rope_pair(3, 5, 3, 128, 1e4, 300, 1);      /* k scalar: 4 pairs a lane */
+  test_qk_norm_rope_pair(3, 3, 2, 66, 1e4, 300, 0);       /* both scalar, 4 pairs a lane */
+  test_qk_norm_rope_pair(2, 3, 2, 256, 1e6, 3000, 0);     /* two staged weights a thread */
   test_attention(2, 77, 77, 77, 4, 2, 16, NULL);
   test_attention(1, 64, 64, 64, 6, 3, 8, NULL);
   test_attention(1, 300, 300, 300, 8, 2, 128, NULL);
@@ -2055,6 +2063,9 @@ int main(void) {
   test_qk_norm_rope_pair(3, 5, 3, 64, 1e4, 300, 0);
   test_qk_norm_rope_pair(3, 5, 3, 64, 1e4, 300, 1);
   test_qk_norm_rope_pair(9, 3, 1, 20, 1e4, 300, 0);       /* both on the scalar path */
+  test_qk_norm_rope_pair(3, 5, 3, 128, 1e4, 300, 1);      /* k scalar: 4 pairs a lane */
+  test_qk_norm_rope_pair(3, 3, 2, 66, 1e4, 300, 0);       /* both scalar, 4 pairs a lane */
+  test_qk_norm_rope_pair(2, 3, 2, 256, 1e6, 3000, 0);     /* two staged weights a thread */
   /* the bf16 tensor-core attention: head_dim 64 and 128, 16 queries or more; GQA, batch 2,
    * T not a multiple of 16 or 64. On an sm_90 GPU with a build for sm_90a these are the wgmma
    * kernels, else (and with QWEN3_CUDA_WGMMA=0: the test's second run) the mma.sync ones. */
