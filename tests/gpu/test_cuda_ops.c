@@ -493,6 +493,22 @@ static void test_qk_norm_rope_pair(int n, int q_heads, int k_heads, int hd, doub
   free(pos);
 }
 
+/* The mode's q/k pairs: decoding's shapes (one token: 2 blocks of 32-row steps in bf16, 3 of 16
+ * in fp32), steps holding both tensors' rows, odd head counts, k alone on the scalar path
+ * (k_offset), both on it at scalar_hd (no multiple of the mode's vector) and at 66 (4 pairs a
+ * lane), and head_dim 256 (two staged weights a thread). */
+static void test_qk_norm_rope_pairs(int scalar_hd) {
+  test_qk_norm_rope_pair(1, 32, 8, 128, 5e6, 40000, 0);
+  test_qk_norm_rope_pair(4, 32, 8, 128, 5e6, 40000, 0);
+  test_qk_norm_rope_pair(3, 5, 3, 128, 1e4, 300, 0);
+  test_qk_norm_rope_pair(3, 5, 3, 64, 1e4, 300, 0);
+  test_qk_norm_rope_pair(3, 5, 3, 64, 1e4, 300, 1);
+  test_qk_norm_rope_pair(3, 5, 3, 128, 1e4, 300, 1);
+  test_qk_norm_rope_pair(9, 3, 1, scalar_hd, 1e4, 300, 0);
+  test_qk_norm_rope_pair(3, 3, 2, 66, 1e4, 300, 0);
+  test_qk_norm_rope_pair(2, 3, 2, 256, 1e6, 3000, 0);
+}
+
 /* ---- packed documents (attn_shape.doc_start) */
 
 /* doc_start of a packed batch: documents of the given lengths (0-terminated, repeated until every
@@ -1992,15 +2008,7 @@ int main(void) {
   test_qk_norm_rope(77, 6, 16, 1e4, 300);
   test_qk_norm_rope(3, 32, 128, 5e6, 40000);   /* decoding's few tokens */
   test_qk_norm_rope(9, 3, 18, 1e4, 300);       /* head_dim not a multiple of 4 */
-  test_qk_norm_rope_pair(1, 32, 8, 128, 5e6, 40000, 0);   /* decoding one token: 3 blocks */
-  test_qk_norm_rope_pair(4, 32, 8, 128, 5e6, 40000, 0);   /* steps of q and k rows of a token */
-  test_qk_norm_rope_pair(3, 5, 3, 128, 1e4, 300, 0);
-  test_qk_norm_rope_pair(3, 5, 3, 64, 1e4, 300, 0);
-  test_qk_norm_rope_pair(3, 5, 3, 64, 1e4, 300, 1);
-  test_qk_norm_rope_pair(9, 3, 1, 18, 1e4, 300, 0);       /* both on the scalar path */
-  test_qk_norm_rope_pair(3, 5, 3, 128, 1e4, 300, 1);      /* k scalar: 4 pairs a lane */
-  test_qk_norm_rope_pair(3, 3, 2, 66, 1e4, 300, 0);       /* both scalar, 4 pairs a lane */
-  test_qk_norm_rope_pair(2, 3, 2, 256, 1e6, 3000, 0);     /* two staged weights a thread */
+  test_qk_norm_rope_pairs(18);                 /* head_dim not a multiple of 4 */
   test_attention(2, 77, 77, 77, 4, 2, 16, NULL);
   test_attention(1, 64, 64, 64, 6, 3, 8, NULL);
   test_attention(1, 300, 300, 300, 8, 2, 128, NULL);
@@ -2057,15 +2065,7 @@ int main(void) {
   test_qk_norm_rope(77, 6, 16, 1e4, 300);
   test_qk_norm_rope(3, 32, 128, 5e6, 40000);   /* decoding's few tokens */
   test_qk_norm_rope(9, 3, 20, 1e4, 300);       /* head_dim not a multiple of 8 */
-  test_qk_norm_rope_pair(1, 32, 8, 128, 5e6, 40000, 0);   /* decoding one token: 2 blocks */
-  test_qk_norm_rope_pair(4, 32, 8, 128, 5e6, 40000, 0);   /* steps of q and k rows of a token */
-  test_qk_norm_rope_pair(3, 5, 3, 128, 1e4, 300, 0);
-  test_qk_norm_rope_pair(3, 5, 3, 64, 1e4, 300, 0);
-  test_qk_norm_rope_pair(3, 5, 3, 64, 1e4, 300, 1);
-  test_qk_norm_rope_pair(9, 3, 1, 20, 1e4, 300, 0);       /* both on the scalar path */
-  test_qk_norm_rope_pair(3, 5, 3, 128, 1e4, 300, 1);      /* k scalar: 4 pairs a lane */
-  test_qk_norm_rope_pair(3, 3, 2, 66, 1e4, 300, 0);       /* both scalar, 4 pairs a lane */
-  test_qk_norm_rope_pair(2, 3, 2, 256, 1e6, 3000, 0);     /* two staged weights a thread */
+  test_qk_norm_rope_pairs(20);                 /* head_dim not a multiple of 8 */
   /* the bf16 tensor-core attention: head_dim 64 and 128, 16 queries or more; GQA, batch 2,
    * T not a multiple of 16 or 64. On an sm_90 GPU with a build for sm_90a these are the wgmma
    * kernels, else (and with QWEN3_CUDA_WGMMA=0: the test's second run) the mma.sync ones. */
