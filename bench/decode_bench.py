@@ -85,7 +85,7 @@ def torch_mode(args, log):
             from torch._dynamo.utils import counters
         except ImportError:   # a private module: None where this torch lacks it
             return None
-        return counters["stats"].get("unique_graphs")   # a defaultdict: .get, not [], for None
+        return counters["stats"]["unique_graphs"]   # a Counter: 0 before any graph
 
     def run(label, B, rounds):
         torch.cuda.reset_peak_memory_stats()

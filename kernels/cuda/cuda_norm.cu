@@ -585,9 +585,9 @@ static_assert(QK_W_PER_THREAD * QK_WARPS * 32 >= 2 * 2 * ROPE_MAX_HALF,
  * (cuda.h's exception: AdamW, which writes them, never runs just before), at most
  * QK_W_PER_THREAD a thread, and stored once the first step's x and position loads are issued
  * and its table evaluated (a store waits for its value: before those loads it would hold them
- * up when the wait is short). The tensors'
- * pointers come as __restrict__ parameters, so x and w are read through the read-only path
- * (ld.global.nc) as the one-tensor kernel's were; taken from a struct parameter they were not. */
+ * up when the wait is short). The tensors' pointers come as __restrict__ parameters, so x and
+ * w are read through the read-only path (ld.global.nc) as the one-tensor kernel's were; taken
+ * from a struct parameter they were not. */
 template <typename T, int V, int PAIRS>
 static __global__ void __launch_bounds__(QK_WARPS * 32)
     qk_norm_rope_forward_kernel(T *__restrict__ out0, T *__restrict__ out1,
