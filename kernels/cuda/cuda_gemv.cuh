@@ -22,6 +22,8 @@
  *  - A row is read by GEMV_WPR warps (1, 2, 4 or 8, from the shape: enough warps to fill every
  *    SM, each with at least GEMV_UNROLL loads to issue), each taking every GEMV_WPR-th 16-byte
  *    column group; o and down (2560 rows at 4B) had too few warps at one a row (2.3 TB/s).
+ *    A short row (fewer 16-byte groups than GEMV_UNROLL a lane at 32 lanes) is read by 16
+ *    lanes instead, two rows a warp (cuda_linear.cu's gemv_lanes_per_row).
  *  - The first loads of weights are issued before pdl_wait: nothing in a step writes weights.
  * Per row the lanes sum strided slices in fp32 and combine them by a fixed butterfly, then the
  * row's warps in warp order through shared memory: the same bits every run. Each more token

@@ -49,27 +49,33 @@ struct gemv_mats {
 };
 
 /* A lane issues a batch of GEMV_UNROLL weight loads, then uses them; its first batch before
- * pdl_wait. (Holding a second batch in flight while using the first took 84 registers against
- * 46 and streamed slower under ncu: bench/NOTES.md.) The matrix of a row is picked with
- * constant indices: a variable index copies the parameters to local memory, and the weight
- * loads through those pointers then left the read-only path and serialized. R: the most token
- * rows the instantiation takes (1 for F::ONE_ROW at n = 1, else GEMV_MAX_ROWS): at R = 1 the
- * rows loop is gone, and with it the x loads the compiler hoisted for rows that do not exist
- * (the NVFP4 kernel: 58 registers, four blocks an SM; 76 at R = 4, three, as its dot_rows
- * decodes a word once for all the token rows; with its fp32 dot it took 100-108 there, two
- * blocks; the dense kernels gain little, 48 to 40, and stay at R = 4). The NVFP4 kernel at
- * R = 4 asks for three blocks an SM: left to itself ptxas held some of its instantiations at
- * 64 registers with 24-32 bytes of spills. Every other instantiation has no minimum (0): any
- * minimum, even 1, let ptxas take 52-56 registers for the dense kernels, and BF16 decoding
- * was 3% slower with them (bench/NOTES.md, session 19). */
-template <class F, int WPR, int R>
+ * pdl_wait. At 16 lanes a row (LPR, gemv_lanes_per_row) a batch is one load more: a row of
+ * 2560 NVFP4 columns (5 loads a lane) is then one batch, all in flight before pdl_wait, where
+ * a batch of 4 left the fifth to be issued, and waited for, after the first four were used
+ * (gate|up 10.3 -> 9.9 us, decoding 2.5% faster; 62 registers at R = 1, 78 at R = 4: as many
+ * blocks an SM as before; bench/NOTES.md, session 20). (Holding a second batch in flight while
+ * using the first took 84 registers against 46 and streamed slower under ncu.) The matrix of
+ * a row is picked with constant indices: a variable index copies the parameters to local
+ * memory, and the weight loads through those pointers then left the read-only path and
+ * serialized. R: the most token rows the instantiation takes (1 for F::ONE_ROW at n = 1, else
+ * GEMV_MAX_ROWS): at R = 1 the rows loop is gone, and with it the x loads the compiler hoisted
+ * for rows that do not exist (the NVFP4 kernel at 32 lanes: 58 registers, four blocks an SM;
+ * 76 at R = 4, three, as its dot_rows decodes a word once for all the token rows; with its
+ * fp32 dot it took 100-108 there, two blocks; the dense kernels gain little, 48 to 40, and
+ * stay at R = 4). The NVFP4 kernel at R = 4 asks for three blocks an SM: left to itself ptxas
+ * held some of its instantiations at 64 registers with 24-32 bytes of spills. Every other
+ * instantiation has no minimum (0): any minimum, even 1, let ptxas take 52-56 registers for
+ * the dense kernels, and BF16 decoding was 3% slower with them (session 19). */
+template <class F, int WPR, int R, int LPR>
 static __global__ void __launch_bounds__(GEMV_WARPS * 32, F::ONE_ROW && R > 1 ? 3 : 0)
     gemv_kernel(gemv_mats<F> m, typename F::xin x, int n, int in_dim) {
+  static_assert(LPR == 32 || (LPR == 16 && WPR == 1), "a row of several warps takes whole ones");
   typedef typename F::act T;
-  constexpr int U = GEMV_UNROLL, STRIDE = WPR * 32 * F::N;
+  constexpr int U = LPR == 16 ? GEMV_UNROLL + 1 : GEMV_UNROLL, STRIDE = WPR * LPR * F::N;
   __shared__ float warp_sums[GEMV_WARPS][R];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, part = warp % WPR;
-  const int row = blockIdx.x * (GEMV_WARPS / WPR) + warp / WPR;
+  const int row_lane = lane % LPR;   /* the lane's place among its row's lanes */
+  const int row = (blockIdx.x * (GEMV_WARPS / WPR) + warp / WPR) * (32 / LPR) + lane / LPR;
   typename F::mat w = m.w[0];
   T *out = m.out[0];
   int first = 0, last_end = m.end[0];
@@ -82,7 +88,7 @@ static __global__ void __launch_bounds__(GEMV_WARPS * 32, F::ONE_ROW && R > 1 ? 
   const bool live = row < last_end;
   const int r = row - first, out_dim = last_end - first;
   const typename F::row wr = F::row_of(w, in_dim, r);
-  const int c0 = (part * 32 + lane) * F::N;
+  const int c0 = (part * LPR + row_lane) * F::N;
   typename F::chunk wb[U];
   if (live && (F::PART || c0 + (U - 1) * STRIDE < in_dim))
     gemv_fetch<F, F::PART>(wb, wr, c0, STRIDE, in_dim);
@@ -112,10 +118,10 @@ static __global__ void __launch_bounds__(GEMV_WARPS * 32, F::ONE_ROW && R > 1 ? 
   for (int t = 0; t < R; t++) {
     if (t >= n) break;
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) acc[t] += __shfl_xor_sync(0xffffffffu, acc[t], o);
+    for (int o = LPR / 2; o > 0; o >>= 1) acc[t] += __shfl_xor_sync(0xffffffffu, acc[t], o);
   }
   if (WPR == 1) {
-    if (live && lane == 0)
+    if (live && row_lane == 0)
 #pragma unroll
       for (int t = 0; t < R; t++) {
         if (t >= n) break;
@@ -148,16 +154,30 @@ static int gemv_warps_per_row(int rows, int in_dim, int vec) {
   return wpr;
 }
 
+/* Lanes per weight row: 16, two rows a warp, when a row has fewer 16-byte loads than a lane's
+ * batch at 32 (NVFP4's rows of 2560 columns, 2.5 loads a lane: q|k|v and gate|up). ncu counted
+ * 415 instructions a warp at 32 lanes, a row's, of which the 2.5 loads' decoding and dot
+ * products were about half: the rest its fixed costs (the matrix and the addresses of a batch,
+ * x's loads, the butterfly, the store), and the third load ran in half the lanes. Two rows a
+ * warp share those instructions (lanes l and l + 16 read the same columns of x), and each
+ * lane's 5 loads run in every lane: 326 a row (bench/NOTES.md, session 20). The shape's
+ * function too; warps per row then 1. */
+static int gemv_lanes_per_row(int in_dim, int vec) {
+  return in_dim / (32 * vec) < GEMV_UNROLL ? 16 : 32;
+}
+
 /* The type of format F's instantiations of gemv_kernel (taken from one: the host compiler keeps
  * gemv_dense's __restrict__ x in a pointer type written out, not in the kernel's) */
 template <class F>
-using gemv_kernel_ptr = decltype(&gemv_kernel<F, 1, GEMV_MAX_ROWS>);
+using gemv_kernel_ptr = decltype(&gemv_kernel<F, 1, GEMV_MAX_ROWS, 32>);
 
-/* The instantiation of gemv_kernel for wpr warps a row and at most R token rows */
+/* The instantiation of gemv_kernel for wpr warps a row (lpr lanes a row, 16 only at one warp)
+ * and at most R token rows */
 template <class F, int R>
-static gemv_kernel_ptr<F> gemv_pick(int wpr) {
-  return wpr == 1 ? gemv_kernel<F, 1, R> : wpr == 2 ? gemv_kernel<F, 2, R>
-                                        : wpr == 4 ? gemv_kernel<F, 4, R> : gemv_kernel<F, 8, R>;
+static gemv_kernel_ptr<F> gemv_pick(int wpr, int lpr) {
+  if (lpr == 16) return gemv_kernel<F, 1, R, 16>;
+  return wpr == 1 ? gemv_kernel<F, 1, R, 32> : wpr == 2 ? gemv_kernel<F, 2, R, 32>
+                   : wpr == 4 ? gemv_kernel<F, 4, R, 32> : gemv_kernel<F, 8, R, 32>;
 }
 
 /* One launch for the count matrices w[j] of one input, outs[j] [n, out_dims[j]]. */
@@ -172,11 +192,13 @@ static void gemv_launch(const typename F::mat *w, void *const *outs, const int *
     m.end[j] = rows += out_dims[j];
   }
   m.count = count;
-  const int wpr = gemv_warps_per_row(rows, in_dim, F::N);
-  const dim3 grid((unsigned)((rows * wpr + GEMV_WARPS - 1) / GEMV_WARPS));
-  gemv_kernel_ptr<F> kernel = gemv_pick<F, GEMV_MAX_ROWS>(wpr);
+  const int lpr = gemv_lanes_per_row(in_dim, F::N);
+  const int wpr = lpr == 32 ? gemv_warps_per_row(rows, in_dim, F::N) : 1;
+  const int rows_per_block = GEMV_WARPS / wpr * (32 / lpr);
+  const dim3 grid((unsigned)((rows + rows_per_block - 1) / rows_per_block));
+  gemv_kernel_ptr<F> kernel = gemv_pick<F, GEMV_MAX_ROWS>(wpr, lpr);
   if constexpr (F::ONE_ROW)
-    if (n == 1) kernel = gemv_pick<F, 1>(wpr);
+    if (n == 1) kernel = gemv_pick<F, 1>(wpr, lpr);
   CUDA_LAUNCH_PDL("gemv_kernel", kernel, grid, dim3(GEMV_WARPS * 32), 0, m, x, n, in_dim);
 }
 

@@ -1668,7 +1668,8 @@ static void check_gemv_packed(int in_dim, int count, const int *out_dims, int n_
  * 2.5 16-byte loads of codes a lane, in one launch), gate|up (two of 9728 rows) and its down
  * projection (9728 columns: two warps a row on an H200) for 1 to 4 token rows (gate|up for
  * one: the same kernel as q|k|v's at one warp a row, a larger grid); odd output
- * counts, in groups whose matrices end inside a block of the launch; one load a row; 4 and 8
+ * counts, in groups whose matrices end inside a block of the launch (and, at 2560 columns, two
+ * rows a warp, inside a warp, the last warp's second row past the end); one load a row; 4 and 8
  * warps a row (16384 and 32800 columns, the latter not a multiple of the warps' stride). */
 static void test_gemv_packed(void) {
   const int qkv[] = {4096, 1024, 1024}, gate_up[] = {9728, 9728}, down[] = {2560},
@@ -1680,6 +1681,7 @@ static void test_gemv_packed(void) {
   check_gemv_packed(9728, 1, down, 1, NVFP4_GEMV_MAX_ROWS);
   check_gemv_packed(4096, 1, one, 2, 2);
   check_gemv_packed(4096, 3, odd, 3, 4);
+  check_gemv_packed(2560, 3, odd, 1, 2);
   check_gemv_packed(32, 2, pair, 1, 1);
   check_gemv_packed(16384, 1, wide, 2, 2);
   check_gemv_packed(32800, 2, wider, 3, 3);
