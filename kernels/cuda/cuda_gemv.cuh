@@ -15,12 +15,13 @@
  * tiles give such a product one block per 128 output rows or so, too few to keep the memory
  * busy (measured on the H200 at Qwen3-4B's shapes, one token: 0.6 TB/s of its 4.3 for the
  * q/k/v weights); here warps stream weight rows with 16-byte loads, GEMV_UNROLL of them in
- * flight per lane, and each row's n dot products come out of it.
+ * flight per lane (NVFP4's one more at 16 lanes a row), and each row's n dot products come out
+ * of it.
  *  - The matrices of one call (q|k|v, gate|up: up to GEMV_MAX_MATS, one input) are one launch:
  *    their rows are numbered on, so k's and v's 1024 rows do not run as launches of their own
  *    (ncu at 4B's shape: 0.7 TB/s each, bench/NOTES.md).
- *  - A row is read by GEMV_WPR warps (1, 2, 4 or 8, from the shape: enough warps to fill every
- *    SM, each with at least GEMV_UNROLL loads to issue), each taking every GEMV_WPR-th 16-byte
+ *  - A row is read by WPR warps (1, 2, 4 or 8, from the shape: enough warps to fill every
+ *    SM, each with at least GEMV_UNROLL loads to issue), each taking every WPR-th 16-byte
  *    column group; o and down (2560 rows at 4B) had too few warps at one a row (2.3 TB/s).
  *    A short row (fewer 16-byte groups than GEMV_UNROLL a lane at 32 lanes) is read by 16
  *    lanes instead, two rows a warp (cuda_linear.cu's gemv_lanes_per_row).
@@ -74,10 +75,11 @@ static __device__ __forceinline__ void gemv_load_x(float (&f)[N], const T *__res
  *                 row from at, off a constant, so the batch's addresses are one register's);
  *   ONE_ROW       one token row (a decoding step of one sequence) has an instantiation of its
  *                 own (gemv_kernel's R);
- *   PART          the row's last batch is loaded at once, predicated (a row of a few chunks a
- *                 lane: NVFP4's 2560 columns are 2.5 a lane, all in flight before pdl_wait),
- *                 else its chunks one at a time (rows of many: the predicated batch took the
- *                 dense kernels from 40-48 registers to 54-62);
+ *   PART          the row's last batch is loaded at once, predicated (rows of a few chunks a
+ *                 lane: NVFP4's 9728 columns are 4.75 a lane at two warps a row, all in
+ *                 flight before pdl_wait), else its chunks one at a time (rows of many: the
+ *                 predicated batch took the dense kernels from 40-48 registers to 54-62); at
+ *                 16 lanes a row it also makes the batch one chunk longer (gemv_kernel);
  *   weights       a chunk made ready for dot_rows, once for every token row (gemv_dense: in
  *                 fp32);
  *   xin           the operand x as the format reads it (gemv_dense: a pointer to x's values

@@ -49,11 +49,12 @@ struct gemv_mats {
 };
 
 /* A lane issues a batch of GEMV_UNROLL weight loads, then uses them; its first batch before
- * pdl_wait. At 16 lanes a row (LPR, gemv_lanes_per_row) a batch is one load more: a row of
- * 2560 NVFP4 columns (5 loads a lane) is then one batch, all in flight before pdl_wait, where
- * a batch of 4 left the fifth to be issued, and waited for, after the first four were used
- * (gate|up 10.3 -> 9.9 us, decoding 2.5% faster; 62 registers at R = 1, 78 at R = 4: as many
- * blocks an SM as before; bench/NOTES.md, session 20). (Holding a second batch in flight while
+ * pdl_wait. At 16 lanes a row (LPR, gemv_lanes_per_row) NVFP4's batch (F::PART) is one load
+ * more: a row of 2560 columns (5 loads a lane) is then one batch, all in flight before
+ * pdl_wait, where a batch of 4 left the fifth to be issued, and waited for, after the first
+ * four were used (gate|up 10.3 -> 9.9 us, decoding 2.5% faster; 62 registers at R = 1, 78 at
+ * R = 4: as many blocks an SM as before; bench/NOTES.md, session 20). The dense kernels keep
+ * their 4 (no Qwen3 shape reads 16 lanes a row of them; 5 took bf16's to 60 registers). (Holding a second batch in flight while
  * using the first took 84 registers against 46 and streamed slower under ncu.) The matrix of
  * a row is picked with constant indices: a variable index copies the parameters to local
  * memory, and the weight loads through those pointers then left the read-only path and
@@ -71,7 +72,8 @@ static __global__ void __launch_bounds__(GEMV_WARPS * 32, F::ONE_ROW && R > 1 ? 
     gemv_kernel(gemv_mats<F> m, typename F::xin x, int n, int in_dim) {
   static_assert(LPR == 32 || (LPR == 16 && WPR == 1), "a row of several warps takes whole ones");
   typedef typename F::act T;
-  constexpr int U = LPR == 16 ? GEMV_UNROLL + 1 : GEMV_UNROLL, STRIDE = WPR * LPR * F::N;
+  constexpr int U = LPR == 16 && F::PART ? GEMV_UNROLL + 1 : GEMV_UNROLL;
+  constexpr int STRIDE = WPR * LPR * F::N;
   __shared__ float warp_sums[GEMV_WARPS][R];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, part = warp % WPR;
   const int row_lane = lane % LPR;   /* the lane's place among its row's lanes */
@@ -154,8 +156,9 @@ static int gemv_warps_per_row(int rows, int in_dim, int vec) {
   return wpr;
 }
 
-/* Lanes per weight row: 16, two rows a warp, when a row has fewer 16-byte loads than a lane's
- * batch at 32 (NVFP4's rows of 2560 columns, 2.5 loads a lane: q|k|v and gate|up). ncu counted
+/* Lanes per weight row: 16, two rows a warp, when a lane at 32 lanes a row would have fewer
+ * of its row's 16-byte loads than GEMV_UNROLL (NVFP4's rows of 2560 columns, 2.5 loads a lane:
+ * q|k|v and gate|up). ncu counted
  * 415 instructions a warp at 32 lanes, a row's, of which the 2.5 loads' decoding and dot
  * products were about half: the rest its fixed costs (the matrix and the addresses of a batch,
  * x's loads, the butterfly, the store), and the third load ran in half the lanes. Two rows a

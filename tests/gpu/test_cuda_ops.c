@@ -1049,7 +1049,11 @@ static void test_linear_group(int n, int in, int count, const int *out_dims) {
  * warps per weight row, which it picks from the shape on a GPU of 132 SMs (the H200): 2 for
  * Qwen3-4B's q|k|v, 1 for its gate|up, 4 for its o and down, 8 for 100 rows of 16392 values
  * (not a multiple of the 8 warps' stride); on another GPU the same shapes still check the
- * sums. Five rows of q|k|v go to cuBLASLt, one GEMM each. */
+ * sums. Five rows of q|k|v go to cuBLASLt, one GEMM each. Rows shorter than a lane's batch at
+ * 32 lanes are read by 16, two rows a warp: three matrices of 37, 1001 and 5 rows put rows 36
+ * and 37 of different matrices in one warp, and leave the last warp's second half past the end;
+ * at 488 columns (fp32: a batch of loads, then the tail one at a time; bf16: the tail alone) and
+ * at 1000 (bf16: 16 lanes, a batch and a tail; fp32: 32 lanes, one warp a row). */
 static void test_linear_decode(void) {
   test_linear(1, 2560, 1024);
   test_linear(8, 1024, 520);
@@ -1057,7 +1061,10 @@ static void test_linear_decode(void) {
   test_linear(3, 100, 37);
   test_linear(1, 9728, 64);
   const int qkv[] = {4096, 1024, 1024}, gate_up[] = {9728, 9728}, o[] = {2560},
-            wide[] = {60, 40};
+            wide[] = {60, 40}, odd[] = {37, 1001, 5};
+  test_linear_group(1, 488, 3, odd);
+  test_linear_group(4, 488, 3, odd);
+  test_linear_group(2, 1000, 3, odd);
   test_linear_group(1, 2560, 3, qkv);
   test_linear_group(4, 2560, 3, qkv);
   test_linear_group(5, 2560, 3, qkv);
@@ -1665,11 +1672,12 @@ static void check_gemv_packed(int in_dim, int count, const int *out_dims, int n_
 }
 
 /* Decoding from packed weights: Qwen3-4B's q|k|v (4096, 1024 and 1024 rows of 2560 columns,
- * 2.5 16-byte loads of codes a lane, in one launch), gate|up (two of 9728 rows) and its down
- * projection (9728 columns: two warps a row on an H200) for 1 to 4 token rows (gate|up for
- * one: the same kernel as q|k|v's at one warp a row, a larger grid); odd output
+ * 16 lanes a row with 5 16-byte loads of codes each, in one launch), gate|up (two of 9728 rows)
+ * and its down projection (9728 columns: two warps a row on an H200) for 1 to 4 token rows
+ * (gate|up for one: the same kernel as q|k|v's, a larger grid); odd output
  * counts, in groups whose matrices end inside a block of the launch (and, at 2560 columns, two
- * rows a warp, inside a warp, the last warp's second row past the end); one load a row; 4 and 8
+ * rows a warp, inside a warp, the last warp's second row past the end; at 3072, 6 loads a lane:
+ * a batch, then a predicated tail fetched after it); one load a row; 4 and 8
  * warps a row (16384 and 32800 columns, the latter not a multiple of the warps' stride). */
 static void test_gemv_packed(void) {
   const int qkv[] = {4096, 1024, 1024}, gate_up[] = {9728, 9728}, down[] = {2560},
@@ -1682,6 +1690,7 @@ static void test_gemv_packed(void) {
   check_gemv_packed(4096, 1, one, 2, 2);
   check_gemv_packed(4096, 3, odd, 3, 4);
   check_gemv_packed(2560, 3, odd, 1, 2);
+  check_gemv_packed(3072, 3, odd, 3, 4);
   check_gemv_packed(32, 2, pair, 1, 1);
   check_gemv_packed(16384, 1, wide, 2, 2);
   check_gemv_packed(32800, 2, wider, 3, 3);
