@@ -1677,18 +1677,22 @@ static void check_gemv_packed(int in_dim, int count, const int *out_dims, int n_
  * (gate|up for one: the same kernel as q|k|v's, a larger grid); odd output
  * counts, in groups whose matrices end inside a block of the launch (and, at 2560 columns, two
  * rows a warp, inside a warp, the last warp's second row past the end; at 3072, 6 loads a lane:
- * a batch, then a predicated tail fetched after it); one load a row; 4 and 8
+ * a batch, then a predicated tail fetched after it); 8500 rows of 4096 columns (one warp a
+ * row, 32 lanes, enough rows not to take more warps); 82944 columns (8 warps a row, 10 loads a
+ * lane: the unpredicated batch fetched again in the loop); one load a row; 4 and 8
  * warps a row (16384 and 32800 columns, the latter not a multiple of the warps' stride). */
 static void test_gemv_packed(void) {
   const int qkv[] = {4096, 1024, 1024}, gate_up[] = {9728, 9728}, down[] = {2560},
             kv[] = {1024}, one[] = {1}, odd[] = {37, 1001, 5}, pair[] = {5, 37},
-            wide[] = {100}, wider[] = {40, 3};
+            wide[] = {100}, wider[] = {40, 3}, many[] = {4300, 4200};
   check_gemv_packed(2560, 3, qkv, 1, NVFP4_GEMV_MAX_ROWS);
   check_gemv_packed(2560, 2, gate_up, 1, 1);
   check_gemv_packed(2560, 1, kv, 1, NVFP4_GEMV_MAX_ROWS);
   check_gemv_packed(9728, 1, down, 1, NVFP4_GEMV_MAX_ROWS);
   check_gemv_packed(4096, 1, one, 2, 2);
   check_gemv_packed(4096, 3, odd, 3, 4);
+  check_gemv_packed(4096, 2, many, 1, 4);
+  check_gemv_packed(82944, 1, wide, 1, 4);
   check_gemv_packed(2560, 3, odd, 1, 2);
   check_gemv_packed(3072, 3, odd, 3, 4);
   check_gemv_packed(32, 2, pair, 1, 1);
