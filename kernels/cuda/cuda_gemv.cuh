@@ -76,10 +76,10 @@ static __device__ __forceinline__ void gemv_load_x(float (&f)[N], const T *__res
  *   ONE_ROW       one token row (a decoding step of one sequence) has an instantiation of its
  *                 own (gemv_kernel's R);
  *   PART          the row's last batch is loaded at once, predicated (rows of a few chunks a
- *                 lane: NVFP4's 9728 columns are 4.75 a lane at two warps a row, all in
- *                 flight before pdl_wait), else its chunks one at a time (rows of many: the
- *                 predicated batch took the dense kernels from 40-48 registers to 54-62); at
- *                 16 lanes a row it also makes the batch one chunk longer (gemv_kernel);
+ *                 lane, as NVFP4's are at Qwen3's widths: all in flight before pdl_wait),
+ *                 else its chunks one at a time (rows of many: the predicated batch took the
+ *                 dense kernels from 40-48 registers to 54-62);
+ *                 gemv_kernel makes its batch one chunk longer at 16 lanes a row;
  *   weights       a chunk made ready for dot_rows, once for every token row (gemv_dense: in
  *                 fp32);
  *   xin           the operand x as the format reads it (gemv_dense: a pointer to x's values
