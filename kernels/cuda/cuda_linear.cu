@@ -54,8 +54,9 @@ struct gemv_mats {
  * pdl_wait, where a batch of 4 left the fifth to be issued, and waited for, after the first
  * four were used (gate|up 10.3 -> 9.9 us, decoding 2.5% faster; 62 registers at R = 1, 78 at
  * R = 4: as many blocks an SM as before; bench/NOTES.md, session 20). The dense kernels keep
- * their 4 (no Qwen3 shape reads 16 lanes a row of them; 5 took bf16's to 60 registers). (Holding a second batch in flight while
- * using the first took 84 registers against 46 and streamed slower under ncu.) The matrix of
+ * their 4 (no Qwen3 shape reads 16 lanes a row of them; 5 took bf16's to 60 registers).
+ * (Holding a second batch in flight while using the first took 84 registers against 46 and
+ * streamed slower under ncu.) The matrix of
  * a row is picked with constant indices: a variable index copies the parameters to local
  * memory, and the weight loads through those pointers then left the read-only path and
  * serialized. R: the most token rows the instantiation takes (1 for F::ONE_ROW at n = 1, else
@@ -158,13 +159,12 @@ static int gemv_warps_per_row(int rows, int in_dim, int vec) {
 
 /* Lanes per weight row: 16, two rows a warp, when a lane at 32 lanes a row would have fewer
  * of its row's 16-byte loads than GEMV_UNROLL (NVFP4's rows of 2560 columns, 2.5 loads a lane:
- * q|k|v and gate|up). ncu counted
- * 415 instructions a warp at 32 lanes, a row's, of which the 2.5 loads' decoding and dot
- * products were about half: the rest its fixed costs (the matrix and the addresses of a batch,
- * x's loads, the butterfly, the store), and the third load ran in half the lanes. Two rows a
- * warp share those instructions (lanes l and l + 16 read the same columns of x), and each
- * lane's 5 loads run in every lane: 326 a row (bench/NOTES.md, session 20). The shape's
- * function too; warps per row then 1. */
+ * q|k|v and gate|up). ncu counted 415 instructions a warp at 32 lanes, a row's, of which the
+ * 2.5 loads' decoding and dot products were about half: the rest its fixed costs (the matrix
+ * and the addresses of a batch, x's loads, the butterfly, the store), and the third load ran
+ * in half the lanes. Two rows a warp share those instructions (lanes l and l + 16 read the
+ * same columns of x), and each lane's 5 loads run in every lane: 326 a row (bench/NOTES.md,
+ * session 20). The shape's function too; warps per row then 1. */
 static int gemv_lanes_per_row(int in_dim, int vec) {
   return in_dim / (32 * vec) < GEMV_UNROLL ? 16 : 32;
 }
