@@ -3,7 +3,9 @@
 # PATCH applied alone, and (with two or more) with all of them together, each built in a copy of
 # its own in the call; then one benchmark command runs once in every tree on each GPU (at most
 # two), GPU 0 taking the trees in order and GPU 1 in reverse, so that neither a GPU nor the
-# drift of the call decides (session 20 measured five GEMV trees this way in 240 s).
+# drift of the call decides (session 20 measured five GEMV trees this way in 240 s). On one GPU
+# the trees run in order and then in reverse, the reverse pass starting no tree after
+# VARIANTS_DEADLINE seconds of the call (default 480: a device call ends at 600).
 #
 #   device run, kind nvidia-h200-x2 (or nvidia-h200), carry [".deb"]:
 #     bash bench/variants.sh bench/pending/a.patch bench/pending/b.patch
@@ -53,22 +55,29 @@ done
 wait
 echo "built ${#dirs[@]} trees in $(( $(date +%s) - t0 )) s"
 cmd=${VARIANTS_CMD:-'python3 bench/decode_bench.py ours --layers 36 --batches 1,4 --set precision.linear=NVFP4 --tag=-nvfp4 2>&1 | grep ^RESULT; timeout 60 build/bench/nvfp4_bench --repeats 20 2>&1 | grep decode_mlp_chain'}
-run_gpu() {   # run_gpu G INDEX...: the command in each tree, in that order, on GPU G
-  local g=$1
-  shift
+run_gpu() {   # run_gpu G COLUMN INDEX...: the command in each tree, in that order, on GPU G
+  local g=$1 col=$2
+  shift 2
   for i in "$@"; do
-    echo "== GPU $g: ${names[i]}"
+    [ $(( $(date +%s) - t0 )) -lt "${VARIANTS_DEADLINE:-480}" ] || { echo "(deadline: no more trees)"; return; }
+    echo "== GPU $col: ${names[i]}"
     (cd "${dirs[i]}" && CUDA_VISIBLE_DEVICES=$g BENCH_WORK=/tmp/variants_work_$g bash -c "$cmd") 2>&1 \
       | grep -E "^RESULT" || echo "(no RESULT line)"
   done
 }
 order=$(seq 0 $(( ${#dirs[@]} - 1 )))
-run_gpu 0 $order > "$OUT/gpu0.txt" 2>&1 &
-[ "$gpus" -ge 2 ] && run_gpu 1 $(echo "$order" | tac) > "$OUT/gpu1.txt" 2>&1 &
-wait
+if [ "$gpus" -ge 2 ]; then
+  run_gpu 0 0 $order > "$OUT/gpu0.txt" 2>&1 &
+  run_gpu 1 1 $(echo "$order" | tac) > "$OUT/gpu1.txt" 2>&1 &
+  wait
+else   # the reverse pass on the same GPU stands in for GPU 1's column
+  run_gpu 0 0 $order > "$OUT/gpu0.txt" 2>&1
+  run_gpu 0 1 $(echo "$order" | tac) > "$OUT/gpu1.txt" 2>&1
+  gpus=2
+fi
 for g in $(seq 0 $(( gpus - 1 ))); do cat "$OUT/gpu$g.txt"; done
 echo
-echo "decode_tok_s (batch 1, batch 4) by tree, GPU 0 | GPU 1:"
+echo "decode_tok_s (batch 1, batch 4) by tree, GPU 0 | GPU 1 (one GPU: forward pass | reverse pass):"
 for name in "${names[@]}"; do
   row="$name:"
   for g in $(seq 0 $(( gpus - 1 ))); do
