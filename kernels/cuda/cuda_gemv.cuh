@@ -145,6 +145,26 @@ static __device__ __forceinline__ void nv_e2m1x8_i8(uint32_t q, uint32_t &lo, ui
   hi = gemv_prmt(gemv_prmt(POS_LO, POS_HI, mag_hi), gemv_prmt(NEG_LO, NEG_HI, mag_hi), pick >> 16);
 }
 
+/* The integer dot product of a word's 8 E2M1 codes (as nv_e2m1x8_i8 reads them) with the 8
+ * int8 of x_lo and x_hi, as two sums that differ by it: pos += the positive codes' terms, neg
+ * += minus the negative codes'. Each 4 codes select from the table of 2|q| twice, as they are
+ * and with their sign bits flipped: the selector's top bit is prmt's sign-replicate flag and the
+ * table's bytes are all below 0x80, so a code with it set gives 0. For one token row: 2
+ * permutes and 2 dp4a for 4 codes, against nv_e2m1x8_i8's 3 permutes, 1 dp4a and the sign
+ * selectors' arithmetic, 3 instructions fewer a block of 16, and two table words to hold
+ * instead of four (the GEMV's PTX at one token row and 16 lanes: 1235 -> 1052 instructions;
+ * gate|up 9.8 -> 8.6 us, down 7.2 -> 6.2, decoding one sequence 4.8% faster, bench/NOTES.md,
+ * session 21). At several token rows each dp4a is paid a row, and nv_e2m1x8_i8 is fewer. */
+static __device__ __forceinline__ void nv_e2m1x8_dot_split(uint32_t q, uint32_t x_lo,
+                                                           uint32_t x_hi, int &pos, int &neg) {
+  const uint32_t MAG_LO = 0x03020100u, MAG_HI = 0x0C080604u;   /* 0 1 2 3 | 4 6 8 12 */
+  const uint32_t flip = q ^ 0x88888888u;
+  pos = __dp4a((int)gemv_prmt(MAG_LO, MAG_HI, q), (int)x_lo, pos);
+  pos = __dp4a((int)gemv_prmt(MAG_LO, MAG_HI, q >> 16), (int)x_hi, pos);
+  neg = __dp4a((int)gemv_prmt(MAG_LO, MAG_HI, flip), (int)x_lo, neg);
+  neg = __dp4a((int)gemv_prmt(MAG_LO, MAG_HI, flip >> 16), (int)x_hi, neg);
+}
+
 /* An NVFP4 operand as integers (ops.h NVFP4_ROWS_INT, gemv_nvfp4's x): k[i] = 2q of value i
  * (-12..12) and s[b] its block b's scale s_b in fp32, so that value i is k[i] * s[i / 16] / 2. */
 struct gemv_i8_operand {
@@ -162,15 +182,16 @@ static inline gemv_i8_operand gemv_i8_operand_at(void *xq, int rows, int cols) {
  * [out_dim, in_dim/16], against x as integers (gemv_i8_operand): a 16-byte load is 32 codes,
  * two blocks of 16, and goes with the 2 bytes of their scales (one 2-byte load). The codes
  * become 2q in int8 (nv_e2m1x8_i8, ~1.4 instructions a value) and meet x's 2q in __dp4a, 4
- * products an instruction. A block's integer sum of 2q_w * 2q_x is at most 16 * 144, exact;
- * times s_w * s_x / 4 (E4M3 times E4M3: 8 significant bits, exact) it is the block's exact dot
- * product, added into the row's sum by one FMA (one rounding a block and token), and the row's
- * sum multiplied by *dec_x * *dec_w at the end. The fp32 dot this replaced summed the block's
- * 16 products q_w * (q_x s_x) in fp32, also exactly, then took the sum times s_w into the row's
- * by one FMA: the same exact value rounded once in the same order, so the same bits (-0.0, a
- * value of x that the integers hold as +0, changes no sum: each block's starts at +0). It
- * converted each code to half and to float and took an FMA a value, which at one token row
- * bound the GEMV by its issue rate (~1.35 TB/s on the H200), not by its bytes. */
+ * products an instruction; at one token row they meet x as magnitudes, the negative codes'
+ * sum subtracted (nv_e2m1x8_dot_split). A block's integer sum of 2q_w * 2q_x is at most
+ * 16 * 144, exact; times s_w * s_x / 4 (E4M3 times E4M3: 8 significant bits, exact) it is the
+ * block's exact dot product, added into the row's sum by one FMA (one rounding a block and token),
+ * and the row's sum multiplied by *dec_x * *dec_w at the end. The fp32 dot this replaced summed the
+ * block's 16 products q_w * (q_x s_x) in fp32, also exactly, then took the sum times s_w into the
+ * row's by one FMA: the same exact value rounded once in the same order, so the same bits (-0.0, a
+ * value of x that the integers hold as +0, changes no sum: each block's starts at +0). It converted
+ * each code to half and to float and took an FMA a value, which at one token row bound the GEMV by
+ * its issue rate (~1.35 TB/s on the H200), not by its bytes. */
 template <typename T>
 struct gemv_nvfp4 {
   typedef T act;
@@ -227,6 +248,14 @@ struct gemv_nvfp4 {
         xs[t] = __ldg(reinterpret_cast<const float2 *>(x.s + ((size_t)t * in_dim + col) / 16));
 #pragma unroll
     for (int b = 0; b < 2; b++) {   /* columns col + 16b .. col + 16b + 15 */
+      if constexpr (R == 1) {   /* one token row: the codes' signs split (nv_e2m1x8_dot_split) */
+        const uint4 xk = gemv_load(x.k + col + 16 * b);
+        int pos = 0, neg = 0;
+        nv_e2m1x8_dot_split(w.q[2 * b], xk.x, xk.y, pos, neg);
+        nv_e2m1x8_dot_split(w.q[2 * b + 1], xk.z, xk.w, pos, neg);
+        acc[0] = fmaf((float)(pos - neg), w.s[b] * (b ? xs[0].y : xs[0].x), acc[0]);
+        continue;
+      }
       uint32_t k[4];
       nv_e2m1x8_i8(w.q[2 * b], k[0], k[1]);
       nv_e2m1x8_i8(w.q[2 * b + 1], k[2], k[3]);

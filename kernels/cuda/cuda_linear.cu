@@ -53,21 +53,22 @@ struct gemv_mats {
  * more: a row of 2560 columns (5 loads a lane) is then one batch, all in flight before
  * pdl_wait, where a batch of 4 left the fifth to be issued, and waited for, after the first
  * four were used (gate|up 10.3 -> 9.9 us, decoding 2.5% faster; 62 registers at R = 1, 78 at
- * R = 4: as many blocks an SM as before; bench/NOTES.md, session 20). The dense kernels keep
- * their 4 (no Qwen3 shape reads 16 lanes a row of them; 5 took bf16's to 60 registers).
- * (Holding a second batch in flight while using the first took 84 registers against 46 and
- * streamed slower under ncu.) The matrix of
- * a row is picked with constant indices: a variable index copies the parameters to local
- * memory, and the weight loads through those pointers then left the read-only path and
+ * R = 4: as many blocks an SM as before; bench/NOTES.md, session 20; 64 at R = 1 since the
+ * sign-split decode, still four blocks an SM). The dense kernels keep their 4 (no Qwen3 shape
+ * reads 16 lanes a row of them; 5 took bf16's to 60 registers). (Holding a second batch in
+ * flight while using the first took 84 registers against 46 and streamed slower under ncu.) The
+ * matrix of a row is picked with constant indices: a variable index copies the parameters to
+ * local memory, and the weight loads through those pointers then left the read-only path and
  * serialized. R: the most token rows the instantiation takes (1 for F::ONE_ROW at n = 1, else
  * GEMV_MAX_ROWS): at R = 1 the rows loop is gone, and with it the x loads the compiler hoisted
- * for rows that do not exist (the NVFP4 kernel at 32 lanes: 58 registers, four blocks an SM;
- * 76 at R = 4, three, as its dot_rows decodes a word once for all the token rows; with its
- * fp32 dot it took 100-108 there, two blocks; the dense kernels gain little, 48 to 40, and
- * stay at R = 4). The NVFP4 kernel at R = 4 asks for three blocks an SM: left to itself ptxas
- * held some of its instantiations at 64 registers with 24-32 bytes of spills. Every other
- * instantiation has no minimum (0): any minimum, even 1, let ptxas take 52-56 registers for
- * the dense kernels, and BF16 decoding was 3% slower with them (session 19). */
+ * for rows that do not exist (the NVFP4 kernel at 32 lanes: 58 registers, 64 with the
+ * sign-split decode, four blocks an SM; 76 at R = 4, three, as its dot_rows decodes a word once
+ * for all the token rows; with its fp32 dot it took 100-108 there, two blocks; the dense
+ * kernels gain little, 48 to 40, and stay at R = 4). The NVFP4 kernel at R = 4 asks for three
+ * blocks an SM: left to itself ptxas held some of its instantiations at 64 registers with 24-32
+ * bytes of spills. Every other instantiation has no minimum (0): any minimum, even 1, let ptxas
+ * take 52-56 registers for the dense kernels, and BF16 decoding was 3% slower with them
+ * (session 19). */
 template <class F, int WPR, int R, int LPR>
 static __global__ void __launch_bounds__(GEMV_WARPS * 32, F::ONE_ROW && R > 1 ? 3 : 0)
     gemv_kernel(gemv_mats<F> m, typename F::xin x, int n, int in_dim) {

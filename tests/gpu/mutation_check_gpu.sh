@@ -32,6 +32,8 @@ MUTATIONS=(
   'gemv_lanes_columns_of_warp#kernels/cuda/cuda_linear.cu#s/const int c0 = (part \* LPR + row_lane) \* F::N;/const int c0 = (part * LPR + lane) * F::N;/#the GEMV at two rows a warp starts the second half'"'"'s lanes 16 groups into their row'
   'gemv_lanes_stride_of_32#kernels/cuda/cuda_linear.cu#s/constexpr int STRIDE = WPR \* LPR \* F::N;/constexpr int STRIDE = WPR * 32 * F::N;/#the GEMV at 16 lanes a row steps as if 32 read it, leaving half its columns out'
   'gemv_lanes_grid_halved#kernels/cuda/cuda_linear.cu#s|\* (32 / lpr);|* (64 / lpr);|#the GEMV launches blocks for half its rows at 16 lanes a row (and too few at 32)'
+  'gemv_split_flip_low_only#kernels/cuda/cuda_gemv.cuh#s/const uint32_t flip = q ^ 0x88888888u;/const uint32_t flip = q ^ 0x00008888u;/#one token row: codes 4-7 of each word left unflipped, so they count in both sums and cancel'
+  'gemv_split_neg_added#kernels/cuda/cuda_gemv.cuh#s/(float)(pos - neg)/(float)(pos + neg)/#one token row: the negative codes'"'"' terms added, not subtracted'
   'gemv_wrong_matrix#kernels/cuda/cuda_linear.cu#s/if (k < m.count \&\& row >= m.end\[k - 1\]) {/if (k < m.count \&\& row > m.end[k - 1]) {/#the GEMV gives the first row of k (or up) to q (or gate)'
   'rope_first_token_angle#kernels/cuda/cuda_norm.cu#s|positions\[t0 + k / half\], inv.v\[k % half\]|positions[t0], inv.v[k % half]|#the q/k-norm + RoPE forward rotates every token of a block by its first token'"'"'s angle'
   'qk_fwd_k_takes_q_weight#kernels/cuda/cuda_norm.cu#s/const float \*sw = s_w + (r.second ? head_dim : 0);/const float *sw = s_w;/#the q/k-norm + RoPE forward of q and k in one launch norms k with q'"'"'s weight'
