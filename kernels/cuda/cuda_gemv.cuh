@@ -254,21 +254,21 @@ struct gemv_nvfp4 {
         nv_e2m1x8_dot_split(w.q[2 * b], xk.x, xk.y, pos, neg);
         nv_e2m1x8_dot_split(w.q[2 * b + 1], xk.z, xk.w, pos, neg);
         acc[0] = fmaf((float)(pos - neg), w.s[b] * (b ? xs[0].y : xs[0].x), acc[0]);
-        continue;
-      }
-      uint32_t k[4];
-      nv_e2m1x8_i8(w.q[2 * b], k[0], k[1]);
-      nv_e2m1x8_i8(w.q[2 * b + 1], k[2], k[3]);
+      } else {
+        uint32_t k[4];
+        nv_e2m1x8_i8(w.q[2 * b], k[0], k[1]);
+        nv_e2m1x8_i8(w.q[2 * b + 1], k[2], k[3]);
 #pragma unroll
-      for (int t = 0; t < R; t++) {
-        if (t >= n) break;
-        const size_t at = (size_t)t * in_dim + col + 16 * b;
-        const uint4 xk = gemv_load(x.k + at);
-        int sum = __dp4a((int)k[0], (int)xk.x, 0);
-        sum = __dp4a((int)k[1], (int)xk.y, sum);
-        sum = __dp4a((int)k[2], (int)xk.z, sum);
-        sum = __dp4a((int)k[3], (int)xk.w, sum);
-        acc[t] = fmaf((float)sum, w.s[b] * (b ? xs[t].y : xs[t].x), acc[t]);
+        for (int t = 0; t < R; t++) {
+          if (t >= n) break;
+          const size_t at = (size_t)t * in_dim + col + 16 * b;
+          const uint4 xk = gemv_load(x.k + at);
+          int sum = __dp4a((int)k[0], (int)xk.x, 0);
+          sum = __dp4a((int)k[1], (int)xk.y, sum);
+          sum = __dp4a((int)k[2], (int)xk.z, sum);
+          sum = __dp4a((int)k[3], (int)xk.w, sum);
+          acc[t] = fmaf((float)sum, w.s[b] * (b ? xs[t].y : xs[t].x), acc[t]);
+        }
       }
     }
   }
