@@ -3,7 +3,7 @@
 
     python3 bench/decode_bench.py torch --hf-dir DIR [--batches 1,8] [--compile] [--budget 300]
     python3 bench/decode_bench.py ours  --hf-dir DIR [--batches 1,8] [--timing]
-    python3 bench/decode_bench.py ours  --layers N [--batches 1,8] [--timing]
+    python3 bench/decode_bench.py ours  --layers N [--batches 1,8] [--timing] [--new 1024]
 
 torch: a random-init Qwen3ForCausalLM (torch_train_bench.build_model, seed 1) in bf16 with SDPA,
 saved to DIR/model.safetensors for ours, and the prompts (PROMPT_LEN random ids each, seed 1) to
@@ -17,9 +17,11 @@ stays eager) where transformers has CompileConfig, else model.forward compiled. 
 the timed calls: NEW then 4 new tokens, once eager, twice compiled (every shape compiled, its CUDA
 graphs recorded); compile_s is the compiled warm-up's seconds.
 ours: an evaluation run (train.steps 0) of jobs/bench_4b.txtpb with init.hf_dir DIR and the
-same prompts, greedy, NEW tokens, the KV cache on; tok/s from its eval.jsonl. With --layers N
-instead: N decoder layers of that width from the job's own random init, and prompts of random
-ids (seed 1): a quick profile (--timing) without PyTorch.
+same prompts, greedy, NEW tokens (--new: another count, up to the job's 2048 positions less the
+prompt: a long generation, whose KV cache has room for all of it from the first step), the KV
+cache on; tok/s from its eval.jsonl. With --layers N instead: N decoder layers of that width
+from the job's own random init, and prompts of random ids (seed 1): a quick profile (--timing)
+without PyTorch.
 
   torch: t_n = one timed generate of n new tokens (the prefill, n - 1 decoding steps, setup)
   decode tok/s  = B * (NEW - 4) / (t_NEW - t_4): the prefill and generate's setup cancel
@@ -169,7 +171,7 @@ def ours_mode(args, log):
     for B in args.batches:
         text = "eval { " + " ".join("prompts { ids: [%s] }" % ", ".join(map(str, p))
                                     for p in prompts[:B])
-        text += f" max_new_tokens: {NEW} temperature: 0 kv_cache: true check_kv: false }}\n"
+        text += f" max_new_tokens: {args.new} temperature: 0 kv_cache: true check_kv: false }}\n"
         part = os.path.join(work, f"eval_{B}.pb")
         with open(part, "wb") as f:
             f.write(subprocess.run(["protoc", "--encode=qwen3.Job", "-Iproto", "proto/job.proto"],
@@ -200,7 +202,8 @@ def ours_mode(args, log):
         tokens = sum(len(r["completion_ids"]) - 1 for r in rows)
         prefill = sum(r["prefill_tokens_per_s"] for r in rows) / len(rows)
         system = "ours" + (f"-{args.layers}layers" if args.layers else "") + \
-            ("-timing" if args.timing else "") + args.tag
+            ("-timing" if args.timing else "") + (f"-new{args.new}" if args.new != NEW else "") + \
+            args.tag
         result(system=system, batch=B, prefill_tok_s=prefill,
                decode_tok_s=tokens / window, ms_per_token=1e3 * window / tokens * B)
 
@@ -214,6 +217,9 @@ def main():
     ap.add_argument("--timing", action="store_true", help="ours: per-stage times (slower)")
     ap.add_argument("--layers", type=int, default=0, help="ours: this many layers, random init")
     ap.add_argument("--tag", default="", help="ours: appended to the system's name")
+    ap.add_argument("--new", type=int, default=NEW,
+                    help=f"ours: new tokens a prompt (default {NEW}; not the default: -newN in "
+                    "the system's name)")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="ours: one more --set for the job (repeatable)")
     ap.add_argument("--budget", type=float, default=300,
@@ -222,6 +228,8 @@ def main():
     ap.add_argument("--shard", default=os.path.join(WORK, "random_2m.h5"))
     args = ap.parse_args()
     args.batches = [int(b) for b in args.batches.split(",")]
+    if not 2 <= args.new <= 2048 - PROMPT_LEN:   # 2048: the job's positions (data.seq_len)
+        ap.error(f"--new {args.new}: 2 .. {2048 - PROMPT_LEN} new tokens (a rate needs two)")
     log = make_log("torch" if args.mode == "torch" else "ours ")
     (torch_mode if args.mode == "torch" else ours_mode)(args, log)
 
