@@ -23,7 +23,8 @@
  *    fastest that gives rank 0's bits; op=gemm_scalars).
  *  - decoding's MLP half of a layer for one token from packed weights, the 7-op chain the
  *    decode path runs (norm, quantize, GEMV, SwiGLU, quantize, GEMV, add: op=decode_mlp_chain,
- *    chain_us), and its two nvfp4_gemv_packed calls alone (gemv_gate_up_us, gemv_down_us).
+ *    chain_us; chain_recorded_us from one recording of R chains, replayed as a decoding step
+ *    is), and its two nvfp4_gemv_packed calls alone (gemv_gate_up_us, gemv_down_us).
  * Each time is the mean of R back-to-back calls between two CUDA events on the backend's
  * stream, after one untimed call. Tensors are in the backend's activation dtype (bf16 unless
  * QWEN3_CUDA_PRECISION says otherwise).
@@ -65,6 +66,32 @@ static double time_calls(bench_fn fn, void *arg, int repeats) {
   CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
   CUDA_CHECK(cudaEventDestroy(start));
   CUDA_CHECK(cudaEventDestroy(stop));
+  return ms * 1e-3 / repeats;
+}
+
+/* The same from a recording of `repeats` calls, replayed as a decoding step replays its ops:
+ * one launch for the lot, so that no host launch stands between two kernels (time_calls' chain
+ * of seven eager ops took ~4 us an op, the GEMVs' gains not showing: bench/NOTES.md, session
+ * 21). One untimed replay first (it uploads the recording). 0 where the backend records
+ * nothing. */
+static double time_recorded(bench_fn fn, void *arg, int repeats) {
+  if (!be->capture_begin) return 0.0;
+  be->capture_begin();
+  for (int r = 0; r < repeats; r++) fn(arg);
+  void *rec = be->capture_end();
+  be->replay(rec);
+  cudaEvent_t start, stop;
+  CUDA_CHECK(cudaEventCreate(&start));
+  CUDA_CHECK(cudaEventCreate(&stop));
+  CUDA_CHECK(cudaEventRecord(start, cuda_ctx.stream));
+  be->replay(rec);
+  CUDA_CHECK(cudaEventRecord(stop, cuda_ctx.stream));
+  CUDA_CHECK(cudaEventSynchronize(stop));
+  float ms;
+  CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
+  CUDA_CHECK(cudaEventDestroy(start));
+  CUDA_CHECK(cudaEventDestroy(stop));
+  be->replay_free(rec);
   return ms * 1e-3 / repeats;
 }
 
@@ -427,6 +454,7 @@ static void bench_decode_mlp(int repeats) {
   c.dec = bench_alloc(be, 2 * sizeof(float));
   c.part = MLP_CHAIN;
   double t_chain = time_calls(run_decode_mlp, &c, repeats);
+  double t_chain_rec = time_recorded(run_decode_mlp, &c, repeats);
   /* the chain's GEMVs alone, on the operands its last run left */
   c.part = MLP_GATE_UP;
   double t_gate_up = time_calls(run_decode_mlp, &c, repeats);
@@ -436,10 +464,11 @@ static void bench_decode_mlp(int repeats) {
   char line[384];
   snprintf(line, sizeof line,
            "RESULT system=ours-nvfp4 op=decode_mlp_chain n=1 hidden=%d inter=%d act=%s "
-           "chain_us=%.2f weight_bytes=%zu chain_GBps=%.0f gemv_gate_up_us=%.2f "
-           "gemv_down_us=%.2f gemv_GBps=%.0f",
-           HIDDEN, INTER, dtype_name(act), t_chain * 1e6, bytes, bytes / t_chain / 1e9,
-           t_gate_up * 1e6, t_down * 1e6, bytes / (t_gate_up + t_down) / 1e9);
+           "chain_us=%.2f chain_recorded_us=%.2f weight_bytes=%zu chain_GBps=%.0f "
+           "gemv_gate_up_us=%.2f gemv_down_us=%.2f gemv_GBps=%.0f",
+           HIDDEN, INTER, dtype_name(act), t_chain * 1e6, t_chain_rec * 1e6, bytes,
+           bytes / t_chain / 1e9, t_gate_up * 1e6, t_down * 1e6,
+           bytes / (t_gate_up + t_down) / 1e9);
   result_line(line);
   void *bufs[] = {c.y, c.h, c.hn, c.xq, c.g, c.u, c.m, c.mq, c.d, c.norm_w, c.dec};
   for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) be->free(bufs[i]);
