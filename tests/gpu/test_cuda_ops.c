@@ -1681,8 +1681,8 @@ static void check_gemv_packed(int in_dim, int count, const int *out_dims, int n_
  * row, 32 lanes, enough rows not to take more warps); 82944 columns (8 warps a row, 10 loads a
  * lane: the unpredicated batch fetched again in the loop); one load a row; 4 and 8
  * warps a row (16384 and 32800 columns, the latter not a multiple of the warps' stride). One
- * token row (the kernels of R = 1, whose codes are split by sign) at every lanes and warps
- * shape but 8 warps a row at 32800 columns. */
+ * token row (the kernels of R = 1, whose codes are split by sign) runs at every lanes-and-warps
+ * shape above (8 warps a row at 82944 columns); 32800 only at three rows. */
 static void test_gemv_packed(void) {
   const int qkv[] = {4096, 1024, 1024}, gate_up[] = {9728, 9728}, down[] = {2560},
             kv[] = {1024}, one[] = {1}, odd[] = {37, 1001, 5}, pair[] = {5, 37},
