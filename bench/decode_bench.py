@@ -191,8 +191,11 @@ def ours_mode(args, log):
         lines = (p.stdout + p.stderr).splitlines()
         if args.timing or p.returncode:
             print("\n".join(lines[-40:]))
+        system = "ours" + (f"-{args.layers}layers" if args.layers else "") + \
+            ("-timing" if args.timing else "") + (f"-new{args.new}" if args.new != NEW else "") + \
+            args.tag
         if p.returncode:
-            result(system="ours", batch=B, status=f"exit_{p.returncode}")
+            result(system=system, batch=B, status=f"exit_{p.returncode}")
             continue
         rows = [json.loads(x) for x in open(os.path.join(out, "eval.jsonl"))]
         rows = [r for r in rows if "decode_tokens_per_s" in r][-B:]
@@ -201,9 +204,6 @@ def ours_mode(args, log):
         window = max((len(r["completion_ids"]) - 1) / r["decode_tokens_per_s"] for r in rows)
         tokens = sum(len(r["completion_ids"]) - 1 for r in rows)
         prefill = sum(r["prefill_tokens_per_s"] for r in rows) / len(rows)
-        system = "ours" + (f"-{args.layers}layers" if args.layers else "") + \
-            ("-timing" if args.timing else "") + (f"-new{args.new}" if args.new != NEW else "") + \
-            args.tag
         result(system=system, batch=B, prefill_tok_s=prefill,
                decode_tok_s=tokens / window, ms_per_token=1e3 * window / tokens * B)
 
@@ -228,8 +228,11 @@ def main():
     ap.add_argument("--shard", default=os.path.join(WORK, "random_2m.h5"))
     args = ap.parse_args()
     args.batches = [int(b) for b in args.batches.split(",")]
-    if not 2 <= args.new <= 2048 - PROMPT_LEN:   # 2048: the job's positions (data.seq_len)
-        ap.error(f"--new {args.new}: 2 .. {2048 - PROMPT_LEN} new tokens (a rate needs two)")
+    if args.mode == "torch" and args.new != NEW:
+        ap.error("--new is for ours (torch's generate takes NEW and 4 new tokens)")
+    if not 2 <= args.new <= 2048 - PROMPT_LEN:   # 2048: bench_4b's positions (data.seq_len)
+        ap.error(f"--new {args.new}: 2 .. {2048 - PROMPT_LEN} new tokens (a rate needs two; "
+                 "bench_4b's 2048 positions less the prompt)")
     log = make_log("torch" if args.mode == "torch" else "ours ")
     (torch_mode if args.mode == "torch" else ours_mode)(args, log)
 

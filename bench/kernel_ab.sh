@@ -29,7 +29,7 @@ case "${1:-}" in
       git show "$ref:$f" > ".ab_base/$f" 2>/dev/null || { rm -f ".ab_base/$f"; continue; }
       n=$((n + 1))
     done
-    echo "$ref" > .ab_base/REF
+    git rev-parse --short "$ref" > .ab_base/REF
     echo "prepared .ab_base/ from $ref: $n file(s) of ${paths[*]} differ from this tree"
     [ "$n" -gt 0 ] || echo "warning: nothing differs: the two builds will be the same"
     ;;
