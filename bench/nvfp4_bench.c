@@ -69,30 +69,21 @@ static double time_calls(bench_fn fn, void *arg, int repeats) {
   return ms * 1e-3 / repeats;
 }
 
+static void replay_call(void *recording) { be->replay(recording); }
+
 /* The same from a recording of `repeats` calls, replayed as a decoding step replays its ops:
  * one launch for the lot, so that no host launch stands between two kernels (time_calls' chain
  * of seven eager ops took ~4 us an op, the GEMVs' gains not showing: bench/NOTES.md, session
- * 21). One untimed replay first (it uploads the recording). 0 where the backend records
- * nothing. */
+ * 21). One replay timed by time_calls, after its untimed one (which uploads the recording). 0
+ * where the backend records nothing. */
 static double time_recorded(bench_fn fn, void *arg, int repeats) {
   if (!be->capture_begin) return 0.0;
   be->capture_begin();
   for (int r = 0; r < repeats; r++) fn(arg);
   void *rec = be->capture_end();
-  be->replay(rec);
-  cudaEvent_t start, stop;
-  CUDA_CHECK(cudaEventCreate(&start));
-  CUDA_CHECK(cudaEventCreate(&stop));
-  CUDA_CHECK(cudaEventRecord(start, cuda_ctx.stream));
-  be->replay(rec);
-  CUDA_CHECK(cudaEventRecord(stop, cuda_ctx.stream));
-  CUDA_CHECK(cudaEventSynchronize(stop));
-  float ms;
-  CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
-  CUDA_CHECK(cudaEventDestroy(start));
-  CUDA_CHECK(cudaEventDestroy(stop));
+  const double t = time_calls(replay_call, rec, 1);
   be->replay_free(rec);
-  return ms * 1e-3 / repeats;
+  return t / repeats;
 }
 
 struct quantize_call {
