@@ -368,6 +368,25 @@ __global__ void __launch_bounds__(NT, 2)  // <= 128 registers: two blocks per SM
   }
 }
 
+// Decoding's key splits (attn_decode_kernel below): split j of n_split takes the keys
+// [j kps, (j + 1) kps) of its sequence, kps = dec_keys_per_split(last, n_split), from the keys
+// the step reads, 0 .. last, not from the cache's rows: a long cache early in a generation
+// (4096 rows, 192 keys) then splits its keys as a short one does (6 splits of 32 keys, one
+// tile a block) instead of leaving them to the first split's block (6 tiles in a chain: 21.1
+// against 7.9 us a link, bench/NOTES.md, session 18). A multiple of DEC_SPLIT_KEYS; a split
+// past the last key holds none, and its block writes an empty partial (m = -inf, l = 0) that
+// the merge weighs 0, as the grid's splits past a cache's rows did (a merge that read only the
+// live splits, from key_last, cost a full cache 2.3 us more a link: session 22). At last =
+// tk - 1 this is the host's kps (launch_decode), so a full cache splits as it did; so does
+// every step of one to three sequences of Qwen3-4B in a cache of 192 rows (kps 32 either way),
+// while 4 to 16 sequences' early steps now take more, shorter splits (other roundings). (A last
+// outside 0 .. tk - 1 breaks ops.h's contract; the max keeps -1 from dividing by 0.)
+constexpr int DEC_SPLIT_KEYS = 32;   // keys per split at least, and their multiple
+__device__ __forceinline__ int dec_keys_per_split(int last, int n_split) {
+  return max(1, ((last + n_split) / n_split + DEC_SPLIT_KEYS - 1) / DEC_SPLIT_KEYS) *
+         DEC_SPLIT_KEYS;
+}
+
 // Merges the n_split partials of each row, in split order: with M = max m_s and
 // w_s = exp(m_s - M), ctx = sum w_s O_s / L and lse = M + log L, L = sum w_s l_s. One thread
 // per (row, d).
@@ -427,12 +446,13 @@ __global__ void __launch_bounds__(NT)
  * The keys end at attn_shape.key_last[b] when set (a cache of a fixed size, read up to the
  * current token: the same launch at every step) and start at doc_start[b]. Splits leave
  * unnormalized partials that attn_fwd_combine_kernel merges in split order, as for the forward
- * above. */
+ * above; their size comes from the keys the step reads (dec_keys_per_split), the grid's count
+ * from the cache's rows. */
 
 constexpr int DEC_NT = 512;                       // threads per block
 constexpr int DEC_NW = DEC_NT / 32;               // warps: the group's heads x slices
 constexpr int DEC_TILE = 32;                      // keys per tile: a lane each
-constexpr int DEC_SPLIT_KEYS = DEC_TILE;          // keys per split at least, and their multiple
+static_assert(DEC_SPLIT_KEYS % DEC_TILE == 0, "a key split is whole tiles");
 constexpr int DEC_OUTS = CUDA_DECODE_MAX_GROUP * 128 / DEC_NT;   // outputs a thread owns
 static_assert(DEC_NW == CUDA_DECODE_MAX_GROUP, "a warp for each query head of a full group");
 
@@ -510,14 +530,17 @@ __device__ __forceinline__ float dec_warp_sum(float x) {
 template <typename T>
 __global__ void __launch_bounds__(DEC_NT, 1)   // (without the 1, ptxas keeps 64 registers)
     attn_decode_kernel(T *__restrict__ ctx, float *__restrict__ lse, const T *__restrict__ q,
-                       const T *__restrict__ k, const T *__restrict__ v, Dims s,
-                       int keys_per_split, int slices, const int32_t *__restrict__ doc_start,
+                       const T *__restrict__ k, const T *__restrict__ v, Dims s, int slices,
+                       const int32_t *__restrict__ doc_start,
                        const int32_t *__restrict__ key_last, float *__restrict__ part_o,
                        float *__restrict__ part_ml) {
   extern __shared__ float4 dec_smem4[];
   pdl_wait();
   pdl_release();
   const int kh = blockIdx.x, split = blockIdx.y, b = blockIdx.z, n_split = gridDim.y;
+  const int last = key_last ? key_last[b] : s.tk - 1;
+  const int first = doc_start ? doc_start[b] : 0;   // (its load beside last's)
+  const int keys_per_split = dec_keys_per_split(last, n_split);
   const int t = threadIdx.x, lane = t & 31, warp = t >> 5, hd = s.head_dim, group = s.group;
   const int hd4 = (hd + 3) & ~3, kld = hd4 + 4;   // q's and K's rows, zero-padded
   float *sq = reinterpret_cast<float *>(dec_smem4);   // [group][hd4] the queries, scaled
@@ -531,8 +554,6 @@ __global__ void __launch_bounds__(DEC_NT, 1)   // (without the 1, ptxas keeps 64
     const int h = i / hd4, e = i % hd4;
     sq[i] = e < hd ? s.scale * load_f(q + q_row + (size_t)h * hd + e) : 0.0f;
   }
-  const int first = doc_start ? doc_start[b] : 0;
-  const int last = key_last ? key_last[b] : s.tk - 1;
   const int k0 = max(first, split * keys_per_split);
   const int k1 = min(last + 1, (split + 1) * keys_per_split);
   const size_t ld = (size_t)s.kv_heads * hd;
@@ -1025,6 +1046,8 @@ void launch_decode(T *ctx, float *lse, const T *q, const T *k, const T *v, const
   // Key splits until the GPU has about a block per SM (one fits an SM), each of at least
   // DEC_SPLIT_KEYS keys: a block's time is mostly latency, which a split of fewer keys shortens
   // (one sequence of a 192-key cache: 6 splits of 32 keys on 48 blocks, not 2 of 128 on 16).
+  // This sizes the grid for the cache's rows; each step's kernels split the keys it reads over
+  // it (dec_keys_per_split), the same splits at the cache's last row.
   const int chunks = (d.tk + DEC_SPLIT_KEYS - 1) / DEC_SPLIT_KEYS;
   const size_t rows = (size_t)d.batch * d.heads;
   int n_split = key_splits((size_t)d.kv_heads * d.batch, 1, chunks, rows, d.head_dim);
@@ -1041,8 +1064,7 @@ void launch_decode(T *ctx, float *lse, const T *q, const T *k, const T *v, const
                                        (size_t)(slices + 1) * d.group * DEC_TILE + 2 * d.group);
   dim3 grid(d.kv_heads, n_split, d.batch);
   CUDA_LAUNCH_PDL("attn_decode_kernel", attn_decode_kernel<T>, grid, dim3(DEC_NT), smem, ctx,
-                  lse, q, k, v, (Dims)d, keys_per_split, slices, a->doc_start, a->key_last,
-                  part_o, part_ml);
+                  lse, q, k, v, (Dims)d, slices, a->doc_start, a->key_last, part_o, part_ml);
   combine_splits(ctx, lse, part_o, part_ml, d, n_split);
 }
 

@@ -570,9 +570,19 @@ static void attention_per_document(float *ctx, float *lse, float *dq, float *dk,
   free(l);
 }
 
+/* NaN (0xff bytes) over the ops' scratch arena: an op that reads scratch its launch did not
+ * write (a merge of key splits reading a partial no block wrote) reads NaN, not what an earlier
+ * run left there. */
+static void poison_scratch(void) {
+  CHECK(cudaMemsetAsync(cuda_ctx.scratch, 0xff, cuda_ctx.scratch_bytes, cuda_ctx.stream) ==
+            cudaSuccess,
+        "poisoning the scratch arena failed");
+}
+
 /* Decoding against a cache of a fixed size: one query per sequence, keys 0 .. last[b] of tk
  * (attn_shape.key_last, device memory on the GPU), from first[b] when first is given. The keys
- * and values after last[b] are NaN on both sides: reading one fails the check. */
+ * and values after last[b] are NaN on both sides: reading one fails the check; so is the
+ * scratch arena that holds the key splits' partials. */
 static void test_attention_key_last(int batch, int tk, int k_stride, int heads, int kv, int hd,
                                     const int32_t *last, const int32_t *first) {
   struct attn_shape s = {batch, 1, tk, k_stride, heads, kv, hd, first, last}, gs = s;
@@ -589,6 +599,7 @@ static void test_attention_key_last(int batch, int tk, int k_stride, int heads, 
   void *d_q = up_act(q, nq), *d_k = up_act(k, nk), *d_v = up_act(v, nk);
   void *d_ctx = poisoned_act(nq);
   float *d_lse = poisoned(nl);
+  poison_scratch();
   gpu->attention_forward(d_ctx, d_lse, d_q, d_k, d_v, &gs);
   char name[112];
   snprintf(name, sizeof name, "attention decode b=%d tk=%d h=%d/%d hd=%d key_last%s ctx", batch,
@@ -990,9 +1001,17 @@ static void test_gemm_tuning(void) {
 /* A cache of a fixed size read up to each sequence's last key (one key, the middle, the end:
  * empty key splits after it), with documents, with 16 query heads per kv head; 40 sequences
  * fill the GPU without key splits, so one block walks several key tiles (the running max);
- * the append. */
+ * a long cache (4096 rows) whose steps split the keys they read, not its rows, per sequence:
+ * on an H200 one sequence has 16 splits (193 keys: 7 of 32, the 7th one key, key 192 its
+ * first; 1001: 16 of 64, the last short), five sequences 4 (1 key: one split of 32; 129: 3 of
+ * 64, the 3rd of key 128 alone; 193: 4, the 4th of key 192 alone; 1001 and 4096: 4 of 256 and
+ * 1024, several tiles a block), with documents starting inside and past a sequence's first
+ * split; the append. */
 static void test_decode_attention(void) {
   static const int32_t last[] = {0, 150, 299}, first[] = {0, 20, 299}, one[] = {77};
+  static const int32_t long_last[] = {0, 128, 192, 1000, 4095};
+  static const int32_t long_first[] = {0, 40, 100, 999, 3000}, at_192[] = {192},
+                       at_1000[] = {1000}, from_999[] = {999};
   int32_t many[40], many_first[40];
   for (int b = 0; b < 40; b++) many[b] = (b * 37 + 5) % 300, many_first[b] = many[b] / 3;
   test_attention_key_last(3, 300, 320, 32, 8, 128, last, NULL);
@@ -1010,6 +1029,10 @@ static void test_decode_attention(void) {
   /* the value-at-a-time staging: head_dim 18 (not a multiple of 4), 20 (bf16: not of 8) */
   test_attention_key_last(3, 300, 300, 8, 2, 18, last, NULL);
   test_attention_key_last(3, 300, 300, 8, 2, 20, last, first);
+  test_attention_key_last(5, 4096, 4096, 32, 8, 128, long_last, NULL);
+  test_attention_key_last(5, 4096, 4096, 32, 8, 128, long_last, long_first);
+  test_attention_key_last(1, 4096, 4096, 32, 8, 128, at_192, NULL);
+  test_attention_key_last(1, 4096, 4096, 32, 8, 128, at_1000, from_999);
   test_kv_append(10, 1024, 0);
   test_kv_append(9, 37, 0);
   test_kv_append(0, 1024, 10);
