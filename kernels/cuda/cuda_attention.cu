@@ -375,12 +375,12 @@ __global__ void __launch_bounds__(NT, 2)  // <= 128 registers: two blocks per SM
 // tile a block) instead of leaving them to the first split's block (6 tiles in a chain: 21.1
 // against 7.9 us a link, bench/NOTES.md, session 18). A multiple of DEC_SPLIT_KEYS; a split
 // past the last key holds none, and its block writes an empty partial (m = -inf, l = 0) that
-// the merge weighs 0, as the grid's splits past a cache's rows did (a merge that read only the
-// live splits, from key_last, cost a full cache 2.3 us more a link: session 22). At last =
-// tk - 1 this is the host's kps (launch_decode), so a full cache splits as it did; so does
-// every step of one to three sequences of Qwen3-4B in a cache of 192 rows (kps 32 either way),
-// while 4 to 16 sequences' early steps now take more, shorter splits (other roundings). (A last
-// outside 0 .. tk - 1 breaks ops.h's contract; the max keeps -1 from dividing by 0.)
+// the merge weighs 0, as the splits past a short sequence's last key did (a merge that read
+// only the live splits, from key_last, cost a full cache 2.3 us more a link: session 22). At
+// last = tk - 1 this is the host's kps (launch_decode), so a full cache splits as it did; so
+// does every step of one to three sequences of Qwen3-4B in a cache of 192 rows (kps 32 either
+// way), while 4 to 16 sequences' early steps now take more, shorter splits (other roundings).
+// (A last outside 0 .. tk - 1 breaks ops.h's contract; the max keeps kps 32 even at -1.)
 constexpr int DEC_SPLIT_KEYS = 32;   // keys per split at least, and their multiple
 __device__ __forceinline__ int dec_keys_per_split(int last, int n_split) {
   return max(1, ((last + n_split) / n_split + DEC_SPLIT_KEYS - 1) / DEC_SPLIT_KEYS) *
