@@ -132,17 +132,20 @@ static __device__ __forceinline__ uint32_t gemv_prmt(uint32_t a, uint32_t b, uin
   return d;
 }
 
+/* 2|q| of the E2M1 magnitudes 0..7 as bytes, the table that prmt selects from: 0 1 2 3 | 4 6 8
+ * 12 (one table for nv_e2m1x8_i8 and nv_e2m1x8_dot_split) */
+constexpr uint32_t E2M1_2Q_LO = 0x03020100u, E2M1_2Q_HI = 0x0C080604u;
+
 /* 2q for the 8 E2M1 codes of a word (element j in bits 4j..4j+3) as 8 int8, element j in byte j
  * of lo (j < 4) or hi: 2q is an integer of -12..12. Byte permutes from tables: the magnitude's
  * 3 bits select from 2|q| and from -2|q|, the sign bit then picks one of the two (every
  * selector's top bit, prmt's sign-replicate mode, is 0). */
 static __device__ __forceinline__ void nv_e2m1x8_i8(uint32_t q, uint32_t &lo, uint32_t &hi) {
-  const uint32_t POS_LO = 0x03020100u, POS_HI = 0x0C080604u;   /* 0 1 2 3 | 4 6 8 12 */
-  const uint32_t NEG_LO = 0xFDFEFF00u, NEG_HI = 0xF4F8FAFCu;   /* their negatives */
+  const uint32_t NEG_LO = 0xFDFEFF00u, NEG_HI = 0xF4F8FAFCu;   /* E2M1_2Q's negatives */
   const uint32_t mag = q & 0x77777777u, mag_hi = mag >> 16;
   const uint32_t pick = 0x32103210u | (q & 0x88888888u) >> 1;  /* byte j, or j + 4 if negative */
-  lo = gemv_prmt(gemv_prmt(POS_LO, POS_HI, mag), gemv_prmt(NEG_LO, NEG_HI, mag), pick);
-  hi = gemv_prmt(gemv_prmt(POS_LO, POS_HI, mag_hi), gemv_prmt(NEG_LO, NEG_HI, mag_hi), pick >> 16);
+  lo = gemv_prmt(gemv_prmt(E2M1_2Q_LO, E2M1_2Q_HI, mag), gemv_prmt(NEG_LO, NEG_HI, mag), pick);
+  hi = gemv_prmt(gemv_prmt(E2M1_2Q_LO, E2M1_2Q_HI, mag_hi), gemv_prmt(NEG_LO, NEG_HI, mag_hi), pick >> 16);
 }
 
 /* The integer dot product of a word's 8 E2M1 codes (as nv_e2m1x8_i8 reads them) with the 8
@@ -157,12 +160,11 @@ static __device__ __forceinline__ void nv_e2m1x8_i8(uint32_t q, uint32_t &lo, ui
  * session 21). At several token rows each dp4a is paid a row, and nv_e2m1x8_i8 is fewer. */
 static __device__ __forceinline__ void nv_e2m1x8_dot_split(uint32_t q, uint32_t x_lo,
                                                            uint32_t x_hi, int &pos, int &neg) {
-  const uint32_t MAG_LO = 0x03020100u, MAG_HI = 0x0C080604u;   /* 0 1 2 3 | 4 6 8 12 */
   const uint32_t flip = q ^ 0x88888888u;
-  pos = __dp4a((int)gemv_prmt(MAG_LO, MAG_HI, q), (int)x_lo, pos);
-  pos = __dp4a((int)gemv_prmt(MAG_LO, MAG_HI, q >> 16), (int)x_hi, pos);
-  neg = __dp4a((int)gemv_prmt(MAG_LO, MAG_HI, flip), (int)x_lo, neg);
-  neg = __dp4a((int)gemv_prmt(MAG_LO, MAG_HI, flip >> 16), (int)x_hi, neg);
+  pos = __dp4a((int)gemv_prmt(E2M1_2Q_LO, E2M1_2Q_HI, q), (int)x_lo, pos);
+  pos = __dp4a((int)gemv_prmt(E2M1_2Q_LO, E2M1_2Q_HI, q >> 16), (int)x_hi, pos);
+  neg = __dp4a((int)gemv_prmt(E2M1_2Q_LO, E2M1_2Q_HI, flip), (int)x_lo, neg);
+  neg = __dp4a((int)gemv_prmt(E2M1_2Q_LO, E2M1_2Q_HI, flip >> 16), (int)x_hi, neg);
 }
 
 /* An NVFP4 operand as integers (ops.h NVFP4_ROWS_INT, gemv_nvfp4's x): k[i] = 2q of value i
